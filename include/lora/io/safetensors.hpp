@@ -1,0 +1,319 @@
+#pragma once
+// Reading safetensors files: memory-mapped, zero-copy views, every header
+// field checked. Layout: u64 little-endian header length N, N bytes of JSON
+// {"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}},
+// then the data; offsets are relative to the end of the header.
+
+#include <lora/core/types.hpp>
+#include <lora/error.hpp>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lora::io {
+
+enum class dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+
+inline std::string_view dtype_name(dtype t) {
+  switch (t) {
+    case dtype::F64: return "F64";
+    case dtype::F32: return "F32";
+    case dtype::F16: return "F16";
+    case dtype::BF16: return "BF16";
+    case dtype::I64: return "I64";
+    case dtype::I32: return "I32";
+    case dtype::I16: return "I16";
+    case dtype::I8: return "I8";
+    case dtype::U8: return "U8";
+    case dtype::BOOL: return "BOOL";
+  }
+  return "?";
+}
+
+inline std::size_t dtype_size(dtype t) {
+  switch (t) {
+    case dtype::F64:
+    case dtype::I64: return 8;
+    case dtype::F32:
+    case dtype::I32: return 4;
+    case dtype::F16:
+    case dtype::BF16:
+    case dtype::I16: return 2;
+    case dtype::I8:
+    case dtype::U8:
+    case dtype::BOOL: return 1;
+  }
+  return 0;
+}
+
+/// Parses "F32", "BF16", ...; `where` names the file and tensor for the message.
+inline dtype parse_dtype(std::string_view s, std::string_view where) {
+  static constexpr dtype all[] = {dtype::F64, dtype::F32, dtype::F16, dtype::BF16, dtype::I64,
+                                  dtype::I32, dtype::I16, dtype::I8,  dtype::U8,   dtype::BOOL};
+  for (dtype t : all)
+    if (dtype_name(t) == s) return t;
+  lora::detail::fail("{}: unknown dtype '{}' (expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)", where, s);
+}
+
+/// A tensor inside a mapped file: no copy until to_matrix/to_vector.
+struct TensorView {
+  std::string name;
+  std::string file;
+  dtype type = dtype::F32;
+  std::vector<std::int64_t> shape;
+  std::span<const std::byte> bytes;
+
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+  std::size_t ndim() const { return shape.size(); }
+
+  /// Element i converted to S (any dtype to any arithmetic type; bool → 0/1).
+  template <class S>
+  S at(std::int64_t i) const {
+    const std::byte* p = bytes.data() + static_cast<std::size_t>(i) * dtype_size(type);
+    auto load = [p](auto tag) {
+      decltype(tag) v;
+      std::memcpy(&v, p, sizeof v);
+      return v;
+    };
+    switch (type) {
+      case dtype::F64: return static_cast<S>(load(double{}));
+      case dtype::F32: return static_cast<S>(load(float{}));
+      case dtype::F16: return static_cast<S>(static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(load(std::uint16_t{}))));
+      case dtype::BF16:
+        return static_cast<S>(static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(std::uint16_t{}))));
+      case dtype::I64: return static_cast<S>(load(std::int64_t{}));
+      case dtype::I32: return static_cast<S>(load(std::int32_t{}));
+      case dtype::I16: return static_cast<S>(load(std::int16_t{}));
+      case dtype::I8: return static_cast<S>(load(std::int8_t{}));
+      case dtype::U8: return static_cast<S>(load(std::uint8_t{}));
+      case dtype::BOOL: return static_cast<S>(load(std::uint8_t{}) != 0);
+    }
+    return S{};
+  }
+
+  /// All elements, converted, in row-major order.
+  template <class S>
+  std::vector<S> to_vector() const {
+    std::vector<S> out(static_cast<std::size_t>(numel()));
+    convert_into(out.data());
+    return out;
+  }
+
+  /// A 2-D tensor as a matrix (a 1-D tensor of n elements becomes [n × 1]).
+  template <class S>
+  Matrix<S> to_matrix() const {
+    if (shape.size() > 2 || shape.empty())
+      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected a matrix (1 or 2)", file, name, shape.size());
+    const Index rows = static_cast<Index>(shape[0]);
+    const Index cols = shape.size() == 2 ? static_cast<Index>(shape[1]) : 1;
+    Matrix<S> m(rows, cols);
+    convert_into(m.data());
+    return m;
+  }
+
+  template <class S>
+  void convert_into(S* out) const {
+    const std::int64_t n = numel();
+    if (type == dtype::F32 && std::is_same_v<S, float>) {
+      std::memcpy(out, bytes.data(), static_cast<std::size_t>(n) * 4);
+      return;
+    }
+    if (type == dtype::F64 && std::is_same_v<S, double>) {
+      std::memcpy(out, bytes.data(), static_cast<std::size_t>(n) * 8);
+      return;
+    }
+    for (std::int64_t i = 0; i < n; ++i) out[i] = at<S>(i);
+  }
+};
+
+namespace detail {
+/// A read-only memory mapping that unmaps on destruction.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::filesystem::path& path) : path_(path.string()) {
+    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) lora::detail::fail("{}: cannot open for reading: {}", path_, std::strerror(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      ::close(fd);
+      lora::detail::fail("{}: cannot stat: {}", path_, std::strerror(errno));
+    }
+    if (S_ISDIR(st.st_mode)) {
+      ::close(fd);
+      lora::detail::fail("{}: is a directory, expected a .safetensors file", path_);
+    }
+    size_ = static_cast<std::size_t>(st.st_size);
+    if (size_ > 0) {
+      void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+      if (p == MAP_FAILED) {
+        ::close(fd);
+        lora::detail::fail("{}: mmap failed: {}", path_, std::strerror(errno));
+      }
+      data_ = static_cast<const std::byte*>(p);
+    }
+    ::close(fd);
+  }
+  ~MappedFile() {
+    if (data_) ::munmap(const_cast<std::byte*>(data_), size_);
+  }
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const std::byte* data() const { return data_; }
+  std::size_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  const std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+}  // namespace detail
+
+/// A safetensors file opened for reading. Tensors are views into the mapping,
+/// valid while the SafetensorsFile lives.
+///
+///   auto f = lora::io::SafetensorsFile::open("adapter_model.safetensors");
+///   auto A = f.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").to_matrix<float>();
+class SafetensorsFile {
+ public:
+  /// Maps and validates the file. Throws lora::error naming the file (and the
+  /// tensor) for every malformed header.
+  static SafetensorsFile open(const std::filesystem::path& path) {
+    SafetensorsFile f;
+    f.map_ = std::make_shared<detail::MappedFile>(path);
+    f.parse();
+    return f;
+  }
+
+  const std::string& path() const { return map_->path(); }
+  /// The "__metadata__" string map (empty if absent).
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool contains(std::string_view name) const { return index_.find(std::string(name)) != index_.end(); }
+  /// Tensor names in the order of their data in the file.
+  const std::vector<std::string>& names() const { return order_; }
+  std::size_t size() const { return tensors_.size(); }
+
+  const TensorView& tensor(std::string_view name) const {
+    auto it = index_.find(std::string(name));
+    if (it == index_.end()) lora::detail::fail("{}: no tensor named '{}'", path(), name);
+    return tensors_[it->second];
+  }
+  const std::vector<TensorView>& tensors() const { return tensors_; }
+
+ private:
+  void parse() {
+    const std::string& file = map_->path();
+    const std::size_t size = map_->size();
+    if (size < 8) lora::detail::fail("{}: file is {} bytes, too short for a safetensors header (need at least 8)", file, size);
+    std::uint64_t n = 0;
+    std::memcpy(&n, map_->data(), 8);  // little-endian on every platform we build for
+    if (n > size - 8)
+      lora::detail::fail("{}: header length {} runs past the end of the file ({} bytes after the length field)", file, n,
+                   size - 8);
+    const char* hbeg = reinterpret_cast<const char*>(map_->data()) + 8;
+    nlohmann::json header;
+    try {
+      header = nlohmann::json::parse(hbeg, hbeg + n);
+    } catch (const nlohmann::json::exception& e) {
+      lora::detail::fail("{}: header is not valid JSON: {}", file, e.what());
+    }
+    if (!header.is_object()) lora::detail::fail("{}: header must be a JSON object", file);
+    const std::byte* data = map_->data() + 8 + n;
+    const std::uint64_t data_size = size - 8 - n;
+
+    for (auto& [key, value] : header.items()) {
+      if (key == "__metadata__") {
+        if (!value.is_object()) lora::detail::fail("{}: __metadata__ must be an object of strings", file);
+        for (auto& [mk, mv] : value.items()) {
+          if (!mv.is_string()) lora::detail::fail("{}: __metadata__['{}'] must be a string", file, mk);
+          metadata_[mk] = mv.get<std::string>();
+        }
+        continue;
+      }
+      const std::string where = fmt::format("{}: tensor '{}'", file, key);
+      if (!value.is_object()) lora::detail::fail("{}: entry must be an object with dtype, shape, data_offsets", where);
+      if (!value.contains("dtype") || !value["dtype"].is_string()) lora::detail::fail("{}: missing string 'dtype'", where);
+      if (!value.contains("shape") || !value["shape"].is_array()) lora::detail::fail("{}: missing array 'shape'", where);
+      if (!value.contains("data_offsets") || !value["data_offsets"].is_array() || value["data_offsets"].size() != 2)
+        lora::detail::fail("{}: 'data_offsets' must be an array [begin, end]", where);
+      TensorView t;
+      t.name = key;
+      t.file = file;
+      t.type = parse_dtype(value["dtype"].get<std::string>(), where);
+      std::uint64_t numel = 1;
+      for (auto& d : value["shape"]) {
+        if (!d.is_number_integer()) lora::detail::fail("{}: shape entries must be integers", where);
+        const auto v = d.get<std::int64_t>();
+        if (v < 0) lora::detail::fail("{}: negative dimension {} in shape", where, v);
+        if (v > 0 && numel > (std::uint64_t{1} << 62) / static_cast<std::uint64_t>(v))
+          lora::detail::fail("{}: shape is too large", where);
+        numel *= static_cast<std::uint64_t>(v);
+        t.shape.push_back(v);
+      }
+      const auto& off = value["data_offsets"];
+      if (!off[0].is_number_unsigned() && !(off[0].is_number_integer() && off[0].get<std::int64_t>() >= 0))
+        lora::detail::fail("{}: data_offsets must be non-negative integers", where);
+      if (!off[1].is_number_unsigned() && !(off[1].is_number_integer() && off[1].get<std::int64_t>() >= 0))
+        lora::detail::fail("{}: data_offsets must be non-negative integers", where);
+      const auto b = off[0].get<std::uint64_t>(), e = off[1].get<std::uint64_t>();
+      if (e < b) lora::detail::fail("{}: data_offsets [{}, {}] are reversed", where, b, e);
+      if (e > data_size)
+        lora::detail::fail("{}: data_offsets [{}, {}] run past the end of the data section ({} bytes)", where, b, e,
+                     data_size);
+      const std::uint64_t want = numel * dtype_size(t.type);
+      if (e - b != want)
+        lora::detail::fail("{}: shape {} of {} needs {} bytes, but data_offsets [{}, {}] span {}", where,
+                     fmt::format("[{}]", fmt::join(t.shape, ", ")), dtype_name(t.type), want, b, e, e - b);
+      t.bytes = std::span<const std::byte>(data + b, static_cast<std::size_t>(e - b));
+      tensors_.push_back(std::move(t));
+    }
+    // Sort by offset to detect overlaps and to give names() in file order.
+    std::vector<std::size_t> idx(tensors_.size());
+    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+    std::sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
+      return tensors_[a].bytes.data() < tensors_[b].bytes.data() ||
+             (tensors_[a].bytes.data() == tensors_[b].bytes.data() && tensors_[a].bytes.size() < tensors_[b].bytes.size());
+    });
+    for (std::size_t k = 1; k < idx.size(); ++k) {
+      const auto& prev = tensors_[idx[k - 1]];
+      const auto& cur = tensors_[idx[k]];
+      if (cur.bytes.data() < prev.bytes.data() + prev.bytes.size())
+        lora::detail::fail("{}: tensors '{}' and '{}' overlap in the data section", file, prev.name, cur.name);
+    }
+    std::vector<TensorView> sorted;
+    sorted.reserve(tensors_.size());
+    for (auto i : idx) sorted.push_back(std::move(tensors_[i]));
+    tensors_ = std::move(sorted);
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+      index_[tensors_[i].name] = i;
+      order_.push_back(tensors_[i].name);
+    }
+  }
+
+  std::shared_ptr<detail::MappedFile> map_;
+  std::map<std::string, std::string> metadata_;
+  std::vector<TensorView> tensors_;
+  std::map<std::string, std::size_t> index_;
+  std::vector<std::string> order_;
+};
+
+}  // namespace lora::io

@@ -1,0 +1,11 @@
+#pragma once
+// lora — low-rank adaptation math. The host-only umbrella header; add
+// <lora/cuda.hpp> for the device specialisations.
+
+#include <lora/error.hpp>
+#include <lora/version.hpp>
+#include <lora/core/types.hpp>
+#include <lora/core/random.hpp>
+#include <lora/core/scaling.hpp>
+#include <lora/core/adapter.hpp>
+#include <lora/core/init.hpp>

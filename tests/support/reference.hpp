@@ -1,0 +1,49 @@
+#pragma once
+// Float64 references and random inputs shared by the tests.
+
+#include <lora/core/random.hpp>
+#include <lora/core/types.hpp>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+namespace lora::test {
+
+using MatD = Matrix<double>;
+
+/// Fresh inputs each run, unless LORA_TEST_SEED is set (the seed is printed
+/// by the test that uses it so a failure can be replayed).
+inline std::uint64_t fresh_seed() {
+  static std::uint64_t counter = 0;
+  if (const char* s = std::getenv("LORA_TEST_SEED")) return std::strtoull(s, nullptr, 10) + counter++;
+  static const std::uint64_t base =
+      static_cast<std::uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  return base + 0x9e3779b97f4a7c15ULL * ++counter;
+}
+
+template <class S = double>
+Matrix<S> random_matrix(Index rows, Index cols, Generator& gen, double scale = 1.0) {
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = static_cast<S>(gen.normal(0.0, scale));
+  return m;
+}
+
+template <class A, class B>
+double rel_error(const A& got, const B& want) {
+  const MatD g = got.template cast<double>();
+  const MatD w = want.template cast<double>();
+  const double denom = std::max(w.norm(), 1e-300);
+  return (g - w).norm() / denom;
+}
+
+template <class A, class B>
+double max_abs_diff(const A& got, const B& want) {
+  return (got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff();
+}
+
+}  // namespace lora::test

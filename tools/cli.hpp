@@ -1,0 +1,121 @@
+#pragma once
+// The CLI's plumbing: subcommand registry and a small flag parser. Keep it
+// thin: every subcommand is parsing and printing around library calls.
+
+#include <lora/error.hpp>
+
+#include <fmt/format.h>
+
+#include <charconv>
+#include <cmath>
+#include <functional>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace lora::cli {
+
+/// Parsed arguments: --name value, --name=value, --flag, positionals; the same
+/// option may repeat (all values kept, in order).
+class Args {
+ public:
+  /// `flags` are options that take no value; every other --option takes one.
+  Args(const std::vector<std::string>& argv, const std::set<std::string>& flags,
+       const std::set<std::string>& options, std::string command)
+      : command_(std::move(command)) {
+    for (std::size_t i = 0; i < argv.size(); ++i) {
+      const std::string& a = argv[i];
+      if (a.size() > 2 && a.rfind("--", 0) == 0) {
+        std::string name = a.substr(2), value;
+        bool has_value = false;
+        if (auto eq = name.find('='); eq != std::string::npos) {
+          value = name.substr(eq + 1);
+          name = name.substr(0, eq);
+          has_value = true;
+        }
+        if (flags.count(name)) {
+          if (has_value) detail::fail("option --{} takes no value", name);
+          values_[name].push_back("1");
+        } else if (options.count(name)) {
+          if (!has_value) {
+            if (i + 1 >= argv.size()) detail::fail("option --{} needs a value", name);
+            value = argv[++i];
+          }
+          values_[name].push_back(value);
+        } else {
+          detail::fail("unknown option --{} (see 'lora {} --help')", name, command_);
+        }
+      } else {
+        positional_.push_back(a);
+      }
+    }
+  }
+  bool has(const std::string& name) const { return values_.count(name) != 0; }
+  std::optional<std::string> get(const std::string& name) const {
+    auto it = values_.find(name);
+    if (it == values_.end()) return std::nullopt;
+    return it->second.back();
+  }
+  std::vector<std::string> all(const std::string& name) const {
+    auto it = values_.find(name);
+    return it == values_.end() ? std::vector<std::string>{} : it->second;
+  }
+  std::string required(const std::string& name) const {
+    auto v = get(name);
+    if (!v) detail::fail("missing required option --{} (see 'lora {} --help')", name, command_);
+    return *v;
+  }
+  double number(const std::string& name, double fallback) const {
+    auto v = get(name);
+    return v ? parse_number(*v, "--" + name) : fallback;
+  }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+  static double parse_number(const std::string& s, const std::string& what) {
+    double v = 0;
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size() || !std::isfinite(v))
+      detail::fail("{} must be a finite number, got '{}'", what, s);
+    return v;
+  }
+  static std::vector<std::string> split(const std::string& s, char sep = ',') {
+    std::vector<std::string> out;
+    std::string cur;
+    for (char c : s) {
+      if (c == sep) {
+        if (!cur.empty()) out.push_back(cur);
+        cur.clear();
+      } else {
+        cur += c;
+      }
+    }
+    if (!cur.empty()) out.push_back(cur);
+    return out;
+  }
+
+ private:
+  std::string command_;
+  std::map<std::string, std::vector<std::string>> values_;
+  std::vector<std::string> positional_;
+};
+
+struct Command {
+  std::string name;
+  std::string summary;  ///< one line for `lora --help`
+  std::string help;     ///< full text for `lora <name> --help`
+  std::function<int(const std::vector<std::string>&)> run;
+};
+
+inline std::vector<Command>& registry() {
+  static std::vector<Command> commands;
+  return commands;
+}
+
+/// `static lora::cli::Register reg{{"merge", "...", "...", run_merge}};` in a cmd_*.cpp.
+struct Register {
+  explicit Register(Command c) { registry().push_back(std::move(c)); }
+};
+
+}  // namespace lora::cli
