@@ -317,3 +317,112 @@ class SafetensorsFile {
 };
 
 }  // namespace lora::io
+
+// ---- writing ---------------------------------------------------------------
+#include <lora/io/atomic.hpp>
+
+namespace lora::io {
+
+/// A tensor to write: name, dtype, shape and its raw little-endian bytes.
+struct TensorData {
+  std::string name;
+  dtype type = dtype::F32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::byte> bytes;
+
+  /// Converts a row-major matrix (or any contiguous float/double array) to `type`.
+  template <class S>
+  static TensorData from_values(std::string name, const S* values, std::vector<std::int64_t> shape, dtype type) {
+    TensorData t;
+    t.name = std::move(name);
+    t.type = type;
+    t.shape = std::move(shape);
+    std::int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    t.bytes.resize(static_cast<std::size_t>(n) * dtype_size(type));
+    std::byte* out = t.bytes.data();
+    auto store = [&](std::int64_t i, auto v) { std::memcpy(out + i * sizeof v, &v, sizeof v); };
+    for (std::int64_t i = 0; i < n; ++i) {
+      const S v = values[i];
+      switch (type) {
+        case dtype::F64: store(i, static_cast<double>(v)); break;
+        case dtype::F32: store(i, static_cast<float>(v)); break;
+        case dtype::F16: store(i, Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(static_cast<float>(v)))); break;
+        case dtype::BF16:
+          store(i, Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(static_cast<float>(v))));
+          break;
+        case dtype::I64: store(i, static_cast<std::int64_t>(v)); break;
+        case dtype::I32: store(i, static_cast<std::int32_t>(v)); break;
+        case dtype::I16: store(i, static_cast<std::int16_t>(v)); break;
+        case dtype::I8: store(i, static_cast<std::int8_t>(v)); break;
+        case dtype::U8: store(i, static_cast<std::uint8_t>(v)); break;
+        case dtype::BOOL: store(i, static_cast<std::uint8_t>(v != S{})); break;
+      }
+    }
+    return t;
+  }
+  template <class Derived>
+  static TensorData from_matrix(std::string name, const Eigen::MatrixBase<Derived>& m, dtype type,
+                                bool as_vector = false) {
+    using S = typename Derived::Scalar;
+    const Matrix<S> rm = m;  // row-major copy
+    std::vector<std::int64_t> shape = as_vector ? std::vector<std::int64_t>{rm.size()}
+                                                : std::vector<std::int64_t>{rm.rows(), rm.cols()};
+    return from_values(std::move(name), rm.data(), std::move(shape), type);
+  }
+  /// Copies a view as it is (same dtype and bytes), optionally renamed.
+  static TensorData copy_of(const TensorView& v, std::string name = {}) {
+    TensorData t;
+    t.name = name.empty() ? v.name : std::move(name);
+    t.type = v.type;
+    t.shape = v.shape;
+    t.bytes.assign(v.bytes.begin(), v.bytes.end());
+    return t;
+  }
+};
+
+/// Serialises tensors (in the given order, 8-byte aligned header) into the
+/// safetensors byte layout.
+inline std::string serialize_safetensors(const std::vector<TensorData>& tensors,
+                                         const std::map<std::string, std::string>& metadata = {}) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    if (t.name == "__metadata__") lora::detail::fail("tensor name '__metadata__' is reserved");
+    if (header.contains(t.name)) lora::detail::fail("duplicate tensor name '{}'", t.name);
+    std::uint64_t n = 1;
+    for (auto d : t.shape) {
+      if (d < 0) lora::detail::fail("tensor '{}': negative dimension {}", t.name, d);
+      n *= static_cast<std::uint64_t>(d);
+    }
+    if (n * dtype_size(t.type) != t.bytes.size())
+      lora::detail::fail("tensor '{}': {} bytes given, shape and dtype {} need {}", t.name, t.bytes.size(),
+                         dtype_name(t.type), n * dtype_size(t.type));
+    header[t.name] = {{"dtype", std::string(dtype_name(t.type))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  std::string out;
+  out.reserve(8 + h.size() + offset);
+  const std::uint64_t hn = h.size();
+  out.append(reinterpret_cast<const char*>(&hn), 8);
+  out += h;
+  for (const auto& t : tensors) out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
+  return out;
+}
+
+/// Writes a safetensors file atomically (temporary file + rename).
+///
+///   lora::io::write_safetensors("out.safetensors",
+///       {lora::io::TensorData::from_matrix("w", W, lora::io::dtype::BF16)}, {{"format", "pt"}});
+inline void write_safetensors(const std::filesystem::path& path, const std::vector<TensorData>& tensors,
+                              const std::map<std::string, std::string>& metadata = {}) {
+  const std::string bytes = serialize_safetensors(tensors, metadata);
+  write_file_atomically(path, [&](const std::filesystem::path& tmp) { write_bytes(tmp, bytes); });
+}
+
+}  // namespace lora::io
