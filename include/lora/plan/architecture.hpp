@@ -1,0 +1,200 @@
+#pragma once
+// The linear layers of a transformer checkpoint, from its Hugging Face
+// config.json or a named preset: what an adapter plan counts over.
+
+#include <lora/error.hpp>
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lora::plan {
+
+/// One adaptable layer: a linear (or Conv1D) projection of a block.
+struct LinearModule {
+  std::string name;  ///< full path, e.g. model.layers.0.self_attn.q_proj
+  std::string kind;  ///< last path component, e.g. q_proj (what target_modules names)
+  std::int64_t in_features = 0;
+  std::int64_t out_features = 0;
+  bool fan_in_fan_out = false;  ///< GPT-2's Conv1D stores W as [in × out]
+  bool has_bias = false;
+  bool embedding = false;  ///< an embedding table (LoRA on it has A [r × vocab], B [hidden × r])
+};
+
+/// A model's shape: every adaptable module, and the count of all parameters.
+struct Architecture {
+  std::string name;        ///< preset name or the config's model_type
+  std::string model_type;  ///< llama, mistral, qwen2, gpt2
+  std::int64_t hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
+  bool tied_embeddings = false;
+  std::vector<LinearModule> modules;  ///< the linear projections of the blocks, in model order, plus lm_head
+  std::int64_t total_parameters = 0;  ///< every parameter of the base model
+  std::int64_t embedding_parameters = 0;  ///< embeddings + lm_head (kept in 16-bit under NF4)
+};
+
+namespace detail {
+inline std::int64_t get_int(const nlohmann::json& j, const char* key, const std::string& where) {
+  if (!j.contains(key) || !j[key].is_number_integer())
+    lora::detail::fail("{}: missing integer field '{}'", where, key);
+  const auto v = j[key].get<std::int64_t>();
+  if (v <= 0) lora::detail::fail("{}: field '{}' must be positive, got {}", where, key, v);
+  return v;
+}
+inline std::int64_t get_int_or(const nlohmann::json& j, const char* key, std::int64_t fallback,
+                               const std::string& where) {
+  if (!j.contains(key) || j[key].is_null()) return fallback;
+  return get_int(j, key, where);
+}
+}  // namespace detail
+
+/// Builds the module list from a config.json object (llama, mistral, qwen2,
+/// qwen3 and gpt2 families; grouped-query attention via num_key_value_heads;
+/// GPT-2's fused c_attn and Conv1D orientation).
+inline Architecture architecture_from_config(const nlohmann::json& cfg, std::string where = "config.json") {
+  if (!cfg.is_object()) lora::detail::fail("{}: expected a JSON object", where);
+  const std::string mt = cfg.value("model_type", std::string());
+  Architecture a;
+  a.model_type = mt;
+  a.name = mt;
+  using lora::plan::detail::get_int;
+  using lora::plan::detail::get_int_or;
+  if (mt == "llama" || mt == "mistral" || mt == "qwen2" || mt == "qwen3") {
+    a.hidden = get_int(cfg, "hidden_size", where);
+    a.intermediate = get_int(cfg, "intermediate_size", where);
+    a.layers = get_int(cfg, "num_hidden_layers", where);
+    a.heads = get_int(cfg, "num_attention_heads", where);
+    a.kv_heads = get_int_or(cfg, "num_key_value_heads", a.heads, where);
+    a.head_dim = get_int_or(cfg, "head_dim", a.hidden / a.heads, where);
+    a.vocab = get_int(cfg, "vocab_size", where);
+    a.tied_embeddings = cfg.value("tie_word_embeddings", false);
+    const bool qkv_bias = mt == "qwen2" || cfg.value("attention_bias", false);
+    const std::int64_t q = a.heads * a.head_dim, kv = a.kv_heads * a.head_dim;
+    std::int64_t total = a.vocab * a.hidden;  // embed_tokens
+    a.modules.push_back({"model.embed_tokens", "embed_tokens", a.vocab, a.hidden, false, false, true});
+    for (std::int64_t l = 0; l < a.layers; ++l) {
+      const std::string p = "model.layers." + std::to_string(l) + ".";
+      auto add = [&](const std::string& path, const char* kind, std::int64_t in, std::int64_t out, bool bias) {
+        a.modules.push_back({p + path, kind, in, out, false, bias, false});
+        total += in * out + (bias ? out : 0);
+      };
+      add("self_attn.q_proj", "q_proj", a.hidden, q, qkv_bias);
+      add("self_attn.k_proj", "k_proj", a.hidden, kv, qkv_bias);
+      add("self_attn.v_proj", "v_proj", a.hidden, kv, qkv_bias);
+      add("self_attn.o_proj", "o_proj", q, a.hidden, false);
+      add("mlp.gate_proj", "gate_proj", a.hidden, a.intermediate, false);
+      add("mlp.up_proj", "up_proj", a.hidden, a.intermediate, false);
+      add("mlp.down_proj", "down_proj", a.intermediate, a.hidden, false);
+      total += 2 * a.hidden;  // input_layernorm, post_attention_layernorm
+      if (mt == "qwen3") total += 2 * a.head_dim;  // q_norm, k_norm
+    }
+    total += a.hidden;  // final norm
+    a.modules.push_back({"lm_head", "lm_head", a.hidden, a.vocab, false, false, false});
+    a.embedding_parameters = a.vocab * a.hidden;
+    if (!a.tied_embeddings) {
+      total += a.vocab * a.hidden;
+      a.embedding_parameters += a.vocab * a.hidden;
+    }
+    a.total_parameters = total;
+  } else if (mt == "gpt2") {
+    a.hidden = get_int(cfg, "n_embd", where);
+    a.layers = get_int(cfg, "n_layer", where);
+    a.heads = get_int(cfg, "n_head", where);
+    a.kv_heads = a.heads;
+    a.head_dim = a.hidden / a.heads;
+    a.intermediate = get_int_or(cfg, "n_inner", 4 * a.hidden, where);
+    a.vocab = get_int(cfg, "vocab_size", where);
+    const std::int64_t positions = get_int_or(cfg, "n_positions", 1024, where);
+    a.tied_embeddings = true;
+    std::int64_t total = a.vocab * a.hidden + positions * a.hidden;  // wte, wpe
+    a.modules.push_back({"transformer.wte", "wte", a.vocab, a.hidden, false, false, true});
+    for (std::int64_t l = 0; l < a.layers; ++l) {
+      const std::string p = "transformer.h." + std::to_string(l) + ".";
+      auto add = [&](const std::string& path, const char* kind, std::int64_t in, std::int64_t out) {
+        a.modules.push_back({p + path, kind, in, out, true, true, false});
+        total += in * out + out;
+      };
+      add("attn.c_attn", "c_attn", a.hidden, 3 * a.hidden);  // fused q, k, v
+      add("attn.c_proj", "c_proj", a.hidden, a.hidden);
+      add("mlp.c_fc", "c_fc", a.hidden, a.intermediate);
+      add("mlp.c_proj", "c_proj", a.intermediate, a.hidden);
+      total += 4 * a.hidden;  // ln_1, ln_2 (weight + bias)
+    }
+    total += 2 * a.hidden;  // ln_f
+    a.embedding_parameters = a.vocab * a.hidden + positions * a.hidden;
+    a.total_parameters = total;  // lm_head is tied to wte
+  } else {
+    lora::detail::fail("{}: model_type '{}' is not supported (expected llama, mistral, qwen2, qwen3 or gpt2)", where,
+                       mt.empty() ? "<missing>" : mt);
+  }
+  return a;
+}
+
+/// Reads a config.json file (or a folder containing one).
+inline Architecture architecture_from_file(const std::filesystem::path& path) {
+  std::filesystem::path p = path;
+  if (std::filesystem::is_directory(p)) p /= "config.json";
+  std::ifstream in(p);
+  if (!in) lora::detail::fail("{}: cannot open config file", p.string());
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    lora::detail::fail("{}: not valid JSON: {}", p.string(), e.what());
+  }
+  return architecture_from_config(j, p.string());
+}
+
+/// The named presets: the config.json fields of well-known checkpoints.
+inline const std::map<std::string, nlohmann::json>& presets() {
+  static const std::map<std::string, nlohmann::json> p = [] {
+    auto llama = [](int h, int inter, int layers, int heads, int kv, int vocab, bool tied, int head_dim = 0) {
+      nlohmann::json j = {{"model_type", "llama"}, {"hidden_size", h}, {"intermediate_size", inter},
+                          {"num_hidden_layers", layers}, {"num_attention_heads", heads},
+                          {"num_key_value_heads", kv}, {"vocab_size", vocab}, {"tie_word_embeddings", tied}};
+      if (head_dim) j["head_dim"] = head_dim;
+      return j;
+    };
+    std::map<std::string, nlohmann::json> m;
+    m["llama-2-7b"] = llama(4096, 11008, 32, 32, 32, 32000, false);
+    m["llama-2-13b"] = llama(5120, 13824, 40, 40, 40, 32000, false);
+    m["llama-3-8b"] = llama(4096, 14336, 32, 32, 8, 128256, false);
+    m["llama-3.1-8b"] = llama(4096, 14336, 32, 32, 8, 128256, false);
+    m["llama-3.1-70b"] = llama(8192, 28672, 80, 64, 8, 128256, false);
+    m["llama-3.2-1b"] = llama(2048, 8192, 16, 32, 8, 128256, true, 64);
+    m["llama-3.2-3b"] = llama(3072, 8192, 28, 24, 8, 128256, true, 128);
+    nlohmann::json mistral = llama(4096, 14336, 32, 32, 8, 32000, false);
+    mistral["model_type"] = "mistral";
+    m["mistral-7b"] = mistral;
+    nlohmann::json qwen = llama(3584, 18944, 28, 28, 4, 152064, false);
+    qwen["model_type"] = "qwen2";
+    m["qwen2-7b"] = qwen;
+    m["gpt2"] = {{"model_type", "gpt2"}, {"n_embd", 768}, {"n_layer", 12}, {"n_head", 12}, {"vocab_size", 50257},
+                 {"n_positions", 1024}};
+    m["gpt2-medium"] = {{"model_type", "gpt2"}, {"n_embd", 1024}, {"n_layer", 24}, {"n_head", 16},
+                        {"vocab_size", 50257}, {"n_positions", 1024}};
+    return m;
+  }();
+  return p;
+}
+
+/// A preset by name ("llama-3-8b", ...), or a config.json path.
+inline Architecture architecture(std::string_view name_or_path) {
+  const auto& p = presets();
+  if (auto it = p.find(std::string(name_or_path)); it != p.end()) {
+    Architecture a = architecture_from_config(it->second, it->first);
+    a.name = it->first;
+    return a;
+  }
+  if (std::filesystem::exists(name_or_path)) return architecture_from_file(name_or_path);
+  std::string names;
+  for (auto& [k, v] : p) names += (names.empty() ? "" : ", ") + k;
+  lora::detail::fail("'{}' is neither a config.json path nor a preset (presets: {})", name_or_path, names);
+}
+
+}  // namespace lora::plan

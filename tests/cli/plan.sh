@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# lora plan: exact counts, JSON output, a config.json file, and clean errors.
+set -u
+lora=$1 data=$2
+fail=0
+check() { if ! eval "$2"; then echo "FAIL: $1"; fail=1; fi; }
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+
+out=$("$lora" plan llama-3-8b --rank 64 --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --json)
+check "llama-3-8b r64 all seven" '[[ "$out" == *"\"trainable_parameters\": 167772160"* ]]'
+out=$("$lora" plan llama-3.1-8b --rank 16 --targets q_proj,k_proj,v_proj,o_proj --json)
+check "llama-3.1-8b r16 attention" '[[ "$out" == *"\"trainable_parameters\": 13631488"* ]]'
+out=$("$lora" plan llama-2-7b --rank 8 --targets q_proj,v_proj)
+check "table output" '[[ "$out" == *"trainable parameters  4,194,304"* ]]'
+# a real config.json file (the fixtures' tiny Llama: hidden 64, 2 layers, 2 KV heads)
+cat > "$tmp/config.json" <<'JSON'
+{"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "tie_word_embeddings": false}
+JSON
+out=$("$lora" plan "$tmp" --rank 8 --targets all-linear --json)
+# per layer: q (64+64)8 + k (64+32)8 + v (64+32)8 + o (64+64)8 + 2x(64+176)8 + (176+64)8 = 9344
+check "config.json folder" '[[ "$out" == *"\"trainable_parameters\": 18688"* ]]'
+
+# errors: exit 1, one line on stderr
+for args in "nosuchmodel" "llama-3-8b --rank 0" "llama-3-8b --alpha abc" "llama-3-8b --targets qkv" "llama-3-8b --quant nf3" "llama-3-8b --bogus 1"; do
+  "$lora" plan $args >"$tmp/o" 2>"$tmp/e"; rc=$?
+  check "error exit for '$args'" '[ $rc -eq 1 ]'
+  check "one stderr line for '$args'" '[ "$(wc -l < "$tmp/e")" -eq 1 ]'
+done
+echo '{"model_type": "llama", "hidden_size": 64' > "$tmp/bad.json"
+"$lora" plan "$tmp/bad.json" 2>"$tmp/e"; check "invalid json exit 1" '[ $? -eq 1 ]'
+check "invalid json message" 'grep -q "not valid JSON" "$tmp/e"'
+exit $fail

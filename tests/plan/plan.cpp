@@ -1,0 +1,108 @@
+#include <lora/plan/plan.hpp>
+
+#include "support/catch.hpp"
+
+using namespace lora::plan;
+
+namespace {
+const std::vector<std::string> kAttn = {"q_proj", "k_proj", "v_proj", "o_proj"};
+const std::vector<std::string> kAll = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+Plan plan_for(const std::string& model, int r, std::vector<std::string> targets) {
+  PlanOptions o;
+  o.rank = r;
+  o.targets = std::move(targets);
+  return make_plan(architecture(model), o);
+}
+// (in + out)·r summed by hand from the published shapes.
+std::int64_t by_hand(std::int64_t layers, std::vector<std::pair<std::int64_t, std::int64_t>> shapes, int r) {
+  std::int64_t n = 0;
+  for (auto [in, out] : shapes) n += (in + out) * r;
+  return layers * n;
+}
+}  // namespace
+
+TEST_CASE("exact trainable parameter counts of the issue", "[plan]") {
+  CHECK(plan_for("llama-3.1-8b", 16, kAttn).trainable_parameters == 13'631'488);
+  CHECK(plan_for("llama-2-7b", 8, {"q_proj", "v_proj"}).trainable_parameters == 4'194'304);
+  CHECK(plan_for("llama-3-8b", 64, kAll).trainable_parameters == 167'772'160);
+  CHECK(plan_for("llama-3-8b", 64, {"all-linear"}).trainable_parameters == 167'772'160);
+  // the same counts computed from the shapes by hand
+  CHECK(plan_for("llama-3-8b", 64, kAll).trainable_parameters ==
+        by_hand(32, {{4096, 4096}, {4096, 1024}, {4096, 1024}, {4096, 4096}, {4096, 14336}, {4096, 14336}, {14336, 4096}}, 64));
+  CHECK(plan_for("mistral-7b", 16, kAttn).trainable_parameters ==
+        by_hand(32, {{4096, 4096}, {4096, 1024}, {4096, 1024}, {4096, 4096}}, 16));
+}
+
+TEST_CASE("base parameter counts match the published model sizes", "[plan]") {
+  CHECK(architecture("llama-3-8b").total_parameters == 8'030'261'248);
+  CHECK(architecture("llama-2-7b").total_parameters == 6'738'415'616);
+  CHECK(architecture("llama-3.2-1b").total_parameters == 1'235'814'400);
+  CHECK(architecture("gpt2").total_parameters == 124'439'808);
+  CHECK(architecture("qwen2-7b").total_parameters == 7'615'616'512);
+}
+
+TEST_CASE("GPT-2: fused c_attn and c_proj in two places, Conv1D orientation", "[plan]") {
+  const auto p = plan_for("gpt2", 8, {"c_attn", "c_proj"});
+  // c_attn 768 -> 2304, attn.c_proj 768 -> 768, mlp.c_proj 3072 -> 768, 12 layers
+  CHECK(p.trainable_parameters == 12 * ((768 + 2304) * 8 + (768 + 768) * 8 + (3072 + 768) * 8));
+  CHECK(p.modules.size() == 36);
+  const auto a = architecture("gpt2");
+  CHECK(a.modules[1].fan_in_fan_out);
+}
+
+TEST_CASE("rank and alpha patterns follow PEFT's key matching; DoRA adds the magnitude", "[plan]") {
+  PlanOptions o;
+  o.rank = 8;
+  o.targets = kAttn;
+  o.rank_pattern = {{"layers.0.self_attn.q_proj", 32}, {"k_proj", 4}};
+  o.alpha_pattern = {{"v_proj", 64}};
+  const auto p = make_plan(architecture("llama-3.2-1b"), o);
+  std::int64_t expect = 0;
+  for (int l = 0; l < 16; ++l) {
+    expect += (2048 + 2048) * (l == 0 ? 32 : 8);  // q (layer 0 overridden; layers.10.. not matched by "layers.0.")
+    expect += (2048 + 512) * 4 + (2048 + 512) * 8 + (2048 + 2048) * 8;
+  }
+  CHECK(p.trainable_parameters == expect);
+  for (const auto& m : p.modules)
+    if (m.kind == "v_proj") CHECK(m.scaling == Approx(64.0 / 8));
+  o.dora = true;
+  o.rank_pattern.clear();
+  const auto d = make_plan(architecture("llama-3.2-1b"), o);
+  CHECK(d.trainable_parameters == 16 * ((2048 + 2048) * 8 * 2 + (2048 + 512) * 8 * 2 + 2048 + 512 + 512 + 2048));
+}
+
+TEST_CASE("adapter file size and memory estimate add up", "[plan]") {
+  PlanOptions o;
+  o.rank = 16;
+  o.targets = kAttn;
+  auto p = make_plan(architecture("llama-3.1-8b"), o);
+  CHECK(p.adapter_file_bytes > p.trainable_parameters * 4);
+  CHECK(p.adapter_file_bytes < p.trainable_parameters * 4 + 200'000);
+  CHECK(p.memory.frozen_weights == 8'030'261'248LL * 2);
+  CHECK(p.memory.optimizer_states == 2 * p.memory.gradients);
+  CHECK_FALSE(p.memory.activations.has_value());
+  o.quant = quant_mode::nf4;
+  auto q = make_plan(architecture("llama-3.1-8b"), o);
+  const std::int64_t linear = 8'030'261'248LL - 2 * 128256LL * 4096 - 65 * 4096;
+  CHECK(q.memory.frozen_weights == static_cast<std::int64_t>(std::ceil(linear * 0.5625)) + (8'030'261'248LL - linear) * 2);
+  o.quant = quant_mode::nf4_dq;
+  CHECK(make_plan(architecture("llama-3.1-8b"), o).memory.frozen_weights < q.memory.frozen_weights);
+  CHECK(nf4_bytes_per_weight(quant_mode::nf4_dq, 64) * 8 == Approx(4.127).margin(0.001));
+  o.batch = 2;
+  o.seq = 1024;
+  auto a = make_plan(architecture("llama-3.1-8b"), o);
+  REQUIRE(a.memory.activations.has_value());
+  CHECK(*a.memory.activations > 0);
+  auto j = to_json(a);
+  CHECK(j["trainable_parameters"] == 13'631'488);
+}
+
+TEST_CASE("plan errors name what is wrong", "[plan][errors]") {
+  using Catch::Matchers::ContainsSubstring;
+  CHECK_THROWS_WITH(plan_for("llama-3-8b", 8, {"qkv"}), ContainsSubstring("no module of llama-3-8b matches the targets [qkv]"));
+  CHECK_THROWS_WITH(plan_for("llama-3-8b", 2000, {"k_proj"}), ContainsSubstring("r = 2000 exceeds min(in, out) = 1024"));
+  CHECK_THROWS_WITH(architecture("llama-9"), ContainsSubstring("neither a config.json path nor a preset"));
+  CHECK_THROWS_WITH(architecture_from_config({{"model_type", "bert"}}), ContainsSubstring("model_type 'bert' is not supported"));
+  CHECK_THROWS_WITH(architecture_from_config({{"model_type", "llama"}, {"hidden_size", 64}}),
+                    ContainsSubstring("missing integer field 'intermediate_size'"));
+}
