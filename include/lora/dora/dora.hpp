@@ -1,0 +1,179 @@
+#pragma once
+// DoRA (Liu et al. 2024, PEFT's use_dora): a LoRA adapter plus a magnitude vector m [out].
+//
+//   V = W + s·B·A                 (the adapted weight, [out × in])
+//   n = ‖V‖_row                   (one L2 norm per output row)
+//   Y = (X·Vᵀ) ⊙ (m ⊘ n)          = (m/n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ), scaled column by column
+//
+// As in the paper and PEFT, n is treated as a constant in backward (PEFT detaches it).
+//
+//   lora::DoraAdapter<float> dora(lora::LowRankAdapter<float>::from_factors(A, B, alpha), m);
+//   auto Y = dora.apply(W, X);
+//   auto g = dora.backward(W, X, dY);   // g.dA, g.dB, g.dm, g.dX
+//   auto n = dora.merge(W);             // W ← (m/n) ⊙ (W + ΔW); keep n to unmerge
+//   dora.unmerge(W, n);                 // W ← W ⊘ (m/n) − ΔW
+
+#include <lora/core/adapter.hpp>
+#include <lora/core/types.hpp>
+#include <lora/error.hpp>
+
+#include <Eigen/Core>
+#include <cmath>
+#include <utility>
+
+namespace lora {
+
+/// Gradients of a scalar loss through a DoRA layer, given dY = ∂L/∂Y.
+template <class C>
+struct DoraGradients {
+  Matrix<C> dA;  ///< [r × in]
+  Matrix<C> dB;  ///< [out × r]
+  Vector<C> dm;  ///< [out]
+  Matrix<C> dX;  ///< [T × in], including the path through the frozen W
+};
+
+template <class Scalar, class Device = cpu, ScalingPolicy Scaling = standard_scaling>
+class DoraAdapter;
+
+/// DoRA on the CPU. W may be stored [in × out] when the LoRA adapter has fan_in_fan_out;
+/// the norms are always over the input dimension (per output feature).
+template <class Scalar, ScalingPolicy Scaling>
+class DoraAdapter<Scalar, cpu, Scaling> {
+ public:
+  using lora_type = LowRankAdapter<Scalar, cpu, Scaling>;
+  using compute_scalar = compute_t<Scalar>;
+  using matrix = Matrix<Scalar>;
+  using cmatrix = Matrix<compute_scalar>;
+  using cvector = Vector<compute_scalar>;
+  using input = MatrixRef<Scalar>;
+
+  /// Adopts a LoRA adapter and a magnitude m [out].
+  DoraAdapter(lora_type lora, cvector magnitude) : lora_(std::move(lora)), m_(std::move(magnitude)) {
+    if (m_.size() != lora_.out_features())
+      detail::fail("{}DoRA magnitude has {} elements, expected out_features = {}", who(), m_.size(),
+                   lora_.out_features());
+  }
+  /// PEFT's initialisation: m = ‖W + s·B·A‖_row, so the layer starts equal to plain LoRA.
+  static DoraAdapter from_weight(lora_type lora, const input& W) {
+    const Index out = lora.out_features();
+    DoraAdapter d(std::move(lora), cvector::Ones(out));
+    d.m_ = d.weight_norm(W);
+    return d;
+  }
+
+  const lora_type& lora() const { return lora_; }
+  lora_type& lora() { return lora_; }
+  const cvector& magnitude() const { return m_; }
+  Eigen::Ref<cvector> magnitude() { return m_; }
+  Index in_features() const { return lora_.in_features(); }
+  Index out_features() const { return lora_.out_features(); }
+  /// (in + out)·r + out.
+  Index trainable_parameters() const { return lora_.trainable_parameters() + lora_.out_features(); }
+
+  /// V = W + s·B·A in [out × in] orientation (W transposed first with fan_in_fan_out).
+  cmatrix adapted_weight(const input& W) const {
+    check_weight(W);
+    cmatrix V = oriented(W);
+    V.noalias() += static_cast<compute_scalar>(lora_.scaling()) * (Bc() * Ac());
+    return V;
+  }
+  /// n = ‖W + s·B·A‖_row [out].
+  cvector weight_norm(const input& W) const { return adapted_weight(W).rowwise().norm(); }
+
+  /// Y = (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) for tokens X [T × in]; no bias, no dropout.
+  cmatrix apply(const input& W, const input& X) const {
+    const cmatrix V = adapted_weight(W);
+    check_input(X);
+    const cvector c = m_.cwiseQuotient(V.rowwise().norm());
+    cmatrix Y = base_plus_lora(W, X);
+    Y *= c.asDiagonal();
+    return Y;
+  }
+
+  /// Gradients of apply(W, X) with n held constant: with c = m ⊘ n and G = dY·diag(c),
+  /// dX = G·V, dA = s·(G·B)ᵀ·X, dB = s·Gᵀ·(X·Aᵀ), dm = colsum(dY ⊙ (X·Vᵀ)) ⊘ n.
+  DoraGradients<compute_scalar> backward(const input& W, const input& X, const Eigen::Ref<const cmatrix>& dY) const {
+    const cmatrix V = adapted_weight(W);
+    check_input(X);
+    detail::check_shape(who(), "dY", dY.rows(), dY.cols(), X.rows(), lora_.out_features());
+    const cvector n = V.rowwise().norm();
+    const cvector c = m_.cwiseQuotient(n);
+    const compute_scalar s = static_cast<compute_scalar>(lora_.scaling());
+    const auto Xc = X.template cast<compute_scalar>();
+    const cmatrix G = dY * c.asDiagonal();
+    const cmatrix XA = Xc * Ac().transpose();            // [T × r]
+    const cmatrix XV = Xc * V.transpose();               // [T × out]
+    DoraGradients<compute_scalar> g;
+    const cmatrix GB = G * Bc();                          // [T × r]
+    g.dA.noalias() = s * (GB.transpose() * Xc);
+    g.dB.noalias() = s * (G.transpose() * XA);
+    g.dX.noalias() = G * V;
+    g.dm = (dY.array() * XV.array()).colwise().sum().transpose().matrix().cwiseQuotient(n);
+    return g;
+  }
+
+  /// W' = (m ⊘ n) ⊙ (W + ΔW) row by row (column by column with fan_in_fan_out), PEFT's
+  /// DoRA merge; returns n, which unmerge needs (it cannot be recovered from W').
+  cvector merge(Eigen::Ref<matrix> W) const {
+    cmatrix V = adapted_weight(W);
+    const cvector n = V.rowwise().norm();
+    V = m_.cwiseQuotient(n).asDiagonal() * V;
+    store(W, V);
+    return n;
+  }
+  /// W ← W' ⊘ (m ⊘ n) − ΔW with the n returned by merge.
+  void unmerge(Eigen::Ref<matrix> W, const cvector& n) const {
+    check_weight(W);
+    if (n.size() != lora_.out_features())
+      detail::fail("{}DoRA unmerge: weight norm has {} elements, expected {}", who(), n.size(), lora_.out_features());
+    cmatrix V = oriented(W);
+    V = n.cwiseQuotient(m_).asDiagonal() * V;
+    V.noalias() -= static_cast<compute_scalar>(lora_.scaling()) * (Bc() * Ac());
+    store(W, V);
+  }
+  /// The merged weight without modifying W.
+  cmatrix merged_weight(const input& W) const {
+    cmatrix V = adapted_weight(W);
+    const cvector n = V.rowwise().norm();
+    V = m_.cwiseQuotient(n).asDiagonal() * V;
+    if (lora_.fan_in_fan_out()) return V.transpose();
+    return V;
+  }
+
+ private:
+  std::string who() const { return lora_.name().empty() ? std::string() : fmt::format("adapter '{}': ", lora_.name()); }
+  void check_weight(const input& W) const {
+    if (lora_.fan_in_fan_out())
+      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows(), W.cols(), lora_.in_features(),
+                          lora_.out_features());
+    else
+      detail::check_shape(who(), "base weight W", W.rows(), W.cols(), lora_.out_features(), lora_.in_features());
+  }
+  void check_input(const input& X) const { detail::check_cols(who(), "input X", X.cols(), lora_.in_features()); }
+  cmatrix oriented(const input& W) const {
+    if (lora_.fan_in_fan_out()) return W.template cast<compute_scalar>().transpose();
+    return W.template cast<compute_scalar>();
+  }
+  cmatrix base_plus_lora(const input& W, const input& X) const {
+    const auto Xc = X.template cast<compute_scalar>();
+    cmatrix Y = lora_.forward(X);
+    if (lora_.fan_in_fan_out())
+      Y.noalias() += Xc * W.template cast<compute_scalar>();
+    else
+      Y.noalias() += Xc * W.template cast<compute_scalar>().transpose();
+    return Y;
+  }
+  void store(Eigen::Ref<matrix> W, const cmatrix& V) const {
+    if (lora_.fan_in_fan_out())
+      W = V.transpose().template cast<Scalar>();
+    else
+      W = V.template cast<Scalar>();
+  }
+  decltype(auto) Ac() const { return lora_.A().template cast<compute_scalar>(); }
+  decltype(auto) Bc() const { return lora_.B().template cast<compute_scalar>(); }
+
+  lora_type lora_;
+  cvector m_;
+};
+
+}  // namespace lora

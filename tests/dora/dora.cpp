@@ -1,0 +1,160 @@
+// lora/dora/dora.hpp against PEFT's DoRA fixtures (layer outputs and merged weights),
+// finite differences (weight norm held constant), and merge/unmerge round trips.
+#include <lora/dora/dora.hpp>
+#include <lora/io/peft.hpp>
+#include <lora/io/safetensors.hpp>
+
+#include "support/catch.hpp"
+#include "support/reference.hpp"
+
+using namespace lora;
+using lora::test::MatD;
+using lora::test::rel_error;
+
+namespace {
+std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
+
+using DoraD = DoraAdapter<double>;
+
+DoraD random_dora(Index in, Index out, Index r, double alpha, Generator& gen, bool fifo = false) {
+  AdapterOptions o;
+  o.fan_in_fan_out = fifo;
+  o.name = "test";
+  auto lora = LowRankAdapter<double>::from_factors(lora::test::random_matrix(r, in, gen, 0.5),
+                                                   lora::test::random_matrix(out, r, gen, 0.5), alpha, o);
+  Vector<double> m(out);
+  for (Index i = 0; i < out; ++i) m(i) = 0.5 + gen.uniform();
+  return DoraD(std::move(lora), m);
+}
+
+/// Float64 reference of the forward with a given (frozen) norm n0.
+MatD reference_forward(const MatD& W, const MatD& A, const MatD& B, const Vector<double>& m, double s, const MatD& X,
+                       const Vector<double>& n0) {
+  const MatD V = W + s * B * A;
+  return (X * V.transpose()) * m.cwiseQuotient(n0).asDiagonal();
+}
+}  // namespace
+
+TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
+  const auto ad = io::load_peft_adapter(data("peft/dora_r4_a8_qv/adapter"));
+  const auto base = io::SafetensorsFile::open(data("peft/dora_r4_a8_qv/base/model.safetensors"));
+  const auto merged = io::SafetensorsFile::open(data("peft/dora_r4_a8_qv/merged.safetensors"));
+  const auto ref = io::SafetensorsFile::open(data("peft/dora_r4_a8_qv/reference.safetensors"));
+  int n = 0;
+  for (const auto& mod : ad.modules) {
+    INFO(mod.name);
+    REQUIRE(mod.magnitude);
+    DoraAdapter<float, cpu, dynamic_scaling> dora(mod.adapter, *mod.magnitude);
+    Matrix<float> W = base.tensor(mod.name + ".weight").to_matrix<float>();
+    const auto x = ref.tensor(mod.name + ".x").to_matrix<float>();
+    const auto y = ref.tensor(mod.name + ".y").to_matrix<float>();
+    const auto want = merged.tensor(mod.name + ".weight").to_matrix<float>();
+    CHECK(rel_error(dora.apply(W, x), y) < 1e-5);
+    CHECK(rel_error(dora.merged_weight(W), want) < 1e-6);
+    // also in double
+    DoraAdapter<double, cpu, dynamic_scaling> dd(
+        LowRankAdapter<double, cpu, dynamic_scaling>::from_factors(
+            mod.adapter.A().cast<double>(), mod.adapter.B().cast<double>(), mod.adapter.alpha(), {}, mod.adapter.policy()),
+        mod.magnitude->cast<double>());
+    CHECK(rel_error(dd.apply(W.cast<double>(), x.cast<double>()), y) < 1e-5);
+    Matrix<float> W0 = W;
+    const auto norm = dora.merge(W);
+    CHECK(rel_error(W, want) < 1e-6);
+    // merged layer alone gives y
+    CHECK(rel_error(x * W.transpose(), y) < 1e-5);
+    dora.unmerge(W, norm);
+    CHECK(rel_error(W, W0) < 1e-6);
+    ++n;
+  }
+  CHECK(n == 6);
+}
+
+TEST_CASE("DoRA backward matches finite differences with the norm held constant", "[dora]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  for (bool fifo : {false, true}) {
+    INFO("fan_in_fan_out " << fifo);
+    const Index in = 7, out = 5, r = 3, T = 4;
+    auto dora = random_dora(in, out, r, 6.0, gen, fifo);
+    const MatD Wo = lora::test::random_matrix(out, in, gen);  // [out × in]
+    const MatD W = fifo ? MatD(Wo.transpose()) : Wo;
+    const MatD X = lora::test::random_matrix(T, in, gen);
+    const MatD dY = lora::test::random_matrix(T, out, gen);
+    const double s = dora.lora().scaling();
+    const MatD A = dora.lora().A(), B = dora.lora().B();
+    const Vector<double> m = dora.magnitude();
+    const Vector<double> n0 = (Wo + s * B * A).rowwise().norm();
+
+    // forward against the plain formula
+    CHECK(rel_error(dora.apply(W, X), reference_forward(Wo, A, B, m, s, X, n0)) < 1e-13);
+    CHECK(rel_error(dora.weight_norm(W), n0) < 1e-14);
+
+    auto loss = [&](const MatD& a, const MatD& b, const Vector<double>& mm, const MatD& x) {
+      return (dY.array() * reference_forward(Wo, a, b, mm, s, x, n0).array()).sum();
+    };
+    const auto g = dora.backward(W, X, dY);
+    const double h = 1e-6;
+    auto fd = [&](auto& param, auto set_loss) {
+      using P = std::decay_t<decltype(param)>;
+      P grad(param.rows(), param.cols());
+      for (Index i = 0; i < param.size(); ++i) {
+        const double keep = param.data()[i];
+        param.data()[i] = keep + h;
+        const double lp = set_loss();
+        param.data()[i] = keep - h;
+        const double lm = set_loss();
+        param.data()[i] = keep;
+        grad.data()[i] = (lp - lm) / (2 * h);
+      }
+      return grad;
+    };
+    MatD a = A, b = B, x = X;
+    Vector<double> mm = m;
+    const MatD fdA = fd(a, [&] { return loss(a, B, m, X); });
+    const MatD fdB = fd(b, [&] { return loss(A, b, m, X); });
+    const Vector<double> fdm = fd(mm, [&] { return loss(A, B, mm, X); });
+    const MatD fdX = fd(x, [&] { return loss(A, B, m, x); });
+    CHECK(rel_error(g.dA, fdA) < 1e-7);
+    CHECK(rel_error(g.dB, fdB) < 1e-7);
+    CHECK(rel_error(g.dm, fdm) < 1e-7);
+    CHECK(rel_error(g.dX, fdX) < 1e-7);
+    CHECK(g.dA.norm() > 0);
+    CHECK(g.dm.norm() > 0);
+  }
+}
+
+TEST_CASE("DoRA merge/unmerge, initialisation and fan_in_fan_out agree", "[dora]") {
+  Generator gen(lora::test::fresh_seed());
+  const Index in = 12, out = 9, r = 4, T = 6;
+  auto dora = random_dora(in, out, r, 8.0, gen);
+  const MatD W = lora::test::random_matrix(out, in, gen);
+  const MatD X = lora::test::random_matrix(T, in, gen);
+  MatD Wm = W;
+  const auto n = dora.merge(Wm);
+  CHECK(rel_error(X * Wm.transpose(), dora.apply(W, X)) < 1e-13);
+  CHECK(rel_error(Wm, dora.merged_weight(W)) < 1e-15);
+  // the merged rows have the magnitude as their norm
+  CHECK(rel_error(Wm.rowwise().norm(), dora.magnitude()) < 1e-13);
+  dora.unmerge(Wm, n);
+  CHECK(rel_error(Wm, W) < 1e-13);
+
+  // initialised from W, DoRA equals plain LoRA
+  auto init = DoraD::from_weight(dora.lora(), W);
+  CHECK(rel_error(init.apply(W, X), dora.lora().apply(W, X)) < 1e-13);
+
+  // the same layer with W stored transposed
+  AdapterOptions o;
+  o.fan_in_fan_out = true;
+  DoraD t(LowRankAdapter<double>::from_factors(dora.lora().A(), dora.lora().B(), 8.0, o), dora.magnitude());
+  const MatD Wt = W.transpose();
+  CHECK(rel_error(t.apply(Wt, X), dora.apply(W, X)) < 1e-13);
+  MatD Wtm = Wt;
+  t.merge(Wtm);
+  CHECK(rel_error(Wtm.transpose(), dora.merged_weight(W)) < 1e-14);
+
+  // shapes are checked
+  CHECK_THROWS_AS(dora.apply(Wt, X), lora::error);
+  CHECK_THROWS_AS(DoraD(dora.lora(), Vector<double>::Ones(out + 1)), lora::error);
+  CHECK_THROWS_AS(dora.unmerge(Wm, Vector<double>::Ones(3)), lora::error);
+}
