@@ -48,7 +48,7 @@ class AdapterSet {
 
   AdapterSet(Index in_features, Index out_features) : in_(in_features), out_(out_features) {
     if (in_ < 1 || out_ < 1)
-      detail::fail("AdapterSet: in_features and out_features must be at least 1, got in = {}, out = {}", in_, out_);
+      lora::detail::fail("AdapterSet: in_features and out_features must be at least 1, got in = {}, out = {}", in_, out_);
   }
 
   Index in_features() const { return in_; }
@@ -62,7 +62,7 @@ class AdapterSet {
   bool contains(int id) const { return id >= 0 && id < capacity() && slots_[static_cast<std::size_t>(id)] != nullptr; }
 
   const slot_type& at(int id) const {
-    if (!contains(id)) detail::fail("AdapterSet: no adapter with id {} (loaded: {})", id, size());
+    if (!contains(id)) lora::detail::fail("AdapterSet: no adapter with id {} (loaded: {})", id, size());
     return *slots_[static_cast<std::size_t>(id)];
   }
   /// The id of the adapter called `name`, if loaded.
@@ -84,6 +84,16 @@ class AdapterSet {
     slots_.push_back(std::move(slot));
     return capacity() - 1;
   }
+  /// Adds factors at a chosen id (which must be free), so that several layers'
+  /// sets can share one numbering of adapters.
+  void insert(int id, std::string name, Matrix<Scalar> A, Matrix<Scalar> B, double scaling) {
+    if (id < 0) lora::detail::fail("AdapterSet: cannot insert adapter '{}' at negative id {}", name, id);
+    if (contains(id)) lora::detail::fail("AdapterSet: cannot insert adapter '{}' at id {}: '{}' is there", name, id, at(id).name);
+    auto slot = make_slot(std::move(name), std::move(A), std::move(B), scaling, -1);
+    if (id >= capacity()) slots_.resize(static_cast<std::size_t>(id) + 1);
+    slots_[static_cast<std::size_t>(id)] = std::move(slot);
+  }
+
   /// Adds a LowRankAdapter (any scaling policy; its scaling() is taken as it is now).
   template <class S, ScalingPolicy P>
   int add(std::string name, const LowRankAdapter<S, cpu, P>& ad) {
@@ -93,7 +103,7 @@ class AdapterSet {
 
   /// Replaces adapter `id` in place (rank may change); other adapters are untouched.
   void replace(int id, std::string name, Matrix<Scalar> A, Matrix<Scalar> B, double scaling) {
-    if (!contains(id)) detail::fail("AdapterSet: cannot replace id {}: no such adapter", id);
+    if (!contains(id)) lora::detail::fail("AdapterSet: cannot replace id {}: no such adapter", id);
     slots_[static_cast<std::size_t>(id)] = make_slot(std::move(name), std::move(A), std::move(B), scaling, id);
   }
   template <class S, ScalingPolicy P>
@@ -104,7 +114,7 @@ class AdapterSet {
 
   /// Unloads adapter `id`; its id may be reused by a later add.
   void remove(int id) {
-    if (!contains(id)) detail::fail("AdapterSet: cannot remove id {}: no such adapter", id);
+    if (!contains(id)) lora::detail::fail("AdapterSet: cannot remove id {}: no such adapter", id);
     slots_[static_cast<std::size_t>(id)].reset();
   }
 
@@ -120,29 +130,29 @@ class AdapterSet {
   template <class S, ScalingPolicy P>
   void check_orientation(const std::string& name, const LowRankAdapter<S, cpu, P>& ad) const {
     if (ad.fan_in_fan_out())
-      detail::fail("AdapterSet: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and add a "
+      lora::detail::fail("AdapterSet: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and add a "
                    "regular adapter",
                    name);
   }
   std::shared_ptr<const slot_type> make_slot(std::string name, Matrix<Scalar> A, Matrix<Scalar> B, double scaling,
                                        int replacing) const {
     const std::string who = fmt::format("AdapterSet: adapter '{}'", name);
-    if (name.empty()) detail::fail("AdapterSet: adapter names must not be empty");
+    if (name.empty()) lora::detail::fail("AdapterSet: adapter names must not be empty");
     for (std::size_t i = 0; i < slots_.size(); ++i)
       if (slots_[i] && slots_[i]->name == name && static_cast<int>(i) != replacing)
-        detail::fail("{} is already loaded as id {}", who, i);
+        lora::detail::fail("{} is already loaded as id {}", who, i);
     if (A.cols() != in_)
-      detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
+      lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
                    A.rows(), A.cols(), in_, in_);
     if (B.rows() != out_)
-      detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
+      lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
                    B.rows(), B.cols(), out_, out_);
     if (B.cols() != A.rows())
-      detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
+      lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
                    B.cols());
     if (A.rows() < 1 || A.rows() > std::min(in_, out_))
-      detail::fail("{}: rank r = {} must be in [1, min(in, out) = {}]", who, A.rows(), std::min(in_, out_));
-    if (!std::isfinite(scaling)) detail::fail("{}: scaling must be finite, got {}", who, scaling);
+      lora::detail::fail("{}: rank r = {} must be in [1, min(in, out) = {}]", who, A.rows(), std::min(in_, out_));
+    if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
     auto s = std::make_shared<slot_type>();
     s->name = std::move(name);
     s->A = std::move(A);
