@@ -1,0 +1,493 @@
+#pragma once
+// Hugging Face checkpoints: one `.safetensors` file or a folder, sharded with
+// `model.safetensors.index.json` ({"metadata": {"total_size": N}, "weight_map": {name: shard}}).
+//
+//   auto ck = lora::io::Checkpoint::open("Llama-3.2-1B/");          // file or folder
+//   auto W = ck.tensor("model.layers.0.self_attn.q_proj.weight").to_matrix<float>();
+//
+// Writing streams tensor by tensor (nothing holds the whole model): describe the output
+// with a CheckpointLayout, give a producer that returns each tensor's bytes, and
+// write_checkpoint writes them, atomically, while the producer computes the next tensor.
+
+#include <lora/error.hpp>
+#include <lora/io/atomic.hpp>
+#include <lora/io/safetensors.hpp>
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace lora::io {
+
+/// The file name of a sharded checkpoint's index.
+inline constexpr const char* checkpoint_index_name = "model.safetensors.index.json";
+
+/// A checkpoint opened for reading: a single safetensors file, a folder holding
+/// model.safetensors.index.json (every shard mapped), or a folder holding model.safetensors.
+class Checkpoint {
+ public:
+  /// Opens and validates: the index must be a JSON object with a "weight_map" of names to
+  /// shard file names in the folder, and every listed tensor must be in its shard.
+  static Checkpoint open(const std::filesystem::path& path) {
+    namespace fs = std::filesystem;
+    Checkpoint c;
+    c.path_ = path;
+    if (!fs::exists(path)) lora::detail::fail("{}: checkpoint does not exist", path.string());
+    if (!fs::is_directory(path)) {
+      c.shards_.push_back(SafetensorsFile::open(path));
+      c.shard_names_.push_back(path.filename().string());
+      c.index_all(0);
+      return c;
+    }
+    const fs::path index = path / checkpoint_index_name;
+    if (!fs::exists(index)) {
+      if (fs::exists(path / "model.safetensors")) {
+        c.shards_.push_back(SafetensorsFile::open(path / "model.safetensors"));
+        c.shard_names_.push_back("model.safetensors");
+        c.index_all(0);
+        return c;
+      }
+      lora::detail::fail("{}: folder has neither {} nor model.safetensors", path.string(), checkpoint_index_name);
+    }
+    c.sharded_ = true;
+    nlohmann::ordered_json j;
+    {
+      std::ifstream in(index);
+      if (!in) lora::detail::fail("{}: cannot open for reading", index.string());
+      try {
+        j = nlohmann::ordered_json::parse(in);
+      } catch (const nlohmann::json::exception& e) {
+        lora::detail::fail("{}: not valid JSON: {}", index.string(), e.what());
+      }
+    }
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+      lora::detail::fail("{}: expected an object with a \"weight_map\" object", index.string());
+    if (j.contains("metadata")) c.index_metadata_ = j["metadata"];
+    std::map<std::string, std::size_t> shard_ix;
+    for (const auto& [name, v] : j["weight_map"].items()) {
+      if (!v.is_string())
+        lora::detail::fail("{}: weight_map['{}'] must be a file name, got {}", index.string(), name, v.dump());
+      const std::string shard = v.get<std::string>();
+      if (shard.empty() || shard.find('/') != std::string::npos || shard.find('\\') != std::string::npos ||
+          shard == "." || shard == "..")
+        lora::detail::fail("{}: weight_map['{}'] = '{}' is not a file name in the checkpoint folder", index.string(),
+                           name, shard);
+      auto it = shard_ix.find(shard);
+      if (it == shard_ix.end()) {
+        if (!fs::exists(path / shard))
+          lora::detail::fail("{}: weight_map['{}'] names shard '{}', which does not exist", index.string(), name, shard);
+        it = shard_ix.emplace(shard, c.shards_.size()).first;
+        c.shards_.push_back(SafetensorsFile::open(path / shard));
+        c.shard_names_.push_back(shard);
+      }
+      const SafetensorsFile& f = c.shards_[it->second];
+      if (!f.contains(name))
+        lora::detail::fail("{}: weight_map puts tensor '{}' in {}, which has no such tensor", index.string(), name,
+                           f.path());
+      if (!c.where_.emplace(name, Location{it->second, &f.tensor(name)}).second)
+        lora::detail::fail("{}: tensor '{}' is listed twice", index.string(), name);
+      c.names_.push_back(name);
+    }
+    return c;
+  }
+
+  /// Tensor names: the file's order for one file, the weight_map's order for an index.
+  const std::vector<std::string>& names() const { return names_; }
+  std::size_t size() const { return names_.size(); }
+  bool contains(std::string_view name) const { return where_.find(std::string(name)) != where_.end(); }
+  const TensorView& tensor(std::string_view name) const {
+    auto it = where_.find(std::string(name));
+    if (it == where_.end()) lora::detail::fail("{}: checkpoint has no tensor '{}'", path_.string(), name);
+    return *it->second.view;
+  }
+  /// Index of the shard that holds `name` (0 for a single file).
+  std::size_t shard_of(std::string_view name) const {
+    auto it = where_.find(std::string(name));
+    if (it == where_.end()) lora::detail::fail("{}: checkpoint has no tensor '{}'", path_.string(), name);
+    return it->second.shard;
+  }
+  std::size_t shard_count() const { return shards_.size(); }
+  const SafetensorsFile& shard(std::size_t i) const { return shards_.at(i); }
+  /// File name of shard i inside the folder ("model-00001-of-00002.safetensors").
+  const std::string& shard_name(std::size_t i) const { return shard_names_.at(i); }
+  /// Whether the checkpoint came with an index file.
+  bool sharded() const { return sharded_; }
+  /// The index's "metadata" object (empty unless sharded).
+  const nlohmann::ordered_json& index_metadata() const { return index_metadata_; }
+  const std::filesystem::path& path() const { return path_; }
+  /// Sum of the tensors' byte sizes.
+  std::uint64_t total_bytes() const {
+    std::uint64_t n = 0;
+    for (const auto& [name, loc] : where_) n += loc.view->bytes.size();
+    return n;
+  }
+
+ private:
+  struct Location {
+    std::size_t shard;
+    const TensorView* view;  // points into shards_[shard], stable (SafetensorsFile is not modified)
+  };
+  void index_all(std::size_t s) {
+    for (const auto& t : shards_[s].tensors()) {
+      where_.emplace(t.name, Location{s, &t});
+      names_.push_back(t.name);
+    }
+  }
+  std::filesystem::path path_;
+  bool sharded_ = false;
+  std::vector<SafetensorsFile> shards_;
+  std::vector<std::string> shard_names_;
+  std::map<std::string, Location> where_;
+  std::vector<std::string> names_;
+  nlohmann::ordered_json index_metadata_ = nlohmann::ordered_json::object();
+};
+
+// ---- writing ---------------------------------------------------------------
+
+/// Name, dtype and shape of a tensor to be written.
+struct TensorSpec {
+  std::string name;
+  dtype type = dtype::F32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t numel() const {
+    std::uint64_t n = 1;
+    for (auto d : shape) n *= static_cast<std::uint64_t>(d);
+    return n;
+  }
+  std::uint64_t nbytes() const { return numel() * dtype_size(type); }
+};
+
+/// The bytes of one tensor, either borrowed (a view that stays valid until written, e.g.
+/// into a mapped input file) or owned.
+struct TensorBytes {
+  std::vector<std::byte> owned;
+  std::span<const std::byte> view;
+  bool borrowed = false;
+  std::span<const std::byte> bytes() const { return borrowed ? view : std::span<const std::byte>(owned); }
+  static TensorBytes borrow(std::span<const std::byte> v) {
+    TensorBytes b;
+    b.view = v;
+    b.borrowed = true;
+    return b;
+  }
+  static TensorBytes own(std::vector<std::byte> v) {
+    TensorBytes b;
+    b.owned = std::move(v);
+    return b;
+  }
+};
+
+/// One output file of a checkpoint: its name in the folder, its tensors in order, its metadata.
+struct ShardSpec {
+  std::string file;
+  std::vector<TensorSpec> tensors;
+  std::map<std::string, std::string> metadata;
+};
+
+/// What to write: one file, or a folder of shards (with an index when there are several
+/// shards or `write_index` is set).
+struct CheckpointLayout {
+  std::vector<ShardSpec> shards;
+  bool single_file = false;                ///< write shards[0] to the output path itself
+  bool write_index = false;                ///< write model.safetensors.index.json even for one shard
+  nlohmann::ordered_json index_metadata = nlohmann::ordered_json::object();  ///< total_size is filled in
+
+  /// Splits tensors into shards of at most `max_shard_bytes` (a tensor larger than that gets
+  /// its own shard), named like transformers does: model-00001-of-0000N.safetensors, or
+  /// model.safetensors when one shard suffices.
+  static CheckpointLayout split(const std::vector<TensorSpec>& tensors, std::uint64_t max_shard_bytes,
+                                const std::map<std::string, std::string>& metadata = {{"format", "pt"}}) {
+    CheckpointLayout l;
+    std::uint64_t cur = 0;
+    for (const auto& t : tensors) {
+      if (l.shards.empty() || (cur > 0 && cur + t.nbytes() > max_shard_bytes)) {
+        l.shards.push_back(ShardSpec{{}, {}, metadata});
+        cur = 0;
+      }
+      l.shards.back().tensors.push_back(t);
+      cur += t.nbytes();
+    }
+    if (l.shards.empty()) l.shards.push_back(ShardSpec{{}, {}, metadata});
+    const std::size_t n = l.shards.size();
+    for (std::size_t i = 0; i < n; ++i)
+      l.shards[i].file = n == 1 ? "model.safetensors" : fmt::format("model-{:05d}-of-{:05d}.safetensors", i + 1, n);
+    return l;
+  }
+  std::uint64_t total_bytes() const {
+    std::uint64_t n = 0;
+    for (const auto& s : shards)
+      for (const auto& t : s.tensors) n += t.nbytes();
+    return n;
+  }
+  std::size_t tensor_count() const {
+    std::size_t n = 0;
+    for (const auto& s : shards) n += s.tensors.size();
+    return n;
+  }
+};
+
+/// Progress of a write: tensors and bytes done so far, out of the totals.
+struct WriteProgress {
+  std::size_t tensors_done = 0, tensors_total = 0;
+  std::uint64_t bytes_done = 0, bytes_total = 0;
+  std::string_view last;  ///< name of the tensor just written
+};
+
+namespace detail {
+
+/// The safetensors header for `tensors` in order, padded so that data starts 8-byte aligned.
+inline std::string safetensors_header(const std::vector<TensorSpec>& tensors,
+                                      const std::map<std::string, std::string>& metadata) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    if (t.name == "__metadata__") lora::detail::fail("tensor name '__metadata__' is reserved");
+    if (header.contains(t.name)) lora::detail::fail("duplicate tensor name '{}'", t.name);
+    for (auto d : t.shape)
+      if (d < 0) lora::detail::fail("tensor '{}': negative dimension {}", t.name, d);
+    header[t.name] = {{"dtype", std::string(dtype_name(t.type))},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.nbytes()}}};
+    offset += t.nbytes();
+  }
+  std::string h = header.dump();
+  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
+  const std::uint64_t hn = h.size();
+  std::string out(reinterpret_cast<const char*>(&hn), 8);
+  out += h;
+  return out;
+}
+
+/// Sequential writer of one safetensors file whose header is known up front.
+class StreamingFile {
+ public:
+  StreamingFile(const std::filesystem::path& path, const std::vector<TensorSpec>& tensors,
+                const std::map<std::string, std::string>& metadata)
+      : path_(path.string()), tensors_(&tensors) {
+    const std::string header = safetensors_header(tensors, metadata);
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd_ < 0) lora::detail::fail("{}: cannot open for writing: {}", path_, std::strerror(errno));
+    put(std::as_bytes(std::span(header.data(), header.size())));
+  }
+  ~StreamingFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  StreamingFile(const StreamingFile&) = delete;
+  StreamingFile& operator=(const StreamingFile&) = delete;
+
+  /// Appends the next tensor; its size must match its spec.
+  void append(std::span<const std::byte> bytes) {
+    if (next_ >= tensors_->size()) lora::detail::fail("{}: more tensors written than declared", path_);
+    const TensorSpec& t = (*tensors_)[next_++];
+    if (bytes.size() != t.nbytes())
+      lora::detail::fail("{}: tensor '{}': {} bytes given, its shape and dtype {} need {}", path_, t.name, bytes.size(),
+                         dtype_name(t.type), t.nbytes());
+    put(bytes);
+  }
+  void finish() {
+    if (next_ != tensors_->size())
+      lora::detail::fail("{}: {} of {} tensors written", path_, next_, tensors_->size());
+    if (::close(fd_) != 0) {
+      fd_ = -1;
+      lora::detail::fail("{}: close failed: {}", path_, std::strerror(errno));
+    }
+    fd_ = -1;
+  }
+  bool done() const { return next_ == tensors_->size(); }
+
+ private:
+  void put(std::span<const std::byte> b) {
+    const std::byte* p = b.data();
+    std::size_t left = b.size();
+    while (left > 0) {
+      const ssize_t w = ::write(fd_, p, std::min<std::size_t>(left, std::size_t{1} << 30));
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        lora::detail::fail("{}: write failed: {}", path_, std::strerror(errno));
+      }
+      p += w;
+      left -= static_cast<std::size_t>(w);
+    }
+  }
+  std::string path_;
+  const std::vector<TensorSpec>* tensors_;
+  std::size_t next_ = 0;
+  int fd_ = -1;
+};
+
+/// Runs `produce` for every tensor on the calling thread and writes the results on a
+/// second thread, so computing tensor k+1 overlaps writing tensor k.
+inline void stream_tensors(const CheckpointLayout& layout, const std::vector<std::filesystem::path>& files,
+                           const std::function<TensorBytes(const TensorSpec&)>& produce,
+                           const std::function<void(const WriteProgress&)>& progress, std::size_t max_queued = 2) {
+  struct Item {
+    std::size_t shard;
+    TensorBytes bytes;
+    const TensorSpec* spec;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Item> queue;
+  bool closed = false;
+  std::exception_ptr writer_error;
+  WriteProgress prog;
+  prog.tensors_total = layout.tensor_count();
+  prog.bytes_total = layout.total_bytes();
+
+  std::thread writer([&] {
+    std::vector<std::unique_ptr<StreamingFile>> open(layout.shards.size());
+    try {
+      for (;;) {
+        Item item;
+        {
+          std::unique_lock lk(mu);
+          cv.wait(lk, [&] { return !queue.empty() || closed; });
+          if (queue.empty()) break;
+          item = std::move(queue.front());
+          queue.pop_front();
+        }
+        cv.notify_all();
+        auto& f = open[item.shard];
+        if (!f) f = std::make_unique<StreamingFile>(files[item.shard], layout.shards[item.shard].tensors,
+                                                    layout.shards[item.shard].metadata);
+        f->append(item.bytes.bytes());
+        if (f->done()) f->finish();
+        prog.tensors_done++;
+        prog.bytes_done += item.bytes.bytes().size();
+        prog.last = item.spec->name;
+        if (progress) progress(prog);
+      }
+      // shards without tensors still get a (header-only) file
+      for (std::size_t s = 0; s < open.size(); ++s)
+        if (!open[s]) {
+          StreamingFile f(files[s], layout.shards[s].tensors, layout.shards[s].metadata);
+          f.finish();
+        }
+    } catch (...) {
+      std::lock_guard lk(mu);
+      writer_error = std::current_exception();
+      queue.clear();
+      closed = true;
+      cv.notify_all();
+    }
+  });
+
+  std::exception_ptr producer_error;
+  try {
+    for (std::size_t s = 0; s < layout.shards.size(); ++s)
+      for (const auto& spec : layout.shards[s].tensors) {
+        {
+          std::unique_lock lk(mu);
+          cv.wait(lk, [&] { return queue.size() < max_queued || writer_error; });
+          if (writer_error) break;
+        }
+        TensorBytes b = produce(spec);
+        if (b.bytes().size() != spec.nbytes())
+          lora::detail::fail("tensor '{}': producer gave {} bytes, its shape and dtype {} need {}", spec.name,
+                             b.bytes().size(), dtype_name(spec.type), spec.nbytes());
+        {
+          std::lock_guard lk(mu);
+          if (writer_error) break;
+          queue.push_back(Item{s, std::move(b), &spec});
+        }
+        cv.notify_all();
+      }
+  } catch (...) {
+    producer_error = std::current_exception();
+  }
+  {
+    std::lock_guard lk(mu);
+    closed = true;
+    if (producer_error) queue.clear();
+  }
+  cv.notify_all();
+  writer.join();
+  if (producer_error) std::rethrow_exception(producer_error);
+  if (writer_error) std::rethrow_exception(writer_error);
+}
+
+}  // namespace detail
+
+/// Writes a checkpoint described by `layout` to `out` (a file when layout.single_file, else
+/// a folder), calling `produce(spec)` for each tensor in layout order. Atomic: on any error
+/// nothing appears at `out` (an existing output is replaced only on success). `progress`
+/// is called (from the writing thread) after each tensor.
+///
+///   auto layout = lora::io::CheckpointLayout::split(specs, 5'000'000'000);
+///   lora::io::write_checkpoint("out/", layout, [&](const lora::io::TensorSpec& t) { ... });
+inline void write_checkpoint(const std::filesystem::path& out, const CheckpointLayout& layout,
+                             const std::function<TensorBytes(const TensorSpec&)>& produce,
+                             const std::function<void(const WriteProgress&)>& progress = {}) {
+  namespace fs = std::filesystem;
+  if (layout.shards.empty()) lora::detail::fail("{}: checkpoint layout has no shards", out.string());
+  if (layout.single_file) {
+    if (layout.shards.size() != 1)
+      lora::detail::fail("{}: a single-file checkpoint needs exactly one shard, layout has {}", out.string(),
+                         layout.shards.size());
+    if (fs::is_directory(out)) lora::detail::fail("{}: is a folder, expected a file path", out.string());
+    write_file_atomically(out, [&](const fs::path& tmp) { detail::stream_tensors(layout, {tmp}, produce, progress); });
+    return;
+  }
+  std::map<std::string, std::size_t> seen;
+  for (std::size_t i = 0; i < layout.shards.size(); ++i) {
+    const auto& f = layout.shards[i].file;
+    if (f.empty() || f.find('/') != std::string::npos || f == checkpoint_index_name)
+      lora::detail::fail("{}: invalid shard file name '{}'", out.string(), f);
+    if (!seen.emplace(f, i).second) lora::detail::fail("{}: shard file '{}' appears twice", out.string(), f);
+  }
+  write_folder_atomically(out, [&](const fs::path& tmp) {
+    std::vector<fs::path> files;
+    for (const auto& s : layout.shards) files.push_back(tmp / s.file);
+    detail::stream_tensors(layout, files, produce, progress);
+    if (layout.shards.size() > 1 || layout.write_index) {
+      nlohmann::ordered_json idx = nlohmann::ordered_json::object();
+      nlohmann::ordered_json meta = layout.index_metadata.is_object() ? layout.index_metadata
+                                                                      : nlohmann::ordered_json::object();
+      meta["total_size"] = layout.total_bytes();
+      idx["metadata"] = meta;
+      nlohmann::ordered_json wm = nlohmann::ordered_json::object();
+      std::vector<std::pair<std::string, std::string>> entries;
+      for (const auto& s : layout.shards)
+        for (const auto& t : s.tensors) entries.emplace_back(t.name, s.file);
+      std::sort(entries.begin(), entries.end());  // transformers writes the weight_map sorted by name
+      for (const auto& [n, f] : entries) wm[n] = f;
+      idx["weight_map"] = wm;
+      write_bytes(tmp / checkpoint_index_name, idx.dump(2) + "\n");
+    }
+  });
+}
+
+/// The layout of an existing checkpoint (same files, tensors, order and metadata), for
+/// writing a modified copy; `retype(spec)` may change each tensor's dtype.
+inline CheckpointLayout layout_of(const Checkpoint& ck, const std::function<dtype(const TensorView&)>& retype = {}) {
+  CheckpointLayout l;
+  l.shards.resize(ck.shard_count());
+  for (std::size_t s = 0; s < ck.shard_count(); ++s) {
+    l.shards[s].file = ck.shard_name(s);
+    l.shards[s].metadata = ck.shard(s).metadata();
+  }
+  for (const auto& name : ck.names()) {
+    const TensorView& v = ck.tensor(name);
+    l.shards[ck.shard_of(name)].tensors.push_back(TensorSpec{name, retype ? retype(v) : v.type, v.shape});
+  }
+  l.write_index = ck.sharded();
+  l.index_metadata = ck.index_metadata();
+  return l;
+}
+
+}  // namespace lora::io
