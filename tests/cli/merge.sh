@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# lora merge: good runs give PEFT's merged tensors; bad input exits 1 with one line on
+# stderr and leaves no output. Called as: bash merge.sh <lora binary> <tests/data>
+set -u
+LORA=$1
+DATA=$2
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+fails=0
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+
+# Compares two safetensors files: same keys, dtypes, shapes; values within 1e-6 relative
+# per tensor (python3 stdlib only; skipped without python3).
+compare() {
+  command -v python3 > /dev/null || return 0
+  python3 - "$1" "$2" <<'EOF'
+import json, struct, sys, math
+def load(p):
+    b = open(p, 'rb').read()
+    n = struct.unpack('<Q', b[:8])[0]
+    h = json.loads(b[8:8 + n]); h.pop('__metadata__', None)
+    out = {}
+    for k, v in h.items():
+        s, e = v['data_offsets']
+        raw = b[8 + n + s:8 + n + e]
+        if v['dtype'] == 'F32':
+            vals = struct.unpack('<%df' % (len(raw) // 4), raw)
+        elif v['dtype'] == 'BF16':
+            vals = [struct.unpack('<f', struct.pack('<I', x << 16))[0] for x in struct.unpack('<%dH' % (len(raw) // 2), raw)]
+        else:
+            vals = list(raw)
+        out[k] = (v['dtype'], v['shape'], vals)
+    return out
+a, b = load(sys.argv[1]), load(sys.argv[2])
+if sorted(a) != sorted(b):
+    sys.exit('keys differ')
+for k in a:
+    if a[k][:2] != b[k][:2]:
+        sys.exit('%s: dtype/shape %s vs %s' % (k, a[k][:2], b[k][:2]))
+    num = math.sqrt(sum((x - y) ** 2 for x, y in zip(a[k][2], b[k][2])))
+    den = math.sqrt(sum(y * y for y in b[k][2])) or 1.0
+    if num / den > float(sys.argv[3] if len(sys.argv) > 3 else 1e-6):
+        sys.exit('%s: relative error %g' % (k, num / den))
+EOF
+}
+
+# --- good runs ---------------------------------------------------------------
+for c in lora_r8_a16_all rslora_r16_a8_attn dora_r4_a8_qv patterns_all; do
+  out="$TMP/$c.safetensors"
+  if ! "$LORA" merge --base "$DATA/peft/$c/base/model.safetensors" --adapter "$DATA/peft/$c/adapter" \
+      --out "$out" > "$TMP/stdout" 2> "$TMP/stderr"; then
+    fail "$c: exit $? ($(cat "$TMP/stderr"))"
+    continue
+  fi
+  [ -s "$TMP/stderr" ] && fail "$c: unexpected stderr: $(cat "$TMP/stderr")"
+  grep -q "merged" "$TMP/stdout" || fail "$c: no summary on stdout"
+  msg=$(compare "$out" "$DATA/peft/$c/merged.safetensors" 2>&1) || fail "$c: $msg"
+done
+
+# folder output, --progress, --dtype bf16, --scale 0 gives the base back
+"$LORA" merge --base "$DATA/peft/lora_r8_a16_all/base/model.safetensors" --adapter "$DATA/peft/lora_r8_a16_all/adapter" \
+  --out "$TMP/folder" --dtype bf16 --progress > /dev/null 2> "$TMP/stderr" || fail "folder output: $(cat "$TMP/stderr")"
+[ -f "$TMP/folder/model.safetensors" ] || fail "folder output: no model.safetensors"
+grep -q "100%" "$TMP/stderr" || fail "--progress printed nothing"
+head -c 400 "$TMP/folder/model.safetensors" | grep -q '"BF16"' || fail "--dtype bf16 not applied"
+"$LORA" merge --base "$DATA/peft/lora_r8_a16_all/base/model.safetensors" --adapter "$DATA/peft/lora_r8_a16_all/adapter" \
+  --out "$TMP/zero.safetensors" --scale 0 > /dev/null 2>&1 || fail "--scale 0 failed"
+cmp -s "$TMP/zero.safetensors" "$DATA/peft/lora_r8_a16_all/base/model.safetensors" || \
+  { msg=$(compare "$TMP/zero.safetensors" "$DATA/peft/lora_r8_a16_all/base/model.safetensors" 0) || fail "--scale 0: $msg"; }
+"$LORA" merge --help | grep -q -- "--adapter" || fail "--help"
+
+# --- bad input: exit 1, one line on stderr, no output ------------------------
+mkdir -p "$TMP/bad_r" "$TMP/bad_json"
+cp "$DATA/peft/lora_r8_a16_all/adapter/"* "$TMP/bad_r/"
+sed -i 's/"r": 8,/"r": 4,/' "$TMP/bad_r/adapter_config.json"
+cp "$DATA/peft/lora_r8_a16_all/adapter/"* "$TMP/bad_json/"
+echo '{ "r": 8,' > "$TMP/bad_json/adapter_config.json"
+head -c 1000 "$DATA/peft/lora_r8_a16_all/base/model.safetensors" > "$TMP/truncated.safetensors"
+
+B="$DATA/peft/lora_r8_a16_all/base/model.safetensors"
+A="$DATA/peft/lora_r8_a16_all/adapter"
+bad() {  # bad <name> <expected substring> <args...>
+  local name=$1 want=$2
+  shift 2
+  rm -rf "$TMP/out.safetensors" "$TMP/outdir"
+  "$LORA" merge "$@" > /dev/null 2> "$TMP/stderr"
+  local rc=$?
+  [ $rc -eq 1 ] || fail "$name: exit $rc, expected 1"
+  [ "$(wc -l < "$TMP/stderr")" -eq 1 ] || fail "$name: stderr is not one line: $(cat "$TMP/stderr")"
+  grep -q -- "$want" "$TMP/stderr" || fail "$name: stderr lacks '$want': $(cat "$TMP/stderr")"
+  [ -e "$TMP/out.safetensors" ] && fail "$name: output file left behind"
+  [ -e "$TMP/outdir" ] && fail "$name: output folder left behind"
+  ls -a "$TMP" | grep -q '\.tmp-' && fail "$name: temporary left behind"
+  return 0
+}
+bad "no --base" "--base" --adapter "$A" --out "$TMP/out.safetensors"
+bad "no --out" "--out" --base "$B" --adapter "$A"
+bad "missing adapter" "does not exist" --base "$B" --adapter "$TMP/nope" --out "$TMP/out.safetensors"
+bad "adapter r vs tensors" "r = 4" --base "$B" --adapter "$TMP/bad_r" --out "$TMP/out.safetensors"
+bad "adapter config JSON" "not valid JSON" --base "$B" --adapter "$TMP/bad_json" --out "$TMP/outdir"
+bad "missing base" "does not exist" --base "$TMP/nope.safetensors" --adapter "$A" --out "$TMP/out.safetensors"
+bad "truncated base" "truncated.safetensors" --base "$TMP/truncated.safetensors" --adapter "$A" --out "$TMP/out.safetensors"
+bad "adapter/base mismatch" "no base weight" --base "$DATA/nf4/nf4_reference.safetensors" --adapter "$A" --out "$TMP/outdir"
+bad "bad dtype" "--dtype" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --dtype f8
+bad "bad scale" "--scale" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --scale abc
+bad "unknown option" "--frobnicate" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --frobnicate 1
+bad "out folder missing" "does not exist" --base "$B" --adapter "$A" --out "$TMP/no/such/out.safetensors"
+bad "out is base" "base checkpoint itself" --base "$TMP/zero.safetensors" --adapter "$A" --out "$TMP/zero.safetensors"
+
+if [ $fails -ne 0 ]; then
+  echo "$fails failure(s)"
+  exit 1
+fi
+echo "merge.sh: all passed"
