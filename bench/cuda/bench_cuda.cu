@@ -1,0 +1,207 @@
+// bench_cuda [out.csv]: the device paths against the base cuBLAS GEMM and the
+// copy bandwidth, bf16, CUDA events, median of batches. Weights rotate among
+// several copies where one copy would sit in L2 (decode shapes), so that
+// every variant reads them from device memory. Prints one CSV line per
+// measurement: name,in,out,tokens,r,ms,extra.
+
+#include <lora/cuda.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+using namespace lora;
+using S = bfloat16;
+
+namespace {
+
+FILE* csv = stdout;
+
+void fill_random(DeviceView<S> v, Generator& g, double scale) {
+  Matrix<S> h(v.rows, v.cols);
+  for (Index i = 0; i < h.rows(); ++i)
+    for (Index j = 0; j < h.cols(); ++j) h(i, j) = S(static_cast<float>(g.normal() * scale));
+  upload<S>(h, v);
+}
+
+Matrix<S> test_factor(Index rows, Index cols, Generator& g) {
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = S(static_cast<float>(g.normal() * 0.02));
+  return m;
+}
+
+/// Median milliseconds per call of fn(i) (i counts calls, for rotating inputs).
+double time_ms(CudaContext& ctx, const std::function<void(int)>& fn, int batch = 10, int batches = 15) {
+  cudaEvent_t a, b;
+  LORA_CUDA_CHECK(cudaEventCreate(&a));
+  LORA_CUDA_CHECK(cudaEventCreate(&b));
+  int k = 0;
+  for (int i = 0; i < 3; ++i) fn(k++);
+  std::vector<float> t;
+  for (int j = 0; j < batches; ++j) {
+    LORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
+    for (int i = 0; i < batch; ++i) fn(k++);
+    LORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
+    LORA_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / batch);
+  }
+  LORA_CUDA_CHECK(cudaGetLastError());
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+  return t[t.size() / 2];
+}
+
+void emit(const char* name, Index in, Index out, Index T, Index r, double ms, double extra = 0) {
+  std::fprintf(csv, "%s,%ld,%ld,%ld,%ld,%.5f,%.4f\n", name, static_cast<long>(in), static_cast<long>(out),
+               static_cast<long>(T), static_cast<long>(r), ms, extra);
+  std::fflush(csv);
+}
+
+void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
+                Generator& g, bool dora) {
+  const int sets = T <= 16 ? 4 : 1;  // decode: 4 weight copies (> L2) so weights come from HBM
+  LowRankAdapter<S> host(in, out, r, 2.0 * r);
+  host.set_A(test_factor(r, in, g));
+  host.set_B(test_factor(out, r, g));
+  auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
+  std::vector<DeviceMatrix<S>> W;
+  std::vector<FusedWeight<S>> fw;
+  for (int i = 0; i < sets; ++i) {
+    W.emplace_back(out, in);
+    fill_random(W.back().view(), g, 0.02);
+    fw.push_back(ad.fuse(W.back().view()));
+  }
+  auto Xp = ad.padded_input(T);
+  fill_random(Xp.view(), g, 1.0);
+  auto dYp = ad.padded_grad(T);
+  fill_random(dYp.view(), g, 1.0);
+  DeviceMatrix<S> Y(T, out), dX(T, in);
+  DeviceMatrix<float> dA(r, in), dB(out, r);
+  DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
+  DeviceView<const S> dY = DeviceView<const S>(dYp.view()).col_block(0, out);
+
+  auto base = [&](int i) { detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[i % sets].view(), 0.f, Y.view()); };
+  auto base_dx = [&](int i) { detail::gemm<S, S, S>(ctx_ref, false, false, T, in, out, 1.f, dY, W[i % sets].view(), 0.f, dX.view()); };
+  const double t_base = time_ms(ctx_ref, base);
+  emit("base_gemm", in, out, T, r, t_base);
+  if (!dora) {
+    emit("ours_fused_fwd", in, out, T, r, time_ms(ctx_ref, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }));
+    emit("ours_plain_fwd", in, out, T, r,
+         time_ms(ctx_ref, [&](int i) { ad.apply(W[i % sets].view(), X, Y.view()); }));
+    const double t_bb = time_ms(ctx_ref, [&](int i) {
+      base(i);
+      base_dx(i);
+    });
+    emit("base_fwd_bwd", in, out, T, r, t_bb);
+    emit("ours_fwd_bwd", in, out, T, r, time_ms(ctx_ref, [&](int i) {
+           ad.apply(fw[i % sets], Xp.view(), Y.view());
+           ad.backward(fw[i % sets], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
+         }));
+  } else {
+    DeviceMatrix<float> m(1, out);
+    {
+      Matrix<float> h(1, out);
+      for (Index n = 0; n < out; ++n) h(0, n) = static_cast<float>(g.uniform(0.5, 1.5));
+      m.upload(h);
+    }
+    std::vector<DoraWorkspace<S>> ws(sets);
+    emit("ours_dora_fwd", in, out, T, r, time_ms(ctx_ref, [&](int i) {
+           dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), ws[i % sets]);
+         }));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1) csv = std::fopen(argv[1], "w");
+  if (!csv) return 1;
+  auto ctx = CudaContext::thread_default();
+  cudaDeviceProp prop{};
+  LORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::fprintf(stderr, "device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+  std::fprintf(csv, "name,in,out,tokens,r,ms,extra\n");
+  Generator g(1234);
+
+  // Ceilings: device-to-device copy (bytes read + written) and a large bf16 GEMM.
+  {
+    const std::size_t bytes = std::size_t(1) << 30;
+    DeviceBuffer<char> a(bytes), b(bytes);
+    LORA_CUDA_CHECK(cudaMemset(a.data(), 1, bytes));
+    const double ms = time_ms(*ctx, [&](int) {
+      LORA_CUDA_CHECK(cudaMemcpyAsync(b.data(), a.data(), bytes, cudaMemcpyDeviceToDevice, ctx->stream()));
+    }, 2, 9);
+    emit("copy_GBps", 0, 0, 0, 0, ms, 2.0 * bytes / ms / 1e6);
+    const Index n = 8192;
+    DeviceMatrix<S> A(n, n), B(n, n), C(n, n);
+    fill_random(A.view(), g, 1.0);
+    fill_random(B.view(), g, 1.0);
+    const double gm = time_ms(*ctx, [&](int) {
+      detail::gemm<S, S, S>(*ctx, false, true, n, n, n, 1.f, A.view(), B.view(), 0.f, C.view());
+    }, 2, 9);
+    emit("gemm8192_TFLOPs", n, n, n, 0, gm, 2.0 * n * n * n / gm / 1e9);
+  }
+
+  for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
+    for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);
+  for (Index T : {Index(1), Index(16), Index(4096), Index(16384)}) bench_lora(*ctx, ctx, 4096, 14336, T, 16, g, false);
+  for (Index T : {Index(1), Index(16384)}) bench_lora(*ctx, ctx, 4096, 4096, T, 16, g, true);
+
+  // NF4: W [14336 × 4096] (4096 → 14336), GEMV at batch 1 and 16 vs cuBLAS bf16; dequantisation bandwidth.
+  {
+    const Index out = 14336, in = 4096;
+    const int sets = 4;
+    std::vector<DeviceMatrix<S>> W;
+    std::vector<DeviceNF4> q;
+    for (int i = 0; i < sets; ++i) {
+      W.emplace_back(out, in);
+      fill_random(W.back().view(), g, 0.02);
+      q.push_back(nf4_quantize<S>(W.back().view(), 64, *ctx));
+    }
+    for (Index T : {Index(1), Index(16)}) {
+      DeviceMatrix<S> X(T, in), Y(T, out);
+      fill_random(X.view(), g, 1.0);
+      emit("base_gemm", in, out, T, 0, time_ms(*ctx, [&](int i) {
+             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
+           }));
+      const double ms = time_ms(*ctx, [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+      const double bytes = out * in / 2.0 + out * in / 64.0 * 4 + T * (in + out) * 2.0;
+      emit("ours_nf4_gemm", in, out, T, 0, ms, bytes / ms / 1e6);
+    }
+    DeviceMatrix<S> D(out, in);
+    const double ms = time_ms(*ctx, [&](int i) { nf4_dequantize<S>(q[i % sets], D.view(), *ctx); });
+    const double bytes = out * in / 2.0 + out * in / 64.0 * 4 + out * in * 2.0;
+    emit("ours_nf4_dequant", in, out, 0, 0, ms, bytes / ms / 1e6);
+    const double qms = time_ms(*ctx, [&](int i) { auto t = nf4_quantize<S>(W[i % sets].view(), 64, *ctx); }, 2, 9);
+    emit("ours_nf4_quant", in, out, 0, 0, qms, (out * in * 2.0 + out * in / 2.0) / qms / 1e6);
+  }
+
+  // Spectrum of a 4096 × 4096, r = 64 adapter (wall clock: includes the host-side r × r step).
+  {
+    const Index in = 4096, out = 4096, r = 64;
+    LowRankAdapter<S> host(in, out, r, 128.0);
+    host.set_A(test_factor(r, in, g));
+    host.set_B(test_factor(out, r, g));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
+    SpectrumWorkspace ws;
+    std::vector<double> t;
+    for (int i = 0; i < 23; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      auto sv = singular_values(ad, ws);
+      const auto t1 = std::chrono::steady_clock::now();
+      if (i >= 3) t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      if (sv.size() != r) return 2;
+    }
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    emit("ours_spectrum", in, out, 0, r, t[t.size() / 2]);
+  }
+  if (csv != stdout) std::fclose(csv);
+  return 0;
+}

@@ -1,0 +1,373 @@
+#pragma once
+// LowRankAdapter<S, lora::cuda, Scaling>: the adapter's factors in device
+// memory; forward, apply, backward and merge through cuBLAS (tensor cores,
+// float accumulation) and the fused decode kernels. See docs/cuda.md.
+
+#include <lora/core/adapter.hpp>
+#include <lora/cuda/kernels.cuh>
+#include <lora/cuda/runtime.hpp>
+
+#include <memory>
+#include <string>
+
+namespace lora {
+
+/// The frozen base weight W [out × in] and an adapter's factors in one device
+/// block [[W, B], [A, 0]] of shape [(out + r) × (in + r)], so that one GEMM
+/// serves both paths:
+///   forward   Y  = [X | s·X·Aᵀ] · [W | B]ᵀ          (K = in + r)
+///   backward  dX = [dY | s·dY·B] · [W ; A]          (K = out + r)
+/// Build it with LowRankAdapter<S, cuda>::fuse(W); refresh(fw) after A or B change.
+template <class S>
+struct FusedWeight {
+  DeviceMatrix<S> block;
+  Index out = 0, in = 0, r = 0;
+
+  Index ld() const { return in + r; }
+  DeviceView<const S> W() const { return {block.data(), out, in, ld()}; }
+  DeviceView<const S> A() const { return {block.data() + out * ld(), r, in, ld()}; }
+  DeviceView<const S> B() const { return {block.data() + in, out, r, ld()}; }
+  /// [W | B], [out × (in + r)]: the forward operand.
+  DeviceView<const S> wide() const { return {block.data(), out, in + r, ld()}; }
+  /// [W ; A], [(out + r) × in]: the input-gradient operand.
+  DeviceView<const S> tall() const { return {block.data(), out + r, in, ld()}; }
+  DeviceView<S> mutable_block() { return block.view(); }
+};
+
+/// Gradients on the device: dA [r × in] and dB [out × r] in float, dX [T × in] in S.
+template <class S>
+struct DeviceGradients {
+  DeviceMatrix<float> dA, dB;
+  DeviceMatrix<S> dX;
+};
+
+namespace detail {
+template <class T, int TMAX>
+void launch_decode(const CudaContext& ctx, DeviceView<const T> X, DeviceView<const T> W, DeviceView<T> Y,
+                   DeviceView<const T> A, DeviceView<T> XA, DeviceView<const T> B, float s) {
+  const int nA = static_cast<int>(A.rows), nW = static_cast<int>(W.rows);
+  const unsigned blocks = ceil_div(nA, decode_rows) + ceil_div(nW, decode_rows);
+  decode_rows_kernel<T, TMAX, decode_rows><<<blocks, decode_threads, 0, ctx.stream()>>>(
+      X.data, X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols), W.data, W.ld, nW, Y.data, Y.ld, A.data, A.ld,
+      nA, XA.data, XA.ld, s);
+  LORA_CUDA_CHECK_LAUNCH("decode_rows_kernel");
+  // The rank-r update as a programmatic dependent launch: it is scheduled while
+  // stage 1 drains and waits in cudaGridDependencySynchronize for its results.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(ceil_div(nW, 256));
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = static_cast<size_t>(X.rows * A.rows) * sizeof(float);
+  cfg.stream = ctx.stream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lowrank_update_kernel<T, TMAX>, static_cast<const T*>(XA.data), XA.ld,
+                                     static_cast<int>(X.rows), static_cast<int>(A.rows), B.data, B.ld, nW, Y.data,
+                                     Y.ld));
+}
+
+template <class S>
+DeviceView<const device_t<S>> as_device(DeviceView<const S> v) {
+  return {reinterpret_cast<const device_t<S>*>(v.data), v.rows, v.cols, v.ld};
+}
+template <class S>
+DeviceView<device_t<S>> as_device(DeviceView<S> v) {
+  return {reinterpret_cast<device_t<S>*>(v.data), v.rows, v.cols, v.ld};
+}
+template <class T>
+bool aligned16(const void* p) {
+  return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0;
+}
+
+/// Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ for tokens ≤ 16 with the two decode kernels; XA [T × r]
+/// receives s·X·Aᵀ. Returns false (nothing launched) when the layout does not
+/// allow 16-byte loads; the caller then uses GEMMs.
+template <class S>
+bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> W, DeviceView<const S> A,
+                  DeviceView<const S> B, DeviceView<S> XA, DeviceView<S> Y, float s) {
+  using T = device_t<S>;
+  constexpr long V = 16 / sizeof(S);
+  if (X.rows < 1 || X.rows > 16) return false;
+  if (X.cols % V || X.ld % V || W.ld % V || A.ld % V) return false;
+  if (!aligned16<S>(X.data) || !aligned16<S>(W.data) || !aligned16<S>(A.data)) return false;
+  if (X.rows == 1)
+    launch_decode<T, 1>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
+  else if (X.rows <= 4)
+    launch_decode<T, 4>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
+  else
+    launch_decode<T, 16>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
+  return true;
+}
+
+inline void require(bool ok, const std::string& who, const char* what, Index rows, Index cols, Index want_rows,
+                    Index want_cols) {
+  if (!ok) fail("{}{} has shape [{} x {}], expected [{} x {}]", who, what, rows, cols, want_rows, want_cols);
+}
+}  // namespace detail
+
+/// A LoRA adapter on an NVIDIA GPU. Scalar is bfloat16, half or float
+/// (arithmetic in float; bfloat16/half GEMMs on tensor cores).
+///
+///   auto host = lora::LowRankAdapter<lora::bfloat16>(4096, 4096, 16, 32);   // ... initialised
+///   auto ad = lora::LowRankAdapter<lora::bfloat16, lora::cuda>::from_host(host);
+///   auto fw = ad.fuse(W);                       // [[W, B], [A, 0]] on the device
+///   auto Xp = ad.padded_input(tokens);          // X in columns [0, in)
+///   ad.apply(fw, Xp, Y);                        // Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ
+template <class Scalar, ScalingPolicy Scaling>
+class LowRankAdapter<Scalar, cuda, Scaling> {
+  static_assert(is_device_scalar_v<Scalar>, "LowRankAdapter<S, cuda>: S must be float, bfloat16 or half");
+
+ public:
+  using scalar_type = Scalar;
+  using device_type = cuda;
+  using scaling_policy = Scaling;
+  using view = DeviceView<Scalar>;
+  using cview = DeviceView<const Scalar>;
+  using host_adapter = LowRankAdapter<Scalar, cpu, Scaling>;
+
+  /// A = B = 0 on the device. Throws lora::error unless 1 ≤ r ≤ min(in, out) and alpha is finite.
+  LowRankAdapter(Index in_features, Index out_features, Index rank, double alpha, AdapterOptions opts = {},
+                 Scaling policy = {}, std::shared_ptr<CudaContext> ctx = {})
+      : host_(in_features, out_features, rank, alpha, opts, policy),
+        ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()),
+        A_(rank, in_features),
+        B_(out_features, rank) {
+    LORA_CUDA_CHECK(cudaMemsetAsync(A_.data(), 0, A_.size() * sizeof(Scalar), ctx_->stream()));
+    LORA_CUDA_CHECK(cudaMemsetAsync(B_.data(), 0, B_.size() * sizeof(Scalar), ctx_->stream()));
+  }
+
+  /// Copies a CPU adapter (factors, alpha, scaling, multiplier, options) to the device.
+  static LowRankAdapter from_host(const host_adapter& h, std::shared_ptr<CudaContext> ctx = {}) {
+    LowRankAdapter d(h.in_features(), h.out_features(), h.rank(), h.alpha(),
+                     AdapterOptions{h.fan_in_fan_out(), h.dropout(), h.name()}, h.policy(), std::move(ctx));
+    d.host_.rescale(h.multiplier());
+    d.ctx_->synchronize();
+    d.A_.upload(h.A());
+    d.B_.upload(h.B());
+    return d;
+  }
+  /// The CPU adapter with the current device factors.
+  host_adapter to_host() const {
+    host_adapter h = host_;
+    h.set_A(A_.to_host());
+    h.set_B(B_.to_host());
+    return h;
+  }
+
+  Index in_features() const { return host_.in_features(); }
+  Index out_features() const { return host_.out_features(); }
+  Index rank() const { return host_.rank(); }
+  double alpha() const { return host_.alpha(); }
+  bool fan_in_fan_out() const { return host_.fan_in_fan_out(); }
+  const std::string& name() const { return host_.name(); }
+  /// s = multiplier · Scaling::factor(alpha, r).
+  double scaling() const { return host_.scaling(); }
+  void set_alpha(double a) { host_.set_alpha(a); }
+  void rescale(double f) { host_.rescale(f); }
+  Index trainable_parameters() const { return host_.trainable_parameters(); }
+  CudaContext& context() const { return *ctx_; }
+
+  cview A() const { return A_.view(); }
+  cview B() const { return B_.view(); }
+  view A() { return A_.view(); }
+  view B() { return B_.view(); }
+  void set_A(const MatrixRef<Scalar>& A) {
+    detail::check_shape(who(), "lora_A", A.rows(), A.cols(), rank(), in_features());
+    ctx_->synchronize();
+    A_.upload(A);
+  }
+  void set_B(const MatrixRef<Scalar>& B) {
+    detail::check_shape(who(), "lora_B", B.rows(), B.cols(), out_features(), rank());
+    ctx_->synchronize();
+    B_.upload(B);
+  }
+
+  /// ΔW = s·B·A, [out × in] ([in × out] with fan_in_fan_out), rounded to Scalar.
+  DeviceMatrix<Scalar> delta_weight() const {
+    const Index o = out_features(), i = in_features(), r = rank();
+    DeviceMatrix<Scalar> d = fan_in_fan_out() ? DeviceMatrix<Scalar>(i, o) : DeviceMatrix<Scalar>(o, i);
+    if (fan_in_fan_out())
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, true, true, i, o, r, static_cast<float>(scaling()), A(), B(), 0.f,
+                                           d.view());
+    else
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, o, i, r, static_cast<float>(scaling()), B(), A(),
+                                           0.f, d.view());
+    return d;
+  }
+
+  /// s·(X·Aᵀ)·Bᵀ for X [T × in]: the adapter's contribution (evaluation mode).
+  DeviceMatrix<Scalar> forward(cview X) const {
+    check_input(X);
+    DeviceMatrix<Scalar> xa(X.rows, rank()), y(X.rows, out_features());
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, rank(), in_features(),
+                                         static_cast<float>(scaling()), X, A(), 0.f, xa.view());
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_features(), rank(), 1.f, xa.view(), B(),
+                                         0.f, y.view());
+    return y;
+  }
+
+  /// Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ (X·W + … with fan_in_fan_out) with separate W, X:
+  /// tokens ≤ 16 take the fused decode kernels, larger batches three GEMMs (the
+  /// last accumulates into Y with beta = 1).
+  void apply(cview W, cview X, view Y) const {
+    check_weight(W);
+    check_input(X);
+    detail::require(Y.rows == X.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, X.rows,
+                    out_features());
+    const float s = static_cast<float>(scaling());
+    view xa = scratch(X.rows, rank());
+    if (!fan_in_fan_out() && detail::decode_apply<Scalar>(*ctx_, X, W, A(), B(), xa, Y, s)) return;
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, rank(), in_features(), s, X, A(), 0.f, xa);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, !fan_in_fan_out(), X.rows, out_features(), in_features(), 1.f,
+                                         X, W, 0.f, Y);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_features(), rank(), 1.f, cview(xa), B(),
+                                         1.f, Y);
+  }
+  DeviceMatrix<Scalar> apply(cview W, cview X) const {
+    DeviceMatrix<Scalar> y(X.rows, out_features());
+    apply(W, X, y.view());
+    return y;
+  }
+
+  /// The fused block [[W, B], [A, 0]] for W [out × in] (see FusedWeight).
+  FusedWeight<Scalar> fuse(cview W) const {
+    if (fan_in_fan_out())
+      detail::fail("{}fuse: fan_in_fan_out weights [in x out] are not supported; pass W transposed to [out x in]",
+                   who());
+    check_weight(W);
+    FusedWeight<Scalar> fw{DeviceMatrix<Scalar>(out_features() + rank(), in_features() + rank()), out_features(),
+                           in_features(), rank()};
+    auto blk = fw.block.view();
+    LORA_CUDA_CHECK(cudaMemsetAsync(fw.block.data(), 0, fw.block.size() * sizeof(Scalar), ctx_->stream()));
+    copy(W, blk.row_block(0, out_features()).col_block(0, in_features()));
+    refresh(fw);
+    return fw;
+  }
+  /// Copies the current A and B into a fused block (after an optimiser step).
+  void refresh(FusedWeight<Scalar>& fw) const {
+    if (fw.out != out_features() || fw.in != in_features() || fw.r != rank())
+      detail::fail("{}refresh: fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), fw.out, fw.in,
+                   fw.r, out_features(), in_features(), rank());
+    auto blk = fw.block.view();
+    copy(A(), blk.row_block(out_features(), rank()).col_block(0, in_features()));
+    copy(B(), blk.row_block(0, out_features()).col_block(in_features(), rank()));
+  }
+
+  /// A [T × (in + r)] buffer for the fused path: X goes in columns [0, in);
+  /// apply() writes s·X·Aᵀ into the last r columns (backward reads it there).
+  DeviceMatrix<Scalar> padded_input(Index tokens) const { return DeviceMatrix<Scalar>(tokens, in_features() + rank()); }
+  /// A [T × (out + r)] buffer for dY in the fused backward: dY in columns [0, out).
+  DeviceMatrix<Scalar> padded_grad(Index tokens) const { return DeviceMatrix<Scalar>(tokens, out_features() + rank()); }
+
+  /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input).
+  /// Tokens ≤ 16: two decode kernels; otherwise s·X·Aᵀ into Xp's last r columns,
+  /// then one GEMM [X | s·X·Aᵀ]·[W | B]ᵀ (X read twice, Y written once).
+  void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
+    check_fused(fw, Xp, Y);
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
+    const float s = static_cast<float>(scaling());
+    cview X = cview(Xp).col_block(0, in);
+    view XA = Xp.col_block(in, r);
+    if (detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), XA, Y, s)) return;
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, r, in, s, X, fw.A(), 0.f, XA);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + r, 1.f, cview(Xp).col_block(0, in + r),
+                                         fw.wide(), 0.f, Y);
+  }
+
+  /// Gradients of apply(W, X) (W frozen): dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
+  /// dX = dY·W + s·(dY·B)·A. dA and dB are float.
+  DeviceGradients<Scalar> backward(cview W, cview X, cview dY) const {
+    check_weight(W);
+    check_input(X);
+    detail::require(dY.rows == X.rows && dY.cols == out_features(), who(), "dY", dY.rows, dY.cols, X.rows,
+                    out_features());
+    const Index T = X.rows, in = in_features(), r = rank(), out = out_features();
+    const float s = static_cast<float>(scaling());
+    DeviceGradients<Scalar> g{DeviceMatrix<float>(r, in), DeviceMatrix<float>(out, r), DeviceMatrix<Scalar>(T, in)};
+    DeviceMatrix<Scalar> gb(T, r), xa(T, r);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, r, out, s, dY, B(), 0.f, gb.view());
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, r, in, s, X, A(), 0.f, xa.view());
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, fan_in_fan_out(), T, in, out, 1.f, dY, W, 0.f, g.dX.view());
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, r, 1.f, gb.view(), A(), 1.f, g.dX.view());
+    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, gb.view(), X, 0.f, g.dA.view());
+    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, xa.view(), 0.f, g.dB.view());
+    return g;
+  }
+
+  /// Fused backward after apply(fw, Xp, Y): dYp = [dY | scratch] (padded_grad).
+  /// s·dY·B goes into dYp's last r columns, then dX = [dY | s·dY·B]·[W ; A] in
+  /// one GEMM; dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ) reuse the scratch columns.
+  void backward(const FusedWeight<Scalar>& fw, cview Xp, view dYp, view dX, DeviceView<float> dA,
+                DeviceView<float> dB) const {
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
+    detail::require(Xp.cols == in + r, who(), "padded input Xp", Xp.rows, Xp.cols, T, in + r);
+    detail::require(dYp.rows == T && dYp.cols == out + r, who(), "padded dY", dYp.rows, dYp.cols, T, out + r);
+    detail::require(dX.rows == T && dX.cols == in, who(), "dX", dX.rows, dX.cols, T, in);
+    detail::require(dA.rows == r && dA.cols == in, who(), "dA", dA.rows, dA.cols, r, in);
+    detail::require(dB.rows == out && dB.cols == r, who(), "dB", dB.rows, dB.cols, out, r);
+    const float s = static_cast<float>(scaling());
+    cview dY = cview(dYp).col_block(0, out);
+    view G = dYp.col_block(out, r);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, r, out, s, dY, fw.B(), 0.f, G);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + r, 1.f, cview(dYp), fw.tall(), 0.f, dX);
+    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
+                                        dA);
+    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, cview(Xp).col_block(in, r), 0.f, dB);
+  }
+
+  /// W ← W + ΔW in place (one GEMM with beta = 1, float accumulation, one rounding).
+  void merge(view W) const { add_delta(W, 1.f); }
+  /// W ← W − ΔW.
+  void unmerge(view W) const { add_delta(W, -1.f); }
+
+  std::string who() const { return name().empty() ? std::string() : fmt::format("adapter '{}': ", name()); }
+
+ private:
+  void check_input(cview X) const { detail::check_cols(who(), "input X", X.cols, in_features()); }
+  void check_weight(cview W) const {
+    if (fan_in_fan_out())
+      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows, W.cols, in_features(), out_features());
+    else
+      detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
+  }
+  void check_fused(const FusedWeight<Scalar>& fw, cview Xp, cview Y) const {
+    if (fw.out != out_features() || fw.in != in_features() || fw.r != rank())
+      detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), fw.out, fw.in, fw.r,
+                   out_features(), in_features(), rank());
+    detail::require(Xp.cols == in_features() + rank(), who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows,
+                    in_features() + rank());
+    detail::require(Y.rows == Xp.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, Xp.rows,
+                    out_features());
+  }
+  void copy(cview src, view dst) const {
+    if (src.rows == 0 || src.cols == 0) return;
+    LORA_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(Scalar), src.data, src.ld * sizeof(Scalar),
+                                      src.cols * sizeof(Scalar), src.rows, cudaMemcpyDeviceToDevice, ctx_->stream()));
+  }
+  void add_delta(view W, float sign) const {
+    check_weight(W);
+    const float s = sign * static_cast<float>(scaling());
+    if (fan_in_fan_out())
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, true, true, in_features(), out_features(), rank(), s, A(), B(), 1.f,
+                                           W);
+    else
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, out_features(), in_features(), rank(), s, B(), A(),
+                                           1.f, W);
+  }
+
+  /// Grow-only scratch for s·X·Aᵀ (stream-ordered reuse; reallocation syncs through cudaFree).
+  view scratch(Index rows, Index cols) const {
+    const std::size_t n = static_cast<std::size_t>(rows * cols);
+    if (scratch_.size() < n) scratch_ = DeviceBuffer<Scalar>(n);
+    return {scratch_.data(), rows, cols, cols};
+  }
+
+  host_adapter host_;  // shape, alpha, scaling, options; its factors are unused
+  std::shared_ptr<CudaContext> ctx_;
+  DeviceMatrix<Scalar> A_, B_;
+  mutable DeviceBuffer<Scalar> scratch_;
+};
+
+}  // namespace lora

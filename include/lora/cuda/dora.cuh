@@ -1,0 +1,105 @@
+#pragma once
+// DoRA (Liu et al. 2024) on the GPU, in PEFT's formulation with the weight
+// norm detached from the graph:
+//   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),   c_n = m_n / ‖W_n + s·(B·A)_n‖   (row n of W ↔ column n of Y).
+// The row norms come from ‖w_n‖² + 2s·b_n·(W·Aᵀ)_n + s²·b_n·(A·Aᵀ)·b_nᵀ, so
+// W + s·B·A is never formed; c is folded into the rows of the fused block
+// [[c⊙W, c⊙B], [A, 0]], after which forward and backward are the LoRA ones.
+
+#include <lora/cuda/adapter.cuh>
+#include <lora/cuda/kernels.cuh>
+
+namespace lora {
+
+/// Buffers of the DoRA device path. wn2 (‖w_n‖²) is computed once, since W is
+/// frozen; call reset_weight_norms() if W changes.
+template <class S>
+struct DoraWorkspace {
+  FusedWeight<S> scaled;          ///< [[c⊙W, c⊙B], [A, 0]], written by dora_apply
+  DeviceMatrix<float> wn2;        ///< [out × 1] ‖w_n‖²
+  DeviceMatrix<float> P, G;       ///< W·Aᵀ [out × r], A·Aᵀ [r × r]
+  DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
+  void reset_weight_norms() { wn2 = {}; }
+};
+
+/// ‖W + s·B·A‖ per output row into ws.norm (and m / norm into ws.c when m is given), W from the fused block.
+template <class S, ScalingPolicy Sc>
+void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DoraWorkspace<S>& ws,
+                      const float* magnitude = nullptr) {
+  using T = detail::device_t<S>;
+  auto& ctx = ad.context();
+  const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
+  if (ws.wn2.rows() != out) {
+    ws.wn2 = DeviceMatrix<float>(out, 1);
+    detail::row_sqnorm_kernel<T><<<detail::ceil_div(out, 8), 256, 0, ctx.stream()>>>(
+        reinterpret_cast<const T*>(fw.W().data), fw.ld(), static_cast<int>(out), static_cast<int>(in), ws.wn2.data());
+    LORA_CUDA_CHECK_LAUNCH("row_sqnorm_kernel");
+  }
+  if (ws.P.rows() != out || ws.P.cols() != r) ws.P = DeviceMatrix<float>(out, r);
+  if (ws.G.rows() != r) ws.G = DeviceMatrix<float>(r, r);
+  if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
+  if (ws.c.rows() != out) ws.c = DeviceMatrix<float>(out, 1);
+  detail::gemm<S, S, float>(ctx, false, true, out, r, in, 1.f, fw.W(), fw.A(), 0.f, ws.P.view());
+  detail::gemm<S, S, float>(ctx, false, true, r, r, in, 1.f, fw.A(), fw.A(), 0.f, ws.G.view());
+  detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, ctx.stream()>>>(
+      ws.wn2.data(), ws.P.data(), ws.G.data(), reinterpret_cast<const T*>(fw.B().data), fw.ld(),
+      static_cast<int>(out), static_cast<int>(r), static_cast<float>(ad.scaling()), magnitude, ws.norm.data(),
+      magnitude ? ws.c.data() : nullptr);
+  LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
+}
+
+/// DoRA forward: Y = (m / ‖W + s·B·A‖_row) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ), with
+/// magnitude m [out] (float, device) and Xp = [X | scratch] as in the fused LoRA path.
+template <class S, ScalingPolicy Sc>
+void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DeviceView<const float> magnitude,
+                DeviceView<S> Xp, DeviceView<S> Y, DoraWorkspace<S>& ws) {
+  using T = detail::device_t<S>;
+  auto& ctx = ad.context();
+  const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
+  if (magnitude.rows * magnitude.cols != out)
+    detail::fail("{}lora_magnitude_vector has {} elements, expected out_features = {}", ad.who(),
+                 magnitude.rows * magnitude.cols, out);
+  dora_weight_norm(ad, fw, ws, magnitude.data);
+  if (ws.scaled.out != out || ws.scaled.in != in || ws.scaled.r != r)
+    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + r, in + r), out, in, r};
+  const T* src = reinterpret_cast<const T*>(fw.block.data());
+  T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
+  const long ld = static_cast<long>(in + r);
+  detail::scale_rows_kernel<T><<<dim3(detail::ceil_div(in + r, 256 * 4), static_cast<unsigned>(out)), 256, 0,
+                                 ctx.stream()>>>(src, ld, dst, ld, static_cast<int>(out), static_cast<int>(in + r),
+                                                 ws.c.data());
+  LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");
+  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(r * ld) * sizeof(S),
+                                  cudaMemcpyDeviceToDevice, ctx.stream()));
+  ad.apply(ws.scaled, Xp, Y);
+}
+
+/// Gradients of dora_apply (W frozen, norm detached as in PEFT): with c from the
+/// forward, dZ = dY ⊙ c, dX = dZ·W + s·(dZ·B)·A, dA = s·(dZ·B)ᵀ·X,
+/// dB = s·dZᵀ·(X·Aᵀ), dm_n = Σ_t dY[t, n]·Y[t, n] / m_n. dYp = [dY | scratch].
+template <class S, ScalingPolicy Sc>
+void dora_backward(const LowRankAdapter<S, cuda, Sc>& ad, DeviceView<const float> magnitude, DeviceView<const S> Xp,
+                   DeviceView<const S> Y, DeviceView<S> dYp, DeviceView<S> dX, DeviceView<float> dA,
+                   DeviceView<float> dB, DeviceView<float> dm, DoraWorkspace<S>& ws) {
+  using T = detail::device_t<S>;
+  auto& ctx = ad.context();
+  const Index out = ad.out_features(), r = ad.rank(), tokens = Xp.rows;
+  if (ws.scaled.out != out) detail::fail("{}dora_backward: call dora_apply first (no scaled block)", ad.who());
+  if (dm.rows * dm.cols != out) detail::fail("{}dm has {} elements, expected {}", ad.who(), dm.rows * dm.cols, out);
+  ad.backward(ws.scaled, Xp, dYp, dX, dA, dB);
+  detail::scale_rows_f32_kernel<<<dim3(detail::ceil_div(r, 128), static_cast<unsigned>(out)), 128, 0, ctx.stream()>>>(
+      dB.data, dB.ld, static_cast<int>(out), static_cast<int>(r), ws.c.data());
+  LORA_CUDA_CHECK_LAUNCH("scale_rows_f32_kernel");
+  LORA_CUDA_CHECK(cudaMemsetAsync(dm.data, 0, static_cast<size_t>(out) * sizeof(float), ctx.stream()));
+  const int per_slice = 256;
+  detail::column_dot_kernel<T><<<dim3(detail::ceil_div(out, 256), detail::ceil_div(tokens, per_slice)), 256, 0,
+                                 ctx.stream()>>>(reinterpret_cast<const T*>(dYp.data), dYp.ld,
+                                                 reinterpret_cast<const T*>(Y.data), Y.ld, static_cast<int>(tokens),
+                                                 static_cast<int>(out), per_slice, dm.data);
+  LORA_CUDA_CHECK_LAUNCH("column_dot_kernel");
+  detail::divide_kernel<<<detail::ceil_div(out, 256), 256, 0, ctx.stream()>>>(dm.data, magnitude.data,
+                                                                               static_cast<int>(out));
+  LORA_CUDA_CHECK_LAUNCH("divide_kernel");
+}
+
+}  // namespace lora

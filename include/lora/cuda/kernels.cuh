@@ -1,0 +1,252 @@
+#pragma once
+// Kernels of the LoRA device path: the fused decode GEMV (tokens ≤ 16), the
+// rank-r update, and the small helpers of DoRA and the spectrum. Each has a
+// plain reference it is tested against (tests/cuda/).
+
+#include <lora/cuda/runtime.hpp>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace lora::detail {
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+template <class T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+/// 16 bytes of T converted to float (V = 16 / sizeof(T) values).
+template <class T>
+struct vec16 {
+  static constexpr int V = 16 / static_cast<int>(sizeof(T));
+  __device__ __forceinline__ static void load(const T* p, float* out) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_float(e[i]);
+  }
+};
+
+template <class T>
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+constexpr int decode_threads = 128;
+constexpr int decode_rows = 4;
+
+/// Stage 1 of the fused decode path (tokens ≤ TMAX ≤ 16): the rows of the
+/// stacked [A; W] in one launch. Blocks [0, ceil(nA/ROWS)) compute
+/// XA = s·X·Aᵀ (into XA), the rest compute Y = X·Wᵀ. Every weight element is
+/// read once with 16-byte loads; X stays in L1/L2.
+/// Needs K, ldx, ldw, lda multiples of 16/sizeof(T) and 16-byte aligned bases.
+template <class T, int TMAX, int ROWS>
+__global__ void __launch_bounds__(decode_threads) decode_rows_kernel(
+    const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw, int nW,
+    T* __restrict__ Y, long ldy, const T* __restrict__ A, long lda, int nA, T* __restrict__ XA, long ldxa, float s) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Let the dependent rank-r update launch early; it waits for our results.
+  cudaTriggerProgrammaticLaunchCompletion();
+#endif
+  constexpr int V = vec16<T>::V;
+  const int blocksA = (nA + ROWS - 1) / ROWS;
+  const bool isA = static_cast<int>(blockIdx.x) < blocksA;
+  const int row0 = isA ? static_cast<int>(blockIdx.x) * ROWS : (static_cast<int>(blockIdx.x) - blocksA) * ROWS;
+  const int nrows = isA ? nA : nW;
+  const T* M = isA ? A : W;
+  const long ldm = isA ? lda : ldw;
+
+  float acc[TMAX][ROWS];
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = 0.f;
+
+  const int chunks = K / V;
+  for (int c = threadIdx.x; c < chunks; c += decode_threads) {
+    float w[ROWS][V];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int row = row0 + r;
+      if (row < nrows)
+        vec16<T>::load(M + row * ldm + c * V, w[r]);
+      else
+#pragma unroll
+        for (int i = 0; i < V; ++i) w[r][i] = 0.f;
+    }
+#pragma unroll
+    for (int t = 0; t < TMAX; ++t) {
+      if (t < tokens) {
+        float x[V];
+        vec16<T>::load(X + t * ldx + c * V, x);
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+          for (int i = 0; i < V; ++i) acc[t][r] = fmaf(x[i], w[r][i], acc[t][r]);
+      }
+    }
+  }
+
+  __shared__ float part[decode_threads / 32][TMAX * ROWS];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float v = warp_sum<float>(acc[t][r]);
+      if (lane == 0) part[warp][t * ROWS + r] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < TMAX * ROWS; i += decode_threads) {
+    const int t = i / ROWS, r = i % ROWS, row = row0 + r;
+    if (t >= tokens || row >= nrows) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < decode_threads / 32; ++w) v += part[w][i];
+    if (isA)
+      XA[t * ldxa + row] = from_float<T>(s * v);
+    else
+      Y[t * ldy + row] = from_float<T>(v);
+  }
+}
+
+/// Stage 2: Y[t, n] += Σ_j XA[t, j]·B[n, j] for tokens ≤ TMAX (XA already holds s·X·Aᵀ).
+/// One thread per output feature n; launched as a programmatic dependent of stage 1.
+template <class T, int TMAX>
+__global__ void __launch_bounds__(256) lowrank_update_kernel(const T* __restrict__ XA, long ldxa, int tokens, int r,
+                                                             const T* __restrict__ B, long ldb, int nOut,
+                                                             T* __restrict__ Y, long ldy) {
+  extern __shared__ float xa_s[];  // [TMAX][r]
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();
+#endif
+  for (int i = threadIdx.x; i < tokens * r; i += blockDim.x) xa_s[i] = to_float(XA[(i / r) * ldxa + (i % r)]);
+  __syncthreads();
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= nOut) return;
+  float acc[TMAX];
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
+  for (int j = 0; j < r; ++j) {
+    const float b = to_float(B[n * ldb + j]);
+#pragma unroll
+    for (int t = 0; t < TMAX; ++t)
+      if (t < tokens) acc[t] = fmaf(xa_s[t * r + j], b, acc[t]);
+  }
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+    if (t < tokens) Y[t * ldy + n] = from_float<T>(to_float(Y[t * ldy + n]) + acc[t]);
+}
+
+/// out[n] = Σ_k M[n, k]² in float; one warp per row.
+template <class T>
+__global__ void row_sqnorm_kernel(const T* __restrict__ M, long ldm, int rows, int cols, float* __restrict__ out) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float acc = 0.f;
+  for (int k = lane; k < cols; k += 32) {
+    const float v = to_float(M[row * ldm + k]);
+    acc = fmaf(v, v, acc);
+  }
+  acc = warp_sum<float>(acc);
+  if (lane == 0) out[row] = acc;
+}
+
+/// DoRA's column scale without forming W + s·B·A:
+///   ‖w_n + s·b_n·A‖² = ‖w_n‖² + 2s·b_n·p_n + s²·b_n·G·b_nᵀ,  p_n = (W·Aᵀ)[n, :], G = A·Aᵀ,
+/// norm[n] = that, square-rooted; c[n] = m[n] / norm[n]. One thread per row.
+template <class T>
+__global__ void dora_norm_kernel(const float* __restrict__ wn2, const float* __restrict__ P, const float* __restrict__ G,
+                                 const T* __restrict__ B, long ldb, int nOut, int r, float s,
+                                 const float* __restrict__ m, float* __restrict__ norm, float* __restrict__ c) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= nOut) return;
+  float cross = 0.f, quad = 0.f;
+  for (int i = 0; i < r; ++i) {
+    const float bi = to_float(B[n * ldb + i]);
+    cross = fmaf(bi, P[n * r + i], cross);
+    float gb = 0.f;
+    for (int j = 0; j < r; ++j) gb = fmaf(G[i * r + j], to_float(B[n * ldb + j]), gb);
+    quad = fmaf(bi, gb, quad);
+  }
+  const float v = sqrtf(fmaxf(wn2[n] + 2.f * s * cross + s * s * quad, 0.f));
+  norm[n] = v;
+  if (c) c[n] = m[n] / v;
+}
+
+/// dst[i, j] = c[i]·src[i, j] for a [rows × cols] window (rows of W and B in the fused block).
+template <class T>
+__global__ void scale_rows_kernel(const T* __restrict__ src, long lds, T* __restrict__ dst, long ldd, int rows,
+                                  int cols, const float* __restrict__ c) {
+  const int row = blockIdx.y;
+  const float f = c[row];
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x)
+    dst[row * ldd + j] = from_float<T>(f * to_float(src[row * lds + j]));
+}
+
+/// M[i, j] *= c[i] (float matrices: DoRA's dB).
+__global__ inline void scale_rows_f32_kernel(float* __restrict__ M, long ldm, int rows, int cols,
+                                             const float* __restrict__ c) {
+  const int i = blockIdx.y;
+  for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x) M[i * ldm + j] *= c[i];
+}
+
+/// dm[n] += Σ_t dY[t, n]·Y[t, n] over a slice of tokens (DoRA: ∂L/∂m_n = Σ_t dY·Y / m_n,
+/// applied by dora_finish_dm_kernel). dm must be zeroed first.
+template <class T>
+__global__ void column_dot_kernel(const T* __restrict__ dY, long lddy, const T* __restrict__ Y, long ldy, int tokens,
+                                  int cols, int tokens_per_slice, float* __restrict__ dm) {
+  const int n = blockIdx.x * blockDim.x + threadIdx.x;
+  if (n >= cols) return;
+  const int t0 = blockIdx.y * tokens_per_slice;
+  const int t1 = min(tokens, t0 + tokens_per_slice);
+  float acc = 0.f;
+  for (int t = t0; t < t1; ++t) acc = fmaf(to_float(dY[t * lddy + n]), to_float(Y[t * ldy + n]), acc);
+  atomicAdd(dm + n, acc);
+}
+__global__ inline void divide_kernel(float* __restrict__ v, const float* __restrict__ d, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) v[i] /= d[i];
+}
+
+/// dst (float, ld) = src (T, ld) elementwise over [rows × cols].
+template <class T>
+__global__ void to_float_kernel(const T* __restrict__ src, long lds, float* __restrict__ dst, long ldd, int rows,
+                                int cols) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long>(rows) * cols) return;
+  const long r = i / cols, c = i % cols;
+  dst[r * ldd + c] = to_float(src[r * lds + c]);
+}
+
+/// Copies the upper triangle of the leading n×n of a column-major geqrf result
+/// (ld) into a dense n×n column-major matrix with zeros below the diagonal.
+__global__ inline void upper_triangle_kernel(const float* __restrict__ qr, int ld, int n, float* __restrict__ R) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n * n) return;
+  const int row = i % n, col = i / n;
+  R[col * n + row] = row <= col ? qr[col * ld + row] : 0.f;
+}
+
+inline unsigned ceil_div(long a, long b) { return static_cast<unsigned>((a + b - 1) / b); }
+
+}  // namespace lora::detail

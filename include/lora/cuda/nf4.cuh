@@ -1,0 +1,280 @@
+#pragma once
+// NF4 (QLoRA's 4-bit NormalFloat) on the GPU with bitsandbytes' arithmetic:
+// one float absmax per block of `blocksize` consecutive elements of the
+// flattened tensor (last block may be partial), x·(1/absmax) in float mapped
+// through the threshold tree (comparisons with `>`), two codes per byte with the
+// first element in the high nibble. Codes are bit-identical to the CPU path
+// (lora/quant/nf4.hpp) and to bitsandbytes. Plus dequantisation and a fused
+// NF4 GEMV/GEMM for 1..16 tokens (QLoRA decode).
+
+#include <lora/cuda/kernels.cuh>
+#include <lora/cuda/runtime.hpp>
+
+#include <cstdint>
+
+namespace lora {
+
+/// An NF4-quantised tensor in device memory; rows × cols, row-major flattening.
+struct DeviceNF4 {
+  DeviceBuffer<std::uint8_t> packed;  ///< ceil(n / 2) bytes
+  DeviceBuffer<float> absmax;         ///< ceil(n / blocksize) floats
+  Index rows = 0, cols = 0;
+  int blocksize = 64;
+  std::int64_t numel() const { return static_cast<std::int64_t>(rows) * cols; }
+};
+
+namespace detail {
+
+// The 16 NF4 values (bitsandbytes' get_4bit_type("nf4")), ascending.
+static __constant__ float nf4_values[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+/// bitsandbytes' dQuantizeNF4 decision tree on x = value·(1/absmax); NaN gives 0.
+__device__ __forceinline__ std::uint8_t nf4_encode_device(float x) {
+  if (x > 0.03979014977812767f) {
+    if (x > 0.3893125355243683f) {
+      if (x > 0.6427869200706482f) return x > 0.8614784181118011f ? 15 : 14;
+      return x > 0.5016634166240692f ? 13 : 12;
+    }
+    if (x > 0.2035212516784668f) return x > 0.2920137718319893f ? 11 : 10;
+    return x > 0.1202552504837513f ? 9 : 8;
+  }
+  if (x > -0.33967943489551544f) {
+    if (x > -0.13791173323988914f) return x > -0.045525018125772476f ? 7 : 6;
+    return x > -0.23460740596055984f ? 5 : 4;
+  }
+  if (x > -0.6106329262256622f) return x > -0.4599952697753906f ? 3 : 2;
+  return x > -0.8480964004993439f ? 1 : 0;
+}
+
+/// One warp per quantisation block: absmax by warp reduction, then one byte
+/// (two codes) per lane per step.
+template <class T>
+__global__ void nf4_quantize_kernel(const T* __restrict__ x, long n, int bs, std::uint8_t* __restrict__ packed,
+                                    float* __restrict__ absmax, long nblocks) {
+  const long blk = static_cast<long>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (blk >= nblocks) return;
+  const long e0 = blk * bs;
+  const long e1 = min(n, e0 + bs);
+  float m = 0.f;
+  for (long e = e0 + lane; e < e1; e += 32) m = fmaxf(m, fabsf(to_float(x[e])));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) absmax[blk] = m;
+  const float inv = __frcp_rn(m);  // 1/absmax, correctly rounded (inf for an all-zero block)
+  for (long e = e0 + 2 * lane; e < e1; e += 64) {
+    const std::uint8_t hi = nf4_encode_device(__fmul_rn(to_float(x[e]), inv));
+    const std::uint8_t lo = e + 1 < e1 ? nf4_encode_device(__fmul_rn(to_float(x[e + 1]), inv)) : 0;
+    packed[e / 2] = static_cast<std::uint8_t>((hi << 4) | lo);
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void store32(T* dst, const float* v) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int q = 0; q < 32 / V; ++q) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[q * V + i]);
+    reinterpret_cast<uint4*>(dst)[q] = raw;
+  }
+}
+
+/// out[i] = code[q_i]·absmax[i / bs]: 16 packed bytes → 32 values per thread
+/// (16-byte loads and stores). Needs n % 32 == 0 and a 16-byte aligned out.
+template <class T>
+__global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                                      long chunks, int bs, T* __restrict__ out) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
+  __syncthreads();
+  const long c = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= chunks) return;
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+  const float a = __ldg(absmax + (c * 32) / bs);
+  const std::uint8_t* b = reinterpret_cast<const std::uint8_t*>(&raw);
+  float v[32];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    v[2 * i] = lut[b[i] >> 4] * a;
+    v[2 * i + 1] = lut[b[i] & 15] * a;
+  }
+  store32(out + c * 32, v);
+}
+
+/// Element-wise fallback for any n and alignment.
+template <class T>
+__global__ void nf4_dequantize_scalar_kernel(const std::uint8_t* __restrict__ packed,
+                                             const float* __restrict__ absmax, long n, int bs, T* __restrict__ out) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const std::uint8_t b = packed[i / 2];
+  const int q = (i % 2 == 0) ? (b >> 4) : (b & 15);
+  out[i] = from_float<T>(nf4_values[q] * absmax[i / bs]);
+}
+
+constexpr int nf4_threads = 128;
+constexpr int nf4_rows = 2;
+
+/// Y[t, n] = Σ_k X[t, k]·code(W[n, k])·absmax(n, k) for tokens ≤ TMAX ≤ 16, W
+/// [out × K] NF4. Each thread reads 16 packed bytes (32 weights of one block)
+/// per row, decodes them once through a shared-memory table and reuses them for
+/// every token. Needs K % 32 == 0 and 16-byte aligned rows of X.
+template <class T, int TMAX, int ROWS>
+__global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restrict__ X, long ldx, int tokens, int K,
+                                                               const std::uint8_t* __restrict__ packed,
+                                                               const float* __restrict__ absmax, int bs, int nOut,
+                                                               T* __restrict__ Y, long ldy) {
+  __shared__ float lut[16];
+  __shared__ float part[nf4_threads / 32][TMAX * ROWS];
+  if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
+  __syncthreads();
+  constexpr int V = vec16<T>::V;
+  const int row0 = static_cast<int>(blockIdx.x) * ROWS;
+  float acc[TMAX][ROWS];
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) acc[t][r] = 0.f;
+  const int chunks = K / 32;
+  for (int c = threadIdx.x; c < chunks; c += nf4_threads) {
+    float w[ROWS][32];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const int row = min(row0 + r, nOut - 1);
+      const long e = static_cast<long>(row) * K + static_cast<long>(c) * 32;
+      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed + e / 2));
+      const float a = (row0 + r < nOut) ? __ldg(absmax + e / bs) : 0.f;
+      const std::uint8_t* b = reinterpret_cast<const std::uint8_t*>(&raw);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        w[r][2 * i] = lut[b[i] >> 4] * a;
+        w[r][2 * i + 1] = lut[b[i] & 15] * a;
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TMAX; ++t) {
+      if (t < tokens) {
+#pragma unroll
+        for (int q = 0; q < 32 / V; ++q) {
+          float x[V];
+          vec16<T>::load(X + t * ldx + c * 32 + q * V, x);
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[t][r] = fmaf(x[i], w[r][q * V + i], acc[t][r]);
+        }
+      }
+    }
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float v = warp_sum<float>(acc[t][r]);
+      if (lane == 0) part[warp][t * ROWS + r] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < TMAX * ROWS; i += nf4_threads) {
+    const int t = i / ROWS, r = i % ROWS, row = row0 + r;
+    if (t >= tokens || row >= nOut) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < nf4_threads / 32; ++w) v += part[w][i];
+    Y[t * ldy + row] = from_float<T>(v);
+  }
+}
+
+}  // namespace detail
+
+/// Quantises a contiguous device matrix to NF4 (bitsandbytes' blockwise scheme; blocksize 32..4096, a power of two).
+template <class S>
+DeviceNF4 nf4_quantize(DeviceView<const S> M, int blocksize = 64, CudaContext& ctx = *CudaContext::thread_default()) {
+  using T = detail::device_t<S>;
+  if (!(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0))
+    detail::fail("nf4_quantize: blocksize must be a power of two in [32, 4096], got {}", blocksize);
+  if (!M.contiguous()) detail::fail("nf4_quantize: input must be contiguous (ld {} != cols {})", M.ld, M.cols);
+  DeviceNF4 q;
+  q.rows = M.rows;
+  q.cols = M.cols;
+  q.blocksize = blocksize;
+  const long n = static_cast<long>(q.numel());
+  const long nblocks = (n + blocksize - 1) / blocksize;
+  q.packed = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>((n + 1) / 2));
+  q.absmax = DeviceBuffer<float>(static_cast<std::size_t>(nblocks));
+  if (n == 0) return q;
+  detail::nf4_quantize_kernel<T><<<detail::ceil_div(nblocks, 8), 256, 0, ctx.stream()>>>(
+      reinterpret_cast<const T*>(M.data), n, blocksize, q.packed.data(), q.absmax.data(), nblocks);
+  LORA_CUDA_CHECK_LAUNCH("nf4_quantize_kernel");
+  return q;
+}
+
+/// Dequantises into a contiguous device matrix of the same shape: out = code·absmax.
+template <class S>
+void nf4_dequantize(const DeviceNF4& q, DeviceView<S> out, CudaContext& ctx = *CudaContext::thread_default()) {
+  using T = detail::device_t<S>;
+  if (out.rows != q.rows || out.cols != q.cols || !out.contiguous())
+    detail::fail("nf4_dequantize: output is [{} x {}] (ld {}), expected contiguous [{} x {}]", out.rows, out.cols,
+                 out.ld, q.rows, q.cols);
+  const long n = static_cast<long>(q.numel());
+  if (n == 0) return;
+  if (n % 32 == 0 && detail::aligned16<S>(out.data)) {
+    const long chunks = n / 32;
+    detail::nf4_dequantize_kernel<T><<<detail::ceil_div(chunks, 256), 256, 0, ctx.stream()>>>(
+        q.packed.data(), q.absmax.data(), chunks, q.blocksize, reinterpret_cast<T*>(out.data));
+  } else {
+    detail::nf4_dequantize_scalar_kernel<T><<<detail::ceil_div(n, 256), 256, 0, ctx.stream()>>>(
+        q.packed.data(), q.absmax.data(), n, q.blocksize, reinterpret_cast<T*>(out.data));
+  }
+  LORA_CUDA_CHECK_LAUNCH("nf4_dequantize_kernel");
+}
+
+/// Y = X·dequant(W)ᵀ for 1..16 tokens without forming the dequantised W (QLoRA
+/// decode); W is an NF4 [out × in] tensor with in % 32 == 0.
+template <class S>
+void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
+              CudaContext& ctx = *CudaContext::thread_default()) {
+  using T = detail::device_t<S>;
+  if (X.cols != W.cols) detail::fail("nf4_gemm: X has {} columns, expected in_features = {}", X.cols, W.cols);
+  if (X.rows < 1 || X.rows > 16) detail::fail("nf4_gemm: tokens must be in [1, 16], got {}", X.rows);
+  if (Y.rows != X.rows || Y.cols != W.rows)
+    detail::fail("nf4_gemm: Y is [{} x {}], expected [{} x {}]", Y.rows, Y.cols, X.rows, W.rows);
+  constexpr long V = 16 / sizeof(S);
+  if (W.cols % 32 || X.ld % V || !detail::aligned16<S>(X.data))
+    detail::fail("nf4_gemm: in_features ({}) must be a multiple of 32 and X rows 16-byte aligned", W.cols);
+  const unsigned blocks = detail::ceil_div(W.rows, detail::nf4_rows);
+  auto go = [&](auto kernel) {
+    kernel<<<blocks, detail::nf4_threads, 0, ctx.stream()>>>(reinterpret_cast<const T*>(X.data), X.ld,
+                                                              static_cast<int>(X.rows), static_cast<int>(X.cols),
+                                                              W.packed.data(), W.absmax.data(), W.blocksize,
+                                                              static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
+                                                              Y.ld);
+  };
+  if (X.rows == 1)
+    go(detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>);
+  else if (X.rows <= 4)
+    go(detail::nf4_gemv_kernel<T, 4, detail::nf4_rows>);
+  else
+    go(detail::nf4_gemv_kernel<T, 16, detail::nf4_rows>);
+  LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
+}
+
+/// Copies packed codes and absmax to the host (for tests and saving).
+inline std::pair<std::vector<std::uint8_t>, std::vector<float>> to_host(const DeviceNF4& q) {
+  std::vector<std::uint8_t> p(q.packed.size());
+  std::vector<float> a(q.absmax.size());
+  LORA_CUDA_CHECK(cudaDeviceSynchronize());
+  if (!p.empty()) LORA_CUDA_CHECK(cudaMemcpy(p.data(), q.packed.data(), p.size(), cudaMemcpyDeviceToHost));
+  if (!a.empty())
+    LORA_CUDA_CHECK(cudaMemcpy(a.data(), q.absmax.data(), a.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  return {std::move(p), std::move(a)};
+}
+
+}  // namespace lora

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Prints the ours / PEFT / base-GEMM table from bench_cuda's and peft_lora.py's CSVs."""
+import csv
+import sys
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return {(r["name"], int(r["in"]), int(r["out"]), int(r["tokens"]), int(r["r"])): (float(r["ms"]), float(r["extra"]))
+                    for r in csv.DictReader(f)}
+    except OSError:
+        return {}
+
+
+ours, peft = load(sys.argv[1]), load(sys.argv[2])
+machine = sys.argv[3] if len(sys.argv) > 3 else "?"
+
+
+def get(d, name, i, o, t, r, k=0):
+    v = d.get((name, i, o, t, r))
+    return v[k] if v else float("nan")
+
+
+print(f"\n## bf16, median of CUDA-event timings; machine: {machine}\n")
+cp = get(ours, "copy_GBps", 0, 0, 0, 0, 1)
+gm = get(ours, "gemm8192_TFLOPs", 8192, 8192, 8192, 0, 1)
+print(f"ceilings: device copy {cp:.0f} GB/s (read+write), bf16 GEMM 8192^3 {gm:.0f} TFLOP/s\n")
+print("| in→out | T | r | base GEMM ms | ours fwd ms | ours/base | PEFT fwd ms | PEFT/torch base | PEFT/ours | base f+b ms | ours f+b ms | ours f+b/base | PEFT f+b ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+shapes = sorted({(k[1], k[2], k[3], k[4]) for k in ours if k[0] == "ours_fused_fwd"})
+for i, o, t, r in shapes:
+    b = get(ours, "base_gemm", i, o, t, r)
+    f = get(ours, "ours_fused_fwd", i, o, t, r)
+    pf = get(peft, "peft_fwd", i, o, t, r)
+    tb = get(peft, "torch_base_gemm", i, o, t, r)
+    bb = get(ours, "base_fwd_bwd", i, o, t, r)
+    fb = get(ours, "ours_fwd_bwd", i, o, t, r)
+    pfb = get(peft, "peft_fwd_bwd", i, o, t, r)
+    print(f"| {i}→{o} | {t} | {r} | {b:.4f} | {f:.4f} | {f/b:.2f} | {pf:.4f} | {pf/tb:.2f} | {pf/f:.2f} | {bb:.4f} | {fb:.4f} | {fb/bb:.2f} | {pfb:.4f} |")
+print("\nDoRA forward (4096→4096, r 16):")
+for t in (1, 16384):
+    b = get(ours, "base_gemm", 4096, 4096, t, 16)
+    f = get(ours, "ours_dora_fwd", 4096, 4096, t, 16)
+    pf = get(peft, "peft_dora_fwd", 4096, 4096, t, 16)
+    tb = get(peft, "torch_base_gemm", 4096, 4096, t, 16)
+    print(f"  T {t}: ours {f:.4f} ms = {f/b:.2f}x base; PEFT {pf:.4f} ms = {pf/tb:.2f}x torch base; ours {pf/f:.1f}x faster")
+print("\nNF4 (W 14336x4096, blocksize 64):")
+for t in (1, 16):
+    b = get(ours, "base_gemm", 4096, 14336, t, 0)
+    q = get(ours, "ours_nf4_gemm", 4096, 14336, t, 0)
+    bw = get(ours, "ours_nf4_gemm", 4096, 14336, t, 0, 1)
+    print(f"  GEMV T {t}: ours {q:.4f} ms vs cuBLAS bf16 {b:.4f} ms = {b/q:.2f}x faster; {bw:.0f} GB/s = {bw/cp*100:.0f}% of copy")
+dq = get(ours, "ours_nf4_dequant", 4096, 14336, 0, 0)
+dbw = get(ours, "ours_nf4_dequant", 4096, 14336, 0, 0, 1)
+print(f"  dequantise: {dq:.4f} ms, {dbw:.0f} GB/s = {dbw/cp*100:.0f}% of copy")
+qq = get(ours, "ours_nf4_quant", 4096, 14336, 0, 0)
+qbw = get(ours, "ours_nf4_quant", 4096, 14336, 0, 0, 1)
+print(f"  quantise: {qq:.4f} ms, {qbw:.0f} GB/s")
+sp = get(ours, "ours_spectrum", 4096, 4096, 0, 64)
+sd = get(peft, "torch_svdvals_dense", 4096, 4096, 0, 64)
+sq = get(peft, "torch_qr_route", 4096, 4096, 0, 64)
+print(f"\nspectrum 4096x4096 r 64: ours {sp:.3f} ms; torch svdvals(dense) {sd:.1f} ms ({sd/sp:.0f}x); torch QR route {sq:.3f} ms ({sq/sp:.2f}x)")

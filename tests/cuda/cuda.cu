@@ -1,0 +1,289 @@
+// Every GPU path against a float64 CPU reference on fresh random inputs
+// (bf16/half within 1e-2 relative, float within 1e-5), outputs poisoned with NaN
+// before each run so that unwritten elements fail.
+
+#include <lora/cuda.hpp>
+#include <lora/io/safetensors.hpp>
+
+#include "support/catch.hpp"
+#include "support/reference.hpp"
+
+#include <Eigen/SVD>
+#include <cstring>
+#include <string>
+
+using namespace lora;
+using lora::test::MatD;
+
+namespace {
+
+template <class S>
+double tol() {
+  return std::is_same_v<S, float> ? 1e-5 : 1e-2;
+}
+
+template <class S>
+Matrix<S> rand_s(Index r, Index c, Generator& g, double scale = 1.0) {
+  return lora::test::random_matrix<double>(r, c, g, scale).template cast<S>();
+}
+template <class E>
+MatD d(const Eigen::MatrixBase<E>& m) {
+  return m.template cast<double>();
+}
+
+template <class S>
+void poison(DeviceView<S> v) {
+  LORA_CUDA_CHECK(cudaMemset2D(v.data, v.ld * sizeof(S), 0xFF, v.cols * sizeof(S), v.rows));
+}
+
+template <class S>
+DeviceMatrix<S> upload_padded(const Matrix<S>& X, Index extra) {
+  DeviceMatrix<S> p(X.rows(), X.cols() + extra);
+  poison(p.view());
+  upload<S>(X, p.view().col_block(0, X.cols()));
+  return p;
+}
+
+struct Shape {
+  Index in, out, r, tokens;
+};
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float64", "[cuda][adapter]", bfloat16,
+                   lora::half, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  // Aligned shapes take the decode kernels (tokens <= 16) and the fused GEMMs;
+  // the odd one forces the plain GEMM path.
+  const Shape shapes[] = {{256, 200, 8, 1}, {256, 200, 8, 3}, {256, 200, 8, 16}, {256, 200, 8, 37},
+                          {128, 320, 16, 9}, {100, 70, 5, 2},  {100, 70, 5, 33}};
+  for (const Shape& sh : shapes) {
+    INFO("in " << sh.in << " out " << sh.out << " r " << sh.r << " tokens " << sh.tokens);
+    const double alpha = 2.0 * sh.r * g.uniform(0.5, 1.5);
+    LowRankAdapter<S> host(sh.in, sh.out, sh.r, alpha);
+    host.set_A(rand_s<S>(sh.r, sh.in, g, 0.1));
+    host.set_B(rand_s<S>(sh.out, sh.r, g, 0.1));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host);
+    const Matrix<S> W = rand_s<S>(sh.out, sh.in, g, 0.05), X = rand_s<S>(sh.tokens, sh.in, g);
+    const Matrix<S> dY = rand_s<S>(sh.tokens, sh.out, g);
+    const double s = host.scaling();
+    const MatD Ad = d(host.A()), Bd = d(host.B()), Wd = d(W), Xd = d(X), dYd = d(dY);
+    const MatD xa = Xd * Ad.transpose();
+    const MatD ref_y = Xd * Wd.transpose() + s * xa * Bd.transpose();
+    const MatD gb = s * dYd * Bd;
+    const MatD ref_dX = dYd * Wd + gb * Ad, ref_dA = gb.transpose() * Xd, ref_dB = s * dYd.transpose() * xa;
+
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto dX = DeviceMatrix<S>::from_host(X);
+    auto ddY = DeviceMatrix<S>::from_host(dY);
+
+    // Plain path.
+    DeviceMatrix<S> Y(sh.tokens, sh.out);
+    poison(Y.view());
+    ad.apply(dW.view(), dX.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    CHECK(lora::test::rel_error(ad.forward(dX.view()).to_host(), MatD(s * xa * Bd.transpose())) < tol<S>());
+    auto gr = ad.backward(dW.view(), dX.view(), ddY.view());
+    CHECK(lora::test::rel_error(gr.dX.to_host(), ref_dX) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dA.to_host(), ref_dA) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dB.to_host(), ref_dB) < tol<S>());
+
+    // Fused path: [[W, B], [A, 0]] and padded activations.
+    auto fw = ad.fuse(dW.view());
+    auto Xp = upload_padded(X, sh.r);
+    poison(Y.view());
+    ad.apply(fw, Xp.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    auto dYp = upload_padded(dY, sh.r);
+    DeviceMatrix<S> gX(sh.tokens, sh.in);
+    DeviceMatrix<float> gA(sh.r, sh.in), gB(sh.out, sh.r);
+    poison(gX.view());
+    poison(gA.view());
+    poison(gB.view());
+    ad.backward(fw, Xp.view(), dYp.view(), gX.view(), gA.view(), gB.view());
+    CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
+    CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
+    CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+
+    // delta_weight, merge, unmerge.
+    const MatD delta = s * Bd * Ad;
+    CHECK(lora::test::rel_error(ad.delta_weight().to_host(), delta) < tol<S>());
+    auto Wm = DeviceMatrix<S>::from_host(W);
+    ad.merge(Wm.view());
+    CHECK(lora::test::rel_error(Wm.to_host(), MatD(Wd + delta)) < tol<S>());
+    ad.unmerge(Wm.view());
+    CHECK(lora::test::rel_error(Wm.to_host(), Wd) < tol<S>());
+    // Round trip of the factors.
+    CHECK(lora::test::max_abs_diff(ad.to_host().A(), host.A()) == 0.0);
+  }
+}
+
+TEST_CASE("cuda adapter: fan_in_fan_out apply and merge", "[cuda][adapter]") {
+  using S = float;
+  Generator g(lora::test::fresh_seed());
+  const Index in = 48, out = 40, r = 4, T = 24;
+  LowRankAdapter<S> host(in, out, r, 8.0, AdapterOptions{.fan_in_fan_out = true});
+  host.set_A(rand_s<S>(r, in, g));
+  host.set_B(rand_s<S>(out, r, g));
+  auto ad = LowRankAdapter<S, cuda>::from_host(host);
+  const Matrix<S> W = rand_s<S>(in, out, g), X = rand_s<S>(T, in, g);
+  auto dW = DeviceMatrix<S>::from_host(W);
+  auto dX = DeviceMatrix<S>::from_host(X);
+  const MatD ref = d(X) * d(W) + host.scaling() * d(X) * d(host.A()).transpose() * d(host.B()).transpose();
+  CHECK(lora::test::rel_error(ad.apply(dW.view(), dX.view()).to_host(), ref) < 1e-5);
+  ad.merge(dW.view());
+  CHECK(lora::test::rel_error(dW.to_host(), d(host.delta_weight()) + d(W)) < 1e-5);
+  CHECK_THROWS_WITH(ad.fuse(dW.view()), Catch::Matchers::ContainsSubstring("fan_in_fan_out"));
+}
+
+TEST_CASE("cuda adapter: bad shapes throw lora::error naming the tensor", "[cuda][adapter]") {
+  LowRankAdapter<float, cuda> ad(64, 32, 4, 8.0, AdapterOptions{.name = "q_proj"});
+  DeviceMatrix<float> W(31, 64), X(3, 64);
+  CHECK_THROWS_WITH(ad.apply(W.view(), X.view()), Catch::Matchers::ContainsSubstring("base weight W"));
+  CHECK_THROWS_WITH(ad.set_A(Matrix<float>(4, 63)), Catch::Matchers::ContainsSubstring("q_proj"));
+  CHECK_THROWS_AS(ad.apply(W.view(), X.view()), lora::error);
+}
+
+TEMPLATE_TEST_CASE("cuda dora: forward and backward match float64", "[cuda][dora]", bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (Index T : {Index(2), Index(40)}) {
+    const Index in = 128, out = 96, r = 8;
+    LowRankAdapter<S> host(in, out, r, 16.0);
+    host.set_A(rand_s<S>(r, in, g, 0.1));
+    host.set_B(rand_s<S>(out, r, g, 0.1));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host);
+    const Matrix<S> W = rand_s<S>(out, in, g, 0.1), X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
+    const double s = host.scaling();
+    const MatD Ad = d(host.A()), Bd = d(host.B()), Wd = d(W), Xd = d(X), dYd = d(dY);
+    Vector<double> m(out);
+    for (Index n = 0; n < out; ++n) m[n] = g.uniform(0.5, 2.0);
+    const MatD merged = Wd + s * Bd * Ad;
+    const Vector<double> norm = merged.rowwise().norm();
+    const Vector<double> c = m.cwiseQuotient(norm);
+    const MatD Z = Xd * Wd.transpose() + s * (Xd * Ad.transpose()) * Bd.transpose();
+    const MatD ref_y = Z * c.asDiagonal();
+    const MatD dZ = dYd * c.asDiagonal();
+    const MatD gb = s * dZ * Bd;
+    const MatD ref_dX = dZ * Wd + gb * Ad, ref_dA = gb.transpose() * Xd,
+               ref_dB = s * dZ.transpose() * (Xd * Ad.transpose());
+    const Vector<double> ref_dm = (dYd.cwiseProduct(Z)).colwise().sum().transpose().cwiseQuotient(norm);
+
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto fw = ad.fuse(dW.view());
+    auto dm = DeviceMatrix<float>::from_host(m.cast<float>().transpose());
+    auto Xp = upload_padded(X, r);
+    DeviceMatrix<S> Y(T, out);
+    poison(Y.view());
+    DoraWorkspace<S> ws;
+    dora_apply(ad, fw, DeviceView<const float>(dm.view()), Xp.view(), Y.view(), ws);
+    CHECK(lora::test::rel_error(ws.norm.to_host(), MatD(norm)) < (std::is_same_v<S, float> ? 1e-5 : 1e-3));
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    auto dYp = upload_padded(dY, r);
+    DeviceMatrix<S> gX(T, in);
+    DeviceMatrix<float> gA(r, in), gB(out, r), gm(out, 1);
+    poison(gX.view());
+    poison(gm.view());
+    dora_backward(ad, DeviceView<const float>(dm.view()), DeviceView<const S>(Xp.view()), DeviceView<const S>(Y.view()),
+                  dYp.view(), gX.view(), gA.view(), gB.view(), gm.view(), ws);
+    CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
+    CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
+    CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+    CHECK(lora::test::rel_error(gm.to_host(), MatD(ref_dm)) < tol<S>());
+  }
+}
+
+TEST_CASE("cuda nf4: codes, absmax and dequantisation match the bitsandbytes reference vectors", "[cuda][nf4]") {
+  auto f = io::SafetensorsFile::open(std::string(LORA_TEST_DATA_DIR) + "/nf4/nf4_reference.safetensors");
+  for (const char* c : {"big_10000_bs4096", "normal_4096_bs64", "student_t_3001_bs64", "weight_37x53_bs32",
+                        "weight_96x200_bs128", "zero_block_exact_codes_bs64"}) {
+    const std::string k = c;
+    INFO(k);
+    const auto input = f.tensor(k + ".input").to_vector<float>();
+    const int bs = static_cast<int>(f.tensor(k + ".blocksize").at<std::int64_t>(0));
+    const auto want_packed = f.tensor(k + ".packed").to_vector<std::uint8_t>();
+    const auto want_absmax = f.tensor(k + ".absmax").to_vector<float>();
+    const auto want_deq = f.tensor(k + ".dequant").to_vector<float>();
+    const auto near = f.tensor(k + ".near_threshold").to_vector<std::uint8_t>();
+    const Index n = static_cast<Index>(input.size());
+    auto dx = DeviceMatrix<float>::from_host(ConstMatrixMap<float>(input.data(), 1, n));
+    DeviceNF4 q = nf4_quantize<float>(dx.view(), bs);
+    auto [packed, absmax] = to_host(q);
+    REQUIRE(packed.size() == want_packed.size());
+    REQUIRE(absmax == want_absmax);
+    Index mismatches = 0, excused = 0;
+    for (Index i = 0; i < n; ++i) {
+      const int got = (i % 2 == 0) ? packed[i / 2] >> 4 : packed[i / 2] & 15;
+      const int want = (i % 2 == 0) ? want_packed[i / 2] >> 4 : want_packed[i / 2] & 15;
+      if (got != want) (near[i] ? excused : mismatches)++;
+    }
+    CHECK(mismatches == 0);
+    if (n % 2) CHECK((packed.back() & 15) == 0);
+    // Dequantise our codes and the reference codes: the second must match .dequant exactly.
+    DeviceMatrix<float> out(1, n);
+    poison(out.view());
+    nf4_dequantize<float>(q, out.view());
+    const Matrix<float> deq = out.to_host();
+    Index bad = 0;
+    for (Index i = 0; i < n; ++i) {
+      const int got = (i % 2 == 0) ? packed[i / 2] >> 4 : packed[i / 2] & 15;
+      const int want = (i % 2 == 0) ? want_packed[i / 2] >> 4 : want_packed[i / 2] & 15;
+      if (got == want && deq(0, i) != want_deq[i]) ++bad;
+    }
+    CHECK(bad == 0);
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 on the dequantised weight",
+                   "[cuda][nf4]", bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index out = 100, in = 256;
+  const Matrix<S> W = rand_s<S>(out, in, g);
+  auto dW = DeviceMatrix<S>::from_host(W);
+  for (int bs : {32, 64, 256}) {
+    DeviceNF4 q = nf4_quantize<S>(dW.view(), bs);
+    DeviceMatrix<S> deq(out, in);
+    nf4_dequantize<S>(q, deq.view());
+    // The dequantised values are code·absmax, within half a code step of W.
+    const MatD Wq = d(deq.to_host());
+    CHECK(lora::test::rel_error(Wq, d(W)) < 0.15);
+    for (Index T : {Index(1), Index(3), Index(16)}) {
+      const Matrix<S> X = rand_s<S>(T, in, g);
+      auto dX = DeviceMatrix<S>::from_host(X);
+      DeviceMatrix<S> Y(T, out);
+      poison(Y.view());
+      nf4_gemm<S>(q, dX.view(), Y.view());
+      CHECK(lora::test::rel_error(Y.to_host(), MatD(d(X) * Wq.transpose())) < tol<S>());
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda spectrum: singular values of s·B·A match a dense float64 SVD", "[cuda][spectrum]", bfloat16,
+                   float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 200, out = 300, r = 12;
+  LowRankAdapter<S> host(in, out, r, 24.0);
+  host.set_A(rand_s<S>(r, in, g));
+  Matrix<S> B = rand_s<S>(out, r, g);
+  B.col(3) *= S(0.01f);  // a spread of singular values
+  host.set_B(B);
+  auto ad = LowRankAdapter<S, cuda>::from_host(host);
+  const MatD dense = host.scaling() * d(host.B()) * d(host.A());
+  Eigen::JacobiSVD<MatD> svd(dense);
+  const Vector<double> want = svd.singularValues().head(r);
+  const Vector<double> got = singular_values(ad);
+  REQUIRE(got.size() == r);
+  CHECK((got - want).norm() / want.norm() < 1e-5);
+  CHECK(std::abs(got[r - 1] - want[r - 1]) < 1e-4 * want[0]);
+}
