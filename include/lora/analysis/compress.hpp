@@ -1,0 +1,69 @@
+#pragma once
+// Compression of a LoRA module to its best rank-k approximation
+// (Eckart–Young): the top-k part of the exact thin SVD of s·B·A.
+
+#include <lora/analysis/lowrank_svd.hpp>
+#include <lora/analysis/metrics.hpp>
+#include <lora/core/types.hpp>
+#include <lora/error.hpp>
+
+#include <cmath>
+
+namespace lora::analysis {
+
+/// LoRA factors B [out × k], A [k × in] meant to be used with a known scaling s:
+/// ΔW = s·B·A.
+struct Factors {
+  Matrix<double> B;
+  Matrix<double> A;
+  Index rank() const { return A.rows(); }
+};
+
+/// Splits a thin SVD into balanced factors for a target scaling s_new:
+/// B = U·diag(√σ)/√|s_new|, A = sign(s_new)·diag(√σ)·Vᵀ/√|s_new|, so
+/// s_new·B·A = U·diag(σ)·Vᵀ. Zero columns pad the result up to `rank`
+/// (when the spectrum has fewer values than the rank asked for).
+inline Factors factors_from_svd(const LowRankSVD<double>& svd, double new_scaling, Index rank = -1) {
+  if (!(std::isfinite(new_scaling) && new_scaling != 0.0))
+    lora::detail::fail("factors_from_svd: the new scaling must be finite and non-zero, got {}", new_scaling);
+  const Index p = svd.size();
+  if (rank < 0) rank = p;
+  const Index k = std::min(rank, p);
+  const double c = 1.0 / std::sqrt(std::abs(new_scaling));
+  const double sign = new_scaling < 0 ? -1.0 : 1.0;
+  Factors f;
+  f.B = Matrix<double>::Zero(svd.U.rows(), rank);
+  f.A = Matrix<double>::Zero(rank, svd.V.rows());
+  const Eigen::VectorXd root = svd.singular_values.head(k).cwiseSqrt() * c;
+  f.B.leftCols(k) = svd.U.leftCols(k) * root.asDiagonal();
+  f.A.topRows(k) = sign * (root.asDiagonal() * svd.V.leftCols(k).transpose());
+  return f;
+}
+
+/// The best rank-k approximation of s·B·A in Frobenius and spectral norm
+/// (Eckart–Young), as factors for a new scaling s_new: s_new·B'·A' = U_k·Σ_k·V_kᵀ.
+/// The error is ‖s·B·A − s_new·B'·A'‖_F = sqrt(Σ_{i>k} σ_i²).
+template <class DB, class DA>
+Factors best_rank_k(const Eigen::MatrixBase<DB>& B, const Eigen::MatrixBase<DA>& A, double scaling, Index k,
+                    double new_scaling) {
+  if (k < 1 || k > B.cols())
+    lora::detail::fail("best_rank_k: rank k = {} outside [1, r = {}]", k, B.cols());
+  return factors_from_svd(lowrank_svd(B, A, scaling), new_scaling, k);
+}
+
+/// How a compression picks k for a module.
+struct CompressionTarget {
+  Index rank = 0;       ///< fixed k (used when > 0), clamped to the module's r
+  double energy = 0.0;  ///< otherwise the smallest k keeping this fraction of Σσ² (energy_rank)
+
+  /// k for a module of rank r with spectrum sigma.
+  Index rank_for(const Vector<double>& sigma, Index r) const {
+    if (rank > 0) return std::min(rank, r);
+    if (!(energy > 0.0 && energy <= 1.0))
+      lora::detail::fail("compression target: give a rank ≥ 1 or an energy in (0, 1]; got rank {} and energy {}", rank,
+                         energy);
+    return std::clamp<Index>(energy_rank(sigma, energy), 1, r);
+  }
+};
+
+}  // namespace lora::analysis

@@ -1,0 +1,128 @@
+#pragma once
+// Randomized SVD (Halko, Martinsson & Tropp 2011) and intruder dimensions
+// (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
+// Equivalence"): top singular vectors of W + ΔW that resemble none of W's.
+
+#include <lora/analysis/lowrank_svd.hpp>
+#include <lora/core/random.hpp>
+#include <lora/core/types.hpp>
+#include <lora/error.hpp>
+
+#include <Eigen/Dense>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace lora::analysis {
+
+/// Options of randomized_svd.
+struct RandomizedSVDOptions {
+  Index oversample = 10;   ///< extra random directions beyond k
+  int power_iterations = 2;  ///< (M·Mᵀ)^q sharpens a slowly decaying spectrum
+  std::uint64_t seed = 0x5eed;
+};
+
+namespace detail {
+inline Eigen::MatrixXd orthonormal_basis(const Eigen::MatrixXd& Y) {
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(Y);
+  return qr.householderQ() * Eigen::MatrixXd::Identity(Y.rows(), std::min(Y.rows(), Y.cols()));
+}
+}  // namespace detail
+
+/// Top-k thin SVD of an operator M [rows × cols] given by apply(X) = M·X and
+/// apply_t(Y) = Mᵀ·Y on column blocks: Y = (M·Mᵀ)^q·M·Ω with Gaussian Ω
+/// [cols × (k + p)], Q = orth(Y), then the exact SVD of the small Qᵀ·M.
+template <class Apply, class ApplyT>
+LowRankSVD<double> randomized_svd(Index rows, Index cols, Apply&& apply, ApplyT&& apply_t, Index k,
+                                  const RandomizedSVDOptions& opt = {}) {
+  const Index full = std::min(rows, cols);
+  if (k < 1 || k > full) lora::detail::fail("randomized_svd: k = {} outside [1, {}]", k, full);
+  const Index l = std::min(full, k + std::max<Index>(opt.oversample, 0));
+  Generator gen(opt.seed);
+  Eigen::MatrixXd omega(cols, l);
+  for (Index j = 0; j < l; ++j)
+    for (Index i = 0; i < cols; ++i) omega(i, j) = gen.normal(0.0, 1.0);
+  Eigen::MatrixXd Q = detail::orthonormal_basis(apply(omega));
+  for (int q = 0; q < opt.power_iterations; ++q) {
+    const Eigen::MatrixXd Z = detail::orthonormal_basis(apply_t(Q));
+    Q = detail::orthonormal_basis(apply(Z));
+  }
+  const Eigen::MatrixXd Bt = apply_t(Q);  // Mᵀ·Q = (Qᵀ·M)ᵀ, cols × l
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(Bt, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  LowRankSVD<double> r;
+  r.singular_values = svd.singularValues().head(k);
+  r.V = svd.matrixU().leftCols(k);
+  r.U = Q * svd.matrixV().leftCols(k);
+  return r;
+}
+
+/// Top-k randomized SVD of a dense matrix W.
+template <class Derived>
+LowRankSVD<double> randomized_svd(const Eigen::MatrixBase<Derived>& W, Index k, const RandomizedSVDOptions& opt = {}) {
+  const Eigen::MatrixXd Wd = W.template cast<double>();
+  return randomized_svd(
+      Wd.rows(), Wd.cols(), [&](const Eigen::MatrixXd& X) -> Eigen::MatrixXd { return Wd * X; },
+      [&](const Eigen::MatrixXd& Y) -> Eigen::MatrixXd { return Wd.transpose() * Y; }, k, opt);
+}
+
+/// Options of intruder_dimensions.
+struct IntruderOptions {
+  Index top_k = 10;       ///< singular vectors of W + ΔW that are checked
+  Index base_rank = 128;  ///< top singular vectors of W they are compared with (clamped to min(out, in))
+  double epsilon = 0.5;   ///< an intruder's largest |cos| with W's vectors is below this
+  RandomizedSVDOptions svd = {};
+};
+
+/// The result for one module.
+struct IntruderReport {
+  std::vector<Index> intruders;      ///< indices j (0-based, by singular value of W + ΔW) that are intruders
+  Eigen::VectorXd max_cosine;        ///< max_i |u'_jᵀ·u_i| for each checked j
+  Eigen::VectorXd singular_values;   ///< σ_j of W + ΔW for the checked j
+  Index checked = 0, base_rank = 0;
+  double epsilon = 0;
+};
+
+/// Intruder dimensions of W + s·B·A: left singular vectors u'_j (j < top_k) of
+/// the fine-tuned W + ΔW whose largest |cosine| with W's top base_rank left
+/// singular vectors u_i is below ε. Both SVDs are randomized; ΔW is applied as
+/// s·B·(A·X), never formed.
+template <class DW, class DB, class DA>
+IntruderReport intruder_dimensions(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DB>& B,
+                                   const Eigen::MatrixBase<DA>& A, double scaling, const IntruderOptions& opt = {}) {
+  if (W.rows() != B.rows() || W.cols() != A.cols() || B.cols() != A.rows())
+    lora::detail::fail("intruder_dimensions: base weight is [{} x {}] but ΔW = B·A is [{} x {}] (B [{} x {}], A [{} x {}])",
+                       W.rows(), W.cols(), B.rows(), A.cols(), B.rows(), B.cols(), A.rows(), A.cols());
+  if (!(opt.epsilon > 0.0 && opt.epsilon <= 1.0))
+    lora::detail::fail("intruder_dimensions: epsilon must be in (0, 1], got {}", opt.epsilon);
+  const Index full = std::min(W.rows(), W.cols());
+  const Index k = std::clamp<Index>(opt.top_k, 1, full);
+  const Index m = std::clamp<Index>(opt.base_rank, 1, full);
+  const Eigen::MatrixXd Wd = W.template cast<double>();
+  const Eigen::MatrixXd Bd = B.template cast<double>();
+  const Eigen::MatrixXd Ad = A.template cast<double>();
+  const LowRankSVD<double> base = randomized_svd(Wd, m, opt.svd);
+  const LowRankSVD<double> tuned = randomized_svd(
+      Wd.rows(), Wd.cols(),
+      [&](const Eigen::MatrixXd& X) -> Eigen::MatrixXd {
+        Eigen::MatrixXd Y = Wd * X;
+        Y.noalias() += scaling * (Bd * (Ad * X));
+        return Y;
+      },
+      [&](const Eigen::MatrixXd& Y) -> Eigen::MatrixXd {
+        Eigen::MatrixXd X = Wd.transpose() * Y;
+        X.noalias() += scaling * (Ad.transpose() * (Bd.transpose() * Y));
+        return X;
+      },
+      k, opt.svd);
+  IntruderReport rep;
+  rep.checked = k;
+  rep.base_rank = m;
+  rep.epsilon = opt.epsilon;
+  rep.singular_values = tuned.singular_values;
+  rep.max_cosine = (tuned.U.transpose() * base.U).cwiseAbs().rowwise().maxCoeff();
+  for (Index j = 0; j < k; ++j)
+    if (rep.max_cosine(j) < opt.epsilon) rep.intruders.push_back(j);
+  return rep;
+}
+
+}  // namespace lora::analysis

@@ -1,0 +1,53 @@
+// Eckart–Young compression against a dense truncated SVD.
+#include <lora/analysis/compress.hpp>
+
+#include "support/catch.hpp"
+#include "support/reference.hpp"
+
+using namespace lora;
+using namespace lora::analysis;
+using lora::test::MatD;
+using lora::test::rel_error;
+
+TEST_CASE("best_rank_k is the truncated SVD of s·B·A", "[analysis][compress]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  const MatD B = lora::test::random_matrix(45, 10, gen), A = lora::test::random_matrix(10, 33, gen);
+  const double s = 1.5;
+  const MatD dw = s * B * A;
+  Eigen::BDCSVD<Eigen::MatrixXd> svd(dw, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  for (Index k : {1, 4, 10}) {
+    for (double s_new : {1.0, 0.25, -2.0}) {
+      INFO("k " << k << " s_new " << s_new);
+      const auto f = best_rank_k(B, A, s, k, s_new);
+      REQUIRE(f.rank() == k);
+      REQUIRE(f.B.rows() == 45);
+      REQUIRE(f.A.cols() == 33);
+      const MatD want = svd.matrixU().leftCols(k) * svd.singularValues().head(k).asDiagonal() *
+                        svd.matrixV().leftCols(k).transpose();
+      CHECK(rel_error(MatD(s_new * f.B * f.A), want) < 1e-9);
+      // Eckart–Young error
+      const double err = (dw - s_new * f.B * f.A).norm();
+      CHECK(err == Approx(svd.singularValues().segment(k, 10 - k).norm()).margin(1e-9 * dw.norm()));
+      // balanced: the columns of B and rows of A have equal norms
+      for (Index i = 0; i < k; ++i) CHECK(f.B.col(i).norm() == Approx(f.A.row(i).norm()).epsilon(1e-9));
+    }
+  }
+  CHECK_THROWS_AS(best_rank_k(B, A, s, 0, 1.0), lora::error);
+  CHECK_THROWS_AS(best_rank_k(B, A, s, 11, 1.0), lora::error);
+  CHECK_THROWS_AS(best_rank_k(B, A, s, 2, 0.0), lora::error);
+}
+
+TEST_CASE("compression target picks k by rank or energy", "[analysis][compress]") {
+  Vector<double> sigma(6);
+  sigma << 10, 3, 1, 0.5, 0.1, 0;
+  CHECK(CompressionTarget{.rank = 4}.rank_for(sigma, 6) == 4);
+  CHECK(CompressionTarget{.rank = 9}.rank_for(sigma, 6) == 6);
+  CHECK(CompressionTarget{.energy = 0.9}.rank_for(sigma, 6) == 1);
+  CHECK(CompressionTarget{.energy = 0.98}.rank_for(sigma, 6) == 2);  // 109/110.26 = 0.9886
+  CHECK(CompressionTarget{.energy = 0.99}.rank_for(sigma, 6) == 3);
+  Vector<double> zero = Vector<double>::Zero(3);
+  CHECK(CompressionTarget{.energy = 0.9}.rank_for(zero, 3) == 1);
+  CHECK_THROWS_AS(CompressionTarget{}.rank_for(sigma, 6), lora::error);
+}

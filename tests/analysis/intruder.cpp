@@ -1,0 +1,71 @@
+// Randomized SVD against BDCSVD; intruder dimensions on a planted example.
+#include <lora/analysis/intruder.hpp>
+
+#include "support/catch.hpp"
+#include "support/reference.hpp"
+
+using namespace lora;
+using namespace lora::analysis;
+using lora::test::MatD;
+
+namespace {
+MatD orthonormal(Index n, Index k, Generator& gen) {
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(lora::test::random_matrix(n, k, gen));
+  return qr.householderQ() * Eigen::MatrixXd::Identity(n, k);
+}
+}  // namespace
+
+TEST_CASE("randomized_svd finds the top singular triplets", "[analysis][intruder]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  // decaying spectrum 2^-i
+  const Index n = 60, m = 45;
+  const MatD U = orthonormal(n, m, gen), V = orthonormal(m, m, gen);
+  Eigen::VectorXd s(m);
+  for (Index i = 0; i < m; ++i) s(i) = std::pow(0.7, double(i));
+  const MatD W = U * s.asDiagonal() * V.transpose();
+  const auto r = randomized_svd(W, 8, {.oversample = 10, .power_iterations = 3, .seed = seed});
+  CHECK((r.singular_values - s.head(8)).cwiseAbs().maxCoeff() < 1e-8);
+  for (Index i = 0; i < 8; ++i) {
+    CHECK(std::abs(r.U.col(i).dot(U.col(i))) == Approx(1.0).epsilon(1e-6));
+    CHECK(std::abs(r.V.col(i).dot(V.col(i))) == Approx(1.0).epsilon(1e-6));
+  }
+  CHECK_THROWS_AS(randomized_svd(W, 0), lora::error);
+  CHECK_THROWS_AS(randomized_svd(W, 46), lora::error);
+}
+
+TEST_CASE("intruder_dimensions finds a planted new direction", "[analysis][intruder]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  const Index out = 50, in = 40;
+  const MatD Q = orthonormal(out, 41, gen), P = orthonormal(in, 40, gen);
+  Eigen::VectorXd s(40);
+  for (Index i = 0; i < 40; ++i) s(i) = 10.0 * std::pow(0.85, double(i));
+  s.tail(2).setZero();  // W has rank 38: P's last two columns are outside its row space
+  const MatD W = Q.leftCols(40) * s.asDiagonal() * P.transpose();
+  // ΔW = 6.6·q·pᵀ with q and p orthogonal to W's singular vectors: an exact
+  // singular triplet of W + ΔW with σ = 6.6 (between W's σ₃ ≈ 7.2 and σ₄ ≈ 6.1)
+  const MatD B = Q.col(40), A = P.col(39).transpose();
+  IntruderOptions opt;
+  opt.top_k = 6;
+  opt.base_rank = 38;
+  opt.epsilon = 0.5;
+  opt.svd.seed = seed;
+  opt.svd.power_iterations = 4;
+  const auto rep = intruder_dimensions(W, B, A, 6.6, opt);
+  // the reference: dense SVDs
+  Eigen::BDCSVD<Eigen::MatrixXd> ft(W + 6.6 * B * A, Eigen::ComputeThinU), base(W, Eigen::ComputeThinU);
+  const Eigen::VectorXd want = (ft.matrixU().leftCols(6).transpose() * base.matrixU().leftCols(38)).cwiseAbs().rowwise().maxCoeff();
+  CHECK((rep.max_cosine - want).cwiseAbs().maxCoeff() < 1e-5);
+  CHECK((rep.singular_values - ft.singularValues().head(6)).cwiseAbs().maxCoeff() < 1e-6);
+  REQUIRE(rep.intruders.size() == 1);
+  CHECK(rep.intruders[0] == 3);
+  CHECK(rep.max_cosine(3) < 1e-6);
+  // an update inside W's subspaces introduces none
+  const MatD B2 = Q.col(0), A2 = P.col(0).transpose();
+  CHECK(intruder_dimensions(W, B2, A2, 3.0, opt).intruders.empty());
+  CHECK_THROWS_WITH(intruder_dimensions(MatD(W.topRows(49)), B, A, 1.0, opt),
+                    Catch::Matchers::ContainsSubstring("base weight is [49 x 40]"));
+}
