@@ -6,6 +6,9 @@
 #include <lora/io/safetensors.hpp>
 
 #include "support/catch.hpp"
+#if __has_include(<catch2/catch_template_test_macros.hpp>)
+#include <catch2/catch_template_test_macros.hpp>  // Catch2 v3
+#endif
 #include "support/reference.hpp"
 
 #include <Eigen/SVD>
