@@ -142,7 +142,18 @@ inline void nf4_decode_range(const std::uint8_t* packed, const float* absmax, in
     const std::int64_t seg_end = std::min(end, (blk + 1) << bs_shift);
     const float s = absmax[blk];
     alignas(64) float lut[16];
+#if defined(__AVX512F__)
+    // Built in registers: a vector load right after 16 scalar stores would stall.
+    const __m512 vlut = _mm512_mul_ps(_mm512_loadu_ps(nf4_code.data()), _mm512_set1_ps(s));
+    _mm512_store_ps(lut, vlut);
+#elif defined(__AVX2__)
+    const __m256 lut_lo = _mm256_mul_ps(_mm256_loadu_ps(nf4_code.data()), _mm256_set1_ps(s));
+    const __m256 lut_hi = _mm256_mul_ps(_mm256_loadu_ps(nf4_code.data() + 8), _mm256_set1_ps(s));
+    _mm256_store_ps(lut, lut_lo);
+    _mm256_store_ps(lut + 8, lut_hi);
+#else
     for (int c = 0; c < 16; ++c) lut[c] = nf4_code[c] * s;
+#endif
     if (e & 1) {  // starts on a low nibble
       *out++ = lut[packed[e >> 1] & 0x0F];
       ++e;
@@ -150,7 +161,6 @@ inline void nf4_decode_range(const std::uint8_t* packed, const float* absmax, in
     const std::uint8_t* p = packed + (e >> 1);
     std::int64_t n = seg_end - e;
 #if defined(__AVX512F__)
-    const __m512 vlut = _mm512_load_ps(lut);
     const __m128i m0f = _mm_set1_epi8(0x0F);
     for (; n >= 16; n -= 16, p += 8, out += 16) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
@@ -160,7 +170,6 @@ inline void nf4_decode_range(const std::uint8_t* packed, const float* absmax, in
       _mm512_storeu_ps(out, _mm512_permutexvar_ps(idx, vlut));
     }
 #elif defined(__AVX2__)
-    const __m256 lut_lo = _mm256_load_ps(lut), lut_hi = _mm256_load_ps(lut + 8);
     const __m128i m0f = _mm_set1_epi8(0x0F);
     for (; n >= 16; n -= 16, p += 8, out += 16) {
       const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
