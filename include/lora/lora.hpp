@@ -9,3 +9,8 @@
 #include <lora/core/scaling.hpp>
 #include <lora/core/adapter.hpp>
 #include <lora/core/init.hpp>
+#include <lora/quant/nf4.hpp>
+#include <lora/quant/double_quant.hpp>
+#include <lora/quant/nf4_tensor.hpp>
+#include <lora/quant/qlora.hpp>
+#include <lora/quant/bnb_format.hpp>
