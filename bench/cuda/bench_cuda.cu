@@ -93,6 +93,18 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   emit("base_gemm", in, out, T, r, t_base);
   if (!dora) {
     emit("ours_fused_fwd", in, out, T, r, time_ms(ctx_ref, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }));
+    if (T >= 4096) {  // where the fused forward's time goes
+      DeviceView<S> XA = Xp.view().col_block(in, r);
+      emit("part_xa_wmma", in, out, T, r,
+           time_ms(ctx_ref, [&](int) { detail::compute_xa<S>(ctx_ref, X, fw[0].A(), false, XA, 0.5f); }));
+      emit("part_xa_cublas", in, out, T, r, time_ms(ctx_ref, [&](int) {
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, r, in, 0.5f, X, fw[0].A(), 0.f, XA);
+           }));
+      emit("part_wide_gemm", in, out, T, r, time_ms(ctx_ref, [&](int) {
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + r, 1.f,
+                                   DeviceView<const S>(Xp.view()), fw[0].wide(), 0.f, Y.view());
+           }));
+    }
     emit("ours_plain_fwd", in, out, T, r,
          time_ms(ctx_ref, [&](int i) { ad.apply(W[i % sets].view(), X, Y.view()); }));
     const double t_bb = time_ms(ctx_ref, [&](int i) {

@@ -61,8 +61,9 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
   Generator g(seed);
   // Aligned shapes take the decode kernels (tokens <= 16) and the fused GEMMs;
   // the odd one forces the plain GEMM path.
-  const Shape shapes[] = {{256, 200, 8, 1}, {256, 200, 8, 3}, {256, 200, 8, 16}, {256, 200, 8, 37},
-                          {128, 320, 16, 9}, {100, 70, 5, 2},  {100, 70, 5, 33}};
+  const Shape shapes[] = {{256, 200, 8, 1},  {256, 200, 8, 3},  {256, 200, 8, 16}, {256, 200, 8, 37},
+                          {128, 320, 16, 9}, {256, 192, 16, 64}, {96, 160, 32, 32}, {256, 128, 64, 48},
+                          {100, 70, 5, 2},   {100, 70, 5, 33}};
   for (const Shape& sh : shapes) {
     INFO("in " << sh.in << " out " << sh.out << " r " << sh.r << " tokens " << sh.tokens);
     const double alpha = 2.0 * sh.r * g.uniform(0.5, 1.5);
@@ -155,8 +156,8 @@ TEMPLATE_TEST_CASE("cuda dora: forward and backward match float64", "[cuda][dora
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  for (Index T : {Index(2), Index(40)}) {
-    const Index in = 128, out = 96, r = 8;
+  for (Index T : {Index(2), Index(40), Index(48)}) {
+    const Index in = 128, out = 96, r = T == 48 ? 16 : 8;
     LowRankAdapter<S> host(in, out, r, 16.0);
     host.set_A(rand_s<S>(r, in, g, 0.1));
     host.set_B(rand_s<S>(out, r, g, 0.1));
@@ -192,7 +193,7 @@ TEMPLATE_TEST_CASE("cuda dora: forward and backward match float64", "[cuda][dora
     DeviceMatrix<float> gA(r, in), gB(out, r), gm(out, 1);
     poison(gX.view());
     poison(gm.view());
-    dora_backward(ad, DeviceView<const float>(dm.view()), DeviceView<const S>(Xp.view()), DeviceView<const S>(Y.view()),
+    dora_backward(ad, fw, DeviceView<const float>(dm.view()), DeviceView<const S>(Xp.view()), DeviceView<const S>(Y.view()),
                   dYp.view(), gX.view(), gA.view(), gB.view(), gm.view(), ws);
     CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
     CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());

@@ -42,32 +42,6 @@ struct DeviceGradients {
 };
 
 namespace detail {
-template <class T, int TMAX>
-void launch_decode(const CudaContext& ctx, DeviceView<const T> X, DeviceView<const T> W, DeviceView<T> Y,
-                   DeviceView<const T> A, DeviceView<T> XA, DeviceView<const T> B, float s) {
-  const int nA = static_cast<int>(A.rows), nW = static_cast<int>(W.rows);
-  const unsigned blocks = ceil_div(nA, decode_rows) + ceil_div(nW, decode_rows);
-  decode_rows_kernel<T, TMAX, decode_rows><<<blocks, decode_threads, 0, ctx.stream()>>>(
-      X.data, X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols), W.data, W.ld, nW, Y.data, Y.ld, A.data, A.ld,
-      nA, XA.data, XA.ld, s);
-  LORA_CUDA_CHECK_LAUNCH("decode_rows_kernel");
-  // The rank-r update as a programmatic dependent launch: it is scheduled while
-  // stage 1 drains and waits in cudaGridDependencySynchronize for its results.
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(ceil_div(nW, 256));
-  cfg.blockDim = dim3(256);
-  cfg.dynamicSmemBytes = static_cast<size_t>(X.rows * A.rows) * sizeof(float);
-  cfg.stream = ctx.stream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, lowrank_update_kernel<T, TMAX>, static_cast<const T*>(XA.data), XA.ld,
-                                     static_cast<int>(X.rows), static_cast<int>(A.rows), B.data, B.ld, nW, Y.data,
-                                     Y.ld));
-}
-
 template <class S>
 DeviceView<const device_t<S>> as_device(DeviceView<const S> v) {
   return {reinterpret_cast<const device_t<S>*>(v.data), v.rows, v.cols, v.ld};
@@ -76,28 +50,91 @@ template <class S>
 DeviceView<device_t<S>> as_device(DeviceView<S> v) {
   return {reinterpret_cast<device_t<S>*>(v.data), v.rows, v.cols, v.ld};
 }
-template <class T>
-bool aligned16(const void* p) {
-  return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0;
+
+/// One gemv_kernel launch: Y = scale·(X·Mᵀ + Xt·Mtᵀ) for tokens ≤ TMAX, ROWS rows per block;
+/// with `pdl` it is a programmatic dependent launch (it waits for Xt only before the tail).
+template <class T, int TMAX, int ROWS>
+void launch_gemv(const CudaContext& ctx, DeviceView<const T> X, DeviceView<const T> M, DeviceView<const T> Xt,
+                 DeviceView<const T> Mt, bool pdl, DeviceView<T> Y, float scale) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(ceil_div(M.rows, ROWS));
+  cfg.blockDim = dim3(decode_threads);
+  cfg.stream = ctx.stream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, TMAX, ROWS>, X.data, X.ld, static_cast<int>(X.rows),
+                                     static_cast<int>(X.cols), M.data, M.ld, static_cast<int>(M.rows), Xt.data,
+                                     Xt.ld, static_cast<int>(Xt.cols), Mt.data, Mt.ld, pdl, Y.data, Y.ld, scale));
 }
 
-/// Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ for tokens ≤ 16 with the two decode kernels; XA [T × r]
-/// receives s·X·Aᵀ. Returns false (nothing launched) when the layout does not
-/// allow 16-byte loads; the caller then uses GEMMs.
+/// True when X (tokens ≤ 16) and M allow the 16-byte loads of gemv_kernel.
+template <class S>
+bool gemv_ok(DeviceView<const S> X, DeviceView<const S> M) {
+  constexpr long V = 16 / sizeof(S);
+  return X.rows >= 1 && X.rows <= 16 && X.cols % V == 0 && X.ld % V == 0 && M.ld % V == 0 &&
+         aligned(X.data, 16) && aligned(M.data, 16);
+}
+
+/// XA = s·X·Aᵀ (A [r × K]; or s·X·A for A [K × r] with a_rows_are_k): the decode
+/// kernel for tokens ≤ 16, tensor-core WMMA for 16-row multiples with r ∈ {16, 32,
+/// 64}, cuBLAS otherwise.
+template <class S>
+void compute_xa(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> A, bool a_rows_are_k,
+                DeviceView<S> XA, float s) {
+  using T = device_t<S>;
+  const Index T_ = X.rows, K = X.cols, r = XA.cols;
+  if (!a_rows_are_k && gemv_ok<S>(X, A)) {
+    const DeviceView<const T> none{};
+    if (T_ == 1)
+      launch_gemv<T, 1, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
+    else if (T_ <= 4)
+      launch_gemv<T, 4, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
+    else
+      launch_gemv<T, 16, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
+    return;
+  }
+  if constexpr (!std::is_same_v<S, float>) {
+    const bool ok = T_ % 16 == 0 && K % 16 == 0 && X.ld % 16 == 0 && A.ld % 16 == 0 && aligned(X.data, 32) &&
+                    aligned(A.data, 32) && (r == 16 || r == 32 || r == 64);
+    if (ok) {
+      auto go = [&](auto kernel) {
+        kernel<<<ceil_div(T_, 16), 128, 0, ctx.stream()>>>(as_device(X).data, X.ld, static_cast<int>(K),
+                                                           as_device(A).data, A.ld, as_device(XA).data, XA.ld, s);
+        LORA_CUDA_CHECK_LAUNCH("xa_wmma_kernel");
+      };
+      if (a_rows_are_k) {
+        if (r == 16) go(xa_wmma_kernel<T, 1, true>);
+        else if (r == 32) go(xa_wmma_kernel<T, 2, true>);
+        else go(xa_wmma_kernel<T, 4, true>);
+      } else {
+        if (r == 16) go(xa_wmma_kernel<T, 1, false>);
+        else if (r == 32) go(xa_wmma_kernel<T, 2, false>);
+        else go(xa_wmma_kernel<T, 4, false>);
+      }
+      return;
+    }
+  }
+  gemm<S, S, S>(ctx, false, !a_rows_are_k, T_, r, K, s, X, A, 0.f, XA);
+}
+
+/// Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ for tokens ≤ 4 on CUDA cores: XA = s·X·Aᵀ (r blocks),
+/// then one pass over W with the rank-r tail, launched as a programmatic
+/// dependent so that it streams W while XA is computed. Returns false (nothing
+/// launched) when the layout does not allow 16-byte loads.
 template <class S>
 bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> W, DeviceView<const S> A,
                   DeviceView<const S> B, DeviceView<S> XA, DeviceView<S> Y, float s) {
   using T = device_t<S>;
-  constexpr long V = 16 / sizeof(S);
-  if (X.rows < 1 || X.rows > 16) return false;
-  if (X.cols % V || X.ld % V || W.ld % V || A.ld % V) return false;
-  if (!aligned16<S>(X.data) || !aligned16<S>(W.data) || !aligned16<S>(A.data)) return false;
+  if (X.rows > 4 || !gemv_ok<S>(X, W) || !gemv_ok<S>(X, A)) return false;
+  compute_xa<S>(ctx, X, A, false, XA, s);
+  const DeviceView<const S> xa = XA;
   if (X.rows == 1)
-    launch_decode<T, 1>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
-  else if (X.rows <= 4)
-    launch_decode<T, 4>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
+    launch_gemv<T, 1, 4>(ctx, as_device(X), as_device(W), as_device(xa), as_device(B), true, as_device(Y), 1.f);
   else
-    launch_decode<T, 16>(ctx, as_device(X), as_device(W), as_device(Y), as_device(A), as_device(XA), as_device(B), s);
+    launch_gemv<T, 4, 4>(ctx, as_device(X), as_device(W), as_device(xa), as_device(B), true, as_device(Y), 1.f);
   return true;
 }
 
@@ -209,8 +246,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   }
 
   /// Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ (X·W + … with fan_in_fan_out) with separate W, X:
-  /// tokens ≤ 16 take the fused decode kernels, larger batches three GEMMs (the
-  /// last accumulates into Y with beta = 1).
+  /// tokens ≤ 4 take the fused decode kernels, larger batches s·X·Aᵀ, the base
+  /// GEMM, and the rank-r GEMM accumulating into Y with beta = 1.
   void apply(cview W, cview X, view Y) const {
     check_weight(W);
     check_input(X);
@@ -219,7 +256,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const float s = static_cast<float>(scaling());
     view xa = scratch(X.rows, rank());
     if (!fan_in_fan_out() && detail::decode_apply<Scalar>(*ctx_, X, W, A(), B(), xa, Y, s)) return;
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, rank(), in_features(), s, X, A(), 0.f, xa);
+    detail::compute_xa<Scalar>(*ctx_, X, A(), false, xa, s);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, !fan_in_fan_out(), X.rows, out_features(), in_features(), 1.f,
                                          X, W, 0.f, Y);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_features(), rank(), 1.f, cview(xa), B(),
@@ -262,8 +299,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   DeviceMatrix<Scalar> padded_grad(Index tokens) const { return DeviceMatrix<Scalar>(tokens, out_features() + rank()); }
 
   /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input).
-  /// Tokens ≤ 16: two decode kernels; otherwise s·X·Aᵀ into Xp's last r columns,
-  /// then one GEMM [X | s·X·Aᵀ]·[W | B]ᵀ (X read twice, Y written once).
+  /// Tokens ≤ 4: two decode kernels (CUDA cores, one pass over W); otherwise
+  /// s·X·Aᵀ into Xp's last r columns (tensor-core WMMA kernel), then one cuBLAS
+  /// GEMM [X | s·X·Aᵀ]·[W | B]ᵀ with K = in + r (X read twice, Y written once).
   void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
     check_fused(fw, Xp, Y);
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
@@ -271,7 +309,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     cview X = cview(Xp).col_block(0, in);
     view XA = Xp.col_block(in, r);
     if (detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), XA, Y, s)) return;
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, r, in, s, X, fw.A(), 0.f, XA);
+    detail::compute_xa<Scalar>(*ctx_, X, fw.A(), false, XA, s);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + r, 1.f, cview(Xp).col_block(0, in + r),
                                          fw.wide(), 0.f, Y);
   }
@@ -287,8 +325,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const float s = static_cast<float>(scaling());
     DeviceGradients<Scalar> g{DeviceMatrix<float>(r, in), DeviceMatrix<float>(out, r), DeviceMatrix<Scalar>(T, in)};
     DeviceMatrix<Scalar> gb(T, r), xa(T, r);
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, r, out, s, dY, B(), 0.f, gb.view());
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, r, in, s, X, A(), 0.f, xa.view());
+    detail::compute_xa<Scalar>(*ctx_, dY, B(), true, gb.view(), s);
+    detail::compute_xa<Scalar>(*ctx_, X, A(), false, xa.view(), s);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, fan_in_fan_out(), T, in, out, 1.f, dY, W, 0.f, g.dX.view());
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, r, 1.f, gb.view(), A(), 1.f, g.dX.view());
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, gb.view(), X, 0.f, g.dA.view());
@@ -310,7 +348,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const float s = static_cast<float>(scaling());
     cview dY = cview(dYp).col_block(0, out);
     view G = dYp.col_block(out, r);
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, r, out, s, dY, fw.B(), 0.f, G);
+    detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + r, 1.f, cview(dYp), fw.tall(), 0.f, dX);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
                                         dA);

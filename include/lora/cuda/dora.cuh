@@ -19,6 +19,7 @@ struct DoraWorkspace {
   DeviceMatrix<float> wn2;        ///< [out × 1] ‖w_n‖²
   DeviceMatrix<float> P, G;       ///< W·Aᵀ [out × r], A·Aᵀ [r × r]
   DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
+  bool scaled_current = false;    ///< `scaled` matches c (decode-size forwards skip it)
   void reset_weight_norms() { wn2 = {}; }
 };
 
@@ -48,6 +49,27 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
 }
 
+namespace detail {
+/// ws.scaled = [[c⊙W, c⊙B], [A, 0]] from the fused block and ws.c.
+template <class S, ScalingPolicy Sc>
+void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DoraWorkspace<S>& ws) {
+  using T = detail::device_t<S>;
+  auto& ctx = ad.context();
+  const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
+  if (ws.scaled.out != out || ws.scaled.in != in || ws.scaled.r != r)
+    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + r, in + r), out, in, r};
+  const T* src = reinterpret_cast<const T*>(fw.block.data());
+  T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
+  const long ld = static_cast<long>(in + r);
+  scale_rows_kernel<T><<<dim3(ceil_div(in + r, 256 * 4), static_cast<unsigned>(out)), 256, 0, ctx.stream()>>>(
+      src, ld, dst, ld, static_cast<int>(out), static_cast<int>(in + r), ws.c.data());
+  LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");
+  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(r * ld) * sizeof(S),
+                                  cudaMemcpyDeviceToDevice, ctx.stream()));
+  ws.scaled_current = true;
+}
+}  // namespace detail
+
 /// DoRA forward: Y = (m / ‖W + s·B·A‖_row) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ), with
 /// magnitude m [out] (float, device) and Xp = [X | scratch] as in the fused LoRA path.
 template <class S, ScalingPolicy Sc>
@@ -60,17 +82,16 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
     detail::fail("{}lora_magnitude_vector has {} elements, expected out_features = {}", ad.who(),
                  magnitude.rows * magnitude.cols, out);
   dora_weight_norm(ad, fw, ws, magnitude.data);
-  if (ws.scaled.out != out || ws.scaled.in != in || ws.scaled.r != r)
-    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + r, in + r), out, in, r};
-  const T* src = reinterpret_cast<const T*>(fw.block.data());
-  T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
-  const long ld = static_cast<long>(in + r);
-  detail::scale_rows_kernel<T><<<dim3(detail::ceil_div(in + r, 256 * 4), static_cast<unsigned>(out)), 256, 0,
-                                 ctx.stream()>>>(src, ld, dst, ld, static_cast<int>(out), static_cast<int>(in + r),
-                                                 ws.c.data());
-  LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");
-  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(r * ld) * sizeof(S),
-                                  cudaMemcpyDeviceToDevice, ctx.stream()));
+  if (Xp.rows <= 16) {
+    // Decode sizes: Y is tiny, so scale its columns instead of W's rows.
+    ad.apply(fw, Xp, Y);
+    detail::scale_cols_kernel<T><<<detail::ceil_div(Y.rows * Y.cols, 256), 256, 0, ctx.stream()>>>(
+        reinterpret_cast<T*>(Y.data), Y.ld, static_cast<int>(Y.rows), static_cast<int>(Y.cols), ws.c.data());
+    LORA_CUDA_CHECK_LAUNCH("scale_cols_kernel");
+    ws.scaled_current = false;
+    return;
+  }
+  detail::dora_build_scaled(ad, fw, ws);
   ad.apply(ws.scaled, Xp, Y);
 }
 
@@ -78,13 +99,15 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
 /// forward, dZ = dY ⊙ c, dX = dZ·W + s·(dZ·B)·A, dA = s·(dZ·B)ᵀ·X,
 /// dB = s·dZᵀ·(X·Aᵀ), dm_n = Σ_t dY[t, n]·Y[t, n] / m_n. dYp = [dY | scratch].
 template <class S, ScalingPolicy Sc>
-void dora_backward(const LowRankAdapter<S, cuda, Sc>& ad, DeviceView<const float> magnitude, DeviceView<const S> Xp,
+void dora_backward(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DeviceView<const float> magnitude,
+                   DeviceView<const S> Xp,
                    DeviceView<const S> Y, DeviceView<S> dYp, DeviceView<S> dX, DeviceView<float> dA,
                    DeviceView<float> dB, DeviceView<float> dm, DoraWorkspace<S>& ws) {
   using T = detail::device_t<S>;
   auto& ctx = ad.context();
   const Index out = ad.out_features(), r = ad.rank(), tokens = Xp.rows;
-  if (ws.scaled.out != out) detail::fail("{}dora_backward: call dora_apply first (no scaled block)", ad.who());
+  if (ws.c.rows() != out) detail::fail("{}dora_backward: call dora_apply first (no column scale)", ad.who());
+  if (!ws.scaled_current) detail::dora_build_scaled(ad, fw, ws);
   if (dm.rows * dm.cols != out) detail::fail("{}dm has {} elements, expected {}", ad.who(), dm.rows * dm.cols, out);
   ad.backward(ws.scaled, Xp, dYp, dX, dA, dB);
   detail::scale_rows_f32_kernel<<<dim3(detail::ceil_div(r, 128), static_cast<unsigned>(out)), 128, 0, ctx.stream()>>>(

@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mma.h>
 
 namespace lora::detail {
 
@@ -50,29 +51,28 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-constexpr int decode_threads = 128;
-constexpr int decode_rows = 4;
+inline bool aligned(const void* p, std::uintptr_t bytes) { return (reinterpret_cast<std::uintptr_t>(p) % bytes) == 0; }
+template <class T>
+bool aligned16(const void* p) {
+  return aligned(p, 16);
+}
 
-/// Stage 1 of the fused decode path (tokens ≤ TMAX ≤ 16): the rows of the
-/// stacked [A; W] in one launch. Blocks [0, ceil(nA/ROWS)) compute
-/// XA = s·X·Aᵀ (into XA), the rest compute Y = X·Wᵀ. Every weight element is
-/// read once with 16-byte loads; X stays in L1/L2.
-/// Needs K, ldx, ldw, lda multiples of 16/sizeof(T) and 16-byte aligned bases.
+constexpr int decode_threads = 128;
+
+/// The decode GEMV (tokens ≤ TMAX ≤ 16) on CUDA cores:
+///   Y[t, n] = scale·(Σ_{k<K} X[t, k]·M[n, k] + Σ_{j<Kt} Xt[t, j]·Mt[n, j])
+/// for rows n of M, ROWS rows per block; every weight element is read once with
+/// 16-byte loads, X stays in L1/L2. The tail (Xt = s·X·Aᵀ, Mt = B) is the
+/// rank-r term: when `wait_tail` is set this kernel is a programmatic dependent
+/// launch and streams M before waiting for the kernel that writes Xt.
+/// Needs K, ldx, ldm multiples of 16/sizeof(T) and 16-byte aligned bases.
 template <class T, int TMAX, int ROWS>
-__global__ void __launch_bounds__(decode_threads) decode_rows_kernel(
-    const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw, int nW,
-    T* __restrict__ Y, long ldy, const T* __restrict__ A, long lda, int nA, T* __restrict__ XA, long ldxa, float s) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Let the dependent rank-r update launch early; it waits for our results.
-  cudaTriggerProgrammaticLaunchCompletion();
-#endif
+__global__ void __launch_bounds__(decode_threads) gemv_kernel(
+    const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ M, long ldm, int nrows,
+    const T* __restrict__ Xt, long ldxt, int Kt, const T* __restrict__ Mt, long ldmt, bool wait_tail,
+    T* __restrict__ Y, long ldy, float scale) {
   constexpr int V = vec16<T>::V;
-  const int blocksA = (nA + ROWS - 1) / ROWS;
-  const bool isA = static_cast<int>(blockIdx.x) < blocksA;
-  const int row0 = isA ? static_cast<int>(blockIdx.x) * ROWS : (static_cast<int>(blockIdx.x) - blocksA) * ROWS;
-  const int nrows = isA ? nA : nW;
-  const T* M = isA ? A : W;
-  const long ldm = isA ? lda : ldw;
+  const int row0 = static_cast<int>(blockIdx.x) * ROWS;
 
   float acc[TMAX][ROWS];
 #pragma unroll
@@ -85,12 +85,8 @@ __global__ void __launch_bounds__(decode_threads) decode_rows_kernel(
     float w[ROWS][V];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-      const int row = row0 + r;
-      if (row < nrows)
-        vec16<T>::load(M + row * ldm + c * V, w[r]);
-      else
-#pragma unroll
-        for (int i = 0; i < V; ++i) w[r][i] = 0.f;
+      const int row = min(row0 + r, nrows - 1);
+      vec16<T>::load(M + row * ldm + c * V, w[r]);
     }
 #pragma unroll
     for (int t = 0; t < TMAX; ++t) {
@@ -101,6 +97,20 @@ __global__ void __launch_bounds__(decode_threads) decode_rows_kernel(
         for (int r = 0; r < ROWS; ++r)
 #pragma unroll
           for (int i = 0; i < V; ++i) acc[t][r] = fmaf(x[i], w[r][i], acc[t][r]);
+      }
+    }
+  }
+  if (Kt > 0) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (wait_tail) cudaGridDependencySynchronize();
+#endif
+    for (int j = threadIdx.x; j < Kt; j += decode_threads) {
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        const float b = to_float(Mt[min(row0 + r, nrows - 1) * ldmt + j]);
+#pragma unroll
+        for (int t = 0; t < TMAX; ++t)
+          if (t < tokens) acc[t][r] = fmaf(to_float(Xt[t * ldxt + j]), b, acc[t][r]);
       }
     }
   }
@@ -121,39 +131,55 @@ __global__ void __launch_bounds__(decode_threads) decode_rows_kernel(
     float v = 0.f;
 #pragma unroll
     for (int w = 0; w < decode_threads / 32; ++w) v += part[w][i];
-    if (isA)
-      XA[t * ldxa + row] = from_float<T>(s * v);
-    else
-      Y[t * ldy + row] = from_float<T>(v);
+    Y[t * ldy + row] = from_float<T>(scale * v);
   }
 }
 
-/// Stage 2: Y[t, n] += Σ_j XA[t, j]·B[n, j] for tokens ≤ TMAX (XA already holds s·X·Aᵀ).
-/// One thread per output feature n; launched as a programmatic dependent of stage 1.
-template <class T, int TMAX>
-__global__ void __launch_bounds__(256) lowrank_update_kernel(const T* __restrict__ XA, long ldxa, int tokens, int r,
-                                                             const T* __restrict__ B, long ldb, int nOut,
-                                                             T* __restrict__ Y, long ldy) {
-  extern __shared__ float xa_s[];  // [TMAX][r]
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cudaGridDependencySynchronize();
-#endif
-  for (int i = threadIdx.x; i < tokens * r; i += blockDim.x) xa_s[i] = to_float(XA[(i / r) * ldxa + (i % r)]);
-  __syncthreads();
-  const int n = blockIdx.x * blockDim.x + threadIdx.x;
-  if (n >= nOut) return;
-  float acc[TMAX];
+/// XA[t, j] = s·Σ_k X[t, k]·A[j, k] (or ·A[k, j] with BRowMajor) on tensor cores (WMMA 16×16×16, float
+/// accumulation) for the skinny GEMM of the adapter path (r = 16·RT ≤ 64):
+/// one block per 16 tokens, its 4 warps split K and meet in shared memory. X is
+/// read once, straight from global memory into fragments.
+/// Needs tokens, K, ldx, lda, ldxa multiples of 16 and 32-byte aligned bases.
+template <class T, int RT, bool BRowMajor>
+__global__ void __launch_bounds__(128) xa_wmma_kernel(const T* __restrict__ X, long ldx, int K,
+                                                      const T* __restrict__ A, long lda, T* __restrict__ XA,
+                                                      long ldxa, float s) {
+  using namespace nvcuda;
+  __shared__ float part[4][RT][16 * 16];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const long t0 = static_cast<long>(blockIdx.x) * 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RT];
 #pragma unroll
-  for (int t = 0; t < TMAX; ++t) acc[t] = 0.f;
-  for (int j = 0; j < r; ++j) {
-    const float b = to_float(B[n * ldb + j]);
+  for (int i = 0; i < RT; ++i) wmma::fill_fragment(acc[i], 0.f);
+  const int steps = K / 16;
+  const int per = (steps + 3) / 4;
+  const int k0 = warp * per, k1 = min(steps, k0 + per);
+#pragma unroll 4
+  for (int k = k0; k < k1; ++k) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+    wmma::load_matrix_sync(a, X + t0 * ldx + k * 16, static_cast<unsigned>(ldx));
 #pragma unroll
-    for (int t = 0; t < TMAX; ++t)
-      if (t < tokens) acc[t] = fmaf(xa_s[t * r + j], b, acc[t]);
+    for (int i = 0; i < RT; ++i) {
+      if constexpr (BRowMajor) {  // b(k, j) = A[k, j]: A is [K × r] (B of the adapter, for s·dY·B)
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+        wmma::load_matrix_sync(b, A + (k * 16) * lda + i * 16, static_cast<unsigned>(lda));
+        wmma::mma_sync(acc[i], a, b, acc[i]);
+      } else {  // b(k, j) = A[j, k]: A is [r × K]
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, A + (i * 16) * lda + k * 16, static_cast<unsigned>(lda));
+        wmma::mma_sync(acc[i], a, b, acc[i]);
+      }
+    }
   }
 #pragma unroll
-  for (int t = 0; t < TMAX; ++t)
-    if (t < tokens) Y[t * ldy + n] = from_float<T>(to_float(Y[t * ldy + n]) + acc[t]);
+  for (int i = 0; i < RT; ++i) wmma::store_matrix_sync(part[warp][i], acc[i], 16, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = threadIdx.x; e < RT * 256; e += 128) {
+    const int i = e / 256, q = e % 256;
+    const float v = part[0][i][q] + part[1][i][q] + part[2][i][q] + part[3][i][q];
+    XA[(t0 + q / 16) * ldxa + i * 16 + q % 16] = from_float<T>(s * v);
+  }
+  (void)lane;
 }
 
 /// out[n] = Σ_k M[n, k]² in float; one warp per row.
@@ -201,6 +227,15 @@ __global__ void scale_rows_kernel(const T* __restrict__ src, long lds, T* __rest
   const float f = c[row];
   for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < cols; j += gridDim.x * blockDim.x)
     dst[row * ldd + j] = from_float<T>(f * to_float(src[row * lds + j]));
+}
+
+/// Y[t, n] *= c[n] (DoRA's column scale at decode sizes).
+template <class T>
+__global__ void scale_cols_kernel(T* __restrict__ Y, long ldy, int rows, int cols, const float* __restrict__ c) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long>(rows) * cols) return;
+  const long t = i / cols, n = i % cols;
+  Y[t * ldy + n] = from_float<T>(c[n] * to_float(Y[t * ldy + n]));
 }
 
 /// M[i, j] *= c[i] (float matrices: DoRA's dB).

@@ -73,39 +73,35 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long n, int bs, std
   }
 }
 
-template <class T>
-__device__ __forceinline__ void store32(T* dst, const float* v) {
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-#pragma unroll
-  for (int q = 0; q < 32 / V; ++q) {
-    uint4 raw;
-    T* e = reinterpret_cast<T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[q * V + i]);
-    reinterpret_cast<uint4*>(dst)[q] = raw;
-  }
-}
-
-/// out[i] = code[q_i]·absmax[i / bs]: 16 packed bytes → 32 values per thread
-/// (16-byte loads and stores). Needs n % 32 == 0 and a 16-byte aligned out.
+/// out[i] = code[q_i]·absmax[i / bs]: 4 packed bytes → 8 values per thread, so
+/// a warp reads 128 contiguous bytes and writes 8·32 contiguous values.
+/// Needs n % 8 == 0 and a 16-byte aligned out.
 template <class T>
 __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                      long chunks, int bs, T* __restrict__ out) {
+                                      long groups, int bs, T* __restrict__ out) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
   __syncthreads();
-  const long c = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= chunks) return;
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-  const float a = __ldg(absmax + (c * 32) / bs);
-  const std::uint8_t* b = reinterpret_cast<const std::uint8_t*>(&raw);
-  float v[32];
+  const long g = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(packed) + g);
+  const float a = __ldg(absmax + (g * 8) / bs);
+  float v[8];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    v[2 * i] = lut[b[i] >> 4] * a;
-    v[2 * i + 1] = lut[b[i] & 15] * a;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned b = (raw >> (8 * i)) & 0xffu;
+    v[2 * i] = lut[b >> 4] * a;
+    v[2 * i + 1] = lut[b & 15u] * a;
   }
-  store32(out + c * 32, v);
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int q = 0; q < 8 / V; ++q) {
+    uint4 o;
+    T* e = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[q * V + i]);
+    reinterpret_cast<uint4*>(out + g * 8)[q] = o;
+  }
 }
 
 /// Element-wise fallback for any n and alignment.
@@ -120,12 +116,14 @@ __global__ void nf4_dequantize_scalar_kernel(const std::uint8_t* __restrict__ pa
 }
 
 constexpr int nf4_threads = 128;
-constexpr int nf4_rows = 2;
+constexpr int nf4_rows = 4;
 
 /// Y[t, n] = Σ_k X[t, k]·code(W[n, k])·absmax(n, k) for tokens ≤ TMAX ≤ 16, W
-/// [out × K] NF4. Each thread reads 16 packed bytes (32 weights of one block)
-/// per row, decodes them once through a shared-memory table and reuses them for
-/// every token. Needs K % 32 == 0 and 16-byte aligned rows of X.
+/// [out × K] NF4, ROWS rows per block. Each thread takes 16 packed bytes (32
+/// weights of one quantisation block) per row; codes go through a shared-memory
+/// table, and absmax multiplies the 32-term partial sum once. X values are
+/// loaded 8 at a time and shared by the ROWS rows.
+/// Needs K % 32 == 0 and 16-byte aligned rows of X.
 template <class T, int TMAX, int ROWS>
 __global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restrict__ X, long ldx, int tokens, int K,
                                                                const std::uint8_t* __restrict__ packed,
@@ -144,32 +142,39 @@ __global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restri
     for (int r = 0; r < ROWS; ++r) acc[t][r] = 0.f;
   const int chunks = K / 32;
   for (int c = threadIdx.x; c < chunks; c += nf4_threads) {
-    float w[ROWS][32];
+    uint4 raw[ROWS];
+    float a[ROWS];
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
       const int row = min(row0 + r, nOut - 1);
       const long e = static_cast<long>(row) * K + static_cast<long>(c) * 32;
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed + e / 2));
-      const float a = (row0 + r < nOut) ? __ldg(absmax + e / bs) : 0.f;
-      const std::uint8_t* b = reinterpret_cast<const std::uint8_t*>(&raw);
-#pragma unroll
-      for (int i = 0; i < 16; ++i) {
-        w[r][2 * i] = lut[b[i] >> 4] * a;
-        w[r][2 * i + 1] = lut[b[i] & 15] * a;
-      }
+      raw[r] = __ldg(reinterpret_cast<const uint4*>(packed + e / 2));
+      a[r] = __ldg(absmax + e / bs);
     }
 #pragma unroll
     for (int t = 0; t < TMAX; ++t) {
       if (t < tokens) {
+        float p[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) p[r] = 0.f;
 #pragma unroll
         for (int q = 0; q < 32 / V; ++q) {
           float x[V];
           vec16<T>::load(X + t * ldx + c * 32 + q * V, x);
 #pragma unroll
-          for (int r = 0; r < ROWS; ++r)
+          for (int r = 0; r < ROWS; ++r) {
+            const unsigned* wr = reinterpret_cast<const unsigned*>(&raw[r]);
 #pragma unroll
-            for (int i = 0; i < V; ++i) acc[t][r] = fmaf(x[i], w[r][q * V + i], acc[t][r]);
+            for (int i = 0; i < V; i += 2) {
+              const int idx = q * V + i;  // weight index in the chunk; byte idx / 2
+              const unsigned b = (wr[idx / 8] >> (8 * ((idx / 2) % 4))) & 0xffu;
+              p[r] = fmaf(x[i], lut[b >> 4], p[r]);
+              p[r] = fmaf(x[i + 1], lut[b & 15u], p[r]);
+            }
+          }
         }
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[t][r] = fmaf(p[r], a[r], acc[t][r]);
       }
     }
   }
@@ -225,10 +230,10 @@ void nf4_dequantize(const DeviceNF4& q, DeviceView<S> out, CudaContext& ctx = *C
                  out.ld, q.rows, q.cols);
   const long n = static_cast<long>(q.numel());
   if (n == 0) return;
-  if (n % 32 == 0 && detail::aligned16<S>(out.data)) {
-    const long chunks = n / 32;
-    detail::nf4_dequantize_kernel<T><<<detail::ceil_div(chunks, 256), 256, 0, ctx.stream()>>>(
-        q.packed.data(), q.absmax.data(), chunks, q.blocksize, reinterpret_cast<T*>(out.data));
+  if (n % 8 == 0 && detail::aligned16<S>(out.data)) {
+    const long groups = n / 8;
+    detail::nf4_dequantize_kernel<T><<<detail::ceil_div(groups, 256), 256, 0, ctx.stream()>>>(
+        q.packed.data(), q.absmax.data(), groups, q.blocksize, reinterpret_cast<T*>(out.data));
   } else {
     detail::nf4_dequantize_scalar_kernel<T><<<detail::ceil_div(n, 256), 256, 0, ctx.stream()>>>(
         q.packed.data(), q.absmax.data(), n, q.blocksize, reinterpret_cast<T*>(out.data));
