@@ -14,3 +14,11 @@
 #include <lora/quant/nf4_tensor.hpp>
 #include <lora/quant/qlora.hpp>
 #include <lora/quant/bnb_format.hpp>
+#include <lora/core/init_svd.hpp>
+#include <lora/adalora/svd_adapter.hpp>
+#include <lora/adalora/regularizer.hpp>
+#include <lora/adalora/rank_allocator.hpp>
+#include <lora/train/optim.hpp>
+#include <lora/train/schedule.hpp>
+#include <lora/train/loss.hpp>
+#include <lora/train/loraplus.hpp>

@@ -1,9 +1,7 @@
 // LoRA+: B's learning rate is ratio × A's; and adapters train end to end with AdamW.
-#include <lora/core/adapter.hpp>
-#include <lora/core/init.hpp>
-#include <lora/train/loraplus.hpp>
-#include <lora/train/loss.hpp>
-#include <lora/train/schedule.hpp>
+#include <lora/adalora/replay.hpp>  // with the umbrella: checks that everything composes
+#include <lora/io/peft.hpp>
+#include <lora/lora.hpp>
 
 #include "support/catch.hpp"
 #include "support/reference.hpp"

@@ -39,12 +39,6 @@ struct TraceReplay {
   std::vector<SvdAdapter<float>> adapters;  ///< the adapters after the last step
 };
 
-namespace detail {
-inline bool ends_with(const std::string& s, const std::string& suf) {
-  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
-}
-}  // namespace detail
-
 /// Reads <folder>/trace.json (config) and <folder>/trace.safetensors (init.<module>.lora_{A,E,B}.<adapter>,
 /// step<k>.grad.<module>.lora_{A,E,B}.<adapter>) and replays every recorded step in float32, as PEFT ran it.
 inline TraceReplay replay_adalora_trace(const std::filesystem::path& folder) {
