@@ -288,6 +288,7 @@ inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>
   const std::uint8_t* packed = W.packed().data();
   const float* absmax = W.absmax().data();
   const bool par = static_cast<std::int64_t>(out) * in > detail::parallel_threshold;
+  (void)par;
 #if defined(__AVX512F__)
   if (in % 32 == 0) {
     // Rows of whole 32-element groups: pair-permuted X, codes decoded in registers.
@@ -352,6 +353,7 @@ inline Matrix<float> nf4_matmul_fused_t(const Nf4Tensor& W, const MatrixRef<floa
   constexpr std::int64_t kc = 256;
   const std::int64_t nchunks = (in + kc - 1) / kc;
   const bool par = static_cast<std::int64_t>(out) * in > detail::parallel_threshold;
+  (void)par;
   LORA_QUANT_PRAGMA(omp parallel for schedule(static) if (par))
   for (std::int64_t c = 0; c < nchunks; ++c) {
     alignas(64) float buf[kc];
