@@ -185,3 +185,26 @@ TEST_CASE("RankAllocator rejects mismatched adapters and gradients", "[adalora]"
   CHECK_THROWS_WITH(alloc.mask_to_budget(std::span<SvdAdapter<double>>(other), 2),
                     Catch::Matchers::ContainsSubstring("expected [r=4, in=6, out=5]"));
 }
+
+TEST_CASE("RankAllocator edge cases: no pruning needed, final phase without a pattern", "[adalora]") {
+  Generator gen(lora::test::fresh_seed());
+  AdaLoraConfig cfg;
+  cfg.init_r = 3;
+  cfg.target_r = 3;  // budget never shrinks: k = 0, nothing is masked (PEFT's kthvalue would raise)
+  cfg.total_step = 6;
+  cfg.tfinal = 2;
+  std::vector<SvdAdapter<double>> ads{SvdAdapter<double>::from_factors(random_matrix(3, 5, gen), random_matrix(3, 1, gen),
+                                                                       random_matrix(4, 3, gen), 8.0)};
+  std::vector<SvdGradients<double>> g(1);
+  g[0].dA = random_matrix(3, 5, gen);
+  g[0].dE = random_matrix(3, 1, gen);
+  g[0].dB = random_matrix(4, 3, gen);
+  RankAllocator<double> alloc(cfg, ads);
+  for (int t = 0; t < 6; ++t) alloc.update_and_allocate(t, ads, g);
+  CHECK(ads[0].active_rank() == 3);
+  REQUIRE(alloc.rank_pattern().has_value());
+  CHECK(*alloc.rank_pattern() == RankPattern{{true, true, true}});
+  // jumping straight into the final phase has no pattern to apply
+  RankAllocator<double> fresh(cfg, ads);
+  CHECK_THROWS_WITH(fresh.update_and_allocate(5, ads, g), Catch::Matchers::ContainsSubstring("no rank pattern was fixed (call step 4 first)"));
+}
