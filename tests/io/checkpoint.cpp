@@ -282,3 +282,50 @@ TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing
     if (e.path().filename().string().rfind(".partial", 0) == 0) ++leftovers;
   CHECK(leftovers == 0);
 }
+
+TEST_CASE("merge_weight: LoRA and DoRA, fan_in_fan_out, odd shapes, every float dtype", "[merge]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  TempDir tmp;
+  for (bool fifo : {false, true})
+    for (bool dora : {false, true})
+      for (auto t : {io::dtype::F32, io::dtype::F64, io::dtype::BF16}) {
+        INFO("fifo " << fifo << " dora " << dora << " " << io::dtype_name(t));
+        const Index out = 21, in = 45, r = 5;  // rows not a multiple of 8, columns not of 32
+        AdapterOptions o;
+        o.fan_in_fan_out = fifo;
+        o.name = "m";
+        auto lora = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+            lora::test::random_matrix<float>(r, in, gen), lora::test::random_matrix<float>(out, r, gen), 3.0, o,
+            dynamic_scaling{true});
+        io::PeftModule mod{"m", lora, std::nullopt, io::dtype::F32};
+        Vector<double> m(out);
+        for (Index i = 0; i < out; ++i) m(i) = static_cast<float>(0.5 + gen.uniform());  // float-exact
+        if (dora) mod.magnitude = m.cast<float>();
+        const Matrix<double> Wo = lora::test::random_matrix(out, in, gen);  // [out × in]
+        const Matrix<double> Wstored = fifo ? Matrix<double>(Wo.transpose()) : Wo;
+        io::write_safetensors(tmp.path / "w.safetensors", {io::TensorData::from_matrix("w", Wstored, t)});
+        const auto f = io::SafetensorsFile::open(tmp.path / "w.safetensors");
+        const Matrix<double> W = f.tensor("w").to_matrix<double>();  // what the file holds
+        const Matrix<double> Wd = fifo ? Matrix<double>(W.transpose()) : W;
+        const double s = 0.7 * 3.0 / std::sqrt(5.0);
+        Matrix<double> V = Wd + s * lora.B().cast<double>() * lora.A().cast<double>();
+        if (dora) {
+          const Vector<double> n = V.rowwise().norm();
+          V = m.cwiseQuotient(n).asDiagonal() * V;
+        }
+        const Matrix<double> want = fifo ? Matrix<double>(V.transpose()) : V;
+        const auto bytes = io::merge_weight(f.tensor("w"), mod, 0.7, t);
+        io::TensorData got;
+        got.name = "w";
+        got.type = t;
+        got.shape = f.tensor("w").shape;
+        got.bytes.assign(bytes.begin(), bytes.end());
+        io::write_safetensors(tmp.path / "m.safetensors", {got});
+        const auto g = io::SafetensorsFile::open(tmp.path / "m.safetensors").tensor("w").to_matrix<double>();
+        const double tol = t == io::dtype::BF16 ? 4e-3 : t == io::dtype::F32 ? 1e-6 : 1e-6;  // factors are float
+        CHECK(rel_error(g, want) < tol);
+        if (t == io::dtype::F64) CHECK(rel_error(g, want) < 1e-12);  // computed in double from float factors
+      }
+}
