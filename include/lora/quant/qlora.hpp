@@ -295,7 +295,7 @@ inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>
     // Row blocks × k-chunks keep the X chunk of every token in L1 across 64 rows.
     const Matrix<float> Xp = detail::permute_pairs(Xc);
     constexpr Index row_block = 64;
-    const std::int64_t kc = T <= 4 ? in : 512;
+    const std::int64_t kc = T <= 4 ? in : 2048;
     const Index nrb = (out + row_block - 1) / row_block;
     LORA_QUANT_PRAGMA(omp parallel for schedule(static) if (par))
     for (Index rb = 0; rb < nrb; ++rb) {
@@ -486,17 +486,39 @@ class QLoraLinear {
   /// X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode).
   Matrix<float> forward(const MatrixRef<float>& X) const {
     Matrix<float> y = base_forward(X);
-    y.noalias() += adapter_.forward(X);
+    if (X.rows() <= quant::fused_max_tokens) {
+      // Few tokens: coefficient-wise products. Eigen's threaded GEMM would spin-wait
+      // on a busy machine for products this small.
+      const float s = static_cast<float>(adapter_.scaling());
+      const Matrix<float> xa = s * X.lazyProduct(adapter_.A().transpose());
+      y.noalias() += xa.lazyProduct(adapter_.B().transpose());
+    } else {
+      y.noalias() += adapter_.forward(X);
+    }
     return y;
   }
 
-  /// Gradients for dY = ∂L/∂Y with W frozen: dA, dB from the adapter path and
+  /// Gradients for dY = ∂L/∂Y with W frozen: dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
   /// dX = dY·dequant(W) + s·(dY·B)·A.
   Gradients<float> backward(const MatrixRef<float>& X, const Eigen::Ref<const Matrix<float>>& dY) const {
     if (dY.rows() != X.rows() || dY.cols() != out_features())
       lora::detail::fail("QLoraLinear::backward: dY has shape [{} x {}], expected [{} x {}]", dY.rows(), dY.cols(),
                          X.rows(), out_features());
-    Gradients<float> g = adapter_.backward(X, dY);
+    if (X.cols() != in_features())
+      lora::detail::fail("QLoraLinear::backward: input has {} columns, expected in_features = {}", X.cols(), in_features());
+    Gradients<float> g;
+    if (X.rows() <= quant::fused_max_tokens) {
+      const float s = static_cast<float>(adapter_.scaling());
+      const auto& A = adapter_.A();
+      const auto& B = adapter_.B();
+      const Matrix<float> xa = X.lazyProduct(A.transpose());   // [T × r]
+      const Matrix<float> gb = s * dY.lazyProduct(B);           // [T × r]
+      g.dB = s * dY.transpose().lazyProduct(xa);
+      g.dA = gb.transpose().lazyProduct(X);
+      g.dX = gb.lazyProduct(A);
+    } else {
+      g = adapter_.backward(X, dY);
+    }
     g.dX.noalias() += quant::nf4_matmul_t(W_, dY);
     return g;
   }
