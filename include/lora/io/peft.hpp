@@ -366,7 +366,9 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
       lora::detail::fail("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16 or F64)", file, t.name,
                          dtype_name(t.type));
   };
-  for (auto& [name, p] : parts) {
+  for (auto& part : parts) {  // no structured bindings: clang < 16 cannot capture them in the lambda below
+    const std::string& name = part.first;
+    Parts& p = part.second;
     if (!p.A)
       lora::detail::fail("{}: module '{}' has {} but no lora_A.weight", file, name,
                          p.B ? "lora_B.weight" : "lora_magnitude_vector");
