@@ -133,6 +133,7 @@ struct TensorView {
   template <class S>
   void convert_into(S* out) const {
     const std::int64_t n = numel();
+    if (n == 0) return;  // out may be null then, and memcpy(nullptr, ..., 0) is undefined
     if (type == dtype::F32 && std::is_same_v<S, float>) {
       std::memcpy(out, bytes.data(), static_cast<std::size_t>(n) * 4);
       return;
@@ -172,8 +173,14 @@ class MappedFile {
     }
     ::close(fd);
   }
+  /// Holds a copy of `bytes` in memory instead of a mapping; `name` stands for the path in messages.
+  MappedFile(std::string_view bytes, std::string name)
+      : path_(std::move(name)), owned_(std::make_unique<std::byte[]>(bytes.size() + 1)), size_(bytes.size()) {
+    std::memcpy(owned_.get(), bytes.data(), bytes.size());
+    data_ = owned_.get();
+  }
   ~MappedFile() {
-    if (data_) ::munmap(const_cast<std::byte*>(data_), size_);
+    if (data_ && !owned_) ::munmap(const_cast<std::byte*>(data_), size_);
   }
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -183,6 +190,7 @@ class MappedFile {
 
  private:
   std::string path_;
+  std::unique_ptr<std::byte[]> owned_;
   const std::byte* data_ = nullptr;
   std::size_t size_ = 0;
 };
@@ -200,6 +208,15 @@ class SafetensorsFile {
   static SafetensorsFile open(const std::filesystem::path& path) {
     SafetensorsFile f;
     f.map_ = std::make_shared<detail::MappedFile>(path);
+    f.parse();
+    return f;
+  }
+
+  /// Parses safetensors bytes held in memory (copied), with the same checks as open();
+  /// `name` stands for the file in messages.
+  static SafetensorsFile from_bytes(std::string_view bytes, std::string name = "<memory>") {
+    SafetensorsFile f;
+    f.map_ = std::make_shared<detail::MappedFile>(bytes, std::move(name));
     f.parse();
     return f;
   }
@@ -264,7 +281,8 @@ class SafetensorsFile {
         if (!d.is_number_integer()) lora::detail::fail("{}: shape entries must be integers", where);
         const auto v = d.get<std::int64_t>();
         if (v < 0) lora::detail::fail("{}: negative dimension {} in shape", where, v);
-        if (v > 0 && numel > (std::uint64_t{1} << 62) / static_cast<std::uint64_t>(v))
+        // Bounded so that numel · dtype_size cannot wrap around (2^61 F64 elements would need "0" bytes).
+        if (v > 0 && numel > ((std::uint64_t{1} << 62) / dtype_size(t.type)) / static_cast<std::uint64_t>(v))
           lora::detail::fail("{}: shape is too large", where);
         numel *= static_cast<std::uint64_t>(v);
         t.shape.push_back(v);
