@@ -118,11 +118,16 @@ inline Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_na
   if (!need("blocksize").is_number_integer()) lora::detail::fail("{}: blocksize must be an integer", where);
   const auto bs = js["blocksize"].get<std::int64_t>();
   std::vector<std::int64_t> shape;
+  std::int64_t n = 1;
   if (!need("shape").is_array()) lora::detail::fail("{}: shape must be an array of integers", where);
   for (auto& d : js["shape"]) {
     if (!d.is_number_integer() || d.get<std::int64_t>() < 0)
       lora::detail::fail("{}: shape must be an array of non-negative integers, got {}", where, js["shape"].dump());
-    shape.push_back(d.get<std::int64_t>());
+    const auto v = d.get<std::int64_t>();
+    if (v > 0 && n > (std::int64_t{1} << 62) / v)  // the element count must not overflow
+      lora::detail::fail("{}: shape {} is too large", where, js["shape"].dump());
+    n *= v;
+    shape.push_back(v);
   }
   source_dtype dt = source_dtype::float32;
   if (js.contains("dtype") && js["dtype"].is_string()) {
@@ -136,8 +141,6 @@ inline Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_na
     else
       lora::detail::fail("{}: dtype '{}' is not one of float32, bfloat16, float16", where, s);
   }
-  std::int64_t n = 1;
-  for (auto d : shape) n *= d;
 
   // Packed codes: U8 normally; any other quant_storage dtype holds the same bytes.
   const auto& wt = f.tensor(weight_name);
