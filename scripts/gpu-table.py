@@ -38,6 +38,15 @@ for i, o, t, r in shapes:
     fb = get(ours, "ours_fwd_bwd", i, o, t, r)
     pfb = get(peft, "peft_fwd_bwd", i, o, t, r)
     print(f"| {i}→{o} | {t} | {r} | {b:.4f} | {f:.4f} | {f/b:.2f} | {pf:.4f} | {pf/tb:.2f} | {pf/f:.2f} | {bb:.4f} | {fb:.4f} | {fb/bb:.2f} | {pfb:.4f} |")
+print("\nwhere the fused forward goes (ms; base GEMM with contiguous X above):")
+print("| in→out | T | r | base, X strided (ld in+r) | s·X·Aᵀ (cuBLAS) | [X, XA]·[W, B]ᵀ GEMM | fwd concat_k | fwd accumulate | plain apply(W, X) |")
+print("|---|---|---|---|---|---|---|---|---|")
+for i, o, t, r in shapes:
+    if t < 4096:
+        continue
+    vals = [get(ours, n, i, o, t, r) for n in ("part_base_strided_x", "part_xa_cublas", "part_wide_gemm",
+                                                 "part_fwd_concat_k", "part_fwd_accumulate", "ours_plain_fwd")]
+    print(f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
 print("\nDoRA forward (4096→4096, r 16):")
 for t in (1, 16384):
     b = get(ours, "base_gemm", 4096, 4096, t, 16)

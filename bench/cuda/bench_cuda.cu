@@ -58,6 +58,39 @@ double time_ms(CudaContext& ctx, const std::function<void(int)>& fn, int batch =
   return t[t.size() / 2];
 }
 
+/// Medians of two functions timed in alternating batches, so that clock drift
+/// (power, temperature) hits both alike.
+std::pair<double, double> time_pair(CudaContext& ctx, const std::function<void(int)>& f,
+                                    const std::function<void(int)>& g, int batch = 10, int batches = 15) {
+  cudaEvent_t e[3];
+  for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
+  int k = 0;
+  for (int i = 0; i < 3; ++i) {
+    f(k);
+    g(k++);
+  }
+  std::vector<float> a, b;
+  for (int j = 0; j < batches; ++j) {
+    LORA_CUDA_CHECK(cudaEventRecord(e[0], ctx.stream()));
+    for (int i = 0; i < batch; ++i) f(k + i);
+    LORA_CUDA_CHECK(cudaEventRecord(e[1], ctx.stream()));
+    for (int i = 0; i < batch; ++i) g(k + i);
+    LORA_CUDA_CHECK(cudaEventRecord(e[2], ctx.stream()));
+    k += batch;
+    LORA_CUDA_CHECK(cudaEventSynchronize(e[2]));
+    float x = 0, y = 0;
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&x, e[0], e[1]));
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&y, e[1], e[2]));
+    a.push_back(x / batch);
+    b.push_back(y / batch);
+  }
+  LORA_CUDA_CHECK(cudaGetLastError());
+  for (auto& ev : e) cudaEventDestroy(ev);
+  std::nth_element(a.begin(), a.begin() + a.size() / 2, a.end());
+  std::nth_element(b.begin(), b.begin() + b.size() / 2, b.end());
+  return {a[a.size() / 2], b[b.size() / 2]};
+}
+
 void emit(const char* name, Index in, Index out, Index T, Index r, double ms, double extra = 0) {
   std::fprintf(csv, "%s,%ld,%ld,%ld,%ld,%.5f,%.4f\n", name, static_cast<long>(in), static_cast<long>(out),
                static_cast<long>(T), static_cast<long>(r), ms, extra);
@@ -87,16 +120,27 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
   DeviceView<const S> dY = DeviceView<const S>(dYp.view()).col_block(0, out);
 
-  auto base = [&](int i) { detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[i % sets].view(), 0.f, Y.view()); };
-  auto base_dx = [&](int i) { detail::gemm<S, S, S>(ctx_ref, false, false, T, in, out, 1.f, dY, W[i % sets].view(), 0.f, dX.view()); };
-  const double t_base = time_ms(ctx_ref, base);
-  emit("base_gemm", in, out, T, r, t_base);
+  // The baseline reads contiguous X and dY (as torch's F.linear would).
+  DeviceMatrix<S> Xc(T, in), dYc(T, out);
+  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), X.data, X.ld * sizeof(S), in * sizeof(S), T,
+                               cudaMemcpyDeviceToDevice));
+  LORA_CUDA_CHECK(cudaMemcpy2D(dYc.data(), out * sizeof(S), dY.data, dY.ld * sizeof(S), out * sizeof(S), T,
+                               cudaMemcpyDeviceToDevice));
+  auto base = [&](int i) {
+    detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f, Y.view());
+  };
+  auto base_dx = [&](int i) {
+    detail::gemm<S, S, S>(ctx_ref, false, false, T, in, out, 1.f, dYc.view(), W[i % sets].view(), 0.f, dX.view());
+  };
   if (!dora) {
-    emit("ours_fused_fwd", in, out, T, r, time_ms(ctx_ref, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }));
+    auto [tb, tf] = time_pair(ctx_ref, base, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); });
+    emit("base_gemm", in, out, T, r, tb);
+    emit("ours_fused_fwd", in, out, T, r, tf);
     if (T >= 4096) {  // where the fused forward's time goes
       DeviceView<S> XA = Xp.view().col_block(in, r);
-      emit("part_xa_wmma", in, out, T, r,
-           time_ms(ctx_ref, [&](int) { detail::compute_xa<S>(ctx_ref, X, fw[0].A(), false, XA, 0.5f); }));
+      emit("part_base_strided_x", in, out, T, r, time_ms(ctx_ref, [&](int) {
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[0].view(), 0.f, Y.view());
+           }));
       emit("part_xa_cublas", in, out, T, r, time_ms(ctx_ref, [&](int) {
              detail::gemm<S, S, S>(ctx_ref, false, true, T, r, in, 0.5f, X, fw[0].A(), 0.f, XA);
            }));
@@ -104,18 +148,29 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
              detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + r, 1.f,
                                    DeviceView<const S>(Xp.view()), fw[0].wide(), 0.f, Y.view());
            }));
+      for (auto [name, how] : {std::pair{"part_fwd_concat_k", FusedForward::concat_k},
+                               std::pair{"part_fwd_accumulate", FusedForward::accumulate}}) {
+        FusedWeight<S>& f0 = fw[0];
+        const FusedForward keep = f0.forward;
+        f0.forward = how;
+        emit(name, in, out, T, r, time_ms(ctx_ref, [&](int) { ad.apply(f0, Xp.view(), Y.view()); }));
+        f0.forward = keep;
+      }
     }
     emit("ours_plain_fwd", in, out, T, r,
-         time_ms(ctx_ref, [&](int i) { ad.apply(W[i % sets].view(), X, Y.view()); }));
-    const double t_bb = time_ms(ctx_ref, [&](int i) {
-      base(i);
-      base_dx(i);
-    });
-    emit("base_fwd_bwd", in, out, T, r, t_bb);
-    emit("ours_fwd_bwd", in, out, T, r, time_ms(ctx_ref, [&](int i) {
-           ad.apply(fw[i % sets], Xp.view(), Y.view());
-           ad.backward(fw[i % sets], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
-         }));
+         time_ms(ctx_ref, [&](int i) { ad.apply(W[i % sets].view(), Xc.view(), Y.view()); }));
+    auto [tbb, tfb] = time_pair(
+        ctx_ref,
+        [&](int i) {
+          base(i);
+          base_dx(i);
+        },
+        [&](int i) {
+          ad.apply(fw[i % sets], Xp.view(), Y.view());
+          ad.backward(fw[i % sets], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
+        });
+    emit("base_fwd_bwd", in, out, T, r, tbb);
+    emit("ours_fwd_bwd", in, out, T, r, tfb);
   } else {
     DeviceMatrix<float> m(1, out);
     {
@@ -124,9 +179,11 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       m.upload(h);
     }
     std::vector<DoraWorkspace<S>> ws(sets);
-    emit("ours_dora_fwd", in, out, T, r, time_ms(ctx_ref, [&](int i) {
-           dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), ws[i % sets]);
-         }));
+    auto [tb, td] = time_pair(ctx_ref, base, [&](int i) {
+      dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), ws[i % sets]);
+    });
+    emit("base_gemm", in, out, T, r, tb);
+    emit("ours_dora_fwd", in, out, T, r, td);
   }
 }
 
@@ -180,10 +237,13 @@ int main(int argc, char** argv) {
     for (Index T : {Index(1), Index(16)}) {
       DeviceMatrix<S> X(T, in), Y(T, out);
       fill_random(X.view(), g, 1.0);
-      emit("base_gemm", in, out, T, 0, time_ms(*ctx, [&](int i) {
-             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
-           }));
-      const double ms = time_ms(*ctx, [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+      auto [tb, ms] = time_pair(
+          *ctx,
+          [&](int i) {
+            detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
+          },
+          [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+      emit("base_gemm", in, out, T, 0, tb);
       const double bytes = out * in / 2.0 + out * in / 64.0 * 4 + T * (in + out) * 2.0;
       emit("ours_nf4_gemm", in, out, T, 0, ms, bytes / ms / 1e6);
     }

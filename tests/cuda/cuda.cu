@@ -101,6 +101,12 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
     poison(Y.view());
     ad.apply(fw, Xp.view(), Y.view());
     CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    for (FusedForward how : {FusedForward::concat_k, FusedForward::accumulate}) {
+      fw.forward = how;
+      poison(Y.view());
+      ad.apply(fw, Xp.view(), Y.view());
+      CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    }
     auto dYp = upload_padded(dY, sh.r);
     DeviceMatrix<S> gX(sh.tokens, sh.in);
     DeviceMatrix<float> gA(sh.r, sh.in), gB(sh.out, sh.r);

@@ -9,6 +9,8 @@
 
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace lora {
 
@@ -18,10 +20,21 @@ namespace lora {
 ///   forward   Y  = [X | s·X·Aᵀ] · [W | B]ᵀ          (K = in + r)
 ///   backward  dX = [dY | s·dY·B] · [W ; A]          (K = out + r)
 /// Build it with LowRankAdapter<S, cuda>::fuse(W); refresh(fw) after A or B change.
+/// How the fused forward forms Y for more than 4 tokens (both write Y in full):
+/// concat_k:   Y = [X | XA]·[W | B]ᵀ, one GEMM with K = in + r;
+/// accumulate: Y = XA·Bᵀ (a K = r GEMM), then Y = X·Wᵀ + Y (the base GEMM with beta = 1),
+///             so the big GEMM keeps its K = in shape (cuBLAS picks slower kernels for
+///             some K = in + r);
+/// automatic:  times both once per token count (on first use) and keeps the faster.
+enum class FusedForward { automatic, concat_k, accumulate };
+
 template <class S>
 struct FusedWeight {
   DeviceMatrix<S> block;
   Index out = 0, in = 0, r = 0;
+  FusedForward forward = FusedForward::automatic;
+  /// automatic's choices: (tokens, strategy).
+  mutable std::vector<std::pair<Index, FusedForward>> tuned = {};
 
   Index ld() const { return in + r; }
   DeviceView<const S> W() const { return {block.data(), out, in, ld()}; }
@@ -79,13 +92,14 @@ bool gemv_ok(DeviceView<const S> X, DeviceView<const S> M) {
 }
 
 /// XA = s·X·Aᵀ (A [r × K]; or s·X·A for A [K × r] with a_rows_are_k): the decode
-/// kernel for tokens ≤ 16, tensor-core WMMA for 16-row multiples with r ∈ {16, 32,
-/// 64}, cuBLAS otherwise.
+/// kernel for tokens ≤ 16, cuBLAS otherwise (it reads X near the copy bandwidth;
+/// a WMMA kernel we tried was slower, see docs/performance.md).
 template <class S>
 void compute_xa(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> A, bool a_rows_are_k,
                 DeviceView<S> XA, float s) {
   using T = device_t<S>;
   const Index T_ = X.rows, K = X.cols, r = XA.cols;
+  (void)T_;
   if (!a_rows_are_k && gemv_ok<S>(X, A)) {
     const DeviceView<const T> none{};
     if (T_ == 1)
@@ -95,27 +109,6 @@ void compute_xa(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const 
     else
       launch_gemv<T, 16, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
     return;
-  }
-  if constexpr (!std::is_same_v<S, float>) {
-    const bool ok = T_ % 16 == 0 && K % 16 == 0 && X.ld % 16 == 0 && A.ld % 16 == 0 && aligned(X.data, 32) &&
-                    aligned(A.data, 32) && (r == 16 || r == 32 || r == 64);
-    if (ok) {
-      auto go = [&](auto kernel) {
-        kernel<<<ceil_div(T_, 16), 128, 0, ctx.stream()>>>(as_device(X).data, X.ld, static_cast<int>(K),
-                                                           as_device(A).data, A.ld, as_device(XA).data, XA.ld, s);
-        LORA_CUDA_CHECK_LAUNCH("xa_wmma_kernel");
-      };
-      if (a_rows_are_k) {
-        if (r == 16) go(xa_wmma_kernel<T, 1, true>);
-        else if (r == 32) go(xa_wmma_kernel<T, 2, true>);
-        else go(xa_wmma_kernel<T, 4, true>);
-      } else {
-        if (r == 16) go(xa_wmma_kernel<T, 1, false>);
-        else if (r == 32) go(xa_wmma_kernel<T, 2, false>);
-        else go(xa_wmma_kernel<T, 4, false>);
-      }
-      return;
-    }
   }
   gemm<S, S, S>(ctx, false, !a_rows_are_k, T_, r, K, s, X, A, 0.f, XA);
 }
@@ -300,8 +293,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
 
   /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input).
   /// Tokens ≤ 4: two decode kernels (CUDA cores, one pass over W); otherwise
-  /// s·X·Aᵀ into Xp's last r columns (tensor-core WMMA kernel), then one cuBLAS
-  /// GEMM [X | s·X·Aᵀ]·[W | B]ᵀ with K = in + r (X read twice, Y written once).
+  /// s·X·Aᵀ into Xp's last r columns, then fw.forward's strategy (FusedForward).
   void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
     check_fused(fw, Xp, Y);
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
@@ -310,8 +302,25 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     view XA = Xp.col_block(in, r);
     if (detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), XA, Y, s)) return;
     detail::compute_xa<Scalar>(*ctx_, X, fw.A(), false, XA, s);
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + r, 1.f, cview(Xp).col_block(0, in + r),
-                                         fw.wide(), 0.f, Y);
+    auto run = [&](FusedForward how) {
+      if (how == FusedForward::concat_k) {
+        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + r, 1.f, cview(Xp).col_block(0, in + r),
+                                             fw.wide(), 0.f, Y);
+      } else {
+        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(XA), fw.B(), 0.f, Y);
+        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
+      }
+    };
+    FusedForward how = fw.forward;
+    if (how == FusedForward::automatic) {
+      for (const auto& [t, h] : fw.tuned)
+        if (t == T) how = h;
+      if (how == FusedForward::automatic) {
+        how = tune(run);
+        fw.tuned.emplace_back(T, how);
+      }
+    }
+    run(how);
   }
 
   /// Gradients of apply(W, X) (W frozen): dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
@@ -378,6 +387,25 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
                     in_features() + rank());
     detail::require(Y.rows == Xp.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, Xp.rows,
                     out_features());
+  }
+  /// Times both fused-forward strategies (after one warm-up each) and returns the faster.
+  template <class Run>
+  FusedForward tune(Run&& run) const {
+    cudaEvent_t e[3];
+    for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
+    run(FusedForward::concat_k);
+    run(FusedForward::accumulate);
+    LORA_CUDA_CHECK(cudaEventRecord(e[0], ctx_->stream()));
+    for (int i = 0; i < 3; ++i) run(FusedForward::concat_k);
+    LORA_CUDA_CHECK(cudaEventRecord(e[1], ctx_->stream()));
+    for (int i = 0; i < 3; ++i) run(FusedForward::accumulate);
+    LORA_CUDA_CHECK(cudaEventRecord(e[2], ctx_->stream()));
+    LORA_CUDA_CHECK(cudaEventSynchronize(e[2]));
+    float a = 0, b = 0;
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&a, e[0], e[1]));
+    LORA_CUDA_CHECK(cudaEventElapsedTime(&b, e[1], e[2]));
+    for (auto& ev : e) cudaEventDestroy(ev);
+    return a <= b ? FusedForward::concat_k : FusedForward::accumulate;
   }
   void copy(cview src, view dst) const {
     if (src.rows == 0 || src.cols == 0) return;

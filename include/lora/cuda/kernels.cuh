@@ -10,7 +10,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mma.h>
 
 namespace lora::detail {
 
@@ -133,53 +132,6 @@ __global__ void __launch_bounds__(decode_threads) gemv_kernel(
     for (int w = 0; w < decode_threads / 32; ++w) v += part[w][i];
     Y[t * ldy + row] = from_float<T>(scale * v);
   }
-}
-
-/// XA[t, j] = s·Σ_k X[t, k]·A[j, k] (or ·A[k, j] with BRowMajor) on tensor cores (WMMA 16×16×16, float
-/// accumulation) for the skinny GEMM of the adapter path (r = 16·RT ≤ 64):
-/// one block per 16 tokens, its 4 warps split K and meet in shared memory. X is
-/// read once, straight from global memory into fragments.
-/// Needs tokens, K, ldx, lda, ldxa multiples of 16 and 32-byte aligned bases.
-template <class T, int RT, bool BRowMajor>
-__global__ void __launch_bounds__(128) xa_wmma_kernel(const T* __restrict__ X, long ldx, int K,
-                                                      const T* __restrict__ A, long lda, T* __restrict__ XA,
-                                                      long ldxa, float s) {
-  using namespace nvcuda;
-  __shared__ float part[4][RT][16 * 16];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const long t0 = static_cast<long>(blockIdx.x) * 16;
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[RT];
-#pragma unroll
-  for (int i = 0; i < RT; ++i) wmma::fill_fragment(acc[i], 0.f);
-  const int steps = K / 16;
-  const int per = (steps + 3) / 4;
-  const int k0 = warp * per, k1 = min(steps, k0 + per);
-#pragma unroll 4
-  for (int k = k0; k < k1; ++k) {
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-    wmma::load_matrix_sync(a, X + t0 * ldx + k * 16, static_cast<unsigned>(ldx));
-#pragma unroll
-    for (int i = 0; i < RT; ++i) {
-      if constexpr (BRowMajor) {  // b(k, j) = A[k, j]: A is [K × r] (B of the adapter, for s·dY·B)
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-        wmma::load_matrix_sync(b, A + (k * 16) * lda + i * 16, static_cast<unsigned>(lda));
-        wmma::mma_sync(acc[i], a, b, acc[i]);
-      } else {  // b(k, j) = A[j, k]: A is [r × K]
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-        wmma::load_matrix_sync(b, A + (i * 16) * lda + k * 16, static_cast<unsigned>(lda));
-        wmma::mma_sync(acc[i], a, b, acc[i]);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < RT; ++i) wmma::store_matrix_sync(part[warp][i], acc[i], 16, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < RT * 256; e += 128) {
-    const int i = e / 256, q = e % 256;
-    const float v = part[0][i][q] + part[1][i][q] + part[2][i][q] + part[3][i][q];
-    XA[(t0 + q / 16) * ldxa + i * 16 + q % 16] = from_float<T>(s * v);
-  }
-  (void)lane;
 }
 
 /// out[n] = Σ_k M[n, k]² in float; one warp per row.
