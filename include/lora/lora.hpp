@@ -22,3 +22,8 @@
 #include <lora/train/schedule.hpp>
 #include <lora/train/loss.hpp>
 #include <lora/train/loraplus.hpp>
+#include <lora/io/safetensors.hpp>
+#include <lora/io/checkpoint.hpp>
+#include <lora/io/peft.hpp>
+#include <lora/io/merge.hpp>
+#include <lora/dora/dora.hpp>
