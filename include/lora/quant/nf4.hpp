@@ -221,18 +221,18 @@ void nf4_quantize(const T* x, std::int64_t n, std::int64_t blocksize, std::uint8
     }
     absmax[b] = m;
     const float inv = 1.0f / m;
+    // Codes first (a loop the compiler vectorises: 15 compares per element), then
+    // the nibbles. An odd tail is padded with a zero, which the kernel quantises too.
+    alignas(64) std::uint8_t codes[nf4_max_blocksize];
+    for (std::int64_t j = 0; j < len; ++j) {
+      const float v = detail::load_float(xb[j]) * inv;
+      int c = 0;
+      for (int t = 0; t < 15; ++t) c += v > nf4_thresholds[t] ? 1 : 0;
+      codes[j] = static_cast<std::uint8_t>(c);
+    }
+    if (len & 1) codes[len] = detail::nf4_encode_count(0.0f * inv);
     std::uint8_t* pb = packed + begin / 2;  // blocksize is even: blocks start on a byte
-    std::int64_t j = 0;
-    for (; j + 1 < len; j += 2) {
-      const std::uint8_t hi = detail::nf4_encode_count(detail::load_float(xb[j]) * inv);
-      const std::uint8_t lo = detail::nf4_encode_count(detail::load_float(xb[j + 1]) * inv);
-      pb[j / 2] = static_cast<std::uint8_t>((hi << 4) | lo);
-    }
-    if (j < len) {  // odd tail: the kernel pads the block with zeros and quantises them too
-      const std::uint8_t hi = detail::nf4_encode_count(detail::load_float(xb[j]) * inv);
-      const std::uint8_t lo = detail::nf4_encode_count(0.0f * inv);
-      pb[j / 2] = static_cast<std::uint8_t>((hi << 4) | lo);
-    }
+    for (std::int64_t j = 0; j < len; j += 2) pb[j / 2] = static_cast<std::uint8_t>((codes[j] << 4) | codes[j + 1]);
   }
   if (bad) {
     for (std::int64_t i = 0; i < n; ++i)
