@@ -26,16 +26,15 @@ int main(int argc, char** argv) {
     std::vector<int> layers;
     int r;
   };
-  const std::vector<Config> configs = {
-      {"all 3 @ r=4", {0, 1, 2}, 4}, {"L1+L2 @ r=6", {0, 1}, 6}, {"L1+L3 @ r=6", {0, 2}, 6},
-      {"L2+L3 @ r=6", {1, 2}, 6},    {"L1 @ r=12", {0}, 12},     {"L2 @ r=12", {1}, 12},
-      {"L3 @ r=12", {2}, 12}};
+  const std::vector<Config> configs = {{"all @4", {0, 1, 2}, 4}, {"L1+L2 @6", {0, 1}, 6}, {"L1+L3 @6", {0, 2}, 6},
+                                       {"L2+L3 @6", {1, 2}, 6},  {"L1 @12", {0}, 12},       {"L2 @12", {1}, 12},
+                                       {"L3 @12", {2}, 12}};
   struct Teacher {
     std::string name;
     std::vector<int> ranks;
   };
-  const std::vector<Teacher> teachers = {{"spread (rank 4 in every layer)", {4, 4, 4}},
-                                         {"concentrated (rank 12 in layer 2)", {0, 12, 0}}};
+  const std::vector<Teacher> teachers = {{"spread: rank 4 in L1, L2, L3", {4, 4, 4}},
+                                         {"concentrated: rank 12 in L2", {0, 12, 0}}};
 
   Csv csv(opt.out + "/exp6_layers_vs_rank.csv",
           {"teacher", "config", "layers", "r", "trainable_parameters", "seed", "train_mse", "test_error"});
@@ -71,20 +70,19 @@ int main(int argc, char** argv) {
   }
   Plot p;
   p.title = fmt::format("Equal budget ({} parameters): where to put the rank", 3 * 4 * 2 * d);
-  p.xlabel = "which layers are adapted, at which rank";
+  p.xlabel = "adapted layers @ rank (L1 = first layer)";
   p.ylabel = "test error (1 = base)";
   p.yscale = Plot::log10;
   for (const auto& c : configs) p.xcategories.push_back(c.name);
   std::vector<double> xs;
   for (std::size_t c = 0; c < configs.size(); ++c) xs.push_back(static_cast<double>(c));
   for (std::size_t t = 0; t < teachers.size(); ++t) {
-    Series s = mean_series("teacher: " + teachers[t].name, xs, err[t]);
+    Series s = mean_series(teachers[t].name, xs, err[t]);
     s.line = false;
     // nudge the two teachers apart so the error bars do not overlap
     for (double& x : s.x) x += t == 0 ? -0.08 : 0.08;
     p.add(s);
   }
-  p.width = 900;
   p.save(opt.out + "/exp6_layers_vs_rank.svg");
   fmt::print("exp_layers_vs_rank: {}\n", clock.report());
 }

@@ -64,6 +64,8 @@ int main(int argc, char** argv) {
     }
     p.add(opt_s);
     p.vlines.push_back({double(k), fmt::format("teacher rank k = {}", k)});
+    // E‖ΔW_ls − ΔW*‖² = noise²·d·tr((XᵀX)⁻¹) ≈ noise²·d²/(T − d) for the unconstrained least squares
+    p.hlines.push_back({noise * noise * d * d / (tokens - d) / tot, "full-rank least squares (theory)"});
     p.save(opt.out + "/exp1_rank_sweep_linear.svg");
   }
 

@@ -10,7 +10,7 @@
 // wrong" from "the rule only moves the best learning rate".
 //
 //   exp_rslora [--seeds N] [--out DIR] [--quick]
-// Writes exp3_rslora.csv, exp3_rslora_curves.csv, exp3_rslora_{loss,grad,curves,tuned}.svg.
+// Writes exp3_rslora{,_curves,_tuned}.csv and exp3_rslora_{loss,grad,speed,curves,tuned}.svg.
 #include "experiment_common.hpp"
 
 using namespace exper;
@@ -109,39 +109,32 @@ int main(int argc, char** argv) {
   }
   {
     Plot p;
-    p.title = "Gradient norms and early speed of ΔW";
+    p.title = "‖∂L/∂B‖ at initialisation (B = 0, A = PEFT's default)";
     p.xlabel = "rank r";
-    p.ylabel = "norm";
+    p.ylabel = "‖∂L/∂B‖_F at step 0";
     p.xscale = Plot::log2;
     p.yscale = Plot::log10;
-    Series s;
-    s = mean_series("standard ‖∂L/∂B‖ at init", xr, g0[0]);
-    s.color = detail::palette(4);
-    p.add(s);
-    s = mean_series("rsLoRA ‖∂L/∂B‖ at init", xr, g0[1]);
-    s.color = detail::palette(5);
-    p.add(s);
-    s = mean_series("standard mean ‖∂L/∂A‖", xr, ga[0]);
-    s.color = detail::palette(0);
-    p.add(s);
-    s = mean_series("standard mean ‖∂L/∂B‖", xr, gb[0]);
-    s.color = detail::palette(0);
-    s.dashed = true;
-    p.add(s);
-    s = mean_series("rsLoRA mean ‖∂L/∂A‖", xr, ga[1]);
-    s.color = detail::palette(1);
-    p.add(s);
-    s = mean_series("rsLoRA mean ‖∂L/∂B‖", xr, gb[1]);
-    s.color = detail::palette(1);
-    s.dashed = true;
-    p.add(s);
-    s = mean_series("standard ‖ΔW‖ per step (first 10)", xr, speed[0]);
-    s.color = detail::palette(2);
-    p.add(s);
-    s = mean_series("rsLoRA ‖ΔW‖ per step (first 10)", xr, speed[1]);
-    s.color = detail::palette(3);
-    p.add(s);
+    p.add(mean_series("standard  s = alpha/r", xr, g0[0]));
+    p.add(mean_series("rsLoRA  s = alpha/√r", xr, g0[1]));
+    Series ref;
+    ref.name = "∝ 1/√r";
+    ref.dashed = true;
+    ref.markers = false;
+    ref.color = "#999999";
+    for (int r : ranks) ref.x.push_back(r), ref.y.push_back(stat(g0[0][0]).mean * std::sqrt(4.0 / r));
+    p.add(ref);
     p.save(opt.out + "/exp3_rslora_grad.svg");
+  }
+  {
+    Plot p;
+    p.title = "How fast ΔW moves in the first 10 steps (Adam, one lr)";
+    p.xlabel = "rank r";
+    p.ylabel = "‖ΔW after 10 steps‖_F / 10";
+    p.xscale = Plot::log2;
+    p.yscale = Plot::log10;
+    p.add(mean_series("standard  s = alpha/r", xr, speed[0]));
+    p.add(mean_series("rsLoRA  s = alpha/√r", xr, speed[1]));
+    p.save(opt.out + "/exp3_rslora_speed.svg");
   }
   {
     Plot p;
