@@ -36,10 +36,15 @@ namespace detail {
 /// Storage scalar → double, one element; bf16/f16 go through float.
 template <class S>
 inline double to_double(S v) {
-  if constexpr (std::is_same_v<S, bfloat16> || std::is_same_v<S, half>)
+  if constexpr (std::is_same_v<S, bfloat16>) {
+    // bf16 is the top half of a float: a shift the compiler vectorises
+    const std::uint32_t bits = static_cast<std::uint32_t>(Eigen::numext::bit_cast<std::uint16_t>(v)) << 16;
+    return static_cast<double>(Eigen::numext::bit_cast<float>(bits));
+  } else if constexpr (std::is_same_v<S, half>) {
     return static_cast<double>(static_cast<float>(v));
-  else
+  } else {
     return static_cast<double>(v);
+  }
 }
 
 /// Rows [r0, r0 + n) of a row-major matrix expression, converted to a
@@ -85,8 +90,30 @@ void cols_to_double(const Eigen::MatrixBase<Derived>& M, Index c0, Index n, Eige
 /// Elements converted per block: small enough to stay in L2, large enough for GEMM speed.
 inline constexpr Index gram_block_elements = 1 << 15;
 
+/// Rows [r0, r0 + n) of M transposed into a column-major double buffer (cols × n):
+/// row i of a row-major M is contiguous and becomes column i of the buffer.
+template <class Derived>
+void rows_to_double_transposed(const Eigen::MatrixBase<Derived>& M, Index r0, Index n, Eigen::MatrixXd& out) {
+  using S = typename Derived::Scalar;
+  out.resize(M.cols(), n);
+  if constexpr (Derived::IsRowMajor && requires { M.derived().data(); }) {
+    if (M.innerStride() == 1) {
+      const Index ld = M.outerStride();
+      for (Index i = 0; i < n; ++i) {
+        const S* row = M.derived().data() + (r0 + i) * ld;
+        double* col = out.data() + i * M.cols();
+        for (Index j = 0; j < M.cols(); ++j) col[j] = to_double(row[j]);
+      }
+      return;
+    }
+  }
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < M.cols(); ++j) out(j, i) = to_double(M(r0 + i, j));
+}
+
 /// G = MᵀM (cols × cols) in double, reading M in blocks of rows (bf16 converted
-/// block by block, never the whole matrix).
+/// block by block, never the whole matrix). The block is stored transposed so that
+/// both Gram routines run the same rank-k update G += X·Xᵀ.
 template <class Derived>
 Eigen::MatrixXd gram_of_columns(const Eigen::MatrixBase<Derived>& M) {
   const Index k = M.cols();
@@ -95,8 +122,8 @@ Eigen::MatrixXd gram_of_columns(const Eigen::MatrixBase<Derived>& M) {
   Eigen::MatrixXd buf;
   for (Index r0 = 0; r0 < M.rows(); r0 += bs) {
     const Index n = std::min(bs, M.rows() - r0);
-    rows_to_double(M, r0, n, buf);
-    G.selfadjointView<Eigen::Lower>().rankUpdate(buf.transpose());
+    rows_to_double_transposed(M, r0, n, buf);
+    G.selfadjointView<Eigen::Lower>().rankUpdate(buf);
   }
   G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
   return G;
@@ -126,8 +153,11 @@ inline void check_factors(Index b_rows, Index b_cols, Index a_rows, Index a_cols
   if (!std::isfinite(scaling)) lora::detail::fail("lowrank_svd: scaling must be finite, got {}", scaling);
 }
 
-/// Calls fn(i) for i in [0, n) on up to `threads` std::threads (0: all cores).
+/// Calls fn(i) for i in [0, n) on up to `threads` threads (0: all cores).
 /// The first exception thrown by any fn is rethrown after all threads joined.
+/// With OpenMP the threads are an OpenMP team, so that Eigen's own OpenMP GEMM
+/// parallelism stays off inside (nested teams would only spin); without it,
+/// std::threads.
 template <class Fn>
 void parallel_for(Index n, unsigned threads, Fn&& fn) {
   if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
@@ -135,6 +165,30 @@ void parallel_for(Index n, unsigned threads, Fn&& fn) {
   std::atomic<Index> next{0};
   std::exception_ptr first;
   std::mutex m;
+#ifdef _OPENMP
+  const int team = static_cast<int>(threads);
+  // a team of one is not "inside a parallel region" for Eigen: keep its GEMMs serial meanwhile
+  struct SerialEigen {
+    int saved = Eigen::nbThreads();
+    bool on;
+    explicit SerialEigen(bool o) : on(o) { if (on) Eigen::setNbThreads(1); }
+    ~SerialEigen() { if (on) Eigen::setNbThreads(saved); }
+  } serial(team == 1);
+#pragma omp parallel num_threads(team)
+  for (;;) {
+    const Index i = next.fetch_add(1);
+    if (i >= n) break;
+    try {
+      fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(m);
+      if (!first) first = std::current_exception();
+      next.store(n);
+    }
+  }
+  if (first) std::rethrow_exception(first);
+  return;
+#endif
   auto worker = [&] {
     for (;;) {
       const Index i = next.fetch_add(1);

@@ -166,10 +166,10 @@ inline RankRecommendation recommend_rank(const std::vector<ModuleSpectrum>& modu
     rec.text = fmt::format("every rank is needed: r = {} is the smallest rank that keeps {} of the energy of each module",
                            rec.current_rank, pct);
   else
-    rec.text = fmt::format("r = {} keeps {} of the energy of this r = {} adapter (each module; {:.2f}% overall), "
-                           "{:.1f}× fewer parameters",
-                           rec.rank, pct, rec.current_rank, rec.energy_kept * 100.0,
-                           static_cast<double>(rec.parameters_now) / std::max<Index>(1, rec.parameters_after));
+    rec.text = fmt::format("r = {} keeps {} of the energy of this r = {} adapter (in every module; {:.2f}% overall); "
+                           "{} instead of {} parameters",
+                           rec.rank, pct, rec.current_rank, rec.energy_kept * 100.0, rec.parameters_after,
+                           rec.parameters_now);
   return rec;
 }
 
