@@ -249,6 +249,27 @@ TEST_CASE("cuda nf4: codes, absmax and dequantisation match the bitsandbytes ref
   }
 }
 
+TEMPLATE_TEST_CASE("cuda nf4: codes and absmax are bit-identical to the CPU path", "[cuda][nf4]", bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (int bs : {32, 64, 128, 4096}) {
+    const Index rows = 1 + static_cast<Index>(g.uniform() * 90), cols = 2 * (1 + static_cast<Index>(g.uniform() * 150));
+    Matrix<S> X = rand_s<S>(rows, cols, g, g.uniform(0.01, 10.0));
+    X(0, 0) = S(0.f);
+    auto dx = DeviceMatrix<S>::from_host(X);
+    DeviceNF4 q = nf4_quantize<S>(dx.view(), bs);
+    auto [packed, absmax] = to_host(q);
+    const std::int64_t n = rows * cols;
+    std::vector<std::uint8_t> want_p(static_cast<std::size_t>(quant::packed_bytes(n)));
+    std::vector<float> want_a(static_cast<std::size_t>(quant::num_blocks(n, bs)));
+    quant::nf4_quantize(X.data(), n, bs, want_p.data(), want_a.data());
+    CHECK(packed == want_p);
+    CHECK(absmax == want_a);
+  }
+}
+
 TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 on the dequantised weight",
                    "[cuda][nf4]", bfloat16, float) {
   using S = TestType;

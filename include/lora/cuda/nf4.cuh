@@ -9,6 +9,7 @@
 
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/runtime.hpp>
+#include <lora/quant/nf4.hpp>
 
 #include <cstdint>
 
@@ -25,12 +26,23 @@ struct DeviceNF4 {
 
 namespace detail {
 
-// The 16 NF4 values (bitsandbytes' get_4bit_type("nf4")), ascending.
+// The 16 NF4 values: the CPU path's table (lora/quant/nf4.hpp), in constant memory.
 static __constant__ float nf4_values[16] = {
-    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
-    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
-    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
-    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+    quant::nf4_code[0],  quant::nf4_code[1],  quant::nf4_code[2],  quant::nf4_code[3],
+    quant::nf4_code[4],  quant::nf4_code[5],  quant::nf4_code[6],  quant::nf4_code[7],
+    quant::nf4_code[8],  quant::nf4_code[9],  quant::nf4_code[10], quant::nf4_code[11],
+    quant::nf4_code[12], quant::nf4_code[13], quant::nf4_code[14], quant::nf4_code[15]};
+
+// The device tree below spells the CPU path's thresholds out as literals; keep them equal.
+static_assert(quant::nf4_thresholds[0] == -0.8480964004993439f && quant::nf4_thresholds[1] == -0.6106329262256622f &&
+              quant::nf4_thresholds[2] == -0.4599952697753906f && quant::nf4_thresholds[3] == -0.33967943489551544f &&
+              quant::nf4_thresholds[4] == -0.23460740596055984f && quant::nf4_thresholds[5] == -0.13791173323988914f &&
+              quant::nf4_thresholds[6] == -0.045525018125772476f && quant::nf4_thresholds[7] == 0.03979014977812767f &&
+              quant::nf4_thresholds[8] == 0.1202552504837513f && quant::nf4_thresholds[9] == 0.2035212516784668f &&
+              quant::nf4_thresholds[10] == 0.2920137718319893f && quant::nf4_thresholds[11] == 0.3893125355243683f &&
+              quant::nf4_thresholds[12] == 0.5016634166240692f && quant::nf4_thresholds[13] == 0.6427869200706482f &&
+              quant::nf4_thresholds[14] == 0.8614784181118011f,
+              "NF4 thresholds differ between the CPU and GPU paths");
 
 /// bitsandbytes' dQuantizeNF4 decision tree on x = value·(1/absmax); NaN gives 0.
 __device__ __forceinline__ std::uint8_t nf4_encode_device(float x) {
