@@ -354,6 +354,69 @@ inline Matrix<float> nf4_matmul_fused_t(const Nf4Tensor& W, const MatrixRef<floa
   const std::int64_t nchunks = (in + kc - 1) / kc;
   const bool par = static_cast<std::int64_t>(out) * in > detail::parallel_threshold;
   (void)par;
+#if defined(__AVX512F__)
+  if (in % 32 == 0) {
+    // Codes decoded in registers, two rows per pass; dX accumulated in the
+    // pair-permuted column order (see permute_pairs) and restored at the end.
+    const Matrix<float> dYc = dY;
+    Matrix<float> dXp = Matrix<float>::Zero(T, in);
+    // About 8 column chunks (balanced over the threads), each a multiple of 32.
+    const std::int64_t kcp = std::max<std::int64_t>(32, ((in + 7) / 8 + 31) / 32 * 32);
+    const std::int64_t nck = (in + kcp - 1) / kcp;
+    const __m512 code = _mm512_loadu_ps(nf4_code.data());
+    LORA_QUANT_PRAGMA(omp parallel for schedule(static) if (par))
+    for (std::int64_t c = 0; c < nck; ++c) {
+      const std::int64_t k0 = c * kcp, n = std::min(kcp, in - k0);
+      for (Index i = 0; i < out; i += 2) {
+        const bool two = i + 1 < out;
+        const std::int64_t ea0 = static_cast<std::int64_t>(i) * in + k0, eb0 = ea0 + in;
+        std::int64_t blk_a = -1, blk_b = -1;
+        __m512 lut_a = code, lut_b = _mm512_setzero_ps();
+        for (std::int64_t k = 0; k < n; k += 32) {
+          const std::int64_t ea = ea0 + k;
+          if ((ea >> shift) != blk_a) {
+            blk_a = ea >> shift;
+            lut_a = _mm512_mul_ps(code, _mm512_set1_ps(absmax[blk_a]));
+          }
+          const __m512i ba = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (ea >> 1))));
+          const __m512 wa0 = _mm512_permutexvar_ps(_mm512_srli_epi32(ba, 4), lut_a);
+          const __m512 wa1 = _mm512_permutexvar_ps(ba, lut_a);
+          __m512 wb0 = _mm512_setzero_ps(), wb1 = _mm512_setzero_ps();
+          if (two) {
+            const std::int64_t eb = eb0 + k;
+            if ((eb >> shift) != blk_b) {
+              blk_b = eb >> shift;
+              lut_b = _mm512_mul_ps(code, _mm512_set1_ps(absmax[blk_b]));
+            }
+            const __m512i bb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (eb >> 1))));
+            wb0 = _mm512_permutexvar_ps(_mm512_srli_epi32(bb, 4), lut_b);
+            wb1 = _mm512_permutexvar_ps(bb, lut_b);
+          }
+          for (Index t = 0; t < T; ++t) {
+            const __m512 ga = _mm512_set1_ps(dYc(t, i));
+            const __m512 gb = _mm512_set1_ps(two ? dYc(t, i + 1) : 0.0f);
+            float* d = dXp.data() + t * in + k0 + k;
+            __m512 d0 = _mm512_loadu_ps(d), d1 = _mm512_loadu_ps(d + 16);
+            d0 = _mm512_fmadd_ps(wb0, gb, _mm512_fmadd_ps(wa0, ga, d0));
+            d1 = _mm512_fmadd_ps(wb1, gb, _mm512_fmadd_ps(wa1, ga, d1));
+            _mm512_storeu_ps(d, d0);
+            _mm512_storeu_ps(d + 16, d1);
+          }
+        }
+      }
+    }
+    for (Index t = 0; t < T; ++t) {  // back to the natural column order
+      const float* p = dXp.data() + t * in;
+      float* o = dX.data() + t * in;
+      for (Index g = 0; g < in; g += 32)
+        for (int j = 0; j < 16; ++j) {
+          o[g + 2 * j] = p[g + j];
+          o[g + 2 * j + 1] = p[g + 16 + j];
+        }
+    }
+    return dX;
+  }
+#endif
   LORA_QUANT_PRAGMA(omp parallel for schedule(static) if (par))
   for (std::int64_t c = 0; c < nchunks; ++c) {
     alignas(64) float buf[kc];
@@ -514,8 +577,11 @@ class QLoraLinear {
       const Matrix<float> xa = X.lazyProduct(A.transpose());   // [T × r]
       const Matrix<float> gb = s * dY.lazyProduct(B);           // [T × r]
       g.dB = s * dY.transpose().lazyProduct(xa);
-      g.dA = gb.transpose().lazyProduct(X);
-      g.dX = gb.lazyProduct(A);
+      // Sums of outer products walk X and A along their contiguous rows.
+      g.dA = Matrix<float>::Zero(A.rows(), A.cols());
+      for (Index t = 0; t < X.rows(); ++t) g.dA.noalias() += gb.row(t).transpose() * X.row(t);
+      g.dX = Matrix<float>::Zero(X.rows(), A.cols());
+      for (Index r = 0; r < A.rows(); ++r) g.dX.noalias() += gb.col(r) * A.row(r);
     } else {
       g = adapter_.backward(X, dY);
     }
