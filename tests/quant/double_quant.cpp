@@ -147,3 +147,30 @@ TEST_CASE("double quant: Nf4Tensor with compressed scales", "[quant][double_quan
   CHECK(back.absmax() == dq.absmax());
   CHECK(back.dequantize<float>() == D);
 }
+
+TEST_CASE("double quant: a zero block's scale is restored as bitsandbytes does (not exactly 0)", "[quant][double_quant]") {
+  // With compress_statistics, an all-zero block's absmax (0) is stored as the 8-bit code of
+  // (0 - offset)/nested_absmax and restored as map[q]·nested_absmax + offset, which is not
+  // 0 in general; its elements (code 0 = -1, from 0·(1/0) = NaN) then dequantise to
+  // -restored. Bit-identity with bitsandbytes means keeping this; without double
+  // quantisation, or when every block is zero, the block comes back as exact zeros.
+  Generator gen(test::fresh_seed());
+  std::vector<float> x(64 * 5);
+  for (auto& v : x) v = static_cast<float>(gen.normal());
+  std::fill(x.begin() + 128, x.begin() + 192, 0.0f);
+  const auto t = Nf4Tensor::quantize_values(x.data(), {5, 64}, {64, true});
+  const auto& st = *t.double_quant_state();
+  const float restored = t.absmax()[2];
+  volatile float p = quant::dynamic_map_signed[st.codes[2]] * st.nested_absmax[0];
+  CHECK(restored == p + st.offset);
+  // Here the zero block holds the largest |absmax - offset|, so it maps to the map's
+  // end (-0.99297) and is restored to (1 - 0.99297)·offset ≈ 0.7% of the mean scale.
+  CHECK(st.codes[2] == 0);
+  CHECK(std::abs(restored) <= 0.0071 * st.offset);
+  std::vector<float> d(x.size());
+  t.dequantize_into(d.data());
+  for (int i = 128; i < 192; ++i) REQUIRE(d[i] == -restored);
+  const auto plain = Nf4Tensor::quantize_values(x.data(), {5, 64}, {64, false});
+  plain.dequantize_into(d.data());
+  for (int i = 128; i < 192; ++i) REQUIRE(d[i] == 0.0f);
+}
