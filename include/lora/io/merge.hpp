@@ -26,6 +26,12 @@
 #include <string>
 #include <vector>
 
+#if defined(_OPENMP)
+#define LORA_IO_OMP(x) _Pragma(#x)
+#else
+#define LORA_IO_OMP(x)
+#endif
+
 namespace lora::io {
 
 struct MergeOptions {
@@ -151,7 +157,7 @@ inline ByteBuffer convert_floats(const TensorView& v, dtype to, BufferPool* pool
   constexpr std::size_t chunk = 1 << 16;
   const std::ptrdiff_t chunks = static_cast<std::ptrdiff_t>((n + chunk - 1) / chunk);
   const bool wide = v.type == dtype::F64 || to == dtype::F64;
-#pragma omp parallel for schedule(static)
+LORA_IO_OMP(omp parallel for schedule(static))
   for (std::ptrdiff_t c = 0; c < chunks; ++c) {
     const std::size_t b = static_cast<std::size_t>(c) * chunk, len = std::min(chunk, n - b);
     if (wide) {
@@ -178,13 +184,13 @@ void add_low_rank_rows(const C* coef, const C* basis, Index r, Index cols, C s, 
       const C* b = basis + k * cols + j0;
       for (int ii = 0; ii < RB; ++ii) {
         const C c = coef[ii * r + k];
-#pragma omp simd
+LORA_IO_OMP(omp simd)
         for (int j = 0; j < CT; ++j) acc[ii][j] += c * b[j];
       }
     }
     for (int ii = 0; ii < RB; ++ii) {
       C* vi = v[ii] + j0;
-#pragma omp simd
+LORA_IO_OMP(omp simd)
       for (int j = 0; j < CT; ++j) vi[j] += acc[ii][j] * s;
     }
   }
@@ -237,27 +243,27 @@ void merge_weight_rows(const TensorView& W, const PeftModule& mod, double scale,
   Vector<C> col_scale;  // DoRA with fan_in_fan_out: the norms run down W's columns
   if (mod.magnitude && fifo) {
     Vector<C> sq = Vector<C>::Zero(cols);
-#pragma omp parallel
+LORA_IO_OMP(omp parallel)
     {
       Vector<C> local = Vector<C>::Zero(cols);
       M V(RB, cols);
-#pragma omp for schedule(static)
+LORA_IO_OMP(omp for schedule(static))
       for (Index g = 0; g < groups; ++g) {
         const Index i0 = g * RB, n = std::min<Index>(RB, rows - i0);
         form(i0, n, V);
         local += V.topRows(n).colwise().squaredNorm().transpose();
       }
-#pragma omp critical
+LORA_IO_OMP(omp critical)
       sq += local;
     }
     col_scale = mod.magnitude->template cast<C>().cwiseQuotient(sq.cwiseSqrt());
   }
   const Vector<C> mag = mod.magnitude ? Vector<C>(mod.magnitude->template cast<C>()) : Vector<C>();
 
-#pragma omp parallel
+LORA_IO_OMP(omp parallel)
   {
     M V(RB, cols);
-#pragma omp for schedule(static)
+LORA_IO_OMP(omp for schedule(static))
     for (Index g = 0; g < groups; ++g) {
       const Index i0 = g * RB, n = std::min<Index>(RB, rows - i0);
       form(i0, n, V);
