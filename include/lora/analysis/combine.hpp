@@ -139,3 +139,113 @@ inline Factors combine(const std::vector<WeightedFactors>& in, combination_type 
 }
 
 }  // namespace lora::analysis
+
+// ---- whole PEFT adapters -----------------------------------------------------
+#include <lora/io/peft.hpp>
+
+#include <set>
+
+namespace lora::analysis {
+
+namespace detail {
+/// PEFT's rank of an adapter in add_weighted_adapter: r, or the largest rank_pattern value.
+inline Index peft_max_rank(const io::PeftAdapter& a) {
+  Index r = a.config.r;
+  for (const auto& [k, v] : a.config.rank_pattern) r = std::max<Index>(r, v);
+  return r;
+}
+}  // namespace detail
+
+/// PEFT's add_weighted_adapter on whole adapters: modules are the union of the
+/// inputs' modules (an adapter without a module is skipped there); the new rank is
+/// the common r (linear), Σ r (cat) or svd_rank (svd; 0: the largest r); the new
+/// config is the first adapter's with r = lora_alpha = new rank, use_rslora = false
+/// and no patterns, so every new module has scaling 1.
+inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*>& adapters,
+                                        const std::vector<double>& weights, combination_type type, Index svd_rank = 0) {
+  if (adapters.empty()) lora::detail::fail("combine: no adapters given");
+  if (weights.size() != adapters.size())
+    lora::detail::fail("combine: {} adapters but {} weights; give one weight per adapter", adapters.size(),
+                       weights.size());
+  if (adapters.size() == 1) type = combination_type::linear;  // as PEFT
+  Index new_rank = 0;
+  switch (type) {
+    case combination_type::linear:
+      new_rank = detail::peft_max_rank(*adapters[0]);
+      for (std::size_t i = 1; i < adapters.size(); ++i)
+        if (detail::peft_max_rank(*adapters[i]) != new_rank)
+          lora::detail::fail("combine (linear): all adapters must have the same r; adapter 1 has r = {}, adapter {} has {}",
+                             new_rank, i + 1, detail::peft_max_rank(*adapters[i]));
+      break;
+    case combination_type::cat:
+      for (auto* a : adapters) new_rank += detail::peft_max_rank(*a);
+      break;
+    case combination_type::svd:
+      if (svd_rank < 0) lora::detail::fail("combine (svd): rank must be ≥ 1, got {}", svd_rank);
+      for (auto* a : adapters) new_rank = std::max(new_rank, detail::peft_max_rank(*a));
+      if (svd_rank > 0) new_rank = svd_rank;
+      break;
+  }
+  std::set<std::string> names;
+  for (auto* a : adapters) {
+    for (const auto& m : a->modules) {
+      if (m.is_dora()) lora::detail::fail("combine: module '{}' is DoRA; combining DoRA adapters is not supported", m.name);
+      names.insert(m.name);
+    }
+  }
+  io::PeftAdapter out;
+  out.config = adapters[0]->config;
+  out.config.r = static_cast<int>(new_rank);
+  out.config.lora_alpha = static_cast<double>(new_rank);
+  out.config.use_rslora = false;
+  out.config.use_dora = false;
+  out.config.rank_pattern.clear();
+  out.config.alpha_pattern.clear();
+  std::set<std::string> targets;
+  bool lists = true;
+  for (auto* a : adapters) {
+    if (a->config.target_modules_regex) lists = false;
+    targets.insert(a->config.target_modules.begin(), a->config.target_modules.end());
+  }
+  if (lists) {
+    out.config.target_modules.assign(targets.begin(), targets.end());
+    out.config.target_modules_regex.reset();
+  } else {
+    std::string re;
+    for (auto* a : adapters) {
+      std::string one = a->config.target_modules_regex.value_or("");
+      if (one.empty())
+        for (const auto& t : a->config.target_modules) one += (one.empty() ? "" : "|") + std::string("(.*\\.)?") + t;
+      re += (re.empty() ? "" : "|") + std::string("(") + one + ")";
+    }
+    out.config.target_modules_regex = re;
+    out.config.target_modules.clear();
+  }
+  for (const auto& name : names) {
+    std::vector<WeightedFactors> in;
+    const io::PeftModule* first = nullptr;
+    for (std::size_t i = 0; i < adapters.size(); ++i) {
+      const io::PeftModule* m = adapters[i]->find(name);
+      if (!m) continue;
+      if (!first) first = m;
+      in.push_back({m->adapter.B().cast<double>(), m->adapter.A().cast<double>(), m->adapter.scaling(), weights[i]});
+    }
+    Factors f;
+    try {
+      f = combine(in, type, new_rank);
+    } catch (const lora::error& e) {
+      lora::detail::fail("module '{}': {}", name, e.what());
+    }
+    AdapterOptions opts;
+    opts.fan_in_fan_out = first->adapter.fan_in_fan_out();
+    opts.name = name;
+    out.modules.push_back(io::PeftModule{name,
+                                         LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+                                             f.A.cast<float>(), f.B.cast<float>(), static_cast<double>(new_rank), opts,
+                                             dynamic_scaling{false}),
+                                         std::nullopt, first->stored_dtype});
+  }
+  return out;
+}
+
+}  // namespace lora::analysis

@@ -67,3 +67,48 @@ struct CompressionTarget {
 };
 
 }  // namespace lora::analysis
+
+// ---- whole PEFT adapters -----------------------------------------------------
+#include <lora/io/peft.hpp>
+
+#include <map>
+
+namespace lora::analysis {
+
+/// The adapter with every module replaced by its best rank-k approximation
+/// (k from `target` per module), alpha kept, so that each new module's scaling
+/// s' = policy(alpha, k) times its new factors equals U_k·Σ_k·V_kᵀ of the old ΔW.
+/// The config's r becomes the most common k; save_peft_adapter writes the rest as
+/// rank_pattern. DoRA magnitudes are kept as they are.
+inline io::PeftAdapter compress_adapter(const io::PeftAdapter& in, const CompressionTarget& target) {
+  io::PeftAdapter out;
+  out.config = in.config;
+  out.config.rank_pattern.clear();
+  std::map<Index, int> count;
+  for (const auto& m : in.modules) {
+    const auto& a = m.adapter;
+    const LowRankSVD<double> svd = lowrank_svd(a.B(), a.A(), a.scaling());
+    const Index k = target.rank_for(svd.singular_values, a.rank());
+    const double alpha = a.alpha() * a.multiplier();
+    const double s_new = a.policy().factor(alpha, static_cast<int>(k));
+    const Factors f = factors_from_svd(svd, s_new, k);
+    AdapterOptions opts;
+    opts.fan_in_fan_out = a.fan_in_fan_out();
+    opts.dropout = a.dropout();
+    opts.name = m.name;
+    out.modules.push_back(io::PeftModule{
+        m.name,
+        LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(f.A.cast<float>(), f.B.cast<float>(), alpha, opts,
+                                                                  a.policy()),
+        m.magnitude, m.stored_dtype});
+    ++count[k];
+  }
+  Index best = 0;
+  int n = -1;
+  for (auto [k, c] : count)
+    if (c > n) best = k, n = c;
+  if (best > 0) out.config.r = static_cast<int>(best);
+  return out;
+}
+
+}  // namespace lora::analysis

@@ -62,3 +62,36 @@ ModuleSimilarity module_similarity(const Eigen::MatrixBase<B1>& b1, const Eigen:
 inline double mean_similarity(const Eigen::MatrixXd& phi) { return phi.size() ? phi.mean() : 0.0; }
 
 }  // namespace lora::analysis
+
+// ---- whole PEFT adapters -----------------------------------------------------
+#include <lora/io/peft.hpp>
+
+#include <string>
+#include <vector>
+
+namespace lora::analysis {
+
+/// φ grids of one module that two adapters share.
+struct NamedSimilarity {
+  std::string name;
+  Index rank1 = 0, rank2 = 0;
+  ModuleSimilarity similarity;
+};
+
+/// module_similarity for every module the two adapters have in common (sorted by name).
+inline std::vector<NamedSimilarity> adapter_similarity(const io::PeftAdapter& a, const io::PeftAdapter& b) {
+  std::vector<NamedSimilarity> out;
+  for (const auto& m : a.modules) {
+    const io::PeftModule* n = b.find(m.name);
+    if (!n) continue;
+    const auto& x = m.adapter;
+    const auto& y = n->adapter;
+    if (x.in_features() != y.in_features() || x.out_features() != y.out_features())
+      lora::detail::fail("module '{}': ΔW is [{} x {}] in the first adapter and [{} x {}] in the second", m.name,
+                         x.out_features(), x.in_features(), y.out_features(), y.in_features());
+    out.push_back({m.name, x.rank(), y.rank(), module_similarity(x.B(), x.A(), x.scaling(), y.B(), y.A(), y.scaling())});
+  }
+  return out;
+}
+
+}  // namespace lora::analysis

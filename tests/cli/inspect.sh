@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# lora inspect / compress / combine / similarity on the PEFT fixtures.
+# usage: bash inspect.sh <path to lora> <tests/data>
+set -u
+LORA=$1
+DATA=$2
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fail() { echo "FAIL: $*"; exit 1; }
+P=$DATA/peft
+W=$P/weighted_combos/adapters
+
+# --- inspect: table ---
+"$LORA" inspect "$P/lora_r8_a16_all/adapter" > "$T/table.txt" || fail "inspect exited non-zero"
+grep -q "model.layers.0.self_attn.q_proj" "$T/table.txt" || fail "table lacks q_proj"
+grep -q "keeps 90% of the energy" "$T/table.txt" || fail "table lacks the recommendation"
+[ "$(grep -c '_proj ' "$T/table.txt")" -eq 14 ] || fail "table should list 14 modules"
+
+# --- inspect: JSON with the fields the issue lists ---
+"$LORA" inspect "$P/rslora_r16_a8_attn/adapter" --json --energy 0.5,0.9,0.99 > "$T/out.json" || fail "inspect --json"
+for f in '"modules"' '"name": "model.layers.0.self_attn.q_proj"' '"out_features"' '"in_features"' '"rank": 16' \
+         '"alpha"' '"scaling": 2.0' '"singular_values"' '"frobenius_norm"' '"spectral_norm"' '"stable_rank"' \
+         '"entropy_rank"' '"energy_rank"' '"0.5"' '"0.99"' '"summary"' '"recommendations"'; do
+  grep -q -- "$f" "$T/out.json" || fail "JSON lacks $f"
+done
+grep -q 'base_model' "$T/out.json" && fail "JSON names should not carry the base_model.model. prefix"
+if command -v python3 > /dev/null && python3 -c 'import json' 2> /dev/null; then
+  python3 - "$T/out.json" << 'PY' || fail "JSON content"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert len(d["modules"]) == 8, len(d["modules"])
+for m in d["modules"]:
+    s = m["singular_values"]
+    assert len(s) == m["rank"] == 16
+    assert all(a >= b for a, b in zip(s, s[1:])), "descending"
+    assert abs(m["spectral_norm"] - s[0]) < 1e-12
+    assert abs(m["frobenius_norm"] - sum(x * x for x in s) ** 0.5) < 1e-9
+    assert set(m["energy_rank"]) == {"0.5", "0.9", "0.99"}
+    assert 1 <= m["energy_rank"]["0.5"] <= m["energy_rank"]["0.9"] <= m["energy_rank"]["0.99"] <= 16
+    assert 1 <= m["entropy_rank"] <= 16 and 1 <= m["stable_rank"] <= 16
+PY
+fi
+
+# --- inspect: plot and base ---
+"$LORA" inspect "$P/lora_r8_a16_all/adapter" --plot "$T/s.svg" --base "$P/lora_r8_a16_all/base/model.safetensors" \
+  > "$T/b.txt" || fail "inspect --plot --base"
+head -c 200 "$T/s.svg" | grep -q "<svg" || fail "plot is not an SVG"
+grep -q "</svg>" "$T/s.svg" || fail "plot is truncated"
+grep -q "intruders" "$T/b.txt" || fail "--base should add an intruder column"
+
+# --- inspect: bad input -> exit 1, one line on stderr, no output file ---
+bad() {  # expected-substring args...
+  local want=$1; shift
+  "$LORA" "$@" > "$T/o.txt" 2> "$T/e.txt" && fail "'$*' should fail"
+  [ "$(wc -l < "$T/e.txt")" -eq 1 ] || fail "'$*' should print one line on stderr, got: $(cat "$T/e.txt")"
+  grep -q -- "$want" "$T/e.txt" || fail "'$*': message lacks '$want': $(cat "$T/e.txt")"
+}
+bad "not a folder" inspect "$T/missing"
+bad "thresholds must be in (0, 1]" inspect "$P/lora_r8_a16_all/adapter" --energy 0.9,1.5
+bad "expected one PEFT adapter folder" inspect
+mkdir "$T/broken" && cp "$P/lora_r8_a16_all/adapter/adapter_config.json" "$T/broken/"
+bad "adapter_model.safetensors" inspect "$T/broken" --plot "$T/never.svg"
+[ -e "$T/never.svg" ] && fail "a failed inspect must not write the plot"
+bad "no tensor" inspect "$P/lora_r8_a16_all/adapter" --base "$DATA/nf4/nf4_reference.safetensors"
+
+# --- compress ---
+"$LORA" compress "$P/lora_r8_a16_all/adapter" --rank 3 --out "$T/c3" > /dev/null || fail "compress --rank"
+"$LORA" inspect "$T/c3" --json > "$T/c3.json" || fail "inspect of the compressed adapter"
+grep -q '"rank": 3' "$T/c3.json" || fail "compressed adapter should have r = 3"
+grep -q '"rank": 8' "$T/c3.json" && fail "compressed adapter still has r = 8 modules"
+"$LORA" compress "$P/patterns_all/adapter" --energy 0.9 --out "$T/ce" > /dev/null || fail "compress --energy"
+grep -q '"rank_pattern"' "$T/ce/adapter_config.json" || fail "energy compression should write rank_pattern"
+bad "exactly one of" compress "$P/lora_r8_a16_all/adapter" --rank 2 --energy 0.9 --out "$T/n1"
+bad "--energy must be in" compress "$P/lora_r8_a16_all/adapter" --energy 2 --out "$T/n2"
+[ -e "$T/n1" ] || [ -e "$T/n2" ] && fail "a failed compress must not write its output"
+
+# --- combine ---
+for t in svd cat linear; do
+  if [ $t = linear ]; then ad=("--adapter" "$W/a1" "--adapter" "$W/a2"); else ad=("--adapter" "$W/a1" "--adapter" "$W/a3"); fi
+  "$LORA" combine "${ad[@]}" --weights 0.6,0.4 --type $t --out "$T/m_$t" > /dev/null || fail "combine --type $t"
+  [ -f "$T/m_$t/adapter_model.safetensors" ] || fail "combine $t wrote no weights"
+done
+grep -q '"r": 12' "$T/m_cat/adapter_config.json" || fail "cat of r = 8 and r = 4 should have r = 12"
+"$LORA" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type svd --rank 5 --out "$T/m5" > /dev/null || fail "svd --rank"
+grep -q '"r": 5' "$T/m5/adapter_config.json" || fail "svd --rank 5 should have r = 5"
+bad "same r" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type linear --out "$T/n3"
+bad "one weight per" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1 --type cat --out "$T/n4"
+bad "svd, cat or linear" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type ties --out "$T/n5"
+[ -e "$T/n3" ] || [ -e "$T/n4" ] || [ -e "$T/n5" ] && fail "a failed combine must not write its output"
+
+# --- similarity ---
+"$LORA" similarity "$W/a1" "$W/a1" > "$T/sim.txt" || fail "similarity"
+grep -q "mean φ over the grids: A 1.0000, ΔW 1.0000" "$T/sim.txt" || fail "an adapter is fully similar to itself"
+"$LORA" similarity "$W/a1" "$W/a3" --json > "$T/sim.json" || fail "similarity --json"
+grep -q '"phi_A"' "$T/sim.json" || fail "similarity JSON lacks phi_A"
+bad "expected two PEFT adapter folders" similarity "$W/a1"
+
+echo "inspect.sh: all checks passed"

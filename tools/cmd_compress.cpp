@@ -1,0 +1,52 @@
+// lora compress: the best rank-k approximation of every module of a PEFT adapter.
+#include <lora/analysis/compress.hpp>
+#include <lora/io/peft.hpp>
+
+#include "cli.hpp"
+
+namespace {
+
+using namespace lora;
+
+int run_compress(const std::vector<std::string>& argv) {
+  cli::Args args(argv, {}, {"rank", "energy", "out", "dtype"}, "compress");
+  if (args.positional().size() != 1)
+    lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora compress --help')",
+                       args.positional().size());
+  if (args.has("rank") == args.has("energy")) lora::detail::fail("give exactly one of --rank k and --energy τ");
+  analysis::CompressionTarget target;
+  if (args.has("rank")) {
+    const double k = args.number("rank", 0);
+    if (k < 1 || k != std::floor(k)) lora::detail::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
+    target.rank = static_cast<Index>(k);
+  } else {
+    target.energy = args.number("energy", 0);
+    if (!(target.energy > 0 && target.energy <= 1)) lora::detail::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
+  }
+  const std::string out = args.required("out");
+  const auto in = io::load_peft_adapter(args.positional()[0]);
+  const auto small = analysis::compress_adapter(in, target);
+  io::dtype type = in.modules.front().stored_dtype;
+  if (auto d = args.get("dtype")) type = io::parse_dtype(*d, "--dtype");
+  io::save_peft_adapter(out, small, type);
+  Index before = 0, after = 0;
+  for (const auto& m : in.modules) before += m.adapter.trainable_parameters();
+  for (const auto& m : small.modules) after += m.adapter.trainable_parameters();
+  fmt::print("{}: {} modules, {} → {} parameters; wrote {}\n", args.positional()[0], small.modules.size(), before, after,
+             out);
+  return 0;
+}
+
+const lora::cli::Register reg{{"compress", "best rank-k approximation of a PEFT adapter (fixed k or by energy)",
+                               R"(usage: lora compress <peft folder> (--rank k | --energy τ) --out <folder> [--dtype F32|BF16|F16]
+
+Replaces every module's ΔW = s·B·A by its best rank-k approximation (Eckart–Young:
+the top k singular triplets of the exact SVD of s·B·A). With --rank, k = min(k, r);
+with --energy, the smallest k that keeps τ of the module's Σσ² (so k differs per
+module and is written as rank_pattern). alpha is kept; the factors are rescaled for
+the new scaling alpha/k (alpha/√k with rsLoRA). Written atomically as a PEFT adapter
+folder (dtype: the input's unless --dtype).
+)",
+                               run_compress}};
+
+}  // namespace
