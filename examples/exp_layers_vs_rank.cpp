@@ -83,6 +83,7 @@ int main(int argc, char** argv) {
     for (double& x : s.x) x += t == 0 ? -0.08 : 0.08;
     p.add(s);
   }
+  p.width = 960;  // room for the seven category labels
   p.save(opt.out + "/exp6_layers_vs_rank.svg");
   fmt::print("exp_layers_vs_rank: {}\n", clock.report());
 }
