@@ -287,6 +287,8 @@ class SafetensorsFile {
         numel *= static_cast<std::uint64_t>(v);
         t.shape.push_back(v);
       }
+      // numel·sizeof(dtype) must not wrap around (it is compared with the byte span below)
+      if (numel > (std::uint64_t{1} << 62) / dtype_size(t.type)) lora::detail::fail("{}: shape is too large", where);
       const auto& off = value["data_offsets"];
       if (!off[0].is_number_unsigned() && !(off[0].is_number_integer() && off[0].get<std::int64_t>() >= 0))
         lora::detail::fail("{}: data_offsets must be non-negative integers", where);
