@@ -110,6 +110,15 @@ struct PeftConfig {
 
  private:
   static bool regex_full(const std::string& pattern, std::string_view s, const char* field) {
+    // libstdc++'s regex compiler accumulates back-reference numbers and {m,n} counts in a
+    // signed int without an overflow check (undefined behaviour, found by fuzzing): refuse
+    // such numbers beyond 5 digits before they reach it.
+    for (std::size_t i = 0, run = 0; i < pattern.size(); ++i) {
+      run = (pattern[i] >= '0' && pattern[i] <= '9') ? run + 1 : 0;
+      if (run == 6 && i >= 6 && (pattern[i - 6] == '\\' || pattern[i - 6] == '{' || pattern[i - 6] == ','))
+        lora::detail::fail("adapter_config.json: {} pattern '{}' has a repetition count or back-reference with "
+                           "more than 5 digits", field, pattern);
+    }
     try {
       return std::regex_match(s.begin(), s.end(), std::regex(pattern, std::regex::ECMAScript));
     } catch (const std::regex_error& e) {
