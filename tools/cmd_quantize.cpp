@@ -82,7 +82,14 @@ std::vector<lora::io::TensorData> dequantize_file(const lora::io::SafetensorsFil
                                                   int& converted) {
   std::vector<lora::io::TensorData> out;
   for (const auto& v : f.tensors()) {
-    if (lora::quant::bnb::is_companion(v.name)) continue;
+    if (lora::quant::bnb::is_companion(v.name)) {
+      // A companion whose weight is missing would otherwise vanish from the output silently.
+      const std::string w = v.name.substr(0, v.name.rfind(".weight.") + 7);
+      if (!f.contains(w))
+        lora::detail::fail("{}: '{}' belongs to a bitsandbytes 4-bit weight '{}' that is not in the file", f.path(),
+                           v.name, w);
+      continue;
+    }
     if (!lora::quant::bnb::is_nf4_weight(f, v.name)) {
       if (f.contains(v.name + ".quant_state.bitsandbytes__fp4"))
         lora::detail::fail("{}: '{}' is bitsandbytes FP4; only NF4 is supported", f.path(), v.name);
