@@ -44,6 +44,11 @@ inline std::int64_t get_int(const nlohmann::json& j, const char* key, const std:
     lora::detail::fail("{}: missing integer field '{}'", where, key);
   const auto v = j[key].get<std::int64_t>();
   if (v <= 0) lora::detail::fail("{}: field '{}' must be positive, got {}", where, key, v);
+  // Bounds far above any real model keep every count below 2^63 and the per-layer module
+  // list small (num_hidden_layers = 99999999999 used to exhaust memory).
+  const bool layers = std::string_view(key) == "num_hidden_layers" || std::string_view(key) == "n_layer";
+  const std::int64_t limit = layers ? (std::int64_t{1} << 14) : (std::int64_t{1} << 22);
+  if (v > limit) lora::detail::fail("{}: field '{}' is {}, more than the supported {}", where, key, v, limit);
   return v;
 }
 inline std::int64_t get_int_or(const nlohmann::json& j, const char* key, std::int64_t fallback,
