@@ -27,3 +27,11 @@
 #include <lora/io/peft.hpp>
 #include <lora/io/merge.hpp>
 #include <lora/dora/dora.hpp>
+#include <lora/analysis/lowrank_svd.hpp>
+#include <lora/analysis/metrics.hpp>
+#include <lora/analysis/similarity.hpp>
+#include <lora/analysis/intruder.hpp>
+#include <lora/analysis/compress.hpp>
+#include <lora/analysis/combine.hpp>
+#include <lora/analysis/inspect.hpp>
+#include <lora/analysis/plot.hpp>

@@ -115,3 +115,36 @@ TEST_CASE("combine_svd is the truncated SVD of Σ w·s·B·A; cat and linear by 
   CHECK(rel_error(l.A, Al) < 1e-14);
   CHECK_THROWS_WITH(parse_combination_type("ties"), Catch::Matchers::ContainsSubstring("svd, cat or linear"));
 }
+
+TEST_CASE("combine_adapters on PEFT folders equals the fixtures", "[analysis][combine][peft]") {
+  const std::string root = std::string(LORA_TEST_DATA_DIR) + "/peft/weighted_combos";
+  std::ifstream cin_(root + "/combinations.json");
+  const auto combos = nlohmann::json::parse(cin_);
+  auto ref = io::SafetensorsFile::open(root + "/reference.safetensors");
+  std::map<std::string, io::PeftAdapter> ads;
+  for (const std::string name : {"a1", "a2", "a3"}) ads[name] = io::load_peft_adapter(root + "/adapters/" + name);
+  int checked = 0;
+  for (auto& [combo, spec] : combos.items()) {
+    std::vector<const io::PeftAdapter*> in;
+    std::vector<double> w;
+    for (std::size_t i = 0; i < spec["adapters"].size(); ++i) {
+      in.push_back(&ads.at(spec["adapters"][i].get<std::string>()));
+      w.push_back(spec["weights"][i]);
+    }
+    const auto type = parse_combination_type(spec["combination_type"].get<std::string>());
+    const auto out = combine_adapters(in, w, type, spec.contains("svd_rank") ? spec["svd_rank"].get<Index>() : 0);
+    CHECK(out.config.lora_alpha == out.config.r);
+    CHECK_FALSE(out.config.use_rslora);
+    REQUIRE(out.modules.size() == 6);
+    for (const auto& m : out.modules) {
+      INFO(combo << " " << m.name);
+      CHECK(m.adapter.scaling() == 1.0);
+      const auto want = ref.tensor(m.name + "." + combo + ".delta_weight").to_matrix<double>();
+      CHECK(rel_error(m.adapter.delta_weight(), want) < 1e-5);
+      ++checked;
+    }
+  }
+  CHECK(checked == 18);
+  CHECK_THROWS_WITH(combine_adapters({&ads["a1"]}, {1.0, 2.0}, combination_type::cat),
+                    Catch::Matchers::ContainsSubstring("one weight per adapter"));
+}

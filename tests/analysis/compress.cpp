@@ -51,3 +51,36 @@ TEST_CASE("compression target picks k by rank or energy", "[analysis][compress]"
   CHECK(CompressionTarget{.energy = 0.9}.rank_for(zero, 3) == 1);
   CHECK_THROWS_AS(CompressionTarget{}.rank_for(sigma, 6), lora::error);
 }
+
+#include <lora/io/peft.hpp>
+
+TEST_CASE("compress_adapter keeps the top-k part of every module", "[analysis][compress][peft]") {
+  const auto in = io::load_peft_adapter(std::string(LORA_TEST_DATA_DIR) + "/peft/patterns_all/adapter");
+  for (const auto& target : {CompressionTarget{.rank = 3}, CompressionTarget{.energy = 0.9}}) {
+    const auto out = compress_adapter(in, target);
+    REQUIRE(out.modules.size() == in.modules.size());
+    for (std::size_t i = 0; i < in.modules.size(); ++i) {
+      const auto& a = in.modules[i].adapter;
+      const auto& b = out.modules[i].adapter;
+      INFO(in.modules[i].name);
+      const MatD dw = a.delta_weight().cast<double>();
+      Eigen::BDCSVD<Eigen::MatrixXd> svd(dw, Eigen::ComputeThinU | Eigen::ComputeThinV);
+      const Index k = b.rank();
+      CHECK(k == target.rank_for(svd.singularValues().head(a.rank()), a.rank()));
+      CHECK(b.alpha() == a.alpha());
+      const MatD want = svd.matrixU().leftCols(k) * svd.singularValues().head(k).asDiagonal() *
+                        svd.matrixV().leftCols(k).transpose();
+      CHECK(rel_error(b.delta_weight(), want) < 1e-5);
+    }
+    // saved and loaded again, PEFT's rank_pattern rules give every module its k
+    const auto dir = std::filesystem::temp_directory_path() / fmt::format("lora_compress_{}", lora::test::fresh_seed());
+    io::save_peft_adapter(dir, out);
+    const auto back = io::load_peft_adapter(dir);
+    std::filesystem::remove_all(dir);
+    REQUIRE(back.modules.size() == out.modules.size());
+    for (std::size_t i = 0; i < out.modules.size(); ++i) {
+      CHECK(back.modules[i].adapter.rank() == out.modules[i].adapter.rank());
+      CHECK(rel_error(back.modules[i].adapter.delta_weight(), out.modules[i].adapter.delta_weight()) < 1e-6);
+    }
+  }
+}

@@ -234,6 +234,8 @@ LowRankSVD<double> lowrank_svd(const Eigen::MatrixBase<DerivedB>& B, const Eigen
     detail::cols_to_double(A, 0, in, Ad);
     Atd = Ad.transpose();
   }
+  if (!Bd.allFinite()) lora::detail::fail("lowrank_svd: lora_B [{} x {}] contains a NaN or Inf", out, r);
+  if (!Atd.allFinite()) lora::detail::fail("lowrank_svd: lora_A [{} x {}] contains a NaN or Inf", r, in);
   const Index kb = std::min(out, r), ka = std::min(in, r);
   Eigen::HouseholderQR<Eigen::MatrixXd> qb(Bd), qa(Atd);
   const Eigen::MatrixXd Rb = qb.matrixQR().topRows(kb).template triangularView<Eigen::Upper>();  // kb × r
@@ -270,6 +272,9 @@ Vector<double> lowrank_singular_values(const Eigen::MatrixBase<DerivedB>& B, con
   const Index p = std::min({B.cols(), B.rows(), A.cols()});
   const Eigen::MatrixXd Gb = detail::gram_of_columns(B);
   const Eigen::MatrixXd Ga = detail::gram_of_rows(A);
+  // a NaN or Inf in a factor reaches its Gram matrix (x² of Inf is Inf): one cheap check
+  if (!Gb.allFinite()) lora::detail::fail("lowrank_singular_values: lora_B [{} x {}] contains a NaN or Inf", B.rows(), B.cols());
+  if (!Ga.allFinite()) lora::detail::fail("lowrank_singular_values: lora_A [{} x {}] contains a NaN or Inf", A.rows(), A.cols());
   Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eb(Gb);
   const Eigen::VectorXd root = eb.eigenvalues().cwiseMax(0.0).cwiseSqrt();
   const Eigen::MatrixXd S = eb.eigenvectors() * root.asDiagonal();
