@@ -35,3 +35,6 @@
 #include <lora/analysis/combine.hpp>
 #include <lora/analysis/inspect.hpp>
 #include <lora/analysis/plot.hpp>
+#include <lora/plan/plan.hpp>
+#include <lora/multi/adapter_set.hpp>
+#include <lora/multi/peft_collection.hpp>
