@@ -100,10 +100,9 @@ TEST_CASE("spectrum edge: r = min(in, out), r > min(in, out), 1x1 and huge alpha
 }
 
 // A NaN or Inf in a factor must not come back as a finite spectrum: either the
-// non-finite value propagates, or lora::error names it. Known failure: both routes
-// return σ = 0 for a factor with a NaN (Householder QR + Jacobi SVD / the eigen
-// solver silently produce zeros), so `lora inspect` reports a NaN adapter as a zero one.
-TEST_CASE("spectrum edge: non-finite factors are not reported as a finite spectrum", "[analysis][edge][!mayfail]") {
+// non-finite value propagates, or lora::error names it. (Before c612c18 both routes
+// returned σ = 0 for a factor with a NaN: QR + Jacobi SVD / the eigensolver produce zeros.)
+TEST_CASE("spectrum edge: non-finite factors are not reported as a finite spectrum", "[analysis][edge]") {
   Generator gen(lora::test::fresh_seed());
   for (double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
     MatD B = random_matrix(6, 3, gen), A = random_matrix(3, 5, gen);
