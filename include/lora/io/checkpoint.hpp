@@ -24,6 +24,7 @@
 #include <fstream>
 #include <functional>
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -337,13 +338,40 @@ inline std::string safetensors_header(const std::vector<TensorSpec>& tensors,
 }
 
 /// Sequential writer of one safetensors file whose header is known up front.
+///
+/// Large files (≥ 64 MiB) are written with O_DIRECT through an aligned staging buffer
+/// where the file system allows it: buffered write() + fsync of a multi-GB checkpoint was
+/// measured 3–4× slower than O_DIRECT on ext4 (virtio disk; docs/io.md), because the
+/// page cache fills with dirty pages that are flushed only at the end. The unaligned tail
+/// is written after clearing O_DIRECT. Any EINVAL from O_DIRECT (tmpfs before Linux 6.6,
+/// network file systems) falls back to plain buffered writes.
 class StreamingFile {
  public:
+  static constexpr std::size_t kDirectMin = std::size_t{64} << 20;
+  static constexpr std::size_t kAlign = 4096;
+  static constexpr std::size_t kStage = std::size_t{8} << 20;
+
   StreamingFile(const std::filesystem::path& path, const std::vector<TensorSpec>& tensors,
                 const std::map<std::string, std::string>& metadata)
       : path_(path.string()), tensors_(&tensors) {
     const std::string header = safetensors_header(tensors, metadata);
-    fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    std::size_t total = header.size();
+    for (const auto& t : tensors) total += t.nbytes();
+#ifdef O_DIRECT
+    if (total >= kDirectMin) {
+      fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_DIRECT, 0644);
+      if (fd_ >= 0) {
+        void* p = nullptr;
+        if (::posix_memalign(&p, kAlign, kStage) == 0) {
+          stage_.reset(static_cast<std::byte*>(p));
+        } else {
+          ::close(fd_);
+          fd_ = -1;
+        }
+      }
+    }
+#endif
+    if (fd_ < 0) fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd_ < 0) lora::detail::fail("{}: cannot open for writing: {}", path_, std::strerror(errno));
     put(std::as_bytes(std::span(header.data(), header.size())));
   }
@@ -365,6 +393,17 @@ class StreamingFile {
   void finish() {
     if (next_ != tensors_->size())
       lora::detail::fail("{}: {} of {} tensors written", path_, next_, tensors_->size());
+    if (stage_) {  // the tail (< kStage bytes): aligned part direct, the rest buffered
+      const std::size_t aligned = staged_ / kAlign * kAlign;
+      if (aligned > 0) write_all(stage_.get(), aligned);
+      const std::size_t rest = staged_ - aligned;
+      staged_ = 0;
+      if (rest > 0) {
+        buffered();
+        write_all(stage_.get() + aligned, rest);
+      }
+      stage_.reset();
+    }
     if (::close(fd_) != 0) {
       fd_ = -1;
       lora::detail::fail("{}: close failed: {}", path_, std::strerror(errno));
@@ -372,15 +411,50 @@ class StreamingFile {
     fd_ = -1;
   }
   bool done() const { return next_ == tensors_->size(); }
+  /// Whether this file is being written with O_DIRECT (for tests).
+  bool direct() const { return static_cast<bool>(stage_); }
 
  private:
+  struct FreeDeleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+
   void put(std::span<const std::byte> b) {
+    if (!stage_) {
+      write_all(b.data(), b.size());
+      return;
+    }
     const std::byte* p = b.data();
     std::size_t left = b.size();
+    while (left > 0) {
+      const std::size_t n = std::min(left, kStage - staged_);
+      std::memcpy(stage_.get() + staged_, p, n);
+      staged_ += n;
+      p += n;
+      left -= n;
+      if (staged_ == kStage) {
+        staged_ = 0;
+        write_all(stage_.get(), kStage);
+      }
+    }
+  }
+  // Clears O_DIRECT; the staging buffer stays valid for a caller that still holds data.
+  void buffered() {
+#ifdef O_DIRECT
+    const int fl = ::fcntl(fd_, F_GETFL);
+    if (fl >= 0 && (fl & O_DIRECT)) ::fcntl(fd_, F_SETFL, fl & ~O_DIRECT);
+#endif
+  }
+  void write_all(const std::byte* p, std::size_t left) {
     while (left > 0) {
       const ssize_t w = ::write(fd_, p, std::min<std::size_t>(left, std::size_t{1} << 30));
       if (w < 0) {
         if (errno == EINTR) continue;
+        if (errno == EINVAL && stage_ && !fallback_) {  // O_DIRECT refused here: go buffered
+          fallback_ = true;
+          buffered();
+          continue;
+        }
         lora::detail::fail("{}: write failed: {}", path_, std::strerror(errno));
       }
       p += w;
@@ -391,6 +465,9 @@ class StreamingFile {
   const std::vector<TensorSpec>* tensors_;
   std::size_t next_ = 0;
   int fd_ = -1;
+  std::unique_ptr<std::byte, FreeDeleter> stage_;
+  std::size_t staged_ = 0;
+  bool fallback_ = false;
 };
 
 /// Runs `produce` for every tensor on the calling thread and writes the results on a
