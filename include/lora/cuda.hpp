@@ -18,3 +18,4 @@
 #include <lora/cuda/dora.cuh>
 #include <lora/cuda/nf4.cuh>
 #include <lora/cuda/spectrum.cuh>
+#include <lora/cuda/multi.cuh>

@@ -1,0 +1,190 @@
+// bench_multi_cuda [out.csv]: mixed-adapter batches (lora/cuda/multi.cuh) on
+// in = out = 4096, r = 16, bf16: T tokens spread evenly (then shuffled) over N
+// adapters, against the base cuBLAS GEMM alone, one adapter over the same T
+// (LowRankAdapter<bf16, cuda>, fused and plain), and the naive loop (tokens
+// sorted by adapter, one LowRankAdapter::apply per adapter over its rows).
+// CUDA events; all variants of a shape are timed in alternating batches and
+// the median per variant is kept. Decode sizes (T ≤ 16) rotate among 4 copies
+// of W so that it comes from device memory. CSV: name,tokens,adapters,r,ms,extra.
+
+#include <lora/cuda.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <numeric>
+#include <string>
+#include <vector>
+
+using namespace lora;
+using S = bfloat16;
+
+namespace {
+
+FILE* csv = stdout;
+
+void fill_random(DeviceView<S> v, Generator& g, double scale) {
+  Matrix<S> h(v.rows, v.cols);
+  for (Index i = 0; i < h.rows(); ++i)
+    for (Index j = 0; j < h.cols(); ++j) h(i, j) = S(static_cast<float>(g.normal() * scale));
+  upload<S>(h, v);
+}
+Matrix<S> factor(Index rows, Index cols, Generator& g) {
+  Matrix<S> m(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) m(i, j) = S(static_cast<float>(g.normal() * 0.02));
+  return m;
+}
+
+/// Medians (ms per call) of several functions timed in alternating batches.
+std::vector<double> time_all(CudaContext& ctx, const std::vector<std::function<void(int)>>& fns, int batch,
+                             int batches) {
+  const std::size_t n = fns.size();
+  std::vector<cudaEvent_t> ev(n + 1);
+  for (auto& e : ev) LORA_CUDA_CHECK(cudaEventCreate(&e));
+  int k = 0;
+  for (int i = 0; i < 2; ++i, ++k)
+    for (auto& f : fns) f(k);
+  std::vector<std::vector<float>> t(n);
+  for (int b = 0; b < batches; ++b) {
+    LORA_CUDA_CHECK(cudaEventRecord(ev[0], ctx.stream()));
+    for (std::size_t f = 0; f < n; ++f) {
+      for (int i = 0; i < batch; ++i) fns[f](k + i);
+      LORA_CUDA_CHECK(cudaEventRecord(ev[f + 1], ctx.stream()));
+    }
+    k += batch;
+    LORA_CUDA_CHECK(cudaEventSynchronize(ev[n]));
+    for (std::size_t f = 0; f < n; ++f) {
+      float ms = 0;
+      LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[f], ev[f + 1]));
+      t[f].push_back(ms / batch);
+    }
+  }
+  LORA_CUDA_CHECK(cudaGetLastError());
+  for (auto& e : ev) cudaEventDestroy(e);
+  std::vector<double> med;
+  for (auto& v : t) {
+    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+    med.push_back(v[v.size() / 2]);
+  }
+  return med;
+}
+
+void emit(const char* name, Index T, int N, Index r, double ms, double extra = 0) {
+  std::fprintf(csv, "%s,%ld,%d,%ld,%.5f,%.4f\n", name, static_cast<long>(T), N, static_cast<long>(r), ms, extra);
+  std::fflush(csv);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc > 1) csv = std::fopen(argv[1], "w");
+  if (!csv) return 1;
+  auto ctx = CudaContext::thread_default();
+  cudaDeviceProp prop{};
+  LORA_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::fprintf(stderr, "bench_multi: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+  {  // registers and local memory of the kernels (spills would show as local bytes)
+    using T = detail::device_t<S>;
+    constexpr int V = 16 / sizeof(S), TT = multi::detail::sgmv_tile_tokens, RG = multi::detail::sgmv_rank_group;
+    cudaFuncAttributes a{}, b{};
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&a, multi::detail::sgmv_shrink_kernel<T, V, TT, RG>));
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT>));
+    std::fprintf(stderr, "shrink: %d regs, %zu local bytes; expand: %d regs, %zu local bytes\n", a.numRegs,
+                 a.localSizeBytes, b.numRegs, b.localSizeBytes);
+  }
+  std::fprintf(csv, "name,tokens,adapters,r,ms,extra\n");
+  const Index in = 4096, out = 4096, r = 16;
+  const double alpha = 32.0;
+  Generator g(4321);
+
+  // Factors of the largest set, generated once; smaller sets use the first N.
+  const int Nmax = 512;
+  std::vector<Matrix<S>> As, Bs;
+  for (int i = 0; i < Nmax; ++i) {
+    As.push_back(factor(r, in, g));
+    Bs.push_back(factor(out, r, g));
+  }
+  std::vector<DeviceMatrix<S>> W;
+  for (int i = 0; i < 4; ++i) {
+    W.emplace_back(out, in);
+    fill_random(W.back().view(), g, 0.02);
+  }
+  // One adapter alone (the single-adapter baseline): adapter 0 of every set.
+  LowRankAdapter<S> host0(in, out, r, alpha);
+  host0.set_A(As[0]);
+  host0.set_B(Bs[0]);
+  auto single = LowRankAdapter<S, cuda>::from_host(host0, ctx);
+  std::vector<FusedWeight<S>> fw;
+  for (auto& w : W) fw.push_back(single.fuse(w.view()));
+
+  for (int N : {1, 8, 64, 512}) {
+    multi::DeviceAdapterSet<S> set(in, out, ctx);
+    std::vector<LowRankAdapter<S, cuda>> loop;  // the naive loop's adapters
+    for (int i = 0; i < N; ++i) {
+      set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
+              standard_scaling::factor(alpha, static_cast<int>(r)));
+      LowRankAdapter<S> h(in, out, r, alpha);
+      h.set_A(As[static_cast<std::size_t>(i)]);
+      h.set_B(Bs[static_cast<std::size_t>(i)]);
+      loop.push_back(LowRankAdapter<S, cuda>::from_host(h, ctx));
+    }
+    for (Index T : {Index(1), Index(16), Index(256), Index(4096)}) {
+      const int sets = T <= 16 ? 4 : 1;
+      // Tokens spread evenly over the N adapters, shuffled (a decode batch's worst case).
+      std::vector<int> ids(static_cast<std::size_t>(T));
+      for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % N);
+      for (std::size_t i = ids.size(); i > 1; --i)
+        std::swap(ids[i - 1], ids[static_cast<std::size_t>(g.uniform() * static_cast<double>(i))]);
+      const auto h0 = std::chrono::steady_clock::now();
+      auto seg = set.segments(ids);  // host grouping + upload, once per batch
+      const double seg_us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0).count();
+
+      auto Xp = single.padded_input(T);
+      fill_random(Xp.view(), g, 1.0);
+      DeviceMatrix<S> X(T, in), Y(T, out);
+      LORA_CUDA_CHECK(cudaMemcpy2D(X.data(), in * sizeof(S), Xp.data(), (in + r) * sizeof(S), in * sizeof(S), T,
+                                   cudaMemcpyDeviceToDevice));
+      // Naive loop: tokens sorted by adapter (contiguous rows, which favours the loop).
+      std::vector<Index> cnt(static_cast<std::size_t>(N), 0);
+      for (int id : ids) ++cnt[static_cast<std::size_t>(id)];
+
+      std::vector<std::string> names = {"base_gemm", "single_fused", "single_plain", "mixed_serial", "mixed_overlap",
+                                        "naive_loop"};
+      std::vector<std::function<void(int)>> fns = {
+          [&](int i) {
+            detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
+          },
+          [&](int i) { single.apply(fw[i % sets], Xp.view(), Y.view()); },
+          [&](int i) { single.apply(W[i % sets].view(), X.view(), Y.view()); },
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::serial;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+          },
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::overlap;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+          },
+          [&](int i) {
+            Index b = 0;
+            for (int a = 0; a < N; ++a) {
+              const Index n = cnt[static_cast<std::size_t>(a)];
+              if (n == 0) continue;
+              loop[static_cast<std::size_t>(a)].apply(W[i % sets].view(), DeviceView<const S>(X.view()).row_block(b, n),
+                                                      Y.view().row_block(b, n));
+              b += n;
+            }
+          }};
+      const bool slow = N >= 64 && T >= 256;  // the naive loop launches thousands of kernels
+      const auto ms = time_all(*ctx, fns, slow ? 3 : 10, slow ? 7 : 15);
+      for (std::size_t f = 0; f < fns.size(); ++f) emit(names[f].c_str(), T, N, r, ms[f]);
+      emit("segments_host_us", T, N, r, 0.0, seg_us);
+      std::fprintf(stderr, "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f (%.2fx single) naive %.4f ms\n",
+                   static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], std::min(ms[3], ms[4]) / ms[1], ms[5]);
+    }
+  }
+  if (csv != stdout) std::fclose(csv);
+  return 0;
+}

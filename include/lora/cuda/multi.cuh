@@ -1,0 +1,584 @@
+#pragma once
+// Many adapters for one base layer on the GPU: the device side of
+// lora/multi/adapter_set.hpp. A batch whose tokens use different adapters runs
+// the base GEMM once (cuBLAS) and the adapters' low-rank paths as one shrink
+// and one expand kernel over segments of tokens (SGMV-style). See docs/multi.md.
+//
+//   lora::multi::DeviceAdapterSet<bfloat16> set(4096, 4096);
+//   int a = set.add("math", A_math, B_math, 2.0);     // or from_host(cpu_set)
+//   auto seg = set.segments(ids);                      // once per batch, reused by every layer
+//   set.apply(W, X, seg, Y);                           // Y = X·Wᵀ + Σ per token s_i·(x·A_iᵀ)·B_iᵀ
+//   set.replace(a, "math", A2, B2, 1.0);               // hot-swap; the others stay loaded
+
+#include <lora/cuda/kernels.cuh>
+#include <lora/cuda/runtime.hpp>
+#include <lora/multi/adapter_set.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lora::multi {
+
+namespace detail {
+
+/// One adapter as the kernels see it: A [r × in] and Bᵀ [r × out], both row-major
+/// and contiguous. rank 0 marks a free slot.
+template <class T>
+struct DeviceSlotEntry {
+  const T* A = nullptr;
+  const T* Bt = nullptr;
+  int rank = 0;
+  float scaling = 0.f;
+};
+
+/// Up to sgmv_tile_tokens consecutive positions [begin, begin + count) of the
+/// grouped token order, all of one adapter.
+struct SegmentTile {
+  int adapter;
+  int begin;
+  int count;
+};
+
+constexpr int sgmv_threads = 128;
+constexpr int sgmv_tile_tokens = 8;
+constexpr int sgmv_rank_group = 8;
+constexpr int sgmv_max_rank = 1024;  // expand keeps a [tile × r] block of U in shared memory
+constexpr int sgmv_max_split = 8;
+
+template <class T, int N>
+__device__ __forceinline__ void ldg_vec(const T* p, float* out) {
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = lora::detail::to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = lora::detail::to_float(__ldg(p + i));
+  }
+}
+template <class T, int N>
+__device__ __forceinline__ void load_vec(const T* p, float* out) {
+  if constexpr (N * sizeof(T) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = lora::detail::to_float(e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = lora::detail::to_float(p[i]);
+  }
+}
+template <class T, int N>
+__device__ __forceinline__ void store_vec(T* p, const float* v) {
+  if constexpr (N * sizeof(T) == 16) {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = lora::detail::from_float<T>(v[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[i] = lora::detail::from_float<T>(v[i]);
+  }
+}
+
+/// Shrink: U[split][p, j] = s·Σ_{k in split} X[order[p], k]·A[j, k] for the
+/// positions p of one tile (≤ TT tokens, one adapter) and all its ranks j, over
+/// the split's range of K (gridDim.y splits; expand sums them). The block's
+/// threads stride over K in VW-wide chunks (16-byte loads when VW·sizeof(T) = 16);
+/// each A element is read once per tile and feeds all its tokens; ranks go in
+/// groups of RG, each group reduced across the block. Float accumulation.
+template <class T, int VW, int TT, int RG>
+__global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
+    const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
+    const DeviceSlotEntry<T>* __restrict__ table, float* __restrict__ U, int ldu, long split_stride,
+    int chunks_per_split) {
+  const SegmentTile tile = tiles[blockIdx.x];
+  const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int chunks = in / VW;
+  const int c0 = static_cast<int>(blockIdx.y) * chunks_per_split;
+  const int c1 = min(chunks, c0 + chunks_per_split);
+  float* Us = U + static_cast<long>(blockIdx.y) * split_stride;
+  const T* xrow[TT];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) xrow[t] = X + static_cast<long>(order[tile.begin + min(t, tile.count - 1)]) * ldx;
+
+  __shared__ float part[sgmv_threads / 32][TT * RG];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int j0 = 0; j0 < e.rank; j0 += RG) {
+    float acc[TT][RG];
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+#pragma unroll
+      for (int g = 0; g < RG; ++g) acc[t][g] = 0.f;
+    for (int c = c0 + static_cast<int>(threadIdx.x); c < c1; c += sgmv_threads) {
+      float a[RG][VW];
+#pragma unroll
+      for (int g = 0; g < RG; ++g) ldg_vec<T, VW>(e.A + static_cast<long>(min(j0 + g, e.rank - 1)) * in + c * VW, a[g]);
+#pragma unroll
+      for (int t = 0; t < TT; ++t) {
+        if (t < tile.count) {
+          float x[VW];
+          ldg_vec<T, VW>(xrow[t] + c * VW, x);
+#pragma unroll
+          for (int g = 0; g < RG; ++g)
+#pragma unroll
+            for (int i = 0; i < VW; ++i) acc[t][g] = fmaf(x[i], a[g][i], acc[t][g]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < TT; ++t)
+#pragma unroll
+      for (int g = 0; g < RG; ++g) {
+        const float v = lora::detail::warp_sum<float>(acc[t][g]);
+        if (lane == 0) part[warp][t * RG + g] = v;
+      }
+    __syncthreads();
+    for (int i = threadIdx.x; i < TT * RG; i += sgmv_threads) {
+      const int t = i / RG, j = j0 + i % RG;
+      if (t >= tile.count || j >= e.rank) continue;
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < sgmv_threads / 32; ++w) v += part[w][i];
+      Us[static_cast<long>(tile.begin + t) * ldu + j] = e.scaling * v;
+    }
+    __syncthreads();
+  }
+}
+
+/// Expand: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the positions of one tile
+/// and a block of VW·sgmv_threads output columns (gridDim.y blocks), in place:
+/// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads.
+/// U's K-splits are summed while the tile's [count × r] block is staged in
+/// shared memory.
+template <class T, int VW, int TT>
+__global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
+    const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
+    const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out) {
+  extern __shared__ float u[];  // [TT × r]
+  const SegmentTile tile = tiles[blockIdx.x];
+  const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int r = e.rank;
+  for (int i = threadIdx.x; i < TT * r; i += sgmv_threads) {
+    const int t = i / r, j = i % r;
+    float v = 0.f;
+    if (t < tile.count)
+      for (int s = 0; s < splits; ++s) v += U[s * split_stride + static_cast<long>(tile.begin + t) * ldu + j];
+    u[i] = v;
+  }
+  __syncthreads();
+  const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
+  if (col >= out) return;
+  float acc[TT][VW];
+#pragma unroll
+  for (int t = 0; t < TT; ++t)
+#pragma unroll
+    for (int i = 0; i < VW; ++i) acc[t][i] = 0.f;
+  for (int j = 0; j < r; ++j) {
+    float b[VW];
+    ldg_vec<T, VW>(e.Bt + static_cast<long>(j) * out + col, b);
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      if (t < tile.count) {
+        const float uj = u[t * r + j];
+#pragma unroll
+        for (int i = 0; i < VW; ++i) acc[t][i] = fmaf(uj, b[i], acc[t][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    if (t < tile.count) {
+      T* y = Y + static_cast<long>(order[tile.begin + t]) * ldy + col;
+      float v[VW];
+      load_vec<T, VW>(y, v);
+#pragma unroll
+      for (int i = 0; i < VW; ++i) v[i] += acc[t][i];
+      store_vec<T, VW>(y, v);
+    }
+  }
+}
+
+/// A second stream and two events: the shrink runs beside the base GEMM.
+struct ForkJoin {
+  Stream side;
+  cudaEvent_t fork = nullptr, join = nullptr;
+  ForkJoin() {
+    LORA_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    LORA_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  }
+  ~ForkJoin() {
+    if (fork) cudaEventDestroy(fork);
+    if (join) cudaEventDestroy(join);
+  }
+  ForkJoin(const ForkJoin&) = delete;
+  ForkJoin& operator=(const ForkJoin&) = delete;
+};
+
+}  // namespace detail
+
+/// Tokens grouped by adapter (make_segments on the host) and cut into tiles of
+/// ≤ 8 tokens, uploaded once; build it once per batch and reuse it for every
+/// layer whose set numbers adapters the same way.
+struct DeviceSegments {
+  Index tokens = 0;              ///< the T the ids were given for
+  Index covered = 0;             ///< tokens with an adapter (ids ≠ −1)
+  std::vector<int> adapters;     ///< adapter id of each segment (checked again at apply)
+  int tiles = 0;
+  DeviceBuffer<detail::SegmentTile> tile_buf;
+  DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
+};
+
+/// How apply() orders its three steps.
+/// serial:  shrink, base GEMM, expand on the set's stream;
+/// overlap: the shrink runs on a second stream beside the base GEMM (it only
+///          reads X), the expand waits for both.
+enum class SgmvSchedule { serial, overlap };
+
+/// Adapters for one base layer [out × in] in device memory, addressed by a
+/// stable id like AdapterSet (add / insert / replace / remove leave the others
+/// loaded and their ids unchanged). Each adapter owns A [r × in] and Bᵀ
+/// [r × out]; a device table of (A, Bᵀ, r, s) per id lets the kernels gather
+/// any adapter by index. Ranks and scalings may differ per adapter.
+/// Changes are stream-ordered: forwards queued before a replace see the old
+/// factors. Not for concurrent use from several host threads.
+template <class Scalar>
+class DeviceAdapterSet {
+  static_assert(is_device_scalar_v<Scalar>, "DeviceAdapterSet: Scalar must be float, bfloat16 or half");
+
+ public:
+  using scalar_type = Scalar;
+  using view = DeviceView<Scalar>;
+  using cview = DeviceView<const Scalar>;
+  SgmvSchedule schedule = SgmvSchedule::serial;
+
+  DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
+      : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
+    if (in_ < 1 || out_ < 1)
+      lora::detail::fail("DeviceAdapterSet: in_features and out_features must be at least 1, got in = {}, out = {}",
+                         in_, out_);
+    int dev = 0;
+    LORA_CUDA_CHECK(cudaGetDevice(&dev));
+    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms_, cudaDevAttrMultiProcessorCount, dev));
+  }
+
+  /// Copies every adapter of a CPU set to the device under the same ids and names.
+  template <class S2>
+  static DeviceAdapterSet from_host(const AdapterSet<S2>& set, std::shared_ptr<CudaContext> ctx = {}) {
+    DeviceAdapterSet d(set.in_features(), set.out_features(), std::move(ctx));
+    for (int id = 0; id < set.capacity(); ++id)
+      if (set.contains(id)) {
+        const auto& s = set.at(id);
+        d.insert(id, s.name, s.A.template cast<Scalar>(), s.B.template cast<Scalar>(), s.scaling);
+      }
+    return d;
+  }
+
+  Index in_features() const { return in_; }
+  Index out_features() const { return out_; }
+  CudaContext& context() const { return *ctx_; }
+  std::size_t size() const {
+    return static_cast<std::size_t>(std::count_if(slots_.begin(), slots_.end(), [](auto& s) { return s != nullptr; }));
+  }
+  int capacity() const { return static_cast<int>(slots_.size()); }
+  bool contains(int id) const { return id >= 0 && id < capacity() && slots_[static_cast<std::size_t>(id)] != nullptr; }
+  const std::string& name(int id) const { return slot(id).name; }
+  Index rank(int id) const { return slot(id).rank; }
+  double scaling(int id) const { return slot(id).scaling; }
+  std::optional<int> find(std::string_view name) const {
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i] && slots_[i]->name == name) return static_cast<int>(i);
+    return std::nullopt;
+  }
+  Index max_rank() const {
+    Index r = 0;
+    for (auto& s : slots_)
+      if (s) r = std::max(r, s->rank);
+    return r;
+  }
+  /// A [r × in] of adapter id, on the device.
+  cview A(int id) const { return slot(id).A.view(); }
+  /// Bᵀ [r × out] of adapter id (B transposed, so that expand reads rows of it).
+  cview Bt(int id) const { return slot(id).Bt.view(); }
+
+  /// Adds factors A [r × in], B [out × r] with scaling s (the lowest free id is returned).
+  int add(std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling) {
+    int id = 0;
+    while (contains(id)) ++id;
+    put(id, std::move(name), A, B, scaling, -1);
+    return id;
+  }
+  /// Adds a CPU LowRankAdapter (its scaling() as it is now).
+  template <class S, ScalingPolicy P>
+  int add(std::string name, const LowRankAdapter<S, cpu, P>& ad) {
+    check_orientation(name, ad.fan_in_fan_out());
+    return add(std::move(name), ad.A().template cast<Scalar>(), ad.B().template cast<Scalar>(), ad.scaling());
+  }
+  /// Adds at a chosen free id (to share one numbering across layers).
+  void insert(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling) {
+    if (id < 0) lora::detail::fail("DeviceAdapterSet: cannot insert adapter '{}' at negative id {}", name, id);
+    if (contains(id))
+      lora::detail::fail("DeviceAdapterSet: cannot insert adapter '{}' at id {}: '{}' is there", name, id,
+                         slots_[static_cast<std::size_t>(id)]->name);
+    put(id, std::move(name), A, B, scaling, -1);
+  }
+  /// Replaces adapter id (rank and scaling may change); the others stay loaded.
+  void replace(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling) {
+    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: cannot replace id {}: no such adapter", id);
+    put(id, std::move(name), A, B, scaling, id);
+  }
+  template <class S, ScalingPolicy P>
+  void replace(int id, std::string name, const LowRankAdapter<S, cpu, P>& ad) {
+    check_orientation(name, ad.fan_in_fan_out());
+    replace(id, std::move(name), ad.A().template cast<Scalar>(), ad.B().template cast<Scalar>(), ad.scaling());
+  }
+  /// Unloads adapter id (work already queued still sees it); the id may be reused.
+  void remove(int id) {
+    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: cannot remove id {}: no such adapter", id);
+    entries_[static_cast<std::size_t>(id)] = {};
+    upload_table();
+    slots_[static_cast<std::size_t>(id)].reset();  // cudaFree waits for queued kernels
+  }
+
+  /// Groups tokens by adapter (ids[t] = −1: base only) and uploads the grouping.
+  DeviceSegments segments(std::span<const int> ids) const {
+    const Segments s = detail::make_segments(*this, ids, static_cast<Index>(ids.size()));
+    DeviceSegments d;
+    d.tokens = static_cast<Index>(ids.size());
+    d.covered = static_cast<Index>(s.order.size());
+    d.adapters = s.adapter;
+    std::vector<detail::SegmentTile> tiles;
+    for (std::size_t k = 0; k < s.adapter.size(); ++k)
+      for (Index b = s.begin[k]; b < s.begin[k + 1]; b += detail::sgmv_tile_tokens)
+        tiles.push_back({s.adapter[k], static_cast<int>(b),
+                         static_cast<int>(std::min<Index>(detail::sgmv_tile_tokens, s.begin[k + 1] - b))});
+    std::vector<int> order(s.order.begin(), s.order.end());
+    d.tiles = static_cast<int>(tiles.size());
+    d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
+    d.order = DeviceBuffer<int>(order.size());
+    if (!tiles.empty()) {
+      LORA_CUDA_CHECK(cudaMemcpyAsync(d.tile_buf.data(), tiles.data(), tiles.size() * sizeof(tiles[0]),
+                                      cudaMemcpyHostToDevice, ctx_->stream()));
+      LORA_CUDA_CHECK(cudaMemcpyAsync(d.order.data(), order.data(), order.size() * sizeof(int),
+                                      cudaMemcpyHostToDevice, ctx_->stream()));
+      ctx_->synchronize();  // the host vectors die here
+    }
+    return d;
+  }
+
+  /// The mixed-adapter layer: Y = X·Wᵀ (one cuBLAS GEMM for all T tokens) and,
+  /// per token t with adapter i = ids[t] ≠ −1, Y[t] += s_i·(X[t]·A_iᵀ)·B_iᵀ
+  /// (shrink and expand kernels, float accumulation, Y updated in place).
+  void apply(cview W, cview X, const DeviceSegments& seg, view Y) const {
+    lora::detail::require(W.rows == out_ && W.cols == in_, "DeviceAdapterSet: ", "base weight W", W.rows, W.cols,
+                          out_, in_);
+    check_batch(X, seg, Y);
+    const bool overlap = schedule == SgmvSchedule::overlap && seg.tiles > 0;
+    if (overlap) {
+      if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
+      LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, ctx_->stream()));
+      LORA_CUDA_CHECK(cudaStreamWaitEvent(fork_->side.get(), fork_->fork, 0));
+    }
+    const Plan p = plan(X, seg);
+    if (seg.tiles > 0) shrink(X, seg, p, overlap ? fork_->side.get() : ctx_->stream());
+    lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
+    if (overlap) {
+      LORA_CUDA_CHECK(cudaEventRecord(fork_->join, fork_->side.get()));
+      LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), fork_->join, 0));
+    }
+    if (seg.tiles > 0) expand(seg, p, Y);
+  }
+  DeviceMatrix<Scalar> apply(cview W, cview X, std::span<const int> ids) const {
+    check_ids(X, ids);
+    DeviceMatrix<Scalar> Y(X.rows, out_);
+    apply(W, X, segments(ids), Y.view());
+    return Y;
+  }
+
+  /// Adapter paths only, added in place: Y[t] += s_i·(X[t]·A_iᵀ)·B_iᵀ.
+  void add_forward(cview X, const DeviceSegments& seg, view Y) const {
+    check_batch(X, seg, Y);
+    if (seg.tiles == 0) return;
+    const Plan p = plan(X, seg);
+    shrink(X, seg, p, ctx_->stream());
+    expand(seg, p, Y);
+  }
+  /// Adapter paths only: s_i·(X[t]·A_iᵀ)·B_iᵀ per token (zero rows where ids[t] = −1).
+  DeviceMatrix<Scalar> forward(cview X, std::span<const int> ids) const {
+    check_ids(X, ids);
+    DeviceMatrix<Scalar> Y(X.rows, out_);
+    if (Y.size() > 0)
+      LORA_CUDA_CHECK(cudaMemsetAsync(Y.data(), 0, Y.size() * sizeof(Scalar), ctx_->stream()));
+    add_forward(X, segments(ids), Y.view());
+    return Y;
+  }
+
+ private:
+  using T = lora::detail::device_t<Scalar>;
+  static constexpr int V = 16 / static_cast<int>(sizeof(Scalar));
+
+  struct Slot {
+    std::string name;
+    DeviceMatrix<Scalar> A, Bt;
+    Index rank = 0;
+    double scaling = 1.0;
+  };
+  /// Launch shape of one batch: vector widths, K-splits, U's layout.
+  struct Plan {
+    bool vec_x = false, vec_y = false;
+    int splits = 1, chunks_per_split = 0, ldu = 0;
+    long split_stride = 0;
+  };
+
+  const Slot& slot(int id) const {
+    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: no adapter with id {} (loaded: {})", id, size());
+    return *slots_[static_cast<std::size_t>(id)];
+  }
+  static void check_orientation(const std::string& name, bool fan_in_fan_out) {
+    if (fan_in_fan_out)
+      lora::detail::fail("DeviceAdapterSet: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and "
+                         "add a regular adapter",
+                         name);
+  }
+
+  void put(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling,
+           int replacing) {
+    const std::string who = fmt::format("DeviceAdapterSet: adapter '{}'", name);
+    if (name.empty()) lora::detail::fail("DeviceAdapterSet: adapter names must not be empty");
+    for (std::size_t i = 0; i < slots_.size(); ++i)
+      if (slots_[i] && slots_[i]->name == name && static_cast<int>(i) != replacing)
+        lora::detail::fail("{} is already loaded as id {}", who, i);
+    if (A.cols() != in_)
+      lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
+                         A.rows(), A.cols(), in_, in_);
+    if (B.rows() != out_)
+      lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
+                         B.rows(), B.cols(), out_, out_);
+    if (B.cols() != A.rows())
+      lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
+                         B.cols());
+    const Index rmax = std::min<Index>(std::min(in_, out_), detail::sgmv_max_rank);
+    if (A.rows() < 1 || A.rows() > rmax)
+      lora::detail::fail("{}: rank r = {} must be in [1, {}] (min(in, out) = {}, device limit {})", who, A.rows(), rmax,
+                         std::min(in_, out_), detail::sgmv_max_rank);
+    if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
+
+    auto s = std::make_unique<Slot>();
+    s->name = std::move(name);
+    s->rank = A.rows();
+    s->scaling = scaling;
+    s->A = DeviceMatrix<Scalar>(A.rows(), in_);
+    s->Bt = DeviceMatrix<Scalar>(A.rows(), out_);
+    const Matrix<Scalar> a = A, bt = B.transpose();  // contiguous host copies
+    LORA_CUDA_CHECK(cudaMemcpyAsync(s->A.data(), a.data(), a.size() * sizeof(Scalar), cudaMemcpyHostToDevice,
+                                    ctx_->stream()));
+    LORA_CUDA_CHECK(cudaMemcpyAsync(s->Bt.data(), bt.data(), bt.size() * sizeof(Scalar), cudaMemcpyHostToDevice,
+                                    ctx_->stream()));
+    if (id >= capacity()) {
+      slots_.resize(static_cast<std::size_t>(id) + 1);
+      entries_.resize(static_cast<std::size_t>(id) + 1);
+    }
+    entries_[static_cast<std::size_t>(id)] = {reinterpret_cast<const T*>(s->A.data()),
+                                              reinterpret_cast<const T*>(s->Bt.data()), static_cast<int>(s->rank),
+                                              static_cast<float>(scaling)};
+    upload_table();  // synchronises: a, bt and the old slot may go
+    slots_[static_cast<std::size_t>(id)] = std::move(s);
+  }
+
+  /// The host mirror of the table to the device (stream-ordered), growing it as ids grow.
+  void upload_table() {
+    if (table_.size() < entries_.size()) {
+      ctx_->synchronize();
+      table_ = DeviceBuffer<detail::DeviceSlotEntry<T>>(std::max<std::size_t>(entries_.size(), 2 * table_.size()));
+    }
+    if (!entries_.empty())
+      LORA_CUDA_CHECK(cudaMemcpyAsync(table_.data(), entries_.data(), entries_.size() * sizeof(entries_[0]),
+                                      cudaMemcpyHostToDevice, ctx_->stream()));
+    ctx_->synchronize();
+  }
+
+  static void check_ids(cview X, std::span<const int> ids) {
+    if (static_cast<Index>(ids.size()) != X.rows)
+      lora::detail::fail("DeviceAdapterSet: {} adapter ids given for {} tokens; expected one id per token", ids.size(),
+                         X.rows);
+  }
+  void check_batch(cview X, const DeviceSegments& seg, cview Y) const {
+    if (X.cols != in_)
+      lora::detail::fail("DeviceAdapterSet: input X has {} columns, expected {}", X.cols, in_);
+    lora::detail::require(Y.rows == X.rows && Y.cols == out_, "DeviceAdapterSet: ", "output Y", Y.rows, Y.cols,
+                          X.rows, out_);
+    if (seg.tokens != X.rows)
+      lora::detail::fail("DeviceAdapterSet: segments were built for {} tokens, X has {} rows", seg.tokens, X.rows);
+    for (int id : seg.adapters)
+      if (!contains(id))
+        lora::detail::fail("DeviceAdapterSet: segments use adapter id {}, which is no longer loaded", id);
+  }
+
+  Plan plan(cview X, const DeviceSegments& seg) const {
+    Plan p;
+    p.vec_x = in_ % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
+    const int chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
+    // Enough blocks for two waves, while each thread keeps at least one chunk.
+    const int want = static_cast<int>((2 * sms_ + seg.tiles - 1) / std::max(seg.tiles, 1));
+    p.splits = std::clamp(std::min(want, chunks / detail::sgmv_threads), 1, detail::sgmv_max_split);
+    p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
+    p.splits = (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
+    p.ldu = static_cast<int>(max_rank());
+    p.split_stride = static_cast<long>(seg.covered) * p.ldu;
+    const std::size_t need = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(p.split_stride);
+    if (U_.size() < need) U_ = DeviceBuffer<float>(need);
+    return p;
+  }
+
+  void shrink(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream) const {
+    constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
+    const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits));
+    const T* x = reinterpret_cast<const T*>(X.data);
+    if (p.vec_x)
+      detail::sgmv_shrink_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
+          x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
+          p.split_stride, p.chunks_per_split);
+    else
+      detail::sgmv_shrink_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
+          x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
+          p.split_stride, p.chunks_per_split);
+    LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_kernel");
+  }
+
+  void expand(const DeviceSegments& seg, const Plan& p, view Y) const {
+    constexpr int TT = detail::sgmv_tile_tokens;
+    const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16);
+    const int vw = vec ? V : 1;
+    const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
+    const std::size_t smem = static_cast<std::size_t>(TT) * static_cast<std::size_t>(p.ldu) * sizeof(float);
+    T* y = reinterpret_cast<T*>(Y.data);
+    if (vec)
+      detail::sgmv_expand_kernel<T, V, TT><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+          static_cast<int>(out_));
+    else
+      detail::sgmv_expand_kernel<T, 1, TT><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+          static_cast<int>(out_));
+    LORA_CUDA_CHECK_LAUNCH("sgmv_expand_kernel");
+  }
+
+  Index in_, out_;
+  std::shared_ptr<CudaContext> ctx_;
+  int sms_ = 1;
+  std::vector<std::unique_ptr<Slot>> slots_;
+  std::vector<detail::DeviceSlotEntry<T>> entries_;  // host mirror of table_
+  DeviceBuffer<detail::DeviceSlotEntry<T>> table_;
+  mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
+  mutable std::unique_ptr<detail::ForkJoin> fork_;
+};
+
+}  // namespace lora::multi

@@ -1,0 +1,257 @@
+// lora/cuda/multi.cuh: the mixed-adapter forward on the GPU against a float64
+// reference that loops over tokens one at a time and against the CPU
+// batched_apply; hot-swap and errors. Fresh random inputs, outputs poisoned
+// with NaN before each run.
+
+#include <lora/cuda.hpp>
+
+#include "support/catch.hpp"
+#if __has_include(<catch2/catch_template_test_macros.hpp>)
+#include <catch2/catch_template_test_macros.hpp>  // Catch2 v3
+#endif
+#include "support/reference.hpp"
+
+#include <numeric>
+#include <string>
+#include <vector>
+
+using namespace lora;
+using lora::test::MatD;
+
+namespace {
+
+template <class S>
+double mtol() {
+  return std::is_same_v<S, float> ? 1e-5 : 1e-2;
+}
+
+template <class S>
+Matrix<S> rnd(Index r, Index c, Generator& g, double scale = 1.0) {
+  return lora::test::random_matrix<double>(r, c, g, scale).template cast<S>();
+}
+
+template <class S>
+void poison(DeviceView<S> v) {
+  if (v.rows > 0 && v.cols > 0)
+    LORA_CUDA_CHECK(cudaMemset2D(v.data, v.ld * sizeof(S), 0xFF, v.cols * sizeof(S), v.rows));
+}
+
+/// Float64, one token at a time: y_t = x_t·Wᵀ + s_i·(x_t·A_iᵀ)·B_iᵀ (no term for id −1).
+template <class S>
+MatD reference(const multi::AdapterSet<S>& set, const Matrix<S>* W, const Matrix<S>& X, const std::vector<int>& ids) {
+  const MatD Xd = X.template cast<double>();
+  MatD Y = MatD::Zero(X.rows(), set.out_features());
+  if (W) Y = Xd * W->template cast<double>().transpose();
+  for (Index t = 0; t < X.rows(); ++t) {
+    const int id = ids[static_cast<std::size_t>(t)];
+    if (id < 0) continue;
+    const auto& a = set.at(id);
+    const MatD h = Xd.row(t) * a.A.template cast<double>().transpose();
+    Y.row(t) += a.scaling * h * a.B.template cast<double>().transpose();
+  }
+  return Y;
+}
+
+/// A set of `n` adapters with ranks drawn from `ranks`, standard and rsLoRA scalings mixed.
+template <class S>
+multi::AdapterSet<S> random_set(Index in, Index out, int n, const std::vector<Index>& ranks, Generator& g) {
+  multi::AdapterSet<S> set(in, out);
+  for (int i = 0; i < n; ++i) {
+    const Index r = std::min(ranks[static_cast<std::size_t>(i) % ranks.size()], std::min(in, out));
+    const double alpha = 2.0 * r * g.uniform(0.5, 1.5);
+    const double s = i % 2 == 0 ? standard_scaling::factor(alpha, static_cast<int>(r))
+                                : rslora_scaling::factor(alpha, static_cast<int>(r));
+    set.add("ad" + std::to_string(i), rnd<S>(r, in, g, 0.1), rnd<S>(out, r, g, 0.1), s);
+  }
+  return set;
+}
+
+struct Case {
+  const char* what;
+  Index in, out, tokens;
+  int adapters;
+};
+
+/// ids for a case: random (with −1 and unused adapters), one token per adapter,
+/// all on one adapter, all −1.
+std::vector<int> make_ids(const std::string& kind, Index T, int n, Generator& g) {
+  std::vector<int> ids(static_cast<std::size_t>(T));
+  for (Index t = 0; t < T; ++t) {
+    int& id = ids[static_cast<std::size_t>(t)];
+    if (kind == "random")
+      id = g.uniform() < 0.15 ? -1 : static_cast<int>(g.uniform() * (n - 1));  // adapter n-1 never used
+    else if (kind == "one_per_adapter")
+      id = static_cast<int>(t % n);
+    else if (kind == "all_one")
+      id = n / 2;
+    else
+      id = -1;
+  }
+  if (kind == "one_per_adapter")  // shuffled, so segments are not runs of tokens
+    for (std::size_t i = ids.size(); i > 1; --i) std::swap(ids[i - 1], ids[static_cast<std::size_t>(g.uniform() * i)]);
+  return ids;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 and the CPU", "[cuda][multi]", bfloat16,
+                   lora::half, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const std::vector<Index> ranks = {8, 16, 128, 32, 64, 24, 8, 96};
+  // Aligned shapes take the 16-byte kernels (and K-splits at in = 2048); the odd one the scalar path.
+  const Case cases[] = {{"aligned", 256, 192, 37, 6},  {"wide K", 2048, 256, 21, 5}, {"many", 512, 384, 300, 24},
+                        {"odd", 100, 70, 29, 5}};
+  for (const Case& c : cases) {
+    auto set = random_set<S>(c.in, c.out, c.adapters, ranks, g);
+    auto dev = multi::DeviceAdapterSet<S>::from_host(set);
+    REQUIRE(dev.size() == set.size());
+    const Matrix<S> W = rnd<S>(c.out, c.in, g, 0.05);
+    const auto dW = DeviceMatrix<S>::from_host(W);
+    for (const std::string kind : {"random", "one_per_adapter", "all_one", "none"}) {
+      for (Index T : {c.tokens, Index(1)}) {
+        if (kind == "one_per_adapter") T = c.adapters;
+        INFO(c.what << ": in " << c.in << " out " << c.out << " T " << T << " ids " << kind);
+        const auto ids = make_ids(kind, T, c.adapters, g);
+        const Matrix<S> X = rnd<S>(T, c.in, g);
+        const auto dX = DeviceMatrix<S>::from_host(X);
+        const MatD ref = reference(set, &W, X, ids);
+        const MatD ref_paths = reference<S>(set, nullptr, X, ids);
+        const auto seg = dev.segments(ids);
+        for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap}) {
+          dev.schedule = sched;
+          DeviceMatrix<S> Y(T, c.out);
+          poison(Y.view());
+          dev.apply(dW.view(), dX.view(), seg, Y.view());
+          const Matrix<S> y = Y.to_host();
+          REQUIRE(y.allFinite());
+          CHECK(lora::test::rel_error(y, ref) < mtol<S>());
+        }
+        const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
+        if (ref_paths.norm() > 0)
+          CHECK(lora::test::rel_error(paths, ref_paths) < mtol<S>());
+        else
+          CHECK(paths.template cast<double>().norm() == 0.0);
+        // GPU against the CPU batched_apply (float accumulation there too).
+        const auto cpu = multi::batched_apply(set, W, X, ids);
+        CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < mtol<S>());
+      }
+    }
+  }
+}
+
+TEST_CASE("cuda multi: strided X and Y views", "[cuda][multi]") {
+  Generator g(lora::test::fresh_seed());
+  auto set = random_set<bfloat16>(256, 128, 4, {16, 8, 64}, g);
+  auto dev = multi::DeviceAdapterSet<bfloat16>::from_host(set);
+  const Matrix<bfloat16> W = rnd<bfloat16>(128, 256, g, 0.05), X = rnd<bfloat16>(19, 256, g);
+  const std::vector<int> ids = make_ids("random", 19, 4, g);
+  const auto dW = DeviceMatrix<bfloat16>::from_host(W);
+  DeviceMatrix<bfloat16> Xp(19, 256 + 24), Yp(19, 128 + 8);  // ld 280 / 136: vector path, strided rows
+  poison(Xp.view());
+  poison(Yp.view());
+  upload<bfloat16>(X, Xp.view().col_block(0, 256));
+  dev.apply(dW.view(), DeviceView<const bfloat16>(Xp.view()).col_block(0, 256), dev.segments(ids),
+            Yp.view().col_block(0, 128));
+  const Matrix<bfloat16> y = to_host(Yp.view().col_block(0, 128));
+  CHECK(lora::test::rel_error(y, reference(set, &W, X, ids)) < 1e-2);
+}
+
+TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others stay loaded", "[cuda][multi]", bfloat16,
+                   float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 256, out = 256, T = 40;
+  auto host = random_set<S>(in, out, 3, {16, 32, 8}, g);
+  auto dev = multi::DeviceAdapterSet<S>::from_host(host);
+  const Matrix<S> W = rnd<S>(out, in, g, 0.05), X = rnd<S>(T, in, g);
+  const auto dW = DeviceMatrix<S>::from_host(W);
+  const auto dX = DeviceMatrix<S>::from_host(X);
+  std::vector<int> ids(T);
+  for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % 4) - 1;  // -1, 0, 1, 2
+  auto check = [&](const char* when) {
+    INFO(when);
+    const Matrix<S> y = dev.apply(dW.view(), dX.view(), ids).to_host();
+    CHECK(lora::test::rel_error(y, reference(host, &W, X, ids)) < mtol<S>());
+  };
+  check("loaded");
+  const auto seg_before = dev.segments(ids);
+
+  // Replace id 1 with a new rank and scaling; ids 0 and 2 untouched.
+  const Matrix<S> A1 = rnd<S>(64, in, g, 0.1), B1 = rnd<S>(out, 64, g, 0.1);
+  host.replace(1, "swapped", A1, B1, 0.75);
+  dev.replace(1, "swapped", A1, B1, 0.75);
+  CHECK(dev.rank(1) == 64);
+  CHECK(dev.name(1) == "swapped");
+  check("after replace");
+  {  // segments built before the swap stay valid (they hold ids, not factors)
+    DeviceMatrix<S> Y(T, out);
+    dev.apply(dW.view(), dX.view(), seg_before, Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), reference(host, &W, X, ids)) < mtol<S>());
+  }
+
+  // Remove id 0: batches naming it fail, others still run.
+  dev.remove(0);
+  host.remove(0);
+  CHECK_FALSE(dev.contains(0));
+  CHECK_THROWS_WITH(dev.apply(dW.view(), dX.view(), ids), Catch::Matchers::ContainsSubstring("adapter id 0"));
+  {
+    DeviceMatrix<S> Y(T, out);
+    CHECK_THROWS_WITH(dev.apply(dW.view(), dX.view(), seg_before, Y.view()),
+                      Catch::Matchers::ContainsSubstring("no longer loaded"));
+  }
+  for (int& id : ids)
+    if (id == 0) id = 2;
+  check("after remove");
+
+  // A new adapter takes the free id 0.
+  const Matrix<S> A0 = rnd<S>(8, in, g, 0.1), B0 = rnd<S>(out, 8, g, 0.1);
+  CHECK(dev.add("fresh", A0, B0, 3.0) == 0);
+  host.insert(0, "fresh", A0, B0, 3.0);
+  for (Index t = 0; t < T; t += 3) ids[static_cast<std::size_t>(t)] = 0;
+  check("after add");
+  CHECK(dev.size() == 3);
+  CHECK(dev.find("swapped") == 1);
+}
+
+TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them", "[cuda][multi]") {
+  using M = Matrix<float>;
+  Generator g(lora::test::fresh_seed());
+  multi::DeviceAdapterSet<float> dev(64, 48);
+  const M A = rnd<float>(8, 64, g), B = rnd<float>(48, 8, g);
+  CHECK(dev.add("a", A, B, 2.0) == 0);
+  using Catch::Matchers::ContainsSubstring;
+  CHECK_THROWS_WITH(dev.add("b", rnd<float>(8, 63, g), B, 1.0), ContainsSubstring("lora_A has shape [8 x 63]"));
+  CHECK_THROWS_WITH(dev.add("b", A, rnd<float>(47, 8, g), 1.0), ContainsSubstring("lora_B has shape [47 x 8]"));
+  CHECK_THROWS_WITH(dev.add("b", A, rnd<float>(48, 4, g), 1.0), ContainsSubstring("both must equal the rank"));
+  CHECK_THROWS_WITH(dev.add("b", rnd<float>(49, 64, g), rnd<float>(48, 49, g), 1.0),
+                    ContainsSubstring("rank r = 49"));
+  CHECK_THROWS_WITH(dev.add("b", A, B, std::nan("")), ContainsSubstring("scaling must be finite"));
+  CHECK_THROWS_WITH(dev.add("a", A, B, 1.0), ContainsSubstring("already loaded as id 0"));
+  CHECK_THROWS_WITH(dev.add("", A, B, 1.0), ContainsSubstring("must not be empty"));
+  CHECK_THROWS_WITH(dev.insert(0, "c", A, B, 1.0), ContainsSubstring("'a' is there"));
+  CHECK_THROWS_WITH(dev.replace(5, "c", A, B, 1.0), ContainsSubstring("cannot replace id 5"));
+  CHECK_THROWS_WITH(dev.remove(3), ContainsSubstring("cannot remove id 3"));
+  CHECK(dev.size() == 1);
+
+  const auto W = DeviceMatrix<float>::from_host(rnd<float>(48, 64, g));
+  const auto X = DeviceMatrix<float>::from_host(rnd<float>(3, 64, g));
+  const std::vector<int> ok = {0, -1, 0}, bad_id = {0, 1, 0}, short_ids = {0, 0};
+  CHECK_THROWS_WITH(dev.segments(bad_id), ContainsSubstring("adapter id 1, which is not loaded"));
+  CHECK_THROWS_WITH(dev.apply(W.view(), X.view(), short_ids), ContainsSubstring("2 adapter ids given for 3 tokens"));
+  const auto Wt = DeviceMatrix<float>::from_host(rnd<float>(64, 48, g));
+  CHECK_THROWS_WITH(dev.apply(Wt.view(), X.view(), ok), ContainsSubstring("base weight W has shape [64 x 48]"));
+  const auto Xb = DeviceMatrix<float>::from_host(rnd<float>(3, 60, g));
+  CHECK_THROWS_WITH(dev.apply(W.view(), Xb.view(), ok), ContainsSubstring("input X has 60 columns"));
+  DeviceMatrix<float> Yb(3, 47);
+  CHECK_THROWS_WITH(dev.apply(W.view(), X.view(), dev.segments(ok), Yb.view()),
+                    ContainsSubstring("output Y has shape [3 x 47]"));
+  CHECK_THROWS_WITH(multi::DeviceAdapterSet<float>(0, 4), ContainsSubstring("at least 1"));
+  // and a correct call still works
+  const auto y = dev.apply(W.view(), X.view(), ok).to_host();
+  CHECK(y.allFinite());
+}
