@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Prints the ours / PEFT / base-GEMM table from bench_cuda's and peft_lora.py's CSVs."""
+"""Prints the ours / PEFT / base-GEMM table from bench_cuda's and peft_lora.py's CSVs;
+with --multi MULTI.csv PEFT_MULTI.csv [machine], the many-adapters table (bench_multi_cuda, peft_multi.py)."""
 import csv
 import sys
 
@@ -12,6 +13,43 @@ def load(path):
     except OSError:
         return {}
 
+
+def multi_table(ours_path, peft_path, machine):
+    """Many adapters (issue 11): bench_multi_cuda's and peft_multi.py's CSVs."""
+    def rows(path):
+        try:
+            with open(path) as f:
+                return {(r["name"], int(r["tokens"]), int(r["adapters"])): (float(r["ms"]), float(r["extra"]))
+                        for r in csv.DictReader(f)}
+        except OSError:
+            return {}
+    ours, peft = rows(ours_path), rows(peft_path)
+    nan = float("nan")
+    g = lambda d, n, t, a, k=0: d.get((n, t, a), (nan, nan))[k]  # noqa: E731
+    print(f"\n## Many adapters: in = out = 4096, r 16, bf16, medians of CUDA-event timings; machine: {machine}\n")
+    print("| T | adapters | base GEMM ms | single ms | mixed ms (serial / overlap) | mixed/single | mixed/base "
+          "| naive loop ms | naive/mixed | PEFT mixed ms | PEFT/ours | PEFT single ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    shapes = sorted({(k[1], k[2]) for k in ours if k[0] == "mixed_serial"}, key=lambda x: (x[1], x[0]))
+    for t, a in shapes:
+        b, one = g(ours, "base_gemm", t, a), g(ours, "single_fused", t, a)
+        ms, mo = g(ours, "mixed_serial", t, a), g(ours, "mixed_overlap", t, a)
+        m = min(ms, mo)
+        nv = g(ours, "naive_loop", t, a)
+        pm, ps = g(peft, "peft_mixed", t, a), g(peft, "peft_single", t, a)
+        print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {ms:.4f} / {mo:.4f} | {m/one:.2f} | {m/b:.2f} | {nv:.4f} "
+              f"| {nv/m:.1f} | {pm:.4f} | {pm/m:.1f} | {ps:.4f} |")
+    for a in (1, 8, 64, 512):
+        v = g(peft, "peft_load_skipped", 0, a, 1)
+        if v == v:
+            print(f"\nPEFT with {a} adapters skipped: adding them took over {v:.0f} s")
+    print("\nsingle = LowRankAdapter<bf16, cuda> fused apply over the same T; naive loop = tokens sorted by adapter, "
+          "one apply(W, X_i) per adapter; PEFT single = one active adapter.")
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--multi":
+    multi_table(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "?")
+    sys.exit(0)
 
 ours, peft = load(sys.argv[1]), load(sys.argv[2])
 machine = sys.argv[3] if len(sys.argv) > 3 else "?"
