@@ -79,7 +79,9 @@ void emit(const char* name, Index T, int N, Index r, double ms, double extra = 0
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc > 1) csv = std::fopen(argv[1], "w");
+  // --profile: a few mixed batches only, for ncu (T, N) = (1, 1), (256, 64), (4096, 1).
+  const bool profile = argc > 1 && std::string(argv[1]) == "--profile";
+  if (argc > 1 && !profile) csv = std::fopen(argv[1], "w");
   if (!csv) return 1;
   auto ctx = CudaContext::thread_default();
   cudaDeviceProp prop{};
@@ -90,7 +92,7 @@ int main(int argc, char** argv) {
     constexpr int V = 16 / sizeof(S), TT = multi::detail::sgmv_tile_tokens, RG = multi::detail::sgmv_rank_group;
     cudaFuncAttributes a{}, b{};
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&a, multi::detail::sgmv_shrink_kernel<T, V, TT, RG>));
-    LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT>));
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT, RG>));
     std::fprintf(stderr, "shrink: %d regs, %zu local bytes; expand: %d regs, %zu local bytes\n", a.numRegs,
                  a.localSizeBytes, b.numRegs, b.localSizeBytes);
   }
@@ -119,6 +121,21 @@ int main(int argc, char** argv) {
   std::vector<FusedWeight<S>> fw;
   for (auto& w : W) fw.push_back(single.fuse(w.view()));
 
+  if (profile) {
+    for (auto [T, N] : {std::pair<Index, int>{1, 1}, {256, 64}, {4096, 1}}) {
+      multi::DeviceAdapterSet<S> set(in, out, ctx);
+      for (int i = 0; i < N; ++i)
+        set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)], 2.0);
+      std::vector<int> ids(static_cast<std::size_t>(T));
+      for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % N);
+      auto seg = set.segments(ids);
+      DeviceMatrix<S> X(T, in), Y(T, out);
+      fill_random(X.view(), g, 1.0);
+      for (int i = 0; i < 3; ++i) set.apply(W[0].view(), X.view(), seg, Y.view());
+      ctx->synchronize();
+    }
+    return 0;
+  }
   for (int N : {1, 8, 64, 512}) {
     multi::DeviceAdapterSet<S> set(in, out, ctx);
     std::vector<LowRankAdapter<S, cuda>> loop;  // the naive loop's adapters

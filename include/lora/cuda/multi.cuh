@@ -156,21 +156,22 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
 
 /// Expand: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the positions of one tile
 /// and a block of VW·sgmv_threads output columns (gridDim.y blocks), in place:
-/// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads.
-/// U's K-splits are summed while the tile's [count × r] block is staged in
-/// shared memory.
-template <class T, int VW, int TT>
+/// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads,
+/// RG of them in flight at a time (a loop of one load per rank waited out one
+/// memory latency per rank). U's K-splits are summed while the tile's
+/// [count × r] block is staged in shared memory, zero-padded to a multiple of RG.
+template <class T, int VW, int TT, int RG>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out) {
-  extern __shared__ float u[];  // [TT × r]
+  extern __shared__ float u[];  // [TT × rp]
   const SegmentTile tile = tiles[blockIdx.x];
   const DeviceSlotEntry<T> e = table[tile.adapter];
-  const int r = e.rank;
-  for (int i = threadIdx.x; i < TT * r; i += sgmv_threads) {
-    const int t = i / r, j = i % r;
+  const int r = e.rank, rp = (r + RG - 1) / RG * RG;
+  for (int i = threadIdx.x; i < TT * rp; i += sgmv_threads) {
+    const int t = i / rp, j = i % rp;
     float v = 0.f;
-    if (t < tile.count)
+    if (t < tile.count && j < r)
       for (int s = 0; s < splits; ++s) v += U[s * split_stride + static_cast<long>(tile.begin + t) * ldu + j];
     u[i] = v;
   }
@@ -182,27 +183,32 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   for (int t = 0; t < TT; ++t)
 #pragma unroll
     for (int i = 0; i < VW; ++i) acc[t][i] = 0.f;
-  for (int j = 0; j < r; ++j) {
-    float b[VW];
-    ldg_vec<T, VW>(e.Bt + static_cast<long>(j) * out + col, b);
+  for (int j0 = 0; j0 < r; j0 += RG) {
+    float b[RG][VW];
+#pragma unroll
+    for (int g = 0; g < RG; ++g) ldg_vec<T, VW>(e.Bt + static_cast<long>(min(j0 + g, r - 1)) * out + col, b[g]);
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       if (t < tile.count) {
-        const float uj = u[t * r + j];
 #pragma unroll
-        for (int i = 0; i < VW; ++i) acc[t][i] = fmaf(uj, b[i], acc[t][i]);
+        for (int g = 0; g < RG; ++g) {
+          const float uj = u[t * rp + j0 + g];  // 0 past the rank: the clamped row adds nothing
+#pragma unroll
+          for (int i = 0; i < VW; ++i) acc[t][i] = fmaf(uj, b[g][i], acc[t][i]);
+        }
       }
     }
   }
+  float y[TT][VW];
+#pragma unroll
+  for (int t = 0; t < TT; ++t)
+    if (t < tile.count) load_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, y[t]);
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
     if (t < tile.count) {
-      T* y = Y + static_cast<long>(order[tile.begin + t]) * ldy + col;
-      float v[VW];
-      load_vec<T, VW>(y, v);
 #pragma unroll
-      for (int i = 0; i < VW; ++i) v[i] += acc[t][i];
-      store_vec<T, VW>(y, v);
+      for (int i = 0; i < VW; ++i) y[t][i] += acc[t][i];
+      store_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, y[t]);
     }
   }
 }
@@ -554,18 +560,19 @@ class DeviceAdapterSet {
   }
 
   void expand(const DeviceSegments& seg, const Plan& p, view Y) const {
-    constexpr int TT = detail::sgmv_tile_tokens;
+    constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
     const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16);
     const int vw = vec ? V : 1;
     const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
-    const std::size_t smem = static_cast<std::size_t>(TT) * static_cast<std::size_t>(p.ldu) * sizeof(float);
+    const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
+    const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
     T* y = reinterpret_cast<T*>(Y.data);
     if (vec)
-      detail::sgmv_expand_kernel<T, V, TT><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+      detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
           static_cast<int>(out_));
     else
-      detail::sgmv_expand_kernel<T, 1, TT><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+      detail::sgmv_expand_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
           static_cast<int>(out_));
     LORA_CUDA_CHECK_LAUNCH("sgmv_expand_kernel");
