@@ -137,15 +137,15 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_fused_fwd", in, out, T, r, tf);
     if (T >= 4096) {  // where the fused forward's time goes
-      DeviceView<S> XA = Xp.view().col_block(in, r);
       emit("part_base_strided_x", in, out, T, r, time_ms(ctx_ref, [&](int) {
              detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[0].view(), 0.f, Y.view());
            }));
       emit("part_xa_cublas", in, out, T, r, time_ms(ctx_ref, [&](int) {
-             detail::gemm<S, S, S>(ctx_ref, false, true, T, r, in, 0.5f, X, fw[0].A(), 0.f, XA);
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, fw[0].rp(), in, 0.5f, X, fw[0].A_padded(), 0.f,
+                                   Xp.view().col_block(in, fw[0].rp()));
            }));
       emit("part_wide_gemm", in, out, T, r, time_ms(ctx_ref, [&](int) {
-             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + r, 1.f,
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + fw[0].rp(), 1.f,
                                    DeviceView<const S>(Xp.view()), fw[0].wide(), 0.f, Y.view());
            }));
       for (auto [name, how] : {std::pair{"part_fwd_concat_k", FusedForward::concat_k},

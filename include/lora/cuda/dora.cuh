@@ -57,14 +57,15 @@ void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<
   auto& ctx = ad.context();
   const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
   if (ws.scaled.out != out || ws.scaled.in != in || ws.scaled.r != r)
-    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + r, in + r), out, in, r};
+    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + fw.rp(), fw.ld()), out, in, r};
   const T* src = reinterpret_cast<const T*>(fw.block.data());
   T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
-  const long ld = static_cast<long>(in + r);
-  scale_rows_kernel<T><<<dim3(ceil_div(in + r, 256 * 4), static_cast<unsigned>(out)), 256, 0, ctx.stream()>>>(
-      src, ld, dst, ld, static_cast<int>(out), static_cast<int>(in + r), ws.c.data());
+  const long ld = static_cast<long>(fw.ld());
+  scale_rows_kernel<T><<<dim3(ceil_div(ld, 256 * 4), static_cast<unsigned>(out)), 256, 0, ctx.stream()>>>(
+      src, ld, dst, ld, static_cast<int>(out), static_cast<int>(ld), ws.c.data());
   LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");
-  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(r * ld) * sizeof(S),
+  // [A, 0] and the zero padding rows below it
+  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(fw.rp() * ld) * sizeof(S),
                                   cudaMemcpyDeviceToDevice, ctx.stream()));
   ws.scaled_current = true;
 }

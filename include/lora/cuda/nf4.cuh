@@ -11,7 +11,10 @@
 #include <lora/cuda/runtime.hpp>
 #include <lora/quant/nf4.hpp>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace lora {
 
@@ -80,7 +83,9 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long n, int bs, std
   const float inv = __frcp_rn(m);  // 1/absmax, correctly rounded (inf for an all-zero block)
   for (long e = e0 + 2 * lane; e < e1; e += 64) {
     const std::uint8_t hi = nf4_encode_device(__fmul_rn(to_float(x[e]), inv));
-    const std::uint8_t lo = e + 1 < e1 ? nf4_encode_device(__fmul_rn(to_float(x[e + 1]), inv)) : 0;
+    // An odd tensor's last low nibble: the code of a zero pad, as bitsandbytes and the CPU path write it.
+    const float xlo = e + 1 < e1 ? to_float(x[e + 1]) : 0.f;
+    const std::uint8_t lo = nf4_encode_device(__fmul_rn(xlo, inv));
     packed[e / 2] = static_cast<std::uint8_t>((hi << 4) | lo);
   }
 }
@@ -209,6 +214,232 @@ __global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restri
   }
 }
 
+/// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode).
+///
+/// A block of KS warps owns 16 rows of W; warp w takes the 64-weight groups w, w + KS, …
+/// of those rows (split K), and the KS partial sums meet in shared memory. Per group a
+/// lane loads 8 packed bytes of two rows (row l/4 and l/4 + 8, bytes 8·(l%4) … +8, i.e.
+/// 16 consecutive weights each), turns each byte into a pair of codes in the activation
+/// type through a lane-private 256-entry table (one conflict-free 4-byte shared load per
+/// two weights), and feeds four mma.m16n8k16 (f32 accumulation) with B = the matching 16
+/// activations of token l/4 (+ 8 for the second n-tile), which need no conversion. The
+/// K order inside a group is permuted identically for A and B, so the sum is unchanged.
+/// A group lies in one quantisation block (blocksize ≥ 64, K % 64 == 0), so its product
+/// is scaled by that block's absmax (float) once. Codes are rounded to the activation
+/// type (2^-9 relative for bf16, as bitsandbytes' own 4-bit inference kernel rounds the
+/// dequantised weight), products and sums are float.
+/// Groups are loaded P at a time, the next P while the current ones are multiplied.
+template <class T>
+struct mma_traits;
+template <>
+struct mma_traits<__nv_bfloat16> {
+  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct mma_traits<__half> {
+  __device__ __forceinline__ static std::uint32_t pack(float lo, float hi) {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const std::uint32_t*>(&v);
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                             std::uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+constexpr int nf4_mma_lut_bytes = 256 * 32 * 4;  // lane-private: entry (b, lane) at word b·32 + lane
+
+template <class T, int NT, int KS, int P>
+__global__ void __launch_bounds__(KS * 32) nf4_mma_kernel(const T* __restrict__ X, long ldx, int tokens, int K,
+                                                          const std::uint8_t* __restrict__ packed,
+                                                          const float* __restrict__ absmax, int bs, int nOut,
+                                                          T* __restrict__ Y, long ldy) {
+  __shared__ std::uint32_t lut[256 * 32];
+  __shared__ float red[KS > 1 ? KS - 1 : 1][NT][4][32];
+  __shared__ float code16[16];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x < 16) code16[threadIdx.x] = nf4_values[threadIdx.x];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256 * 32; i += KS * 32) {
+    const int b = i / 32;
+    lut[i] = mma_traits<T>::pack(code16[b >> 4], code16[b & 15]);
+  }
+  __syncthreads();
+  const int gid = lane / 4, q = lane % 4;
+  const int tiles = (nOut + 15) / 16;
+  // Persistent blocks: the table is built once per block, then tiles of 16 rows follow.
+  for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
+  const int row0 = tile * 16;
+  const int rA = min(row0 + gid, nOut - 1), rB = min(row0 + gid + 8, nOut - 1);
+  const std::uint8_t* pA = packed + static_cast<long>(rA) * (K / 2) + 8 * q;
+  const std::uint8_t* pB = packed + static_cast<long>(rB) * (K / 2) + 8 * q;
+  const long eA = static_cast<long>(rA) * K, eB = static_cast<long>(rB) * K;
+  const int groups = K / 64;
+  const std::uint32_t lane_off = static_cast<std::uint32_t>(lane) * 4u;
+  const char* lut_base = reinterpret_cast<const char*>(lut);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+
+  // This lane's token rows of X (token gid, gid + 8); tokens past `tokens` read as zeros.
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int t = gid + 8 * n;
+    xok[n] = t < tokens;
+    xrow[n] = X + static_cast<long>(xok[n] ? t : 0) * ldx + 16 * q;
+  }
+
+  uint2 wa0[P], wb0[P], wa1[P], wb1[P];
+  float aa0[P], ab0[P], aa1[P], ab1[P];
+  auto load = [&](int g0, uint2 (&wa)[P], uint2 (&wb)[P], float (&aa)[P], float (&ab)[P]) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int g = g0 + p * KS;
+      if (g < groups) {
+        wa[p] = __ldg(reinterpret_cast<const uint2*>(pA + 32 * g));
+        wb[p] = __ldg(reinterpret_cast<const uint2*>(pB + 32 * g));
+        aa[p] = __ldg(absmax + (eA + 64 * g) / bs);
+        ab[p] = __ldg(absmax + (eB + 64 * g) / bs);
+      }
+    }
+  };
+  auto compute = [&](int g0, const uint2 (&wa)[P], const uint2 (&wb)[P], const float (&aa)[P],
+                     const float (&ab)[P]) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int g = g0 + p * KS;
+      if (g >= groups) break;
+      uint4 xv[NT][2];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (xok[n]) {
+          xv[n][0] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g));
+          xv[n][1] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g + 8));
+        } else {
+          xv[n][0] = xv[n][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      float d[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // bytes j and j + 4 of each row's 8: weights 2j, 2j+1 and 8+2j, 9+2j of the lane's 16
+        auto lookup = [&](std::uint32_t word, int byte) {
+          const std::uint32_t off = (((word >> (8 * byte)) & 0xffu) << 7) | lane_off;
+          return *reinterpret_cast<const std::uint32_t*>(lut_base + off);
+        };
+        std::uint32_t a[4];
+        a[0] = lookup(wa[p].x, j);  // row gid,     k 2q, 2q+1       (logical)
+        a[1] = lookup(wb[p].x, j);  // row gid + 8
+        a[2] = lookup(wa[p].y, j);  // row gid,     k 8 + 2q, 9 + 2q
+        a[3] = lookup(wb[p].y, j);  // row gid + 8
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const std::uint32_t* xw = reinterpret_cast<const std::uint32_t*>(&xv[n][0]);
+          mma_traits<T>::mma(d[n], a, xw[j], xw[4 + j]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(aa[p], d[n][0], acc[n][0]);
+        acc[n][1] = fmaf(aa[p], d[n][1], acc[n][1]);
+        acc[n][2] = fmaf(ab[p], d[n][2], acc[n][2]);
+        acc[n][3] = fmaf(ab[p], d[n][3], acc[n][3]);
+      }
+    }
+  };
+  const int step = P * KS;
+  int g0 = warp;
+  if (g0 < groups) load(g0, wa0, wb0, aa0, ab0);
+  while (g0 < groups) {
+    if (g0 + step < groups) load(g0 + step, wa1, wb1, aa1, ab1);
+    compute(g0, wa0, wb0, aa0, ab0);
+    g0 += step;
+    if (g0 >= groups) break;
+    if (g0 + step < groups) load(g0 + step, wa0, wb0, aa0, ab0);
+    compute(g0, wa1, wb1, aa1, ab1);
+    g0 += step;
+  }
+  // Split-K partial sums meet in warp 0.
+  if (KS > 1) {
+    if (warp > 0)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][n][i][lane] = acc[n][i];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int w = 0; w < KS - 1; ++w)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[n][i] += red[w][n][i][lane];
+    }
+    __syncthreads();  // red is reused by the next tile
+  }
+  // c0, c1: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
+  if (warp == 0)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = 8 * n + 2 * q + (i & 1), row = row0 + gid + (i >= 2 ? 8 : 0);
+        if (t < tokens && row < nOut) Y[static_cast<long>(t) * ldy + row] = from_float<T>(acc[n][i]);
+      }
+  }  // tile
+}
+
+template <class T, int NT, int KS, int P>
+void launch_nf4_mma(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
+                    int nOut, T* Y, long ldy, cudaStream_t stream) {
+  auto kernel = nf4_mma_kernel<T, NT, KS, P>;
+  // Resident blocks per SM × SMs of the current device (cached per device, up to 16).
+  static std::atomic<int> cap[16] = {};
+  int dev = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  int c = cap[dev & 15].load(std::memory_order_relaxed);
+  if (c == 0) {
+    int per_sm = 0, sms = 0;
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
+    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    c = std::max(1, per_sm) * sms;
+    cap[dev & 15].store(c, std::memory_order_relaxed);
+  }
+  const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
+  kernel<<<blocks, KS * 32, 0, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
+}
+
+/// Whether the tensor-core path takes this product: bf16/half activations, K % 64 == 0,
+/// blocksize ≥ 64, rows of X 16-byte aligned.
+template <class T>
+bool nf4_mma_ok(int K, int bs, long ldx, const void* x) {
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && K % 64 == 0 && bs >= 64 &&
+         ldx % 8 == 0 && aligned(x, 16);
+}
 }  // namespace detail
 
 /// Quantises a contiguous device matrix to NF4 (bitsandbytes' blockwise scheme; blocksize 32..4096, a power of two).
@@ -274,6 +505,21 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
+  if constexpr (!std::is_same_v<T, float>) {
+    if (detail::nf4_mma_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
+      auto mma = [&](auto launch) {
+        launch(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols),
+               W.packed.data(), W.absmax.data(), W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
+               Y.ld, ctx.stream());
+      };
+      if (X.rows <= 8)
+        mma(detail::launch_nf4_mma<T, 1, 4, 4>);
+      else
+        mma(detail::launch_nf4_mma<T, 2, 4, 4>);
+      LORA_CUDA_CHECK_LAUNCH("nf4_mma_kernel");
+      return;
+    }
+  }
   if (X.rows == 1)
     go(detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>);
   else if (X.rows <= 4)
