@@ -281,9 +281,10 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  // Shapes for the single-token kernel's edges: rows not a multiple of its row group,
-  // K with a partial last round of chunks (K / 32 not a multiple of 32 and 64), tiny K.
-  for (auto [out, in] : {std::pair<Index, Index>{100, 256}, {1003, 4192}, {7, 32}, {64, 2080}})
+  // Shapes for both kernels' edges: rows not a multiple of 16 (the tensor-core tile), K a
+  // multiple of 64 (tensor cores for 2…16 bf16/half tokens and blocksize ≥ 64) or only of 32
+  // (the CUDA-core kernel), tiny K; tokens 1 (CUDA cores), 2…8 and 9…16 (one and two n-tiles).
+  for (auto [out, in] : {std::pair<Index, Index>{100, 256}, {1003, 4192}, {7, 32}, {64, 2080}, {130, 1024}})
   for (int bs : {32, 64, 256}) {
     INFO("out " << out << " in " << in << " blocksize " << bs);
     const Matrix<S> W = rand_s<S>(out, in, g);
@@ -294,7 +295,8 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
     // The dequantised values are code·absmax, within half a code step of W.
     const MatD Wq = d(deq.to_host());
     CHECK(lora::test::rel_error(Wq, d(W)) < 0.15);
-    for (Index T : {Index(1), Index(3), Index(16)}) {
+    for (Index T : {Index(1), Index(2), Index(3), Index(9), Index(16)}) {
+      INFO("tokens " << T);
       const Matrix<S> X = rand_s<S>(T, in, g);
       auto dX = DeviceMatrix<S>::from_host(X);
       DeviceMatrix<S> Y(T, out);
