@@ -255,3 +255,59 @@ TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them",
   const auto y = dev.apply(W.view(), X.view(), ok).to_host();
   CHECK(y.allFinite());
 }
+
+TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float64 and the CPU", "[cuda][multi]",
+                   bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 256, out = 192, T = 45;
+  const int n = 6;
+  auto set = random_set<S>(in, out, n, {8, 16, 128, 32, 64}, g);
+  auto dev = multi::DeviceAdapterSet<S>::from_host(set);
+  const Matrix<S> W = rnd<S>(out, in, g, 0.05), X = rnd<S>(T, in, g), dY = rnd<S>(T, out, g);
+  const auto dW = DeviceMatrix<S>::from_host(W);
+  const auto dX = DeviceMatrix<S>::from_host(X);
+  const auto ddY = DeviceMatrix<S>::from_host(dY);
+  const auto ids = make_ids("random", T, n, g);  // adapter n-1 unused, some -1
+  const auto seg = dev.segments(ids);
+  const DeviceView<const S> Wv = dW.view();
+  for (bool with_w : {true, false}) {
+    INFO("with W: " << with_w);
+    const auto grads = dev.backward(with_w ? &Wv : nullptr, dX.view(), seg, ddY.view());
+    // float64, token by token
+    const MatD Xd = X.template cast<double>(), Gd = dY.template cast<double>();
+    MatD dXref = with_w ? MatD(Gd * W.template cast<double>()) : MatD(MatD::Zero(T, in));
+    std::vector<MatD> dAref(n), dBref(n);
+    for (int id = 0; id < n; ++id) {
+      const auto& a = set.at(id);
+      dAref[id] = MatD::Zero(a.rank(), in);
+      dBref[id] = MatD::Zero(out, a.rank());
+    }
+    for (Index t = 0; t < T; ++t) {
+      const int id = ids[static_cast<std::size_t>(t)];
+      if (id < 0) continue;
+      const auto& a = set.at(id);
+      const MatD A = a.A.template cast<double>(), B = a.B.template cast<double>();
+      const MatD h = a.scaling * Xd.row(t) * A.transpose();
+      const MatD gb = a.scaling * Gd.row(t) * B;
+      dBref[id] += Gd.row(t).transpose() * h;
+      dAref[id] += gb.transpose() * Xd.row(t);
+      dXref.row(t) += gb * A;
+    }
+    CHECK(lora::test::rel_error(grads.dX.to_host(), dXref) < mtol<S>());
+    const auto cpu = multi::batched_backward(set, X, ids, dY.template cast<compute_t<S>>(), with_w ? &W : nullptr);
+    CHECK(lora::test::rel_error(grads.dX.to_host(), cpu.dX) < mtol<S>());
+    for (int id = 0; id < n; ++id) {
+      INFO("adapter " << id);
+      const bool used = std::find(ids.begin(), ids.end(), id) != ids.end();
+      REQUIRE((grads.dA[static_cast<std::size_t>(id)].size() > 0) == used);
+      if (!used) continue;
+      CHECK(lora::test::rel_error(grads.dA[static_cast<std::size_t>(id)].to_host(), dAref[id]) < mtol<S>());
+      CHECK(lora::test::rel_error(grads.dB[static_cast<std::size_t>(id)].to_host(), dBref[id]) < mtol<S>());
+    }
+  }
+  const auto bad = DeviceMatrix<S>::from_host(rnd<S>(T, out + 1, g));
+  CHECK_THROWS_WITH(dev.backward(nullptr, dX.view(), seg, bad.view()), Catch::Matchers::ContainsSubstring("dY has shape"));
+}

@@ -91,10 +91,11 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
 
 /// Shrink: U[split][p, j] = s·Σ_{k in split} X[order[p], k]·A[j, k] for the
 /// positions p of one tile (≤ TT tokens, one adapter) and all its ranks j, over
-/// the split's range of K (gridDim.y splits; expand sums them). The block's
-/// threads stride over K in VW-wide chunks (16-byte loads when VW·sizeof(T) = 16);
-/// each A element is read once per tile and feeds all its tokens; ranks go in
-/// groups of RG, each group reduced across the block. Float accumulation.
+/// the split's range of K (gridDim.y splits; expand sums them) and the ranks
+/// [RG·z, RG·z + RG) of blockIdx.z (blocks past the adapter's rank exit). The
+/// block's threads stride over K in VW-wide chunks (16-byte loads when
+/// VW·sizeof(T) = 16); each A element is read once per tile and feeds all its
+/// tokens; the partial sums are reduced across the block. Float accumulation.
 template <class T, int VW, int TT, int RG>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
     const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
@@ -102,6 +103,8 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
     int chunks_per_split) {
   const SegmentTile tile = tiles[blockIdx.x];
   const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int j0 = static_cast<int>(blockIdx.z) * RG;
+  if (j0 >= e.rank) return;  // the whole block: no barrier is skipped
   const int chunks = in / VW;
   const int c0 = static_cast<int>(blockIdx.y) * chunks_per_split;
   const int c1 = min(chunks, c0 + chunks_per_split);
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
 
   __shared__ float part[sgmv_threads / 32][TT * RG];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int j0 = 0; j0 < e.rank; j0 += RG) {
+  {
     float acc[TT][RG];
 #pragma unroll
     for (int t = 0; t < TT; ++t)
@@ -150,7 +153,6 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
       for (int w = 0; w < sgmv_threads / 32; ++w) v += part[w][i];
       Us[static_cast<long>(tile.begin + t) * ldu + j] = e.scaling * v;
     }
-    __syncthreads();
   }
 }
 
@@ -166,6 +168,18 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out) {
   extern __shared__ float u[];  // [TT × rp]
   const SegmentTile tile = tiles[blockIdx.x];
+  const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
+  // Y's rows are loaded first, straight into the accumulators, so that their
+  // latency overlaps the table lookup, U's staging and the Bᵀ loads.
+  float acc[TT][VW];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    if (t < tile.count && col < out)
+      load_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc[t]);
+    else
+#pragma unroll
+      for (int i = 0; i < VW; ++i) acc[t][i] = 0.f;
+  }
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int r = e.rank, rp = (r + RG - 1) / RG * RG;
   for (int i = threadIdx.x; i < TT * rp; i += sgmv_threads) {
@@ -176,13 +190,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     u[i] = v;
   }
   __syncthreads();
-  const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
   if (col >= out) return;
-  float acc[TT][VW];
-#pragma unroll
-  for (int t = 0; t < TT; ++t)
-#pragma unroll
-    for (int i = 0; i < VW; ++i) acc[t][i] = 0.f;
   for (int j0 = 0; j0 < r; j0 += RG) {
     float b[RG][VW];
 #pragma unroll
@@ -199,18 +207,26 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
       }
     }
   }
-  float y[TT][VW];
 #pragma unroll
   for (int t = 0; t < TT; ++t)
-    if (t < tile.count) load_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, y[t]);
-#pragma unroll
-  for (int t = 0; t < TT; ++t) {
-    if (t < tile.count) {
-#pragma unroll
-      for (int i = 0; i < VW; ++i) y[t][i] += acc[t][i];
-      store_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, y[t]);
-    }
-  }
+    if (t < tile.count) store_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc[t]);
+}
+
+/// dst[p, :] = src[order[p], :]: rows gathered into the grouped order (one block per row).
+template <class T>
+__global__ void gather_rows_kernel(const T* __restrict__ src, long lds, const int* __restrict__ order, int cols,
+                                   T* __restrict__ dst, long ldd) {
+  const long p = blockIdx.x, from = order[p];
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[p * ldd + c] = src[from * lds + c];
+}
+/// dst[order[p], :] += src[p, :] (tokens appear once in order, so no two blocks touch one row).
+template <class T>
+__global__ void scatter_add_rows_kernel(const T* __restrict__ src, long lds, const int* __restrict__ order, int cols,
+                                        T* __restrict__ dst, long ldd) {
+  const long p = blockIdx.x, to = order[p];
+  for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    dst[to * ldd + c] = lora::detail::from_float<T>(lora::detail::to_float(dst[to * ldd + c]) +
+                                                    lora::detail::to_float(src[p * lds + c]));
 }
 
 /// A second stream and two events: the shrink runs beside the base GEMM.
@@ -238,6 +254,7 @@ struct DeviceSegments {
   Index tokens = 0;              ///< the T the ids were given for
   Index covered = 0;             ///< tokens with an adapter (ids ≠ −1)
   std::vector<int> adapters;     ///< adapter id of each segment (checked again at apply)
+  std::vector<Index> begin;      ///< segment k covers positions [begin[k], begin[k + 1]) of order
   int tiles = 0;
   DeviceBuffer<detail::SegmentTile> tile_buf;
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
@@ -248,6 +265,15 @@ struct DeviceSegments {
 /// overlap: the shrink runs on a second stream beside the base GEMM (it only
 ///          reads X), the expand waits for both.
 enum class SgmvSchedule { serial, overlap };
+
+/// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
+/// dB[id] [out × r] in float for every adapter the batch used (empty for the
+/// others), dX [T × in] in the storage scalar.
+template <class Scalar>
+struct DeviceBatchedGradients {
+  std::vector<DeviceMatrix<float>> dA, dB;
+  DeviceMatrix<Scalar> dX;
+};
 
 /// Adapters for one base layer [out × in] in device memory, addressed by a
 /// stable id like AdapterSet (add / insert / replace / remove leave the others
@@ -361,6 +387,7 @@ class DeviceAdapterSet {
     d.tokens = static_cast<Index>(ids.size());
     d.covered = static_cast<Index>(s.order.size());
     d.adapters = s.adapter;
+    d.begin = s.begin;
     std::vector<detail::SegmentTile> tiles;
     for (std::size_t k = 0; k < s.adapter.size(); ++k)
       for (Index b = s.begin[k]; b < s.begin[k + 1]; b += detail::sgmv_tile_tokens)
@@ -407,6 +434,63 @@ class DeviceAdapterSet {
     DeviceMatrix<Scalar> Y(X.rows, out_);
     apply(W, X, segments(ids), Y.view());
     return Y;
+  }
+
+  /// Backward of apply (W frozen; W = nullptr for the adapter paths alone). Per
+  /// adapter i with tokens S_i (rows gathered once), on cuBLAS:
+  ///   H = s_i·X_S·A_iᵀ, Gb = s_i·dY_S·B_i, dB_i = dY_Sᵀ·H, dA_i = Gbᵀ·X_S,
+  ///   dX = dY·W (one GEMM) + scatter(Gb·A_i).
+  /// H and Gb are rounded to Scalar, as LowRankAdapter<S, cuda>::backward does.
+  DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
+    if (W)
+      lora::detail::require(W->rows == out_ && W->cols == in_, "DeviceAdapterSet: ", "base weight W", W->rows,
+                            W->cols, out_, in_);
+    lora::detail::require(dY.rows == X.rows && dY.cols == out_, "DeviceAdapterSet: ", "dY", dY.rows, dY.cols, X.rows,
+                          out_);
+    check_batch(X, seg, dY);
+    const Index tokens = X.rows, P = seg.covered, rmax = max_rank();
+    DeviceBatchedGradients<Scalar> g;
+    g.dA.resize(static_cast<std::size_t>(capacity()));
+    g.dB.resize(static_cast<std::size_t>(capacity()));
+    g.dX = DeviceMatrix<Scalar>(tokens, in_);
+    if (W)
+      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, tokens, in_, out_, 1.f, dY, *W, 0.f,
+                                                 g.dX.view());
+    else if (g.dX.size() > 0)
+      LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), ctx_->stream()));
+    if (P == 0) return g;
+    DeviceMatrix<Scalar> Xg(P, in_), Gg(P, out_), H(P, rmax), Gb(P, rmax), dXg(P, in_);
+    detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
+        reinterpret_cast<const T*>(X.data), X.ld, seg.order.data(), static_cast<int>(in_),
+        reinterpret_cast<T*>(Xg.data()), in_);
+    LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+    detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
+        reinterpret_cast<const T*>(dY.data), dY.ld, seg.order.data(), static_cast<int>(out_),
+        reinterpret_cast<T*>(Gg.data()), out_);
+    LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+    for (std::size_t k = 0; k < seg.adapters.size(); ++k) {
+      const int id = seg.adapters[k];
+      const Index b = seg.begin[k], n = seg.begin[k + 1] - b, r = rank(id);
+      const float sc = static_cast<float>(scaling(id));
+      const cview Xk = cview(Xg.view()).row_block(b, n), Gk = cview(Gg.view()).row_block(b, n);
+      const view Hk = H.view().row_block(b, n).col_block(0, r), Gbk = Gb.view().row_block(b, n).col_block(0, r);
+      auto& dA = g.dA[static_cast<std::size_t>(id)];
+      auto& dB = g.dB[static_cast<std::size_t>(id)];
+      dA = DeviceMatrix<float>(r, in_);
+      dB = DeviceMatrix<float>(out_, r);
+      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, in_, sc, Xk, A(id), 0.f, Hk);
+      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, out_, sc, Gk, Bt(id), 0.f, Gbk);
+      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out_, r, n, 1.f, Gk, cview(Hk), 0.f, dB.view());
+      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in_, n, 1.f, cview(Gbk), Xk, 0.f, dA.view());
+      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, n, in_, r, 1.f, cview(Gbk), A(id), 0.f,
+                                                 dXg.view().row_block(b, n));
+    }
+    detail::scatter_add_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
+        reinterpret_cast<const T*>(dXg.data()), in_, seg.order.data(), static_cast<int>(in_),
+        reinterpret_cast<T*>(g.dX.data()), in_);
+    LORA_CUDA_CHECK_LAUNCH("scatter_add_rows_kernel");
+    ctx_->synchronize();  // the gathered buffers are freed on return
+    return g;
   }
 
   /// Adapter paths only, added in place: Y[t] += s_i·(X[t]·A_iᵀ)·B_iᵀ.
@@ -532,9 +616,9 @@ class DeviceAdapterSet {
     Plan p;
     p.vec_x = in_ % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
     const int chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
-    // Enough blocks for two waves, while each thread keeps at least one chunk.
+    // Enough blocks for two waves, while every split keeps half a chunk per thread.
     const int want = static_cast<int>((2 * sms_ + seg.tiles - 1) / std::max(seg.tiles, 1));
-    p.splits = std::clamp(std::min(want, chunks / detail::sgmv_threads), 1, detail::sgmv_max_split);
+    p.splits = std::clamp(std::min(want, 2 * chunks / detail::sgmv_threads), 1, detail::sgmv_max_split);
     p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
     p.splits = (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
     p.ldu = static_cast<int>(max_rank());
@@ -546,7 +630,8 @@ class DeviceAdapterSet {
 
   void shrink(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream) const {
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
-    const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits));
+    const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits),
+                    lora::detail::ceil_div(p.ldu, RG));
     const T* x = reinterpret_cast<const T*>(X.data);
     if (p.vec_x)
       detail::sgmv_shrink_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
