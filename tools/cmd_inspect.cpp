@@ -3,6 +3,7 @@
 #include <lora/analysis/inspect.hpp>
 #include <lora/analysis/plot.hpp>
 #include <lora/io/atomic.hpp>
+#include <lora/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -149,6 +150,9 @@ int run_inspect(const std::vector<std::string>& argv) {
   const double topk = args.number("top-k", double(opt.intruder.top_k));
   if (topk < 1 || topk != std::floor(topk)) lora::detail::fail("--top-k must be a whole number ≥ 1, got {}", topk);
   opt.intruder.top_k = static_cast<Index>(topk);
+  // inspect_adapter maps lora_A / lora_B only; the loader's checks cover the rest of the folder
+  // (DoRA magnitudes against use_dora, tensors that are not LoRA factors, dtypes).
+  if (std::filesystem::is_directory(args.positional()[0])) io::check_peft_adapter(args.positional()[0]);
   const auto rep = inspect_adapter(args.positional()[0], opt);
   if (auto plot = args.get("plot")) {
     const std::string svg = spectrum_svg(rep, fmt::format("Singular value spectra of {}", args.positional()[0]));

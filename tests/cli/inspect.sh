@@ -62,6 +62,16 @@ mkdir "$T/broken" && cp "$P/lora_r8_a16_all/adapter/adapter_config.json" "$T/bro
 bad "adapter_model.safetensors" inspect "$T/broken" --plot "$T/never.svg"
 [ -e "$T/never.svg" ] && fail "a failed inspect must not write the plot"
 bad "no tensor" inspect "$P/lora_r8_a16_all/adapter" --base "$DATA/nf4/nf4_reference.safetensors"
+# use_dora must agree with the tensors (lora_magnitude_vector), as for every other command
+"$LORA" inspect "$P/dora_r4_a8_qv/adapter" > /dev/null || fail "inspect of a DoRA adapter"
+cp -r "$P/dora_r4_a8_qv/adapter" "$T/dora_off" && cp -r "$P/lora_r8_a16_all/adapter" "$T/dora_on"
+sed -i 's/"use_dora": *true/"use_dora": false/' "$T/dora_off/adapter_config.json"
+sed -i 's/"use_dora": *false/"use_dora": true/' "$T/dora_on/adapter_config.json"
+grep -q '"use_dora": *false' "$T/dora_off/adapter_config.json" || fail "could not edit the DoRA config"
+grep -q '"use_dora": *true' "$T/dora_on/adapter_config.json" || fail "could not edit the LoRA config"
+bad "lora_magnitude_vector' is a DoRA magnitude, but the config has use_dora = false" inspect "$T/dora_off"
+bad "has no lora_magnitude_vector, but the config has use_dora = true" inspect "$T/dora_on" --plot "$T/never.svg"
+[ -e "$T/never.svg" ] && fail "a failed inspect must not write the plot"
 
 # --- compress ---
 "$LORA" compress "$P/lora_r8_a16_all/adapter" --rank 3 --out "$T/c3" > /dev/null || fail "compress --rank"

@@ -172,6 +172,9 @@ hfc("hidden_size_string", dict(hf, hidden_size="64"))
 hfc("heads_zero", dict(hf, num_attention_heads=0))
 hfc("layers_huge", dict(hf, num_hidden_layers=99999999999))
 hfc("kv_heads_not_dividing_heads", dict(hf, num_key_value_heads=3))
+hfc("kv_heads_more_than_heads", dict(hf, num_key_value_heads=8))
+hfc("hidden_not_divisible_by_heads", dict(hf, num_attention_heads=6, num_key_value_heads=3))
+hfc("gpt2_embd_not_divisible_by_heads", {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 6, "vocab_size": 128})
 hfc("vocab_float", dict(hf, vocab_size=1e30))
 hfc("kv_heads_zero", dict(hf, num_key_value_heads=0))
 hfc("unknown_model_type", dict(hf, model_type="mamba", architectures=["MambaForCausalLM"]))
@@ -181,11 +184,8 @@ PYEOF
 
 # ---- the check -----------------------------------------------------------------------
 # Known gaps, reported (KNOWN) instead of failing the test; each names the owner's bug.
-declare -A known=(
-  ["inspect adapter:use_dora_without_magnitude"]="inspect does not check use_dora against the tensors"
-  ["inspect adapter:magnitude_without_use_dora"]="inspect does not check use_dora against the tensors"
-  ["plan config:kv_heads_not_dividing_heads"]="plan accepts num_key_value_heads that does not divide num_attention_heads"
-)
+# (None open: the two DoRA/use_dora cases of inspect and plan's head counts were fixed.)
+declare -A known=()
 known_seen=0
 # expect_error <command> <case name> <args...>: run with an empty $OUT; outputs go into $OUT.
 expect_error() {

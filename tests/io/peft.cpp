@@ -339,3 +339,62 @@ TEST_CASE("PEFT folders that disagree with themselves are rejected by name", "[p
     CHECK_FALSE(fs::exists(tmp.path / "mixed"));
   }
 }
+
+TEST_CASE("check_peft_adapter and peft_module_tensors check what load_peft_adapter checks", "[peft]") {
+  for (const std::string name : {"lora_r8_a16_all", "dora_r4_a8_qv", "patterns_all", "rslora_r16_a8_attn"}) {
+    CAPTURE(name);
+    const fs::path folder = data("peft/" + name + "/adapter");
+    REQUIRE_NOTHROW(io::check_peft_adapter(folder));
+    const auto loaded = io::load_peft_adapter(folder);
+    const auto file = io::SafetensorsFile::open(folder / "adapter_model.safetensors");
+    const auto views = io::peft_module_tensors(file, io::load_peft_config(folder));
+    REQUIRE(views.size() == loaded.modules.size());
+    for (std::size_t i = 0; i < views.size(); ++i) {
+      const auto& v = views[i];
+      const auto& m = loaded.modules[i];
+      CHECK(v.name == m.name);
+      CHECK(v.A->to_matrix<float>() == m.adapter.A());
+      CHECK(v.B->to_matrix<float>() == m.adapter.B());
+      CHECK((v.magnitude != nullptr) == m.is_dora());
+      if (v.magnitude)
+        CHECK(v.magnitude->to_vector<float>() ==
+              std::vector<float>(m.magnitude->data(), m.magnitude->data() + m.magnitude->size()));
+    }
+  }
+  TempDir tmp;
+  auto edited = [&](const std::string& src, const std::string& name, auto fn) {
+    const fs::path p = tmp.path / name;
+    copy_folder(data("peft/" + src + "/adapter"), p);
+    auto j = read_json(p / "adapter_config.json");
+    fn(j);
+    write_json(p / "adapter_config.json", j);
+    return p;
+  };
+  // PEFT would drop these magnitudes silently, or keep ‖W‖'s row norms for missing ones.
+  const auto off = edited("dora_r4_a8_qv", "dora_off", [](auto& j) { j["use_dora"] = false; });
+  CHECK_THROWS_WITH(io::check_peft_adapter(off), ContainsSubstring("dora_off/adapter_model.safetensors") &&
+                                                     ContainsSubstring("lora_magnitude_vector' is a DoRA magnitude") &&
+                                                     ContainsSubstring("use_dora = false"));
+  const auto on = edited("lora_r8_a16_all", "dora_on", [](auto& j) { j["use_dora"] = true; });
+  CHECK_THROWS_WITH(io::check_peft_adapter(on), ContainsSubstring("dora_on/adapter_model.safetensors") &&
+                                                    ContainsSubstring("has no lora_magnitude_vector") &&
+                                                    ContainsSubstring("use_dora = true"));
+  CHECK_THROWS_WITH(io::check_peft_adapter(tmp.path / "nope"), ContainsSubstring("does not exist"));
+  // a magnitude of the wrong length
+  const fs::path src = data("peft/dora_r4_a8_qv/adapter");
+  const auto orig = io::SafetensorsFile::open(src / "adapter_model.safetensors");
+  std::vector<io::TensorData> ts;
+  for (const auto& t : orig.tensors()) ts.push_back(io::TensorData::copy_of(t));
+  std::string mag;
+  for (auto& t : ts)
+    if (t.name.ends_with(".lora_magnitude_vector") || t.name.ends_with(".lora_magnitude_vector.weight")) {
+      mag = t.name;
+      t = io::TensorData::from_matrix(t.name, Matrix<float>::Ones(5, 1), io::dtype::F32, true);
+      break;
+    }
+  REQUIRE(!mag.empty());
+  const fs::path shortm = tmp.path / "short_magnitude";
+  copy_folder(src, shortm);
+  io::write_safetensors(shortm / "adapter_model.safetensors", ts, {{"format", "pt"}});
+  CHECK_THROWS_WITH(io::check_peft_adapter(shortm), ContainsSubstring(mag) && ContainsSubstring("has 5 elements"));
+}

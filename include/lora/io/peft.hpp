@@ -19,6 +19,8 @@
 //                           magnitude (DoRA's m [out], std::nullopt for LoRA), stored_dtype, is_dora().
 //   struct PeftAdapter      config, modules (sorted by name); at(name), find(name), contains(name).
 //   PeftAdapter load_peft_adapter(folder)
+//   void check_peft_adapter(folder)          the same checks, nothing converted
+//   peft_module_tensors(file, config)         lora_A / lora_B / magnitude views per module, checked
 //   void save_peft_adapter(folder, adapter, dtype = F32)   atomic (temporary folder + rename)
 //
 // Tensor keys in adapter_model.safetensors: `base_model.model.<module>.lora_A.weight` [r × in],
@@ -316,32 +318,23 @@ inline PeftConfig load_peft_config(const std::filesystem::path& path) {
   return PeftConfig::from_json(detail::read_json_file(file), file.string());
 }
 
-/// Loads a PEFT LoRA/rsLoRA/DoRA adapter folder. Tensors of any float dtype (F64, F32,
-/// F16, BF16) are converted to float; r and shapes are checked against the config.
-inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
-  namespace fs = std::filesystem;
-  if (!fs::exists(folder)) lora::detail::fail("{}: adapter folder does not exist", folder.string());
-  if (!fs::is_directory(folder))
-    lora::detail::fail("{}: is not a folder (expected a PEFT adapter folder with adapter_config.json)", folder.string());
-  PeftAdapter out;
-  out.config = load_peft_config(folder);
-  const fs::path wfile = folder / "adapter_model.safetensors";
-  if (!fs::exists(wfile)) {
-    if (fs::exists(folder / "adapter_model.bin"))
-      lora::detail::fail("{}: missing; only adapter_model.bin (pickle) is there, which is not supported: "
-                         "re-save the adapter with safe_serialization=True",
-                         wfile.string());
-    lora::detail::fail("{}: missing (a PEFT adapter folder needs adapter_model.safetensors)", wfile.string());
-  }
-  const auto f = SafetensorsFile::open(wfile);
-  const std::string file = f.path();
+/// The tensors of one module of an adapter_model.safetensors, as views into the mapped file.
+struct PeftModuleTensors {
+  std::string name;                       ///< module path without "base_model.model."
+  const TensorView* A = nullptr;          ///< lora_A.weight [r × in]
+  const TensorView* B = nullptr;          ///< lora_B.weight [out × r]
+  const TensorView* magnitude = nullptr;  ///< DoRA's lora_magnitude_vector [out]; null for plain LoRA
+};
 
-  struct Parts {
-    const TensorView* A = nullptr;
-    const TensorView* B = nullptr;
-    const TensorView* m = nullptr;
-  };
-  std::map<std::string, Parts> parts;
+/// Pairs the tensors of a PEFT adapter_model.safetensors by module and checks them against
+/// the config without converting any: every key is a LoRA tensor; lora_A and lora_B are
+/// float matrices whose r is the config's; a magnitude [out] is there exactly when use_dora
+/// is true. (PEFT itself would only warn about missing magnitudes and keep ‖W‖'s row norms,
+/// and silently drop magnitudes it does not expect; both change the model, so both are errors.)
+/// Sorted by module name.
+inline std::vector<PeftModuleTensors> peft_module_tensors(const SafetensorsFile& f, const PeftConfig& cfg) {
+  const std::string& file = f.path();
+  std::map<std::string, PeftModuleTensors> parts;
   for (const auto& t : f.tensors()) {
     std::string_view key = t.name;
     if (key.substr(0, detail::peft_prefix().size()) == detail::peft_prefix()) key.remove_prefix(detail::peft_prefix().size());
@@ -354,9 +347,9 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
     } else if (auto m = take(".lora_B.weight")) {
       parts[*m].B = &t;
     } else if (auto m = take(".lora_magnitude_vector")) {
-      parts[*m].m = &t;
+      parts[*m].magnitude = &t;
     } else if (auto m = take(".lora_magnitude_vector.weight")) {
-      parts[*m].m = &t;
+      parts[*m].magnitude = &t;
     } else if (key.find("lora_embedding_") != std::string_view::npos) {
       lora::detail::fail("{}: tensor '{}': adapters on embedding layers are not supported", file, t.name);
     } else if (detail::ends_with(key, ".lora_B.bias")) {
@@ -369,15 +362,16 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
   }
   if (parts.empty()) lora::detail::fail("{}: holds no LoRA tensors", file);
 
-  const PeftConfig& cfg = out.config;
   auto check_float = [&](const TensorView& t) {
     if (t.type != dtype::F32 && t.type != dtype::F16 && t.type != dtype::BF16 && t.type != dtype::F64)
       lora::detail::fail("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16 or F64)", file, t.name,
                          dtype_name(t.type));
   };
-  for (auto& part : parts) {  // no structured bindings: clang < 16 cannot capture them in the lambda below
+  std::vector<PeftModuleTensors> out;
+  for (auto& part : parts) {
     const std::string& name = part.first;
-    Parts& p = part.second;
+    PeftModuleTensors& p = part.second;
+    p.name = name;
     if (!p.A)
       lora::detail::fail("{}: module '{}' has {} but no lora_A.weight", file, name,
                          p.B ? "lora_B.weight" : "lora_magnitude_vector");
@@ -395,37 +389,81 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
     if (p.B->shape[1] != r)
       lora::detail::fail("{}: tensor '{}' has shape [{}, {}], expected [out, {}] (r = {} for module '{}')", file,
                          p.B->name, p.B->shape[0], p.B->shape[1], r, r, name);
-    if (cfg.use_dora && !p.m)
+    if (cfg.use_dora && !p.magnitude)
       lora::detail::fail("{}: module '{}' has no lora_magnitude_vector, but the config has use_dora = true", file, name);
-    if (!cfg.use_dora && p.m)
-      lora::detail::fail("{}: tensor '{}' is a DoRA magnitude, but the config has use_dora = false", file, p.m->name);
+    if (!cfg.use_dora && p.magnitude)
+      lora::detail::fail("{}: tensor '{}' is a DoRA magnitude, but the config has use_dora = false", file,
+                         p.magnitude->name);
+    if (const TensorView* m = p.magnitude) {
+      check_float(*m);
+      if (m->ndim() != 1 && !(m->ndim() == 2 && m->shape[1] == 1))
+        lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 1 ([out])", file, m->name, m->ndim());
+      if (m->shape[0] != p.B->shape[0])
+        lora::detail::fail("{}: tensor '{}' has {} elements, expected out = {} (the rows of lora_B)", file, m->name,
+                           m->shape[0], p.B->shape[0]);
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
+namespace detail {
+// The config and the mapped weights of an adapter folder, with the messages for what is missing.
+inline std::pair<PeftConfig, SafetensorsFile> open_peft_folder(const std::filesystem::path& folder) {
+  namespace fs = std::filesystem;
+  if (!fs::exists(folder)) lora::detail::fail("{}: adapter folder does not exist", folder.string());
+  if (!fs::is_directory(folder))
+    lora::detail::fail("{}: is not a folder (expected a PEFT adapter folder with adapter_config.json)", folder.string());
+  PeftConfig cfg = load_peft_config(folder);
+  const fs::path wfile = folder / "adapter_model.safetensors";
+  if (!fs::exists(wfile)) {
+    if (fs::exists(folder / "adapter_model.bin"))
+      lora::detail::fail("{}: missing; only adapter_model.bin (pickle) is there, which is not supported: "
+                         "re-save the adapter with safe_serialization=True",
+                         wfile.string());
+    lora::detail::fail("{}: missing (a PEFT adapter folder needs adapter_model.safetensors)", wfile.string());
+  }
+  return {std::move(cfg), SafetensorsFile::open(wfile)};
+}
+}  // namespace detail
+
+/// Checks a PEFT adapter folder as load_peft_adapter does (config, tensor names, dtypes,
+/// shapes, r, DoRA magnitudes against use_dora) without converting the tensors.
+inline void check_peft_adapter(const std::filesystem::path& folder) {
+  const auto opened = detail::open_peft_folder(folder);
+  peft_module_tensors(opened.second, opened.first);
+}
+
+/// Loads a PEFT LoRA/rsLoRA/DoRA adapter folder. Tensors of any float dtype (F64, F32,
+/// F16, BF16) are converted to float; r and shapes are checked against the config.
+inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
+  auto opened = detail::open_peft_folder(folder);
+  PeftAdapter out;
+  out.config = std::move(opened.first);
+  const SafetensorsFile& f = opened.second;
+  const std::string file = f.path();
+  const PeftConfig& cfg = out.config;
+  for (const PeftModuleTensors& p : peft_module_tensors(f, cfg)) {
     AdapterOptions opts;
     opts.fan_in_fan_out = cfg.fan_in_fan_out;
-    opts.name = name;
+    opts.name = p.name;
     auto make = [&] {
       try {
         return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
-            p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(name), opts,
+            p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts,
             dynamic_scaling{cfg.use_rslora});
       } catch (const lora::error& e) {
         lora::detail::fail("{}: {}", file, e.what());
       }
     };
-    PeftModule mod{name, make(), std::nullopt, p.A->type};
-    if (p.m) {
-      check_float(*p.m);
-      if (p.m->ndim() != 1 && !(p.m->ndim() == 2 && p.m->shape[1] == 1))
-        lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 1 ([out])", file, p.m->name, p.m->ndim());
-      if (p.m->shape[0] != p.B->shape[0])
-        lora::detail::fail("{}: tensor '{}' has {} elements, expected out = {} (the rows of lora_B)", file, p.m->name,
-                           p.m->shape[0], p.B->shape[0]);
-      Vector<float> m(p.m->shape[0]);
-      p.m->convert_into(m.data());
+    PeftModule mod{p.name, make(), std::nullopt, p.A->type};
+    if (p.magnitude) {
+      Vector<float> m(p.magnitude->shape[0]);
+      p.magnitude->convert_into(m.data());
       mod.magnitude = std::move(m);
     }
     out.modules.push_back(std::move(mod));
   }
-  // std::map iteration is sorted by name already.
   return out;
 }
 
