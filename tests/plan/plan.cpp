@@ -106,3 +106,33 @@ TEST_CASE("plan errors name what is wrong", "[plan][errors]") {
   CHECK_THROWS_WITH(architecture_from_config({{"model_type", "llama"}, {"hidden_size", 64}}),
                     ContainsSubstring("missing integer field 'intermediate_size'"));
 }
+
+TEST_CASE("attention heads must split evenly", "[plan][errors]") {
+  using Catch::Matchers::ContainsSubstring;
+  const nlohmann::json llama = {{"model_type", "llama"}, {"hidden_size", 64},       {"intermediate_size", 176},
+                                {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                                {"vocab_size", 128}};
+  CHECK(architecture_from_config(llama).head_dim == 16);
+  auto with = [&](const char* key, nlohmann::json v) {
+    auto j = llama;
+    j[key] = std::move(v);
+    return j;
+  };
+  CHECK_THROWS_WITH(architecture_from_config(with("num_key_value_heads", 3), "cfg.json"),
+                    ContainsSubstring("cfg.json: num_key_value_heads = 3 does not divide num_attention_heads = 4"));
+  CHECK_THROWS_WITH(architecture_from_config(with("num_key_value_heads", 8)),
+                    ContainsSubstring("num_key_value_heads = 8 does not divide num_attention_heads = 4"));
+  CHECK_THROWS_WITH(architecture_from_config(with("num_attention_heads", 6)),
+                    ContainsSubstring("hidden_size = 64 is not divisible by num_attention_heads = 6"));
+  // An explicit head_dim (Qwen3, Gemma) lifts the hidden_size constraint: q_proj is heads·head_dim wide.
+  auto explicit_dim = with("num_attention_heads", 6);
+  explicit_dim["num_key_value_heads"] = 3;
+  explicit_dim["head_dim"] = 24;
+  const auto a = architecture_from_config(explicit_dim);
+  CHECK(a.head_dim == 24);
+  CHECK(a.modules[1].kind == "q_proj");
+  CHECK(a.modules[1].out_features == 6 * 24);
+  CHECK(a.modules[2].out_features == 3 * 24);
+  const nlohmann::json gpt2 = {{"model_type", "gpt2"}, {"n_embd", 64}, {"n_layer", 2}, {"n_head", 6}, {"vocab_size", 128}};
+  CHECK_THROWS_WITH(architecture_from_config(gpt2), ContainsSubstring("n_embd = 64 is not divisible by n_head = 6"));
+}

@@ -75,6 +75,14 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
     a.layers = get_int(cfg, "num_hidden_layers", where);
     a.heads = get_int(cfg, "num_attention_heads", where);
     a.kv_heads = get_int_or(cfg, "num_key_value_heads", a.heads, where);
+    // Grouped-query attention shares each key/value head among heads / kv_heads query heads.
+    if (a.heads % a.kv_heads != 0)
+      lora::detail::fail("{}: num_key_value_heads = {} does not divide num_attention_heads = {}", where, a.kv_heads,
+                         a.heads);
+    const bool explicit_head_dim = cfg.contains("head_dim") && !cfg["head_dim"].is_null();
+    if (!explicit_head_dim && a.hidden % a.heads != 0)
+      lora::detail::fail("{}: hidden_size = {} is not divisible by num_attention_heads = {} (and no head_dim is given)",
+                         where, a.hidden, a.heads);
     a.head_dim = get_int_or(cfg, "head_dim", a.hidden / a.heads, where);
     a.vocab = get_int(cfg, "vocab_size", where);
     a.tied_embeddings = cfg.value("tie_word_embeddings", false);
@@ -110,6 +118,8 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
     a.hidden = get_int(cfg, "n_embd", where);
     a.layers = get_int(cfg, "n_layer", where);
     a.heads = get_int(cfg, "n_head", where);
+    if (a.hidden % a.heads != 0)
+      lora::detail::fail("{}: n_embd = {} is not divisible by n_head = {}", where, a.hidden, a.heads);
     a.kv_heads = a.heads;
     a.head_dim = a.hidden / a.heads;
     a.intermediate = get_int_or(cfg, "n_inner", 4 * a.hidden, where);
