@@ -617,8 +617,12 @@ class DeviceAdapterSet {
     Plan p;
     p.vec_x = in_ % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
     const int chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
-    // Enough blocks for two waves, while every split keeps half a chunk per thread.
-    const int want = static_cast<int>((2 * sms_ + seg.tiles - 1) / std::max(seg.tiles, 1));
+    // K-splits up to one wave of blocks (3 per SM fit at ~166 registers): each block is a
+    // short chain of dependent loads and one reduction, so a second wave costs a whole chain
+    // (T 256 x 64 adapters: 640 blocks took 17.1 us, 256 blocks 14.3 us). Every split keeps
+    // at least half a chunk per thread.
+    const int groups = (static_cast<int>(max_rank()) + detail::sgmv_rank_group - 1) / detail::sgmv_rank_group;
+    const int want = (3 * sms_) / std::max(seg.tiles * groups, 1);
     p.splits = std::clamp(std::min(want, 2 * chunks / detail::sgmv_threads), 1, detail::sgmv_max_split);
     p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
     p.splits = (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
