@@ -4,7 +4,9 @@
 // Four weight sets rotate so that every call reads W from device memory (33 MB of NF4
 // would otherwise sit in the 50 MB L2). Also T = 16: the fused kernel against
 // dequantise + cuBLAS. Used to pick the parameters of nf4_gemm (docs/performance.md).
-#include <lora/cuda.hpp>
+#include <lora/cuda/nf4.cuh>
+#include <lora/cuda/runtime.hpp>
+#include <lora/core/random.hpp>
 
 #include <algorithm>
 #include <cmath>
