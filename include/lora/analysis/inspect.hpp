@@ -148,6 +148,9 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
   if (!fs::exists(wfile))
     lora::detail::fail("{}: missing (a PEFT adapter folder needs adapter_model.safetensors)", wfile.string());
   const auto file = io::SafetensorsFile::open(wfile);
+  // The loader's checks (r and shapes against the config, use_dora against the magnitude
+  // tensors, stray or unsupported tensors), without converting anything.
+  io::peft_module_tensors(file, cfg);
   const auto mods = detail::mapped_modules(file, cfg);
   std::optional<io::SafetensorsFile> base;
   if (opt.base_model) base = io::SafetensorsFile::open(*opt.base_model);
