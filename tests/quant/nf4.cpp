@@ -4,6 +4,7 @@
 #include <lora/quant/nf4.hpp>
 #include <lora/quant/nf4_tensor.hpp>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <limits>
@@ -17,7 +18,7 @@ using namespace lora;
 namespace {
 
 // Independent float64 reference of the encoder: the nearest NF4 code, ties
-// (exact midpoints, which do not occur for float32 inputs) aside.
+// (exact midpoints) aside. Differs from the tree only at a threshold's own float.
 int nearest_code(double x) {
   int best = 0;
   for (int c = 1; c < 16; ++c)
@@ -46,11 +47,25 @@ TEST_CASE("nf4: branch-free encoder equals the decision tree everywhere", "[quan
                   std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()})
     CHECK(quant::detail::nf4_encode_count(x) == quant::nf4_encode(x));
   CHECK(quant::nf4_encode(std::numeric_limits<float>::quiet_NaN()) == 0);
+  // A threshold is a float32 rounding of the midpoint between two codes, so the
+  // float equal to it can sit just past the exact midpoint: there the tree (code
+  // c for x <= t[c]) and the nearest code disagree by definition. Pin the tree's
+  // choice at each threshold and check the nearest code one float to each side.
+  for (int c = 0; c < 15; ++c) {
+    const float t = quant::nf4_thresholds[c];
+    CHECK(quant::nf4_encode(t) == c);
+    CHECK(quant::nf4_encode(std::nextafter(t, 2.0f)) == c + 1);
+    CHECK(nearest_code(std::nextafter(t, -2.0f)) == c);
+    CHECK(nearest_code(std::nextafter(t, 2.0f)) == c + 1);
+  }
   Generator gen(test::fresh_seed());
   for (int i = 0; i < 100000; ++i) {
     const float x = static_cast<float>(gen.uniform(-1.05, 1.05));
     REQUIRE(quant::detail::nf4_encode_count(x) == quant::nf4_encode(x));
+    if (std::find(quant::nf4_thresholds.begin(), quant::nf4_thresholds.end(), x) != quant::nf4_thresholds.end())
+      continue;  // pinned above
     const int ref = nearest_code(x);
+    INFO("x = " << x);
     REQUIRE(quant::nf4_encode(x) == ref);
   }
 }
