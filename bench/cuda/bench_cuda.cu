@@ -6,6 +6,8 @@
 
 #include <lora/cuda.hpp>
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -15,81 +17,13 @@
 
 using namespace lora;
 using S = bfloat16;
+using bench::fill_random;
+using bench::time_ms;
+using bench::time_pair;
 
 namespace {
 
 FILE* csv = stdout;
-
-void fill_random(DeviceView<S> v, Generator& g, double scale) {
-  Matrix<S> h(v.rows, v.cols);
-  for (Index i = 0; i < h.rows(); ++i)
-    for (Index j = 0; j < h.cols(); ++j) h(i, j) = S(static_cast<float>(g.normal() * scale));
-  upload<S>(h, v);
-}
-
-Matrix<S> test_factor(Index rows, Index cols, Generator& g) {
-  Matrix<S> m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = S(static_cast<float>(g.normal() * 0.02));
-  return m;
-}
-
-/// Median milliseconds per call of fn(i) (i counts calls, for rotating inputs).
-double time_ms(CudaContext& ctx, const std::function<void(int)>& fn, int batch = 10, int batches = 15) {
-  cudaEvent_t a, b;
-  LORA_CUDA_CHECK(cudaEventCreate(&a));
-  LORA_CUDA_CHECK(cudaEventCreate(&b));
-  int k = 0;
-  for (int i = 0; i < 3; ++i) fn(k++);
-  std::vector<float> t;
-  for (int j = 0; j < batches; ++j) {
-    LORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    for (int i = 0; i < batch; ++i) fn(k++);
-    LORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    LORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / batch);
-  }
-  LORA_CUDA_CHECK(cudaGetLastError());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-  return t[t.size() / 2];
-}
-
-/// Medians of two functions timed in alternating batches, so that clock drift
-/// (power, temperature) hits both alike.
-std::pair<double, double> time_pair(CudaContext& ctx, const std::function<void(int)>& f,
-                                    const std::function<void(int)>& g, int batch = 10, int batches = 15) {
-  cudaEvent_t e[3];
-  for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
-  int k = 0;
-  for (int i = 0; i < 3; ++i) {
-    f(k);
-    g(k++);
-  }
-  std::vector<float> a, b;
-  for (int j = 0; j < batches; ++j) {
-    LORA_CUDA_CHECK(cudaEventRecord(e[0], ctx.stream()));
-    for (int i = 0; i < batch; ++i) f(k + i);
-    LORA_CUDA_CHECK(cudaEventRecord(e[1], ctx.stream()));
-    for (int i = 0; i < batch; ++i) g(k + i);
-    LORA_CUDA_CHECK(cudaEventRecord(e[2], ctx.stream()));
-    k += batch;
-    LORA_CUDA_CHECK(cudaEventSynchronize(e[2]));
-    float x = 0, y = 0;
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&x, e[0], e[1]));
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&y, e[1], e[2]));
-    a.push_back(x / batch);
-    b.push_back(y / batch);
-  }
-  LORA_CUDA_CHECK(cudaGetLastError());
-  for (auto& ev : e) cudaEventDestroy(ev);
-  std::nth_element(a.begin(), a.begin() + a.size() / 2, a.end());
-  std::nth_element(b.begin(), b.begin() + b.size() / 2, b.end());
-  return {a[a.size() / 2], b[b.size() / 2]};
-}
 
 void emit(const char* name, Index in, Index out, Index T, Index r, double ms, double extra = 0) {
   std::fprintf(csv, "%s,%ld,%ld,%ld,%ld,%.5f,%.4f\n", name, static_cast<long>(in), static_cast<long>(out),
@@ -101,8 +35,8 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
                 Generator& g, bool dora) {
   const int sets = T <= 16 ? 4 : 1;  // decode: 4 weight copies (> L2) so weights come from HBM
   LowRankAdapter<S> host(in, out, r, 2.0 * r);
-  host.set_A(test_factor(r, in, g));
-  host.set_B(test_factor(out, r, g));
+  host.set_A(bench::random_factor<S>(r, in, g));
+  host.set_B(bench::random_factor<S>(out, r, g));
   auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
   std::vector<DeviceMatrix<S>> W;
   std::vector<FusedWeight<S>> fw;
@@ -259,8 +193,8 @@ int main(int argc, char** argv) {
   {
     const Index in = 4096, out = 4096, r = 64;
     LowRankAdapter<S> host(in, out, r, 128.0);
-    host.set_A(test_factor(r, in, g));
-    host.set_B(test_factor(out, r, g));
+    host.set_A(bench::random_factor<S>(r, in, g));
+    host.set_B(bench::random_factor<S>(out, r, g));
     auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
     SpectrumWorkspace ws;
     std::vector<double> t;

@@ -9,6 +9,8 @@
 
 #include <lora/cuda.hpp>
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -19,57 +21,12 @@
 
 using namespace lora;
 using S = bfloat16;
+using bench::fill_random;
+using bench::time_all;
 
 namespace {
 
 FILE* csv = stdout;
-
-void fill_random(DeviceView<S> v, Generator& g, double scale) {
-  Matrix<S> h(v.rows, v.cols);
-  for (Index i = 0; i < h.rows(); ++i)
-    for (Index j = 0; j < h.cols(); ++j) h(i, j) = S(static_cast<float>(g.normal() * scale));
-  upload<S>(h, v);
-}
-Matrix<S> factor(Index rows, Index cols, Generator& g) {
-  Matrix<S> m(rows, cols);
-  for (Index i = 0; i < rows; ++i)
-    for (Index j = 0; j < cols; ++j) m(i, j) = S(static_cast<float>(g.normal() * 0.02));
-  return m;
-}
-
-/// Medians (ms per call) of several functions timed in alternating batches.
-std::vector<double> time_all(CudaContext& ctx, const std::vector<std::function<void(int)>>& fns, int batch,
-                             int batches) {
-  const std::size_t n = fns.size();
-  std::vector<cudaEvent_t> ev(n + 1);
-  for (auto& e : ev) LORA_CUDA_CHECK(cudaEventCreate(&e));
-  int k = 0;
-  for (int i = 0; i < 2; ++i, ++k)
-    for (auto& f : fns) f(k);
-  std::vector<std::vector<float>> t(n);
-  for (int b = 0; b < batches; ++b) {
-    LORA_CUDA_CHECK(cudaEventRecord(ev[0], ctx.stream()));
-    for (std::size_t f = 0; f < n; ++f) {
-      for (int i = 0; i < batch; ++i) fns[f](k + i);
-      LORA_CUDA_CHECK(cudaEventRecord(ev[f + 1], ctx.stream()));
-    }
-    k += batch;
-    LORA_CUDA_CHECK(cudaEventSynchronize(ev[n]));
-    for (std::size_t f = 0; f < n; ++f) {
-      float ms = 0;
-      LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[f], ev[f + 1]));
-      t[f].push_back(ms / batch);
-    }
-  }
-  LORA_CUDA_CHECK(cudaGetLastError());
-  for (auto& e : ev) cudaEventDestroy(e);
-  std::vector<double> med;
-  for (auto& v : t) {
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    med.push_back(v[v.size() / 2]);
-  }
-  return med;
-}
 
 void emit(const char* name, Index T, int N, Index r, double ms, double extra = 0) {
   std::fprintf(csv, "%s,%ld,%d,%ld,%.5f,%.4f\n", name, static_cast<long>(T), N, static_cast<long>(r), ms, extra);
@@ -105,8 +62,8 @@ int main(int argc, char** argv) {
   const int Nmax = 512;
   std::vector<Matrix<S>> As, Bs;
   for (int i = 0; i < Nmax; ++i) {
-    As.push_back(factor(r, in, g));
-    Bs.push_back(factor(out, r, g));
+    As.push_back(bench::random_factor<S>(r, in, g));
+    Bs.push_back(bench::random_factor<S>(out, r, g));
   }
   std::vector<DeviceMatrix<S>> W;
   for (int i = 0; i < 4; ++i) {

@@ -10,6 +10,8 @@
 #include <lora/cuda/runtime.hpp>
 #include <lora/core/random.hpp>
 
+#include "common.cuh"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -259,68 +261,14 @@ bool nf4_bulk_ok(int tokens, int K, int bs, long ldx, const void* x) {
 using namespace lora;
 using S = bfloat16;
 using T = __nv_bfloat16;
+using bench::fill_random;
+using bench::time_graph_ms;
 
 namespace {
 
+// 20 calls a batch, 21 batches, 5 warm-up calls.
 double time_ms(CudaContext& ctx, const std::function<void(int)>& fn, int batch = 20, int batches = 21) {
-  cudaEvent_t a, b;
-  LORA_CUDA_CHECK(cudaEventCreate(&a));
-  LORA_CUDA_CHECK(cudaEventCreate(&b));
-  int k = 0;
-  for (int i = 0; i < 5; ++i) fn(k++);
-  std::vector<float> t;
-  for (int j = 0; j < batches; ++j) {
-    LORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    for (int i = 0; i < batch; ++i) fn(k++);
-    LORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    LORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / batch);
-  }
-  LORA_CUDA_CHECK(cudaGetLastError());
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-  return t[t.size() / 2];
-}
-
-// The same launches captured in a CUDA graph and replayed: the GPU time without the host's
-// per-launch cost (tells a host-bound loop from a slow kernel).
-double time_graph_ms(CudaContext& ctx, const std::function<void(int)>& fn, int batch = 20, int reps = 11) {
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  LORA_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
-  for (int i = 0; i < batch; ++i) fn(i);
-  LORA_CUDA_CHECK(cudaStreamEndCapture(ctx.stream(), &graph));
-  LORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t a, b;
-  LORA_CUDA_CHECK(cudaEventCreate(&a));
-  LORA_CUDA_CHECK(cudaEventCreate(&b));
-  LORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
-  std::vector<float> t;
-  for (int j = 0; j < reps; ++j) {
-    LORA_CUDA_CHECK(cudaEventRecord(a, ctx.stream()));
-    LORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx.stream()));
-    LORA_CUDA_CHECK(cudaEventRecord(b, ctx.stream()));
-    LORA_CUDA_CHECK(cudaEventSynchronize(b));
-    float ms = 0;
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / batch);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-  return t[t.size() / 2];
-}
-
-void fill_random(DeviceView<S> v, Generator& g, double scale) {
-  Matrix<S> h(v.rows, v.cols);
-  for (Index i = 0; i < h.rows(); ++i)
-    for (Index j = 0; j < h.cols(); ++j) h(i, j) = S(static_cast<float>(g.normal() * scale));
-  upload<S>(h, v);
+  return bench::time_ms(ctx, fn, batch, batches, 5);
 }
 
 }  // namespace

@@ -140,10 +140,6 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
   return true;
 }
 
-inline void require(bool ok, const std::string& who, const char* what, Index rows, Index cols, Index want_rows,
-                    Index want_cols) {
-  if (!ok) fail("{}{} has shape [{} x {}], expected [{} x {}]", who, what, rows, cols, want_rows, want_cols);
-}
 }  // namespace detail
 
 /// A LoRA adapter on an NVIDIA GPU. Scalar is bfloat16, half or float

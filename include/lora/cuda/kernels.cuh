@@ -56,6 +56,32 @@ bool aligned16(const void* p) {
   return aligned(p, 16);
 }
 
+/// End of a block-per-rows decode kernel: Y[t, row0 + r] = scale · (Σ over the block's THREADS
+/// threads of acc[t][r]) for t < tokens and row0 + r < nrows; warp shuffles, then one slot
+/// of `part` per warp.
+template <int THREADS, class T, int TMAX, int ROWS>
+__device__ __forceinline__ void block_sum_store(const float (&acc)[TMAX][ROWS], float (&part)[THREADS / 32][TMAX * ROWS],
+                                                int tokens, int row0, int nrows, float scale, T* __restrict__ Y,
+                                                long ldy) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int t = 0; t < TMAX; ++t)
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      const float v = warp_sum<float>(acc[t][r]);
+      if (lane == 0) part[warp][t * ROWS + r] = v;
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < TMAX * ROWS; i += THREADS) {
+    const int t = i / ROWS, r = i % ROWS, row = row0 + r;
+    if (t >= tokens || row >= nrows) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) v += part[w][i];
+    Y[t * ldy + row] = from_float<T>(scale * v);
+  }
+}
+
 constexpr int decode_threads = 128;
 
 /// The decode GEMV (tokens ≤ TMAX ≤ 16) on CUDA cores:
@@ -115,23 +141,7 @@ __global__ void __launch_bounds__(decode_threads) gemv_kernel(
   }
 
   __shared__ float part[decode_threads / 32][TMAX * ROWS];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int t = 0; t < TMAX; ++t)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const float v = warp_sum<float>(acc[t][r]);
-      if (lane == 0) part[warp][t * ROWS + r] = v;
-    }
-  __syncthreads();
-  for (int i = threadIdx.x; i < TMAX * ROWS; i += decode_threads) {
-    const int t = i / ROWS, r = i % ROWS, row = row0 + r;
-    if (t >= tokens || row >= nrows) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < decode_threads / 32; ++w) v += part[w][i];
-    Y[t * ldy + row] = from_float<T>(scale * v);
-  }
+  block_sum_store<decode_threads>(acc, part, tokens, row0, nrows, scale, Y, ldy);
 }
 
 /// out[n] = Σ_k M[n, k]² in float; one warp per row.

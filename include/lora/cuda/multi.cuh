@@ -534,33 +534,13 @@ class DeviceAdapterSet {
     return *slots_[static_cast<std::size_t>(id)];
   }
   static void check_orientation(const std::string& name, bool fan_in_fan_out) {
-    if (fan_in_fan_out)
-      lora::detail::fail("DeviceAdapterSet: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and "
-                         "add a regular adapter",
-                         name);
+    detail::check_set_orientation("DeviceAdapterSet", name, fan_in_fan_out);
   }
 
   void put(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling,
            int replacing) {
-    const std::string who = fmt::format("DeviceAdapterSet: adapter '{}'", name);
-    if (name.empty()) lora::detail::fail("DeviceAdapterSet: adapter names must not be empty");
-    for (std::size_t i = 0; i < slots_.size(); ++i)
-      if (slots_[i] && slots_[i]->name == name && static_cast<int>(i) != replacing)
-        lora::detail::fail("{} is already loaded as id {}", who, i);
-    if (A.cols() != in_)
-      lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
-                         A.rows(), A.cols(), in_, in_);
-    if (B.rows() != out_)
-      lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
-                         B.rows(), B.cols(), out_, out_);
-    if (B.cols() != A.rows())
-      lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
-                         B.cols());
-    const Index rmax = std::min<Index>(std::min(in_, out_), detail::sgmv_max_rank);
-    if (A.rows() < 1 || A.rows() > rmax)
-      lora::detail::fail("{}: rank r = {} must be in [1, {}] (min(in, out) = {}, device limit {})", who, A.rows(), rmax,
-                         std::min(in_, out_), detail::sgmv_max_rank);
-    if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
+    detail::check_set_adapter("DeviceAdapterSet", name, slots_, replacing, A.rows(), A.cols(), B.rows(), B.cols(),
+                              scaling, in_, out_, std::min<Index>(std::min(in_, out_), detail::sgmv_max_rank));
 
     auto s = std::make_unique<Slot>();
     s->name = std::move(name);

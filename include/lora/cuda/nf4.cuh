@@ -195,23 +195,7 @@ __global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restri
       }
     }
   }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int t = 0; t < TMAX; ++t)
-#pragma unroll
-    for (int r = 0; r < ROWS; ++r) {
-      const float v = warp_sum<float>(acc[t][r]);
-      if (lane == 0) part[warp][t * ROWS + r] = v;
-    }
-  __syncthreads();
-  for (int i = threadIdx.x; i < TMAX * ROWS; i += nf4_threads) {
-    const int t = i / ROWS, r = i % ROWS, row = row0 + r;
-    if (t >= tokens || row >= nOut) continue;
-    float v = 0.f;
-#pragma unroll
-    for (int w = 0; w < nf4_threads / 32; ++w) v += part[w][i];
-    Y[t * ldy + row] = from_float<T>(v);
-  }
+  block_sum_store<nf4_threads>(acc, part, tokens, row0, nOut, 1.f, Y, ldy);
 }
 
 /// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode).

@@ -312,6 +312,12 @@ void gemm(const CudaContext& ctx, bool transA, bool transB, Index M, Index N, In
                                static_cast<int>(A.ld), &beta, C.data, cuda_data_type<SC>(), static_cast<int>(C.ld),
                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
+
+/// Fails with "<who><what> has shape [rows x cols], expected [want_rows x want_cols]" unless ok.
+inline void require(bool ok, const std::string& who, const char* what, Index rows, Index cols, Index want_rows,
+                    Index want_cols) {
+  if (!ok) fail("{}{} has shape [{} x {}], expected [{} x {}]", who, what, rows, cols, want_rows, want_cols);
+}
 }  // namespace detail
 
 }  // namespace lora

@@ -9,6 +9,7 @@
 #include <lora/error.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <optional>
 #include <span>
@@ -18,6 +19,50 @@
 #include <vector>
 
 namespace lora::multi {
+
+namespace detail {
+
+/// The checks an adapter set runs on an adapter before it loads it, for a base layer
+/// [out × in]; `set` names the set in messages ("AdapterSet", "DeviceAdapterSet"). `slots`
+/// holds the loaded adapters (pointers with a `name`; empty ones null) and `replacing` the
+/// id being replaced (-1 when adding). A backend that caps the rank below min(in, out)
+/// passes its cap as `rank_limit`.
+template <class Slots>
+void check_set_adapter(std::string_view set, const std::string& name, const Slots& slots, int replacing, Index a_rows,
+                       Index a_cols, Index b_rows, Index b_cols, double scaling, Index in, Index out,
+                       Index rank_limit) {
+  const std::string who = fmt::format("{}: adapter '{}'", set, name);
+  if (name.empty()) lora::detail::fail("{}: adapter names must not be empty", set);
+  for (std::size_t i = 0; i < slots.size(); ++i)
+    if (slots[i] && slots[i]->name == name && static_cast<int>(i) != replacing)
+      lora::detail::fail("{} is already loaded as id {}", who, i);
+  if (a_cols != in)
+    lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
+                       a_rows, a_cols, in, in);
+  if (b_rows != out)
+    lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
+                       b_rows, b_cols, out, out);
+  if (b_cols != a_rows)
+    lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, a_rows,
+                       b_cols);
+  const Index full = std::min(in, out);
+  if (rank_limit >= full && (a_rows < 1 || a_rows > full))
+    lora::detail::fail("{}: rank r = {} must be in [1, min(in, out) = {}]", who, a_rows, full);
+  if (rank_limit < full && (a_rows < 1 || a_rows > rank_limit))
+    lora::detail::fail("{}: rank r = {} must be in [1, {}] (min(in, out) = {}, device limit {})", who, a_rows,
+                       rank_limit, full, rank_limit);
+  if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
+}
+
+/// A set keeps the base weight as [out × in]: fan_in_fan_out adapters are refused.
+inline void check_set_orientation(std::string_view set, const std::string& name, bool fan_in_fan_out) {
+  if (fan_in_fan_out)
+    lora::detail::fail("{}: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and add a regular "
+                       "adapter",
+                       set, name);
+}
+
+}  // namespace detail
 
 /// One adapter slot: its factors and its scaling, fixed at insertion.
 template <class Scalar>
@@ -129,30 +174,12 @@ class AdapterSet {
  private:
   template <class S, ScalingPolicy P>
   void check_orientation(const std::string& name, const LowRankAdapter<S, cpu, P>& ad) const {
-    if (ad.fan_in_fan_out())
-      lora::detail::fail("AdapterSet: adapter '{}' is fan_in_fan_out; store the base weight as [out x in] and add a "
-                   "regular adapter",
-                   name);
+    detail::check_set_orientation("AdapterSet", name, ad.fan_in_fan_out());
   }
   std::shared_ptr<const slot_type> make_slot(std::string name, Matrix<Scalar> A, Matrix<Scalar> B, double scaling,
                                        int replacing) const {
-    const std::string who = fmt::format("AdapterSet: adapter '{}'", name);
-    if (name.empty()) lora::detail::fail("AdapterSet: adapter names must not be empty");
-    for (std::size_t i = 0; i < slots_.size(); ++i)
-      if (slots_[i] && slots_[i]->name == name && static_cast<int>(i) != replacing)
-        lora::detail::fail("{} is already loaded as id {}", who, i);
-    if (A.cols() != in_)
-      lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
-                   A.rows(), A.cols(), in_, in_);
-    if (B.rows() != out_)
-      lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
-                   B.rows(), B.cols(), out_, out_);
-    if (B.cols() != A.rows())
-      lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
-                   B.cols());
-    if (A.rows() < 1 || A.rows() > std::min(in_, out_))
-      lora::detail::fail("{}: rank r = {} must be in [1, min(in, out) = {}]", who, A.rows(), std::min(in_, out_));
-    if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
+    detail::check_set_adapter("AdapterSet", name, slots_, replacing, A.rows(), A.cols(), B.rows(), B.cols(), scaling,
+                              in_, out_, std::min(in_, out_));
     auto s = std::make_shared<slot_type>();
     s->name = std::move(name);
     s->A = std::move(A);
