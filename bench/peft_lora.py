@@ -14,6 +14,8 @@ import torch
 import peft
 from peft import LoraConfig, get_peft_model
 
+from peft_common import One, time_ms
+
 dev = "cuda"
 dt = torch.bfloat16
 out_file = open(sys.argv[1], "w") if len(sys.argv) > 1 else sys.stdout
@@ -23,35 +25,6 @@ out_file.write("name,in,out,tokens,r,ms,extra\n")
 def emit(name, i, o, t, r, ms, extra=0.0):
     out_file.write(f"{name},{i},{o},{t},{r},{ms:.5f},{extra:.4f}\n")
     out_file.flush()
-
-
-def time_ms(fn, batch=10, batches=15):
-    k = 0
-    for _ in range(3):
-        fn(k)
-        k += 1
-    torch.cuda.synchronize()
-    times = []
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(batches):
-        a.record()
-        for _ in range(batch):
-            fn(k)
-            k += 1
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / batch)
-    times.sort()
-    return times[len(times) // 2]
-
-
-class One(torch.nn.Module):
-    def __init__(self, i, o):
-        super().__init__()
-        self.proj = torch.nn.Linear(i, o, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def peft_layer(i, o, r, dora):

@@ -22,6 +22,8 @@ import torch
 import peft
 from peft import LoraConfig, get_peft_model
 
+from peft_common import One, time_ms
+
 dev = "cuda"
 dt = torch.bfloat16
 IN = OUT = 4096
@@ -36,38 +38,12 @@ def emit(name, t, n, ms, extra=0.0):
     out_file.flush()
 
 
-def time_ms(fn, batch, batches):
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(batches):
-        a.record()
-        for _ in range(batch):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / batch)
-    times.sort()
-    return times[len(times) // 2]
-
-
-class One(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = torch.nn.Linear(IN, OUT, bias=False)
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def model_with(n):
     """A PeftModel with adapters a0 … a{n-1}; returns (model, seconds to add them)."""
     torch.manual_seed(0)
     cfg = LoraConfig(r=R, lora_alpha=2 * R, target_modules=["proj"], lora_dropout=0.0, init_lora_weights=False)
     t0 = time.time()
-    pm = get_peft_model(One().to(dev, dt), cfg, adapter_name="a0")
+    pm = get_peft_model(One(IN, OUT).to(dev, dt), cfg, adapter_name="a0")
     for k in range(1, n):
         pm.add_adapter(f"a{k}", cfg)
         if time.time() - t0 > load_limit:
@@ -98,15 +74,15 @@ if __name__ == "__main__":
             batch, batches = (2, 5) if slow else (10, 15)
             with torch.no_grad():
                 try:
-                    ms = time_ms(lambda: pm(x, adapter_names=names), batch, batches)
+                    ms = time_ms(lambda k: pm(x, adapter_names=names), batch, batches, warmup=2)
                     emit("peft_mixed", t, n, ms)
                 except Exception as e:  # noqa: BLE001 - report and go on
                     print(f"peft_multi: T {t} N {n}: mixed forward failed: {e}", file=sys.stderr)
                     ms = float("nan")
                 pm.set_adapter("a0")
-                one = time_ms(lambda: pm(x), 10, 15)
+                one = time_ms(lambda k: pm(x), 10, 15, warmup=2)
                 emit("peft_single", t, n, one)
-                emit("torch_base_gemm", t, n, time_ms(lambda: torch.nn.functional.linear(x, w), 10, 15))
+                emit("torch_base_gemm", t, n, time_ms(lambda k: torch.nn.functional.linear(x, w), 10, 15, warmup=2))
             print(f"peft_multi: T {t:5d} N {n:3d}: mixed {ms:.4f} ms, single {one:.4f} ms", file=sys.stderr)
         del pm
         torch.cuda.empty_cache()

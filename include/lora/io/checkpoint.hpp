@@ -313,30 +313,6 @@ struct WriteProgress {
 
 namespace detail {
 
-/// The safetensors header for `tensors` in order, padded so that data starts 8-byte aligned.
-inline std::string safetensors_header(const std::vector<TensorSpec>& tensors,
-                                      const std::map<std::string, std::string>& metadata) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
-  std::uint64_t offset = 0;
-  for (const auto& t : tensors) {
-    if (t.name == "__metadata__") lora::detail::fail("tensor name '__metadata__' is reserved");
-    if (header.contains(t.name)) lora::detail::fail("duplicate tensor name '{}'", t.name);
-    for (auto d : t.shape)
-      if (d < 0) lora::detail::fail("tensor '{}': negative dimension {}", t.name, d);
-    header[t.name] = {{"dtype", std::string(dtype_name(t.type))},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.nbytes()}}};
-    offset += t.nbytes();
-  }
-  std::string h = header.dump();
-  while ((8 + h.size()) % 8 != 0) h.push_back(' ');
-  const std::uint64_t hn = h.size();
-  std::string out(reinterpret_cast<const char*>(&hn), 8);
-  out += h;
-  return out;
-}
-
 /// Sequential writer of one safetensors file whose header is known up front.
 ///
 /// Large files (≥ 64 MiB) are written with O_DIRECT through an aligned staging buffer
@@ -354,7 +330,8 @@ class StreamingFile {
   StreamingFile(const std::filesystem::path& path, const std::vector<TensorSpec>& tensors,
                 const std::map<std::string, std::string>& metadata)
       : path_(path.string()), tensors_(&tensors) {
-    const std::string header = safetensors_header(tensors, metadata);
+    const std::string header =
+        safetensors_header(tensors, metadata, [](const TensorSpec& t) { return t.nbytes(); });
     std::size_t total = header.size();
     for (const auto& t : tensors) total += t.nbytes();
 #ifdef O_DIRECT

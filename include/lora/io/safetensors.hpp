@@ -401,36 +401,53 @@ struct TensorData {
   }
 };
 
-/// Serialises tensors (in the given order, 8-byte aligned header) into the
-/// safetensors byte layout.
-inline std::string serialize_safetensors(const std::vector<TensorData>& tensors,
-                                         const std::map<std::string, std::string>& metadata = {}) {
+namespace detail {
+
+/// The 8-byte length + JSON header of a safetensors file holding `tensors` in order (each
+/// with name, type and shape; bytes_of(t) gives its byte count, after any check of its
+/// own), padded with spaces so that the data starts 8-byte aligned.
+template <class Tensors, class BytesOf>
+std::string safetensors_header(const Tensors& tensors, const std::map<std::string, std::string>& metadata,
+                               BytesOf&& bytes_of) {
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   std::uint64_t offset = 0;
   for (const auto& t : tensors) {
     if (t.name == "__metadata__") lora::detail::fail("tensor name '__metadata__' is reserved");
     if (header.contains(t.name)) lora::detail::fail("duplicate tensor name '{}'", t.name);
-    std::uint64_t n = 1;
-    for (auto d : t.shape) {
+    for (auto d : t.shape)
       if (d < 0) lora::detail::fail("tensor '{}': negative dimension {}", t.name, d);
-      n *= static_cast<std::uint64_t>(d);
-    }
-    if (n * dtype_size(t.type) != t.bytes.size())
-      lora::detail::fail("tensor '{}': {} bytes given, shape and dtype {} need {}", t.name, t.bytes.size(),
-                         dtype_name(t.type), n * dtype_size(t.type));
+    const std::uint64_t nb = bytes_of(t);
     header[t.name] = {{"dtype", std::string(dtype_name(t.type))},
                       {"shape", t.shape},
-                      {"data_offsets", {offset, offset + t.bytes.size()}}};
-    offset += t.bytes.size();
+                      {"data_offsets", {offset, offset + nb}}};
+    offset += nb;
   }
   std::string h = header.dump();
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
-  std::string out;
-  out.reserve(8 + h.size() + offset);
   const std::uint64_t hn = h.size();
-  out.append(reinterpret_cast<const char*>(&hn), 8);
+  std::string out(reinterpret_cast<const char*>(&hn), 8);
   out += h;
+  return out;
+}
+
+}  // namespace detail
+
+/// Serialises tensors (in the given order, 8-byte aligned header) into the
+/// safetensors byte layout.
+inline std::string serialize_safetensors(const std::vector<TensorData>& tensors,
+                                         const std::map<std::string, std::string>& metadata = {}) {
+  std::uint64_t data = 0;
+  std::string out = detail::safetensors_header(tensors, metadata, [&](const TensorData& t) {
+    std::uint64_t n = 1;
+    for (auto d : t.shape) n *= static_cast<std::uint64_t>(d);
+    if (n * dtype_size(t.type) != t.bytes.size())
+      lora::detail::fail("tensor '{}': {} bytes given, shape and dtype {} need {}", t.name, t.bytes.size(),
+                         dtype_name(t.type), n * dtype_size(t.type));
+    data += t.bytes.size();
+    return static_cast<std::uint64_t>(t.bytes.size());
+  });
+  out.reserve(out.size() + data);
   for (const auto& t : tensors) out.append(reinterpret_cast<const char*>(t.bytes.data()), t.bytes.size());
   return out;
 }
