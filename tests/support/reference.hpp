@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 
@@ -15,13 +16,19 @@ namespace lora::test {
 
 using MatD = Matrix<double>;
 
-/// Fresh inputs each run, unless LORA_TEST_SEED is set (the seed is printed
-/// by the test that uses it so a failure can be replayed).
+/// Fresh inputs each run: seeds base + k·φ·2⁶⁴ (k = 1, 2, … per call) from a base taken off
+/// the clock, or from LORA_TEST_SEED. The base is printed once to stderr (ctest shows it with
+/// a failure's output), so `LORA_TEST_SEED=<base> test_x` replays that run's inputs.
 inline std::uint64_t fresh_seed() {
   static std::uint64_t counter = 0;
-  if (const char* s = std::getenv("LORA_TEST_SEED")) return std::strtoull(s, nullptr, 10) + counter++;
-  static const std::uint64_t base =
-      static_cast<std::uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  static const std::uint64_t base = [] {
+    const char* s = std::getenv("LORA_TEST_SEED");
+    const std::uint64_t b =
+        s ? std::strtoull(s, nullptr, 10)
+          : static_cast<std::uint64_t>(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+    std::fprintf(stderr, "random inputs: LORA_TEST_SEED=%llu replays them\n", static_cast<unsigned long long>(b));
+    return b;
+  }();
   return base + 0x9e3779b97f4a7c15ULL * ++counter;
 }
 
