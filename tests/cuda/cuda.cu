@@ -5,11 +5,7 @@
 #include <lora/cuda.hpp>
 #include <lora/io/safetensors.hpp>
 
-#include "support/catch.hpp"
-#if __has_include(<catch2/catch_template_test_macros.hpp>)
-#include <catch2/catch_template_test_macros.hpp>  // Catch2 v3
-#endif
-#include "support/reference.hpp"
+#include "cuda/support.cuh"
 
 #include <Eigen/SVD>
 #include <cstring>
@@ -20,24 +16,15 @@ using lora::test::MatD;
 
 namespace {
 
-template <class S>
-double tol() {
-  return std::is_same_v<S, float> ? 1e-5 : 1e-2;
-}
+using lora::test::poison;
+using lora::test::rand_s;
+using lora::test::tol;
 
-template <class S>
-Matrix<S> rand_s(Index r, Index c, Generator& g, double scale = 1.0) {
-  return lora::test::random_matrix<double>(r, c, g, scale).template cast<S>();
-}
 template <class E>
 MatD d(const Eigen::MatrixBase<E>& m) {
   return m.template cast<double>();
 }
 
-template <class S>
-void poison(DeviceView<S> v) {
-  LORA_CUDA_CHECK(cudaMemset2D(v.data, v.ld * sizeof(S), 0xFF, v.cols * sizeof(S), v.rows));
-}
 
 template <class S>
 DeviceMatrix<S> upload_padded(const Matrix<S>& X, Index extra) {

@@ -5,11 +5,7 @@
 
 #include <lora/cuda.hpp>
 
-#include "support/catch.hpp"
-#if __has_include(<catch2/catch_template_test_macros.hpp>)
-#include <catch2/catch_template_test_macros.hpp>  // Catch2 v3
-#endif
-#include "support/reference.hpp"
+#include "cuda/support.cuh"
 
 #include <numeric>
 #include <string>
@@ -20,21 +16,9 @@ using lora::test::MatD;
 
 namespace {
 
-template <class S>
-double mtol() {
-  return std::is_same_v<S, float> ? 1e-5 : 1e-2;
-}
-
-template <class S>
-Matrix<S> rnd(Index r, Index c, Generator& g, double scale = 1.0) {
-  return lora::test::random_matrix<double>(r, c, g, scale).template cast<S>();
-}
-
-template <class S>
-void poison(DeviceView<S> v) {
-  if (v.rows > 0 && v.cols > 0)
-    LORA_CUDA_CHECK(cudaMemset2D(v.data, v.ld * sizeof(S), 0xFF, v.cols * sizeof(S), v.rows));
-}
+using lora::test::poison;
+using lora::test::rand_s;
+using lora::test::tol;
 
 /// Float64, one token at a time: y_t = x_t·Wᵀ + s_i·(x_t·A_iᵀ)·B_iᵀ (no term for id −1).
 template <class S>
@@ -61,7 +45,7 @@ multi::AdapterSet<S> random_set(Index in, Index out, int n, const std::vector<In
     const double alpha = 2.0 * r * g.uniform(0.5, 1.5);
     const double s = i % 2 == 0 ? standard_scaling::factor(alpha, static_cast<int>(r))
                                 : rslora_scaling::factor(alpha, static_cast<int>(r));
-    set.add("ad" + std::to_string(i), rnd<S>(r, in, g, 0.1), rnd<S>(out, r, g, 0.1), s);
+    set.add("ad" + std::to_string(i), rand_s<S>(r, in, g, 0.1), rand_s<S>(out, r, g, 0.1), s);
   }
   return set;
 }
@@ -108,14 +92,14 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
     auto set = random_set<S>(c.in, c.out, c.adapters, ranks, g);
     auto dev = multi::DeviceAdapterSet<S>::from_host(set);
     REQUIRE(dev.size() == set.size());
-    const Matrix<S> W = rnd<S>(c.out, c.in, g, 0.05);
+    const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.05);
     const auto dW = DeviceMatrix<S>::from_host(W);
     for (const std::string kind : {"random", "one_per_adapter", "all_one", "none"}) {
       for (Index T : {c.tokens, Index(1)}) {
         if (kind == "one_per_adapter") T = c.adapters;
         INFO(c.what << ": in " << c.in << " out " << c.out << " T " << T << " ids " << kind);
         const auto ids = make_ids(kind, T, c.adapters, g);
-        const Matrix<S> X = rnd<S>(T, c.in, g);
+        const Matrix<S> X = rand_s<S>(T, c.in, g);
         const auto dX = DeviceMatrix<S>::from_host(X);
         const MatD ref = reference(set, &W, X, ids);
         const MatD ref_paths = reference<S>(set, nullptr, X, ids);
@@ -127,16 +111,16 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
           dev.apply(dW.view(), dX.view(), seg, Y.view());
           const Matrix<S> y = Y.to_host();
           REQUIRE(y.allFinite());
-          CHECK(lora::test::rel_error(y, ref) < mtol<S>());
+          CHECK(lora::test::rel_error(y, ref) < tol<S>());
         }
         const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
         if (ref_paths.norm() > 0)
-          CHECK(lora::test::rel_error(paths, ref_paths) < mtol<S>());
+          CHECK(lora::test::rel_error(paths, ref_paths) < tol<S>());
         else
           CHECK(paths.template cast<double>().norm() == 0.0);
         // GPU against the CPU batched_apply (float accumulation there too).
         const auto cpu = multi::batched_apply(set, W, X, ids);
-        CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < mtol<S>());
+        CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < tol<S>());
       }
     }
   }
@@ -146,7 +130,7 @@ TEST_CASE("cuda multi: strided X and Y views", "[cuda][multi]") {
   Generator g(lora::test::fresh_seed());
   auto set = random_set<bfloat16>(256, 128, 4, {16, 8, 64}, g);
   auto dev = multi::DeviceAdapterSet<bfloat16>::from_host(set);
-  const Matrix<bfloat16> W = rnd<bfloat16>(128, 256, g, 0.05), X = rnd<bfloat16>(19, 256, g);
+  const Matrix<bfloat16> W = rand_s<bfloat16>(128, 256, g, 0.05), X = rand_s<bfloat16>(19, 256, g);
   const std::vector<int> ids = make_ids("random", 19, 4, g);
   const auto dW = DeviceMatrix<bfloat16>::from_host(W);
   DeviceMatrix<bfloat16> Xp(19, 256 + 24), Yp(19, 128 + 8);  // ld 280 / 136: vector path, strided rows
@@ -168,7 +152,7 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
   const Index in = 256, out = 256, T = 40;
   auto host = random_set<S>(in, out, 3, {16, 32, 8}, g);
   auto dev = multi::DeviceAdapterSet<S>::from_host(host);
-  const Matrix<S> W = rnd<S>(out, in, g, 0.05), X = rnd<S>(T, in, g);
+  const Matrix<S> W = rand_s<S>(out, in, g, 0.05), X = rand_s<S>(T, in, g);
   const auto dW = DeviceMatrix<S>::from_host(W);
   const auto dX = DeviceMatrix<S>::from_host(X);
   std::vector<int> ids(T);
@@ -176,13 +160,13 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
   auto check = [&](const char* when) {
     INFO(when);
     const Matrix<S> y = dev.apply(dW.view(), dX.view(), ids).to_host();
-    CHECK(lora::test::rel_error(y, reference(host, &W, X, ids)) < mtol<S>());
+    CHECK(lora::test::rel_error(y, reference(host, &W, X, ids)) < tol<S>());
   };
   check("loaded");
   const auto seg_before = dev.segments(ids);
 
   // Replace id 1 with a new rank and scaling; ids 0 and 2 untouched.
-  const Matrix<S> A1 = rnd<S>(64, in, g, 0.1), B1 = rnd<S>(out, 64, g, 0.1);
+  const Matrix<S> A1 = rand_s<S>(64, in, g, 0.1), B1 = rand_s<S>(out, 64, g, 0.1);
   host.replace(1, "swapped", A1, B1, 0.75);
   dev.replace(1, "swapped", A1, B1, 0.75);
   CHECK(dev.rank(1) == 64);
@@ -191,7 +175,7 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
   {  // segments built before the swap stay valid (they hold ids, not factors)
     DeviceMatrix<S> Y(T, out);
     dev.apply(dW.view(), dX.view(), seg_before, Y.view());
-    CHECK(lora::test::rel_error(Y.to_host(), reference(host, &W, X, ids)) < mtol<S>());
+    CHECK(lora::test::rel_error(Y.to_host(), reference(host, &W, X, ids)) < tol<S>());
   }
 
   // Remove id 0: batches naming it fail, others still run.
@@ -209,7 +193,7 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
   check("after remove");
 
   // A new adapter takes the free id 0.
-  const Matrix<S> A0 = rnd<S>(8, in, g, 0.1), B0 = rnd<S>(out, 8, g, 0.1);
+  const Matrix<S> A0 = rand_s<S>(8, in, g, 0.1), B0 = rand_s<S>(out, 8, g, 0.1);
   CHECK(dev.add("fresh", A0, B0, 3.0) == 0);
   host.insert(0, "fresh", A0, B0, 3.0);
   for (Index t = 0; t < T; t += 3) ids[static_cast<std::size_t>(t)] = 0;
@@ -222,13 +206,13 @@ TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them",
   using M = Matrix<float>;
   Generator g(lora::test::fresh_seed());
   multi::DeviceAdapterSet<float> dev(64, 48);
-  const M A = rnd<float>(8, 64, g), B = rnd<float>(48, 8, g);
+  const M A = rand_s<float>(8, 64, g), B = rand_s<float>(48, 8, g);
   CHECK(dev.add("a", A, B, 2.0) == 0);
   using Catch::Matchers::ContainsSubstring;
-  CHECK_THROWS_WITH(dev.add("b", rnd<float>(8, 63, g), B, 1.0), ContainsSubstring("lora_A has shape [8 x 63]"));
-  CHECK_THROWS_WITH(dev.add("b", A, rnd<float>(47, 8, g), 1.0), ContainsSubstring("lora_B has shape [47 x 8]"));
-  CHECK_THROWS_WITH(dev.add("b", A, rnd<float>(48, 4, g), 1.0), ContainsSubstring("both must equal the rank"));
-  CHECK_THROWS_WITH(dev.add("b", rnd<float>(49, 64, g), rnd<float>(48, 49, g), 1.0),
+  CHECK_THROWS_WITH(dev.add("b", rand_s<float>(8, 63, g), B, 1.0), ContainsSubstring("lora_A has shape [8 x 63]"));
+  CHECK_THROWS_WITH(dev.add("b", A, rand_s<float>(47, 8, g), 1.0), ContainsSubstring("lora_B has shape [47 x 8]"));
+  CHECK_THROWS_WITH(dev.add("b", A, rand_s<float>(48, 4, g), 1.0), ContainsSubstring("both must equal the rank"));
+  CHECK_THROWS_WITH(dev.add("b", rand_s<float>(49, 64, g), rand_s<float>(48, 49, g), 1.0),
                     ContainsSubstring("rank r = 49"));
   CHECK_THROWS_WITH(dev.add("b", A, B, std::nan("")), ContainsSubstring("scaling must be finite"));
   CHECK_THROWS_WITH(dev.add("a", A, B, 1.0), ContainsSubstring("already loaded as id 0"));
@@ -238,14 +222,14 @@ TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them",
   CHECK_THROWS_WITH(dev.remove(3), ContainsSubstring("cannot remove id 3"));
   CHECK(dev.size() == 1);
 
-  const auto W = DeviceMatrix<float>::from_host(rnd<float>(48, 64, g));
-  const auto X = DeviceMatrix<float>::from_host(rnd<float>(3, 64, g));
+  const auto W = DeviceMatrix<float>::from_host(rand_s<float>(48, 64, g));
+  const auto X = DeviceMatrix<float>::from_host(rand_s<float>(3, 64, g));
   const std::vector<int> ok = {0, -1, 0}, bad_id = {0, 1, 0}, short_ids = {0, 0};
   CHECK_THROWS_WITH(dev.segments(bad_id), ContainsSubstring("adapter id 1, which is not loaded"));
   CHECK_THROWS_WITH(dev.apply(W.view(), X.view(), short_ids), ContainsSubstring("2 adapter ids given for 3 tokens"));
-  const auto Wt = DeviceMatrix<float>::from_host(rnd<float>(64, 48, g));
+  const auto Wt = DeviceMatrix<float>::from_host(rand_s<float>(64, 48, g));
   CHECK_THROWS_WITH(dev.apply(Wt.view(), X.view(), ok), ContainsSubstring("base weight W has shape [64 x 48]"));
-  const auto Xb = DeviceMatrix<float>::from_host(rnd<float>(3, 60, g));
+  const auto Xb = DeviceMatrix<float>::from_host(rand_s<float>(3, 60, g));
   CHECK_THROWS_WITH(dev.apply(W.view(), Xb.view(), ok), ContainsSubstring("input X has 60 columns"));
   DeviceMatrix<float> Yb(3, 47);
   CHECK_THROWS_WITH(dev.apply(W.view(), X.view(), dev.segments(ok), Yb.view()),
@@ -266,7 +250,7 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
   const int n = 6;
   auto set = random_set<S>(in, out, n, {8, 16, 128, 32, 64}, g);
   auto dev = multi::DeviceAdapterSet<S>::from_host(set);
-  const Matrix<S> W = rnd<S>(out, in, g, 0.05), X = rnd<S>(T, in, g), dY = rnd<S>(T, out, g);
+  const Matrix<S> W = rand_s<S>(out, in, g, 0.05), X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
   const auto dW = DeviceMatrix<S>::from_host(W);
   const auto dX = DeviceMatrix<S>::from_host(X);
   const auto ddY = DeviceMatrix<S>::from_host(dY);
@@ -296,18 +280,18 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
       dAref[id] += gb.transpose() * Xd.row(t);
       dXref.row(t) += gb * A;
     }
-    CHECK(lora::test::rel_error(grads.dX.to_host(), dXref) < mtol<S>());
+    CHECK(lora::test::rel_error(grads.dX.to_host(), dXref) < tol<S>());
     const auto cpu = multi::batched_backward(set, X, ids, dY.template cast<compute_t<S>>(), with_w ? &W : nullptr);
-    CHECK(lora::test::rel_error(grads.dX.to_host(), cpu.dX) < mtol<S>());
+    CHECK(lora::test::rel_error(grads.dX.to_host(), cpu.dX) < tol<S>());
     for (int id = 0; id < n; ++id) {
       INFO("adapter " << id);
       const bool used = std::find(ids.begin(), ids.end(), id) != ids.end();
       REQUIRE((grads.dA[static_cast<std::size_t>(id)].size() > 0) == used);
       if (!used) continue;
-      CHECK(lora::test::rel_error(grads.dA[static_cast<std::size_t>(id)].to_host(), dAref[id]) < mtol<S>());
-      CHECK(lora::test::rel_error(grads.dB[static_cast<std::size_t>(id)].to_host(), dBref[id]) < mtol<S>());
+      CHECK(lora::test::rel_error(grads.dA[static_cast<std::size_t>(id)].to_host(), dAref[id]) < tol<S>());
+      CHECK(lora::test::rel_error(grads.dB[static_cast<std::size_t>(id)].to_host(), dBref[id]) < tol<S>());
     }
   }
-  const auto bad = DeviceMatrix<S>::from_host(rnd<S>(T, out + 1, g));
+  const auto bad = DeviceMatrix<S>::from_host(rand_s<S>(T, out + 1, g));
   CHECK_THROWS_WITH(dev.backward(nullptr, dX.view(), seg, bad.view()), Catch::Matchers::ContainsSubstring("dY has shape"));
 }
