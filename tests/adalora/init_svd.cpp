@@ -7,15 +7,16 @@
 #include <Eigen/SVD>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
 using lora::test::MatD;
 using lora::test::random_matrix;
 using lora::test::rel_error;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
 
 // Compares (A, B) with PEFT's up to a sign per rank-one pair (A row i and B column i flip together).
 void check_factors(const Matrix<float>& A, const Matrix<float>& B, const Matrix<float>& Aref, const Matrix<float>& Bref,

@@ -14,13 +14,8 @@
 using namespace lora;
 using namespace lora::analysis;
 using lora::test::MatD;
+using lora::test::random_orthonormal;
 
-namespace {
-MatD orthonormal(Index n, Index k, Generator& gen) {
-  Eigen::HouseholderQR<Eigen::MatrixXd> qr(lora::test::random_matrix(n, k, gen));
-  return qr.householderQ() * Eigen::MatrixXd::Identity(n, k);
-}
-}  // namespace
 
 TEST_CASE("randomized_svd finds the top singular triplets", "[analysis][intruder]") {
   const auto seed = lora::test::fresh_seed();
@@ -28,7 +23,7 @@ TEST_CASE("randomized_svd finds the top singular triplets", "[analysis][intruder
   Generator gen(seed);
   // decaying spectrum 2^-i
   const Index n = 60, m = 45;
-  const MatD U = orthonormal(n, m, gen), V = orthonormal(m, m, gen);
+  const MatD U = random_orthonormal(n, m, gen), V = random_orthonormal(m, m, gen);
   Eigen::VectorXd s(m);
   for (Index i = 0; i < m; ++i) s(i) = std::pow(0.7, double(i));
   const MatD W = U * s.asDiagonal() * V.transpose();
@@ -47,7 +42,7 @@ TEST_CASE("intruder_dimensions finds a planted new direction", "[analysis][intru
   INFO("seed " << seed);
   Generator gen(seed);
   const Index out = 50, in = 40;
-  const MatD Q = orthonormal(out, 41, gen), P = orthonormal(in, 40, gen);
+  const MatD Q = random_orthonormal(out, 41, gen), P = random_orthonormal(in, 40, gen);
   Eigen::VectorXd s(40);
   for (Index i = 0; i < 40; ++i) s(i) = 10.0 * std::pow(0.85, double(i));
   s.tail(2).setZero();  // W has rank 38: P's last two columns are outside its row space

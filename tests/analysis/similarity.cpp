@@ -7,19 +7,14 @@
 using namespace lora;
 using namespace lora::analysis;
 using lora::test::MatD;
+using lora::test::random_orthonormal;
 
-namespace {
-MatD orthonormal(Index n, Index k, Generator& gen) {
-  Eigen::HouseholderQR<Eigen::MatrixXd> qr(lora::test::random_matrix(n, k, gen));
-  return qr.householderQ() * Eigen::MatrixXd::Identity(n, k);
-}
-}  // namespace
 
 TEST_CASE("subspace_similarity equals the definition", "[analysis][similarity]") {
   const auto seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator gen(seed);
-  const MatD U1 = orthonormal(40, 6, gen), U2 = orthonormal(40, 9, gen);
+  const MatD U1 = random_orthonormal(40, 6, gen), U2 = random_orthonormal(40, 9, gen);
   const auto phi = subspace_similarity(U1, U2);
   REQUIRE(phi.rows() == 6);
   REQUIRE(phi.cols() == 9);
@@ -32,10 +27,10 @@ TEST_CASE("subspace_similarity equals the definition", "[analysis][similarity]")
   // identical subspaces: φ(i, i) = 1; a basis against a rotation of itself: φ(k, k) = 1
   const auto self = subspace_similarity(U1, U1);
   for (Index i = 0; i < 6; ++i) CHECK(self(i, i) == Approx(1.0));
-  const MatD R = orthonormal(6, 6, gen);
+  const MatD R = random_orthonormal(6, 6, gen);
   CHECK(subspace_similarity(U1, MatD(U1 * R))(5, 5) == Approx(1.0));
   // orthogonal subspaces: 0
-  const MatD Q = orthonormal(40, 12, gen);
+  const MatD Q = random_orthonormal(40, 12, gen);
   CHECK(subspace_similarity(Q.leftCols(6), Q.rightCols(6)).cwiseAbs().maxCoeff() < 1e-12);
   CHECK_THROWS_AS(subspace_similarity(U1, MatD(U2.topRows(30))), lora::error);
 }

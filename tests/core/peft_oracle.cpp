@@ -8,13 +8,14 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
 using lora::test::rel_error;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
 
 int check_case(const std::string& name) {
   std::ifstream cfg_in(data("peft/" + name + "/adapter/adapter_config.json"));

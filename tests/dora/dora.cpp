@@ -5,14 +5,15 @@
 #include <lora/io/safetensors.hpp>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
 using lora::test::MatD;
 using lora::test::rel_error;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
 
 using DoraD = DoraAdapter<double>;
 

@@ -10,27 +10,17 @@
 #include <random>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
+using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 using lora::test::rel_error;
 namespace fs = std::filesystem;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / fmt::format("lora-test-ck-{:x}", lora::test::fresh_seed());
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 std::vector<io::TensorSpec> specs_of(const io::SafetensorsFile& f, std::optional<io::dtype> as = std::nullopt) {
   std::vector<io::TensorSpec> s;
@@ -74,7 +64,7 @@ void check_against_peft(const io::Checkpoint& got, const std::string& name, doub
 }  // namespace
 
 TEST_CASE("merging each PEFT fixture gives merge_and_unload()'s tensors", "[merge]") {
-  TempDir tmp;
+  TempDir tmp("ck");
   for (const std::string name : {"lora_r8_a16_all", "rslora_r16_a8_attn", "dora_r4_a8_qv", "patterns_all"}) {
     INFO(name);
     const auto base = io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors"));
@@ -90,7 +80,7 @@ TEST_CASE("merging each PEFT fixture gives merge_and_unload()'s tensors", "[merg
 }
 
 TEST_CASE("sharded checkpoints: read through the index, merged shard by shard", "[merge][checkpoint]") {
-  TempDir tmp;
+  TempDir tmp("ck");
   const std::string name = "patterns_all";
   reshard(data("peft/" + name + "/base/model.safetensors"), tmp.path / "base", 100'000);
   const auto base = io::Checkpoint::open(tmp.path / "base");
@@ -122,7 +112,7 @@ TEST_CASE("sharded checkpoints: read through the index, merged shard by shard", 
 }
 
 TEST_CASE("bf16 and f16 checkpoints merge with one rounding; --scale and --dtype", "[merge]") {
-  TempDir tmp;
+  TempDir tmp("ck");
   const std::string name = "lora_r8_a16_all";
   const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
   const auto ref = io::SafetensorsFile::open(data("peft/" + name + "/reference.safetensors"));
@@ -186,7 +176,7 @@ TEST_CASE("bf16 and f16 checkpoints merge with one rounding; --scale and --dtype
 }
 
 TEST_CASE("merge refuses adapters that do not fit, leaving no output", "[merge]") {
-  TempDir tmp;
+  TempDir tmp("ck");
   const std::string name = "lora_r8_a16_all";
   const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
   // a base without one of the targeted weights
@@ -218,7 +208,7 @@ TEST_CASE("merge refuses adapters that do not fit, leaving no output", "[merge]"
 }
 
 TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing", "[checkpoint]") {
-  TempDir tmp;
+  TempDir tmp("ck");
   reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
   const fs::path idx = tmp.path / "ok" / io::checkpoint_index_name;
   nlohmann::ordered_json j;
@@ -289,7 +279,7 @@ TEST_CASE("merge_weight: LoRA and DoRA, fan_in_fan_out, odd shapes, every float 
   const auto seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator gen(seed);
-  TempDir tmp;
+  TempDir tmp("ck");
   for (bool fifo : {false, true})
     for (bool dora : {false, true})
       for (auto t : {io::dtype::F32, io::dtype::F64, io::dtype::BF16}) {
@@ -339,7 +329,7 @@ TEST_CASE("large files go through the O_DIRECT staging path and read back bit fo
   const auto seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   std::mt19937_64 rng(seed);
-  TempDir tmp;
+  TempDir tmp("ck");
   const std::vector<io::TensorSpec> specs = {{"a", io::dtype::F32, {4099, 2049}},
                                              {"b", io::dtype::BF16, {7, 3, 1000003}},
                                              {"c", io::dtype::U8, {13}}};

@@ -6,27 +6,17 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
+using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 using lora::test::rel_error;
 namespace fs = std::filesystem;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / fmt::format("lora-test-peft-{:x}", lora::test::fresh_seed());
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 void copy_folder(const fs::path& from, const fs::path& to) {
   fs::create_directories(to);
@@ -141,7 +131,7 @@ TEST_CASE("PEFT pattern keys follow get_pattern_key", "[peft]") {
 }
 
 TEST_CASE("PEFT save -> load is identical (f32), and 16-bit adapters load right", "[peft]") {
-  TempDir tmp;
+  TempDir tmp("peft");
   for (const std::string name : {"lora_r8_a16_all", "rslora_r16_a8_attn", "dora_r4_a8_qv", "patterns_all"}) {
     INFO(name);
     const auto a = io::load_peft_adapter(data("peft/" + name + "/adapter"));
@@ -191,7 +181,7 @@ TEST_CASE("PEFT save -> load is identical (f32), and 16-bit adapters load right"
 }
 
 TEST_CASE("PEFT save writes rank/alpha overrides PEFT can read back", "[peft]") {
-  TempDir tmp;
+  TempDir tmp("peft");
   lora::Generator gen(lora::test::fresh_seed());
   io::PeftAdapter a;
   a.config.r = 4;
@@ -223,7 +213,7 @@ TEST_CASE("PEFT save writes rank/alpha overrides PEFT can read back", "[peft]") 
 }
 
 TEST_CASE("PEFT folders that disagree with themselves are rejected by name", "[peft]") {
-  TempDir tmp;
+  TempDir tmp("peft");
   const fs::path src = data("peft/lora_r8_a16_all/adapter");
   auto fresh = [&](const std::string& name) {
     const fs::path p = tmp.path / name;
@@ -361,7 +351,7 @@ TEST_CASE("check_peft_adapter and peft_module_tensors check what load_peft_adapt
               std::vector<float>(m.magnitude->data(), m.magnitude->data() + m.magnitude->size()));
     }
   }
-  TempDir tmp;
+  TempDir tmp("peft");
   auto edited = [&](const std::string& src, const std::string& name, auto fn) {
     const fs::path p = tmp.path / name;
     copy_folder(data("peft/" + src + "/adapter"), p);

@@ -7,25 +7,15 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 
 namespace {
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    path = fs::temp_directory_path() / fmt::format("lora-test-st-{:x}", lora::test::fresh_seed());
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
 /// Writes u64 header length + header + data; `claimed` overrides the length field.
 fs::path raw_file(const fs::path& p, const std::string& header, std::size_t data_bytes,
                   std::optional<std::uint64_t> claimed = std::nullopt) {
@@ -47,7 +37,7 @@ std::string entry(const std::string& name, const std::string& dtype, const std::
 }  // namespace
 
 TEST_CASE("malformed safetensors files are rejected, naming file and tensor", "[io]") {
-  TempDir tmp;
+  TempDir tmp("st");
   const std::string f = (tmp.path / "bad.safetensors").string();
   auto open = [&] { return io::SafetensorsFile::open(f); };
 
@@ -128,7 +118,7 @@ TEST_CASE("malformed safetensors files are rejected, naming file and tensor", "[
 }
 
 TEST_CASE("every dtype converts to the compute scalar", "[io]") {
-  TempDir tmp;
+  TempDir tmp("st");
   Generator gen(lora::test::fresh_seed());
   const Matrix<double> m = lora::test::random_matrix<double>(3, 4, gen, 20.0);
   const Matrix<double> ints = m.array().round();
@@ -164,7 +154,7 @@ TEST_CASE("every dtype converts to the compute scalar", "[io]") {
 }
 
 TEST_CASE("a failing write leaves no file behind", "[io]") {
-  TempDir tmp;
+  TempDir tmp("st");
   const auto p = tmp.path / "x.safetensors";
   io::TensorData bad;
   bad.name = "w";

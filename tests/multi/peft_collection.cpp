@@ -3,14 +3,15 @@
 #include <lora/multi/peft_collection.hpp>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
+using lora::test::data;
 using lora::test::MatD;
 using lora::test::rel_error;
 
 namespace {
-std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
 }  // namespace
 
 TEST_CASE("a folder of PEFT adapters serves a mixed batch: each token gets what its adapter alone gives",

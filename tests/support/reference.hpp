@@ -53,4 +53,10 @@ double max_abs_diff(const A& got, const B& want) {
   return (got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff();
 }
 
+/// A random n × k matrix with orthonormal columns (Q of a Gaussian matrix's QR).
+inline MatD random_orthonormal(Index n, Index k, Generator& gen) {
+  Eigen::HouseholderQR<Eigen::MatrixXd> qr(random_matrix(n, k, gen));
+  return qr.householderQ() * Eigen::MatrixXd::Identity(n, k);
+}
+
 }  // namespace lora::test
