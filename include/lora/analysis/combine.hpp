@@ -5,6 +5,10 @@
 // PEFT gives the new adapter r = new_rank, lora_alpha = new_rank and (since
 // PEFT 0.21) use_rslora = false, so its scaling is 1, and stores the factors
 // below as they are: ΔW_new = B·A.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/analysis/compress.hpp>
 #include <lora/analysis/lowrank_svd.hpp>
@@ -63,6 +67,7 @@ inline void check_inputs(const std::vector<WeightedFactors>& in, const char* who
 
 /// "cat": A = [w₁s₁A₁; w₂s₂A₂; …], B = [B₁ B₂ …], zero-padded to new_rank rows/columns
 /// (PEFT's new_rank is Σ of the adapters' r). ΔW = s_new·Σ w_i·s_i·B_i·A_i.
+template <class = void>
 inline Factors combine_cat(const std::vector<WeightedFactors>& in, Index new_rank) {
   detail::check_inputs(in, "combine (cat)");
   Index total = 0;
@@ -82,6 +87,7 @@ inline Factors combine_cat(const std::vector<WeightedFactors>& in, Index new_ran
 
 /// "linear": with c_i = w_i·s_i, A = Σ sign(c_i)·√|c_i|·A_i and B = Σ √|c_i|·B_i (all r_i
 /// equal). Note ΔW = s_new·B·A has cross terms B_i·A_j: it is not Σ c_i·B_i·A_i.
+template <class = void>
 inline Factors combine_linear(const std::vector<WeightedFactors>& in) {
   detail::check_inputs(in, "combine (linear)");
   for (std::size_t i = 1; i < in.size(); ++i)
@@ -105,6 +111,7 @@ inline Factors combine_linear(const std::vector<WeightedFactors>& in) {
 /// see tests/data/peft/weighted_combos; the same D that "cat" represents exactly).
 /// D is never formed: it is the low-rank product [B₁ … B_n]·[w₁s₁A₁; …], so its SVD
 /// is exact (lowrank_svd). Singular vectors may differ from PEFT's in sign; ΔW does not.
+template <class = void>
 inline Factors combine_svd(const std::vector<WeightedFactors>& in, Index new_rank) {
   detail::check_inputs(in, "combine (svd)");
   if (new_rank < 1) lora::detail::fail("combine (svd): rank must be ≥ 1, got {}", new_rank);
@@ -129,6 +136,7 @@ inline Factors combine_svd(const std::vector<WeightedFactors>& in, Index new_ran
 }
 
 /// Dispatch on the type; new_rank is used by svd and cat.
+template <class = void>
 inline Factors combine(const std::vector<WeightedFactors>& in, combination_type type, Index new_rank) {
   switch (type) {
     case combination_type::svd: return combine_svd(in, new_rank);
@@ -161,6 +169,7 @@ inline Index peft_max_rank(const io::PeftAdapter& a) {
 /// the common r (linear), Σ r (cat) or svd_rank (svd; 0: the largest r); the new
 /// config is the first adapter's with r = lora_alpha = new rank, use_rslora = false
 /// and no patterns, so every new module has scaling 1.
+template <class = void>
 inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*>& adapters,
                                         const std::vector<double>& weights, combination_type type, Index svd_rank = 0) {
   if (adapters.empty()) lora::detail::fail("combine: no adapters given");

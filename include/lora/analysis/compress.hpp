@@ -1,6 +1,10 @@
 #pragma once
 // Compression of a LoRA module to its best rank-k approximation
 // (Eckart–Young): the top-k part of the exact thin SVD of s·B·A.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/analysis/lowrank_svd.hpp>
 #include <lora/analysis/metrics.hpp>
@@ -23,6 +27,7 @@ struct Factors {
 /// B = U·diag(√σ)/√|s_new|, A = sign(s_new)·diag(√σ)·Vᵀ/√|s_new|, so
 /// s_new·B·A = U·diag(σ)·Vᵀ. Zero columns pad the result up to `rank`
 /// (when the spectrum has fewer values than the rank asked for).
+template <class = void>
 inline Factors factors_from_svd(const LowRankSVD<double>& svd, double new_scaling, Index rank = -1) {
   if (!(std::isfinite(new_scaling) && new_scaling != 0.0))
     lora::detail::fail("factors_from_svd: the new scaling must be finite and non-zero, got {}", new_scaling);
@@ -80,6 +85,7 @@ namespace lora::analysis {
 /// s' = policy(alpha, k) times its new factors equals U_k·Σ_k·V_kᵀ of the old ΔW.
 /// The config's r becomes the most common k; save_peft_adapter writes the rest as
 /// rank_pattern. DoRA magnitudes are kept as they are.
+template <class = void>
 inline io::PeftAdapter compress_adapter(const io::PeftAdapter& in, const CompressionTarget& target) {
   io::PeftAdapter out;
   out.config = in.config;

@@ -2,6 +2,10 @@
 // Spectral report of a whole PEFT adapter: per module the exact singular values
 // of ΔW = s·B·A and their metrics, and rank recommendations for the adapter.
 // What `lora inspect` prints; usable without the CLI.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/analysis/intruder.hpp>
 #include <lora/analysis/lowrank_svd.hpp>
@@ -138,6 +142,7 @@ inline void check_thresholds(const std::vector<double>& t) {
 ///
 ///   auto rep = lora::analysis::inspect_adapter("my-adapter");
 ///   fmt::print("{}\n", rep.recommendations.back().text);
+template <class = void>
 inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const InspectOptions& opt = {}) {
   namespace fs = std::filesystem;
   detail::check_thresholds(opt.energy_thresholds);
@@ -193,6 +198,7 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
 }
 
 /// The same report for an adapter already in memory.
+template <class = void>
 inline AdapterReport inspect_adapter(const io::PeftAdapter& adapter, const InspectOptions& opt = {}) {
   detail::check_thresholds(opt.energy_thresholds);
   AdapterReport rep;

@@ -2,6 +2,10 @@
 // Randomized SVD (Halko, Martinsson & Tropp 2011) and intruder dimensions
 // (Shuttleworth et al. 2024, "LoRA vs Full Fine-tuning: An Illusion of
 // Equivalence"): top singular vectors of W + ΔW that resemble none of W's.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/analysis/lowrank_svd.hpp>
 #include <lora/core/random.hpp>
@@ -23,6 +27,7 @@ struct RandomizedSVDOptions {
 };
 
 namespace detail {
+template <class = void>
 inline Eigen::MatrixXd orthonormal_basis(const Eigen::MatrixXd& Y) {
   Eigen::HouseholderQR<Eigen::MatrixXd> qr(Y);
   return qr.householderQ() * Eigen::MatrixXd::Identity(Y.rows(), std::min(Y.rows(), Y.cols()));

@@ -2,6 +2,10 @@
 // Subspace similarity of two adapters (Hu et al. 2021, LoRA, §7):
 // φ(i, j) = ‖U₁^(i)ᵀ·U₂^(j)‖_F² / min(i, j) ∈ [0, 1], where U^(i) are the top-i
 // singular vectors.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/analysis/lowrank_svd.hpp>
 #include <lora/core/types.hpp>
@@ -79,6 +83,7 @@ struct NamedSimilarity {
 };
 
 /// module_similarity for every module the two adapters have in common (sorted by name).
+template <class = void>
 inline std::vector<NamedSimilarity> adapter_similarity(const io::PeftAdapter& a, const io::PeftAdapter& b) {
   std::vector<NamedSimilarity> out;
   for (const auto& m : a.modules) {

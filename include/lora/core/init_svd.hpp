@@ -3,6 +3,10 @@
 // as PEFT's pissa_init and olora_init do (init_lora_weights = "pissa", "pissa_niter_k",
 // "olora"). The base weight becomes the residual W − s·B·A, so the adapted layer starts
 // out equal to the original one.
+//
+// Compile time: the non-template functions here are `template <class = void>`, so the
+// decompositions (and JSON code) they use are compiled only in files that call them, not in
+// every file that includes this header (docs/reliability.md, "Sanitizers").
 
 #include <lora/core/random.hpp>
 #include <lora/core/types.hpp>
@@ -28,6 +32,7 @@ namespace detail {
 using MatD = Matrix<double>;
 
 // Thin QR, Q only, with LAPACK's Householder sign convention (as torch.linalg.qr).
+template <class = void>
 inline MatD thin_q(const MatD& X) {
   Eigen::HouseholderQR<MatD> qr(X);
   return qr.householderQ() * MatD::Identity(X.rows(), std::min(X.rows(), X.cols()));
@@ -41,6 +46,7 @@ struct LowRankSvd {
 
 // torch.svd_lowrank(A, q, niter) (Halko et al. 2011, algorithm 4.4): a Gaussian sketch
 // A·Ω, niter power iterations with re-orthogonalisation, then the SVD of Qᵀ·A.
+template <class = void>
 inline LowRankSvd svd_lowrank(const MatD& A0, Index q, int niter, Generator& gen) {
   const bool tall = A0.rows() >= A0.cols();
   const MatD A = tall ? A0 : MatD(A0.transpose());
