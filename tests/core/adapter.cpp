@@ -1,4 +1,5 @@
-#include <lora/lora.hpp>
+#include <lora/core/adapter.hpp>
+#include <lora/core/init.hpp>
 
 #include "support/catch.hpp"
 #include "support/reference.hpp"

@@ -1,6 +1,6 @@
 // Numerical edge cases of the core adapter: non-finite inputs propagate (never
 // crash), denormals, r = min(in, out), 1x1 layers, huge alpha, zero adapters.
-#include <lora/lora.hpp>
+#include <lora/core/adapter.hpp>
 
 #include <limits>
 

@@ -1,7 +1,7 @@
 // The PEFT oracle: for every module of the fixtures, apply(W, x) equals PEFT's
 // layer output y and delta_weight() equals PEFT's get_delta_weight.
 #include <lora/io/safetensors.hpp>
-#include <lora/lora.hpp>
+#include <lora/core/adapter.hpp>
 
 #include <nlohmann/json.hpp>
 

@@ -2,7 +2,7 @@
 // inputs are rejected, all-zero blocks and tensors (with and without double
 // quantisation) give exact zeros, subnormal and FLT_MAX-sized blocks stay within one
 // absmax of the input, 1-element and empty tensors, partial blocks.
-#include <lora/lora.hpp>
+#include <lora/quant/nf4_tensor.hpp>
 
 #include <cfloat>
 #include <cmath>
