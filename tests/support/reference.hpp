@@ -53,8 +53,10 @@ double max_abs_diff(const A& got, const B& want) {
   return (got.template cast<double>() - want.template cast<double>()).cwiseAbs().maxCoeff();
 }
 
-/// A random n × k matrix with orthonormal columns (Q of a Gaussian matrix's QR).
-inline MatD random_orthonormal(Index n, Index k, Generator& gen) {
+/// A random n × k matrix with orthonormal columns (Q of a Gaussian matrix's QR). A template
+/// so that Eigen's QR is compiled only in the tests that call it.
+template <class = void>
+MatD random_orthonormal(Index n, Index k, Generator& gen) {
   Eigen::HouseholderQR<Eigen::MatrixXd> qr(random_matrix(n, k, gen));
   return qr.householderQ() * Eigen::MatrixXd::Identity(n, k);
 }
