@@ -127,11 +127,21 @@ TEST_CASE("double quant: Nf4Tensor with compressed scales", "[quant][double_quan
   const auto& st = *dq.double_quant_state();
   CHECK(st.codes.size() == plain.absmax().size());
   CHECK(st.nested_absmax.size() == (plain.absmax().size() + 255) / 256);
-  // Restored scales are within 1% of the exact ones (8-bit dynamic map around the mean).
-  double worst = 0;
-  for (std::size_t b = 0; b < plain.absmax().size(); ++b)
-    worst = std::max(worst, std::abs(double(dq.absmax()[b]) - plain.absmax()[b]) / plain.absmax()[b]);
-  CHECK(worst < 0.01);
+  // Restored scales: within half the local gap of the 8-bit map times the nested absmax of
+  // their group (plus float rounding) of the exact ones, and 1% off on average. (Single
+  // scales well below the mean can be more than 1% off: seen 1.07% in 1 of 100 runs.)
+  double worst = 0, mean = 0;
+  for (std::size_t b = 0; b < plain.absmax().size(); ++b) {
+    const double exact = plain.absmax()[b], restored = dq.absmax()[b];
+    const int c = st.codes[b];
+    const double gap = std::max(c < 255 ? double(quant::dynamic_map_signed[c + 1]) - quant::dynamic_map_signed[c] : 0.0,
+                                c > 0 ? double(quant::dynamic_map_signed[c]) - quant::dynamic_map_signed[c - 1] : 0.0);
+    const double m = st.nested_absmax[b / quant::nested_blocksize];
+    REQUIRE(std::abs(restored - exact) <= 0.5 * gap * m + 4e-7 * exact);
+    worst = std::max(worst, std::abs(restored - exact) / exact);
+    mean += std::abs(restored - exact) / exact / double(plain.absmax().size());
+  }
+  CHECK(mean < 0.01);
   CHECK(worst > 0.0);
   // And dequantisation uses them: element = code value × restored scale.
   const Matrix<float> D = dq.dequantize<float>();
