@@ -22,7 +22,9 @@ void check_within_absmax(const std::vector<float>& x, const Nf4Tensor& t) {
   t.dequantize_into(d.data());
   for (std::size_t i = 0; i < x.size(); ++i) {
     INFO("element " << i << " x " << x[i] << " dequantised " << d[i]);
-    const double am = t.absmax()[i / static_cast<std::size_t>(t.blocksize())];
+    // |·|: a double-quantised scale of an all-zero block (offset + code·nested) can come back
+    // slightly negative (seen: −0.0123 in 1 of 500 fresh-seed runs).
+    const double am = std::fabs(t.absmax()[i / static_cast<std::size_t>(t.blocksize())]);
     REQUIRE(std::isfinite(d[i]));
     CHECK(std::fabs(static_cast<double>(d[i]) - x[i]) <= 2.0 * am);
   }
