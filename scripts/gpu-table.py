@@ -27,17 +27,17 @@ def multi_table(ours_path, peft_path, machine):
     nan = float("nan")
     g = lambda d, n, t, a, k=0: d.get((n, t, a), (nan, nan))[k]  # noqa: E731
     print(f"\n## Many adapters: in = out = 4096, r 16, bf16, medians of CUDA-event timings; machine: {machine}\n")
-    print("| T | adapters | base GEMM ms | single ms | mixed ms (serial / overlap) | mixed/single | mixed/base "
+    print("| T | adapters | base GEMM ms | single ms | mixed ms (serial / overlap / delta) | mixed/single | mixed/base "
           "| naive loop ms | naive/mixed | PEFT mixed ms | PEFT/ours | PEFT single ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     shapes = sorted({(k[1], k[2]) for k in ours if k[0] == "mixed_serial"}, key=lambda x: (x[1], x[0]))
     for t, a in shapes:
         b, one = g(ours, "base_gemm", t, a), g(ours, "single_fused", t, a)
-        ms, mo = g(ours, "mixed_serial", t, a), g(ours, "mixed_overlap", t, a)
-        m = min(ms, mo)
+        ms, mo, md = g(ours, "mixed_serial", t, a), g(ours, "mixed_overlap", t, a), g(ours, "mixed_delta", t, a)
+        m = min(v for v in (ms, mo, md) if v == v) if any(v == v for v in (ms, mo, md)) else nan
         nv = g(ours, "naive_loop", t, a)
         pm, ps = g(peft, "peft_mixed", t, a), g(peft, "peft_single", t, a)
-        print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {ms:.4f} / {mo:.4f} | {m/one:.2f} | {m/b:.2f} | {nv:.4f} "
+        print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {ms:.4f} / {mo:.4f} / {md:.4f} | {m/one:.2f} | {m/b:.2f} | {nv:.4f} "
               f"| {nv/m:.1f} | {pm:.4f} | {pm/m:.1f} | {ps:.4f} |")
     for a in (1, 8, 64, 512):
         v = g(peft, "peft_load_skipped", 0, a, 1)
@@ -45,6 +45,13 @@ def multi_table(ours_path, peft_path, machine):
             print(f"\nPEFT with {a} adapters skipped: adding them took over {v:.0f} s")
     print("\nsingle = LowRankAdapter<bf16, cuda> fused apply over the same T; naive loop = tokens sorted by adapter, "
           "one apply(W, X_i) per adapter; PEFT single = one active adapter.")
+    bwd = sorted({(k[1], k[2]) for k in ours if k[0] == "bwd_mixed"}, key=lambda x: (x[1], x[0]))
+    if bwd:
+        print("\n| backward T | adapters | dX GEMM ms | single backward ms | mixed backward ms | mixed/single |")
+        print("|---|---|---|---|---|---|")
+        for t, a in bwd:
+            b, one, m = g(ours, "bwd_base_dx", t, a), g(ours, "bwd_single", t, a), g(ours, "bwd_mixed", t, a)
+            print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {m:.4f} | {m/one:.2f} |")
 
 
 if len(sys.argv) > 1 and sys.argv[1] == "--multi":

@@ -125,7 +125,8 @@ int main(int argc, char** argv) {
       std::vector<Index> cnt(static_cast<std::size_t>(N), 0);
       for (int id : ids) ++cnt[static_cast<std::size_t>(id)];
 
-      std::vector<std::string> names = {"base_gemm", "single_fused", "single_plain", "mixed_serial", "mixed_overlap"};
+      std::vector<std::string> names = {"base_gemm", "single_fused", "single_plain", "mixed_serial", "mixed_overlap",
+                                        "mixed_delta"};
       std::vector<std::function<void(int)>> fns = {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
@@ -138,6 +139,10 @@ int main(int argc, char** argv) {
           },
           [&](int i) {
             set.schedule = multi::SgmvSchedule::overlap;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+          },
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::delta;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
           }};
       // The naive loop is timed on its own: thousands of small launches in the
@@ -158,8 +163,42 @@ int main(int argc, char** argv) {
       names.push_back("naive_loop");
       for (std::size_t f = 0; f < names.size(); ++f) emit(names[f].c_str(), T, N, r, ms[f]);
       emit("segments_host_us", T, N, r, 0.0, seg_us);
-      std::fprintf(stderr, "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f (%.2fx single) naive %.4f ms\n",
-                   static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], std::min(ms[3], ms[4]) / ms[1], ms[5]);
+      std::fprintf(stderr, "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single) naive %.4f ms\n",
+                   static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], ms[5], std::min({ms[3], ms[4], ms[5]}) / ms[1],
+                   ms[6]);
+    }
+  }
+  // Backward (W frozen): DeviceAdapterSet::backward over a mixed batch against one adapter's
+  // LowRankAdapter::backward(W, X, dY) over the same T and the input-gradient GEMM dY·W alone.
+  // Both backward calls allocate their outputs and scratch per call (cudaMalloc), as the
+  // library's allocating overloads do; the set's also synchronises before freeing its scratch.
+  for (int N : {1, 8, 64}) {
+    multi::DeviceAdapterSet<S> set(in, out, ctx);
+    for (int i = 0; i < N; ++i)
+      set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
+              standard_scaling::factor(alpha, static_cast<int>(r)));
+    for (Index T : {Index(256), Index(4096)}) {
+      std::vector<int> ids(static_cast<std::size_t>(T));
+      for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % N);
+      for (std::size_t i = ids.size(); i > 1; --i)
+        std::swap(ids[i - 1], ids[static_cast<std::size_t>(g.uniform() * static_cast<double>(i))]);
+      auto seg = set.segments(ids);
+      DeviceMatrix<S> X(T, in), dY(T, out), dX(T, in);
+      fill_random(X.view(), g, 1.0);
+      fill_random(dY.view(), g, 1.0);
+      const DeviceView<const S> Wv = W[0].view();
+      std::vector<std::function<void(int)>> fns = {
+          [&](int) {
+            detail::gemm<S, S, S>(*ctx, false, false, T, in, out, 1.f, dY.view(), W[0].view(), 0.f, dX.view());
+          },
+          [&](int) { (void)single.backward(W[0].view(), X.view(), dY.view()); },
+          [&](int) { (void)set.backward(&Wv, X.view(), seg, dY.view()); }};
+      const auto ms = time_all(*ctx, fns, 5, 11);
+      emit("bwd_base_dx", T, N, r, ms[0]);
+      emit("bwd_single", T, N, r, ms[1]);
+      emit("bwd_mixed", T, N, r, ms[2]);
+      std::fprintf(stderr, "backward T %5ld N %3d: dX GEMM %.4f single %.4f mixed %.4f ms (%.2fx single)\n",
+                   static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1]);
     }
   }
   if (csv != stdout) std::fclose(csv);

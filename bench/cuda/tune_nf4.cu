@@ -29,14 +29,11 @@ namespace lora::detail {
 /// Weights of a row per pipeline stage of nf4_bulk_kernel.
 constexpr int nf4_bulk_kc = 2048;
 
-__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void mbar_init(std::uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_u32(bar)), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbar_expect_tx(std::uint64_t* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_u32(bar)), "r"(bytes) : "memory");
 }
 __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
   unsigned done = 0;
@@ -44,7 +41,7 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
     asm volatile(
         "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
+        : "r"(shared_u32(bar)), "r"(parity)
         : "memory");
   } while (!done);
 }
@@ -52,8 +49,8 @@ __device__ __forceinline__ void mbar_wait(std::uint64_t* bar, unsigned parity) {
 /// global to shared memory; completion is counted on `bar`.
 __device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, std::uint64_t* bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_u32(dst)),
-               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+                   shared_u32(dst)),
+               "l"(src), "r"(bytes), "r"(shared_u32(bar))
                : "memory");
 }
 
@@ -256,6 +253,274 @@ bool nf4_bulk_ok(int tokens, int K, int bs, long ldx, const void* x) {
          bs <= 512 && K % (4 * bs) == 0 && ldx % 8 == 0 && aligned(x, 16);
 }
 
+
+// ---- The tensor-core kernel that nf4_gemm used before nf4_stream_kernel ------------------------
+
+/// (Kept for comparison; nf4_gemm used it for 2…16 tokens until nf4_stream_kernel.)
+///
+/// A block of KS warps owns 16 rows of W; warp w takes the 64-weight groups w, w + KS, …
+/// of those rows (split K), and the KS partial sums meet in shared memory. Per group a
+/// lane loads 8 packed bytes of two rows (row l/4 and l/4 + 8, bytes 8·(l%4) … +8, i.e.
+/// 16 consecutive weights each), turns each byte into a pair of codes in the activation
+/// type through a lane-private 256-entry table (one conflict-free 4-byte shared load per
+/// two weights), and feeds four mma.m16n8k16 (f32 accumulation) with B = the matching 16
+/// activations of token l/4 (+ 8 for the second n-tile), which need no conversion. The
+/// K order inside a group is permuted identically for A and B, so the sum is unchanged.
+/// A group lies in one quantisation block (blocksize ≥ 64, K % 64 == 0), so its product
+/// is scaled by that block's absmax (float) once. Codes are rounded to the activation
+/// type (2^-9 relative for bf16, as bitsandbytes' own 4-bit inference kernel rounds the
+/// dequantised weight), products and sums are float.
+/// Groups are loaded P at a time, the next P while the current ones are multiplied.
+template <class T, int NT, int KS, int P>
+__global__ void __launch_bounds__(KS * 32) nf4_mma_kernel(const T* __restrict__ X, long ldx, int tokens, int K,
+                                                          const std::uint8_t* __restrict__ packed,
+                                                          const float* __restrict__ absmax, int bs, int nOut,
+                                                          T* __restrict__ Y, long ldy) {
+  __shared__ std::uint32_t lut[256 * 32];
+  __shared__ float red[KS > 1 ? KS - 1 : 1][NT][4][32];
+  __shared__ float code16[16];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x < 16) code16[threadIdx.x] = nf4_values[threadIdx.x];
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256 * 32; i += KS * 32) {
+    const int b = i / 32;
+    lut[i] = mma_traits<T>::pack(code16[b >> 4], code16[b & 15]);
+  }
+  __syncthreads();
+  const int gid = lane / 4, q = lane % 4;
+  const int tiles = (nOut + 15) / 16;
+  // Persistent blocks: the table is built once per block, then tiles of 16 rows follow.
+  for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
+  const int row0 = tile * 16;
+  const int rA = min(row0 + gid, nOut - 1), rB = min(row0 + gid + 8, nOut - 1);
+  const std::uint8_t* pA = packed + static_cast<long>(rA) * (K / 2) + 8 * q;
+  const std::uint8_t* pB = packed + static_cast<long>(rB) * (K / 2) + 8 * q;
+  const long eA = static_cast<long>(rA) * K, eB = static_cast<long>(rB) * K;
+  const int groups = K / 64;
+  const std::uint32_t lane_off = static_cast<std::uint32_t>(lane) * 4u;
+  const char* lut_base = reinterpret_cast<const char*>(lut);
+
+  float acc[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+
+  // This lane's token rows of X (token gid, gid + 8); tokens past `tokens` read as zeros.
+  const T* xrow[NT];
+  bool xok[NT];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const int t = gid + 8 * n;
+    xok[n] = t < tokens;
+    xrow[n] = X + static_cast<long>(xok[n] ? t : 0) * ldx + 16 * q;
+  }
+
+  uint2 wa0[P], wb0[P], wa1[P], wb1[P];
+  float aa0[P], ab0[P], aa1[P], ab1[P];
+  auto load = [&](int g0, uint2 (&wa)[P], uint2 (&wb)[P], float (&aa)[P], float (&ab)[P]) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int g = g0 + p * KS;
+      if (g < groups) {
+        wa[p] = __ldg(reinterpret_cast<const uint2*>(pA + 32 * g));
+        wb[p] = __ldg(reinterpret_cast<const uint2*>(pB + 32 * g));
+        aa[p] = __ldg(absmax + (eA + 64 * g) / bs);
+        ab[p] = __ldg(absmax + (eB + 64 * g) / bs);
+      }
+    }
+  };
+  auto compute = [&](int g0, const uint2 (&wa)[P], const uint2 (&wb)[P], const float (&aa)[P],
+                     const float (&ab)[P]) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int g = g0 + p * KS;
+      if (g >= groups) break;
+      uint4 xv[NT][2];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        if (xok[n]) {
+          xv[n][0] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g));
+          xv[n][1] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g + 8));
+        } else {
+          xv[n][0] = xv[n][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+      float d[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        // bytes j and j + 4 of each row's 8: weights 2j, 2j+1 and 8+2j, 9+2j of the lane's 16
+        auto lookup = [&](std::uint32_t word, int byte) {
+          const std::uint32_t off = (((word >> (8 * byte)) & 0xffu) << 7) | lane_off;
+          return *reinterpret_cast<const std::uint32_t*>(lut_base + off);
+        };
+        std::uint32_t a[4];
+        a[0] = lookup(wa[p].x, j);  // row gid,     k 2q, 2q+1       (logical)
+        a[1] = lookup(wb[p].x, j);  // row gid + 8
+        a[2] = lookup(wa[p].y, j);  // row gid,     k 8 + 2q, 9 + 2q
+        a[3] = lookup(wb[p].y, j);  // row gid + 8
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const std::uint32_t* xw = reinterpret_cast<const std::uint32_t*>(&xv[n][0]);
+          mma_traits<T>::mma(d[n], a, xw[j], xw[4 + j]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(aa[p], d[n][0], acc[n][0]);
+        acc[n][1] = fmaf(aa[p], d[n][1], acc[n][1]);
+        acc[n][2] = fmaf(ab[p], d[n][2], acc[n][2]);
+        acc[n][3] = fmaf(ab[p], d[n][3], acc[n][3]);
+      }
+    }
+  };
+  const int step = P * KS;
+  int g0 = warp;
+  if (g0 < groups) load(g0, wa0, wb0, aa0, ab0);
+  while (g0 < groups) {
+    if (g0 + step < groups) load(g0 + step, wa1, wb1, aa1, ab1);
+    compute(g0, wa0, wb0, aa0, ab0);
+    g0 += step;
+    if (g0 >= groups) break;
+    if (g0 + step < groups) load(g0 + step, wa0, wb0, aa0, ab0);
+    compute(g0, wa1, wb1, aa1, ab1);
+    g0 += step;
+  }
+  // Split-K partial sums meet in warp 0.
+  if (KS > 1) {
+    if (warp > 0)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp - 1][n][i][lane] = acc[n][i];
+    __syncthreads();
+    if (warp == 0) {
+#pragma unroll
+      for (int w = 0; w < KS - 1; ++w)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[n][i] += red[w][n][i][lane];
+    }
+    __syncthreads();  // red is reused by the next tile
+  }
+  // c0, c1: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
+  if (warp == 0)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int t = 8 * n + 2 * q + (i & 1), row = row0 + gid + (i >= 2 ? 8 : 0);
+        if (t < tokens && row < nOut) Y[static_cast<long>(t) * ldy + row] = from_float<T>(acc[n][i]);
+      }
+  }  // tile
+}
+
+template <class T, int NT, int KS, int P>
+void launch_nf4_mma(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
+                    int nOut, T* Y, long ldy, cudaStream_t stream) {
+  auto kernel = nf4_mma_kernel<T, NT, KS, P>;
+  // Resident blocks per SM × SMs of the current device (cached per device, up to 16).
+  static std::atomic<int> cap[16] = {};
+  int dev = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  int c = cap[dev & 15].load(std::memory_order_relaxed);
+  if (c == 0) {
+    int per_sm = 0, sms = 0;
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
+    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    c = std::max(1, per_sm) * sms;
+    cap[dev & 15].store(c, std::memory_order_relaxed);
+  }
+  const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
+  kernel<<<blocks, KS * 32, 0, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
+}
+
+
+// ---- Memory skeletons: the streaming kernel's loads without its arithmetic -----------------------
+
+/// Reads the NF4 codes and absmax of W exactly as a persistent streaming kernel with KS warps
+/// and 4 groups (256 weights) per warp step would, S-1 steps ahead, and only XORs them
+/// together: the bandwidth ceiling of a load pattern. MAP 0: the mma fragment's pattern (lane
+/// (gid, q) reads 8 bytes of rows gid and gid + 8 per group: eight 32-byte pieces of eight rows
+/// per instruction); MAP 1: contiguous (lane l reads 16 bytes of row l/8 + 4i: four 128-byte
+/// pieces of four rows per instruction).
+template <int KS, int MAP, int S>
+__global__ void __launch_bounds__(KS * 32) nf4_read_probe(const std::uint8_t* __restrict__ packed,
+                                                          const float* __restrict__ absmax, int K, int nOut,
+                                                          unsigned* __restrict__ out) {
+  constexpr int G = 4;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int gid = lane / 4, q = lane % 4;
+  const int groups = K / 64, span = KS * G;
+  const int nks = (groups + span - 1) / span;
+  const int tiles = (nOut + 15) / 16;
+  const int bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
+  const int steps = (tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0) * nks;
+  uint4 w[S][2];
+  float am[S][G];
+  unsigned x = 0;
+  auto load = [&](int b, int st) {
+    if (st >= steps) return;
+    const int tile = bid + (st / nks) * nb, gw = (st % nks) * span + warp * G;
+    if (gw >= groups) return;
+    const int row0 = tile * 16;
+    if constexpr (MAP == 0) {
+      const int rA = min(row0 + gid, nOut - 1), rB = min(row0 + gid + 8, nOut - 1);
+      const std::uint8_t* pA = packed + static_cast<long>(rA) * (K / 2) + 8 * q + 32 * gw;
+      const std::uint8_t* pB = packed + static_cast<long>(rB) * (K / 2) + 8 * q + 32 * gw;
+      const uint2 a0 = __ldg(reinterpret_cast<const uint2*>(pA)), a1 = __ldg(reinterpret_cast<const uint2*>(pA + 32));
+      const uint2 a2 = __ldg(reinterpret_cast<const uint2*>(pA + 64)), a3 = __ldg(reinterpret_cast<const uint2*>(pA + 96));
+      const uint2 b0 = __ldg(reinterpret_cast<const uint2*>(pB)), b1 = __ldg(reinterpret_cast<const uint2*>(pB + 32));
+      const uint2 b2 = __ldg(reinterpret_cast<const uint2*>(pB + 64)), b3 = __ldg(reinterpret_cast<const uint2*>(pB + 96));
+      w[b][0] = make_uint4(a0.x, a0.y, a1.x, a1.y);
+      w[b][1] = make_uint4(a2.x ^ b0.x, a2.y ^ b0.y, a3.x ^ b1.x, a3.y ^ b1.y ^ b2.x ^ b2.y ^ b3.x ^ b3.y);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int r0 = min(row0 + lane / 8 + 8 * i, nOut - 1), r1 = min(row0 + lane / 8 + 8 * i + 4, nOut - 1);
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(packed + static_cast<long>(r0) * (K / 2) + 32 * gw + 16 * (lane % 8)));
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed + static_cast<long>(r1) * (K / 2) + 32 * gw + 16 * (lane % 8)));
+        w[b][i] = make_uint4(u.x ^ v.x, u.y ^ v.y, u.z ^ v.z, u.w ^ v.w);
+      }
+    }
+    if (lane < 16) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(absmax + static_cast<long>(min(row0 + lane, nOut - 1)) * groups + gw));
+      am[b][0] = v.x; am[b][1] = v.y; am[b][2] = v.z; am[b][3] = v.w;
+    }
+  };
+  auto use = [&](int b) {
+    x ^= w[b][0].x ^ w[b][0].y ^ w[b][0].z ^ w[b][0].w ^ w[b][1].x ^ w[b][1].y ^ w[b][1].z ^ w[b][1].w;
+    x ^= __float_as_uint(am[b][0]) ^ __float_as_uint(am[b][1]) ^ __float_as_uint(am[b][2]) ^ __float_as_uint(am[b][3]);
+  };
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) load(i, i);
+  for (int st = 0; st < steps; st += S) {
+#pragma unroll
+    for (int i = 0; i < S; ++i) {
+      load((i + S - 1) % S, st + i + S - 1);
+      if (st + i < steps) use(i);
+    }
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = x;
+}
+
+template <int KS, int MAP, int S>
+void launch_nf4_read_probe(const std::uint8_t* packed, const float* absmax, int K, int nOut, unsigned* out,
+                           cudaStream_t stream) {
+  auto kernel = nf4_read_probe<KS, MAP, S>;
+  int per_sm = 0, sms = 0, dev = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(std::max(1, per_sm) * sms));
+  kernel<<<blocks, KS * 32, 0, stream>>>(packed, absmax, K, nOut, out);
+}
+
 }  // namespace lora::detail
 
 using namespace lora;
@@ -367,12 +632,44 @@ int main(int argc, char** argv) {
   })
   BULK(8, 2);
   BULK(8, 4);
-  BULK(8, 6);
-  BULK(16, 4);
-  BULK(4, 2);
   variant("old fused (ROWS 4)", run_old);
   MMA(1, 8, 2);
-  MMA(1, 4, 8);
+#define STREAM(NT, WIDE, LAST)                                                                                 \
+  variant("stream NT" #NT " WIDE" #WIDE " LAST" #LAST, [&](int i) {                                           \
+    detail::launch_nf4_stream<T, NT, WIDE, LAST>(reinterpret_cast<const T*>(X.data()), X.view().ld, 1, int(in), \
+                                                 q[i % sets].packed.data(), q[i % sets].absmax.data(), 64,      \
+                                                 int(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,         \
+                                                 ctx->stream());                                                \
+  })
+  STREAM(1, true, true);
+  STREAM(1, true, false);
+  STREAM(1, false, true);
+  STREAM(1, false, false);
+  // The same kernels on one L2-resident weight set (33 MB of the 50 MB L2): what they cost
+  // without DRAM.
+  variant("stream NT1 WIDE LAST, L2", [&](int) {
+    detail::launch_nf4_stream<T, 1, true, true>(reinterpret_cast<const T*>(X.data()), X.view().ld, 1, int(in),
+                                                q[0].packed.data(), q[0].absmax.data(), 64, int(out),
+                                                reinterpret_cast<T*>(Y.data()), Y.view().ld, ctx->stream());
+  });
+  variant("old fused, L2", [&](int) {
+    detail::nf4_gemv_kernel<T, 1, detail::nf4_rows><<<detail::ceil_div(out, detail::nf4_rows), detail::nf4_threads, 0,
+                                                       ctx->stream()>>>(
+        reinterpret_cast<const T*>(X.data()), X.view().ld, 1, int(in), q[0].packed.data(), q[0].absmax.data(), 64,
+        int(out), reinterpret_cast<T*>(Y.data()), Y.view().ld);
+  });
+  {  // load-pattern ceilings (no arithmetic)
+    DeviceBuffer<unsigned> sink(std::size_t(1) << 20);
+#define PROBE(KS, MAP, S_)                                                                                     \
+  {                                                                                                            \
+    const double pms = time_ms(*ctx, [&](int i) {                                                              \
+      detail::launch_nf4_read_probe<KS, MAP, S_>(q[i % sets].packed.data(), q[i % sets].absmax.data(), int(in),  \
+                                                 int(out), sink.data(), ctx->stream());                          \
+    });                                                                                                        \
+    report("probe KS" #KS " MAP" #MAP " S" #S_, pms, 0);                                                       \
+  }
+    PROBE(16, 0, 2) PROBE(16, 1, 2) PROBE(8, 1, 2) PROBE(16, 1, 4)
+  }
   variant("nf4_gemm (library)", [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
   variant("old fused again", run_old);
 
@@ -445,6 +742,9 @@ int main(int argc, char** argv) {
                  ctx->stream());
         });
       };
+      const double s8 = t8(detail::launch_nf4_stream<T, 1, true, true>), s88 = t8(detail::launch_nf4_stream<T, 1, false, false>);
+      std::fprintf(stderr, "T8: stream WIDE LAST %.2f us, stream %.2f us\n", s8 * 1e3, s88 * 1e3);
+      std::fprintf(csv, "t8_stream_ks16_g4_w,%.5f,0,0\nt8_stream_ks16_g4,%.5f,0,0\n", s8, s88);
       const double m8 = t8(detail::launch_nf4_mma<T, 1, 8, 2>), b84 = t8(detail::launch_nf4_bulk<T, 8, 4>),
                    b164 = t8(detail::launch_nf4_bulk<T, 16, 4>), b86 = t8(detail::launch_nf4_bulk<T, 8, 6>);
       std::fprintf(stderr, "T8: mma KS8 P2 %.2f us, bulk KS8 S4 %.2f us, bulk KS16 S4 %.2f us, bulk KS8 S6 %.2f us\n",
@@ -452,10 +752,10 @@ int main(int argc, char** argv) {
       std::fprintf(csv, "t8_mma,%.5f,0,0\nt8_bulk_ks8_s4,%.5f,0,0\nt8_bulk_ks16_s4,%.5f,0,0\nt8_bulk_ks8_s6,%.5f,0,0\n", m8,
                    b84, b164, b86);
     }
-    mma16(detail::launch_nf4_mma<T, 2, 4, 4>, "mma_KS4_P4");
-    mma16(detail::launch_nf4_mma<T, 2, 4, 2>, "mma_KS4_P2");
+    mma16(detail::launch_nf4_stream<T, 2, false, false>, "stream");
+    mma16(detail::launch_nf4_stream<T, 2, false, true>, "stream_LAST");
+    mma16(detail::launch_nf4_stream<T, 2, true, false>, "stream_WIDE");
     mma16(detail::launch_nf4_mma<T, 2, 8, 2>, "mma_KS8_P2");
-    mma16(detail::launch_nf4_mma<T, 2, 2, 4>, "mma_KS2_P4");
     std::fprintf(stderr,
                  "T16: fused %.2f us, dequant+cuBLAS %.2f us, tiled 512 %.2f / 1024 %.2f / 2048 %.2f us, "
                  "cuBLAS bf16 %.2f us\n",

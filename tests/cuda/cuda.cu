@@ -269,9 +269,13 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
   INFO("seed " << seed);
   Generator g(seed);
   // Shapes for both kernels' edges: rows not a multiple of 16 (the tensor-core tile), K a
-  // multiple of 64 (tensor cores for 2…16 bf16/half tokens and blocksize ≥ 64) or only of 32
-  // (the CUDA-core kernel), tiny K; tokens 1 (CUDA cores), 2…8 and 9…16 (one and two n-tiles).
-  for (auto [out, in] : {std::pair<Index, Index>{100, 256}, {1003, 4192}, {7, 32}, {64, 2080}, {130, 1024}})
+  // multiple of 256 (tensor cores for bf16/half tokens and blocksize ≥ 64) or only of 32 (the
+  // CUDA-core kernel), tiny K; more tiles than the persistent grid holds at once (9001 rows:
+  // each block walks several, its 4 partial-sum slots wrap around), K over one step of the
+  // 16 warps (8448 = 132 groups: three steps, the last with one warp); tokens 1, 2…8 and 9…16
+  // (one and two n-tiles).
+  for (auto [out, in] : {std::pair<Index, Index>{100, 256}, {1003, 4192}, {7, 32}, {64, 2080}, {130, 1024},
+                         {9001, 256}, {300, 8448}})
   for (int bs : {32, 64, 256}) {
     INFO("out " << out << " in " << in << " blocksize " << bs);
     const Matrix<S> W = rand_s<S>(out, in, g);

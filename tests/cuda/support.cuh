@@ -29,8 +29,13 @@ Matrix<S> rand_s(Index r, Index c, Generator& g, double scale = 1.0) {
 /// Fills a device view with 0xFF bytes (NaN in bf16, half and float).
 template <class S>
 void poison(DeviceView<S> v) {
-  if (v.rows > 0 && v.cols > 0)
+  if (v.rows > 0 && v.cols > 0) {
     LORA_CUDA_CHECK(cudaMemset2D(v.data, v.ld * sizeof(S), 0xFF, v.cols * sizeof(S), v.rows));
+    // The memset runs on the legacy default stream, which the library's non-blocking streams do
+    // not wait for: finish it before the kernel under test is queued (under racecheck it once
+    // landed after the kernel and turned correct outputs back into NaN).
+    LORA_CUDA_CHECK(cudaDeviceSynchronize());
+  }
 }
 
 }  // namespace lora::test

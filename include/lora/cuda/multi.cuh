@@ -165,16 +165,18 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
 template <class T, int VW, int TT, int RG>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
-    const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out) {
+    const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
+    T* __restrict__ D, long ldd) {
   extern __shared__ float u[];  // [TT × rp]
   const SegmentTile tile = tiles[blockIdx.x];
   const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
   // Y's rows are loaded first, straight into the accumulators, so that their
-  // latency overlaps the table lookup, U's staging and the Bᵀ loads.
+  // latency overlaps the table lookup, U's staging and the Bᵀ loads. With D
+  // (SgmvSchedule::delta) the sums start at 0 and go to D's row of the position.
   float acc[TT][VW];
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
-    if (t < tile.count && col < out)
+    if (!D && t < tile.count && col < out)
       load_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc[t]);
     else
 #pragma unroll
@@ -209,7 +211,28 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   }
 #pragma unroll
   for (int t = 0; t < TT; ++t)
-    if (t < tile.count) store_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc[t]);
+    if (t < tile.count)
+      store_vec<T, VW>((D ? D + static_cast<long>(tile.begin + t) * ldd : Y + static_cast<long>(order[tile.begin + t]) * ldy) +
+                           col,
+                       acc[t]);
+}
+
+/// dst[order[p], c] += src[p, c] for VW consecutive columns per thread (grid: positions ×
+/// column blocks); tokens appear once in order, so no two threads touch one element.
+template <class T, int VW>
+__global__ void __launch_bounds__(sgmv_threads) add_rows_kernel(const T* __restrict__ src, long lds,
+                                                                const int* __restrict__ order, int cols,
+                                                                T* __restrict__ dst, long ldd) {
+  const long p = blockIdx.x;
+  const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
+  if (col >= cols) return;
+  float a[VW], b[VW];
+  T* d = dst + static_cast<long>(order[p]) * ldd + col;
+  load_vec<T, VW>(d, a);
+  load_vec<T, VW>(src + p * lds + col, b);
+#pragma unroll
+  for (int i = 0; i < VW; ++i) a[i] += b[i];
+  store_vec<T, VW>(d, a);
 }
 
 /// dst[p, :] = src[order[p], :]: rows gathered into the grouped order (one block per row).
@@ -219,16 +242,6 @@ __global__ void gather_rows_kernel(const T* __restrict__ src, long lds, const in
   const long p = blockIdx.x, from = order[p];
   for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[p * ldd + c] = src[from * lds + c];
 }
-/// dst[order[p], :] += src[p, :] (tokens appear once in order, so no two blocks touch one row).
-template <class T>
-__global__ void scatter_add_rows_kernel(const T* __restrict__ src, long lds, const int* __restrict__ order, int cols,
-                                        T* __restrict__ dst, long ldd) {
-  const long p = blockIdx.x, to = order[p];
-  for (int c = threadIdx.x; c < cols; c += blockDim.x)
-    dst[to * ldd + c] = lora::detail::from_float<T>(lora::detail::to_float(dst[to * ldd + c]) +
-                                                    lora::detail::to_float(src[p * lds + c]));
-}
-
 /// A second stream and two events: the shrink runs beside the base GEMM.
 struct ForkJoin {
   Stream side;
@@ -263,15 +276,22 @@ struct DeviceSegments {
 /// How apply() orders its three steps.
 /// serial:  shrink, base GEMM, expand on the set's stream;
 /// overlap: the shrink runs on a second stream beside the base GEMM (it only
-///          reads X), the expand waits for both.
-enum class SgmvSchedule { serial, overlap };
+///          reads X), the expand waits for both;
+/// delta:   shrink and expand both run beside the base GEMM, the expand writing the
+///          adapters' rows into a scratch buffer, and one vectorised pass adds them
+///          to Y after the GEMM (the expand leaves the critical path; Y's adapter
+///          rows are read and written once more).
+enum class SgmvSchedule { serial, overlap, delta };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
-/// dB[id] [out × r] in float for every adapter the batch used (empty for the
-/// others), dX [T × in] in the storage scalar.
+/// dB[id] [out × r] in float for every adapter the batch used (empty views for the
+/// others), dX [T × in] in the storage scalar. dA and dB are windows into one
+/// allocation (`storage`), so a batch of many adapters costs one cudaMalloc, not two
+/// per adapter; `to_host(g.dA[id])` copies one out.
 template <class Scalar>
 struct DeviceBatchedGradients {
-  std::vector<DeviceMatrix<float>> dA, dB;
+  DeviceBuffer<float> storage;
+  std::vector<DeviceView<float>> dA, dB;
   DeviceMatrix<Scalar> dX;
 };
 
@@ -415,20 +435,36 @@ class DeviceAdapterSet {
     lora::detail::require(W.rows == out_ && W.cols == in_, "DeviceAdapterSet: ", "base weight W", W.rows, W.cols,
                           out_, in_);
     check_batch(X, seg, Y);
-    const bool overlap = schedule == SgmvSchedule::overlap && seg.tiles > 0;
+    const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
+    const bool overlap = (schedule == SgmvSchedule::overlap || delta) && seg.tiles > 0;
     if (overlap) {
       if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
       LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, ctx_->stream()));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(fork_->side.get(), fork_->fork, 0));
     }
     const Plan p = plan(X, seg);
-    if (seg.tiles > 0) shrink(X, seg, p, overlap ? fork_->side.get() : ctx_->stream());
+    const cudaStream_t side = overlap ? fork_->side.get() : ctx_->stream();
+    if (seg.tiles > 0) shrink(X, seg, p, side);
+    view D;
+    if (delta) {
+      const std::size_t need = static_cast<std::size_t>(seg.covered) * static_cast<std::size_t>(out_);
+      if (delta_.size() < need) {
+        ctx_->synchronize();  // earlier calls may still use the old buffer
+        LORA_CUDA_CHECK(cudaStreamSynchronize(side));
+        delta_ = DeviceBuffer<Scalar>(need);
+      }
+      D = view{delta_.data(), seg.covered, out_, out_};
+      expand(seg, p, Y, side, D);
+    }
     lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
     if (overlap) {
       LORA_CUDA_CHECK(cudaEventRecord(fork_->join, fork_->side.get()));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), fork_->join, 0));
     }
-    if (seg.tiles > 0) expand(seg, p, Y);
+    if (delta)
+      add_rows(D, seg, Y);
+    else if (seg.tiles > 0)
+      expand(seg, p, Y, ctx_->stream());
   }
   DeviceMatrix<Scalar> apply(cview W, cview X, std::span<const int> ids) const {
     check_ids(X, ids);
@@ -442,6 +478,8 @@ class DeviceAdapterSet {
   ///   H = s_i·X_S·A_iᵀ, Gb = s_i·dY_S·B_i, dB_i = dY_Sᵀ·H, dA_i = Gbᵀ·X_S,
   ///   dX = dY·W (one GEMM) + scatter(Gb·A_i).
   /// H and Gb are rounded to Scalar, as LowRankAdapter<S, cuda>::backward does.
+  /// Stream-ordered like apply: the gathered rows live in a scratch buffer the set keeps
+  /// (grown as needed), and dA, dB of all used adapters share one allocation.
   DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
     if (W)
       lora::detail::require(W->rows == out_ && W->cols == in_, "DeviceAdapterSet: ", "base weight W", W->rows,
@@ -460,37 +498,52 @@ class DeviceAdapterSet {
     else if (g.dX.size() > 0)
       LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), ctx_->stream()));
     if (P == 0) return g;
-    DeviceMatrix<Scalar> Xg(P, in_), Gg(P, out_), H(P, rmax), Gb(P, rmax), dXg(P, in_);
+    // dA and dB of every used adapter in one allocation (each piece 64-float aligned).
+    auto round64 = [](Index n) { return (n + 63) / 64 * 64; };
+    Index total = 0;
+    for (int id : seg.adapters) total += round64(rank(id) * in_) + round64(out_ * rank(id));
+    g.storage = DeviceBuffer<float>(static_cast<std::size_t>(total));
+    Index off = 0;
+    for (int id : seg.adapters) {
+      const Index r = rank(id);
+      g.dA[static_cast<std::size_t>(id)] = DeviceView<float>{g.storage.data() + off, r, in_, in_};
+      off += round64(r * in_);
+      g.dB[static_cast<std::size_t>(id)] = DeviceView<float>{g.storage.data() + off, out_, r, r};
+      off += round64(out_ * r);
+    }
+    // Gathered X and dY rows, H, Gb and the gathered dX rows: the set's scratch.
+    const Index nX = round64(P * in_), nG = round64(P * out_), nR = round64(P * rmax);
+    const std::size_t need = static_cast<std::size_t>(2 * nX + nG + 2 * nR);
+    if (bwd_scratch_.size() < need) {
+      ctx_->synchronize();  // earlier backward calls may still read the old scratch
+      bwd_scratch_ = DeviceBuffer<Scalar>(need);
+    }
+    Scalar* sp = bwd_scratch_.data();
+    const view Xg{sp, P, in_, in_}, Gg{sp + nX, P, out_, out_}, H{sp + nX + nG, P, rmax, rmax},
+        Gb{sp + nX + nG + nR, P, rmax, rmax}, dXg{sp + nX + nG + 2 * nR, P, in_, in_};
     detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
         reinterpret_cast<const T*>(X.data), X.ld, seg.order.data(), static_cast<int>(in_),
-        reinterpret_cast<T*>(Xg.data()), in_);
+        reinterpret_cast<T*>(Xg.data), in_);
     LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
     detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
         reinterpret_cast<const T*>(dY.data), dY.ld, seg.order.data(), static_cast<int>(out_),
-        reinterpret_cast<T*>(Gg.data()), out_);
+        reinterpret_cast<T*>(Gg.data), out_);
     LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
     for (std::size_t k = 0; k < seg.adapters.size(); ++k) {
       const int id = seg.adapters[k];
       const Index b = seg.begin[k], n = seg.begin[k + 1] - b, r = rank(id);
       const float sc = static_cast<float>(scaling(id));
-      const cview Xk = cview(Xg.view()).row_block(b, n), Gk = cview(Gg.view()).row_block(b, n);
-      const view Hk = H.view().row_block(b, n).col_block(0, r), Gbk = Gb.view().row_block(b, n).col_block(0, r);
-      auto& dA = g.dA[static_cast<std::size_t>(id)];
-      auto& dB = g.dB[static_cast<std::size_t>(id)];
-      dA = DeviceMatrix<float>(r, in_);
-      dB = DeviceMatrix<float>(out_, r);
+      const cview Xk = cview(Xg).row_block(b, n), Gk = cview(Gg).row_block(b, n);
+      const view Hk = H.row_block(b, n).col_block(0, r), Gbk = Gb.row_block(b, n).col_block(0, r);
+      const DeviceView<float> dA = g.dA[static_cast<std::size_t>(id)], dB = g.dB[static_cast<std::size_t>(id)];
       lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, in_, sc, Xk, A(id), 0.f, Hk);
       lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, out_, sc, Gk, Bt(id), 0.f, Gbk);
-      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out_, r, n, 1.f, Gk, cview(Hk), 0.f, dB.view());
-      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in_, n, 1.f, cview(Gbk), Xk, 0.f, dA.view());
+      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out_, r, n, 1.f, Gk, cview(Hk), 0.f, dB);
+      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in_, n, 1.f, cview(Gbk), Xk, 0.f, dA);
       lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, n, in_, r, 1.f, cview(Gbk), A(id), 0.f,
-                                                 dXg.view().row_block(b, n));
+                                                 dXg.row_block(b, n));
     }
-    detail::scatter_add_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
-        reinterpret_cast<const T*>(dXg.data()), in_, seg.order.data(), static_cast<int>(in_),
-        reinterpret_cast<T*>(g.dX.data()), in_);
-    LORA_CUDA_CHECK_LAUNCH("scatter_add_rows_kernel");
-    ctx_->synchronize();  // the gathered buffers are freed on return
+    add_rows(dXg, seg, g.dX.view());
     return g;
   }
 
@@ -500,7 +553,7 @@ class DeviceAdapterSet {
     if (seg.tiles == 0) return;
     const Plan p = plan(X, seg);
     shrink(X, seg, p, ctx_->stream());
-    expand(seg, p, Y);
+    expand(seg, p, Y, ctx_->stream());
   }
   /// Adapter paths only: s_i·(X[t]·A_iᵀ)·B_iᵀ per token (zero rows where ids[t] = −1).
   DeviceMatrix<Scalar> forward(cview X, std::span<const int> ids) const {
@@ -629,23 +682,45 @@ class DeviceAdapterSet {
     LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_kernel");
   }
 
-  void expand(const DeviceSegments& seg, const Plan& p, view Y) const {
+  /// Y's rows += the adapters' products, or with D (delta schedule) D's rows = them.
+  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}) const {
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
-    const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16);
+    const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
+                     (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
     const int vw = vec ? V : 1;
     const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
     const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
     const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
     T* y = reinterpret_cast<T*>(Y.data);
+    T* d = reinterpret_cast<T*>(D.data);
     if (vec)
-      detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+      detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-          static_cast<int>(out_));
+          static_cast<int>(out_), d, D.ld);
     else
-      detail::sgmv_expand_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, smem, ctx_->stream()>>>(
+      detail::sgmv_expand_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-          static_cast<int>(out_));
+          static_cast<int>(out_), d, D.ld);
     LORA_CUDA_CHECK_LAUNCH("sgmv_expand_kernel");
+  }
+
+  /// Y[order[p]] += D[p] for the covered positions p (the delta schedule's last step, and
+  /// the backward's dX); D and Y have the same columns.
+  void add_rows(view D, const DeviceSegments& seg, view Y) const {
+    const Index cols = Y.cols;
+    const bool vec = cols % V == 0 && Y.ld % V == 0 && D.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
+                     lora::detail::aligned(D.data, 16);
+    const int vw = vec ? V : 1;
+    const dim3 grid(static_cast<unsigned>(seg.covered), lora::detail::ceil_div(cols, detail::sgmv_threads * vw));
+    if (vec)
+      detail::add_rows_kernel<T, V><<<grid, detail::sgmv_threads, 0, ctx_->stream()>>>(
+          reinterpret_cast<const T*>(D.data), D.ld, seg.order.data(), static_cast<int>(cols),
+          reinterpret_cast<T*>(Y.data), Y.ld);
+    else
+      detail::add_rows_kernel<T, 1><<<grid, detail::sgmv_threads, 0, ctx_->stream()>>>(
+          reinterpret_cast<const T*>(D.data), D.ld, seg.order.data(), static_cast<int>(cols),
+          reinterpret_cast<T*>(Y.data), Y.ld);
+    LORA_CUDA_CHECK_LAUNCH("add_rows_kernel");
   }
 
   Index in_, out_;
@@ -656,6 +731,8 @@ class DeviceAdapterSet {
   DeviceBuffer<detail::DeviceSlotEntry<T>> table_;
   mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
   mutable std::unique_ptr<detail::ForkJoin> fork_;
+  mutable DeviceBuffer<Scalar> bwd_scratch_;  // backward's gathered rows, H and Gb
+  mutable DeviceBuffer<Scalar> delta_;        // the delta schedule's adapter rows [covered × out]
 };
 
 }  // namespace lora::multi

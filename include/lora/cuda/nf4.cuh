@@ -198,21 +198,8 @@ __global__ void __launch_bounds__(nf4_threads) nf4_gemv_kernel(const T* __restri
   block_sum_store<nf4_threads>(acc, part, tokens, row0, nOut, 1.f, Y, ldy);
 }
 
-/// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode).
-///
-/// A block of KS warps owns 16 rows of W; warp w takes the 64-weight groups w, w + KS, …
-/// of those rows (split K), and the KS partial sums meet in shared memory. Per group a
-/// lane loads 8 packed bytes of two rows (row l/4 and l/4 + 8, bytes 8·(l%4) … +8, i.e.
-/// 16 consecutive weights each), turns each byte into a pair of codes in the activation
-/// type through a lane-private 256-entry table (one conflict-free 4-byte shared load per
-/// two weights), and feeds four mma.m16n8k16 (f32 accumulation) with B = the matching 16
-/// activations of token l/4 (+ 8 for the second n-tile), which need no conversion. The
-/// K order inside a group is permuted identically for A and B, so the sum is unchanged.
-/// A group lies in one quantisation block (blocksize ≥ 64, K % 64 == 0), so its product
-/// is scaled by that block's absmax (float) once. Codes are rounded to the activation
-/// type (2^-9 relative for bf16, as bitsandbytes' own 4-bit inference kernel rounds the
-/// dequantised weight), products and sums are float.
-/// Groups are loaded P at a time, the next P while the current ones are multiplied.
+/// mma.m16n8k16 with f32 accumulation for bf16 and half operands, and packing of a pair of
+/// floats into one operand register.
 template <class T>
 struct mma_traits;
 template <>
@@ -248,34 +235,93 @@ struct mma_traits<__half> {
 
 constexpr int nf4_mma_lut_bytes = 256 * 32 * 4;  // lane-private: entry (b, lane) at word b·32 + lane
 
-template <class T, int NT, int KS, int P>
-__global__ void __launch_bounds__(KS * 32) nf4_mma_kernel(const T* __restrict__ X, long ldx, int tokens, int K,
-                                                          const std::uint8_t* __restrict__ packed,
-                                                          const float* __restrict__ absmax, int bs, int nOut,
-                                                          T* __restrict__ Y, long ldy) {
-  __shared__ std::uint32_t lut[256 * 32];
-  __shared__ float red[KS > 1 ? KS - 1 : 1][NT][4][32];
-  __shared__ float code16[16];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (threadIdx.x < 16) code16[threadIdx.x] = nf4_values[threadIdx.x];
-  __syncthreads();
-  for (int i = threadIdx.x; i < 256 * 32; i += KS * 32) {
-    const int b = i / 32;
-    lut[i] = mma_traits<T>::pack(code16[b >> 4], code16[b & 15]);
-  }
-  __syncthreads();
+/// Shared-memory (state space) address of a pointer into shared memory.
+__device__ __forceinline__ std::uint32_t shared_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+constexpr int nf4_stream_warps = 16;  // warps per block: they split K
+constexpr int nf4_stream_groups = 4;  // 64-weight groups per warp and step
+
+/// Dynamic shared memory of nf4_stream_kernel: the code table, as much again to align it to
+/// its own size, the partial sums (4 slots, or 2 for the barrier form) and 4 counters.
+template <int NT, bool WIDE, bool LAST>
+constexpr int nf4_stream_smem_bytes() {
+  return 2 * (WIDE ? 2 : 1) * nf4_mma_lut_bytes + (LAST ? 4 : 2) * nf4_stream_warps * NT * 4 * 32 * 4 + 16;
+}
+
+/// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode).
+///
+/// Persistent blocks of 16 warps own the tiles of 16 rows blockIdx.x, blockIdx.x + gridDim.x, …
+/// and walk each in steps of 16·4 groups of 64 weights (warp w takes groups 4w … 4w + 3 of a
+/// step). Each lane keeps the next step's codes (8 bytes of two rows per group) and the
+/// absmax (lanes 0…15: four floats of row `lane`) in flight in registers while it multiplies
+/// the current ones, across tile boundaries too. A byte of two codes becomes a pair of codes
+/// in the activation type through a lane-private 256-entry table in shared memory (one
+/// conflict-free 4-byte load per two weights; the table is aligned to its size so that the
+/// address is one byte_perm (WIDE, entries 256 bytes apart) or shift + LOP3 of the byte),
+/// and feeds mma.m16n8k16 (f32 accumulation) with B = the matching 16 activations of token
+/// lane/4 (+ 8 per n-tile). The K order inside a group is permuted identically for A and B,
+/// so the sum is unchanged; a group lies in one quantisation block (blocksize ≥ 64), so its
+/// product is scaled by that block's absmax (float) once. Codes are rounded to the
+/// activation type (2^-9 relative for bf16, as bitsandbytes' own 4-bit inference kernel
+/// rounds the dequantised weight); products and sums are float.
+/// The 16 partial sums of a tile meet in shared memory, one barrier per tile (double-buffered),
+/// or with LAST each warp leaves its sums in one of 4 slots and the last warp to arrive (a
+/// shared counter) adds them and writes Y, with a block barrier only every 4 tiles. nf4_gemm
+/// uses the barrier form (racecheck cannot follow LAST's hand-off); tune_nf4 times both.
+/// Needs blocksize ≥ 64, K % 256 == 0, rows of X 16-byte aligned.
+template <class T, int NT, bool WIDE, bool LAST>
+__global__ void __launch_bounds__(nf4_stream_warps * 32)
+    nf4_stream_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
+                      const float* __restrict__ absmax, int bs, int nOut, T* __restrict__ Y, long ldy) {
+  constexpr int KS = nf4_stream_warps, G = nf4_stream_groups, slots = LAST ? 4 : 2;
+  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr std::uint32_t lut_size = (WIDE ? 2 : 1) * nf4_mma_lut_bytes;
+  const std::uint32_t sbase = shared_u32(smem);
+  const std::uint32_t lut_addr = (sbase + lut_size - 1) & ~(lut_size - 1);
+  std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem + (lut_addr - sbase));
+  float* red = reinterpret_cast<float*>(smem + (lut_addr - sbase) + lut_size);  // [slots][KS][NT·4][32]
+  int* cnt = reinterpret_cast<int*>(red + slots * KS * NT * 4 * 32);
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int gid = lane / 4, q = lane % 4;
+  const int groups = K / 64, span = KS * G;
+  const int nks = (groups + span - 1) / span;  // steps per tile
   const int tiles = (nOut + 15) / 16;
-  // Persistent blocks: the table is built once per block, then tiles of 16 rows follow.
-  for (int tile = static_cast<int>(blockIdx.x); tile < tiles; tile += static_cast<int>(gridDim.x)) {
-  const int row0 = tile * 16;
-  const int rA = min(row0 + gid, nOut - 1), rB = min(row0 + gid + 8, nOut - 1);
-  const std::uint8_t* pA = packed + static_cast<long>(rA) * (K / 2) + 8 * q;
-  const std::uint8_t* pB = packed + static_cast<long>(rB) * (K / 2) + 8 * q;
-  const long eA = static_cast<long>(rA) * K, eB = static_cast<long>(rB) * K;
-  const int groups = K / 64;
-  const std::uint32_t lane_off = static_cast<std::uint32_t>(lane) * 4u;
-  const char* lut_base = reinterpret_cast<const char*>(lut);
+  const int bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
+  const int steps = (tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0) * nks;
+  const std::uint32_t lane_off = lut_addr | (static_cast<std::uint32_t>(lane) * 4u);
+
+  uint2 wa[2][G], wb[2][G];
+  float am[2][G];
+  auto load = [&](auto buf, int s) {
+    constexpr int b = decltype(buf)::value;
+    if (s >= steps) return;
+    const int tile = bid + (s / nks) * nb, gw = (s % nks) * span + warp * G;
+    if (gw >= groups) return;
+    const int row0 = tile * 16;
+    const int rA = min(row0 + gid, nOut - 1), rB = min(row0 + gid + 8, nOut - 1);
+    const std::uint8_t* pA = packed + static_cast<long>(rA) * (K / 2) + 8 * q + 32 * gw;
+    const std::uint8_t* pB = packed + static_cast<long>(rB) * (K / 2) + 8 * q + 32 * gw;
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      wa[b][j] = __ldg(reinterpret_cast<const uint2*>(pA + 32 * j));
+      wb[b][j] = __ldg(reinterpret_cast<const uint2*>(pB + 32 * j));
+    }
+    if (lane < 16) {
+      const long e = static_cast<long>(min(row0 + lane, nOut - 1)) * K + 64L * gw;  // first weight of the groups
+      if (bs == 64) {  // QLoRA's blocksize: the four groups' absmax are consecutive floats
+        const float4 v = __ldg(reinterpret_cast<const float4*>(absmax + e / 64));
+        am[b][0] = v.x;
+        am[b][1] = v.y;
+        am[b][2] = v.z;
+        am[b][3] = v.w;
+      } else {
+#pragma unroll
+        for (int j = 0; j < G; ++j) am[b][j] = __ldg(absmax + (e + 64 * j) / bs);
+      }
+    }
+  };
 
   float acc[NT][4];
 #pragma unroll
@@ -283,147 +329,165 @@ __global__ void __launch_bounds__(KS * 32) nf4_mma_kernel(const T* __restrict__ 
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-  // This lane's token rows of X (token gid, gid + 8); tokens past `tokens` read as zeros.
-  const T* xrow[NT];
-  bool xok[NT];
+  auto lookup = [&](std::uint32_t word, int byte) {
+    std::uint32_t addr, v;
+    if constexpr (WIDE)
+      addr = __byte_perm(word, lane_off, 0x7604u | (static_cast<std::uint32_t>(byte) << 4));
+    else
+      addr = (((word >> (8 * byte)) & 0xffu) << 7) | lane_off;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+  };
+  // This lane's 16 activations of group g for its tokens gid + 8n (zeros past `tokens`).
+  auto load_x = [&](int g, uint4 (&xv)[NT][2]) {
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const int t = gid + 8 * n;
-    xok[n] = t < tokens;
-    xrow[n] = X + static_cast<long>(xok[n] ? t : 0) * ldx + 16 * q;
-  }
+    for (int n = 0; n < NT; ++n) {
+      const int t = gid + 8 * n;
+      if (t < tokens) {
+        const T* xr = X + static_cast<long>(t) * ldx + 16 * q + 64 * g;
+        xv[n][0] = __ldg(reinterpret_cast<const uint4*>(xr));
+        xv[n][1] = __ldg(reinterpret_cast<const uint4*>(xr + 8));
+      } else {
+        xv[n][0] = xv[n][1] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
 
-  uint2 wa0[P], wb0[P], wa1[P], wb1[P];
-  float aa0[P], ab0[P], aa1[P], ab1[P];
-  auto load = [&](int g0, uint2 (&wa)[P], uint2 (&wb)[P], float (&aa)[P], float (&ab)[P]) {
+  auto compute = [&](auto buf, int s) {
+    constexpr int b = decltype(buf)::value;
+    const int ti = s / nks, ks = s % nks;
+    const int row0 = (bid + ti * nb) * 16, gw = ks * span + warp * G;
+    if (gw < groups) {
+      uint4 xnext[NT][2];
+      if constexpr (NT == 1) load_x(gw, xnext);
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int g = g0 + p * KS;
-      if (g < groups) {
-        wa[p] = __ldg(reinterpret_cast<const uint2*>(pA + 32 * g));
-        wb[p] = __ldg(reinterpret_cast<const uint2*>(pB + 32 * g));
-        aa[p] = __ldg(absmax + (eA + 64 * g) / bs);
-        ab[p] = __ldg(absmax + (eB + 64 * g) / bs);
-      }
-    }
-  };
-  auto compute = [&](int g0, const uint2 (&wa)[P], const uint2 (&wb)[P], const float (&aa)[P],
-                     const float (&ab)[P]) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int g = g0 + p * KS;
-      if (g >= groups) break;
-      uint4 xv[NT][2];
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        if (xok[n]) {
-          xv[n][0] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g));
-          xv[n][1] = __ldg(reinterpret_cast<const uint4*>(xrow[n] + 64 * g + 8));
+      for (int j = 0; j < G; ++j) {
+        uint4 xv[NT][2];
+        if constexpr (NT == 1) {  // the next group's activations while this one multiplies (two n-tiles would spill)
+          xv[0][0] = xnext[0][0];
+          xv[0][1] = xnext[0][1];
+          if (j + 1 < G) load_x(gw + j + 1, xnext);
         } else {
-          xv[n][0] = xv[n][1] = make_uint4(0, 0, 0, 0);
+          load_x(gw + j, xv);
         }
-      }
-      float d[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        // bytes j and j + 4 of each row's 8: weights 2j, 2j+1 and 8+2j, 9+2j of the lane's 16
-        auto lookup = [&](std::uint32_t word, int byte) {
-          const std::uint32_t off = (((word >> (8 * byte)) & 0xffu) << 7) | lane_off;
-          return *reinterpret_cast<const std::uint32_t*>(lut_base + off);
-        };
-        std::uint32_t a[4];
-        a[0] = lookup(wa[p].x, j);  // row gid,     k 2q, 2q+1       (logical)
-        a[1] = lookup(wb[p].x, j);  // row gid + 8
-        a[2] = lookup(wa[p].y, j);  // row gid,     k 8 + 2q, 9 + 2q
-        a[3] = lookup(wb[p].y, j);  // row gid + 8
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const std::uint32_t* xw = reinterpret_cast<const std::uint32_t*>(&xv[n][0]);
-          mma_traits<T>::mma(d[n], a, xw[j], xw[4 + j]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        acc[n][0] = fmaf(aa[p], d[n][0], acc[n][0]);
-        acc[n][1] = fmaf(aa[p], d[n][1], acc[n][1]);
-        acc[n][2] = fmaf(ab[p], d[n][2], acc[n][2]);
-        acc[n][3] = fmaf(ab[p], d[n][3], acc[n][3]);
-      }
-    }
-  };
-  const int step = P * KS;
-  int g0 = warp;
-  if (g0 < groups) load(g0, wa0, wb0, aa0, ab0);
-  while (g0 < groups) {
-    if (g0 + step < groups) load(g0 + step, wa1, wb1, aa1, ab1);
-    compute(g0, wa0, wb0, aa0, ab0);
-    g0 += step;
-    if (g0 >= groups) break;
-    if (g0 + step < groups) load(g0 + step, wa0, wb0, aa0, ab0);
-    compute(g0, wa1, wb1, aa1, ab1);
-    g0 += step;
-  }
-  // Split-K partial sums meet in warp 0.
-  if (KS > 1) {
-    if (warp > 0)
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp - 1][n][i][lane] = acc[n][i];
-    __syncthreads();
-    if (warp == 0) {
-#pragma unroll
-      for (int w = 0; w < KS - 1; ++w)
+        float d[NT][4];
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[n][i] += red[w][n][i][lane];
+          for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          // bytes k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
+          const std::uint32_t a[4] = {lookup(wa[b][j].x, k), lookup(wb[b][j].x, k), lookup(wa[b][j].y, k),
+                                      lookup(wb[b][j].y, k)};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const std::uint32_t* xw = reinterpret_cast<const std::uint32_t*>(&xv[n][0]);
+            mma_traits<T>::mma(d[n], a, xw[k], xw[4 + k]);
+          }
+        }
+        const float sA = __shfl_sync(0xffffffffu, am[b][j], gid);
+        const float sB = __shfl_sync(0xffffffffu, am[b][j], gid + 8);
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          acc[n][0] = fmaf(sA, d[n][0], acc[n][0]);
+          acc[n][1] = fmaf(sA, d[n][1], acc[n][1]);
+          acc[n][2] = fmaf(sB, d[n][2], acc[n][2]);
+          acc[n][3] = fmaf(sB, d[n][3], acc[n][3]);
+        }
+      }
     }
-    __syncthreads();  // red is reused by the next tile
-  }
-  // c0, c1: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
-  if (warp == 0)
+    if (ks != nks - 1) return;
+    // The tile's last step: the KS warps' partial sums meet. c0, c1 of a lane: row gid, tokens
+    // 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile).
+    const int slot = ti % slots;
+    float* rb = red + slot * KS * NT * 4 * 32;
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int t = 8 * n + 2 * q + (i & 1), row = row0 + gid + (i >= 2 ? 8 : 0);
-        if (t < tokens && row < nOut) Y[static_cast<long>(t) * ldy + row] = from_float<T>(acc[n][i]);
+        rb[(warp * NT * 4 + n * 4 + i) * 32 + lane] = acc[n][i];
+        acc[n][i] = 0.f;
       }
-  }  // tile
+    // Sums the outputs o = (row o % 16, token o / 16) from index `first` on, `stride` apart.
+    auto finish = [&](int first, int stride) {
+      for (int o = first; o < 16 * tokens; o += stride) {
+        const int row = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        const int l = 4 * (row % 8) + c / 2, i = (row >= 8 ? 2 : 0) + c % 2;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < KS; ++w) v += rb[(w * NT * 4 + n * 4 + i) * 32 + l];
+        if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
+      }
+    };
+    if constexpr (LAST) {
+      __threadfence_block();
+      __syncwarp();
+      int old = 0;
+      if (lane == 0) old = atomicAdd(cnt + slot, 1);
+      old = __shfl_sync(0xffffffffu, old, 0);
+      if (old == KS - 1) {  // the last warp of this tile
+        __syncwarp();
+        __threadfence_block();
+        finish(lane, 32);
+        __syncwarp();
+        if (lane == 0) cnt[slot] = 0;
+      }
+      if (slot == slots - 1) __syncthreads();  // no warp reuses a slot before its tile is summed
+    } else {
+      __syncthreads();
+      finish(static_cast<int>(threadIdx.x), KS * 32);
+    }
+  };
+
+  load(std::integral_constant<int, 0>{}, 0);
+  // The code table, built while the first step's loads are in flight.
+  if (threadIdx.x < slots) cnt[threadIdx.x] = 0;
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += KS * 32) {
+    const int byte = i / 32;
+    lut[WIDE ? byte * 64 + i % 32 : i] = mma_traits<T>::pack(nf4_values[byte >> 4], nf4_values[byte & 15]);
+  }
+  __syncthreads();
+  for (int s = 0; s < steps; s += 2) {
+    load(std::integral_constant<int, 1>{}, s + 1);
+    compute(std::integral_constant<int, 0>{}, s);
+    if (s + 1 >= steps) break;
+    load(std::integral_constant<int, 0>{}, s + 2);
+    compute(std::integral_constant<int, 1>{}, s + 1);
+  }
 }
 
-template <class T, int NT, int KS, int P>
-void launch_nf4_mma(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
-                    int nOut, T* Y, long ldy, cudaStream_t stream) {
-  auto kernel = nf4_mma_kernel<T, NT, KS, P>;
-  // Resident blocks per SM × SMs of the current device (cached per device, up to 16).
+template <class T, int NT, bool WIDE, bool LAST>
+void launch_nf4_stream(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
+                       int nOut, T* Y, long ldy, cudaStream_t stream) {
+  auto kernel = nf4_stream_kernel<T, NT, WIDE, LAST>;
+  constexpr int smem = nf4_stream_smem_bytes<NT, WIDE, LAST>();
+  // Raise the kernel's shared-memory limit once per device and keep its resident blocks ×
+  // SMs (up to 16 devices) for the persistent grid.
   static std::atomic<int> cap[16] = {};
   int dev = 0;
   LORA_CUDA_CHECK(cudaGetDevice(&dev));
   int c = cap[dev & 15].load(std::memory_order_relaxed);
   if (c == 0) {
+    LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, nf4_stream_warps * 32, smem));
     LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     c = std::max(1, per_sm) * sms;
     cap[dev & 15].store(c, std::memory_order_relaxed);
   }
   const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
-  kernel<<<blocks, KS * 32, 0, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
+  kernel<<<blocks, nf4_stream_warps * 32, smem, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
 
-/// Whether the tensor-core path takes this product: bf16/half activations, K % 64 == 0,
+/// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
 /// blocksize ≥ 64, rows of X 16-byte aligned.
 template <class T>
-bool nf4_mma_ok(int K, int bs, long ldx, const void* x) {
-  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && K % 64 == 0 && bs >= 64 &&
+bool nf4_stream_ok(int K, int bs, long ldx, const void* x) {
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && K % 256 == 0 && bs >= 64 &&
          ldx % 8 == 0 && aligned(x, 16);
 }
+
 }  // namespace detail
 
 /// Quantises a contiguous device matrix to NF4 (bitsandbytes' blockwise scheme; blocksize 32..4096, a power of two).
@@ -489,21 +553,27 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
-  // 2…16 bf16/half tokens: the tensor-core kernel (H100, 4096 → 14336: 36.5 µs at 16 tokens,
-  // against 236 µs for the CUDA-core kernel and 44.5 µs for cuBLAS on bf16 weights). One
-  // token stays on the CUDA-core kernel (24.9 µs against 28.7 µs; docs/performance.md).
+  // bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel (H100, 4096 → 14336,
+  // docs/performance.md: 21.6–24 µs at one token against 23.2 µs for the CUDA-core kernel and
+  // 42 µs for cuBLAS on bf16 weights; 37 µs at 16 tokens). Otherwise the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
-    if (X.rows >= 2 && detail::nf4_mma_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
-      auto mma = [&](auto launch) {
+    if (detail::nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
+      auto stream = [&](auto launch) {
         launch(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols),
                W.packed.data(), W.absmax.data(), W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                Y.ld, ctx.stream());
       };
-      if (X.rows <= 8)
-        mma(detail::launch_nf4_mma<T, 1, 8, 2>);
+      // Per token count the table form that measured fastest (tune_nf4), with the barrier
+      // reduction: the last-warp form is ≈ 2 µs faster at one token, but compute-sanitizer's
+      // racecheck cannot follow its hand-off through a shared counter and reports hazards, so
+      // the library keeps the form the sanitizer can check.
+      if (X.rows == 1)
+        stream(detail::launch_nf4_stream<T, 1, true, false>);
+      else if (X.rows <= 8)
+        stream(detail::launch_nf4_stream<T, 1, false, false>);
       else
-        mma(detail::launch_nf4_mma<T, 2, 8, 2>);
-      LORA_CUDA_CHECK_LAUNCH("nf4_mma_kernel");
+        stream(detail::launch_nf4_stream<T, 2, false, false>);
+      LORA_CUDA_CHECK_LAUNCH("nf4_stream_kernel");
       return;
     }
   }
