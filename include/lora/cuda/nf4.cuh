@@ -241,7 +241,10 @@ __device__ __forceinline__ std::uint32_t shared_u32(const void* p) {
 }
 
 constexpr int nf4_stream_warps = 16;  // warps per block: they split K
-constexpr int nf4_stream_groups = 4;  // 64-weight groups per warp and step
+/// 64-weight groups per warp and step: 4 for one n-tile of tokens; 2 for two, whose
+/// registers would otherwise spill.
+template <int NT>
+constexpr int nf4_stream_groups = NT == 1 ? 4 : 2;
 
 /// Dynamic shared memory of nf4_stream_kernel: the code table, as much again to align it to
 /// its own size, the partial sums (4 slots, or 2 for the barrier form) and 4 counters.
@@ -275,7 +278,7 @@ template <class T, int NT, bool WIDE, bool LAST>
 __global__ void __launch_bounds__(nf4_stream_warps * 32)
     nf4_stream_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                       const float* __restrict__ absmax, int bs, int nOut, T* __restrict__ Y, long ldy) {
-  constexpr int KS = nf4_stream_warps, G = nf4_stream_groups, slots = LAST ? 4 : 2;
+  constexpr int KS = nf4_stream_warps, G = nf4_stream_groups<NT>, slots = LAST ? 4 : 2;
   extern __shared__ __align__(128) unsigned char smem[];
   constexpr std::uint32_t lut_size = (WIDE ? 2 : 1) * nf4_mma_lut_bytes;
   const std::uint32_t sbase = shared_u32(smem);
@@ -310,12 +313,18 @@ __global__ void __launch_bounds__(nf4_stream_warps * 32)
     }
     if (lane < 16) {
       const long e = static_cast<long>(min(row0 + lane, nOut - 1)) * K + 64L * gw;  // first weight of the groups
-      if (bs == 64) {  // QLoRA's blocksize: the four groups' absmax are consecutive floats
-        const float4 v = __ldg(reinterpret_cast<const float4*>(absmax + e / 64));
-        am[b][0] = v.x;
-        am[b][1] = v.y;
-        am[b][2] = v.z;
-        am[b][3] = v.w;
+      if (bs == 64) {  // QLoRA's blocksize: the groups' absmax are consecutive floats
+        if constexpr (G == 4) {
+          const float4 v = __ldg(reinterpret_cast<const float4*>(absmax + e / 64));
+          am[b][0] = v.x;
+          am[b][1] = v.y;
+          am[b][2] = v.z;
+          am[b][3] = v.w;
+        } else {
+          const float2 v = __ldg(reinterpret_cast<const float2*>(absmax + e / 64));
+          am[b][0] = v.x;
+          am[b][1] = v.y;
+        }
       } else {
 #pragma unroll
         for (int j = 0; j < G; ++j) am[b][j] = __ldg(absmax + (e + 64 * j) / bs);
@@ -553,23 +562,22 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
-  // bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel (H100, 4096 → 14336,
-  // docs/performance.md: 21.6–24 µs at one token against 23.2 µs for the CUDA-core kernel and
-  // 42 µs for cuBLAS on bf16 weights; 37 µs at 16 tokens). Otherwise the CUDA-core kernel.
+  // 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel (H100,
+  // 4096 → 14336, docs/performance.md: 26.6 µs at 8 tokens, 44 µs for cuBLAS on bf16 weights).
+  // Otherwise, and for one token (24.5 µs), the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
-    if (detail::nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
+    if (X.rows >= 2 && detail::nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
       auto stream = [&](auto launch) {
         launch(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols),
                W.packed.data(), W.absmax.data(), W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                Y.ld, ctx.stream());
       };
-      // Per token count the table form that measured fastest (tune_nf4), with the barrier
-      // reduction: the last-warp form is ≈ 2 µs faster at one token, but compute-sanitizer's
-      // racecheck cannot follow its hand-off through a shared counter and reports hazards, so
-      // the library keeps the form the sanitizer can check.
-      if (X.rows == 1)
-        stream(detail::launch_nf4_stream<T, 1, true, false>);
-      else if (X.rows <= 8)
+      // The narrow table and the barrier reduction measured fastest at 2…16 tokens; the
+      // last-warp form is ≈ 1 µs faster at one token but compute-sanitizer's racecheck cannot
+      // follow its hand-off through a shared counter, so the library keeps the form the
+      // sanitizer checks, and one token stays on the CUDA-core kernel (as fast as the
+      // checkable form, and its codes are not rounded to the activation type).
+      if (X.rows <= 8)
         stream(detail::launch_nf4_stream<T, 1, false, false>);
       else
         stream(detail::launch_nf4_stream<T, 2, false, false>);
