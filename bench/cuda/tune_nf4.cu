@@ -225,22 +225,10 @@ void launch_nf4_bulk(const T* X, long ldx, int tokens, int K, const std::uint8_t
                      int bs, int nOut, T* Y, long ldy, cudaStream_t stream) {
   auto kernel = nf4_bulk_kernel<T, KS, S>;
   const int smem = nf4_bulk_smem_bytes<KS, S>(bs);
-  // Raise the kernel's shared-memory limit once (to the largest layout, bs = 64) and keep the
-  // resident blocks × SMs of each device (up to 16 devices) for the persistent grid.
-  static std::atomic<int> cap[16][4] = {};
-  int dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  // The shared-memory limit raised to the largest layout (bs = 64); a capacity per blocksize.
+  static std::atomic<int> cap[4][16] = {};
   const int bi = bs == 64 ? 0 : bs == 128 ? 1 : bs == 256 ? 2 : 3;
-  int c = cap[dev & 15][bi].load(std::memory_order_relaxed);
-  if (c == 0) {
-    LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         nf4_bulk_smem_bytes<KS, S>(64)));
-    int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, smem));
-    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    c = std::max(1, per_sm) * sms;
-    cap[dev & 15][bi].store(c, std::memory_order_relaxed);
-  }
+  const int c = persistent_capacity(kernel, KS * 32, smem, nf4_bulk_smem_bytes<KS, S>(64), cap[bi]);
   const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
   kernel<<<blocks, KS * 32, smem, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
@@ -424,19 +412,9 @@ template <class T, int NT, int KS, int P>
 void launch_nf4_mma(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
                     int nOut, T* Y, long ldy, cudaStream_t stream) {
   auto kernel = nf4_mma_kernel<T, NT, KS, P>;
-  // Resident blocks per SM × SMs of the current device (cached per device, up to 16).
   static std::atomic<int> cap[16] = {};
-  int dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  int c = cap[dev & 15].load(std::memory_order_relaxed);
-  if (c == 0) {
-    int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
-    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    c = std::max(1, per_sm) * sms;
-    cap[dev & 15].store(c, std::memory_order_relaxed);
-  }
-  const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
+  const unsigned blocks =
+      std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(persistent_capacity(kernel, KS * 32, 0, 0, cap)));
   kernel<<<blocks, KS * 32, 0, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
 
@@ -513,11 +491,9 @@ template <int KS, int MAP, int S>
 void launch_nf4_read_probe(const std::uint8_t* packed, const float* absmax, int K, int nOut, unsigned* out,
                            cudaStream_t stream) {
   auto kernel = nf4_read_probe<KS, MAP, S>;
-  int per_sm = 0, sms = 0, dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, KS * 32, 0));
-  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(std::max(1, per_sm) * sms));
+  static std::atomic<int> cap[16] = {};
+  const unsigned blocks =
+      std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(persistent_capacity(kernel, KS * 32, 0, 0, cap)));
   kernel<<<blocks, KS * 32, 0, stream>>>(packed, absmax, K, nOut, out);
 }
 

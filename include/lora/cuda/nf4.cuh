@@ -253,12 +253,13 @@ constexpr int nf4_stream_smem_bytes() {
   return 2 * (WIDE ? 2 : 1) * nf4_mma_lut_bytes + (LAST ? 4 : 2) * nf4_stream_warps * NT * 4 * 32 * 4 + 16;
 }
 
-/// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode).
+/// Tensor-core NF4 GEMM for 1…16 tokens with bf16 or half activations (QLoRA decode;
+/// nf4_gemm uses it for 2…16).
 ///
 /// Persistent blocks of 16 warps own the tiles of 16 rows blockIdx.x, blockIdx.x + gridDim.x, …
-/// and walk each in steps of 16·4 groups of 64 weights (warp w takes groups 4w … 4w + 3 of a
-/// step). Each lane keeps the next step's codes (8 bytes of two rows per group) and the
-/// absmax (lanes 0…15: four floats of row `lane`) in flight in registers while it multiplies
+/// and walk each in steps of 16·G groups of 64 weights (G = nf4_stream_groups<NT>; warp w
+/// takes groups G·w … G·w + G − 1 of a step). Each lane keeps the next step's codes (8 bytes of
+/// two rows per group) and the absmax (lanes 0…15: G floats of row `lane`) in flight in registers while it multiplies
 /// the current ones, across tile boundaries too. A byte of two codes becomes a pair of codes
 /// in the activation type through a lane-private 256-entry table in shared memory (one
 /// conflict-free 4-byte load per two weights; the table is aligned to its size so that the
@@ -466,25 +467,34 @@ __global__ void __launch_bounds__(nf4_stream_warps * 32)
   }
 }
 
+/// Blocks of `threads` threads with `smem` bytes of dynamic shared memory that the current
+/// device holds at once (resident blocks per SM × SMs, at least one per SM): the grid of a
+/// persistent kernel. Computed once per device into `cache` (up to 16 devices); the first
+/// time, a `smem_limit` > 0 raises the kernel's dynamic shared-memory limit to it.
+template <class Kernel>
+int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit, std::atomic<int> (&cache)[16]) {
+  int dev = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  int c = cache[dev & 15].load(std::memory_order_relaxed);
+  if (c == 0) {
+    if (smem_limit > 0)
+      LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+    int per_sm = 0, sms = 0;
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    c = std::max(1, per_sm) * sms;
+    cache[dev & 15].store(c, std::memory_order_relaxed);
+  }
+  return c;
+}
+
 template <class T, int NT, bool WIDE, bool LAST>
 void launch_nf4_stream(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
                        int nOut, T* Y, long ldy, cudaStream_t stream) {
   auto kernel = nf4_stream_kernel<T, NT, WIDE, LAST>;
   constexpr int smem = nf4_stream_smem_bytes<NT, WIDE, LAST>();
-  // Raise the kernel's shared-memory limit once per device and keep its resident blocks ×
-  // SMs (up to 16 devices) for the persistent grid.
   static std::atomic<int> cap[16] = {};
-  int dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  int c = cap[dev & 15].load(std::memory_order_relaxed);
-  if (c == 0) {
-    LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, nf4_stream_warps * 32, smem));
-    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    c = std::max(1, per_sm) * sms;
-    cap[dev & 15].store(c, std::memory_order_relaxed);
-  }
+  const int c = persistent_capacity(kernel, nf4_stream_warps * 32, smem, smem, cap);
   const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
   kernel<<<blocks, nf4_stream_warps * 32, smem, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
