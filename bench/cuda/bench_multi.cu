@@ -46,12 +46,16 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "bench_multi: %s, %d SMs\n", prop.name, prop.multiProcessorCount);
   {  // registers and local memory of the kernels (spills would show as local bytes)
     using T = detail::device_t<S>;
-    constexpr int V = 16 / sizeof(S), TT = multi::detail::sgmv_tile_tokens, RG = multi::detail::sgmv_rank_group;
-    cudaFuncAttributes a{}, b{};
+    constexpr int V = 16 / sizeof(S), TT = multi::detail::sgmv_tile_tokens, RG = multi::detail::sgmv_rank_group,
+                  ERG = multi::detail::sgmv_expand_rank_group;
+    cudaFuncAttributes a{}, b{}, c{};
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&a, multi::detail::sgmv_shrink_kernel<T, V, TT, RG>));
-    LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT, RG>));
-    std::fprintf(stderr, "shrink: %d regs, %zu local bytes; expand: %d regs, %zu local bytes\n", a.numRegs,
-                 a.localSizeBytes, b.numRegs, b.localSizeBytes);
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT, ERG>));
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&c, multi::detail::sgmv_shrink_mma_kernel<T>));
+    std::fprintf(stderr,
+                 "shrink: %d regs, %zu local bytes; tensor-core shrink: %d regs, %zu local bytes; expand: %d regs, "
+                 "%zu local bytes\n",
+                 a.numRegs, a.localSizeBytes, c.numRegs, c.localSizeBytes, b.numRegs, b.localSizeBytes);
   }
   std::fprintf(csv, "name,tokens,adapters,r,ms,extra\n");
   const Index in = 4096, out = 4096, r = 16;
@@ -125,8 +129,9 @@ int main(int argc, char** argv) {
       std::vector<Index> cnt(static_cast<std::size_t>(N), 0);
       for (int id : ids) ++cnt[static_cast<std::size_t>(id)];
 
-      std::vector<std::string> names = {"base_gemm", "single_fused", "single_plain", "mixed_serial", "mixed_overlap",
-                                        "mixed_delta"};
+      std::vector<std::string> names = {"base_gemm",   "single_fused",         "single_plain",
+                                        "mixed_serial", "mixed_overlap",       "mixed_delta",
+                                        "sgmv_only",   "mixed_overlap_simt"};
       std::vector<std::function<void(int)>> fns = {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
@@ -134,6 +139,7 @@ int main(int argc, char** argv) {
           [&](int i) { single.apply(fw[i % sets], Xp.view(), Y.view()); },
           [&](int i) { single.apply(W[i % sets].view(), X.view(), Y.view()); },
           [&](int i) {
+            set.tensor_core_shrink = true;
             set.schedule = multi::SgmvSchedule::serial;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
           },
@@ -144,6 +150,15 @@ int main(int argc, char** argv) {
           [&](int i) {
             set.schedule = multi::SgmvSchedule::delta;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+          },
+          // the shrink and expand alone (Y += the adapters' rows), and overlap with the
+          // CUDA-core shrink (the tensor-core one's baseline)
+          [&](int) { set.add_forward(X.view(), seg, Y.view()); },
+          [&](int i) {
+            set.tensor_core_shrink = false;
+            set.schedule = multi::SgmvSchedule::overlap;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+            set.tensor_core_shrink = true;
           }};
       // The naive loop is timed on its own: thousands of small launches in the
       // alternation disturbed the other variants' clocks (T 256, 64 adapters).
@@ -163,9 +178,11 @@ int main(int argc, char** argv) {
       names.push_back("naive_loop");
       for (std::size_t f = 0; f < names.size(); ++f) emit(names[f].c_str(), T, N, r, ms[f]);
       emit("segments_host_us", T, N, r, 0.0, seg_us);
-      std::fprintf(stderr, "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single) naive %.4f ms\n",
+      std::fprintf(stderr,
+                   "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single; overlap with the "
+                   "CUDA-core shrink %.4f; shrink + expand alone %.4f) naive %.4f ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], ms[5], std::min({ms[3], ms[4], ms[5]}) / ms[1],
-                   ms[6]);
+                   ms[7], ms[6], ms[8]);
     }
   }
   // Backward (W frozen): DeviceAdapterSet::backward over a mixed batch against one adapter's

@@ -104,20 +104,27 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
         const MatD ref = reference(set, &W, X, ids);
         const MatD ref_paths = reference<S>(set, nullptr, X, ids);
         const auto seg = dev.segments(ids);
-        for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap, multi::SgmvSchedule::delta}) {
-          dev.schedule = sched;
-          DeviceMatrix<S> Y(T, c.out);
-          poison(Y.view());
-          dev.apply(dW.view(), dX.view(), seg, Y.view());
-          const Matrix<S> y = Y.to_host();
-          REQUIRE(y.allFinite());
-          CHECK(lora::test::rel_error(y, ref) < tol<S>());
+        // Both shrink kernels (tensor cores where bf16/half and in % 32 == 0, CUDA cores) under
+        // every schedule, and the adapter paths alone.
+        for (bool tc : {true, false}) {
+          INFO("tensor_core_shrink " << tc);
+          dev.tensor_core_shrink = tc;
+          for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap, multi::SgmvSchedule::delta}) {
+            dev.schedule = sched;
+            DeviceMatrix<S> Y(T, c.out);
+            poison(Y.view());
+            dev.apply(dW.view(), dX.view(), seg, Y.view());
+            const Matrix<S> y = Y.to_host();
+            REQUIRE(y.allFinite());
+            CHECK(lora::test::rel_error(y, ref) < tol<S>());
+          }
+          const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
+          if (ref_paths.norm() > 0)
+            CHECK(lora::test::rel_error(paths, ref_paths) < tol<S>());
+          else
+            CHECK(paths.template cast<double>().norm() == 0.0);
         }
-        const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
-        if (ref_paths.norm() > 0)
-          CHECK(lora::test::rel_error(paths, ref_paths) < tol<S>());
-        else
-          CHECK(paths.template cast<double>().norm() == 0.0);
+        dev.tensor_core_shrink = true;
         // GPU against the CPU batched_apply (float accumulation there too).
         const auto cpu = multi::batched_apply(set, W, X, ids);
         CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < tol<S>());

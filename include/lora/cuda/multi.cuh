@@ -21,6 +21,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 namespace lora::multi {
@@ -47,9 +48,10 @@ struct SegmentTile {
 
 constexpr int sgmv_threads = 128;
 constexpr int sgmv_tile_tokens = 8;
-constexpr int sgmv_rank_group = 8;
+constexpr int sgmv_rank_group = 8;          // ranks per block of the CUDA-core shrink
+constexpr int sgmv_expand_rank_group = 16;  // Bᵀ rows the expand has in flight per thread
 constexpr int sgmv_max_rank = 1024;  // expand keeps a [tile × r] block of U in shared memory
-constexpr int sgmv_max_split = 8;
+constexpr int sgmv_max_split = 16;
 
 template <class T, int N>
 __device__ __forceinline__ void ldg_vec(const T* p, float* out) {
@@ -88,6 +90,26 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
     for (int i = 0; i < N; ++i) p[i] = lora::detail::from_float<T>(v[i]);
   }
 }
+
+/// N elements of T kept as they are loaded (one 16-byte load when N·sizeof(T) = 16), to be
+/// converted to float when used: a load in flight costs its raw registers only.
+template <class T, int N>
+struct RawVec {
+  alignas(N * sizeof(T) == 16 ? 16 : alignof(T)) T v[N];
+  __device__ __forceinline__ void ldg(const T* p) {
+    if constexpr (N * sizeof(T) == 16) {
+      *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(p));
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v[i] = __ldg(p + i);
+    }
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < N; ++i) v[i] = lora::detail::from_float<T>(0.f);
+  }
+  __device__ __forceinline__ float operator[](int i) const { return lora::detail::to_float(v[i]); }
+};
 
 /// Shrink: U[split][p, j] = s·Σ_{k in split} X[order[p], k]·A[j, k] for the
 /// positions p of one tile (≤ TT tokens, one adapter) and all its ranks j, over
@@ -156,12 +178,82 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
   }
 }
 
+/// Warps per block of the tensor-core shrink, and 32-wide K chunks each warp has in flight.
+constexpr int sgmv_mma_warps = 4;
+constexpr int sgmv_mma_unroll = 4;
+
+/// Shrink on the tensor cores (bf16/half): the same U as sgmv_shrink_kernel, for the 16 ranks
+/// [16·z, 16·z + 16) of blockIdx.z and one K-split (blockIdx.y) of one tile (≤ 8 tokens).
+/// One mma.m16n8k16 computes A[16 ranks × 16 k]·X_tileᵀ[16 k × 8 tokens] in f32: the cross-lane
+/// reduction of the CUDA-core kernel (five shuffles per sum) is the tensor core's. Per 32-wide
+/// K chunk lane (g, q) = (lane / 4, lane % 4) loads 16 bytes (k = 8q … 8q + 7 of the chunk) of
+/// A's rows g and g + 8 and of the tile's token g, and feeds two mma: the order of k inside a
+/// chunk is the same permutation for A and X, which leaves the sum unchanged. Warps stride over
+/// the split's chunks, sgmv_mma_unroll of them loaded before any is multiplied; the warps'
+/// 16 × 8 results meet in shared memory. Rows past the rank and tokens past the tile's count
+/// read a valid row (clamped) and are not stored. Needs in % 32 == 0 and 16-byte aligned rows.
+template <class T>
+__global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
+    const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
+    const DeviceSlotEntry<T>* __restrict__ table, float* __restrict__ U, int ldu, long split_stride,
+    int chunks_per_split) {
+  constexpr int NW = sgmv_mma_warps, UN = sgmv_mma_unroll;
+  const SegmentTile tile = tiles[blockIdx.x];
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int g = lane / 4, q = lane % 4;
+  const T* xr = X + static_cast<long>(order[tile.begin + min(g, tile.count - 1)]) * ldx + q * 8;
+  const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int j0 = static_cast<int>(blockIdx.z) * 16;
+  if (j0 >= e.rank) return;  // the whole block: no barrier is skipped
+  const T* alo = e.A + static_cast<long>(min(j0 + g, e.rank - 1)) * in + q * 8;
+  const T* ahi = e.A + static_cast<long>(min(j0 + g + 8, e.rank - 1)) * in + q * 8;
+  const int c0 = static_cast<int>(blockIdx.y) * chunks_per_split;
+  const int c1 = min(in / 32, c0 + chunks_per_split);
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int c = c0 + warp; c < c1; c += NW * UN) {
+    uint4 ra[UN], rb[UN], rx[UN];
+#pragma unroll
+    for (int u = 0; u < UN; ++u) {
+      const int k = (c + u * NW) * 32;
+      if (c + u * NW < c1) {
+        ra[u] = __ldg(reinterpret_cast<const uint4*>(alo + k));
+        rb[u] = __ldg(reinterpret_cast<const uint4*>(ahi + k));
+        rx[u] = __ldg(reinterpret_cast<const uint4*>(xr + k));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UN; ++u)
+      if (c + u * NW < c1) {
+        lora::detail::mma_traits<T>::mma(d, {ra[u].x, rb[u].x, ra[u].y, rb[u].y}, rx[u].x, rx[u].y);
+        lora::detail::mma_traits<T>::mma(d, {ra[u].z, rb[u].z, ra[u].w, rb[u].w}, rx[u].z, rx[u].w);
+      }
+  }
+  __shared__ float red[NW][32][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) red[warp][lane][i] = d[i];
+  __syncthreads();
+  // Thread i sums element i % 4 of lane i / 4 over the warps: d0, d1 are ranks g, tokens
+  // 2q, 2q + 1; d2, d3 ranks g + 8.
+  const int i = static_cast<int>(threadIdx.x), l = i / 4, k = i % 4;
+  const int row = l / 4 + (k >= 2 ? 8 : 0), tok = 2 * (l % 4) + (k & 1);
+  float v = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) v += red[w][l][k];
+  if (tok < tile.count && j0 + row < e.rank)
+    U[static_cast<long>(blockIdx.y) * split_stride + static_cast<long>(tile.begin + tok) * ldu + j0 + row] =
+        e.scaling * v;
+}
+
 /// Expand: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the positions of one tile
 /// and a block of VW·sgmv_threads output columns (gridDim.y blocks), in place:
-/// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads,
-/// RG of them in flight at a time (a loop of one load per rank waited out one
-/// memory latency per rank). U's K-splits are summed while the tile's
-/// [count × r] block is staged in shared memory, zero-padded to a multiple of RG.
+/// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads.
+/// The block's work is one chain of memory round trips, so it is kept short:
+/// tile → (table entry, token order) → (the first RG rows of Bᵀ, Y's rows, U) all in
+/// flight together → multiply–add → store. The Bᵀ rows are loaded before U is staged
+/// and Y's rows straight into the accumulators (an earlier version waited for U's
+/// staging before loading Bᵀ, and for one row per rank before that). U's K-splits are
+/// summed while the tile's [count × r] block is staged in shared memory, zero-padded to
+/// a multiple of RG; Bᵀ rows past the rank are not loaded (zeros).
 template <class T, int VW, int TT, int RG>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
@@ -170,20 +262,27 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   extern __shared__ float u[];  // [TT × rp]
   const SegmentTile tile = tiles[blockIdx.x];
   const int col = (static_cast<int>(blockIdx.y) * sgmv_threads + static_cast<int>(threadIdx.x)) * VW;
-  // Y's rows are loaded first, straight into the accumulators, so that their
-  // latency overlaps the table lookup, U's staging and the Bᵀ loads. With D
-  // (SgmvSchedule::delta) the sums start at 0 and go to D's row of the position.
+  const bool live = col < out;
+  const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int r = e.rank, rp = (r + RG - 1) / RG * RG;
+  RawVec<T, VW> b[RG];
+#pragma unroll
+  for (int g = 0; g < RG; ++g) {
+    if (live && g < r)
+      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
+    else
+      b[g].zero();
+  }
+  // With D (SgmvSchedule::delta) the sums start at 0 and go to D's row of the position.
   float acc[TT][VW];
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
-    if (!D && t < tile.count && col < out)
+    if (!D && live && t < tile.count)
       load_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc[t]);
     else
 #pragma unroll
       for (int i = 0; i < VW; ++i) acc[t][i] = 0.f;
   }
-  const DeviceSlotEntry<T> e = table[tile.adapter];
-  const int r = e.rank, rp = (r + RG - 1) / RG * RG;
   for (int i = threadIdx.x; i < TT * rp; i += sgmv_threads) {
     const int t = i / rp, j = i % rp;
     float v = 0.f;
@@ -192,17 +291,23 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     u[i] = v;
   }
   __syncthreads();
-  if (col >= out) return;
+  if (!live) return;
   for (int j0 = 0; j0 < r; j0 += RG) {
-    float b[RG][VW];
+    if (j0 > 0) {
 #pragma unroll
-    for (int g = 0; g < RG; ++g) ldg_vec<T, VW>(e.Bt + static_cast<long>(min(j0 + g, r - 1)) * out + col, b[g]);
+      for (int g = 0; g < RG; ++g) {
+        if (j0 + g < r)
+          b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
+        else
+          b[g].zero();
+      }
+    }
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       if (t < tile.count) {
 #pragma unroll
         for (int g = 0; g < RG; ++g) {
-          const float uj = u[t * rp + j0 + g];  // 0 past the rank: the clamped row adds nothing
+          const float uj = u[t * rp + j0 + g];  // 0 past the rank, where b is 0 too
 #pragma unroll
           for (int i = 0; i < VW; ++i) acc[t][i] = fmaf(uj, b[g][i], acc[t][i]);
         }
@@ -312,6 +417,9 @@ class DeviceAdapterSet {
   using cview = DeviceView<const Scalar>;
   /// overlap was as fast or faster at every measured shape (docs/performance.md).
   SgmvSchedule schedule = SgmvSchedule::overlap;
+  /// bf16/half with in % 32 == 0 and 16-byte aligned rows of X: the shrink runs on the tensor
+  /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
+  bool tensor_core_shrink = true;
 
   DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -577,7 +685,7 @@ class DeviceAdapterSet {
   };
   /// Launch shape of one batch: vector widths, K-splits, U's layout.
   struct Plan {
-    bool vec_x = false, vec_y = false;
+    bool vec_x = false, vec_y = false, mma = false;
     int splits = 1, chunks_per_split = 0, ldu = 0;
     long split_stride = 0;
   };
@@ -649,17 +757,30 @@ class DeviceAdapterSet {
   Plan plan(cview X, const DeviceSegments& seg) const {
     Plan p;
     p.vec_x = in_ % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
-    const int chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
-    // K-splits up to one wave of blocks (3 per SM fit at ~166 registers): each block is a
-    // short chain of dependent loads and one reduction, so a second wave costs a whole chain
-    // (T 256 x 64 adapters: 640 blocks took 17.1 us, 256 blocks 14.3 us). Every split keeps
-    // at least half a chunk per thread.
-    const int groups = (static_cast<int>(max_rank()) + detail::sgmv_rank_group - 1) / detail::sgmv_rank_group;
-    const int want = (3 * sms_) / std::max(seg.tiles * groups, 1);
-    p.splits = std::clamp(std::min(want, 2 * chunks / detail::sgmv_threads), 1, detail::sgmv_max_split);
+    p.mma = !std::is_same_v<Scalar, float> && tensor_core_shrink && p.vec_x && in_ % 32 == 0;
+    const int ldu = static_cast<int>(max_rank());
+    int chunks = 0, max_splits = 1, want = 1;
+    if (p.mma) {
+      // Tensor-core shrink: 32-wide chunks; about four blocks of four warps per SM (≈ 70
+      // registers), each warp with at least two chunks.
+      chunks = static_cast<int>(in_ / 32);
+      const int groups = (ldu + 15) / 16;
+      want = (4 * sms_) / std::max(seg.tiles * groups, 1);
+      max_splits = chunks / (2 * detail::sgmv_mma_warps);
+    } else {
+      // CUDA-core shrink: K-splits up to one wave of blocks (3 per SM fit at ~166 registers):
+      // each block is a short chain of dependent loads and one reduction, so a second wave
+      // costs a whole chain (T 256 x 64 adapters: 640 blocks took 17.1 us, 256 blocks
+      // 14.3 us). Every split keeps at least half a chunk per thread.
+      chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
+      const int groups = (ldu + detail::sgmv_rank_group - 1) / detail::sgmv_rank_group;
+      want = (3 * sms_) / std::max(seg.tiles * groups, 1);
+      max_splits = std::min(2 * chunks / detail::sgmv_threads, 8);
+    }
+    p.splits = std::clamp(std::min(want, max_splits), 1, detail::sgmv_max_split);
     p.chunks_per_split = (chunks + p.splits - 1) / p.splits;
     p.splits = (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
-    p.ldu = static_cast<int>(max_rank());
+    p.ldu = ldu;
     p.split_stride = static_cast<long>(seg.covered) * p.ldu;
     const std::size_t need = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(p.split_stride);
     if (U_.size() < need) U_ = DeviceBuffer<float>(need);
@@ -667,10 +788,21 @@ class DeviceAdapterSet {
   }
 
   void shrink(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream) const {
+    const T* x = reinterpret_cast<const T*>(X.data);
+    if constexpr (!std::is_same_v<Scalar, float>) {
+      if (p.mma) {
+        const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits),
+                        lora::detail::ceil_div(p.ldu, 16));
+        detail::sgmv_shrink_mma_kernel<T><<<grid, detail::sgmv_mma_warps * 32, 0, stream>>>(
+            x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
+            p.split_stride, p.chunks_per_split);
+        LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_mma_kernel");
+        return;
+      }
+    }
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
     const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits),
                     lora::detail::ceil_div(p.ldu, RG));
-    const T* x = reinterpret_cast<const T*>(X.data);
     if (p.vec_x)
       detail::sgmv_shrink_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
           x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
@@ -684,7 +816,7 @@ class DeviceAdapterSet {
 
   /// Y's rows += the adapters' products, or with D (delta schedule) D's rows = them.
   void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}) const {
-    constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_rank_group;
+    constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_expand_rank_group;
     const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
                      (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
     const int vw = vec ? V : 1;
