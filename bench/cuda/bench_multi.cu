@@ -131,7 +131,8 @@ int main(int argc, char** argv) {
 
       std::vector<std::string> names = {"base_gemm",   "single_fused",         "single_plain",
                                         "mixed_serial", "mixed_overlap",       "mixed_delta",
-                                        "sgmv_only",   "mixed_overlap_simt"};
+                                        "sgmv_only",   "mixed_overlap_simt",   "mixed_overlap_nopf",
+                                        "mixed_overlap_persist"};
       std::vector<std::function<void(int)>> fns = {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
@@ -159,6 +160,19 @@ int main(int argc, char** argv) {
             set.schedule = multi::SgmvSchedule::overlap;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
             set.tensor_core_shrink = true;
+          },
+          // overlap without the L2 prefetch of Bᵀ, and with the evict_last one
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::overlap;
+            set.prefetch = multi::SgmvPrefetch::none;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+            set.prefetch = multi::SgmvPrefetch::l2;
+          },
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::overlap;
+            set.prefetch = multi::SgmvPrefetch::l2_persist;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+            set.prefetch = multi::SgmvPrefetch::l2;
           }};
       // The naive loop is timed on its own: thousands of small launches in the
       // alternation disturbed the other variants' clocks (T 256, 64 adapters).
@@ -180,9 +194,10 @@ int main(int argc, char** argv) {
       emit("segments_host_us", T, N, r, 0.0, seg_us);
       std::fprintf(stderr,
                    "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single; overlap with the "
-                   "CUDA-core shrink %.4f; shrink + expand alone %.4f) naive %.4f ms\n",
+                   "CUDA-core shrink %.4f; no prefetch %.4f; evict_last prefetch %.4f; shrink + expand alone %.4f) "
+                   "naive %.4f ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], ms[5], std::min({ms[3], ms[4], ms[5]}) / ms[1],
-                   ms[7], ms[6], ms[8]);
+                   ms[7], ms[8], ms[9], ms[6], ms[10]);
     }
   }
   // Backward (W frozen): DeviceAdapterSet::backward over a mixed batch against one adapter's

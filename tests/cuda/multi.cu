@@ -9,6 +9,7 @@
 
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 using namespace lora;
@@ -109,8 +110,14 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
         for (bool tc : {true, false}) {
           INFO("tensor_core_shrink " << tc);
           dev.tensor_core_shrink = tc;
-          for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap, multi::SgmvSchedule::delta}) {
+          using Sc = multi::SgmvSchedule;
+          using Pf = multi::SgmvPrefetch;
+          for (auto [sched, pf] : {std::pair{Sc::serial, Pf::l2}, std::pair{Sc::overlap, Pf::none},
+                                   std::pair{Sc::overlap, Pf::l2}, std::pair{Sc::overlap, Pf::l2_persist},
+                                   std::pair{Sc::delta, Pf::l2}}) {
+            INFO("schedule " << static_cast<int>(sched) << " prefetch " << static_cast<int>(pf));
             dev.schedule = sched;
+            dev.prefetch = pf;
             DeviceMatrix<S> Y(T, c.out);
             poison(Y.view());
             dev.apply(dW.view(), dX.view(), seg, Y.view());
@@ -125,6 +132,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
             CHECK(paths.template cast<double>().norm() == 0.0);
         }
         dev.tensor_core_shrink = true;
+        dev.prefetch = multi::SgmvPrefetch::l2;
         // GPU against the CPU batched_apply (float accumulation there too).
         const auto cpu = multi::batched_apply(set, W, X, ids);
         CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < tol<S>());

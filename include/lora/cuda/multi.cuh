@@ -91,6 +91,19 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
   }
 }
 
+/// A 16-byte read-only load whose L2 line gets the evict_first priority (policy from
+/// createpolicy): undoes sgmv_prefetch_kernel's evict_last once the line has been used.
+__device__ __forceinline__ uint4 ldg_evict_first(const void* p) {
+  uint4 v;
+  asm volatile(
+      "{\n\t.reg .b64 pol;\n\t"
+      "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
+      "ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 /// N elements of T kept as they are loaded (one 16-byte load when N·sizeof(T) = 16), to be
 /// converted to float when used: a load in flight costs its raw registers only.
 template <class T, int N>
@@ -103,6 +116,13 @@ struct RawVec {
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = __ldg(p + i);
     }
+  }
+  /// As ldg, with the line handed to evict_first (16-byte vectors; otherwise plain ldg).
+  __device__ __forceinline__ void ldg_first(const T* p) {
+    if constexpr (N * sizeof(T) == 16)
+      *reinterpret_cast<uint4*>(v) = ldg_evict_first(p);
+    else
+      ldg(p);
   }
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -244,6 +264,23 @@ __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
         e.scaling * v;
 }
 
+/// Issues an L2 prefetch for every 128-byte line of the Bᵀ of segment blockIdx.x's adapter
+/// (blocks of y split the lines).
+template <class T, bool PERSIST>
+__global__ void __launch_bounds__(256) sgmv_prefetch_kernel(const int* __restrict__ adapters,
+                                                            const DeviceSlotEntry<T>* __restrict__ table, int out) {
+  const DeviceSlotEntry<T> e = table[adapters[blockIdx.x]];
+  const long bytes = static_cast<long>(e.rank) * out * static_cast<long>(sizeof(T));
+  const char* p = reinterpret_cast<const char*>(e.Bt);
+  const long step = static_cast<long>(gridDim.y) * blockDim.x * 128;
+  for (long o = (static_cast<long>(blockIdx.y) * blockDim.x + threadIdx.x) * 128; o < bytes; o += step) {
+    if constexpr (PERSIST)
+      asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + o));
+    else
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
+  }
+}
+
 /// Expand: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the positions of one tile
 /// and a block of VW·sgmv_threads output columns (gridDim.y blocks), in place:
 /// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads.
@@ -254,7 +291,7 @@ __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
 /// staging before loading Bᵀ, and for one row per rank before that). U's K-splits are
 /// summed while the tile's [count × r] block is staged in shared memory, zero-padded to
 /// a multiple of RG; Bᵀ rows past the rank are not loaded (zeros).
-template <class T, int VW, int TT, int RG>
+template <class T, int VW, int TT, int RG, bool FIRST = false>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
@@ -269,7 +306,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 #pragma unroll
   for (int g = 0; g < RG; ++g) {
     if (live && g < r)
-      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
+      FIRST ? b[g].ldg_first(e.Bt + static_cast<long>(g) * out + col) : b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
     else
       b[g].zero();
   }
@@ -297,7 +334,8 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 #pragma unroll
       for (int g = 0; g < RG; ++g) {
         if (j0 + g < r)
-          b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
+          FIRST ? b[g].ldg_first(e.Bt + static_cast<long>(j0 + g) * out + col)
+                : b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
         else
           b[g].zero();
       }
@@ -376,6 +414,7 @@ struct DeviceSegments {
   int tiles = 0;
   DeviceBuffer<detail::SegmentTile> tile_buf;
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
+  DeviceBuffer<int> adapter_buf; ///< `adapters` on the device (the L2 prefetch's grid)
 };
 
 /// How apply() orders its three steps.
@@ -387,6 +426,17 @@ struct DeviceSegments {
 ///          to Y after the GEMM (the expand leaves the critical path; Y's adapter
 ///          rows are read and written once more).
 enum class SgmvSchedule { serial, overlap, delta };
+
+/// How the overlap schedule readies the adapters' Bᵀ for the expand while the base GEMM
+/// runs (the second stream is idle once the shrink is done).
+/// none:       the expand reads Bᵀ from wherever it is (after the GEMM, mostly DRAM);
+/// l2:         a kernel on the second stream prefetches every used adapter's Bᵀ into L2
+///             (prefetch.global.L2), so the expand, which is on the critical path, reads it
+///             from L2;
+/// l2_persist: the same with the evict_last priority, so that the GEMM's stream of W does not
+///             push the lines out; the expand reads them with an evict_first hint, which hands
+///             the lines back to normal eviction.
+enum class SgmvPrefetch { none, l2, l2_persist };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
 /// dB[id] [out × r] in float for every adapter the batch used (empty views for the
@@ -420,6 +470,8 @@ class DeviceAdapterSet {
   /// bf16/half with in % 32 == 0 and 16-byte aligned rows of X: the shrink runs on the tensor
   /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
   bool tensor_core_shrink = true;
+  /// How the overlap and delta schedules ready Bᵀ for the expand (SgmvPrefetch).
+  SgmvPrefetch prefetch = SgmvPrefetch::l2;
 
   DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -526,7 +578,10 @@ class DeviceAdapterSet {
     d.tiles = static_cast<int>(tiles.size());
     d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
     d.order = DeviceBuffer<int>(order.size());
+    d.adapter_buf = DeviceBuffer<int>(d.adapters.size());
     if (!tiles.empty()) {
+      LORA_CUDA_CHECK(cudaMemcpyAsync(d.adapter_buf.data(), d.adapters.data(), d.adapters.size() * sizeof(int),
+                                      cudaMemcpyHostToDevice, ctx_->stream()));
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.tile_buf.data(), tiles.data(), tiles.size() * sizeof(tiles[0]),
                                       cudaMemcpyHostToDevice, ctx_->stream()));
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.order.data(), order.data(), order.size() * sizeof(int),
@@ -553,6 +608,11 @@ class DeviceAdapterSet {
     const Plan p = plan(X, seg);
     const cudaStream_t side = overlap ? fork_->side.get() : ctx_->stream();
     if (seg.tiles > 0) shrink(X, seg, p, side);
+    // evict_last only where the expand's 16-byte loads can hand the lines back
+    const SgmvPrefetch pf = !overlap || delta                                          ? SgmvPrefetch::none
+                            : prefetch == SgmvPrefetch::l2_persist && !expand_vec(Y, {}) ? SgmvPrefetch::l2
+                                                                                       : prefetch;
+    if (pf != SgmvPrefetch::none) prefetch_bt(seg, pf, side);
     view D;
     if (delta) {
       const std::size_t need = static_cast<std::size_t>(seg.covered) * static_cast<std::size_t>(out_);
@@ -572,7 +632,7 @@ class DeviceAdapterSet {
     if (delta)
       add_rows(D, seg, Y);
     else if (seg.tiles > 0)
-      expand(seg, p, Y, ctx_->stream());
+      expand(seg, p, Y, ctx_->stream(), {}, pf == SgmvPrefetch::l2_persist);
   }
   DeviceMatrix<Scalar> apply(cview W, cview X, std::span<const int> ids) const {
     check_ids(X, ids);
@@ -814,18 +874,41 @@ class DeviceAdapterSet {
     LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_kernel");
   }
 
+  /// Whether the expand takes 16-byte vectors of Y (and D).
+  bool expand_vec(view Y, view D) const {
+    return out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
+           (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
+  }
+  /// Every used adapter's Bᵀ into L2 (SgmvPrefetch), on the second stream.
+  void prefetch_bt(const DeviceSegments& seg, SgmvPrefetch mode, cudaStream_t stream) const {
+    const long bytes = static_cast<long>(max_rank()) * out_ * static_cast<long>(sizeof(Scalar));
+    const dim3 grid(static_cast<unsigned>(seg.adapters.size()), lora::detail::ceil_div(bytes, 256L * 128 * 4));
+    if (mode == SgmvPrefetch::l2_persist)
+      detail::sgmv_prefetch_kernel<T, true><<<grid, 256, 0, stream>>>(seg.adapter_buf.data(), table_.data(),
+                                                                      static_cast<int>(out_));
+    else
+      detail::sgmv_prefetch_kernel<T, false><<<grid, 256, 0, stream>>>(seg.adapter_buf.data(), table_.data(),
+                                                                       static_cast<int>(out_));
+    LORA_CUDA_CHECK_LAUNCH("sgmv_prefetch_kernel");
+  }
+
   /// Y's rows += the adapters' products, or with D (delta schedule) D's rows = them.
-  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}) const {
+  /// evict_first: Bᵀ was prefetched with evict_last; the expand's loads hand it back.
+  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {},
+              bool evict_first = false) const {
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_expand_rank_group;
-    const bool vec = out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
-                     (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
+    const bool vec = expand_vec(Y, D);
     const int vw = vec ? V : 1;
     const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
     const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
     const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
     T* y = reinterpret_cast<T*>(Y.data);
     T* d = reinterpret_cast<T*>(D.data);
-    if (vec)
+    if (vec && evict_first)
+      detail::sgmv_expand_kernel<T, V, TT, RG, true><<<grid, detail::sgmv_threads, smem, stream>>>(
+          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+          static_cast<int>(out_), d, D.ld);
+    else if (vec)
       detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
           static_cast<int>(out_), d, D.ld);
