@@ -497,6 +497,336 @@ void launch_nf4_read_probe(const std::uint8_t* packed, const float* absmax, int 
   kernel<<<blocks, KS * 32, 0, stream>>>(packed, absmax, K, nOut, out);
 }
 
+// ---- Byte-pair table GEMV on the CUDA cores (one bf16 token, K = 4096, blocksize 64) -------------
+
+/// Dynamic shared memory of nf4_pair_kernel: the 64 KB table (twice that with ALIGN, so that a
+/// 64 KB-aligned copy fits), then the partial sums [RW][2 slots][4 K-warps][32].
+template <int RW, bool ALIGN>
+constexpr int nf4_pair_smem_bytes() {
+  return (ALIGN ? 2 : 1) * 65536 + RW * 2 * 4 * 32 * 4;
+}
+
+/// y[n] = Σ_k x[k]·code(W[n, k])·absmax(n, k/64) for one bf16 token, K = 4096, blocksize 64.
+///
+/// A block has 4 K-warps × RW row-warps. K-warp kw's lane l owns the 32 weights
+/// k0 = 1024·kw + 32·l … k0 + 31 of every row (16 packed bytes = one uint4, one quantisation
+/// block) and keeps those 32 activations as floats in registers for the whole kernel. A
+/// row-warp group (the 4 K-warps with the same rw) takes batches of R rows; each block gets a
+/// contiguous range of batches, dealt round-robin to its RW groups. Per byte of codes (two
+/// weights): one PRMT forms the shared address of the lane's private float2 entry
+/// (nf4[b >> 4], nf4[b & 15]) — table laid out [256 bytes][32 lanes] of float2, entry (b, l)
+/// at b·256 + 8·l, conflict-free per half-warp; with ALIGN the table sits at a 64 KB-aligned
+/// shared address, so the PRMT takes bytes 0, 2, 3 from the lane's base and byte 1 from the
+/// code word and the load is LDS.64 [R]; without, the PRMT gives b·256 + 8·l and the table's
+/// base goes into the load's address. Then 2 FFMA. The lane's 32-term sum is scaled by its
+/// absmax once. The R rows' sums of a warp are reduced by a transposing butterfly (xor 16,
+/// 8, … : R/2 + R/4 + … shuffles, leaving lane l with row l >> (5 − log2 R)), the 4 K-warps
+/// meet in shared memory behind a named barrier of the group (two slots), and K-warp 0
+/// finishes the sum (xor shuffles over the remaining lanes) and writes y in bf16.
+/// The next D batches' codes and absmax are in flight in registers while a batch computes (row r
+/// of batch j + D is loaded as soon as row r of batch j has been multiplied).
+/// Products and sums are float (codes exact). Needs K == 4096, blocksize 64, X 16-byte aligned.
+template <int RW, int R, int D, bool ALIGN, int MINB>
+__global__ void __launch_bounds__(RW * 128, MINB)
+    nf4_pair_kernel(const __nv_bfloat16* __restrict__ X, int K, const std::uint8_t* __restrict__ packed,
+                    const float* __restrict__ absmax, int nOut, __nv_bfloat16* __restrict__ Y) {
+  constexpr int KW = 4, L = R == 2 ? 4 : R == 4 ? 3 : R == 8 ? 2 : 1;
+  static_assert(R == 2 || R == 4 || R == 8 || R == 16, "R must be 2, 4, 8 or 16");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int kw = warp % KW, rw = warp / KW;
+  constexpr int red_bytes = RW * 2 * KW * 32 * 4;
+  const std::uint32_t sbase = shared_u32(smem);
+  std::uint32_t tab;  // shared address of the table
+  unsigned char* redp;
+  if constexpr (ALIGN) {
+    tab = (sbase + 0xffffu) & ~0xffffu;
+    const std::uint32_t gap = tab - sbase;
+    redp = smem + (gap >= static_cast<std::uint32_t>(red_bytes) ? 0u : gap + 65536u);
+  } else {
+    tab = sbase;
+    redp = smem + 65536;
+  }
+  float2* tabp = reinterpret_cast<float2*>(smem + (tab - sbase));
+  float* red = reinterpret_cast<float*>(redp) + rw * 2 * KW * 32;
+
+  // This block's batches [b0, b1); this group's are b0 + rw, b0 + rw + RW, …
+  const int nbat = (nOut + R - 1) / R;
+  const int b0 = static_cast<int>(static_cast<long>(blockIdx.x) * nbat / gridDim.x);
+  const int b1 = static_cast<int>(static_cast<long>(blockIdx.x + 1) * nbat / gridDim.x);
+  const int nmine = b1 - b0 > rw ? (b1 - b0 - rw + RW - 1) / RW : 0;
+  const int k0 = kw * 1024 + lane * 32;
+  const std::uint8_t* pk = packed + k0 / 2;
+  const float* am = absmax + k0 / 64;
+  const long rowb = K / 2, rowa = K / 64;
+
+  uint4 c[D][R];
+  float a[D][R];
+  auto load_row = [&](uint4& cr, float& ar, int j, int r) {
+    const int row = min((b0 + rw + j * RW) * R + r, nOut - 1);
+    const std::uint8_t* p = pk + row * rowb;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(cr.x), "=r"(cr.y), "=r"(cr.z), "=r"(cr.w)
+                 : "l"(p));
+    ar = __ldg(am + row * rowa);
+  };
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (d < nmine)
+#pragma unroll
+      for (int r = 0; r < R; ++r) load_row(c[d][r], a[d][r], d, r);
+
+  // The activations, as floats, while the first codes are in flight.
+  float x[32];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(X + k0) + q);
+    const std::uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x[8 * q + 2 * j] = __uint_as_float(w[j] << 16);
+      x[8 * q + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += RW * 128) {
+    const int e = i / 32;
+    tabp[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
+  }
+  __syncthreads();
+
+  const std::uint32_t base = ALIGN ? (tab | static_cast<std::uint32_t>(lane) * 8u) : static_cast<std::uint32_t>(lane) * 8u;
+  auto lookup = [&](std::uint32_t word, int byte) {
+    const std::uint32_t off = __byte_perm(word, base, 0x7604u | (static_cast<std::uint32_t>(byte) << 4));
+    float2 v;
+    if constexpr (ALIGN) {
+      asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(off));
+    } else {
+      v = *reinterpret_cast<const float2*>(smem + off);
+    }
+    return v;
+  };
+
+  int slot = 0;
+  for (int j = 0; j < nmine; j += D) {
+#pragma unroll
+    for (int d = 0; d < D; ++d) {
+      const int jj = j + d;
+      if (jj < nmine) {  // the same for the group's 4 K-warps
+        // Row by row, so that a row's codes are dead after its 16 lookups and the load of the
+        // same row of batch jj + D can go out at once (a batch of lead time for D = 1).
+        float p[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float s0 = 0.f, s1 = 0.f;  // two chains of 16 FFMA
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              const std::uint32_t w = q == 0 ? c[d][r].x : q == 1 ? c[d][r].y : q == 2 ? c[d][r].z : c[d][r].w;
+              const float2 t = lookup(w, i);
+              s0 = fmaf(t.x, x[8 * q + 2 * i], s0);
+              s1 = fmaf(t.y, x[8 * q + 2 * i + 1], s1);
+            }
+          p[r] = (s0 + s1) * a[d][r];
+          if (jj + D < nmine) load_row(c[d][r], a[d][r], jj + D, r);
+        }
+        // Transposing butterfly: after it lane l holds (part of) row l >> L.
+#pragma unroll
+        for (int s = 0; (R >> s) > 1; ++s) {
+          const int n = R >> s, m = 16 >> s;
+          const bool hi = (lane & m) != 0;
+#pragma unroll
+          for (int i = 0; i < n / 2; ++i) {
+            const float send = hi ? p[i] : p[i + n / 2];
+            const float keep = hi ? p[i + n / 2] : p[i];
+            p[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+          }
+        }
+        float* rs = red + slot * KW * 32;
+        rs[kw * 32 + lane] = p[0];
+        asm volatile("bar.sync %0, %1;" ::"r"(1 + rw), "n"(KW * 32) : "memory");
+        if (kw == 0) {
+          float v = p[0];
+#pragma unroll
+          for (int w = 1; w < KW; ++w) v += rs[w * 32 + lane];
+#pragma unroll
+          for (int m = 1; m < (1 << L); m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+          const int row = (b0 + rw + jj * RW) * R + (lane >> L);
+          if ((lane & ((1 << L) - 1)) == 0 && row < nOut) Y[row] = __float2bfloat16_rn(v);
+        }
+        slot ^= 1;
+      }
+    }
+  }
+}
+
+template <int RW, int R, int D, bool ALIGN, int MINB>
+void launch_nf4_pair(const __nv_bfloat16* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut,
+                     __nv_bfloat16* Y, cudaStream_t stream) {
+  if (K != 4096 || bs != 64) fail("nf4_pair_kernel: needs K 4096 and blocksize 64, got {} and {}", K, bs);
+  auto kernel = nf4_pair_kernel<RW, R, D, ALIGN, MINB>;
+  constexpr int smem = nf4_pair_smem_bytes<RW, ALIGN>();
+  static std::atomic<int> cap[16] = {};
+  const int c = persistent_capacity(kernel, RW * 128, smem, smem, cap);
+  const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, R), RW), static_cast<unsigned>(c));
+  static std::atomic<bool> told{false};
+  if (!told.exchange(true)) {
+    cudaFuncAttributes fa{};
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    std::fprintf(stderr, "  [pair RW%d R%d D%d A%d B%d: %u blocks of %d threads, %d registers, %d B local, %d B smem]\n",
+                 RW, R, D, int(ALIGN), MINB, blocks, RW * 128, fa.numRegs, int(fa.localSizeBytes), smem);
+  }
+  kernel<<<blocks, RW * 128, smem, stream>>>(X, K, packed, absmax, nOut, Y);
+}
+
+/// nf4_pair_kernel with less bookkeeping per row (the second round of this experiment): K is
+/// the constant 4096, so a row's codes are LDG [ptr + r·2048] and its absmax LDG [ptr + r·256]
+/// off two pointers that advance once per batch; nOut % R == 0 (no clamping); the last batch is
+/// peeled, so the loads of the next batch need no branch. With PC (producer/consumer) the 3
+/// K-warps 1…3 do not wait for K-warp 0 to finish a batch: per slot (2) a FULL and an EMPTY
+/// named barrier (bar.arrive by whoever does not wait), so they run up to two batches ahead;
+/// without PC one bar.sync of the group per batch, as before. Needs RW ≤ 4 with PC (4 barrier
+/// ids per group; id 0 is reused after the block's one __syncthreads).
+template <int RW, int R, bool PC, int MINB>
+__global__ void __launch_bounds__(RW * 128, MINB)
+    nf4_pair2_kernel(const __nv_bfloat16* __restrict__ X, const std::uint8_t* __restrict__ packed,
+                     const float* __restrict__ absmax, int nOut, __nv_bfloat16* __restrict__ Y) {
+  constexpr int KW = 4, L = R == 2 ? 4 : R == 4 ? 3 : R == 8 ? 2 : 1;
+  static_assert(R == 2 || R == 4 || R == 8 || R == 16, "R must be 2, 4, 8 or 16");
+  static_assert(!PC || RW <= 4, "PC needs 4 barrier ids per row group");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int kw = warp % KW, rw = warp / KW;
+  float2* tabp = reinterpret_cast<float2*>(smem);
+  float* red = reinterpret_cast<float*>(smem + 65536) + rw * 2 * KW * 32;
+
+  const int nbat = nOut / R;
+  const int b0 = static_cast<int>(static_cast<long>(blockIdx.x) * nbat / gridDim.x);
+  const int b1 = static_cast<int>(static_cast<long>(blockIdx.x + 1) * nbat / gridDim.x);
+  const int nmine = b1 - b0 > rw ? (b1 - b0 - rw + RW - 1) / RW : 0;
+  const int k0 = kw * 1024 + lane * 32;
+  const long row0 = static_cast<long>(b0 + rw) * R;
+  const std::uint8_t* pc = packed + row0 * 2048 + k0 / 2;
+  const float* pa = absmax + row0 * 64 + k0 / 64;
+  constexpr long cstep = static_cast<long>(RW) * R * 2048, astep = static_cast<long>(RW) * R * 64;
+
+  uint4 c[R];
+  float a[R];
+  auto load_batch_row = [&](int r) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(c[r].x), "=r"(c[r].y), "=r"(c[r].z), "=r"(c[r].w)
+                 : "l"(pc + r * 2048));
+    a[r] = __ldg(pa + r * 64);
+  };
+  if (nmine > 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r) load_batch_row(r);
+
+  float x[32];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(X + k0) + q);
+    const std::uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x[8 * q + 2 * j] = __uint_as_float(w[j] << 16);
+      x[8 * q + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += RW * 128) {
+    const int e = i / 32;
+    tabp[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
+  }
+  __syncthreads();
+
+  const std::uint32_t base = static_cast<std::uint32_t>(lane) * 8u;
+  __nv_bfloat16* yp = Y + row0 + (lane >> L);  // K-warp 0's output of the batch
+  auto step = [&](int jj, auto more) {
+    float p[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const std::uint32_t w = q == 0 ? c[r].x : q == 1 ? c[r].y : q == 2 ? c[r].z : c[r].w;
+          const std::uint32_t off = __byte_perm(w, base, 0x7604u | (static_cast<std::uint32_t>(i) << 4));
+          const float2 t = *reinterpret_cast<const float2*>(smem + off);
+          s0 = fmaf(t.x, x[8 * q + 2 * i], s0);
+          s1 = fmaf(t.y, x[8 * q + 2 * i + 1], s1);
+        }
+      p[r] = (s0 + s1) * a[r];
+      if constexpr (decltype(more)::value) {
+        if (r == 0) {
+          pc += cstep;
+          pa += astep;
+        }
+        load_batch_row(r);
+      }
+    }
+#pragma unroll
+    for (int s = 0; (R >> s) > 1; ++s) {
+      const int n = R >> s, m = 16 >> s;
+      const bool hi = (lane & m) != 0;
+#pragma unroll
+      for (int i = 0; i < n / 2; ++i) {
+        const float send = hi ? p[i] : p[i + n / 2];
+        const float keep = hi ? p[i + n / 2] : p[i];
+        p[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+      }
+    }
+    const int slot = jj & 1;
+    float* rs = red + slot * KW * 32;
+    const int full = PC ? 4 * rw + slot : 1 + rw, empty = 4 * rw + 2 + slot;
+    if (kw != 0) {
+      if constexpr (PC) {
+        if (jj >= 2) asm volatile("bar.sync %0, %1;" ::"r"(empty), "n"(KW * 32) : "memory");
+        rs[kw * 32 + lane] = p[0];
+        asm volatile("bar.arrive %0, %1;" ::"r"(full), "n"(KW * 32) : "memory");
+      } else {
+        rs[kw * 32 + lane] = p[0];
+        asm volatile("bar.sync %0, %1;" ::"r"(full), "n"(KW * 32) : "memory");
+      }
+    } else {
+      asm volatile("bar.sync %0, %1;" ::"r"(full), "n"(KW * 32) : "memory");
+      float v = p[0];
+#pragma unroll
+      for (int w = 1; w < KW; ++w) v += rs[w * 32 + lane];
+      if constexpr (PC)
+        if (jj + 2 < nmine) asm volatile("bar.arrive %0, %1;" ::"r"(empty), "n"(KW * 32) : "memory");
+#pragma unroll
+      for (int m = 1; m < (1 << L); m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+      if ((lane & ((1 << L) - 1)) == 0) *yp = __float2bfloat16_rn(v);
+      yp += RW * R;
+    }
+  };
+  int jj = 0;
+#pragma unroll 1
+  for (; jj + 1 < nmine; ++jj) step(jj, std::true_type{});
+  if (jj < nmine) step(jj, std::false_type{});
+}
+
+template <int RW, int R, bool PC, int MINB>
+void launch_nf4_pair2(const __nv_bfloat16* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut,
+                      __nv_bfloat16* Y, cudaStream_t stream) {
+  if (K != 4096 || bs != 64 || nOut % R)
+    fail("nf4_pair2_kernel: needs K 4096, blocksize 64, rows % {} == 0; got {}, {}, {}", R, K, bs, nOut);
+  auto kernel = nf4_pair2_kernel<RW, R, PC, MINB>;
+  constexpr int smem = 65536 + RW * 2 * 4 * 32 * 4;
+  static std::atomic<int> cap[16] = {};
+  const int c = persistent_capacity(kernel, RW * 128, smem, smem, cap);
+  const unsigned blocks = std::min<unsigned>(ceil_div(nOut / R, RW), static_cast<unsigned>(c));
+  static std::atomic<bool> told{false};
+  if (!told.exchange(true)) {
+    cudaFuncAttributes fa{};
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    std::fprintf(stderr, "  [pair2 RW%d R%d PC%d B%d: %u blocks of %d threads, %d registers, %d B local, %d B smem]\n", RW,
+                 R, int(PC), MINB, blocks, RW * 128, fa.numRegs, int(fa.localSizeBytes), smem);
+  }
+  kernel<<<blocks, RW * 128, smem, stream>>>(X, packed, absmax, nOut, Y);
+}
+
 }  // namespace lora::detail
 
 using namespace lora;
@@ -621,6 +951,38 @@ int main(int argc, char** argv) {
   STREAM(1, true, false);
   STREAM(1, false, true);
   STREAM(1, false, false);
+  // Byte-pair table on the CUDA cores (nf4_pair_kernel): RW row-warps x 4 K-warps, R rows per
+  // batch, D batches of codes in flight, ALIGN: 64 KB-aligned table (one PRMT per lookup).
+#define PAIR(RW, R, D, ALIGN, MINB)                                                                            \
+  variant("pair RW" #RW " R" #R " D" #D " A" #ALIGN " B" #MINB, [&](int i) {                                    \
+    detail::launch_nf4_pair<RW, R, D, ALIGN, MINB>(reinterpret_cast<const T*>(X.data()), int(in),              \
+                                                   q[i % sets].packed.data(), q[i % sets].absmax.data(), 64,    \
+                                                   int(out), reinterpret_cast<T*>(Y.data()), ctx->stream());    \
+  })
+  PAIR(4, 8, 1, true, 1);
+  PAIR(2, 8, 1, false, 2);
+#define PAIR2(RW, R, PC, MINB)                                                                                 \
+  variant("pair2 RW" #RW " R" #R " PC" #PC " B" #MINB, [&](int i) {                                            \
+    detail::launch_nf4_pair2<RW, R, PC, MINB>(reinterpret_cast<const T*>(X.data()), int(in),                    \
+                                              q[i % sets].packed.data(), q[i % sets].absmax.data(), 64,         \
+                                              int(out), reinterpret_cast<T*>(Y.data()), ctx->stream());         \
+  })
+  PAIR2(4, 4, false, 1);
+  PAIR2(4, 4, true, 1);
+  PAIR2(4, 8, true, 1);
+  PAIR2(2, 4, true, 2);
+  PAIR2(2, 8, true, 2);
+  PAIR2(3, 2, true, 2);
+  variant("pair2 RW4 R4 PC1 B1, L2", [&](int) {
+    detail::launch_nf4_pair2<4, 4, true, 1>(reinterpret_cast<const T*>(X.data()), int(in), q[0].packed.data(),
+                                            q[0].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
+                                            ctx->stream());
+  });
+  variant("pair RW4 R8 D1 A1, L2", [&](int) {
+    detail::launch_nf4_pair<4, 8, 1, true, 1>(reinterpret_cast<const T*>(X.data()), int(in), q[0].packed.data(),
+                                              q[0].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
+                                              ctx->stream());
+  });
   // The same kernels on one L2-resident weight set (33 MB of the 50 MB L2): what they cost
   // without DRAM.
   variant("stream NT1 WIDE LAST, L2", [&](int) {
