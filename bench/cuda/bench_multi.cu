@@ -48,14 +48,16 @@ int main(int argc, char** argv) {
     using T = detail::device_t<S>;
     constexpr int V = 16 / sizeof(S), TT = multi::detail::sgmv_tile_tokens, RG = multi::detail::sgmv_rank_group,
                   ERG = multi::detail::sgmv_expand_rank_group;
-    cudaFuncAttributes a{}, b{}, c{};
+    cudaFuncAttributes a{}, b{}, c{}, d{};
+    LORA_CUDA_CHECK(cudaFuncGetAttributes(&d, multi::detail::sgmv_expand_token_kernel<T, V>));
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&a, multi::detail::sgmv_shrink_kernel<T, V, TT, RG>));
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&b, multi::detail::sgmv_expand_kernel<T, V, TT, ERG>));
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&c, multi::detail::sgmv_shrink_mma_kernel<T>));
     std::fprintf(stderr,
                  "shrink: %d regs, %zu local bytes; tensor-core shrink: %d regs, %zu local bytes; expand: %d regs, "
-                 "%zu local bytes\n",
-                 a.numRegs, a.localSizeBytes, c.numRegs, c.localSizeBytes, b.numRegs, b.localSizeBytes);
+                 "%zu local bytes; per-token expand: %d regs, %zu local bytes\n",
+                 a.numRegs, a.localSizeBytes, c.numRegs, c.localSizeBytes, b.numRegs, b.localSizeBytes, d.numRegs,
+                 d.localSizeBytes);
   }
   std::fprintf(csv, "name,tokens,adapters,r,ms,extra\n");
   const Index in = 4096, out = 4096, r = 16;
@@ -131,8 +133,7 @@ int main(int argc, char** argv) {
 
       std::vector<std::string> names = {"base_gemm",   "single_fused",         "single_plain",
                                         "mixed_serial", "mixed_overlap",       "mixed_delta",
-                                        "sgmv_only",   "mixed_overlap_simt",   "mixed_overlap_nopf",
-                                        "mixed_overlap_persist"};
+                                        "sgmv_only",   "mixed_overlap_simt",   "mixed_overlap_tile"};
       std::vector<std::function<void(int)>> fns = {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
@@ -161,18 +162,12 @@ int main(int argc, char** argv) {
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
             set.tensor_core_shrink = true;
           },
-          // overlap without the L2 prefetch of Bᵀ, and with the evict_last one
+          // overlap with the expand of one thread per 8 columns of a whole tile
           [&](int i) {
             set.schedule = multi::SgmvSchedule::overlap;
-            set.prefetch = multi::SgmvPrefetch::none;
+            set.expand_kernel = multi::SgmvExpand::per_tile;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
-            set.prefetch = multi::SgmvPrefetch::l2;
-          },
-          [&](int i) {
-            set.schedule = multi::SgmvSchedule::overlap;
-            set.prefetch = multi::SgmvPrefetch::l2_persist;
-            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
-            set.prefetch = multi::SgmvPrefetch::l2;
+            set.expand_kernel = multi::SgmvExpand::automatic;
           }};
       // The naive loop is timed on its own: thousands of small launches in the
       // alternation disturbed the other variants' clocks (T 256, 64 adapters).
@@ -194,10 +189,10 @@ int main(int argc, char** argv) {
       emit("segments_host_us", T, N, r, 0.0, seg_us);
       std::fprintf(stderr,
                    "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single; overlap with the "
-                   "CUDA-core shrink %.4f; no prefetch %.4f; evict_last prefetch %.4f; shrink + expand alone %.4f) "
+                   "CUDA-core shrink %.4f; per-tile expand %.4f; shrink + expand alone %.4f) "
                    "naive %.4f ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], ms[5], std::min({ms[3], ms[4], ms[5]}) / ms[1],
-                   ms[7], ms[8], ms[9], ms[6], ms[10]);
+                   ms[7], ms[8], ms[6], ms[9]);
     }
   }
   // Backward (W frozen): DeviceAdapterSet::backward over a mixed batch against one adapter's

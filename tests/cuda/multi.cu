@@ -111,13 +111,13 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
           INFO("tensor_core_shrink " << tc);
           dev.tensor_core_shrink = tc;
           using Sc = multi::SgmvSchedule;
-          using Pf = multi::SgmvPrefetch;
-          for (auto [sched, pf] : {std::pair{Sc::serial, Pf::l2}, std::pair{Sc::overlap, Pf::none},
-                                   std::pair{Sc::overlap, Pf::l2}, std::pair{Sc::overlap, Pf::l2_persist},
-                                   std::pair{Sc::delta, Pf::l2}}) {
-            INFO("schedule " << static_cast<int>(sched) << " prefetch " << static_cast<int>(pf));
+          using Ex = multi::SgmvExpand;
+          for (auto [sched, ex] : {std::pair{Sc::serial, Ex::per_token}, std::pair{Sc::overlap, Ex::per_token},
+                                   std::pair{Sc::overlap, Ex::per_tile}, std::pair{Sc::overlap, Ex::automatic},
+                                   std::pair{Sc::delta, Ex::per_token}, std::pair{Sc::delta, Ex::per_tile}}) {
+            INFO("schedule " << static_cast<int>(sched) << " expand " << static_cast<int>(ex));
             dev.schedule = sched;
-            dev.prefetch = pf;
+            dev.expand_kernel = ex;
             DeviceMatrix<S> Y(T, c.out);
             poison(Y.view());
             dev.apply(dW.view(), dX.view(), seg, Y.view());
@@ -125,14 +125,18 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
             REQUIRE(y.allFinite());
             CHECK(lora::test::rel_error(y, ref) < tol<S>());
           }
-          const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
-          if (ref_paths.norm() > 0)
-            CHECK(lora::test::rel_error(paths, ref_paths) < tol<S>());
-          else
-            CHECK(paths.template cast<double>().norm() == 0.0);
+          for (auto ex : {multi::SgmvExpand::per_token, multi::SgmvExpand::per_tile}) {
+            INFO("adapter paths alone, expand " << static_cast<int>(ex));
+            dev.expand_kernel = ex;
+            const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
+            if (ref_paths.norm() > 0)
+              CHECK(lora::test::rel_error(paths, ref_paths) < tol<S>());
+            else
+              CHECK(paths.template cast<double>().norm() == 0.0);
+          }
         }
         dev.tensor_core_shrink = true;
-        dev.prefetch = multi::SgmvPrefetch::l2;
+        dev.expand_kernel = multi::SgmvExpand::automatic;
         // GPU against the CPU batched_apply (float accumulation there too).
         const auto cpu = multi::batched_apply(set, W, X, ids);
         CHECK(lora::test::rel_error(dev.apply(dW.view(), dX.view(), ids).to_host(), cpu) < tol<S>());

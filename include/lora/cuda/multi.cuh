@@ -52,6 +52,7 @@ constexpr int sgmv_rank_group = 8;          // ranks per block of the CUDA-core 
 constexpr int sgmv_expand_rank_group = 16;  // Bᵀ rows the expand has in flight per thread
 constexpr int sgmv_max_rank = 1024;  // expand keeps a [tile × r] block of U in shared memory
 constexpr int sgmv_max_split = 16;
+constexpr double sgmv_token_expand_max = 8.0;  // automatic: per_token at ≤ this many tokens per tile
 
 template <class T, int N>
 __device__ __forceinline__ void ldg_vec(const T* p, float* out) {
@@ -91,19 +92,6 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
   }
 }
 
-/// A 16-byte read-only load whose L2 line gets the evict_first priority (policy from
-/// createpolicy): undoes sgmv_prefetch_kernel's evict_last once the line has been used.
-__device__ __forceinline__ uint4 ldg_evict_first(const void* p) {
-  uint4 v;
-  asm volatile(
-      "{\n\t.reg .b64 pol;\n\t"
-      "createpolicy.fractional.L2::evict_first.b64 pol, 1.0;\n\t"
-      "ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], pol;\n\t}"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
 /// N elements of T kept as they are loaded (one 16-byte load when N·sizeof(T) = 16), to be
 /// converted to float when used: a load in flight costs its raw registers only.
 template <class T, int N>
@@ -116,13 +104,6 @@ struct RawVec {
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = __ldg(p + i);
     }
-  }
-  /// As ldg, with the line handed to evict_first (16-byte vectors; otherwise plain ldg).
-  __device__ __forceinline__ void ldg_first(const T* p) {
-    if constexpr (N * sizeof(T) == 16)
-      *reinterpret_cast<uint4*>(v) = ldg_evict_first(p);
-    else
-      ldg(p);
   }
   __device__ __forceinline__ void zero() {
 #pragma unroll
@@ -264,23 +245,6 @@ __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
         e.scaling * v;
 }
 
-/// Issues an L2 prefetch for every 128-byte line of the Bᵀ of segment blockIdx.x's adapter
-/// (blocks of y split the lines).
-template <class T, bool PERSIST>
-__global__ void __launch_bounds__(256) sgmv_prefetch_kernel(const int* __restrict__ adapters,
-                                                            const DeviceSlotEntry<T>* __restrict__ table, int out) {
-  const DeviceSlotEntry<T> e = table[adapters[blockIdx.x]];
-  const long bytes = static_cast<long>(e.rank) * out * static_cast<long>(sizeof(T));
-  const char* p = reinterpret_cast<const char*>(e.Bt);
-  const long step = static_cast<long>(gridDim.y) * blockDim.x * 128;
-  for (long o = (static_cast<long>(blockIdx.y) * blockDim.x + threadIdx.x) * 128; o < bytes; o += step) {
-    if constexpr (PERSIST)
-      asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p + o));
-    else
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(p + o));
-  }
-}
-
 /// Expand: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the positions of one tile
 /// and a block of VW·sgmv_threads output columns (gridDim.y blocks), in place:
 /// Y is read and written once, Bᵀ rows are read with coalesced 16-byte loads.
@@ -291,7 +255,7 @@ __global__ void __launch_bounds__(256) sgmv_prefetch_kernel(const int* __restric
 /// staging before loading Bᵀ, and for one row per rank before that). U's K-splits are
 /// summed while the tile's [count × r] block is staged in shared memory, zero-padded to
 /// a multiple of RG; Bᵀ rows past the rank are not loaded (zeros).
-template <class T, int VW, int TT, int RG, bool FIRST = false>
+template <class T, int VW, int TT, int RG>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
@@ -306,7 +270,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 #pragma unroll
   for (int g = 0; g < RG; ++g) {
     if (live && g < r)
-      FIRST ? b[g].ldg_first(e.Bt + static_cast<long>(g) * out + col) : b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
+      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
     else
       b[g].zero();
   }
@@ -334,8 +298,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 #pragma unroll
       for (int g = 0; g < RG; ++g) {
         if (j0 + g < r)
-          FIRST ? b[g].ldg_first(e.Bt + static_cast<long>(j0 + g) * out + col)
-                : b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
+          b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
         else
           b[g].zero();
       }
@@ -358,6 +321,70 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
       store_vec<T, VW>((D ? D + static_cast<long>(tile.begin + t) * ldd : Y + static_cast<long>(order[tile.begin + t]) * ldy) +
                            col,
                        acc[t]);
+}
+
+/// Expand with one warp per token: Y[order[p], n] += Σ_j U[p, j]·Bᵀ[j, n] for the position
+/// p = tile.begin + 4·blockIdx.z + warp of one tile (warps past the tile's count exit) and the
+/// 32·VW columns of blockIdx.y, lane l owning VW of them. Four times the warps of
+/// sgmv_expand_kernel, each with the same 16 rows of Bᵀ in flight (16-byte loads; the block's
+/// warps read the same rows, which L1 serves), so that many more loads are in flight when the
+/// tiles are few tokens each (ncu, 64 adapters × 4 tokens: 1.9 warps per scheduler, 0.37
+/// eligible, long-scoreboard stalls). Lane j < r loads U[p, j] (the K-splits summed) and
+/// the ranks are broadcast by shuffles: no shared memory, no barrier. The chain of memory
+/// round trips is tile → (table entry, order) → (Bᵀ, U, Y) → store.
+template <class T, int VW>
+__global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
+    const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
+    const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
+    T* __restrict__ D, long ldd) {
+  constexpr int RG = 16;
+  const SegmentTile tile = tiles[blockIdx.x];
+  const int t = static_cast<int>(blockIdx.z) * 4 + static_cast<int>(threadIdx.x) / 32;
+  if (t >= tile.count) return;  // the whole warp
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const int col = (static_cast<int>(blockIdx.y) * 32 + lane) * VW;
+  const bool live = col < out;  // lanes past the end still take part in the shuffles
+  const int pos = tile.begin + t;
+  const DeviceSlotEntry<T> e = table[tile.adapter];
+  const int r = e.rank;
+  RawVec<T, VW> b[RG];
+#pragma unroll
+  for (int g = 0; g < RG; ++g) {
+    if (live && g < r)
+      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
+    else
+      b[g].zero();
+  }
+  T* dst = D ? D + static_cast<long>(pos) * ldd + col : Y + static_cast<long>(order[pos]) * ldy + col;
+  float acc[VW];
+  if (!D && live)
+    load_vec<T, VW>(dst, acc);
+  else
+#pragma unroll
+    for (int i = 0; i < VW; ++i) acc[i] = 0.f;
+  for (int j0 = 0; j0 < r; j0 += 32) {
+    float uj = 0.f;  // U[pos, j0 + lane], 0 past the rank
+    if (j0 + lane < r)
+      for (int s = 0; s < splits; ++s) uj += U[s * split_stride + static_cast<long>(pos) * ldu + j0 + lane];
+    for (int k0 = j0; k0 < min(j0 + 32, r); k0 += RG) {
+      if (k0 > 0) {
+#pragma unroll
+        for (int g = 0; g < RG; ++g) {
+          if (live && k0 + g < r)
+            b[g].ldg(e.Bt + static_cast<long>(k0 + g) * out + col);
+          else
+            b[g].zero();
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < RG; ++g) {
+        const float u = __shfl_sync(0xffffffffu, uj, (k0 - j0 + g) & 31);  // 0 past the rank, as b is
+#pragma unroll
+        for (int i = 0; i < VW; ++i) acc[i] = fmaf(u, b[g][i], acc[i]);
+      }
+    }
+  }
+  if (live) store_vec<T, VW>(dst, acc);
 }
 
 /// dst[order[p], c] += src[p, c] for VW consecutive columns per thread (grid: positions ×
@@ -414,7 +441,6 @@ struct DeviceSegments {
   int tiles = 0;
   DeviceBuffer<detail::SegmentTile> tile_buf;
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
-  DeviceBuffer<int> adapter_buf; ///< `adapters` on the device (the L2 prefetch's grid)
 };
 
 /// How apply() orders its three steps.
@@ -427,16 +453,13 @@ struct DeviceSegments {
 ///          rows are read and written once more).
 enum class SgmvSchedule { serial, overlap, delta };
 
-/// How the overlap schedule readies the adapters' Bᵀ for the expand while the base GEMM
-/// runs (the second stream is idle once the shrink is done).
-/// none:       the expand reads Bᵀ from wherever it is (after the GEMM, mostly DRAM);
-/// l2:         a kernel on the second stream prefetches every used adapter's Bᵀ into L2
-///             (prefetch.global.L2), so the expand, which is on the critical path, reads it
-///             from L2;
-/// l2_persist: the same with the evict_last priority, so that the GEMM's stream of W does not
-///             push the lines out; the expand reads them with an evict_first hint, which hands
-///             the lines back to normal eviction.
-enum class SgmvPrefetch { none, l2, l2_persist };
+/// Which expand kernel apply() uses.
+/// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): many loads in
+///            flight when tiles hold few tokens (decode batches, many adapters);
+/// per_tile:  one thread per 8 columns of a whole tile (sgmv_expand_kernel): each Bᵀ row is
+///            read once per tile, which suits full tiles (prefill);
+/// automatic: per_token unless the tiles average more than sgmv_token_expand_max tokens.
+enum class SgmvExpand { automatic, per_token, per_tile };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
 /// dB[id] [out × r] in float for every adapter the batch used (empty views for the
@@ -470,8 +493,7 @@ class DeviceAdapterSet {
   /// bf16/half with in % 32 == 0 and 16-byte aligned rows of X: the shrink runs on the tensor
   /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
   bool tensor_core_shrink = true;
-  /// How the overlap and delta schedules ready Bᵀ for the expand (SgmvPrefetch).
-  SgmvPrefetch prefetch = SgmvPrefetch::l2;
+  SgmvExpand expand_kernel = SgmvExpand::automatic;
 
   DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -578,10 +600,8 @@ class DeviceAdapterSet {
     d.tiles = static_cast<int>(tiles.size());
     d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
     d.order = DeviceBuffer<int>(order.size());
-    d.adapter_buf = DeviceBuffer<int>(d.adapters.size());
     if (!tiles.empty()) {
-      LORA_CUDA_CHECK(cudaMemcpyAsync(d.adapter_buf.data(), d.adapters.data(), d.adapters.size() * sizeof(int),
-                                      cudaMemcpyHostToDevice, ctx_->stream()));
+
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.tile_buf.data(), tiles.data(), tiles.size() * sizeof(tiles[0]),
                                       cudaMemcpyHostToDevice, ctx_->stream()));
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.order.data(), order.data(), order.size() * sizeof(int),
@@ -608,11 +628,6 @@ class DeviceAdapterSet {
     const Plan p = plan(X, seg);
     const cudaStream_t side = overlap ? fork_->side.get() : ctx_->stream();
     if (seg.tiles > 0) shrink(X, seg, p, side);
-    // evict_last only where the expand's 16-byte loads can hand the lines back
-    const SgmvPrefetch pf = !overlap || delta                                          ? SgmvPrefetch::none
-                            : prefetch == SgmvPrefetch::l2_persist && !expand_vec(Y, {}) ? SgmvPrefetch::l2
-                                                                                       : prefetch;
-    if (pf != SgmvPrefetch::none) prefetch_bt(seg, pf, side);
     view D;
     if (delta) {
       const std::size_t need = static_cast<std::size_t>(seg.covered) * static_cast<std::size_t>(out_);
@@ -632,7 +647,7 @@ class DeviceAdapterSet {
     if (delta)
       add_rows(D, seg, Y);
     else if (seg.tiles > 0)
-      expand(seg, p, Y, ctx_->stream(), {}, pf == SgmvPrefetch::l2_persist);
+      expand(seg, p, Y, ctx_->stream());
   }
   DeviceMatrix<Scalar> apply(cview W, cview X, std::span<const int> ids) const {
     check_ids(X, ids);
@@ -879,36 +894,35 @@ class DeviceAdapterSet {
     return out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
            (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
   }
-  /// Every used adapter's Bᵀ into L2 (SgmvPrefetch), on the second stream.
-  void prefetch_bt(const DeviceSegments& seg, SgmvPrefetch mode, cudaStream_t stream) const {
-    const long bytes = static_cast<long>(max_rank()) * out_ * static_cast<long>(sizeof(Scalar));
-    const dim3 grid(static_cast<unsigned>(seg.adapters.size()), lora::detail::ceil_div(bytes, 256L * 128 * 4));
-    if (mode == SgmvPrefetch::l2_persist)
-      detail::sgmv_prefetch_kernel<T, true><<<grid, 256, 0, stream>>>(seg.adapter_buf.data(), table_.data(),
-                                                                      static_cast<int>(out_));
-    else
-      detail::sgmv_prefetch_kernel<T, false><<<grid, 256, 0, stream>>>(seg.adapter_buf.data(), table_.data(),
-                                                                       static_cast<int>(out_));
-    LORA_CUDA_CHECK_LAUNCH("sgmv_prefetch_kernel");
-  }
-
   /// Y's rows += the adapters' products, or with D (delta schedule) D's rows = them.
-  /// evict_first: Bᵀ was prefetched with evict_last; the expand's loads hand it back.
-  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {},
-              bool evict_first = false) const {
+  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}) const {
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_expand_rank_group;
     const bool vec = expand_vec(Y, D);
     const int vw = vec ? V : 1;
+    T* y = reinterpret_cast<T*>(Y.data);
+    T* d = reinterpret_cast<T*>(D.data);
+    const bool per_token =
+        expand_kernel == SgmvExpand::per_token ||
+        (expand_kernel == SgmvExpand::automatic &&
+         static_cast<double>(seg.covered) <= detail::sgmv_token_expand_max * static_cast<double>(seg.tiles));
+    if (per_token) {
+      const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, 32 * vw),
+                      static_cast<unsigned>(TT / 4));
+      if (vec)
+        detail::sgmv_expand_token_kernel<T, V><<<grid, 4 * 32, 0, stream>>>(
+            U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y,
+            Y.ld, static_cast<int>(out_), d, D.ld);
+      else
+        detail::sgmv_expand_token_kernel<T, 1><<<grid, 4 * 32, 0, stream>>>(
+            U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y,
+            Y.ld, static_cast<int>(out_), d, D.ld);
+      LORA_CUDA_CHECK_LAUNCH("sgmv_expand_token_kernel");
+      return;
+    }
     const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
     const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
     const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
-    T* y = reinterpret_cast<T*>(Y.data);
-    T* d = reinterpret_cast<T*>(D.data);
-    if (vec && evict_first)
-      detail::sgmv_expand_kernel<T, V, TT, RG, true><<<grid, detail::sgmv_threads, smem, stream>>>(
-          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-          static_cast<int>(out_), d, D.ld);
-    else if (vec)
+    if (vec)
       detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
           U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
           static_cast<int>(out_), d, D.ld);
