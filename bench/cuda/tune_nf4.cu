@@ -687,7 +687,12 @@ void launch_nf4_pair(const __nv_bfloat16* X, int K, const std::uint8_t* packed, 
 /// named barrier (bar.arrive by whoever does not wait), so they run up to two batches ahead;
 /// without PC one bar.sync of the group per batch, as before. Needs RW ≤ 4 with PC (4 barrier
 /// ids per group; id 0 is reused after the block's one __syncthreads).
-template <int RW, int R, bool PC, int MINB>
+/// ALIGN: the table at a 64 KB-aligned shared address (dynamic shared memory starts at 0x400 on
+/// sm_90, so without it every lookup pays an IADD of the base: 64 per batch of 4 rows; with it
+/// the PRMT alone forms the address, at the price of 2 × 64 KB of shared memory per block).
+/// XPIN: the activations converted by volatile asm, so that the compiler keeps the 32 floats
+/// instead of re-converting them from bf16 inside the loop (32 instructions per batch).
+template <int RW, int R, bool PC, int MINB, bool ALIGN = false, bool XPIN = false>
 __global__ void __launch_bounds__(RW * 128, MINB)
     nf4_pair2_kernel(const __nv_bfloat16* __restrict__ X, const std::uint8_t* __restrict__ packed,
                      const float* __restrict__ absmax, int nOut, __nv_bfloat16* __restrict__ Y) {
@@ -697,8 +702,12 @@ __global__ void __launch_bounds__(RW * 128, MINB)
   extern __shared__ __align__(128) unsigned char smem[];
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int kw = warp % KW, rw = warp / KW;
-  float2* tabp = reinterpret_cast<float2*>(smem);
-  float* red = reinterpret_cast<float*>(smem + 65536) + rw * 2 * KW * 32;
+  constexpr std::uint32_t red_bytes = RW * 2 * KW * 32 * 4;
+  const std::uint32_t sbase = shared_u32(smem);
+  const std::uint32_t tab = ALIGN ? (sbase + 0xffffu) & ~0xffffu : sbase;  // shared address of the table
+  const std::uint32_t gap = tab - sbase;
+  float2* tabp = reinterpret_cast<float2*>(smem + gap);
+  float* red = reinterpret_cast<float*>(smem + (ALIGN && gap >= red_bytes ? 0u : gap + 65536u)) + rw * 2 * KW * 32;
 
   const int nbat = nOut / R;
   const int b0 = static_cast<int>(static_cast<long>(blockIdx.x) * nbat / gridDim.x);
@@ -729,8 +738,13 @@ __global__ void __launch_bounds__(RW * 128, MINB)
     const std::uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      x[8 * q + 2 * j] = __uint_as_float(w[j] << 16);
-      x[8 * q + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      if constexpr (XPIN) {
+        asm volatile("mov.b32 %0, %1;" : "=f"(x[8 * q + 2 * j]) : "r"(w[j] << 16));
+        asm volatile("mov.b32 %0, %1;" : "=f"(x[8 * q + 2 * j + 1]) : "r"(w[j] & 0xffff0000u));
+      } else {
+        x[8 * q + 2 * j] = __uint_as_float(w[j] << 16);
+        x[8 * q + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      }
     }
   }
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += RW * 128) {
@@ -739,7 +753,7 @@ __global__ void __launch_bounds__(RW * 128, MINB)
   }
   __syncthreads();
 
-  const std::uint32_t base = static_cast<std::uint32_t>(lane) * 8u;
+  const std::uint32_t base = (ALIGN ? tab : 0u) | static_cast<std::uint32_t>(lane) * 8u;
   __nv_bfloat16* yp = Y + row0 + (lane >> L);  // K-warp 0's output of the batch
   auto step = [&](int jj, auto more) {
     float p[R];
@@ -752,7 +766,11 @@ __global__ void __launch_bounds__(RW * 128, MINB)
         for (int i = 0; i < 4; ++i) {
           const std::uint32_t w = q == 0 ? c[r].x : q == 1 ? c[r].y : q == 2 ? c[r].z : c[r].w;
           const std::uint32_t off = __byte_perm(w, base, 0x7604u | (static_cast<std::uint32_t>(i) << 4));
-          const float2 t = *reinterpret_cast<const float2*>(smem + off);
+          float2 t;
+          if constexpr (ALIGN)
+            asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];" : "=f"(t.x), "=f"(t.y) : "r"(off));
+          else
+            t = *reinterpret_cast<const float2*>(smem + off);
           s0 = fmaf(t.x, x[8 * q + 2 * i], s0);
           s1 = fmaf(t.y, x[8 * q + 2 * i + 1], s1);
         }
@@ -807,13 +825,13 @@ __global__ void __launch_bounds__(RW * 128, MINB)
   if (jj < nmine) step(jj, std::false_type{});
 }
 
-template <int RW, int R, bool PC, int MINB>
+template <int RW, int R, bool PC, int MINB, bool ALIGN = false, bool XPIN = false>
 void launch_nf4_pair2(const __nv_bfloat16* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut,
                       __nv_bfloat16* Y, cudaStream_t stream) {
   if (K != 4096 || bs != 64 || nOut % R)
     fail("nf4_pair2_kernel: needs K 4096, blocksize 64, rows % {} == 0; got {}, {}, {}", R, K, bs, nOut);
-  auto kernel = nf4_pair2_kernel<RW, R, PC, MINB>;
-  constexpr int smem = 65536 + RW * 2 * 4 * 32 * 4;
+  auto kernel = nf4_pair2_kernel<RW, R, PC, MINB, ALIGN, XPIN>;
+  constexpr int smem = (ALIGN ? 2 : 1) * 65536 + RW * 2 * 4 * 32 * 4;
   static std::atomic<int> cap[16] = {};
   const int c = persistent_capacity(kernel, RW * 128, smem, smem, cap);
   const unsigned blocks = std::min<unsigned>(ceil_div(nOut / R, RW), static_cast<unsigned>(c));
@@ -821,8 +839,10 @@ void launch_nf4_pair2(const __nv_bfloat16* X, int K, const std::uint8_t* packed,
   if (!told.exchange(true)) {
     cudaFuncAttributes fa{};
     LORA_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
-    std::fprintf(stderr, "  [pair2 RW%d R%d PC%d B%d: %u blocks of %d threads, %d registers, %d B local, %d B smem]\n", RW,
-                 R, int(PC), MINB, blocks, RW * 128, fa.numRegs, int(fa.localSizeBytes), smem);
+    std::fprintf(stderr,
+                 "  [pair2 RW%d R%d PC%d B%d A%d X%d: %u blocks of %d threads, %d registers, %d B local, %d B smem]\n",
+                 RW, R, int(PC), MINB, int(ALIGN), int(XPIN), blocks, RW * 128, fa.numRegs, int(fa.localSizeBytes),
+                 smem);
   }
   kernel<<<blocks, RW * 128, smem, stream>>>(X, packed, absmax, nOut, Y);
 }
@@ -969,14 +989,27 @@ int main(int argc, char** argv) {
   })
   PAIR2(4, 4, false, 1);
   PAIR2(4, 4, true, 1);
-  PAIR2(4, 8, true, 1);
   PAIR2(2, 4, true, 2);
-  PAIR2(2, 8, true, 2);
-  PAIR2(3, 2, true, 2);
+  // Third round: 64 KB-aligned table (one PRMT per lookup) and/or activations pinned as floats.
+#define PAIR3(RW, R, PC, ALIGN, XPIN)                                                                          \
+  variant("pair2 RW" #RW " R" #R " PC" #PC " A" #ALIGN " X" #XPIN, [&](int i) {                               \
+    detail::launch_nf4_pair2<RW, R, PC, 1, ALIGN, XPIN>(reinterpret_cast<const T*>(X.data()), int(in),          \
+                                                        q[i % sets].packed.data(), q[i % sets].absmax.data(), 64, \
+                                                        int(out), reinterpret_cast<T*>(Y.data()), ctx->stream()); \
+  })
+  PAIR3(4, 4, false, false, true);
+  PAIR3(4, 4, false, true, true);
+  PAIR3(4, 4, true, true, true);
+  PAIR3(4, 2, false, true, true);
   variant("pair2 RW4 R4 PC1 B1, L2", [&](int) {
     detail::launch_nf4_pair2<4, 4, true, 1>(reinterpret_cast<const T*>(X.data()), int(in), q[0].packed.data(),
                                             q[0].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
                                             ctx->stream());
+  });
+  variant("pair2 RW4 R4 PC0 A1 X1, L2", [&](int) {
+    detail::launch_nf4_pair2<4, 4, false, 1, true, true>(reinterpret_cast<const T*>(X.data()), int(in),
+                                                         q[0].packed.data(), q[0].absmax.data(), 64, int(out),
+                                                         reinterpret_cast<T*>(Y.data()), ctx->stream());
   });
   variant("pair RW4 R8 D1 A1, L2", [&](int) {
     detail::launch_nf4_pair<4, 8, 1, true, 1>(reinterpret_cast<const T*>(X.data()), int(in), q[0].packed.data(),
