@@ -451,7 +451,7 @@ struct DeviceSegments {
 ///          adapters' rows into a scratch buffer, and one vectorised pass adds them
 ///          to Y after the GEMM (the expand leaves the critical path; Y's adapter
 ///          rows are read and written once more).
-enum class SgmvSchedule { serial, overlap, delta };
+enum class SgmvSchedule { serial, overlap, delta, overlap_gemm_first };
 
 /// Which expand kernel apply() uses.
 /// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): many loads in
@@ -619,7 +619,8 @@ class DeviceAdapterSet {
                           out_, in_);
     check_batch(X, seg, Y);
     const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
-    const bool overlap = (schedule == SgmvSchedule::overlap || delta) && seg.tiles > 0;
+    const bool gemm_first = schedule == SgmvSchedule::overlap_gemm_first && seg.tiles > 0;
+    const bool overlap = (schedule == SgmvSchedule::overlap || delta || gemm_first) && seg.tiles > 0;
     if (overlap) {
       if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
       LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, ctx_->stream()));
@@ -627,6 +628,7 @@ class DeviceAdapterSet {
     }
     const Plan p = plan(X, seg);
     const cudaStream_t side = overlap ? fork_->side.get() : ctx_->stream();
+    if (gemm_first) lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
     if (seg.tiles > 0) shrink(X, seg, p, side);
     view D;
     if (delta) {
@@ -639,7 +641,8 @@ class DeviceAdapterSet {
       D = view{delta_.data(), seg.covered, out_, out_};
       expand(seg, p, Y, side, D);
     }
-    lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
+    if (!gemm_first)
+      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
     if (overlap) {
       LORA_CUDA_CHECK(cudaEventRecord(fork_->join, fork_->side.get()));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), fork_->join, 0));
