@@ -498,6 +498,20 @@ void launch_nf4_read_probe(const std::uint8_t* packed, const float* absmax, int 
 }
 
 // ---- Byte-pair table GEMV on the CUDA cores (one bf16 token, K = 4096, blocksize 64) -------------
+//
+// Measured on the H100 (2026-11-24, three runs of tune_nf4; cuBLAS bf16 GEMV 43.05-43.91 us,
+// 41.16-41.57 us in a graph; copy 3000 GB/s):
+//   nf4_pair_kernel RW2 R8 (first form)          15.76-15.96 us (69-70% of copy), 14.79-14.84 in a graph
+//   nf4_pair2_kernel RW4 R4 (no PC, A0 X0)       14.64-14.68 us (75%), 13.66-13.67 in a graph (81%)
+//   nf4_pair2_kernel RW4 R4 (no PC, A1 X1)       14.68 / 14.70 us (75%), 13.72 / 13.80 in a graph
+//   the library's nf4_gemv_kernel                24.63-24.90 us, 23.48-23.63 in a graph
+// i.e. 2.95-3.00x cuBLAS per launch (3.02-3.04x in a graph), as fast as the read-only probes of
+// the same bytes (14.36-14.63 us), and no faster with W resident in L2 (14.53 us): the time
+// follows the SM clock (Nsight Compute at 1.56 GHz: 18.1 us). A1 X1 cut the executed
+// instructions from 6.84 M to 5.65 M (371 per batch of 4 rows and warp: 256 are PRMT + LDS.64 +
+// FFMA) without changing the time: what is left is the shared-memory pipe (LDS.64 = two
+// wavefronts per two weights; MIO throttle 1.9 and short scoreboard 1.6 cycles per instruction)
+// and the 18% of elapsed cycles in which an SM has no block (table build, first loads, tail).
 
 /// Dynamic shared memory of nf4_pair_kernel: the 64 KB table (twice that with ALIGN, so that a
 /// 64 KB-aligned copy fits), then the partial sums [RW][2 slots][4 K-warps][32].
@@ -517,8 +531,8 @@ constexpr int nf4_pair_smem_bytes() {
 /// (nf4[b >> 4], nf4[b & 15]) — table laid out [256 bytes][32 lanes] of float2, entry (b, l)
 /// at b·256 + 8·l, conflict-free per half-warp; with ALIGN the table sits at a 64 KB-aligned
 /// shared address, so the PRMT takes bytes 0, 2, 3 from the lane's base and byte 1 from the
-/// code word and the load is LDS.64 [R]; without, the PRMT gives b·256 + 8·l and the table's
-/// base goes into the load's address. Then 2 FFMA. The lane's 32-term sum is scaled by its
+/// code word and the load is LDS.64 [R]; without, the PRMT gives b·256 + 8·l and an IADD adds
+/// the table's base (dynamic shared memory starts at 0x400 on sm_90). Then 2 FFMA. The lane's 32-term sum is scaled by its
 /// absmax once. The R rows' sums of a warp are reduced by a transposing butterfly (xor 16,
 /// 8, … : R/2 + R/4 + … shuffles, leaving lane l with row l >> (5 − log2 R)), the 4 K-warps
 /// meet in shared memory behind a named barrier of the group (two slots), and K-warp 0
@@ -1043,6 +1057,7 @@ int main(int argc, char** argv) {
   }
   variant("nf4_gemm (library)", [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
   variant("old fused again", run_old);
+  PAIR3(4, 4, false, true, true);  // again: run-to-run spread
 
   // T = 16: the fused kernel against dequantise + cuBLAS
   {
