@@ -274,8 +274,11 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
   // each block walks several, its 4 partial-sum slots wrap around), K over one step of the
   // 16 warps (8448 = 132 groups: three steps, the last with one warp); tokens 1, 2…8 and 9…16
   // (one and two n-tiles).
+  // One bf16/half token with K % 1024 == 0 takes the byte-pair kernel: K = 1024 (one K-warp),
+  // 4096 with rows not a multiple of its 4-row batches (the last 3 rows by the general kernel),
+  // 14336 (14 K-warps, one row group).
   for (auto [out, in] : {std::pair<Index, Index>{100, 256}, {1003, 4192}, {7, 32}, {64, 2080}, {130, 1024},
-                         {9001, 256}, {300, 8448}})
+                         {9001, 256}, {300, 8448}, {1003, 4096}, {37, 14336}})
   for (int bs : {32, 64, 256}) {
     INFO("out " << out << " in " << in << " blocksize " << bs);
     const Matrix<S> W = rand_s<S>(out, in, g);

@@ -464,6 +464,171 @@ void launch_nf4_stream(const T* X, long ldx, int tokens, int K, const std::uint8
   kernel<<<blocks, nf4_stream_warps * 32, smem, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
 
+// ---- One token on the CUDA cores: a lane-private byte-pair table ------------------------------
+
+constexpr int nf4_pair_rows = 4;          // rows per batch of a row group
+constexpr int nf4_pair_slice = 1024;      // weights of K per K-warp (32 per lane)
+constexpr int nf4_pair_max_warps = 16;    // K-warps × row groups per block (≤ 128 registers each)
+constexpr int nf4_pair_table_bytes = 256 * 32 * 8;
+
+/// Dynamic shared memory of nf4_byte_pair_kernel: the table, then the partial sums
+/// [RW row groups][2 slots][KW K-warps][32 lanes].
+inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_bytes + RW * 2 * KW * 32 * 4; }
+
+/// y[n] = Σ_k x[k]·code(W[n, k])·absmax(n, k) for one bf16/half token, rows [0, nOut) with
+/// nOut % nf4_pair_rows == 0, K % 1024 == 0, K % blocksize == 0, blocksize % 32 == 0.
+///
+/// A block has KW = K / 1024 K-warps × RW row groups. K-warp kw's lane l owns the 32 weights
+/// k0 = 1024·kw + 32·l … k0 + 31 of every row: 16 packed bytes (one 16-byte load per row), one
+/// quantisation block, and 32 activations kept as floats in registers for the whole kernel.
+/// Each block takes a contiguous range of batches of 4 rows, dealt round-robin to its row
+/// groups. Per byte of codes (two weights): one PRMT turns the byte into the offset
+/// b·256 + 8·l of the lane's private float2 entry (nf4[b >> 4], nf4[b & 15]) of a table laid
+/// out [256 bytes][32 lanes] (conflict-free per half-warp), one LDS.64, two FFMA. A lane's
+/// 32-term sum is scaled by its absmax once. The 4 rows' sums of a warp are reduced by a
+/// transposing butterfly (xor 16, then 8: three shuffles, leaving lane l with row l >> 3), the
+/// K-warps meet in shared memory behind one named barrier per row group (two slots, so a slot
+/// is rewritten only after K-warp 0 has passed the next barrier), and K-warp 0 finishes the sum
+/// and writes y. The next batch's codes and absmax are loaded row by row as soon as the current
+/// batch's row has been multiplied. Products and sums are float, the codes exact.
+/// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 14.6–14.7 µs per
+/// launch, 75% of the copy bandwidth, 2.95–3.0× cuBLAS's bf16 GEMV; the former kernel of this
+/// path (nf4_gemv_kernel) took 24.6–24.9 µs.
+template <class T>
+__global__ void __launch_bounds__(nf4_pair_max_warps * 32)
+    nf4_byte_pair_kernel(const T* __restrict__ X, int K, const std::uint8_t* __restrict__ packed,
+                    const float* __restrict__ absmax, int bs, int nOut, int RW, T* __restrict__ Y) {
+  constexpr int R = nf4_pair_rows, L = 3;  // lane l of K-warp 0 ends with row l >> L of a batch
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int KW = K / nf4_pair_slice;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int kw = warp % KW, rw = warp / KW;
+  float2* tab = reinterpret_cast<float2*>(smem);
+  float* red = reinterpret_cast<float*>(smem + nf4_pair_table_bytes) + rw * 2 * KW * 32;
+
+  const int nbat = nOut / R;
+  const int b0 = static_cast<int>(static_cast<long>(blockIdx.x) * nbat / gridDim.x);
+  const int b1 = static_cast<int>(static_cast<long>(blockIdx.x + 1) * nbat / gridDim.x);
+  const int nmine = b1 - b0 > rw ? (b1 - b0 - rw + RW - 1) / RW : 0;
+  const int k0 = kw * nf4_pair_slice + lane * 32;
+  const long row0 = static_cast<long>(b0 + rw) * R;
+  const long crow = K / 2, arow = K / bs;  // bytes of codes and absmax entries per row
+  const std::uint8_t* pc = packed + row0 * crow + k0 / 2;
+  const float* pa = absmax + (row0 * K + k0) / bs;
+  const long cstep = static_cast<long>(RW) * R * crow, astep = static_cast<long>(RW) * R * arow;
+
+  uint4 c[R];
+  float a[R];
+  auto load_row = [&](int r) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(c[r].x), "=r"(c[r].y), "=r"(c[r].z), "=r"(c[r].w)
+                 : "l"(pc + r * crow));
+    a[r] = __ldg(pa + r * arow);
+  };
+  if (nmine > 0)
+#pragma unroll
+    for (int r = 0; r < R; ++r) load_row(r);
+
+  float x[32];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(X + k0) + q);
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) x[8 * q + j] = to_float(e[j]);
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
+    const int e = i / 32;  // one entry per warp and step: the constant reads are uniform
+    tab[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
+  }
+  __syncthreads();
+
+  const std::uint32_t base = static_cast<std::uint32_t>(lane) * 8u;
+  T* yp = Y + row0 + (lane >> L);  // K-warp 0's output of the batch
+  const int bar = 1 + rw;          // named barrier of the row group (0 is __syncthreads)
+  const int bar_threads = KW * 32;
+  auto step = [&](int jj, auto more) {
+    float p[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const std::uint32_t w = q == 0 ? c[r].x : q == 1 ? c[r].y : q == 2 ? c[r].z : c[r].w;
+          // bytes: 0 and 2, 3 from base (lane·8 < 256), 1 = code byte i: offset b·256 + lane·8
+          const std::uint32_t off = __byte_perm(w, base, 0x7604u | (static_cast<std::uint32_t>(i) << 4));
+          const float2 t = *reinterpret_cast<const float2*>(smem + off);
+          s0 = fmaf(t.x, x[8 * q + 2 * i], s0);
+          s1 = fmaf(t.y, x[8 * q + 2 * i + 1], s1);
+        }
+      p[r] = (s0 + s1) * a[r];
+      if constexpr (decltype(more)::value) {
+        if (r == 0) {
+          pc += cstep;
+          pa += astep;
+        }
+        load_row(r);
+      }
+    }
+#pragma unroll
+    for (int s = 0; (R >> s) > 1; ++s) {  // transposing butterfly: xor 16, then 8
+      const int n = R >> s, m = 16 >> s;
+      const bool hi = (lane & m) != 0;
+#pragma unroll
+      for (int i = 0; i < n / 2; ++i) {
+        const float send = hi ? p[i] : p[i + n / 2];
+        const float keep = hi ? p[i + n / 2] : p[i];
+        p[i] = keep + __shfl_xor_sync(0xffffffffu, send, m);
+      }
+    }
+    float* rs = red + (jj & 1) * KW * 32;
+    if (kw != 0) {
+      rs[kw * 32 + lane] = p[0];
+      asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(bar_threads) : "memory");
+    } else {
+      asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(bar_threads) : "memory");
+      float v = p[0];
+      for (int w = 1; w < KW; ++w) v += rs[w * 32 + lane];
+#pragma unroll
+      for (int m = 1; m < (1 << L); m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+      if ((lane & ((1 << L) - 1)) == 0) *yp = from_float<T>(v);
+      yp += static_cast<long>(RW) * R;
+    }
+  };
+  int jj = 0;
+#pragma unroll 1
+  for (; jj + 1 < nmine; ++jj) step(jj, std::true_type{});
+  if (jj < nmine) step(jj, std::false_type{});
+}
+
+/// Whether nf4_byte_pair_kernel takes this product (bf16/half, one token).
+template <class T>
+bool nf4_byte_pair_ok(long K, int bs, const void* x) {
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && K % nf4_pair_slice == 0 &&
+         K / nf4_pair_slice <= nf4_pair_max_warps && bs % 32 == 0 && K % bs == 0 && aligned(x, 16);
+}
+
+/// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel (persistent grid); the caller does
+/// the other rows.
+template <class T>
+void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
+                     cudaStream_t stream) {
+  const int KW = K / nf4_pair_slice;
+  const int RW = std::max(1, std::min(4, nf4_pair_max_warps / KW));
+  const int smem = nf4_byte_pair_smem_bytes(KW, RW);
+  const int smem_max = nf4_byte_pair_smem_bytes(1, nf4_pair_max_warps);  // the largest any shape asks for
+  // Capacity per block shape: RW·KW warps of up to 128 registers, so one block of 16 warps per
+  // SM, or more of smaller ones; cached per (device, KW).
+  static std::atomic<int> cap[nf4_pair_max_warps + 1][16] = {};
+  const int c = persistent_capacity(nf4_byte_pair_kernel<T>, RW * KW * 32, smem, smem_max, cap[KW]);
+  const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
+  if (rows == 0) return;
+  const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
+  nf4_byte_pair_kernel<T><<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
+}
+
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
 /// blocksize ≥ 64, rows of X 16-byte aligned.
 template <class T>
@@ -557,6 +722,27 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
       else
         stream(detail::launch_nf4_stream<T, 2, false, false>);
       LORA_CUDA_CHECK_LAUNCH("nf4_stream_kernel");
+      return;
+    }
+  }
+  // One bf16/half token, K % 1024 == 0, K ≤ 16384: the byte-pair CUDA-core kernel for the rows
+  // in whole batches of 4, the general kernel for the last nOut % 4 rows.
+  if constexpr (!std::is_same_v<T, float>) {
+    if (X.rows == 1 && detail::nf4_byte_pair_ok<T>(W.cols, W.blocksize, X.data)) {
+      const int K = static_cast<int>(W.cols), nOut = static_cast<int>(W.rows);
+      detail::launch_nf4_byte_pair<T>(reinterpret_cast<const T*>(X.data), K, W.packed.data(), W.absmax.data(), W.blocksize,
+                                 nOut, reinterpret_cast<T*>(Y.data), ctx.stream());
+      LORA_CUDA_CHECK_LAUNCH("nf4_byte_pair_kernel");
+      const int done = nOut / detail::nf4_pair_rows * detail::nf4_pair_rows;
+      if (done < nOut) {
+        const long off = static_cast<long>(done) * K;  // K % blocksize == 0: whole blocks
+        detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>
+            <<<detail::ceil_div(nOut - done, detail::nf4_rows), detail::nf4_threads, 0, ctx.stream()>>>(
+                reinterpret_cast<const T*>(X.data), X.ld, 1, K, W.packed.data() + off / 2,
+                W.absmax.data() + off / W.blocksize, W.blocksize, nOut - done, reinterpret_cast<T*>(Y.data) + done,
+                Y.ld);
+        LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
+      }
       return;
     }
   }
