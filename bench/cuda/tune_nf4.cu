@@ -1056,6 +1056,17 @@ int main(int argc, char** argv) {
     PROBE(16, 0, 2) PROBE(16, 1, 2) PROBE(8, 1, 2) PROBE(16, 1, 4)
   }
   variant("nf4_gemm (library)", [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+  // the library's byte-pair kernel with K at run time and at compile time
+  variant("byte_pair K runtime", [&](int i) {
+    detail::launch_nf4_byte_pair_kw<T, 0>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
+                                          q[i % sets].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
+                                          ctx->stream());
+  });
+  variant("byte_pair K 4096", [&](int i) {
+    detail::launch_nf4_byte_pair_kw<T, 4>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
+                                          q[i % sets].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
+                                          ctx->stream());
+  });
   variant("old fused again", run_old);
   PAIR3(4, 4, false, true, true);  // again: run-to-run spread
 

@@ -494,12 +494,14 @@ inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_byte
 /// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 14.6–14.7 µs per
 /// launch, 75% of the copy bandwidth, 2.95–3.0× cuBLAS's bf16 GEMV; the former kernel of this
 /// path (nf4_gemv_kernel) took 24.6–24.9 µs.
-template <class T>
+/// KWC > 0: K = 1024·KWC at compile time (the row strides become immediates); 0: any K.
+template <class T, int KWC = 0>
 __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
-    nf4_byte_pair_kernel(const T* __restrict__ X, int K, const std::uint8_t* __restrict__ packed,
-                    const float* __restrict__ absmax, int bs, int nOut, int RW, T* __restrict__ Y) {
+    nf4_byte_pair_kernel(const T* __restrict__ X, int Kr, const std::uint8_t* __restrict__ packed,
+                         const float* __restrict__ absmax, int bs, int nOut, int RW, T* __restrict__ Y) {
   constexpr int R = nf4_pair_rows, L = 3;  // lane l of K-warp 0 ends with row l >> L of a batch
   extern __shared__ __align__(128) unsigned char smem[];
+  const int K = KWC > 0 ? KWC * nf4_pair_slice : Kr;
   const int KW = K / nf4_pair_slice;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int kw = warp % KW, rw = warp / KW;
@@ -610,11 +612,11 @@ bool nf4_byte_pair_ok(long K, int bs, const void* x) {
          K / nf4_pair_slice <= nf4_pair_max_warps && bs % 32 == 0 && K % bs == 0 && aligned(x, 16);
 }
 
-/// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel (persistent grid); the caller does
-/// the other rows.
-template <class T>
-void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
-                     cudaStream_t stream) {
+/// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel<T, KWC> (persistent grid); the
+/// caller does the other rows.
+template <class T, int KWC>
+void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
+                             cudaStream_t stream) {
   const int KW = K / nf4_pair_slice;
   const int RW = std::max(1, std::min(4, nf4_pair_max_warps / KW));
   const int smem = nf4_byte_pair_smem_bytes(KW, RW);
@@ -622,11 +624,24 @@ void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const f
   // Capacity per block shape: RW·KW warps of up to 128 registers, so one block of 16 warps per
   // SM, or more of smaller ones; cached per (device, KW).
   static std::atomic<int> cap[nf4_pair_max_warps + 1][16] = {};
-  const int c = persistent_capacity(nf4_byte_pair_kernel<T>, RW * KW * 32, smem, smem_max, cap[KW]);
+  const int c = persistent_capacity(nf4_byte_pair_kernel<T, KWC>, RW * KW * 32, smem, smem_max, cap[KW]);
   const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
   if (rows == 0) return;
   const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
-  nf4_byte_pair_kernel<T><<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
+  nf4_byte_pair_kernel<T, KWC><<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
+}
+/// Compile-time K for the common widths 2048, 4096, 8192 and 14336; any other K % 1024 == 0 at
+/// run time.
+template <class T>
+void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
+                          cudaStream_t stream) {
+  switch (K / nf4_pair_slice) {
+    case 2: return launch_nf4_byte_pair_kw<T, 2>(X, K, packed, absmax, bs, nOut, Y, stream);
+    case 4: return launch_nf4_byte_pair_kw<T, 4>(X, K, packed, absmax, bs, nOut, Y, stream);
+    case 8: return launch_nf4_byte_pair_kw<T, 8>(X, K, packed, absmax, bs, nOut, Y, stream);
+    case 14: return launch_nf4_byte_pair_kw<T, 14>(X, K, packed, absmax, bs, nOut, Y, stream);
+    default: return launch_nf4_byte_pair_kw<T, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
+  }
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
