@@ -1058,12 +1058,12 @@ int main(int argc, char** argv) {
   variant("nf4_gemm (library)", [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
   // the library's byte-pair kernel with K at run time and at compile time
   variant("byte_pair K runtime", [&](int i) {
-    detail::launch_nf4_byte_pair_kw<T, 0>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
+    detail::launch_nf4_byte_pair_kw<T, 0, 0>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
                                           q[i % sets].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
                                           ctx->stream());
   });
-  variant("byte_pair K 4096", [&](int i) {
-    detail::launch_nf4_byte_pair_kw<T, 4>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
+  variant("byte_pair K 4096 bs 64", [&](int i) {
+    detail::launch_nf4_byte_pair_kw<T, 4, 64>(reinterpret_cast<const T*>(X.data()), int(in), q[i % sets].packed.data(),
                                           q[i % sets].absmax.data(), 64, int(out), reinterpret_cast<T*>(Y.data()),
                                           ctx->stream());
   });

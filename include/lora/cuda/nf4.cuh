@@ -494,14 +494,17 @@ inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_byte
 /// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 14.6–14.7 µs per
 /// launch, 75% of the copy bandwidth, 2.95–3.0× cuBLAS's bf16 GEMV; the former kernel of this
 /// path (nf4_gemv_kernel) took 24.6–24.9 µs.
-/// KWC > 0: K = 1024·KWC at compile time (the row strides become immediates); 0: any K.
-template <class T, int KWC = 0>
+/// KWC > 0: K = 1024·KWC, RWC > 0: RWC row groups, BSC > 0: blocksize BSC at compile time (the
+/// strides become immediates; with all three the kernel is the measured one); 0: at run time.
+template <class T, int KWC = 0, int RWC = 0, int BSC = 0>
 __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
     nf4_byte_pair_kernel(const T* __restrict__ X, int Kr, const std::uint8_t* __restrict__ packed,
-                         const float* __restrict__ absmax, int bs, int nOut, int RW, T* __restrict__ Y) {
+                         const float* __restrict__ absmax, int bsr, int nOut, int RWr, T* __restrict__ Y) {
   constexpr int R = nf4_pair_rows, L = 3;  // lane l of K-warp 0 ends with row l >> L of a batch
   extern __shared__ __align__(128) unsigned char smem[];
   const int K = KWC > 0 ? KWC * nf4_pair_slice : Kr;
+  const int RW = RWC > 0 ? RWC : RWr;
+  const int bs = BSC > 0 ? BSC : bsr;
   const int KW = K / nf4_pair_slice;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int kw = warp % KW, rw = warp / KW;
@@ -535,9 +538,18 @@ __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
     const uint4 u = __ldg(reinterpret_cast<const uint4*>(X + k0) + q);
-    const T* e = reinterpret_cast<const T*>(&u);
+    const std::uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) x[8 * q + j] = to_float(e[j]);
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // a bf16 is the top half of its float
+        x[8 * q + 2 * j] = __uint_as_float(w[j] << 16);
+        x[8 * q + 2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+      } else {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[j]));
+        x[8 * q + 2 * j] = f.x;
+        x[8 * q + 2 * j + 1] = f.y;
+      }
+    }
   }
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int e = i / 32;  // one entry per warp and step: the constant reads are uniform
@@ -612,35 +624,47 @@ bool nf4_byte_pair_ok(long K, int bs, const void* x) {
          K / nf4_pair_slice <= nf4_pair_max_warps && bs % 32 == 0 && K % bs == 0 && aligned(x, 16);
 }
 
-/// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel<T, KWC> (persistent grid); the
-/// caller does the other rows.
-template <class T, int KWC>
+/// Row groups of a byte-pair block with KW K-warps: up to 4, at most 16 warps in all.
+constexpr int nf4_pair_row_groups(int KW) { return KW >= nf4_pair_max_warps ? 1 : std::min(4, nf4_pair_max_warps / KW); }
+
+/// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel<T, KWC, …> (persistent grid);
+/// the caller does the other rows.
+template <class T, int KWC, int BSC>
 void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
                              cudaStream_t stream) {
   const int KW = K / nf4_pair_slice;
-  const int RW = std::max(1, std::min(4, nf4_pair_max_warps / KW));
+  const int RW = nf4_pair_row_groups(KW);
+  constexpr int RWC = KWC > 0 ? nf4_pair_row_groups(KWC) : 0;
+  auto kernel = nf4_byte_pair_kernel<T, KWC, RWC, BSC>;
   const int smem = nf4_byte_pair_smem_bytes(KW, RW);
   const int smem_max = nf4_byte_pair_smem_bytes(1, nf4_pair_max_warps);  // the largest any shape asks for
   // Capacity per block shape: RW·KW warps of up to 128 registers, so one block of 16 warps per
   // SM, or more of smaller ones; cached per (device, KW).
   static std::atomic<int> cap[nf4_pair_max_warps + 1][16] = {};
-  const int c = persistent_capacity(nf4_byte_pair_kernel<T, KWC>, RW * KW * 32, smem, smem_max, cap[KW]);
+  const int c = persistent_capacity(kernel, RW * KW * 32, smem, smem_max, cap[KW]);
   const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
   if (rows == 0) return;
   const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
-  nf4_byte_pair_kernel<T, KWC><<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
+  kernel<<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
 }
-/// Compile-time K for the common widths 2048, 4096, 8192 and 14336; any other K % 1024 == 0 at
-/// run time.
+/// K and the blocksize at compile time for the common widths 2048, 4096, 8192 and 14336 and
+/// blocksize 64 (bitsandbytes' default); any other K % 1024 == 0 or blocksize at run time.
 template <class T>
 void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
                           cudaStream_t stream) {
+  auto go = [&](auto kw) {
+    constexpr int KWC = decltype(kw)::value;
+    if (bs == 64)
+      launch_nf4_byte_pair_kw<T, KWC, 64>(X, K, packed, absmax, bs, nOut, Y, stream);
+    else
+      launch_nf4_byte_pair_kw<T, KWC, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
+  };
   switch (K / nf4_pair_slice) {
-    case 2: return launch_nf4_byte_pair_kw<T, 2>(X, K, packed, absmax, bs, nOut, Y, stream);
-    case 4: return launch_nf4_byte_pair_kw<T, 4>(X, K, packed, absmax, bs, nOut, Y, stream);
-    case 8: return launch_nf4_byte_pair_kw<T, 8>(X, K, packed, absmax, bs, nOut, Y, stream);
-    case 14: return launch_nf4_byte_pair_kw<T, 14>(X, K, packed, absmax, bs, nOut, Y, stream);
-    default: return launch_nf4_byte_pair_kw<T, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
+    case 2: return go(std::integral_constant<int, 2>{});
+    case 4: return go(std::integral_constant<int, 4>{});
+    case 8: return go(std::integral_constant<int, 8>{});
+    case 14: return go(std::integral_constant<int, 14>{});
+    default: return launch_nf4_byte_pair_kw<T, 0, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
   }
 }
 
