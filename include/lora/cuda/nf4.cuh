@@ -551,7 +551,8 @@ __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
       }
     }
   }
-  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
+  const int threads = KWC > 0 && RWC > 0 ? KWC * RWC * 32 : static_cast<int>(blockDim.x);
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += threads) {
     const int e = i / 32;  // one entry per warp and step: the constant reads are uniform
     tab[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
   }
@@ -598,13 +599,20 @@ __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
       }
     }
     float* rs = red + (jj & 1) * KW * 32;
+    auto sync_group = [&] {  // the thread count as an immediate where K is known
+      if constexpr (KWC > 0)
+        asm volatile("bar.sync %0, %1;" ::"r"(bar), "n"(KWC * 32) : "memory");
+      else
+        asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(bar_threads) : "memory");
+    };
     if (kw != 0) {
       rs[kw * 32 + lane] = p[0];
-      asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(bar_threads) : "memory");
+      sync_group();
     } else {
-      asm volatile("bar.sync %0, %1;" ::"r"(bar), "r"(bar_threads) : "memory");
+      sync_group();
       float v = p[0];
-      for (int w = 1; w < KW; ++w) v += rs[w * 32 + lane];
+#pragma unroll
+      for (int w = 1; w < (KWC > 0 ? KWC : KW); ++w) v += rs[w * 32 + lane];
 #pragma unroll
       for (int m = 1; m < (1 << L); m <<= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
       if ((lane & ((1 << L) - 1)) == 0) *yp = from_float<T>(v);
