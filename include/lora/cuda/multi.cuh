@@ -52,7 +52,6 @@ constexpr int sgmv_rank_group = 8;          // ranks per block of the CUDA-core 
 constexpr int sgmv_expand_rank_group = 16;  // Bᵀ rows the expand has in flight per thread
 constexpr int sgmv_max_rank = 1024;  // expand keeps a [tile × r] block of U in shared memory
 constexpr int sgmv_max_split = 16;
-constexpr double sgmv_token_expand_max = 8.0;  // automatic: per_token at ≤ this many tokens per tile
 
 template <class T, int N>
 __device__ __forceinline__ void ldg_vec(const T* p, float* out) {
@@ -451,15 +450,15 @@ struct DeviceSegments {
 ///          adapters' rows into a scratch buffer, and one vectorised pass adds them
 ///          to Y after the GEMM (the expand leaves the critical path; Y's adapter
 ///          rows are read and written once more).
-enum class SgmvSchedule { serial, overlap, delta, overlap_gemm_first };
+enum class SgmvSchedule { serial, overlap, delta };
 
 /// Which expand kernel apply() uses.
-/// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): many loads in
-///            flight when tiles hold few tokens (decode batches, many adapters);
+/// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): four times the
+///            warps, and many more loads in flight when tiles hold few tokens; as fast or
+///            faster at every measured shape but the largest (docs/performance.md);
 /// per_tile:  one thread per 8 columns of a whole tile (sgmv_expand_kernel): each Bᵀ row is
-///            read once per tile, which suits full tiles (prefill);
-/// automatic: per_token unless the tiles average more than sgmv_token_expand_max tokens.
-enum class SgmvExpand { automatic, per_token, per_tile };
+///            read once per tile; 1–2% faster at T 4096 with ≤ 64 adapters, slower elsewhere.
+enum class SgmvExpand { per_token, per_tile };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
 /// dB[id] [out × r] in float for every adapter the batch used (empty views for the
@@ -493,7 +492,7 @@ class DeviceAdapterSet {
   /// bf16/half with in % 32 == 0 and 16-byte aligned rows of X: the shrink runs on the tensor
   /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
   bool tensor_core_shrink = true;
-  SgmvExpand expand_kernel = SgmvExpand::automatic;
+  SgmvExpand expand_kernel = SgmvExpand::per_token;
 
   DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -619,8 +618,7 @@ class DeviceAdapterSet {
                           out_, in_);
     check_batch(X, seg, Y);
     const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
-    const bool gemm_first = schedule == SgmvSchedule::overlap_gemm_first && seg.tiles > 0;
-    const bool overlap = (schedule == SgmvSchedule::overlap || delta || gemm_first) && seg.tiles > 0;
+    const bool overlap = (schedule == SgmvSchedule::overlap || delta) && seg.tiles > 0;
     if (overlap) {
       if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
       LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, ctx_->stream()));
@@ -628,7 +626,6 @@ class DeviceAdapterSet {
     }
     const Plan p = plan(X, seg);
     const cudaStream_t side = overlap ? fork_->side.get() : ctx_->stream();
-    if (gemm_first) lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
     if (seg.tiles > 0) shrink(X, seg, p, side);
     view D;
     if (delta) {
@@ -641,8 +638,7 @@ class DeviceAdapterSet {
       D = view{delta_.data(), seg.covered, out_, out_};
       expand(seg, p, Y, side, D);
     }
-    if (!gemm_first)
-      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
+    lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
     if (overlap) {
       LORA_CUDA_CHECK(cudaEventRecord(fork_->join, fork_->side.get()));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), fork_->join, 0));
@@ -904,11 +900,7 @@ class DeviceAdapterSet {
     const int vw = vec ? V : 1;
     T* y = reinterpret_cast<T*>(Y.data);
     T* d = reinterpret_cast<T*>(D.data);
-    const bool per_token =
-        expand_kernel == SgmvExpand::per_token ||
-        (expand_kernel == SgmvExpand::automatic &&
-         static_cast<double>(seg.covered) <= detail::sgmv_token_expand_max * static_cast<double>(seg.tiles));
-    if (per_token) {
+    if (expand_kernel == SgmvExpand::per_token) {
       const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, 32 * vw),
                       static_cast<unsigned>(TT / 4));
       if (vec)
