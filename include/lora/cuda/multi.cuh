@@ -111,6 +111,20 @@ struct RawVec {
   __device__ __forceinline__ float operator[](int i) const { return lora::detail::to_float(v[i]); }
 };
 
+/// Rows j0 … j0 + RG − 1 of Bᵀ [r × out] at columns col … col + VW − 1, zeros for rows past
+/// the rank and for lanes past the last column (!live).
+template <class T, int VW, int RG>
+__device__ __forceinline__ void load_bt_rows(RawVec<T, VW> (&b)[RG], const T* Bt, int j0, int r, int out, int col,
+                                             bool live) {
+#pragma unroll
+  for (int g = 0; g < RG; ++g) {
+    if (live && j0 + g < r)
+      b[g].ldg(Bt + static_cast<long>(j0 + g) * out + col);
+    else
+      b[g].zero();
+  }
+}
+
 /// Shrink: U[split][p, j] = s·Σ_{k in split} X[order[p], k]·A[j, k] for the
 /// positions p of one tile (≤ TT tokens, one adapter) and all its ranks j, over
 /// the split's range of K (gridDim.y splits; expand sums them) and the ranks
@@ -266,13 +280,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int r = e.rank, rp = (r + RG - 1) / RG * RG;
   RawVec<T, VW> b[RG];
-#pragma unroll
-  for (int g = 0; g < RG; ++g) {
-    if (live && g < r)
-      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
-    else
-      b[g].zero();
-  }
+  load_bt_rows(b, e.Bt, 0, r, out, col, live);
   // With D (SgmvSchedule::delta) the sums start at 0 and go to D's row of the position.
   float acc[TT][VW];
 #pragma unroll
@@ -293,15 +301,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   __syncthreads();
   if (!live) return;
   for (int j0 = 0; j0 < r; j0 += RG) {
-    if (j0 > 0) {
-#pragma unroll
-      for (int g = 0; g < RG; ++g) {
-        if (j0 + g < r)
-          b[g].ldg(e.Bt + static_cast<long>(j0 + g) * out + col);
-        else
-          b[g].zero();
-      }
-    }
+    if (j0 > 0) load_bt_rows(b, e.Bt, j0, r, out, col, true);
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       if (t < tile.count) {
@@ -347,13 +347,7 @@ __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int r = e.rank;
   RawVec<T, VW> b[RG];
-#pragma unroll
-  for (int g = 0; g < RG; ++g) {
-    if (live && g < r)
-      b[g].ldg(e.Bt + static_cast<long>(g) * out + col);
-    else
-      b[g].zero();
-  }
+  load_bt_rows(b, e.Bt, 0, r, out, col, live);
   T* dst = D ? D + static_cast<long>(pos) * ldd + col : Y + static_cast<long>(order[pos]) * ldy + col;
   float acc[VW];
   if (!D && live)
@@ -366,15 +360,7 @@ __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
     if (j0 + lane < r)
       for (int s = 0; s < splits; ++s) uj += U[s * split_stride + static_cast<long>(pos) * ldu + j0 + lane];
     for (int k0 = j0; k0 < min(j0 + 32, r); k0 += RG) {
-      if (k0 > 0) {
-#pragma unroll
-        for (int g = 0; g < RG; ++g) {
-          if (live && k0 + g < r)
-            b[g].ldg(e.Bt + static_cast<long>(k0 + g) * out + col);
-          else
-            b[g].zero();
-        }
-      }
+      if (k0 > 0) load_bt_rows(b, e.Bt, k0, r, out, col, live);
 #pragma unroll
       for (int g = 0; g < RG; ++g) {
         const float u = __shfl_sync(0xffffffffu, uj, (k0 - j0 + g) & 31);  // 0 past the rank, as b is

@@ -333,7 +333,7 @@ __global__ void __launch_bounds__(nf4_stream_warps * 32)
     const int ti = s / nks, ks = s % nks;
     const int row0 = (bid + ti * nb) * 16, gw = ks * span + warp * G;
     if (gw < groups) {
-      uint4 xnext[NT][2];
+      [[maybe_unused]] uint4 xnext[NT][2];  // used for one n-tile only
       if constexpr (NT == 1) load_x(gw, xnext);
 #pragma unroll
       for (int j = 0; j < G; ++j) {
