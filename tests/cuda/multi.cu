@@ -114,8 +114,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
           using Ex = multi::SgmvExpand;
           for (auto [sched, ex] : {std::pair{Sc::serial, Ex::per_token}, std::pair{Sc::serial, Ex::per_tile},
                                    std::pair{Sc::overlap, Ex::per_token}, std::pair{Sc::overlap, Ex::per_tile},
-                                   std::pair{Sc::delta, Ex::per_token}, std::pair{Sc::delta, Ex::per_tile},
-                                   std::pair{Sc::fused, Ex::per_token}}) {
+                                   std::pair{Sc::delta, Ex::per_token}, std::pair{Sc::delta, Ex::per_tile}}) {
             INFO("schedule " << static_cast<int>(sched) << " expand " << static_cast<int>(ex));
             dev.schedule = sched;
             dev.expand_kernel = ex;

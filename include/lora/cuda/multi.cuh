@@ -372,103 +372,6 @@ __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
   if (live) store_vec<T, VW>(dst, acc);
 }
 
-constexpr int sgmv_fused_warps = 8;
-constexpr int sgmv_fused_cols = sgmv_fused_warps * 32 * 8;  // output columns per block: 8 per thread
-
-/// Shrink and expand of one tile in one kernel, after the base GEMM (SgmvSchedule::fused;
-/// bf16/half, in % 32 == 0, 16-byte aligned rows of X and Y, out % 8 == 0).
-/// Block (tile, blockIdx.y) first issues the loads it will need last — its 16 rows of Bᵀ for
-/// its sgmv_fused_cols output columns and the tile's Y rows there — then computes the tile's
-/// U = s·X_tile·Aᵀ for 16 ranks itself, exactly as sgmv_shrink_mma_kernel does (its 8 warps
-/// split K, mma.m16n8k16, the warps' results meet in shared memory), and finally
-/// Y[order[p], cols] += U[p, :]·Bᵀ[:, cols], token by token. The chain of memory round trips
-/// is tile → (table entry, order) → (A, X, Bᵀ, Y) → store, in one launch: the separate
-/// kernels needed two launches and U's round trip through memory. The price: every column
-/// block of a tile computes the tile's shrink again (A is read out × / sgmv_fused_cols times,
-/// from L2 after the first). Ranks over 16 loop over groups of 16.
-template <class T>
-__global__ void __launch_bounds__(sgmv_fused_warps * 32) sgmv_fused_kernel(
-    const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
-    const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out) {
-  constexpr int NW = sgmv_fused_warps, UN = sgmv_mma_unroll, TT = sgmv_tile_tokens, RG = 16, VW = 8;
-  const SegmentTile tile = tiles[blockIdx.x];
-  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
-  const int g = lane / 4, q = lane % 4;
-  const int col = static_cast<int>(blockIdx.y) * sgmv_fused_cols + static_cast<int>(threadIdx.x) * VW;
-  const bool live = col < out;
-  const T* xr = X + static_cast<long>(order[tile.begin + min(g, tile.count - 1)]) * ldx + q * 8;
-  const DeviceSlotEntry<T> e = table[tile.adapter];
-  const int r = e.rank;
-  // The expand's operands first: their latency overlaps the shrink.
-  RawVec<T, VW> b[RG];
-  load_bt_rows(b, e.Bt, 0, r, out, col, live);
-  RawVec<T, VW> yv[TT];
-#pragma unroll
-  for (int t = 0; t < TT; ++t)
-    if (live && t < tile.count) yv[t].ldg(Y + static_cast<long>(order[tile.begin + t]) * ldy + col);
-
-  __shared__ float red[NW][32][4];
-  extern __shared__ float u[];  // [TT × rp]: the tile's U, every rank group
-  const int rp = (r + RG - 1) / RG * RG;
-  const int chunks = in / 32;
-  for (int j0 = 0; j0 < r; j0 += RG) {  // the shrink, one group of 16 ranks at a time
-    const T* alo = e.A + static_cast<long>(min(j0 + g, r - 1)) * in + q * 8;
-    const T* ahi = e.A + static_cast<long>(min(j0 + g + 8, r - 1)) * in + q * 8;
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int c = warp; c < chunks; c += NW * UN) {
-      uint4 ra[UN], rb[UN], rx[UN];
-#pragma unroll
-      for (int v = 0; v < UN; ++v) {
-        const int k = (c + v * NW) * 32;
-        if (c + v * NW < chunks) {
-          ra[v] = __ldg(reinterpret_cast<const uint4*>(alo + k));
-          rb[v] = __ldg(reinterpret_cast<const uint4*>(ahi + k));
-          rx[v] = __ldg(reinterpret_cast<const uint4*>(xr + k));
-        }
-      }
-#pragma unroll
-      for (int v = 0; v < UN; ++v)
-        if (c + v * NW < chunks) {
-          lora::detail::mma_traits<T>::mma(d, {ra[v].x, rb[v].x, ra[v].y, rb[v].y}, rx[v].x, rx[v].y);
-          lora::detail::mma_traits<T>::mma(d, {ra[v].z, rb[v].z, ra[v].w, rb[v].w}, rx[v].z, rx[v].w);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][lane][i] = d[i];
-    __syncthreads();
-    if (threadIdx.x < 128) {  // element i % 4 of lane i / 4, summed over the warps (see the shrink)
-      const int i = static_cast<int>(threadIdx.x), l = i / 4, k = i % 4;
-      const int row = l / 4 + (k >= 2 ? 8 : 0), tok = 2 * (l % 4) + (k & 1);
-      float v = 0.f;
-#pragma unroll
-      for (int w = 0; w < NW; ++w) v += red[w][l][k];
-      u[tok * rp + j0 + row] = j0 + row < r ? e.scaling * v : 0.f;  // 0 past the rank, where b is 0 too
-    }
-    __syncthreads();  // red is rewritten by the next group; u is complete after the last
-  }
-  if (!live) return;
-  // The expand, token by token; Bᵀ rows past the first 16 are reloaded per token (from L1).
-#pragma unroll
-  for (int t = 0; t < TT; ++t) {
-    if (t < tile.count) {
-      float acc[VW];
-#pragma unroll
-      for (int i = 0; i < VW; ++i) acc[i] = yv[t][i];
-      for (int j0 = 0; j0 < r; j0 += RG) {
-        if (j0 > 0) load_bt_rows(b, e.Bt, j0, r, out, col, true);
-#pragma unroll
-        for (int gg = 0; gg < RG; ++gg) {
-          const float uj = u[t * rp + j0 + gg];
-#pragma unroll
-          for (int i = 0; i < VW; ++i) acc[i] = fmaf(uj, b[gg][i], acc[i]);
-        }
-      }
-      if (r > RG) load_bt_rows(b, e.Bt, 0, r, out, col, true);  // the next token starts at group 0
-      store_vec<T, VW>(Y + static_cast<long>(order[tile.begin + t]) * ldy + col, acc);
-    }
-  }
-}
-
 /// dst[order[p], c] += src[p, c] for VW consecutive columns per thread (grid: positions ×
 /// column blocks); tokens appear once in order, so no two threads touch one element.
 template <class T, int VW>
@@ -532,12 +435,8 @@ struct DeviceSegments {
 /// delta:   shrink and expand both run beside the base GEMM, the expand writing the
 ///          adapters' rows into a scratch buffer, and one vectorised pass adds them
 ///          to Y after the GEMM (the expand leaves the critical path; Y's adapter
-///          rows are read and written once more);
-/// fused:   the base GEMM, then one kernel that computes each tile's shrink and expand
-///          (sgmv_fused_kernel: one launch, no U round trip through memory; the shrink is
-///          repeated per block of 2048 output columns). bf16/half with in % 32 == 0 and
-///          16-byte aligned rows; other shapes run overlap.
-enum class SgmvSchedule { serial, overlap, delta, fused };
+///          rows are read and written once more).
+enum class SgmvSchedule { serial, overlap, delta };
 
 /// Which expand kernel apply() uses.
 /// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): four times the
@@ -704,23 +603,8 @@ class DeviceAdapterSet {
     lora::detail::require(W.rows == out_ && W.cols == in_, "DeviceAdapterSet: ", "base weight W", W.rows, W.cols,
                           out_, in_);
     check_batch(X, seg, Y);
-    if constexpr (!std::is_same_v<Scalar, float>) {
-      if (schedule == SgmvSchedule::fused && fused_ok(X, Y)) {
-        lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
-        if (seg.tiles == 0) return;
-        const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_fused_cols));
-        const std::size_t rp = (static_cast<std::size_t>(max_rank()) + 15) / 16 * 16;
-        const std::size_t smem = static_cast<std::size_t>(detail::sgmv_tile_tokens) * rp * sizeof(float);
-        detail::sgmv_fused_kernel<T><<<grid, detail::sgmv_fused_warps * 32, smem, ctx_->stream()>>>(
-            reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(),
-            table_.data(), reinterpret_cast<T*>(Y.data), Y.ld, static_cast<int>(out_));
-        LORA_CUDA_CHECK_LAUNCH("sgmv_fused_kernel");
-        return;
-      }
-    }
     const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
-    const bool overlap =  // fused lands here for shapes it does not take
-        (schedule == SgmvSchedule::overlap || schedule == SgmvSchedule::fused || delta) && seg.tiles > 0;
+    const bool overlap = (schedule == SgmvSchedule::overlap || delta) && seg.tiles > 0;
     if (overlap) {
       if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
       LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, ctx_->stream()));
@@ -990,10 +874,6 @@ class DeviceAdapterSet {
     LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_kernel");
   }
 
-  /// Whether SgmvSchedule::fused can take this batch.
-  bool fused_ok(cview X, view Y) const {
-    return in_ % 32 == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16) && expand_vec(Y, {});
-  }
   /// Whether the expand takes 16-byte vectors of Y (and D).
   bool expand_vec(view Y, view D) const {
     return out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
