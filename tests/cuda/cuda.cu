@@ -301,6 +301,61 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
   }
 }
 
+namespace {
+/// x ← c·x, late: it lets programmatic dependents launch at once, then spins for `spin`
+/// cycles before it writes, so a dependent that read x before its grid-dependency wait
+/// would see the old values.
+template <class T>
+__global__ void scale_late_kernel(T* x, int n, float c, long long spin) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < n; i += static_cast<int>(blockDim.x))
+    x[i] = lora::detail::from_float<T>(lora::detail::to_float(x[i]) * c);
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda nf4: the one-token GEMV (a programmatic dependent launch) waits for the kernel before it",
+                   "[cuda][nf4]", bfloat16, lora::half) {
+  using S = TestType;
+  using T = lora::detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index out = 1003, in = 4096;  // the byte-pair kernel, and the general one for the last 3 rows
+  const Matrix<S> W = rand_s<S>(out, in, g);
+  auto dW = DeviceMatrix<S>::from_host(W);
+  DeviceNF4 q = nf4_quantize<S>(dW.view(), 64);
+  DeviceMatrix<S> deq(out, in);
+  nf4_dequantize<S>(q, deq.view());
+  const MatD Wq = d(deq.to_host());
+  const Matrix<S> X = rand_s<S>(1, in, g);
+  auto dX = DeviceMatrix<S>::from_host(X);
+  // Factors exact in bf16/half, so the scaled X is exact; each round's kernel writes X ~50 µs
+  // after its dependents may start, and the GEMV right behind it must see the new X.
+  const float factors[3] = {-2.f, 0.5f, 4.f};
+  std::vector<DeviceMatrix<S>> Y;
+  for (int i = 0; i < 3; ++i) {
+    Y.emplace_back(1, out);
+    poison(Y.back().view());
+  }
+  auto& ctx = *CudaContext::thread_default();
+  for (int i = 0; i < 3; ++i) {
+    scale_late_kernel<T><<<1, 256, 0, ctx.stream()>>>(reinterpret_cast<T*>(dX.data()), static_cast<int>(in),
+                                                       factors[i], 100000);
+    LORA_CUDA_CHECK(cudaGetLastError());
+    nf4_gemm<S>(q, dX.view(), Y[static_cast<std::size_t>(i)].view(), ctx);
+  }
+  double c = 1;
+  for (int i = 0; i < 3; ++i) {
+    c *= factors[i];
+    INFO("round " << i);
+    CHECK(lora::test::rel_error(Y[static_cast<std::size_t>(i)].to_host(), MatD(c * d(X) * Wq.transpose())) <
+          tol<S>());
+  }
+}
+
 TEMPLATE_TEST_CASE("cuda spectrum: singular values of s·B·A match a dense float64 SVD", "[cuda][spectrum]", bfloat16,
                    float) {
   using S = TestType;

@@ -491,15 +491,16 @@ inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_byte
 /// is rewritten only after K-warp 0 has passed the next barrier), and K-warp 0 finishes the sum
 /// and writes y. The next batch's codes and absmax are loaded row by row as soon as the current
 /// batch's row has been multiplied. Products and sums are float, the codes exact.
-/// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 14.6–14.7 µs per
-/// launch, 75% of the copy bandwidth, 2.95–3.0× cuBLAS's bf16 GEMV; the former kernel of this
-/// path (nf4_gemv_kernel) took 24.6–24.9 µs.
+/// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 13.2–13.3 µs per
+/// launch as a programmatic dependent launch (83% of the copy bandwidth, 3.27–3.29× cuBLAS's
+/// bf16 GEMV), 15.4–15.8 µs without; the former kernel of this path (nf4_gemv_kernel) took
+/// 24.5–25.0 µs.
 /// KWC > 0: K = 1024·KWC, RWC > 0: RWC row groups, BSC > 0: blocksize BSC at compile time (the
 /// strides become immediates; with all three the kernel is the measured one); 0: at run time.
 template <class T, int KWC = 0, int RWC = 0, int BSC = 0>
 __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
     nf4_byte_pair_kernel(const T* __restrict__ X, int Kr, const std::uint8_t* __restrict__ packed,
-                         const float* __restrict__ absmax, int bsr, int nOut, int RWr, T* __restrict__ Y) {
+                         const float* __restrict__ absmax, int bsr, int nOut, int RWr, T* __restrict__ Y, int pdl) {
   constexpr int R = nf4_pair_rows, L = 3;  // lane l of K-warp 0 ends with row l >> L of a batch
   extern __shared__ __align__(128) unsigned char smem[];
   const int K = KWC > 0 ? KWC * nf4_pair_slice : Kr;
@@ -521,6 +522,27 @@ __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
   const std::uint8_t* pc = packed + row0 * crow + k0 / 2;
   const float* pa = absmax + (row0 * K + k0) / bs;
   const long cstep = static_cast<long>(RW) * R * crow, astep = static_cast<long>(RW) * R * arow;
+
+  // Programmatic dependent launch (pdl != 0): the next kernel of the stream, if launched with
+  // PDL too, may take an SM as soon as one of our blocks exits; this kernel builds its table
+  // and asks L2 for its first rows before it waits for the previous kernel (an L2 prefetch is
+  // safe: a write by that kernel lands in L2), and reads X and W only after the wait. Without
+  // PDL the first loads go out before the table build, which then hides their latency.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const int threads = KWC > 0 && RWC > 0 ? KWC * RWC * 32 : static_cast<int>(blockDim.x);
+  auto build_table = [&] {
+    for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += threads) {
+      const int e = i / 32;  // one entry per warp and step: the constant reads are uniform
+      tab[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
+    }
+  };
+  if (pdl) {
+    if (nmine > 0)
+#pragma unroll
+      for (int r = 0; r < R; ++r) asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + r * crow));
+    build_table();
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
 
   uint4 c[R];
   float a[R];
@@ -551,11 +573,7 @@ __global__ void __launch_bounds__(nf4_pair_max_warps * 32)
       }
     }
   }
-  const int threads = KWC > 0 && RWC > 0 ? KWC * RWC * 32 : static_cast<int>(blockDim.x);
-  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += threads) {
-    const int e = i / 32;  // one entry per warp and step: the constant reads are uniform
-    tab[i] = make_float2(nf4_values[e >> 4], nf4_values[e & 15]);
-  }
+  if (!pdl) build_table();
   __syncthreads();
 
   const std::uint32_t base = static_cast<std::uint32_t>(lane) * 8u;
@@ -637,9 +655,11 @@ constexpr int nf4_pair_row_groups(int KW) { return KW >= nf4_pair_max_warps ? 1 
 
 /// One token, rows [0, nOut − nOut % 4) by nf4_byte_pair_kernel<T, KWC, …> (persistent grid);
 /// the caller does the other rows.
+/// With `pdl` (the default) it is a programmatic dependent launch: its blocks may start, and
+/// build their table, while the previous kernel of the stream finishes.
 template <class T, int KWC, int BSC>
 void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, bool pdl = true) {
   const int KW = K / nf4_pair_slice;
   const int RW = nf4_pair_row_groups(KW);
   constexpr int RWC = KWC > 0 ? nf4_pair_row_groups(KWC) : 0;
@@ -653,26 +673,36 @@ void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, cons
   const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
   if (rows == 0) return;
   const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
-  kernel<<<blocks, RW * KW * 32, smem, stream>>>(X, K, packed, absmax, bs, rows, RW, Y);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(static_cast<unsigned>(RW * KW * 32));
+  cfg.dynamicSmemBytes = static_cast<std::size_t>(smem);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, X, K, packed, absmax, bs, rows, RW, Y, pdl ? 1 : 0));
 }
 /// K and the blocksize at compile time for the common widths 2048, 4096, 8192 and 14336 and
 /// blocksize 64 (bitsandbytes' default); any other K % 1024 == 0 or blocksize at run time.
 template <class T>
 void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const float* absmax, int bs, int nOut, T* Y,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, bool pdl = true) {
   auto go = [&](auto kw) {
     constexpr int KWC = decltype(kw)::value;
     if (bs == 64)
-      launch_nf4_byte_pair_kw<T, KWC, 64>(X, K, packed, absmax, bs, nOut, Y, stream);
+      launch_nf4_byte_pair_kw<T, KWC, 64>(X, K, packed, absmax, bs, nOut, Y, stream, pdl);
     else
-      launch_nf4_byte_pair_kw<T, KWC, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
+      launch_nf4_byte_pair_kw<T, KWC, 0>(X, K, packed, absmax, bs, nOut, Y, stream, pdl);
   };
   switch (K / nf4_pair_slice) {
     case 2: return go(std::integral_constant<int, 2>{});
     case 4: return go(std::integral_constant<int, 4>{});
     case 8: return go(std::integral_constant<int, 8>{});
     case 14: return go(std::integral_constant<int, 14>{});
-    default: return launch_nf4_byte_pair_kw<T, 0, 0>(X, K, packed, absmax, bs, nOut, Y, stream);
+    default: return launch_nf4_byte_pair_kw<T, 0, 0>(X, K, packed, absmax, bs, nOut, Y, stream, pdl);
   }
 }
 
