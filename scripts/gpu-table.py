@@ -92,6 +92,14 @@ for i, o, t, r in shapes:
     vals = [get(ours, n, i, o, t, r) for n in ("part_base_strided_x", "part_xa_cublas", "part_wide_gemm",
                                                  "part_fwd_concat_k", "part_fwd_accumulate", "ours_plain_fwd")]
     print(f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
+print("\nthe backward alone (ms): dY·W (cuBLAS, contiguous dY) against ours with dY padded to out + rp (padded_grad) and to out + r:")
+print("| in→out | T | r | dY·W | ours, pad rp | ours, pad r | rp / dY·W |")
+print("|---|---|---|---|---|---|---|")
+for i, o, t, r in shapes:
+    if t < 4096:
+        continue
+    vals = [get(ours, n, i, o, t, r) for n in ("part_base_dx", "part_bwd_pad_rp", "part_bwd_pad_r")]
+    print(f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {vals[1]/vals[0]:.2f} |")
 print("\nDoRA forward (4096→4096, r 16):")
 for t in (1, 16384):
     b = get(ours, "base_gemm", 4096, 4096, t, 16)
@@ -99,6 +107,10 @@ for t in (1, 16384):
     pf = get(peft, "peft_dora_fwd", 4096, 4096, t, 16)
     tb = get(peft, "torch_base_gemm", 4096, 4096, t, 16)
     print(f"  T {t}: ours {f:.4f} ms = {f/b:.2f}x base; PEFT {pf:.4f} ms = {pf/tb:.2f}x torch base; ours {pf/f:.1f}x faster")
+parts = [get(ours, n, 4096, 4096, 16384, 16) for n in ("part_dora_norm", "part_dora_scale_w", "part_dora_apply_scaled",
+                                                      "part_lora_apply", "part_dora_fwd_one_set")]
+print("  T 16384, each part on its own (ms): norm {:.4f}, scale W {:.4f}, apply(scaled) {:.4f}; LoRA apply {:.4f};"
+      " DoRA forward on one weight set {:.4f}".format(*parts))
 print("\nNF4 (W 14336x4096, blocksize 64):")
 for t in (1, 16):
     b = get(ours, "base_gemm", 4096, 14336, t, 0)

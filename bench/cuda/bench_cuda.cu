@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <vector>
@@ -105,6 +106,20 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
         });
     emit("base_fwd_bwd", in, out, T, r, tbb);
     emit("ours_fwd_bwd", in, out, T, r, tfb);
+    if (T >= 4096) {  // the backward alone: dY padded to out + rp (padded_grad) or out + r
+      DeviceMatrix<S> dYr(T, out + r);
+      LORA_CUDA_CHECK(cudaMemcpy2D(dYr.data(), (out + r) * sizeof(S), dYc.data(), out * sizeof(S), out * sizeof(S), T,
+                                   cudaMemcpyDeviceToDevice));
+      const auto t = bench::time_all(
+          ctx_ref,
+          {base_dx,
+           [&](int i) { ad.backward(fw[i % sets], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view()); },
+           [&](int i) { ad.backward(fw[i % sets], Xp.view(), dYr.view(), dX.view(), dA.view(), dB.view()); }},
+          10, 15, 3);
+      emit("part_base_dx", in, out, T, r, t[0]);
+      emit("part_bwd_pad_rp", in, out, T, r, t[1]);
+      emit("part_bwd_pad_r", in, out, T, r, t[2]);
+    }
   } else {
     DeviceMatrix<float> m(1, out);
     {
@@ -118,6 +133,24 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     });
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_dora_fwd", in, out, T, r, td);
+    if (T >= 4096) {  // where the DoRA forward's time goes (each timed on its own)
+      const float* mp = m.data();
+      DoraWorkspace<S>& w0 = ws[0];
+      const auto t = bench::time_all(
+          ctx_ref,
+          {[&](int) { dora_weight_norm(ad, fw[0], w0, mp); }, [&](int) { detail::dora_build_scaled(ad, fw[0], w0); },
+           [&](int) { ad.apply(w0.scaled, Xp.view(), Y.view()); }, [&](int) { ad.apply(fw[0], Xp.view(), Y.view()); },
+           [&](int) { dora_apply(ad, fw[0], DeviceView<const float>(m.view()), Xp.view(), Y.view(), w0); }},
+          10, 15, 3);
+      emit("part_dora_norm", in, out, T, r, t[0]);
+      emit("part_dora_scale_w", in, out, T, r, t[1]);
+      emit("part_dora_apply_scaled", in, out, T, r, t[2]);
+      emit("part_lora_apply", in, out, T, r, t[3]);
+      emit("part_dora_fwd_one_set", in, out, T, r, t[4]);
+      for (const auto& [tt, how] : w0.scaled.tuned)
+        std::fprintf(stderr, "DoRA T %ld: scaled block's forward strategy %s\n", static_cast<long>(tt),
+                     how == FusedForward::concat_k ? "concat_k" : "accumulate");
+    }
   }
 }
 
@@ -152,10 +185,17 @@ int main(int argc, char** argv) {
     emit("gemm8192_TFLOPs", n, n, n, 0, gm, 2.0 * n * n * n / gm / 1e9);
   }
 
-  for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
-    for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);
-  for (Index T : {Index(1), Index(16), Index(4096), Index(16384)}) bench_lora(*ctx, ctx, 4096, 14336, T, 16, g, false);
+  // LORA_BENCH_ONLY=dora: only the DoRA shapes (for profiling runs).
+  const char* only = std::getenv("LORA_BENCH_ONLY");
+  const bool only_dora = only && std::string(only) == "dora";
+  if (!only_dora) {
+    for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
+      for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);
+    for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
+      bench_lora(*ctx, ctx, 4096, 14336, T, 16, g, false);
+  }
   for (Index T : {Index(1), Index(16384)}) bench_lora(*ctx, ctx, 4096, 4096, T, 16, g, true);
+  if (only_dora) return 0;
 
   // NF4: W [14336 × 4096] (4096 → 14336), GEMV at batch 1 and 16 vs cuBLAS bf16; dequantisation bandwidth.
   {

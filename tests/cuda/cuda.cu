@@ -94,16 +94,22 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
       ad.apply(fw, Xp.view(), Y.view());
       CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
     }
-    auto dYp = upload_padded(dY, sh.r);
-    DeviceMatrix<S> gX(sh.tokens, sh.in);
-    DeviceMatrix<float> gA(sh.r, sh.in), gB(sh.out, sh.r);
-    poison(gX.view());
-    poison(gA.view());
-    poison(gB.view());
-    ad.backward(fw, Xp.view(), dYp.view(), gX.view(), gA.view(), gB.view());
-    CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
-    CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
-    CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+    // dY with rp spare columns (padded_grad; the padding is poisoned, backward writes zeros
+    // there) and with r (accepted too).
+    for (Index pad : {fused_rank_pad(sh.r), sh.r}) {
+      INFO("dY padding " << pad);
+      auto dYp = upload_padded(dY, pad);
+      DeviceMatrix<S> gX(sh.tokens, sh.in);
+      DeviceMatrix<float> gA(sh.r, sh.in), gB(sh.out, sh.r);
+      poison(gX.view());
+      poison(gA.view());
+      poison(gB.view());
+      ad.backward(fw, Xp.view(), dYp.view(), gX.view(), gA.view(), gB.view());
+      CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
+      CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
+      CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+    }
+    CHECK(ad.padded_grad(sh.tokens).cols() == sh.out + fused_rank_pad(sh.r));
 
     // delta_weight, merge, unmerge.
     const MatD delta = s * Bd * Ad;
@@ -142,6 +148,13 @@ TEST_CASE("cuda adapter: bad shapes throw lora::error naming the tensor", "[cuda
   CHECK_THROWS_WITH(ad.apply(W.view(), X.view()), Catch::Matchers::ContainsSubstring("base weight W"));
   CHECK_THROWS_WITH(ad.set_A(Matrix<float>(4, 63)), Catch::Matchers::ContainsSubstring("q_proj"));
   CHECK_THROWS_AS(ad.apply(W.view(), X.view()), lora::error);
+  // The fused backward names the padded dY when it has neither r nor rp spare columns.
+  DeviceMatrix<float> W2(32, 64);
+  auto fw = ad.fuse(W2.view());
+  auto Xp = ad.padded_input(3);
+  DeviceMatrix<float> dYp(3, 32 + 5), dX(3, 64), dA(4, 64), dB(32, 4);
+  CHECK_THROWS_WITH(ad.backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view()),
+                    Catch::Matchers::ContainsSubstring("padded dY"));
 }
 
 TEMPLATE_TEST_CASE("cuda dora: forward and backward match float64", "[cuda][dora]", bfloat16, float) {

@@ -19,7 +19,7 @@ namespace lora {
 /// rp = fused_rank_pad(r) rounds r up to a multiple of 64 with zero rows and columns,
 /// so that one GEMM serves both paths:
 ///   forward   Y  = [X | s·X·Aᵀ | 0] · [W | B | 0]ᵀ   (K = in + rp)
-///   backward  dX = [dY | s·dY·B] · [W ; A]          (K = out + r)
+///   backward  dX = [dY | s·dY·B | 0] · [W ; A ; 0]  (K = out + rp)
 /// The padding keeps the forward GEMM's K and leading dimensions multiples of 64:
 /// cuBLAS ran K = 4112 (r 16) 7% slower than K = 4096 on the H100, K = 4160 as fast.
 /// Build it with LowRankAdapter<S, cuda>::fuse(W); refresh(fw) after A or B change.
@@ -51,8 +51,12 @@ struct FusedWeight {
   DeviceView<const S> B() const { return {block.data() + in, out, r, ld()}; }
   /// [W | B | 0], [out × (in + rp)]: the forward operand.
   DeviceView<const S> wide() const { return {block.data(), out, in + rp(), ld()}; }
+  /// [B | 0], [out × rp].
+  DeviceView<const S> B_padded() const { return {block.data() + in, out, rp(), ld()}; }
   /// [W ; A], [(out + r) × in]: the input-gradient operand.
   DeviceView<const S> tall() const { return {block.data(), out + r, in, ld()}; }
+  /// [W ; A ; 0], [(out + rp) × in]: the input-gradient operand for a padded dY.
+  DeviceView<const S> tall_padded() const { return {block.data(), out + rp(), in, ld()}; }
   DeviceView<S> mutable_block() { return block.view(); }
 };
 
@@ -297,8 +301,11 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   DeviceMatrix<Scalar> padded_input(Index tokens) const {
     return DeviceMatrix<Scalar>(tokens, in_features() + fused_rank_pad(rank()));
   }
-  /// A [T × (out + r)] buffer for dY in the fused backward: dY in columns [0, out).
-  DeviceMatrix<Scalar> padded_grad(Index tokens) const { return DeviceMatrix<Scalar>(tokens, out_features() + rank()); }
+  /// A [T × (out + rp)] buffer for dY in the fused backward (rp = fused_rank_pad(r)): dY in
+  /// columns [0, out); backward() writes s·dY·B and zeros into the last rp columns.
+  DeviceMatrix<Scalar> padded_grad(Index tokens) const {
+    return DeviceMatrix<Scalar>(tokens, out_features() + fused_rank_pad(rank()));
+  }
 
   /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input).
   /// Tokens ≤ 4: two decode kernels (CUDA cores, one pass over W); otherwise
@@ -352,22 +359,29 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     return g;
   }
 
-  /// Fused backward after apply(fw, Xp, Y): dYp = [dY | scratch] (padded_grad).
-  /// s·dY·B goes into dYp's last r columns, then dX = [dY | s·dY·B]·[W ; A] in
-  /// one GEMM; dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ) reuse the scratch columns.
+  /// Fused backward after apply(fw, Xp, Y): dYp = [dY | scratch] (padded_grad: out + rp
+  /// columns; out + r is accepted too). s·dY·[B | 0] goes into dYp's last columns, then
+  /// dX = [dY | s·dY·B | 0]·[W ; A ; 0] in one GEMM (K = out + rp, a multiple of 64: cuBLAS
+  /// ran K = out + r slower, docs/performance.md); dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ)
+  /// reuse the scratch columns.
   void backward(const FusedWeight<Scalar>& fw, cview Xp, view dYp, view dX, DeviceView<float> dA,
                 DeviceView<float> dB) const {
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
     detail::require(Xp.cols == in + fw.rp(), who(), "padded input Xp", Xp.rows, Xp.cols, T, in + fw.rp());
-    detail::require(dYp.rows == T && dYp.cols == out + r, who(), "padded dY", dYp.rows, dYp.cols, T, out + r);
+    const Index gp = dYp.cols == out + r ? r : fw.rp();  // G's columns: r, or rp with zeros
+    detail::require(dYp.rows == T && dYp.cols == out + gp, who(), "padded dY", dYp.rows, dYp.cols, T, out + fw.rp());
     detail::require(dX.rows == T && dX.cols == in, who(), "dX", dX.rows, dX.cols, T, in);
     detail::require(dA.rows == r && dA.cols == in, who(), "dA", dA.rows, dA.cols, r, in);
     detail::require(dB.rows == out && dB.cols == r, who(), "dB", dB.rows, dB.cols, out, r);
     const float s = static_cast<float>(scaling());
     cview dY = cview(dYp).col_block(0, out);
     view G = dYp.col_block(out, r);
-    detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + r, 1.f, cview(dYp), fw.tall(), 0.f, dX);
+    if (gp == r)
+      detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
+    else
+      detail::compute_xa<Scalar>(*ctx_, dY, fw.B_padded(), true, dYp.col_block(out, gp), s);
+    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp),
+                                         gp == r ? fw.tall() : fw.tall_padded(), 0.f, dX);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
                                         dA);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, cview(Xp).col_block(in, r), 0.f, dB);
