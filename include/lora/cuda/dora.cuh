@@ -17,7 +17,7 @@ template <class S>
 struct DoraWorkspace {
   FusedWeight<S> scaled;          ///< [[c⊙W, c⊙B], [A, 0]], written by dora_apply
   DeviceMatrix<float> wn2;        ///< [out × 1] ‖w_n‖²
-  DeviceMatrix<float> P, G;       ///< W·Aᵀ [out × r], A·Aᵀ [r × r]
+  DeviceMatrix<float> PG;         ///< [W; A]·Aᵀ [(out + r) × r]: P = W·Aᵀ above G = A·Aᵀ
   DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
   bool scaled_current = false;    ///< `scaled` matches c (decode-size forwards skip it)
   void reset_weight_norms() { wn2 = {}; }
@@ -36,14 +36,14 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
         reinterpret_cast<const T*>(fw.W().data), fw.ld(), static_cast<int>(out), static_cast<int>(in), ws.wn2.data());
     LORA_CUDA_CHECK_LAUNCH("row_sqnorm_kernel");
   }
-  if (ws.P.rows() != out || ws.P.cols() != r) ws.P = DeviceMatrix<float>(out, r);
-  if (ws.G.rows() != r) ws.G = DeviceMatrix<float>(r, r);
+  if (ws.PG.rows() != out + r || ws.PG.cols() != r) ws.PG = DeviceMatrix<float>(out + r, r);
   if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
   if (ws.c.rows() != out) ws.c = DeviceMatrix<float>(out, 1);
-  detail::gemm<S, S, float>(ctx, false, true, out, r, in, 1.f, fw.W(), fw.A(), 0.f, ws.P.view());
-  detail::gemm<S, S, float>(ctx, false, true, r, r, in, 1.f, fw.A(), fw.A(), 0.f, ws.G.view());
+  // P = W·Aᵀ and G = A·Aᵀ in one GEMM over the fused block's [W; A] rows (one launch; a
+  // separate r × r × in GEMM cost as much as the pass over W, docs/performance.md).
+  detail::gemm<S, S, float>(ctx, false, true, out + r, r, in, 1.f, fw.tall(), fw.A(), 0.f, ws.PG.view());
   detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, ctx.stream()>>>(
-      ws.wn2.data(), ws.P.data(), ws.G.data(), reinterpret_cast<const T*>(fw.B().data), fw.ld(),
+      ws.wn2.data(), ws.PG.data(), ws.PG.data() + out * r, reinterpret_cast<const T*>(fw.B().data), fw.ld(),
       static_cast<int>(out), static_cast<int>(r), static_cast<float>(ad.scaling()), magnitude, ws.norm.data(),
       magnitude ? ws.c.data() : nullptr);
   LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
@@ -61,6 +61,16 @@ void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<
   const T* src = reinterpret_cast<const T*>(fw.block.data());
   T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
   const long ld = static_cast<long>(fw.ld());
+  if constexpr (sizeof(T) == 2) {
+    if (ld % 8 == 0 && aligned(src, 16) && aligned(dst, 16)) {  // one vectorised pass over the whole block
+      const long vectors = (out + fw.rp()) * ld / 8;
+      scale_rows_vec_kernel<T><<<static_cast<unsigned>(std::min<long>(ceil_div(vectors, 256), 132L * 16)), 256, 0,
+                                 ctx.stream()>>>(src, dst, vectors, ld, static_cast<int>(out), ws.c.data());
+      LORA_CUDA_CHECK_LAUNCH("scale_rows_vec_kernel");
+      ws.scaled_current = true;
+      return;
+    }
+  }
   scale_rows_kernel<T><<<dim3(ceil_div(ld, 256 * 4), static_cast<unsigned>(out)), 256, 0, ctx.stream()>>>(
       src, ld, dst, ld, static_cast<int>(out), static_cast<int>(ld), ws.c.data());
   LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");

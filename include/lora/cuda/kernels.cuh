@@ -191,6 +191,27 @@ __global__ void scale_rows_kernel(const T* __restrict__ src, long lds, T* __rest
     dst[row * ldd + j] = from_float<T>(f * to_float(src[row * lds + j]));
 }
 
+/// dst[i] = f·src[i] over a contiguous [rows × ld] block in 16-byte vectors (ld % 8 == 0),
+/// with f = c[row] for the first `scaled_rows` rows and 1 after them: DoRA's scaled fused
+/// block [[c⊙W, c⊙B, 0], [A, 0, 0], [0, 0, 0]] in one pass (src and dst 16-byte aligned).
+template <class T>
+__global__ void scale_rows_vec_kernel(const T* __restrict__ src, T* __restrict__ dst, long vectors, long ld,
+                                      int scaled_rows, const float* __restrict__ c) {
+  static_assert(sizeof(T) == 2);
+  for (long v = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors;
+       v += static_cast<long>(gridDim.x) * blockDim.x) {
+    const long row = v * 8 / ld;
+    uint4 u = __ldg(reinterpret_cast<const uint4*>(src) + v);
+    if (row < scaled_rows) {
+      const float f = c[row];
+      T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = from_float<T>(f * to_float(e[i]));
+    }
+    reinterpret_cast<uint4*>(dst)[v] = u;
+  }
+}
+
 /// Y[t, n] *= c[n] (DoRA's column scale at decode sizes).
 template <class T>
 __global__ void scale_cols_kernel(T* __restrict__ Y, long ldy, int rows, int cols, const float* __restrict__ c) {
