@@ -83,23 +83,27 @@ for i, o, t, r in shapes:
     fb = get(ours, "ours_fwd_bwd", i, o, t, r)
     pfb = get(peft, "peft_fwd_bwd", i, o, t, r)
     print(f"| {i}→{o} | {t} | {r} | {b:.4f} | {f:.4f} | {f/b:.2f} | {pf:.4f} | {pf/tb:.2f} | {pf/f:.2f} | {bb:.4f} | {fb:.4f} | {fb/bb:.2f} | {pfb:.4f} |")
-print("\nwhere the fused forward goes (ms; base GEMM with contiguous X above):")
-print("| in→out | T | r | base, X strided (ld in+r) | s·X·Aᵀ (cuBLAS) | [X, XA]·[W, B]ᵀ GEMM | fwd concat_k | fwd accumulate | plain apply(W, X) |")
-print("|---|---|---|---|---|---|---|---|---|")
-for i, o, t, r in shapes:
-    if t < 4096:
-        continue
-    vals = [get(ours, n, i, o, t, r) for n in ("part_base_strided_x", "part_xa_cublas", "part_wide_gemm",
-                                                 "part_fwd_concat_k", "part_fwd_accumulate", "ours_plain_fwd")]
-    print(f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals) + " |")
-print("\nthe backward alone (ms): dY·W (cuBLAS, contiguous dY) against ours with dY padded to out + rp (padded_grad) and to out + r:")
-print("| in→out | T | r | dY·W | ours, pad rp | ours, pad r | rp / dY·W |")
-print("|---|---|---|---|---|---|---|")
-for i, o, t, r in shapes:
-    if t < 4096:
-        continue
-    vals = [get(ours, n, i, o, t, r) for n in ("part_base_dx", "part_bwd_pad_rp", "part_bwd_pad_r")]
-    print(f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {vals[1]/vals[0]:.2f} |")
+def parts_table(title, columns, names, ratio=None):
+    """One row per large-T shape of the named part timings; ratio (i, j): a last column vals[i] / vals[j]."""
+    print(title)
+    print("| in→out | T | r | " + " | ".join(columns) + (" | ratio |" if ratio else " |"))
+    print("|---|---|---|" + "---|" * (len(columns) + (1 if ratio else 0)))
+    for i, o, t, r in shapes:
+        if t < 4096:
+            continue
+        vals = [get(ours, n, i, o, t, r) for n in names]
+        row = f"| {i}→{o} | {t} | {r} | " + " | ".join(f"{v:.4f}" for v in vals)
+        print(row + (f" | {vals[ratio[0]] / vals[ratio[1]]:.2f} |" if ratio else " |"))
+
+
+parts_table("\nwhere the fused forward goes (ms; base GEMM with contiguous X above):",
+            ["base, X strided (ld in+r)", "s·X·Aᵀ (cuBLAS)", "[X, XA]·[W, B]ᵀ GEMM", "fwd concat_k", "fwd accumulate",
+             "plain apply(W, X)"],
+            ["part_base_strided_x", "part_xa_cublas", "part_wide_gemm", "part_fwd_concat_k", "part_fwd_accumulate",
+             "ours_plain_fwd"])
+parts_table("\nthe backward alone (ms): dY·W (cuBLAS, contiguous dY) against ours with dY padded to out + rp"
+            " (padded_grad) and to out + r; ratio = pad rp / dY·W:",
+            ["dY·W", "ours, pad rp", "ours, pad r"], ["part_base_dx", "part_bwd_pad_rp", "part_bwd_pad_r"], (1, 0))
 print("\nDoRA forward (4096→4096, r 16):")
 for t in (1, 16384):
     b = get(ours, "base_gemm", 4096, 4096, t, 16)
