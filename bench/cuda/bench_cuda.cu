@@ -154,6 +154,85 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   }
 }
 
+/// Experiment: the fused forward at T 16384 with s·X·Aᵀ computed chunk by chunk on a second
+/// stream (its own cuBLAS handle) while the main stream runs the [X | XA]·[W | B | 0]ᵀ GEMM
+/// of the chunk before: can the memory-bound XA pass hide beside the compute-bound GEMM?
+void bench_pipeline(CudaContext& ctx, Generator& g) {
+  const Index in = 4096, out = 4096, r = 16, T = 16384;
+  LowRankAdapter<S> host(in, out, r, 2.0 * r);
+  host.set_A(bench::random_factor<S>(r, in, g));
+  host.set_B(bench::random_factor<S>(out, r, g));
+  auto shared = CudaContext::thread_default();
+  auto ad = LowRankAdapter<S, cuda>::from_host(host, shared);
+  DeviceMatrix<S> W(out, in);
+  fill_random(W.view(), g, 0.02);
+  auto fw = ad.fuse(W.view());
+  auto Xp = ad.padded_input(T);
+  fill_random(Xp.view(), g, 1.0);
+  DeviceMatrix<S> Y(T, out), Y2(T, out), Xc(T, in);
+  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), (in + fw.rp()) * sizeof(S), in * sizeof(S), T,
+                               cudaMemcpyDeviceToDevice));
+  CudaContext side;
+  const float s = static_cast<float>(ad.scaling());
+  const Index rp = fw.rp();
+  cudaEvent_t ev[17];
+  for (auto& e : ev) LORA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  auto xa = [&](CudaContext& c, Index t0, Index tc) {
+    auto Xv = Xp.view();
+    detail::gemm<S, S, S>(c, false, true, tc, rp, in, s, DeviceView<const S>(Xv.row_block(t0, tc).col_block(0, in)),
+                          fw.A_padded(), 0.f, Xv.row_block(t0, tc).col_block(in, rp));
+  };
+  auto big = [&](Index t0, Index tc, DeviceMatrix<S>& Yo) {
+    detail::gemm<S, S, S>(ctx, false, true, tc, out, in + rp, 1.f, DeviceView<const S>(Xp.view().row_block(t0, tc)),
+                          fw.wide(), 0.f, Yo.view().row_block(t0, tc));
+  };
+  auto pipe = [&](int C, DeviceMatrix<S>& Yo) {
+    const Index tc = T / C;
+    LORA_CUDA_CHECK(cudaEventRecord(ev[16], ctx.stream()));
+    LORA_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), ev[16], 0));
+    for (int c = 0; c < C; ++c) {
+      xa(side, c * tc, tc);
+      LORA_CUDA_CHECK(cudaEventRecord(ev[c], side.stream()));
+    }
+    for (int c = 0; c < C; ++c) {
+      LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx.stream(), ev[c], 0));
+      big(c * tc, tc, Yo);
+    }
+  };
+  // correctness of the pipelined form against the library's apply
+  ad.apply(fw, Xp.view(), Y.view());
+  pipe(8, Y2);
+  {
+    const Matrix<S> a = to_host(Y.view()), b = to_host(Y2.view());
+    double num = 0, den = 0;
+    for (Index i = 0; i < a.rows(); i += 97)
+      for (Index j = 0; j < a.cols(); ++j) {
+        const double d = double(float(a(i, j))) - double(float(b(i, j)));
+        num += d * d;
+        den += double(float(a(i, j))) * double(float(a(i, j)));
+      }
+    std::fprintf(stderr, "pipeline C 8 against apply: relative difference %.2e\n", std::sqrt(num / den));
+  }
+  const auto t = bench::time_all(
+      ctx,
+      {[&](int) {
+         detail::gemm<S, S, S>(ctx, false, true, T, out, in, 1.f, DeviceView<const S>(Xc.view()), DeviceView<const S>(W.view()), 0.f,
+                               Y.view());
+       },
+       [&](int) { ad.apply(fw, Xp.view(), Y.view()); },
+       [&](int) {
+         for (int c = 0; c < 8; ++c) big(c * (T / 8), T / 8, Y);
+       },
+       [&](int) { pipe(4, Y); }, [&](int) { pipe(8, Y); }, [&](int) { pipe(16, Y); }},
+      10, 15, 3);
+  const char* names[] = {"pipe_base", "pipe_ours_apply", "pipe_gemm_8_chunks", "pipe_4", "pipe_8", "pipe_16"};
+  for (int i = 0; i < 6; ++i) {
+    emit(names[i], in, out, T, r, t[static_cast<std::size_t>(i)]);
+    std::fprintf(stderr, "%-20s %.4f ms = %.3fx base\n", names[i], t[static_cast<std::size_t>(i)], t[static_cast<std::size_t>(i)] / t[0]);
+  }
+  for (auto& e : ev) cudaEventDestroy(e);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -188,6 +267,10 @@ int main(int argc, char** argv) {
   // LORA_BENCH_ONLY=dora: only the DoRA shapes (for profiling runs).
   const char* only = std::getenv("LORA_BENCH_ONLY");
   const bool only_dora = only && std::string(only) == "dora";
+  if (only && std::string(only) == "pipeline") {  // the chunked two-stream forward experiment
+    bench_pipeline(*ctx, g);
+    return 0;
+  }
   if (!only_dora) {
     for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
       for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);
