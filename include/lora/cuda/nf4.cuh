@@ -492,7 +492,7 @@ inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_byte
 /// and writes y. The next batch's codes and absmax are loaded row by row as soon as the current
 /// batch's row has been multiplied. Products and sums are float, the codes exact.
 /// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 13.2–13.3 µs per
-/// launch as a programmatic dependent launch (83% of the copy bandwidth, 3.27–3.29× cuBLAS's
+/// launch as a programmatic dependent launch (83% of the copy bandwidth, 3.26–3.29× cuBLAS's
 /// bf16 GEMV), 15.4–15.8 µs without; the former kernel of this path (nf4_gemv_kernel) took
 /// 24.5–25.0 µs.
 /// KWC > 0: K = 1024·KWC, RWC > 0: RWC row groups, BSC > 0: blocksize BSC at compile time (the
