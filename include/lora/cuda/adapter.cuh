@@ -82,18 +82,10 @@ DeviceView<device_t<S>> as_device(DeviceView<S> v) {
 template <class T, int TMAX, int ROWS>
 void launch_gemv(const CudaContext& ctx, DeviceView<const T> X, DeviceView<const T> M, DeviceView<const T> Xt,
                  DeviceView<const T> Mt, bool pdl, DeviceView<T> Y, float scale) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(ceil_div(M.rows, ROWS));
-  cfg.blockDim = dim3(decode_threads);
-  cfg.stream = ctx.stream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, TMAX, ROWS>, X.data, X.ld, static_cast<int>(X.rows),
-                                     static_cast<int>(X.cols), M.data, M.ld, static_cast<int>(M.rows), Xt.data,
-                                     Xt.ld, static_cast<int>(Xt.cols), Mt.data, Mt.ld, pdl, Y.data, Y.ld, scale));
+  launch_maybe_pdl(gemv_kernel<T, TMAX, ROWS>, dim3(ceil_div(M.rows, ROWS)), dim3(decode_threads), 0, ctx.stream(),
+                   pdl, X.data, X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols), M.data, M.ld,
+                   static_cast<int>(M.rows), Xt.data, Xt.ld, static_cast<int>(Xt.cols), Mt.data, Mt.ld, pdl, Y.data,
+                   Y.ld, scale);
 }
 
 /// True when X (tokens ≤ 16) and M allow the 16-byte loads of gemv_kernel.

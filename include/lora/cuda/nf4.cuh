@@ -673,17 +673,8 @@ void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, cons
   const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
   if (rows == 0) return;
   const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(blocks);
-  cfg.blockDim = dim3(static_cast<unsigned>(RW * KW * 32));
-  cfg.dynamicSmemBytes = static_cast<std::size_t>(smem);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, X, K, packed, absmax, bs, rows, RW, Y, pdl ? 1 : 0));
+  launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(RW * KW * 32)), static_cast<std::size_t>(smem),
+                   stream, pdl, X, K, packed, absmax, bs, rows, RW, Y, pdl ? 1 : 0);
 }
 /// K and the blocksize at compile time for the common widths 2048, 4096, 8192 and 14336 and
 /// blocksize 64 (bitsandbytes' default); any other K % 1024 == 0 or blocksize at run time.
