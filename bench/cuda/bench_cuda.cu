@@ -119,6 +119,56 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       emit("part_base_dx", in, out, T, r, t[0]);
       emit("part_bwd_pad_rp", in, out, T, r, t[1]);
       emit("part_bwd_pad_r", in, out, T, r, t[2]);
+      // s·dY·B and dYᵀ·XA: two cuBLAS GEMMs (each reads dY) against the one pass over dY
+      // (detail::dy_pass) at its default grid and at 1 and 4 blocks per SM.
+      const FusedWeight<S>& f0 = fw[0];
+      DeviceView<const S> XA = DeviceView<const S>(Xp.view()).col_block(in, f0.rp());
+      DeviceView<S> Gp = dYp.view().col_block(out, f0.rp());
+      if (detail::dy_pass_ok<S>(dY, f0.B_padded(), XA, r, f0.rp())) {
+        DeviceBuffer<float> scratch;
+        int sms = 0;
+        LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+        auto pass = [&](int blocks) {
+          return [&, blocks](int) {
+            detail::dy_pass(ctx_ref, detail::as_device(dY), detail::as_device(f0.B_padded()), detail::as_device(XA),
+                            r, 0.5f, detail::as_device(Gp), dB.view(), scratch, blocks);
+          };
+        };
+        auto phase = [&](int ph) {
+          return [&, ph](int) {
+            detail::launch_dy_pass<detail::device_t<S>, 2>(ctx_ref.stream(), detail::as_device(dY),
+                                                           detail::as_device(f0.B_padded()), detail::as_device(XA),
+                                                           r, 0.5f, detail::as_device(Gp), dB.view(), scratch, 0, ph);
+          };
+        };
+        auto staged = [&]<int ST>(std::integral_constant<int, ST>) {
+          return [&](int) {
+            detail::launch_dy_pass<detail::device_t<S>, 2, ST>(
+                ctx_ref.stream(), detail::as_device(dY), detail::as_device(f0.B_padded()), detail::as_device(XA), r,
+                0.5f, detail::as_device(Gp), dB.view(), scratch, 0);
+          };
+        };
+        const auto u = bench::time_all(
+            ctx_ref,
+            {[&](int) {
+               detail::gemm<S, S, S>(ctx_ref, false, false, T, f0.rp(), out, 0.5f, dY, f0.B_padded(), 0.f, Gp);
+               detail::gemm<S, S, float>(ctx_ref, true, false, out, r, T, 1.f, dY, XA.col_block(0, r), 0.f,
+                                         dB.view());
+             },
+             pass(0), pass(sms), pass(4 * sms), staged(std::integral_constant<int, 4>{}),
+             staged(std::integral_constant<int, 6>{}), phase(1), phase(2)},
+            10, 15, 3);
+        emit("part_dy_two_gemms", in, out, T, r, u[0]);
+        emit("part_dy_pass", in, out, T, r, u[1], 2.0 * T * out / u[1] / 1e6);
+        emit("part_dy_pass_1sm", in, out, T, r, u[2], 2.0 * T * out / u[2] / 1e6);
+        emit("part_dy_pass_4sm", in, out, T, r, u[3], 2.0 * T * out / u[3] / 1e6);
+        if (r <= 16) {
+          emit("part_dy_pass_st4", in, out, T, r, u[4], 2.0 * T * out / u[4] / 1e6);
+          emit("part_dy_pass_st6", in, out, T, r, u[5], 2.0 * T * out / u[5] / 1e6);
+          emit("part_dy_partials", in, out, T, r, u[6], 2.0 * T * out / u[6] / 1e6);
+          emit("part_dy_reduce", in, out, T, r, u[7]);
+        }
+      }
     }
   } else {
     DeviceMatrix<float> m(1, out);
@@ -269,6 +319,11 @@ int main(int argc, char** argv) {
   const bool only_dora = only && std::string(only) == "dora";
   if (only && std::string(only) == "pipeline") {  // the chunked two-stream forward experiment
     bench_pipeline(*ctx, g);
+    return 0;
+  }
+  if (only && std::string(only) == "backward") {  // the T 16384 shapes of the backward goal
+    for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, 16384, r, g, false);
+    bench_lora(*ctx, ctx, 4096, 14336, 16384, 16, g, false);
     return 0;
   }
   if (!only_dora) {

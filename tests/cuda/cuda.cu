@@ -50,7 +50,7 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
   // the odd one forces the plain GEMM path.
   const Shape shapes[] = {{256, 200, 8, 1},  {256, 200, 8, 3},  {256, 200, 8, 16}, {256, 200, 8, 37},
                           {128, 320, 16, 9}, {256, 192, 16, 64}, {96, 160, 32, 32}, {256, 128, 64, 48},
-                          {100, 70, 5, 2},   {100, 70, 5, 33}};
+                          {100, 70, 5, 2},   {100, 70, 5, 33},  {256, 520, 16, 600}, {264, 136, 24, 200}};
   for (const Shape& sh : shapes) {
     INFO("in " << sh.in << " out " << sh.out << " r " << sh.r << " tokens " << sh.tokens);
     const double alpha = 2.0 * sh.r * g.uniform(0.5, 1.5);
@@ -122,6 +122,79 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
     // Round trip of the factors.
     CHECK(lora::test::max_abs_diff(ad.to_host().A(), host.A()) == 0.0);
   }
+}
+
+TEMPLATE_TEST_CASE("cuda adapter: the backward's one pass over dY (s·dY·B and dYᵀ·XA) matches float64",
+                   "[cuda][adapter]", bfloat16, lora::half) {
+  using S = TestType;
+  using T = detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  struct Case {
+    Index tokens, out, r;
+    int blocks;  // 0: the device's resident blocks; else forces fewer output ranges
+  };
+  // Several token ranges (512 tokens each at r <= 16, 256 at r <= 32) and output ranges,
+  // partial last tiles in both, r below the 16/32 column groups, one token.
+  const Case cases[] = {{1000, 520, 16, 0}, {1000, 520, 8, 0}, {777, 264, 20, 0}, {300, 200, 32, 0},
+                        {1300, 1208, 16, 4}, {1300, 1208, 16, 0}, {64, 64, 1, 0},  {1, 8, 3, 0}};
+  for (const Case& c : cases) {
+    INFO("tokens " << c.tokens << " out " << c.out << " r " << c.r << " blocks " << c.blocks);
+    const Index N = c.r <= 16 ? 16 : 32, gcols = 64;
+    const double s = g.uniform(0.5, 2.0);
+    const Matrix<S> dY = rand_s<S>(c.tokens, c.out, g), B = rand_s<S>(c.out, c.r, g, 0.3),
+                    XA = rand_s<S>(c.tokens, c.r, g, 0.3);
+    // dY with spare columns, B and XA with N + 8 columns; everything past the data is NaN
+    // (the kernel must neither read dY's spare columns nor let B's and XA's reach column < r).
+    auto ddY = upload_padded(dY, 24);
+    auto dB_in = upload_padded(B, N + 8 - c.r);
+    auto dXA = upload_padded(XA, N + 8 - c.r);
+    DeviceMatrix<S> G(c.tokens, gcols);
+    DeviceMatrix<float> dB(c.out, c.r);
+    poison(G.view());
+    poison(dB.view());
+    DeviceBuffer<float> scratch;
+    auto ctx = CudaContext::thread_default();
+    const DeviceView<const S> vdY = DeviceView<const S>(ddY.view()).col_block(0, c.out);
+    REQUIRE(detail::dy_pass_ok<S>(vdY, dB_in.view(), dXA.view(), c.r, N + 8));
+    auto dev = [](auto v) { return detail::as_device(v); };
+    detail::dy_pass<T>(*ctx, dev(vdY), dev(DeviceView<const S>(dB_in.view())), dev(DeviceView<const S>(dXA.view())),
+                       c.r, static_cast<float>(s), dev(G.view()), dB.view(), scratch, c.blocks);
+    const MatD Gref = s * d(dY) * d(B), dBref = d(dY).transpose() * d(XA);
+    const Matrix<S> Gh = G.to_host();
+    CHECK(lora::test::rel_error(Gh.leftCols(c.r), Gref) < tol<S>());
+    CHECK(lora::test::max_abs_diff(Gh.rightCols(gcols - c.r), Matrix<S>::Zero(c.tokens, gcols - c.r)) == 0.0);
+    const Matrix<float> dBh = dB.to_host();
+    CHECK(lora::test::rel_error(dBh, dBref) < tol<S>());
+    // The partial sums are added in a fixed order: a second run gives the same bits.
+    poison(G.view());
+    poison(dB.view());
+    detail::dy_pass<T>(*ctx, dev(vdY), dev(DeviceView<const S>(dB_in.view())), dev(DeviceView<const S>(dXA.view())),
+                       c.r, static_cast<float>(s), dev(G.view()), dB.view(), scratch, c.blocks);
+    const Matrix<S> Gh2 = G.to_host();
+    const Matrix<float> dBh2 = dB.to_host();
+    CHECK(std::memcmp(Gh2.data(), Gh.data(), sizeof(S) * Gh.size()) == 0);
+    CHECK(std::memcmp(dBh2.data(), dBh.data(), sizeof(float) * dBh.size()) == 0);
+  }
+  // The launch shape: token ranges of 512 (r <= 16), output ranges a multiple of 64 that fill
+  // the resident blocks, at most 1024 outputs per block.
+  const auto p = detail::dy_pass_plan(16384, 4096, 512, 1024, 264);
+  CHECK((p.P == 32 && p.Q == 8 && p.ob == 512));
+  const auto p2 = detail::dy_pass_plan(16384, 14336, 512, 1024, 264);
+  CHECK((p2.P == 32 && p2.Q == 14 && p2.ob == 1024));
+  const auto p3 = detail::dy_pass_plan(100, 200, 512, 1024, 264);
+  CHECK((p3.P == 1 && p3.Q == 4 && p3.ob == 64));
+  // Layouts it does not take: float, r > 32, unaligned rows, too few readable columns.
+  DeviceMatrix<S> m(8, 72);
+  const DeviceView<const S> v = m.view();
+  CHECK(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 33, 64));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 60), v, v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v.col_block(1, 32), v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 8, 8));
+  DeviceMatrix<float> f(8, 64);
+  CHECK_FALSE(detail::dy_pass_ok<float>(f.view(), f.view(), f.view(), 16, 16));
 }
 
 TEST_CASE("cuda adapter: fan_in_fan_out apply and merge", "[cuda][adapter]") {

@@ -4,6 +4,7 @@
 // float accumulation) and the fused decode kernels. See docs/cuda.md.
 
 #include <lora/core/adapter.hpp>
+#include <lora/cuda/grad.cuh>
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/runtime.hpp>
 
@@ -355,7 +356,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// columns; out + r is accepted too). s·dY·[B | 0] goes into dYp's last columns, then
   /// dX = [dY | s·dY·B | 0]·[W ; A ; 0] in one GEMM (K = out + rp, a multiple of 64: cuBLAS
   /// ran K = out + r slower, docs/performance.md); dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ)
-  /// reuse the scratch columns.
+  /// reuse the scratch columns. For bf16/half with r ≤ 32 (and 16-byte aligned rows),
+  /// s·dY·B and dB come from one tensor-core pass over dY (detail::dy_pass); otherwise
+  /// from two cuBLAS GEMMs.
   void backward(const FusedWeight<Scalar>& fw, cview Xp, view dYp, view dX, DeviceView<float> dA,
                 DeviceView<float> dB) const {
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
@@ -368,6 +371,18 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const float s = static_cast<float>(scaling());
     cview dY = cview(dYp).col_block(0, out);
     view G = dYp.col_block(out, r);
+    const cview XA = cview(Xp).col_block(in, fw.rp());
+    if constexpr (sizeof(Scalar) == 2) {
+      if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp())) {
+        detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(fw.B_padded()), detail::as_device(XA), r, s,
+                        detail::as_device(dYp.col_block(out, gp)), dB, partials_);
+        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp),
+                                             gp == r ? fw.tall() : fw.tall_padded(), 0.f, dX);
+        detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in),
+                                            0.f, dA);
+        return;
+      }
+    }
     if (gp == r)
       detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
     else
@@ -449,6 +464,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   std::shared_ptr<CudaContext> ctx_;
   DeviceMatrix<Scalar> A_, B_;
   mutable DeviceBuffer<Scalar> scratch_;
+  mutable DeviceBuffer<float> partials_;  // dy_pass's partial sums (grow-only, stream-ordered reuse)
 };
 
 }  // namespace lora

@@ -432,27 +432,6 @@ __global__ void __launch_bounds__(nf4_stream_warps * 32)
   }
 }
 
-/// Blocks of `threads` threads with `smem` bytes of dynamic shared memory that the current
-/// device holds at once (resident blocks per SM × SMs, at least one per SM): the grid of a
-/// persistent kernel. Computed once per device into `cache` (up to 16 devices); the first
-/// time, a `smem_limit` > 0 raises the kernel's dynamic shared-memory limit to it.
-template <class Kernel>
-int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit, std::atomic<int> (&cache)[16]) {
-  int dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  int c = cache[dev & 15].load(std::memory_order_relaxed);
-  if (c == 0) {
-    if (smem_limit > 0)
-      LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-    int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    c = std::max(1, per_sm) * sms;
-    cache[dev & 15].store(c, std::memory_order_relaxed);
-  }
-  return c;
-}
-
 template <class T, int NT, bool WIDE, bool LAST>
 void launch_nf4_stream(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax, int bs,
                        int nOut, T* Y, long ldy, cudaStream_t stream) {
