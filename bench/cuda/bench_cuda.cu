@@ -280,6 +280,41 @@ void bench_pipeline(CudaContext& ctx, Generator& g) {
     emit(names[i], in, out, T, r, t[static_cast<std::size_t>(i)]);
     std::fprintf(stderr, "%-20s %.4f ms = %.3fx base\n", names[i], t[static_cast<std::size_t>(i)], t[static_cast<std::size_t>(i)] / t[0]);
   }
+  // The same with the main GEMMs held to fewer SMs (cublasSetSmCountTarget) so that the side
+  // stream's XA finds free SMs: 2048 tiles of 128 x 256 fill 128 SMs in 16 whole waves, as many
+  // as 132 SMs need.
+  int sms = 0;
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  auto targeted = [&](int main_sms, int side_sms, std::function<void()> f) {
+    return [&, main_sms, side_sms, f](int) {
+      LORA_CUDA_CHECK(cublasSetSmCountTarget(ctx.blas(), main_sms));
+      LORA_CUDA_CHECK(cublasSetSmCountTarget(side.blas(), side_sms));
+      f();
+      LORA_CUDA_CHECK(cublasSetSmCountTarget(ctx.blas(), 0));
+      LORA_CUDA_CHECK(cublasSetSmCountTarget(side.blas(), 0));
+    };
+  };
+  auto base_full = [&] {
+    detail::gemm<S, S, S>(ctx, false, true, T, out, in, 1.f, DeviceView<const S>(Xc.view()),
+                          DeviceView<const S>(W.view()), 0.f, Y.view());
+  };
+  std::vector<std::function<void(int)>> fns = {targeted(0, 0, base_full), targeted(0, 0, [&] { ad.apply(fw, Xp.view(), Y.view()); })};
+  std::vector<std::string> labels = {"sm_base", "sm_apply"};
+  for (int m : {sms - 4, sms - 8, sms - 12}) {
+    fns.push_back(targeted(m, 0, base_full));
+    labels.push_back("sm_base_main" + std::to_string(m));
+    fns.push_back(targeted(m, 0, [&] { for (int c = 0; c < 8; ++c) big(c * (T / 8), T / 8, Y); }));
+    labels.push_back("sm_gemm8_main" + std::to_string(m));
+    for (int C : {4, 8, 16}) {
+      fns.push_back(targeted(m, sms - m, [&, C] { pipe(C, Y); }));
+      labels.push_back("sm_pipe" + std::to_string(C) + "_main" + std::to_string(m) + "_side" + std::to_string(sms - m));
+    }
+  }
+  const auto u = bench::time_all(ctx, fns, 10, 15, 3);
+  for (std::size_t i = 0; i < u.size(); ++i) {
+    emit(labels[i].c_str(), in, out, T, r, u[i]);
+    std::fprintf(stderr, "%-32s %.4f ms = %.3fx base\n", labels[i].c_str(), u[i], u[i] / u[0]);
+  }
   for (auto& e : ev) cudaEventDestroy(e);
 }
 
