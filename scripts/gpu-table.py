@@ -104,6 +104,10 @@ parts_table("\nwhere the fused forward goes (ms; base GEMM with contiguous X abo
 parts_table("\nthe backward alone (ms): dY·W (cuBLAS, contiguous dY) against ours with dY padded to out + rp"
             " (padded_grad) and to out + r; ratio = pad rp / dY·W:",
             ["dY·W", "ours, pad rp", "ours, pad r"], ["part_base_dx", "part_bwd_pad_rp", "part_bwd_pad_r"], (1, 0))
+parts_table("\nthe backward's dY pass (ms): s·dY·B and dYᵀ·XA as two cuBLAS GEMMs against one pass over dY"
+            " (dy_pass; nan: r > 32 takes the GEMMs); ratio = GEMMs / pass:",
+            ["two GEMMs", "dy_pass", "partials", "reduction"],
+            ["part_dy_two_gemms", "part_dy_pass", "part_dy_partials", "part_dy_reduce"], (0, 1))
 print("\nDoRA forward (4096→4096, r 16):")
 for t in (1, 16384):
     b = get(ours, "base_gemm", 4096, 4096, t, 16)
