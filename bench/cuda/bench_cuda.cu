@@ -186,13 +186,47 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     if (T >= 4096) {  // where the DoRA forward's time goes (each timed on its own)
       const float* mp = m.data();
       DoraWorkspace<S>& w0 = ws[0];
+      int sms = 0;
+      LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+      auto pg_blocks = [&](int blocks) {  // the tensor-core pass's partial sums at another grid size
+        return [&, blocks](int) {
+          detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r, w0.PG.view(),
+                            w0.pg_partials, blocks, 1);
+        };
+      };
       const auto t = bench::time_all(
           ctx_ref,
           {[&](int) { dora_weight_norm(ad, fw[0], w0, mp); }, [&](int) { detail::dora_build_scaled(ad, fw[0], w0); },
            [&](int) { ad.apply(w0.scaled, Xp.view(), Y.view()); }, [&](int) { ad.apply(fw[0], Xp.view(), Y.view()); },
-           [&](int) { dora_apply(ad, fw[0], DeviceView<const float>(m.view()), Xp.view(), Y.view(), w0); }},
+           [&](int) { dora_apply(ad, fw[0], DeviceView<const float>(m.view()), Xp.view(), Y.view(), w0); },
+           // PG = [W; A]·Aᵀ alone: cuBLAS (the fallback) and the tensor-core pass (detail::norm_gemm),
+           // then its partial sums and its reduction apart.
+           [&](int) {
+             detail::gemm<S, S, float>(ctx_ref, false, true, out + r, r, in, 1.f, fw[0].tall(), fw[0].A(), 0.f,
+                                       w0.PG.view());
+           },
+           [&](int) {
+             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+                               w0.PG.view(), w0.pg_partials);
+           },
+           [&](int) {
+             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+                               w0.PG.view(), w0.pg_partials, 0, 1);
+           },
+           [&](int) {
+             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+                               w0.PG.view(), w0.pg_partials, 0, 2);
+           },
+           pg_blocks(sms), pg_blocks(4 * sms)},
           10, 15, 3);
+      const double pg_bytes = static_cast<double>(out + r) * in * sizeof(S);
       emit("part_dora_norm", in, out, T, r, t[0]);
+      emit("part_dora_pg_cublas", in, out, T, r, t[5], pg_bytes / t[5] / 1e6);
+      emit("part_dora_pg_tc", in, out, T, r, t[6], pg_bytes / t[6] / 1e6);
+      emit("part_dora_pg_tc_partials", in, out, T, r, t[7], pg_bytes / t[7] / 1e6);
+      emit("part_dora_pg_tc_reduce", in, out, T, r, t[8]);
+      emit("part_dora_pg_tc_partials_1sm", in, out, T, r, t[9], pg_bytes / t[9] / 1e6);
+      emit("part_dora_pg_tc_partials_4sm", in, out, T, r, t[10], pg_bytes / t[10] / 1e6);
       emit("part_dora_scale_w", in, out, T, r, t[1]);
       emit("part_dora_apply_scaled", in, out, T, r, t[2]);
       emit("part_lora_apply", in, out, T, r, t[3]);

@@ -465,3 +465,102 @@ TEMPLATE_TEST_CASE("cuda spectrum: singular values of s·B·A match a dense floa
   CHECK((got - want).norm() / want.norm() < 1e-5);
   CHECK(std::abs(got[r - 1] - want[r - 1]) < 1e-4 * want[0]);
 }
+
+TEMPLATE_TEST_CASE("cuda dora: the weight-norm GEMM [W; A]·Aᵀ on tensor cores (detail::norm_gemm) matches float64",
+                   "[cuda][dora]", bfloat16, lora::half) {
+  using S = TestType;
+  using T = detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  struct Case {
+    Index out, in, r;
+    int blocks;  // 0: the device's resident blocks; else a smaller grid (longer row and K ranges)
+  };
+  // Row ranges of 1-4 row tiles and K ranges of 1-16 K tiles (8 at r > 16), partial last tiles
+  // in both (rows out + r, K not a multiple of 64), r below the 16/32 column groups.
+  const Case cases[] = {{1000, 1032, 16, 0}, {1000, 1032, 16, 4}, {264, 200, 20, 0}, {264, 200, 20, 3},
+                        {500, 64, 1, 0},     {300, 2048, 32, 1},  {4100, 1040, 16, 1}, {8, 64, 3, 0},
+                        {96, 128, 8, 0},     {64, 4096, 16, 0},   {130, 4104, 24, 0}};
+  for (const Case& c : cases) {
+    INFO("out " << c.out << " in " << c.in << " r " << c.r << " blocks " << c.blocks);
+    const Index rows = c.out + c.r;
+    const Matrix<S> Mh = rand_s<S>(rows, c.in, g);
+    // [W; A] inside a larger block: NaN in the 24 columns past K and the 8 rows below A,
+    // which the kernel must not read.
+    DeviceMatrix<S> blk(rows + 8, c.in + 24);
+    poison(blk.view());
+    upload<S>(Mh, blk.view().row_block(0, rows).col_block(0, c.in));
+    const DeviceView<const S> all = blk.view();
+    auto dev = [](auto v) { return detail::as_device(v); };
+    const auto M = dev(all.row_block(0, rows).col_block(0, c.in));
+    const auto A = dev(all.row_block(c.out, c.r).col_block(0, c.in));
+    REQUIRE(detail::norm_gemm_ok<T>(M, A, c.r));
+    DeviceMatrix<float> PG(rows, c.r);
+    poison(PG.view());
+    DeviceBuffer<float> scratch;
+    auto ctx = CudaContext::thread_default();
+    detail::norm_gemm<T>(*ctx, M, A, c.r, PG.view(), scratch, c.blocks);
+    const MatD ref = d(Mh) * d(Mh.bottomRows(c.r)).transpose();
+    const Matrix<float> h = PG.to_host();
+    // Exact products of 16-bit inputs, float sums: far inside 1e-4.
+    CHECK(lora::test::rel_error(h, ref) < 1e-4);
+    CHECK(lora::test::max_abs_diff(h, ref) < 1e-4 * std::sqrt(static_cast<double>(c.in)) * 8);
+    // The partial sums are added in a fixed order: a second run gives the same bits.
+    poison(PG.view());
+    detail::norm_gemm<T>(*ctx, M, A, c.r, PG.view(), scratch, c.blocks);
+    const Matrix<float> h2 = PG.to_host();
+    CHECK(std::memcmp(h2.data(), h.data(), sizeof(float) * h.size()) == 0);
+  }
+  // End to end through dora_weight_norm: the norms straight from the partial sums
+  // (dora_norm_fused_kernel; r 16 and 20: N 16 and 32), from cuBLAS's PG (in 100: rows not on
+  // 16 bytes) and, for r > 32, cuBLAS and dora_norm_kernel.
+  struct NormCase {
+    Index out, in, r;
+  };
+  for (const NormCase& c : {NormCase{1000, 1032, 16}, NormCase{264, 200, 20}, NormCase{96, 100, 8},
+                            NormCase{72, 128, 40}}) {
+    INFO("dora_weight_norm: out " << c.out << " in " << c.in << " r " << c.r);
+    LowRankAdapter<S> host(c.in, c.out, c.r, 2.0 * c.r);
+    host.set_A(rand_s<S>(c.r, c.in, g, 0.1));
+    host.set_B(rand_s<S>(c.out, c.r, g, 0.1));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host);
+    const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.1);
+    Vector<double> m(c.out);
+    for (Index n = 0; n < c.out; ++n) m[n] = g.uniform(0.5, 2.0);
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto fw = ad.fuse(dW.view());
+    auto dm = DeviceMatrix<float>::from_host(m.cast<float>().transpose());
+    DoraWorkspace<S> ws;
+    for (int run = 0; run < 2; ++run) {  // the second run takes the cached ‖w_n‖² and the grown scratch
+      dora_weight_norm(ad, fw, ws, dm.data());
+      const MatD Wd = d(W), Ad = d(host.A()), Bd = d(host.B());
+      const Vector<double> norm = (Wd + host.scaling() * Bd * Ad).rowwise().norm();
+      CHECK(lora::test::rel_error(ws.norm.to_host(), MatD(norm)) < 1e-3);
+      CHECK(lora::test::rel_error(ws.c.to_host(), MatD(m.cwiseQuotient(norm))) < 1e-3);
+      MatD tall(c.out + c.r, c.in);
+      tall << Wd, Ad;
+      CHECK(lora::test::rel_error(ws.PG.to_host(), MatD(tall * Ad.transpose())) < 1e-4);
+    }
+  }
+  // The launch shape: one row tile per range and the fewest K ranges (16 K tiles each) where
+  // that fills the resident blocks; longer row ranges where the rows alone fill it.
+  const auto p = detail::norm_gemm_plan(4112, 4096, 4, 16, 264);
+  CHECK((p.RT == 65 && p.KT == 64 && p.P == 65 && p.Q == 4));
+  const auto p2 = detail::norm_gemm_plan(14352, 4096, 4, 16, 264);
+  CHECK((p2.RT == 225 && p2.P == 66 && p2.Q == 4));
+  const auto p3 = detail::norm_gemm_plan(1016, 1032, 4, 16, 264);
+  CHECK((p3.P == 16 && p3.Q == 16));
+  const auto p4 = detail::norm_gemm_plan(8, 64, 4, 16, 264);
+  CHECK((p4.P == 1 && p4.Q == 1));
+  // Layouts it does not take: float, r > 32, K not a multiple of 8, unaligned rows, A too short.
+  DeviceMatrix<S> m(40, 72);
+  const auto v = detail::as_device(DeviceView<const S>(m.view()));
+  CHECK(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.col_block(0, 64), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.col_block(0, 64), 33));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 60), v.col_block(0, 60), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(1, 64), v.col_block(1, 64), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.row_block(0, 8).col_block(0, 64), 16));
+  DeviceMatrix<float> f(8, 64);
+  CHECK_FALSE(detail::norm_gemm_ok<float>(f.view(), f.view(), 4));
+}

@@ -7,6 +7,7 @@
 // [[c⊙W, c⊙B], [A, 0]], after which forward and backward are the LoRA ones.
 
 #include <lora/cuda/adapter.cuh>
+#include <lora/cuda/dora_norm.cuh>
 #include <lora/cuda/kernels.cuh>
 
 namespace lora {
@@ -20,6 +21,7 @@ struct DoraWorkspace {
   DeviceMatrix<float> PG;         ///< [W; A]·Aᵀ [(out + r) × r]: P = W·Aᵀ above G = A·Aᵀ
   DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
   bool scaled_current = false;    ///< `scaled` matches c (decode-size forwards skip it)
+  DeviceBuffer<float> pg_partials;  ///< detail::norm_gemm's partial sums of PG
   void reset_weight_norms() { wn2 = {}; }
 };
 
@@ -39,13 +41,38 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   if (ws.PG.rows() != out + r || ws.PG.cols() != r) ws.PG = DeviceMatrix<float>(out + r, r);
   if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
   if (ws.c.rows() != out) ws.c = DeviceMatrix<float>(out, 1);
-  // P = W·Aᵀ and G = A·Aᵀ in one GEMM over the fused block's [W; A] rows (one launch; a
-  // separate r × r × in GEMM cost as much as the pass over W, docs/performance.md).
-  detail::gemm<S, S, float>(ctx, false, true, out + r, r, in, 1.f, fw.tall(), fw.A(), 0.f, ws.PG.view());
+  // P = W·Aᵀ and G = A·Aᵀ in one pass over the fused block's [W; A] rows (a separate
+  // r × r × in GEMM cost as much as the pass over W, docs/performance.md): for 16-bit r ≤ 32,
+  // float partial sums on tensor cores with the grid split over K (detail::norm_gemm,
+  // dora_norm.cuh), which dora_norm_fused_kernel adds while it computes the norms; otherwise
+  // one cuBLAS GEMM into ws.PG.
+  const float* part = ws.PG.data();
+  int Q = 1;
+  long stride = static_cast<long>(r);
+  float* pg_out = nullptr;  // where the fused kernel writes PG (when it reads partials)
+  bool tc = false;
+  if constexpr (sizeof(T) == 2) {
+    const auto M = detail::as_device(fw.tall()), A = detail::as_device(fw.A());
+    if (detail::norm_gemm_ok<T>(M, A, r) && in > 0) {
+      const detail::norm_gemm_grid g = detail::norm_gemm<T>(ctx, M, A, r, ws.PG.view(), ws.pg_partials, 0, 1);
+      part = ws.pg_partials.data();
+      Q = g.Q;
+      stride = g.N;
+      pg_out = ws.PG.data();
+      tc = true;
+    }
+  }
+  if (!tc) detail::gemm<S, S, float>(ctx, false, true, out + r, r, in, 1.f, fw.tall(), fw.A(), 0.f, ws.PG.view());
+  const float s = static_cast<float>(ad.scaling());
+  const T* Bd = reinterpret_cast<const T*>(fw.B().data);
+  float* c = magnitude ? ws.c.data() : nullptr;
+  if (detail::dora_norm_fused<T>(ctx.stream(), part, Q, stride, out, r, ws.wn2.data(), Bd, fw.ld(), s, magnitude,
+                                 ws.norm.data(), c, pg_out))
+    return;
+  if (tc) detail::fail("{}dora_weight_norm: internal error (tensor-core partials with r = {} > 32)", ad.who(), r);
   detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, ctx.stream()>>>(
-      ws.wn2.data(), ws.PG.data(), ws.PG.data() + out * r, reinterpret_cast<const T*>(fw.B().data), fw.ld(),
-      static_cast<int>(out), static_cast<int>(r), static_cast<float>(ad.scaling()), magnitude, ws.norm.data(),
-      magnitude ? ws.c.data() : nullptr);
+      ws.wn2.data(), ws.PG.data(), ws.PG.data() + out * r, Bd, fw.ld(), static_cast<int>(out), static_cast<int>(r),
+      s, magnitude, ws.norm.data(), c);
   LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
 }
 

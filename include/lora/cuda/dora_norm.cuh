@@ -1,0 +1,307 @@
+#pragma once
+// DoRA's weight-norm GEMM on tensor cores (docs/cuda.md, "DoRA"):
+//   PG = M·Aᵀ   [rows × r] in float,  M = [W; A] (the fused block's first out + r rows), A [r × K]
+// N = r is tiny (≤ 32), so cuBLAS launches a few dozen blocks and reads M at a fraction of the
+// copy bandwidth. Here each block owns a [row range × K range] of M, streams its 64 × 64 tiles
+// through a cp.async pipeline (the layout of dy_pass_kernel, grad.cuh) and multiplies them by
+// the block's A slice (held in shared memory) with mma.m16n8k16; the K ranges are chosen so
+// that the grid fills the device. Each block writes float partial sums, and a second kernel
+// adds them in a fixed order, so the result does not depend on the schedule.
+
+#include <lora/cuda/grad.cuh>
+#include <lora/cuda/kernels.cuh>
+#include <lora/cuda/runtime.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace lora::detail {
+
+constexpr int norm_gemm_threads = 128;  // 4 warps, 16 rows of a 64-row tile each
+constexpr int norm_gemm_stages = 8;     // M tiles in the pipeline (8 KB each)
+
+/// Shapes of norm_gemm_kernel for N = 8·NJ columns (NJ 2: r ≤ 16; NJ 4: r ≤ 32).
+template <int NJ>
+struct norm_gemm_shape {
+  static constexpr int N = NJ * 8;
+  /// Most 64-row tiles per block (each warp keeps 16 rows × N sums per tile in registers).
+  static constexpr int TT = 4;
+  /// Most 64-wide K tiles per block: the A slice [N × 64·KT_MAX] is 32 KB of shared memory.
+  static constexpr int KT_MAX = NJ == 2 ? 16 : 8;
+  static constexpr int smem_bytes(int kt) { return norm_gemm_stages * 64 * 64 * 2 + kt * N * 64 * 2; }
+};
+
+/// One block: row tiles [⌊p·RT/P⌋, ⌊(p+1)·RT/P⌋) × K tiles [⌊q·KT/Q⌋, ⌊(q+1)·KT/Q⌋) of M
+/// [rows × K] (p, q = blockIdx.x, .y). The A slice of the K range goes to shared memory first
+/// (cp.async group 0; rows n ≥ r and columns ≥ K as zeros), stored like the M tiles: per K
+/// tile [N × 64], 16-byte chunk ch of row n at ch ^ (n % 8). M tiles stream K tile outer, row
+/// tile inner, so each warp loads its B fragments (k = K, n = row of A: ldmatrix, not
+/// transposed) once per K tile. Partials: part[q][rows][N] (columns ≥ r are zeros).
+template <class T, int NJ>
+__global__ void __launch_bounds__(norm_gemm_threads)
+    norm_gemm_kernel(const T* __restrict__ M, long ldm, int rows, int K, const T* __restrict__ A, long lda, int r,
+                     int RT, int P, int KT, int Q, float* __restrict__ part) {
+  using Sh = norm_gemm_shape<NJ>;
+  constexpr int N = Sh::N, TT = Sh::TT, ST = norm_gemm_stages;
+  extern __shared__ __align__(128) unsigned char norm_gemm_smem[];
+  T* tiles = reinterpret_cast<T*>(norm_gemm_smem);
+  T* as = tiles + ST * 64 * 64;  // [nkt][N][64]
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const long p = blockIdx.x, q = blockIdx.y;
+  const int rt0 = static_cast<int>(p * RT / P), nrt = static_cast<int>((p + 1) * RT / P) - rt0;
+  const int kt0 = static_cast<int>(q * KT / Q), nkt = static_cast<int>((q + 1) * KT / Q) - kt0;
+  const int ntiles = nrt * nkt;
+
+  for (int c = tid; c < nkt * N * 8; c += norm_gemm_threads) {
+    const int kt = c / (N * 8), n = (c / 8) % N, ch = c % 8;
+    const int k = (kt0 + kt) * 64 + ch * 8;
+    const bool ok = n < r && k < K;
+    cp_async16(smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)), ok ? A + n * lda + k : A, ok ? 16 : 0);
+  }
+  cp_async_commit();
+
+  // Tile i = (K tile i / nrt, row tile i % nrt); chunk ch of row t at (ch ^ (t & 7)).
+  auto load_tile = [&](int i) {
+    const int row0 = (rt0 + i % nrt) * 64, k0 = (kt0 + i / nrt) * 64;
+    T* dst = tiles + (i % ST) * 64 * 64;
+#pragma unroll
+    for (int j = 0; j < 64 * 8 / norm_gemm_threads; ++j) {
+      const int c = tid + j * norm_gemm_threads, row = c >> 3, ch = c & 7;
+      const int gr = row0 + row, gk = k0 + ch * 8;
+      const bool ok = gr < rows && gk < K;
+      cp_async16(smem_u32(dst + row * 64 + ((ch ^ (row & 7)) << 3)), ok ? M + static_cast<long>(gr) * ldm + gk : M,
+                 ok ? 16 : 0);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    cp_async_commit();
+  }
+
+  const int g = lane >> 2, qd = lane & 3, mi = lane >> 3, r8 = lane & 7;
+  float acc[TT][NJ][4] = {};
+  for (int kt = 0; kt < nkt; ++kt) {
+    std::uint32_t bfr[4][NJ][2];  // A of this K tile as mma B operands
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt) {
+      if (tt < nrt) {  // the same for the whole block
+        const int i = kt * nrt + tt;
+        cp_async_wait<ST - 2>();  // the A slice and tile i have landed
+        __syncthreads();          // ... for every thread; tile i − 1's stage is free
+        if (i + ST - 1 < ntiles) load_tile(i + ST - 1);
+        cp_async_commit();
+        if (tt == 0) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+            for (int np = 0; np < NJ / 2; ++np) {
+              // matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15) of this
+              // 16 × 16 block: b0, b1 of column group 2np, then of 2np + 1.
+              std::uint32_t v[4];
+              const int n = 16 * np + ((mi >> 1) << 3) + r8, ch = 2 * ks + (mi & 1);
+              ldsm_x4(v, smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)));
+              bfr[ks][2 * np][0] = v[0];
+              bfr[ks][2 * np][1] = v[1];
+              bfr[ks][2 * np + 1][0] = v[2];
+              bfr[ks][2 * np + 1][1] = v[3];
+            }
+        }
+        const T* tile = tiles + (i % ST) * 64 * 64;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          std::uint32_t a[4];
+          const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
+          ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
+#pragma unroll
+          for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(acc[tt][n], a, bfr[ks][n][0], bfr[ks][n][1]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing in flight when the block exits
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    if (tt >= nrt) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = (rt0 + tt) * 64 + 16 * warp + g + 8 * h;
+      if (row < rows) {
+        float* dst = part + (q * rows + row) * N + 2 * qd;
+#pragma unroll
+        for (int n = 0; n < NJ; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(acc[tt][n][2 * h], acc[tt][n][2 * h + 1]);
+      }
+    }
+  }
+}
+
+/// PG[i][j] = Σ_q part[q][i][j] for j < r: one thread per element, the partials added in q order.
+__global__ inline void norm_gemm_reduce_kernel(const float* __restrict__ part, int Q, int rows, int N, int r,
+                                               float* __restrict__ PG, long ldpg) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long>(rows) * r) return;
+  const long row = i / r;
+  const int j = static_cast<int>(i % r);
+  float v = 0.f;
+  for (int q = 0; q < Q; ++q) v += part[(static_cast<long>(q) * rows + row) * N + j];
+  PG[row * ldpg + j] = v;
+}
+
+/// True when norm_gemm can run: 16-bit T, 1 ≤ r ≤ 32, A [≥ r × K] beside M [rows × K], K a
+/// multiple of 8, every row of M and A starting on 16 bytes.
+template <class T>
+bool norm_gemm_ok(DeviceView<const T> M, DeviceView<const T> A, Index r) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    return r >= 1 && r <= 32 && A.rows >= r && A.cols == M.cols && M.cols % 8 == 0 && M.ld % 8 == 0 &&
+           A.ld % 8 == 0 && aligned(M.data, 16) && aligned(A.data, 16) && M.rows <= (Index{1} << 30) &&
+           M.cols <= (Index{1} << 30);
+  }
+}
+
+/// The launch shape for RT row tiles and KT K tiles: P row ranges (of at most TT tiles) × Q K
+/// ranges (of at most kt_max tiles). Q starts at its least (fewest partial sums), P fills
+/// `blocks` (the blocks the device holds at once) up to one row tile per range, and Q grows
+/// only when the row ranges alone cannot fill it.
+struct norm_gemm_grid {
+  int RT = 0, KT = 0, P = 0, Q = 0;
+  int N = 0;  ///< floats per row of a partial (launch_norm_gemm sets it)
+};
+inline norm_gemm_grid norm_gemm_plan(Index rows, Index K, int TT, int kt_max, int blocks) {
+  norm_gemm_grid p;
+  p.RT = static_cast<int>((rows + 63) / 64);
+  p.KT = static_cast<int>((K + 63) / 64);
+  if (p.RT == 0 || p.KT == 0) return p;
+  p.Q = (p.KT + kt_max - 1) / kt_max;
+  p.P = std::clamp(blocks / p.Q, (p.RT + TT - 1) / TT, p.RT);
+  if (p.P == p.RT) p.Q = std::min(p.KT, std::max(p.Q, blocks / p.P));
+  return p;
+}
+
+/// norm_gemm for N = 8·NJ columns; `phases` 1 launches only the partial sums, 2 only the
+/// reduction, 3 both.
+template <class T, int NJ>
+norm_gemm_grid launch_norm_gemm(cudaStream_t stream, DeviceView<const T> M, DeviceView<const T> A, Index r,
+                                DeviceView<float> PG, DeviceBuffer<float>& scratch, int blocks, int phases = 3) {
+  using Sh = norm_gemm_shape<NJ>;
+  auto kernel = norm_gemm_kernel<T, NJ>;
+  constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
+  static std::atomic<int> cap[16] = {};
+  const int c = persistent_capacity(kernel, norm_gemm_threads, smem_max, smem_max, cap);
+  const Index rows = M.rows, K = M.cols;
+  norm_gemm_grid p = norm_gemm_plan(rows, K, Sh::TT, Sh::KT_MAX, blocks > 0 ? blocks : c);
+  p.N = Sh::N;
+  if (p.P == 0) {  // no rows, or K = 0 (PG = 0)
+    if (rows > 0 && (phases & 2))
+      LORA_CUDA_CHECK(cudaMemset2DAsync(PG.data, PG.ld * sizeof(float), 0, r * sizeof(float), rows, stream));
+    return p;
+  }
+  const std::size_t need = static_cast<std::size_t>(p.Q) * rows * Sh::N;
+  if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
+  if (phases & 1) {
+    const int kt_block = (p.KT + p.Q - 1) / p.Q;
+    kernel<<<dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.Q)), norm_gemm_threads,
+             Sh::smem_bytes(kt_block), stream>>>(M.data, M.ld, static_cast<int>(rows), static_cast<int>(K), A.data,
+                                                 A.ld, static_cast<int>(r), p.RT, p.P, p.KT, p.Q, scratch.data());
+    LORA_CUDA_CHECK_LAUNCH("norm_gemm_kernel");
+  }
+  if (phases & 2) {
+    norm_gemm_reduce_kernel<<<ceil_div(rows * r, 256), 256, 0, stream>>>(
+        scratch.data(), p.Q, static_cast<int>(rows), Sh::N, static_cast<int>(r), PG.data, PG.ld);
+    LORA_CUDA_CHECK_LAUNCH("norm_gemm_reduce_kernel");
+  }
+  return p;
+}
+
+/// PG = M·A[0:r]ᵀ ([rows × r], float) for M [rows × K] and A [≥ r × K] (DoRA: M = [W; A]), from
+/// one pass over M on tensor cores. Check norm_gemm_ok first. `blocks` > 0 overrides the target
+/// block count (tests and bench/cuda use it); partial sums live in `scratch` (grown as needed):
+/// scratch[(q·rows + i)·N + j], q < Q, with Q and N in the returned grid. `phases` 1 stops
+/// there (PG untouched; dora_weight_norm adds the partials itself), 2 only adds them, 3 both.
+template <class T>
+norm_gemm_grid norm_gemm(const CudaContext& ctx, DeviceView<const T> M, DeviceView<const T> A, Index r,
+                         DeviceView<float> PG, DeviceBuffer<float>& scratch, int blocks = 0, int phases = 3) {
+  if (r <= 16) return launch_norm_gemm<T, 2>(ctx.stream(), M, A, r, PG, scratch, blocks, phases);
+  return launch_norm_gemm<T, 4>(ctx.stream(), M, A, r, PG, scratch, blocks, phases);
+}
+
+constexpr int dora_norm_fused_threads = 64;
+
+/// DoRA's row norms straight from PG's partial sums part[q][i][j] (q < Q, i < out + r, row
+/// stride `stride` ≥ r; Q = 1 and stride r for a finished PG):
+///   p_n = Σ_q part[q][n][:],  G = Σ_q part[q][out + :][:],
+///   norm[n] = sqrt(‖w_n‖² + 2s·b_n·p_n + s²·b_n·G·b_nᵀ),  c[n] = m[n] / norm[n] (when c).
+/// Every block adds G's partials into shared memory; one thread per row n. The partials are
+/// added in q order, as in norm_gemm_reduce_kernel. When PG is given (ld r), P and G are
+/// written there too. N ≥ r (16 or 32).
+template <class T, int N>
+__global__ void __launch_bounds__(dora_norm_fused_threads)
+    dora_norm_fused_kernel(const float* __restrict__ part, int Q, long stride, int out, int r,
+                           const float* __restrict__ wn2, const T* __restrict__ B, long ldb, float s,
+                           const float* __restrict__ m, float* __restrict__ norm, float* __restrict__ c,
+                           float* __restrict__ PG) {
+  __shared__ float Gs[N][N];
+  const long rows = static_cast<long>(out) + r;
+  for (int e = static_cast<int>(threadIdx.x); e < N * N; e += dora_norm_fused_threads) {
+    const int i = e / N, j = e % N;
+    float v = 0.f;
+    if (i < r && j < r) {
+      for (int q = 0; q < Q; ++q) v += part[(q * rows + out + i) * stride + j];
+      if (PG && blockIdx.x == 0) PG[(static_cast<long>(out) + i) * r + j] = v;
+    }
+    Gs[i][j] = v;
+  }
+  __syncthreads();
+  const int n = static_cast<int>(blockIdx.x) * dora_norm_fused_threads + static_cast<int>(threadIdx.x);
+  if (n >= out) return;
+  float b[N], p[N];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    b[j] = j < r ? to_float(B[static_cast<long>(n) * ldb + j]) : 0.f;
+    p[j] = 0.f;
+  }
+  for (int q = 0; q < Q; ++q) {
+    const float* src = part + (q * rows + n) * stride;
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < r) p[j] += src[j];
+  }
+  float cross = 0.f, quad = 0.f;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float gb = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) gb = fmaf(Gs[i][j], b[j], gb);
+    cross = fmaf(b[i], p[i], cross);
+    quad = fmaf(b[i], gb, quad);
+  }
+  if (PG)
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (j < r) PG[static_cast<long>(n) * r + j] = p[j];
+  const float v = sqrtf(fmaxf(wn2[n] + 2.f * s * cross + s * s * quad, 0.f));
+  norm[n] = v;
+  if (c) c[n] = m[n] / v;
+}
+
+/// dora_norm_fused_kernel for r ≤ 32 (false otherwise: the caller uses dora_norm_kernel).
+template <class T>
+bool dora_norm_fused(cudaStream_t stream, const float* part, int Q, long stride, Index out, Index r,
+                     const float* wn2, const T* B, long ldb, float s, const float* m, float* norm, float* c,
+                     float* PG) {
+  if (r < 1 || r > 32 || out < 1) return false;
+  const unsigned grid = ceil_div(out, dora_norm_fused_threads);
+  if (r <= 16)
+    dora_norm_fused_kernel<T, 16><<<grid, dora_norm_fused_threads, 0, stream>>>(
+        part, Q, stride, static_cast<int>(out), static_cast<int>(r), wn2, B, ldb, s, m, norm, c, PG);
+  else
+    dora_norm_fused_kernel<T, 32><<<grid, dora_norm_fused_threads, 0, stream>>>(
+        part, Q, stride, static_cast<int>(out), static_cast<int>(r), wn2, B, ldb, s, m, norm, c, PG);
+  LORA_CUDA_CHECK_LAUNCH("dora_norm_fused_kernel");
+  return true;
+}
+
+}  // namespace lora::detail
