@@ -1,12 +1,14 @@
 #pragma once
 // DoRA's weight-norm GEMM on tensor cores (docs/cuda.md, "DoRA"):
 //   PG = M·Aᵀ   [rows × r] in float,  M = [W; A] (the fused block's first out + r rows), A [r × K]
-// N = r is tiny (≤ 32), so cuBLAS launches a few dozen blocks and reads M at a fraction of the
-// copy bandwidth. Here each block owns a [row range × K range] of M, streams its 64 × 64 tiles
+// (N = r ≤ 32). Each block owns a [row range × K range] of M, streams its 64 × 64 tiles
 // through a cp.async pipeline (the layout of dy_pass_kernel, grad.cuh) and multiplies them by
 // the block's A slice (held in shared memory) with mma.m16n8k16; the K ranges are chosen so
 // that the grid fills the device. Each block writes float partial sums, and a second kernel
-// adds them in a fixed order, so the result does not depend on the schedule.
+// adds them in a fixed order, so the result does not depend on the schedule. On the H100
+// (4096 × 4096, r 16) the partial sums take about cuBLAS's GEMM time (14 µs); what the
+// DoRA norm gains comes from dora_norm_fused_kernel, which computes the row norms from the
+// partials in one launch (dora_norm_kernel took ~33 µs).
 
 #include <lora/cuda/grad.cuh>
 #include <lora/cuda/kernels.cuh>
