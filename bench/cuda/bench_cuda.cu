@@ -71,6 +71,11 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     auto [tb, tf] = time_pair(ctx_ref, base, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); });
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_fused_fwd", in, out, T, r, tf);
+    for (const auto& c : fw[0].gemm_choices)  // automatic's pick for the concat_k GEMM
+      std::fprintf(stderr, "T %ld in %ld out %ld r %ld: fused GEMM %s (of %d cuBLASLt candidates)\n",
+                   static_cast<long>(c.tokens), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r),
+                   c.algo < 0 ? "cublasGemmEx" : ("cuBLASLt algorithm " + std::to_string(c.algo)).c_str(),
+                   c.plan ? c.plan->candidates() : 0);
     if (T >= 4096) {  // where the fused forward's time goes
       emit("part_base_strided_x", in, out, T, r, time_ms(ctx_ref, [&](int) {
              detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[0].view(), 0.f, Y.view());
@@ -106,6 +111,11 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
         });
     emit("base_fwd_bwd", in, out, T, r, tbb);
     emit("ours_fwd_bwd", in, out, T, r, tfb);
+    for (const auto& c : fw[0].backward_choices)  // the backward's dX GEMM
+      std::fprintf(stderr, "T %ld in %ld out %ld r %ld: dX GEMM %s (of %d cuBLASLt candidates)\n",
+                   static_cast<long>(c.tokens), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r),
+                   c.algo < 0 ? "cublasGemmEx" : ("cuBLASLt algorithm " + std::to_string(c.algo)).c_str(),
+                   c.plan ? c.plan->candidates() : 0);
     if (T >= 4096) {  // the backward alone: dY padded to out + rp (padded_grad) or out + r
       DeviceMatrix<S> dYr(T, out + r);
       LORA_CUDA_CHECK(cudaMemcpy2D(dYr.data(), (out + r) * sizeof(S), dYc.data(), out * sizeof(S), out * sizeof(S), T,

@@ -41,6 +41,10 @@ inline double median(std::vector<float>& v) {
 
 /// Median milliseconds per call of each function, timed in alternating batches of `batch`
 /// calls after `warmup` calls of each. fn(i) gets a call counter (for rotating inputs).
+/// Each round starts with one untimed call of its first function, and the order rotates
+/// from round to round: the first batch after the host's synchronisation ran 2–6% slow on
+/// the H100 (bench/cuda/tune_gemm.cu, docs/performance.md), which used to fall on fns[0]
+/// (the base GEMM of every ratio) in every round.
 inline std::vector<double> time_all(CudaContext& ctx, const std::vector<std::function<void(int)>>& fns, int batch,
                                     int batches, int warmup = 2) {
   const std::size_t n = fns.size();
@@ -51,17 +55,20 @@ inline std::vector<double> time_all(CudaContext& ctx, const std::vector<std::fun
     for (auto& f : fns) f(k);
   std::vector<std::vector<float>> t(n);
   for (int b = 0; b < batches; ++b) {
+    const std::size_t first = static_cast<std::size_t>(b) % n;
+    fns[first](k);
     LORA_CUDA_CHECK(cudaEventRecord(ev[0], ctx.stream()));
-    for (std::size_t f = 0; f < n; ++f) {
+    for (std::size_t j = 0; j < n; ++j) {
+      const std::size_t f = (first + j) % n;
       for (int i = 0; i < batch; ++i) fns[f](k + i);
-      LORA_CUDA_CHECK(cudaEventRecord(ev[f + 1], ctx.stream()));
+      LORA_CUDA_CHECK(cudaEventRecord(ev[j + 1], ctx.stream()));
     }
     k += batch;
     LORA_CUDA_CHECK(cudaEventSynchronize(ev[n]));
-    for (std::size_t f = 0; f < n; ++f) {
+    for (std::size_t j = 0; j < n; ++j) {
       float ms = 0;
-      LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[f], ev[f + 1]));
-      t[f].push_back(ms / batch);
+      LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, ev[j], ev[j + 1]));
+      t[(first + j) % n].push_back(ms / batch);
     }
   }
   LORA_CUDA_CHECK(cudaGetLastError());

@@ -6,8 +6,10 @@
 #include <lora/core/adapter.hpp>
 #include <lora/cuda/grad.cuh>
 #include <lora/cuda/kernels.cuh>
+#include <lora/cuda/lt.hpp>
 #include <lora/cuda/runtime.hpp>
 
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <utility>
@@ -29,8 +31,20 @@ namespace lora {
 /// accumulate: Y = XA·Bᵀ (a K = r GEMM), then Y = X·Wᵀ + Y (the base GEMM with beta = 1),
 ///             so the big GEMM keeps its K = in shape (cuBLAS picks slower kernels for
 ///             some K);
-/// automatic:  times both once per token count (on first use) and keeps the faster.
+/// automatic:  times both once per token count (on first use), concat_k both through
+///             cublasGemmEx and through each algorithm cuBLASLt's heuristic offers
+///             (detail::LtGemm), and keeps the fastest of them.
 enum class FusedForward { automatic, concat_k, accumulate };
+
+namespace detail {
+/// automatic's choice of the concat_k GEMM for one token count: a cuBLASLt plan and the
+/// index of its fastest algorithm, or algo = -1 for cublasGemmEx.
+struct FusedGemmChoice {
+  Index tokens = 0;
+  std::shared_ptr<LtGemm> plan;
+  int algo = -1;
+};
+}  // namespace detail
 
 /// r rounded up to a multiple of 64: the rank columns of FusedWeight and padded_input.
 constexpr Index fused_rank_pad(Index r) { return (r + 63) / 64 * 64; }
@@ -40,8 +54,12 @@ struct FusedWeight {
   DeviceMatrix<S> block;
   Index out = 0, in = 0, r = 0;
   FusedForward forward = FusedForward::automatic;
-  /// automatic's choices: (tokens, strategy).
+  /// automatic's choices: (tokens, strategy), and for concat_k the GEMM's algorithm.
   mutable std::vector<std::pair<Index, FusedForward>> tuned = {};
+  mutable std::vector<detail::FusedGemmChoice> gemm_choices = {};
+  /// The same for the backward's dX GEMM (K = out + rp), tuned on first use per token count
+  /// unless `forward` is set to a fixed strategy.
+  mutable std::vector<detail::FusedGemmChoice> backward_choices = {};
 
   Index rp() const { return fused_rank_pad(r); }
   Index ld() const { return in + rp(); }
@@ -311,29 +329,42 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     view XA = Xp.col_block(in, r);
     if (detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), XA, Y, s)) return;
     detail::compute_xa<Scalar>(*ctx_, X, fw.A_padded(), false, Xp.col_block(in, rp), s);
-    auto run = [&](FusedForward how) {
+    // concat_k through cuBLASLt algorithm `algo` of `plan`, or cublasGemmEx (algo < 0).
+    auto run = [&](FusedForward how, const detail::LtGemm* plan = nullptr, int algo = -1) {
       if (how == FusedForward::concat_k) {
-        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), fw.wide(), 0.f,
-                                             Y);
+        if (plan && algo >= 0 && plan->fits(false, true, T, out, in + rp, cview(Xp), fw.wide(), Y))
+          plan->run(*ctx_, algo, cview(Xp), fw.wide(), Y);
+        else
+          detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), fw.wide(), 0.f,
+                                               Y);
       } else {
         detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(XA), fw.B(), 0.f, Y);
         detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
       }
     };
     FusedForward how = fw.forward;
+    const detail::FusedGemmChoice* choice = nullptr;
     if (how == FusedForward::automatic) {
       for (const auto& [t, h] : fw.tuned)
         if (t == T) how = h;
+      for (const auto& c : fw.gemm_choices)
+        if (c.tokens == T) choice = &c;
       if (how == FusedForward::automatic) {
-        how = tune(run);
+        detail::FusedGemmChoice c{T};
+        if constexpr (!std::is_same_v<Scalar, float>)  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
+          c.plan = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
+        how = tune(run, c);
         fw.tuned.emplace_back(T, how);
+        fw.gemm_choices.push_back(std::move(c));
+        choice = &fw.gemm_choices.back();
       }
     }
-    run(how);
+    run(how, choice ? choice->plan.get() : nullptr, choice ? choice->algo : -1);
   }
 
   /// Gradients of apply(W, X) (W frozen): dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
-  /// dX = dY·W + s·(dY·B)·A. dA and dB are float.
+  /// dX = dY·W + s·(dY·B)·A. dA and dB are float. For bf16/half with r 16 or 32, s·dY·B and
+  /// dB come from one pass over dY (detail::dy_pass), else from two cuBLAS GEMMs.
   DeviceGradients<Scalar> backward(cview W, cview X, cview dY) const {
     check_weight(W);
     check_input(X);
@@ -343,12 +374,21 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const float s = static_cast<float>(scaling());
     DeviceGradients<Scalar> g{DeviceMatrix<float>(r, in), DeviceMatrix<float>(out, r), DeviceMatrix<Scalar>(T, in)};
     DeviceMatrix<Scalar> gb(T, r), xa(T, r);
-    detail::compute_xa<Scalar>(*ctx_, dY, B(), true, gb.view(), s);
     detail::compute_xa<Scalar>(*ctx_, X, A(), false, xa.view(), s);
+    bool fused = false;  // gb = s·dY·B and dB from one pass over dY (r 16 or 32: B and xa have N columns)
+    if constexpr (sizeof(Scalar) == 2) {
+      if (detail::dy_pass_ok<Scalar>(dY, B(), xa.view(), r, r)) {
+        detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(B()), detail::as_device(cview(xa.view())), r,
+                        s, detail::as_device(gb.view()), g.dB.view(), partials_);
+        fused = true;
+      }
+    }
+    if (!fused) detail::compute_xa<Scalar>(*ctx_, dY, B(), true, gb.view(), s);
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, fan_in_fan_out(), T, in, out, 1.f, dY, W, 0.f, g.dX.view());
     detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, r, 1.f, gb.view(), A(), 1.f, g.dX.view());
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, gb.view(), X, 0.f, g.dA.view());
-    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, xa.view(), 0.f, g.dB.view());
+    if (!fused)
+      detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, xa.view(), 0.f, g.dB.view());
     return g;
   }
 
@@ -376,8 +416,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp())) {
         detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(fw.B_padded()), detail::as_device(XA), r, s,
                         detail::as_device(dYp.col_block(out, gp)), dB, partials_);
-        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp),
-                                             gp == r ? fw.tall() : fw.tall_padded(), 0.f, dX);
+        input_gradient(fw, dYp, gp, dX);
         detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in),
                                             0.f, dA);
         return;
@@ -387,8 +426,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
     else
       detail::compute_xa<Scalar>(*ctx_, dY, fw.B_padded(), true, dYp.col_block(out, gp), s);
-    detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp),
-                                         gp == r ? fw.tall() : fw.tall_padded(), 0.f, dX);
+    input_gradient(fw, dYp, gp, dX);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
                                         dA);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, cview(Xp).col_block(in, r), 0.f, dB);
@@ -418,24 +456,97 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     detail::require(Y.rows == Xp.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, Xp.rows,
                     out_features());
   }
-  /// Times both fused-forward strategies (after one warm-up each) and returns the faster.
-  template <class Run>
-  FusedForward tune(Run&& run) const {
-    cudaEvent_t e[3];
+  /// dX = [dY | G | 0]·[W ; A ; 0] (K = out + gp): cublasGemmEx, or for 16-bit scalars with
+  /// fw.forward automatic the fastest of it and cuBLASLt's candidates, timed on first use per
+  /// token count (fw.backward_choices).
+  void input_gradient(const FusedWeight<Scalar>& fw, view dYp, Index gp, view dX) const {
+    const Index T = dYp.rows, in = in_features(), out = out_features(), r = rank();
+    const cview Wt = gp == r ? fw.tall() : fw.tall_padded();
+    auto gemmex = [&] {
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp), Wt, 0.f, dX);
+    };
+    if constexpr (std::is_same_v<Scalar, float>) {
+      gemmex();
+    } else {
+      if (fw.forward != FusedForward::automatic) return gemmex();
+      const detail::FusedGemmChoice* choice = nullptr;
+      for (const auto& c : fw.backward_choices)
+        if (c.tokens == T && c.plan && c.plan->fits(false, false, T, in, out + gp, cview(dYp), Wt, dX)) choice = &c;
+      if (!choice) {
+        detail::FusedGemmChoice c{T, std::make_shared<detail::LtGemm>(*ctx_, false, false, T, in, out + gp,
+                                                                      cview(dYp), Wt, dX)};
+        auto call = [&](int k) {
+          if (k == 0)
+            gemmex();
+          else
+            c.plan->run(*ctx_, k - 1, cview(dYp), Wt, dX);
+        };
+        c.algo = fastest(time_candidates(1 + c.plan->candidates(), call), 0) - 1;
+        fw.backward_choices.push_back(std::move(c));
+        choice = &fw.backward_choices.back();
+      }
+      if (choice->algo >= 0)
+        choice->plan->run(*ctx_, choice->algo, cview(dYp), Wt, dX);
+      else
+        gemmex();
+    }
+  }
+
+  /// Times n candidates (call(k) runs candidate k once): one warm-up call each, then four
+  /// rounds of two calls each, the order rotating from round to round (the first candidate
+  /// after a pause ran a few percent slow on the H100); returns each candidate's fastest
+  /// round (clock ramps and the first position then cost nothing). A stream synchronisation.
+  template <class Call>
+  std::vector<float> time_candidates(int n, Call&& call) const {
+    constexpr int rounds = 4;
+    std::vector<cudaEvent_t> e(2 * static_cast<std::size_t>(n) * rounds);
     for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
-    run(FusedForward::concat_k);
-    run(FusedForward::accumulate);
-    LORA_CUDA_CHECK(cudaEventRecord(e[0], ctx_->stream()));
-    for (int i = 0; i < 3; ++i) run(FusedForward::concat_k);
-    LORA_CUDA_CHECK(cudaEventRecord(e[1], ctx_->stream()));
-    for (int i = 0; i < 3; ++i) run(FusedForward::accumulate);
-    LORA_CUDA_CHECK(cudaEventRecord(e[2], ctx_->stream()));
-    LORA_CUDA_CHECK(cudaEventSynchronize(e[2]));
-    float a = 0, b = 0;
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&a, e[0], e[1]));
-    LORA_CUDA_CHECK(cudaEventElapsedTime(&b, e[1], e[2]));
+    for (int k = 0; k < n; ++k) call(k);
+    for (int round = 0; round < rounds; ++round)
+      for (int j = 0; j < n; ++j) {
+        const int k = (j + round) % n;
+        const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
+        LORA_CUDA_CHECK(cudaEventRecord(e[at], ctx_->stream()));
+        call(k);
+        call(k);
+        LORA_CUDA_CHECK(cudaEventRecord(e[at + 1], ctx_->stream()));
+      }
+    LORA_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));
+    std::vector<float> best(static_cast<std::size_t>(n), 0.f);
+    for (int k = 0; k < n; ++k)
+      for (int round = 0; round < rounds; ++round) {
+        const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
+        float ms = 0;
+        LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, e[at], e[at + 1]));
+        float& b = best[static_cast<std::size_t>(k)];
+        b = round == 0 ? ms : std::min(b, ms);
+      }
     for (auto& ev : e) cudaEventDestroy(ev);
-    return a <= b ? FusedForward::concat_k : FusedForward::accumulate;
+    return best;
+  }
+  /// The index of the smallest time, `preferred` on ties.
+  static int fastest(const std::vector<float>& t, int preferred) {
+    int best = preferred;
+    for (int k = 0; k < static_cast<int>(t.size()); ++k)
+      if (t[static_cast<std::size_t>(k)] < t[static_cast<std::size_t>(best)]) best = k;
+    return best;
+  }
+  /// The fused forward's candidates — accumulate, concat_k through cublasGemmEx, and concat_k
+  /// through each of c.plan's cuBLASLt algorithms — timed; returns the fastest strategy, with
+  /// c.algo set to its algorithm (-1: cublasGemmEx).
+  template <class Run>
+  FusedForward tune(Run&& run, detail::FusedGemmChoice& c) const {
+    const int n = 2 + (c.plan ? c.plan->candidates() : 0);  // 0 accumulate, 1 gemmex, 2 + i Lt algo i
+    const int best = fastest(time_candidates(n,
+                                             [&](int k) {
+                                               if (k == 0)
+                                                 run(FusedForward::accumulate);
+                                               else
+                                                 run(FusedForward::concat_k, c.plan.get(), k - 2);
+                                             }),
+                             1);
+    c.algo = best >= 2 ? best - 2 : -1;
+    return best == 0 ? FusedForward::accumulate : FusedForward::concat_k;
   }
   void copy(cview src, view dst) const {
     if (src.rows == 0 || src.cols == 0) return;

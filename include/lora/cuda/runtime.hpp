@@ -6,6 +6,7 @@
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -267,6 +268,8 @@ class CudaContext {
     LORA_CUDA_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
   }
   ~CudaContext() {
+    if (workspace_) cudaFree(workspace_);
+    if (lt_) cublasLtDestroy(lt_);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
   }
@@ -283,6 +286,17 @@ class CudaContext {
     return solver_;
   }
   void synchronize() const { stream_.synchronize(); }
+  /// cuBLASLt handle (created on first use) and its workspace (lt_workspace_bytes of device
+  /// memory, allocated on first use; stream-ordered like everything on this context).
+  cublasLtHandle_t lt() const {
+    if (!lt_) LORA_CUDA_CHECK(cublasLtCreate(&lt_));
+    return lt_;
+  }
+  static constexpr std::size_t lt_workspace_bytes = std::size_t{32} << 20;
+  void* lt_workspace() const {
+    if (!workspace_) LORA_CUDA_CHECK(cudaMalloc(&workspace_, lt_workspace_bytes));
+    return workspace_;
+  }
 
   /// One context per host thread, on the current device.
   static std::shared_ptr<CudaContext> thread_default() {
@@ -294,6 +308,8 @@ class CudaContext {
   Stream stream_;
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
+  mutable cublasLtHandle_t lt_ = nullptr;
+  mutable void* workspace_ = nullptr;
 };
 
 namespace detail {
