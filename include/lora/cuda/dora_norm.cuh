@@ -63,18 +63,10 @@ __global__ void __launch_bounds__(norm_gemm_threads)
   }
   cp_async_commit();
 
-  // Tile i = (K tile i / nrt, row tile i % nrt); chunk ch of row t at (ch ^ (t & 7)).
+  // Tile i = (K tile i / nrt, row tile i % nrt).
   auto load_tile = [&](int i) {
-    const int row0 = (rt0 + i % nrt) * 64, k0 = (kt0 + i / nrt) * 64;
-    T* dst = tiles + (i % ST) * 64 * 64;
-#pragma unroll
-    for (int j = 0; j < 64 * 8 / norm_gemm_threads; ++j) {
-      const int c = tid + j * norm_gemm_threads, row = c >> 3, ch = c & 7;
-      const int gr = row0 + row, gk = k0 + ch * 8;
-      const bool ok = gr < rows && gk < K;
-      cp_async16(smem_u32(dst + row * 64 + ((ch ^ (row & 7)) << 3)), ok ? M + static_cast<long>(gr) * ldm + gk : M,
-                 ok ? 16 : 0);
-    }
+    load_tile64<norm_gemm_threads>(tiles + (i % ST) * 64 * 64, M, ldm, (rt0 + i % nrt) * 64, rows,
+                                   (kt0 + i / nrt) * 64, K, tid);
   };
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
@@ -104,21 +96,12 @@ __global__ void __launch_bounds__(norm_gemm_threads)
               std::uint32_t v[4];
               const int n = 16 * np + ((mi >> 1) << 3) + r8, ch = 2 * ks + (mi & 1);
               ldsm_x4(v, smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)));
-              bfr[ks][2 * np][0] = v[0];
-              bfr[ks][2 * np][1] = v[1];
-              bfr[ks][2 * np + 1][0] = v[2];
-              bfr[ks][2 * np + 1][1] = v[3];
+              set_b_pair<NJ>(bfr[ks], np, v);
             }
         }
         const T* tile = tiles + (i % ST) * 64 * 64;
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          std::uint32_t a[4];
-          const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
-          ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
-#pragma unroll
-          for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(acc[tt][n], a, bfr[ks][n][0], bfr[ks][n][1]);
-        }
+        for (int ks = 0; ks < 4; ++ks) strip_mma<T, NJ>(acc[tt], tile, bfr[ks], ks, warp, lane);
       }
     }
   }

@@ -42,6 +42,45 @@ __device__ __forceinline__ void ldsm_x4_trans(std::uint32_t (&v)[4], std::uint32
                : "r"(addr));
 }
 
+/// Rows row0… and columns col0… (col0 a multiple of 8) of a row-major 16-bit matrix src
+/// (leading dimension ld) as one 64 × 64 tile in shared memory, 16-byte chunk ch of row t at
+/// ch ^ (t & 7) (ldmatrix reads it without bank conflicts, plain and transposed); zeros, and
+/// nothing read, past `rows` rows or `cols` columns. THREADS threads (tid) share the copy.
+template <int THREADS, class T>
+__device__ __forceinline__ void load_tile64(T* dst, const T* src, long ld, int row0, int rows, int col0, int cols,
+                                            int tid) {
+#pragma unroll
+  for (int k = 0; k < 64 * 8 / THREADS; ++k) {
+    const int c = tid + k * THREADS, row = c >> 3, ch = c & 7;
+    const int gr = row0 + row, gc = col0 + ch * 8;
+    const bool ok = gr < rows && gc < cols;
+    cp_async16(smem_u32(dst + row * 64 + ((ch ^ (row & 7)) << 3)), ok ? src + static_cast<long>(gr) * ld + gc : src,
+               ok ? 16 : 0);
+  }
+}
+
+/// The four 8 × 8 matrices of one ldmatrix.x4 as the mma B operands (b0, b1) of column groups
+/// 2np and 2np + 1.
+template <int NJ>
+__device__ __forceinline__ void set_b_pair(std::uint32_t (&b)[NJ][2], int np, const std::uint32_t (&v)[4]) {
+  b[2 * np][0] = v[0];
+  b[2 * np][1] = v[1];
+  b[2 * np + 1][0] = v[2];
+  b[2 * np + 1][1] = v[3];
+}
+
+/// acc[n] += (rows 16w…16w+15 × columns 16ks…16ks+15 of a load_tile64 tile, the mma A operand)
+/// · b[n] (k = those 16 columns) for the 8·NJ output columns: warp w's strip of one k step.
+template <class T, int NJ>
+__device__ __forceinline__ void strip_mma(float (&acc)[NJ][4], const T* tile, const std::uint32_t (&b)[NJ][2], int ks,
+                                          int warp, int lane) {
+  std::uint32_t a[4];
+  const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
+  ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
+#pragma unroll
+  for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(acc[n], a, b[n][0], b[n][1]);
+}
+
 constexpr int dy_pass_threads = 128;  // 4 warps
 constexpr int dy_pass_stages = 8;     // dY tiles in the pipeline (8 KB each): 4 ran at 1.8 TB/s
 
@@ -99,18 +138,10 @@ __global__ void __launch_bounds__(dy_pass_threads)
   }
   cp_async_commit();
 
-  // Tile i = (output tile i / TT, token tile i % TT); chunk ch of row t at (ch ^ (t & 7)).
+  // Tile i = (output tile i / TT, token tile i % TT) of the block's outputs.
   auto load_tile = [&](int i) {
-    const int t0 = t_begin + (i % TT) * 64, o0 = (i / TT) * 64;
-    T* dst = tiles + (i % ST) * 64 * 64;
-#pragma unroll
-    for (int k = 0; k < 64 * 8 / dy_pass_threads; ++k) {
-      const int c = tid + k * dy_pass_threads, row = c >> 3, ch = c & 7;
-      const int t = t0 + row, o = o0 + ch * 8;
-      const bool ok = t < rows && o < o_count;
-      cp_async16(smem_u32(dst + row * 64 + ((ch ^ (row & 7)) << 3)),
-                 ok ? dY + static_cast<long>(t) * ldy + o_begin + o : dY, ok ? 16 : 0);
-    }
+    load_tile64<dy_pass_threads>(tiles + (i % ST) * 64 * 64, dY, ldy, t_begin + (i % TT) * 64, rows,
+                                 o_begin + (i / TT) * 64, o_begin + o_count, tid);
   };
 #pragma unroll
   for (int s = 0; s < ST - 1; ++s) {
@@ -138,24 +169,15 @@ __global__ void __launch_bounds__(dy_pass_threads)
             std::uint32_t v[4];
             const int row = ot * 64 + ks * 16 + r8 + ((mi & 1) << 3), ch = 2 * np + (mi >> 1);
             ldsm_x4_trans(v, smem_u32(bs + Sh::slice(row, ch)));
-            bfr[ks][2 * np][0] = v[0];
-            bfr[ks][2 * np][1] = v[1];
-            bfr[ks][2 * np + 1][0] = v[2];
-            bfr[ks][2 * np + 1][1] = v[3];
+            set_b_pair<NJ>(bfr[ks], np, v);
           }
       }
       const T* tile = tiles + (i % ST) * 64 * 64;
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        // G: tokens 16w… (rows) × outputs 16ks… (k).
-        std::uint32_t a[4];
-        {
-          const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
-          ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
-        }
-#pragma unroll
-        for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(gacc[tt][n], a, bfr[ks][n][0], bfr[ks][n][1]);
+        strip_mma<T, NJ>(gacc[tt], tile, bfr[ks], ks, warp, lane);  // G: tokens 16w… × outputs 16ks… (k)
         // dB: outputs 16w… (rows of dYᵀ) × tokens 16ks… (k), times XA of those tokens.
+        std::uint32_t a[4];
         {
           const int row = 16 * ks + r8 + ((mi >> 1) << 3), ch = 2 * warp + (mi & 1);
           ldsm_x4_trans(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
