@@ -241,9 +241,9 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       emit("part_dora_apply_scaled", in, out, T, r, t[2]);
       emit("part_lora_apply", in, out, T, r, t[3]);
       emit("part_dora_fwd_one_set", in, out, T, r, t[4]);
-      for (const auto& [tt, how] : w0.scaled.tuned)
-        std::fprintf(stderr, "DoRA T %ld: scaled block's forward strategy %s\n", static_cast<long>(tt),
-                     how == FusedForward::concat_k ? "concat_k" : "accumulate");
+      for (const auto& c : w0.scaled.gemm_choices)
+        std::fprintf(stderr, "DoRA T %ld: scaled block's forward strategy %s\n", static_cast<long>(c.tokens),
+                     c.how == FusedForward::concat_k ? "concat_k" : "accumulate");
     }
   }
 }

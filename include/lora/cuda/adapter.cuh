@@ -37,12 +37,13 @@ namespace lora {
 enum class FusedForward { automatic, concat_k, accumulate };
 
 namespace detail {
-/// automatic's choice of the concat_k GEMM for one token count: a cuBLASLt plan and the
-/// index of its fastest algorithm, or algo = -1 for cublasGemmEx.
+/// automatic's choice for one token count: the strategy (forward only), and for its big GEMM
+/// a cuBLASLt plan with the index of its fastest algorithm, or algo = -1 for cublasGemmEx.
 struct FusedGemmChoice {
   Index tokens = 0;
   std::shared_ptr<LtGemm> plan;
   int algo = -1;
+  FusedForward how = FusedForward::concat_k;
 };
 }  // namespace detail
 
@@ -54,8 +55,7 @@ struct FusedWeight {
   DeviceMatrix<S> block;
   Index out = 0, in = 0, r = 0;
   FusedForward forward = FusedForward::automatic;
-  /// automatic's choices: (tokens, strategy), and for concat_k the GEMM's algorithm.
-  mutable std::vector<std::pair<Index, FusedForward>> tuned = {};
+  /// automatic's choices, one per token count: the strategy and, for concat_k, the GEMM's algorithm.
   mutable std::vector<detail::FusedGemmChoice> gemm_choices = {};
   /// The same for the backward's dX GEMM (K = out + rp), tuned on first use per token count
   /// unless `forward` is set to a fixed strategy.
@@ -342,24 +342,19 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
         detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
       }
     };
-    FusedForward how = fw.forward;
+    if (fw.forward != FusedForward::automatic) return run(fw.forward);
     const detail::FusedGemmChoice* choice = nullptr;
-    if (how == FusedForward::automatic) {
-      for (const auto& [t, h] : fw.tuned)
-        if (t == T) how = h;
-      for (const auto& c : fw.gemm_choices)
-        if (c.tokens == T) choice = &c;
-      if (how == FusedForward::automatic) {
-        detail::FusedGemmChoice c{T};
-        if constexpr (!std::is_same_v<Scalar, float>)  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
-          c.plan = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
-        how = tune(run, c);
-        fw.tuned.emplace_back(T, how);
-        fw.gemm_choices.push_back(std::move(c));
-        choice = &fw.gemm_choices.back();
-      }
+    for (const auto& c : fw.gemm_choices)
+      if (c.tokens == T) choice = &c;
+    if (!choice) {
+      detail::FusedGemmChoice c{T};
+      if constexpr (!std::is_same_v<Scalar, float>)  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
+        c.plan = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
+      c.how = tune(run, c);
+      fw.gemm_choices.push_back(std::move(c));
+      choice = &fw.gemm_choices.back();
     }
-    run(how, choice ? choice->plan.get() : nullptr, choice ? choice->algo : -1);
+    run(choice->how, choice->plan.get(), choice->algo);
   }
 
   /// Gradients of apply(W, X) (W frozen): dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
@@ -412,24 +407,21 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     cview dY = cview(dYp).col_block(0, out);
     view G = dYp.col_block(out, r);
     const cview XA = cview(Xp).col_block(in, fw.rp());
+    bool fused = false;  // G and dB from one pass over dY
     if constexpr (sizeof(Scalar) == 2) {
       if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp())) {
         detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(fw.B_padded()), detail::as_device(XA), r, s,
                         detail::as_device(dYp.col_block(out, gp)), dB, partials_);
-        input_gradient(fw, dYp, gp, dX);
-        detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in),
-                                            0.f, dA);
-        return;
+        fused = true;
       }
     }
-    if (gp == r)
-      detail::compute_xa<Scalar>(*ctx_, dY, fw.B(), true, G, s);
-    else
-      detail::compute_xa<Scalar>(*ctx_, dY, fw.B_padded(), true, dYp.col_block(out, gp), s);
+    if (!fused)
+      detail::compute_xa<Scalar>(*ctx_, dY, gp == r ? fw.B() : fw.B_padded(), true, dYp.col_block(out, gp), s);
     input_gradient(fw, dYp, gp, dX);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
                                         dA);
-    detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, cview(Xp).col_block(in, r), 0.f, dB);
+    if (!fused)
+      detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out, r, T, 1.f, dY, XA.col_block(0, r), 0.f, dB);
   }
 
   /// W ← W + ΔW in place (one GEMM with beta = 1, float accumulation, one rounding).
