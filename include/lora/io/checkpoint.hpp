@@ -545,13 +545,16 @@ inline void stream_tensors(const CheckpointLayout& layout, const std::vector<std
 /// Writes a checkpoint described by `layout` to `out` (a file when layout.single_file, else
 /// a folder), calling `produce(spec)` for each tensor in layout order. Atomic: on any error
 /// nothing appears at `out` (an existing output is replaced only on success). `progress`
-/// is called (from the writing thread) after each tensor.
+/// is called (from the writing thread) after each tensor. For a folder, `extra_files(tmp)`
+/// (optional) writes further files (config.json, tokenizer, …) into the temporary folder
+/// before it is renamed into place, so they appear atomically with the weights.
 ///
 ///   auto layout = lora::io::CheckpointLayout::split(specs, 5'000'000'000);
 ///   lora::io::write_checkpoint("out/", layout, [&](const lora::io::TensorSpec& t) { ... });
 inline void write_checkpoint(const std::filesystem::path& out, const CheckpointLayout& layout,
                              const std::function<TensorBytes(const TensorSpec&)>& produce,
-                             const std::function<void(const WriteProgress&)>& progress = {}) {
+                             const std::function<void(const WriteProgress&)>& progress = {},
+                             const std::function<void(const std::filesystem::path&)>& extra_files = {}) {
   namespace fs = std::filesystem;
   if (layout.shards.empty()) lora::detail::fail("{}: checkpoint layout has no shards", out.string());
   if (layout.single_file) {
@@ -588,6 +591,7 @@ inline void write_checkpoint(const std::filesystem::path& out, const CheckpointL
       idx["weight_map"] = wm;
       write_bytes(tmp / checkpoint_index_name, idx.dump(2) + "\n");
     }
+    if (extra_files) extra_files(tmp);
   });
 }
 
