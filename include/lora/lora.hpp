@@ -1,40 +1,14 @@
 #pragma once
-// lora — low-rank adaptation math. The host-only umbrella header; add
-// <lora/cuda.hpp> for the device specialisations.
+// lora — low-rank adaptation math. The host-only umbrella: every module's umbrella below. A TU
+// that needs one area includes that area's header alone (<lora/core.hpp> costs a fraction of this
+// one; scripts/compile-cost prints each). <lora/cuda.hpp> adds the device specialisations.
 
-#include <lora/error.hpp>
-#include <lora/version.hpp>
-#include <lora/core/types.hpp>
-#include <lora/core/random.hpp>
-#include <lora/core/scaling.hpp>
-#include <lora/core/adapter.hpp>
-#include <lora/core/init.hpp>
-#include <lora/quant/nf4.hpp>
-#include <lora/quant/double_quant.hpp>
-#include <lora/quant/nf4_tensor.hpp>
-#include <lora/quant/qlora.hpp>
-#include <lora/quant/bnb_format.hpp>
-#include <lora/core/init_svd.hpp>
-#include <lora/adalora/svd_adapter.hpp>
-#include <lora/adalora/regularizer.hpp>
-#include <lora/adalora/rank_allocator.hpp>
-#include <lora/train/optim.hpp>
-#include <lora/train/schedule.hpp>
-#include <lora/train/loss.hpp>
-#include <lora/train/loraplus.hpp>
-#include <lora/io/safetensors.hpp>
-#include <lora/io/checkpoint.hpp>
-#include <lora/io/peft.hpp>
-#include <lora/io/merge.hpp>
-#include <lora/dora/dora.hpp>
-#include <lora/analysis/lowrank_svd.hpp>
-#include <lora/analysis/metrics.hpp>
-#include <lora/analysis/similarity.hpp>
-#include <lora/analysis/intruder.hpp>
-#include <lora/analysis/compress.hpp>
-#include <lora/analysis/combine.hpp>
-#include <lora/analysis/inspect.hpp>
-#include <lora/analysis/plot.hpp>
-#include <lora/plan/plan.hpp>
-#include <lora/multi/adapter_set.hpp>
-#include <lora/multi/peft_collection.hpp>
+#include <lora/core.hpp>
+#include <lora/dora.hpp>
+#include <lora/quant.hpp>
+#include <lora/io.hpp>
+#include <lora/analysis.hpp>
+#include <lora/adalora.hpp>
+#include <lora/train.hpp>
+#include <lora/multi.hpp>
+#include <lora/plan.hpp>

@@ -1,0 +1,4 @@
+#pragma once
+// lora planner: trainable parameters, adapter size and memory before training.
+
+#include <lora/plan/plan.hpp>
