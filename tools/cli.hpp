@@ -3,11 +3,14 @@
 // thin: every subcommand is parsing and printing around library calls.
 
 #include <lora/error.hpp>
+#include <lora/io/file.hpp>
 
 #include <fmt/format.h>
 
 #include <charconv>
 #include <cmath>
+#include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <map>
 #include <optional>
@@ -18,7 +21,8 @@
 namespace lora::cli {
 
 /// Parsed arguments: --name value, --name=value, --flag, positionals; the same
-/// option may repeat (all values kept, in order).
+/// option may repeat (all values kept, in order). Every command accepts --force (see
+/// guard_output).
 class Args {
  public:
   /// `flags` are options that take no value; every other --option takes one.
@@ -35,7 +39,7 @@ class Args {
           name = name.substr(0, eq);
           has_value = true;
         }
-        if (flags.count(name)) {
+        if (flags.count(name) || name == "force") {
           if (has_value) detail::fail("option --{} takes no value", name);
           values_[name].push_back("1");
         } else if (options.count(name)) {
@@ -71,7 +75,20 @@ class Args {
     auto v = get(name);
     return v ? parse_number(*v, "--" + name) : fallback;
   }
+  /// A whole number in [lo, hi] ("8", not "8.0", "1e300" or "-1"), `fallback` when absent.
+  std::int64_t integer(const std::string& name, std::int64_t fallback, std::int64_t lo, std::int64_t hi) const {
+    auto v = get(name);
+    return v ? parse_integer(*v, "--" + name, lo, hi) : fallback;
+  }
   const std::vector<std::string>& positional() const { return positional_; }
+
+  static std::int64_t parse_integer(const std::string& s, const std::string& what, std::int64_t lo, std::int64_t hi) {
+    std::int64_t v = 0;
+    auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+    if (ec != std::errc() || p != s.data() + s.size() || v < lo || v > hi)
+      detail::fail("{} must be a whole number from {} to {}, got '{}'", what, lo, hi, s);
+    return v;
+  }
 
   static double parse_number(const std::string& s, const std::string& what) {
     double v = 0;
@@ -100,6 +117,16 @@ class Args {
   std::map<std::string, std::vector<std::string>> values_;
   std::vector<std::string> positional_;
 };
+
+/// Refuses, before anything is read or written, an output that is, contains or lies inside
+/// one of `inputs`, or that would replace a folder of unrelated files unless --force was
+/// given (lora::io::check_output). One call per command, before loading anything:
+///   cli::guard_output(args, out, {base, adapter}, io::output_kind::folder);
+inline void guard_output(const Args& args, const std::filesystem::path& out,
+                         const std::vector<std::filesystem::path>& inputs, io::output_kind kind,
+                         std::string_view flag = "--out") {
+  io::check_output(out, inputs, kind, args.has("force"), flag);
+}
 
 struct Command {
   std::string name;

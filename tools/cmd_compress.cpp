@@ -16,14 +16,13 @@ int run_compress(const std::vector<std::string>& argv) {
   if (args.has("rank") == args.has("energy")) lora::detail::fail("give exactly one of --rank k and --energy τ");
   analysis::CompressionTarget target;
   if (args.has("rank")) {
-    const double k = args.number("rank", 0);
-    if (k < 1 || k != std::floor(k)) lora::detail::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
-    target.rank = static_cast<Index>(k);
+    target.rank = static_cast<Index>(args.integer("rank", 0, 1, std::int64_t{1} << 30));
   } else {
     target.energy = args.number("energy", 0);
     if (!(target.energy > 0 && target.energy <= 1)) lora::detail::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
   }
   const std::string out = args.required("out");
+  cli::guard_output(args, out, {args.positional()[0]}, io::output_kind::folder);
   const auto in = io::load_peft_adapter(args.positional()[0]);
   const auto small = analysis::compress_adapter(in, target);
   io::dtype type = in.modules.front().stored_dtype;

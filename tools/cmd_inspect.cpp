@@ -143,13 +143,14 @@ int run_inspect(const std::vector<std::string>& argv) {
   InspectOptions opt;
   if (auto e = args.get("energy")) opt.energy_thresholds = parse_thresholds(*e);
   if (auto b = args.get("base")) opt.base_model = *b;
-  const double threads = args.number("threads", 0);
-  if (threads < 0 || threads != std::floor(threads)) lora::detail::fail("--threads must be a whole number ≥ 0, got {}", threads);
-  opt.threads = static_cast<unsigned>(threads);
+  opt.threads = static_cast<unsigned>(args.integer("threads", 0, 0, 4096));
   opt.intruder.epsilon = args.number("epsilon", opt.intruder.epsilon);
-  const double topk = args.number("top-k", double(opt.intruder.top_k));
-  if (topk < 1 || topk != std::floor(topk)) lora::detail::fail("--top-k must be a whole number ≥ 1, got {}", topk);
-  opt.intruder.top_k = static_cast<Index>(topk);
+  opt.intruder.top_k = static_cast<Index>(args.integer("top-k", opt.intruder.top_k, 1, 1 << 20));
+  if (auto plot = args.get("plot")) {
+    std::vector<std::filesystem::path> inputs{args.positional()[0]};
+    if (opt.base_model) inputs.emplace_back(*opt.base_model);
+    cli::guard_output(args, *plot, inputs, io::output_kind::file, "--plot");
+  }
   // inspect_adapter maps lora_A / lora_B only; the loader's checks cover the rest of the folder
   // (DoRA magnitudes against use_dora, tensors that are not LoRA factors, dtypes).
   if (std::filesystem::is_directory(args.positional()[0])) io::check_peft_adapter(args.positional()[0]);

@@ -158,14 +158,13 @@ int run_quantize(const std::vector<std::string>& argv) {
     lora::detail::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
   const fs::path in = args.positional()[0];
   const fs::path out = args.required("out");
-  const double bsd = args.number("blocksize", 64);
-  if (bsd != std::floor(bsd) || !lora::quant::is_valid_blocksize(static_cast<std::int64_t>(bsd)))
+  const std::int64_t bsd = args.integer("blocksize", 64, 0, std::int64_t{1} << 40);
+  if (!lora::quant::is_valid_blocksize(bsd))
     lora::detail::fail("--blocksize must be a power of two from 32 to 4096, got {}", args.get("blocksize").value_or("64"));
   const lora::Nf4Options opts{static_cast<std::int64_t>(bsd), args.has("double-quant")};
   const auto skip = lora::cli::Args::split(args.get("skip").value_or("lm_head,embed_tokens"));
   if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
-  if (fs::exists(out) && fs::equivalent(in, out))
-    lora::detail::fail("--out {} is the input itself; write to a new path", out.string());
+  lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
 
   QuantizeStats st;
   if (fs::is_directory(in)) {
@@ -219,8 +218,7 @@ int run_dequantize(const std::vector<std::string>& argv) {
   std::optional<dtype> to;
   if (auto d = args.get("dtype")) to = parse_out_dtype(*d);
   if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
-  if (fs::exists(out) && fs::equivalent(in, out))
-    lora::detail::fail("--out {} is the input itself; write to a new path", out.string());
+  lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
   int converted = 0;
   if (fs::is_directory(in)) {
     const auto files = safetensors_in(in);

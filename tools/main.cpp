@@ -1,4 +1,5 @@
 // lora — command-line front end. Subcommands live in cmd_*.cpp.
+#include <lora/io/file.hpp>
 #include <lora/version.hpp>
 
 #include <algorithm>
@@ -8,6 +9,8 @@
 #include "cli.hpp"
 
 int main(int argc, char** argv) {
+  // Ctrl-C or kill during a write removes the temporary it was filling (docs/reliability.md).
+  lora::io::remove_temporaries_on_signal();
   auto& cmds = lora::cli::registry();
   std::sort(cmds.begin(), cmds.end(), [](auto& a, auto& b) { return a.name < b.name; });
   auto usage = [&](std::FILE* to) {

@@ -11,6 +11,7 @@
 
 #include <lora/error.hpp>
 #include <lora/io/atomic.hpp>
+#include <lora/io/json.hpp>
 #include <lora/io/safetensors.hpp>
 
 #include <fcntl.h>
@@ -69,44 +70,63 @@ class Checkpoint {
       lora::detail::fail("{}: folder has neither {} nor model.safetensors", path.string(), checkpoint_index_name);
     }
     c.sharded_ = true;
-    nlohmann::ordered_json j;
-    {
-      std::ifstream in(index);
-      if (!in) lora::detail::fail("{}: cannot open for reading", index.string());
-      try {
-        j = nlohmann::ordered_json::parse(in);
-      } catch (const nlohmann::json::exception& e) {
-        lora::detail::fail("{}: not valid JSON: {}", index.string(), e.what());
-      }
-    }
+    // nlohmann::json (std::map objects): O(n log n) in the tensors; the weight_map's order
+    // is taken from the keys as they are parsed.
+    std::vector<std::string> order;
+    std::string top;
+    JsonParseOptions popt;
+    popt.on_key = [&](int depth, const std::string& key) {
+      if (depth == 1) top = key;
+      if (depth == 2 && top == "weight_map") order.push_back(key);
+    };
+    const std::string where = index.string();
+    const nlohmann::json j = read_json_file(index, popt);
     if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-      lora::detail::fail("{}: expected an object with a \"weight_map\" object", index.string());
-    if (j.contains("metadata")) c.index_metadata_ = j["metadata"];
+      lora::detail::fail("{}: expected an object with a \"weight_map\" object", where);
+    if (j.contains("metadata")) {
+      if (!j["metadata"].is_object())
+        lora::detail::fail("{}: 'metadata' must be an object, got {}", where, detail::json_type_of(j["metadata"]));
+      c.index_metadata_ = nlohmann::ordered_json::parse(j["metadata"].dump());
+    }
+    const nlohmann::json& wm = j["weight_map"];
     std::map<std::string, std::size_t> shard_ix;
-    for (const auto& [name, v] : j["weight_map"].items()) {
+    for (const auto& name : order) {
+      const auto& v = wm.at(name);
       if (!v.is_string())
-        lora::detail::fail("{}: weight_map['{}'] must be a file name, got {}", index.string(), name, v.dump());
-      const std::string shard = v.get<std::string>();
-      if (shard.empty() || shard.find('/') != std::string::npos || shard.find('\\') != std::string::npos ||
-          shard == "." || shard == "..")
-        lora::detail::fail("{}: weight_map['{}'] = '{}' is not a file name in the checkpoint folder", index.string(),
-                           name, shard);
+        lora::detail::fail("{}: weight_map['{}'] must be a file name, got {}", where, name, detail::json_excerpt(v));
+      const std::string& shard = v.get_ref<const std::string&>();
+      const bool odd = std::any_of(shard.begin(), shard.end(), [](char ch) {
+        return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f || ch == '/' || ch == '\\';
+      });
+      if (shard.empty() || odd || shard == "." || shard == "..")
+        lora::detail::fail("{}: weight_map['{}'] = {} is not a file name in the checkpoint folder", where, name,
+                           v.dump());
       auto it = shard_ix.find(shard);
       if (it == shard_ix.end()) {
-        if (!fs::exists(path / shard))
-          lora::detail::fail("{}: weight_map['{}'] names shard '{}', which does not exist", index.string(), name, shard);
+        if (!fs::exists(fs::symlink_status(path / shard)))
+          lora::detail::fail("{}: weight_map['{}'] names shard '{}', which does not exist", where, name, shard);
         it = shard_ix.emplace(shard, c.shards_.size()).first;
         c.shards_.push_back(SafetensorsFile::open(path / shard));
         c.shard_names_.push_back(shard);
       }
       const SafetensorsFile& f = c.shards_[it->second];
       if (!f.contains(name))
-        lora::detail::fail("{}: weight_map puts tensor '{}' in {}, which has no such tensor", index.string(), name,
-                           f.path());
-      if (!c.where_.emplace(name, Location{it->second, &f.tensor(name)}).second)
-        lora::detail::fail("{}: tensor '{}' is listed twice", index.string(), name);
+        lora::detail::fail("{}: weight_map puts tensor '{}' in {}, which has no such tensor", where, name, f.path());
+      c.where_.emplace(name, Location{it->second, &f.tensor(name)});
       c.names_.push_back(name);
     }
+    // A tensor in a shard that the index does not list (or lists in another shard) would be
+    // silently dropped from every output.
+    for (std::size_t s = 0; s < c.shards_.size(); ++s)
+      for (const auto& t : c.shards_[s].tensors()) {
+        auto w = c.where_.find(t.name);
+        if (w == c.where_.end())
+          lora::detail::fail("{}: shard {} holds tensor '{}', which the weight_map does not list", where,
+                             c.shard_names_[s], t.name);
+        if (w->second.shard != s)
+          lora::detail::fail("{}: tensor '{}' is in shards {} and {}; the weight_map lists only {}", where, t.name,
+                             c.shard_names_[w->second.shard], c.shard_names_[s], c.shard_names_[w->second.shard]);
+      }
     return c;
   }
 

@@ -6,6 +6,8 @@
 
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
+#include <lora/io/file.hpp>
+#include <lora/io/json.hpp>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -17,7 +19,9 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <map>
+#include <set>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <span>
@@ -27,7 +31,10 @@
 
 namespace lora::io {
 
-enum class dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL };
+/// The safetensors element types. U16/U32/U64 and the FP8 types (F8_E4M3: torch's
+/// float8_e4m3fn; F8_E5M2) are read, converted and copied; writing converts to them only
+/// for the integer types.
+enum class dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, U32, U64, F8_E4M3, F8_E5M2 };
 
 inline std::string_view dtype_name(dtype t) {
   switch (t) {
@@ -41,6 +48,11 @@ inline std::string_view dtype_name(dtype t) {
     case dtype::I8: return "I8";
     case dtype::U8: return "U8";
     case dtype::BOOL: return "BOOL";
+    case dtype::U16: return "U16";
+    case dtype::U32: return "U32";
+    case dtype::U64: return "U64";
+    case dtype::F8_E4M3: return "F8_E4M3";
+    case dtype::F8_E5M2: return "F8_E5M2";
   }
   return "?";
 }
@@ -48,27 +60,50 @@ inline std::string_view dtype_name(dtype t) {
 inline std::size_t dtype_size(dtype t) {
   switch (t) {
     case dtype::F64:
-    case dtype::I64: return 8;
+    case dtype::I64:
+    case dtype::U64: return 8;
     case dtype::F32:
-    case dtype::I32: return 4;
+    case dtype::I32:
+    case dtype::U32: return 4;
     case dtype::F16:
     case dtype::BF16:
-    case dtype::I16: return 2;
+    case dtype::I16:
+    case dtype::U16: return 2;
     case dtype::I8:
     case dtype::U8:
-    case dtype::BOOL: return 1;
+    case dtype::BOOL:
+    case dtype::F8_E4M3:
+    case dtype::F8_E5M2: return 1;
   }
   return 0;
 }
 
 /// Parses "F32", "BF16", ...; `where` names the file and tensor for the message.
 inline dtype parse_dtype(std::string_view s, std::string_view where) {
-  static constexpr dtype all[] = {dtype::F64, dtype::F32, dtype::F16, dtype::BF16, dtype::I64,
-                                  dtype::I32, dtype::I16, dtype::I8,  dtype::U8,   dtype::BOOL};
+  static constexpr dtype all[] = {dtype::F64, dtype::F32, dtype::F16, dtype::BF16,    dtype::I64,
+                                  dtype::I32, dtype::I16, dtype::I8,  dtype::U8,      dtype::BOOL,
+                                  dtype::U16, dtype::U32, dtype::U64, dtype::F8_E4M3, dtype::F8_E5M2};
   for (dtype t : all)
     if (dtype_name(t) == s) return t;
-  lora::detail::fail("{}: unknown dtype '{}' (expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)", where, s);
+  lora::detail::fail("{}: unknown dtype '{}' (expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, "
+                     "U32, U64, F8_E4M3, F8_E5M2)",
+                     where, s);
 }
+
+namespace detail {
+/// torch.float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN.
+inline float f8_e4m3_to_float(std::uint8_t b) {
+  const int e = (b >> 3) & 0xf, m = b & 7;
+  const float sign = (b & 0x80) ? -1.0f : 1.0f;
+  if (e == 0xf && m == 7) return std::numeric_limits<float>::quiet_NaN();
+  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);  // m/8 · 2^-6
+  return sign * std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
+}
+/// float8_e5m2 is the upper byte of an IEEE half.
+inline float f8_e5m2_to_float(std::uint8_t b) {
+  return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(static_cast<std::uint16_t>(b << 8)));
+}
+}  // namespace detail
 
 /// A tensor inside a mapped file: no copy until to_matrix/to_vector.
 struct TensorView {
@@ -106,6 +141,11 @@ struct TensorView {
       case dtype::I8: return static_cast<S>(load(std::int8_t{}));
       case dtype::U8: return static_cast<S>(load(std::uint8_t{}));
       case dtype::BOOL: return static_cast<S>(load(std::uint8_t{}) != 0);
+      case dtype::U16: return static_cast<S>(load(std::uint16_t{}));
+      case dtype::U32: return static_cast<S>(load(std::uint32_t{}));
+      case dtype::U64: return static_cast<S>(load(std::uint64_t{}));
+      case dtype::F8_E4M3: return static_cast<S>(detail::f8_e4m3_to_float(load(std::uint8_t{})));
+      case dtype::F8_E5M2: return static_cast<S>(detail::f8_e5m2_to_float(load(std::uint8_t{})));
     }
     return S{};
   }
@@ -151,17 +191,8 @@ namespace detail {
 class MappedFile {
  public:
   explicit MappedFile(const std::filesystem::path& path) : path_(path.string()) {
-    int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) lora::detail::fail("{}: cannot open for reading: {}", path_, std::strerror(errno));
     struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      ::close(fd);
-      lora::detail::fail("{}: cannot stat: {}", path_, std::strerror(errno));
-    }
-    if (S_ISDIR(st.st_mode)) {
-      ::close(fd);
-      lora::detail::fail("{}: is a directory, expected a .safetensors file", path_);
-    }
+    const int fd = open_regular_file(path, st);  // never blocks on a FIFO; refuses folders and devices
     size_ = static_cast<std::size_t>(st.st_size);
     if (size_ > 0) {
       void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -236,6 +267,9 @@ class SafetensorsFile {
   }
   const std::vector<TensorView>& tensors() const { return tensors_; }
 
+  /// The largest header accepted, as the safetensors library (100 MB).
+  static constexpr std::uint64_t max_header_bytes = 100'000'000;
+
  private:
   void parse() {
     const std::string& file = map_->path();
@@ -243,20 +277,25 @@ class SafetensorsFile {
     if (size < 8) lora::detail::fail("{}: file is {} bytes, too short for a safetensors header (need at least 8)", file, size);
     std::uint64_t n = 0;
     std::memcpy(&n, map_->data(), 8);  // little-endian on every platform we build for
+    if (n > max_header_bytes)
+      lora::detail::fail("{}: header length {} is more than the {} bytes safetensors allows", file, n, max_header_bytes);
     if (n > size - 8)
       lora::detail::fail("{}: header length {} runs past the end of the file ({} bytes after the length field)", file, n,
                    size - 8);
     const char* hbeg = reinterpret_cast<const char*>(map_->data()) + 8;
-    nlohmann::json header;
-    try {
-      header = nlohmann::json::parse(hbeg, hbeg + n);
-    } catch (const nlohmann::json::exception& e) {
-      lora::detail::fail("{}: header is not valid JSON: {}", file, e.what());
-    }
+    // nlohmann::json (a std::map per object): O(n log n) in the number of tensors, depth
+    // bounded, a tensor name given twice is an error (the JSON would keep only one).
+    const nlohmann::json header = parse_json(std::string_view(hbeg, n), file + ": header");
     if (!header.is_object()) lora::detail::fail("{}: header must be a JSON object", file);
     const std::byte* data = map_->data() + 8 + n;
     const std::uint64_t data_size = size - 8 - n;
 
+    auto offset = [&](const nlohmann::json& v, const std::string& where) -> std::uint64_t {
+      if (!v.is_number_unsigned() && !(v.is_number_integer() && v.get<std::int64_t>() >= 0))
+        lora::detail::fail("{}: data_offsets must be non-negative integers, got {}", where, v.dump());
+      return v.get<std::uint64_t>();
+    };
+    tensors_.reserve(header.size());
     for (auto& [key, value] : header.items()) {
       if (key == "__metadata__") {
         if (!value.is_object()) lora::detail::fail("{}: __metadata__ must be an object of strings", file);
@@ -276,25 +315,21 @@ class SafetensorsFile {
       t.name = key;
       t.file = file;
       t.type = parse_dtype(value["dtype"].get<std::string>(), where);
+      // numel · dtype_size stays below 2^62, so no product here wraps around.
+      const std::uint64_t limit = (std::uint64_t{1} << 62) / dtype_size(t.type);
       std::uint64_t numel = 1;
       for (auto& d : value["shape"]) {
-        if (!d.is_number_integer()) lora::detail::fail("{}: shape entries must be integers", where);
-        const auto v = d.get<std::int64_t>();
-        if (v < 0) lora::detail::fail("{}: negative dimension {} in shape", where, v);
-        // Bounded so that numel · dtype_size cannot wrap around (2^61 F64 elements would need "0" bytes).
-        if (v > 0 && numel > ((std::uint64_t{1} << 62) / dtype_size(t.type)) / static_cast<std::uint64_t>(v))
-          lora::detail::fail("{}: shape is too large", where);
-        numel *= static_cast<std::uint64_t>(v);
-        t.shape.push_back(v);
+        if (d.is_number_integer() && !d.is_number_unsigned() && d.get<std::int64_t>() < 0)
+          lora::detail::fail("{}: negative dimension {} in shape", where, d.get<std::int64_t>());
+        if (!d.is_number_unsigned()) lora::detail::fail("{}: shape entries must be integers, got {}", where, d.dump());
+        const auto v = d.get<std::uint64_t>();
+        if (v > limit || (v > 0 && numel > limit / v))
+          lora::detail::fail("{}: shape {} is too large", where, value["shape"].dump());
+        numel *= v;
+        t.shape.push_back(static_cast<std::int64_t>(v));
       }
-      // numel·sizeof(dtype) must not wrap around (it is compared with the byte span below)
-      if (numel > (std::uint64_t{1} << 62) / dtype_size(t.type)) lora::detail::fail("{}: shape is too large", where);
       const auto& off = value["data_offsets"];
-      if (!off[0].is_number_unsigned() && !(off[0].is_number_integer() && off[0].get<std::int64_t>() >= 0))
-        lora::detail::fail("{}: data_offsets must be non-negative integers", where);
-      if (!off[1].is_number_unsigned() && !(off[1].is_number_integer() && off[1].get<std::int64_t>() >= 0))
-        lora::detail::fail("{}: data_offsets must be non-negative integers", where);
-      const auto b = off[0].get<std::uint64_t>(), e = off[1].get<std::uint64_t>();
+      const std::uint64_t b = offset(off[0], where), e = offset(off[1], where);
       if (e < b) lora::detail::fail("{}: data_offsets [{}, {}] are reversed", where, b, e);
       if (e > data_size)
         lora::detail::fail("{}: data_offsets [{}, {}] run past the end of the data section ({} bytes)", where, b, e,
@@ -306,25 +341,38 @@ class SafetensorsFile {
       t.bytes = std::span<const std::byte>(data + b, static_cast<std::size_t>(e - b));
       tensors_.push_back(std::move(t));
     }
-    // Sort by offset to detect overlaps and to give names() in file order.
+    // In file order, the tensors must tile the data section exactly, as the safetensors
+    // library requires: no overlap, no hole between two tensors, nothing after the last.
     std::vector<std::size_t> idx(tensors_.size());
     for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
     std::sort(idx.begin(), idx.end(), [&](std::size_t a, std::size_t b) {
-      return tensors_[a].bytes.data() < tensors_[b].bytes.data() ||
-             (tensors_[a].bytes.data() == tensors_[b].bytes.data() && tensors_[a].bytes.size() < tensors_[b].bytes.size());
+      const auto& x = tensors_[a].bytes;
+      const auto& y = tensors_[b].bytes;
+      return x.data() != y.data() ? x.data() < y.data() : x.size() < y.size();
     });
-    for (std::size_t k = 1; k < idx.size(); ++k) {
-      const auto& prev = tensors_[idx[k - 1]];
-      const auto& cur = tensors_[idx[k]];
-      if (cur.bytes.data() < prev.bytes.data() + prev.bytes.size())
-        lora::detail::fail("{}: tensors '{}' and '{}' overlap in the data section", file, prev.name, cur.name);
+    const std::byte* expect = data;
+    const TensorView* prev = nullptr;
+    for (auto i : idx) {
+      const auto& cur = tensors_[i];
+      if (cur.bytes.data() < expect)
+        lora::detail::fail("{}: tensors '{}' and '{}' overlap in the data section", file, prev->name, cur.name);
+      if (cur.bytes.data() > expect)
+        lora::detail::fail("{}: {} unused bytes in the data section before tensor '{}' (at offset {}); tensors must "
+                           "cover the data section exactly",
+                           file, cur.bytes.data() - expect, cur.name, expect - data);
+      expect = cur.bytes.data() + cur.bytes.size();
+      prev = &cur;
     }
+    if (expect != data + data_size)
+      lora::detail::fail("{}: {} bytes after the end of the last tensor{}; tensors must cover the data section exactly",
+                         file, (data + data_size) - expect, prev ? fmt::format(" ('{}')", prev->name) : std::string());
     std::vector<TensorView> sorted;
     sorted.reserve(tensors_.size());
     for (auto i : idx) sorted.push_back(std::move(tensors_[i]));
     tensors_ = std::move(sorted);
+    order_.reserve(tensors_.size());
     for (std::size_t i = 0; i < tensors_.size(); ++i) {
-      index_[tensors_[i].name] = i;
+      index_.emplace(tensors_[i].name, i);
       order_.push_back(tensors_[i].name);
     }
   }
@@ -377,6 +425,12 @@ struct TensorData {
         case dtype::I8: store(i, static_cast<std::int8_t>(v)); break;
         case dtype::U8: store(i, static_cast<std::uint8_t>(v)); break;
         case dtype::BOOL: store(i, static_cast<std::uint8_t>(v != S{})); break;
+        case dtype::U16: store(i, static_cast<std::uint16_t>(v)); break;
+        case dtype::U32: store(i, static_cast<std::uint32_t>(v)); break;
+        case dtype::U64: store(i, static_cast<std::uint64_t>(v)); break;
+        case dtype::F8_E4M3:
+        case dtype::F8_E5M2:
+          lora::detail::fail("tensor '{}': converting values to {} is not supported", t.name, dtype_name(type));
       }
     }
     return t;
@@ -409,21 +463,26 @@ namespace detail {
 template <class Tensors, class BytesOf>
 std::string safetensors_header(const Tensors& tensors, const std::map<std::string, std::string>& metadata,
                                BytesOf&& bytes_of) {
-  nlohmann::ordered_json header = nlohmann::ordered_json::object();
-  if (!metadata.empty()) header["__metadata__"] = metadata;
+  // Written by hand, not through ordered_json, whose per-key lookups are linear (200,000
+  // tensors took minutes); the text is what ordered_json::dump() gave.
+  std::string header = "{";
+  if (!metadata.empty()) header += "\"__metadata__\":" + nlohmann::json(metadata).dump();
+  std::set<std::string_view> names;
   std::uint64_t offset = 0;
   for (const auto& t : tensors) {
     if (t.name == "__metadata__") lora::detail::fail("tensor name '__metadata__' is reserved");
-    if (header.contains(t.name)) lora::detail::fail("duplicate tensor name '{}'", t.name);
+    if (!names.insert(t.name).second) lora::detail::fail("duplicate tensor name '{}'", t.name);
     for (auto d : t.shape)
       if (d < 0) lora::detail::fail("tensor '{}': negative dimension {}", t.name, d);
     const std::uint64_t nb = bytes_of(t);
-    header[t.name] = {{"dtype", std::string(dtype_name(t.type))},
-                      {"shape", t.shape},
-                      {"data_offsets", {offset, offset + nb}}};
+    if (header.size() > 1) header += ',';
+    header += nlohmann::json(t.name).dump();
+    header += fmt::format(":{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}", dtype_name(t.type),
+                          fmt::join(t.shape, ","), offset, offset + nb);
     offset += nb;
   }
-  std::string h = header.dump();
+  header += '}';
+  std::string h = std::move(header);
   while ((8 + h.size()) % 8 != 0) h.push_back(' ');
   const std::uint64_t hn = h.size();
   std::string out(reinterpret_cast<const char*>(&hn), 8);

@@ -1,0 +1,93 @@
+#pragma once
+// The regular expressions of PEFT configs (a string target_modules, rank_pattern and
+// alpha_pattern keys), matched in time linear in the name with RE2: std::regex backtracks,
+// so a pattern like ([a-z_.0-9]|[a-z_.0-9])*Z hangs and a 60,000-character name overflows
+// its recursion. Semantics as PEFT (Python's re):
+//
+//   lora::io::regex_full_match(p, name)    re.fullmatch(p, name)          target_modules string
+//   lora::io::pattern_key_matches(k, name) re.match(rf"(.*\.)?({k})$", name)   get_pattern_key
+//
+// Python's re and RE2 agree on the syntax configs use (classes, alternation, groups,
+// repetition, (?P<name>...)); look-around and back-references, which need backtracking,
+// are refused with a message naming the pattern. Built without RE2 (LORA_WITH_RE2 unset,
+// e.g. a CUDA-only build), std::regex is used with patterns and names bounded in length.
+
+#include <lora/error.hpp>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <string_view>
+
+#if defined(LORA_WITH_RE2)
+#include <re2/re2.h>
+#else
+#include <regex>
+#endif
+
+namespace lora::io {
+
+namespace detail {
+
+#if defined(LORA_WITH_RE2)
+using compiled_regex = re2::RE2;
+
+inline std::shared_ptr<const re2::RE2> compile_regex(const std::string& pattern, std::string_view what) {
+  // A small cache: the same few patterns are matched against every module name.
+  static std::mutex mu;
+  static std::map<std::string, std::shared_ptr<const re2::RE2>, std::less<>> cache;
+  {
+    std::lock_guard lk(mu);
+    if (auto it = cache.find(pattern); it != cache.end()) return it->second;
+  }
+  re2::RE2::Options opt;
+  opt.set_log_errors(false);
+  auto re = std::make_shared<const re2::RE2>(pattern, opt);
+  if (!re->ok())
+    lora::detail::fail("{} pattern '{}' is not a regular expression this library accepts (RE2 syntax: no "
+                       "look-around or back-references): {}",
+                       what, pattern.size() > 200 ? pattern.substr(0, 200) + "..." : pattern, re->error());
+  std::lock_guard lk(mu);
+  if (cache.size() >= 256) cache.clear();
+  cache.emplace(pattern, re);
+  return re;
+}
+
+inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what) {
+  const auto re = compile_regex(pattern, what);
+  return re2::RE2::FullMatch(re2::StringPiece(s.data(), s.size()), *re);
+}
+#else
+inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what) {
+  // std::regex recurses per character and backtracks: keep both sides short.
+  if (pattern.size() > 512 || s.size() > 1024)
+    lora::detail::fail("{} pattern '{}' against a name of {} characters: too long for a build without RE2 (at most "
+                       "512 and 1024)",
+                       what, pattern.substr(0, 200), s.size());
+  try {
+    return std::regex_match(s.begin(), s.end(), std::regex(pattern, std::regex::ECMAScript));
+  } catch (const std::regex_error& e) {
+    lora::detail::fail("{} pattern '{}' is not a valid regular expression: {}", what, pattern, e.what());
+  }
+}
+#endif
+
+}  // namespace detail
+
+/// Python's re.fullmatch(pattern, name) (PEFT's test for a string target_modules).
+/// Throws lora::error naming `what` (e.g. "adapter_config.json: target_modules") when the
+/// pattern does not compile.
+inline bool regex_full_match(const std::string& pattern, std::string_view name,
+                             std::string_view what = "target_modules") {
+  return detail::full_match(pattern, name, what);
+}
+
+/// PEFT's get_pattern_key test for one rank_pattern/alpha_pattern key:
+/// re.match(rf"(.*\.)?({key})$", name). Python's $ also matches before a final newline.
+inline bool pattern_key_matches(const std::string& key, std::string_view name,
+                                std::string_view what = "rank_pattern/alpha_pattern") {
+  return detail::full_match("(.*\\.)?(" + key + ")\n?", name, what);
+}
+
+}  // namespace lora::io
