@@ -54,6 +54,44 @@ TEST_CASE("qlora: fused NF4 products equal dequantise-then-multiply", "[quant][q
   }
 }
 
+TEST_CASE("qlora: fast mode forward stays within its error bound", "[quant][qlora]") {
+  // Base product from int8 activations and codes (nf4_cpu.hpp); the adapter in float.
+  // Per output: |Δ| ≤ Σ_k |x_k|·e_w·absmax_k + |w_k|·d_k/2 + e_w·absmax_k·d_k/2 (e_w the
+  // code table's rounding, d_k/2 half a step of x_k's group of 32), plus float rounding.
+  Generator gen(test::fresh_seed());
+  const Index in = 160, out = 48, r = 4;
+  const Matrix<float> W = test::random_matrix<float>(out, in, gen, 0.05);
+  QLoraLinear<> layer(Nf4Tensor::quantize(W, {64, true}), random_adapter(in, out, r, 8.0, gen));
+  layer.set_mode(quant::nf4_mode::fast);
+  CHECK(layer.mode() == quant::nf4_mode::fast);
+  const double s = layer.adapter().scaling();
+  const MatD Wd = layer.base().dequantize<float>().cast<double>();
+  const MatD A = layer.adapter().A().cast<double>(), B = layer.adapter().B().cast<double>();
+  const auto& absmax = layer.base().absmax();
+  for (Index T : {1, 5, 16}) {
+    INFO("T = " << T);
+    const Matrix<float> X = test::random_matrix<float>(T, in, gen);
+    const MatD Xd = X.cast<double>();
+    const MatD yref = Xd * Wd.transpose() + s * (Xd * A.transpose()) * B.transpose();
+    const Matrix<float> y = layer.forward(X);
+    const double ew = quant::nf4_code_i8_max_error;
+    for (Index t = 0; t < T; ++t)
+      for (Index i = 0; i < out; ++i) {
+        double bound = 0, mag = 0;
+        for (Index k = 0; k < in; ++k) {
+          double amax = 0;
+          for (Index j = k / 32 * 32; j < std::min<Index>(in, k / 32 * 32 + 32); ++j) amax = std::max(amax, std::abs(Xd(t, j)));
+          const double hx = amax / 254.0 * (1 + 1e-5), sw = absmax[static_cast<std::size_t>((i * in + k) / 64)];
+          bound += std::abs(Xd(t, k)) * ew * sw + std::abs(Wd(i, k)) * hx + ew * sw * hx;
+          mag += std::abs(Xd(t, k) * Wd(i, k));
+        }
+        REQUIRE(std::abs(y(t, i) - yref(t, i)) <= bound + 1e-5 * (mag + 1));
+      }
+    // The bound is not vacuous: it is far below the outputs' size.
+    CHECK(test::rel_error(y, yref) < 0.05);
+  }
+}
+
 TEST_CASE("qlora: forward and backward against a float64 reference", "[quant][qlora]") {
   Generator gen(test::fresh_seed());
   const Index in = 96, out = 80, r = 8;

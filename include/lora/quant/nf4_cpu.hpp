@@ -96,6 +96,14 @@ inline constexpr double nf4_code_i8_max_error = detail::make_code_i8_error();
 
 namespace detail {
 
+// Loops over a template's token count, unrolled so the accumulators stay in registers.
+#if defined(__clang__) || defined(__GNUC__)
+#define LORA_UNROLL(n) _Pragma(LORA_UNROLL_STR(GCC unroll n))
+#define LORA_UNROLL_STR(x) #x
+#else
+#define LORA_UNROLL(n)
+#endif
+
 inline void check_gemm_args(const Nf4View& W, Index T, const char* who) {
   check_blocksize(W.blocksize, who);
   if (W.rows < 0 || W.cols < 0 || T < 0) lora::detail::fail("{}: negative shape (rows {}, cols {}, tokens {})", who, W.rows, W.cols, T);
@@ -238,6 +246,12 @@ inline constexpr Index row_block = 64;
 // ---- AVX2 path --------------------------------------------------------------------
 #if defined(__AVX2__) && defined(__FMA__)
 
+/// Codes 2048 elements ahead of flat element e: with little work per byte (the
+/// fast mode, T = 1) the hardware prefetcher alone leaves the loop waiting on memory.
+inline void prefetch_codes(const std::uint8_t* packed, std::int64_t e) {
+  _mm_prefetch(reinterpret_cast<const char*>(packed + (e >> 1) + 1024), _MM_HINT_T0);
+}
+
 /// The 32 codes of 16 packed bytes as one byte each: the low lane holds the even
 /// elements (high nibbles), the high lane the odd ones.
 inline __m256i avx2_codes32(const std::uint8_t* p) {
@@ -301,10 +315,13 @@ inline void avx2_exact_row(const Avx2CodePlanes& cp, const std::uint8_t* packed,
   for (int g = 0; g < G; ++g) acc0[g] = acc1[g] = _mm256_setzero_ps();
   for (std::int64_t k = k0; k < k0 + n; k += 32) {
     const std::int64_t e = e0 + k;
+    if ((k & 127) == 0) prefetch_codes(packed, e);
     const __m256 s = _mm256_broadcast_ss(absmax + (e >> shift));
     __m256 f[4];
     avx2_decode32(cp, avx2_codes32(packed + (e >> 1)), f);
+    LORA_UNROLL(4)
     for (int j = 0; j < 4; ++j) f[j] = _mm256_mul_ps(f[j], s);
+    LORA_UNROLL(4)
     for (int g = 0; g < G; ++g) {
       const float* x = xi + g * ldx + k;
       acc0[g] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(x), acc0[g]);
@@ -329,28 +346,45 @@ inline __m256i avx2_dot32(__m256i aw, __m256i w, __m256i x) {
 }
 
 /// Fast mode for G tokens: one pshufb per 32 weights, integer dots, one FMA with
-/// absmax/127 · d_x per group and token.
+/// absmax/127 · d_x per group and token; two accumulators per token so that
+/// consecutive groups do not wait on each other's FMA.
 template <int G>
 inline void avx2_fast_row(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
                           std::int64_t k0, std::int64_t n, const Q8Tokens& xq, Index t0, float* y, std::int64_t ldy) {
   const __m256i tbl = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(nf4_code_i8.data())));
   const __m256 inv127 = _mm256_set1_ps(1.0f / 127.0f);
-  __m256 acc[G];
-  for (int g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
-  const std::int64_t in = xq.cols;
-  for (std::int64_t k = k0; k < k0 + n; k += 32) {
+  const std::int8_t* xr[G];
+  const float* dr[G];
+  __m256 acc0[G], acc1[G];
+  LORA_UNROLL(4)
+  for (int g = 0; g < G; ++g) {
+    xr[g] = xq.q.data() + (t0 + g) * xq.cols;
+    dr[g] = xq.d.data() + (t0 + g) * xq.ngroups;
+    acc0[g] = acc1[g] = _mm256_setzero_ps();
+  }
+  auto group = [&](std::int64_t k, __m256* acc) {
     const std::int64_t e = e0 + k;
     const __m256 sw = _mm256_mul_ps(_mm256_broadcast_ss(absmax + (e >> shift)), inv127);
     const __m256i w = _mm256_shuffle_epi8(tbl, avx2_codes32(packed + (e >> 1)));
     const __m256i aw = _mm256_abs_epi8(w);
-    const std::int64_t grp = k / 32;
+    const std::int64_t grp = k >> 5;
+    LORA_UNROLL(4)
     for (int g = 0; g < G; ++g) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + (t0 + g) * in + k));
-      const __m256 d = _mm256_mul_ps(sw, _mm256_broadcast_ss(xq.d.data() + (t0 + g) * xq.ngroups + grp));
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[g] + k));
+      const __m256 d = _mm256_mul_ps(sw, _mm256_broadcast_ss(dr[g] + grp));
       acc[g] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(avx2_dot32(aw, w, x)), d, acc[g]);
     }
+  };
+  std::int64_t k = k0;
+  const std::int64_t end = k0 + n;
+  for (; k + 64 <= end; k += 64) {
+    if ((k & 127) == 0) prefetch_codes(packed, e0 + k);
+    group(k, acc0);
+    group(k + 32, acc1);
   }
-  for (int g = 0; g < G; ++g) y[g * ldy] += avx2_hsum(acc[g]);
+  if (k < end) group(k, acc0);
+  LORA_UNROLL(4)
+  for (int g = 0; g < G; ++g) y[g * ldy] += avx2_hsum(_mm256_add_ps(acc0[g], acc1[g]));
 }
 
 inline void gemm_rows(isa::avx2, const Nf4View& W, const float* Xp, Index T, float* Y, Index r0, Index r1,
@@ -378,6 +412,11 @@ inline void gemm_rows(isa::avx2, const Nf4View& W, const float* Xp, Index T, flo
 
 // ---- AVX-512 path (exact mode; the fast mode runs the AVX2 kernel) ---------------
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's own AVX-512 reductions read a self-initialised "undefined" vector.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
 
 /// Tokens with every 32 columns reordered as their 16 even then 16 odd columns.
 inline std::vector<float> interleave32(const float* X, Index T, Index cols) {
@@ -402,6 +441,10 @@ inline void avx512_exact_rows2(const std::uint8_t* packed, const float* absmax, 
   const __m512 code = _mm512_loadu_ps(nf4_code.data());
   for (std::int64_t k = k0; k < k0 + n; k += 32) {
     const std::int64_t ea = ea0 + k, eb = ea + stride;
+    if ((k & 127) == 0) {
+      prefetch_codes(packed, ea);
+      prefetch_codes(packed, eb);
+    }
     const __m512 la = _mm512_mul_ps(code, _mm512_set1_ps(absmax[ea >> shift]));
     const __m512i ba = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (ea >> 1))));
     const __m512 wa0 = _mm512_permutexvar_ps(_mm512_srli_epi32(ba, 4), la), wa1 = _mm512_permutexvar_ps(ba, la);
@@ -446,6 +489,9 @@ inline void gemm_rows(isa::avx512, const Nf4View& W, const float* Xp, Index T, f
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif  // AVX-512
 
 /// The activations each path reads: reordered floats (exact) or int8 groups (fast).

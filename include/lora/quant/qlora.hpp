@@ -1,14 +1,14 @@
 #pragma once
 // QLoRA on the CPU: a frozen NF4 base weight W [out × in] plus a trainable
 // LoRA adapter, y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ. Small batches (tokens ≤ 16)
-// multiply straight from the 4-bit codes, one decoded chunk of a row at a
-// time, so W is never materialised; larger batches dequantise row panels and
-// use Eigen's GEMM.
+// multiply straight from the 4-bit codes (quant/nf4_cpu.hpp), so W is never
+// materialised; larger batches dequantise row panels and use Eigen's GEMM.
 
 #include <lora/core/adapter.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 #include <lora/quant/nf4.hpp>
+#include <lora/quant/nf4_cpu.hpp>
 #include <lora/quant/nf4_tensor.hpp>
 
 #include <Eigen/Core>
@@ -19,325 +19,24 @@
 
 namespace lora {
 
-namespace quant::detail {
-
-/// Elements of a row decoded at a time (4 KiB of floats: stays in L1).
-inline constexpr std::int64_t decode_chunk = 1024;
-
-#if defined(__AVX512F__)
-using fvec = __m512;
-inline constexpr int fvec_width = 16;
-inline fvec fv_zero() { return _mm512_setzero_ps(); }
-inline fvec fv_load(const float* p) { return _mm512_loadu_ps(p); }
-inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm512_fmadd_ps(a, b, c); }
-inline fvec fv_add(fvec a, fvec b) { return _mm512_add_ps(a, b); }
-inline float fv_sum(fvec a) { return _mm512_reduce_add_ps(a); }
-#elif defined(__AVX2__) && defined(__FMA__)
-using fvec = __m256;
-inline constexpr int fvec_width = 8;
-inline fvec fv_zero() { return _mm256_setzero_ps(); }
-inline fvec fv_load(const float* p) { return _mm256_loadu_ps(p); }
-inline fvec fv_fma(fvec a, fvec b, fvec c) { return _mm256_fmadd_ps(a, b, c); }
-inline fvec fv_add(fvec a, fvec b) { return _mm256_add_ps(a, b); }
-inline float fv_sum(fvec a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#else
-struct fvec {
-  float v[4];
-};
-inline constexpr int fvec_width = 4;
-inline fvec fv_zero() { return {{0, 0, 0, 0}}; }
-inline fvec fv_load(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
-inline fvec fv_fma(fvec a, fvec b, fvec c) {
-  for (int i = 0; i < 4; ++i) c.v[i] += a.v[i] * b.v[i];
-  return c;
-}
-inline fvec fv_add(fvec a, fvec b) {
-  for (int i = 0; i < 4; ++i) a.v[i] += b.v[i];
-  return a;
-}
-inline float fv_sum(fvec a) { return (a.v[0] + a.v[1]) + (a.v[2] + a.v[3]); }
-#endif
-
-/// out[g] += Σ_k w[k]·x_g[k] for G token rows x_g = x + g·ldx, k < n.
-template <int G>
-inline void dot_tokens(const float* w, const float* x, std::int64_t ldx, std::int64_t n, float* out) {
-  constexpr int U = G == 1 ? 4 : (G == 2 ? 2 : 1);  // independent accumulators per token
-  fvec acc[G][U];
-  for (int g = 0; g < G; ++g)
-    for (int u = 0; u < U; ++u) acc[g][u] = fv_zero();
-  std::int64_t k = 0;
-  for (; k + U * fvec_width <= n; k += U * fvec_width) {
-    for (int u = 0; u < U; ++u) {
-      const fvec wv = fv_load(w + k + u * fvec_width);
-      for (int g = 0; g < G; ++g) acc[g][u] = fv_fma(wv, fv_load(x + g * ldx + k + u * fvec_width), acc[g][u]);
-    }
-  }
-  for (; k + fvec_width <= n; k += fvec_width) {
-    const fvec wv = fv_load(w + k);
-    for (int g = 0; g < G; ++g) acc[g][0] = fv_fma(wv, fv_load(x + g * ldx + k), acc[g][0]);
-  }
-  for (int g = 0; g < G; ++g) {
-    fvec s = acc[g][0];
-    for (int u = 1; u < U; ++u) s = fv_add(s, acc[g][u]);
-    float r = fv_sum(s);
-    for (std::int64_t kk = k; kk < n; ++kk) r += w[kk] * x[g * ldx + kk];
-    out[g] += r;
-  }
-}
-
-#if defined(__AVX512F__)
-/// 16 dequantised values (8 packed bytes) through a 16-entry scaled code table.
-inline __m512 decode16(const std::uint8_t* p, __m512 vlut) {
-  const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i m0f = _mm_set1_epi8(0x0F);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m0f);
-  const __m128i lo = _mm_and_si128(b, m0f);
-  return _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(hi, lo)), vlut);
-}
-
-/// out[g] += Σ_k W[e0 + k]·x_g[k] for flat NF4 elements [e0, e0 + len) and G
-/// token rows, decoding in registers (no buffer). Same values as nf4_decode_range.
-template <int G>
-inline void row_dot_fused(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
-                          std::int64_t len, const float* x, std::int64_t ldx, float* out) {
-  __m512 acc0[G], acc1[G];
-  float tail[G];
-  for (int g = 0; g < G; ++g) {
-    acc0[g] = _mm512_setzero_ps();
-    acc1[g] = _mm512_setzero_ps();
-    tail[g] = 0.0f;
-  }
-  const __m512 code = _mm512_loadu_ps(nf4_code.data());
-  std::int64_t e = e0;
-  const std::int64_t end = e0 + len;
-  while (e < end) {
-    const std::int64_t blk = e >> shift;
-    const std::int64_t seg_end = std::min(end, (blk + 1) << shift);
-    const float s = absmax[blk];
-    const __m512 vlut = _mm512_mul_ps(code, _mm512_set1_ps(s));
-    if (e & 1) {
-      const float w = nf4_code[packed[e >> 1] & 0x0F] * s;
-      for (int g = 0; g < G; ++g) tail[g] += w * x[g * ldx + (e - e0)];
-      ++e;
-    }
-    const std::uint8_t* p = packed + (e >> 1);
-    const float* xk = x + (e - e0);
-    std::int64_t n = seg_end - e;
-    for (; n >= 32; n -= 32, p += 16, xk += 32) {
-      const __m512 w0 = decode16(p, vlut), w1 = decode16(p + 8, vlut);
-      for (int g = 0; g < G; ++g) {
-        acc0[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + g * ldx), acc0[g]);
-        acc1[g] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xk + g * ldx + 16), acc1[g]);
-      }
-    }
-    for (; n >= 16; n -= 16, p += 8, xk += 16) {
-      const __m512 w0 = decode16(p, vlut);
-      for (int g = 0; g < G; ++g) acc0[g] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xk + g * ldx), acc0[g]);
-    }
-    for (std::int64_t k = 0; k < n; ++k) {
-      const std::uint8_t b = p[k >> 1];
-      const float w = nf4_code[(k & 1) ? (b & 0x0F) : (b >> 4)] * s;
-      for (int g = 0; g < G; ++g) tail[g] += w * xk[g * ldx + k];
-    }
-    e = seg_end;
-  }
-  for (int g = 0; g < G; ++g) out[g] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[g], acc1[g])) + tail[g];
-}
-
-/// For rows of a multiple of 32 elements: X with every group of 32 columns
-/// reordered as its 16 even then its 16 odd elements (the order in which the
-/// high and low nibbles of 16 packed bytes decode), so decoding needs no interleave.
-inline Matrix<float> permute_pairs(const Matrix<float>& X) {
-  Matrix<float> P(X.rows(), X.cols());
-  for (Index t = 0; t < X.rows(); ++t) {
-    const float* x = X.data() + t * X.cols();
-    float* o = P.data() + t * X.cols();
-    for (Index g = 0; g < X.cols(); g += 32)
-      for (int j = 0; j < 16; ++j) {
-        o[g + j] = x[g + 2 * j];
-        o[g + 16 + j] = x[g + 2 * j + 1];
-      }
-  }
-  return P;
-}
-
-/// out[g] += Σ_k W[e0 + k]·x_g[k] for a range of 32-aligned flat elements (e0
-/// and len multiples of 32) and pair-permuted token rows (permute_pairs).
-/// Per 32 elements: one widening load of 16 bytes, one shift, two table lookups.
-template <int G>
-inline void row_dot_perm(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
-                         std::int64_t len, const float* xp, std::int64_t ldx, float* out) {
-  __m512 acc0[G], acc1[G];
-  for (int g = 0; g < G; ++g) acc0[g] = acc1[g] = _mm512_setzero_ps();
-  const __m512 code = _mm512_loadu_ps(nf4_code.data());
-  const std::int64_t end = e0 + len;
-  std::int64_t e = e0;
-  while (e < end) {
-    const std::int64_t blk = e >> shift;
-    const std::int64_t seg_end = std::min(end, (blk + 1) << shift);
-    const __m512 vlut = _mm512_mul_ps(code, _mm512_set1_ps(absmax[blk]));
-    for (; e < seg_end; e += 32) {
-      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (e >> 1))));
-      const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), vlut);  // even elements
-      const __m512 wlo = _mm512_permutexvar_ps(b, vlut);                        // odd: uses the low 4 bits
-      const float* xk = xp + (e - e0);
-      for (int g = 0; g < G; ++g) {
-        acc0[g] = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xk + g * ldx), acc0[g]);
-        acc1[g] = _mm512_fmadd_ps(wlo, _mm512_loadu_ps(xk + g * ldx + 16), acc1[g]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g) out[g] += _mm512_reduce_add_ps(_mm512_add_ps(acc0[g], acc1[g]));
-}
-
-/// Two rows at once (flat starts e0 and e0 + stride): each x load feeds both rows.
-template <int G>
-inline void row_dot_perm2(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
-                          std::int64_t stride, std::int64_t len, const float* xp, std::int64_t ldx, float* out0,
-                          float* out1) {
-  __m512 a0[G], a1[G], b0[G], b1[G];
-  for (int g = 0; g < G; ++g) a0[g] = a1[g] = b0[g] = b1[g] = _mm512_setzero_ps();
-  const __m512 code = _mm512_loadu_ps(nf4_code.data());
-  std::int64_t blk_a = -1, blk_b = -1;
-  __m512 lut_a = code, lut_b = code;
-  for (std::int64_t k = 0; k < len; k += 32) {
-    const std::int64_t ea = e0 + k, eb = ea + stride;
-    if ((ea >> shift) != blk_a) {
-      blk_a = ea >> shift;
-      lut_a = _mm512_mul_ps(code, _mm512_set1_ps(absmax[blk_a]));
-    }
-    if ((eb >> shift) != blk_b) {
-      blk_b = eb >> shift;
-      lut_b = _mm512_mul_ps(code, _mm512_set1_ps(absmax[blk_b]));
-    }
-    const __m512i ba = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (ea >> 1))));
-    const __m512i bb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + (eb >> 1))));
-    const __m512 wa0 = _mm512_permutexvar_ps(_mm512_srli_epi32(ba, 4), lut_a), wa1 = _mm512_permutexvar_ps(ba, lut_a);
-    const __m512 wb0 = _mm512_permutexvar_ps(_mm512_srli_epi32(bb, 4), lut_b), wb1 = _mm512_permutexvar_ps(bb, lut_b);
-    const float* xk = xp + k;
-    for (int g = 0; g < G; ++g) {
-      const __m512 x0 = _mm512_loadu_ps(xk + g * ldx), x1 = _mm512_loadu_ps(xk + g * ldx + 16);
-      a0[g] = _mm512_fmadd_ps(wa0, x0, a0[g]);
-      a1[g] = _mm512_fmadd_ps(wa1, x1, a1[g]);
-      b0[g] = _mm512_fmadd_ps(wb0, x0, b0[g]);
-      b1[g] = _mm512_fmadd_ps(wb1, x1, b1[g]);
-    }
-  }
-  for (int g = 0; g < G; ++g) {
-    out0[g] += _mm512_reduce_add_ps(_mm512_add_ps(a0[g], a1[g]));
-    out1[g] += _mm512_reduce_add_ps(_mm512_add_ps(b0[g], b1[g]));
-  }
-}
-
-inline void row_dot_perm2_tokens(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
-                                 std::int64_t stride, std::int64_t len, const float* xp, std::int64_t ldx, Index T,
-                                 float* out0, float* out1) {
-  Index t = 0;
-  for (; t + 4 <= T; t += 4) row_dot_perm2<4>(packed, absmax, shift, e0, stride, len, xp + t * ldx, ldx, out0 + t, out1 + t);
-  switch (T - t) {
-    case 3: row_dot_perm2<3>(packed, absmax, shift, e0, stride, len, xp + t * ldx, ldx, out0 + t, out1 + t); break;
-    case 2: row_dot_perm2<2>(packed, absmax, shift, e0, stride, len, xp + t * ldx, ldx, out0 + t, out1 + t); break;
-    case 1: row_dot_perm2<1>(packed, absmax, shift, e0, stride, len, xp + t * ldx, ldx, out0 + t, out1 + t); break;
-    default: break;
-  }
-}
-
-inline void row_dot_perm_tokens(const std::uint8_t* packed, const float* absmax, int shift, std::int64_t e0,
-                                std::int64_t len, const float* xp, std::int64_t ldx, Index T, float* out) {
-  Index t = 0;
-  for (; t + 4 <= T; t += 4) row_dot_perm<4>(packed, absmax, shift, e0, len, xp + t * ldx, ldx, out + t);
-  switch (T - t) {
-    case 3: row_dot_perm<3>(packed, absmax, shift, e0, len, xp + t * ldx, ldx, out + t); break;
-    case 2: row_dot_perm<2>(packed, absmax, shift, e0, len, xp + t * ldx, ldx, out + t); break;
-    case 1: row_dot_perm<1>(packed, absmax, shift, e0, len, xp + t * ldx, ldx, out + t); break;
-    default: break;
-  }
-}
-#endif
-
-inline void dot_token_group(const float* w, const float* x, std::int64_t ldx, std::int64_t n, Index T, float* out) {
-  Index t = 0;
-  for (; t + 4 <= T; t += 4) dot_tokens<4>(w, x + t * ldx, ldx, n, out + t);
-  switch (T - t) {
-    case 3: dot_tokens<3>(w, x + t * ldx, ldx, n, out + t); break;
-    case 2: dot_tokens<2>(w, x + t * ldx, ldx, n, out + t); break;
-    case 1: dot_tokens<1>(w, x + t * ldx, ldx, n, out + t); break;
-    default: break;
-  }
-}
-
-}  // namespace quant::detail
-
 namespace quant {
 
 /// Y = X·Wᵀ for X [T × in] (row-major) and an NF4 weight W [out × in], computed
-/// from the codes: each row of W is decoded in L1-sized chunks (bitsandbytes'
-/// dequantised values, exactly) and dotted with every token; W is never
-/// materialised. Meant for small T (≤ 16); threads split the rows.
-inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>& X) {
+/// from the codes (W is never materialised) by nf4_gemm on the widest path the
+/// target has. exact: bitsandbytes' dequantised values; fast: int8 activations
+/// and codes (see nf4_cpu.hpp for its error). Meant for small T (≤ 16); threads
+/// split the rows.
+inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
   const Index out = W.rows(), in = W.cols(), T = X.rows();
   if (X.cols() != in) lora::detail::fail("nf4_matmul: input has {} columns, the NF4 weight has in_features = {}", X.cols(), in);
-  const Matrix<float> Xc = X;  // contiguous rows
-  Matrix<float> YT = Matrix<float>::Zero(out, T);  // [out × T]: each row of W writes one contiguous row
-  const int shift = detail::log2_exact(W.blocksize());
-  const std::uint8_t* packed = W.packed().data();
-  const float* absmax = W.absmax().data();
-  const bool par = static_cast<std::int64_t>(out) * in > detail::parallel_threshold;
-  (void)par;
-#if defined(__AVX512F__)
-  if (in % 32 == 0) {
-    // Rows of whole 32-element groups: pair-permuted X, codes decoded in registers.
-    // Row blocks × k-chunks keep the X chunk of every token in L1 across 64 rows.
-    const Matrix<float> Xp = detail::permute_pairs(Xc);
-    constexpr Index row_block = 64;
-    const std::int64_t kc = T <= 4 ? in : 2048;
-    const Index nrb = (out + row_block - 1) / row_block;
-    LORA_QUANT_PRAGMA(omp parallel for schedule(static) if (par))
-    for (Index rb = 0; rb < nrb; ++rb) {
-      const Index r0 = rb * row_block, r1 = std::min(out, r0 + row_block);
-      for (std::int64_t k0 = 0; k0 < in; k0 += kc) {
-        const std::int64_t n = std::min<std::int64_t>(kc, in - k0);
-        Index i = r0;
-        for (; i + 2 <= r1; i += 2)
-          detail::row_dot_perm2_tokens(packed, absmax, shift, static_cast<std::int64_t>(i) * in + k0, in, n,
-                                       Xp.data() + k0, in, T, YT.data() + i * T, YT.data() + (i + 1) * T);
-        for (; i < r1; ++i)
-          detail::row_dot_perm_tokens(packed, absmax, shift, static_cast<std::int64_t>(i) * in + k0, n, Xp.data() + k0,
-                                      in, T, YT.data() + i * T);
-      }
-    }
-    return YT.transpose();
+  Matrix<float> Y(T, out);
+  if (X.outerStride() == in || T == 1) {
+    nf4_gemm(isa::native{}, nf4_view(W), X.data(), T, Y.data(), mode);
+  } else {
+    const Matrix<float> Xc = X;  // contiguous rows
+    nf4_gemm(isa::native{}, nf4_view(W), Xc.data(), T, Y.data(), mode);
   }
-#endif
-  LORA_QUANT_PRAGMA(omp parallel if (par))
-  {
-    alignas(64) float buf[detail::decode_chunk];
-    LORA_QUANT_PRAGMA(omp for schedule(static))
-    for (Index i = 0; i < out; ++i) {
-      float* yi = YT.data() + i * T;
-#if defined(__AVX512F__)
-      if (T <= 2) {  // decode in registers: the codes are read once, no buffer round trip
-        const std::int64_t e0 = static_cast<std::int64_t>(i) * in;
-        if (T == 1)
-          detail::row_dot_fused<1>(packed, absmax, shift, e0, in, Xc.data(), in, yi);
-        else
-          detail::row_dot_fused<2>(packed, absmax, shift, e0, in, Xc.data(), in, yi);
-        continue;
-      }
-#endif
-      for (std::int64_t k0 = 0; k0 < in; k0 += detail::decode_chunk) {
-        const std::int64_t n = std::min<std::int64_t>(detail::decode_chunk, in - k0);
-        detail::nf4_decode_range(packed, absmax, shift, static_cast<std::int64_t>(i) * in + k0, n, buf);
-        detail::dot_token_group(buf, Xc.data() + k0, in, n, T, yi);
-      }
-    }
-  }
-  return YT.transpose();
+  return Y;
 }
 
 /// dX = dY·W for dY [T × out] and an NF4 weight W [out × in], from the codes
@@ -474,10 +173,11 @@ inline Matrix<float> nf4_matmul_panels_t(const Nf4Tensor& W, const MatrixRef<flo
   return dX;
 }
 
-/// Y = X·dequant(W)ᵀ: fused for T ≤ fused_max_tokens, row panels above.
+/// Y = X·dequant(W)ᵀ: fused for T ≤ fused_max_tokens (in `mode`), row panels
+/// above (always the exact values: the dequantised panels go through Eigen's GEMM).
 inline constexpr Index fused_max_tokens = 16;
-inline Matrix<float> nf4_matmul(const Nf4Tensor& W, const MatrixRef<float>& X) {
-  return X.rows() <= fused_max_tokens ? nf4_matmul_fused(W, X) : nf4_matmul_panels(W, X);
+inline Matrix<float> nf4_matmul(const Nf4Tensor& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
+  return X.rows() <= fused_max_tokens ? nf4_matmul_fused(W, X, mode) : nf4_matmul_panels(W, X);
 }
 /// dX = dY·dequant(W): fused for T ≤ fused_max_tokens, column panels above.
 inline Matrix<float> nf4_matmul_t(const Nf4Tensor& W, const MatrixRef<float>& dY) {
@@ -543,8 +243,13 @@ class QLoraLinear {
   Index in_features() const { return W_.cols(); }
   Index out_features() const { return W_.rows(); }
 
+  /// How the base product runs for ≤ 16 tokens: exact (bitsandbytes' values, the
+  /// default) or fast (int8 activations, see quant/nf4_cpu.hpp). Backward is always exact.
+  quant::nf4_mode mode() const { return mode_; }
+  void set_mode(quant::nf4_mode m) { mode_ = m; }
+
   /// X·dequant(W)ᵀ for X [T × in].
-  Matrix<float> base_forward(const MatrixRef<float>& X) const { return quant::nf4_matmul(W_, X); }
+  Matrix<float> base_forward(const MatrixRef<float>& X) const { return quant::nf4_matmul(W_, X, mode_); }
 
   /// X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode).
   Matrix<float> forward(const MatrixRef<float>& X) const {
@@ -600,6 +305,7 @@ class QLoraLinear {
  private:
   Nf4Tensor W_;
   adapter_type adapter_;
+  quant::nf4_mode mode_ = quant::nf4_mode::exact;
 };
 
 }  // namespace lora
