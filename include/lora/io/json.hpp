@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <limits>
+#include <type_traits>
 #include <optional>
 #include <set>
 #include <string>
@@ -43,6 +45,10 @@ template <class J = nlohmann::json>
 J parse_json(std::string_view text, const std::string& where, const JsonParseOptions& options = {}) {
   std::vector<std::set<std::string>> keys;  // the keys seen so far in each open object
   std::vector<bool> is_object;              // per open container
+  // ordered_json finds keys by linear search, so a hostile object of 10^5 keys would take
+  // minutes; configs have dozens. (nlohmann::json has no such limit here.)
+  constexpr std::size_t key_cap =
+      std::is_same_v<J, nlohmann::ordered_json> ? std::size_t{10000} : std::numeric_limits<std::size_t>::max();
   auto cb = [&](int depth, nlohmann::json::parse_event_t ev, J& parsed) -> bool {
     using E = nlohmann::json::parse_event_t;
     switch (ev) {
@@ -64,6 +70,8 @@ J parse_json(std::string_view text, const std::string& where, const JsonParseOpt
         const std::string& k = parsed.template get_ref<const std::string&>();
         if (!keys.empty() && !keys.back().insert(k).second)
           lora::detail::fail("{}: key '{}' appears twice in one JSON object", where, k);
+        if (!keys.empty() && keys.back().size() > key_cap)
+          lora::detail::fail("{}: a JSON object with more than {} keys", where, key_cap);
         if (options.on_key) options.on_key(depth, k);
         break;
       }

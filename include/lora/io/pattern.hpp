@@ -17,6 +17,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -58,15 +59,49 @@ inline bool full_match(const std::string& pattern, std::string_view s, std::stri
   const auto re = compile_regex(pattern, what);
   return re2::RE2::FullMatch(re2::StringPiece(s.data(), s.size()), *re);
 }
+
+inline std::optional<std::string> search_group(const std::string& pattern, std::string_view s, std::string_view what) {
+  const auto re = compile_regex(pattern, what);
+  if (re->NumberOfCapturingGroups() < 1) lora::detail::fail("{} pattern '{}' has no capturing group", what, pattern);
+  std::string g;
+  if (!re2::RE2::PartialMatch(re2::StringPiece(s.data(), s.size()), *re, &g)) return std::nullopt;
+  return g;
+}
 #else
+// libstdc++'s regex compiler accumulates back-reference numbers and {m,n} counts in a
+// signed int without an overflow check (undefined behaviour, found by fuzzing).
+inline void check_regex_digits(const std::string& pattern, std::string_view what) {
+  for (std::size_t i = 0, run = 0; i < pattern.size(); ++i) {
+    run = (pattern[i] >= '0' && pattern[i] <= '9') ? run + 1 : 0;
+    if (run == 6 && i >= 6 && (pattern[i - 6] == '\\' || pattern[i - 6] == '{' || pattern[i - 6] == ','))
+      lora::detail::fail("{} pattern '{}' has a repetition count or back-reference with more than 5 digits", what,
+                         pattern);
+  }
+}
 inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what) {
   // std::regex recurses per character and backtracks: keep both sides short.
   if (pattern.size() > 512 || s.size() > 1024)
     lora::detail::fail("{} pattern '{}' against a name of {} characters: too long for a build without RE2 (at most "
                        "512 and 1024)",
                        what, pattern.substr(0, 200), s.size());
+  check_regex_digits(pattern, what);
   try {
     return std::regex_match(s.begin(), s.end(), std::regex(pattern, std::regex::ECMAScript));
+  } catch (const std::regex_error& e) {
+    lora::detail::fail("{} pattern '{}' is not a valid regular expression: {}", what, pattern, e.what());
+  }
+}
+
+inline std::optional<std::string> search_group(const std::string& pattern, std::string_view s, std::string_view what) {
+  if (pattern.size() > 512 || s.size() > 1024)
+    lora::detail::fail("{} pattern '{}' against a name of {} characters: too long for a build without RE2", what,
+                       pattern.substr(0, 200), s.size());
+  check_regex_digits(pattern, what);
+  try {
+    std::match_results<std::string_view::const_iterator> m;
+    if (!std::regex_search(s.begin(), s.end(), m, std::regex(pattern, std::regex::ECMAScript))) return std::nullopt;
+    if (m.size() < 2) lora::detail::fail("{} pattern '{}' has no capturing group", what, pattern);
+    return m[1].str();
   } catch (const std::regex_error& e) {
     lora::detail::fail("{} pattern '{}' is not a valid regular expression: {}", what, pattern, e.what());
   }
@@ -81,6 +116,12 @@ inline bool full_match(const std::string& pattern, std::string_view s, std::stri
 inline bool regex_full_match(const std::string& pattern, std::string_view name,
                              std::string_view what = "target_modules") {
   return detail::full_match(pattern, name, what);
+}
+
+/// Python's re.search(pattern, name).group(1), or nullopt when there is no match.
+inline std::optional<std::string> regex_search_group(const std::string& pattern, std::string_view name,
+                                                     std::string_view what) {
+  return detail::search_group(pattern, name, what);
 }
 
 /// PEFT's get_pattern_key test for one rank_pattern/alpha_pattern key:

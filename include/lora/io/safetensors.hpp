@@ -186,6 +186,40 @@ struct TensorView {
   }
 };
 
+/// The index of the first NaN or ±Inf element of `t`, or -1 when every element is finite
+/// (always -1 for integer tensors). Reads the bits: no conversion, no copy.
+inline std::int64_t first_non_finite(const TensorView& t) {
+  const std::int64_t n = static_cast<std::int64_t>(t.bytes.size() / std::max<std::size_t>(1, dtype_size(t.type)));
+  const std::byte* p = t.bytes.data();
+  auto scan = [&](auto tag, auto exp_mask) -> std::int64_t {
+    using U = decltype(tag);
+    for (std::int64_t i = 0; i < n; ++i) {
+      U u;
+      std::memcpy(&u, p + static_cast<std::size_t>(i) * sizeof(U), sizeof(U));
+      if ((u & exp_mask) == exp_mask) return i;
+    }
+    return -1;
+  };
+  switch (t.type) {
+    case dtype::F64: return scan(std::uint64_t{}, std::uint64_t{0x7ff0000000000000});
+    case dtype::F32: return scan(std::uint32_t{}, std::uint32_t{0x7f800000});
+    case dtype::F16: return scan(std::uint16_t{}, std::uint16_t{0x7c00});
+    case dtype::BF16: return scan(std::uint16_t{}, std::uint16_t{0x7f80});
+    case dtype::F8_E5M2: return scan(std::uint8_t{}, std::uint8_t{0x7c});
+    case dtype::F8_E4M3: return scan(std::uint8_t{}, std::uint8_t{0x7f});  // only S.1111.111 is NaN
+    default: return -1;
+  }
+}
+
+/// Throws lora::error naming the file, the tensor and the element when `t` holds a NaN or
+/// ±Inf; `context` says what refuses it ("merge").
+inline void require_finite(const TensorView& t, std::string_view context) {
+  const std::int64_t i = first_non_finite(t);
+  if (i < 0) return;
+  lora::detail::fail("{}: tensor '{}' holds a non-finite value ({}) at element {}; {} refuses NaN and Inf", t.file,
+                     t.name, t.at<double>(i), i, context);
+}
+
 namespace detail {
 /// A read-only memory mapping that unmaps on destruction.
 class MappedFile {

@@ -3,6 +3,7 @@
 // config.json or a named preset: what an adapter plan counts over.
 
 #include <lora/error.hpp>
+#include <lora/io/json.hpp>
 
 #include <nlohmann/json.hpp>
 
@@ -39,17 +40,18 @@ struct Architecture {
 };
 
 namespace detail {
+/// The largest dimension (and head product) accepted: with at most 2^14 layers every
+/// parameter count stays below 2^63.
+inline constexpr std::int64_t max_dimension = std::int64_t{1} << 22;
+
 inline std::int64_t get_int(const nlohmann::json& j, const char* key, const std::string& where) {
-  if (!j.contains(key) || !j[key].is_number_integer())
-    lora::detail::fail("{}: missing integer field '{}'", where, key);
-  const auto v = j[key].get<std::int64_t>();
-  if (v <= 0) lora::detail::fail("{}: field '{}' must be positive, got {}", where, key, v);
+  if (!j.contains(key)) lora::detail::fail("{}: missing integer field '{}'", where, key);
   // Bounds far above any real model keep every count below 2^63 and the per-layer module
-  // list small (num_hidden_layers = 99999999999 used to exhaust memory).
+  // list small (num_hidden_layers = 99999999999 used to exhaust memory). 4096.0 is read
+  // as 4096, as Python's transformers would use it; 2^64 - 1 and 1e300 are out of range.
   const bool layers = std::string_view(key) == "num_hidden_layers" || std::string_view(key) == "n_layer";
-  const std::int64_t limit = layers ? (std::int64_t{1} << 14) : (std::int64_t{1} << 22);
-  if (v > limit) lora::detail::fail("{}: field '{}' is {}, more than the supported {}", where, key, v, limit);
-  return v;
+  return lora::io::json_int_value(j[key], fmt::format("field '{}'", key), where, 1,
+                                  layers ? (std::int64_t{1} << 14) : max_dimension);
 }
 inline std::int64_t get_int_or(const nlohmann::json& j, const char* key, std::int64_t fallback,
                                const std::string& where) {
@@ -63,7 +65,7 @@ inline std::int64_t get_int_or(const nlohmann::json& j, const char* key, std::in
 /// GPT-2's fused c_attn and Conv1D orientation).
 inline Architecture architecture_from_config(const nlohmann::json& cfg, std::string where = "config.json") {
   if (!cfg.is_object()) lora::detail::fail("{}: expected a JSON object", where);
-  const std::string mt = cfg.value("model_type", std::string());
+  const std::string mt = lora::io::json_string_opt(cfg, "model_type", where).value_or("");
   Architecture a;
   a.model_type = mt;
   a.name = mt;
@@ -85,9 +87,12 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
                          where, a.hidden, a.heads);
     a.head_dim = get_int_or(cfg, "head_dim", a.hidden / a.heads, where);
     a.vocab = get_int(cfg, "vocab_size", where);
-    a.tied_embeddings = cfg.value("tie_word_embeddings", false);
-    const bool qkv_bias = mt == "qwen2" || cfg.value("attention_bias", false);
-    const std::int64_t q = a.heads * a.head_dim, kv = a.kv_heads * a.head_dim;
+    a.tied_embeddings = lora::io::json_bool(cfg, "tie_word_embeddings", false, where);
+    const bool qkv_bias = mt == "qwen2" || lora::io::json_bool(cfg, "attention_bias", false, where);
+    const std::int64_t q = a.heads * a.head_dim, kv = a.kv_heads * a.head_dim;  // each factor ≤ 2^22: no overflow
+    if (q > detail::max_dimension)
+      lora::detail::fail("{}: num_attention_heads × head_dim = {} × {} = {} is more than the supported {}", where,
+                         a.heads, a.head_dim, q, detail::max_dimension);
     std::int64_t total = a.vocab * a.hidden;  // embed_tokens
     a.modules.push_back({"model.embed_tokens", "embed_tokens", a.vocab, a.hidden, false, false, true});
     for (std::int64_t l = 0; l < a.layers; ++l) {
@@ -154,15 +159,8 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
 inline Architecture architecture_from_file(const std::filesystem::path& path) {
   std::filesystem::path p = path;
   if (std::filesystem::is_directory(p)) p /= "config.json";
-  std::ifstream in(p);
-  if (!in) lora::detail::fail("{}: cannot open config file", p.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    lora::detail::fail("{}: not valid JSON: {}", p.string(), e.what());
-  }
-  return architecture_from_config(j, p.string());
+  // regular files only (a FIFO blocked forever), nesting bounded, messages naming p
+  return architecture_from_config(lora::io::read_json_file(p), p.string());
 }
 
 /// The named presets: the config.json fields of well-known checkpoints.
