@@ -13,6 +13,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,16 @@ using bench::time_pair;
 namespace {
 
 FILE* csv = stdout;
+
+/// The planner's choice for one fused shape, in words.
+std::string describe(const std::optional<detail::PlanChoice>& c, bool forward) {
+  if (!c) return "not planned";
+  static const char* paths[] = {"accumulate", "concat_k", "stacked", "stacked (N out + rp)", "decode kernels"};
+  std::string s = forward ? std::string(paths[c->path]) + ", " : std::string();
+  s += c->algo < 0 ? std::string("cublasGemmEx") : "cuBLASLt algorithm " + std::to_string(c->algo);
+  if (c->lt) s += " (of " + std::to_string(c->lt->candidates()) + " cuBLASLt candidates)";
+  return s;
+}
 
 void emit(const char* name, Index in, Index out, Index T, Index r, double ms, double extra = 0) {
   std::fprintf(csv, "%s,%ld,%ld,%ld,%ld,%.5f,%.4f\n", name, static_cast<long>(in), static_cast<long>(out),
@@ -71,11 +82,10 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     auto [tb, tf] = time_pair(ctx_ref, base, [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); });
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_fused_fwd", in, out, T, r, tf);
-    for (const auto& c : fw[0].gemm_choices)  // automatic's pick for the concat_k GEMM
-      std::fprintf(stderr, "T %ld in %ld out %ld r %ld: fused GEMM %s (of %d cuBLASLt candidates)\n",
-                   static_cast<long>(c.tokens), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r),
-                   c.algo < 0 ? "cublasGemmEx" : ("cuBLASLt algorithm " + std::to_string(c.algo)).c_str(),
-                   c.plan ? c.plan->candidates() : 0);
+    std::fprintf(stderr, "T %ld in %ld out %ld r %ld: fused forward %s\n", static_cast<long>(T), static_cast<long>(in),
+                 static_cast<long>(out), static_cast<long>(r),
+                 describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true)
+                     .c_str());
     if (T >= 4096) {  // where the fused forward's time goes
       emit("part_base_strided_x", in, out, T, r, time_ms(ctx_ref, [&](int) {
              detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[0].view(), 0.f, Y.view());
@@ -111,11 +121,11 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
         });
     emit("base_fwd_bwd", in, out, T, r, tbb);
     emit("ours_fwd_bwd", in, out, T, r, tfb);
-    for (const auto& c : fw[0].backward_choices)  // the backward's dX GEMM
-      std::fprintf(stderr, "T %ld in %ld out %ld r %ld: dX GEMM %s (of %d cuBLASLt candidates)\n",
-                   static_cast<long>(c.tokens), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r),
-                   c.algo < 0 ? "cublasGemmEx" : ("cuBLASLt algorithm " + std::to_string(c.algo)).c_str(),
-                   c.plan ? c.plan->candidates() : 0);
+    std::fprintf(stderr, "T %ld in %ld out %ld r %ld: dX GEMM %s\n", static_cast<long>(T), static_cast<long>(in),
+                 static_cast<long>(out), static_cast<long>(r),
+                 describe(ctx_ref.planner().find(detail::fused_backward_key<S>(fw[0], dYp.view(), fw[0].rp(), dX.view())),
+                          false)
+                     .c_str());
     if (T >= 4096) {  // the backward alone: dY padded to out + rp (padded_grad) or out + r
       DeviceMatrix<S> dYr(T, out + r);
       LORA_CUDA_CHECK(cudaMemcpy2D(dYr.data(), (out + r) * sizeof(S), dYc.data(), out * sizeof(S), out * sizeof(S), T,
@@ -241,11 +251,69 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       emit("part_dora_apply_scaled", in, out, T, r, t[2]);
       emit("part_lora_apply", in, out, T, r, t[3]);
       emit("part_dora_fwd_one_set", in, out, T, r, t[4]);
-      for (const auto& c : w0.scaled.gemm_choices)
-        std::fprintf(stderr, "DoRA T %ld: scaled block's forward strategy %s\n", static_cast<long>(c.tokens),
-                     c.how == FusedForward::concat_k ? "concat_k" : "accumulate");
+      std::fprintf(stderr, "DoRA T %ld: scaled block's forward %s\n", static_cast<long>(T),
+                   describe(ctx_ref.planner().find(detail::fused_forward_key<S>(w0.scaled, Xp.view(), Y.view())), true)
+                       .c_str());
     }
   }
+}
+
+/// The decode regime (issue 23): the fused forward against the base GEMM for 2…128 tokens, and
+/// each strategy forced (concat_k and accumulate after XA, stacked, the decode kernels for ≤ 4
+/// tokens), all timed in one rotating set. Weights rotate among copies that together exceed L2.
+void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
+                  Generator& g) {
+  int l2 = 0;
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+  const double wbytes = static_cast<double>(out + 64) * (in + 64) * sizeof(S);
+  const int sets = std::max(4, static_cast<int>(3.0 * l2 / wbytes) + 1);
+  LowRankAdapter<S> host(in, out, r, 2.0 * r);
+  host.set_A(bench::random_factor<S>(r, in, g));
+  host.set_B(bench::random_factor<S>(out, r, g));
+  auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
+  std::vector<DeviceMatrix<S>> W;
+  std::vector<FusedWeight<S>> fw;
+  for (int i = 0; i < sets; ++i) {
+    W.emplace_back(out, in);
+    fill_random(W.back().view(), g, 0.02);
+    fw.push_back(ad.fuse(W.back().view()));
+  }
+  auto Xp = ad.padded_input(T);
+  fill_random(Xp.view(), g, 1.0);
+  DeviceMatrix<S> Y(T, out), Xc(T, in);
+  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), Xp.cols() * sizeof(S), in * sizeof(S), T,
+                               cudaMemcpyDeviceToDevice));
+  ad.plan(fw[0], T);
+  auto forced = [&](FusedForward how) {
+    return [&, how](int i) {
+      FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
+      f.forward = how;
+      ad.apply(f, Xp.view(), Y.view());
+      f.forward = FusedForward::automatic;
+    };
+  };
+  std::vector<std::function<void(int)>> fns = {
+      [&](int i) {
+        detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f, Y.view());
+      },
+      [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }, forced(FusedForward::stacked),
+      [&](int i) {  // concat_k without the decode kernels: XA, then one cublasGemmEx over K = in + rp
+        FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
+        detail::compute_xa<S>(ctx_ref, DeviceView<const S>(Xp.view()).col_block(0, in), f.A_padded(), false,
+                              Xp.view().col_block(in, f.rp()), 0.5f);
+        detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + f.rp(), 1.f, DeviceView<const S>(Xp.view()),
+                              f.wide(), 0.f, Y.view());
+      },
+      forced(FusedForward::accumulate)};
+  const char* names[] = {"dec_base", "dec_ours", "dec_stacked", "dec_concat_gemmex", "dec_accumulate"};
+  const auto t = bench::time_all(ctx_ref, fns, 10, 15, 3);
+  for (std::size_t i = 0; i < t.size(); ++i) emit(names[i], in, out, T, r, t[i]);
+  std::fprintf(stderr, "decode T %3ld %ld->%ld r %ld (%d weight sets): base %.4f ours %.4f (%.2fx; %s) stacked %.2fx "
+               "concat %.2fx accumulate %.2fx\n",
+               static_cast<long>(T), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), sets, t[0],
+               t[1], t[1] / t[0],
+               describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true).c_str(),
+               t[2] / t[0], t[3] / t[0], t[4] / t[0]);
 }
 
 /// Experiment: the fused forward at T 16384 with s·X·Aᵀ computed chunk by chunk on a second
@@ -406,6 +474,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (!only_dora) {
+    for (Index out : {Index(4096), Index(14336)})
+      for (Index T : {Index(2), Index(4), Index(8), Index(16), Index(32), Index(64), Index(128)})
+        bench_decode(*ctx, ctx, 4096, out, T, 16, g);
+    if (only && std::string(only) == "decode") return 0;
     for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
       for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);
     for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})

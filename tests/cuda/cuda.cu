@@ -88,7 +88,7 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
     poison(Y.view());
     ad.apply(fw, Xp.view(), Y.view());
     CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
-    for (FusedForward how : {FusedForward::concat_k, FusedForward::accumulate}) {
+    for (FusedForward how : {FusedForward::concat_k, FusedForward::accumulate, FusedForward::stacked}) {
       fw.forward = how;
       poison(Y.view());
       ad.apply(fw, Xp.view(), Y.view());

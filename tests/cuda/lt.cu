@@ -64,9 +64,11 @@ TEMPLATE_TEST_CASE("cuda lt: every cuBLASLt candidate computes op(A)·op(B) like
   CHECK(detail::pointer_alignment(reinterpret_cast<const void*>(std::uintptr_t{776})) == 8);
 }
 
-TEST_CASE("cuda lt: the fused forward's and backward's automatic choices record an algorithm and match float64",
+TEST_CASE("cuda lt: the planner's fused forward and backward choices record a path and match float64",
           "[cuda][lt]") {
   using S = bfloat16;
+  using detail::FusedPath;
+  using detail::PlanChoice;
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
@@ -74,32 +76,52 @@ TEST_CASE("cuda lt: the fused forward's and backward's automatic choices record 
   LowRankAdapter<S> host(in, out, r, 32.0);
   host.set_A(lora::test::rand_s<S>(r, in, g, 0.1));
   host.set_B(lora::test::rand_s<S>(out, r, g, 0.1));
-  auto ad = LowRankAdapter<S, cuda>::from_host(host);
+  auto ctx = std::make_shared<CudaContext>();  // a fresh planner
+  auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
   const Matrix<S> W = lora::test::rand_s<S>(out, in, g, 0.05), X = lora::test::rand_s<S>(T, in, g);
   auto dW = DeviceMatrix<S>::from_host(W);
   auto fw = ad.fuse(dW.view());
+  const Index rp = fw.rp();
   auto Xp = ad.padded_input(T);
   upload<S>(X, Xp.view().col_block(0, in));
   DeviceMatrix<S> Y(T, out);
-  const MatD ref = d(X) * d(W).transpose() + host.scaling() * d(X) * d(host.A()).transpose() * d(host.B()).transpose();
-  for (int call = 0; call < 2; ++call) {  // the first call tunes, the second uses the choice
+  const MatD xa = host.scaling() * d(X) * d(host.A()).transpose();
+  const MatD ref = d(X) * d(W).transpose() + xa * d(host.B()).transpose();
+  auto& planner = ctx->planner();
+  CHECK(planner.size() == 0);
+  for (int call = 0; call < 2; ++call) {  // the first call plans, the second uses the choice
     lora::test::poison(Y.view());
     ad.apply(fw, Xp.view(), Y.view());
     CHECK(lora::test::rel_error(Y.to_host(), ref) < lora::test::tol<S>());
   }
-  REQUIRE(fw.gemm_choices.size() == 1);
-  CHECK(fw.gemm_choices[0].tokens == T);
-  REQUIRE(fw.gemm_choices[0].plan);
-  CHECK(fw.gemm_choices[0].algo < fw.gemm_choices[0].plan->candidates());
-  // Every candidate of the recorded plan, forced in turn, gives the same Y.
-  for (int i = 0; i < fw.gemm_choices[0].plan->candidates(); ++i) {
-    INFO("candidate " << i);
-    fw.gemm_choices[0].algo = i;
+  CHECK(planner.size() == 1);
+  const detail::PlanKey key = detail::fused_forward_key<S>(fw, Xp.view(), Y.view());
+  REQUIRE(planner.find(key));
+  // Every path, and every cuBLASLt algorithm of the concat_k and stacked GEMMs, forced in turn
+  // through the planner, gives the same Y and leaves s·X·Aᵀ in Xp (the padding poisoned).
+  const DeviceView<const S> cXp = Xp.view();
+  std::vector<PlanChoice> forced = {{int(FusedPath::accumulate)},
+                                    {int(FusedPath::concat_k)},
+                                    {int(FusedPath::stacked)},
+                                    {int(FusedPath::stacked_padded)},
+                                    {int(FusedPath::decode)}};
+  auto lt_concat = std::make_shared<detail::LtGemm>(*ctx, false, true, T, out, in + rp, cXp, fw.wide(), Y.view());
+  for (int i = 0; i < lt_concat->candidates(); ++i) forced.push_back({int(FusedPath::concat_k), lt_concat, i});
+  REQUIRE(planner.stacked.size() >= static_cast<std::size_t>(T * (out + rp)) * sizeof(S));
+  const DeviceView<S> C{reinterpret_cast<S*>(planner.stacked.data()), T, out + r, out + rp};
+  auto lt_stacked = std::make_shared<detail::LtGemm>(*ctx, false, true, T, out + r, in, cXp.col_block(0, in),
+                                                     fw.tall(), C);
+  for (int i = 0; i < lt_stacked->candidates(); ++i) forced.push_back({int(FusedPath::stacked), lt_stacked, i});
+  for (const PlanChoice& c : forced) {
+    INFO("path " << c.path << " algorithm " << c.algo);
+    planner.record(key, c);
     lora::test::poison(Y.view());
+    lora::test::poison(Xp.view().col_block(in, rp));
     ad.apply(fw, Xp.view(), Y.view());
     CHECK(lora::test::rel_error(Y.to_host(), ref) < lora::test::tol<S>());
+    CHECK(lora::test::rel_error(to_host(cXp.col_block(in, r)), xa) < lora::test::tol<S>());
   }
-  // The backward's dX GEMM: tuned on the first call, every candidate gives the same dX.
+  // The backward's dX GEMM: planned on the first call, every candidate gives the same dX.
   const Matrix<S> dY = lora::test::rand_s<S>(T, out, g);
   const MatD gb = host.scaling() * d(dY) * d(host.B());
   const MatD ref_dX = d(dY) * d(W) + gb * d(host.A());
@@ -110,20 +132,84 @@ TEST_CASE("cuda lt: the fused forward's and backward's automatic choices record 
   lora::test::poison(dX.view());
   ad.backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
   CHECK(lora::test::rel_error(dX.to_host(), ref_dX) < lora::test::tol<S>());
-  REQUIRE(fw.backward_choices.size() == 1);
-  REQUIRE(fw.backward_choices[0].plan);
-  for (int i = -1; i < fw.backward_choices[0].plan->candidates(); ++i) {
+  const detail::PlanKey bkey = detail::fused_backward_key<S>(fw, dYp.view(), rp, dX.view());
+  const auto planned = planner.find(bkey);
+  REQUIRE(planned);
+  REQUIRE(planned->lt);
+  for (int i = -1; i < planned->lt->candidates(); ++i) {
     INFO("backward candidate " << i);
-    fw.backward_choices[0].algo = i;
+    planner.record(bkey, {0, planned->lt, i});
     lora::test::poison(dX.view());
     ad.backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
     CHECK(lora::test::rel_error(dX.to_host(), ref_dX) < lora::test::tol<S>());
   }
-  CHECK(fw.backward_choices.size() == 1);  // the choice was reused, not retuned
+  CHECK(planner.size() == 2);  // the choices were reused, not replanned
   // A Y with weaker alignment than planned falls back to cublasGemmEx.
+  planner.record(key, {int(FusedPath::concat_k), lt_concat, 0});
   DeviceMatrix<S> Ybig(T, out + 8);
   const DeviceView<S> Yodd{Ybig.data() + 8, T, out, out + 8};
   lora::test::poison(Ybig.view());
   ad.apply(fw, Xp.view(), Yodd);
   CHECK(lora::test::rel_error(to_host(DeviceView<const S>(Yodd)), ref) < lora::test::tol<S>());
+}
+
+TEMPLATE_TEST_CASE("cuda lt: after plan(), the fused forward and backward replay from a CUDA graph with new inputs",
+                   "[cuda][lt][graph]", bfloat16, lora::half) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 256, out = 320;
+  for (const Index r : {Index(16), Index(24)})
+    for (const Index T : {Index(1), Index(3), Index(16), Index(64), Index(300)})
+      for (const bool planned : {true, false}) {
+        INFO("r " << r << " tokens " << T << " planned " << planned);
+        LowRankAdapter<S> host(in, out, r, 2.0 * r * g.uniform(0.5, 1.5));
+        host.set_A(lora::test::rand_s<S>(r, in, g, 0.1));
+        host.set_B(lora::test::rand_s<S>(out, r, g, 0.1));
+        auto ctx = std::make_shared<CudaContext>();  // a fresh planner
+        auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
+        const Matrix<S> W = lora::test::rand_s<S>(out, in, g, 0.05);
+        auto dW = DeviceMatrix<S>::from_host(W);
+        auto fw = ad.fuse(dW.view());
+        if (planned) ad.plan(fw, T);
+        const std::size_t plans = ctx->planner().size();
+        CHECK(plans == (planned ? 2u : 0u));
+        auto Xp = ad.padded_input(T), dYp = ad.padded_grad(T);
+        DeviceMatrix<S> Y(T, out), dX(T, in);
+        DeviceMatrix<float> dA(r, in), dB(out, r);
+        // Global capture mode: an allocation, a synchronisation or a blocking call inside fails it.
+        ctx->synchronize();
+        cudaGraph_t graph = nullptr;
+        LORA_CUDA_CHECK(cudaStreamBeginCapture(ctx->stream(), cudaStreamCaptureModeGlobal));
+        ad.apply(fw, Xp.view(), Y.view());
+        ad.backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
+        LORA_CUDA_CHECK(cudaStreamEndCapture(ctx->stream(), &graph));
+        cudaGraphExec_t exec = nullptr;
+        LORA_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        CHECK(ctx->planner().size() == plans);  // nothing was planned inside the capture
+        for (int replay = 0; replay < 2; ++replay) {
+          const Matrix<S> X = lora::test::rand_s<S>(T, in, g), dY = lora::test::rand_s<S>(T, out, g);
+          lora::test::poison(Xp.view());
+          lora::test::poison(dYp.view());
+          upload<S>(X, Xp.view().col_block(0, in));
+          upload<S>(dY, dYp.view().col_block(0, out));
+          lora::test::poison(Y.view());
+          lora::test::poison(dX.view());
+          lora::test::poison(dA.view());
+          lora::test::poison(dB.view());
+          LORA_CUDA_CHECK(cudaGraphLaunch(exec, ctx->stream()));
+          ctx->synchronize();
+          const double s = host.scaling();
+          const MatD Xd = d(X), dYd = d(dY), Ad = d(host.A()), Bd = d(host.B()), Wd = d(W);
+          const MatD xa = s * Xd * Ad.transpose(), gb = s * dYd * Bd;
+          CHECK(lora::test::rel_error(Y.to_host(), MatD(Xd * Wd.transpose() + xa * Bd.transpose())) <
+                lora::test::tol<S>());
+          CHECK(lora::test::rel_error(dX.to_host(), MatD(dYd * Wd + gb * Ad)) < lora::test::tol<S>());
+          CHECK(lora::test::rel_error(dA.to_host(), MatD(gb.transpose() * Xd)) < lora::test::tol<S>());
+          CHECK(lora::test::rel_error(dB.to_host(), MatD(dYd.transpose() * xa)) < lora::test::tol<S>());
+        }
+        cudaGraphExecDestroy(exec);
+        cudaGraphDestroy(graph);
+      }
 }

@@ -7,10 +7,13 @@
 #include <lora/cuda/grad.cuh>
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/lt.hpp>
+#include <lora/cuda/plan.hpp>
 #include <lora/cuda/runtime.hpp>
 
 #include <algorithm>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -23,43 +26,33 @@ namespace lora {
 /// so that one GEMM serves both paths:
 ///   forward   Y  = [X | s·X·Aᵀ | 0] · [W | B | 0]ᵀ   (K = in + rp)
 ///   backward  dX = [dY | s·dY·B | 0] · [W ; A ; 0]  (K = out + rp)
-/// The padding keeps the forward GEMM's K and leading dimensions multiples of 64:
-/// cuBLAS ran K = 4112 (r 16) 7% slower than K = 4096 on the H100, K = 4160 as fast.
+/// The padding keeps the GEMMs' K and leading dimensions multiples of 64 (cuBLAS picks
+/// slower kernels for some K; docs/performance.md).
 /// Build it with LowRankAdapter<S, cuda>::fuse(W); refresh(fw) after A or B change.
-/// How the fused forward forms Y for more than 4 tokens (both write Y in full):
-/// concat_k:   Y = [X | XA | 0]·[W | B | 0]ᵀ, one GEMM with K = in + rp;
-/// accumulate: Y = XA·Bᵀ (a K = r GEMM), then Y = X·Wᵀ + Y (the base GEMM with beta = 1),
-///             so the big GEMM keeps its K = in shape (cuBLAS picks slower kernels for
-///             some K);
-/// automatic:  times both once per token count (on first use), concat_k both through
-///             cublasGemmEx and through each algorithm cuBLASLt's heuristic offers
-///             (detail::LtGemm), and keeps the fastest of them.
-enum class FusedForward { automatic, concat_k, accumulate };
-
-namespace detail {
-/// automatic's choice for one token count: the strategy (forward only), and for its big GEMM
-/// a cuBLASLt plan with the index of its fastest algorithm, or algo = -1 for cublasGemmEx.
-struct FusedGemmChoice {
-  Index tokens = 0;
-  std::shared_ptr<LtGemm> plan;
-  int algo = -1;
-  FusedForward how = FusedForward::concat_k;
-};
-}  // namespace detail
+/// How the fused forward forms Y (each writes Y in full):
+/// concat_k:   Y = [X | XA | 0]·[W | B | 0]ᵀ, one GEMM with K = in + rp, after XA = s·X·Aᵀ;
+/// accumulate: XA, then Y = XA·Bᵀ (a K = r GEMM), then Y = X·Wᵀ + Y (the base GEMM with
+///             beta = 1), so the big GEMM keeps its K = in shape;
+/// stacked:    [X·Wᵀ | X·Aᵀ] from one GEMM over the stacked rows [W; A] (N = out + r), then
+///             one small kernel adds s·(X·Aᵀ)·Bᵀ to the first block and leaves s·X·Aᵀ in Xp:
+///             one pass over W and X, for few tokens (at most stacked_max_tokens);
+/// automatic:  the fastest of these (with each cuBLASLt algorithm the heuristic offers for the
+///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
+///             by the context's planner (LowRankAdapter::plan, lora/cuda/plan.hpp).
+/// A fixed strategy other than stacked still takes the decode kernels for ≤ 4 tokens.
+enum class FusedForward { automatic, concat_k, accumulate, stacked };
 
 /// r rounded up to a multiple of 64: the rank columns of FusedWeight and padded_input.
 constexpr Index fused_rank_pad(Index r) { return (r + 63) / 64 * 64; }
+
+/// The most tokens the stacked forward is planned for (its [T × (out + rp)] scratch).
+constexpr Index stacked_max_tokens = 256;
 
 template <class S>
 struct FusedWeight {
   DeviceMatrix<S> block;
   Index out = 0, in = 0, r = 0;
   FusedForward forward = FusedForward::automatic;
-  /// automatic's choices, one per token count: the strategy and, for concat_k, the GEMM's algorithm.
-  mutable std::vector<detail::FusedGemmChoice> gemm_choices = {};
-  /// The same for the backward's dX GEMM (K = out + rp), tuned on first use per token count
-  /// unless `forward` is set to a fixed strategy.
-  mutable std::vector<detail::FusedGemmChoice> backward_choices = {};
 
   Index rp() const { return fused_rank_pad(r); }
   Index ld() const { return in + rp(); }
@@ -72,7 +65,7 @@ struct FusedWeight {
   DeviceView<const S> wide() const { return {block.data(), out, in + rp(), ld()}; }
   /// [B | 0], [out × rp].
   DeviceView<const S> B_padded() const { return {block.data() + in, out, rp(), ld()}; }
-  /// [W ; A], [(out + r) × in]: the input-gradient operand.
+  /// [W ; A], [(out + r) × in]: the input-gradient operand, and the stacked forward's.
   DeviceView<const S> tall() const { return {block.data(), out + r, in, ld()}; }
   /// [W ; A ; 0], [(out + rp) × in]: the input-gradient operand for a padded dY.
   DeviceView<const S> tall_padded() const { return {block.data(), out + rp(), in, ld()}; }
@@ -116,8 +109,7 @@ bool gemv_ok(DeviceView<const S> X, DeviceView<const S> M) {
 }
 
 /// XA = s·X·Aᵀ (A [r × K]; or s·X·A for A [K × r] with a_rows_are_k): the decode
-/// kernel for tokens ≤ 16, cuBLAS otherwise (it reads X near the copy bandwidth;
-/// a WMMA kernel we tried was slower, see docs/performance.md).
+/// kernel for tokens ≤ 16, cuBLAS otherwise (it reads X near the copy bandwidth).
 template <class S>
 void compute_xa(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> A, bool a_rows_are_k,
                 DeviceView<S> XA, float s) {
@@ -155,6 +147,41 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
   return true;
 }
 
+/// The fused forward's paths (PlanChoice::path): FusedForward's strategies, the stacked one
+/// with N = out + r or out + rp, and the decode kernels.
+enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode };
+
+/// The planner's key of the fused forward for these operands.
+template <class S>
+PlanKey fused_forward_key(const FusedWeight<S>& fw, DeviceView<const S> Xp, DeviceView<const S> Y) {
+  return {plan_fused_forward, static_cast<int>(cuda_data_type<S>()), Xp.rows, fw.out, fw.in + fw.rp(),
+          Xp.ld, fw.ld(), Y.ld, fw.r};
+}
+/// The planner's key of the fused backward's dX GEMM (dYp with out + gp columns).
+template <class S>
+PlanKey fused_backward_key(const FusedWeight<S>& fw, DeviceView<const S> dYp, Index gp, DeviceView<const S> dX) {
+  return {plan_fused_backward_dx, static_cast<int>(cuda_data_type<S>()), dYp.rows, fw.in, fw.out + gp,
+          dYp.ld, fw.ld(), dX.ld, fw.r};
+}
+
+/// The stacked forward's epilogue (stacked_epilogue_kernel) as a programmatic dependent launch.
+template <class T>
+void launch_stacked_epilogue(const CudaContext& ctx, DeviceView<const T> C, Index out, Index r, Index rp,
+                             DeviceView<const T> B, float s, DeviceView<T> Y, DeviceView<T> XA) {
+  const dim3 grid(ceil_div(out, stacked_threads), ceil_div(C.rows, stacked_tokens));
+  auto go = [&](auto kernel) {
+    launch_maybe_pdl(kernel, grid, dim3(stacked_threads), 0, ctx.stream(), true, C.data, C.ld,
+                     static_cast<int>(C.rows), static_cast<int>(out), static_cast<int>(r), static_cast<int>(rp),
+                     B.data, B.ld, s, Y.data, Y.ld, XA.data, XA.ld);
+  };
+  if (r <= 16)
+    go(stacked_epilogue_kernel<T, 16>);
+  else if (r <= 32)
+    go(stacked_epilogue_kernel<T, 32>);
+  else
+    go(stacked_epilogue_kernel<T, 64>);
+}
+
 }  // namespace detail
 
 /// A LoRA adapter on an NVIDIA GPU. Scalar is bfloat16, half or float
@@ -163,6 +190,7 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
 ///   auto host = lora::LowRankAdapter<lora::bfloat16>(4096, 4096, 16, 32);   // ... initialised
 ///   auto ad = lora::LowRankAdapter<lora::bfloat16, lora::cuda>::from_host(host);
 ///   auto fw = ad.fuse(W);                       // [[W, B], [A, 0]] on the device
+///   ad.plan(fw, tokens);                        // optional: choose kernels now, not on first use
 ///   auto Xp = ad.padded_input(tokens);          // X in columns [0, in)
 ///   ad.apply(fw, Xp, Y);                        // Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ
 template <class Scalar, ScalingPolicy Scaling>
@@ -318,43 +346,50 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     return DeviceMatrix<Scalar>(tokens, out_features() + fused_rank_pad(rank()));
   }
 
-  /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input).
-  /// Tokens ≤ 4: two decode kernels (CUDA cores, one pass over W); otherwise
-  /// s·X·[A; 0]ᵀ into Xp's last rp columns, then fw.forward's strategy (FusedForward).
+  /// Chooses the fused forward's strategy and GEMM algorithms and the backward's dX GEMM
+  /// algorithm for `tokens` tokens, by timing the candidates on buffers shaped as
+  /// padded_input(tokens), padded_grad(tokens), Y [tokens × out] and dX [tokens × in], and
+  /// sizes the context's scratch; synchronises. The choices live in the context's planner
+  /// (lora/cuda/plan.hpp), keyed by shape, so every adapter of this shape on the context
+  /// shares them. Afterwards apply(fw, Xp, Y) and backward(fw, Xp, dYp, dX, dA, dB) for such
+  /// buffers allocate nothing and never synchronise: a CUDA graph can capture them. A shape
+  /// not planned is planned on its first apply/backward, or, while the stream is being
+  /// captured, runs the untimed defaults (decode kernels or concat_k through cublasGemmEx).
+  void plan(const FusedWeight<Scalar>& fw, Index tokens) const {
+    if (tokens < 1) detail::fail("{}plan: tokens must be at least 1, got {}", who(), tokens);
+    if (detail::capturing(*ctx_)) detail::fail("{}plan: called while the stream is being captured", who());
+    const Index in = in_features(), out = out_features(), r = rank();
+    auto Xp = padded_input(tokens), dYp = padded_grad(tokens);
+    DeviceMatrix<Scalar> Y(tokens, out), dX(tokens, in);
+    DeviceMatrix<float> dA(r, in), dB(out, r);
+    for (view v : {Xp.view(), dYp.view()}) {
+      detail::fill_hash_kernel<detail::device_t<Scalar>><<<264, 256, 0, ctx_->stream()>>>(
+          reinterpret_cast<detail::device_t<Scalar>*>(v.data), v.rows, v.cols, v.ld);
+      LORA_CUDA_CHECK_LAUNCH("fill_hash_kernel");
+    }
+    apply(fw, Xp.view(), Y.view());
+    backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view());
+    ctx_->synchronize();
+  }
+
+  /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input); leaves
+  /// s·X·Aᵀ in Xp's columns [in, in + r) for backward. fw.forward picks the strategy
+  /// (FusedForward); automatic looks up the planner's choice for this shape (plan()).
   void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
     check_fused(fw, Xp, Y);
-    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
-    const float s = static_cast<float>(scaling());
-    cview X = cview(Xp).col_block(0, in);
-    view XA = Xp.col_block(in, r);
-    if (detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), XA, Y, s)) return;
-    detail::compute_xa<Scalar>(*ctx_, X, fw.A_padded(), false, Xp.col_block(in, rp), s);
-    // concat_k through cuBLASLt algorithm `algo` of `plan`, or cublasGemmEx (algo < 0).
-    auto run = [&](FusedForward how, const detail::LtGemm* plan = nullptr, int algo = -1) {
-      if (how == FusedForward::concat_k) {
-        if (plan && algo >= 0 && plan->fits(false, true, T, out, in + rp, cview(Xp), fw.wide(), Y))
-          plan->run(*ctx_, algo, cview(Xp), fw.wide(), Y);
-        else
-          detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), fw.wide(), 0.f,
-                                               Y);
-      } else {
-        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(XA), fw.B(), 0.f, Y);
-        detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
-      }
-    };
-    if (fw.forward != FusedForward::automatic) return run(fw.forward);
-    const detail::FusedGemmChoice* choice = nullptr;
-    for (const auto& c : fw.gemm_choices)
-      if (c.tokens == T) choice = &c;
-    if (!choice) {
-      detail::FusedGemmChoice c{T};
-      if constexpr (!std::is_same_v<Scalar, float>)  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
-        c.plan = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
-      c.how = tune(run, c);
-      fw.gemm_choices.push_back(std::move(c));
-      choice = &fw.gemm_choices.back();
+    using detail::FusedPath;
+    switch (fw.forward) {
+      case FusedForward::concat_k: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::concat_k)}, true);
+      case FusedForward::accumulate: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::accumulate)}, true);
+      case FusedForward::stacked: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stacked)}, false);
+      case FusedForward::automatic: break;
     }
-    run(choice->how, choice->plan.get(), choice->algo);
+    const detail::PlanKey key = detail::fused_forward_key<Scalar>(fw, Xp, Y);
+    std::optional<detail::PlanChoice> c = ctx_->planner().find(key);
+    if (!c && !detail::capturing(*ctx_)) c = plan_forward(fw, Xp, Y, key);
+    if (c) return fused_forward(fw, Xp, Y, *c, false);
+    // An unplanned shape while a graph is captured: the untimed default.
+    fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::concat_k)}, true);
   }
 
   /// Gradients of apply(W, X) (W frozen): dB = s·dYᵀ·(X·Aᵀ), dA = s·(dY·B)ᵀ·X,
@@ -374,7 +409,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     if constexpr (sizeof(Scalar) == 2) {
       if (detail::dy_pass_ok<Scalar>(dY, B(), xa.view(), r, r)) {
         detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(B()), detail::as_device(cview(xa.view())), r,
-                        s, detail::as_device(gb.view()), g.dB.view(), partials_);
+                        s, detail::as_device(gb.view()), g.dB.view(), ctx_->planner().dy_partials);
         fused = true;
       }
     }
@@ -389,8 +424,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
 
   /// Fused backward after apply(fw, Xp, Y): dYp = [dY | scratch] (padded_grad: out + rp
   /// columns; out + r is accepted too). s·dY·[B | 0] goes into dYp's last columns, then
-  /// dX = [dY | s·dY·B | 0]·[W ; A ; 0] in one GEMM (K = out + rp, a multiple of 64: cuBLAS
-  /// ran K = out + r slower, docs/performance.md); dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ)
+  /// dX = [dY | s·dY·B | 0]·[W ; A ; 0] in one GEMM (K = out + rp, a multiple of 64, or
+  /// out + r); dA = (s·dY·B)ᵀ·X and dB = dYᵀ·(s·X·Aᵀ)
   /// reuse the scratch columns. For bf16/half with r ≤ 32 (and 16-byte aligned rows),
   /// s·dY·B and dB come from one tensor-core pass over dY (detail::dy_pass); otherwise
   /// from two cuBLAS GEMMs.
@@ -409,9 +444,12 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     const cview XA = cview(Xp).col_block(in, fw.rp());
     bool fused = false;  // G and dB from one pass over dY
     if constexpr (sizeof(Scalar) == 2) {
-      if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp())) {
+      auto& partials = ctx_->planner().dy_partials;
+      // While a graph is captured, the pass runs only if planning left it enough scratch.
+      if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp()) &&
+          (!detail::capturing(*ctx_) || partials.size() >= detail::dy_pass_scratch_floats<detail::device_t<Scalar>>(T, out, r))) {
         detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(fw.B_padded()), detail::as_device(XA), r, s,
-                        detail::as_device(dYp.col_block(out, gp)), dB, partials_);
+                        detail::as_device(dYp.col_block(out, gp)), dB, partials);
         fused = true;
       }
     }
@@ -449,8 +487,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
                     out_features());
   }
   /// dX = [dY | G | 0]·[W ; A ; 0] (K = out + gp): cublasGemmEx, or for 16-bit scalars with
-  /// fw.forward automatic the fastest of it and cuBLASLt's candidates, timed on first use per
-  /// token count (fw.backward_choices).
+  /// fw.forward automatic the planner's choice among it and cuBLASLt's candidates.
   void input_gradient(const FusedWeight<Scalar>& fw, view dYp, Index gp, view dX) const {
     const Index T = dYp.rows, in = in_features(), out = out_features(), r = rank();
     const cview Wt = gp == r ? fw.tall() : fw.tall_padded();
@@ -461,85 +498,137 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       gemmex();
     } else {
       if (fw.forward != FusedForward::automatic) return gemmex();
-      const detail::FusedGemmChoice* choice = nullptr;
-      for (const auto& c : fw.backward_choices)
-        if (c.tokens == T && c.plan && c.plan->fits(false, false, T, in, out + gp, cview(dYp), Wt, dX)) choice = &c;
-      if (!choice) {
-        detail::FusedGemmChoice c{T, std::make_shared<detail::LtGemm>(*ctx_, false, false, T, in, out + gp,
-                                                                      cview(dYp), Wt, dX)};
-        auto call = [&](int k) {
-          if (k == 0)
-            gemmex();
-          else
-            c.plan->run(*ctx_, k - 1, cview(dYp), Wt, dX);
-        };
-        c.algo = fastest(time_candidates(1 + c.plan->candidates(), call), 0) - 1;
-        fw.backward_choices.push_back(std::move(c));
-        choice = &fw.backward_choices.back();
+      const detail::PlanKey key = detail::fused_backward_key<Scalar>(fw, dYp, gp, dX);
+      auto& planner = ctx_->planner();
+      std::optional<detail::PlanChoice> c = planner.find(key);
+      if (!c && !detail::capturing(*ctx_)) {
+        std::lock_guard<std::mutex> lock(planner.planning());
+        c = planner.find(key);
+        if (!c) {
+          detail::PlanChoice p{0, std::make_shared<detail::LtGemm>(*ctx_, false, false, T, in, out + gp, cview(dYp),
+                                                                   Wt, dX)};
+          auto call = [&](int k) {
+            if (k == 0)
+              gemmex();
+            else
+              p.lt->run(*ctx_, k - 1, cview(dYp), Wt, dX);
+          };
+          p.algo = detail::fastest(detail::time_candidates(*ctx_, 1 + p.lt->candidates(), call), 0) - 1;
+          planner.record(key, p);
+          c = std::move(p);
+        }
       }
-      if (choice->algo >= 0)
-        choice->plan->run(*ctx_, choice->algo, cview(dYp), Wt, dX);
+      if (c && c->algo >= 0 && c->lt && c->lt->fits(false, false, T, in, out + gp, cview(dYp), Wt, dX))
+        c->lt->run(*ctx_, c->algo, cview(dYp), Wt, dX);
       else
         gemmex();
     }
   }
 
-  /// Times n candidates (call(k) runs candidate k once): one warm-up call each, then four
-  /// rounds of two calls each, the order rotating from round to round (the first candidate
-  /// after a pause ran a few percent slow on the H100); returns each candidate's fastest
-  /// round (clock ramps and the first position then cost nothing). A stream synchronisation.
-  template <class Call>
-  std::vector<float> time_candidates(int n, Call&& call) const {
-    constexpr int rounds = 4;
-    std::vector<cudaEvent_t> e(2 * static_cast<std::size_t>(n) * rounds);
-    for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
-    for (int k = 0; k < n; ++k) call(k);
-    for (int round = 0; round < rounds; ++round)
-      for (int j = 0; j < n; ++j) {
-        const int k = (j + round) % n;
-        const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
-        LORA_CUDA_CHECK(cudaEventRecord(e[at], ctx_->stream()));
-        call(k);
-        call(k);
-        LORA_CUDA_CHECK(cudaEventRecord(e[at + 1], ctx_->stream()));
+  /// Runs the fused forward along c.path (with c's cuBLASLt algorithm for its big GEMM when the
+  /// operands fit it). `decode_first`: take the decode kernels when they apply. A path that
+  /// cannot run here (stacked without scratch during a capture, decode on unaligned rows)
+  /// falls back to concat_k.
+  void fused_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanChoice& c,
+                     bool decode_first) const {
+    using detail::FusedPath;
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
+    const float s = static_cast<float>(scaling());
+    cview X = cview(Xp).col_block(0, in);
+    const auto path = static_cast<FusedPath>(c.path);
+    if ((decode_first || path == FusedPath::decode) &&
+        detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), Xp.col_block(in, r), Y, s))
+      return;
+    if ((path == FusedPath::stacked || path == FusedPath::stacked_padded) &&
+        stacked_forward(fw, Xp, Y, path == FusedPath::stacked ? out + r : out + rp, c.lt.get(), c.algo))
+      return;
+    detail::compute_xa<Scalar>(*ctx_, X, fw.A_padded(), false, Xp.col_block(in, rp), s);
+    if (path == FusedPath::accumulate) {
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(Xp).col_block(in, r), fw.B(), 0.f,
+                                           Y);
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
+    } else if (path == FusedPath::concat_k && c.lt && c.algo >= 0 &&
+               c.lt->fits(false, true, T, out, in + rp, cview(Xp), fw.wide(), Y)) {
+      c.lt->run(*ctx_, c.algo, cview(Xp), fw.wide(), Y);
+    } else {
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), fw.wide(), 0.f, Y);
+    }
+  }
+
+  /// The context's scratch for the stacked product, [T × (out + rp)]; grows it unless a graph
+  /// is being captured (then returns nothing).
+  std::optional<view> stacked_scratch(const FusedWeight<Scalar>& fw, Index T) const {
+    const Index ldc = out_features() + fw.rp();
+    const std::size_t bytes = static_cast<std::size_t>(T * ldc) * sizeof(Scalar);
+    auto& buf = ctx_->planner().stacked;
+    if (buf.size() < bytes) {
+      if (detail::capturing(*ctx_)) return std::nullopt;
+      buf = DeviceBuffer<std::byte>(bytes);
+    }
+    return view{reinterpret_cast<Scalar*>(buf.data()), T, ldc, ldc};
+  }
+
+  /// The stacked forward with N = n (out + r or out + rp) columns of [X·Wᵀ | X·Aᵀ | 0]: one GEMM
+  /// (cuBLASLt algorithm `algo` of `lt` when it fits, else cublasGemmEx), then the epilogue.
+  /// Returns false (nothing launched) when it cannot run (r > 64, no scratch).
+  bool stacked_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, Index n, const detail::LtGemm* lt,
+                       int algo) const {
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
+    if (r > 64) return false;
+    const std::optional<view> scratch = stacked_scratch(fw, T);
+    if (!scratch) return false;
+    const view C = scratch->col_block(0, n);
+    const cview X = cview(Xp).col_block(0, in);
+    const cview M = n == out + r ? fw.tall() : fw.tall_padded();
+    if (lt && algo >= 0 && lt->fits(false, true, T, n, in, X, M, C))
+      lt->run(*ctx_, algo, X, M, C);
+    else
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, n, in, 1.f, X, M, 0.f, C);
+    detail::launch_stacked_epilogue(*ctx_, detail::as_device(cview(C)), out, r, fw.rp(), detail::as_device(fw.B()),
+                                    static_cast<float>(scaling()), detail::as_device(Y),
+                                    detail::as_device(Xp.col_block(in, fw.rp())));
+    return true;
+  }
+
+  /// Times the fused forward's candidates for this shape and records the fastest in the
+  /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
+  /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
+  /// for ≤ 4 tokens the decode kernels. Each candidate is the whole forward. Synchronises.
+  detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
+    using detail::FusedPath;
+    auto& planner = ctx_->planner();
+    std::lock_guard<std::mutex> lock(planner.planning());
+    if (auto c = planner.find(key)) return *c;
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
+    std::vector<detail::PlanChoice> cand;
+    cand.push_back({static_cast<int>(FusedPath::accumulate)});
+    cand.push_back({static_cast<int>(FusedPath::concat_k)});
+    if constexpr (!std::is_same_v<Scalar, float>) {  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
+      auto lt = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
+      for (int i = 0; i < lt->candidates(); ++i) cand.push_back({static_cast<int>(FusedPath::concat_k), lt, i});
+    }
+    if (T <= stacked_max_tokens && r <= 64) {
+      const view C = *stacked_scratch(fw, T);
+      for (Index n : {out + r, out + rp}) {
+        if (n == out + rp && rp == r) break;
+        const int path = static_cast<int>(n == out + r ? FusedPath::stacked : FusedPath::stacked_padded);
+        cand.push_back({path});
+        if constexpr (!std::is_same_v<Scalar, float>) {
+          const cview X = cview(Xp).col_block(0, in);
+          auto lt = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, n, in, X,
+                                                     n == out + r ? fw.tall() : fw.tall_padded(), C.col_block(0, n));
+          for (int i = 0; i < lt->candidates(); ++i) cand.push_back({path, lt, i});
+        }
       }
-    LORA_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));
-    std::vector<float> best(static_cast<std::size_t>(n), 0.f);
-    for (int k = 0; k < n; ++k)
-      for (int round = 0; round < rounds; ++round) {
-        const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
-        float ms = 0;
-        LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, e[at], e[at + 1]));
-        float& b = best[static_cast<std::size_t>(k)];
-        b = round == 0 ? ms : std::min(b, ms);
-      }
-    for (auto& ev : e) cudaEventDestroy(ev);
+    }
+    if (T <= 4) cand.push_back({static_cast<int>(FusedPath::decode)});
+    const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
+                                           [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });
+    const detail::PlanChoice best = cand[static_cast<std::size_t>(detail::fastest(t, 1))];
+    planner.record(key, best);
     return best;
   }
-  /// The index of the smallest time, `preferred` on ties.
-  static int fastest(const std::vector<float>& t, int preferred) {
-    int best = preferred;
-    for (int k = 0; k < static_cast<int>(t.size()); ++k)
-      if (t[static_cast<std::size_t>(k)] < t[static_cast<std::size_t>(best)]) best = k;
-    return best;
-  }
-  /// The fused forward's candidates — accumulate, concat_k through cublasGemmEx, and concat_k
-  /// through each of c.plan's cuBLASLt algorithms — timed; returns the fastest strategy, with
-  /// c.algo set to its algorithm (-1: cublasGemmEx).
-  template <class Run>
-  FusedForward tune(Run&& run, detail::FusedGemmChoice& c) const {
-    const int n = 2 + (c.plan ? c.plan->candidates() : 0);  // 0 accumulate, 1 gemmex, 2 + i Lt algo i
-    const int best = fastest(time_candidates(n,
-                                             [&](int k) {
-                                               if (k == 0)
-                                                 run(FusedForward::accumulate);
-                                               else
-                                                 run(FusedForward::concat_k, c.plan.get(), k - 2);
-                                             }),
-                             1);
-    c.algo = best >= 2 ? best - 2 : -1;
-    return best == 0 ? FusedForward::accumulate : FusedForward::concat_k;
-  }
+
   void copy(cview src, view dst) const {
     if (src.rows == 0 || src.cols == 0) return;
     LORA_CUDA_CHECK(cudaMemcpy2DAsync(dst.data, dst.ld * sizeof(Scalar), src.data, src.ld * sizeof(Scalar),
@@ -567,7 +656,6 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   std::shared_ptr<CudaContext> ctx_;
   DeviceMatrix<Scalar> A_, B_;
   mutable DeviceBuffer<Scalar> scratch_;
-  mutable DeviceBuffer<float> partials_;  // dy_pass's partial sums (grow-only, stream-ordered reuse)
 };
 
 }  // namespace lora

@@ -41,8 +41,8 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   if (ws.PG.rows() != out + r || ws.PG.cols() != r) ws.PG = DeviceMatrix<float>(out + r, r);
   if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
   if (ws.c.rows() != out) ws.c = DeviceMatrix<float>(out, 1);
-  // P = W·Aᵀ and G = A·Aᵀ in one pass over the fused block's [W; A] rows (a separate
-  // r × r × in GEMM cost as much as the pass over W, docs/performance.md): for 16-bit r ≤ 32,
+  // P = W·Aᵀ and G = A·Aᵀ in one pass over the fused block's [W; A] rows (G's own GEMM would
+  // be a second launch for r × r outputs): for 16-bit r ≤ 32,
   // float partial sums on tensor cores with the grid split over K (detail::norm_gemm,
   // dora_norm.cuh), which dora_norm_fused_kernel adds while it computes the norms; otherwise
   // one cuBLAS GEMM into ws.PG.

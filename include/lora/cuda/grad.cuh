@@ -82,7 +82,7 @@ __device__ __forceinline__ void strip_mma(float (&acc)[NJ][4], const T* tile, co
 }
 
 constexpr int dy_pass_threads = 128;  // 4 warps
-constexpr int dy_pass_stages = 8;     // dY tiles in the pipeline (8 KB each): 4 ran at 1.8 TB/s
+constexpr int dy_pass_stages = 8;     // dY tiles in the pipeline (8 KB each)
 
 /// Shapes of dy_pass_kernel for N = 8·NJ columns of G and dB (NJ 2: r ≤ 16; NJ 4: r ≤ 32).
 template <int NJ, int ST = dy_pass_stages>
@@ -281,16 +281,28 @@ inline dy_pass_grid dy_pass_plan(Index rows, Index out, int TB, int ob_max, int 
 /// dy_pass for N = 8·NJ columns and ST pipeline stages; `phases` 1 launches only the partial
 /// sums, 2 only the reduction (bench/cuda times them apart), 3 both.
 template <class T, int NJ, int ST = dy_pass_stages>
+dy_pass_grid dy_pass_launch_grid(Index rows, Index out, int blocks) {
+  using Sh = dy_pass_shape<NJ, ST>;
+  constexpr int smem_max = Sh::smem_bytes(Sh::OB_MAX);
+  static std::atomic<int> cap[16] = {};
+  const int c = persistent_capacity(dy_pass_kernel<T, NJ, ST>, dy_pass_threads, smem_max, smem_max, cap);
+  return dy_pass_plan(rows, out, Sh::TB, Sh::OB_MAX, blocks > 0 ? blocks : c);
+}
+/// Floats of partial sums the launch for `rows` tokens and `out` outputs needs.
+template <class T, int NJ, int ST = dy_pass_stages>
+std::size_t dy_pass_need(Index rows, Index out, int blocks = 0) {
+  const dy_pass_grid p = dy_pass_launch_grid<T, NJ, ST>(rows, out, blocks);
+  return (static_cast<std::size_t>(p.Q) * rows + static_cast<std::size_t>(p.P) * out) * dy_pass_shape<NJ, ST>::N;
+}
+
+template <class T, int NJ, int ST = dy_pass_stages>
 void launch_dy_pass(cudaStream_t stream, DeviceView<const T> dY, DeviceView<const T> B, DeviceView<const T> XA,
                     Index r, float s, DeviceView<T> G, DeviceView<float> dB, DeviceBuffer<float>& scratch,
                     int blocks, int phases = 3) {
   using Sh = dy_pass_shape<NJ, ST>;
   auto kernel = dy_pass_kernel<T, NJ, ST>;
-  constexpr int smem_max = Sh::smem_bytes(Sh::OB_MAX);
-  static std::atomic<int> cap[16] = {};
-  const int c = persistent_capacity(kernel, dy_pass_threads, smem_max, smem_max, cap);
   const Index rows = dY.rows, out = dY.cols;
-  const dy_pass_grid p = dy_pass_plan(rows, out, Sh::TB, Sh::OB_MAX, blocks > 0 ? blocks : c);
+  const dy_pass_grid p = dy_pass_launch_grid<T, NJ, ST>(rows, out, blocks);
   const std::size_t need = (static_cast<std::size_t>(p.Q) * rows + static_cast<std::size_t>(p.P) * out) * Sh::N;
   if (scratch.size() < need) scratch = DeviceBuffer<float>(need);
   float* gpart = scratch.data();
@@ -308,6 +320,12 @@ void launch_dy_pass(cudaStream_t stream, DeviceView<const T> dY, DeviceView<cons
         bpart, p.P, static_cast<int>(out), dB.data, dB.ld);
     LORA_CUDA_CHECK_LAUNCH("dy_pass_reduce_kernel");
   }
+}
+
+/// Floats of `scratch` that dy_pass needs for dY [rows × out] at rank r (it grows a smaller one).
+template <class T>
+std::size_t dy_pass_scratch_floats(Index rows, Index out, Index r) {
+  return r <= 16 ? dy_pass_need<T, 2>(rows, out) : dy_pass_need<T, 4>(rows, out);
 }
 
 /// G = s·dY·[B | 0] ([T × G.cols], G.cols ≥ r, zeros past r) and dB = dYᵀ·XA ([out × r], float)

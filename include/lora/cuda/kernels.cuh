@@ -189,6 +189,71 @@ __global__ void __launch_bounds__(decode_threads) gemv_kernel(
   block_sum_store<decode_threads>(acc, part, tokens, row0, nrows, scale, Y, ldy);
 }
 
+/// x[i] = a hash of i mapped to [-0.5, 0.5): fixed, non-constant data to time candidates on.
+template <class T>
+__global__ void fill_hash_kernel(T* __restrict__ x, long rows, long cols, long ld) {
+  const long n = rows * cols;
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n; i += gridDim.x * static_cast<long>(blockDim.x)) {
+    unsigned h = static_cast<unsigned>(i) * 2654435761u;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[(i / cols) * ld + i % cols] = from_float<T>(static_cast<float>(h & 0xffff) / 65536.f - 0.5f);
+  }
+}
+
+/// Outputs × tokens per block of stacked_epilogue_kernel.
+constexpr int stacked_threads = 128;
+constexpr int stacked_tokens = 4;
+
+/// The stacked forward's epilogue. C = [X·Wᵀ | X·Aᵀ | …] ([T × ≥ out + r], ld ldc) comes from one
+/// GEMM over the stacked rows [W; A]; this writes Y = C[:, :out] + s·C[:, out:out+r]·Bᵀ and
+/// XA = [s·C[:, out:out+r] | 0] ([T × rp], the fused backward reads it). A block owns
+/// stacked_threads outputs (one per thread) of stacked_tokens tokens, whose C values a thread
+/// loads at once; blocks with blockIdx.x 0 also write their tokens' XA. B's rows are loaded
+/// before the programmatic-dependency wait, so with a PDL launch they overlap the GEMM's tail.
+/// RB ≥ r (16, 32 or 64).
+template <class T, int RB>
+__global__ void __launch_bounds__(stacked_threads)
+    stacked_epilogue_kernel(const T* __restrict__ C, long ldc, int tokens, int out, int r, int rp,
+                            const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
+                            T* __restrict__ XA, long ldxa) {
+  __shared__ float sxa[stacked_tokens][RB];
+  const int n = static_cast<int>(blockIdx.x) * stacked_threads + static_cast<int>(threadIdx.x);
+  const int t0 = static_cast<int>(blockIdx.y) * stacked_tokens;
+  const int tn = min(stacked_tokens, tokens - t0);
+  float b[RB];
+#pragma unroll
+  for (int j = 0; j < RB; ++j) b[j] = (n < out && j < r) ? to_float(B[static_cast<long>(n) * ldb + j]) : 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // C is the previous kernel's output
+#endif
+  float c[stacked_tokens];
+#pragma unroll
+  for (int t = 0; t < stacked_tokens; ++t)
+    c[t] = (n < out && t < tn) ? to_float(C[static_cast<long>(t0 + t) * ldc + n]) : 0.f;
+  for (int i = static_cast<int>(threadIdx.x); i < stacked_tokens * RB; i += stacked_threads) {
+    const int t = i / RB, j = i % RB;
+    sxa[t][j] = (t < tn && j < r) ? s * to_float(C[static_cast<long>(t0 + t) * ldc + out + j]) : 0.f;
+  }
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int i = static_cast<int>(threadIdx.x); i < tn * rp; i += stacked_threads) {
+      const int t = i / rp, j = i % rp;
+      XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
+    }
+  if (n >= out) return;
+#pragma unroll
+  for (int t = 0; t < stacked_tokens; ++t) {
+    if (t < tn) {
+      float acc = c[t];
+#pragma unroll
+      for (int j = 0; j < RB; ++j) acc = fmaf(sxa[t][j], b[j], acc);
+      Y[static_cast<long>(t0 + t) * ldy + n] = from_float<T>(acc);
+    }
+  }
+}
+
 /// out[n] = Σ_k M[n, k]² in float; one warp per row.
 template <class T>
 __global__ void row_sqnorm_kernel(const T* __restrict__ M, long ldm, int rows, int cols, float* __restrict__ out) {

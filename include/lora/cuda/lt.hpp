@@ -2,8 +2,7 @@
 // One row-major GEMM shape through cuBLASLt with the heuristic's candidate algorithms,
 // so that a caller can time them once and keep the fastest (the fused forward does:
 // see FusedWeight in adapter.cuh and docs/cuda.md). cublasGemmEx runs the heuristic's
-// first choice, which on the H100 is up to 10% slower than a later candidate for the
-// fused forward's GEMM (bench/cuda/tune_gemm.cu, docs/performance.md).
+// first choice, which is not always the fastest for the fused shapes (docs/performance.md).
 
 #include <lora/cuda/runtime.hpp>
 

@@ -440,10 +440,10 @@ enum class SgmvSchedule { serial, overlap, delta };
 
 /// Which expand kernel apply() uses.
 /// per_token: one warp per token and 32·8 columns (sgmv_expand_token_kernel): four times the
-///            warps, and many more loads in flight when tiles hold few tokens; as fast or
-///            faster at every measured shape but the largest (docs/performance.md);
+///            warps, and many more loads in flight when tiles hold few tokens (the default;
+///            docs/performance.md compares them);
 /// per_tile:  one thread per 8 columns of a whole tile (sgmv_expand_kernel): each Bᵀ row is
-///            read once per tile; 1–2% faster at T 4096 with ≤ 64 adapters, slower elsewhere.
+///            read once per tile.
 enum class SgmvExpand { per_token, per_tile };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
@@ -473,7 +473,7 @@ class DeviceAdapterSet {
   using scalar_type = Scalar;
   using view = DeviceView<Scalar>;
   using cview = DeviceView<const Scalar>;
-  /// overlap was as fast or faster at every measured shape (docs/performance.md).
+  /// overlap is the default (docs/performance.md compares the schedules).
   SgmvSchedule schedule = SgmvSchedule::overlap;
   /// bf16/half with in % 32 == 0 and 16-byte aligned rows of X: the shrink runs on the tensor
   /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
@@ -830,8 +830,7 @@ class DeviceAdapterSet {
     } else {
       // CUDA-core shrink: K-splits up to one wave of blocks (3 per SM fit at ~166 registers):
       // each block is a short chain of dependent loads and one reduction, so a second wave
-      // costs a whole chain (T 256 x 64 adapters: 640 blocks took 17.1 us, 256 blocks
-      // 14.3 us). Every split keeps at least half a chunk per thread.
+      // costs a whole chain. Every split keeps at least half a chunk per thread.
       chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
       const int groups = (ldu + detail::sgmv_rank_group - 1) / detail::sgmv_rank_group;
       want = (3 * sms_) / std::max(seg.tiles * groups, 1);

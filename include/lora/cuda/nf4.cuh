@@ -469,11 +469,8 @@ inline int nf4_byte_pair_smem_bytes(int KW, int RW) { return nf4_pair_table_byte
 /// K-warps meet in shared memory behind one named barrier per row group (two slots, so a slot
 /// is rewritten only after K-warp 0 has passed the next barrier), and K-warp 0 finishes the sum
 /// and writes y. The next batch's codes and absmax are loaded row by row as soon as the current
-/// batch's row has been multiplied. Products and sums are float, the codes exact.
-/// H100, 4096 → 14336 bf16 (bench/cuda/tune_nf4.cu, docs/performance.md): 13.2–13.3 µs per
-/// launch as a programmatic dependent launch (83% of the copy bandwidth, 3.26–3.29× cuBLAS's
-/// bf16 GEMV), 15.4–15.8 µs without; the former kernel of this path (nf4_gemv_kernel) took
-/// 24.5–25.0 µs.
+/// batch's row has been multiplied. Products and sums are float, the codes exact. Launched
+/// as a programmatic dependent, its table set-up overlaps the previous kernel's tail.
 /// KWC > 0: K = 1024·KWC, RWC > 0: RWC row groups, BSC > 0: blocksize BSC at compile time (the
 /// strides become immediates; with all three the kernel is the measured one); 0: at run time.
 template <class T, int KWC = 0, int RWC = 0, int BSC = 0>
@@ -749,9 +746,8 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
-  // 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel (H100,
-  // 4096 → 14336, docs/performance.md: 26.6 µs at 8 tokens, 44 µs for cuBLAS on bf16 weights).
-  // Otherwise, and for one token (24.5 µs), the CUDA-core kernel.
+  // 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel. One bf16/half
+  // token: the byte-pair kernel where it applies; otherwise the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
     if (X.rows >= 2 && detail::nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
       auto stream = [&](auto launch) {
@@ -759,11 +755,9 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
                W.packed.data(), W.absmax.data(), W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                Y.ld, ctx.stream());
       };
-      // The narrow table and the barrier reduction measured fastest at 2…16 tokens; the
-      // last-warp form is ≈ 1 µs faster at one token but compute-sanitizer's racecheck cannot
-      // follow its hand-off through a shared counter, so the library keeps the form the
-      // sanitizer checks, and one token stays on the CUDA-core kernel (as fast as the
-      // checkable form, and its codes are not rounded to the activation type).
+      // The narrow table and the barrier reduction (tune_nf4 times the alternatives). The
+      // last-warp form hands off through a shared counter that compute-sanitizer's racecheck
+      // cannot follow, so the library keeps the form the sanitizer checks.
       if (X.rows <= 8)
         stream(detail::launch_nf4_stream<T, 1, false, false>);
       else

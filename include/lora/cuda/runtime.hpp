@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -258,16 +259,28 @@ class Stream {
   cudaStream_t s_ = nullptr;
 };
 
+namespace detail {
+class Planner;
+}
+
 /// The stream, cuBLAS handle (tensor cores, float accumulation) and cuSOLVER
-/// handle (created on first use) that device operations run on.
+/// handle (created on first use) that device operations run on, the GEMM workspace
+/// cuBLAS and cuBLASLt share, and the planner (plan.hpp) that keeps the choices made
+/// for the fused adapter GEMMs of this context, keyed by shape. Queue work on one
+/// context from one host thread at a time (its scratch is reused in stream order).
 class CudaContext {
  public:
   CudaContext() {
     LORA_CUDA_CHECK(cublasCreate(&blas_));
     LORA_CUDA_CHECK(cublasSetStream(blas_, stream_.get()));
     LORA_CUDA_CHECK(cublasSetMathMode(blas_, CUBLAS_DEFAULT_MATH));
+    // cuBLAS's own workspace, set explicitly so that it never allocates while a CUDA graph
+    // is captured on this stream (cublasSetStream resets it, so it comes after).
+    LORA_CUDA_CHECK(cudaMalloc(&workspace_, lt_workspace_bytes));
+    LORA_CUDA_CHECK(cublasSetWorkspace(blas_, workspace_, lt_workspace_bytes));
   }
   ~CudaContext() {
+    planner_.reset();
     if (workspace_) cudaFree(workspace_);
     if (lt_) cublasLtDestroy(lt_);
     if (solver_) cusolverDnDestroy(solver_);
@@ -287,16 +300,16 @@ class CudaContext {
   }
   void synchronize() const { stream_.synchronize(); }
   /// cuBLASLt handle (created on first use) and its workspace (lt_workspace_bytes of device
-  /// memory, allocated on first use; stream-ordered like everything on this context).
+  /// memory, the one cuBLAS uses too; stream-ordered like everything on this context).
   cublasLtHandle_t lt() const {
     if (!lt_) LORA_CUDA_CHECK(cublasLtCreate(&lt_));
     return lt_;
   }
   static constexpr std::size_t lt_workspace_bytes = std::size_t{32} << 20;
-  void* lt_workspace() const {
-    if (!workspace_) LORA_CUDA_CHECK(cudaMalloc(&workspace_, lt_workspace_bytes));
-    return workspace_;
-  }
+  void* lt_workspace() const { return workspace_; }
+  /// The choices made for this context's fused GEMM shapes and the scratch they use
+  /// (detail::Planner, lora/cuda/plan.hpp, which defines this function).
+  detail::Planner& planner() const;
 
   /// One context per host thread, on the current device.
   static std::shared_ptr<CudaContext> thread_default() {
@@ -309,7 +322,9 @@ class CudaContext {
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   mutable cublasLtHandle_t lt_ = nullptr;
-  mutable void* workspace_ = nullptr;
+  void* workspace_ = nullptr;
+  mutable std::once_flag planner_once_;
+  mutable std::shared_ptr<detail::Planner> planner_;  // shared_ptr: Planner is incomplete here
 };
 
 namespace detail {

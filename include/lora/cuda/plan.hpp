@@ -1,0 +1,139 @@
+#pragma once
+// The planner of a CudaContext: which kernels and GEMM algorithms the fused adapter
+// paths run for each shape, chosen once (by timing the candidates) and then only looked
+// up, so that the hot path neither times, allocates nor synchronises and can be captured
+// in a CUDA graph. LowRankAdapter<S, cuda>::plan(fw, tokens) plans explicitly; a shape
+// met unplanned is planned on first use, unless the stream is being captured, when the
+// untimed defaults run instead. See docs/cuda.md.
+
+#include <lora/cuda/lt.hpp>
+#include <lora/cuda/runtime.hpp>
+
+#include <algorithm>
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace lora::detail {
+
+/// What a plan is for: the operation and the GEMM shape and leading dimensions it was timed
+/// on (row-major C [M × N] = A [M × K]·Bᵀ-like products, as LtGemm describes them).
+struct PlanKey {
+  int op = 0;     ///< plan_op
+  int dtype = 0;  ///< cudaDataType_t of the operands
+  Index M = 0, N = 0, K = 0, lda = 0, ldb = 0, ldc = 0;
+  Index extra = 0;  ///< anything else the choice depends on (the fused paths: the rank)
+  bool operator==(const PlanKey&) const = default;
+};
+
+/// The operations planned: the fused forward (strategy and GEMM algorithm) and the fused
+/// backward's dX GEMM (algorithm).
+enum plan_op : int { plan_fused_forward = 1, plan_fused_backward_dx = 2 };
+
+/// One decision: `path` (the op's own enumeration: FusedPath for the forward), and for its big
+/// GEMM a cuBLASLt plan with the index of the chosen algorithm, or algo = -1 for cublasGemmEx.
+struct PlanChoice {
+  int path = 0;
+  std::shared_ptr<LtGemm> lt;
+  int algo = -1;
+};
+
+/// The choices of one CudaContext, keyed by shape, and the device scratch the planned paths
+/// use. Lookups and records take a lock (several threads may share a context's planner);
+/// the scratch buffers are reused in the stream order of the context and grown only while
+/// planning (or by a fixed strategy's first call), never while a graph is captured.
+class Planner {
+ public:
+  std::optional<PlanChoice> find(const PlanKey& k) const {
+    std::lock_guard<std::mutex> lock(m_);
+    for (const auto& e : entries_)
+      if (e.first == k) return e.second;
+    return std::nullopt;
+  }
+  /// Records (or replaces) the choice for k.
+  void record(const PlanKey& k, PlanChoice c) {
+    std::lock_guard<std::mutex> lock(m_);
+    for (auto& e : entries_)
+      if (e.first == k) {
+        e.second = std::move(c);
+        return;
+      }
+    entries_.emplace_back(k, std::move(c));
+  }
+  std::size_t size() const {
+    std::lock_guard<std::mutex> lock(m_);
+    return entries_.size();
+  }
+  /// Held while candidates are timed, so that two threads do not plan at once.
+  std::mutex& planning() { return planning_; }
+
+  /// detail::dy_pass's partial sums (the fused backward).
+  DeviceBuffer<float> dy_partials;
+  /// The stacked forward's [T × (out + rp)] product [X·Wᵀ | X·Aᵀ | 0], in bytes.
+  DeviceBuffer<std::byte> stacked;
+
+ private:
+  mutable std::mutex m_;
+  std::mutex planning_;
+  std::vector<std::pair<PlanKey, PlanChoice>> entries_;
+};
+
+/// True while the context's stream is being captured into a CUDA graph.
+inline bool capturing(const CudaContext& ctx) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  LORA_CUDA_CHECK(cudaStreamIsCapturing(ctx.stream(), &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+/// Times n candidates (call(k) runs candidate k once) on the context's stream: one warm-up
+/// call each, then four rounds of two calls each, the order rotating from round to round
+/// (the first candidate after a pause runs a few percent slow); returns each candidate's
+/// fastest round, so that clock ramps and the first position cost nothing. Synchronises.
+template <class Call>
+std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
+  constexpr int rounds = 4;
+  std::vector<cudaEvent_t> e(2 * static_cast<std::size_t>(n) * rounds);
+  for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
+  for (int k = 0; k < n; ++k) call(k);
+  for (int round = 0; round < rounds; ++round)
+    for (int j = 0; j < n; ++j) {
+      const int k = (j + round) % n;
+      const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
+      LORA_CUDA_CHECK(cudaEventRecord(e[at], ctx.stream()));
+      call(k);
+      call(k);
+      LORA_CUDA_CHECK(cudaEventRecord(e[at + 1], ctx.stream()));
+    }
+  LORA_CUDA_CHECK(cudaStreamSynchronize(ctx.stream()));
+  std::vector<float> best(static_cast<std::size_t>(n), 0.f);
+  for (int k = 0; k < n; ++k)
+    for (int round = 0; round < rounds; ++round) {
+      const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
+      float ms = 0;
+      LORA_CUDA_CHECK(cudaEventElapsedTime(&ms, e[at], e[at + 1]));
+      float& b = best[static_cast<std::size_t>(k)];
+      b = round == 0 ? ms : std::min(b, ms);
+    }
+  for (auto& ev : e) cudaEventDestroy(ev);
+  return best;
+}
+
+/// The index of the smallest time, `preferred` on ties.
+inline int fastest(const std::vector<float>& t, int preferred) {
+  int best = preferred;
+  for (int k = 0; k < static_cast<int>(t.size()); ++k)
+    if (t[static_cast<std::size_t>(k)] < t[static_cast<std::size_t>(best)]) best = k;
+  return best;
+}
+
+}  // namespace lora::detail
+
+namespace lora {
+inline detail::Planner& CudaContext::planner() const {
+  std::call_once(planner_once_, [this] { planner_ = std::make_shared<detail::Planner>(); });
+  return *planner_;
+}
+}  // namespace lora
