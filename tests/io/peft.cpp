@@ -299,7 +299,18 @@ TEST_CASE("PEFT folders that disagree with themselves are rejected by name", "[p
     auto q = rewrite("stray", [&](auto& ts) {
       ts.push_back(io::TensorData::from_matrix("base_model.model.lm_head.weight", Matrix<float>::Ones(2, 2), io::dtype::F32));
     });
-    CHECK_THROWS_WITH(io::load_peft_adapter(q), ContainsSubstring("lm_head.weight"));
+    // a whole tensor of a module outside modules_to_save: PEFT does not load it; reported
+    const auto stray = io::load_peft_adapter(q);
+    REQUIRE(stray.skipped.size() == 1);
+    CHECK(stray.skipped[0].key == "base_model.model.lm_head.weight");
+    CHECK_THAT(stray.skipped[0].reason, ContainsSubstring("not in modules_to_save"));
+    CHECK(stray.saved.empty());
+    auto odd = rewrite("oddkey", [&](auto& ts) {
+      ts.push_back(io::TensorData::from_matrix("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+                                               Matrix<float>::Ones(2, 2), io::dtype::F32));
+    });
+    CHECK_THROWS_WITH(io::load_peft_adapter(odd), ContainsSubstring("lora_A.default.weight") &&
+                                                      ContainsSubstring("not a tensor PEFT writes"));
     auto m = rewrite("mag", [&](auto& ts) {
       ts.push_back(io::TensorData::from_matrix("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
                                                Matrix<float>::Ones(64, 1), io::dtype::F32, true));

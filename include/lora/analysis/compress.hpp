@@ -106,7 +106,7 @@ inline io::PeftAdapter compress_adapter(const io::PeftAdapter& in, const Compres
         m.name,
         LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(f.A.cast<float>(), f.B.cast<float>(), alpha, opts,
                                                                   a.policy()),
-        m.magnitude, m.stored_dtype});
+        m.magnitude, m.stored_dtype, m.kind, m.lora_bias});
     ++count[k];
   }
   Index best = 0;

@@ -6,34 +6,55 @@
 //   const auto& q = ad.at("model.layers.0.self_attn.q_proj");   // module path, no "base_model.model."
 //   auto y = q.adapter.apply(W, X);                               // X·Wᵀ + s·(X·Aᵀ)·Bᵀ (plain LoRA)
 //   if (q.magnitude) { /* DoRA: see lora/dora/dora.hpp */ }
+//   for (const auto& t : ad.saved) { /* modules_to_save copies: t.key replaces the base tensor */ }
 //   lora::io::save_peft_adapter("copy/", ad, lora::io::dtype::BF16);
 //
 // API (host only):
 //   struct PeftConfig       r, lora_alpha, use_rslora, use_dora, fan_in_fan_out, target_modules
-//                           (list, or a regex string in target_modules_regex), rank_pattern and
-//                           alpha_pattern (ordered like the JSON: PEFT takes the first key that matches),
-//                           raw (the whole JSON); rank_for / alpha_for / scaling_for / targets(module);
-//                           from_json(json, where), to_json().
+//                           (list, or a regex string in target_modules_regex), exclude_modules,
+//                           layers_to_transform + layers_pattern, modules_to_save, lora_bias, bias,
+//                           trainable_token_indices, rank_pattern and alpha_pattern (ordered like
+//                           the JSON: PEFT takes the first key that matches), raw (the whole JSON);
+//                           rank_for / alpha_for / scaling_for / targets(module); from_json, to_json.
 //   PeftConfig load_peft_config(path to adapter_config.json or to the folder)
-//   struct PeftModule       name, adapter (LowRankAdapter<float, cpu, dynamic_scaling>),
-//                           magnitude (DoRA's m [out], std::nullopt for LoRA), stored_dtype, is_dora().
-//   struct PeftAdapter      config, modules (sorted by name); at(name), find(name), contains(name).
+//   struct PeftModule       name, adapter (LowRankAdapter<float, cpu, dynamic_scaling>), magnitude
+//                           (DoRA's m [out]), stored_dtype, kind (linear or embedding), lora_bias.
+//   struct PeftSavedTensor  a full tensor the folder carries (modules_to_save copy, an embedding's
+//                           base_layer, a trained bias): it replaces base tensor `key`.
+//   struct PeftTrainableTokens  trainable_token_indices' new rows for one embedding (they replace rows).
+//   struct PeftAdapter      config, modules (sorted by name), saved, trainable_tokens, skipped
+//                           (tensors PEFT would not load, with the reason); at/find/contains.
 //   PeftAdapter load_peft_adapter(folder)
 //   void check_peft_adapter(folder)          the same checks, nothing converted
-//   peft_module_tensors(file, config)         lora_A / lora_B / magnitude views per module, checked
+//   scan_peft_tensors(file, config)          every tensor of the file classified, checked
+//   peft_module_tensors(file, config)        the LoRA modules of scan_peft_tensors
 //   void save_peft_adapter(folder, adapter, dtype = F32)   atomic (temporary folder + rename)
 //
-// Tensor keys in adapter_model.safetensors: `base_model.model.<module>.lora_A.weight` [r × in],
-// `...lora_B.weight` [out × r], DoRA's `...lora_magnitude_vector` [out]. The adapter's scaling
-// is s = alpha/r (alpha/√r with use_rslora), with r and alpha per module from the patterns.
+// Tensor keys in adapter_model.safetensors (all under `base_model.model.`), as PEFT 0.21 writes:
+//   <m>.lora_A.weight [r × in], <m>.lora_B.weight [out × r]        a Linear/Conv1D module
+//   <m>.lora_B.bias [out]                                            lora_bias = true
+//   <m>.lora_magnitude_vector [out]                                  DoRA
+//   <m>.lora_embedding_A [r × vocab], <m>.lora_embedding_B [dim × r] an Embedding (core/embedding.hpp)
+//   <m>.base_layer.weight                                            an adapted embedding's table
+//                                                                    (save_embedding_layers)
+//   <m>.weight, <m>.bias                                             modules_to_save copies (bias
+//                                                                    "all"/"lora_only": trained biases)
+//   <m>.token_adapter.trainable_tokens_delta [k × dim]               trainable_token_indices' rows
+// The adapter's scaling is s = alpha/r (alpha/√r with use_rslora), with r and alpha per
+// module from the patterns. Which modules carry an adapter is decided by the config as PEFT
+// decides it (target_modules, exclude_modules, layers_to_transform, modules_to_save): tensors
+// of other modules are not loaded and are listed in PeftAdapter::skipped, as PEFT ignores them.
 // Every inconsistency (missing file or tensor, r disagreeing with the tensors, shapes, dtypes,
 // bad config values) throws lora::error naming the file and the tensor or key.
 
 #include <lora/core/adapter.hpp>
+#include <lora/core/embedding.hpp>
 #include <lora/core/scaling.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 #include <lora/io/atomic.hpp>
+#include <lora/io/json.hpp>
+#include <lora/io/pattern.hpp>
 #include <lora/io/safetensors.hpp>
 
 #include <nlohmann/json.hpp>
@@ -44,7 +65,6 @@
 #include <fstream>
 #include <map>
 #include <optional>
-#include <regex>
 #include <set>
 #include <sstream>
 #include <string>
@@ -66,6 +86,20 @@ struct PeftConfig {
   std::vector<std::string> target_modules;
   /// target_modules given as a regex string (matched against the whole module path).
   std::optional<std::string> target_modules_regex;
+  /// exclude_modules as a list (suffix match, like target_modules) or a regex string.
+  std::vector<std::string> exclude_modules;
+  std::optional<std::string> exclude_modules_regex;
+  /// layers_to_transform (layer indices; empty: every layer) and layers_pattern (the name of
+  /// the layer list, "layers" or "h"; empty: any).
+  std::vector<std::int64_t> layers_to_transform;
+  std::vector<std::string> layers_pattern;
+  /// Modules saved whole (lm_head, embed_tokens, score, …); never adapted themselves.
+  std::vector<std::string> modules_to_save;
+  bool lora_bias = false;      ///< lora_B has a bias (saved as <m>.lora_B.bias)
+  std::string bias = "none";   ///< "none", "all" or "lora_only": which base biases were trained and saved
+  /// trainable_token_indices: embedding module (suffix; "" for the input embedding when the
+  /// config gives a plain list) → token ids whose rows the adapter replaces.
+  std::vector<std::pair<std::string, std::vector<std::int64_t>>> trainable_token_indices;
   /// Per-module rank and alpha overrides, in the order of the JSON object.
   std::vector<std::pair<std::string, int>> rank_pattern;
   std::vector<std::pair<std::string, double>> alpha_pattern;
@@ -90,17 +124,54 @@ struct PeftConfig {
   double scaling_for(std::string_view module) const {
     return dynamic_scaling{use_rslora}.factor(alpha_for(module), rank_for(module));
   }
-  /// Whether PEFT would put an adapter on `module`: a regex string must match the whole
-  /// path; a list entry t matches if the path is t or ends with "." + t; "all-linear"
-  /// matches every module (the layer type is not known here).
+  /// Whether the config names its targets (target_modules given); without them PEFT picks
+  /// the model type's defaults, which a folder alone does not tell, so nothing is filtered.
+  bool has_targets() const { return target_modules_regex.has_value() || !target_modules.empty(); }
+
+  /// Whether PEFT would put an adapter on `module`, as its check_target_module_exists
+  /// decides: not if exclude_modules matches (regex string: whole path; list entry e: the
+  /// path is e or ends with "." + e) or a modules_to_save entry m matches `(.*\.)?m(\..*)?`;
+  /// then a regex string must match the whole path ("all-linear": every module); a list
+  /// entry t matches if the path is t (layers_to_transform not applied) or ends with "." + t,
+  /// and then, with layers_to_transform, the layer index after `.<layers_pattern>.` (any
+  /// name when layers_pattern is empty) must be listed.
   bool targets(std::string_view module) const {
-    if (target_modules_regex) return regex_full(*target_modules_regex, module, "target_modules");
+    if (exclude_modules_regex && regex_full(*exclude_modules_regex, module, "exclude_modules")) return false;
+    for (const auto& e : exclude_modules)
+      if (name_or_suffix(module, e)) return false;
+    for (const auto& m : modules_to_save)
+      if (regex_full("(.*\\.)?(" + m + ")(\\..*)?", module, "modules_to_save")) return false;
+    if (target_modules_regex) {
+      std::string lower = *target_modules_regex;
+      for (auto& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+      if (lower == "all-linear") return true;
+      return regex_full(*target_modules_regex, module, "target_modules");
+    }
+    bool found = false;
     for (const auto& t : target_modules) {
       if (t == "all-linear" || module == t) return true;
-      if (module.size() > t.size() && module.substr(module.size() - t.size()) == t &&
-          module[module.size() - t.size() - 1] == '.')
-        return true;
+      if (name_or_suffix(module, t)) found = true;
     }
+    if (!found || layers_to_transform.empty()) return found;
+    const auto index = layer_index(module);
+    return index && std::find(layers_to_transform.begin(), layers_to_transform.end(), *index) !=
+                        layers_to_transform.end();
+  }
+  /// The layer index PEFT reads from `module` for layers_to_transform: the number after
+  /// `.<p>.` for the first layers_pattern entry p that occurs (the last such occurrence in the
+  /// path), or after any `.<name>.` when layers_pattern is empty; nullopt when there is none.
+  std::optional<std::int64_t> layer_index(std::string_view module) const {
+    // PEFT: re.match(r".*\.{p}\.(\d+)\.", key): the greedy ".*" takes the last occurrence.
+    std::vector<std::string> patterns = layers_pattern;
+    if (patterns.empty()) patterns.push_back("[^.]*");
+    for (const auto& p : patterns)
+      if (auto i = regex_capture_int("^.*\\.(?:" + p + ")\\.([0-9]+)\\.", module, "layers_pattern")) return i;
+    return std::nullopt;
+  }
+  /// Whether `module` is a modules_to_save entry (or inside one).
+  bool saves_module(std::string_view module) const {
+    for (const auto& m : modules_to_save)
+      if (regex_full("(.*\\.)?(" + m + ")(\\..*)?", module, "modules_to_save")) return true;
     return false;
   }
 
@@ -111,42 +182,95 @@ struct PeftConfig {
   nlohmann::ordered_json to_json() const;
 
  private:
+  static bool name_or_suffix(std::string_view module, std::string_view t) {
+    return module == t || (module.size() > t.size() && module.substr(module.size() - t.size()) == t &&
+                           module[module.size() - t.size() - 1] == '.');
+  }
+  // RE2 (io/pattern.hpp): linear time in the name, Python's semantics.
+  static std::optional<std::int64_t> regex_capture_int(const std::string& pattern, std::string_view s,
+                                                       const char* field) {
+    const auto digits = regex_search_group(pattern, s, fmt::format("adapter_config.json: {}", field));
+    if (!digits || digits->empty() || digits->size() > 15) return std::nullopt;
+    return std::stoll(*digits);
+  }
   static bool regex_full(const std::string& pattern, std::string_view s, const char* field) {
-    // libstdc++'s regex compiler accumulates back-reference numbers and {m,n} counts in a
-    // signed int without an overflow check (undefined behaviour, found by fuzzing): refuse
-    // such numbers beyond 5 digits before they reach it.
-    for (std::size_t i = 0, run = 0; i < pattern.size(); ++i) {
-      run = (pattern[i] >= '0' && pattern[i] <= '9') ? run + 1 : 0;
-      if (run == 6 && i >= 6 && (pattern[i - 6] == '\\' || pattern[i - 6] == '{' || pattern[i - 6] == ','))
-        lora::detail::fail("adapter_config.json: {} pattern '{}' has a repetition count or back-reference with "
-                           "more than 5 digits", field, pattern);
-    }
-    try {
-      return std::regex_match(s.begin(), s.end(), std::regex(pattern, std::regex::ECMAScript));
-    } catch (const std::regex_error& e) {
-      lora::detail::fail("adapter_config.json: {} pattern '{}' is not a valid regular expression: {}", field, pattern,
-                         e.what());
-    }
+    return regex_full_match(pattern, s, fmt::format("adapter_config.json: {}", field));
   }
   static bool pattern_matches(const std::string& key, std::string_view module) {
-    return regex_full("(.*\\.)?(" + key + ")", module, "rank_pattern/alpha_pattern");
+    return pattern_key_matches(key, module, "adapter_config.json: rank_pattern/alpha_pattern");
   }
+};
+
+/// What kind of layer a module adapts.
+enum class PeftModuleKind {
+  linear,     ///< nn.Linear / Conv1D: lora_A.weight [r × in], lora_B.weight [out × r]
+  embedding,  ///< nn.Embedding: lora_embedding_A [r × vocab], lora_embedding_B [dim × r] (core/embedding.hpp)
 };
 
 /// One adapted module of a PEFT adapter.
 struct PeftModule {
   std::string name;  ///< module path without "base_model.model.", e.g. "model.layers.0.self_attn.q_proj"
-  LowRankAdapter<float, cpu, dynamic_scaling> adapter;  ///< A [r × in], B [out × r], alpha, rsLoRA, fan_in_fan_out
+  /// A [r × in], B [out × r], alpha, rsLoRA, fan_in_fan_out. An embedding module has A =
+  /// lora_embedding_A [r × vocab], B = lora_embedding_B [dim × r] and fan_in_fan_out set, so
+  /// delta_weight() = s·(B·A)ᵀ is the [vocab × dim] change of the table.
+  LowRankAdapter<float, cpu, dynamic_scaling> adapter;
   std::optional<Vector<float>> magnitude;               ///< DoRA's m [out]; nullopt for plain LoRA
   dtype stored_dtype = dtype::F32;                      ///< dtype of lora_A in the file
+  PeftModuleKind kind = PeftModuleKind::linear;
+  std::optional<Vector<float>> lora_bias;               ///< lora_B.bias [out] (lora_bias = true), see core/lora_bias.hpp
 
   bool is_dora() const { return magnitude.has_value(); }
+  bool is_embedding() const { return kind == PeftModuleKind::embedding; }
 };
 
-/// A loaded adapter folder: its config and its modules, sorted by name.
+/// A whole tensor that an adapter folder carries and that replaces the base model's tensor
+/// of the same path when PEFT loads the adapter (and so in merge_and_unload's result).
+struct PeftSavedTensor {
+  enum class Role {
+    modules_to_save,  ///< a modules_to_save copy (lm_head, embed_tokens, score, …)
+    base_layer,       ///< <m>.base_layer.weight of an adapted embedding (save_embedding_layers)
+    trained_bias,     ///< a base bias trained with bias = "all" / "lora_only"
+  };
+  std::string key;     ///< the base tensor it replaces, e.g. "lm_head.weight" (no "base_model.model.")
+  std::string module;  ///< its module path, e.g. "lm_head"
+  Role role = Role::modules_to_save;
+  TensorData data;     ///< as stored in the file (name = the file's key, dtype, shape, bytes)
+};
+
+/// The name PEFT's documentation uses for a saved-tensor role.
+inline const char* role_name(PeftSavedTensor::Role r) {
+  switch (r) {
+    case PeftSavedTensor::Role::modules_to_save: return "modules_to_save";
+    case PeftSavedTensor::Role::base_layer: return "base_layer";
+    case PeftSavedTensor::Role::trained_bias: return "bias";
+  }
+  return "?";
+}
+
+/// trainable_token_indices of one embedding: PEFT's TrainableTokens layer saves the new
+/// rows of the listed tokens, and they replace the table's rows (E(indices[i], :) = rows(i, :));
+/// they are not added. With tied embeddings the same rows replace lm_head's rows.
+struct PeftTrainableTokens {
+  std::string module;                 ///< the embedding, e.g. "model.embed_tokens"
+  std::vector<std::int64_t> indices;  ///< token ids, in the config's order
+  Matrix<float> rows;                 ///< [indices.size() × dim]
+  dtype stored_dtype = dtype::F32;
+};
+
+/// A tensor of the adapter file that PEFT would not load, and why.
+struct PeftSkippedTensor {
+  std::string key;     ///< the key in adapter_model.safetensors
+  std::string reason;
+};
+
+/// A loaded adapter folder: its config, its modules (sorted by name), the whole tensors and
+/// trainable-token rows it carries, and the tensors it holds that PEFT would ignore.
 struct PeftAdapter {
   PeftConfig config;
   std::vector<PeftModule> modules;
+  std::vector<PeftSavedTensor> saved;                   ///< sorted by key
+  std::vector<PeftTrainableTokens> trainable_tokens;    ///< sorted by module
+  std::vector<PeftSkippedTensor> skipped;               ///< in file order
 
   /// The module with this path, or nullptr.
   const PeftModule* find(std::string_view name) const {
@@ -174,14 +298,9 @@ inline bool ends_with(std::string_view s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
+// Depth-bounded, duplicate keys refused, never blocks on a FIFO (io/json.hpp).
 inline nlohmann::ordered_json read_json_file(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in) lora::detail::fail("{}: cannot open for reading", path.string());
-  try {
-    return nlohmann::ordered_json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    lora::detail::fail("{}: not valid JSON: {}", path.string(), e.what());
-  }
+  return lora::io::read_json_file<nlohmann::ordered_json>(path);
 }
 
 inline bool json_bool(const nlohmann::ordered_json& j, const char* key, bool fallback, const std::string& where) {
@@ -272,6 +391,67 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
       lora::detail::fail("{}: target_modules must be a list of names or a regex string, got {}", where, t.dump());
     }
   }
+  // A list of names or a regex string (target_modules' convention), for exclude_modules.
+  if (j.contains("exclude_modules") && !j["exclude_modules"].is_null()) {
+    const auto& t = j["exclude_modules"];
+    if (t.is_string()) {
+      c.exclude_modules_regex = t.get<std::string>();
+    } else if (t.is_array()) {
+      for (const auto& e : t) {
+        if (!e.is_string()) lora::detail::fail("{}: exclude_modules entries must be strings, got {}", where, e.dump());
+        c.exclude_modules.push_back(e.get<std::string>());
+      }
+    } else {
+      lora::detail::fail("{}: exclude_modules must be a list of names or a regex string, got {}", where, t.dump());
+    }
+  }
+  auto string_list = [&](const char* field, std::vector<std::string>& out) {
+    if (!j.contains(field) || j[field].is_null()) return;
+    const auto& t = j[field];
+    if (t.is_string()) {
+      out.push_back(t.get<std::string>());
+      return;
+    }
+    if (!t.is_array()) lora::detail::fail("{}: '{}' must be a list of strings, got {}", where, field, t.dump());
+    for (const auto& e : t) {
+      if (!e.is_string()) lora::detail::fail("{}: '{}' entries must be strings, got {}", where, field, e.dump());
+      out.push_back(e.get<std::string>());
+    }
+  };
+  auto index_of = [&](const nlohmann::ordered_json& v, const std::string& what) -> std::int64_t {
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0)
+      lora::detail::fail("{}: {} must be a non-negative integer, got {}", where, what, v.dump());
+    return v.get<std::int64_t>();
+  };
+  auto index_list = [&](const nlohmann::ordered_json& t, const std::string& what) {
+    std::vector<std::int64_t> out;
+    if (t.is_number()) {
+      out.push_back(index_of(t, what));
+      return out;
+    }
+    if (!t.is_array()) lora::detail::fail("{}: {} must be a list of integers, got {}", where, what, t.dump());
+    for (const auto& e : t) out.push_back(index_of(e, what + " entries"));
+    return out;
+  };
+  string_list("layers_pattern", c.layers_pattern);
+  string_list("modules_to_save", c.modules_to_save);
+  if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null())
+    c.layers_to_transform = index_list(j["layers_to_transform"], "'layers_to_transform'");
+  c.lora_bias = detail::json_bool(j, "lora_bias", false, where);
+  if (j.contains("bias") && !j["bias"].is_null()) {
+    if (!j["bias"].is_string() || (j["bias"] != "none" && j["bias"] != "all" && j["bias"] != "lora_only"))
+      lora::detail::fail("{}: 'bias' must be \"none\", \"all\" or \"lora_only\", got {}", where, j["bias"].dump());
+    c.bias = j["bias"].get<std::string>();
+  }
+  if (j.contains("trainable_token_indices") && !j["trainable_token_indices"].is_null()) {
+    const auto& t = j["trainable_token_indices"];
+    if (t.is_object()) {
+      for (const auto& [k, v] : t.items())
+        c.trainable_token_indices.emplace_back(k, index_list(v, fmt::format("trainable_token_indices['{}']", k)));
+    } else {
+      c.trainable_token_indices.emplace_back("", index_list(t, "'trainable_token_indices'"));
+    }
+  }
   auto read_pattern = [&](const char* field, auto& out, auto convert) {
     if (!j.contains(field) || j[field].is_null()) return;
     if (!j[field].is_object()) lora::detail::fail("{}: '{}' must be an object, got {}", where, field, j[field].dump());
@@ -307,6 +487,26 @@ inline nlohmann::ordered_json PeftConfig::to_json() const {
   for (const auto& [k, v] : alpha_pattern) ap[k] = detail::alpha_json(v);
   j["rank_pattern"] = rp;
   j["alpha_pattern"] = ap;
+  // The selection fields: null when empty, as PEFT writes its defaults.
+  auto list_or_null = [](const auto& v) { return v.empty() ? nlohmann::ordered_json(nullptr) : nlohmann::ordered_json(v); };
+  if (exclude_modules_regex)
+    j["exclude_modules"] = *exclude_modules_regex;
+  else
+    j["exclude_modules"] = list_or_null(exclude_modules);
+  j["layers_to_transform"] = list_or_null(layers_to_transform);
+  j["layers_pattern"] = list_or_null(layers_pattern);
+  j["modules_to_save"] = list_or_null(modules_to_save);
+  j["lora_bias"] = lora_bias;
+  j["bias"] = bias;
+  if (trainable_token_indices.empty()) {
+    if (j.contains("trainable_token_indices")) j["trainable_token_indices"] = nullptr;
+  } else if (trainable_token_indices.size() == 1 && trainable_token_indices.front().first.empty()) {
+    j["trainable_token_indices"] = trainable_token_indices.front().second;
+  } else {
+    nlohmann::ordered_json t = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : trainable_token_indices) t[k.empty() ? std::string("embed_tokens") : k] = v;
+    j["trainable_token_indices"] = t;
+  }
   return j;
 }
 
@@ -321,20 +521,60 @@ inline PeftConfig load_peft_config(const std::filesystem::path& path) {
 /// The tensors of one module of an adapter_model.safetensors, as views into the mapped file.
 struct PeftModuleTensors {
   std::string name;                       ///< module path without "base_model.model."
-  const TensorView* A = nullptr;          ///< lora_A.weight [r × in]
-  const TensorView* B = nullptr;          ///< lora_B.weight [out × r]
+  const TensorView* A = nullptr;          ///< lora_A.weight [r × in] (lora_embedding_A [r × vocab])
+  const TensorView* B = nullptr;          ///< lora_B.weight [out × r] (lora_embedding_B [dim × r])
   const TensorView* magnitude = nullptr;  ///< DoRA's lora_magnitude_vector [out]; null for plain LoRA
+  const TensorView* bias = nullptr;       ///< lora_B.bias [out]; null without lora_bias
+  PeftModuleKind kind = PeftModuleKind::linear;
 };
 
-/// Pairs the tensors of a PEFT adapter_model.safetensors by module and checks them against
-/// the config without converting any: every key is a LoRA tensor; lora_A and lora_B are
-/// float matrices whose r is the config's; a magnitude [out] is there exactly when use_dora
-/// is true. (PEFT itself would only warn about missing magnitudes and keep ‖W‖'s row norms,
-/// and silently drop magnitudes it does not expect; both change the model, so both are errors.)
-/// Sorted by module name.
-inline std::vector<PeftModuleTensors> peft_module_tensors(const SafetensorsFile& f, const PeftConfig& cfg) {
+/// Every tensor of an adapter_model.safetensors, classified as PEFT's loader sees it.
+struct PeftFileTensors {
+  struct Saved {
+    std::string key, module;
+    PeftSavedTensor::Role role;
+    const TensorView* view;
+  };
+  struct Tokens {
+    std::string module;
+    std::vector<std::int64_t> indices;
+    const TensorView* rows;
+  };
+  std::vector<PeftModuleTensors> modules;  ///< adapted modules, sorted by name
+  std::vector<Saved> saved;                ///< whole tensors that replace base tensors, sorted by key
+  std::vector<Tokens> tokens;              ///< trainable-token rows, sorted by module
+  std::vector<PeftSkippedTensor> skipped;  ///< tensors PEFT would not load, with the reason
+};
+
+namespace detail {
+inline void check_float_tensor(const std::string& file, const TensorView& t) {
+  if (t.type != dtype::F32 && t.type != dtype::F16 && t.type != dtype::BF16 && t.type != dtype::F64)
+    lora::detail::fail("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16 or F64)", file, t.name,
+                       dtype_name(t.type));
+}
+}  // namespace detail
+
+/// Classifies and checks every tensor of a PEFT adapter_model.safetensors against its config,
+/// converting none:
+/// - LoRA factors (lora_A/lora_B, lora_embedding_A/B, lora_B.bias, DoRA magnitudes) of the
+///   modules the config targets (PeftConfig::targets); those of other modules are skipped,
+///   as PEFT creates no adapter there and ignores them. Factors are float matrices whose r
+///   is the config's; a magnitude [out] is there exactly when use_dora is true (PEFT would
+///   only warn about missing magnitudes and keep ‖W‖'s row norms, and silently drop ones it
+///   does not expect; both change the model, so both are errors); a lora_B.bias [out] is
+///   loaded with lora_bias = true and skipped otherwise.
+/// - whole tensors: `<m>.base_layer.weight` of an adapted module, copies of modules_to_save
+///   modules, biases trained with bias = "all" / "lora_only"; any other is skipped.
+/// - `<m>.token_adapter.trainable_tokens_delta` [k × dim], with k the number of token ids
+///   trainable_token_indices gives for m.
+/// Throws lora::error naming the file and tensor for a key that is not one PEFT writes
+/// for LoRA adapters, or for a file without any adapter content.
+inline PeftFileTensors scan_peft_tensors(const SafetensorsFile& f, const PeftConfig& cfg) {
   const std::string& file = f.path();
   std::map<std::string, PeftModuleTensors> parts;
+  std::map<std::string, const TensorView*> token_rows;
+  std::vector<std::pair<std::string, const TensorView*>> whole;  // key (no prefix) → view
+  PeftFileTensors out;
   for (const auto& t : f.tensors()) {
     std::string_view key = t.name;
     if (key.substr(0, detail::peft_prefix().size()) == detail::peft_prefix()) key.remove_prefix(detail::peft_prefix().size());
@@ -342,69 +582,189 @@ inline std::vector<PeftModuleTensors> peft_module_tensors(const SafetensorsFile&
       if (!detail::ends_with(key, suffix) || key.size() == suffix.size()) return std::nullopt;
       return std::string(key.substr(0, key.size() - suffix.size()));
     };
+    // One tensor per role: the same module under two spellings (with and without
+    // base_model.model., or both magnitude keys) would otherwise be merged twice.
+    auto set = [&](const TensorView*& slot, const std::string& m) {
+      if (slot)
+        lora::detail::fail("{}: tensors '{}' and '{}' are the same tensor of module '{}' under two keys", file,
+                           slot->name, t.name, m);
+      slot = &t;
+    };
+    auto linear = [&](const std::string& m) -> PeftModuleTensors& {
+      auto& p = parts[m];
+      if (p.kind == PeftModuleKind::embedding)
+        lora::detail::fail("{}: tensor '{}': module '{}' also has lora_embedding_A/B; a module is either a Linear or "
+                           "an Embedding", file, t.name, m);
+      return p;
+    };
+    auto embedding = [&](const std::string& m) -> PeftModuleTensors& {
+      auto& p = parts[m];
+      if (p.kind == PeftModuleKind::linear && (p.A || p.B || p.bias || p.magnitude))
+        lora::detail::fail("{}: tensor '{}': module '{}' also has lora_A/lora_B; a module is either a Linear or an "
+                           "Embedding", file, t.name, m);
+      p.kind = PeftModuleKind::embedding;
+      return p;
+    };
     if (auto m = take(".lora_A.weight")) {
-      parts[*m].A = &t;
+      set(linear(*m).A, *m);
     } else if (auto m = take(".lora_B.weight")) {
-      parts[*m].B = &t;
+      set(linear(*m).B, *m);
+    } else if (auto m = take(".lora_B.bias")) {
+      set(linear(*m).bias, *m);
     } else if (auto m = take(".lora_magnitude_vector")) {
-      parts[*m].magnitude = &t;
+      set(parts[*m].magnitude, *m);
     } else if (auto m = take(".lora_magnitude_vector.weight")) {
-      parts[*m].magnitude = &t;
-    } else if (key.find("lora_embedding_") != std::string_view::npos) {
-      lora::detail::fail("{}: tensor '{}': adapters on embedding layers are not supported", file, t.name);
-    } else if (detail::ends_with(key, ".lora_B.bias")) {
-      lora::detail::fail("{}: tensor '{}': lora_bias (a bias on lora_B) is not supported", file, t.name);
-    } else {
-      lora::detail::fail("{}: tensor '{}' is not a LoRA tensor (expected <module>.lora_A.weight, .lora_B.weight "
-                         "or .lora_magnitude_vector)",
+      set(parts[*m].magnitude, *m);
+    } else if (auto m = take(".lora_embedding_A")) {
+      set(embedding(*m).A, *m);
+    } else if (auto m = take(".lora_embedding_B")) {
+      set(embedding(*m).B, *m);
+    } else if (auto m = take(".token_adapter.trainable_tokens_delta")) {
+      set(token_rows[*m], *m);
+    } else if (key.find("lora_") != std::string_view::npos || key.find("token_adapter") != std::string_view::npos ||
+               key.find('.') == std::string_view::npos) {
+      lora::detail::fail("{}: tensor '{}' is not a tensor PEFT writes for a LoRA adapter (expected <module>.lora_A.weight, "
+                         ".lora_B.weight, .lora_B.bias, .lora_magnitude_vector, .lora_embedding_A/B, "
+                         ".token_adapter.trainable_tokens_delta, or a whole <module>.weight/.bias)",
                          file, t.name);
+    } else {
+      whole.emplace_back(std::string(key), &t);
     }
   }
-  if (parts.empty()) lora::detail::fail("{}: holds no LoRA tensors", file);
 
-  auto check_float = [&](const TensorView& t) {
-    if (t.type != dtype::F32 && t.type != dtype::F16 && t.type != dtype::BF16 && t.type != dtype::F64)
-      lora::detail::fail("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16 or F64)", file, t.name,
-                         dtype_name(t.type));
-  };
-  std::vector<PeftModuleTensors> out;
-  for (auto& part : parts) {
-    const std::string& name = part.first;
-    PeftModuleTensors& p = part.second;
+  // LoRA modules: the config's selection first (PEFT never looks at the others' tensors).
+  const bool filter = cfg.has_targets();
+  for (auto& [name, p] : parts) {
     p.name = name;
+    if (filter && !cfg.targets(name)) {
+      const std::string why = fmt::format(
+          "module '{}' is not adapted under this config (target_modules{}{}{}): PEFT creates no LoRA layer there and "
+          "ignores the tensor",
+          name, cfg.exclude_modules.empty() && !cfg.exclude_modules_regex ? "" : ", exclude_modules",
+          cfg.layers_to_transform.empty() ? "" : ", layers_to_transform", cfg.modules_to_save.empty() ? "" : ", modules_to_save");
+      for (const TensorView* v : {p.A, p.B, p.magnitude, p.bias})
+        if (v) out.skipped.push_back({v->name, why});
+      continue;
+    }
+    const bool emb = p.kind == PeftModuleKind::embedding;
+    const char* a_key = emb ? "lora_embedding_A" : "lora_A.weight";
+    const char* b_key = emb ? "lora_embedding_B" : "lora_B.weight";
     if (!p.A)
-      lora::detail::fail("{}: module '{}' has {} but no lora_A.weight", file, name,
-                         p.B ? "lora_B.weight" : "lora_magnitude_vector");
-    if (!p.B) lora::detail::fail("{}: tensor '{}' has no matching lora_B.weight", file, p.A->name);
-    check_float(*p.A);
-    check_float(*p.B);
+      lora::detail::fail("{}: module '{}' has {} but no {}", file, name,
+                         p.B ? b_key : (p.bias ? "lora_B.bias" : "lora_magnitude_vector"), a_key);
+    if (!p.B) lora::detail::fail("{}: tensor '{}' has no matching {}", file, p.A->name, b_key);
+    detail::check_float_tensor(file, *p.A);
+    detail::check_float_tensor(file, *p.B);
+    // NaN/Inf would reach every merged weight and every combination (exit 0 before).
+    for (const TensorView* v : {p.A, p.B, p.magnitude, p.bias})
+      if (v) require_finite(*v, "a PEFT adapter");
     if (p.A->ndim() != 2)
-      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 2 ([r, in])", file, p.A->name, p.A->ndim());
+      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 2 ([r, {}])", file, p.A->name, p.A->ndim(),
+                         emb ? "vocab" : "in");
     if (p.B->ndim() != 2)
-      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 2 ([out, r])", file, p.B->name, p.B->ndim());
+      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 2 ([{}, r])", file, p.B->name, p.B->ndim(),
+                         emb ? "dim" : "out");
+    if (p.A->shape[1] == 0 || p.B->shape[0] == 0)
+      lora::detail::fail("{}: module '{}' has lora_A [{}] and lora_B [{}]: a factor with a zero-size dimension", file,
+                         name, fmt::join(p.A->shape, ", "), fmt::join(p.B->shape, ", "));
     const int r = cfg.rank_for(name);
     if (p.A->shape[0] != r)
       lora::detail::fail("{}: tensor '{}' has shape [{}, {}]: rank {}, but the config gives r = {} for module '{}'",
                          file, p.A->name, p.A->shape[0], p.A->shape[1], p.A->shape[0], r, name);
     if (p.B->shape[1] != r)
-      lora::detail::fail("{}: tensor '{}' has shape [{}, {}], expected [out, {}] (r = {} for module '{}')", file,
-                         p.B->name, p.B->shape[0], p.B->shape[1], r, r, name);
+      lora::detail::fail("{}: tensor '{}' has shape [{}, {}], expected [{}, {}] (r = {} for module '{}')", file,
+                         p.B->name, p.B->shape[0], p.B->shape[1], emb ? "dim" : "out", r, r, name);
     if (cfg.use_dora && !p.magnitude)
       lora::detail::fail("{}: module '{}' has no lora_magnitude_vector, but the config has use_dora = true", file, name);
     if (!cfg.use_dora && p.magnitude)
       lora::detail::fail("{}: tensor '{}' is a DoRA magnitude, but the config has use_dora = false", file,
                          p.magnitude->name);
+    if (emb && p.magnitude)
+      lora::detail::fail("{}: tensor '{}': DoRA on an embedding layer is not supported (its magnitude and norm run "
+                         "over the table's columns; not implemented here)", file, p.magnitude->name);
     if (const TensorView* m = p.magnitude) {
-      check_float(*m);
+      detail::check_float_tensor(file, *m);
       if (m->ndim() != 1 && !(m->ndim() == 2 && m->shape[1] == 1))
         lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 1 ([out])", file, m->name, m->ndim());
       if (m->shape[0] != p.B->shape[0])
         lora::detail::fail("{}: tensor '{}' has {} elements, expected out = {} (the rows of lora_B)", file, m->name,
                            m->shape[0], p.B->shape[0]);
     }
-    out.push_back(p);
+    if (const TensorView* b = p.bias) {
+      if (!cfg.lora_bias) {
+        out.skipped.push_back({b->name, "lora_B.bias, but the config has lora_bias = false: PEFT's lora_B has no "
+                                        "bias and ignores the tensor"});
+        p.bias = nullptr;
+      } else {
+        detail::check_float_tensor(file, *b);
+        if (b->ndim() != 1 || b->shape[0] != p.B->shape[0])
+          lora::detail::fail("{}: tensor '{}' has shape [{}], expected [{}] (out, the rows of lora_B)", file, b->name,
+                             fmt::join(b->shape, ", "), p.B->shape[0]);
+        if (p.magnitude)
+          lora::detail::fail("{}: tensor '{}': lora_bias together with DoRA is not supported", file, b->name);
+      }
+    }
+    out.modules.push_back(p);
   }
+
+  // Whole tensors.
+  auto adapted = [&](const std::string& m) {
+    return std::any_of(out.modules.begin(), out.modules.end(), [&](const PeftModuleTensors& p) { return p.name == m; });
+  };
+  for (const auto& [key, v] : whole) {
+    detail::check_float_tensor(file, *v);
+    if (const auto pos = key.find(".base_layer."); pos != std::string::npos) {
+      const std::string module = key.substr(0, pos);
+      std::string base_key = key;
+      base_key.erase(pos, std::string(".base_layer").size());
+      if (adapted(module))
+        out.saved.push_back({base_key, module, PeftSavedTensor::Role::base_layer, v});
+      else
+        out.skipped.push_back({v->name, fmt::format("a base_layer tensor of '{}', which carries no adapter here", module)});
+      continue;
+    }
+    const auto dot = key.rfind('.');
+    const std::string module = key.substr(0, dot), param = key.substr(dot + 1);
+    if (cfg.saves_module(module)) {
+      out.saved.push_back({key, module, PeftSavedTensor::Role::modules_to_save, v});
+    } else if (param == "bias" && (cfg.bias == "all" || (cfg.bias == "lora_only" && adapted(module)))) {
+      out.saved.push_back({key, module, PeftSavedTensor::Role::trained_bias, v});
+    } else {
+      out.skipped.push_back({v->name, fmt::format("a whole tensor of module '{}', which is not in modules_to_save{}: "
+                                                  "PEFT does not load it",
+                                                  module, param == "bias" ? " (and bias is \"" + cfg.bias + "\")" : "")});
+    }
+  }
+  std::sort(out.saved.begin(), out.saved.end(), [](const auto& a, const auto& b) { return a.key < b.key; });
+
+  // Trainable tokens.
+  for (const auto& [module, v] : token_rows) {
+    const std::vector<std::int64_t>* ids = nullptr;
+    for (const auto& [target, list] : cfg.trainable_token_indices)
+      if (target.empty() || module == target ||
+          (module.size() > target.size() && detail::ends_with(module, "." + target)))
+        ids = &list;
+    if (!ids)
+      lora::detail::fail("{}: tensor '{}' holds trainable-token rows, but the config's trainable_token_indices gives no "
+                         "token ids for module '{}'", file, v->name, module);
+    detail::check_float_tensor(file, *v);
+    if (v->ndim() != 2 || v->shape[0] != static_cast<std::int64_t>(ids->size()))
+      lora::detail::fail("{}: tensor '{}' has shape [{}], expected [{}, dim] (one row per token id in "
+                         "trainable_token_indices)", file, v->name, fmt::join(v->shape, ", "), ids->size());
+    out.tokens.push_back({module, *ids, v});
+  }
+  if (out.modules.empty() && out.saved.empty() && out.tokens.empty())
+    lora::detail::fail("{}: holds no LoRA tensors{}", file,
+                       out.skipped.empty() ? "" : fmt::format(" the config selects ({} skipped, e.g. '{}': {})",
+                                                              out.skipped.size(), out.skipped.front().key,
+                                                              out.skipped.front().reason));
   return out;
+}
+
+/// The LoRA modules of scan_peft_tensors (lora_A / lora_B / magnitude / bias views per
+/// module), sorted by module name.
+inline std::vector<PeftModuleTensors> peft_module_tensors(const SafetensorsFile& f, const PeftConfig& cfg) {
+  return scan_peft_tensors(f, cfg).modules;
 }
 
 namespace detail {
@@ -431,11 +791,13 @@ inline std::pair<PeftConfig, SafetensorsFile> open_peft_folder(const std::filesy
 /// shapes, r, DoRA magnitudes against use_dora) without converting the tensors.
 inline void check_peft_adapter(const std::filesystem::path& folder) {
   const auto opened = detail::open_peft_folder(folder);
-  peft_module_tensors(opened.second, opened.first);
+  scan_peft_tensors(opened.second, opened.first);
 }
 
-/// Loads a PEFT LoRA/rsLoRA/DoRA adapter folder. Tensors of any float dtype (F64, F32,
-/// F16, BF16) are converted to float; r and shapes are checked against the config.
+/// Loads a PEFT LoRA/rsLoRA/DoRA adapter folder with everything it carries (embedding LoRA,
+/// lora_B biases, modules_to_save copies, trainable tokens). Factors of any float dtype
+/// (F64, F32, F16, BF16) are converted to float; whole tensors are kept as stored; r and
+/// shapes are checked against the config (see scan_peft_tensors).
 inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
   auto opened = detail::open_peft_folder(folder);
   PeftAdapter out;
@@ -443,12 +805,16 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
   const SafetensorsFile& f = opened.second;
   const std::string file = f.path();
   const PeftConfig& cfg = out.config;
-  for (const PeftModuleTensors& p : peft_module_tensors(f, cfg)) {
+  PeftFileTensors scan = scan_peft_tensors(f, cfg);
+  for (const PeftModuleTensors& p : scan.modules) {
     AdapterOptions opts;
     opts.fan_in_fan_out = cfg.fan_in_fan_out;
     opts.name = p.name;
     auto make = [&] {
       try {
+        if (p.kind == PeftModuleKind::embedding)
+          return embedding_adapter<float, dynamic_scaling>(p.A->to_matrix<float>(), p.B->to_matrix<float>(),
+                                                           cfg.alpha_for(p.name), opts, dynamic_scaling{cfg.use_rslora});
         return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
             p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts,
             dynamic_scaling{cfg.use_rslora});
@@ -456,14 +822,23 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
         lora::detail::fail("{}: {}", file, e.what());
       }
     };
-    PeftModule mod{p.name, make(), std::nullopt, p.A->type};
+    PeftModule mod{p.name, make(), std::nullopt, p.A->type, p.kind, std::nullopt};
     if (p.magnitude) {
       Vector<float> m(p.magnitude->shape[0]);
       p.magnitude->convert_into(m.data());
       mod.magnitude = std::move(m);
     }
+    if (p.bias) {
+      Vector<float> b(p.bias->shape[0]);
+      p.bias->convert_into(b.data());
+      mod.lora_bias = std::move(b);
+    }
     out.modules.push_back(std::move(mod));
   }
+  for (const auto& s : scan.saved) out.saved.push_back({s.key, s.module, s.role, TensorData::copy_of(*s.view)});
+  for (const auto& t : scan.tokens)
+    out.trainable_tokens.push_back({t.module, t.indices, t.rows->to_matrix<float>(), t.rows->type});
+  out.skipped = std::move(scan.skipped);
   return out;
 }
 
@@ -477,12 +852,20 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
   if (type != dtype::F32 && type != dtype::F16 && type != dtype::BF16 && type != dtype::F64)
     lora::detail::fail("{}: cannot save a PEFT adapter in dtype {}; use F32, F16, BF16 or F64", folder.string(),
                        dtype_name(type));
-  if (adapter.modules.empty()) lora::detail::fail("{}: cannot save a PEFT adapter without modules", folder.string());
+  if (adapter.modules.empty() && adapter.saved.empty() && adapter.trainable_tokens.empty())
+    lora::detail::fail("{}: cannot save a PEFT adapter without modules", folder.string());
   PeftConfig cfg = adapter.config;
-  const bool dora = adapter.modules.front().is_dora();
+  const bool dora = !adapter.modules.empty() && adapter.modules.front().is_dora();
   cfg.use_dora = dora;
-  cfg.use_rslora = adapter.modules.front().adapter.policy().rslora;
-  cfg.fan_in_fan_out = adapter.modules.front().adapter.fan_in_fan_out();
+  if (!adapter.modules.empty()) cfg.use_rslora = adapter.modules.front().adapter.policy().rslora;
+  // fan_in_fan_out is the Linear modules' (an embedding module always has it set).
+  for (const auto& m : adapter.modules)
+    if (!m.is_embedding()) {
+      cfg.fan_in_fan_out = m.adapter.fan_in_fan_out();
+      break;
+    }
+  cfg.lora_bias = std::any_of(adapter.modules.begin(), adapter.modules.end(),
+                              [](const PeftModule& m) { return m.lora_bias.has_value(); });
   std::vector<std::pair<std::string, int>> rank_first;
   std::vector<std::pair<std::string, double>> alpha_first;
   bool all_targeted = true;
@@ -498,9 +881,15 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
       lora::detail::fail("{}: module '{}' uses {} scaling but module '{}' uses {}; PEFT has one use_rslora",
                          folder.string(), m.name, a.policy().rule(), adapter.modules.front().name,
                          adapter.modules.front().adapter.policy().rule());
-    if (a.fan_in_fan_out() != cfg.fan_in_fan_out)
+    if (!m.is_embedding() && a.fan_in_fan_out() != cfg.fan_in_fan_out)
       lora::detail::fail("{}: module '{}' has fan_in_fan_out = {} unlike module '{}'", folder.string(), m.name,
                          a.fan_in_fan_out(), adapter.modules.front().name);
+    if (m.is_embedding() && !a.fan_in_fan_out())
+      lora::detail::fail("{}: embedding module '{}' must have fan_in_fan_out set (A [r × vocab], B [dim × r])",
+                         folder.string(), m.name);
+    if (m.lora_bias && m.lora_bias->size() != a.out_features())
+      lora::detail::fail("{}: module '{}': lora_B.bias has {} elements, expected out = {}", folder.string(), m.name,
+                         m.lora_bias->size(), a.out_features());
     if (m.magnitude && m.magnitude->size() != a.out_features())
       lora::detail::fail("{}: module '{}': magnitude has {} elements, expected out = {}", folder.string(), m.name,
                          m.magnitude->size(), a.out_features());
@@ -518,6 +907,22 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
     cfg.target_modules_regex.reset();
     cfg.target_modules.clear();
     for (const auto& m : adapter.modules) cfg.target_modules.push_back(m.name);
+    cfg.exclude_modules.clear();
+    cfg.exclude_modules_regex.reset();
+  }
+  for (const auto& m : adapter.modules)
+    if (!cfg.targets(m.name))
+      lora::detail::fail("{}: module '{}' is also in modules_to_save, where PEFT puts no adapter", folder.string(),
+                         m.name);
+  for (const auto& t : adapter.trainable_tokens) {  // the config must give each embedding its token ids
+    bool listed = false;
+    for (const auto& [target, ids] : cfg.trainable_token_indices)
+      if ((target.empty() || t.module == target || detail::ends_with(t.module, "." + target)) && ids == t.indices)
+        listed = true;
+    if (!listed) {
+      std::erase_if(cfg.trainable_token_indices, [&](const auto& e) { return e.first.empty() || e.first == t.module; });
+      cfg.trainable_token_indices.emplace_back(t.module, t.indices);
+    }
   }
   for (const auto& m : adapter.modules) {  // the exact-path patterns must now give each module its own r and alpha
     if (cfg.rank_for(m.name) != m.adapter.rank() || cfg.alpha_for(m.name) != m.adapter.alpha() * m.adapter.multiplier())
@@ -526,17 +931,36 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
   }
 
   std::vector<TensorData> tensors;
-  tensors.reserve(adapter.modules.size() * 3);
+  tensors.reserve(adapter.modules.size() * 3 + adapter.saved.size() + adapter.trainable_tokens.size());
   for (const auto& m : adapter.modules) {
     const std::string key = detail::peft_prefix() + m.name;
-    tensors.push_back(TensorData::from_matrix(key + ".lora_A.weight", m.adapter.A(), type));
-    tensors.push_back(TensorData::from_matrix(key + ".lora_B.weight", m.adapter.B(), type));
+    const bool emb = m.is_embedding();
+    tensors.push_back(TensorData::from_matrix(key + (emb ? ".lora_embedding_A" : ".lora_A.weight"), m.adapter.A(), type));
+    tensors.push_back(TensorData::from_matrix(key + (emb ? ".lora_embedding_B" : ".lora_B.weight"), m.adapter.B(), type));
+    if (m.lora_bias) {
+      const Vector<float>& v = *m.lora_bias;
+      tensors.push_back(TensorData::from_values(key + ".lora_B.bias", v.data(), {v.size()}, type));
+    }
     if (m.magnitude) {
       const Vector<float>& v = *m.magnitude;
       tensors.push_back(TensorData::from_values(key + ".lora_magnitude_vector", v.data(), {v.size()}, type));
     }
   }
+  // Whole tensors keep their stored dtype (they are base weights, as PEFT saves them).
+  for (const auto& t : adapter.saved) {
+    std::string key = t.key;
+    if (t.role == PeftSavedTensor::Role::base_layer) key = t.module + ".base_layer" + t.key.substr(t.module.size());
+    TensorData d = t.data;
+    d.name = detail::peft_prefix() + key;
+    tensors.push_back(std::move(d));
+  }
+  for (const auto& t : adapter.trainable_tokens)
+    tensors.push_back(TensorData::from_matrix(detail::peft_prefix() + t.module + ".token_adapter.trainable_tokens_delta",
+                                              t.rows, type));
   std::sort(tensors.begin(), tensors.end(), [](const TensorData& a, const TensorData& b) { return a.name < b.name; });
+  for (std::size_t i = 1; i < tensors.size(); ++i)
+    if (tensors[i].name == tensors[i - 1].name)
+      lora::detail::fail("{}: tensor '{}' would be written twice", folder.string(), tensors[i].name);
   const std::string config_text = cfg.to_json().dump(2) + "\n";
   const std::string weights = serialize_safetensors(tensors, {{"format", "pt"}});
   write_folder_atomically(folder, [&](const std::filesystem::path& tmp) {

@@ -1,0 +1,459 @@
+// Real PEFT adapter folders, whole (issue 19): every tensor kind PEFT 0.21 saves for LoRA
+// (modules_to_save copies, embedding LoRA, lora_B.bias, trainable tokens, bf16 files) merges
+// equal to PEFT's merge_and_unload() and runs forward equal to PEFT's layers; the config
+// selects modules as PEFT does; base key layouts are mapped; merged folders carry the base's
+// files; stacked merges equal sequential ones.
+#include <lora/core/embedding.hpp>
+#include <lora/core/lora_bias.hpp>
+#include <lora/io/merge.hpp>
+#include <lora/io/peft.hpp>
+
+#include <Eigen/SVD>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "support/catch.hpp"
+#include "support/files.hpp"
+#include "support/reference.hpp"
+
+using namespace lora;
+using lora::test::data;
+using lora::test::rel_error;
+using lora::test::TempDir;
+using Catch::Matchers::ContainsSubstring;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string peft(const std::string& c, const std::string& rest) { return data("peft/" + c + "/" + rest); }
+
+void copy_folder(const fs::path& from, const fs::path& to) {
+  fs::create_directories(to);
+  for (auto& e : fs::directory_iterator(from)) fs::copy_file(e.path(), to / e.path().filename());
+  for (auto& e : fs::directory_iterator(to)) fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
+}
+nlohmann::ordered_json read_json(const fs::path& p) {
+  std::ifstream in(p);
+  return nlohmann::ordered_json::parse(in);
+}
+void write_json(const fs::path& p, const nlohmann::ordered_json& j) {
+  std::ofstream out(p);
+  out << j.dump(2);
+}
+
+/// ulp of a bfloat16 value (spacing of bf16 numbers around |v|).
+double bf16_ulp(double v) {
+  if (v == 0) return std::ldexp(1.0, -133);
+  return std::ldexp(1.0, static_cast<int>(std::floor(std::log2(std::fabs(v)))) - 7);
+}
+
+/// Every tensor of `got` equals merged.safetensors of the case: float32 within 1e-6
+/// relative (Frobenius, per tensor); bf16 element by element within one bf16 rounding: we
+/// round W + ΔW once, PEFT's bf16 adapter rounded ΔW to bf16 first (reference .delta_weight
+/// vs .delta_weight_f32), so the two differ by at most that rounding of ΔW plus half an ulp
+/// of each result. Returns the number of tensors that differ from the base.
+int check_merged(const std::string& c, const fs::path& got_file) {
+  const auto got = io::SafetensorsFile::open(got_file);
+  const auto want = io::SafetensorsFile::open(peft(c, "merged.safetensors"));
+  const auto base = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));
+  const auto ref = io::SafetensorsFile::open(peft(c, "reference.safetensors"));
+  REQUIRE(got.names() == base.names());
+  int changed = 0;
+  for (const auto& k : want.names()) {
+    INFO(c << ": " << k);
+    const auto& w = want.tensor(k);
+    const auto& g = got.tensor(k);
+    REQUIRE(g.type == w.type);
+    REQUIRE(g.shape == w.shape);
+    const auto wv = w.to_vector<double>(), gv = g.to_vector<double>(), bv = base.tensor(k).to_vector<double>();
+    if (wv != bv) ++changed;
+    if (w.type == io::dtype::F32) {
+      Eigen::Map<const Vector<double>> a(gv.data(), static_cast<Index>(gv.size())), b(wv.data(), static_cast<Index>(wv.size()));
+      CHECK(rel_error(a, b) <= 1e-6);
+    } else {
+      const std::string module = k.substr(0, k.rfind('.'));
+      std::vector<double> delta_rounding(wv.size(), 0.0);
+      if (ref.contains(module + ".delta_weight_f32")) {
+        const auto d16 = ref.tensor(module + ".delta_weight").to_vector<double>();
+        const auto d32 = ref.tensor(module + ".delta_weight_f32").to_vector<double>();
+        for (std::size_t i = 0; i < wv.size(); ++i) delta_rounding[i] = std::fabs(d16[i] - d32[i]);
+      }
+      std::size_t bad = 0;
+      for (std::size_t i = 0; i < wv.size(); ++i)
+        if (std::fabs(gv[i] - wv[i]) > bf16_ulp(std::max(std::fabs(gv[i]), std::fabs(wv[i]))) + delta_rounding[i] * 1.0001)
+          ++bad;
+      CHECK(bad == 0);
+    }
+  }
+  return changed;
+}
+
+fs::path merge_case(const TempDir& tmp, const std::string& c, const io::MergeOptions& opts = {}) {
+  const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+  const auto base = io::Checkpoint::open(peft(c, "base"));
+  const fs::path out = tmp.path / c;
+  io::merge_peft_checkpoint(base, ad, out, opts);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("every batch-2 PEFT folder merges equal to merge_and_unload", "[peft][merge]") {
+  TempDir tmp("peft-folders");
+  // {case, tensors merge_and_unload changed (meta.json)}
+  const std::vector<std::pair<std::string, int>> cases = {
+      {"modules_to_save_lm_head", 5}, {"modules_to_save_lm_head_embed", 6}, {"embedding_lora", 3},
+      {"lora_bias", 28},              {"trainable_tokens", 5},              {"trainable_tokens_tied", 6},
+      {"lora_r16_bf16_saved", 8}};
+  for (const auto& [c, n] : cases) {
+    INFO(c);
+    const fs::path out = merge_case(tmp, c);
+    CHECK(check_merged(c, out / "model.safetensors") == n);
+    CHECK(fs::exists(out / "config.json"));
+  }
+}
+
+TEST_CASE("modules_to_save copies are whole modules that replace the base's", "[peft]") {
+  const auto ad = io::load_peft_adapter(peft("modules_to_save_lm_head_embed", "adapter"));
+  CHECK(ad.modules.size() == 4);
+  REQUIRE(ad.saved.size() == 2);
+  CHECK(ad.saved[0].key == "lm_head.weight");
+  CHECK(ad.saved[0].module == "lm_head");
+  CHECK(ad.saved[0].role == io::PeftSavedTensor::Role::modules_to_save);
+  CHECK(ad.saved[1].key == "model.embed_tokens.weight");
+  CHECK(ad.skipped.empty());
+  // lm_head's forward with the saved copy is PEFT's
+  const auto one = io::load_peft_adapter(peft("modules_to_save_lm_head", "adapter"));
+  const auto ref = io::SafetensorsFile::open(peft("modules_to_save_lm_head", "reference.safetensors"));
+  const io::SafetensorsFile saved =
+      io::SafetensorsFile::from_bytes(io::serialize_safetensors({one.saved.at(0).data}, {}));
+  const Matrix<double> W = saved.tensor("base_model.model.lm_head.weight").to_matrix<double>();
+  const Matrix<double> x = ref.tensor("lm_head.x").to_matrix<double>();
+  CHECK(rel_error(Matrix<double>(x * W.transpose()), ref.tensor("lm_head.y").to_matrix<double>()) < 1e-6);
+}
+
+TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embedding]") {
+  for (const char* folder : {"adapter", "adapter_no_embedding_layers"}) {
+    INFO(folder);
+    const auto ad = io::load_peft_adapter(peft("embedding_lora", folder));
+    const auto ref = io::SafetensorsFile::open(peft("embedding_lora", "reference.safetensors"));
+    const auto base = io::SafetensorsFile::open(peft("embedding_lora", "base/model.safetensors"));
+    const auto& m = ad.at("model.embed_tokens");
+    CHECK(m.is_embedding());
+    CHECK(m.adapter.in_features() == 128);  // vocab: the layer reads token ids
+    CHECK(m.adapter.out_features() == 64);  // dim
+    CHECK(m.adapter.scaling() == Approx(ref.tensor("model.embed_tokens.scaling").at<double>(0)));
+    const Matrix<float> delta = m.adapter.delta_weight();
+    CHECK(rel_error(delta, ref.tensor("model.embed_tokens.delta_weight").to_matrix<float>()) < 1e-6);
+    // forward: E[ids] + s·A[:, ids]ᵀ·Bᵀ
+    const auto ids = ref.tensor("model.embed_tokens.ids").to_vector<std::int64_t>();
+    const Matrix<float> E = base.tensor("model.embed_tokens.weight").to_matrix<float>();
+    const Matrix<float> y = embedding_forward(m.adapter, MatrixRef<float>(E), ids);
+    const auto& yt = ref.tensor("model.embed_tokens.y");
+    const Matrix<float> want = Eigen::Map<const Matrix<float>>(yt.to_vector<float>().data(), static_cast<Index>(ids.size()), 64);
+    CHECK(rel_error(y, want) < 1e-6);
+    // the spectrum of ΔE is PEFT's (float64)
+    Eigen::JacobiSVD<Matrix<double>> svd(delta.cast<double>());
+    const auto sv = ref.tensor("model.embed_tokens.svdvals").to_vector<double>();
+    for (Index i = 0; i < 4; ++i) CHECK(svd.singularValues()(i) == Approx(sv[static_cast<std::size_t>(i)]).epsilon(1e-5));
+    CHECK(ad.saved.size() == (std::string(folder) == "adapter" ? 1u : 0u));
+    // out-of-range token ids are refused by name
+    const std::vector<std::int64_t> bad = {3, 128};
+    CHECK_THROWS_WITH(embedding_forward(m.adapter, MatrixRef<float>(E), bad), ContainsSubstring("token id 128"));
+  }
+  // without save_embedding_layers the merge is the same
+  TempDir tmp("peft-emb");
+  const auto ad = io::load_peft_adapter(peft("embedding_lora", "adapter_no_embedding_layers"));
+  io::merge_peft_checkpoint(io::Checkpoint::open(peft("embedding_lora", "base")), ad, tmp.path / "m");
+  CHECK(check_merged("embedding_lora", tmp.path / "m" / "model.safetensors") == 3);
+}
+
+TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-less base refused", "[peft][bias]") {
+  for (const char* c : {"lora_bias", "lora_bias_nobias"}) {
+    INFO(c);
+    const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+    const auto ref = io::SafetensorsFile::open(peft(c, "reference.safetensors"));
+    const auto base = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));
+    CHECK(ad.modules.size() == 14);
+    for (const auto& m : ad.modules) {
+      INFO(m.name);
+      REQUIRE(m.lora_bias);
+      const Vector<float> db = *m.lora_bias * static_cast<float>(m.adapter.scaling());
+      const auto want_db = ref.tensor(m.name + ".delta_bias").to_vector<float>();
+      CHECK(rel_error(db, Eigen::Map<const Vector<float>>(want_db.data(), db.size())) < 1e-6);
+      const Matrix<float> W = base.tensor(m.name + ".weight").to_matrix<float>();
+      const Matrix<float> x = ref.tensor(m.name + ".x").to_matrix<float>();
+      std::optional<Vector<float>> b;
+      if (base.contains(m.name + ".bias")) {
+        const auto v = base.tensor(m.name + ".bias").to_vector<float>();
+        b = Eigen::Map<const Vector<float>>(v.data(), static_cast<Index>(v.size()));
+      }
+      const Matrix<float> y = apply_with_bias(m.adapter, MatrixRef<float>(W), b ? &*b : nullptr, *m.lora_bias,
+                                              MatrixRef<float>(x));
+      CHECK(rel_error(y, ref.tensor(m.name + ".y").to_matrix<float>()) < 1e-5);
+      if (!b) CHECK_THROWS_WITH(merge_bias(m.adapter, nullptr, *m.lora_bias), ContainsSubstring("no bias"));
+    }
+  }
+  TempDir tmp("peft-nobias");
+  const auto ad = io::load_peft_adapter(peft("lora_bias_nobias", "adapter"));
+  CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(peft("lora_bias_nobias", "base")), ad, tmp.path / "m"),
+                    ContainsSubstring("the base layer has no bias"));
+  CHECK(!fs::exists(tmp.path / "m"));
+  // lora_B.bias under lora_bias = false: PEFT ignores it; so do we, and say so
+  const fs::path edited = tmp.path / "nobias-config";
+  copy_folder(peft("lora_bias", "adapter"), edited);
+  auto j = read_json(edited / "adapter_config.json");
+  j["lora_bias"] = false;
+  write_json(edited / "adapter_config.json", j);
+  const auto plain = io::load_peft_adapter(edited);
+  CHECK(plain.skipped.size() == 14);
+  CHECK_THAT(plain.skipped.front().reason, ContainsSubstring("lora_bias = false"));
+  for (const auto& m : plain.modules) CHECK(!m.lora_bias);
+}
+
+TEST_CASE("trainable tokens replace the embedding's rows (and lm_head's when tied)", "[peft][tokens]") {
+  for (const char* c : {"trainable_tokens", "trainable_tokens_tied"}) {
+    INFO(c);
+    const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+    const auto ref = io::SafetensorsFile::open(peft(c, "reference.safetensors"));
+    REQUIRE(ad.trainable_tokens.size() == 1);
+    const auto& t = ad.trainable_tokens[0];
+    CHECK(t.module == "model.embed_tokens");
+    CHECK(t.indices == ref.tensor("model.embed_tokens.token_indices").to_vector<std::int64_t>());
+    CHECK(rel_error(t.rows, ref.tensor("model.embed_tokens.new_rows").to_matrix<float>()) == 0);
+  }
+  // tied detection without config.json: lm_head holds the embedding's bytes
+  TempDir tmp("peft-tied");
+  fs::create_directories(tmp.path / "base");
+  fs::copy_file(peft("trainable_tokens_tied", "base/model.safetensors"), tmp.path / "base" / "model.safetensors");
+  const auto ad = io::load_peft_adapter(peft("trainable_tokens_tied", "adapter"));
+  io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "base"), ad, tmp.path / "m");
+  CHECK(check_merged("trainable_tokens_tied", tmp.path / "m" / "model.safetensors") == 6);
+  // and forced untied: lm_head stays
+  io::MergeOptions o;
+  o.tie_word_embeddings = false;
+  io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "base"), ad, tmp.path / "u", o);
+  const auto u = io::SafetensorsFile::open(tmp.path / "u" / "model.safetensors");
+  const auto b = io::SafetensorsFile::open(tmp.path / "base" / "model.safetensors");
+  CHECK(u.tensor("lm_head.weight").to_vector<float>() == b.tensor("lm_head.weight").to_vector<float>());
+}
+
+TEST_CASE("bf16 adapter files load and merge within one bf16 rounding", "[peft][bf16]") {
+  const auto ad = io::load_peft_adapter(peft("lora_r16_bf16_saved", "adapter"));
+  const auto ref = io::SafetensorsFile::open(peft("lora_r16_bf16_saved", "reference.safetensors"));
+  CHECK(ad.modules.size() == 8);
+  for (const auto& m : ad.modules) {
+    CHECK(m.stored_dtype == io::dtype::BF16);
+    CHECK(rel_error(m.adapter.delta_weight(), ref.tensor(m.name + ".delta_weight_f32").to_matrix<float>()) < 1e-6);
+  }
+}
+
+TEST_CASE("the config selects modules as PEFT does", "[peft][select]") {
+  TempDir tmp("peft-select");
+  const fs::path folder = tmp.path / "a";
+  copy_folder(peft("lora_r8_a16_all", "adapter"), folder);
+  auto edit = [&](auto fn) {
+    auto j = read_json(peft("lora_r8_a16_all", "adapter/adapter_config.json"));
+    fn(j);
+    write_json(folder / "adapter_config.json", j);
+    return io::load_peft_adapter(folder);
+  };
+  auto names = [](const io::PeftAdapter& a) {
+    std::vector<std::string> n;
+    for (const auto& m : a.modules) n.push_back(m.name);
+    return n;
+  };
+  // a list: suffix match; the other 10 modules' 20 tensors are skipped and reported
+  auto qv = edit([](auto& j) { j["target_modules"] = {"q_proj", "v_proj"}; });
+  CHECK(qv.modules.size() == 4);
+  CHECK(qv.skipped.size() == 20);
+  CHECK_THAT(qv.skipped.front().reason, ContainsSubstring("not adapted under this config"));
+  // a string: full-match regex
+  auto re = edit([](auto& j) { j["target_modules"] = ".*layers\\.1\\.self_attn\\.(q|k)_proj"; });
+  CHECK(names(re) == std::vector<std::string>{"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"});
+  // a string matches the whole path: "q_proj" alone matches no module
+  CHECK_THROWS_WITH(edit([](auto& j) { j["target_modules"] = "q_proj"; }), ContainsSubstring("20") || ContainsSubstring("28"));
+  // exclude_modules
+  auto ex = edit([](auto& j) { j["exclude_modules"] = {"mlp.down_proj", "k_proj"}; });
+  CHECK(ex.modules.size() == 10);
+  auto exr = edit([](auto& j) { j["exclude_modules"] = ".*\\.0\\..*"; });
+  CHECK(exr.modules.size() == 7);
+  // layers_to_transform + layers_pattern
+  auto l1 = edit([](auto& j) {
+    j["layers_to_transform"] = {1};
+    j["layers_pattern"] = "layers";
+  });
+  CHECK(l1.modules.size() == 7);
+  for (const auto& m : l1.modules) CHECK_THAT(m.name, ContainsSubstring("layers.1."));
+  auto l0 = edit([](auto& j) { j["layers_to_transform"] = 0; });  // an int, any layers_pattern
+  CHECK(l0.modules.size() == 7);
+  auto nomatch = [&] {
+    edit([](auto& j) {
+      j["layers_to_transform"] = {0};
+      j["layers_pattern"] = {"h"};
+    });
+  };
+  CHECK_THROWS_WITH(nomatch(), ContainsSubstring("holds no LoRA tensors the config selects"));
+  // modules_to_save never carry an adapter
+  auto mts = edit([](auto& j) { j["modules_to_save"] = {"q_proj"}; });
+  CHECK(mts.modules.size() == 12);
+  // merging under the q/v config changes exactly those 4 weights, and reports the rest
+  write_json(folder / "adapter_config.json", [&] {
+    auto j = read_json(peft("lora_r8_a16_all", "adapter/adapter_config.json"));
+    j["target_modules"] = {"q_proj", "v_proj", "o_proj"};
+    return j;
+  }());
+  // drop o_proj's tensors from the file: targeted without tensors
+  {
+    const auto f = io::SafetensorsFile::open(folder / "adapter_model.safetensors");
+    std::vector<io::TensorData> keep;
+    for (const auto& t : f.tensors())
+      if (t.name.find("o_proj") == std::string::npos) keep.push_back(io::TensorData::copy_of(t));
+    const std::string bytes = io::serialize_safetensors(keep, {{"format", "pt"}});
+    fs::remove(folder / "adapter_model.safetensors");
+    std::ofstream(folder / "adapter_model.safetensors", std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  const auto sel = io::load_peft_adapter(folder);
+  const auto base = io::Checkpoint::open(peft("lora_r8_a16_all", "base/model.safetensors"));
+  const auto missing = io::targeted_without_tensors(base, sel);
+  CHECK(missing == std::vector<std::string>{"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"});
+  const auto s = io::merge_peft_checkpoint(base, sel, tmp.path / "m.safetensors");
+  CHECK(s.merged == 4);
+}
+
+TEST_CASE("base key layouts are mapped, or the candidates named", "[peft][keys]") {
+  TempDir tmp("peft-keys");
+  const std::string c = "lora_r8_a16_all";
+  const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+  const auto base = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));
+  // the base without the "model." prefix (a bare LlamaModel checkpoint)
+  auto write_renamed = [&](const fs::path& file, auto rename) {
+    std::vector<io::TensorData> ts;
+    for (const auto& t : base.tensors()) ts.push_back(io::TensorData::copy_of(t, rename(t.name)));
+    io::write_safetensors(file, ts, {{"format", "pt"}});
+  };
+  auto strip = [](const std::string& n) { return n.rfind("model.", 0) == 0 ? n.substr(6) : n; };
+  write_renamed(tmp.path / "bare.safetensors", strip);
+  const auto bare = io::Checkpoint::open(tmp.path / "bare.safetensors");
+  const auto map = io::resolve_base_keys(bare, {{&ad, 1.0}});
+  CHECK(map.strip == "model.");
+  CHECK(map.add == "");
+  io::merge_peft_checkpoint(bare, ad, tmp.path / "bare-merged.safetensors");
+  io::merge_peft_checkpoint(io::Checkpoint::open(peft(c, "base/model.safetensors")), ad, tmp.path / "ref.safetensors");
+  const auto got = io::SafetensorsFile::open(tmp.path / "bare-merged.safetensors");
+  const auto want = io::SafetensorsFile::open(tmp.path / "ref.safetensors");
+  for (const auto& k : want.names())
+    CHECK(got.tensor(strip(k)).to_vector<float>() == want.tensor(k).to_vector<float>());
+  // a multimodal-style prefix
+  write_renamed(tmp.path / "lm.safetensors", [](const std::string& n) { return "language_model." + n; });
+  const auto lm = io::resolve_base_keys(io::Checkpoint::open(tmp.path / "lm.safetensors"), {{&ad, 1.0}});
+  CHECK(lm(std::string("model.layers.0.self_attn.q_proj.weight")) == "language_model.model.layers.0.self_attn.q_proj.weight");
+  // both layouts in one file: ambiguous, the candidates are listed; --base-prefix decides
+  {
+    std::vector<io::TensorData> ts;
+    for (const auto& t : base.tensors()) {
+      ts.push_back(io::TensorData::copy_of(t));
+      ts.push_back(io::TensorData::copy_of(t, "language_model." + t.name));
+    }
+    io::write_safetensors(tmp.path / "both.safetensors", ts, {{"format", "pt"}});
+  }
+  const auto both = io::Checkpoint::open(tmp.path / "both.safetensors");
+  CHECK_THROWS_WITH(io::resolve_base_keys(both, {{&ad, 1.0}}),
+                    ContainsSubstring("several key mappings") && ContainsSubstring("'' -> 'language_model.'"));
+  CHECK(io::resolve_base_keys(both, {{&ad, 1.0}}, io::parse_base_key_map("=language_model.")).add == "language_model.");
+  // nothing fits: the closest candidates and a missing key are named
+  write_renamed(tmp.path / "other.safetensors", [](const std::string& n) { return "encoder." + n; });
+  CHECK_THROWS_WITH(io::resolve_base_keys(io::Checkpoint::open(tmp.path / "other.safetensors"), {{&ad, 1.0}}),
+                    ContainsSubstring("no key mapping") && ContainsSubstring("finds 0 of 14"));
+}
+
+TEST_CASE("stacked merges equal sequential merges", "[peft][stack]") {
+  TempDir tmp("peft-stack");
+  const std::string w = "weighted_combos";
+  const auto a1 = io::load_peft_adapter(peft(w, "adapters/a1"));
+  const auto a3 = io::load_peft_adapter(peft(w, "adapters/a3"));
+  const auto base = io::Checkpoint::open(peft(w, "base/model.safetensors"));
+  io::MergeOptions half;
+  half.scale = 0.5;
+  io::merge_peft_checkpoint(base, a1, tmp.path / "step1.safetensors");
+  io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "step1.safetensors"), a3, tmp.path / "step2.safetensors", half);
+  io::merge_peft_checkpoint(base, {{&a1, 1.0}, {&a3, 0.5}}, tmp.path / "stacked.safetensors");
+  const auto seq = io::SafetensorsFile::open(tmp.path / "step2.safetensors");
+  const auto st = io::SafetensorsFile::open(tmp.path / "stacked.safetensors");
+  const auto b0 = io::SafetensorsFile::open(peft(w, "base/model.safetensors"));
+  int changed = 0;
+  for (const auto& k : seq.names()) {
+    INFO(k);
+    const Matrix<double> s = seq.tensor(k).ndim() == 2 ? seq.tensor(k).to_matrix<double>() : Matrix<double>();
+    if (seq.tensor(k).ndim() != 2) continue;
+    CHECK(rel_error(st.tensor(k).to_matrix<double>(), s) <= 1e-6);
+    if (s != b0.tensor(k).to_matrix<double>()) ++changed;
+  }
+  CHECK(changed == 6);
+  // a float64 reference of one module: W + s1·B1·A1 + 0.5·s3·B3·A3
+  const std::string q = "model.layers.0.self_attn.q_proj";
+  const Matrix<double> want = b0.tensor(q + ".weight").to_matrix<double>() +
+                              a1.at(q).adapter.delta_weight().cast<double>() +
+                              0.5 * a3.at(q).adapter.delta_weight().cast<double>();
+  CHECK(rel_error(st.tensor(q + ".weight").to_matrix<double>(), want) < 1e-6);
+}
+
+TEST_CASE("a merged folder carries the base folder's files and shard layout", "[peft][folder]") {
+  TempDir tmp("peft-folder");
+  const std::string c = "modules_to_save_lm_head";
+  // a sharded base folder with config, tokenizer and generation files and another weight format
+  const auto src = io::Checkpoint::open(peft(c, "base"));
+  std::vector<io::TensorSpec> specs;
+  for (const auto& n : src.names()) specs.push_back({n, src.tensor(n).type, src.tensor(n).shape});
+  const auto layout = io::CheckpointLayout::split(specs, 100'000);
+  REQUIRE(layout.shards.size() > 1);
+  const fs::path base_dir = tmp.path / "base";
+  io::write_checkpoint(base_dir, layout, [&](const io::TensorSpec& s) { return io::TensorBytes::borrow(src.tensor(s.name).bytes); });
+  fs::copy_file(peft(c, "base/config.json"), base_dir / "config.json");
+  std::ofstream(base_dir / "tokenizer.json") << "{\"version\": \"1.0\"}";
+  std::ofstream(base_dir / "generation_config.json") << "{\"bos_token_id\": 1}";
+  std::ofstream(base_dir / "pytorch_model.bin") << "stale weights";
+  const auto base = io::Checkpoint::open(base_dir);
+  const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+  io::MergeOptions o;
+  o.out_dtype = io::dtype::BF16;
+  const auto s = io::merge_peft_checkpoint(base, ad, tmp.path / "out", o);
+  CHECK(s.files_copied == std::vector<std::string>{"config.json", "generation_config.json", "tokenizer.json"});
+  CHECK(fs::exists(tmp.path / "out" / "tokenizer.json"));
+  CHECK(!fs::exists(tmp.path / "out" / "pytorch_model.bin"));
+  CHECK(read_json(tmp.path / "out" / "config.json")["dtype"] == "bfloat16");
+  CHECK(read_json(tmp.path / "out" / "config.json")["tie_word_embeddings"] == false);
+  for (std::size_t i = 0; i < base.shard_count(); ++i) CHECK(fs::exists(tmp.path / "out" / base.shard_name(i)));
+  const auto idx = read_json(tmp.path / "out" / "model.safetensors.index.json");
+  const auto merged = io::Checkpoint::open(tmp.path / "out");
+  CHECK(idx["metadata"]["total_size"].get<std::uint64_t>() == merged.total_bytes());
+  CHECK(merged.total_bytes() * 2 == base.total_bytes());
+}
+
+TEST_CASE("save → load keeps every kind of tensor", "[peft][save]") {
+  TempDir tmp("peft-save");
+  for (const char* c : {"modules_to_save_lm_head_embed", "embedding_lora", "lora_bias", "trainable_tokens"}) {
+    INFO(c);
+    const auto ad = io::load_peft_adapter(peft(c, "adapter"));
+    io::save_peft_adapter(tmp.path / c, ad);
+    const auto back = io::load_peft_adapter(tmp.path / c);
+    REQUIRE(back.modules.size() == ad.modules.size());
+    for (std::size_t i = 0; i < ad.modules.size(); ++i) {
+      CHECK(back.modules[i].kind == ad.modules[i].kind);
+      CHECK(back.modules[i].adapter.delta_weight() == ad.modules[i].adapter.delta_weight());
+      CHECK(back.modules[i].lora_bias.has_value() == ad.modules[i].lora_bias.has_value());
+    }
+    REQUIRE(back.saved.size() == ad.saved.size());
+    for (std::size_t i = 0; i < ad.saved.size(); ++i) CHECK(back.saved[i].data.bytes == ad.saved[i].data.bytes);
+    REQUIRE(back.trainable_tokens.size() == ad.trainable_tokens.size());
+    for (std::size_t i = 0; i < ad.trainable_tokens.size(); ++i) {
+      CHECK(back.trainable_tokens[i].indices == ad.trainable_tokens[i].indices);
+      CHECK(back.trainable_tokens[i].rows == ad.trainable_tokens[i].rows);
+    }
+    // and the saved folder merges as the original
+    const fs::path out = tmp.path / (std::string(c) + "-merged");
+    io::merge_peft_checkpoint(io::Checkpoint::open(peft(c, "base")), back, out);
+    check_merged(c, out / "model.safetensors");
+  }
+}
