@@ -1,6 +1,7 @@
 // NF4 on the CPU: dequantisation throughput against memcpy of the output,
-// batch-1 GEMV from the 4-bit codes against Eigen's float GEMV, and the QLoRA
-// forward at 1..16 tokens against dequantise-then-GEMM.
+// batch-1 GEMV from the 4-bit codes (exact and fast modes) against Eigen's float
+// GEMV, and the QLoRA forward at 1..16 tokens against dequantise-then-GEMM.
+// Side-by-side ratios (and ggml) come from bench_quant_ggml (bench/quant_ggml.cpp).
 //
 //   ./bench_quant --benchmark_filter=Gemv
 #include <lora/quant/qlora.hpp>
@@ -92,13 +93,14 @@ BENCHMARK(BM_Quantize)->ArgName("double_quant")->Arg(0)->Arg(1)->Unit(benchmark:
 void BM_GemvNf4(benchmark::State& state) {
   const auto& Wq = fixture().Wq;
   const Matrix<float> x = random_tokens(1, kIn, 3);
+  const auto mode = state.range(0) ? lora::quant::nf4_mode::fast : lora::quant::nf4_mode::exact;
   for (auto _ : state) {
-    auto y = lora::quant::nf4_matmul_fused(Wq, x);
+    auto y = lora::quant::nf4_matmul_fused(Wq, x, mode);
     benchmark::DoNotOptimize(y.data());
   }
   set_bytes(state, static_cast<std::int64_t>(Wq.packed().size() + 4 * Wq.absmax().size()));
 }
-BENCHMARK(BM_GemvNf4)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_GemvNf4)->ArgName("fast")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Eigen's float GEMV y = W·x (single-threaded: Eigen parallelises only GEMM).
 void BM_GemvEigenFloat(benchmark::State& state) {
@@ -166,13 +168,14 @@ BENCHMARK(BM_QLoraForward)->ArgName("tokens")->Arg(1)->Arg(2)->Arg(4)->Arg(8)->A
 void BM_Nf4MatmulFused(benchmark::State& state) {
   const Index T = state.range(0);
   const Matrix<float> X = random_tokens(T, kIn, 5);
+  const auto mode = state.range(1) ? lora::quant::nf4_mode::fast : lora::quant::nf4_mode::exact;
   for (auto _ : state) {
-    auto y = lora::quant::nf4_matmul_fused(fixture().Wq_dq, X);
+    auto y = lora::quant::nf4_matmul_fused(fixture().Wq_dq, X, mode);
     benchmark::DoNotOptimize(y.data());
   }
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(T), benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Nf4MatmulFused)->ArgName("tokens")->Arg(1)->Arg(4)->Arg(8)->Arg(16)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Nf4MatmulFused)->ArgNames({"tokens", "fast"})->ArgsProduct({{1, 4, 8, 16}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // Reference: dequantise the whole weight, then Eigen's GEMM (+ the adapter).
 void BM_QLoraForwardDequantGemm(benchmark::State& state) {

@@ -156,12 +156,13 @@ int main(int argc, char** argv) {
     lora::Generator gen(7);
     Matrix<float> W(out, in);
     for (Index i = 0; i < W.size(); ++i) W.data()[i] = static_cast<float>(0.02 * gen.normal());
-    const lora::Nf4Tensor Wq = lora::Nf4Tensor::quantize(W, {64, false});
-    const lora::quant::Nf4View view = lora::quant::nf4_view(Wq);
     Matrix<float> A(16, in), B(out, 16);
     for (Index i = 0; i < A.size(); ++i) A.data()[i] = static_cast<float>(0.01 * gen.normal());
     for (Index i = 0; i < B.size(); ++i) B.data()[i] = static_cast<float>(0.01 * gen.normal());
-    lora::QLoraLinear<> layer(Wq, lora::LowRankAdapter<float>::from_factors(A, B, 32.0));
+    lora::QLoraLinear<> layer(lora::Nf4Tensor::quantize(W, {64, false}),
+                              lora::LowRankAdapter<float>::from_factors(A, B, 32.0));
+    // The GEMM reads the layer's own codes: the same pages as the layer's forward.
+    const lora::quant::Nf4View view = lora::quant::nf4_view(layer.base());
     const Matrix<double> Wd = W.cast<double>();
     for (long T : tokens) {
       Matrix<float> X(T, in);

@@ -225,15 +225,17 @@ inline void gemm_rows(isa::portable, const Nf4View& W, const float* X, Index T, 
 
 inline bool simd_shape_ok(const Nf4View& W) { return W.cols % 32 == 0; }
 
-template <class F>
+/// Calls f(integral_constant<int, G>, t0) for token tiles of Max, then the rest.
+template <int Max, class F>
 inline void for_token_tiles(Index T, F&& f) {
   Index t = 0;
-  for (; t + 4 <= T; t += 4) f(std::integral_constant<int, 4>{}, t);
-  switch (T - t) {
-    case 3: f(std::integral_constant<int, 3>{}, t); break;
-    case 2: f(std::integral_constant<int, 2>{}, t); break;
-    case 1: f(std::integral_constant<int, 1>{}, t); break;
-    default: break;
+  for (; t + Max <= T; t += Max) f(std::integral_constant<int, Max>{}, t);
+  if constexpr (Max > 1) {
+    if (T - t > 0) {
+      [&]<int... I>(std::integer_sequence<int, I...>) {
+        ((T - t == I + 1 ? (f(std::integral_constant<int, I + 1>{}, t), 0) : 0), ...);
+      }(std::make_integer_sequence<int, Max - 1>{});
+    }
   }
 }
 
@@ -311,8 +313,13 @@ template <int G>
 inline void avx2_exact_row(const Avx2CodePlanes& cp, const std::uint8_t* packed, const float* absmax, int shift,
                            std::int64_t e0, std::int64_t k0, std::int64_t n, const float* xi, std::int64_t ldx,
                            float* y, std::int64_t ldy) {
-  __m256 acc0[G], acc1[G];
-  for (int g = 0; g < G; ++g) acc0[g] = acc1[g] = _mm256_setzero_ps();
+  // Two accumulators per token up to 4 tokens; one above (registers run out, and
+  // 8 independent chains already hide the FMA latency).
+  constexpr int NA = G > 4 ? 1 : 2;
+  __m256 acc[NA][G];
+  LORA_UNROLL(8)
+  for (int g = 0; g < G; ++g)
+    for (int a = 0; a < NA; ++a) acc[a][g] = _mm256_setzero_ps();
   for (std::int64_t k = k0; k < k0 + n; k += 32) {
     const std::int64_t e = e0 + k;
     if ((k & 127) == 0) prefetch_codes(packed, e);
@@ -321,16 +328,15 @@ inline void avx2_exact_row(const Avx2CodePlanes& cp, const std::uint8_t* packed,
     avx2_decode32(cp, avx2_codes32(packed + (e >> 1)), f);
     LORA_UNROLL(4)
     for (int j = 0; j < 4; ++j) f[j] = _mm256_mul_ps(f[j], s);
-    LORA_UNROLL(4)
+    LORA_UNROLL(8)
     for (int g = 0; g < G; ++g) {
       const float* x = xi + g * ldx + k;
-      acc0[g] = _mm256_fmadd_ps(f[0], _mm256_loadu_ps(x), acc0[g]);
-      acc1[g] = _mm256_fmadd_ps(f[1], _mm256_loadu_ps(x + 8), acc1[g]);
-      acc0[g] = _mm256_fmadd_ps(f[2], _mm256_loadu_ps(x + 16), acc0[g]);
-      acc1[g] = _mm256_fmadd_ps(f[3], _mm256_loadu_ps(x + 24), acc1[g]);
+      LORA_UNROLL(4)
+      for (int j = 0; j < 4; ++j) acc[j % NA][g] = _mm256_fmadd_ps(f[j], _mm256_loadu_ps(x + 8 * j), acc[j % NA][g]);
     }
   }
-  for (int g = 0; g < G; ++g) y[g * ldy] += avx2_hsum(_mm256_add_ps(acc0[g], acc1[g]));
+  LORA_UNROLL(8)
+  for (int g = 0; g < G; ++g) y[g * ldy] += avx2_hsum(NA == 2 ? _mm256_add_ps(acc[0][g], acc[NA - 1][g]) : acc[0][g]);
 }
 
 /// Σ over 32 int8 pairs of |w|·sign(x, w) = w·x, as 8 int32 partial sums.
@@ -399,12 +405,16 @@ inline void gemm_rows(isa::avx2, const Nf4View& W, const float* Xp, Index T, flo
     const std::int64_t n = std::min<std::int64_t>(kc, in - k0);
     for (Index i = r0; i < r1; ++i) {
       const std::int64_t e0 = static_cast<std::int64_t>(i) * in;
-      for_token_tiles(T, [&](auto G, Index t) {
-        if (mode == nf4_mode::exact)
+      // Exact: tiles of 8 tokens (the decode costs as much as 4 tokens' FMAs);
+      // fast: tiles of 4 (its decode is one pshufb).
+      if (mode == nf4_mode::exact)
+        for_token_tiles<8>(T, [&](auto G, Index t) {
           avx2_exact_row<G()>(cp, W.packed, W.absmax, shift, e0, k0, n, Xp + t * in, in, Y + t * out + i, out);
-        else
+        });
+      else
+        for_token_tiles<4>(T, [&](auto G, Index t) {
           avx2_fast_row<G()>(W.packed, W.absmax, shift, e0, k0, n, *xq, t, Y + t * out + i, out);
-      });
+        });
     }
   }
 }
@@ -482,7 +492,7 @@ inline void gemm_rows(isa::avx512, const Nf4View& W, const float* Xp, Index T, f
     for (Index i = r0; i < r1; i += 2) {
       const bool two = i + 1 < r1;
       const std::int64_t e0 = static_cast<std::int64_t>(i) * in;
-      for_token_tiles(T, [&](auto G, Index t) {
+      for_token_tiles<4>(T, [&](auto G, Index t) {
         avx512_exact_rows2<G()>(W.packed, W.absmax, shift, e0, in, k0, n, two, Xp + t * in, in, Y + t * out + i,
                                 Y + t * out + i + 1, out);
       });
