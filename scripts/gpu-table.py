@@ -108,6 +108,19 @@ parts_table("\nthe backward's dY pass (ms): s·dY·B and dYᵀ·XA as two cuBLAS
             " (dy_pass; nan: r > 32 takes the GEMMs); ratio = GEMMs / pass:",
             ["two GEMMs", "dy_pass", "partials", "reduction"],
             ["part_dy_two_gemms", "part_dy_pass", "part_dy_partials", "part_dy_reduce"], (0, 1))
+dec = sorted({(k[1], k[2], k[3], k[4]) for k in ours if k[0] == "dec_ours"}, key=lambda x: (x[1], x[2]))
+if dec:
+    print("\nthe decode regime (issue 23; ms, weights rotated beyond L2; each strategy forced, ratios to the base GEMM):")
+    print("| in→out | T | r | base GEMM | ours (planned) | ours/base | stacked/base | concat_k (gemmex)/base "
+          "| accumulate/base | parts (µs): stacked GEMM, epilogue, s·X·Aᵀ, concat_k GEMM |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for i, o, t, r in dec:
+        b, f = get(ours, "dec_base", i, o, t, r), get(ours, "dec_ours", i, o, t, r)
+        st, cc, ac = (get(ours, n, i, o, t, r) for n in ("dec_stacked", "dec_concat_gemmex", "dec_accumulate"))
+        pa = [get(ours, n, i, o, t, r) * 1e3 for n in ("dec_part_stacked_gemm", "dec_part_epilogue", "dec_part_xa",
+                                                       "dec_part_concat_gemm")]
+        print(f"| {i}→{o} | {t} | {r} | {b:.4f} | {f:.4f} | {f/b:.2f} | {st/b:.2f} | {cc/b:.2f} | {ac/b:.2f} | "
+              + ", ".join(f"{v:.1f}" for v in pa) + " |")
 print("\nDoRA forward (4096→4096, r 16):")
 for t in (1, 16384):
     b = get(ours, "base_gemm", 4096, 4096, t, 16)
@@ -115,6 +128,9 @@ for t in (1, 16384):
     pf = get(peft, "peft_dora_fwd", 4096, 4096, t, 16)
     tb = get(peft, "torch_base_gemm", 4096, 4096, t, 16)
     print(f"  T {t}: ours {f:.4f} ms = {f/b:.2f}x base; PEFT {pf:.4f} ms = {pf/tb:.2f}x torch base; ours {pf/f:.1f}x faster")
+    fc, bc = get(ours, "ours_dora_fwd_cached", 4096, 4096, t, 16), get(ours, "base_gemm_dora_cached", 4096, 4096, t, 16)
+    if fc == fc:
+        print(f"  T {t}, norm cached (DoraWorkspace::cache_norm, frozen A, B, m): ours {fc:.4f} ms = {fc/bc:.2f}x base")
 parts = [get(ours, n, 4096, 4096, 16384, 16) for n in ("part_dora_norm", "part_dora_scale_w", "part_dora_apply_scaled",
                                                       "part_lora_apply", "part_dora_fwd_one_set")]
 print("  T 16384, each part on its own (ms): norm {:.4f}, scale W {:.4f}, apply(scaled) {:.4f}; LoRA apply {:.4f};"

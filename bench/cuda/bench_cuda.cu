@@ -203,6 +203,17 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     });
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_dora_fwd", in, out, T, r, td);
+    {  // inference with frozen A, B, m: the column scale kept from the first call (cache_norm)
+      std::vector<DoraWorkspace<S>> cws(sets);
+      for (auto& w : cws) w.cache_norm = true;
+      auto [tb2, tc] = time_pair(ctx_ref, base, [&](int i) {
+        dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), cws[i % sets]);
+      });
+      emit("base_gemm_dora_cached", in, out, T, r, tb2);
+      emit("ours_dora_fwd_cached", in, out, T, r, tc);
+      std::fprintf(stderr, "DoRA T %ld: %.4f ms = %.2fx base per call; cached norm %.4f ms = %.2fx base\n",
+                   static_cast<long>(T), td, td / tb, tc, tc / tb2);
+    }
     if (T >= 4096) {  // where the DoRA forward's time goes (each timed on its own)
       const float* mp = m.data();
       DoraWorkspace<S>& w0 = ws[0];
@@ -305,7 +316,30 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
                               f.wide(), 0.f, Y.view());
       },
       forced(FusedForward::accumulate)};
-  const char* names[] = {"dec_base", "dec_ours", "dec_stacked", "dec_concat_gemmex", "dec_accumulate"};
+  // The parts: the stacked GEMM (N = out + r) and its epilogue, s·X·Aᵀ, the concat_k GEMM.
+  const Index rp = fw[0].rp();
+  const DeviceView<S> C{reinterpret_cast<S*>(ctx_ref.planner().stacked.data()), T, out + r, out + rp};
+  const DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
+  fns.push_back([&](int i) {
+    detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, fw[i % sets].tall(), 0.f, C);
+  });
+  fns.push_back([&](int i) {
+    detail::launch_stacked_epilogue(ctx_ref, detail::as_device(DeviceView<const S>(C)), out, r, rp,
+                                    detail::as_device(fw[i % sets].B()), 0.5f, detail::as_device(Y.view()),
+                                    detail::as_device(Xp.view().col_block(in, rp)));
+  });
+  fns.push_back([&](int i) {
+    detail::compute_xa<S>(ctx_ref, X, fw[i % sets].A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
+  });
+  fns.push_back([&](int i) {
+    detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()),
+                          fw[i % sets].wide(), 0.f, Y.view());
+  });
+  const char* names[] = {"dec_base",         "dec_ours",         "dec_stacked",      "dec_concat_gemmex",
+                         "dec_accumulate",   "dec_part_stacked_gemm", "dec_part_epilogue", "dec_part_xa",
+                         "dec_part_concat_gemm"};
+  const bool have_c = ctx_ref.planner().stacked.size() >= static_cast<std::size_t>(T * (out + rp)) * sizeof(S);
+  if (!have_c) fns.resize(5);
   const auto t = bench::time_all(ctx_ref, fns, 10, 15, 3);
   for (std::size_t i = 0; i < t.size(); ++i) emit(names[i], in, out, T, r, t[i]);
   std::fprintf(stderr, "decode T %3ld %ld->%ld r %ld (%d weight sets): base %.4f ours %.4f (%.2fx; %s) stacked %.2fx "
@@ -314,6 +348,9 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
                t[1], t[1] / t[0],
                describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true).c_str(),
                t[2] / t[0], t[3] / t[0], t[4] / t[0]);
+  if (t.size() > 5)
+    std::fprintf(stderr, "  parts (us): stacked GEMM %.2f, epilogue %.2f, s·X·Aᵀ %.2f, concat_k GEMM %.2f\n", t[5] * 1e3,
+                 t[6] * 1e3, t[7] * 1e3, t[8] * 1e3);
 }
 
 /// Experiment: the fused forward at T 16384 with s·X·Aᵀ computed chunk by chunk on a second

@@ -280,6 +280,23 @@ TEMPLATE_TEST_CASE("cuda dora: forward and backward match float64", "[cuda][dora
     CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
     CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
     CHECK(lora::test::rel_error(gm.to_host(), MatD(ref_dm)) < tol<S>());
+
+    // cache_norm: the second call reuses c; after new magnitudes and invalidate_norm() it is recomputed.
+    DoraWorkspace<S> cw;
+    cw.cache_norm = true;
+    for (int call = 0; call < 2; ++call) {
+      poison(Y.view());
+      dora_apply(ad, fw, DeviceView<const float>(dm.view()), Xp.view(), Y.view(), cw);
+      CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+      CHECK(cw.norm_block == fw.block.data());
+    }
+    Vector<double> m2(out);
+    for (Index n = 0; n < out; ++n) m2[n] = g.uniform(0.5, 2.0);
+    dm.upload(Matrix<float>(m2.cast<float>().transpose()));
+    cw.invalidate_norm();
+    poison(Y.view());
+    dora_apply(ad, fw, DeviceView<const float>(dm.view()), Xp.view(), Y.view(), cw);
+    CHECK(lora::test::rel_error(Y.to_host(), MatD(Z * m2.cwiseQuotient(norm).asDiagonal())) < tol<S>());
   }
 }
 

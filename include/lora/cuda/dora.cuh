@@ -22,7 +22,20 @@ struct DoraWorkspace {
   DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
   bool scaled_current = false;    ///< `scaled` matches c (decode-size forwards skip it)
   DeviceBuffer<float> pg_partials;  ///< detail::norm_gemm's partial sums of PG
-  void reset_weight_norms() { wn2 = {}; }
+  /// Inference with frozen A, B and m: dora_apply keeps the column scale c of its first call
+  /// and skips the norm pass (a read of W) on later calls with the same fused block and
+  /// magnitude buffer. Call invalidate_norm() after refresh(fw) or a change of m's values.
+  bool cache_norm = false;
+  const void* norm_block = nullptr;      ///< the fused block c was computed for (cache_norm)
+  const float* norm_magnitude = nullptr;  ///< the magnitude buffer c was computed for (cache_norm)
+  void reset_weight_norms() {
+    wn2 = {};
+    invalidate_norm();
+  }
+  void invalidate_norm() {
+    norm_block = nullptr;
+    norm_magnitude = nullptr;
+  }
 };
 
 /// ‖W + s·B·A‖ per output row into ws.norm (and m / norm into ws.c when m is given), W from the fused block.
@@ -119,7 +132,13 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
   if (magnitude.rows * magnitude.cols != out)
     detail::fail("{}lora_magnitude_vector has {} elements, expected out_features = {}", ad.who(),
                  magnitude.rows * magnitude.cols, out);
-  dora_weight_norm(ad, fw, ws, magnitude.data);
+  const bool cached = ws.cache_norm && ws.norm_block == fw.block.data() && ws.norm_magnitude == magnitude.data &&
+                      ws.c.rows() == out;
+  if (!cached) {
+    dora_weight_norm(ad, fw, ws, magnitude.data);
+    ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
+    ws.norm_magnitude = ws.cache_norm ? magnitude.data : nullptr;
+  }
   if (Xp.rows <= 16) {
     // Decode sizes: Y is tiny, so scale its columns instead of W's rows.
     ad.apply(fw, Xp, Y);
@@ -129,7 +148,7 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
     ws.scaled_current = false;
     return;
   }
-  detail::dora_build_scaled(ad, fw, ws);
+  if (!cached || !ws.scaled_current) detail::dora_build_scaled(ad, fw, ws);
   ad.apply(ws.scaled, Xp, Y);
 }
 
