@@ -304,13 +304,13 @@ TEST_CASE("gguf lora: llama.cpp's alpha/r on our file gives PEFT's ΔW; on the c
     for (const auto& t : ours.tensors()) {
       if (t.name.find(".lora_a") == std::string::npos) continue;
       const std::string g = t.name.substr(0, t.name.size() - 7);
-      const std::string module = *io::detail::hf_name_of(g.substr(0, g.size() - 7), "llama");
+      const std::string module = *hf_module_name(g.substr(0, g.size() - 7), "llama");
       // what llama.cpp computes: (alpha / r) · lora_bᵀ... in HF row order: rows of q/k un-permuted
       auto delta = [&](const GgufFile& f) {
         Matrix<double> a = f.tensor(g + ".lora_a").to_matrix<float>().cast<double>();
         Matrix<float> bf = f.tensor(g + ".lora_b").to_matrix<float>();
         const bool q = g.find("attn_q") != std::string::npos, k = g.find("attn_k") != std::string::npos;
-        if (q || k) bf = io::detail::permute_qk_rows(bf, q ? base.n_head : base.n_head_kv, true, g);
+        if (q || k) bf = llama_permute_rows(bf, q ? base.n_head : base.n_head_kv, true);
         const Matrix<double> b = bf.cast<double>();
         const double s = alpha / double(b.cols());
         return Matrix<double>(g == "token_embd.weight" ? Matrix<double>(s * a * b.transpose()) : Matrix<double>(s * b * a));
@@ -387,22 +387,22 @@ TEST_CASE("gguf lora: what a GGUF adapter cannot hold is refused with the reason
 }
 
 TEST_CASE("gguf lora: name maps of the other families", "[gguf]") {
-  CHECK(*io::detail::gguf_name_of("model.layers.12.mlp.down_proj", "qwen2") == "blk.12.ffn_down");
-  CHECK(*io::detail::gguf_name_of("model.layers.0.self_attn.o_proj", "qwen3") == "blk.0.attn_output");
-  CHECK(*io::detail::gguf_name_of("model.layers.3.self_attn.qkv_proj", "phi3") == "blk.3.attn_qkv");
-  CHECK(*io::detail::gguf_name_of("model.layers.3.mlp.gate_up_proj", "phi3") == "blk.3.ffn_up");
-  CHECK(!io::detail::gguf_name_of("model.layers.3.mlp.gate_proj", "phi3"));
-  CHECK(!io::detail::gguf_name_of("lm_head", "gemma"));
-  CHECK(*io::detail::gguf_name_of("lm_head", "llama") == "output");
+  CHECK(*gguf_tensor_name("model.layers.12.mlp.down_proj", "qwen2") == "blk.12.ffn_down");
+  CHECK(*gguf_tensor_name("model.layers.0.self_attn.o_proj", "qwen3") == "blk.0.attn_output");
+  CHECK(*gguf_tensor_name("model.layers.3.self_attn.qkv_proj", "phi3") == "blk.3.attn_qkv");
+  CHECK(*gguf_tensor_name("model.layers.3.mlp.gate_up_proj", "phi3") == "blk.3.ffn_up");
+  CHECK(!gguf_tensor_name("model.layers.3.mlp.gate_proj", "phi3"));
+  CHECK(!gguf_tensor_name("lm_head", "gemma"));
+  CHECK(*gguf_tensor_name("lm_head", "llama") == "output");
   for (const char* arch : {"llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"})
     for (const auto& [hf, gg] : io::detail::gguf_layer_map(arch))
-      CHECK(*io::detail::hf_name_of(*io::detail::gguf_name_of("model.layers.7." + hf, arch), arch) == "model.layers.7." + hf);
+      CHECK(*hf_module_name(*gguf_tensor_name("model.layers.7." + hf, arch), arch) == "model.layers.7." + hf);
   // the permutation is a permutation, and its inverse undoes it
   Generator gen(test::fresh_seed());
   const Matrix<float> m = test::random_matrix<float>(48, 3, gen);
-  const Matrix<float> p = io::detail::permute_qk_rows(m, 3, false, "m");
+  const Matrix<float> p = llama_permute_rows(m, 3);
   CHECK(p != m);
-  CHECK(io::detail::permute_qk_rows(p, 3, true, "m") == m);
+  CHECK(llama_permute_rows(p, 3, true) == m);
   CHECK(p.row(1) == m.row(8));  // head 0, hd 16: row 2j+i <- i·8+j; (i, j) = (1, 0)
   CHECK(io::detail::id_to_title("embed_q_r4") == "Embed_Q_R4");
   CHECK(io::detail::id_to_title("Hf_Base") == "Hf_Base");
@@ -443,7 +443,7 @@ TEST_CASE("check: each engine's mis-scalings and refusals", "[gguf][engines][fix
   CHECK(rs_llama[0].feature == "rsLoRA");
   CHECK(rs_llama[0].modules.size() == 4);
   CHECK(rs_llama[0].factor == Approx(0.5));  // the ratio gguf_check.json measured
-  CHECK_THAT(rs_llama[0].source, ContainsSubstring("llama-adapter.cpp"));
+  CHECK_THAT(rs_llama[0].source, ContainsSubstring("llama-adapter.h"));
   CHECK(check_engine(gdata("adapters/rslora_qv_r4"), engine::vllm).empty());
   CHECK(check_engine(gdata("adapters/rslora_qv_r4"), engine::tgi).empty());
   const auto pat_llama = check_engine(gdata("adapters/patterns_all_r8"), engine::llama_cpp);

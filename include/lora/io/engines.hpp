@@ -9,7 +9,7 @@
 // Scaling each engine applies (s_PEFT = alpha_m/r_m, or alpha_m/√r_m with use_rslora, with
 // alpha_m and r_m from alpha_pattern/rank_pattern):
 //   llama.cpp   adapter.lora.alpha / r, r = lora_b's ne[0] per tensor; 1 when alpha is 0
-//               (src/llama-adapter.cpp); convert_lora_to_gguf.py writes only lora_alpha.
+//               (src/llama-adapter.h, get_scale); convert_lora_to_gguf.py writes only lora_alpha.
 //   vLLM        one factor for the whole adapter: lora_alpha/r, or lora_alpha/√r with
 //               use_rslora (vllm/lora/peft_helper.py, PEFTHelper.__post_init__).
 //   TGI         one factor: get_scaling_factor(lora_alpha, r, use_rslora)
@@ -61,7 +61,7 @@ struct EngineFinding {
 
 namespace detail {
 
-inline const char* llama_adapter_src() { return "src/llama-adapter.cpp"; }
+inline const char* llama_adapter_src() { return "src/llama-adapter.h"; }
 inline const char* llama_convert_src() { return "convert_lora_to_gguf.py"; }
 inline const char* vllm_src() { return "vllm/lora/peft_helper.py"; }
 inline const char* tgi_src() { return "server/text_generation_server/adapters/lora.py"; }
@@ -78,7 +78,7 @@ inline void scale_findings(const PeftAdapter& ad, engine e, std::vector<EngineFi
     if (e == engine::llama_cpp) {
       const double alpha = static_cast<float>(cfg.lora_alpha);
       s_eng = alpha != 0 ? alpha / static_cast<double>(a.rank()) : 1.0;
-      src = fmt::format("{} (scale = alpha / lora_b ne[0]); {} (writes only lora_alpha)", llama_adapter_src(),
+      src = fmt::format("{} (llama_adapter_lora_weight::get_scale: alpha / lora_b ne[0]); {} (writes only lora_alpha)", llama_adapter_src(),
                         llama_convert_src());
       if (alpha == 0) cause = "lora_alpha 0 (llama.cpp then scales by 1)";
       else if (cfg.use_rslora) cause = "rsLoRA";

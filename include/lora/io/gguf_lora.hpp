@@ -235,6 +235,22 @@ inline GgufBaseModel base_from_gguf(const std::filesystem::path& file) {
 
 }  // namespace detail
 
+/// The GGUF tensor (without ".weight") llama.cpp's converter gives HF module `module` in a
+/// base of architecture `arch`: "model.layers.3.self_attn.q_proj" -> "blk.3.attn_q"; nullopt
+/// for modules outside the map.
+inline std::optional<std::string> gguf_tensor_name(const std::string& module, const std::string& arch) {
+  return detail::gguf_name_of(module, arch);
+}
+/// The inverse of gguf_tensor_name.
+inline std::optional<std::string> hf_module_name(const std::string& gguf, const std::string& arch) {
+  return detail::hf_name_of(gguf, arch);
+}
+/// convert_hf_to_gguf.py's LlamaModel.permute on the rows of a q (n_head) or k (n_kv_head)
+/// projection, or its inverse: row h·hd + i·hd/2 + j goes to h·hd + 2j + i (hd = rows/n_head).
+inline Matrix<float> llama_permute_rows(const Matrix<float>& m, int n_head, bool inverse = false) {
+  return detail::permute_qk_rows(m, n_head, inverse, "llama_permute_rows");
+}
+
 /// The base model's architecture and head counts, from its HF folder (config.json) or from
 /// its GGUF file (general.architecture, <arch>.attention.head_count[_kv]).
 inline GgufBaseModel load_gguf_base_model(const std::filesystem::path& base) {
@@ -480,7 +496,7 @@ inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const Gg
         b = detail::permute_qk_rows(b, is_q ? base->n_head : base->n_head_kv, true, where + ": tensor '" + p.b->name + "'");
       else if (!opts.keep_gguf_row_order)
         lora::detail::fail("{}: tensor '{}' has its rows in llama.cpp's q/k order; give the base model (HF folder or "
-                           "GGUF) to restore PEFT's order",
+                           "GGUF) to restore PEFT's order ('lora convert x.gguf --to peft --base <model>')",
                            where, p.b->name);
     }
     ++rank_count[static_cast<int>(a.rows())];
@@ -520,16 +536,35 @@ inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const Gg
   return out;
 }
 
+/// Whether `path` is a regular file that starts with the GGUF magic.
+inline bool is_gguf_file(const std::filesystem::path& path) {
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(path, ec)) return false;
+  char magic[4] = {};
+  std::ifstream in(path, std::ios::binary);
+  in.read(magic, 4);
+  return in && std::string_view(magic, 4) == "GGUF";
+}
+
+/// Import options for uses that see PEFT's q/k row order only through a base model: without
+/// `base`, llama.cpp's order is kept; with it, the base config is `base` itself (a folder with
+/// config.json, or a base GGUF) or the config.json beside it (a model.safetensors), and a
+/// base without either makes llama-family q/k adapters fail with the reason.
+inline GgufImportOptions gguf_options_near(const std::optional<std::filesystem::path>& base) {
+  GgufImportOptions o;
+  o.keep_gguf_row_order = !base;
+  if (base) {
+    namespace fs = std::filesystem;
+    if (base->extension() == ".gguf") o.base = *base;
+    else if (fs::is_directory(*base) && fs::exists(*base / "config.json")) o.base = *base;
+    else if (fs::exists(base->parent_path() / "config.json")) o.base = base->parent_path();
+  }
+  return o;
+}
+
 /// A PEFT adapter folder or a GGUF LoRA file, whichever `path` is, as a PeftAdapter.
 inline PeftAdapter load_adapter(const std::filesystem::path& path, const GgufImportOptions& gguf = {}) {
-  namespace fs = std::filesystem;
-  if (fs::is_regular_file(path)) {
-    char magic[4] = {};
-    std::ifstream in(path, std::ios::binary);
-    in.read(magic, 4);
-    if (in && std::string_view(magic, 4) == "GGUF") return load_gguf_adapter(path, gguf);
-  }
-  return load_peft_adapter(path);
+  return is_gguf_file(path) ? load_gguf_adapter(path, gguf) : load_peft_adapter(path);
 }
 
 /// Writes a GGUF LoRA adapter as a PEFT folder (atomic): load_gguf_adapter, then
