@@ -1,5 +1,6 @@
 // lora compress: the best rank-k approximation of every module of a PEFT adapter.
 #include <lora/analysis/compress.hpp>
+#include <lora/io/gguf_lora.hpp>
 #include <lora/io/peft.hpp>
 
 #include "cli.hpp"
@@ -23,7 +24,7 @@ int run_compress(const std::vector<std::string>& argv) {
   }
   const std::string out = args.required("out");
   cli::guard_output(args, out, {args.positional()[0]}, io::output_kind::folder);
-  const auto in = io::load_peft_adapter(args.positional()[0]);
+  const auto in = io::load_adapter(args.positional()[0]);  // a GGUF adapter too (llama q/k: convert it with --base first)
   const auto small = analysis::compress_adapter(in, target);
   io::dtype type = in.modules.front().stored_dtype;
   if (auto d = args.get("dtype")) type = io::parse_dtype(*d, "--dtype");

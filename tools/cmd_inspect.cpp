@@ -3,6 +3,7 @@
 #include <lora/analysis/inspect.hpp>
 #include <lora/analysis/plot.hpp>
 #include <lora/io/atomic.hpp>
+#include <lora/io/gguf_lora.hpp>
 #include <lora/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
@@ -154,7 +155,11 @@ int run_inspect(const std::vector<std::string>& argv) {
   // inspect_adapter maps lora_A / lora_B only; the loader's checks cover the rest of the folder
   // (DoRA magnitudes against use_dora, tensors that are not LoRA factors, dtypes).
   if (std::filesystem::is_directory(args.positional()[0])) io::check_peft_adapter(args.positional()[0]);
-  const auto rep = inspect_adapter(args.positional()[0], opt);
+  // A GGUF adapter: llama.cpp's q/k row order is kept unless --base's folder has the config to undo it
+  // (singular values do not see it; intruder dimensions compare with the base's rows and do).
+  const auto rep = io::is_gguf_file(args.positional()[0])
+                       ? inspect_adapter(io::load_gguf_adapter(args.positional()[0], io::gguf_options_near(opt.base_model)), opt)
+                       : inspect_adapter(args.positional()[0], opt);
   if (auto plot = args.get("plot")) {
     const std::string svg = spectrum_svg(rep, fmt::format("Singular value spectra of {}", args.positional()[0]));
     io::write_file_atomically(*plot, [&](const std::filesystem::path& tmp) { io::write_bytes(tmp, svg); });

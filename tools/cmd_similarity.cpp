@@ -1,5 +1,6 @@
 // lora similarity: subspace similarity φ(i, j) of two adapters (LoRA paper §7).
 #include <lora/analysis/similarity.hpp>
+#include <lora/io/gguf_lora.hpp>
 #include <lora/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
@@ -25,8 +26,9 @@ int run_similarity(const std::vector<std::string>& argv) {
   if (args.positional().size() != 2)
     lora::detail::fail("expected two PEFT adapter folders, got {} arguments (see 'lora similarity --help')",
                        args.positional().size());
-  const auto a = io::load_peft_adapter(args.positional()[0]);
-  const auto b = io::load_peft_adapter(args.positional()[1]);
+  // GGUF adapters too; φ compares right singular vectors, which llama.cpp's q/k row order does not change.
+  const auto a = io::load_adapter(args.positional()[0], io::gguf_options_near(std::nullopt));
+  const auto b = io::load_adapter(args.positional()[1], io::gguf_options_near(std::nullopt));
   const auto sims = analysis::adapter_similarity(a, b);
   if (sims.empty())
     lora::detail::fail("the adapters share no module ({} has e.g. '{}', {} has e.g. '{}')", args.positional()[0],
