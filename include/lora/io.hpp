@@ -1,5 +1,6 @@
 #pragma once
-// lora I/O: safetensors, sharded checkpoints, PEFT adapter folders, PEFT-equal merges (POSIX, nlohmann-json).
+// lora I/O: safetensors, sharded checkpoints, PEFT adapter folders, PEFT-equal merges, GGUF (llama.cpp)
+// adapters, engine checks and normalisation (POSIX, nlohmann-json).
 
 #include <lora/core.hpp>
 #include <lora/io/atomic.hpp>
@@ -7,3 +8,7 @@
 #include <lora/io/checkpoint.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/merge.hpp>
+#include <lora/io/gguf.hpp>
+#include <lora/io/gguf_lora.hpp>
+#include <lora/io/engines.hpp>
+#include <lora/io/normalize.hpp>
