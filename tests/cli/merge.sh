@@ -13,7 +13,7 @@ fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 # per tensor (python3 stdlib only; skipped without python3).
 compare() {
   command -v python3 > /dev/null || return 0
-  python3 - "$1" "$2" <<'EOF'
+  python3 - "$1" "$2" "${3:-1e-6}" <<'EOF'
 import json, struct, sys, math
 def load(p):
     b = open(p, 'rb').read()
@@ -44,6 +44,9 @@ for k in a:
 EOF
 }
 
+A0="$DATA/peft/lora_r8_a16_all/adapter"
+B0="$DATA/peft/lora_r8_a16_all/base/model.safetensors"
+
 # --- good runs ---------------------------------------------------------------
 for c in lora_r8_a16_all rslora_r16_a8_attn dora_r4_a8_qv patterns_all; do
   out="$TMP/$c.safetensors"
@@ -68,6 +71,62 @@ head -c 400 "$TMP/folder/model.safetensors" | grep -q '"BF16"' || fail "--dtype 
 cmp -s "$TMP/zero.safetensors" "$DATA/peft/lora_r8_a16_all/base/model.safetensors" || \
   { msg=$(compare "$TMP/zero.safetensors" "$DATA/peft/lora_r8_a16_all/base/model.safetensors" 0) || fail "--scale 0: $msg"; }
 "$LORA" merge --help | grep -q -- "--adapter" || fail "--help"
+
+# real PEFT folders (issue 19): modules_to_save, embedding LoRA, lora_bias, trainable
+# tokens (tied too), a bf16 adapter; the output folder carries config.json with its dtype
+for c in modules_to_save_lm_head modules_to_save_lm_head_embed embedding_lora lora_bias trainable_tokens \
+    trainable_tokens_tied lora_r16_bf16_saved; do
+  if ! "$LORA" merge --base "$DATA/peft/$c/base" --adapter "$DATA/peft/$c/adapter" --out "$TMP/$c" \
+      > "$TMP/stdout" 2> "$TMP/stderr"; then
+    fail "$c: exit $? ($(cat "$TMP/stderr"))"
+    continue
+  fi
+  [ -s "$TMP/stderr" ] && fail "$c: unexpected stderr: $(cat "$TMP/stderr")"
+  tol=1e-6
+  [ $c = lora_r16_bf16_saved ] && tol=5e-3  # PEFT's bf16 adapter rounds dW first; tests/io checks per element
+  msg=$(compare "$TMP/$c/model.safetensors" "$DATA/peft/$c/merged.safetensors" $tol 2>&1) || fail "$c: $msg"
+  grep -q '"dtype"' "$TMP/$c/config.json" 2> /dev/null || fail "$c: no config.json with a dtype in the output folder"
+  grep -q "config.json" "$TMP/stdout" || fail "$c: copied files not reported"
+done
+grep -q '"bfloat16"' "$TMP/lora_r16_bf16_saved/config.json" || fail "bf16 merge: config.json dtype is not bfloat16"
+
+# two adapters in one run equal the two merges one after the other
+W="$DATA/peft/weighted_combos"
+{ "$LORA" merge --base "$W/base/model.safetensors" --adapter "$W/adapters/a1" --out "$TMP/s1.safetensors" > /dev/null 2>&1 &&
+  "$LORA" merge --base "$TMP/s1.safetensors" --adapter "$W/adapters/a3" --scale 0.5 --out "$TMP/s2.safetensors" > /dev/null 2>&1; } ||
+  fail "sequential merges failed"
+"$LORA" merge --base "$W/base/model.safetensors" --adapter "$W/adapters/a1" --adapter "$W/adapters/a3:0.5" \
+  --out "$TMP/stack.safetensors" > "$TMP/stdout" 2> "$TMP/stderr" || fail "stacked merge: $(cat "$TMP/stderr")"
+grep -q "merged 2 adapters" "$TMP/stdout" || fail "stacked merge: summary does not say 2 adapters: $(cat "$TMP/stdout")"
+msg=$(compare "$TMP/stack.safetensors" "$TMP/s2.safetensors" 2>&1) || fail "stacked != sequential: $msg"
+
+if command -v python3 > /dev/null; then
+  # a base without the "model." prefix is mapped (and said so); --base-prefix forces a mapping
+  python3 - "$B0" "$TMP/bare.safetensors" <<'EOF'
+import json, struct, sys
+b = open(sys.argv[1], 'rb').read(); n = struct.unpack('<Q', b[:8])[0]
+h = json.loads(b[8:8 + n])
+h2 = {(k[6:] if k.startswith('model.') else k): v for k, v in h.items()}
+hb = json.dumps(h2).encode(); hb += b' ' * (-len(hb) % 8)
+open(sys.argv[2], 'wb').write(struct.pack('<Q', len(hb)) + hb + b[8 + n:])
+EOF
+  "$LORA" merge --base "$TMP/bare.safetensors" --adapter "$A0" --out "$TMP/bare-merged.safetensors" > /dev/null \
+    2> "$TMP/stderr" || fail "bare base: $(cat "$TMP/stderr")"
+  grep -q "'model.' -> ''" "$TMP/stderr" || fail "bare base: mapping not reported: $(cat "$TMP/stderr")"
+  "$LORA" merge --base "$TMP/bare.safetensors" --adapter "$A0" --base-prefix "model.=" --out "$TMP/bare2.safetensors" \
+    > /dev/null 2>&1 || fail "--base-prefix model.= failed"
+  cmp -s "$TMP/bare-merged.safetensors" "$TMP/bare2.safetensors" || fail "--base-prefix gives another result"
+
+  # a config that targets q/v only: the other modules' tensors are not merged, and said so
+  mkdir -p "$TMP/qv"
+  cp "$A0/"* "$TMP/qv/"
+  python3 -c "import json,sys; j=json.load(open(sys.argv[1])); j['target_modules']=['q_proj','v_proj']; json.dump(j,open(sys.argv[1],'w'))" \
+    "$TMP/qv/adapter_config.json"
+  "$LORA" merge --base "$B0" --adapter "$TMP/qv" --out "$TMP/qv.safetensors" > "$TMP/stdout" 2> "$TMP/stderr" ||
+    fail "q/v config: $(cat "$TMP/stderr")"
+  grep -q "into 4 tensors" "$TMP/stdout" || fail "q/v config: not 4 tensors merged: $(cat "$TMP/stdout")"
+  grep -q "not merged" "$TMP/stderr" || fail "q/v config: skipped tensors not reported"
+fi
 
 # --- bad input: exit 1, one line on stderr, no output ------------------------
 mkdir -p "$TMP/bad_r" "$TMP/bad_json"
@@ -100,11 +159,14 @@ bad "adapter r vs tensors" "r = 4" --base "$B" --adapter "$TMP/bad_r" --out "$TM
 bad "adapter config JSON" "not valid JSON" --base "$B" --adapter "$TMP/bad_json" --out "$TMP/outdir"
 bad "missing base" "does not exist" --base "$TMP/nope.safetensors" --adapter "$A" --out "$TMP/out.safetensors"
 bad "truncated base" "truncated.safetensors" --base "$TMP/truncated.safetensors" --adapter "$A" --out "$TMP/out.safetensors"
-bad "adapter/base mismatch" "no base weight" --base "$DATA/nf4/nf4_reference.safetensors" --adapter "$A" --out "$TMP/outdir"
+bad "adapter/base mismatch" "no key mapping" --base "$DATA/nf4/nf4_reference.safetensors" --adapter "$A" --out "$TMP/outdir"
 bad "bad dtype" "--dtype" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --dtype f8
 bad "bad scale" "--scale" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --scale abc
 bad "unknown option" "--frobnicate" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --frobnicate 1
 bad "out folder missing" "does not exist" --base "$B" --adapter "$A" --out "$TMP/no/such/out.safetensors"
+bad "bias-less base" "the base layer has no bias" --base "$DATA/peft/lora_bias_nobias/base" \
+  --adapter "$DATA/peft/lora_bias_nobias/adapter" --out "$TMP/outdir"
+bad "bad strength" "strength" --base "$B" --adapter "$TMP/nope:x" --out "$TMP/out.safetensors"
 bad "out is base" "base checkpoint itself" --base "$TMP/zero.safetensors" --adapter "$A" --out "$TMP/zero.safetensors"
 
 if [ $fails -ne 0 ]; then
