@@ -191,6 +191,31 @@ TEST_CASE("gguf: F16, BF16 and Q8_0 encodings against float64 references", "[ggu
   }
   REQUIRE_THROWS_WITH(GgufTensorData::from_values("odd", x.data(), {33}, ggml_type::Q8_0),
                       ContainsSubstring("odd") && ContainsSubstring("multiple of 32"));
+  REQUIRE_THROWS_WITH(GgufTensorData::from_values("k", x.data(), {256}, ggml_type::Q4_K), ContainsSubstring("Q4_K"));
+
+  // Q4_0 (read only): d as F16, then 16 bytes whose low nibbles are values 0-15 and high nibbles
+  // 16-31, x = d·(q − 8); random nibbles against that float64 formula.
+  std::string blocks;
+  std::vector<double> want;
+  for (int b = 0; b < 2; ++b) {
+    const float d = static_cast<float>(Eigen::half(static_cast<float>(gen.normal(0, 1))));
+    const std::uint16_t dh = Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(d));
+    blocks.append(reinterpret_cast<const char*>(&dh), 2);
+    std::vector<double> lo(16), hi(16);
+    for (int i = 0; i < 16; ++i) {
+      const int l = static_cast<int>(gen.uniform(0, 16)) & 15, h = static_cast<int>(gen.uniform(0, 16)) & 15;
+      blocks.push_back(static_cast<char>(l | (h << 4)));
+      lo[i] = double(d) * (l - 8);
+      hi[i] = double(d) * (h - 8);
+    }
+    want.insert(want.end(), lo.begin(), lo.end());
+    want.insert(want.end(), hi.begin(), hi.end());
+  }
+  Raw q4;
+  q4.header(1, 0).tensor("q", {64}, 2, 0).pad();
+  q4.b += blocks;
+  const std::vector<double> got = GgufFile::from_bytes(q4.b).tensor("q").to_vector<double>();
+  REQUIRE(got == want);
 }
 
 TEST_CASE("gguf: malformed files are refused with the file, key or tensor named", "[gguf]") {
