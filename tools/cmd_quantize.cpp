@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "cli.hpp"
+#include "progress.hpp"
 
 namespace {
 
@@ -43,10 +44,19 @@ struct QuantizeStats {
   std::set<lora::source_dtype> dtypes;
 };
 
+/// Sum of the tensors' byte sizes: the shard index's "total_size" of what is written.
+std::uint64_t data_bytes(const std::vector<lora::io::TensorData>& ts) {
+  std::uint64_t n = 0;
+  for (const auto& t : ts) n += t.bytes.size();
+  return n;
+}
+
 std::vector<lora::io::TensorData> quantize_file(const lora::io::SafetensorsFile& f, const lora::Nf4Options& opts,
-                                                const std::vector<std::string>& skip, QuantizeStats& st) {
+                                                const std::vector<std::string>& skip, QuantizeStats& st,
+                                                const std::function<void(std::uint64_t)>& done = {}) {
   std::vector<lora::io::TensorData> out;
   for (const auto& v : f.tensors()) {
+    if (done) done(v.bytes.size());
     const bool floaty = v.type == dtype::F32 || v.type == dtype::BF16 || v.type == dtype::F16 || v.type == dtype::F64;
     const bool candidate = ends_with(v.name, ".weight") && v.ndim() == 2 && floaty && !lora::quant::bnb::is_companion(v.name);
     const std::string module = candidate ? v.name.substr(0, v.name.size() - 7) : std::string();
@@ -55,6 +65,7 @@ std::vector<lora::io::TensorData> quantize_file(const lora::io::SafetensorsFile&
       ++st.kept;
       continue;
     }
+    lora::io::require_finite(v, "quantize");  // a NaN would poison its block's absmax
     lora::Nf4Tensor t;
     if (v.type == dtype::BF16) {
       const auto m = v.to_matrix<lora::bfloat16>();
@@ -153,7 +164,7 @@ lora::io::dtype parse_out_dtype(const std::string& s) {
 }
 
 int run_quantize(const std::vector<std::string>& argv) {
-  lora::cli::Args args(argv, {"double-quant"}, {"out", "blocksize", "skip"}, "quantize");
+  lora::cli::Args args(argv, {"double-quant", "progress", "quiet"}, {"out", "blocksize", "skip"}, "quantize");
   if (args.positional().size() != 1)
     lora::detail::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
   const fs::path in = args.positional()[0];
@@ -167,13 +178,23 @@ int run_quantize(const std::vector<std::string>& argv) {
   lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
 
   QuantizeStats st;
+  // Progress by bytes of input tensors read, over every input file.
+  std::uint64_t total = 0, done_bytes = 0, written = 0;
+  const std::vector<fs::path> inputs = fs::is_directory(in) ? safetensors_in(in) : std::vector<fs::path>{in};
+  for (const auto& p : inputs) total += fs::file_size(p);
+  lora::cli::Progress progress("quantize", !args.has("quiet") && (args.has("progress") || total >= (std::uint64_t{256} << 20)));
+  auto tick = [&](std::uint64_t b) {
+    done_bytes += b;
+    progress.update(done_bytes, total, fmt::format("{:.2f} / {:.2f} GB", done_bytes / 1e9, total / 1e9));
+  };
   if (fs::is_directory(in)) {
-    const auto files = safetensors_in(in);
+    const auto& files = inputs;
     lora::io::write_folder_atomically(out, [&](const fs::path& tmp) {
       std::map<std::string, std::vector<std::string>> companions;  // weight -> added keys
       for (const auto& p : files) {
         const auto f = lora::io::SafetensorsFile::open(p);
-        auto tensors = quantize_file(f, opts, skip, st);
+        auto tensors = quantize_file(f, opts, skip, st, tick);
+        written += data_bytes(tensors);
         for (const auto& t : tensors)
           if (lora::quant::bnb::is_companion(t.name))
             companions[t.name.substr(0, t.name.find(".weight.") + 7)].push_back(t.name);
@@ -191,12 +212,15 @@ int run_quantize(const std::vector<std::string>& argv) {
           for (const auto& [w, keys] : companions)
             if (wm.contains(w))
               for (const auto& k : keys) wm[k] = wm[w];
+          // the index describes what was written: packed codes and their companions
+          if (!j.contains("metadata") || !j["metadata"].is_object()) j["metadata"] = nlohmann::ordered_json::object();
+          j["metadata"]["total_size"] = written;
         }
       });
     });
   } else {
     const auto f = lora::io::SafetensorsFile::open(in);
-    auto tensors = quantize_file(f, opts, skip, st);
+    auto tensors = quantize_file(f, opts, skip, st, tick);
     if (st.quantized == 0) lora::detail::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
     auto meta = f.metadata();
     if (!meta.count("format")) meta["format"] = "pt";
@@ -222,10 +246,13 @@ int run_dequantize(const std::vector<std::string>& argv) {
   int converted = 0;
   if (fs::is_directory(in)) {
     const auto files = safetensors_in(in);
+    std::uint64_t written = 0;
     lora::io::write_folder_atomically(out, [&](const fs::path& tmp) {
       for (const auto& p : files) {
         const auto f = lora::io::SafetensorsFile::open(p);
-        lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(dequantize_file(f, to, converted), f.metadata()));
+        const auto tensors = dequantize_file(f, to, converted);
+        written += data_bytes(tensors);
+        lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(tensors, f.metadata()));
       }
       if (converted == 0) lora::detail::fail("{}: no bitsandbytes NF4 weights found", in.string());
       copy_other_files(in, tmp, [&](const std::string& name, nlohmann::ordered_json& j) {
@@ -236,6 +263,8 @@ int run_dequantize(const std::vector<std::string>& argv) {
           for (auto& [k, v] : j["weight_map"].items())
             if (!lora::quant::bnb::is_companion(k)) wm[k] = v;
           j["weight_map"] = wm;
+          if (!j.contains("metadata") || !j["metadata"].is_object()) j["metadata"] = nlohmann::ordered_json::object();
+          j["metadata"]["total_size"] = written;
         }
       });
     });
@@ -264,10 +293,12 @@ and other 1-D tensors are copied as they are.
   --double-quant    quantise the scales too (about 4.127 instead of 4.5 bits per parameter)
   --skip LIST       comma-separated module names or path suffixes to leave unquantised
                     (default lm_head,embed_tokens)
+  --progress        always report progress on stderr (default: only above 256 MiB)
+  --quiet           never report progress
 
 A folder input (sharded or not) gives a folder output: every .safetensors file is
 converted, config.json gets a "quantization_config", the shard index lists the
-new tensors, other files are copied. The output is written atomically.)",
+new tensors and its total_size is the bytes written, other files are copied. The output is written atomically.)",
     run_quantize}};
 
 const lora::cli::Register reg_dequantize{{"dequantize", "dequantise a bnb-4bit NF4 checkpoint back to f32/bf16/f16",

@@ -8,10 +8,11 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   nlohmann::ordered_json j;
-  try {
-    j = nlohmann::ordered_json::parse(data, data + size);
-  } catch (const nlohmann::json::exception&) {
-    return 0;  // not JSON: load_peft_config reports that before from_json is reached
+  try {  // as load_peft_config reads: depth-bounded, duplicate keys refused
+    j = lora::io::parse_json<nlohmann::ordered_json>(std::string_view(reinterpret_cast<const char*>(data), size),
+                                                     "adapter_config.json");
+  } catch (const lora::error&) {
+    return 0;  // not JSON (or hostile JSON): load_peft_config reports that before from_json is reached
   }
   try {
     const auto c = lora::io::PeftConfig::from_json(j, "adapter_config.json");

@@ -363,3 +363,140 @@ TEST_CASE("large files go through the O_DIRECT staging path and read back bit fo
     }
   }
 }
+
+// ---- hostile files (issue 21) ------------------------------------------------------------
+
+#include <sys/stat.h>
+
+#include <chrono>
+
+TEST_CASE("hostile: an index must list every tensor of its shards; shard names are plain (class 5)",
+          "[checkpoint][hostile]") {
+  TempDir tmp("ck");
+  reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
+  const fs::path idx = tmp.path / "ok" / io::checkpoint_index_name;
+  nlohmann::ordered_json j;
+  {
+    std::ifstream in(idx);
+    j = nlohmann::ordered_json::parse(in);
+  }
+  auto variant = [&](const std::string& name, auto edit) {
+    const fs::path d = tmp.path / name;
+    fs::create_directories(d);
+    for (auto& e : fs::directory_iterator(tmp.path / "ok")) fs::copy_file(e.path(), d / e.path().filename());
+    auto k = j;
+    edit(k, d);
+    fs::remove(d / io::checkpoint_index_name);
+    std::ofstream(d / io::checkpoint_index_name) << k.dump();
+    return d;
+  };
+  CHECK(io::Checkpoint::open(tmp.path / "ok").size() == j["weight_map"].size());
+  // a tensor the weight_map forgets was silently dropped from every output
+  CHECK_THROWS_WITH(io::Checkpoint::open(variant("unlisted", [](auto& k, const fs::path&) {
+                      k["weight_map"].erase("model.norm.weight");
+                    })),
+                    ContainsSubstring(io::checkpoint_index_name) && ContainsSubstring("'model.norm.weight'") &&
+                        ContainsSubstring("does not list"));
+  // a NUL byte (or another control character) in a shard name was copied into the output
+  const std::string shard0 = j["weight_map"]["lm_head.weight"];
+  CHECK_THROWS_WITH(io::Checkpoint::open(variant("nul", [&](auto& k, const fs::path&) {
+                      k["weight_map"]["lm_head.weight"] = shard0 + std::string(1, '\0') + "x";
+                    })),
+                    ContainsSubstring("'lm_head.weight'") && ContainsSubstring("not a file name"));
+  // the same tensor twice in the weight_map
+  {
+    const fs::path d = variant("twice", [](auto&, const fs::path&) {});
+    std::string text = j.dump();
+    text.insert(text.find("\"weight_map\":{") + 14, "\"lm_head.weight\":\"" + shard0 + "\",");
+    fs::remove(d / io::checkpoint_index_name);
+    std::ofstream(d / io::checkpoint_index_name) << text;
+    CHECK_THROWS_WITH(io::Checkpoint::open(d), ContainsSubstring("'lm_head.weight' appears twice"));
+  }
+  // deep metadata (class 1), a FIFO or a folder as the index (class 3)
+  CHECK_THROWS_WITH(io::Checkpoint::open(variant("deep", [](auto& k, const fs::path&) {
+                      nlohmann::ordered_json v = 1;
+                      for (int i = 0; i < 100; ++i) v = nlohmann::ordered_json::array({v});
+                      k["metadata"]["x"] = v;
+                    })),
+                    ContainsSubstring(io::checkpoint_index_name) && ContainsSubstring("nested deeper"));
+  {
+    const fs::path d = variant("fifo", [](auto&, const fs::path&) {});
+    fs::remove(d / io::checkpoint_index_name);
+    REQUIRE(::mkfifo((d / io::checkpoint_index_name).c_str(), 0600) == 0);
+    CHECK_THROWS_WITH(io::Checkpoint::open(d), ContainsSubstring(io::checkpoint_index_name) && ContainsSubstring("FIFO"));
+    fs::remove(d / io::checkpoint_index_name);
+    fs::create_directory(d / io::checkpoint_index_name);
+    CHECK_THROWS_WITH(io::Checkpoint::open(d), ContainsSubstring(io::checkpoint_index_name) && ContainsSubstring("folder"));
+  }
+  {
+    const fs::path d = variant("fifoshard", [](auto&, const fs::path&) {});
+    fs::remove(d / shard0);
+    REQUIRE(::mkfifo((d / shard0).c_str(), 0600) == 0);
+    CHECK_THROWS_WITH(io::Checkpoint::open(d), ContainsSubstring(shard0) && ContainsSubstring("FIFO"));
+  }
+}
+
+TEST_CASE("hostile: index handling is n log n (class 4)", "[checkpoint][hostile]") {
+  // ordered_json's linear lookups made reading and writing a 200,000-name index quadratic.
+  // 4× the names may cost at most ~10× the time (quadratic: 16×); best of three.
+  TempDir tmp("ck");
+  auto seconds_for = [&](int n) {
+    std::vector<io::TensorSpec> specs;
+    for (int i = 0; i < n; ++i) specs.push_back({fmt::format("model.layers.{}.w", i), io::dtype::U8, {1}});
+    auto layout = io::CheckpointLayout::split(specs, static_cast<std::uint64_t>(n) / 3 + 1);
+    const std::vector<std::byte> one{std::byte{7}};
+    const fs::path out = tmp.path / fmt::format("ck{}", n);
+    io::write_checkpoint(out, layout, [&](const io::TensorSpec&) { return io::TensorBytes::borrow(one); });
+    const std::string text = lora::io::read_regular_file(out / io::checkpoint_index_name);
+    double best = 1e9;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto idx = io::parse_checkpoint_index(text, "index.json");
+      REQUIRE(idx.weight_map.size() == specs.size());
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const auto ck = io::Checkpoint::open(out);
+    CHECK(ck.size() == specs.size());
+    CHECK(ck.tensor(specs.back().name).at<int>(0) == 7);
+    return best;
+  };
+  const double small = seconds_for(5000), large = seconds_for(20000);
+  INFO("5000 names: " << small << " s, 20000: " << large << " s");
+  CHECK(large < 10 * small);
+}
+
+TEST_CASE("hostile: unsigned and FP8 base tensors pass through a merge unchanged (class 8)", "[merge][hostile]") {
+  TempDir tmp("ck");
+  const auto src = io::SafetensorsFile::open(data("peft/lora_r8_a16_all/base/model.safetensors"));
+  std::vector<io::TensorData> ts;
+  for (const auto& t : src.tensors()) ts.push_back(io::TensorData::copy_of(t));
+  std::mt19937 rng(lora::test::fresh_seed() & 0xffffffffu);
+  auto raw = [&](const std::string& name, io::dtype type, std::int64_t n) {
+    io::TensorData t;
+    t.name = name;
+    t.type = type;
+    t.shape = {n};
+    t.bytes.resize(static_cast<std::size_t>(n) * io::dtype_size(type));
+    for (auto& b : t.bytes) b = static_cast<std::byte>(rng() & 0x77);  // & 0x77: no FP8 NaN/Inf patterns
+    ts.push_back(std::move(t));
+  };
+  raw("extra.u16", io::dtype::U16, 5);
+  raw("extra.u32", io::dtype::U32, 6);
+  raw("extra.u64", io::dtype::U64, 7);
+  raw("extra.f8_e4m3", io::dtype::F8_E4M3, 9);
+  raw("extra.f8_e5m2", io::dtype::F8_E5M2, 11);
+  io::write_safetensors(tmp.path / "base.safetensors", ts, {{"format", "pt"}});
+  const auto base = io::Checkpoint::open(tmp.path / "base.safetensors");
+  const auto ad = io::load_peft_adapter(data("peft/lora_r8_a16_all/adapter"));
+  for (auto to : {std::optional<io::dtype>{}, std::optional<io::dtype>{io::dtype::BF16}}) {
+    io::MergeOptions opt;
+    opt.out_dtype = to;
+    const fs::path out = tmp.path / (to ? "bf16.safetensors" : "same.safetensors");
+    io::merge_peft_checkpoint(base, ad, out, opt);
+    const auto got = io::SafetensorsFile::open(out);
+    for (const std::string n : {"extra.u16", "extra.u32", "extra.u64", "extra.f8_e4m3", "extra.f8_e5m2"}) {
+      INFO(n);
+      CHECK(same_bytes(got.tensor(n), base.tensor(n)));
+    }
+  }
+}

@@ -42,6 +42,51 @@ namespace lora::io {
 /// The file name of a sharded checkpoint's index.
 inline constexpr const char* checkpoint_index_name = "model.safetensors.index.json";
 
+/// A parsed model.safetensors.index.json: the weight_map in the file's order, every shard a
+/// plain file name (no path separator, no control character, not "." or ".."), and the
+/// "metadata" object.
+struct CheckpointIndex {
+  std::vector<std::pair<std::string, std::string>> weight_map;  ///< tensor name → shard file name
+  nlohmann::ordered_json metadata = nlohmann::ordered_json::object();
+};
+
+/// Parses and checks an index's text; `where` names the file in messages. O(n log n) in the
+/// number of tensors (nlohmann::json objects, the weight_map's order taken while parsing),
+/// depth bounded, a tensor listed twice refused.
+inline CheckpointIndex parse_checkpoint_index(std::string_view text, const std::string& where) {
+  std::vector<std::string> order;
+  std::string top;
+  JsonParseOptions popt;
+  popt.on_key = [&](int depth, const std::string& key) {
+    if (depth == 1) top = key;
+    if (depth == 2 && top == "weight_map") order.push_back(key);
+  };
+  const nlohmann::json j = parse_json(text, where, popt);
+  if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+    lora::detail::fail("{}: expected an object with a \"weight_map\" object", where);
+  CheckpointIndex out;
+  if (j.contains("metadata")) {
+    if (!j["metadata"].is_object())
+      lora::detail::fail("{}: 'metadata' must be an object, got {}", where, detail::json_type_of(j["metadata"]));
+    out.metadata = nlohmann::ordered_json::parse(j["metadata"].dump());
+  }
+  const nlohmann::json& wm = j["weight_map"];
+  out.weight_map.reserve(order.size());
+  for (auto& name : order) {
+    const auto& v = wm.at(name);
+    if (!v.is_string())
+      lora::detail::fail("{}: weight_map['{}'] must be a file name, got {}", where, name, detail::json_excerpt(v));
+    const std::string& shard = v.get_ref<const std::string&>();
+    const bool odd = std::any_of(shard.begin(), shard.end(), [](char ch) {
+      return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f || ch == '/' || ch == '\\';
+    });
+    if (shard.empty() || odd || shard == "." || shard == "..")
+      lora::detail::fail("{}: weight_map['{}'] = {} is not a file name in the checkpoint folder", where, name, v.dump());
+    out.weight_map.emplace_back(std::move(name), shard);
+  }
+  return out;
+}
+
 /// A checkpoint opened for reading: a single safetensors file, a folder holding
 /// model.safetensors.index.json (every shard mapped), or a folder holding model.safetensors.
 class Checkpoint {
@@ -70,37 +115,11 @@ class Checkpoint {
       lora::detail::fail("{}: folder has neither {} nor model.safetensors", path.string(), checkpoint_index_name);
     }
     c.sharded_ = true;
-    // nlohmann::json (std::map objects): O(n log n) in the tensors; the weight_map's order
-    // is taken from the keys as they are parsed.
-    std::vector<std::string> order;
-    std::string top;
-    JsonParseOptions popt;
-    popt.on_key = [&](int depth, const std::string& key) {
-      if (depth == 1) top = key;
-      if (depth == 2 && top == "weight_map") order.push_back(key);
-    };
     const std::string where = index.string();
-    const nlohmann::json j = read_json_file(index, popt);
-    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-      lora::detail::fail("{}: expected an object with a \"weight_map\" object", where);
-    if (j.contains("metadata")) {
-      if (!j["metadata"].is_object())
-        lora::detail::fail("{}: 'metadata' must be an object, got {}", where, detail::json_type_of(j["metadata"]));
-      c.index_metadata_ = nlohmann::ordered_json::parse(j["metadata"].dump());
-    }
-    const nlohmann::json& wm = j["weight_map"];
+    const CheckpointIndex parsed = parse_checkpoint_index(read_regular_file(index), where);
+    c.index_metadata_ = parsed.metadata;
     std::map<std::string, std::size_t> shard_ix;
-    for (const auto& name : order) {
-      const auto& v = wm.at(name);
-      if (!v.is_string())
-        lora::detail::fail("{}: weight_map['{}'] must be a file name, got {}", where, name, detail::json_excerpt(v));
-      const std::string& shard = v.get_ref<const std::string&>();
-      const bool odd = std::any_of(shard.begin(), shard.end(), [](char ch) {
-        return static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f || ch == '/' || ch == '\\';
-      });
-      if (shard.empty() || odd || shard == "." || shard == "..")
-        lora::detail::fail("{}: weight_map['{}'] = {} is not a file name in the checkpoint folder", where, name,
-                           v.dump());
+    for (const auto& [name, shard] : parsed.weight_map) {
       auto it = shard_ix.find(shard);
       if (it == shard_ix.end()) {
         if (!fs::exists(fs::symlink_status(path / shard)))

@@ -142,8 +142,13 @@ inline Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_na
       lora::detail::fail("{}: dtype '{}' is not one of float32, bfloat16, float16", where, s);
   }
 
-  // Packed codes: U8 normally; any other quant_storage dtype holds the same bytes.
+  // Packed codes are U8, as transformers saves bnb-4bit checkpoints. Codes stored under a
+  // float dtype (bnb's quant_storage for FSDP) are refused rather than reinterpreted: a
+  // float tensor that merely carries a quant_state is far more often a mistake (issue 21).
   const auto& wt = f.tensor(weight_name);
+  if (wt.type != io::dtype::U8)
+    lora::detail::fail("{}: packed NF4 codes have dtype {}, expected U8 (uint8 quant_storage)", where,
+                       io::dtype_name(wt.type));
   if (static_cast<std::int64_t>(wt.bytes.size()) < packed_bytes(n))
     lora::detail::fail("{}: packed weight has {} bytes, shape {} needs {}", where, wt.bytes.size(), js["shape"].dump(),
                        packed_bytes(n));
