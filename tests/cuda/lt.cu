@@ -1,6 +1,8 @@
-// cuBLASLt plans (lora/cuda/lt.hpp) and the fused forward's choice among their algorithms:
-// every candidate algorithm against float64 on fresh random inputs, all four transpose
-// combinations, strided operands, and the plan refusing operands it was not made for.
+// cuBLASLt plans (lora/cuda/lt.hpp) and the planner (lora/cuda/plan.hpp): every candidate
+// algorithm against float64 on fresh random inputs, all four transpose combinations, strided
+// operands, the plan refusing operands it was not made for; every fused forward path and
+// algorithm forced through the planner; forward and backward captured in a CUDA graph after
+// plan() (and unplanned) and replayed with new inputs.
 
 #include <lora/cuda.hpp>
 
