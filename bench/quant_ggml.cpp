@@ -5,6 +5,7 @@
 // once per round in a rotating order, medians over the rounds.
 //
 //   ./bench_quant_ggml [--rounds 15] [--tokens 1,4,16] [--threads 1,2] [--shapes 14336x4096,4096x14336]
+//                      [--kernels ours,qlora]   (name prefixes; default all)
 #include <lora/quant/nf4_cpu.hpp>
 #include <lora/quant/qlora.hpp>
 
@@ -123,6 +124,7 @@ double rel_error(const Matrix<float>& y, const Matrix<double>& ref) {
 
 int main(int argc, char** argv) {
   int rounds = 15;
+  std::string kernels;  // comma-separated name prefixes ("ours,qlora"); empty: all
   std::vector<long> tokens = {1, 4, 16}, threads = {1, 2};
   std::vector<std::pair<Index, Index>> shapes = {{14336, 4096}, {4096, 14336}};
   for (int a = 1; a + 1 < argc; a += 2) {
@@ -131,6 +133,8 @@ int main(int argc, char** argv) {
       rounds = std::stoi(v);
     } else if (k == "--tokens") {
       tokens = parse_list(v);
+    } else if (k == "--kernels") {
+      kernels = v;
     } else if (k == "--threads") {
       threads = parse_list(v);
     } else if (k == "--shapes") {
@@ -168,7 +172,7 @@ int main(int argc, char** argv) {
       Matrix<float> X(T, in);
       for (Index i = 0; i < X.size(); ++i) X.data()[i] = static_cast<float>(gen.normal());
       const Matrix<double> ref = X.cast<double>() * Wd.transpose();  // unquantised weights
-      Matrix<float> Ye(T, out), Yf(T, out), Yeig(T, out), Yl;
+      Matrix<float> Ye = Matrix<float>::Zero(T, out), Yf = Ye, Yeig = Ye, Yl;
 #if defined(LORA_BENCH_GGML)
       GgmlMatmul q40(GGML_TYPE_Q4_0, W, T), iq4(GGML_TYPE_IQ4_NL, W, T), q4k(GGML_TYPE_Q4_K, W, T);
 #endif
@@ -203,6 +207,22 @@ int main(int argc, char** argv) {
         c.push_back({"ggml IQ4_NL", [&] { iq4.run(X, static_cast<int>(nt)); }, {}});
         c.push_back({"ggml Q4_K", [&] { q4k.run(X, static_cast<int>(nt)); }, {}});
 #endif
+        if (!kernels.empty()) {
+          std::vector<Candidate> kept;
+          for (auto& k : c) {
+            std::stringstream ks(kernels);
+            std::string p;
+            bool keep = false;
+            while (std::getline(ks, p, ',')) keep = keep || k.name.rfind(p, 0) == 0;
+            if (keep) kept.push_back(std::move(k));
+          }
+          c = std::move(kept);
+        }
+        auto index = [&](const std::string& name) {
+          for (std::size_t j = 0; j < c.size(); ++j)
+            if (c[j].name == name) return static_cast<long>(j);
+          return -1L;
+        };
         for (auto& k : c) k.call();  // warm up (pages, plans)
         for (int r = 0; r < rounds; ++r)
           for (std::size_t j = 0; j < c.size(); ++j) {
@@ -211,6 +231,7 @@ int main(int argc, char** argv) {
             k.call();
             k.ms.push_back(now_ms() - t0);
           }
+        if (c.empty()) continue;
         const double base = median(c[0].ms);
         for (auto& k : c) {
           double err = -1;
@@ -232,15 +253,19 @@ int main(int argc, char** argv) {
         }
         // The layer against its base product alone, same mode (the issue's ≤ 1.05):
         // medians of the per-round ratios (the two calls ran in the same round).
-        auto paired = [&](std::size_t a, std::size_t b) {
+        auto paired = [&](const char* a, const char* b) {
+          const long ia = index(a), ib = index(b);
+          if (ia < 0 || ib < 0) return std::nan("");
           std::vector<double> r;
-          for (int i = 0; i < rounds; ++i) r.push_back(c[a].ms[static_cast<std::size_t>(i)] / c[b].ms[static_cast<std::size_t>(i)]);
+          for (int i = 0; i < rounds; ++i)
+            r.push_back(c[static_cast<std::size_t>(ia)].ms[static_cast<std::size_t>(i)] /
+                        c[static_cast<std::size_t>(ib)].ms[static_cast<std::size_t>(i)]);
           return median(r);
         };
         const double fe = std::sqrt((Yf.cast<double>() - Ye.cast<double>()).squaredNorm() /
                                     (Ye.cast<double>() - ref).squaredNorm());
         std::printf("%5ldx%-6ld %3ld %3ld qlora/gemm: fast %.3f, exact %.3f; |fast - exact| / |exact - float| = %.3f\n",
-                    static_cast<long>(out), static_cast<long>(in), T, nt, paired(2, 0), paired(3, 1), fe);
+                    static_cast<long>(out), static_cast<long>(in), T, nt, paired("qlora fast", "ours fast"), paired("qlora exact", "ours exact"), fe);
         std::fflush(stdout);
       }
     }

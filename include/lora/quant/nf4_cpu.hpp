@@ -428,6 +428,8 @@ inline void gemm_rows(isa::avx2, const Nf4View& W, const float* Xp, Index T, flo
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
+inline constexpr Index avx512_max_tokens = 4;
+
 /// Tokens with every 32 columns reordered as their 16 even then 16 odd columns.
 inline std::vector<float> interleave32(const float* X, Index T, Index cols) {
   std::vector<float> r(static_cast<std::size_t>(T * cols));
@@ -481,7 +483,9 @@ inline void avx512_exact_rows2(const std::uint8_t* packed, const float* absmax, 
 
 inline void gemm_rows(isa::avx512, const Nf4View& W, const float* Xp, Index T, float* Y, Index r0, Index r1,
                       nf4_mode mode, const Q8Tokens* xq) {
-  if (mode == nf4_mode::fast) return gemm_rows(isa::avx2{}, W, Xp, T, Y, r0, r1, mode, xq);
+  // Above 4 tokens the AVX2 kernel's tiles of 8 (with AVX-512's 32 registers) beat
+  // two rows × 4 tokens here; prepare_tokens reorders X for it.
+  if (mode == nf4_mode::fast || T > avx512_max_tokens) return gemm_rows(isa::avx2{}, W, Xp, T, Y, r0, r1, mode, xq);
   const Index in = W.cols, out = W.rows;
   const int shift = log2_exact(W.blocksize);
   const std::int64_t kc = k_chunk(T, in);
@@ -524,7 +528,7 @@ PreparedTokens<Isa> prepare_tokens(const Nf4View& W, const float* X, Index T, nf
   p.x = X;
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX2__) && defined(__FMA__)
   if constexpr (std::is_same_v<Isa, isa::avx512>) {
-    if (simd_ok) p.xf = interleave32(X, T, W.cols);
+    if (simd_ok) p.xf = T > avx512_max_tokens ? interleave8(X, T, W.cols) : interleave32(X, T, W.cols);
   }
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
