@@ -139,7 +139,6 @@ def poison(src, dst, suffix, value):
     at = 8 + n + h[k]["data_offsets"][0] + 4 * 5
     b[at:at + 4] = struct.pack("<f", value)
     open(dst, "wb").write(bytes(b))
-    print(k)
 poison(sys.argv[1], sys.argv[2], "q_proj.lora_A.weight", float("nan"))
 poison(sys.argv[3], sys.argv[4], "k_proj.weight", float("inf"))
 PYEOF
@@ -150,6 +149,47 @@ refuse "inspect: NaN in lora_A" "q_proj.lora_A.weight" inspect "$TMP/nan"
 refuse "quantize: Inf in a base weight" "k_proj.weight" quantize "$TMP/nanbase.safetensors" --out "$TMP/o7.safetensors"
 rm -rf "$TMP/nan" "$TMP/nanbase.safetensors"
 
+# the same module under two keys; a DoRA magnitude twice; zero-size factors (classes 5, 7)
+"$PY" - "$ADAPTER" "$DATA/peft/dora_r4_a8_qv/adapter" "$TMP" <<'PYEOF'
+import json, os, shutil, struct, sys
+ad, dora, tmp = sys.argv[1:4]
+def split(p):
+    b = open(p, "rb").read()
+    n = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8:8 + n]), b[8 + n:]
+def write(folder, cfg_src, entries, cfg_edit=None):
+    # entries: list of (name, dtype, shape, bytes)
+    os.makedirs(folder, exist_ok=True)
+    c = json.load(open(os.path.join(cfg_src, "adapter_config.json")))
+    if cfg_edit: cfg_edit(c)
+    json.dump(c, open(os.path.join(folder, "adapter_config.json"), "w"))
+    h, data, off = {}, b"", 0
+    for name, dt, shape, raw in entries:
+        h[name] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + len(raw)]}
+        data += raw
+        off += len(raw)
+    hb = json.dumps(h).encode()
+    open(os.path.join(folder, "adapter_model.safetensors"), "wb").write(struct.pack("<Q", len(hb)) + hb + data)
+def entries_of(src):
+    h, data = split(os.path.join(src, "adapter_model.safetensors"))
+    return [(k, v["dtype"], v["shape"], data[v["data_offsets"][0]:v["data_offsets"][1]]) for k, v in h.items()
+            if k != "__metadata__"]
+e = entries_of(ad)
+a = next(x for x in e if x[0].endswith("q_proj.lora_A.weight"))
+write(os.path.join(tmp, "twokeys"), ad, e + [(a[0].replace("base_model.model.", ""),) + a[1:]])
+d = entries_of(dora)
+m = next(x for x in d if x[0].endswith("lora_magnitude_vector"))
+write(os.path.join(tmp, "twomag"), dora, d + [(m[0] + ".weight",) + m[1:]])
+write(os.path.join(tmp, "zero"), ad, [("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "F32", [40000, 0], b""),
+                                      ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "F32", [0, 40000], b"")],
+      lambda c: c.update(r=40000))
+PYEOF
+refuse "the same module with and without base_model.model." "under two keys" merge --base "$BASE" --adapter "$TMP/twokeys" \
+  --out "$TMP/o8"
+refuse "a DoRA magnitude under two keys" "under two keys" inspect "$TMP/twomag"
+refuse "r = 40000 with zero-size factors" "zero-size" inspect "$TMP/zero"
+rm -rf "$TMP/twokeys" "$TMP/twomag" "$TMP/zero"
+
 # plan's config.json: a FIFO, 64.0 as an integer, near-2^64 integers, head products that overflowed
 mkdir -p "$TMP/plan"
 LLAMA='"model_type": "llama", "intermediate_size": 176, "num_hidden_layers": 2, "num_key_value_heads": 2, "vocab_size": 128'
@@ -159,7 +199,7 @@ out=$(timeout 20 "$LORA" plan "$TMP/plan" --rank 8 --targets q_proj --json 2>&1)
 case "$out" in *'"trainable_parameters": 2048'*) ;; *) fail "plan: hidden_size 64.0 not read as 64: $out" ;; esac
 echo "{$LLAMA, \"hidden_size\": 18446744073709551615, \"num_attention_heads\": 4}" > "$TMP/plan/config.json"
 refuse "plan: hidden_size near 2^64" "'hidden_size'" plan "$TMP/plan" --rank 8
-echo "{$LLAMA, \"hidden_size\": 64, \"num_attention_heads\": 4194304, \"num_key_value_heads\": 4194304, \"head_dim\": 4194304}" > "$TMP/plan/config.json"
+echo "{${LLAMA/\"num_key_value_heads\": 2, /}, \"hidden_size\": 64, \"num_attention_heads\": 4194304, \"head_dim\": 4194304}" > "$TMP/plan/config.json"
 refuse "plan: heads x head_dim overflow" "head_dim" plan "$TMP/plan" --rank 8
 echo "{$LLAMA, \"hidden_size\": 64, \"num_attention_heads\": 4, \"tie_word_embeddings\": \"yes\"}" > "$TMP/plan/config.json"
 refuse "plan: a type error names the key" "tie_word_embeddings" plan "$TMP/plan" --rank 8
