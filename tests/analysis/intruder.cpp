@@ -15,6 +15,7 @@ using namespace lora;
 using namespace lora::analysis;
 using lora::test::MatD;
 using lora::test::random_orthonormal;
+using lora::test::rel_error;
 
 
 TEST_CASE("randomized_svd finds the top singular triplets", "[analysis][intruder]") {
@@ -70,6 +71,57 @@ TEST_CASE("intruder_dimensions finds a planted new direction", "[analysis][intru
   CHECK(intruder_dimensions(W, B2, A2, 3.0, opt).intruders.empty());
   CHECK_THROWS_WITH(intruder_dimensions(MatD(W.topRows(49)), B, A, 1.0, opt),
                     Catch::Matchers::ContainsSubstring("base weight is [49 x 40]"));
+}
+
+TEST_CASE("reduce_intruder_dimension equals PEFT's three-dense-SVD algorithm", "[analysis][intruder]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  const Index out = 60, in = 45, r = 4;
+  // W with a decaying spectrum; a rank-4 ΔW, one of whose directions lies outside W's
+  // column space (an intruder), the others mixed in
+  const MatD Q = random_orthonormal(out, out, gen), P = random_orthonormal(in, in, gen);
+  Eigen::VectorXd s(in);
+  for (Index i = 0; i < in; ++i) s(i) = 10.0 * std::pow(0.8, double(i));
+  const MatD W = Q.leftCols(in) * s.asDiagonal() * P.transpose();
+  MatD B(out, r), A(r, in);
+  B.col(0) = 3.0 * Q.col(in + 2);  // outside W's column space
+  B.rightCols(r - 1) = 0.3 * lora::test::random_matrix(out, r - 1, gen);
+  A.row(0) = P.col(3).transpose();
+  A.bottomRows(r - 1) = 0.3 * lora::test::random_matrix(r - 1, in, gen);
+  const double scaling = 2.0;
+  IntruderMitigationOptions opt;
+  opt.detect.svd.seed = seed;
+  opt.detect.svd.power_iterations = 8;
+  const auto got = reduce_intruder_dimension(W, B, A, scaling, opt);
+  // PEFT's algorithm with dense SVDs
+  const MatD dW = scaling * B * A, Wm = W + dW;
+  Eigen::JacobiSVD<MatD> sb(W, Eigen::ComputeThinU), sm(Wm, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  const Eigen::VectorXd cosine = (sm.matrixU().transpose() * sb.matrixU()).cwiseAbs().rowwise().maxCoeff();
+  std::vector<Index> idx;
+  for (Index j = 0; j < 10; ++j)
+    if (cosine(j) < 0.5) idx.push_back(j);
+  REQUIRE(!idx.empty());
+  REQUIRE(got.report.intruders == idx);
+  MatD intr = MatD::Zero(out, in);
+  for (Index j : idx) intr += sm.singularValues()(j) * sm.matrixU().col(j) * sm.matrixV().col(j).transpose();
+  const MatD dWm = (Wm + (opt.lambda - 1) * intr - W) / scaling;
+  Eigen::JacobiSVD<MatD> sd(dWm, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  const MatD want = sd.matrixU().leftCols(r) * sd.singularValues().head(r).asDiagonal() * sd.matrixV().leftCols(r).transpose();
+  CHECK(got.changed);
+  CHECK(got.factors.rank() == r);
+  CHECK(rel_error(MatD(got.factors.B * got.factors.A), want) < 1e-6);
+  // balanced split, as PEFT: ‖B e_i‖ = ‖Aᵀ e_i‖
+  for (Index i = 0; i < r; ++i) CHECK(got.factors.B.col(i).norm() == Approx(got.factors.A.row(i).norm()).epsilon(1e-8));
+  // λ = 1 removes nothing: the rank-r truncation of ΔW/s is ΔW/s itself
+  opt.lambda = 1.0;
+  const auto same = reduce_intruder_dimension(W, B, A, scaling, opt);
+  CHECK(rel_error(MatD(same.factors.B * same.factors.A), MatD(B * A)) < 1e-10);
+  // no intruders: the factors come back unchanged
+  const MatD Bin = Q.leftCols(r), Ain = P.leftCols(r).transpose();
+  const auto none = reduce_intruder_dimension(W, Bin, Ain, 0.5, opt);
+  CHECK_FALSE(none.changed);
+  CHECK(none.factors.B == Bin);
 }
 
 TEST_CASE("inspect_adapter: spectra equal a float64 SVD of s·B·A; config and tensors must agree",

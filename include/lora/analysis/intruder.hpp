@@ -7,12 +7,14 @@
 // decompositions (and JSON code) they use are compiled only in files that call them, not in
 // every file that includes this header (docs/reliability.md, "Sanitizers").
 
+#include <lora/analysis/compress.hpp>
 #include <lora/analysis/lowrank_svd.hpp>
 #include <lora/core/random.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 
 #include <Eigen/Dense>
+#include <Eigen/SVD>
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -73,7 +75,7 @@ LowRankSVD<double> randomized_svd(const Eigen::MatrixBase<Derived>& W, Index k, 
 /// Options of intruder_dimensions.
 struct IntruderOptions {
   Index top_k = 10;       ///< singular vectors of W + ΔW that are checked
-  Index base_rank = 128;  ///< top singular vectors of W they are compared with (clamped to min(out, in))
+  Index base_rank = 128;  ///< top singular vectors of W they are compared with (clamped; ≤ 0: all, dense SVD)
   double epsilon = 0.5;   ///< an intruder's largest |cos| with W's vectors is below this
   RandomizedSVDOptions svd = {};
 };
@@ -87,13 +89,15 @@ struct IntruderReport {
   double epsilon = 0;
 };
 
-/// Intruder dimensions of W + s·B·A: left singular vectors u'_j (j < top_k) of
-/// the fine-tuned W + ΔW whose largest |cosine| with W's top base_rank left
-/// singular vectors u_i is below ε. Both SVDs are randomized; ΔW is applied as
-/// s·B·(A·X), never formed.
+namespace detail {
+/// The two SVDs intruder detection needs: W's top base_rank left singular vectors
+/// (base_rank = min(out, in): a dense SVD, as PEFT) and W + s·B·A's top k (randomized,
+/// ΔW applied as s·B·(A·X)), and the report built from them.
 template <class DW, class DB, class DA>
-IntruderReport intruder_dimensions(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DB>& B,
-                                   const Eigen::MatrixBase<DA>& A, double scaling, const IntruderOptions& opt = {}) {
+std::pair<IntruderReport, LowRankSVD<double>> intruder_svds(const Eigen::MatrixBase<DW>& W,
+                                                             const Eigen::MatrixBase<DB>& B,
+                                                             const Eigen::MatrixBase<DA>& A, double scaling,
+                                                             const IntruderOptions& opt) {
   if (W.rows() != B.rows() || W.cols() != A.cols() || B.cols() != A.rows())
     lora::detail::fail("intruder_dimensions: base weight is [{} x {}] but ΔW = B·A is [{} x {}] (B [{} x {}], A [{} x {}])",
                        W.rows(), W.cols(), B.rows(), A.cols(), B.rows(), B.cols(), A.rows(), A.cols());
@@ -101,12 +105,18 @@ IntruderReport intruder_dimensions(const Eigen::MatrixBase<DW>& W, const Eigen::
     lora::detail::fail("intruder_dimensions: epsilon must be in (0, 1], got {}", opt.epsilon);
   const Index full = std::min(W.rows(), W.cols());
   const Index k = std::clamp<Index>(opt.top_k, 1, full);
-  const Index m = std::clamp<Index>(opt.base_rank, 1, full);
+  const Index m = opt.base_rank <= 0 ? full : std::clamp<Index>(opt.base_rank, 1, full);
   const Eigen::MatrixXd Wd = W.template cast<double>();
   const Eigen::MatrixXd Bd = B.template cast<double>();
   const Eigen::MatrixXd Ad = A.template cast<double>();
-  const LowRankSVD<double> base = randomized_svd(Wd, m, opt.svd);
-  const LowRankSVD<double> tuned = randomized_svd(
+  Eigen::MatrixXd Ubase;
+  if (m == full) {
+    Eigen::BDCSVD<Eigen::MatrixXd> svd(Wd, Eigen::ComputeThinU);
+    Ubase = svd.matrixU();
+  } else {
+    Ubase = randomized_svd(Wd, m, opt.svd).U;
+  }
+  LowRankSVD<double> tuned = randomized_svd(
       Wd.rows(), Wd.cols(),
       [&](const Eigen::MatrixXd& X) -> Eigen::MatrixXd {
         Eigen::MatrixXd Y = Wd * X;
@@ -124,10 +134,70 @@ IntruderReport intruder_dimensions(const Eigen::MatrixBase<DW>& W, const Eigen::
   rep.base_rank = m;
   rep.epsilon = opt.epsilon;
   rep.singular_values = tuned.singular_values;
-  rep.max_cosine = (tuned.U.transpose() * base.U).cwiseAbs().rowwise().maxCoeff();
+  rep.max_cosine = (tuned.U.transpose() * Ubase).cwiseAbs().rowwise().maxCoeff();
   for (Index j = 0; j < k; ++j)
     if (rep.max_cosine(j) < opt.epsilon) rep.intruders.push_back(j);
-  return rep;
+  return {std::move(rep), std::move(tuned)};
+}
+}  // namespace detail
+
+/// Intruder dimensions of W + s·B·A: left singular vectors u'_j (j < top_k) of
+/// the fine-tuned W + ΔW whose largest |cosine| with W's top base_rank left
+/// singular vectors u_i is below ε (base_rank ≤ 0: all of them, by a dense SVD of W,
+/// as PEFT). The SVD of W + ΔW is randomized; ΔW is applied as s·B·(A·X), never formed.
+template <class DW, class DB, class DA>
+IntruderReport intruder_dimensions(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DB>& B,
+                                   const Eigen::MatrixBase<DA>& A, double scaling, const IntruderOptions& opt = {}) {
+  return detail::intruder_svds(W, B, A, scaling, opt).first;
+}
+
+/// Options of reduce_intruder_dimension (PEFT's defaults: top_k 10, ε 0.5, λ 0.75, every
+/// left singular vector of W compared).
+struct IntruderMitigationOptions {
+  IntruderOptions detect{.top_k = 10, .base_rank = 0, .epsilon = 0.5, .svd = {.oversample = 10, .power_iterations = 4, .seed = 0x5eed}};
+  double lambda = 0.75;  ///< the fraction of each intruder direction that is kept
+};
+
+/// A module after mitigation: factors for the module's own scaling s and rank r.
+struct MitigatedModule {
+  Factors factors;  ///< s·B·A = best rank-r of ΔW + (λ − 1)·Σ_{j ∈ I} σ'_j·u'_j·v'_jᵀ
+  IntruderReport report;
+  bool changed = false;  ///< false: no intruders, factors are the input's
+};
+
+/// PEFT's reduce_intruder_dimension on one module: with u'_j, σ'_j, v'_j the intruders of
+/// W + ΔW (intruder_dimensions), ΔW' = ΔW + (λ − 1)·Σ_{j∈I} σ'_j·u'_j·v'_jᵀ, stored as the
+/// rank-r truncation of ΔW'/s split B = U·√Σ, A = √Σ·Vᵀ. PEFT takes three dense SVDs
+/// (W, W + ΔW, ΔW'); here W + ΔW's top-k is randomized and ΔW' — rank ≤ r + |I| — has
+/// its SVD from factors (lowrank_svd), exact. Without intruders the factors are returned as given.
+template <class DW, class DB, class DA>
+MitigatedModule reduce_intruder_dimension(const Eigen::MatrixBase<DW>& W, const Eigen::MatrixBase<DB>& B,
+                                          const Eigen::MatrixBase<DA>& A, double scaling,
+                                          const IntruderMitigationOptions& opt = {}) {
+  if (!(std::isfinite(scaling) && scaling != 0.0))
+    lora::detail::fail("reduce_intruder_dimension: scaling must be finite and non-zero, got {}", scaling);
+  auto [rep, tuned] = detail::intruder_svds(W, B, A, scaling, opt.detect);
+  MitigatedModule out;
+  out.report = std::move(rep);
+  const Index r = A.rows();
+  if (out.report.intruders.empty()) {
+    out.factors.B = B.template cast<double>();
+    out.factors.A = A.template cast<double>();
+    return out;
+  }
+  const Index ni = static_cast<Index>(out.report.intruders.size());
+  // ΔW'/s = [B, (λ−1)/s·U_I·Σ_I]·[A; V_Iᵀ]
+  Eigen::MatrixXd P(B.rows(), r + ni), Q(r + ni, A.cols());
+  P.leftCols(r) = B.template cast<double>();
+  Q.topRows(r) = A.template cast<double>();
+  for (Index t = 0; t < ni; ++t) {
+    const Index j = out.report.intruders[static_cast<std::size_t>(t)];
+    P.col(r + t) = (opt.lambda - 1.0) / scaling * tuned.singular_values(j) * tuned.U.col(j);
+    Q.row(r + t) = tuned.V.col(j).transpose();
+  }
+  out.factors = factors_from_svd(lowrank_svd(P, Q, 1.0), 1.0, r);
+  out.changed = true;
+  return out;
 }
 
 }  // namespace lora::analysis
