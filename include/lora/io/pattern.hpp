@@ -34,7 +34,9 @@ namespace detail {
 #if defined(LORA_WITH_RE2)
 using compiled_regex = re2::RE2;
 
-inline std::shared_ptr<const re2::RE2> compile_regex(const std::string& pattern, std::string_view what) {
+// `shown` is what messages quote (the user's pattern, not our wrapping of it).
+inline std::shared_ptr<const re2::RE2> compile_regex(const std::string& pattern, std::string_view what,
+                                                     std::string_view shown) {
   // A small cache: the same few patterns are matched against every module name.
   static std::mutex mu;
   static std::map<std::string, std::shared_ptr<const re2::RE2>, std::less<>> cache;
@@ -48,20 +50,22 @@ inline std::shared_ptr<const re2::RE2> compile_regex(const std::string& pattern,
   if (!re->ok())
     lora::detail::fail("{} pattern '{}' is not a regular expression this library accepts (RE2 syntax: no "
                        "look-around or back-references): {}",
-                       what, pattern.size() > 200 ? pattern.substr(0, 200) + "..." : pattern, re->error());
+                       what, shown.size() > 200 ? std::string(shown.substr(0, 200)) + "..." : std::string(shown),
+                       re->error());
   std::lock_guard lk(mu);
   if (cache.size() >= 256) cache.clear();
   cache.emplace(pattern, re);
   return re;
 }
 
-inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what) {
-  const auto re = compile_regex(pattern, what);
+inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what,
+                       std::string_view shown) {
+  const auto re = compile_regex(pattern, what, shown);
   return re2::RE2::FullMatch(re2::StringPiece(s.data(), s.size()), *re);
 }
 
 inline std::optional<std::string> search_group(const std::string& pattern, std::string_view s, std::string_view what) {
-  const auto re = compile_regex(pattern, what);
+  const auto re = compile_regex(pattern, what, pattern);
   if (re->NumberOfCapturingGroups() < 1) lora::detail::fail("{} pattern '{}' has no capturing group", what, pattern);
   std::string g;
   if (!re2::RE2::PartialMatch(re2::StringPiece(s.data(), s.size()), *re, &g)) return std::nullopt;
@@ -78,7 +82,8 @@ inline void check_regex_digits(const std::string& pattern, std::string_view what
                          pattern);
   }
 }
-inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what) {
+inline bool full_match(const std::string& pattern, std::string_view s, std::string_view what,
+                       std::string_view shown) {
   // std::regex recurses per character and backtracks: keep both sides short.
   if (pattern.size() > 512 || s.size() > 1024)
     lora::detail::fail("{} pattern '{}' against a name of {} characters: too long for a build without RE2 (at most "
@@ -88,7 +93,7 @@ inline bool full_match(const std::string& pattern, std::string_view s, std::stri
   try {
     return std::regex_match(s.begin(), s.end(), std::regex(pattern, std::regex::ECMAScript));
   } catch (const std::regex_error& e) {
-    lora::detail::fail("{} pattern '{}' is not a valid regular expression: {}", what, pattern, e.what());
+    lora::detail::fail("{} pattern '{}' is not a valid regular expression: {}", what, shown, e.what());
   }
 }
 
@@ -115,7 +120,7 @@ inline std::optional<std::string> search_group(const std::string& pattern, std::
 /// pattern does not compile.
 inline bool regex_full_match(const std::string& pattern, std::string_view name,
                              std::string_view what = "target_modules") {
-  return detail::full_match(pattern, name, what);
+  return detail::full_match(pattern, name, what, pattern);
 }
 
 /// Python's re.search(pattern, name).group(1), or nullopt when there is no match.
@@ -128,7 +133,7 @@ inline std::optional<std::string> regex_search_group(const std::string& pattern,
 /// re.match(rf"(.*\.)?({key})$", name). Python's $ also matches before a final newline.
 inline bool pattern_key_matches(const std::string& key, std::string_view name,
                                 std::string_view what = "rank_pattern/alpha_pattern") {
-  return detail::full_match("(.*\\.)?(" + key + ")\n?", name, what);
+  return detail::full_match("(.*\\.)?(" + key + ")\\n?", name, what, key);
 }
 
 }  // namespace lora::io
