@@ -11,6 +11,9 @@
 // repetition, (?P<name>...)); look-around and back-references, which need backtracking,
 // are refused with a message naming the pattern. Built without RE2 (LORA_WITH_RE2 unset,
 // e.g. a CUDA-only build), std::regex is used with patterns and names bounded in length.
+// nvcc cannot parse <re2/re2.h> (nvcc 13: "incomplete type re2::RE2::Arg"), so .cu files take
+// the std::regex path too; the two sit in different inline namespaces, so a program that mixes
+// .cu and .cpp files gets two distinct sets of functions rather than one name with two bodies.
 
 #include <lora/error.hpp>
 
@@ -21,17 +24,24 @@
 #include <string>
 #include <string_view>
 
-#if defined(LORA_WITH_RE2)
+#if defined(LORA_WITH_RE2) && !defined(__CUDACC__)
+#define LORA_PATTERN_RE2 1
 #include <re2/re2.h>
 #else
+#define LORA_PATTERN_RE2 0
 #include <regex>
 #endif
 
 namespace lora::io {
 
 namespace detail {
+#if LORA_PATTERN_RE2
+inline namespace re2_matcher {
+#else
+inline namespace std_regex_matcher {
+#endif
 
-#if defined(LORA_WITH_RE2)
+#if LORA_PATTERN_RE2
 using compiled_regex = re2::RE2;
 
 // `shown` is what messages quote (the user's pattern, not our wrapping of it).
@@ -112,6 +122,7 @@ inline std::optional<std::string> search_group(const std::string& pattern, std::
   }
 }
 #endif
+}  // inline namespace
 
 }  // namespace detail
 
