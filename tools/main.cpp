@@ -17,7 +17,8 @@ int main(int argc, char** argv) {
     fmt::print(to, "lora {} — low-rank adapter tools\n\nusage: lora <command> [options]\n\ncommands:\n",
                lora::version_string);
     for (auto& c : cmds) fmt::print(to, "  {:<12} {}\n", c.name, c.summary);
-    fmt::print(to, "\n'lora <command> --help' describes each command.\n");
+    fmt::print(to, "\n'lora <command> --help' describes each command. No command writes into or over its inputs;\n"
+                   "an existing output folder of other files is replaced only with --force.\n");
   };
   if (argc < 2) {
     usage(stderr);
