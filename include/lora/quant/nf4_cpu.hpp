@@ -551,7 +551,7 @@ Nf4View nf4_view(const Tensor& W) {
 /// Y = X·dequant(W)ᵀ: X [T × in] and Y [T × out] row-major, W an NF4 [out × in].
 /// Threads (OpenMP) split the rows of W. `Isa` picks the path (isa::native by
 /// default at the call sites); shapes a SIMD path cannot take (in % 32 ≠ 0)
-/// run the portable one. Meant for T ≤ 16 (each row is decoded once per 4 tokens).
+/// run the portable one. Meant for T ≤ 16 (each row is decoded once per 4 or 8 tokens).
 template <class Isa>
 void nf4_gemm(Isa, const Nf4View& W, const float* X, Index T, float* Y, nf4_mode mode) {
   detail::check_gemm_args(W, T, "nf4_gemm");
