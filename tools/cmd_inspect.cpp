@@ -11,6 +11,7 @@
 #include <cstdio>
 
 #include "cli.hpp"
+#include "progress.hpp"
 
 namespace {
 
@@ -36,6 +37,7 @@ nlohmann::ordered_json to_json(const AdapterReport& rep) {
   for (const auto& m : rep.modules) {
     json j;
     j["name"] = m.name;
+    j["kind"] = m.kind;
     j["out_features"] = m.out_features;
     j["in_features"] = m.in_features;
     j["rank"] = m.rank;
@@ -98,8 +100,13 @@ nlohmann::ordered_json to_json(const AdapterReport& rep) {
   summary["energy_rank"] = er;
   summary["recommendations"] = recs;
   if (have_intruders) summary["intruder_dimensions"] = intruders;
+  json whole = json::array();
+  for (const auto& w : rep.whole)
+    whole.push_back({{"name", w.name}, {"role", w.role}, {"dtype", io::dtype_name(w.type)}, {"shape", w.shape},
+                     {"parameters", w.parameters}});
   json out;
   out["modules"] = std::move(mods);
+  out["whole_tensors"] = std::move(whole);
   out["summary"] = std::move(summary);
   return out;
 }
@@ -108,13 +115,13 @@ void print_table(const AdapterReport& rep) {
   std::size_t w = 6;
   for (const auto& m : rep.modules) w = std::max(w, m.name.size());
   const bool intr = !rep.modules.empty() && rep.modules.front().intruders.has_value();
-  std::string head = fmt::format("{:<{}}  {:>12}  {:>4}  {:>8}  {:>10}", "module", w, "shape", "r", "scaling", "σ₁");
+  std::string head = fmt::format("{:<{}}  {:>12}  {:>4}  {:>8}  {:>10}", "module", w, "out x in", "r", "scaling", "σ₁");
   for (double t : rep.thresholds) head += fmt::format("  {:>6}", fmt::format("E{:g}", t * 100));
   head += fmt::format("  {:>7}  {:>7}", "entropy", "stable");
   if (intr) head += "  intruders";
   fmt::print("{}\n", head);
   for (const auto& m : rep.modules) {
-    std::string line = fmt::format("{:<{}}  {:>12}  {:>4}  {:>8.4g}  {:>10.4e}", m.name, w,
+    std::string line = fmt::format("{:<{}}  {:>12}  {:>4}  {:>8.4g}  {:>10.4e}", m.name + (m.kind == "linear" ? "" : " (" + m.kind + ")"), w,
                                    fmt::format("{}x{}", m.out_features, m.in_features), m.rank, m.scaling,
                                    m.metrics.spectral_norm);
     for (auto k : m.metrics.energy_ranks) line += fmt::format("  {:>6}", k);
@@ -124,20 +131,30 @@ void print_table(const AdapterReport& rep) {
   }
   Index max_r = 0;
   for (const auto& m : rep.modules) max_r = std::max(max_r, m.rank);
-  fmt::print("\n{} modules, r ≤ {}, {} parameters, ‖ΔW‖_F over all modules {:.4g}\n", rep.modules.size(), max_r,
-             rep.parameters, rep.frobenius_norm);
+  if (!rep.whole.empty()) {
+    Index whole_params = 0;
+    fmt::print("\nwhole tensors the adapter carries (they replace the base's; not analysed):\n");
+    for (const auto& t : rep.whole) {
+      fmt::print("  {:<{}}  {:<16}  {:<5} [{}]  {} parameters\n", t.name, w, t.role, io::dtype_name(t.type),
+                 fmt::join(t.shape, ", "), cli::thousands(t.parameters));
+      whole_params += t.parameters;
+    }
+    fmt::print("  {} whole-tensor parameters\n", cli::thousands(whole_params));
+  }
+  fmt::print("\n{} modules, r ≤ {}, {} LoRA parameters, ‖ΔW‖_F over all modules {:.4g}\n", rep.modules.size(), max_r,
+             cli::thousands(rep.parameters), rep.frobenius_norm);
   fmt::print("(E90 etc.: smallest k whose top-k singular values hold that % of Σσ²; entropy: Roy–Vetterli effective "
              "rank; stable: ‖ΔW‖_F²/‖ΔW‖₂²)\n");
   for (const auto& rec : rep.recommendations) {
     fmt::print("{:g}%: {}\n", rec.tau * 100, rec.text);
     if (rec.rank < rec.current_rank)
-      fmt::print("      with a per-module rank_pattern instead: {} parameters (of {})\n", rec.parameters_per_module,
-                 rec.parameters_now);
+      fmt::print("      with a per-module rank_pattern instead: {} parameters (of {})\n",
+                 cli::thousands(rec.parameters_per_module), cli::thousands(rec.parameters_now));
   }
 }
 
 int run_inspect(const std::vector<std::string>& argv) {
-  cli::Args args(argv, {"json"}, {"plot", "energy", "base", "threads", "epsilon", "top-k"}, "inspect");
+  cli::Args args(argv, {"json", "progress", "quiet"}, {"plot", "energy", "base", "threads", "epsilon", "top-k"}, "inspect");
   if (args.positional().size() != 1)
     lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora inspect --help')",
                  args.positional().size());
@@ -152,6 +169,16 @@ int run_inspect(const std::vector<std::string>& argv) {
     if (opt.base_model) inputs.emplace_back(*opt.base_model);
     cli::guard_output(args, *plot, inputs, io::output_kind::file, "--plot");
   }
+  // Progress for big adapters (by file size), per module analysed.
+  std::uint64_t size = 0;
+  if (std::filesystem::is_directory(args.positional()[0]) &&
+      std::filesystem::exists(std::filesystem::path(args.positional()[0]) / "adapter_model.safetensors"))
+    size = std::filesystem::file_size(std::filesystem::path(args.positional()[0]) / "adapter_model.safetensors");
+  cli::Progress progress("inspect", !args.has("quiet") && (args.has("progress") || size >= (std::uint64_t{256} << 20)));
+  if (progress.enabled())
+    opt.progress = [&](std::size_t done, std::size_t total) {
+      progress.update(done, total, fmt::format("{}/{} modules", done, total));
+    };
   // inspect_adapter maps lora_A / lora_B only; the loader's checks cover the rest of the folder
   // (DoRA magnitudes against use_dora, tensors that are not LoRA factors, dtypes).
   if (std::filesystem::is_directory(args.positional()[0])) io::check_peft_adapter(args.positional()[0]);
@@ -193,6 +220,13 @@ and for the adapter a uniform rank that keeps τ of every module's energy.
                   |cosine| with W's top 128 singular vectors is below --epsilon
                   (default 0.5); --top-k of them are checked (default 10)
   --threads N     modules analysed in parallel (default: all cores)
+  --progress      always report progress on stderr (default: adapters above 256 MiB)
+  --quiet         never report progress
+
+Modules are listed in natural order (layers.2 before layers.10); in/out are as the
+layer sees them (a Conv1D's or an embedding's weight is stored [in x out], the table
+and "kind" say which). Whole tensors the folder carries (modules_to_save copies,
+trainable-token rows) are listed after the modules ("whole_tensors" in --json).
 )",
                                run_inspect}};
 

@@ -200,6 +200,7 @@ int run_quantize(const std::vector<std::string>& argv) {
             companions[t.name.substr(0, t.name.find(".weight.") + 7)].push_back(t.name);
         lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(tensors, f.metadata()));
       }
+      progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
       if (st.quantized == 0) lora::detail::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
       copy_other_files(in, tmp, [&](const std::string& name, nlohmann::ordered_json& j) {
         if (name == "config.json") {
@@ -221,6 +222,7 @@ int run_quantize(const std::vector<std::string>& argv) {
   } else {
     const auto f = lora::io::SafetensorsFile::open(in);
     auto tensors = quantize_file(f, opts, skip, st, tick);
+    progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
     if (st.quantized == 0) lora::detail::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
     auto meta = f.metadata();
     if (!meta.count("format")) meta["format"] = "pt";

@@ -95,7 +95,7 @@ grep -q '"r": 12' "$T/m_cat/adapter_config.json" || fail "cat of r = 8 and r = 4
 grep -q '"r": 5' "$T/m5/adapter_config.json" || fail "svd --rank 5 should have r = 5"
 bad "same r" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type linear --out "$T/n3"
 bad "one weight per" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1 --type cat --out "$T/n4"
-bad "svd, cat or linear" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type ties --out "$T/n5"
+bad "--density" combine --adapter "$W/a1" --adapter "$W/a3" --weights 1,1 --type ties --out "$T/n5"
 [ -e "$T/n3" ] || [ -e "$T/n4" ] || [ -e "$T/n5" ] && fail "a failed combine must not write its output"
 
 # --- similarity ---
@@ -104,5 +104,44 @@ grep -q "mean φ over the grids: A 1.0000, ΔW 1.0000" "$T/sim.txt" || fail "an 
 "$LORA" similarity "$W/a1" "$W/a3" --json > "$T/sim.json" || fail "similarity --json"
 grep -q '"phi_A"' "$T/sim.json" || fail "similarity JSON lacks phi_A"
 bad "expected two PEFT adapter folders" similarity "$W/a1"
+
+
+# --- issue 19: natural layer order, Conv1D in/out as the layer sees them, whole tensors ---
+if command -v python3 > /dev/null; then
+  mkdir -p "$T/twelve"
+  python3 - "$T/twelve" <<'EOF'
+import json, struct, sys, math
+d = sys.argv[1]
+tensors = {}
+for l in range(12):
+    for ab, shape in (("lora_A", (4, 16)), ("lora_B", (16, 4))):
+        n = shape[0] * shape[1]
+        tensors["base_model.model.model.layers.%d.self_attn.q_proj.%s.weight" % (l, ab)] = (shape, [math.sin(0.37 * i + l + (ab == "lora_B")) for i in range(n)])
+header, data = {}, b""
+for k, (shape, vals) in sorted(tensors.items()):
+    raw = struct.pack("<%df" % len(vals), *vals)
+    header[k] = {"dtype": "F32", "shape": list(shape), "data_offsets": [len(data), len(data) + len(raw)]}
+    data += raw
+hb = json.dumps(header).encode(); hb += b" " * (-len(hb) % 8)
+open(d + "/adapter_model.safetensors", "wb").write(struct.pack("<Q", len(hb)) + hb + data)
+json.dump({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}, open(d + "/adapter_config.json", "w"))
+EOF
+  "$LORA" inspect "$T/twelve" --json > "$T/twelve.json" || fail "inspect of a 12-layer adapter"
+  order=$(python3 -c "import json,sys; print(' '.join(m['name'].split('.')[2] for m in json.load(open(sys.argv[1]))['modules']))" "$T/twelve.json")
+  [ "$order" = "0 1 2 3 4 5 6 7 8 9 10 11" ] || fail "modules not in natural order: $order"
+  mkdir -p "$T/fifo"
+  cp "$P/lora_r8_a16_all/adapter/"* "$T/fifo/"
+  python3 -c "import json,sys; j=json.load(open(sys.argv[1])); j['fan_in_fan_out']=True; json.dump(j,open(sys.argv[1],'w'))" "$T/fifo/adapter_config.json"
+  "$LORA" inspect "$T/fifo" --json > "$T/fifo.json" || fail "inspect of a fan_in_fan_out adapter"
+  python3 - "$T/fifo.json" <<'EOF' || fail "Conv1D in/out are not as the layer sees them"
+import json, sys
+m = [m for m in json.load(open(sys.argv[1]))["modules"] if m["name"] == "model.layers.0.self_attn.v_proj"][0]
+assert (m["in_features"], m["out_features"], m["kind"]) == (64, 32, "conv1d"), m
+EOF
+fi
+"$LORA" inspect "$P/modules_to_save_lm_head_embed/adapter" > "$T/mts.txt" || fail "inspect of a modules_to_save adapter"
+grep -q "lm_head.weight.*modules_to_save.*8,192 parameters" "$T/mts.txt" || fail "modules_to_save copy not listed: $(cat "$T/mts.txt")"
+grep -q "3,584 LoRA parameters" "$T/mts.txt" || fail "parameter count without thousands separators"
+"$LORA" inspect "$P/embedding_lora/adapter" --json | grep -q '"kind": "embedding"' || fail "embedding LoRA not inspected as one"
 
 echo "inspect.sh: all checks passed"

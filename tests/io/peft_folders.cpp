@@ -422,6 +422,7 @@ TEST_CASE("a merged folder carries the base folder's files and shard layout", "[
   CHECK(s.files_copied == std::vector<std::string>{"config.json", "generation_config.json", "tokenizer.json"});
   CHECK(fs::exists(tmp.path / "out" / "tokenizer.json"));
   CHECK(!fs::exists(tmp.path / "out" / "pytorch_model.bin"));
+  CHECK(s.files_skipped == std::vector<std::string>{"pytorch_model.bin"});
   CHECK(read_json(tmp.path / "out" / "config.json")["dtype"] == "bfloat16");
   CHECK(read_json(tmp.path / "out" / "config.json")["tie_word_embeddings"] == false);
   for (std::size_t i = 0; i < base.shard_count(); ++i) CHECK(fs::exists(tmp.path / "out" / base.shard_name(i)));

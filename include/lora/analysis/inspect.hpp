@@ -14,6 +14,8 @@
 #include <lora/io/safetensors.hpp>
 
 #include <filesystem>
+#include <functional>
+#include <mutex>
 #include <map>
 #include <optional>
 #include <string>
@@ -24,16 +26,31 @@ namespace lora::analysis {
 /// One module of the report.
 struct ModuleReport {
   std::string name;  ///< without "base_model.model.", e.g. "model.layers.0.self_attn.q_proj"
+  /// Features as the layer sees them: in = what it reads (A's columns; the vocabulary of an
+  /// embedding), out = what it produces (B's rows), whether or not the weight is stored
+  /// transposed (Conv1D, fan_in_fan_out; embeddings store [vocab × dim]).
   Index out_features = 0, in_features = 0, rank = 0;
+  std::string kind = "linear";  ///< "linear", "conv1d" (fan_in_fan_out) or "embedding"
   double alpha = 0, scaling = 0;
   Vector<double> singular_values;  ///< of s·B·A, descending, length min(r, in, out)
   SpectrumMetrics metrics;
   std::optional<IntruderReport> intruders;  ///< with a base model only
 };
 
+/// A whole tensor the adapter carries (modules_to_save copy, an embedding's base layer, a
+/// trained bias) or its trainable-token rows: listed, not analysed.
+struct WholeTensorReport {
+  std::string name;  ///< the base tensor it replaces ("lm_head.weight") or changes
+  std::string role;  ///< "modules_to_save", "base_layer", "bias" or "trainable_tokens"
+  io::dtype type = io::dtype::F32;
+  std::vector<std::int64_t> shape;
+  Index parameters = 0;
+};
+
 /// The whole adapter.
 struct AdapterReport {
-  std::vector<ModuleReport> modules;                ///< sorted by name
+  std::vector<ModuleReport> modules;                ///< in natural order of their names (layers.2 before layers.10)
+  std::vector<WholeTensorReport> whole;             ///< whole tensors and token rows, by name
   std::vector<RankRecommendation> recommendations;  ///< one per energy threshold
   std::vector<double> thresholds;
   Index parameters = 0;  ///< Σ (in + out)·r
@@ -47,7 +64,32 @@ struct InspectOptions {
   /// Base model (.safetensors file with keys "<module>.weight"): adds intruder dimensions.
   std::optional<std::filesystem::path> base_model;
   IntruderOptions intruder = {};
+  /// Called after each module (done, total), from the analysing threads one at a time.
+  std::function<void(std::size_t, std::size_t)> progress;
 };
+
+/// "layers.2.x" < "layers.10.x": runs of digits compare as numbers, the rest byte by byte.
+inline bool natural_less(std::string_view a, std::string_view b) {
+  std::size_t i = 0, j = 0;
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  while (i < a.size() && j < b.size()) {
+    if (digit(a[i]) && digit(b[j])) {
+      std::size_t i2 = i, j2 = j;
+      while (i2 < a.size() && digit(a[i2])) ++i2;
+      while (j2 < b.size() && digit(b[j2])) ++j2;
+      std::string_view x = a.substr(i, i2 - i), y = b.substr(j, j2 - j);
+      while (x.size() > 1 && x.front() == '0') x.remove_prefix(1);
+      while (y.size() > 1 && y.front() == '0') y.remove_prefix(1);
+      if (x.size() != y.size()) return x.size() < y.size();
+      if (x != y) return x < y;
+      i = i2, j = j2;
+    } else {
+      if (a[i] != b[j]) return a[i] < b[j];
+      ++i, ++j;
+    }
+  }
+  return a.size() - i < b.size() - j;
+}
 
 /// The module type: the last component of the path ("q_proj", "down_proj").
 inline std::string module_type(const std::string& name) {
@@ -81,42 +123,24 @@ struct MappedModule {
   std::string name;
   const io::TensorView* A = nullptr;
   const io::TensorView* B = nullptr;
+  bool embedding = false;
 };
 
 /// Pairs lora_A / lora_B tensors of a PEFT adapter_model.safetensors (PEFT's key
 /// layout, see io/peft.hpp) without converting them; checks ranks against the config.
 inline std::vector<MappedModule> mapped_modules(const io::SafetensorsFile& f, const io::PeftConfig& cfg) {
-  const std::string& prefix = io::detail::peft_prefix();
-  std::map<std::string, MappedModule> parts;
-  for (const auto& t : f.tensors()) {
-    std::string_view key = t.name;
-    if (key.substr(0, prefix.size()) == prefix) key.remove_prefix(prefix.size());
-    for (const char* suffix : {".lora_A.weight", ".lora_B.weight"}) {
-      if (!io::detail::ends_with(key, suffix) || key.size() == std::strlen(suffix)) continue;
-      auto& m = parts[std::string(key.substr(0, key.size() - std::strlen(suffix)))];
-      (suffix[6] == 'A' ? m.A : m.B) = &t;
-    }
-  }
   std::vector<MappedModule> out;
-  for (auto& [name, m] : parts) {
-    m.name = name;
-    if (!m.A) lora::detail::fail("{}: module '{}' has lora_B.weight but no lora_A.weight", f.path(), name);
-    if (!m.B) lora::detail::fail("{}: module '{}' has lora_A.weight but no lora_B.weight", f.path(), name);
-    if (m.A->ndim() != 2 || m.B->ndim() != 2)
-      lora::detail::fail("{}: module '{}': lora_A and lora_B must be matrices, got {} and {} dimensions", f.path(), name,
-                         m.A->ndim(), m.B->ndim());
-    const int r = cfg.rank_for(name);
-    if (m.A->shape[0] != r || m.B->shape[1] != r)
-      lora::detail::fail("{}: module '{}': lora_A is [{}, {}] and lora_B is [{}, {}], but the config gives r = {}",
-                         f.path(), name, m.A->shape[0], m.A->shape[1], m.B->shape[0], m.B->shape[1], r);
-    out.push_back(m);
-  }
-  if (out.empty()) lora::detail::fail("{}: holds no LoRA tensors (<module>.lora_A.weight / .lora_B.weight)", f.path());
+  for (const auto& p : io::scan_peft_tensors(f, cfg).modules)
+    out.push_back({p.name, p.A, p.B, p.kind == io::PeftModuleKind::embedding});
   return out;
 }
 
 inline void finish_report(AdapterReport& rep, const std::vector<double>& thresholds) {
   rep.thresholds = thresholds;
+  std::stable_sort(rep.modules.begin(), rep.modules.end(),
+                   [](const ModuleReport& a, const ModuleReport& b) { return natural_less(a.name, b.name); });
+  std::stable_sort(rep.whole.begin(), rep.whole.end(),
+                   [](const WholeTensorReport& a, const WholeTensorReport& b) { return natural_less(a.name, b.name); });
   std::vector<ModuleSpectrum> spectra;
   double fro2 = 0;
   for (const auto& m : rep.modules) {
@@ -155,13 +179,20 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
   const auto file = io::SafetensorsFile::open(wfile);
   // The loader's checks (r and shapes against the config, use_dora against the magnitude
   // tensors, stray or unsupported tensors), without converting anything.
-  io::peft_module_tensors(file, cfg);
+  const io::PeftFileTensors scan = io::scan_peft_tensors(file, cfg);
   const auto mods = detail::mapped_modules(file, cfg);
   std::optional<io::SafetensorsFile> base;
   if (opt.base_model) base = io::SafetensorsFile::open(*opt.base_model);
 
   AdapterReport rep;
+  for (const auto& s : scan.saved)
+    rep.whole.push_back({s.key, io::role_name(s.role), s.view->type, s.view->shape, static_cast<Index>(s.view->numel())});
+  for (const auto& t : scan.tokens)
+    rep.whole.push_back({t.module + ".weight", "trainable_tokens", t.rows->type, t.rows->shape,
+                         static_cast<Index>(t.rows->numel())});
   rep.modules.resize(mods.size());
+  std::mutex progress_mutex;
+  std::size_t done = 0;
   detail::parallel_for(static_cast<Index>(mods.size()), opt.threads, [&](Index i) {
     const auto& mm = mods[static_cast<std::size_t>(i)];
     ModuleReport& m = rep.modules[static_cast<std::size_t>(i)];
@@ -169,9 +200,12 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
     m.rank = cfg.rank_for(mm.name);
     m.alpha = cfg.alpha_for(mm.name);
     m.scaling = cfg.scaling_for(mm.name);
-    // ΔW as the base layer stores it: [out × in], or [in × out] with fan_in_fan_out
-    m.out_features = cfg.fan_in_fan_out ? mm.A->shape[1] : mm.B->shape[0];
-    m.in_features = cfg.fan_in_fan_out ? mm.B->shape[0] : mm.A->shape[1];
+    m.kind = mm.embedding ? "embedding" : cfg.fan_in_fan_out ? "conv1d" : "linear";
+    // as the layer sees them, however the weight is stored
+    m.out_features = mm.B->shape[0];
+    m.in_features = mm.A->shape[1];
+    // the base weight is stored [in × out] for Conv1D and embeddings
+    const bool stored_transposed = cfg.fan_in_fan_out || mm.embedding;
     detail::with_matrix_map(*mm.B, [&](const auto& B) {
       detail::with_matrix_map(*mm.A, [&](const auto& A) {
         m.singular_values = lowrank_singular_values(B, A, m.scaling);
@@ -185,12 +219,16 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
       if (!base->contains(key))
         lora::detail::fail("{}: no tensor '{}' for adapter module '{}'", base->path(), key, mm.name);
       Matrix<double> W = base->tensor(key).to_matrix<double>();
-      if (cfg.fan_in_fan_out) W.transposeInPlace();
+      if (stored_transposed) W.transposeInPlace();
       const Matrix<double> A = mm.A->to_matrix<double>(), B = mm.B->to_matrix<double>();
       if (W.rows() != B.rows() || W.cols() != A.cols())
         lora::detail::fail("{}: tensor '{}' is [{} x {}], but adapter module '{}' has ΔW [{} x {}]", base->path(), key,
                            W.rows(), W.cols(), mm.name, B.rows(), A.cols());
       m.intruders = intruder_dimensions(W, B, A, m.scaling, opt.intruder);
+    }
+    if (opt.progress) {
+      std::lock_guard<std::mutex> lock(progress_mutex);
+      opt.progress(++done, mods.size());
     }
   });
   detail::finish_report(rep, opt.energy_thresholds);
@@ -211,11 +249,18 @@ inline AdapterReport inspect_adapter(const io::PeftAdapter& adapter, const Inspe
     m.rank = a.rank();
     m.alpha = a.alpha();
     m.scaling = a.scaling();
-    m.out_features = a.fan_in_fan_out() ? a.in_features() : a.out_features();
-    m.in_features = a.fan_in_fan_out() ? a.out_features() : a.in_features();
+    m.kind = pm.is_embedding() ? "embedding" : a.fan_in_fan_out() ? "conv1d" : "linear";
+    m.out_features = a.out_features();
+    m.in_features = a.in_features();
     m.singular_values = lowrank_singular_values(a.B(), a.A(), a.scaling());
     m.metrics = spectrum_metrics(m.singular_values, m.out_features, m.in_features, opt.energy_thresholds);
   });
+  for (const auto& s : adapter.saved)
+    rep.whole.push_back({s.key, io::role_name(s.role), s.data.type, s.data.shape,
+                         static_cast<Index>(s.data.bytes.size() / io::dtype_size(s.data.type))});
+  for (const auto& t : adapter.trainable_tokens)
+    rep.whole.push_back({t.module + ".weight", "trainable_tokens", t.stored_dtype, {t.rows.rows(), t.rows.cols()},
+                         static_cast<Index>(t.rows.size())});
   detail::finish_report(rep, opt.energy_thresholds);
   return rep;
 }

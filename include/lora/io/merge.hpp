@@ -600,7 +600,7 @@ struct MergeSummary {
   std::uint64_t bytes = 0;   ///< bytes of tensor data written
   BaseKeyMap key_map;        ///< how adapter paths were mapped to base keys
   std::vector<std::string> files_copied;   ///< other files of the base folder written to the output
-  std::vector<std::string> files_skipped;  ///< base folder entries not copied (other weight formats, folders)
+  std::vector<std::string> files_skipped;  ///< base folder entries not copied (weights in other formats, folders)
 };
 
 /// Whether a file of a model folder holds weights in some format (so a merged folder must not
@@ -703,6 +703,8 @@ inline MergeSummary merge_peft_checkpoint(const Checkpoint& base, const std::vec
   if (!single && options.copy_base_files && fs::is_directory(base.path())) {
     for (const auto& e : fs::directory_iterator(base.path())) {
       const std::string name = e.path().filename().string();
+      const bool ours = e.path().extension() == ".safetensors" || name == checkpoint_index_name;  // written anew
+      if (ours) continue;
       if (!e.is_regular_file() || is_weight_file(e.path()))
         summary.files_skipped.push_back(name + (e.is_directory() ? "/" : ""));
       else
