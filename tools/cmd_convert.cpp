@@ -20,10 +20,12 @@ int run_convert(const std::vector<std::string>& argv) {
   if (to == "gguf") {
     if (!std::filesystem::is_directory(in))
       lora::detail::fail("{}: --to gguf needs a PEFT adapter folder", in.string());
+    const std::filesystem::path base = args.required("base");
+    cli::guard_output(args, out, {in, base}, io::output_kind::file);
     io::GgufExportOptions opts;
     opts.outtype = io::parse_ggml_type(args.get("outtype").value_or("f32"), "--outtype");
     if (auto n = args.get("name")) opts.name = *n;
-    const auto e = io::convert_peft_to_gguf(in, args.required("base"), out, opts);
+    const auto e = io::convert_peft_to_gguf(in, base, out, opts);
     for (const auto& n : e.notes) fmt::print("note: {}\n", n);
     for (const auto& f : e.folded)
       fmt::print("folded into lora_b: {}: PEFT scaling {:g}, llama.cpp would use {:g} (alpha/r); lora_b ×{:g} [{}]\n",
@@ -38,6 +40,9 @@ int run_convert(const std::vector<std::string>& argv) {
     if (args.has("outtype")) lora::detail::fail("--outtype is for --to gguf");
     io::GgufImportOptions opts;
     if (auto b = args.get("base")) opts.base = *b;
+    std::vector<std::filesystem::path> inputs{in};
+    if (!opts.base.empty()) inputs.push_back(opts.base);
+    cli::guard_output(args, out, inputs, io::output_kind::folder);
     io::gguf_to_peft(in, out, opts);
     const auto ad = io::load_peft_adapter(out);
     fmt::print("{}: {} modules (r {}, lora_alpha {:g}); wrote {}\n", in.string(), ad.modules.size(), ad.config.r,

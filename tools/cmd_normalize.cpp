@@ -13,6 +13,7 @@ int run_normalize(const std::vector<std::string>& argv) {
     lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora normalize --help')",
                        args.positional().size());
   const std::string in = args.positional()[0], out = args.required("out");
+  cli::guard_output(args, out, {in}, io::output_kind::folder);
   const auto rep = io::normalize_peft_folder(in, out);
   std::size_t padded = 0;
   for (const auto& m : rep.modules) {
