@@ -49,6 +49,8 @@ int run_combine(const std::vector<std::string>& argv) {
   if (args.has("svd-clamp")) opt.svd_clamp = args.number("svd-clamp", 1.0);
   if (args.has("seed")) opt.seed = static_cast<std::uint64_t>(args.number("seed", 0));
   const std::string out = args.required("out");
+  std::vector<std::filesystem::path> inputs(folders.begin(), folders.end());
+  cli::guard_output(args, out, inputs, io::output_kind::folder);
   std::vector<io::PeftAdapter> loaded;
   for (const auto& f : folders) loaded.push_back(io::load_peft_adapter(f));
   std::vector<const io::PeftAdapter*> ptrs;
