@@ -25,7 +25,13 @@ int run_compress(const std::vector<std::string>& argv) {
   const std::string out = args.required("out");
   cli::guard_output(args, out, {args.positional()[0]}, io::output_kind::folder);
   const auto in = io::load_adapter(args.positional()[0]);  // a GGUF adapter too (llama q/k: convert it with --base first)
-  const auto small = analysis::compress_adapter(in, target);
+  if (in.modules.empty())
+    lora::detail::fail("{}: has no LoRA modules to compress (only whole tensors or token rows)", args.positional()[0]);
+  auto small = analysis::compress_adapter(in, target);
+  // Whole tensors (modules_to_save copies, an embedding's table) and trainable-token rows are
+  // not low-rank: they go into the output unchanged, as PEFT would load them.
+  small.saved = in.saved;
+  small.trainable_tokens = in.trainable_tokens;
   io::dtype type = in.modules.front().stored_dtype;
   if (auto d = args.get("dtype")) type = io::parse_dtype(*d, "--dtype");
   io::save_peft_adapter(out, small, type);
@@ -34,6 +40,10 @@ int run_compress(const std::vector<std::string>& argv) {
   for (const auto& m : small.modules) after += m.adapter.trainable_parameters();
   fmt::print("{}: {} modules, {} → {} parameters; wrote {}\n", args.positional()[0], small.modules.size(), before, after,
              out);
+  if (!small.saved.empty() || !small.trainable_tokens.empty())
+    fmt::print("carried over unchanged: {} whole tensors (modules_to_save copies, saved tables), {} trainable-token tables\n",
+               small.saved.size(), small.trainable_tokens.size());
+  for (const auto& sk : in.skipped) fmt::print(stderr, "lora compress: warning: not carried over: '{}': {}\n", sk.key, sk.reason);
   return 0;
 }
 
@@ -44,8 +54,10 @@ Replaces every module's ΔW = s·B·A by its best rank-k approximation (Eckart�
 the top k singular triplets of the exact SVD of s·B·A). With --rank, k = min(k, r);
 with --energy, the smallest k that keeps τ of the module's Σσ² (so k differs per
 module and is written as rank_pattern). alpha is kept; the factors are rescaled for
-the new scaling alpha/k (alpha/√k with rsLoRA). Written atomically as a PEFT adapter
-folder (dtype: the input's unless --dtype).
+the new scaling alpha/k (alpha/√k with rsLoRA). Embedding LoRA and lora_B biases are
+kept with their modules; whole tensors (modules_to_save copies) and trainable-token rows
+are carried over unchanged; tensors PEFT would not load are dropped with a warning.
+Written atomically as a PEFT adapter folder (dtype: the input's unless --dtype).
 )",
                                run_compress}};
 

@@ -83,6 +83,12 @@ grep -q '"rank_pattern"' "$T/ce/adapter_config.json" || fail "energy compression
 bad "exactly one of" compress "$P/lora_r8_a16_all/adapter" --rank 2 --energy 0.9 --out "$T/n1"
 bad "--energy must be in" compress "$P/lora_r8_a16_all/adapter" --energy 2 --out "$T/n2"
 [ -e "$T/n1" ] || [ -e "$T/n2" ] && fail "a failed compress must not write its output"
+# modules_to_save copies and an embedding's table are carried over (issue 19)
+"$LORA" compress "$P/modules_to_save_lm_head_embed/adapter" --rank 4 --out "$T/cm" > "$T/cm.txt" || fail "compress of a modules_to_save adapter"
+grep -q "carried over unchanged: 2 whole tensors" "$T/cm.txt" || fail "compress did not carry the modules_to_save copies"
+head -c 4000 "$T/cm/adapter_model.safetensors" | grep -q "base_model.model.lm_head.weight" || fail "lm_head copy missing after compress"
+"$LORA" compress "$P/embedding_lora/adapter" --rank 2 --out "$T/ce2" > /dev/null || fail "compress of an embedding adapter"
+head -c 4000 "$T/ce2/adapter_model.safetensors" | grep -q "lora_embedding_A" || fail "embedding LoRA not kept as one by compress"
 
 # --- combine ---
 for t in svd cat linear; do

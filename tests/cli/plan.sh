@@ -21,6 +21,30 @@ out=$("$lora" plan "$tmp" --rank 8 --targets all-linear --json)
 # per layer: q (64+64)8 + k (64+32)8 + v (64+32)8 + o (64+64)8 + 2x(64+176)8 + (176+64)8 = 9344
 check "config.json folder" '[[ "$out" == *"\"trainable_parameters\": 18688"* ]]'
 
+# more families (issue 19): gemma2, phi3's fused projections, mixtral's experts
+cat > "$tmp/phi3.json" <<'JSON'
+{"model_type": "phi3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 128}
+JSON
+out=$("$lora" plan "$tmp/phi3.json" --rank 8 --targets qkv_proj,gate_up_proj --json)
+# per layer: qkv (64+192)8 + gate_up (64+256)8 = 4608
+check "phi3 fused projections" '[[ "$out" == *"\"trainable_parameters\": 9216"* ]]'
+cat > "$tmp/mixtral.json" <<'JSON'
+{"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "num_local_experts": 4}
+JSON
+out=$("$lora" plan "$tmp/mixtral.json" --rank 8 --targets w1,w2,w3 --json)
+# per layer: 4 experts x 3 x (64+128)8 = 18432
+check "mixtral experts" '[[ "$out" == *"\"trainable_parameters\": 36864"* ]]'
+cat > "$tmp/gemma2.json" <<'JSON'
+{"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+ "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 128}
+JSON
+"$lora" plan "$tmp/gemma2.json" --rank 8 --targets q_proj > /dev/null 2>&1; check "gemma2 config" '[ $? -eq 0 ]'
+echo '{"model_type": "falcon"}' > "$tmp/falcon.json"
+"$lora" plan "$tmp/falcon.json" 2>"$tmp/e"; check "unknown family exit 1" '[ $? -eq 1 ]'
+check "unknown family named" 'grep -q "falcon.*not supported" "$tmp/e"'
+
 # errors: exit 1, one line on stderr
 for args in "nosuchmodel" "llama-3-8b --rank 0" "llama-3-8b --alpha abc" "llama-3-8b --targets qkv" "llama-3-8b --quant nf3" "llama-3-8b --bogus 1"; do
   "$lora" plan $args >"$tmp/o" 2>"$tmp/e"; rc=$?

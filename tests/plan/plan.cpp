@@ -1,4 +1,5 @@
 #include <lora/plan/plan.hpp>
+#include <algorithm>
 
 #include "support/catch.hpp"
 
@@ -135,4 +136,38 @@ TEST_CASE("attention heads must split evenly", "[plan][errors]") {
   CHECK(a.modules[2].out_features == 3 * 24);
   const nlohmann::json gpt2 = {{"model_type", "gpt2"}, {"n_embd", 64}, {"n_layer", 2}, {"n_head", 6}, {"vocab_size", 128}};
   CHECK_THROWS_WITH(architecture_from_config(gpt2), ContainsSubstring("n_embd = 64 is not divisible by n_head = 6"));
+}
+
+TEST_CASE("gemma2, phi3, mixtral and qwen2_moe configs give their published sizes", "[plan][families]") {
+  // Published parameter counts (model cards / safetensors totals) of the real checkpoints.
+  const nlohmann::json phi3 = {{"model_type", "phi3"},          {"hidden_size", 3072},       {"intermediate_size", 8192},
+                               {"num_hidden_layers", 32},       {"num_attention_heads", 32}, {"num_key_value_heads", 32},
+                               {"vocab_size", 32064},           {"tie_word_embeddings", false}};
+  const auto p = architecture_from_config(phi3);
+  CHECK(p.total_parameters == Approx(3'821'079'552.0).epsilon(1e-3));
+  CHECK(p.modules[1].name == "model.layers.0.self_attn.qkv_proj");
+  CHECK(p.modules[1].out_features == 3 * 3072);
+  CHECK(p.modules[3].kind == "gate_up_proj");
+  const nlohmann::json mixtral = {{"model_type", "mixtral"},      {"hidden_size", 4096},       {"intermediate_size", 14336},
+                                  {"num_hidden_layers", 32},      {"num_attention_heads", 32}, {"num_key_value_heads", 8},
+                                  {"vocab_size", 32000},          {"num_local_experts", 8},    {"tie_word_embeddings", false}};
+  const auto m = architecture_from_config(mixtral);
+  CHECK(m.total_parameters == Approx(46'702'792'704.0).epsilon(1e-3));
+  CHECK(std::any_of(m.modules.begin(), m.modules.end(),
+                    [](const LinearModule& x) { return x.name == "model.layers.31.block_sparse_moe.experts.7.w2"; }));
+  const nlohmann::json gemma2 = {{"model_type", "gemma2"},   {"hidden_size", 2304},       {"intermediate_size", 9216},
+                                 {"num_hidden_layers", 26},  {"num_attention_heads", 8},  {"num_key_value_heads", 4},
+                                 {"head_dim", 256},          {"vocab_size", 256000}};
+  const auto g = architecture_from_config(gemma2);
+  CHECK(g.tied_embeddings);  // gemma's default
+  CHECK(g.total_parameters == Approx(2'614'341'888.0).epsilon(1e-3));
+  const nlohmann::json qmoe = {{"model_type", "qwen2_moe"},  {"hidden_size", 2048},         {"intermediate_size", 5632},
+                               {"num_hidden_layers", 24},    {"num_attention_heads", 16},   {"num_key_value_heads", 16},
+                               {"vocab_size", 151936},       {"num_experts", 60},           {"moe_intermediate_size", 1408},
+                               {"shared_expert_intermediate_size", 5632}, {"tie_word_embeddings", false}};
+  const auto q = architecture_from_config(qmoe);
+  CHECK(q.total_parameters == Approx(14'315'784'192.0).epsilon(1e-2));  // Qwen1.5-MoE-A2.7B: 14.3B
+  CHECK_THROWS_WITH(architecture_from_config({{"model_type", "falcon"}}),
+                    Catch::Matchers::ContainsSubstring("'falcon' is not supported") &&
+                        Catch::Matchers::ContainsSubstring("phi3"));
 }

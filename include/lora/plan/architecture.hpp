@@ -31,7 +31,7 @@ struct LinearModule {
 /// A model's shape: every adaptable module, and the count of all parameters.
 struct Architecture {
   std::string name;        ///< preset name or the config's model_type
-  std::string model_type;  ///< llama, mistral, qwen2, gpt2
+  std::string model_type;  ///< llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, mixtral, qwen2_moe, gpt2
   std::int64_t hidden = 0, intermediate = 0, layers = 0, heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
   bool tied_embeddings = false;
   std::vector<LinearModule> modules;  ///< the linear projections of the blocks, in model order, plus lm_head
@@ -60,9 +60,12 @@ inline std::int64_t get_int_or(const nlohmann::json& j, const char* key, std::in
 }
 }  // namespace detail
 
-/// Builds the module list from a config.json object (llama, mistral, qwen2,
-/// qwen3 and gpt2 families; grouped-query attention via num_key_value_heads;
-/// GPT-2's fused c_attn and Conv1D orientation).
+/// Builds the module list from a config.json object (llama, mistral, qwen2, qwen3,
+/// gemma, gemma2, phi3, mixtral, qwen2_moe and gpt2 families; grouped-query attention via
+/// num_key_value_heads; phi3's fused qkv_proj and gate_up_proj; mixtral's
+/// block_sparse_moe.experts.E.{w1,w2,w3} and router gate; qwen2_moe's mlp.experts.E.*,
+/// shared_expert and gates; GPT-2's fused c_attn and Conv1D orientation). Any other
+/// model_type is refused by name with the list of supported ones.
 inline Architecture architecture_from_config(const nlohmann::json& cfg, std::string where = "config.json") {
   if (!cfg.is_object()) lora::detail::fail("{}: expected a JSON object", where);
   const std::string mt = lora::io::json_string_opt(cfg, "model_type", where).value_or("");
@@ -71,7 +74,9 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
   a.name = mt;
   using lora::plan::detail::get_int;
   using lora::plan::detail::get_int_or;
-  if (mt == "llama" || mt == "mistral" || mt == "qwen2" || mt == "qwen3") {
+  const bool gemma = mt == "gemma" || mt == "gemma2";
+  if (mt == "llama" || mt == "mistral" || mt == "qwen2" || mt == "qwen3" || gemma || mt == "phi3" || mt == "mixtral" ||
+      mt == "qwen2_moe") {
     a.hidden = get_int(cfg, "hidden_size", where);
     a.intermediate = get_int(cfg, "intermediate_size", where);
     a.layers = get_int(cfg, "num_hidden_layers", where);
@@ -87,8 +92,18 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
                          where, a.hidden, a.heads);
     a.head_dim = get_int_or(cfg, "head_dim", a.hidden / a.heads, where);
     a.vocab = get_int(cfg, "vocab_size", where);
-    a.tied_embeddings = lora::io::json_bool(cfg, "tie_word_embeddings", false, where);
-    const bool qkv_bias = mt == "qwen2" || lora::io::json_bool(cfg, "attention_bias", false, where);
+    // Gemma's configs tie the embeddings unless they say otherwise.
+    a.tied_embeddings = lora::io::json_bool(cfg, "tie_word_embeddings", gemma, where);
+    const bool qkv_bias = mt == "qwen2" || mt == "qwen2_moe" || lora::io::json_bool(cfg, "attention_bias", false, where);
+    // Mixture of experts: experts per layer and their width.
+    std::int64_t experts = 0, expert_inter = a.intermediate, shared_inter = 0;
+    if (mt == "mixtral") experts = get_int(cfg, "num_local_experts", where);
+    if (mt == "qwen2_moe") {
+      experts = get_int(cfg, "num_experts", where);
+      expert_inter = get_int(cfg, "moe_intermediate_size", where);
+      shared_inter = get_int_or(cfg, "shared_expert_intermediate_size", 0, where);
+    }
+    if (experts > 1024) lora::detail::fail("{}: {} experts per layer is more than the supported 1024", where, experts);
     const std::int64_t q = a.heads * a.head_dim, kv = a.kv_heads * a.head_dim;  // each factor ≤ 2^22: no overflow
     if (q > detail::max_dimension)
       lora::detail::fail("{}: num_attention_heads × head_dim = {} × {} = {} is more than the supported {}", where,
@@ -101,14 +116,45 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
         a.modules.push_back({p + path, kind, in, out, false, bias, false});
         total += in * out + (bias ? out : 0);
       };
-      add("self_attn.q_proj", "q_proj", a.hidden, q, qkv_bias);
-      add("self_attn.k_proj", "k_proj", a.hidden, kv, qkv_bias);
-      add("self_attn.v_proj", "v_proj", a.hidden, kv, qkv_bias);
-      add("self_attn.o_proj", "o_proj", q, a.hidden, false);
-      add("mlp.gate_proj", "gate_proj", a.hidden, a.intermediate, false);
-      add("mlp.up_proj", "up_proj", a.hidden, a.intermediate, false);
-      add("mlp.down_proj", "down_proj", a.intermediate, a.hidden, false);
-      total += 2 * a.hidden;  // input_layernorm, post_attention_layernorm
+      if (mt == "phi3") {  // fused projections
+        add("self_attn.qkv_proj", "qkv_proj", a.hidden, q + 2 * kv, false);
+        add("self_attn.o_proj", "o_proj", q, a.hidden, false);
+        add("mlp.gate_up_proj", "gate_up_proj", a.hidden, 2 * a.intermediate, false);
+        add("mlp.down_proj", "down_proj", a.intermediate, a.hidden, false);
+      } else {
+        add("self_attn.q_proj", "q_proj", a.hidden, q, qkv_bias);
+        add("self_attn.k_proj", "k_proj", a.hidden, kv, qkv_bias);
+        add("self_attn.v_proj", "v_proj", a.hidden, kv, qkv_bias);
+        add("self_attn.o_proj", "o_proj", q, a.hidden, false);
+      }
+      if (mt == "mixtral") {
+        add("block_sparse_moe.gate", "gate", a.hidden, experts, false);
+        for (std::int64_t e = 0; e < experts; ++e) {
+          const std::string x = "block_sparse_moe.experts." + std::to_string(e) + ".";
+          add(x + "w1", "w1", a.hidden, a.intermediate, false);
+          add(x + "w2", "w2", a.intermediate, a.hidden, false);
+          add(x + "w3", "w3", a.hidden, a.intermediate, false);
+        }
+      } else if (mt == "qwen2_moe") {
+        add("mlp.gate", "gate", a.hidden, experts, false);
+        for (std::int64_t e = 0; e < experts; ++e) {
+          const std::string x = "mlp.experts." + std::to_string(e) + ".";
+          add(x + "gate_proj", "gate_proj", a.hidden, expert_inter, false);
+          add(x + "up_proj", "up_proj", a.hidden, expert_inter, false);
+          add(x + "down_proj", "down_proj", expert_inter, a.hidden, false);
+        }
+        if (shared_inter > 0) {
+          add("mlp.shared_expert.gate_proj", "gate_proj", a.hidden, shared_inter, false);
+          add("mlp.shared_expert.up_proj", "up_proj", a.hidden, shared_inter, false);
+          add("mlp.shared_expert.down_proj", "down_proj", shared_inter, a.hidden, false);
+          add("mlp.shared_expert_gate", "shared_expert_gate", a.hidden, 1, false);
+        }
+      } else if (mt != "phi3") {
+        add("mlp.gate_proj", "gate_proj", a.hidden, a.intermediate, false);
+        add("mlp.up_proj", "up_proj", a.hidden, a.intermediate, false);
+        add("mlp.down_proj", "down_proj", a.intermediate, a.hidden, false);
+      }
+      total += (mt == "gemma2" ? 4 : 2) * a.hidden;  // input/post-attention (gemma2: + pre/post-feedforward) norms
       if (mt == "qwen3") total += 2 * a.head_dim;  // q_norm, k_norm
     }
     total += a.hidden;  // final norm
@@ -149,8 +195,9 @@ inline Architecture architecture_from_config(const nlohmann::json& cfg, std::str
     a.embedding_parameters = a.vocab * a.hidden + positions * a.hidden;
     a.total_parameters = total;  // lm_head is tied to wte
   } else {
-    lora::detail::fail("{}: model_type '{}' is not supported (expected llama, mistral, qwen2, qwen3 or gpt2)", where,
-                       mt.empty() ? "<missing>" : mt);
+    lora::detail::fail("{}: model_type '{}' is not supported (expected llama, mistral, qwen2, qwen3, gemma, gemma2, "
+                       "phi3, mixtral, qwen2_moe or gpt2): its linear shapes cannot be derived here",
+                       where, mt.empty() ? "<missing>" : mt);
   }
   return a;
 }
