@@ -1,17 +1,24 @@
 #pragma once
-// Merging a PEFT adapter into a checkpoint, tensor by tensor, as PEFT's
-// merge_and_unload() followed by saving the state dict does:
+// Merging PEFT adapters into a checkpoint, tensor by tensor, as PEFT's merge_and_unload()
+// followed by saving the state dict does:
 //
 //   LoRA:  W' = W + scale·s·B·A
 //   DoRA:  W' = (m ⊘ n) ⊙ (W + scale·s·B·A),  n = ‖W + scale·s·B·A‖_row
+//   embedding LoRA: E' = E + scale·s·(B·A)ᵀ;   lora_bias: b' = b + scale·s·b_B
+//   modules_to_save copies replace the base tensor; trainable-token rows replace rows
 //
 // computed in float (double for F64 tensors) from the stored dtype and rounded once to the
-// output dtype; tensors that no module targets are copied byte for byte (or converted
-// when an output dtype is given, as model.to(dtype) would).
+// output dtype; tensors that nothing changes are copied byte for byte (or converted when an
+// output dtype is given, as model.to(dtype) would). Several adapters merge in order, each on
+// the result of the one before (no rounding in between). Adapter paths are mapped onto the
+// base's keys (resolve_base_keys: with or without model./transformer./language_model.).
+// A folder output from a folder base carries the base's other files (config.json with its
+// dtype set to what was written, tokenizer, generation config).
 //
 //   auto base = lora::io::Checkpoint::open("Llama-3.2-1B/");
-//   auto ad = lora::io::load_peft_adapter("my-adapter/");
-//   lora::io::merge_peft_checkpoint(base, ad, "merged/", {});
+//   auto a = lora::io::load_peft_adapter("my-adapter/"), b = lora::io::load_peft_adapter("style/");
+//   lora::io::merge_peft_checkpoint(base, a, "merged/", {});
+//   lora::io::merge_peft_checkpoint(base, {{&a, 1.0}, {&b, 0.5}}, "stacked/");
 
 #include <lora/error.hpp>
 #include <lora/io/checkpoint.hpp>
