@@ -1,5 +1,6 @@
 // lora info: what a PEFT adapter folder (or any .safetensors file) holds, in a few lines.
 #include <lora/io/peft.hpp>
+#include <lora/io/gguf_lora.hpp>
 #include <lora/io/safetensors.hpp>
 
 #include <filesystem>
@@ -51,6 +52,7 @@ int run_info(const std::vector<std::string>& argv) {
                        args.positional().size());
   const fs::path in = args.positional()[0];
   if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
+  if (io::is_gguf_file(in)) return fmt::print("{}", io::gguf_summary(in)), 0;  // GGUF (llama.cpp) files
   if (!fs::is_directory(in)) {
     const auto f = io::SafetensorsFile::open(in);
     fmt::print("{}: safetensors file\n", in.string());

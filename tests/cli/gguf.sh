@@ -78,5 +78,9 @@ grep -q "\"mean_phi_delta\": 1.0" "$T/sim.json" || grep -q "\"mean_phi_delta\": 
 "$LORA" compress "$G/gguf/rslora_qv_r4.f32.gguf" --rank 2 --out "$T/c" 2> "$T/err" && fail "compress of a llama q/k GGUF without a base should fail"
 grep -q "base" "$T/err" || fail "compress GGUF message: $(cat "$T/err")"
 
+"$LORA" info "$G/gguf/patterns_all_r8.f32.gguf" > "$T/out" || fail "info of a GGUF adapter"
+grep -q "adapter.lora.alpha (FLOAT32) = 8" "$T/out" && grep -q "12 pair(s) of rank 8: llama.cpp scales them by 1" "$T/out" &&
+  grep -q "blk.0.ffn_down.weight.lora_a  F32  \[2, 128\]" "$T/out" || fail "info GGUF: $(cat "$T/out")"
+
 [ $fails -eq 0 ] && echo "gguf.sh: all passed"
 exit $fails

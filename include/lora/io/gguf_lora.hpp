@@ -562,6 +562,53 @@ inline GgufImportOptions gguf_options_near(const std::optional<std::filesystem::
   return o;
 }
 
+/// A few lines on a GGUF file for `lora info`: version, alignment, every metadata key (scalars
+/// with their value, arrays as [n × TYPE]), and every tensor with type, shape (PyTorch order)
+/// and bytes; for a LoRA adapter also the pairs, ranks and llama.cpp's scale alpha/r.
+inline std::string gguf_summary(const std::filesystem::path& path) {
+  const GgufFile f = GgufFile::open(path);
+  std::string out = fmt::format("{}: GGUF v{}, alignment {}, {} metadata keys, {} tensors\n", f.path(), f.version(),
+                                f.alignment(), f.metadata().size(), f.tensors().size());
+  for (const auto& [k, v] : f.metadata()) {
+    std::string val;
+    if (v.type == gguf_type::ARRAY) {
+      const auto& a = v.as_array();
+      val = fmt::format("[{} × {}]", a.items.size(), gguf_type_name(a.type));
+      if (a.type == gguf_type::STRING && !a.items.empty() && a.items.size() <= 8) {
+        std::vector<std::string> xs;
+        for (const auto& x : a.items) xs.push_back(x.as_string());
+        val += fmt::format(" {}", fmt::join(xs, ", "));
+      }
+    } else if (v.type == gguf_type::STRING) {
+      val = v.as_string().size() > 60 ? v.as_string().substr(0, 57) + "..." : v.as_string();
+    } else if (v.type == gguf_type::BOOL) {
+      val = std::get<bool>(v.v) ? "true" : "false";
+    } else if (v.type == gguf_type::FLOAT32 || v.type == gguf_type::FLOAT64) {
+      val = fmt::format("{:g}", v.as_double());
+    } else {
+      val = v.type == gguf_type::UINT64 ? fmt::format("{}", std::get<std::uint64_t>(v.v)) : fmt::format("{}", v.as_int());
+    }
+    out += fmt::format("  {} ({}) = {}\n", k, gguf_type_name(v.type), val);
+  }
+  std::uint64_t bytes = 0;
+  for (const auto& t : f.tensors()) {
+    out += fmt::format("  {}  {}  [{}]  {} bytes\n", t.name, ggml_type_name(t.type), fmt::join(t.shape(), ", "), t.bytes.size());
+    bytes += t.bytes.size();
+  }
+  out += fmt::format("{} bytes of tensor data\n", bytes);
+  const auto* gt = f.find_value("general.type");
+  if (gt && gt->type == gguf_type::STRING && gt->as_string() == "adapter") {
+    const double alpha = f.find_value("adapter.lora.alpha") ? f.value("adapter.lora.alpha").as_double() : 0.0;
+    std::map<std::int64_t, int> ranks;
+    for (const auto& t : f.tensors())
+      if (t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".lora_b") == 0 && !t.ne.empty()) ++ranks[t.ne[0]];
+    for (const auto& [r, n] : ranks)
+      out += fmt::format("LoRA: {} pair(s) of rank {}: llama.cpp scales them by {:g}\n", n, r,
+                         alpha != 0 ? alpha / double(r) : 1.0);
+  }
+  return out;
+}
+
 /// A PEFT adapter folder or a GGUF LoRA file, whichever `path` is, as a PeftAdapter.
 inline PeftAdapter load_adapter(const std::filesystem::path& path, const GgufImportOptions& gguf = {}) {
   return is_gguf_file(path) ? load_gguf_adapter(path, gguf) : load_peft_adapter(path);
