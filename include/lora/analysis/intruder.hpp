@@ -201,3 +201,63 @@ MitigatedModule reduce_intruder_dimension(const Eigen::MatrixBase<DW>& W, const 
 }
 
 }  // namespace lora::analysis
+
+// ---- whole PEFT adapters -----------------------------------------------------
+#include <lora/io/checkpoint.hpp>
+#include <lora/io/peft.hpp>
+
+#include <functional>
+#include <string>
+
+namespace lora::analysis {
+
+/// One module's outcome in reduce_intruder_dimension_adapter.
+struct NamedMitigation {
+  std::string name;
+  IntruderReport report;
+  bool changed = false;
+};
+
+/// PEFT's reduce_intruder_dimension on a whole adapter: every module's base weight
+/// `<name>.weight` is read from `base` (float dtypes), each module is mitigated as above and
+/// keeps its rank, alpha and config; modules without intruders are copied. Plain linear LoRA
+/// modules only (DoRA and embedding modules are refused, naming the module).
+template <class = void>
+inline io::PeftAdapter reduce_intruder_dimension_adapter(const io::PeftAdapter& adapter, const io::Checkpoint& base,
+                                                         const IntruderMitigationOptions& opt = {},
+                                                         std::vector<NamedMitigation>* report = nullptr,
+                                                         const std::function<void(const NamedMitigation&)>& progress = {}) {
+  io::PeftAdapter out = adapter;
+  for (auto& m : out.modules) {
+    if (m.is_dora() || m.is_embedding())
+      lora::detail::fail("reduce_intruder_dimension: module '{}' is {}; only plain linear LoRA modules are supported",
+                         m.name, m.is_dora() ? "DoRA" : "an embedding LoRA");
+    const std::string key = m.name + ".weight";
+    if (!base.contains(key))
+      lora::detail::fail("reduce_intruder_dimension: base checkpoint {} has no '{}' for module '{}'",
+                         base.path().string(), key, m.name);
+    const Matrix<double> W = base.tensor(key).to_matrix<double>();
+    const auto& a = m.adapter;
+    Matrix<double> B = a.B().template cast<double>(), A = a.A().template cast<double>();
+    if (a.fan_in_fan_out()) lora::detail::fail("reduce_intruder_dimension: module '{}' is fan_in_fan_out; not supported", m.name);
+    MitigatedModule r;
+    try {
+      r = reduce_intruder_dimension(W, B, A, a.scaling(), opt);
+    } catch (const lora::error& e) {
+      lora::detail::fail("module '{}': {}", m.name, e.what());
+    }
+    if (r.changed) {
+      AdapterOptions ao;
+      ao.name = m.name;
+      ao.dropout = a.dropout();
+      m.adapter = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+          r.factors.A.cast<float>(), r.factors.B.cast<float>(), a.alpha(), ao, a.policy());
+    }
+    NamedMitigation nm{m.name, std::move(r.report), r.changed};
+    if (progress) progress(nm);
+    if (report) report->push_back(std::move(nm));
+  }
+  return out;
+}
+
+}  // namespace lora::analysis
