@@ -172,7 +172,7 @@ int run_inspect(const std::vector<std::string>& argv) {
   // Progress for big adapters (by file size), per module analysed.
   std::uint64_t size = 0;
   if (std::filesystem::is_directory(args.positional()[0]) &&
-      std::filesystem::exists(std::filesystem::path(args.positional()[0]) / "adapter_model.safetensors"))
+      std::filesystem::is_regular_file(std::filesystem::path(args.positional()[0]) / "adapter_model.safetensors"))
     size = std::filesystem::file_size(std::filesystem::path(args.positional()[0]) / "adapter_model.safetensors");
   cli::Progress progress("inspect", !args.has("quiet") && (args.has("progress") || size >= (std::uint64_t{256} << 20)));
   if (progress.enabled())
