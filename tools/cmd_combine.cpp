@@ -3,13 +3,14 @@
 #include <lora/io/peft.hpp>
 
 #include "cli.hpp"
+#include "progress.hpp"
 
 namespace {
 
 using namespace lora;
 
 int run_combine(const std::vector<std::string>& argv) {
-  cli::Args args(argv, {},
+  cli::Args args(argv, {"progress", "quiet"},
                  {"adapter", "weights", "type", "rank", "out", "dtype", "density", "majority-sign", "space", "svd-clamp",
                   "seed"},
                  "combine");
@@ -55,6 +56,11 @@ int run_combine(const std::vector<std::string>& argv) {
   for (const auto& f : folders) loaded.push_back(io::load_peft_adapter(f));
   std::vector<const io::PeftAdapter*> ptrs;
   for (const auto& a : loaded) ptrs.push_back(&a);
+  // Progress per module when the adapters are big (≥ 64 modules) or asked for.
+  cli::Progress progress("combine", !args.has("quiet") && (args.has("progress") || loaded.front().modules.size() >= 64));
+  opt.on_module = [&](std::size_t done, std::size_t total, const std::string& name) {
+    progress.update(done, total, fmt::format("{}/{} modules ({})", done, total, name));
+  };
   const auto combined = analysis::combine_adapters(ptrs, weights, opt);
   const auto type = opt.type;
   io::dtype dt = loaded.front().modules.front().stored_dtype;
@@ -71,6 +77,7 @@ const lora::cli::Register reg{{"combine", "weighted combination of PEFT adapters
                                R"(usage: lora combine --adapter A --adapter B ... --weights w1,w2,... --type TYPE
                     [--density d] [--majority-sign total|frequency] [--rank k]
                     [--space peft|delta] [--svd-clamp q] [--seed n] --out <folder> [--dtype F32|BF16|F16]
+                    [--progress | --quiet]
 
 The same adapter as PEFT 0.21's add_weighted_adapter (r = lora_alpha = new rank; use_rslora
 is inherited from the first adapter, as PEFT does, so the scaling is 1 or sqrt(r)):
@@ -87,6 +94,9 @@ drawn from --seed); --majority-sign elects TIES' sign by Σ t_i (total) or Σ si
 --space delta applies every rule to the ΔW_i and stores the best rank-k factors for the new
 scaling, so the result is what the rule means rather than what PEFT computes
 (docs/analysis.md, "Combining adapters").
+Adapters with lora_B biases, modules_to_save copies or trainable-token rows are refused
+(add_weighted_adapter combines only lora_A/lora_B; merge them one after the other instead).
+Progress goes to stderr for adapters of 64 modules or more (--progress: always; --quiet: never).
 )",
                                run_combine}};
 

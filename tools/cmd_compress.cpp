@@ -4,13 +4,14 @@
 #include <lora/io/peft.hpp>
 
 #include "cli.hpp"
+#include "progress.hpp"
 
 namespace {
 
 using namespace lora;
 
 int run_compress(const std::vector<std::string>& argv) {
-  cli::Args args(argv, {}, {"rank", "energy", "out", "dtype"}, "compress");
+  cli::Args args(argv, {"progress", "quiet"}, {"rank", "energy", "out", "dtype"}, "compress");
   if (args.positional().size() != 1)
     lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora compress --help')",
                        args.positional().size());
@@ -27,11 +28,11 @@ int run_compress(const std::vector<std::string>& argv) {
   const auto in = io::load_adapter(args.positional()[0]);  // a GGUF adapter too (llama q/k: convert it with --base first)
   if (in.modules.empty())
     lora::detail::fail("{}: has no LoRA modules to compress (only whole tensors or token rows)", args.positional()[0]);
-  auto small = analysis::compress_adapter(in, target);
-  // Whole tensors (modules_to_save copies, an embedding's table) and trainable-token rows are
-  // not low-rank: they go into the output unchanged, as PEFT would load them.
-  small.saved = in.saved;
-  small.trainable_tokens = in.trainable_tokens;
+  // Progress per module when the adapter is big (≥ 64 modules) or asked for.
+  cli::Progress progress("compress", !args.has("quiet") && (args.has("progress") || in.modules.size() >= 64));
+  auto small = analysis::compress_adapter(in, target, [&](std::size_t done, std::size_t total, const std::string& name) {
+    progress.update(done, total, fmt::format("{}/{} modules ({})", done, total, name));
+  });
   io::dtype type = in.modules.front().stored_dtype;
   if (auto d = args.get("dtype")) type = io::parse_dtype(*d, "--dtype");
   io::save_peft_adapter(out, small, type);
@@ -49,6 +50,7 @@ int run_compress(const std::vector<std::string>& argv) {
 
 const lora::cli::Register reg{{"compress", "best rank-k approximation of a PEFT adapter (fixed k or by energy)",
                                R"(usage: lora compress <peft folder> (--rank k | --energy τ) --out <folder> [--dtype F32|BF16|F16]
+                     [--progress | --quiet]
 
 Replaces every module's ΔW = s·B·A by its best rank-k approximation (Eckart–Young:
 the top k singular triplets of the exact SVD of s·B·A). With --rank, k = min(k, r);
@@ -58,6 +60,7 @@ the new scaling alpha/k (alpha/√k with rsLoRA). Embedding LoRA and lora_B bias
 kept with their modules; whole tensors (modules_to_save copies) and trainable-token rows
 are carried over unchanged; tensors PEFT would not load are dropped with a warning.
 Written atomically as a PEFT adapter folder (dtype: the input's unless --dtype).
+Progress goes to stderr for adapters of 64 modules or more (--progress: always; --quiet: never).
 )",
                                run_compress}};
 

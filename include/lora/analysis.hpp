@@ -10,3 +10,5 @@
 #include <lora/analysis/combine.hpp>
 #include <lora/analysis/inspect.hpp>
 #include <lora/analysis/plot.hpp>
+#include <lora/analysis/extract.hpp>
+#include <lora/analysis/diff.hpp>

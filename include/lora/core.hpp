@@ -9,3 +9,5 @@
 #include <lora/core/adapter.hpp>
 #include <lora/core/init.hpp>
 #include <lora/core/init_svd.hpp>
+#include <lora/core/embedding.hpp>
+#include <lora/core/lora_bias.hpp>

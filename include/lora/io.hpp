@@ -12,3 +12,7 @@
 #include <lora/io/gguf_lora.hpp>
 #include <lora/io/engines.hpp>
 #include <lora/io/normalize.hpp>
+#include <lora/io/file.hpp>
+#include <lora/io/json.hpp>
+#include <lora/io/pattern.hpp>
+#include <lora/io/merge_quantized.hpp>

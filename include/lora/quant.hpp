@@ -7,3 +7,5 @@
 #include <lora/quant/nf4_tensor.hpp>
 #include <lora/quant/qlora.hpp>
 #include <lora/quant/bnb_format.hpp>
+#include <lora/quant/nf4_cpu.hpp>
+#include <lora/quant/loftq.hpp>

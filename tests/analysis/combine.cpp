@@ -393,3 +393,26 @@ TEST_CASE("DARE without masks: Bernoulli(density) keeps, rescaled so the mean is
   // E[mask/density] = 1; the mean's relative sd is ≈ sqrt((1-p)/(p·n)) ≈ 0.04
   CHECK(rel_error(mean, want) < 0.08);
 }
+
+TEST_CASE("combine_adapters refuses what add_weighted_adapter would drop", "[analysis][combine][peft]") {
+  const std::string root = std::string(LORA_TEST_DATA_DIR) + "/peft/";
+  for (auto [name, what] : {std::pair{"lora_bias", "lora_B.bias"}, std::pair{"modules_to_save_lm_head", "whole tensor"},
+                            std::pair{"trainable_tokens", "trainable token rows"}}) {
+    INFO(name);
+    const auto a = io::load_peft_adapter(root + name + "/adapter");
+    for (auto type : {combination_type::svd, combination_type::cat, combination_type::linear})
+      CHECK_THROWS_WITH(combine_adapters({&a, &a}, {0.5, 0.5}, type), Catch::Matchers::ContainsSubstring(what));
+  }
+  // progress: one call per module, in order
+  const auto a1 = io::load_peft_adapter(root + "weighted_combos/adapters/a1");
+  CombineOptions opt;
+  opt.type = combination_type::cat;
+  std::size_t calls = 0;
+  opt.on_module = [&](std::size_t done, std::size_t total, const std::string&) {
+    CHECK(done == ++calls);
+    CHECK(total == a1.modules.size());
+  };
+  const auto out = combine_adapters({&a1, &a1}, {1.0, -0.5}, opt);
+  CHECK(calls == a1.modules.size());
+  CHECK(out.modules.size() == a1.modules.size());
+}

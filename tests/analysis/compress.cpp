@@ -84,3 +84,27 @@ TEST_CASE("compress_adapter keeps the top-k part of every module", "[analysis][c
     }
   }
 }
+
+TEST_CASE("compress_adapter carries whole tensors, token rows and biases, and reports each module",
+          "[analysis][compress][peft]") {
+  for (const char* name : {"modules_to_save_lm_head", "lora_bias", "trainable_tokens"}) {
+    INFO(name);
+    const auto in = io::load_peft_adapter(std::string(LORA_TEST_DATA_DIR) + "/peft/" + name + "/adapter");
+    std::vector<std::size_t> seen;
+    const auto out = compress_adapter(in, CompressionTarget{.rank = 2},
+                                      [&](std::size_t done, std::size_t total, const std::string& module) {
+                                        CHECK(total == in.modules.size());
+                                        CHECK(module == in.modules[done - 1].name);
+                                        seen.push_back(done);
+                                      });
+    REQUIRE(seen.size() == in.modules.size());
+    for (std::size_t i = 0; i < seen.size(); ++i) CHECK(seen[i] == i + 1);
+    REQUIRE(out.saved.size() == in.saved.size());
+    for (std::size_t i = 0; i < in.saved.size(); ++i) CHECK(out.saved[i].key == in.saved[i].key);
+    REQUIRE(out.trainable_tokens.size() == in.trainable_tokens.size());
+    for (std::size_t i = 0; i < in.modules.size(); ++i) {
+      REQUIRE(out.modules[i].lora_bias.has_value() == in.modules[i].lora_bias.has_value());
+      if (in.modules[i].lora_bias) CHECK((*out.modules[i].lora_bias - *in.modules[i].lora_bias).norm() == 0);
+    }
+  }
+}

@@ -128,6 +128,9 @@ struct CombineOptions {
   combine_space space = combine_space::peft;
   DareMaskFn dare_mask;              ///< empty: Bernoulli(density) drawn from `seed`
   std::uint64_t seed = 0x5eed;
+  /// Called after each module of combine_adapters with (modules done, modules in all, name);
+  /// for progress reports on big adapters. Empty: not called.
+  std::function<void(std::size_t, std::size_t, const std::string&)> on_module;
 };
 
 /// One input module: ΔW_i = scaling·B·A, entering with `weight`.
@@ -514,11 +517,28 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
   }
   opt.rank = new_rank;
   std::set<std::string> names;
-  for (auto* a : adapters) {
+  for (std::size_t i = 0; i < adapters.size(); ++i) {
+    const auto* a = adapters[i];
     for (const auto& m : a->modules) {
       if (m.is_dora()) lora::detail::fail("combine: module '{}' is DoRA; combining DoRA adapters is not supported", m.name);
+      // add_weighted_adapter combines lora_A/lora_B only: a bias, whole tensors or token rows
+      // would be dropped from the result, so they are refused rather than lost.
+      if (m.lora_bias)
+        lora::detail::fail("combine: adapter {} module '{}' has a lora_B.bias (lora_bias = true); PEFT's "
+                           "add_weighted_adapter combines only lora_A and lora_B, so the bias would be dropped: "
+                           "not supported",
+                           i + 1, m.name);
       names.insert(m.name);
     }
+    if (!a->saved.empty())
+      lora::detail::fail("combine: adapter {} carries {} whole tensor(s) (modules_to_save copies or saved tables, "
+                         "e.g. '{}'); add_weighted_adapter does not combine them and PEFT refuses a module saved by "
+                         "more than one adapter: not supported (merge the adapters one after the other instead)",
+                         i + 1, a->saved.size(), a->saved.front().key);
+    if (!a->trainable_tokens.empty())
+      lora::detail::fail("combine: adapter {} carries trainable token rows for '{}'; add_weighted_adapter does not "
+                         "combine them: not supported (merge the adapters one after the other instead)",
+                         i + 1, a->trainable_tokens.front().module);
   }
   io::PeftAdapter out;
   out.config = adapters[0]->config;
@@ -579,6 +599,7 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
                        std::nullopt, first->stored_dtype};
     mod.kind = first->kind;
     out.modules.push_back(std::move(mod));
+    if (opt.on_module) opt.on_module(module_index, names.size(), name);
   }
   return out;
 }

@@ -12,6 +12,7 @@
 #include <lora/error.hpp>
 
 #include <cmath>
+#include <functional>
 
 namespace lora::analysis {
 
@@ -84,12 +85,19 @@ namespace lora::analysis {
 /// (k from `target` per module), alpha kept, so that each new module's scaling
 /// s' = policy(alpha, k) times its new factors equals U_k·Σ_k·V_kᵀ of the old ΔW.
 /// The config's r becomes the most common k; save_peft_adapter writes the rest as
-/// rank_pattern. DoRA magnitudes are kept as they are.
+/// rank_pattern. DoRA magnitudes, embedding LoRA and lora_B biases stay with their modules;
+/// whole tensors (modules_to_save copies, saved tables) and trainable-token rows are not
+/// low-rank and are carried over unchanged, as PEFT would load them. `on_module(done, total, name)`, if
+/// given, is called after each module (progress reports on big adapters).
 template <class = void>
-inline io::PeftAdapter compress_adapter(const io::PeftAdapter& in, const CompressionTarget& target) {
+inline io::PeftAdapter compress_adapter(
+    const io::PeftAdapter& in, const CompressionTarget& target,
+    const std::function<void(std::size_t, std::size_t, const std::string&)>& on_module = {}) {
   io::PeftAdapter out;
   out.config = in.config;
   out.config.rank_pattern.clear();
+  out.saved = in.saved;
+  out.trainable_tokens = in.trainable_tokens;
   std::map<Index, int> count;
   for (const auto& m : in.modules) {
     const auto& a = m.adapter;
@@ -108,6 +116,7 @@ inline io::PeftAdapter compress_adapter(const io::PeftAdapter& in, const Compres
                                                                   a.policy()),
         m.magnitude, m.stored_dtype, m.kind, m.lora_bias});
     ++count[k];
+    if (on_module) on_module(out.modules.size(), in.modules.size(), m.name);
   }
   Index best = 0;
   int n = -1;
