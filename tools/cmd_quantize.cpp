@@ -90,9 +90,10 @@ std::vector<lora::io::TensorData> quantize_file(const lora::io::SafetensorsFile&
 }
 
 std::vector<lora::io::TensorData> dequantize_file(const lora::io::SafetensorsFile& f, std::optional<dtype> to,
-                                                  int& converted) {
+                                                  int& converted, const std::function<void(std::uint64_t)>& done = {}) {
   std::vector<lora::io::TensorData> out;
   for (const auto& v : f.tensors()) {
+    if (done) done(v.bytes.size());
     if (lora::quant::bnb::is_companion(v.name)) {
       // A companion whose weight is missing would otherwise vanish from the output silently.
       const std::string w = v.name.substr(0, v.name.rfind(".weight.") + 7);
@@ -236,7 +237,7 @@ int run_quantize(const std::vector<std::string>& argv) {
 }
 
 int run_dequantize(const std::vector<std::string>& argv) {
-  lora::cli::Args args(argv, {}, {"out", "dtype"}, "dequantize");
+  lora::cli::Args args(argv, {"progress", "quiet"}, {"out", "dtype"}, "dequantize");
   if (args.positional().size() != 1)
     lora::detail::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
   const fs::path in = args.positional()[0];
@@ -246,16 +247,27 @@ int run_dequantize(const std::vector<std::string>& argv) {
   if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
   lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
   int converted = 0;
+  // Progress by bytes of input tensors read, over every input file (as quantize).
+  const std::vector<fs::path> inputs = fs::is_directory(in) ? safetensors_in(in) : std::vector<fs::path>{in};
+  std::uint64_t total = 0, done_bytes = 0;
+  for (const auto& p : inputs) total += fs::file_size(p);
+  lora::cli::Progress progress("dequantize",
+                               !args.has("quiet") && (args.has("progress") || total >= (std::uint64_t{256} << 20)));
+  auto tick = [&](std::uint64_t b) {
+    done_bytes += b;
+    progress.update(done_bytes, total, fmt::format("{:.2f} / {:.2f} GB", done_bytes / 1e9, total / 1e9));
+  };
   if (fs::is_directory(in)) {
-    const auto files = safetensors_in(in);
+    const auto& files = inputs;
     std::uint64_t written = 0;
     lora::io::write_folder_atomically(out, [&](const fs::path& tmp) {
       for (const auto& p : files) {
         const auto f = lora::io::SafetensorsFile::open(p);
-        const auto tensors = dequantize_file(f, to, converted);
+        const auto tensors = dequantize_file(f, to, converted, tick);
         written += data_bytes(tensors);
         lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(tensors, f.metadata()));
       }
+      progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
       if (converted == 0) lora::detail::fail("{}: no bitsandbytes NF4 weights found", in.string());
       copy_other_files(in, tmp, [&](const std::string& name, nlohmann::ordered_json& j) {
         if (name == "config.json") {
@@ -272,7 +284,8 @@ int run_dequantize(const std::vector<std::string>& argv) {
     });
   } else {
     const auto f = lora::io::SafetensorsFile::open(in);
-    auto tensors = dequantize_file(f, to, converted);
+    auto tensors = dequantize_file(f, to, converted, tick);
+    progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
     if (converted == 0) lora::detail::fail("{}: no bitsandbytes NF4 weights found", in.string());
     lora::io::write_safetensors(out, tensors, f.metadata());
   }
@@ -305,12 +318,14 @@ new tensors and its total_size is the bytes written, other files are copied. The
 
 const lora::cli::Register reg_dequantize{{"dequantize", "dequantise a bnb-4bit NF4 checkpoint back to f32/bf16/f16",
     R"(usage: lora dequantize <model.safetensors | folder> --out <file | folder> [--dtype f32|bf16|f16]
+                       [--progress | --quiet]
 
 Dequantises every bitsandbytes NF4 weight (with or without double quantisation)
 of a transformers bnb-4bit checkpoint — ours or one from the hub — to a plain
 tensor: code value × absmax in float32, then rounded to --dtype (default: the
 dtype recorded in the weight's quant_state). Other tensors are copied; a folder's
-config.json loses its "quantization_config". The output is written atomically.)",
+config.json loses its "quantization_config". The output is written atomically.
+Progress goes to stderr above 256 MiB of input (--progress: always; --quiet: never).)",
     run_dequantize}};
 
 }  // namespace

@@ -141,6 +141,20 @@ hj = json.dumps(hdr).encode(); hj += b' ' * ((8 - len(hj) % 8) % 8)
 open(sys.argv[2], 'wb').write(struct.pack('<Q', len(hj)) + hj + data)
 PY
 bad "damaged quant_state" "packed weight has 2048 bytes, shape [64,128] needs 4096" "$T/x9" dequantize "$T/broken.safetensors" --out "$T/x9"
+# --- progress on stderr: --progress always, --quiet never ------------------------
+progress_lines() {  # progress_lines <expect 0|1> <command> <args...>
+  local want=$1
+  shift
+  "$LORA" "$@" > /dev/null 2> "$T/progress.err" || return 1
+  if [[ $want == 1 ]]; then grep -q "lora $1: 100%" "$T/progress.err"; else [[ ! -s "$T/progress.err" ]]; fi
+}
+check "quantize --progress reports 100%" progress_lines 1 quantize "$BASE" --out "$T/qp.safetensors" --progress
+check "dequantize --progress reports 100%" progress_lines 1 dequantize "$T/q.safetensors" --out "$T/dp.safetensors" --progress
+check "dequantize --quiet prints nothing on stderr" progress_lines 0 dequantize "$T/q.safetensors" --out "$T/dq.safetensors" --quiet
+check "compress --progress reports 100%" progress_lines 1 compress "$DATA/peft/lora_r8_a16_all/adapter" --rank 2 --out "$T/cp" --progress
+check "combine --progress reports 100%" progress_lines 1 combine --adapter "$DATA/peft/lora_r8_a16_all/adapter" \
+  --adapter "$DATA/peft/lora_r8_a16_all/adapter" --weights 0.5,0.5 --type cat --out "$T/cb" --progress
+
 ls -a "$T" | grep -q '\.tmp-' && { echo "FAIL temporary files left behind"; fails=$((fails + 1)); }
 
 echo "$fails failed"
