@@ -446,7 +446,7 @@ TEST_CASE("save → load keeps every kind of tensor", "[peft][save]") {
       CHECK(back.modules[i].lora_bias.has_value() == ad.modules[i].lora_bias.has_value());
     }
     REQUIRE(back.saved.size() == ad.saved.size());
-    for (std::size_t i = 0; i < ad.saved.size(); ++i) CHECK(back.saved[i].data.bytes == ad.saved[i].data.bytes);
+    for (std::size_t i = 0; i < ad.saved.size(); ++i) CHECK((back.saved[i].data.bytes == ad.saved[i].data.bytes));  // no decomposition: Catch v2 cannot print std::byte under clang
     REQUIRE(back.trainable_tokens.size() == ad.trainable_tokens.size());
     for (std::size_t i = 0; i < ad.trainable_tokens.size(); ++i) {
       CHECK(back.trainable_tokens[i].indices == ad.trainable_tokens[i].indices);
