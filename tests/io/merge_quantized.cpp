@@ -63,7 +63,7 @@ TEST_CASE("merge_into_quantized: dequantise, add ΔW, round once", "[io][merge_q
     CHECK(got_q.shape == std::vector<std::int64_t>{48, 64});
     CHECK(std::equal(got_q.bytes.begin(), got_q.bytes.end(), want_q.bytes.begin(), want_q.bytes.end()));
     CHECK(std::equal(got_k.bytes.begin(), got_k.bytes.end(), want_k.bytes.begin(), want_k.bytes.end()));
-    const MatD norm32 = norm.cast<float>().cast<double>();
+    const MatD norm32 = norm.cast<float>().cast<double>().transpose();  // a 1-D tensor reads as a column
     if (dt == io::dtype::F32) CHECK(merged.tensor("model.norm.weight").to_matrix<double>() == norm32);
     else CHECK(merged.tensor("model.norm.weight").to_matrix<double>().isApprox(norm32, 1e-2));
     // the report: quantisation error of the base, error of the written result vs W + ΔW
