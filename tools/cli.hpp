@@ -40,16 +40,16 @@ class Args {
           has_value = true;
         }
         if (flags.count(name) || name == "force") {
-          if (has_value) detail::fail("option --{} takes no value", name);
+          if (has_value) lora::fail("option --{} takes no value", name);
           values_[name].push_back("1");
         } else if (options.count(name)) {
           if (!has_value) {
-            if (i + 1 >= argv.size()) detail::fail("option --{} needs a value", name);
+            if (i + 1 >= argv.size()) lora::fail("option --{} needs a value", name);
             value = argv[++i];
           }
           values_[name].push_back(value);
         } else {
-          detail::fail("unknown option --{} (see 'lora {} --help')", name, command_);
+          lora::fail("unknown option --{} (see 'lora {} --help')", name, command_);
         }
       } else {
         positional_.push_back(a);
@@ -68,7 +68,7 @@ class Args {
   }
   std::string required(const std::string& name) const {
     auto v = get(name);
-    if (!v) detail::fail("missing required option --{} (see 'lora {} --help')", name, command_);
+    if (!v) lora::fail("missing required option --{} (see 'lora {} --help')", name, command_);
     return *v;
   }
   double number(const std::string& name, double fallback) const {
@@ -86,7 +86,7 @@ class Args {
     std::int64_t v = 0;
     auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
     if (ec != std::errc() || p != s.data() + s.size() || v < lo || v > hi)
-      detail::fail("{} must be a whole number from {} to {}, got '{}'", what, lo, hi, s);
+      lora::fail("{} must be a whole number from {} to {}, got '{}'", what, lo, hi, s);
     return v;
   }
 
@@ -94,7 +94,7 @@ class Args {
     double v = 0;
     auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
     if (ec != std::errc() || p != s.data() + s.size() || !std::isfinite(v))
-      detail::fail("{} must be a finite number, got '{}'", what, s);
+      lora::fail("{} must be a finite number, got '{}'", what, s);
     return v;
   }
   static std::vector<std::string> split(const std::string& s, char sep = ',') {

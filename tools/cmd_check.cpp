@@ -12,7 +12,7 @@ using namespace lora;
 int run_check(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"json"}, {"engine"}, "check");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one adapter (PEFT folder or .gguf file), got {} arguments (see 'lora check --help')",
+    lora::fail("expected one adapter (PEFT folder or .gguf file), got {} arguments (see 'lora check --help')",
                        args.positional().size());
   const std::string path = args.positional()[0];
   const io::engine e = io::parse_engine(args.required("engine"));

@@ -15,14 +15,14 @@ int run_combine(const std::vector<std::string>& argv) {
                   "seed"},
                  "combine");
   if (!args.positional().empty())
-    lora::detail::fail("unexpected argument '{}': give adapters with --adapter (see 'lora combine --help')",
+    lora::fail("unexpected argument '{}': give adapters with --adapter (see 'lora combine --help')",
                        args.positional()[0]);
   const auto folders = args.all("adapter");
-  if (folders.empty()) lora::detail::fail("missing --adapter (give one per input adapter)");
+  if (folders.empty()) lora::fail("missing --adapter (give one per input adapter)");
   std::vector<double> weights;
   for (const auto& w : cli::Args::split(args.required("weights"))) weights.push_back(cli::Args::parse_number(w, "--weights"));
   if (weights.size() != folders.size())
-    lora::detail::fail("--weights has {} values for {} adapters; give one weight per --adapter", weights.size(),
+    lora::fail("--weights has {} values for {} adapters; give one weight per --adapter", weights.size(),
                        folders.size());
   analysis::CombineOptions opt;
   opt.type = analysis::parse_combination_type(args.get("type").value_or("svd"));
@@ -31,19 +31,19 @@ int run_combine(const std::vector<std::string>& argv) {
                        opt.type != analysis::combination_type::linear;
   if (args.has("rank")) {
     if (!analysis::is_svd_type(opt.type) && opt.space != analysis::combine_space::delta)
-      lora::detail::fail("--rank applies to the *svd types and to --space delta only (type {})",
+      lora::fail("--rank applies to the *svd types and to --space delta only (type {})",
                          analysis::to_string(opt.type));
     const double k = args.number("rank", 0);
-    if (k < 1 || k != std::floor(k)) lora::detail::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
+    if (k < 1 || k != std::floor(k)) lora::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
     opt.rank = static_cast<Index>(k);
   }
   if (args.has("density")) {
-    if (!pruning) lora::detail::fail("--density applies to ties, dare_* and magnitude_prune* only");
+    if (!pruning) lora::fail("--density applies to ties, dare_* and magnitude_prune* only");
     opt.density = args.number("density", 1.0);
     if (!(opt.density > 0.0 && opt.density <= 1.0))
-      lora::detail::fail("--density must be in (0, 1], got {}", *args.get("density"));
+      lora::fail("--density must be in (0, 1], got {}", *args.get("density"));
   } else if (pruning) {
-    lora::detail::fail("--type {} needs --density (the fraction of entries kept, in (0, 1])",
+    lora::fail("--type {} needs --density (the fraction of entries kept, in (0, 1])",
                        analysis::to_string(opt.type));
   }
   if (auto m = args.get("majority-sign")) opt.majority_sign = analysis::parse_majority_sign(*m);

@@ -13,21 +13,21 @@ using namespace lora;
 int run_compress(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"progress", "quiet"}, {"rank", "energy", "out", "dtype"}, "compress");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora compress --help')",
+    lora::fail("expected one PEFT adapter folder, got {} arguments (see 'lora compress --help')",
                        args.positional().size());
-  if (args.has("rank") == args.has("energy")) lora::detail::fail("give exactly one of --rank k and --energy τ");
+  if (args.has("rank") == args.has("energy")) lora::fail("give exactly one of --rank k and --energy τ");
   analysis::CompressionTarget target;
   if (args.has("rank")) {
     target.rank = static_cast<Index>(args.integer("rank", 0, 1, std::int64_t{1} << 30));
   } else {
     target.energy = args.number("energy", 0);
-    if (!(target.energy > 0 && target.energy <= 1)) lora::detail::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
+    if (!(target.energy > 0 && target.energy <= 1)) lora::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
   }
   const std::string out = args.required("out");
   cli::guard_output(args, out, {args.positional()[0]}, io::output_kind::folder);
   const auto in = io::load_adapter(args.positional()[0]);  // a GGUF adapter too (llama q/k: convert it with --base first)
   if (in.modules.empty())
-    lora::detail::fail("{}: has no LoRA modules to compress (only whole tensors or token rows)", args.positional()[0]);
+    lora::fail("{}: has no LoRA modules to compress (only whole tensors or token rows)", args.positional()[0]);
   // Progress per module when the adapter is big (≥ 64 modules) or asked for.
   cli::Progress progress("compress", !args.has("quiet") && (args.has("progress") || in.modules.size() >= 64));
   auto small = analysis::compress_adapter(in, target, [&](std::size_t done, std::size_t total, const std::string& name) {

@@ -12,14 +12,14 @@ using namespace lora;
 int run_convert(const std::vector<std::string>& argv) {
   cli::Args args(argv, {}, {"to", "out", "base", "outtype", "name"}, "convert");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one adapter (PEFT folder or .gguf file), got {} arguments (see 'lora convert --help')",
+    lora::fail("expected one adapter (PEFT folder or .gguf file), got {} arguments (see 'lora convert --help')",
                        args.positional().size());
   const std::filesystem::path in = args.positional()[0];
   const std::string to = args.required("to");
   const std::filesystem::path out = args.required("out");
   if (to == "gguf") {
     if (!std::filesystem::is_directory(in))
-      lora::detail::fail("{}: --to gguf needs a PEFT adapter folder", in.string());
+      lora::fail("{}: --to gguf needs a PEFT adapter folder", in.string());
     const std::filesystem::path base = args.required("base");
     cli::guard_output(args, out, {in, base}, io::output_kind::file);
     io::GgufExportOptions opts;
@@ -37,7 +37,7 @@ int run_convert(const std::vector<std::string>& argv) {
     return 0;
   }
   if (to == "peft") {
-    if (args.has("outtype")) lora::detail::fail("--outtype is for --to gguf");
+    if (args.has("outtype")) lora::fail("--outtype is for --to gguf");
     io::GgufImportOptions opts;
     if (auto b = args.get("base")) opts.base = *b;
     std::vector<std::filesystem::path> inputs{in};
@@ -49,7 +49,7 @@ int run_convert(const std::vector<std::string>& argv) {
                ad.config.lora_alpha, out.string());
     return 0;
   }
-  lora::detail::fail("--to must be gguf or peft, got '{}'", to);
+  lora::fail("--to must be gguf or peft, got '{}'", to);
 }
 
 const lora::cli::Register reg{{"convert", "PEFT adapter <-> llama.cpp GGUF LoRA adapter (scales folded exactly)",

@@ -14,7 +14,7 @@ using namespace lora;
 int run_diff(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"json"}, {"svg"}, "diff");
   if (args.positional().size() != 2)
-    lora::detail::fail("expected two PEFT adapter folders, got {} arguments (see 'lora diff --help')",
+    lora::fail("expected two PEFT adapter folders, got {} arguments (see 'lora diff --help')",
                        args.positional().size());
   const std::string pa = args.positional()[0], pb = args.positional()[1];
   if (auto svg = args.get("svg")) cli::guard_output(args, *svg, {pa, pb}, io::output_kind::file, "--svg");

@@ -17,21 +17,21 @@ int run_extract(const std::vector<std::string>& argv) {
                   "oversample", "block-rows", "seed"},
                  "extract");
   if (!args.positional().empty())
-    lora::detail::fail("unexpected argument '{}' (see 'lora extract --help')", args.positional()[0]);
+    lora::fail("unexpected argument '{}' (see 'lora extract --help')", args.positional()[0]);
   const std::string base_path = args.required("base"), tuned_path = args.required("tuned"), out = args.required("out");
   analysis::ExtractOptions opt;
-  if (args.has("rank") == args.has("energy")) lora::detail::fail("give exactly one of --rank k and --energy e");
+  if (args.has("rank") == args.has("energy")) lora::fail("give exactly one of --rank k and --energy e");
   if (args.has("rank")) {
     const double k = args.number("rank", 0);
-    if (k < 1 || k != std::floor(k)) lora::detail::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
+    if (k < 1 || k != std::floor(k)) lora::fail("--rank must be a whole number ≥ 1, got {}", *args.get("rank"));
     opt.rank = static_cast<Index>(k);
   } else {
     opt.energy = args.number("energy", 0);
-    if (!(opt.energy > 0 && opt.energy <= 1)) lora::detail::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
+    if (!(opt.energy > 0 && opt.energy <= 1)) lora::fail("--energy must be in (0, 1], got {}", *args.get("energy"));
   }
   auto whole = [&](const char* name, double fallback, double lo) {
     const double v = args.number(name, fallback);
-    if (v < lo || v != std::floor(v)) lora::detail::fail("--{} must be a whole number ≥ {}, got {}", name, lo, v);
+    if (v < lo || v != std::floor(v)) lora::fail("--{} must be a whole number ≥ {}, got {}", name, lo, v);
     return static_cast<Index>(v);
   };
   opt.max_rank = whole("max-rank", 128, 1);

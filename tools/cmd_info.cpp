@@ -48,10 +48,10 @@ void print_tensors(const io::SafetensorsFile& f) {
 int run_info(const std::vector<std::string>& argv) {
   cli::Args args(argv, {}, {}, "info");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one PEFT adapter folder or .safetensors file, got {} arguments (see 'lora info --help')",
+    lora::fail("expected one PEFT adapter folder or .safetensors file, got {} arguments (see 'lora info --help')",
                        args.positional().size());
   const fs::path in = args.positional()[0];
-  if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
+  if (!fs::exists(in)) lora::fail("{}: no such file or folder", in.string());
   if (io::is_gguf_file(in)) return fmt::print("{}", io::gguf_summary(in)), 0;  // GGUF (llama.cpp) files
   if (!fs::is_directory(in)) {
     const auto f = io::SafetensorsFile::open(in);
@@ -66,7 +66,7 @@ int run_info(const std::vector<std::string>& argv) {
   }
   const io::PeftConfig cfg = io::load_peft_config(in);
   const fs::path wfile = in / "adapter_model.safetensors";
-  if (!fs::exists(wfile)) lora::detail::fail("{}: missing (a PEFT adapter folder needs adapter_model.safetensors)", wfile.string());
+  if (!fs::exists(wfile)) lora::fail("{}: missing (a PEFT adapter folder needs adapter_model.safetensors)", wfile.string());
   const auto f = io::SafetensorsFile::open(wfile);
   const io::PeftFileTensors scan = io::scan_peft_tensors(f, cfg);
   const auto& raw = cfg.raw;

@@ -24,10 +24,10 @@ std::vector<double> parse_thresholds(const std::string& s) {
   std::vector<double> out;
   for (const auto& part : cli::Args::split(s)) {
     const double t = cli::Args::parse_number(part, "--energy");
-    if (!(t > 0.0 && t <= 1.0)) lora::detail::fail("--energy: thresholds must be in (0, 1], got {}", part);
+    if (!(t > 0.0 && t <= 1.0)) lora::fail("--energy: thresholds must be in (0, 1], got {}", part);
     out.push_back(t);
   }
-  if (out.empty()) lora::detail::fail("--energy: give thresholds like 0.9,0.99, got '{}'", s);
+  if (out.empty()) lora::fail("--energy: give thresholds like 0.9,0.99, got '{}'", s);
   return out;
 }
 
@@ -156,7 +156,7 @@ void print_table(const AdapterReport& rep) {
 int run_inspect(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"json", "progress", "quiet"}, {"plot", "energy", "base", "threads", "epsilon", "top-k"}, "inspect");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora inspect --help')",
+    lora::fail("expected one PEFT adapter folder, got {} arguments (see 'lora inspect --help')",
                  args.positional().size());
   InspectOptions opt;
   if (auto e = args.get("energy")) opt.energy_thresholds = parse_thresholds(*e);

@@ -12,16 +12,16 @@ using namespace lora;
 int run_intruders(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"quiet"}, {"base", "out", "top-k", "epsilon", "lambda", "dtype"}, "intruders");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora intruders --help')",
+    lora::fail("expected one PEFT adapter folder, got {} arguments (see 'lora intruders --help')",
                        args.positional().size());
   const std::string folder = args.positional()[0], base_path = args.required("base"), out = args.required("out");
   analysis::IntruderMitigationOptions opt;
   const double k = args.number("top-k", 10);
-  if (k < 1 || k != std::floor(k)) lora::detail::fail("--top-k must be a whole number ≥ 1, got {}", k);
+  if (k < 1 || k != std::floor(k)) lora::fail("--top-k must be a whole number ≥ 1, got {}", k);
   opt.detect.top_k = static_cast<Index>(k);
   opt.detect.epsilon = args.number("epsilon", 0.5);
   opt.lambda = args.number("lambda", 0.75);
-  if (!std::isfinite(opt.lambda)) lora::detail::fail("--lambda must be finite, got {}", opt.lambda);
+  if (!std::isfinite(opt.lambda)) lora::fail("--lambda must be finite, got {}", opt.lambda);
   cli::guard_output(args, out, {folder, base_path}, io::output_kind::folder);
   const auto adapter = io::load_peft_adapter(folder);
   const auto base = io::Checkpoint::open(base_path);

@@ -52,7 +52,7 @@ lora::io::dtype parse_out_dtype(const std::string& s) {
   if (s == "f32" || s == "F32" || s == "float32") return lora::io::dtype::F32;
   if (s == "bf16" || s == "BF16" || s == "bfloat16") return lora::io::dtype::BF16;
   if (s == "f16" || s == "F16" || s == "float16") return lora::io::dtype::F16;
-  lora::detail::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
+  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
 }
 
 /// "folder" or "folder:0.5" (the part after the last ':' is a strength when it is a number).
@@ -70,10 +70,10 @@ int run_merge(const std::vector<std::string>& argv) {
   lora::cli::Args args(argv, {"progress", "quiet"}, {"base", "adapter", "out", "scale", "dtype", "base-prefix"},
                        "merge");
   if (!args.positional().empty())
-    lora::detail::fail("unexpected argument '{}' (see 'lora merge --help')", args.positional().front());
+    lora::fail("unexpected argument '{}' (see 'lora merge --help')", args.positional().front());
   const fs::path base_path = args.required("base");
   const auto adapter_args = args.all("adapter");
-  if (adapter_args.empty()) lora::detail::fail("missing required option --adapter (see 'lora merge --help')");
+  if (adapter_args.empty()) lora::fail("missing required option --adapter (see 'lora merge --help')");
   std::vector<std::pair<fs::path, double>> adapter_specs;
   for (const auto& a : adapter_args) adapter_specs.push_back(parse_adapter(a));
   const fs::path out = args.required("out");
@@ -85,7 +85,7 @@ int run_merge(const std::vector<std::string>& argv) {
   for (const auto& [p, s] : adapter_specs) inputs.push_back(p);
   std::error_code ec;
   if (fs::exists(out) && fs::equivalent(out, base_path, ec))
-    lora::detail::fail("--out {} is the base checkpoint itself; choose another path", out.string());
+    lora::fail("--out {} is the base checkpoint itself; choose another path", out.string());
   lora::cli::guard_output(args, out, inputs,
                           out.extension() == ".safetensors" ? lora::io::output_kind::file : lora::io::output_kind::folder);
 

@@ -10,7 +10,7 @@ using namespace lora;
 int run_merge_4bit(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"quiet"}, {"base", "adapter", "out", "dtype", "scale", "reference"}, "merge-4bit");
   if (!args.positional().empty())
-    lora::detail::fail("unexpected argument '{}' (see 'lora merge-4bit --help')", args.positional()[0]);
+    lora::fail("unexpected argument '{}' (see 'lora merge-4bit --help')", args.positional()[0]);
   const std::string base_path = args.required("base"), adapter_path = args.required("adapter"), out = args.required("out");
   io::QuantizedMergeOptions opt;
   if (auto d = args.get("dtype")) opt.out = io::parse_dtype(*d, "--dtype");

@@ -10,7 +10,7 @@ using namespace lora;
 int run_normalize(const std::vector<std::string>& argv) {
   cli::Args args(argv, {}, {"out"}, "normalize");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one PEFT adapter folder, got {} arguments (see 'lora normalize --help')",
+    lora::fail("expected one PEFT adapter folder, got {} arguments (see 'lora normalize --help')",
                        args.positional().size());
   const std::string in = args.positional()[0], out = args.required("out");
   cli::guard_output(args, out, {in}, io::output_kind::folder);

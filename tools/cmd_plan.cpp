@@ -32,7 +32,7 @@ lora::io::dtype parse_dtype(const std::string& s) {
   if (s == "f32" || s == "fp32" || s == "float32") return lora::io::dtype::F32;
   if (s == "bf16" || s == "bfloat16") return lora::io::dtype::BF16;
   if (s == "f16" || s == "fp16" || s == "float16") return lora::io::dtype::F16;
-  lora::detail::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
+  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
 }
 
 int run(const std::vector<std::string>& argv) {
@@ -42,11 +42,11 @@ int run(const std::vector<std::string>& argv) {
              "seq", "blocksize"},
             "plan");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one model: a config.json path, a folder with one, or a preset name");
+    lora::fail("expected one model: a config.json path, a folder with one, or a preset name");
   const auto arch = lora::plan::architecture(args.positional()[0]);
   lora::plan::PlanOptions o;
   const double r = args.number("rank", 8);
-  if (r != std::floor(r) || r < 1) lora::detail::fail("--rank must be a positive integer, got '{}'", *args.get("rank"));
+  if (r != std::floor(r) || r < 1) lora::fail("--rank must be a positive integer, got '{}'", *args.get("rank"));
   o.rank = static_cast<int>(r);
   o.alpha = args.number("alpha", 2.0 * o.rank);
   o.use_rslora = args.has("rslora");
@@ -54,29 +54,29 @@ int run(const std::vector<std::string>& argv) {
   if (auto t = args.get("targets")) o.targets = Args::split(*t);
   for (const auto& kv : Args::split(args.get("rank-pattern").value_or(""))) {
     auto eq = kv.find('=');
-    if (eq == std::string::npos) lora::detail::fail("--rank-pattern entries are key=rank, got '{}'", kv);
+    if (eq == std::string::npos) lora::fail("--rank-pattern entries are key=rank, got '{}'", kv);
     const double v = Args::parse_number(kv.substr(eq + 1), "--rank-pattern value for " + kv.substr(0, eq));
-    if (v != std::floor(v) || v < 1) lora::detail::fail("--rank-pattern: rank for '{}' must be a positive integer", kv.substr(0, eq));
+    if (v != std::floor(v) || v < 1) lora::fail("--rank-pattern: rank for '{}' must be a positive integer", kv.substr(0, eq));
     o.rank_pattern.emplace_back(kv.substr(0, eq), static_cast<int>(v));
   }
   for (const auto& kv : Args::split(args.get("alpha-pattern").value_or(""))) {
     auto eq = kv.find('=');
-    if (eq == std::string::npos) lora::detail::fail("--alpha-pattern entries are key=alpha, got '{}'", kv);
+    if (eq == std::string::npos) lora::fail("--alpha-pattern entries are key=alpha, got '{}'", kv);
     o.alpha_pattern.emplace_back(kv.substr(0, eq), Args::parse_number(kv.substr(eq + 1), "--alpha-pattern value"));
   }
   const std::string q = args.get("quant").value_or("none");
   if (q == "none") o.quant = lora::plan::quant_mode::none;
   else if (q == "nf4") o.quant = lora::plan::quant_mode::nf4;
   else if (q == "nf4-dq") o.quant = lora::plan::quant_mode::nf4_dq;
-  else lora::detail::fail("--quant must be none, nf4 or nf4-dq, got '{}'", q);
+  else lora::fail("--quant must be none, nf4 or nf4-dq, got '{}'", q);
   o.blocksize = static_cast<int>(args.number("blocksize", 64));
   if (auto d = args.get("dtype")) o.base_dtype = parse_dtype(*d);
   if (auto d = args.get("adapter-dtype")) o.adapter_dtype = parse_dtype(*d);
-  if (args.has("batch") != args.has("seq")) lora::detail::fail("--batch and --seq go together");
+  if (args.has("batch") != args.has("seq")) lora::fail("--batch and --seq go together");
   if (args.has("batch")) {
     o.batch = static_cast<std::int64_t>(args.number("batch", 0));
     o.seq = static_cast<std::int64_t>(args.number("seq", 0));
-    if (*o.batch < 1 || *o.seq < 1) lora::detail::fail("--batch and --seq must be positive");
+    if (*o.batch < 1 || *o.seq < 1) lora::fail("--batch and --seq must be positive");
   }
   const auto p = lora::plan::make_plan(arch, o);
   if (args.has("json")) {

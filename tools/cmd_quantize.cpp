@@ -98,13 +98,13 @@ std::vector<lora::io::TensorData> dequantize_file(const lora::io::SafetensorsFil
       // A companion whose weight is missing would otherwise vanish from the output silently.
       const std::string w = v.name.substr(0, v.name.rfind(".weight.") + 7);
       if (!f.contains(w))
-        lora::detail::fail("{}: '{}' belongs to a bitsandbytes 4-bit weight '{}' that is not in the file", f.path(),
+        lora::fail("{}: '{}' belongs to a bitsandbytes 4-bit weight '{}' that is not in the file", f.path(),
                            v.name, w);
       continue;
     }
     if (!lora::quant::bnb::is_nf4_weight(f, v.name)) {
       if (f.contains(v.name + ".quant_state.bitsandbytes__fp4"))
-        lora::detail::fail("{}: '{}' is bitsandbytes FP4; only NF4 is supported", f.path(), v.name);
+        lora::fail("{}: '{}' is bitsandbytes FP4; only NF4 is supported", f.path(), v.name);
       out.push_back(lora::io::TensorData::copy_of(v));
       continue;
     }
@@ -122,11 +122,11 @@ std::vector<lora::io::TensorData> dequantize_file(const lora::io::SafetensorsFil
 
 nlohmann::ordered_json read_json(const fs::path& p) {
   std::ifstream in(p);
-  if (!in) lora::detail::fail("{}: cannot open for reading", p.string());
+  if (!in) lora::fail("{}: cannot open for reading", p.string());
   try {
     return nlohmann::ordered_json::parse(in);
   } catch (const nlohmann::json::exception& e) {
-    lora::detail::fail("{}: not valid JSON: {}", p.string(), e.what());
+    lora::fail("{}: not valid JSON: {}", p.string(), e.what());
   }
 }
 
@@ -137,7 +137,7 @@ std::vector<fs::path> safetensors_in(const fs::path& dir) {
   for (const auto& e : fs::directory_iterator(dir))
     if (e.is_regular_file() && e.path().extension() == ".safetensors") files.push_back(e.path());
   std::sort(files.begin(), files.end());
-  if (files.empty()) lora::detail::fail("{}: folder has no .safetensors files", dir.string());
+  if (files.empty()) lora::fail("{}: folder has no .safetensors files", dir.string());
   return files;
 }
 
@@ -161,21 +161,21 @@ lora::io::dtype parse_out_dtype(const std::string& s) {
   if (s == "f32" || s == "float32" || s == "F32") return dtype::F32;
   if (s == "bf16" || s == "bfloat16" || s == "BF16") return dtype::BF16;
   if (s == "f16" || s == "float16" || s == "F16") return dtype::F16;
-  lora::detail::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
+  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
 }
 
 int run_quantize(const std::vector<std::string>& argv) {
   lora::cli::Args args(argv, {"double-quant", "progress", "quiet"}, {"out", "blocksize", "skip"}, "quantize");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
+    lora::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
   const fs::path in = args.positional()[0];
   const fs::path out = args.required("out");
   const std::int64_t bsd = args.integer("blocksize", 64, 0, std::int64_t{1} << 40);
   if (!lora::quant::is_valid_blocksize(bsd))
-    lora::detail::fail("--blocksize must be a power of two from 32 to 4096, got {}", args.get("blocksize").value_or("64"));
+    lora::fail("--blocksize must be a power of two from 32 to 4096, got {}", args.get("blocksize").value_or("64"));
   const lora::Nf4Options opts{static_cast<std::int64_t>(bsd), args.has("double-quant")};
   const auto skip = lora::cli::Args::split(args.get("skip").value_or("lm_head,embed_tokens"));
-  if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
+  if (!fs::exists(in)) lora::fail("{}: no such file or folder", in.string());
   lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
 
   QuantizeStats st;
@@ -202,7 +202,7 @@ int run_quantize(const std::vector<std::string>& argv) {
         lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(tensors, f.metadata()));
       }
       progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
-      if (st.quantized == 0) lora::detail::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
+      if (st.quantized == 0) lora::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
       copy_other_files(in, tmp, [&](const std::string& name, nlohmann::ordered_json& j) {
         if (name == "config.json") {
           const auto cd = st.dtypes.count(lora::source_dtype::bfloat16) ? lora::source_dtype::bfloat16
@@ -224,7 +224,7 @@ int run_quantize(const std::vector<std::string>& argv) {
     const auto f = lora::io::SafetensorsFile::open(in);
     auto tensors = quantize_file(f, opts, skip, st, tick);
     progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
-    if (st.quantized == 0) lora::detail::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
+    if (st.quantized == 0) lora::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
     auto meta = f.metadata();
     if (!meta.count("format")) meta["format"] = "pt";
     lora::io::write_safetensors(out, tensors, meta);
@@ -239,12 +239,12 @@ int run_quantize(const std::vector<std::string>& argv) {
 int run_dequantize(const std::vector<std::string>& argv) {
   lora::cli::Args args(argv, {"progress", "quiet"}, {"out", "dtype"}, "dequantize");
   if (args.positional().size() != 1)
-    lora::detail::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
+    lora::fail("expected one input (a .safetensors file or a model folder), got {}", args.positional().size());
   const fs::path in = args.positional()[0];
   const fs::path out = args.required("out");
   std::optional<dtype> to;
   if (auto d = args.get("dtype")) to = parse_out_dtype(*d);
-  if (!fs::exists(in)) lora::detail::fail("{}: no such file or folder", in.string());
+  if (!fs::exists(in)) lora::fail("{}: no such file or folder", in.string());
   lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
   int converted = 0;
   // Progress by bytes of input tensors read, over every input file (as quantize).
@@ -268,7 +268,7 @@ int run_dequantize(const std::vector<std::string>& argv) {
         lora::io::write_bytes(tmp / p.filename(), lora::io::serialize_safetensors(tensors, f.metadata()));
       }
       progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
-      if (converted == 0) lora::detail::fail("{}: no bitsandbytes NF4 weights found", in.string());
+      if (converted == 0) lora::fail("{}: no bitsandbytes NF4 weights found", in.string());
       copy_other_files(in, tmp, [&](const std::string& name, nlohmann::ordered_json& j) {
         if (name == "config.json") {
           j.erase("quantization_config");
@@ -286,7 +286,7 @@ int run_dequantize(const std::vector<std::string>& argv) {
     const auto f = lora::io::SafetensorsFile::open(in);
     auto tensors = dequantize_file(f, to, converted, tick);
     progress.update(total, total, fmt::format("{:.2f} GB", total / 1e9));
-    if (converted == 0) lora::detail::fail("{}: no bitsandbytes NF4 weights found", in.string());
+    if (converted == 0) lora::fail("{}: no bitsandbytes NF4 weights found", in.string());
     lora::io::write_safetensors(out, tensors, f.metadata());
   }
   fmt::print("dequantised {} NF4 tensors{}\n", converted, to ? fmt::format(" to {}", lora::io::dtype_name(*to)) : "");

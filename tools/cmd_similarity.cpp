@@ -24,14 +24,14 @@ nlohmann::ordered_json grid(const Eigen::MatrixXd& m) {
 int run_similarity(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"json"}, {}, "similarity");
   if (args.positional().size() != 2)
-    lora::detail::fail("expected two PEFT adapter folders, got {} arguments (see 'lora similarity --help')",
+    lora::fail("expected two PEFT adapter folders, got {} arguments (see 'lora similarity --help')",
                        args.positional().size());
   // GGUF adapters too; φ compares right singular vectors, which llama.cpp's q/k row order does not change.
   const auto a = io::load_adapter(args.positional()[0], io::gguf_options_near(std::nullopt));
   const auto b = io::load_adapter(args.positional()[1], io::gguf_options_near(std::nullopt));
   const auto sims = analysis::adapter_similarity(a, b);
   if (sims.empty())
-    lora::detail::fail("the adapters share no module ({} has e.g. '{}', {} has e.g. '{}')", args.positional()[0],
+    lora::fail("the adapters share no module ({} has e.g. '{}', {} has e.g. '{}')", args.positional()[0],
                        a.modules.front().name, args.positional()[1], b.modules.front().name);
   double mean_a = 0, mean_d = 0;
   for (const auto& s : sims) {

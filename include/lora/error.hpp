@@ -17,11 +17,15 @@ class error : public std::runtime_error {
   explicit error(const std::string& what) : std::runtime_error(what) {}
 };
 
-namespace detail {
+/// Throws lora::error with a {fmt}-formatted message; the format string is checked at
+/// compile time. `lora::fail("{}: rank {} exceeds min(in, out) = {}", name, r, m);`
 template <class... Args>
 [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
   throw error(fmt::format(f, std::forward<Args>(args)...));
 }
+
+namespace detail {
+using lora::fail;  // the library's internals spell it detail::fail
 }  // namespace detail
 
 }  // namespace lora
