@@ -111,38 +111,35 @@ void rows_to_double_transposed(const Eigen::MatrixBase<Derived>& M, Index r0, In
     for (Index j = 0; j < M.cols(); ++j) out(j, i) = to_double(M(r0 + i, j));
 }
 
-/// G = MᵀM (cols × cols) in double, reading M in blocks of rows (bf16 converted
-/// block by block, never the whole matrix). The block is stored transposed so that
-/// both Gram routines run the same rank-k update G += X·Xᵀ.
-template <class Derived>
-Eigen::MatrixXd gram_of_columns(const Eigen::MatrixBase<Derived>& M) {
-  const Index k = M.cols();
+/// G = X·Xᵀ summed over blocks of `extent` items, each block converted to double by
+/// `load(start, n, buf)` into a (k × n) buffer: the rank-k update both Gram routines run.
+template <class Load>
+Eigen::MatrixXd gram_blocked(Index k, Index extent, Load&& load) {
   Eigen::MatrixXd G = Eigen::MatrixXd::Zero(k, k);
   const Index bs = std::max<Index>(16, gram_block_elements / std::max<Index>(k, 1));
   Eigen::MatrixXd buf;
-  for (Index r0 = 0; r0 < M.rows(); r0 += bs) {
-    const Index n = std::min(bs, M.rows() - r0);
-    rows_to_double_transposed(M, r0, n, buf);
+  for (Index i0 = 0; i0 < extent; i0 += bs) {
+    load(i0, std::min(bs, extent - i0), buf);
     G.selfadjointView<Eigen::Lower>().rankUpdate(buf);
   }
   G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
   return G;
 }
 
+/// G = MᵀM (cols × cols) in double, reading M in blocks of rows (bf16 converted
+/// block by block, never the whole matrix). The block is stored transposed so that
+/// both Gram routines run the same rank-k update G += X·Xᵀ.
+template <class Derived>
+Eigen::MatrixXd gram_of_columns(const Eigen::MatrixBase<Derived>& M) {
+  return gram_blocked(M.cols(), M.rows(),
+                      [&](Index r0, Index n, Eigen::MatrixXd& buf) { rows_to_double_transposed(M, r0, n, buf); });
+}
+
 /// G = M·Mᵀ (rows × rows) in double, reading M in blocks of columns.
 template <class Derived>
 Eigen::MatrixXd gram_of_rows(const Eigen::MatrixBase<Derived>& M) {
-  const Index k = M.rows();
-  Eigen::MatrixXd G = Eigen::MatrixXd::Zero(k, k);
-  const Index bs = std::max<Index>(16, gram_block_elements / std::max<Index>(k, 1));
-  Eigen::MatrixXd buf;
-  for (Index c0 = 0; c0 < M.cols(); c0 += bs) {
-    const Index n = std::min(bs, M.cols() - c0);
-    cols_to_double(M, c0, n, buf);
-    G.selfadjointView<Eigen::Lower>().rankUpdate(buf);
-  }
-  G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
-  return G;
+  return gram_blocked(M.rows(), M.cols(),
+                      [&](Index c0, Index n, Eigen::MatrixXd& buf) { cols_to_double(M, c0, n, buf); });
 }
 
 inline void check_factors(Index b_rows, Index b_cols, Index a_rows, Index a_cols, double scaling) {
