@@ -101,6 +101,11 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
     return ad;
   }
 
+  /// A copy: the CPU side of the device-generic `LowRankAdapter<S, D>::from_host(host)`.
+  static LowRankAdapter from_host(const LowRankAdapter& host) { return host; }
+  /// A copy in host memory, as `LowRankAdapter<S, cuda>::to_host()` gives.
+  LowRankAdapter to_host() const { return *this; }
+
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
   Index rank() const { return r_; }

@@ -41,6 +41,9 @@ template <class Scalar, ScalingPolicy Scaling>
 class DoraAdapter<Scalar, cpu, Scaling> {
  public:
   using lora_type = LowRankAdapter<Scalar, cpu, Scaling>;
+  using scalar_type = Scalar;
+  using device_type = cpu;
+  using scaling_policy = Scaling;
   using compute_scalar = compute_t<Scalar>;
   using matrix = Matrix<Scalar>;
   using cmatrix = Matrix<compute_scalar>;
@@ -60,6 +63,11 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     d.m_ = d.weight_norm(W);
     return d;
   }
+
+  /// A copy: the CPU side of the device-generic `DoraAdapter<S, D>::from_host(host)`.
+  static DoraAdapter from_host(const DoraAdapter& host) { return host; }
+  /// A copy in host memory, as `DoraAdapter<S, cuda>::to_host()` gives.
+  DoraAdapter to_host() const { return *this; }
 
   const lora_type& lora() const { return lora_; }
   lora_type& lora() { return lora_; }

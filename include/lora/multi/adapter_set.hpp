@@ -74,6 +74,8 @@ struct AdapterSlot {
   Index rank() const { return A.rows(); }
 };
 
+struct Segments;
+
 /// Adapters for one base layer [out × in], addressed by a stable integer id.
 /// Adapters may differ in rank and scaling rule. Adding, replacing or removing
 /// one leaves the others (and their ids) untouched, so an engine can hot-swap
@@ -84,11 +86,15 @@ struct AdapterSlot {
 ///   int a = set.add("math", adapter_a);          // any LowRankAdapter<float, cpu, *>
 ///   int b = set.add("code", A, B, /*scaling=*/2.0);
 ///   auto Y = lora::multi::batched_apply(set, W, X, ids);   // ids[t] ∈ {a, b, -1}
-template <class Scalar = float>
-class AdapterSet {
+template <class Scalar = float, class Device = cpu>
+class AdapterSet;
+
+template <class Scalar>
+class AdapterSet<Scalar, cpu> {
  public:
   using scalar_type = Scalar;
   using compute_scalar = compute_t<Scalar>;
+  using device_type = cpu;
   using slot_type = AdapterSlot<Scalar>;
 
   AdapterSet(Index in_features, Index out_features) : in_(in_features), out_(out_features) {
@@ -170,6 +176,18 @@ class AdapterSet {
       if (s) r = std::max(r, s->rank());
     return r;
   }
+
+  /// A copy (sharing the factors): the CPU side of the device-generic `AdapterSet<S, D>::from_host`.
+  static AdapterSet from_host(const AdapterSet& host) { return host; }
+  /// A copy in host memory (sharing the factors), as the CUDA set's to_host() gives.
+  AdapterSet to_host() const { return *this; }
+
+  /// Groups tokens by adapter id (−1: base only); see make_segments.
+  Segments segments(std::span<const int> ids) const;
+  /// The mixed-adapter layer X·Wᵀ + per-token adapter paths: batched_apply(*this, W, X, ids).
+  Matrix<compute_scalar> apply(const MatrixRef<Scalar>& W, const MatrixRef<Scalar>& X, std::span<const int> ids) const;
+  /// The adapter paths alone: batched_forward(*this, X, ids).
+  Matrix<compute_scalar> forward(const MatrixRef<Scalar>& X, std::span<const int> ids) const;
 
  private:
   template <class S, ScalingPolicy P>
@@ -374,6 +392,20 @@ BatchedGradients<compute_t<Scalar>> batched_backward(const AdapterSet<Scalar>& s
     for (Index j = 0; j < n; ++j) g.dX.row(seg.order[static_cast<std::size_t>(b + j)]) += dxs.row(j);
   }
   return g;
+}
+
+template <class Scalar>
+Segments AdapterSet<Scalar, cpu>::segments(std::span<const int> ids) const {
+  return make_segments(*this, ids);
+}
+template <class Scalar>
+Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::apply(const MatrixRef<Scalar>& W, const MatrixRef<Scalar>& X,
+                                                         std::span<const int> ids) const {
+  return batched_apply(*this, W, X, ids);
+}
+template <class Scalar>
+Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::forward(const MatrixRef<Scalar>& X, std::span<const int> ids) const {
+  return batched_forward(*this, X, ids);
 }
 
 }  // namespace lora::multi

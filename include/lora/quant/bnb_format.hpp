@@ -39,7 +39,7 @@ inline bool is_companion(std::string_view name) {
 }
 
 /// The tensors that store `W` under `weight_name`, in transformers' layout.
-inline std::vector<io::TensorData> to_tensors(const std::string& weight_name, const Nf4Tensor& W) {
+inline std::vector<io::TensorData> to_tensors(const std::string& weight_name, const lora::Nf4Tensor& W) {
   std::vector<io::TensorData> out;
   io::TensorData w;
   w.name = weight_name;
@@ -92,7 +92,7 @@ inline std::vector<io::TensorData> to_tensors(const std::string& weight_name, co
 /// Reads the bnb NF4 weight `weight_name` from `f` (with or without double
 /// quantisation). Throws lora::error naming the file and tensor on anything
 /// malformed, and for FP4 weights (not supported).
-inline Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_name) {
+inline lora::Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_name) {
   const std::string where = fmt::format("{}: '{}'", f.path(), weight_name);
   const std::string blob_name = weight_name + std::string(state_suffix);
   if (!f.contains(blob_name)) {
@@ -176,9 +176,9 @@ inline Nf4Tensor read(const io::SafetensorsFile& f, const std::string& weight_na
     dq.offset = static_cast<float>(js["nested_offset"].get<double>());
     if (js.contains("nested_blocksize") && js["nested_blocksize"] != nested_blocksize)
       lora::detail::fail("{}: nested_blocksize is {}, expected {}", where, js["nested_blocksize"].dump(), nested_blocksize);
-    return Nf4Tensor::from_parts(std::move(shape), bs, std::move(packed), {}, std::move(dq), dt, where);
+    return lora::Nf4Tensor::from_parts(std::move(shape), bs, std::move(packed), {}, std::move(dq), dt, where);
   }
-  return Nf4Tensor::from_parts(std::move(shape), bs, std::move(packed), am.to_vector<float>(), std::nullopt, dt, where);
+  return lora::Nf4Tensor::from_parts(std::move(shape), bs, std::move(packed), am.to_vector<float>(), std::nullopt, dt, where);
 }
 
 /// transformers' `quantization_config` for config.json of a bnb NF4 checkpoint.

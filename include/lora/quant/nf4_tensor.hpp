@@ -45,15 +45,33 @@ constexpr source_dtype source_dtype_of() {
     return source_dtype::float32;
 }
 
-/// An NF4-quantised tensor (any shape, usually a [out × in] weight), bit-identical to
-/// bitsandbytes' quantize_4bit(quant_type="nf4").
+}  // namespace lora
+
+namespace lora::quant {
+
+/// An NF4-quantised tensor on a device; `Nf4Tensor<cpu>` (alias `lora::Nf4Tensor`) is
+/// defined here, `Nf4Tensor<cuda>` in lora/cuda.hpp. Both have `from_host(Nf4Tensor<cpu>)`
+/// and `to_host()`, so device-generic code quantises once on the host and moves the codes.
+template <class Device = cpu>
+class Nf4Tensor;
+
+/// An NF4-quantised tensor (any shape, usually a [out × in] weight) in host memory,
+/// bit-identical to bitsandbytes' quantize_4bit(quant_type="nf4").
 ///
 ///   auto Wq = lora::Nf4Tensor::quantize(W, {.blocksize = 64, .double_quant = true});
 ///   lora::Matrix<float> W2 = Wq.dequantize<float>();   // code · absmax, per element
 ///   double bits = Wq.bits_per_parameter();             // ≈ 4.127
-class Nf4Tensor {
+template <>
+class Nf4Tensor<cpu> {
  public:
+  using device_type = cpu;
+
   Nf4Tensor() = default;
+
+  /// The same tensor (a copy): the CPU side of the device-generic `Nf4Tensor<D>::from_host`.
+  static Nf4Tensor from_host(const Nf4Tensor& host) { return host; }
+  /// A copy in host memory, as `Nf4Tensor<cuda>::to_host()` gives.
+  Nf4Tensor to_host() const { return *this; }
 
   /// Quantises a matrix (float, double, bfloat16 or half; double is rounded to
   /// float first, as bitsandbytes only takes 16/32-bit floats).
@@ -75,7 +93,7 @@ class Nf4Tensor {
                                    std::optional<source_dtype> dtype = std::nullopt) {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, bfloat16> || std::is_same_v<T, half>,
                   "Nf4Tensor::quantize_values: values must be float, bfloat16 or half");
-    quant::detail::check_blocksize(opts.blocksize, "Nf4Tensor::quantize");
+    detail::check_blocksize(opts.blocksize, "Nf4Tensor::quantize");
     Nf4Tensor t;
     t.shape_ = std::move(shape);
     t.numel_ = count(t.shape_);
@@ -94,33 +112,33 @@ class Nf4Tensor {
                               std::vector<float> absmax, std::optional<quant::DoubleQuantState> dq,
                               source_dtype dtype = source_dtype::float32, const std::string& name = "nf4 tensor") {
     if (!quant::is_valid_blocksize(blocksize))
-      detail::fail("{}: blocksize must be a power of two from {} to {}, got {}", name, quant::nf4_min_blocksize,
+      lora::detail::fail("{}: blocksize must be a power of two from {} to {}, got {}", name, quant::nf4_min_blocksize,
                    quant::nf4_max_blocksize, blocksize);
     Nf4Tensor t;
     t.shape_ = std::move(shape);
     for (auto d : t.shape_)
-      if (d < 0) detail::fail("{}: negative dimension {} in shape", name, d);
+      if (d < 0) lora::detail::fail("{}: negative dimension {} in shape", name, d);
     t.numel_ = count(t.shape_);
     t.blocksize_ = blocksize;
     t.dtype_ = dtype;
     const auto nb = quant::num_blocks(t.numel_, blocksize);
     if (static_cast<std::int64_t>(packed.size()) != quant::packed_bytes(t.numel_))
-      detail::fail("{}: {} packed bytes given, shape needs {} (two 4-bit codes per byte)", name, packed.size(),
+      lora::detail::fail("{}: {} packed bytes given, shape needs {} (two 4-bit codes per byte)", name, packed.size(),
                    quant::packed_bytes(t.numel_));
     t.packed_ = std::move(packed);
     if (dq) {
       if (static_cast<std::int64_t>(dq->codes.size()) != nb)
-        detail::fail("{}: {} quantised absmax codes given, expected {} (one per block of {})", name, dq->codes.size(),
+        lora::detail::fail("{}: {} quantised absmax codes given, expected {} (one per block of {})", name, dq->codes.size(),
                      nb, blocksize);
       const auto nnb = quant::num_blocks(nb, quant::nested_blocksize);
       if (static_cast<std::int64_t>(dq->nested_absmax.size()) != nnb)
-        detail::fail("{}: {} nested_absmax values given, expected {} (one per {} blocks)", name,
+        lora::detail::fail("{}: {} nested_absmax values given, expected {} (one per {} blocks)", name,
                      dq->nested_absmax.size(), nnb, quant::nested_blocksize);
       t.dq_ = std::move(*dq);
       t.absmax_ = t.dq_->restore();
     } else {
       if (static_cast<std::int64_t>(absmax.size()) != nb)
-        detail::fail("{}: {} absmax values given, expected {} (one per block of {})", name, absmax.size(), nb,
+        lora::detail::fail("{}: {} absmax values given, expected {} (one per block of {})", name, absmax.size(), nb,
                      blocksize);
       t.absmax_ = std::move(absmax);
     }
@@ -189,7 +207,7 @@ class Nf4Tensor {
   template <class Derived>
   void requantize(const Eigen::MatrixBase<Derived>& W) {
     if (W.rows() != rows() || W.cols() != cols())
-      detail::fail("Nf4Tensor::requantize: new values have shape [{} x {}], expected [{} x {}]", W.rows(), W.cols(),
+      lora::detail::fail("Nf4Tensor::requantize: new values have shape [{} x {}], expected [{} x {}]", W.rows(), W.cols(),
                    rows(), cols());
     const auto d = dtype_;
     auto shape = shape_;
@@ -222,4 +240,9 @@ class Nf4Tensor {
   std::optional<quant::DoubleQuantState> dq_;
 };
 
+}  // namespace lora::quant
+
+namespace lora {
+/// The host NF4 tensor, `quant::Nf4Tensor<cpu>`.
+using Nf4Tensor = quant::Nf4Tensor<cpu>;
 }  // namespace lora

@@ -26,7 +26,7 @@ namespace quant {
 /// target has. exact: bitsandbytes' dequantised values; fast: int8 activations
 /// and codes (see nf4_cpu.hpp for its error). Meant for small T (≤ 16); threads
 /// split the rows.
-inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
+inline Matrix<float> nf4_matmul_fused(const Nf4Tensor<>& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
   const Index out = W.rows(), in = W.cols(), T = X.rows();
   if (X.cols() != in) lora::detail::fail("nf4_matmul: input has {} columns, the NF4 weight has in_features = {}", X.cols(), in);
   Matrix<float> Y(T, out);
@@ -41,7 +41,7 @@ inline Matrix<float> nf4_matmul_fused(const Nf4Tensor& W, const MatrixRef<float>
 
 /// dX = dY·W for dY [T × out] and an NF4 weight W [out × in], from the codes
 /// (threads split the columns of W; each decodes its slice of every row).
-inline Matrix<float> nf4_matmul_fused_t(const Nf4Tensor& W, const MatrixRef<float>& dY) {
+inline Matrix<float> nf4_matmul_fused_t(const Nf4Tensor<>& W, const MatrixRef<float>& dY) {
   const Index out = W.rows(), in = W.cols(), T = dY.rows();
   if (dY.cols() != out)
     lora::detail::fail("nf4_matmul_t: gradient has {} columns, the NF4 weight has out_features = {}", dY.cols(), out);
@@ -134,7 +134,7 @@ inline Matrix<float> nf4_matmul_fused_t(const Nf4Tensor& W, const MatrixRef<floa
 
 /// Y = X·Wᵀ by dequantising W in row panels (never all of it at once) and
 /// Eigen's GEMM; for batches too large for the fused path.
-inline Matrix<float> nf4_matmul_panels(const Nf4Tensor& W, const MatrixRef<float>& X) {
+inline Matrix<float> nf4_matmul_panels(const Nf4Tensor<>& W, const MatrixRef<float>& X) {
   const Index out = W.rows(), in = W.cols(), T = X.rows();
   if (X.cols() != in) lora::detail::fail("nf4_matmul: input has {} columns, the NF4 weight has in_features = {}", X.cols(), in);
   Matrix<float> Y(T, out);
@@ -153,7 +153,7 @@ inline Matrix<float> nf4_matmul_panels(const Nf4Tensor& W, const MatrixRef<float
 }
 
 /// dX = dY·W in column panels of W and Eigen's GEMM.
-inline Matrix<float> nf4_matmul_panels_t(const Nf4Tensor& W, const MatrixRef<float>& dY) {
+inline Matrix<float> nf4_matmul_panels_t(const Nf4Tensor<>& W, const MatrixRef<float>& dY) {
   const Index out = W.rows(), in = W.cols(), T = dY.rows();
   if (dY.cols() != out)
     lora::detail::fail("nf4_matmul_t: gradient has {} columns, the NF4 weight has out_features = {}", dY.cols(), out);
@@ -176,11 +176,11 @@ inline Matrix<float> nf4_matmul_panels_t(const Nf4Tensor& W, const MatrixRef<flo
 /// Y = X·dequant(W)ᵀ: fused for T ≤ fused_max_tokens (in `mode`), row panels
 /// above (always the exact values: the dequantised panels go through Eigen's GEMM).
 inline constexpr Index fused_max_tokens = 16;
-inline Matrix<float> nf4_matmul(const Nf4Tensor& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
+inline Matrix<float> nf4_matmul(const Nf4Tensor<>& W, const MatrixRef<float>& X, nf4_mode mode = nf4_mode::exact) {
   return X.rows() <= fused_max_tokens ? nf4_matmul_fused(W, X, mode) : nf4_matmul_panels(W, X);
 }
 /// dX = dY·dequant(W): fused for T ≤ fused_max_tokens, column panels above.
-inline Matrix<float> nf4_matmul_t(const Nf4Tensor& W, const MatrixRef<float>& dY) {
+inline Matrix<float> nf4_matmul_t(const Nf4Tensor<>& W, const MatrixRef<float>& dY) {
   return dY.rows() <= fused_max_tokens ? nf4_matmul_fused_t(W, dY) : nf4_matmul_panels_t(W, dY);
 }
 
@@ -223,10 +223,21 @@ Nf4MergeReport merge_into_nf4(Nf4Tensor& W, const LowRankAdapter<float, cpu, Sca
 ///   lora::QLoraLinear<> layer(lora::Nf4Tensor::quantize(W, {.double_quant = true}), std::move(adapter));
 ///   auto y = layer.forward(X);            // X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ
 ///   auto g = layer.backward(X, dY);       // g.dA, g.dB, g.dX (W frozen)
-template <ScalingPolicy Scaling = standard_scaling>
-class QLoraLinear {
+template <class Scalar = float, class Device = cpu, ScalingPolicy Scaling = standard_scaling>
+class QLoraLinear;
+
+/// QLoRA on the CPU: the adapter is float (Scalar must be float); the base product reads
+/// the 4-bit codes directly.
+template <class Scalar, ScalingPolicy Scaling>
+class QLoraLinear<Scalar, cpu, Scaling> {
+  static_assert(std::is_same_v<Scalar, float>, "QLoraLinear<S, cpu>: S must be float");
+
  public:
+  using scalar_type = Scalar;
+  using device_type = cpu;
+  using scaling_policy = Scaling;
   using adapter_type = LowRankAdapter<float, cpu, Scaling>;
+  using base_type = quant::Nf4Tensor<cpu>;
 
   QLoraLinear(Nf4Tensor base, adapter_type adapter) : W_(std::move(base)), adapter_(std::move(adapter)) {
     if (W_.shape().size() != 2)
@@ -236,6 +247,11 @@ class QLoraLinear {
       lora::detail::fail("QLoraLinear: NF4 base weight has shape [{} x {}], adapter expects [out x in] = [{} x {}]",
                          W_.rows(), W_.cols(), adapter_.out_features(), adapter_.in_features());
   }
+
+  /// A copy: the CPU side of the device-generic `QLoraLinear<S, D>::from_host`.
+  static QLoraLinear from_host(const QLoraLinear& host) { return host; }
+  /// A copy in host memory, as the CUDA layer's to_host() gives.
+  QLoraLinear to_host() const { return *this; }
 
   const Nf4Tensor& base() const { return W_; }
   const adapter_type& adapter() const { return adapter_; }
