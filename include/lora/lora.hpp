@@ -12,3 +12,4 @@
 #include <lora/train.hpp>
 #include <lora/multi.hpp>
 #include <lora/plan.hpp>
+#include <lora/tp.hpp>
