@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Prints the ours / PEFT / base-GEMM table from bench_cuda's and peft_lora.py's CSVs;
-with --multi MULTI.csv PEFT_MULTI.csv [machine], the many-adapters table (bench_multi_cuda, peft_multi.py)."""
+with --multi MULTI.csv PEFT_MULTI.csv [machine], the many-adapters table (bench_multi_cuda, peft_multi.py);
+with --peers OUTDIR [machine], the real peers (bench/peers: vLLM's Triton LoRA ops, bitsandbytes' NF4) beside ours."""
 import csv
 import sys
 
@@ -53,6 +54,98 @@ def multi_table(ours_path, peft_path, machine):
             b, one, m = g(ours, "bwd_base_dx", t, a), g(ours, "bwd_single", t, a), g(ours, "bwd_mixed", t, a)
             print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {m:.4f} | {m/one:.2f} |")
 
+
+def peers_table(outdir, machine):
+    """The real peers (issue 23): peers_vllm.csv (bench/peers/vllm_lora.py) and peers_bnb.csv
+    (bench/peers/bnb_gemv) beside ours from the same run (ours*.csv: bench_cuda, first file wins;
+    multi.csv: bench_multi_cuda)."""
+    import glob
+    import os
+    nan = float("nan")
+
+    def get(d, name, i, o, t, r, k=0):
+        x = d.get((name, i, o, t, r))
+        return x[k] if x else nan
+    ours = {}
+    for path in sorted(glob.glob(os.path.join(outdir, "ours*.csv"))):
+        for k, v in load(path).items():
+            ours.setdefault(k, v)
+    bnb = load(os.path.join(outdir, "peers_bnb.csv"))
+    try:
+        with open(os.path.join(outdir, "multi.csv")) as f:
+            multi = {(r["name"], int(r["tokens"]), int(r["adapters"])): float(r["ms"]) for r in csv.DictReader(f)}
+    except OSError:
+        multi = {}
+    try:
+        with open(os.path.join(outdir, "peers_vllm.csv")) as f:
+            vl = {(r["name"], int(r["out"]), int(r["tokens"]), int(r["adapters"])): (float(r["ms"]), float(r["extra"]))
+                  for r in csv.DictReader(f)}
+    except OSError:
+        vl = {}
+    us = lambda v: f"{v * 1e3:.1f}" if v == v else "–"  # noqa: E731
+    rat = lambda a, b: f"{a / b:.2f}" if a == a and b == b and b > 0 else "–"  # noqa: E731
+    v = lambda n, o, t, a=1: vl.get((n, o, t, a), (nan, nan))[0]  # noqa: E731
+
+    def our_single(o, t):
+        """Ours and our base GEMM (µs source: bench_cuda's decode set for 2…128, bench_lora's pair else)."""
+        b, f = get(ours, "dec_base", 4096, o, t, 16), get(ours, "dec_ours", 4096, o, t, 16)
+        if b != b:
+            b, f = get(ours, "base_gemm", 4096, o, t, 16), get(ours, "ours_fused_fwd", 4096, o, t, 16)
+        return b, f
+
+    print(f"\n## Peers (issue 23), bf16, medians of CUDA-event timings; machine: {machine}\n")
+    cp = get(ours, "copy_GBps", 0, 0, 0, 0, 1)
+    if vl:
+        errs = [x[1] for k, x in vl.items() if k[0].startswith("check_")]
+        print(f"vLLM Triton LoRA (lora_shrink + lora_expand after torch.mm; CUDA-graph replay; eager = Python "
+              f"dispatch included); worst relative error against float64: {max(errs):.1e}\n")
+        print("| in→out | T | our base µs | ours µs | ours/base | torch base µs | vLLM shrink µs | vLLM expand µs "
+              "| vLLM layer µs | vLLM/torch base | vLLM eager µs | vLLM/ours |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for o in (4096, 14336):
+            for t in sorted({k[2] for k in vl if k[1] == o and k[3] == 1 and k[0] == "vllm_layer"}):
+                b, f = our_single(o, t)
+                tb, sh, ex, ly, le = (v(n, o, t) for n in ("vllm_base", "vllm_shrink", "vllm_expand", "vllm_layer",
+                                                           "vllm_layer_eager"))
+                print(f"| 4096→{o} | {t} | {us(b)} | {us(f)} | {rat(f, b)} | {us(tb)} | {us(sh)} | {us(ex)} | {us(ly)} "
+                      f"| {rat(ly, tb)} | {us(le)} | {rat(ly, f)} |")
+        print("\nmixed batches (tokens spread evenly over the adapters, shuffled); ours = the best of "
+              "bench_multi's three schedules, 4096→4096 only:\n")
+        print("| in→out | T | adapters | ours single µs | ours mixed µs | ours mixed/single | vLLM single µs "
+              "| vLLM mixed µs | vLLM mixed/single | vLLM mixed/ours mixed |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for o in (4096, 14336):
+            for t, a in sorted({(k[2], k[3]) for k in vl if k[1] == o and k[3] > 1 and k[0] == "vllm_layer"},
+                               key=lambda x: (x[1], x[0])):
+                one = multi.get(("single_fused", t, a), nan) if o == 4096 else nan
+                ms = [multi.get((n, t, a), nan) for n in ("mixed_serial", "mixed_overlap", "mixed_delta")]
+                m = min((x for x in ms if x == x), default=nan) if o == 4096 else nan
+                vs, vm = v("vllm_layer", o, t, 1), v("vllm_layer", o, t, a)
+                print(f"| 4096→{o} | {t} | {a} | {us(one)} | {us(m)} | {rat(m, one)} | {us(vs)} | {us(vm)} "
+                      f"| {rat(vm, vs)} | {rat(vm, m)} |")
+    if bnb:
+        errs = [x[1] for k, x in bnb.items() if k[0].startswith("check_")]
+        print(f"\nbitsandbytes NF4 (blocksize 64; the same packed codes and scales for theirs and ours; "
+              f"worst relative error against float64: {max(errs):.1e}; gemv_naive takes one token only):\n")
+        print("| W (out×in) | T | cuBLAS bf16 µs | bnb gemv_naive µs | ×cuBLAS | bnb gemm_4bit µs | ×cuBLAS "
+              "| ours nf4_gemm µs | ×cuBLAS | ours % of copy | bnb best / ours |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, o in ((4096, 14336), (14336, 4096)):
+            for t in sorted({k[3] for k in bnb if k[0] == "cublas_bf16" and k[1] == i}):
+                cb = get(bnb, "cublas_bf16", i, o, t, 0)
+                nv = get(bnb, "bnb_gemv_naive", i, o, t, 0)
+                g4 = get(bnb, "bnb_gemm_4bit", i, o, t, 0)
+                q = get(bnb, "ours_nf4_gemm", i, o, t, 0)
+                qbw = get(bnb, "ours_nf4_gemm", i, o, t, 0, 1)
+                best = min((x for x in (nv, g4) if x == x), default=nan)
+                pc = f"{qbw / cp * 100:.0f}%" if qbw == qbw and cp == cp else "–"
+                print(f"| {o}×{i} | {t} | {us(cb)} | {us(nv)} | {rat(cb, nv)} | {us(g4)} | {rat(cb, g4)} | {us(q)} "
+                      f"| {rat(cb, q)} | {pc} | {rat(best, q)} |")
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--peers":
+    peers_table(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "?")
+    sys.exit(0)
 
 if len(sys.argv) > 1 and sys.argv[1] == "--multi":
     multi_table(sys.argv[2], sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else "?")
