@@ -2,6 +2,7 @@
 // LowRankAdapter: ΔW = s·B·A in PEFT's orientation (A [r × in], B [out × r]),
 // forward, backward, dropout, merge/unmerge and post-hoc strength changes.
 
+#include <lora/core/merge.hpp>
 #include <lora/core/random.hpp>
 #include <lora/core/scaling.hpp>
 #include <lora/core/types.hpp>
@@ -163,9 +164,24 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
     return d;
   }
 
+  /// Token counts up to which forward and backward (evaluation mode) take the few-token path
+  /// (dot products and GEMVs instead of GEMMs; float and double adapters).
+  static constexpr Index few_tokens = 16;
+
   /// The adapter's contribution s·(X·Aᵀ)·Bᵀ for tokens X [T × in] (evaluation mode: no dropout).
   cmatrix forward(const input& X) const {
     check_input(X);
+    if constexpr (std::is_same_v<Scalar, compute_scalar>) {
+      if (X.rows() <= few_tokens) {
+        // Few tokens (decode): Eigen's threaded GEMM would spin-wait on a busy machine for
+        // products this small. X·Aᵀ as dot products along A's rows, then one GEMV per token
+        // over B's rows (a coefficient-wise product with inner dimension r is slower).
+        const cmatrix xa = static_cast<compute_scalar>(scaling()) * X.lazyProduct(A_.transpose());
+        cmatrix y = cmatrix::Zero(X.rows(), out_);
+        for (Index t = 0; t < X.rows(); ++t) y.row(t).noalias() += (B_ * xa.row(t).transpose()).transpose();
+        return y;
+      }
+    }
     cmatrix xa = X.template cast<compute_scalar>() * Ac().transpose();
     xa *= static_cast<compute_scalar>(scaling());
     cmatrix y = xa * Bc().transpose();
@@ -217,6 +233,22 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   /// dA = s·(dY·B)ᵀ·X, dX = s·(dY·B)·A.
   Gradients<compute_scalar> backward(const input& X, const Eigen::Ref<const cmatrix>& dY) const {
     check_input(X);
+    if constexpr (std::is_same_v<Scalar, compute_scalar>) {
+      if (X.rows() <= few_tokens) {
+        detail::check_shape(who(), "dY", dY.rows(), dY.cols(), X.rows(), out_);
+        const compute_scalar s = static_cast<compute_scalar>(scaling());
+        Gradients<compute_scalar> g;
+        const cmatrix xa = X.lazyProduct(A_.transpose());  // [T × r]
+        const cmatrix gb = s * dY.lazyProduct(B_);          // [T × r]
+        g.dB = s * dY.transpose().lazyProduct(xa);
+        // Sums of outer products walk X and A along their contiguous rows.
+        g.dA = cmatrix::Zero(r_, in_);
+        for (Index t = 0; t < X.rows(); ++t) g.dA.noalias() += gb.row(t).transpose() * X.row(t);
+        g.dX = cmatrix::Zero(X.rows(), in_);
+        for (Index k = 0; k < r_; ++k) g.dX.noalias() += gb.col(k) * A_.row(k);
+        return g;
+      }
+    }
     ForwardCache<compute_scalar> cache;
     cache.x = X.template cast<compute_scalar>();
     cache.xa.noalias() = cache.x * Ac().transpose();
@@ -309,20 +341,15 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
     else
       dX.noalias() += dY * Wc;
   }
+  // One routine for every merge (core/merge.hpp): W's rows ± s·coef·basis, with coef = B,
+  // basis = A, or Aᵀ and Bᵀ when W is stored [in × out].
   void add_delta(Eigen::Ref<matrix> W, int sign) const {
     check_weight(W);
-    const cmatrix d = delta_weight();
-    if constexpr (std::is_same_v<Scalar, compute_scalar>) {
-      if (sign > 0)
-        W += d;
-      else
-        W -= d;
-    } else {
-      if (sign > 0)
-        W = (W.template cast<compute_scalar>() + d).template cast<Scalar>();
-      else
-        W = (W.template cast<compute_scalar>() - d).template cast<Scalar>();
-    }
+    const compute_scalar s = static_cast<compute_scalar>(sign) * static_cast<compute_scalar>(scaling());
+    if (opts_.fan_in_fan_out)
+      low_rank_update<Scalar>(W, cmatrix(Ac().transpose()), cmatrix(Bc().transpose()), s);
+    else
+      low_rank_update<Scalar>(W, cmatrix(Bc()), cmatrix(Ac()), s);
   }
 
   Index in_, out_, r_;

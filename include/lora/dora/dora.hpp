@@ -14,6 +14,7 @@
 //   dora.unmerge(W, n);                 // W ← W ⊘ (m/n) − ΔW
 
 #include <lora/core/adapter.hpp>
+#include <lora/core/merge.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 
@@ -82,7 +83,7 @@ class DoraAdapter<Scalar, cpu, Scaling> {
   cmatrix adapted_weight(const input& W) const {
     check_weight(W);
     cmatrix V = oriented(W);
-    V.noalias() += static_cast<compute_scalar>(lora_.scaling()) * (Bc() * Ac());
+    low_rank_update<compute_scalar>(V, Bc(), Ac(), static_cast<compute_scalar>(lora_.scaling()));
     return V;
   }
   /// n = ‖W + s·B·A‖_row [out].
@@ -124,8 +125,9 @@ class DoraAdapter<Scalar, cpu, Scaling> {
   /// DoRA merge; returns n, which unmerge needs (it cannot be recovered from W').
   cvector merge(Eigen::Ref<matrix> W) const {
     cmatrix V = adapted_weight(W);
-    const cvector n = V.rowwise().norm();
-    V = m_.cwiseQuotient(n).asDiagonal() * V;
+    cvector n(V.rows());
+    for (Index i = 0; i < V.rows(); ++i) n(i) = V.row(i).norm();
+    dora_rescale_rows<compute_scalar>(V, m_.data());
     store(W, V);
     return n;
   }
@@ -135,15 +137,14 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     if (n.size() != lora_.out_features())
       detail::fail("{}DoRA unmerge: weight norm has {} elements, expected {}", who(), n.size(), lora_.out_features());
     cmatrix V = oriented(W);
-    V = n.cwiseQuotient(m_).asDiagonal() * V;
-    V.noalias() -= static_cast<compute_scalar>(lora_.scaling()) * (Bc() * Ac());
+    dora_unscale_rows<compute_scalar>(V, n.data(), m_.data());
+    low_rank_update<compute_scalar>(V, Bc(), Ac(), -static_cast<compute_scalar>(lora_.scaling()));
     store(W, V);
   }
   /// The merged weight without modifying W.
   cmatrix merged_weight(const input& W) const {
     cmatrix V = adapted_weight(W);
-    const cvector n = V.rowwise().norm();
-    V = m_.cwiseQuotient(n).asDiagonal() * V;
+    dora_rescale_rows<compute_scalar>(V, m_.data());
     if (lora_.fan_in_fan_out()) return V.transpose();
     return V;
   }
@@ -177,8 +178,8 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     else
       W = V.template cast<Scalar>();
   }
-  decltype(auto) Ac() const { return lora_.A().template cast<compute_scalar>(); }
-  decltype(auto) Bc() const { return lora_.B().template cast<compute_scalar>(); }
+  cmatrix Ac() const { return lora_.A().template cast<compute_scalar>(); }
+  cmatrix Bc() const { return lora_.B().template cast<compute_scalar>(); }
 
   lora_type lora_;
   cvector m_;

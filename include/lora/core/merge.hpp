@@ -1,0 +1,146 @@
+#pragma once
+// The merge math, written once: W ± s·B·A and DoRA's rescale, a block of rows at a time.
+// LowRankAdapter::merge/unmerge, DoraAdapter and the streaming checkpoint merge (io/merge.hpp)
+// all call these, so a merged tensor is the same bits whichever path produced it.
+//
+// A weight is merged in its stored orientation, rows of W at a time:
+//
+//   V(i, :) = W(i, :) + s·Σ_k coef(i, k)·basis(k, :)
+//
+// with coef = B [out × r], basis = A [r × in] for W [out × in], or coef = Aᵀ [in × r],
+// basis = Bᵀ [r × out] for a fan_in_fan_out W [in × out]. The sum over k is formed first and
+// multiplied by s once, as PEFT's W + (B·A)·s; unmerge passes −s. DoRA then scales each
+// output feature to its magnitude: V(i, :) ← (m_i / ‖V(i, :)‖)·V(i, :) (output features are
+// W's columns with fan_in_fan_out: see dora_scale_columns).
+//
+//   Matrix<float> V = ...;                                   // rows i0 .. i0 + n of W, n ≤ 8
+//   lora::low_rank_update_rows(B.data() + i0 * r, A.data(), r, cols, s, V.data(), cols, n);
+//   lora::dora_rescale_rows(V.topRows(n), m.data() + i0);
+
+#include <lora/core/types.hpp>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <type_traits>
+
+#if defined(_OPENMP)
+#define LORA_MERGE_OMP(x) _Pragma(#x)
+#else
+#define LORA_MERGE_OMP(x)
+#endif
+
+namespace lora {
+
+/// Rows per block of low_rank_update_rows: the register tile is this many rows × 32 floats
+/// (16 doubles) of accumulators, and each basis load feeds that many FMAs.
+inline constexpr Index merge_row_block = 8;
+
+namespace detail {
+/// v[ii] += s·coef(ii, :)·basis for RB rows at once, the accumulators of a CT-column tile
+/// held in registers.
+template <class C, int RB, int CT>
+void add_low_rank_rows(const C* coef, const C* basis, Index r, Index cols, C s, C* const* v) {
+  Index j0 = 0;
+  for (; j0 + CT <= cols; j0 += CT) {
+    C acc[RB][CT] = {};
+    for (Index k = 0; k < r; ++k) {
+      const C* b = basis + k * cols + j0;
+      for (int ii = 0; ii < RB; ++ii) {
+        const C c = coef[ii * r + k];
+LORA_MERGE_OMP(omp simd)
+        for (int j = 0; j < CT; ++j) acc[ii][j] += c * b[j];
+      }
+    }
+    for (int ii = 0; ii < RB; ++ii) {
+      C* vi = v[ii] + j0;
+LORA_MERGE_OMP(omp simd)
+      for (int j = 0; j < CT; ++j) vi[j] += acc[ii][j] * s;
+    }
+  }
+  for (; j0 < cols; ++j0)  // the last cols % CT columns
+    for (int ii = 0; ii < RB; ++ii) {
+      C a = 0;
+      for (Index k = 0; k < r; ++k) a += coef[ii * r + k] * basis[k * cols + j0];
+      v[ii][j0] += a * s;
+    }
+}
+}  // namespace detail
+
+/// One row block of the merge: for i < n (n ≤ merge_row_block),
+///   V(i, :) += s·Σ_k coef(i, k)·basis(k, :)
+/// coef points at the block's first row of the row-major [· × r] coefficient matrix, basis is
+/// row-major [r × cols], V has leading dimension ldv. C is float or double. Pass −s to unmerge.
+/// The result depends only on the row's data, not on the block it falls in.
+template <class C>
+void low_rank_update_rows(const C* coef, const C* basis, Index r, Index cols, C s, C* V, Index ldv, Index n) {
+  static_assert(std::is_same_v<C, float> || std::is_same_v<C, double>, "low_rank_update_rows: C is float or double");
+  constexpr int RB = static_cast<int>(merge_row_block);
+  constexpr int CT = std::is_same_v<C, float> ? 32 : 16;
+  if (n <= 0) return;
+  C* rowp[RB];
+  for (int ii = 0; ii < RB; ++ii) rowp[ii] = V + std::min<Index>(ii, n - 1) * ldv;
+  if (n == RB) {
+    detail::add_low_rank_rows<C, RB, CT>(coef, basis, r, cols, s, rowp);
+  } else {
+    for (Index ii = 0; ii < n; ++ii) {
+      C* one[1] = {rowp[ii]};
+      detail::add_low_rank_rows<C, 1, CT>(coef + ii * r, basis, r, cols, s, one);
+    }
+  }
+}
+
+/// W ← W + s·coef·basis over all rows of W [rows × cols] (storage Scalar, arithmetic in
+/// C = compute_t<Scalar>, one rounding per element), block by block, blocks split over
+/// OpenMP threads. coef is [rows × r], basis [r × cols].
+template <class Scalar>
+void low_rank_update(Eigen::Ref<Matrix<Scalar>> W, const Matrix<compute_t<Scalar>>& coef,
+                     const Matrix<compute_t<Scalar>>& basis, compute_t<Scalar> s) {
+  using C = compute_t<Scalar>;
+  const Index rows = W.rows(), cols = W.cols(), r = coef.cols();
+  const Index blocks = (rows + merge_row_block - 1) / merge_row_block;
+  const bool par = rows * cols >= (Index{1} << 16);
+  (void)par;
+  if constexpr (std::is_same_v<Scalar, C>) {
+LORA_MERGE_OMP(omp parallel for schedule(static) if (par))
+    for (Index b = 0; b < blocks; ++b) {
+      const Index i0 = b * merge_row_block, n = std::min(merge_row_block, rows - i0);
+      low_rank_update_rows<C>(coef.data() + i0 * r, basis.data(), r, cols, s, W.data() + i0 * W.outerStride(),
+                              W.outerStride(), n);
+    }
+  } else {
+LORA_MERGE_OMP(omp parallel if (par))
+    {
+      Matrix<C> V(merge_row_block, cols);
+LORA_MERGE_OMP(omp for schedule(static))
+      for (Index b = 0; b < blocks; ++b) {
+        const Index i0 = b * merge_row_block, n = std::min(merge_row_block, rows - i0);
+        V.topRows(n) = W.middleRows(i0, n).template cast<C>();
+        low_rank_update_rows<C>(coef.data() + i0 * r, basis.data(), r, cols, s, V.data(), cols, n);
+        W.middleRows(i0, n) = V.topRows(n).template cast<Scalar>();
+      }
+    }
+  }
+}
+
+/// DoRA's merge rescale of a row block whose rows are output features:
+///   V(i, :) ← (m_i / ‖V(i, :)‖)·V(i, :),  m = the block's magnitudes.
+template <class C>
+void dora_rescale_rows(Eigen::Ref<Matrix<C>> V, const C* m) {
+  for (Index i = 0; i < V.rows(); ++i) V.row(i) *= m[i] / V.row(i).norm();
+}
+
+/// DoRA's merge rescale when output features are columns (fan_in_fan_out):
+///   V(:, j) ← c_j·V(:, j),  c = m ⊘ n with n the column norms of the whole adapted weight.
+template <class C>
+void dora_scale_columns(Eigen::Ref<Matrix<C>> V, const Vector<C>& c) {
+  for (Index i = 0; i < V.rows(); ++i) V.row(i).array() *= c.transpose().array();
+}
+
+/// DoRA's unmerge rescale of a row block (rows are output features): V(i, :) ← (n_i / m_i)·V(i, :),
+/// with n the norms merge returned.
+template <class C>
+void dora_unscale_rows(Eigen::Ref<Matrix<C>> V, const C* n, const C* m) {
+  for (Index i = 0; i < V.rows(); ++i) V.row(i) *= n[i] / m[i];
+}
+
+}  // namespace lora
