@@ -270,17 +270,7 @@ class QLoraLinear<Scalar, cpu, Scaling> {
   /// X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode).
   Matrix<float> forward(const MatrixRef<float>& X) const {
     Matrix<float> y = base_forward(X);
-    if (X.rows() <= quant::fused_max_tokens) {
-      // Few tokens: Eigen's threaded GEMM would spin-wait on a busy machine for
-      // products this small. X·Aᵀ as dot products along A's rows; then one GEMV
-      // per token over B's rows (a coefficient-wise product with an inner
-      // dimension of r is several times slower).
-      const float s = static_cast<float>(adapter_.scaling());
-      const Matrix<float> xa = s * X.lazyProduct(adapter_.A().transpose());
-      for (Index t = 0; t < X.rows(); ++t) y.row(t).noalias() += (adapter_.B() * xa.row(t).transpose()).transpose();
-    } else {
-      y.noalias() += adapter_.forward(X);
-    }
+    y.noalias() += adapter_.forward(X);  // few tokens: the adapter's GEMV path
     return y;
   }
 
@@ -292,22 +282,7 @@ class QLoraLinear<Scalar, cpu, Scaling> {
                          X.rows(), out_features());
     if (X.cols() != in_features())
       lora::detail::fail("QLoraLinear::backward: input has {} columns, expected in_features = {}", X.cols(), in_features());
-    Gradients<float> g;
-    if (X.rows() <= quant::fused_max_tokens) {
-      const float s = static_cast<float>(adapter_.scaling());
-      const auto& A = adapter_.A();
-      const auto& B = adapter_.B();
-      const Matrix<float> xa = X.lazyProduct(A.transpose());   // [T × r]
-      const Matrix<float> gb = s * dY.lazyProduct(B);           // [T × r]
-      g.dB = s * dY.transpose().lazyProduct(xa);
-      // Sums of outer products walk X and A along their contiguous rows.
-      g.dA = Matrix<float>::Zero(A.rows(), A.cols());
-      for (Index t = 0; t < X.rows(); ++t) g.dA.noalias() += gb.row(t).transpose() * X.row(t);
-      g.dX = Matrix<float>::Zero(X.rows(), A.cols());
-      for (Index r = 0; r < A.rows(); ++r) g.dX.noalias() += gb.col(r) * A.row(r);
-    } else {
-      g = adapter_.backward(X, dY);
-    }
+    Gradients<float> g = adapter_.backward(X, dY);
     g.dX.noalias() += quant::nf4_matmul_t(W_, dY);
     return g;
   }
