@@ -1,7 +1,9 @@
 // extract: a planted low-rank ΔW is recovered exactly; on a full-rank ΔW the error equals
 // the dense SVD's optimum (Eckart–Young); the energy rule picks the rank a dense SVD gives;
-// the checkpoint route (bf16 tensors, row blocks) equals the matrix route.
+// the checkpoint route (bf16 tensors, row blocks) equals the matrix route; modules_to_save
+// copies round-trip through our PEFT reader and merge to the tuned tensors bit for bit.
 #include <lora/analysis/extract.hpp>
+#include <lora/io/merge.hpp>
 
 #include <filesystem>
 
@@ -120,5 +122,68 @@ TEST_CASE("extract_adapter reads bf16 checkpoints in row blocks", "[analysis][ex
   CHECK(rel_error(m.adapter.delta_weight(), MatD(direct.factors.B * direct.factors.A)) < 1e-6);
   CHECK(ex.modules[0].rel_fro_error == Approx(direct.rel_fro_error).epsilon(1e-6));
   CHECK(ex.adapter.config.target_modules == std::vector<std::string>{"up_proj"});
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("extract saves embeddings and heads as modules_to_save; merged they equal the tuned tensors",
+          "[analysis][extract]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("lora_extract_mts_{}", seed);
+  std::filesystem::create_directories(dir);
+  const Index vocab = 40, dim = 24, r = 3;
+  using io::TensorData;
+  const MatD W = lora::test::random_matrix(dim, dim, gen, 0.5);
+  const MatD dW = lora::test::random_matrix(dim, r, gen, 0.3) * lora::test::random_matrix(r, dim, gen, 0.3);
+  const MatD E = lora::test::random_matrix(vocab, dim, gen), H = lora::test::random_matrix(vocab, dim, gen);
+  const MatD n0 = lora::test::random_matrix(dim, 1, gen);
+  auto ckpt = [&](const std::string& file, double t) {
+    io::write_safetensors(
+        dir / file,
+        {TensorData::from_matrix("model.embed_tokens.weight", MatD(E + t * lora::test::random_matrix(vocab, dim, gen)),
+                                 io::dtype::BF16),
+         TensorData::from_matrix("model.layers.0.self_attn.q_proj.weight", MatD(W + t * dW), io::dtype::F32),
+         TensorData::from_matrix("model.layers.0.self_attn.v_proj.weight", MatD(W + t * dW.transpose()), io::dtype::F32),
+         TensorData::from_values("model.norm.weight", MatD(n0.array() + t).eval().data(), {dim}, io::dtype::F32),
+         TensorData::from_matrix("lm_head.weight", MatD(H + t * lora::test::random_matrix(vocab, dim, gen)),
+                                 io::dtype::F16)});
+  };
+  ckpt("base.safetensors", 0.0);
+  ckpt("tuned.safetensors", 0.1);
+  const auto base = io::Checkpoint::open(dir / "base.safetensors");
+  const auto tuned = io::Checkpoint::open(dir / "tuned.safetensors");
+  ExtractOptions opt;
+  opt.rank = r;
+  // "v_proj": a linear module named too is saved whole, not extracted (PEFT adapts no saved module)
+  const auto ex = extract_adapter(base, tuned, opt, {}, {}, {"embed_tokens", "lm_head", "norm", "v_proj"});
+  const std::vector<std::string> saved{"lm_head.weight", "model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight",
+                                       "model.norm.weight"};
+  CHECK(ex.saved == saved);
+  REQUIRE(ex.adapter.modules.size() == 1);
+  CHECK(ex.adapter.modules[0].name == "model.layers.0.self_attn.q_proj");
+  io::save_peft_adapter(dir / "ad", ex.adapter, io::dtype::F32);
+  // PEFT 0.21's keys: base_model.model.<tensor> (as the modules_to_save_lm_head_embed fixture shows)
+  const auto file = io::SafetensorsFile::open(dir / "ad" / "adapter_model.safetensors");
+  for (const auto& n : saved) CHECK(file.contains("base_model.model." + n));
+  const auto back = io::load_peft_adapter(dir / "ad");
+  CHECK(back.config.modules_to_save == std::vector<std::string>{"embed_tokens", "lm_head", "norm", "v_proj"});
+  REQUIRE(back.saved.size() == 4);
+  CHECK(back.skipped.empty());
+  io::merge_peft_checkpoint(base, back, dir / "merged.safetensors");
+  const auto merged = io::Checkpoint::open(dir / "merged.safetensors");
+  for (const auto& n : saved) {
+    INFO(n);
+    const auto& a = merged.tensor(n);
+    const auto& b = tuned.tensor(n);
+    CHECK(a.type == b.type);
+    CHECK(a.bytes.size() == b.bytes.size());
+    CHECK(std::memcmp(a.bytes.data(), b.bytes.data(), b.bytes.size()) == 0);
+  }
+  // the extracted module merges to the tuned weight up to float32 rounding
+  const MatD q = merged.tensor("model.layers.0.self_attn.q_proj.weight").to_matrix<double>();
+  CHECK(rel_error(q, tuned.tensor("model.layers.0.self_attn.q_proj.weight").to_matrix<double>()) < 1e-6);
+  CHECK_THROWS_WITH(extract_adapter(base, tuned, opt, {}, {}, {"embed_token"}),
+                    Catch::Matchers::ContainsSubstring("no tensor of module 'embed_token'"));
   std::filesystem::remove_all(dir);
 }

@@ -198,26 +198,84 @@ inline bool is_extractable_linear(const io::TensorView& t) {
 }
 
 /// The result of extract_adapter: the adapter and one report per module (in name order);
-/// `unchanged` lists linear weights with ΔW = 0 exactly (left out of the adapter).
+/// `unchanged` lists linear weights with ΔW = 0 exactly (left out of the adapter);
+/// `saved` the tuned tensors copied whole as modules_to_save (in name order).
 struct ExtractedAdapter {
   io::PeftAdapter adapter;
   std::vector<ExtractedModule> modules;
   std::vector<std::string> unchanged;
+  std::vector<std::string> saved;
 };
+
+namespace detail {
+/// The module path of a tensor name ("lm_head.weight" → "lm_head").
+inline std::string module_of(const std::string& tensor) {
+  const auto dot = tensor.rfind('.');
+  return dot == std::string::npos ? tensor : tensor.substr(0, dot);
+}
+}  // namespace detail
 
 /// A PEFT LoRA adapter (r = lora_alpha per module, so every scaling is 1) from a base and a
 /// fully fine-tuned checkpoint of the same architecture: each linear weight in both
 /// (is_extractable_linear; `only`, when given, keeps names containing one of its strings)
 /// becomes B·A ≈ T − W. One module is processed at a time; `progress` is called after each.
+///
+/// `save_modules` (PEFT's modules_to_save: "embed_tokens", "lm_head", or any module path or
+/// its last components) copies every tensor of the tuned checkpoint whose module PEFT would
+/// save under that config (io::PeftConfig::saves_module) whole and in its stored dtype; the
+/// file keys are `base_model.model.<tensor>` as PEFT 0.21's save_pretrained writes them, so
+/// loading and merging the folder gives the tuned tensors bit for bit. Saved modules are not
+/// extracted (PEFT puts no adapter inside a modules_to_save module). Each entry must match a
+/// float tensor present in both checkpoints with one shape.
 template <class = void>
 inline ExtractedAdapter extract_adapter(const io::Checkpoint& base, const io::Checkpoint& tuned,
                                         const ExtractOptions& opt, const std::vector<std::string>& only = {},
-                                        const std::function<void(const ExtractedModule&)>& progress = {}) {
+                                        const std::function<void(const ExtractedModule&)>& progress = {},
+                                        const std::vector<std::string>& save_modules = {}) {
   ExtractedAdapter out;
+  io::PeftConfig saving;
+  saving.modules_to_save = save_modules;
+  for (const auto& e : save_modules) {
+    if (e.empty()) lora::detail::fail("extract: an empty module name in the modules to save");
+    io::PeftConfig one;  // each entry must match something: a misspelt name is an error, not a no-op
+    one.modules_to_save = {e};
+    const auto& tn = tuned.names();
+    const bool found = std::any_of(tn.begin(), tn.end(), [&](const std::string& n) {
+      return one.saves_module(detail::module_of(n));
+    });
+    if (!found)
+      lora::detail::fail("extract: no tensor of module '{}' in the tuned checkpoint {} (modules_to_save; e.g. "
+                         "embed_tokens, lm_head, or a module path)",
+                         e, tuned.path().string());
+  }
+  if (!save_modules.empty()) {
+    for (const auto& n : tuned.names()) {
+      if (!saving.saves_module(detail::module_of(n))) continue;
+      const auto& T = tuned.tensor(n);
+      if (!base.contains(n))
+        lora::detail::fail("extract: '{}' (modules_to_save) is in the tuned checkpoint but not in the base; a saved "
+                           "copy replaces a base tensor", n);
+      const auto& W = base.tensor(n);
+      if (W.shape != T.shape)
+        lora::detail::fail("extract: '{}' (modules_to_save) has shape {} in the base and {} in the tuned checkpoint", n,
+                           fmt::join(W.shape, "x"), fmt::join(T.shape, "x"));
+      if (T.type != io::dtype::F32 && T.type != io::dtype::BF16 && T.type != io::dtype::F16 &&
+          T.type != io::dtype::F64)
+        lora::detail::fail("extract: '{}' (modules_to_save) is {}, expected a float tensor", n, io::dtype_name(T.type));
+      out.adapter.saved.push_back({n, detail::module_of(n), io::PeftSavedTensor::Role::modules_to_save,
+                                   io::TensorData::copy_of(T)});
+      out.saved.push_back(n);
+    }
+    std::sort(out.saved.begin(), out.saved.end());
+    std::sort(out.adapter.saved.begin(), out.adapter.saved.end(),
+              [](const io::PeftSavedTensor& a, const io::PeftSavedTensor& b) { return a.key < b.key; });
+    out.adapter.config.modules_to_save = save_modules;
+  }
   std::vector<std::string> names;
   for (const auto& n : base.names()) {
     const auto& t = base.tensor(n);
     if (!is_extractable_linear(t)) continue;
+    if (!save_modules.empty() && saving.saves_module(detail::module_of(n))) continue;
     if (!only.empty() && std::none_of(only.begin(), only.end(), [&](const std::string& s) {
           return n.find(s) != std::string::npos;
         }))
@@ -225,7 +283,8 @@ inline ExtractedAdapter extract_adapter(const io::Checkpoint& base, const io::Ch
     if (!tuned.contains(n)) lora::detail::fail("extract: '{}' is in the base checkpoint but not in the tuned one", n);
     names.push_back(n);
   }
-  if (names.empty()) lora::detail::fail("extract: no linear weights to extract in {}", base.path().string());
+  if (names.empty() && out.saved.empty())
+    lora::detail::fail("extract: no linear weights to extract in {}", base.path().string());
   std::sort(names.begin(), names.end());
   std::set<std::string> suffixes;
   int common_rank = -1;
@@ -257,10 +316,12 @@ inline ExtractedAdapter extract_adapter(const io::Checkpoint& base, const io::Ch
     m.factors = {};  // the report keeps the numbers, the adapter the factors
     out.modules.push_back(std::move(m));
   }
-  if (out.adapter.modules.empty())
+  if (out.adapter.modules.empty() && out.adapter.saved.empty())
     lora::detail::fail("extract: every selected weight is identical in the two checkpoints; nothing to extract");
-  out.adapter.config.r = common_rank;
-  out.adapter.config.lora_alpha = common_rank;
+  if (common_rank > 0) {
+    out.adapter.config.r = common_rank;
+    out.adapter.config.lora_alpha = common_rank;
+  }
   out.adapter.config.target_modules.assign(suffixes.begin(), suffixes.end());
   std::sort(out.adapter.modules.begin(), out.adapter.modules.end(),
             [](const io::PeftModule& a, const io::PeftModule& b) { return a.name < b.name; });
