@@ -108,6 +108,7 @@ def rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 def bench(ops, out: int, T: int, N: int, l2: int, gen: torch.Generator, emit, failures: list):
     dev = torch.device("cuda")
     bf = torch.bfloat16
+    ops.forget_weights()
     sets = max(4, int(3 * l2 / (out * IN * 2)) + 1) if T <= 128 else 1
     W = [(torch.randn(out, IN, generator=gen, device=dev) * 0.02).to(bf) for _ in range(sets)]
     A = (torch.randn(N, R, IN, generator=gen, device=dev) * 0.02).to(bf).contiguous()

@@ -131,6 +131,13 @@ class VllmLoraOps:
         self.shrink = shrink_mod._lora_shrink
         self.expand = expand_mod._lora_expand
         self.get_lora_op_configs = utils_mod.get_lora_op_configs
+        self._utils = utils_mod
+
+    def forget_weights(self) -> None:
+        """Empties their per-weight caches (keyed by data_ptr: a freed weight's address can come
+        back for a weight of another shape, which vLLM, allocating once, never sees)."""
+        self._utils._LORA_A_PTR_DICT.clear()
+        self._utils._LORA_B_PTR_DICT.clear()
 
 
 def load_vllm_lora_ops(folder: str | Path) -> VllmLoraOps:
