@@ -3,6 +3,7 @@
 // no world size divides.
 #include <lora/tp.hpp>
 
+#include <array>
 #include <mutex>
 #include <vector>
 
@@ -140,6 +141,15 @@ TEST_CASE("LoRA: sharded forward and backward equal the unsharded layer (column 
   const LoraRef ref = lora_reference(Wr, full.A().cast<double>(), full.B().cast<double>(), full.scaling(),
                                      X.cast<double>(), dY.cast<double>());
 
+  {  // a world of one is the unsharded layer
+    tp::SelfComm self;
+    for (TpLayout layout : {TpLayout::column, TpLayout::row}) {
+      const auto whole = tp::shard(full, layout, 0, 1);
+      CHECK(whole.A() == full.A());
+      CHECK(whole.B() == full.B());
+      CHECK(rel_error(tp::apply(whole, layout, W, X, self), ref.Y) < tol);
+    }
+  }
   for (int world = 2; world <= 4; ++world) {
     INFO("world = " << world);
     tp::LocalGroup group(world);
@@ -455,4 +465,19 @@ TEST_CASE("sharding refuses what it cannot split, naming the adapter, layout and
   const Matrix<float> W = random_matrix<float>(20, 12, gen);
   CHECK_THROWS_WITH(tp::shard_weight<float>(W, TpLayout::row, tp::ShardRange{10, 4}),
                     Catch::Matchers::ContainsSubstring("is not a non-empty part of [0, 12)"));
+}
+
+TEST_CASE("read_block converts just a block of a mapped tensor, any float dtype", "[tp][peft]") {
+  Generator gen(lora::test::fresh_seed());
+  const Matrix<float> M = random_matrix<float>(9, 13, gen);
+  for (io::dtype type : {io::dtype::F32, io::dtype::F16, io::dtype::BF16, io::dtype::F64}) {
+    INFO(io::dtype_name(type));
+    const auto bytes = io::serialize_safetensors({io::TensorData::from_matrix("m", M, type)});
+    const auto f = io::SafetensorsFile::from_bytes(bytes, "block.safetensors");
+    const Matrix<float> whole = f.tensor("m").to_matrix<float>();
+    for (auto [r0, nr, c0, nc] : {std::array<Index, 4>{0, 9, 0, 13}, {2, 3, 5, 7}, {8, 1, 12, 1}, {0, 9, 6, 1}})
+      CHECK(tp::read_block<float>(f.tensor("m"), r0, nr, c0, nc) == whole.block(r0, c0, nr, nc));
+    CHECK_THROWS_WITH(tp::read_block<float>(f.tensor("m"), 4, 6, 0, 1),
+                      Catch::Matchers::ContainsSubstring("block.safetensors: tensor 'm' is [9 x 13]; the block rows [4, 10)"));
+  }
 }
