@@ -1,7 +1,8 @@
 // lora/cuda/tp.cuh on 2 GPUs: one host thread per GPU joins an NCCL group; the sharded layer
 // (column-parallel; row-parallel folded into the layer's all-reduce, with its own T × r
-// all-reduce, and through the fused adapter path) must equal the unsharded layer on one GPU
-// and, in float, the float64 CPU reference. NCCL_NVLS_ENABLE=0 is set before NCCL starts.
+// all-reduce, and through the fused adapter path) and its backward (the shard's own plus the
+// all-reduces of docs/tensor-parallel.md) must equal the unsharded layer on one GPU and, in
+// float, the float64 CPU reference. NCCL_NVLS_ENABLE=0 is set before NCCL starts.
 #include <lora/cuda/adapter.cuh>
 #include <lora/cuda/tp.cuh>
 #include <lora/tp/shard.hpp>
@@ -34,6 +35,8 @@ int devices() {
 template <class S>
 struct RankOut {
   Matrix<S> column, fold, separate, fused;
+  Matrix<float> col_dA, col_dB, row_dA, row_dB;  // backward: column dA whole, dB rows; row dA columns, dB whole
+  Matrix<S> col_dX, row_dX;                      // column dX whole (all-reduced), row dX columns
 };
 
 // Runs fn(rank) on one thread per GPU; rethrows the first exception.
@@ -61,17 +64,24 @@ void check_layer(Index T, double tol) {
   Generator gen(lora::test::fresh_seed());
   const Matrix<S> W = lora::test::random_matrix<S>(out, in, gen, 0.05);
   const Matrix<S> X = lora::test::random_matrix<S>(T, in, gen);
+  const Matrix<S> dY = lora::test::random_matrix<S>(T, out, gen);
   auto host = LowRankAdapter<S>::from_factors(lora::test::random_matrix<S>(r, in, gen, 0.05),
                                               lora::test::random_matrix<S>(out, r, gen, 0.05), /*alpha=*/32.0);
 
   // The unsharded layer on GPU 0.
   LORA_CUDA_CHECK(cudaSetDevice(0));
-  Matrix<S> single;
+  Matrix<S> single, single_dX;
+  Matrix<float> single_dA, single_dB;
   {
     auto ctx = std::make_shared<CudaContext>();
     auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
     const auto Wd = DeviceMatrix<S>::from_host(W), Xd = DeviceMatrix<S>::from_host(X);
+    const auto dYd = DeviceMatrix<S>::from_host(dY);
     single = ad.apply(Wd, Xd).to_host();
+    const auto g = ad.backward(Wd, Xd, dYd);
+    single_dA = g.dA.to_host();
+    single_dB = g.dB.to_host();
+    single_dX = g.dX.to_host();
   }
 
   ncclUniqueId id;
@@ -88,6 +98,16 @@ void check_layer(Index T, double tol) {
       const auto Wk = DeviceMatrix<S>::from_host(tp::shard_weight<S>(W, TpLayout::column, rank, world));
       const auto Xd = DeviceMatrix<S>::from_host(X);
       res[static_cast<std::size_t>(rank)].column = ad.apply(Wk, Xd).to_host();
+      // backward: the shard's own, then dA (r × in) and dX (the layer's own) all-reduced
+      const auto crange = tp::shard_range(out, rank, world);
+      const auto dYk = DeviceMatrix<S>::from_host(Matrix<S>(dY.middleCols(crange.offset, crange.size)));
+      auto g = ad.backward(Wk, Xd, dYk);
+      group.all_reduce(g.dA.view());
+      group.all_reduce(g.dX.view());
+      ctx->synchronize();
+      res[static_cast<std::size_t>(rank)].col_dA = g.dA.to_host();
+      res[static_cast<std::size_t>(rank)].col_dB = g.dB.to_host();
+      res[static_cast<std::size_t>(rank)].col_dX = g.dX.to_host();
     }
     // row-parallel
     const auto local = tp::shard(host, TpLayout::row, rank, world);
@@ -117,6 +137,14 @@ void check_layer(Index T, double tol) {
     group.all_reduce(Y.view());
     ctx->synchronize();
     res[static_cast<std::size_t>(rank)].fused = Y.to_host();
+    // backward with dY whole: dA and dX are the rank's columns, dB (out × r) all-reduced
+    const auto dYd = DeviceMatrix<S>::from_host(dY);
+    auto g = ad.backward(Wk, Xk, dYd);
+    group.all_reduce(g.dB.view());
+    ctx->synchronize();
+    res[static_cast<std::size_t>(rank)].row_dA = g.dA.to_host();
+    res[static_cast<std::size_t>(rank)].row_dB = g.dB.to_host();
+    res[static_cast<std::size_t>(rank)].row_dX = g.dX.to_host();
   });
 
   MatD column(T, out);
@@ -125,6 +153,21 @@ void check_layer(Index T, double tol) {
     column.middleCols(range.offset, range.size) = res[static_cast<std::size_t>(k)].column.template cast<double>();
   }
   CHECK(rel_error(column, single) < tol);
+  MatD col_dB(out, r), row_dA(r, in), row_dX(T, in);
+  for (int k = 0; k < world; ++k) {
+    const auto& o = res[static_cast<std::size_t>(k)];
+    const auto rr = tp::shard_range(out, k, world), cr = tp::shard_range(in, k, world);
+    col_dB.middleRows(rr.offset, rr.size) = o.col_dB.template cast<double>();
+    row_dA.middleCols(cr.offset, cr.size) = o.row_dA.template cast<double>();
+    row_dX.middleCols(cr.offset, cr.size) = o.row_dX.template cast<double>();
+    INFO("rank " << k);
+    CHECK(rel_error(o.col_dA, single_dA) < tol);
+    CHECK(rel_error(o.col_dX, single_dX) < tol);
+    CHECK(rel_error(o.row_dB, single_dB) < tol);
+  }
+  CHECK(rel_error(col_dB, single_dB) < tol);
+  CHECK(rel_error(row_dA, single_dA) < tol);
+  CHECK(rel_error(row_dX, single_dX) < tol);
   for (int k = 0; k < world; ++k) {
     INFO("rank " << k);
     CHECK(rel_error(res[static_cast<std::size_t>(k)].fold, single) < tol);
