@@ -55,12 +55,7 @@ class SvdAdapter {
   SvdAdapter(Index in_features, Index out_features, Index rank, double alpha, AdapterOptions opts = {})
       : in_(in_features), out_(out_features), alpha_(alpha), ranknum_(static_cast<double>(rank)),
         opts_(std::move(opts)) {
-    if (in_ < 1 || out_ < 1)
-      detail::fail("{}in_features and out_features must be at least 1, got in = {}, out = {}", who(), in_, out_);
-    if (rank < 0) detail::fail("{}rank r must be at least 0, got r = {}", who(), rank);
-    if (!std::isfinite(alpha)) detail::fail("{}lora_alpha must be finite, got {}", who(), alpha);
-    if (!(opts_.dropout >= 0.0 && opts_.dropout < 1.0))
-      detail::fail("{}dropout must be in [0, 1), got {}", who(), opts_.dropout);
+    AdapterSpec{in_, out_, rank, alpha, opts_}.validate(/*min_rank=*/0, /*bounded=*/false);
     if (opts_.fan_in_fan_out) detail::fail("{}fan_in_fan_out is not supported by SvdAdapter", who());
     A_ = matrix::Zero(rank, in_);
     E_ = vector::Zero(rank);
@@ -88,6 +83,8 @@ class SvdAdapter {
   double alpha() const { return alpha_; }
   double dropout() const { return opts_.dropout; }
   const std::string& name() const { return opts_.name; }
+  /// Shape (at the current rank), alpha and options, with the checks shared by every adapter class.
+  AdapterSpec spec() const { return {in_, out_, rank(), alpha_, opts_}; }
 
   /// PEFT's scaling: lora_alpha if positive, else r (the initial rank).
   double scaling() const { return alpha_ > 0 ? alpha_ : ranknum_; }
@@ -272,7 +269,7 @@ class SvdAdapter {
   std::optional<LowRankAdapter<Scalar>> to_lora() const { return to_lora(active()); }
 
  private:
-  std::string who() const { return opts_.name.empty() ? std::string() : fmt::format("adapter '{}': ", opts_.name); }
+  std::string who() const { return spec().who(); }
   void check_keep(const std::vector<bool>& keep) const {
     if (static_cast<Index>(keep.size()) != rank())
       detail::fail("{}rank pattern has {} entries, expected one per singular value ({})", who(), keep.size(), rank());

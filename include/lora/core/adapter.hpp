@@ -5,6 +5,7 @@
 #include <lora/core/merge.hpp>
 #include <lora/core/random.hpp>
 #include <lora/core/scaling.hpp>
+#include <lora/core/spec.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 
@@ -15,18 +16,6 @@
 #include <type_traits>
 
 namespace lora {
-
-/// Construction options that are not part of the type.
-struct AdapterOptions {
-  /// GPT-2's Conv1D stores W as [in × out] and computes y = x·W; PEFT's
-  /// fan_in_fan_out = true. A and B keep their orientation; ΔW, apply and
-  /// merge use W's.
-  bool fan_in_fan_out = false;
-  /// Probability of zeroing an adapter input element in training mode.
-  double dropout = 0.0;
-  /// Used in messages ("adapter 'model.layers.0.q_proj': ...").
-  std::string name = {};
-};
 
 /// What forward_train remembers for backward.
 template <class C>
@@ -44,17 +33,6 @@ struct Gradients {
   Matrix<C> dB;  ///< [out × r]
   Matrix<C> dX;  ///< [T × in]
 };
-
-namespace detail {
-inline void check_shape(const std::string& who, const char* what, Index rows, Index cols, Index want_rows,
-                        Index want_cols) {
-  if (rows != want_rows || cols != want_cols)
-    fail("{}{} has shape [{} x {}], expected [{} x {}]", who, what, rows, cols, want_rows, want_cols);
-}
-inline void check_cols(const std::string& who, const char* what, Index cols, Index want_cols) {
-  if (cols != want_cols) fail("{}{} has {} columns, expected {}", who, what, cols, want_cols);
-}
-}  // namespace detail
 
 template <class Scalar, class Device = cpu, ScalingPolicy Scaling = standard_scaling>
 class LowRankAdapter;
@@ -83,19 +61,16 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   /// factors. Throws lora::error unless 1 ≤ r ≤ min(in, out) and alpha is finite.
   LowRankAdapter(Index in_features, Index out_features, Index rank, double alpha, AdapterOptions opts = {},
                  Scaling policy = {})
-      : in_(in_features), out_(out_features), r_(rank), alpha_(alpha), opts_(std::move(opts)), policy_(policy) {
-    validate_dims();
-    A_ = matrix::Zero(r_, in_);
-    B_ = matrix::Zero(out_, r_);
+      : spec_{in_features, out_features, rank, alpha, std::move(opts)}, policy_(policy) {
+    spec_.validate();
+    A_ = matrix::Zero(spec_.rank, spec_.in_features);
+    B_ = matrix::Zero(spec_.out_features, spec_.rank);
   }
 
   /// Adopts existing factors A [r × in] and B [out × r].
   static LowRankAdapter from_factors(matrix A, matrix B, double alpha, AdapterOptions opts = {},
                                      Scaling policy = {}) {
-    const std::string who = opts.name.empty() ? std::string() : fmt::format("adapter '{}': ", opts.name);
-    if (A.rows() != B.cols())
-      detail::fail("{}lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, A.rows(),
-                   B.cols());
+    AdapterSpec{A.cols(), B.rows(), A.rows(), alpha, opts}.check_factor_ranks(A.rows(), B.cols());
     LowRankAdapter ad(A.cols(), B.rows(), A.rows(), alpha, std::move(opts), policy);
     ad.A_ = std::move(A);
     ad.B_ = std::move(B);
@@ -107,17 +82,19 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   /// A copy in host memory, as `LowRankAdapter<S, cuda>::to_host()` gives.
   LowRankAdapter to_host() const { return *this; }
 
-  Index in_features() const { return in_; }
-  Index out_features() const { return out_; }
-  Index rank() const { return r_; }
-  double alpha() const { return alpha_; }
-  bool fan_in_fan_out() const { return opts_.fan_in_fan_out; }
-  double dropout() const { return opts_.dropout; }
-  const std::string& name() const { return opts_.name; }
+  Index in_features() const { return spec_.in_features; }
+  Index out_features() const { return spec_.out_features; }
+  Index rank() const { return spec_.rank; }
+  double alpha() const { return spec_.alpha; }
+  bool fan_in_fan_out() const { return spec_.opts.fan_in_fan_out; }
+  double dropout() const { return spec_.opts.dropout; }
+  const std::string& name() const { return spec_.opts.name; }
   const Scaling& policy() const { return policy_; }
+  /// Shape, alpha and options, with the checks every adapter class shares.
+  const AdapterSpec& spec() const { return spec_; }
 
   /// s = multiplier · Scaling::factor(alpha, r); the multiplier is 1 unless rescale() was called.
-  double scaling() const { return multiplier_ * static_cast<double>(policy_.factor(alpha_, static_cast<int>(r_))); }
+  double scaling() const { return multiplier_ * spec_.factor(policy_); }
   /// The post-hoc strength multiplier set by rescale().
   double multiplier() const { return multiplier_; }
 
@@ -128,39 +105,39 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   Eigen::Ref<matrix> B() { return B_; }
 
   void set_A(const input& A) {
-    detail::check_shape(who(), "lora_A", A.rows(), A.cols(), r_, in_);
+    detail::check_shape(who(), "lora_A", A.rows(), A.cols(), spec_.rank, spec_.in_features);
     A_ = A;
   }
   void set_B(const input& B) {
-    detail::check_shape(who(), "lora_B", B.rows(), B.cols(), out_, r_);
+    detail::check_shape(who(), "lora_B", B.rows(), B.cols(), spec_.out_features, spec_.rank);
     B_ = B;
   }
 
   /// Changes alpha after training; scaling() follows the policy.
   void set_alpha(double alpha) {
-    check_alpha(alpha);
-    alpha_ = alpha;
+    spec_.check_alpha(alpha);
+    spec_.alpha = alpha;
   }
   /// Multiplies the adapter's strength by `factor` (PEFT's set_scale / scale_layer):
   /// ΔW becomes factor·ΔW. Cumulative.
   void rescale(double factor) {
-    if (!std::isfinite(factor)) detail::fail("{}rescale factor must be finite, got {}", who(), factor);
+    spec_.check_rescale(factor);
     multiplier_ *= factor;
   }
 
   void set_dropout(double p) {
-    if (!(p >= 0.0 && p < 1.0)) detail::fail("{}dropout must be in [0, 1), got {}", who(), p);
-    opts_.dropout = p;
+    spec_.check_dropout(p);
+    spec_.opts.dropout = p;
   }
 
   /// (in + out)·r.
-  Index trainable_parameters() const { return (in_ + out_) * r_; }
+  Index trainable_parameters() const { return (spec_.in_features + spec_.out_features) * spec_.rank; }
 
   /// ΔW = s·B·A, [out × in] (or [in × out] with fan_in_fan_out), as PEFT's get_delta_weight.
   cmatrix delta_weight() const {
     cmatrix d = Bc() * Ac();
     d *= static_cast<compute_scalar>(scaling());
-    if (opts_.fan_in_fan_out) return d.transpose();
+    if (spec_.opts.fan_in_fan_out) return d.transpose();
     return d;
   }
 
@@ -177,7 +154,7 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
         // products this small. X·Aᵀ as dot products along A's rows, then one GEMV per token
         // over B's rows (a coefficient-wise product with inner dimension r is slower).
         const cmatrix xa = static_cast<compute_scalar>(scaling()) * X.lazyProduct(A_.transpose());
-        cmatrix y = cmatrix::Zero(X.rows(), out_);
+        cmatrix y = cmatrix::Zero(X.rows(), spec_.out_features);
         for (Index t = 0; t < X.rows(); ++t) y.row(t).noalias() += (B_ * xa.row(t).transpose()).transpose();
         return y;
       }
@@ -192,7 +169,7 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   cmatrix apply(const input& W, const input& X) const {
     check_weight(W);
     check_input(X);
-    cmatrix y(X.rows(), out_);
+    cmatrix y(X.rows(), spec_.out_features);
     add_base(W, X, y);
     cmatrix xa = X.template cast<compute_scalar>() * Ac().transpose();
     xa *= static_cast<compute_scalar>(scaling());
@@ -205,10 +182,10 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   cmatrix forward_train(const input& X, Generator& gen, ForwardCache<compute_scalar>& cache) const {
     check_input(X);
     cache.x = X.template cast<compute_scalar>();
-    if (opts_.dropout > 0.0) {
-      const double p = opts_.dropout;
+    if (spec_.opts.dropout > 0.0) {
+      const double p = spec_.opts.dropout;
       const compute_scalar kept = static_cast<compute_scalar>(1.0 / (1.0 - p));
-      cache.keep.resize(X.rows(), in_);
+      cache.keep.resize(X.rows(), spec_.in_features);
       for (Index i = 0; i < cache.keep.rows(); ++i)
         for (Index j = 0; j < cache.keep.cols(); ++j)
           cache.keep(i, j) = gen.uniform() < p ? compute_scalar(0) : kept;
@@ -235,17 +212,17 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
     check_input(X);
     if constexpr (std::is_same_v<Scalar, compute_scalar>) {
       if (X.rows() <= few_tokens) {
-        detail::check_shape(who(), "dY", dY.rows(), dY.cols(), X.rows(), out_);
+        detail::check_shape(who(), "dY", dY.rows(), dY.cols(), X.rows(), spec_.out_features);
         const compute_scalar s = static_cast<compute_scalar>(scaling());
         Gradients<compute_scalar> g;
         const cmatrix xa = X.lazyProduct(A_.transpose());  // [T × r]
         const cmatrix gb = s * dY.lazyProduct(B_);          // [T × r]
         g.dB = s * dY.transpose().lazyProduct(xa);
         // Sums of outer products walk X and A along their contiguous rows.
-        g.dA = cmatrix::Zero(r_, in_);
+        g.dA = cmatrix::Zero(spec_.rank, spec_.in_features);
         for (Index t = 0; t < X.rows(); ++t) g.dA.noalias() += gb.row(t).transpose() * X.row(t);
-        g.dX = cmatrix::Zero(X.rows(), in_);
-        for (Index k = 0; k < r_; ++k) g.dX.noalias() += gb.col(k) * A_.row(k);
+        g.dX = cmatrix::Zero(X.rows(), spec_.in_features);
+        for (Index k = 0; k < spec_.rank; ++k) g.dX.noalias() += gb.col(k) * A_.row(k);
         return g;
       }
     }
@@ -258,7 +235,7 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   /// Gradients after forward_train (dropout mask from the cache).
   Gradients<compute_scalar> backward(const ForwardCache<compute_scalar>& cache,
                                      const Eigen::Ref<const cmatrix>& dY) const {
-    detail::check_shape(who(), "dY", dY.rows(), dY.cols(), cache.x.rows(), out_);
+    detail::check_shape(who(), "dY", dY.rows(), dY.cols(), cache.x.rows(), spec_.out_features);
     const compute_scalar s = static_cast<compute_scalar>(scaling());
     Gradients<compute_scalar> g;
     cmatrix gb = dY * Bc();  // [T × r]
@@ -292,29 +269,9 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   void unmerge(Eigen::Ref<matrix> W) const { add_delta(W, -1); }
 
  private:
-  std::string who() const { return opts_.name.empty() ? std::string() : fmt::format("adapter '{}': ", opts_.name); }
-
-  void check_alpha(double alpha) const {
-    if (!std::isfinite(alpha)) detail::fail("{}lora_alpha must be finite, got {}", who(), alpha);
-  }
-  void validate_dims() const {
-    if (in_ < 1 || out_ < 1)
-      detail::fail("{}in_features and out_features must be at least 1, got in = {}, out = {}", who(), in_, out_);
-    if (r_ < 1) detail::fail("{}rank r must be at least 1, got r = {}", who(), r_);
-    if (r_ > std::min(in_, out_))
-      detail::fail("{}rank r = {} exceeds min(in_features, out_features) = min({}, {}) = {}", who(), r_, in_, out_,
-                   std::min(in_, out_));
-    check_alpha(alpha_);
-    if (!(opts_.dropout >= 0.0 && opts_.dropout < 1.0))
-      detail::fail("{}dropout must be in [0, 1), got {}", who(), opts_.dropout);
-  }
-  void check_input(const input& X) const { detail::check_cols(who(), "input X", X.cols(), in_); }
-  void check_weight(const input& W) const {
-    if (opts_.fan_in_fan_out)
-      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows(), W.cols(), in_, out_);
-    else
-      detail::check_shape(who(), "base weight W", W.rows(), W.cols(), out_, in_);
-  }
+  std::string who() const { return spec_.who(); }
+  void check_input(const input& X) const { spec_.check_input(X.cols()); }
+  void check_weight(const input& W) const { spec_.check_weight(W.rows(), W.cols()); }
 
   decltype(auto) Ac() const { return A_.template cast<compute_scalar>(); }
   decltype(auto) Bc() const { return B_.template cast<compute_scalar>(); }
@@ -322,7 +279,7 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   void add_base(const input& W, const input& X, cmatrix& y, bool accumulate = false) const {
     auto Xc = X.template cast<compute_scalar>();
     auto Wc = W.template cast<compute_scalar>();
-    if (opts_.fan_in_fan_out) {
+    if (spec_.opts.fan_in_fan_out) {
       if (accumulate)
         y.noalias() += Xc * Wc;
       else
@@ -336,7 +293,7 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   }
   void add_base_grad(const input& W, const Eigen::Ref<const cmatrix>& dY, cmatrix& dX) const {
     auto Wc = W.template cast<compute_scalar>();
-    if (opts_.fan_in_fan_out)
+    if (spec_.opts.fan_in_fan_out)
       dX.noalias() += dY * Wc.transpose();
     else
       dX.noalias() += dY * Wc;
@@ -346,15 +303,13 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   void add_delta(Eigen::Ref<matrix> W, int sign) const {
     check_weight(W);
     const compute_scalar s = static_cast<compute_scalar>(sign) * static_cast<compute_scalar>(scaling());
-    if (opts_.fan_in_fan_out)
+    if (spec_.opts.fan_in_fan_out)
       low_rank_update<Scalar>(W, cmatrix(Ac().transpose()), cmatrix(Bc().transpose()), s);
     else
       low_rank_update<Scalar>(W, cmatrix(Bc()), cmatrix(Ac()), s);
   }
 
-  Index in_, out_, r_;
-  double alpha_;
-  AdapterOptions opts_;
+  AdapterSpec spec_;
   [[no_unique_address]] Scaling policy_;
   double multiplier_ = 1.0;
   matrix A_, B_;

@@ -22,7 +22,7 @@ Matrix<compute_t<Scalar>> apply_with_bias(const LowRankAdapter<Scalar, cpu, Scal
                                           const Vector<float>* base_bias, const Vector<float>& lora_bias,
                                           const MatrixRef<Scalar>& X) {
   using C = compute_t<Scalar>;
-  const std::string who = ad.name().empty() ? std::string("adapter") : "adapter '" + ad.name() + "'";
+  const std::string who = ad.spec().label();
   if (lora_bias.size() != ad.out_features())
     detail::fail("{}: lora_B.bias has {} elements, expected out = {}", who, lora_bias.size(), ad.out_features());
   if (base_bias && base_bias->size() != ad.out_features())
@@ -39,7 +39,7 @@ Matrix<compute_t<Scalar>> apply_with_bias(const LowRankAdapter<Scalar, cpu, Scal
 template <class Scalar, ScalingPolicy Scaling>
 void merge_bias(const LowRankAdapter<Scalar, cpu, Scaling>& ad, Vector<float>* base_bias,
                 const Vector<float>& lora_bias) {
-  const std::string who = ad.name().empty() ? std::string("adapter") : "adapter '" + ad.name() + "'";
+  const std::string who = ad.spec().label();
   if (!base_bias)
     detail::fail("{}: cannot merge lora_bias (lora_B.bias) because the base layer has no bias (PEFT refuses this "
                  "merge too: 'Impossible to merge LoRA with lora_bias=True because the base layer has no bias')",

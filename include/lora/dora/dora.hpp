@@ -104,7 +104,7 @@ class DoraAdapter<Scalar, cpu, Scaling> {
   DoraGradients<compute_scalar> backward(const input& W, const input& X, const Eigen::Ref<const cmatrix>& dY) const {
     const cmatrix V = adapted_weight(W);
     check_input(X);
-    detail::check_shape(who(), "dY", dY.rows(), dY.cols(), X.rows(), lora_.out_features());
+    lora_.spec().check_output_grad(dY.rows(), dY.cols(), X.rows());
     const cvector n = V.rowwise().norm();
     const cvector c = m_.cwiseQuotient(n);
     const compute_scalar s = static_cast<compute_scalar>(lora_.scaling());
@@ -150,15 +150,9 @@ class DoraAdapter<Scalar, cpu, Scaling> {
   }
 
  private:
-  std::string who() const { return lora_.name().empty() ? std::string() : fmt::format("adapter '{}': ", lora_.name()); }
-  void check_weight(const input& W) const {
-    if (lora_.fan_in_fan_out())
-      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows(), W.cols(), lora_.in_features(),
-                          lora_.out_features());
-    else
-      detail::check_shape(who(), "base weight W", W.rows(), W.cols(), lora_.out_features(), lora_.in_features());
-  }
-  void check_input(const input& X) const { detail::check_cols(who(), "input X", X.cols(), lora_.in_features()); }
+  std::string who() const { return lora_.spec().who(); }
+  void check_weight(const input& W) const { lora_.spec().check_weight(W.rows(), W.cols()); }
+  void check_input(const input& X) const { lora_.spec().check_input(X.cols()); }
   cmatrix oriented(const input& W) const {
     if (lora_.fan_in_fan_out()) return W.template cast<compute_scalar>().transpose();
     return W.template cast<compute_scalar>();
