@@ -64,7 +64,7 @@ int run_combine(const std::vector<std::string>& argv) {
   const auto combined = analysis::combine_adapters(ptrs, weights, opt);
   const auto type = opt.type;
   io::dtype dt = loaded.front().modules.front().stored_dtype;
-  if (auto d = args.get("dtype")) dt = io::parse_dtype(*d, "--dtype");
+  if (auto d = args.get("dtype")) dt = io::parse_float_dtype(*d, "--dtype");
   io::save_peft_adapter(out, combined, dt);
   fmt::print("combined {} adapters ({}, {} space), r = {}, scaling {:.6g}{}, {} modules; wrote {}\n", folders.size(),
              analysis::to_string(type), opt.space == analysis::combine_space::peft ? "PEFT" : "ΔW", combined.config.r,

@@ -34,7 +34,7 @@ int run_compress(const std::vector<std::string>& argv) {
     progress.update(done, total, fmt::format("{}/{} modules ({})", done, total, name));
   });
   io::dtype type = in.modules.front().stored_dtype;
-  if (auto d = args.get("dtype")) type = io::parse_dtype(*d, "--dtype");
+  if (auto d = args.get("dtype")) type = io::parse_float_dtype(*d, "--dtype");
   io::save_peft_adapter(out, small, type);
   Index before = 0, after = 0;
   for (const auto& m : in.modules) before += m.adapter.trainable_parameters();

@@ -40,7 +40,7 @@ int run_extract(const std::vector<std::string>& argv) {
   opt.block_rows = whole("block-rows", 256, 1);
   opt.seed = static_cast<std::uint64_t>(whole("seed", 0x5eed, 0));
   io::dtype dt = io::dtype::F32;
-  if (auto d = args.get("dtype")) dt = io::parse_dtype(*d, "--dtype");
+  if (auto d = args.get("dtype")) dt = io::parse_float_dtype(*d, "--dtype");
   std::vector<std::string> only;
   if (auto o = args.get("only")) only = cli::Args::split(*o);
   cli::guard_output(args, out, {base_path, tuned_path}, io::output_kind::folder);

@@ -40,7 +40,7 @@ int run_intruders(const std::vector<std::string>& argv) {
         }
       });
   io::dtype dt = adapter.modules.front().stored_dtype;
-  if (auto d = args.get("dtype")) dt = io::parse_dtype(*d, "--dtype");
+  if (auto d = args.get("dtype")) dt = io::parse_float_dtype(*d, "--dtype");
   io::save_peft_adapter(out, result, dt);
   fmt::print("{} of {} modules had intruders (λ = {}); wrote {}\n", changed, result.modules.size(), opt.lambda, out);
   return 0;

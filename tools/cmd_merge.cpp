@@ -48,13 +48,6 @@ modules are reported and not merged, as PEFT ignores them.
 
 Exit status 0 on success; 1 with one line on stderr for bad input.)";
 
-lora::io::dtype parse_out_dtype(const std::string& s) {
-  if (s == "f32" || s == "F32" || s == "float32") return lora::io::dtype::F32;
-  if (s == "bf16" || s == "BF16" || s == "bfloat16") return lora::io::dtype::BF16;
-  if (s == "f16" || s == "F16" || s == "float16") return lora::io::dtype::F16;
-  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
-}
-
 /// "folder" or "folder:0.5" (the part after the last ':' is a strength when it is a number).
 std::pair<std::filesystem::path, double> parse_adapter(const std::string& s) {
   const auto colon = s.rfind(':');
@@ -79,7 +72,7 @@ int run_merge(const std::vector<std::string>& argv) {
   const fs::path out = args.required("out");
   lora::io::MergeOptions opts;
   opts.scale = args.number("scale", 1.0);
-  if (auto d = args.get("dtype")) opts.out_dtype = parse_out_dtype(*d);
+  if (auto d = args.get("dtype")) opts.out_dtype = lora::io::parse_float_dtype(*d, "--dtype");
   if (auto p = args.get("base-prefix")) opts.base_keys = lora::io::parse_base_key_map(*p);
   std::vector<fs::path> inputs{base_path};
   for (const auto& [p, s] : adapter_specs) inputs.push_back(p);

@@ -13,7 +13,7 @@ int run_merge_4bit(const std::vector<std::string>& argv) {
     lora::fail("unexpected argument '{}' (see 'lora merge-4bit --help')", args.positional()[0]);
   const std::string base_path = args.required("base"), adapter_path = args.required("adapter"), out = args.required("out");
   io::QuantizedMergeOptions opt;
-  if (auto d = args.get("dtype")) opt.out = io::parse_dtype(*d, "--dtype");
+  if (auto d = args.get("dtype")) opt.out = io::parse_float_dtype(*d, "--dtype");
   opt.scale = args.number("scale", 1.0);
   std::vector<std::filesystem::path> inputs = {base_path, adapter_path};
   if (auto r = args.get("reference")) inputs.emplace_back(*r);

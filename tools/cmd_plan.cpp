@@ -28,13 +28,6 @@ std::string grouped(std::int64_t n) {
   return out;
 }
 
-lora::io::dtype parse_dtype(const std::string& s) {
-  if (s == "f32" || s == "fp32" || s == "float32") return lora::io::dtype::F32;
-  if (s == "bf16" || s == "bfloat16") return lora::io::dtype::BF16;
-  if (s == "f16" || s == "fp16" || s == "float16") return lora::io::dtype::F16;
-  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
-}
-
 int run(const std::vector<std::string>& argv) {
   using lora::cli::Args;
   Args args(argv, {"dora", "rslora", "json"},
@@ -70,8 +63,8 @@ int run(const std::vector<std::string>& argv) {
   else if (q == "nf4-dq") o.quant = lora::plan::quant_mode::nf4_dq;
   else lora::fail("--quant must be none, nf4 or nf4-dq, got '{}'", q);
   o.blocksize = static_cast<int>(args.number("blocksize", 64));
-  if (auto d = args.get("dtype")) o.base_dtype = parse_dtype(*d);
-  if (auto d = args.get("adapter-dtype")) o.adapter_dtype = parse_dtype(*d);
+  if (auto d = args.get("dtype")) o.base_dtype = lora::io::parse_float_dtype(*d, "--dtype");
+  if (auto d = args.get("adapter-dtype")) o.adapter_dtype = lora::io::parse_float_dtype(*d, "--adapter-dtype");
   if (args.has("batch") != args.has("seq")) lora::fail("--batch and --seq go together");
   if (args.has("batch")) {
     o.batch = static_cast<std::int64_t>(args.number("batch", 0));

@@ -157,13 +157,6 @@ void copy_other_files(const fs::path& in, const fs::path& tmp,
   }
 }
 
-lora::io::dtype parse_out_dtype(const std::string& s) {
-  if (s == "f32" || s == "float32" || s == "F32") return dtype::F32;
-  if (s == "bf16" || s == "bfloat16" || s == "BF16") return dtype::BF16;
-  if (s == "f16" || s == "float16" || s == "F16") return dtype::F16;
-  lora::fail("--dtype must be f32, bf16 or f16, got '{}'", s);
-}
-
 int run_quantize(const std::vector<std::string>& argv) {
   lora::cli::Args args(argv, {"double-quant", "progress", "quiet"}, {"out", "blocksize", "skip"}, "quantize");
   if (args.positional().size() != 1)
@@ -243,7 +236,7 @@ int run_dequantize(const std::vector<std::string>& argv) {
   const fs::path in = args.positional()[0];
   const fs::path out = args.required("out");
   std::optional<dtype> to;
-  if (auto d = args.get("dtype")) to = parse_out_dtype(*d);
+  if (auto d = args.get("dtype")) to = lora::io::parse_float_dtype(*d, "--dtype");
   if (!fs::exists(in)) lora::fail("{}: no such file or folder", in.string());
   lora::cli::guard_output(args, out, {in}, fs::is_directory(in) ? lora::io::output_kind::folder : lora::io::output_kind::file);
   int converted = 0;

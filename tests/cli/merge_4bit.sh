@@ -41,8 +41,8 @@ for k, (dt, v) in got.items():
 assert n == 14, n
 PY
 fi
-"$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/bad.safetensors" --dtype U8 \
-  > /dev/null 2> "$TMP/err" && fail "U8 accepted"
+"$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/bad.safetensors" --dtype F64 \
+  > /dev/null 2> "$TMP/err" && fail "F64 accepted"
 grep -q "BF16, F16 or F32" "$TMP/err" || fail "stderr: $(cat "$TMP/err")"
 [ ! -e "$TMP/bad.safetensors" ] || fail "output left behind"
 [ $fails -eq 0 ] && echo "merge_4bit: all passed"

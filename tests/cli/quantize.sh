@@ -118,7 +118,7 @@ bad "blocksize too large" "got 8192" "$T/x3" quantize "$BASE" --out "$T/x3" --bl
 printf 'garbage' > "$T/bad.safetensors"
 bad "corrupt safetensors" "bad.safetensors" "$T/x4" quantize "$T/bad.safetensors" --out "$T/x4"
 bad "nothing to dequantise" "no bitsandbytes NF4 weights" "$T/x5" dequantize "$BASE" --out "$T/x5"
-bad "bad dtype" "--dtype must be f32, bf16 or f16" "$T/x6" dequantize "$T/q.safetensors" --out "$T/x6" --dtype f64
+bad "bad dtype" "--dtype must be a float type" "$T/x6" dequantize "$T/q.safetensors" --out "$T/x6" --dtype f8
 bad "missing --out" "missing required option --out" "$T/x7" quantize "$BASE"
 bad "everything skipped" "no 2-D floating-point .weight tensors" "$T/x8" quantize "$BASE" --out "$T/x8" --skip lm_head,embed_tokens,self_attn,mlp
 bad "output folder's parent missing" "does not exist" "$T/no/such/dir/q.safetensors" quantize "$BASE" --out "$T/no/such/dir/q.safetensors"

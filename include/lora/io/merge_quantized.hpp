@@ -10,6 +10,14 @@
 // With a float `reference` checkpoint (the model before quantisation) it also reports, per
 // merged weight, how far the 4-bit route lands from merging into the float base:
 // ‖out − (W_ref + ΔW)‖_F / ‖W_ref + ΔW‖_F, next to the quantisation error ‖deq − W_ref‖_F / ‖W_ref‖_F.
+//
+// With `requantize` the merged NF4 weights are written back as NF4 instead (bitsandbytes'
+// layout, quant/bnb_format.hpp, the base tensor's blocksize, double quantisation and dtype):
+// M = deq + ΔW in double, rounded to float32 and quantised once (PEFT's merge into a
+// Linear4bit rounds M to the compute dtype first, then quantises). The report gives the
+// re-quantisation error ‖deq(q(M)) − M‖_F / ‖M‖_F per module, and with a reference the
+// error of the dequantised output against W_ref + ΔW. Untouched NF4 weights keep their
+// bytes and companions; float tensors keep their dtype.
 
 #include <lora/error.hpp>
 #include <lora/io/checkpoint.hpp>
@@ -29,9 +37,12 @@ namespace lora::io {
 
 /// Options of merge_into_quantized.
 struct QuantizedMergeOptions {
-  dtype out = dtype::BF16;  ///< BF16, F16 or F32
+  dtype out = dtype::BF16;  ///< BF16, F16 or F32 (not used with `requantize`)
   double scale = 1.0;       ///< multiplies every ΔW (PEFT's merge with a weight)
   std::uint64_t max_shard_bytes = 5'000'000'000;
+  /// Write merged NF4 weights as NF4 again (and every other tensor as stored) instead of
+  /// dequantising the whole model to `out`.
+  bool requantize = false;
 };
 
 /// One weight the adapter changed.
@@ -41,10 +52,13 @@ struct QuantizedMergeModule {
   double delta_norm = 0;            ///< ‖s·B·A‖_F
   double quant_error = std::numeric_limits<double>::quiet_NaN();   ///< ‖deq − W_ref‖_F / ‖W_ref‖_F
   double merged_error = std::numeric_limits<double>::quiet_NaN();  ///< ‖out − (W_ref + ΔW)‖_F / ‖W_ref + ΔW‖_F
+  /// requantize: ‖deq(q(M)) − M‖_F / ‖M‖_F, M = deq + ΔW, the error the second quantisation adds
+  double requant_error = std::numeric_limits<double>::quiet_NaN();
 };
 
 struct QuantizedMergeSummary {
   std::size_t nf4_weights = 0;  ///< NF4 weights dequantised (merged or not)
+  std::size_t requantized = 0;  ///< NF4 weights merged and quantised again (requantize)
   std::size_t written = 0;      ///< tensors written
   std::vector<QuantizedMergeModule> modules;
 };
@@ -81,12 +95,27 @@ inline Eigen::MatrixXd delta_of(const PeftModule& m, double scale) {
   if (a.fan_in_fan_out()) return d.transpose();
   return d;
 }
+
+/// The reference weight of `name` as a [rows × cols] double matrix, checked against the base.
+template <class = void>
+inline Eigen::MatrixXd reference_weight(const Checkpoint& reference, const std::string& name, Index rows, Index cols) {
+  if (!reference.contains(name))
+    lora::detail::fail("--reference {}: no tensor '{}'", reference.path().string(), name);
+  const auto& rv = reference.tensor(name);
+  if (rv.numel() != rows * cols)
+    lora::detail::fail("--reference {}: '{}' has {} elements, the 4-bit base {}", reference.path().string(), name,
+                       rv.numel(), rows * cols);
+  const auto rvals = rv.to_vector<double>();
+  return Eigen::Map<const Matrix<double>>(rvals.data(), rows, cols);
+}
 }  // namespace detail
 
 /// Merges `adapter` into the 4-bit checkpoint `base` and writes `out` (a .safetensors file,
 /// or a folder when the output needs shards or `out` has no .safetensors extension).
 /// Plain LoRA modules only (no DoRA, embedding LoRA, lora_bias or modules_to_save copies:
 /// refused, naming the module). Every adapter module must match a weight of `base`.
+/// With opt.requantize the merged NF4 weights are kept in NF4 (see the header comment);
+/// their new tensors are held in memory until written (≈ 0.56 bytes per parameter).
 template <class = void>
 inline QuantizedMergeSummary merge_into_quantized(const Checkpoint& base, const PeftAdapter& adapter,
                                                   const std::filesystem::path& out,
@@ -113,26 +142,77 @@ inline QuantizedMergeSummary merge_into_quantized(const Checkpoint& base, const 
     lora::detail::fail("merge into a 4-bit base: the adapter carries {} full tensors (modules_to_save, e.g. '{}'); "
                        "not supported here",
                        adapter.saved.size(), adapter.saved.front().key);
+  // the companions of each NF4 weight, in file order (requantize keeps or replaces them)
+  std::map<std::string, std::vector<std::string>> companions;
+  if (opt.requantize)
+    for (const auto& n : base.names())
+      if (quant::bnb::is_companion(n)) {
+        const auto pos = n.find(".weight.");
+        if (pos != std::string::npos) companions[n.substr(0, pos + 7)].push_back(n);
+      }
   QuantizedMergeSummary summary;
   std::vector<TensorSpec> specs;
-  std::map<std::string, Nf4Tensor> nf4;  // read once, while planning (shapes), used once
+  std::map<std::string, Nf4Tensor> nf4;           // read once, while planning (shapes), used once
+  std::map<std::string, TensorData> requantized;  // requantize: the new tensors of merged NF4 weights
   for (const auto& e : entries) {
     const auto& v = base.tensor(e.name);
-    if (e.nf4) {
+    if (e.nf4 && opt.requantize) {
+      ++summary.nf4_weights;
+      auto mit = module_of.find(e.name);
+      if (mit == module_of.end()) {  // untouched: the stored weight and companions
+        specs.push_back({e.name, v.type, v.shape});
+        for (const auto& c : companions[e.name]) specs.push_back({c, base.tensor(c).type, base.tensor(c).shape});
+        continue;
+      }
+      Nf4Tensor t = quant::bnb::read(base.shard(e.shard), e.name);
+      const Eigen::MatrixXd deq = t.dequantize<double>();
+      const Eigen::MatrixXd D = detail::delta_of(*mit->second, opt.scale);
+      if (D.rows() != deq.rows() || D.cols() != deq.cols())
+        lora::detail::fail("merge into a 4-bit base: '{}' is [{} x {}] but module '{}' gives ΔW [{} x {}]", e.name,
+                           deq.rows(), deq.cols(), mit->second->name, D.rows(), D.cols());
+      const Eigen::MatrixXd M = deq + D;
+      t.requantize(M);  // same blocksize, double quantisation and dtype
+      const Eigen::MatrixXd back = t.dequantize<double>();
+      QuantizedMergeModule rep;
+      rep.weight = e.name;
+      rep.from_nf4 = true;
+      rep.delta_norm = D.norm();
+      const double mn = M.norm();
+      rep.requant_error = mn > 0 ? (back - M).norm() / mn : 0.0;
+      if (reference) {
+        const Eigen::MatrixXd Wr = detail::reference_weight(*reference, e.name, deq.rows(), deq.cols());
+        rep.quant_error = (deq - Wr).norm() / Wr.norm();
+        rep.merged_error = (back - (Wr + D)).norm() / (Wr + D).norm();
+      }
+      summary.modules.push_back(std::move(rep));
+      ++summary.requantized;
+      for (auto& td : quant::bnb::to_tensors(e.name, t)) {
+        specs.push_back({td.name, td.type, td.shape});
+        requantized.emplace(td.name, std::move(td));
+      }
+    } else if (e.nf4) {
       Nf4Tensor t = quant::bnb::read(base.shard(e.shard), e.name);
       specs.push_back({e.name, opt.out, t.shape()});
       ++summary.nf4_weights;
       nf4.emplace(e.name, std::move(t));
     } else {
-      specs.push_back({e.name, detail::is_float_dtype(v.type) ? opt.out : v.type, v.shape});
+      specs.push_back({e.name, detail::is_float_dtype(v.type) && !opt.requantize ? opt.out : v.type, v.shape});
     }
   }
   CheckpointLayout layout = CheckpointLayout::split(specs, opt.max_shard_bytes);
   layout.single_file = layout.shards.size() == 1 && out.extension() == ".safetensors";
   write_checkpoint(out, layout, [&](const TensorSpec& spec) -> TensorBytes {
-    const auto& e = *by_name.at(spec.name);
+    ++summary.written;
+    if (auto it = requantized.find(spec.name); it != requantized.end()) {
+      auto bytes = std::move(it->second.bytes);
+      requantized.erase(it);
+      return TensorBytes::own(std::move(bytes));
+    }
     const auto& v = base.tensor(spec.name);
-    if (!e.nf4 && !detail::is_float_dtype(v.type)) return TensorBytes::borrow(v.bytes);
+    const auto eit = by_name.find(spec.name);
+    if (eit == by_name.end() || (eit->second->nf4 && opt.requantize) || !detail::is_float_dtype(spec.type))
+      return TensorBytes::borrow(v.bytes);  // a kept NF4 weight or companion, or a non-float tensor
+    const auto& e = *eit->second;
     Eigen::MatrixXd W;
     Index rows = 1, cols = 1;
     if (e.nf4) {
@@ -163,17 +243,10 @@ inline QuantizedMergeSummary merge_into_quantized(const Checkpoint& base, const 
       const Eigen::MatrixXd deq = W;
       W += D;
       if (reference) {
-        if (!reference->contains(spec.name))
-          lora::detail::fail("--reference {}: no tensor '{}'", reference->path().string(), spec.name);
-        const auto& rv = reference->tensor(spec.name);
-        if (rv.numel() != W.size())
-          lora::detail::fail("--reference {}: '{}' has {} elements, the 4-bit base {}", reference->path().string(),
-                             spec.name, rv.numel(), W.size());
-        const auto rvals = rv.to_vector<double>();
-        const Eigen::Map<const Matrix<double>> Wr(rvals.data(), rows, cols);
+        const Eigen::MatrixXd Wr = detail::reference_weight(*reference, spec.name, rows, cols);
         // the output as written: rounded to the output dtype
-        const TensorData rounded = TensorData::from_values(spec.name, Matrix<double>(W).data(), spec.shape, opt.out);
-        const auto back = TensorView{spec.name, "", opt.out, spec.shape, rounded.bytes}.to_vector<double>();
+        const TensorData rounded = TensorData::from_values(spec.name, Matrix<double>(W).data(), spec.shape, spec.type);
+        const auto back = TensorView{spec.name, "", spec.type, spec.shape, rounded.bytes}.to_vector<double>();
         const Eigen::Map<const Matrix<double>> Wo(back.data(), rows, cols);
         rep.quant_error = (deq - Wr).norm() / Wr.norm();
         rep.merged_error = (Wo - (Wr + D)).norm() / (Wr + D).norm();
@@ -181,9 +254,10 @@ inline QuantizedMergeSummary merge_into_quantized(const Checkpoint& base, const 
       summary.modules.push_back(std::move(rep));
     }
     const Matrix<double> Wrow = W;
-    ++summary.written;
-    return TensorBytes::own(TensorData::from_values(spec.name, Wrow.data(), spec.shape, opt.out).bytes);
+    return TensorBytes::own(TensorData::from_values(spec.name, Wrow.data(), spec.shape, spec.type).bytes);
   });
+  std::sort(summary.modules.begin(), summary.modules.end(),
+            [](const QuantizedMergeModule& a, const QuantizedMergeModule& b) { return a.weight < b.weight; });
   return summary;
 }
 

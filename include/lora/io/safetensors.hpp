@@ -6,6 +6,7 @@
 
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
+#include <lora/io/dtype.hpp>
 #include <lora/io/file.hpp>
 #include <lora/io/json.hpp>
 
@@ -30,65 +31,6 @@
 #include <vector>
 
 namespace lora::io {
-
-/// The safetensors element types. U16/U32/U64 and the FP8 types (F8_E4M3: torch's
-/// float8_e4m3fn; F8_E5M2) are read, converted and copied; writing converts to them only
-/// for the integer types.
-enum class dtype { F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, U32, U64, F8_E4M3, F8_E5M2 };
-
-inline std::string_view dtype_name(dtype t) {
-  switch (t) {
-    case dtype::F64: return "F64";
-    case dtype::F32: return "F32";
-    case dtype::F16: return "F16";
-    case dtype::BF16: return "BF16";
-    case dtype::I64: return "I64";
-    case dtype::I32: return "I32";
-    case dtype::I16: return "I16";
-    case dtype::I8: return "I8";
-    case dtype::U8: return "U8";
-    case dtype::BOOL: return "BOOL";
-    case dtype::U16: return "U16";
-    case dtype::U32: return "U32";
-    case dtype::U64: return "U64";
-    case dtype::F8_E4M3: return "F8_E4M3";
-    case dtype::F8_E5M2: return "F8_E5M2";
-  }
-  return "?";
-}
-
-inline std::size_t dtype_size(dtype t) {
-  switch (t) {
-    case dtype::F64:
-    case dtype::I64:
-    case dtype::U64: return 8;
-    case dtype::F32:
-    case dtype::I32:
-    case dtype::U32: return 4;
-    case dtype::F16:
-    case dtype::BF16:
-    case dtype::I16:
-    case dtype::U16: return 2;
-    case dtype::I8:
-    case dtype::U8:
-    case dtype::BOOL:
-    case dtype::F8_E4M3:
-    case dtype::F8_E5M2: return 1;
-  }
-  return 0;
-}
-
-/// Parses "F32", "BF16", ...; `where` names the file and tensor for the message.
-inline dtype parse_dtype(std::string_view s, std::string_view where) {
-  static constexpr dtype all[] = {dtype::F64, dtype::F32, dtype::F16, dtype::BF16,    dtype::I64,
-                                  dtype::I32, dtype::I16, dtype::I8,  dtype::U8,      dtype::BOOL,
-                                  dtype::U16, dtype::U32, dtype::U64, dtype::F8_E4M3, dtype::F8_E5M2};
-  for (dtype t : all)
-    if (dtype_name(t) == s) return t;
-  lora::detail::fail("{}: unknown dtype '{}' (expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, U16, "
-                     "U32, U64, F8_E4M3, F8_E5M2)",
-                     where, s);
-}
 
 namespace detail {
 /// torch.float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN.
