@@ -197,17 +197,17 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       for (Index n = 0; n < out; ++n) h(0, n) = static_cast<float>(g.uniform(0.5, 1.5));
       m.upload(h);
     }
-    std::vector<DoraWorkspace<S>> ws(sets);
+    std::vector<detail::DoraWorkspace<S>> ws(sets);
     auto [tb, td] = time_pair(ctx_ref, base, [&](int i) {
-      dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), ws[i % sets]);
+      detail::dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), ws[i % sets]);
     });
     emit("base_gemm", in, out, T, r, tb);
     emit("ours_dora_fwd", in, out, T, r, td);
     {  // inference with frozen A, B, m: the column scale kept from the first call (cache_norm)
-      std::vector<DoraWorkspace<S>> cws(sets);
+      std::vector<detail::DoraWorkspace<S>> cws(sets);
       for (auto& w : cws) w.cache_norm = true;
       auto [tb2, tc] = time_pair(ctx_ref, base, [&](int i) {
-        dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), cws[i % sets]);
+        detail::dora_apply(ad, fw[i % sets], DeviceView<const float>(m.view()), Xp.view(), Y.view(), cws[i % sets]);
       });
       emit("base_gemm_dora_cached", in, out, T, r, tb2);
       emit("ours_dora_fwd_cached", in, out, T, r, tc);
@@ -216,7 +216,7 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     }
     if (T >= 4096) {  // where the DoRA forward's time goes (each timed on its own)
       const float* mp = m.data();
-      DoraWorkspace<S>& w0 = ws[0];
+      detail::DoraWorkspace<S>& w0 = ws[0];
       int sms = 0;
       LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
       auto pg_blocks = [&](int blocks) {  // the tensor-core pass's partial sums at another grid size
@@ -227,9 +227,9 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       };
       const auto t = bench::time_all(
           ctx_ref,
-          {[&](int) { dora_weight_norm(ad, fw[0], w0, mp); }, [&](int) { detail::dora_build_scaled(ad, fw[0], w0); },
+          {[&](int) { detail::dora_weight_norm(ad, fw[0], w0, mp); }, [&](int) { detail::dora_build_scaled(ad, fw[0], w0); },
            [&](int) { ad.apply(w0.scaled, Xp.view(), Y.view()); }, [&](int) { ad.apply(fw[0], Xp.view(), Y.view()); },
-           [&](int) { dora_apply(ad, fw[0], DeviceView<const float>(m.view()), Xp.view(), Y.view(), w0); },
+           [&](int) { detail::dora_apply(ad, fw[0], DeviceView<const float>(m.view()), Xp.view(), Y.view(), w0); },
            // PG = [W; A]·Aᵀ alone: cuBLAS (the fallback) and the tensor-core pass (detail::norm_gemm),
            // then its partial sums and its reduction apart.
            [&](int) {
@@ -528,11 +528,11 @@ int main(int argc, char** argv) {
     const Index out = 14336, in = 4096;
     const int sets = 4;
     std::vector<DeviceMatrix<S>> W;
-    std::vector<DeviceNF4> q;
+    std::vector<quant::Nf4Tensor<cuda>> q;
     for (int i = 0; i < sets; ++i) {
       W.emplace_back(out, in);
       fill_random(W.back().view(), g, 0.02);
-      q.push_back(nf4_quantize<S>(W.back().view(), 64, *ctx));
+      q.push_back(quant::Nf4Tensor<cuda>::quantize<S>(W.back().view(), {64, false}, ctx));
     }
     for (Index T : {Index(1), Index(16)}) {
       DeviceMatrix<S> X(T, in), Y(T, out);
@@ -542,16 +542,16 @@ int main(int argc, char** argv) {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
           },
-          [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+          [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); });
       emit("base_gemm", in, out, T, 0, tb);
       const double bytes = out * in / 2.0 + out * in / 64.0 * 4 + T * (in + out) * 2.0;
       emit("ours_nf4_gemm", in, out, T, 0, ms, bytes / ms / 1e6);
     }
     DeviceMatrix<S> D(out, in);
-    const double ms = time_ms(*ctx, [&](int i) { nf4_dequantize<S>(q[i % sets], D.view(), *ctx); });
+    const double ms = time_ms(*ctx, [&](int i) { q[i % sets].dequantize_into(D.view()); });
     const double bytes = out * in / 2.0 + out * in / 64.0 * 4 + out * in * 2.0;
     emit("ours_nf4_dequant", in, out, 0, 0, ms, bytes / ms / 1e6);
-    const double qms = time_ms(*ctx, [&](int i) { auto t = nf4_quantize<S>(W[i % sets].view(), 64, *ctx); }, 2, 9);
+    const double qms = time_ms(*ctx, [&](int i) { auto t = quant::Nf4Tensor<cuda>::quantize<S>(W[i % sets].view(), {64, false}, ctx); }, 2, 9);
     emit("ours_nf4_quant", in, out, 0, 0, qms, (out * in * 2.0 + out * in / 2.0) / qms / 1e6);
   }
 

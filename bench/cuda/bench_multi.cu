@@ -86,7 +86,7 @@ int main(int argc, char** argv) {
 
   if (profile) {
     for (auto [T, N] : {std::pair<Index, int>{1, 1}, {256, 64}, {4096, 1}}) {
-      multi::DeviceAdapterSet<S> set(in, out, ctx);
+      multi::AdapterSet<S, cuda> set(in, out, ctx);
       for (int i = 0; i < N; ++i)
         set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)], 2.0);
       std::vector<int> ids(static_cast<std::size_t>(T));
@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (int N : {1, 8, 64, 512}) {
-    multi::DeviceAdapterSet<S> set(in, out, ctx);
+    multi::AdapterSet<S, cuda> set(in, out, ctx);
     std::vector<LowRankAdapter<S, cuda>> loop;  // the naive loop's adapters
     for (int i = 0; i < N; ++i) {
       set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
@@ -195,12 +195,12 @@ int main(int argc, char** argv) {
                    ms[7], ms[8], ms[6], ms[9]);
     }
   }
-  // Backward (W frozen): DeviceAdapterSet::backward over a mixed batch against one adapter's
+  // Backward (W frozen): AdapterSet<S, cuda>::backward over a mixed batch against one adapter's
   // LowRankAdapter::backward(W, X, dY) over the same T and the input-gradient GEMM dY·W alone.
   // Both backward calls allocate their outputs and scratch per call (cudaMalloc), as the
   // library's allocating overloads do; the set's also synchronises before freeing its scratch.
   for (int N : {1, 8, 64}) {
-    multi::DeviceAdapterSet<S> set(in, out, ctx);
+    multi::AdapterSet<S, cuda> set(in, out, ctx);
     for (int i = 0; i < N; ++i)
       set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
               standard_scaling::factor(alpha, static_cast<int>(r)));

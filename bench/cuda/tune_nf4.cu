@@ -56,14 +56,14 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "copy %.0f GB/s; %d weight sets\n", copy_gbps, sets);
 
   std::vector<DeviceMatrix<S>> W;
-  std::vector<DeviceNF4> q;
+  std::vector<quant::Nf4Tensor<cuda>> q;
   for (int i = 0; i < sets; ++i) {
     W.emplace_back(out, in);
     fill_random(W.back().view(), g, 0.02);
-    q.push_back(nf4_quantize<S>(W.back().view(), 64, *ctx));
+    q.push_back(quant::Nf4Tensor<cuda>::quantize<S>(W.back().view(), {64, false}, ctx));
   }
   DeviceMatrix<float> Df(out, in);
-  nf4_dequantize<float>(q[0], Df.view(), *ctx);
+  q[0].dequantize_into(Df.view());
 
   for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
     DeviceMatrix<S> X(tokens, in), Y(tokens, out);
@@ -112,12 +112,12 @@ int main(int argc, char** argv) {
       if (gms > 0) std::fprintf(stderr, "  (graph %.2f us)", gms * 1e3);
       std::fprintf(stderr, "\n");
     };
-    variant("nf4_gemm", [&](int i) { nf4_gemm<S>(q[i % sets], X.view(), Y.view(), *ctx); });
+    variant("nf4_gemm", [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); });
     variant("gemv", [&](int i) {
       const auto& w = q[i % sets];
       auto go = [&](auto kernel) {
         kernel<<<detail::ceil_div(out, detail::nf4_rows), detail::nf4_threads, 0, ctx->stream()>>>(
-            xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed.data(), w.absmax.data(), 64,
+            xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
             static_cast<int>(out), yd, ldy);
       };
       if (tokens == 1)
@@ -131,14 +131,14 @@ int main(int argc, char** argv) {
       for (const bool pdl : {true, false})
         variant(pdl ? "byte_pair pdl" : "byte_pair", [&, pdl](int i) {
           const auto& w = q[i % sets];
-          detail::launch_nf4_byte_pair<T>(xd, static_cast<int>(in), w.packed.data(), w.absmax.data(), 64,
+          detail::launch_nf4_byte_pair<T>(xd, static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
                                           static_cast<int>(out), yd, ctx->stream(), pdl);
         });
     }
     auto stream = [&](const char* name, auto launch) {
       variant(name, [&, launch](int i) {
         const auto& w = q[i % sets];
-        launch(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed.data(), w.absmax.data(), 64,
+        launch(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
                static_cast<int>(out), yd, ldy, ctx->stream());
       });
     };
@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
     }
   }
   DeviceMatrix<S> D(out, in);
-  const double dq = time_ms(*ctx, [&](int i) { nf4_dequantize<S>(q[i % sets], D.view(), *ctx); });
+  const double dq = time_ms(*ctx, [&](int i) { q[i % sets].dequantize_into(D.view()); });
   const double dq_bytes = code_bytes + out * in * 2.0;
   std::fprintf(csv, "dequantize,0,%.5f,%.1f,0\n", dq, dq_bytes / dq / 1e6);
   std::fprintf(stderr, "dequantize %.2f us, %.0f GB/s (%.0f%% of copy)\n", dq * 1e3, dq_bytes / dq / 1e6,

@@ -17,5 +17,6 @@
 #include <lora/cuda/adapter.cuh>
 #include <lora/cuda/dora.cuh>
 #include <lora/cuda/nf4.cuh>
+#include <lora/cuda/qlora.cuh>
 #include <lora/cuda/spectrum.cuh>
 #include <lora/cuda/multi.cuh>

@@ -91,7 +91,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
                         {"odd", 100, 70, 29, 5}};
   for (const Case& c : cases) {
     auto set = random_set<S>(c.in, c.out, c.adapters, ranks, g);
-    auto dev = multi::DeviceAdapterSet<S>::from_host(set);
+    auto dev = multi::AdapterSet<S, cuda>::from_host(set);
     REQUIRE(dev.size() == set.size());
     const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.05);
     const auto dW = DeviceMatrix<S>::from_host(W);
@@ -148,7 +148,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
 TEST_CASE("cuda multi: strided X and Y views", "[cuda][multi]") {
   Generator g(lora::test::fresh_seed());
   auto set = random_set<bfloat16>(256, 128, 4, {16, 8, 64}, g);
-  auto dev = multi::DeviceAdapterSet<bfloat16>::from_host(set);
+  auto dev = multi::AdapterSet<bfloat16, cuda>::from_host(set);
   const Matrix<bfloat16> W = rand_s<bfloat16>(128, 256, g, 0.05), X = rand_s<bfloat16>(19, 256, g);
   const std::vector<int> ids = make_ids("random", 19, 4, g);
   const auto dW = DeviceMatrix<bfloat16>::from_host(W);
@@ -170,7 +170,7 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
   Generator g(seed);
   const Index in = 256, out = 256, T = 40;
   auto host = random_set<S>(in, out, 3, {16, 32, 8}, g);
-  auto dev = multi::DeviceAdapterSet<S>::from_host(host);
+  auto dev = multi::AdapterSet<S, cuda>::from_host(host);
   const Matrix<S> W = rand_s<S>(out, in, g, 0.05), X = rand_s<S>(T, in, g);
   const auto dW = DeviceMatrix<S>::from_host(W);
   const auto dX = DeviceMatrix<S>::from_host(X);
@@ -224,7 +224,7 @@ TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others sta
 TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them", "[cuda][multi]") {
   using M = Matrix<float>;
   Generator g(lora::test::fresh_seed());
-  multi::DeviceAdapterSet<float> dev(64, 48);
+  multi::AdapterSet<float, cuda> dev(64, 48);
   const M A = rand_s<float>(8, 64, g), B = rand_s<float>(48, 8, g);
   CHECK(dev.add("a", A, B, 2.0) == 0);
   using Catch::Matchers::ContainsSubstring;
@@ -253,7 +253,7 @@ TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them",
   DeviceMatrix<float> Yb(3, 47);
   CHECK_THROWS_WITH(dev.apply(W.view(), X.view(), dev.segments(ok), Yb.view()),
                     ContainsSubstring("output Y has shape [3 x 47]"));
-  CHECK_THROWS_WITH(multi::DeviceAdapterSet<float>(0, 4), ContainsSubstring("at least 1"));
+  CHECK_THROWS_WITH((multi::AdapterSet<float, cuda>(0, 4)), ContainsSubstring("at least 1"));
   // and a correct call still works
   const auto y = dev.apply(W.view(), X.view(), ok).to_host();
   CHECK(y.allFinite());
@@ -268,7 +268,7 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
   const Index in = 256, out = 192, T = 45;
   const int n = 6;
   auto set = random_set<S>(in, out, n, {8, 16, 128, 32, 64}, g);
-  auto dev = multi::DeviceAdapterSet<S>::from_host(set);
+  auto dev = multi::AdapterSet<S, cuda>::from_host(set);
   const Matrix<S> W = rand_s<S>(out, in, g, 0.05), X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
   const auto dW = DeviceMatrix<S>::from_host(W);
   const auto dX = DeviceMatrix<S>::from_host(X);

@@ -1,6 +1,8 @@
 #pragma once
-// Helpers shared by the CUDA tests (cuda.cu, multi.cu): tolerances, random host matrices,
-// and NaN poisoning of device outputs so that an element a kernel fails to write fails.
+// Helpers shared by the CUDA tests (one file per header: adapter.cu, dora.cu, nf4.cu, qlora.cu,
+// multi.cu, spectrum.cu, lt.cu; device.cu runs one body on lora::cpu and lora::cuda):
+// tolerances, random host matrices, NaN poisoning of device outputs so that an element a
+// kernel fails to write fails, and the host/device moves of a device-generic test body.
 
 #include <lora/cuda/runtime.hpp>
 
@@ -13,6 +15,11 @@
 #include <type_traits>
 
 namespace lora::test {
+
+template <class E>
+MatD d(const Eigen::MatrixBase<E>& m) {
+  return m.template cast<double>();
+}
 
 /// Relative tolerance of a GPU result against float64: bf16/half 1e-2, float 1e-5.
 template <class S>
@@ -36,6 +43,53 @@ void poison(DeviceView<S> v) {
     // landed after the kernel and turned correct outputs back into NaN).
     LORA_CUDA_CHECK(cudaDeviceSynchronize());
   }
+}
+
+/// X in the first columns of a NaN-poisoned [rows × (cols + extra)] device matrix (the fused
+/// paths' padded input and gradient).
+template <class S>
+DeviceMatrix<S> upload_padded(const Matrix<S>& X, Index extra) {
+  DeviceMatrix<S> p(X.rows(), X.cols() + extra);
+  poison(p.view());
+  upload<S>(X, p.view().col_block(0, X.cols()));
+  return p;
+}
+
+/// A device-generic test body's moves: on<D>(M) puts a host matrix where lora::D's functions
+/// take it (the matrix itself on the CPU, a DeviceMatrix on the GPU); host(x) brings a result
+/// back as a float64 matrix.
+template <class Device>
+struct device_io;
+template <>
+struct device_io<cpu> {
+  template <class S>
+  static Matrix<S> put(const Matrix<S>& m) {
+    return m;
+  }
+};
+template <>
+struct device_io<cuda> {
+  template <class S>
+  static DeviceMatrix<S> put(const Matrix<S>& m) {
+    return DeviceMatrix<S>::from_host(m);
+  }
+};
+template <class Device, class S>
+auto on(const Matrix<S>& m) {
+  return device_io<Device>::put(m);
+}
+template <class E>
+MatD host(const Eigen::MatrixBase<E>& m) {
+  return m.template cast<double>();
+}
+template <class S>
+MatD host(const DeviceMatrix<S>& m) {
+  return m.to_host().template cast<double>();
+}
+/// A [n] vector as an [n × 1] matrix (DoRA's magnitude gradient is a Vector on the CPU, a
+/// [out × 1] DeviceMatrix on the GPU).
+inline MatD column(const MatD& m) {
+  return m.cols() == 1 ? m : MatD(m.transpose());
 }
 
 }  // namespace lora::test

@@ -1,9 +1,9 @@
 #pragma once
-// DoRA (Liu et al. 2024) on the GPU, in PEFT's formulation with the weight
-// norm detached from the graph:
+// DoraAdapter<S, lora::cuda>: DoRA (Liu et al. 2024) on the GPU, the same class as on the
+// CPU (lora/dora/dora.hpp), in PEFT's formulation with the weight norm detached:
 //   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),   c_n = m_n / ‖W_n + s·(B·A)_n‖   (row n of W ↔ column n of Y).
 // The row norms come from ‖w_n‖² + 2s·b_n·(W·Aᵀ)_n + s²·b_n·(A·Aᵀ)·b_nᵀ, so
-// W + s·B·A is never formed; c is folded into the rows of the fused block
+// W + s·B·A is never formed; on the fused path c is folded into the rows of the block
 // [[c⊙W, c⊙B], [A, 0]], after which forward and backward are the LoRA ones.
 
 #include <lora/cuda/adapter.cuh>
@@ -12,8 +12,10 @@
 
 namespace lora {
 
-/// Buffers of the DoRA device path. wn2 (‖w_n‖²) is computed once, since W is
-/// frozen; call reset_weight_norms() if W changes.
+namespace detail {
+
+/// Buffers of DoraAdapter<S, cuda>'s fused path. wn2 (‖w_n‖²) is computed once, since W is
+/// frozen; reset_weight_norms() if W changes.
 template <class S>
 struct DoraWorkspace {
   FusedWeight<S> scaled;          ///< [[c⊙W, c⊙B], [A, 0]], written by dora_apply
@@ -89,7 +91,6 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
 }
 
-namespace detail {
 /// ws.scaled = [[c⊙W, c⊙B], [A, 0]] from the fused block and ws.c.
 template <class S, ScalingPolicy Sc>
 void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DoraWorkspace<S>& ws) {
@@ -119,7 +120,6 @@ void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<
                                   cudaMemcpyDeviceToDevice, ctx.stream()));
   ws.scaled_current = true;
 }
-}  // namespace detail
 
 /// DoRA forward: Y = (m / ‖W + s·B·A‖_row) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ), with
 /// magnitude m [out] (float, device) and Xp = [X | scratch] as in the fused LoRA path.
@@ -181,5 +181,294 @@ void dora_backward(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& 
                                                                                static_cast<int>(out));
   LORA_CUDA_CHECK_LAUNCH("divide_kernel");
 }
+
+/// One warp per row of V [rows × cols] (float, ldv): n = ‖V_row‖, c = m / n, and
+/// W_row = c·V_row rounded to T (DoRA's merge, one rounding); norm[row] = n.
+template <class T>
+__global__ void dora_merge_rows_kernel(const float* __restrict__ V, long ldv, int rows, int cols,
+                                       const float* __restrict__ m, T* __restrict__ W, long ldw,
+                                       float* __restrict__ norm) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* v = V + static_cast<long>(row) * ldv;
+  float acc = 0.f;
+  for (int k = lane; k < cols; k += 32) acc = fmaf(v[k], v[k], acc);
+  acc = warp_sum<float>(acc);
+  const float n = sqrtf(acc), c = m[row] / n;
+  for (int k = lane; k < cols; k += 32) W[static_cast<long>(row) * ldw + k] = from_float<T>(c * v[k]);
+  if (lane == 0) norm[row] = n;
+}
+
+/// W[i, j] = (n_i / m_i)·W[i, j] − D[i, j] in float, rounded once (DoRA's unmerge; D = s·B·A).
+template <class T>
+__global__ void dora_unmerge_kernel(T* __restrict__ W, long ldw, const float* __restrict__ D, long ldd, int rows,
+                                    int cols, const float* __restrict__ n, const float* __restrict__ m) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= static_cast<long>(rows) * cols) return;
+  const long r = i / cols, c = i % cols;
+  W[r * ldw + c] = from_float<T>(n[r] / m[r] * to_float(W[r * ldw + c]) - D[r * ldd + c]);
+}
+
+}  // namespace detail
+
+/// Gradients of a DoRA layer on the device (DoraGradients' twin): dA [r × in], dB [out × r]
+/// and dm [out × 1] in float, dX [T × in] in S.
+template <class S>
+struct DeviceDoraGradients {
+  DeviceMatrix<float> dA, dB, dm;
+  DeviceMatrix<S> dX;
+};
+
+/// DoRA on an NVIDIA GPU: the member functions of DoraAdapter<S, cpu> with device views
+/// in place of Eigen matrices. As with LowRankAdapter<S, cuda>, a product that CPU returns
+/// has two forms here: one that writes a caller's buffer (no allocation), one that returns
+/// a new DeviceMatrix. S is bfloat16, half or float; arithmetic in float. The base weight
+/// is [out × in] (fan_in_fan_out adapters are refused: pass W transposed).
+///
+///   auto d = lora::DoraAdapter<lora::bfloat16, lora::cuda>::from_host(host_dora);
+///   auto Y = d.apply(W, X);                      // (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ)
+///   auto g = d.backward(W, X, dY);               // g.dA, g.dB, g.dm, g.dX
+///   auto n = d.merge(W);  d.unmerge(W, n);
+///   // the fused path (as LowRankAdapter<S, cuda>): fw = d.fuse(W); d.apply(fw, Xp, Y); d.backward(fw, Xp, Y, dYp, …)
+///
+/// The fused path keeps per-adapter buffers (the scaled block, the norms): one adapter is
+/// not for concurrent use from several host threads, like LowRankAdapter<S, cuda>'s scratch.
+template <class Scalar, ScalingPolicy Scaling>
+class DoraAdapter<Scalar, cuda, Scaling> {
+ public:
+  using scalar_type = Scalar;
+  using device_type = cuda;
+  using lora_type = LowRankAdapter<Scalar, cuda, Scaling>;
+  using host_type = DoraAdapter<Scalar, cpu, Scaling>;
+  using view = DeviceView<Scalar>;
+  using cview = DeviceView<const Scalar>;
+  using gradients = DeviceDoraGradients<Scalar>;
+
+  /// Adopts a device LoRA adapter and a magnitude m [out × 1] (or [1 × out]) in float.
+  DoraAdapter(lora_type lora, DeviceMatrix<float> magnitude) : lora_(std::move(lora)), m_(std::move(magnitude)) {
+    if (lora_.fan_in_fan_out())
+      detail::fail("{}DoRA on the GPU needs W as [out x in]: fan_in_fan_out adapters are not supported (transpose W)",
+                   who());
+    if (m_.rows() * m_.cols() != lora_.out_features())
+      detail::fail("{}DoRA magnitude has {} elements, expected out_features = {}", who(), m_.rows() * m_.cols(),
+                   lora_.out_features());
+  }
+  /// Copies a CPU DoRA adapter (factors, alpha, scaling, magnitude) to the device.
+  static DoraAdapter from_host(const host_type& h, std::shared_ptr<CudaContext> ctx = {}) {
+    auto lora = lora_type::from_host(h.lora(), std::move(ctx));
+    const Matrix<float> m = h.magnitude().template cast<float>();
+    return DoraAdapter(std::move(lora), DeviceMatrix<float>::from_host(m));
+  }
+  /// The CPU DoRA adapter with the current device factors and magnitude.
+  host_type to_host() const {
+    const Matrix<float> m = m_.to_host();
+    typename host_type::cvector v(lora_.out_features());
+    for (Index i = 0; i < v.size(); ++i) v[i] = static_cast<typename host_type::compute_scalar>(m.data()[i]);
+    return host_type(lora_.to_host(), std::move(v));
+  }
+  /// PEFT's initialisation: m = ‖W + s·B·A‖_row, so the layer starts equal to plain LoRA.
+  static DoraAdapter from_weight(lora_type lora, cview W) {
+    const Index out = lora.out_features();
+    DoraAdapter d(std::move(lora), DeviceMatrix<float>(out, 1));
+    d.m_ = d.weight_norm(W);
+    return d;
+  }
+
+  const lora_type& lora() const { return lora_; }
+  lora_type& lora() { return lora_; }
+  /// m [out × 1] (or as given), float on the device. After writing it, invalidate_norm().
+  DeviceView<const float> magnitude() const { return m_.view(); }
+  DeviceView<float> magnitude() { return m_.view(); }
+  Index in_features() const { return lora_.in_features(); }
+  Index out_features() const { return lora_.out_features(); }
+  Index rank() const { return lora_.rank(); }
+  double scaling() const { return lora_.scaling(); }
+  /// (in + out)·r + out.
+  Index trainable_parameters() const { return lora_.trainable_parameters() + lora_.out_features(); }
+  CudaContext& context() const { return lora_.context(); }
+  std::string who() const { return lora_.who(); }
+
+  /// n = ‖W + s·B·A‖_row [out × 1] (from ‖w_n‖², W·Aᵀ and A·Aᵀ: W + s·B·A is not formed).
+  DeviceMatrix<float> weight_norm(cview W) const {
+    DeviceMatrix<float> n(out_features(), 1);
+    norms(W, n.data(), nullptr);
+    return n;
+  }
+
+  /// Y = (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) for tokens X [T × in] into Y [T × out]; no dropout.
+  void apply(cview W, cview X, view Y) const {
+    DeviceMatrix<float> n(out_features(), 1), c(out_features(), 1);
+    norms(W, n.data(), c.data());
+    lora_.apply(W, X, Y);
+    scale_columns(Y, c.data());
+  }
+  DeviceMatrix<Scalar> apply(cview W, cview X) const {
+    DeviceMatrix<Scalar> y(X.rows, out_features());
+    apply(W, X, y.view());
+    return y;
+  }
+
+  /// Gradients of apply(W, X) with n held constant (as DoraAdapter<S, cpu>::backward):
+  /// with c = m ⊘ n and G = dY·diag(c), dX = G·W + s·(G·B)·A, dA = s·(G·B)ᵀ·X,
+  /// dB = s·Gᵀ·(X·Aᵀ), dm = colsum(dY ⊙ (X·Vᵀ)) ⊘ n. G is rounded to S once.
+  gradients backward(cview W, cview X, cview dY) const {
+    detail::require(dY.rows == X.rows && dY.cols == out_features(), who(), "dY", dY.rows, dY.cols, X.rows,
+                    out_features());
+    const Index T = X.rows, out = out_features();
+    DeviceMatrix<float> n(out, 1), c(out, 1);
+    norms(W, n.data(), c.data());
+    DeviceMatrix<Scalar> G(T, out);
+    if (T > 0)
+      LORA_CUDA_CHECK(cudaMemcpy2DAsync(G.data(), out * sizeof(Scalar), dY.data, dY.ld * sizeof(Scalar),
+                                        out * sizeof(Scalar), T, cudaMemcpyDeviceToDevice, stream()));
+    scale_columns(G.view(), c.data());
+    DeviceGradients<Scalar> lg = lora_.backward(W, X, G.view());
+    gradients g{std::move(lg.dA), std::move(lg.dB), DeviceMatrix<float>(out, 1), std::move(lg.dX)};
+    const DeviceMatrix<Scalar> Z = lora_.apply(W, X);  // X·Vᵀ
+    column_dot(dY, Z.view(), n.data(), g.dm.data());
+    return g;
+  }
+
+  /// W ← (m ⊘ n) ⊙ (W + s·B·A) row by row (PEFT's DoRA merge, float arithmetic, one rounding);
+  /// returns n [out × 1], which unmerge needs.
+  DeviceMatrix<float> merge(view W) const {
+    check_weight(W);
+    const Index out = out_features(), in = in_features();
+    DeviceMatrix<float> V = adapted_weight(W), n(out, 1);
+    if (out > 0) {
+      detail::dora_merge_rows_kernel<T><<<detail::ceil_div(out, 8), 256, 0, stream()>>>(
+          V.data(), in, static_cast<int>(out), static_cast<int>(in), m_.data(), reinterpret_cast<T*>(W.data), W.ld,
+          n.data());
+      LORA_CUDA_CHECK_LAUNCH("dora_merge_rows_kernel");
+    }
+    return n;
+  }
+  /// W ← W ⊘ (m ⊘ n) − s·B·A with the n returned by merge.
+  void unmerge(view W, DeviceView<const float> n) const {
+    check_weight(W);
+    const Index out = out_features(), in = in_features();
+    if (n.rows * n.cols != out)
+      detail::fail("{}DoRA unmerge: weight norm has {} elements, expected {}", who(), n.rows * n.cols, out);
+    DeviceMatrix<float> D(out, in);
+    detail::gemm<Scalar, Scalar, float>(context(), false, false, out, in, rank(), static_cast<float>(scaling()),
+                                        lora_.B(), lora_.A(), 0.f, D.view());
+    if (out * in == 0) return;
+    detail::dora_unmerge_kernel<T><<<detail::ceil_div(out * in, 256), 256, 0, stream()>>>(
+        reinterpret_cast<T*>(W.data), W.ld, D.data(), in, static_cast<int>(out), static_cast<int>(in), n.data,
+        m_.data());
+    LORA_CUDA_CHECK_LAUNCH("dora_unmerge_kernel");
+  }
+  /// The merged weight, W left as it is.
+  DeviceMatrix<Scalar> merged_weight(cview W) const {
+    check_weight(W);
+    DeviceMatrix<Scalar> M(out_features(), in_features());
+    if (M.size())
+      LORA_CUDA_CHECK(cudaMemcpy2DAsync(M.data(), M.cols() * sizeof(Scalar), W.data, W.ld * sizeof(Scalar),
+                                        W.cols * sizeof(Scalar), W.rows, cudaMemcpyDeviceToDevice, stream()));
+    merge(M.view());
+    return M;
+  }
+
+  // ---- the fused path (LowRankAdapter<S, cuda>'s FusedWeight, padded_input, padded_grad) ----
+
+  /// The fused block [[W, B], [A, 0]]; refresh(fw) after A or B change, then invalidate_norm().
+  FusedWeight<Scalar> fuse(cview W) const { return lora_.fuse(W); }
+  void refresh(FusedWeight<Scalar>& fw) const {
+    lora_.refresh(fw);
+    invalidate_norm();
+  }
+  DeviceMatrix<Scalar> padded_input(Index tokens) const { return lora_.padded_input(tokens); }
+  DeviceMatrix<Scalar> padded_grad(Index tokens) const { return lora_.padded_grad(tokens); }
+
+  /// Inference with frozen A, B and m: keep the column scale c of the first fused apply and
+  /// skip the norm pass (a read of W) on later calls with the same block and magnitude.
+  void cache_norm(bool on) const {
+    ws_.cache_norm = on;
+    invalidate_norm();
+  }
+  /// Forget the cached norms (after new values of m, A or B, or a new W).
+  void invalidate_norm() const { ws_.invalidate_norm(); }
+  /// The row norms n and the column scale c = m ⊘ n of the last fused apply.
+  DeviceView<const float> last_norm() const { return ws_.norm.view(); }
+
+  /// Fused forward: Y = (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) with Xp = [X | scratch] (padded_input).
+  /// Up to 16 tokens scale Y's columns; more tokens run the LoRA fused forward on the scaled
+  /// block [[c⊙W, c⊙B], [A, 0]].
+  void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
+    detail::dora_apply(lora_, fw, DeviceView<const float>(m_.view()), Xp, Y, ws_);
+  }
+  /// Gradients of the fused apply (W frozen, n detached): Y is apply's output, dYp = [dY | scratch]
+  /// (padded_grad); writes dX [T × in] and dA [r × in], dB [out × r], dm [out] in float.
+  void backward(const FusedWeight<Scalar>& fw, cview Xp, cview Y, view dYp, view dX, DeviceView<float> dA,
+                DeviceView<float> dB, DeviceView<float> dm) const {
+    detail::dora_backward(lora_, fw, DeviceView<const float>(m_.view()), Xp, Y, dYp, dX, dA, dB, dm, ws_);
+  }
+
+ private:
+  using T = detail::device_t<Scalar>;
+  cudaStream_t stream() const { return context().stream(); }
+  void check_weight(cview W) const {
+    detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
+  }
+  /// n (and c = m ⊘ n when c is given) from ‖w_n‖², P = W·Aᵀ and G = A·Aᵀ (float).
+  void norms(cview W, float* n, float* c) const {
+    check_weight(W);
+    const Index out = out_features(), in = in_features(), r = rank();
+    DeviceMatrix<float> wn2(out, 1), PG(out + r, r);
+    if (out == 0) return;
+    detail::row_sqnorm_kernel<T><<<detail::ceil_div(out, 8), 256, 0, stream()>>>(
+        reinterpret_cast<const T*>(W.data), W.ld, static_cast<int>(out), static_cast<int>(in), wn2.data());
+    LORA_CUDA_CHECK_LAUNCH("row_sqnorm_kernel");
+    auto pg = PG.view();
+    detail::gemm<Scalar, Scalar, float>(context(), false, true, out, r, in, 1.f, W, lora_.A(), 0.f,
+                                        pg.row_block(0, out));
+    detail::gemm<Scalar, Scalar, float>(context(), false, true, r, r, in, 1.f, lora_.A(), lora_.A(), 0.f,
+                                        pg.row_block(out, r));
+    const cview B = lora_.B();
+    detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, stream()>>>(
+        wn2.data(), PG.data(), PG.data() + out * r, reinterpret_cast<const T*>(B.data), B.ld, static_cast<int>(out),
+        static_cast<int>(r), static_cast<float>(scaling()), m_.data(), n, c);
+    LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
+  }
+  /// V = W + s·B·A in float [out × in].
+  DeviceMatrix<float> adapted_weight(cview W) const {
+    const Index out = out_features(), in = in_features();
+    DeviceMatrix<float> V(out, in);
+    if (out * in == 0) return V;
+    detail::to_float_kernel<T><<<detail::ceil_div(out * in, 256), 256, 0, stream()>>>(
+        reinterpret_cast<const T*>(W.data), W.ld, V.data(), in, static_cast<int>(out), static_cast<int>(in));
+    LORA_CUDA_CHECK_LAUNCH("to_float_kernel");
+    detail::gemm<Scalar, Scalar, float>(context(), false, false, out, in, rank(), static_cast<float>(scaling()),
+                                        lora_.B(), lora_.A(), 1.f, V.view());
+    return V;
+  }
+  void scale_columns(view Y, const float* c) const {
+    if (Y.rows * Y.cols == 0) return;
+    detail::scale_cols_kernel<T><<<detail::ceil_div(Y.rows * Y.cols, 256), 256, 0, stream()>>>(
+        reinterpret_cast<T*>(Y.data), Y.ld, static_cast<int>(Y.rows), static_cast<int>(Y.cols), c);
+    LORA_CUDA_CHECK_LAUNCH("scale_cols_kernel");
+  }
+  /// dm[n] = Σ_t dY[t, n]·Z[t, n] / d[n].
+  void column_dot(cview dY, cview Z, const float* d, float* dm) const {
+    const Index out = out_features(), tokens = dY.rows;
+    LORA_CUDA_CHECK(cudaMemsetAsync(dm, 0, static_cast<size_t>(out) * sizeof(float), stream()));
+    if (out == 0) return;
+    const int per_slice = 256;
+    if (tokens > 0) {
+      detail::column_dot_kernel<T><<<dim3(detail::ceil_div(out, 256), detail::ceil_div(tokens, per_slice)), 256, 0,
+                                     stream()>>>(reinterpret_cast<const T*>(dY.data), dY.ld,
+                                                 reinterpret_cast<const T*>(Z.data), Z.ld, static_cast<int>(tokens),
+                                                 static_cast<int>(out), per_slice, dm);
+      LORA_CUDA_CHECK_LAUNCH("column_dot_kernel");
+    }
+    detail::divide_kernel<<<detail::ceil_div(out, 256), 256, 0, stream()>>>(dm, d, static_cast<int>(out));
+    LORA_CUDA_CHECK_LAUNCH("divide_kernel");
+  }
+
+  lora_type lora_;
+  DeviceMatrix<float> m_;
+  mutable detail::DoraWorkspace<Scalar> ws_;
+};
 
 }  // namespace lora

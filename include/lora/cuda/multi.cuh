@@ -4,7 +4,7 @@
 // the base GEMM once (cuBLAS) and the adapters' low-rank paths as one shrink
 // and one expand kernel over segments of tokens (SGMV-style). See docs/multi.md.
 //
-//   lora::multi::DeviceAdapterSet<bfloat16> set(4096, 4096);
+//   lora::multi::AdapterSet<bfloat16, lora::cuda> set(4096, 4096);
 //   int a = set.add("math", A_math, B_math, 2.0);     // or from_host(cpu_set)
 //   auto seg = set.segments(ids);                      // once per batch, reused by every layer
 //   set.apply(W, X, seg, Y);                           // Y = X·Wᵀ + Σ per token s_i·(x·A_iᵀ)·B_iᵀ
@@ -465,9 +465,12 @@ struct DeviceBatchedGradients {
 /// any adapter by index. Ranks and scalings may differ per adapter.
 /// Changes are stream-ordered: forwards queued before a replace see the old
 /// factors. Not for concurrent use from several host threads.
+/// The member functions of AdapterSet<S, cpu> (add, insert, replace, remove, find,
+/// segments, apply, forward, from_host, to_host), with device views; apply/forward come in a
+/// form that writes a caller's Y and one that returns a new DeviceMatrix.
 template <class Scalar>
-class DeviceAdapterSet {
-  static_assert(is_device_scalar_v<Scalar>, "DeviceAdapterSet: Scalar must be float, bfloat16 or half");
+class AdapterSet<Scalar, cuda> {
+  static_assert(is_device_scalar_v<Scalar>, "AdapterSet<S, cuda>: Scalar must be float, bfloat16 or half");
 
  public:
   using scalar_type = Scalar;
@@ -480,10 +483,10 @@ class DeviceAdapterSet {
   bool tensor_core_shrink = true;
   SgmvExpand expand_kernel = SgmvExpand::per_token;
 
-  DeviceAdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
+  AdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
     if (in_ < 1 || out_ < 1)
-      lora::detail::fail("DeviceAdapterSet: in_features and out_features must be at least 1, got in = {}, out = {}",
+      lora::detail::fail("AdapterSet<cuda>: in_features and out_features must be at least 1, got in = {}, out = {}",
                          in_, out_);
     int dev = 0;
     LORA_CUDA_CHECK(cudaGetDevice(&dev));
@@ -492,14 +495,25 @@ class DeviceAdapterSet {
 
   /// Copies every adapter of a CPU set to the device under the same ids and names.
   template <class S2>
-  static DeviceAdapterSet from_host(const AdapterSet<S2>& set, std::shared_ptr<CudaContext> ctx = {}) {
-    DeviceAdapterSet d(set.in_features(), set.out_features(), std::move(ctx));
+  static AdapterSet from_host(const AdapterSet<S2, cpu>& set, std::shared_ptr<CudaContext> ctx = {}) {
+    AdapterSet d(set.in_features(), set.out_features(), std::move(ctx));
     for (int id = 0; id < set.capacity(); ++id)
       if (set.contains(id)) {
         const auto& s = set.at(id);
         d.insert(id, s.name, s.A.template cast<Scalar>(), s.B.template cast<Scalar>(), s.scaling);
       }
     return d;
+  }
+
+  /// The CPU set with the same ids, names, factors and scalings (synchronises).
+  AdapterSet<Scalar, cpu> to_host() const {
+    AdapterSet<Scalar, cpu> h(in_, out_);
+    for (int id = 0; id < capacity(); ++id)
+      if (contains(id)) {
+        const Matrix<Scalar> Bt = lora::to_host(this->Bt(id));
+        h.insert(id, name(id), lora::to_host(A(id)), Bt.transpose(), scaling(id));
+      }
+    return h;
   }
 
   Index in_features() const { return in_; }
@@ -544,15 +558,15 @@ class DeviceAdapterSet {
   }
   /// Adds at a chosen free id (to share one numbering across layers).
   void insert(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling) {
-    if (id < 0) lora::detail::fail("DeviceAdapterSet: cannot insert adapter '{}' at negative id {}", name, id);
+    if (id < 0) lora::detail::fail("AdapterSet<cuda>: cannot insert adapter '{}' at negative id {}", name, id);
     if (contains(id))
-      lora::detail::fail("DeviceAdapterSet: cannot insert adapter '{}' at id {}: '{}' is there", name, id,
+      lora::detail::fail("AdapterSet<cuda>: cannot insert adapter '{}' at id {}: '{}' is there", name, id,
                          slots_[static_cast<std::size_t>(id)]->name);
     put(id, std::move(name), A, B, scaling, -1);
   }
   /// Replaces adapter id (rank and scaling may change); the others stay loaded.
   void replace(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling) {
-    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: cannot replace id {}: no such adapter", id);
+    if (!contains(id)) lora::detail::fail("AdapterSet<cuda>: cannot replace id {}: no such adapter", id);
     put(id, std::move(name), A, B, scaling, id);
   }
   template <class S, ScalingPolicy P>
@@ -562,7 +576,7 @@ class DeviceAdapterSet {
   }
   /// Unloads adapter id (work already queued still sees it); the id may be reused.
   void remove(int id) {
-    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: cannot remove id {}: no such adapter", id);
+    if (!contains(id)) lora::detail::fail("AdapterSet<cuda>: cannot remove id {}: no such adapter", id);
     entries_[static_cast<std::size_t>(id)] = {};
     upload_table();
     slots_[static_cast<std::size_t>(id)].reset();  // cudaFree waits for queued kernels
@@ -600,7 +614,7 @@ class DeviceAdapterSet {
   /// per token t with adapter i = ids[t] ≠ −1, Y[t] += s_i·(X[t]·A_iᵀ)·B_iᵀ
   /// (shrink and expand kernels, float accumulation, Y updated in place).
   void apply(cview W, cview X, const DeviceSegments& seg, view Y) const {
-    lora::detail::require(W.rows == out_ && W.cols == in_, "DeviceAdapterSet: ", "base weight W", W.rows, W.cols,
+    lora::detail::require(W.rows == out_ && W.cols == in_, "AdapterSet<cuda>: ", "base weight W", W.rows, W.cols,
                           out_, in_);
     check_batch(X, seg, Y);
     const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
@@ -650,9 +664,9 @@ class DeviceAdapterSet {
   /// (grown as needed), and dA, dB of all used adapters share one allocation.
   DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
     if (W)
-      lora::detail::require(W->rows == out_ && W->cols == in_, "DeviceAdapterSet: ", "base weight W", W->rows,
+      lora::detail::require(W->rows == out_ && W->cols == in_, "AdapterSet<cuda>: ", "base weight W", W->rows,
                             W->cols, out_, in_);
-    lora::detail::require(dY.rows == X.rows && dY.cols == out_, "DeviceAdapterSet: ", "dY", dY.rows, dY.cols, X.rows,
+    lora::detail::require(dY.rows == X.rows && dY.cols == out_, "AdapterSet<cuda>: ", "dY", dY.rows, dY.cols, X.rows,
                           out_);
     check_batch(X, seg, dY);
     const Index tokens = X.rows, P = seg.covered, rmax = max_rank();
@@ -751,16 +765,16 @@ class DeviceAdapterSet {
   };
 
   const Slot& slot(int id) const {
-    if (!contains(id)) lora::detail::fail("DeviceAdapterSet: no adapter with id {} (loaded: {})", id, size());
+    if (!contains(id)) lora::detail::fail("AdapterSet<cuda>: no adapter with id {} (loaded: {})", id, size());
     return *slots_[static_cast<std::size_t>(id)];
   }
   static void check_orientation(const std::string& name, bool fan_in_fan_out) {
-    detail::check_set_orientation("DeviceAdapterSet", name, fan_in_fan_out);
+    detail::check_set_orientation("AdapterSet<cuda>", name, fan_in_fan_out);
   }
 
   void put(int id, std::string name, const MatrixRef<Scalar>& A, const MatrixRef<Scalar>& B, double scaling,
            int replacing) {
-    detail::check_set_adapter("DeviceAdapterSet", name, slots_, replacing, A.rows(), A.cols(), B.rows(), B.cols(),
+    detail::check_set_adapter("AdapterSet<cuda>", name, slots_, replacing, A.rows(), A.cols(), B.rows(), B.cols(),
                               scaling, in_, out_, std::min<Index>(std::min(in_, out_), detail::sgmv_max_rank));
 
     auto s = std::make_unique<Slot>();
@@ -799,19 +813,19 @@ class DeviceAdapterSet {
 
   static void check_ids(cview X, std::span<const int> ids) {
     if (static_cast<Index>(ids.size()) != X.rows)
-      lora::detail::fail("DeviceAdapterSet: {} adapter ids given for {} tokens; expected one id per token", ids.size(),
+      lora::detail::fail("AdapterSet<cuda>: {} adapter ids given for {} tokens; expected one id per token", ids.size(),
                          X.rows);
   }
   void check_batch(cview X, const DeviceSegments& seg, cview Y) const {
     if (X.cols != in_)
-      lora::detail::fail("DeviceAdapterSet: input X has {} columns, expected {}", X.cols, in_);
-    lora::detail::require(Y.rows == X.rows && Y.cols == out_, "DeviceAdapterSet: ", "output Y", Y.rows, Y.cols,
+      lora::detail::fail("AdapterSet<cuda>: input X has {} columns, expected {}", X.cols, in_);
+    lora::detail::require(Y.rows == X.rows && Y.cols == out_, "AdapterSet<cuda>: ", "output Y", Y.rows, Y.cols,
                           X.rows, out_);
     if (seg.tokens != X.rows)
-      lora::detail::fail("DeviceAdapterSet: segments were built for {} tokens, X has {} rows", seg.tokens, X.rows);
+      lora::detail::fail("AdapterSet<cuda>: segments were built for {} tokens, X has {} rows", seg.tokens, X.rows);
     for (int id : seg.adapters)
       if (!contains(id))
-        lora::detail::fail("DeviceAdapterSet: segments use adapter id {}, which is no longer loaded", id);
+        lora::detail::fail("AdapterSet<cuda>: segments use adapter id {}, which is no longer loaded", id);
   }
 
   Plan plan(cview X, const DeviceSegments& seg) const {

@@ -4,12 +4,16 @@
 // flattened tensor (last block may be partial), x·(1/absmax) in float mapped
 // through the threshold tree (comparisons with `>`), two codes per byte with the
 // first element in the high nibble. Codes are bit-identical to the CPU path
-// (lora/quant/nf4.hpp) and to bitsandbytes. Plus dequantisation and a fused
-// NF4 GEMV/GEMM for 1..16 tokens (QLoRA decode).
+// (lora/quant/nf4.hpp) and to bitsandbytes. quant::Nf4Tensor<cuda> holds the codes, the
+// scales and (with double quantisation) their 8-bit state on the device, with the member
+// functions of Nf4Tensor<cpu>; quant::nf4_matmul is the fused NF4 GEMV/GEMM for 1..16
+// tokens (QLoRA decode), dequantise + cuBLAS above.
 
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/runtime.hpp>
+#include <lora/quant/double_quant.hpp>
 #include <lora/quant/nf4.hpp>
+#include <lora/quant/nf4_tensor.hpp>
 
 #include <algorithm>
 #include <atomic>
@@ -18,16 +22,17 @@
 
 namespace lora {
 
-/// An NF4-quantised tensor in device memory; rows × cols, row-major flattening.
-struct DeviceNF4 {
-  DeviceBuffer<std::uint8_t> packed;  ///< ceil(n / 2) bytes
-  DeviceBuffer<float> absmax;         ///< ceil(n / blocksize) floats
+namespace detail {
+
+/// The device parts of an NF4 tensor as the kernels take them (rows × cols, row-major
+/// flattening): ceil(n / 2) packed bytes and ceil(n / blocksize) float scales.
+struct Nf4Parts {
+  const std::uint8_t* packed = nullptr;
+  const float* absmax = nullptr;
   Index rows = 0, cols = 0;
   int blocksize = 64;
   std::int64_t numel() const { return static_cast<std::int64_t>(rows) * cols; }
 };
-
-namespace detail {
 
 // The 16 NF4 values: the CPU path's table (lora/quant/nf4.hpp), in constant memory.
 static __constant__ float nf4_values[16] = {
@@ -683,85 +688,44 @@ bool nf4_stream_ok(int K, int bs, long ldx, const void* x) {
 
 }  // namespace detail
 
-/// Quantises a contiguous device matrix to NF4 (bitsandbytes' blockwise scheme; blocksize 32..4096, a power of two).
-template <class S>
-DeviceNF4 nf4_quantize(DeviceView<const S> M, int blocksize = 64, CudaContext& ctx = *CudaContext::thread_default()) {
-  using T = detail::device_t<S>;
-  if (!(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0))
-    detail::fail("nf4_quantize: blocksize must be a power of two in [32, 4096], got {}", blocksize);
-  if (!M.contiguous()) detail::fail("nf4_quantize: input must be contiguous (ld {} != cols {})", M.ld, M.cols);
-  DeviceNF4 q;
-  q.rows = M.rows;
-  q.cols = M.cols;
-  q.blocksize = blocksize;
-  const long n = static_cast<long>(q.numel());
-  const long nblocks = (n + blocksize - 1) / blocksize;
-  q.packed = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>((n + 1) / 2));
-  q.absmax = DeviceBuffer<float>(static_cast<std::size_t>(nblocks));
-  if (n == 0) return q;
-  detail::nf4_quantize_kernel<T><<<detail::ceil_div(nblocks, 8), 256, 0, ctx.stream()>>>(
-      reinterpret_cast<const T*>(M.data), n, blocksize, q.packed.data(), q.absmax.data(), nblocks);
-  LORA_CUDA_CHECK_LAUNCH("nf4_quantize_kernel");
-  return q;
-}
-
-/// Dequantises into a contiguous device matrix of the same shape: out = code·absmax.
-template <class S>
-void nf4_dequantize(const DeviceNF4& q, DeviceView<S> out, CudaContext& ctx = *CudaContext::thread_default()) {
-  using T = detail::device_t<S>;
-  if (out.rows != q.rows || out.cols != q.cols || !out.contiguous())
-    detail::fail("nf4_dequantize: output is [{} x {}] (ld {}), expected contiguous [{} x {}]", out.rows, out.cols,
-                 out.ld, q.rows, q.cols);
-  const long n = static_cast<long>(q.numel());
-  if (n == 0) return;
-  if (n % 8 == 0 && detail::aligned16<S>(out.data)) {
-    const long groups = n / 8;
-    detail::nf4_dequantize_kernel<T><<<detail::ceil_div(groups, 256), 256, 0, ctx.stream()>>>(
-        q.packed.data(), q.absmax.data(), groups, q.blocksize, reinterpret_cast<T*>(out.data));
-  } else {
-    detail::nf4_dequantize_scalar_kernel<T><<<detail::ceil_div(n, 256), 256, 0, ctx.stream()>>>(
-        q.packed.data(), q.absmax.data(), n, q.blocksize, reinterpret_cast<T*>(out.data));
-  }
-  LORA_CUDA_CHECK_LAUNCH("nf4_dequantize_kernel");
-}
+namespace detail {
 
 /// Y = X·dequant(W)ᵀ for 1..16 tokens without forming the dequantised W (QLoRA
 /// decode); W is an NF4 [out × in] tensor with in % 32 == 0.
 template <class S>
-void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
-              CudaContext& ctx = *CudaContext::thread_default()) {
-  using T = detail::device_t<S>;
-  if (X.cols != W.cols) detail::fail("nf4_gemm: X has {} columns, expected in_features = {}", X.cols, W.cols);
-  if (X.rows < 1 || X.rows > 16) detail::fail("nf4_gemm: tokens must be in [1, 16], got {}", X.rows);
+void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const CudaContext& ctx) {
+  using T = device_t<S>;
+  if (X.cols != W.cols) fail("nf4_gemm: X has {} columns, expected in_features = {}", X.cols, W.cols);
+  if (X.rows < 1 || X.rows > 16) fail("nf4_gemm: tokens must be in [1, 16], got {}", X.rows);
   if (Y.rows != X.rows || Y.cols != W.rows)
-    detail::fail("nf4_gemm: Y is [{} x {}], expected [{} x {}]", Y.rows, Y.cols, X.rows, W.rows);
+    fail("nf4_gemm: Y is [{} x {}], expected [{} x {}]", Y.rows, Y.cols, X.rows, W.rows);
   constexpr long V = 16 / sizeof(S);
-  if (W.cols % 32 || X.ld % V || !detail::aligned16<S>(X.data))
-    detail::fail("nf4_gemm: in_features ({}) must be a multiple of 32 and X rows 16-byte aligned", W.cols);
-  const unsigned blocks = detail::ceil_div(W.rows, detail::nf4_rows);
+  if (W.cols % 32 || X.ld % V || !aligned16<S>(X.data))
+    fail("nf4_gemm: in_features ({}) must be a multiple of 32 and X rows 16-byte aligned", W.cols);
+  const unsigned blocks = ceil_div(W.rows, nf4_rows);
   auto go = [&](auto kernel) {
-    kernel<<<blocks, detail::nf4_threads, 0, ctx.stream()>>>(reinterpret_cast<const T*>(X.data), X.ld,
+    kernel<<<blocks, nf4_threads, 0, ctx.stream()>>>(reinterpret_cast<const T*>(X.data), X.ld,
                                                               static_cast<int>(X.rows), static_cast<int>(X.cols),
-                                                              W.packed.data(), W.absmax.data(), W.blocksize,
+                                                              W.packed, W.absmax, W.blocksize,
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
   // 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel. One bf16/half
   // token: the byte-pair kernel where it applies; otherwise the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
-    if (X.rows >= 2 && detail::nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
+    if (X.rows >= 2 && nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
       auto stream = [&](auto launch) {
         launch(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols),
-               W.packed.data(), W.absmax.data(), W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
+               W.packed, W.absmax, W.blocksize, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                Y.ld, ctx.stream());
       };
       // The narrow table and the barrier reduction (tune_nf4 times the alternatives). The
       // last-warp form hands off through a shared counter that compute-sanitizer's racecheck
       // cannot follow, so the library keeps the form the sanitizer checks.
       if (X.rows <= 8)
-        stream(detail::launch_nf4_stream<T, 1, false, false>);
+        stream(launch_nf4_stream<T, 1, false, false>);
       else
-        stream(detail::launch_nf4_stream<T, 2, false, false>);
+        stream(launch_nf4_stream<T, 2, false, false>);
       LORA_CUDA_CHECK_LAUNCH("nf4_stream_kernel");
       return;
     }
@@ -769,18 +733,18 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
   // One bf16/half token, K % 1024 == 0, K ≤ 16384: the byte-pair CUDA-core kernel for the rows
   // in whole batches of 4, the general kernel for the last nOut % 4 rows.
   if constexpr (!std::is_same_v<T, float>) {
-    if (X.rows == 1 && detail::nf4_byte_pair_ok<T>(W.cols, W.blocksize, X.data)) {
+    if (X.rows == 1 && nf4_byte_pair_ok<T>(W.cols, W.blocksize, X.data)) {
       const int K = static_cast<int>(W.cols), nOut = static_cast<int>(W.rows);
-      detail::launch_nf4_byte_pair<T>(reinterpret_cast<const T*>(X.data), K, W.packed.data(), W.absmax.data(), W.blocksize,
+      launch_nf4_byte_pair<T>(reinterpret_cast<const T*>(X.data), K, W.packed, W.absmax, W.blocksize,
                                  nOut, reinterpret_cast<T*>(Y.data), ctx.stream());
       LORA_CUDA_CHECK_LAUNCH("nf4_byte_pair_kernel");
-      const int done = nOut / detail::nf4_pair_rows * detail::nf4_pair_rows;
+      const int done = nOut / nf4_pair_rows * nf4_pair_rows;
       if (done < nOut) {
         const long off = static_cast<long>(done) * K;  // K % blocksize == 0: whole blocks
-        detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>
-            <<<detail::ceil_div(nOut - done, detail::nf4_rows), detail::nf4_threads, 0, ctx.stream()>>>(
-                reinterpret_cast<const T*>(X.data), X.ld, 1, K, W.packed.data() + off / 2,
-                W.absmax.data() + off / W.blocksize, W.blocksize, nOut - done, reinterpret_cast<T*>(Y.data) + done,
+        nf4_gemv_kernel<T, 1, nf4_rows>
+            <<<ceil_div(nOut - done, nf4_rows), nf4_threads, 0, ctx.stream()>>>(
+                reinterpret_cast<const T*>(X.data), X.ld, 1, K, W.packed + off / 2,
+                W.absmax + off / W.blocksize, W.blocksize, nOut - done, reinterpret_cast<T*>(Y.data) + done,
                 Y.ld);
         LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
       }
@@ -788,23 +752,385 @@ void nf4_gemm(const DeviceNF4& W, DeviceView<const S> X, DeviceView<S> Y,
     }
   }
   if (X.rows == 1)
-    go(detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>);
+    go(nf4_gemv_kernel<T, 1, nf4_rows>);
   else if (X.rows <= 4)
-    go(detail::nf4_gemv_kernel<T, 4, detail::nf4_rows>);
+    go(nf4_gemv_kernel<T, 4, nf4_rows>);
   else
-    go(detail::nf4_gemv_kernel<T, 16, detail::nf4_rows>);
+    go(nf4_gemv_kernel<T, 16, nf4_rows>);
   LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
 }
 
-/// Copies packed codes and absmax to the host (for tests and saving).
-inline std::pair<std::vector<std::uint8_t>, std::vector<float>> to_host(const DeviceNF4& q) {
-  std::vector<std::uint8_t> p(q.packed.size());
-  std::vector<float> a(q.absmax.size());
-  LORA_CUDA_CHECK(cudaDeviceSynchronize());
-  if (!p.empty()) LORA_CUDA_CHECK(cudaMemcpy(p.data(), q.packed.data(), p.size(), cudaMemcpyDeviceToHost));
-  if (!a.empty())
-    LORA_CUDA_CHECK(cudaMemcpy(a.data(), q.absmax.data(), a.size() * sizeof(float), cudaMemcpyDeviceToHost));
-  return {std::move(p), std::move(a)};
+/// bitsandbytes' dQuantize<0> on a 256-entry ascending code (quant::dynamic_encode, the same
+/// steps in float without contraction): a 7-step binary search from entry 127, then the
+/// nearer of the final pivot and its neighbour by the float midpoint.
+__device__ __forceinline__ std::uint8_t dynamic_encode_device(const float* code, float x) {
+  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
+  float lower = -1.0f, upper = 1.0f;
+  float val = code[pivot];
+  for (int i = 64; i > 0; i >>= 1) {
+    if (x > val) {
+      lower_pivot = pivot;
+      lower = val;
+      pivot += i;
+    } else {
+      upper_pivot = pivot;
+      upper = val;
+      pivot -= i;
+    }
+    val = code[pivot];
+  }
+  if (upper_pivot == 255) upper = code[upper_pivot];
+  if (lower_pivot == 0) lower = code[lower_pivot];
+  if (x > val) {
+    const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
+    return static_cast<std::uint8_t>(x > midpoint ? upper_pivot : pivot);
+  }
+  const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
+  return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
 }
+
+constexpr int dq_threads = 256;  // == quant::nested_blocksize: one thread per scale of a nested block
+
+/// partial[b] = Σ absmax[i] in double over block b's fixed strided share (a fixed grid and
+/// a fixed tree: the sum does not depend on the schedule); bad = the smallest index of a
+/// non-finite value (left at its initial all-ones otherwise).
+__global__ inline void dq_sum_kernel(const float* __restrict__ a, long n, double* __restrict__ partial,
+                                     unsigned long long* __restrict__ bad) {
+  __shared__ double sh[dq_threads];
+  double acc = 0.0;
+  for (long i = static_cast<long>(blockIdx.x) * dq_threads + threadIdx.x; i < n;
+       i += static_cast<long>(gridDim.x) * dq_threads) {
+    const float v = a[i];
+    if (!isfinite(v)) atomicMin(bad, static_cast<unsigned long long>(i));
+    acc += static_cast<double>(v);
+  }
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = dq_threads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = sh[0];
+}
+
+/// offset = float(Σ partial / n), one block.
+__global__ inline void dq_mean_kernel(const double* __restrict__ partial, int parts, long n, float* __restrict__ offset) {
+  __shared__ double sh[dq_threads];
+  double acc = 0.0;
+  for (int i = static_cast<int>(threadIdx.x); i < parts; i += dq_threads) acc += partial[i];
+  sh[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = dq_threads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) sh[threadIdx.x] += sh[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *offset = static_cast<float>(sh[0] / static_cast<double>(n));
+}
+
+/// One block per 256 scales: nested = max |absmax − offset| (from −FLT_MAX, as the CPU),
+/// q = dynamic_encode((absmax − offset)·(1/nested)) with the map `code`.
+__global__ inline void dq_quantize_kernel(const float* __restrict__ a, long n, const float* __restrict__ offset_p,
+                                          const float* __restrict__ code, std::uint8_t* __restrict__ q,
+                                          float* __restrict__ nested) {
+  __shared__ float map[256];
+  __shared__ float red[dq_threads];
+  map[threadIdx.x] = code[threadIdx.x];
+  const float offset = *offset_p;
+  const long i = static_cast<long>(blockIdx.x) * dq_threads + threadIdx.x;
+  const float d = i < n ? __fsub_rn(a[i], offset) : 0.f;
+  red[threadIdx.x] = i < n ? fabsf(d) : -FLT_MAX;
+  __syncthreads();
+  for (int s = dq_threads / 2; s > 0; s >>= 1) {
+    if (static_cast<int>(threadIdx.x) < s) red[threadIdx.x] = fmaxf(red[threadIdx.x], red[threadIdx.x + s]);
+    __syncthreads();
+  }
+  const float m = red[0];
+  if (threadIdx.x == 0) nested[blockIdx.x] = m;
+  if (i < n) q[i] = dynamic_encode_device(map, __fmul_rn(d, __fdiv_rn(1.0f, m)));
+}
+
+/// absmax[i] = float(float(code[q_i]·nested[i / 256]) + offset): two roundings, as
+/// DoubleQuantState::restore (bitsandbytes runs them as separate kernels).
+__global__ inline void dq_restore_kernel(const std::uint8_t* __restrict__ q, const float* __restrict__ nested,
+                                         const float* __restrict__ code, const float* __restrict__ offset_p, long n,
+                                         float* __restrict__ absmax) {
+  const long i = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  absmax[i] = __fadd_rn(__fmul_rn(code[q[i]], nested[i / dq_threads]), *offset_p);
+}
+
+template <class T>
+void host_to_device(DeviceBuffer<T>& d, const T* h, std::size_t n, const CudaContext& ctx) {
+  d = DeviceBuffer<T>(n);
+  if (n) LORA_CUDA_CHECK(cudaMemcpyAsync(d.data(), h, n * sizeof(T), cudaMemcpyHostToDevice, ctx.stream()));
+}
+template <class T>
+std::vector<T> device_to_host(const DeviceBuffer<T>& d, const CudaContext& ctx) {
+  std::vector<T> h(d.size());
+  if (!h.empty()) LORA_CUDA_CHECK(cudaMemcpyAsync(h.data(), d.data(), h.size() * sizeof(T), cudaMemcpyDeviceToHost,
+                                                  ctx.stream()));
+  ctx.synchronize();
+  return h;
+}
+
+}  // namespace detail
+
+namespace quant {
+
+/// An NF4-quantised tensor in device memory: Nf4Tensor<cpu>'s member functions, with device
+/// views and buffers in place of host vectors and Eigen matrices. Codes and scales are
+/// bit-identical to the CPU's (and bitsandbytes'); with double quantisation the 8-bit scale
+/// codes, nested scales, map and offset live on the device too, and the restored scales
+/// (absmax()) are the CPU's to the bit, so dequantize gives the CPU's values exactly.
+/// Move-only (device buffers).
+///
+///   auto Wq = lora::quant::Nf4Tensor<lora::cuda>::quantize(W.view(), {.blocksize = 64, .double_quant = true});
+///   auto Wq2 = lora::quant::Nf4Tensor<lora::cuda>::from_host(host_nf4);   // or move the host's codes
+///   lora::DeviceMatrix<lora::bfloat16> D = Wq.dequantize<lora::bfloat16>();
+///   lora::quant::nf4_matmul(Wq, X, Y);                                   // Y = X·dequant(W)ᵀ
+template <>
+class Nf4Tensor<cuda> {
+ public:
+  using device_type = cuda;
+  using host_type = Nf4Tensor<cpu>;
+
+  Nf4Tensor() = default;
+
+  /// Quantises a contiguous device matrix (float, bfloat16 or half) on the device. With
+  /// opts.double_quant the offset (the mean of the scales, summed in double) is read back
+  /// once, so this synchronises the stream.
+  template <class S>
+  static Nf4Tensor quantize(DeviceView<const S> W, Nf4Options opts = {}, std::shared_ptr<CudaContext> ctx = {}) {
+    static_assert(is_device_scalar_v<S>, "Nf4Tensor<cuda>::quantize: values must be float, bfloat16 or half");
+    using T = lora::detail::device_t<S>;
+    detail::check_blocksize(opts.blocksize, "Nf4Tensor<cuda>::quantize");
+    if (!W.contiguous())
+      lora::detail::fail("Nf4Tensor<cuda>::quantize: input must be contiguous (ld {} != cols {})", W.ld, W.cols);
+    Nf4Tensor t(ctx);
+    t.shape_ = {static_cast<std::int64_t>(W.rows), static_cast<std::int64_t>(W.cols)};
+    t.numel_ = static_cast<std::int64_t>(W.rows) * W.cols;
+    t.blocksize_ = opts.blocksize;
+    t.dtype_ = source_dtype_of<S>();
+    const long n = static_cast<long>(t.numel_), nb = static_cast<long>(num_blocks(n, opts.blocksize));
+    t.packed_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(packed_bytes(n)));
+    t.absmax_ = DeviceBuffer<float>(static_cast<std::size_t>(nb));
+    if (n > 0) {
+      lora::detail::nf4_quantize_kernel<T><<<lora::detail::ceil_div(nb, 8), 256, 0, t.stream()>>>(
+          reinterpret_cast<const T*>(W.data), n, static_cast<int>(opts.blocksize), t.packed_.data(), t.absmax_.data(),
+          nb);
+      LORA_CUDA_CHECK_LAUNCH("nf4_quantize_kernel");
+    }
+    if (opts.double_quant) t.double_quantize();
+    return t;
+  }
+
+  /// Copies a host tensor (codes, scales, double-quantisation state, shape, dtype) to the device.
+  static Nf4Tensor from_host(const host_type& h, std::shared_ptr<CudaContext> ctx = {}) {
+    Nf4Tensor t(ctx);
+    t.shape_ = h.shape();
+    t.numel_ = h.numel();
+    t.blocksize_ = h.blocksize();
+    t.dtype_ = h.dtype();
+    lora::detail::host_to_device(t.packed_, h.packed().data(), h.packed().size(), *t.ctx_);
+    lora::detail::host_to_device(t.absmax_, h.absmax().data(), h.absmax().size(), *t.ctx_);
+    if (const auto& dq = h.double_quant_state()) {
+      t.dq_ = true;
+      lora::detail::host_to_device(t.dq_codes_, dq->codes.data(), dq->codes.size(), *t.ctx_);
+      lora::detail::host_to_device(t.nested_absmax_, dq->nested_absmax.data(), dq->nested_absmax.size(), *t.ctx_);
+      lora::detail::host_to_device(t.nested_code_, dq->nested_code.data(), dq->nested_code.size(), *t.ctx_);
+      lora::detail::host_to_device(t.offset_, &dq->offset, 1, *t.ctx_);
+    }
+    t.ctx_->synchronize();  // the host vectors may go away after we return
+    return t;
+  }
+  /// The host tensor (synchronises): Nf4Tensor<cpu>::from_parts of the device parts.
+  host_type to_host() const {
+    return host_type::from_parts(shape_, blocksize_, lora::detail::device_to_host(packed_, *ctx_),
+                                 dq_ ? std::vector<float>{} : lora::detail::device_to_host(absmax_, *ctx_),
+                                 double_quant_state(), dtype_, "Nf4Tensor<cuda>::to_host");
+  }
+
+  const std::vector<std::int64_t>& shape() const { return shape_; }
+  std::int64_t numel() const { return numel_; }
+  /// Rows and columns of a 2-D tensor (a 1-D tensor is [n × 1]).
+  Index rows() const { return shape_.empty() ? 1 : static_cast<Index>(shape_[0]); }
+  Index cols() const {
+    if (shape_.size() < 2) return 1;
+    return static_cast<Index>(numel_ / std::max<std::int64_t>(shape_[0], 1));
+  }
+  std::int64_t blocksize() const { return blocksize_; }
+  bool double_quant() const { return dq_; }
+  source_dtype dtype() const { return dtype_; }
+  void set_dtype(source_dtype d) { dtype_ = d; }
+  CudaContext& context() const { return *ctx_; }
+  const std::shared_ptr<CudaContext>& context_ptr() const { return ctx_; }
+
+  /// Two codes per byte, first element in the high nibble; ceil(numel/2) bytes on the device.
+  const DeviceBuffer<std::uint8_t>& packed() const { return packed_; }
+  /// The block scales as dequantisation uses them (restored ones with double quantisation).
+  const DeviceBuffer<float>& absmax() const { return absmax_; }
+  /// The double-quantisation state copied to the host (synchronises), if any.
+  std::optional<DoubleQuantState> double_quant_state() const {
+    if (!dq_) return std::nullopt;
+    DoubleQuantState s;
+    s.codes = lora::detail::device_to_host(dq_codes_, *ctx_);
+    s.nested_absmax = lora::detail::device_to_host(nested_absmax_, *ctx_);
+    const auto code = lora::detail::device_to_host(nested_code_, *ctx_);
+    std::copy(code.begin(), code.end(), s.nested_code.begin());
+    s.offset = lora::detail::device_to_host(offset_, *ctx_)[0];
+    return s;
+  }
+  /// The 4-bit code of flat element i (one byte read back: for tests and inspection).
+  std::uint8_t code(std::int64_t i) const {
+    if (i < 0 || i >= numel_) lora::detail::fail("Nf4Tensor<cuda>::code: index {} outside [0, {})", i, numel_);
+    std::uint8_t b = 0;
+    LORA_CUDA_CHECK(cudaMemcpyAsync(&b, packed_.data() + (i >> 1), 1, cudaMemcpyDeviceToHost, stream()));
+    ctx_->synchronize();
+    return (i & 1) ? (b & 0x0F) : (b >> 4);
+  }
+
+  /// Dequantises into `out` (numel values in device memory): nf4_code[c]·absmax in float, then
+  /// rounded to T (float, bfloat16 or half), the CPU's values to the bit. Stream-ordered.
+  template <class T>
+  void dequantize_into(T* out) const {
+    using D = lora::detail::device_t<T>;
+    const long n = static_cast<long>(numel_);
+    if (n == 0) return;
+    const int bs = static_cast<int>(blocksize_);
+    if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
+      const long groups = n / 8;
+      lora::detail::nf4_dequantize_kernel<D><<<lora::detail::ceil_div(groups, 256), 256, 0, stream()>>>(
+          packed_.data(), absmax_.data(), groups, bs, reinterpret_cast<D*>(out));
+    } else {
+      lora::detail::nf4_dequantize_scalar_kernel<D><<<lora::detail::ceil_div(n, 256), 256, 0, stream()>>>(
+          packed_.data(), absmax_.data(), n, bs, reinterpret_cast<D*>(out));
+    }
+    LORA_CUDA_CHECK_LAUNCH("nf4_dequantize_kernel");
+  }
+  /// Into a contiguous device matrix of the tensor's shape.
+  template <class T>
+  void dequantize_into(DeviceView<T> out) const {
+    if (out.rows != rows() || out.cols != cols() || !out.contiguous())
+      lora::detail::fail("Nf4Tensor<cuda>::dequantize: output is [{} x {}] (ld {}), expected contiguous [{} x {}]",
+                         out.rows, out.cols, out.ld, rows(), cols());
+    dequantize_into(out.data);
+  }
+  /// A new [rows × cols] device matrix of float, bfloat16 or half.
+  template <class T = float>
+  DeviceMatrix<T> dequantize() const {
+    DeviceMatrix<T> m(rows(), cols());
+    dequantize_into(m.data());
+    return m;
+  }
+
+  /// Bytes held: packed codes + scales (+ nested scales, map and offset), as Nf4Tensor<cpu>
+  /// counts them (the restored float scales the kernels read are not counted).
+  std::int64_t storage_bytes() const {
+    std::int64_t b = static_cast<std::int64_t>(packed_.size());
+    if (dq_)
+      b += static_cast<std::int64_t>(dq_codes_.size() + 4 * nested_absmax_.size() + 4 * 256 + 4);
+    else
+      b += static_cast<std::int64_t>(4 * absmax_.size());
+    return b;
+  }
+  /// 4 + 32/blocksize, or 4 + 8/blocksize + 32/(256·blocksize) with double quantisation.
+  double bits_per_parameter() const { return nf4_bits_per_parameter(blocksize_, dq_); }
+
+  /// Replaces the contents by the quantisation of new values with the same options (the
+  /// source dtype is kept).
+  template <class S>
+  void requantize(DeviceView<const S> W) {
+    if (W.rows != rows() || W.cols != cols())
+      lora::detail::fail("Nf4Tensor<cuda>::requantize: new values have shape [{} x {}], expected [{} x {}]", W.rows,
+                         W.cols, rows(), cols());
+    const auto d = dtype_;
+    auto shape = shape_;
+    *this = quantize(W, {blocksize_, dq_}, ctx_);
+    shape_ = std::move(shape);
+    dtype_ = d;
+  }
+
+  /// The parts the kernels take (2-D view: rows × cols).
+  lora::detail::Nf4Parts parts() const {
+    return {packed_.data(), absmax_.data(), rows(), cols(), static_cast<int>(blocksize_)};
+  }
+
+ private:
+  explicit Nf4Tensor(std::shared_ptr<CudaContext> ctx) : ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {}
+  cudaStream_t stream() const { return ctx_->stream(); }
+
+  /// bitsandbytes' compress_statistics on the device: offset = mean(absmax) (double sum,
+  /// rounded to float), 8-bit codes of (absmax − offset) per 256 scales, then the restored
+  /// scales replace absmax_.
+  void double_quantize() {
+    const long nb = static_cast<long>(absmax_.size());
+    dq_ = true;
+    lora::detail::host_to_device(nested_code_, dynamic_map_signed.data(), 256, *ctx_);
+    dq_codes_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(nb));
+    nested_absmax_ = DeviceBuffer<float>(static_cast<std::size_t>(num_blocks(nb, nested_blocksize)));
+    offset_ = DeviceBuffer<float>(1);
+    LORA_CUDA_CHECK(cudaMemsetAsync(offset_.data(), 0, sizeof(float), stream()));
+    if (nb == 0) return;
+    const int parts = static_cast<int>(std::min<long>(lora::detail::ceil_div(nb, lora::detail::dq_threads * 8), 1024));
+    DeviceBuffer<double> partial(static_cast<std::size_t>(parts));
+    DeviceBuffer<unsigned long long> bad(1);
+    LORA_CUDA_CHECK(cudaMemsetAsync(bad.data(), 0xFF, sizeof(unsigned long long), stream()));
+    lora::detail::dq_sum_kernel<<<parts, lora::detail::dq_threads, 0, stream()>>>(absmax_.data(), nb, partial.data(), bad.data());
+    LORA_CUDA_CHECK_LAUNCH("dq_sum_kernel");
+    lora::detail::dq_mean_kernel<<<1, lora::detail::dq_threads, 0, stream()>>>(partial.data(), parts, nb, offset_.data());
+    LORA_CUDA_CHECK_LAUNCH("dq_mean_kernel");
+    const auto first_bad = lora::detail::device_to_host(bad, *ctx_)[0];
+    if (first_bad != ~0ull) {
+      float v = 0;
+      LORA_CUDA_CHECK(cudaMemcpy(&v, absmax_.data() + first_bad, sizeof(float), cudaMemcpyDeviceToHost));
+      lora::detail::fail("Nf4Tensor<cuda>::quantize (double_quant): absmax[{}] is {}, expected a finite value",
+                         first_bad, v);
+    }
+    lora::detail::dq_quantize_kernel<<<lora::detail::ceil_div(nb, lora::detail::dq_threads), lora::detail::dq_threads, 0, stream()>>>(
+        absmax_.data(), nb, offset_.data(), nested_code_.data(), dq_codes_.data(), nested_absmax_.data());
+    LORA_CUDA_CHECK_LAUNCH("dq_quantize_kernel");
+    lora::detail::dq_restore_kernel<<<lora::detail::ceil_div(nb, 256), 256, 0, stream()>>>(
+        dq_codes_.data(), nested_absmax_.data(), nested_code_.data(), offset_.data(), nb, absmax_.data());
+    LORA_CUDA_CHECK_LAUNCH("dq_restore_kernel");
+  }
+
+  std::shared_ptr<CudaContext> ctx_ = CudaContext::thread_default();
+  std::vector<std::int64_t> shape_;
+  std::int64_t numel_ = 0;
+  std::int64_t blocksize_ = 64;
+  source_dtype dtype_ = source_dtype::float32;
+  DeviceBuffer<std::uint8_t> packed_;
+  DeviceBuffer<float> absmax_;  // restored scales with double quantisation
+  bool dq_ = false;
+  DeviceBuffer<std::uint8_t> dq_codes_;
+  DeviceBuffer<float> nested_absmax_, nested_code_, offset_;
+};
+
+/// Y = X·dequant(W)ᵀ on the device for X [T × in] (bfloat16, half or float), Y [T × out]:
+/// the fused NF4 kernels for 1..16 tokens (in % 32 == 0, 16-byte aligned rows of X), else
+/// dequantise into a temporary [out × in] and one cuBLAS GEMM. On W's stream.
+template <class S>
+void nf4_matmul(const Nf4Tensor<cuda>& W, DeviceView<const S> X, DeviceView<S> Y) {
+  const Index out = W.rows(), in = W.cols();
+  if (W.shape().size() != 2) lora::detail::fail("nf4_matmul: the NF4 weight must be 2-D, got {} dimensions", W.shape().size());
+  if (X.cols != in) lora::detail::fail("nf4_matmul: input has {} columns, the NF4 weight has in_features = {}", X.cols, in);
+  lora::detail::require(Y.rows == X.rows && Y.cols == out, "nf4_matmul: ", "output Y", Y.rows, Y.cols, X.rows, out);
+  if (X.rows == 0 || out == 0) return;
+  constexpr long V = 16 / sizeof(S);
+  if (X.rows <= 16 && in % 32 == 0 && X.ld % V == 0 && lora::detail::aligned16<S>(X.data))
+    return lora::detail::nf4_gemm<S>(W.parts(), X, Y, W.context());
+  DeviceMatrix<S> D(out, in);
+  W.dequantize_into(D.data());
+  lora::detail::gemm<S, S, S>(W.context(), false, true, X.rows, out, in, 1.f, X, D.view(), 0.f, Y);
+}
+/// The same into a new [T × out] matrix.
+template <class S>
+DeviceMatrix<S> nf4_matmul(const Nf4Tensor<cuda>& W, DeviceView<const S> X) {
+  DeviceMatrix<S> Y(X.rows, W.rows());
+  nf4_matmul<S>(W, X, Y.view());
+  return Y;
+}
+
+}  // namespace quant
 
 }  // namespace lora

@@ -1,0 +1,214 @@
+// LowRankAdapter<S, cuda> (lora/cuda/adapter.cuh) against a float64 CPU reference on fresh
+// random inputs (bf16/half within 1e-2 relative, float within 1e-5), outputs poisoned with NaN
+// before each run so that unwritten elements fail.
+
+#include <lora/cuda.hpp>
+
+#include "cuda/support.cuh"
+
+#include <cstring>
+
+using namespace lora;
+using lora::test::d;
+using lora::test::MatD;
+using lora::test::poison;
+using lora::test::rand_s;
+using lora::test::tol;
+using lora::test::upload_padded;
+
+namespace {
+struct Shape {
+  Index in, out, r, tokens;
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float64", "[cuda][adapter]", bfloat16,
+                   lora::half, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  // Aligned shapes take the decode kernels (tokens <= 16) and the fused GEMMs;
+  // the odd one forces the plain GEMM path.
+  const Shape shapes[] = {{256, 200, 8, 1},  {256, 200, 8, 3},  {256, 200, 8, 16}, {256, 200, 8, 37},
+                          {128, 320, 16, 9}, {256, 192, 16, 64}, {96, 160, 32, 32}, {256, 128, 64, 48},
+                          {100, 70, 5, 2},   {100, 70, 5, 33},  {256, 520, 16, 600}, {264, 136, 24, 200}};
+  for (const Shape& sh : shapes) {
+    INFO("in " << sh.in << " out " << sh.out << " r " << sh.r << " tokens " << sh.tokens);
+    const double alpha = 2.0 * sh.r * g.uniform(0.5, 1.5);
+    LowRankAdapter<S> host(sh.in, sh.out, sh.r, alpha);
+    host.set_A(rand_s<S>(sh.r, sh.in, g, 0.1));
+    host.set_B(rand_s<S>(sh.out, sh.r, g, 0.1));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host);
+    const Matrix<S> W = rand_s<S>(sh.out, sh.in, g, 0.05), X = rand_s<S>(sh.tokens, sh.in, g);
+    const Matrix<S> dY = rand_s<S>(sh.tokens, sh.out, g);
+    const double s = host.scaling();
+    const MatD Ad = d(host.A()), Bd = d(host.B()), Wd = d(W), Xd = d(X), dYd = d(dY);
+    const MatD xa = Xd * Ad.transpose();
+    const MatD ref_y = Xd * Wd.transpose() + s * xa * Bd.transpose();
+    const MatD gb = s * dYd * Bd;
+    const MatD ref_dX = dYd * Wd + gb * Ad, ref_dA = gb.transpose() * Xd, ref_dB = s * dYd.transpose() * xa;
+
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto dX = DeviceMatrix<S>::from_host(X);
+    auto ddY = DeviceMatrix<S>::from_host(dY);
+
+    // Plain path.
+    DeviceMatrix<S> Y(sh.tokens, sh.out);
+    poison(Y.view());
+    ad.apply(dW.view(), dX.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    CHECK(lora::test::rel_error(ad.forward(dX.view()).to_host(), MatD(s * xa * Bd.transpose())) < tol<S>());
+    auto gr = ad.backward(dW.view(), dX.view(), ddY.view());
+    CHECK(lora::test::rel_error(gr.dX.to_host(), ref_dX) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dA.to_host(), ref_dA) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dB.to_host(), ref_dB) < tol<S>());
+
+    // Fused path: [[W, B], [A, 0]] and padded activations.
+    auto fw = ad.fuse(dW.view());
+    auto Xp = upload_padded(X, fused_rank_pad(sh.r));
+    poison(Y.view());
+    ad.apply(fw, Xp.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    for (FusedForward how : {FusedForward::concat_k, FusedForward::accumulate, FusedForward::stacked}) {
+      fw.forward = how;
+      poison(Y.view());
+      ad.apply(fw, Xp.view(), Y.view());
+      CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    }
+    // dY with rp spare columns (padded_grad; the padding is poisoned, backward writes zeros
+    // there) and with r (accepted too).
+    for (Index pad : {fused_rank_pad(sh.r), sh.r}) {
+      INFO("dY padding " << pad);
+      auto dYp = upload_padded(dY, pad);
+      DeviceMatrix<S> gX(sh.tokens, sh.in);
+      DeviceMatrix<float> gA(sh.r, sh.in), gB(sh.out, sh.r);
+      poison(gX.view());
+      poison(gA.view());
+      poison(gB.view());
+      ad.backward(fw, Xp.view(), dYp.view(), gX.view(), gA.view(), gB.view());
+      CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
+      CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
+      CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+    }
+    CHECK(ad.padded_grad(sh.tokens).cols() == sh.out + fused_rank_pad(sh.r));
+
+    // delta_weight, merge, unmerge.
+    const MatD delta = s * Bd * Ad;
+    CHECK(lora::test::rel_error(ad.delta_weight().to_host(), delta) < tol<S>());
+    auto Wm = DeviceMatrix<S>::from_host(W);
+    ad.merge(Wm.view());
+    CHECK(lora::test::rel_error(Wm.to_host(), MatD(Wd + delta)) < tol<S>());
+    ad.unmerge(Wm.view());
+    CHECK(lora::test::rel_error(Wm.to_host(), Wd) < tol<S>());
+    // Round trip of the factors.
+    CHECK(lora::test::max_abs_diff(ad.to_host().A(), host.A()) == 0.0);
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda adapter: the backward's one pass over dY (s·dY·B and dYᵀ·XA) matches float64",
+                   "[cuda][adapter]", bfloat16, lora::half) {
+  using S = TestType;
+  using T = detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  struct Case {
+    Index tokens, out, r;
+    int blocks;  // 0: the device's resident blocks; else forces fewer output ranges
+  };
+  // Several token ranges (512 tokens each at r <= 16, 256 at r <= 32) and output ranges,
+  // partial last tiles in both, r below the 16/32 column groups, one token.
+  const Case cases[] = {{1000, 520, 16, 0}, {1000, 520, 8, 0}, {777, 264, 20, 0}, {300, 200, 32, 0},
+                        {1300, 1208, 16, 4}, {1300, 1208, 16, 0}, {64, 64, 1, 0},  {1, 8, 3, 0}};
+  for (const Case& c : cases) {
+    INFO("tokens " << c.tokens << " out " << c.out << " r " << c.r << " blocks " << c.blocks);
+    const Index N = c.r <= 16 ? 16 : 32, gcols = 64;
+    const double s = g.uniform(0.5, 2.0);
+    const Matrix<S> dY = rand_s<S>(c.tokens, c.out, g), B = rand_s<S>(c.out, c.r, g, 0.3),
+                    XA = rand_s<S>(c.tokens, c.r, g, 0.3);
+    // dY with spare columns, B and XA with N + 8 columns; everything past the data is NaN
+    // (the kernel must neither read dY's spare columns nor let B's and XA's reach column < r).
+    auto ddY = upload_padded(dY, 24);
+    auto dB_in = upload_padded(B, N + 8 - c.r);
+    auto dXA = upload_padded(XA, N + 8 - c.r);
+    DeviceMatrix<S> G(c.tokens, gcols);
+    DeviceMatrix<float> dB(c.out, c.r);
+    poison(G.view());
+    poison(dB.view());
+    DeviceBuffer<float> scratch;
+    auto ctx = CudaContext::thread_default();
+    const DeviceView<const S> vdY = DeviceView<const S>(ddY.view()).col_block(0, c.out);
+    REQUIRE(detail::dy_pass_ok<S>(vdY, dB_in.view(), dXA.view(), c.r, N + 8));
+    auto dev = [](auto v) { return detail::as_device(v); };
+    detail::dy_pass<T>(*ctx, dev(vdY), dev(DeviceView<const S>(dB_in.view())), dev(DeviceView<const S>(dXA.view())),
+                       c.r, static_cast<float>(s), dev(G.view()), dB.view(), scratch, c.blocks);
+    const MatD Gref = s * d(dY) * d(B), dBref = d(dY).transpose() * d(XA);
+    const Matrix<S> Gh = G.to_host();
+    CHECK(lora::test::rel_error(Gh.leftCols(c.r), Gref) < tol<S>());
+    CHECK(lora::test::max_abs_diff(Gh.rightCols(gcols - c.r), Matrix<S>::Zero(c.tokens, gcols - c.r)) == 0.0);
+    const Matrix<float> dBh = dB.to_host();
+    CHECK(lora::test::rel_error(dBh, dBref) < tol<S>());
+    // The partial sums are added in a fixed order: a second run gives the same bits.
+    poison(G.view());
+    poison(dB.view());
+    detail::dy_pass<T>(*ctx, dev(vdY), dev(DeviceView<const S>(dB_in.view())), dev(DeviceView<const S>(dXA.view())),
+                       c.r, static_cast<float>(s), dev(G.view()), dB.view(), scratch, c.blocks);
+    const Matrix<S> Gh2 = G.to_host();
+    const Matrix<float> dBh2 = dB.to_host();
+    CHECK(std::memcmp(Gh2.data(), Gh.data(), sizeof(S) * Gh.size()) == 0);
+    CHECK(std::memcmp(dBh2.data(), dBh.data(), sizeof(float) * dBh.size()) == 0);
+  }
+  // The launch shape: token ranges of 512 (r <= 16), output ranges a multiple of 64 that fill
+  // the resident blocks, at most 1024 outputs per block.
+  const auto p = detail::dy_pass_plan(16384, 4096, 512, 1024, 264);
+  CHECK((p.P == 32 && p.Q == 8 && p.ob == 512));
+  const auto p2 = detail::dy_pass_plan(16384, 14336, 512, 1024, 264);
+  CHECK((p2.P == 32 && p2.Q == 14 && p2.ob == 1024));
+  const auto p3 = detail::dy_pass_plan(100, 200, 512, 1024, 264);
+  CHECK((p3.P == 1 && p3.Q == 4 && p3.ob == 64));
+  // Layouts it does not take: float, r > 32, unaligned rows, too few readable columns.
+  DeviceMatrix<S> m(8, 72);
+  const DeviceView<const S> v = m.view();
+  CHECK(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 33, 64));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 60), v, v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v.col_block(1, 32), v, 16, 16));
+  CHECK_FALSE(detail::dy_pass_ok<S>(v.col_block(0, 64), v, v, 8, 8));
+  DeviceMatrix<float> f(8, 64);
+  CHECK_FALSE(detail::dy_pass_ok<float>(f.view(), f.view(), f.view(), 16, 16));
+}
+
+TEST_CASE("cuda adapter: fan_in_fan_out apply and merge", "[cuda][adapter]") {
+  using S = float;
+  Generator g(lora::test::fresh_seed());
+  const Index in = 48, out = 40, r = 4, T = 24;
+  LowRankAdapter<S> host(in, out, r, 8.0, AdapterOptions{.fan_in_fan_out = true});
+  host.set_A(rand_s<S>(r, in, g));
+  host.set_B(rand_s<S>(out, r, g));
+  auto ad = LowRankAdapter<S, cuda>::from_host(host);
+  const Matrix<S> W = rand_s<S>(in, out, g), X = rand_s<S>(T, in, g);
+  auto dW = DeviceMatrix<S>::from_host(W);
+  auto dX = DeviceMatrix<S>::from_host(X);
+  const MatD ref = d(X) * d(W) + host.scaling() * d(X) * d(host.A()).transpose() * d(host.B()).transpose();
+  CHECK(lora::test::rel_error(ad.apply(dW.view(), dX.view()).to_host(), ref) < 1e-5);
+  ad.merge(dW.view());
+  CHECK(lora::test::rel_error(dW.to_host(), d(host.delta_weight()) + d(W)) < 1e-5);
+  CHECK_THROWS_WITH(ad.fuse(dW.view()), Catch::Matchers::ContainsSubstring("fan_in_fan_out"));
+}
+
+TEST_CASE("cuda adapter: bad shapes throw lora::error naming the tensor", "[cuda][adapter]") {
+  LowRankAdapter<float, cuda> ad(64, 32, 4, 8.0, AdapterOptions{.name = "q_proj"});
+  DeviceMatrix<float> W(31, 64), X(3, 64);
+  CHECK_THROWS_WITH(ad.apply(W.view(), X.view()), Catch::Matchers::ContainsSubstring("base weight W"));
+  CHECK_THROWS_WITH(ad.set_A(Matrix<float>(4, 63)), Catch::Matchers::ContainsSubstring("q_proj"));
+  CHECK_THROWS_AS(ad.apply(W.view(), X.view()), lora::error);
+  // The fused backward names the padded dY when it has neither r nor rp spare columns.
+  DeviceMatrix<float> W2(32, 64);
+  auto fw = ad.fuse(W2.view());
+  auto Xp = ad.padded_input(3);
+  DeviceMatrix<float> dYp(3, 32 + 5), dX(3, 64), dA(4, 64), dB(32, 4);
+  CHECK_THROWS_WITH(ad.backward(fw, Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view()),
+                    Catch::Matchers::ContainsSubstring("padded dY"));
+}
+

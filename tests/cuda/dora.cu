@@ -1,0 +1,189 @@
+// DoraAdapter<S, cuda> (lora/cuda/dora.cuh): the fused path (forward, backward, the cached
+// column scale) and the tensor-core weight-norm GEMM against float64. The unfused member
+// functions run in device.cu, on the CPU and the GPU from one body.
+
+#include <lora/cuda.hpp>
+
+#include "cuda/support.cuh"
+
+using namespace lora;
+using lora::test::d;
+using lora::test::MatD;
+using lora::test::poison;
+using lora::test::rand_s;
+using lora::test::tol;
+using lora::test::upload_padded;
+
+TEMPLATE_TEST_CASE("cuda dora: the fused forward and backward match float64", "[cuda][dora]", bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  // T 40 and 48 take the scaled-block path (T > 16); in = 100 there makes the block's leading
+  // dimension not a multiple of 8 (the row-by-row scale kernel, not the vectorised one).
+  for (Index T : {Index(2), Index(40), Index(48)}) {
+    const Index in = T == 40 ? 100 : 128, out = 96, r = T == 48 ? 16 : 8;
+    LowRankAdapter<S> host(in, out, r, 16.0);
+    host.set_A(rand_s<S>(r, in, g, 0.1));
+    host.set_B(rand_s<S>(out, r, g, 0.1));
+    const Matrix<S> W = rand_s<S>(out, in, g, 0.1), X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
+    const double s = host.scaling();
+    const MatD Ad = d(host.A()), Bd = d(host.B()), Wd = d(W), Xd = d(X), dYd = d(dY);
+    Vector<double> m(out);
+    for (Index n = 0; n < out; ++n) m[n] = g.uniform(0.5, 2.0);
+    const MatD merged = Wd + s * Bd * Ad;
+    const Vector<double> norm = merged.rowwise().norm();
+    const Vector<double> c = m.cwiseQuotient(norm);
+    const MatD Z = Xd * Wd.transpose() + s * (Xd * Ad.transpose()) * Bd.transpose();
+    const MatD ref_y = Z * c.asDiagonal();
+    const MatD dZ = dYd * c.asDiagonal();
+    const MatD gb = s * dZ * Bd;
+    const MatD ref_dX = dZ * Wd + gb * Ad, ref_dA = gb.transpose() * Xd,
+               ref_dB = s * dZ.transpose() * (Xd * Ad.transpose());
+    const Vector<double> ref_dm = (dYd.cwiseProduct(Z)).colwise().sum().transpose().cwiseQuotient(norm);
+
+    DoraAdapter<S, cuda> dora(LowRankAdapter<S, cuda>::from_host(host),
+                              DeviceMatrix<float>::from_host(Matrix<float>(m.cast<float>())));
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto fw = dora.fuse(dW.view());
+    auto Xp = upload_padded(X, fused_rank_pad(r));
+    DeviceMatrix<S> Y(T, out);
+    poison(Y.view());
+    dora.apply(fw, Xp.view(), Y.view());
+    CHECK(lora::test::rel_error(lora::to_host(dora.last_norm()), MatD(norm)) < (std::is_same_v<S, float> ? 1e-5 : 1e-3));
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    for (Index pad : {r, fused_rank_pad(r)}) {  // dYp with out + r or out + rp columns
+      INFO("dY padding " << pad);
+      auto dYp = upload_padded(dY, pad);
+      DeviceMatrix<S> gX(T, in);
+      DeviceMatrix<float> gA(r, in), gB(out, r), gm(out, 1);
+      poison(gX.view());
+      poison(gA.view());
+      poison(gB.view());
+      poison(gm.view());
+      dora.backward(fw, Xp.view(), Y.view(), dYp.view(), gX.view(), gA.view(), gB.view(), gm.view());
+      CHECK(lora::test::rel_error(gX.to_host(), ref_dX) < tol<S>());
+      CHECK(lora::test::rel_error(gA.to_host(), ref_dA) < tol<S>());
+      CHECK(lora::test::rel_error(gB.to_host(), ref_dB) < tol<S>());
+      CHECK(lora::test::rel_error(gm.to_host(), MatD(ref_dm)) < tol<S>());
+    }
+
+    // cache_norm: the second call reuses c (a changed m is not seen until invalidate_norm()).
+    dora.cache_norm(true);
+    for (int call = 0; call < 2; ++call) {
+      poison(Y.view());
+      dora.apply(fw, Xp.view(), Y.view());
+      CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
+    }
+    Vector<double> m2(out);
+    for (Index n = 0; n < out; ++n) m2[n] = g.uniform(0.5, 2.0);
+    upload<float>(Matrix<float>(m2.cast<float>()), dora.magnitude());
+    poison(Y.view());
+    dora.apply(fw, Xp.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());  // still the cached scale
+    dora.invalidate_norm();
+    poison(Y.view());
+    dora.apply(fw, Xp.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), MatD(Z * m2.cwiseQuotient(norm).asDiagonal())) < tol<S>());
+  }
+}
+
+TEMPLATE_TEST_CASE("cuda dora: the weight-norm GEMM [W; A]·Aᵀ on tensor cores (detail::norm_gemm) matches float64",
+                   "[cuda][dora]", bfloat16, lora::half) {
+  using S = TestType;
+  using T = detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  struct Case {
+    Index out, in, r;
+    int blocks;  // 0: the device's resident blocks; else a smaller grid (longer row and K ranges)
+  };
+  // Row ranges of 1-4 row tiles and K ranges of 1-16 K tiles (8 at r > 16), partial last tiles
+  // in both (rows out + r, K not a multiple of 64), r below the 16/32 column groups.
+  const Case cases[] = {{1000, 1032, 16, 0}, {1000, 1032, 16, 4}, {264, 200, 20, 0}, {264, 200, 20, 3},
+                        {500, 64, 1, 0},     {300, 2048, 32, 1},  {4100, 1040, 16, 1}, {8, 64, 3, 0},
+                        {96, 128, 8, 0},     {64, 4096, 16, 0},   {130, 4104, 24, 0}};
+  for (const Case& c : cases) {
+    INFO("out " << c.out << " in " << c.in << " r " << c.r << " blocks " << c.blocks);
+    const Index rows = c.out + c.r;
+    const Matrix<S> Mh = rand_s<S>(rows, c.in, g);
+    // [W; A] inside a larger block: NaN in the 24 columns past K and the 8 rows below A,
+    // which the kernel must not read.
+    DeviceMatrix<S> blk(rows + 8, c.in + 24);
+    poison(blk.view());
+    upload<S>(Mh, blk.view().row_block(0, rows).col_block(0, c.in));
+    const DeviceView<const S> all = blk.view();
+    auto dev = [](auto v) { return detail::as_device(v); };
+    const auto M = dev(all.row_block(0, rows).col_block(0, c.in));
+    const auto A = dev(all.row_block(c.out, c.r).col_block(0, c.in));
+    REQUIRE(detail::norm_gemm_ok<T>(M, A, c.r));
+    DeviceMatrix<float> PG(rows, c.r);
+    poison(PG.view());
+    DeviceBuffer<float> scratch;
+    auto ctx = CudaContext::thread_default();
+    detail::norm_gemm<T>(*ctx, M, A, c.r, PG.view(), scratch, c.blocks);
+    const MatD ref = d(Mh) * d(Mh.bottomRows(c.r)).transpose();
+    const Matrix<float> h = PG.to_host();
+    // Exact products of 16-bit inputs, float sums: far inside 1e-4.
+    CHECK(lora::test::rel_error(h, ref) < 1e-4);
+    CHECK(lora::test::max_abs_diff(h, ref) < 1e-4 * std::sqrt(static_cast<double>(c.in)) * 8);
+    // The partial sums are added in a fixed order: a second run gives the same bits.
+    poison(PG.view());
+    detail::norm_gemm<T>(*ctx, M, A, c.r, PG.view(), scratch, c.blocks);
+    const Matrix<float> h2 = PG.to_host();
+    CHECK(std::memcmp(h2.data(), h.data(), sizeof(float) * h.size()) == 0);
+  }
+  // End to end through dora_weight_norm: the norms straight from the partial sums
+  // (dora_norm_fused_kernel; r 16 and 20: N 16 and 32), from cuBLAS's PG (in 100: rows not on
+  // 16 bytes) and, for r > 32, cuBLAS and dora_norm_kernel.
+  struct NormCase {
+    Index out, in, r;
+  };
+  for (const NormCase& c : {NormCase{1000, 1032, 16}, NormCase{264, 200, 20}, NormCase{96, 100, 8},
+                            NormCase{72, 128, 40}}) {
+    INFO("dora_weight_norm: out " << c.out << " in " << c.in << " r " << c.r);
+    LowRankAdapter<S> host(c.in, c.out, c.r, 2.0 * c.r);
+    host.set_A(rand_s<S>(c.r, c.in, g, 0.1));
+    host.set_B(rand_s<S>(c.out, c.r, g, 0.1));
+    auto ad = LowRankAdapter<S, cuda>::from_host(host);
+    const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.1);
+    Vector<double> m(c.out);
+    for (Index n = 0; n < c.out; ++n) m[n] = g.uniform(0.5, 2.0);
+    auto dW = DeviceMatrix<S>::from_host(W);
+    auto fw = ad.fuse(dW.view());
+    auto dm = DeviceMatrix<float>::from_host(m.cast<float>().transpose());
+    detail::DoraWorkspace<S> ws;
+    for (int run = 0; run < 2; ++run) {  // the second run takes the cached ‖w_n‖² and the grown scratch
+      detail::dora_weight_norm(ad, fw, ws, dm.data());
+      const MatD Wd = d(W), Ad = d(host.A()), Bd = d(host.B());
+      const Vector<double> norm = (Wd + host.scaling() * Bd * Ad).rowwise().norm();
+      CHECK(lora::test::rel_error(ws.norm.to_host(), MatD(norm)) < 1e-3);
+      CHECK(lora::test::rel_error(ws.c.to_host(), MatD(m.cwiseQuotient(norm))) < 1e-3);
+      MatD tall(c.out + c.r, c.in);
+      tall << Wd, Ad;
+      CHECK(lora::test::rel_error(ws.PG.to_host(), MatD(tall * Ad.transpose())) < 1e-4);
+    }
+  }
+  // The launch shape: one row tile per range and the fewest K ranges (16 K tiles each) where
+  // that fills the resident blocks; longer row ranges where the rows alone fill it.
+  const auto p = detail::norm_gemm_plan(4112, 4096, 4, 16, 264);
+  CHECK((p.RT == 65 && p.KT == 64 && p.P == 65 && p.Q == 4));
+  const auto p2 = detail::norm_gemm_plan(14352, 4096, 4, 16, 264);
+  CHECK((p2.RT == 225 && p2.P == 66 && p2.Q == 4));
+  const auto p3 = detail::norm_gemm_plan(1016, 1032, 4, 16, 264);
+  CHECK((p3.P == 16 && p3.Q == 16));
+  const auto p4 = detail::norm_gemm_plan(8, 64, 4, 16, 264);
+  CHECK((p4.P == 1 && p4.Q == 1));
+  // Layouts it does not take: float, r > 32, K not a multiple of 8, unaligned rows, A too short.
+  DeviceMatrix<S> m(40, 72);
+  const auto v = detail::as_device(DeviceView<const S>(m.view()));
+  CHECK(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.col_block(0, 64), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.col_block(0, 64), 33));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 60), v.col_block(0, 60), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(1, 64), v.col_block(1, 64), 16));
+  CHECK_FALSE(detail::norm_gemm_ok<T>(v.col_block(0, 64), v.row_block(0, 8).col_block(0, 64), 16));
+  DeviceMatrix<float> f(8, 64);
+  CHECK_FALSE(detail::norm_gemm_ok<float>(f.view(), f.view(), 4));
+}
+
