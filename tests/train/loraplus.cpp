@@ -1,7 +1,6 @@
 // LoRA+: B's learning rate is ratio × A's; and adapters train end to end with AdamW.
-#include <lora/adalora/replay.hpp>  // with the umbrella: checks that everything composes
-#include <lora/io/peft.hpp>
-#include <lora/lora.hpp>
+#include <lora/adalora.hpp>
+#include <lora/train.hpp>
 
 #include "support/catch.hpp"
 #include "support/reference.hpp"
