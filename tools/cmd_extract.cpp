@@ -4,6 +4,7 @@
 #include <lora/io/peft.hpp>
 
 #include <nlohmann/json.hpp>
+#include <chrono>
 
 #include "cli.hpp"
 
@@ -14,7 +15,7 @@ using namespace lora;
 int run_extract(const std::vector<std::string>& argv) {
   cli::Args args(argv, {"json", "quiet"},
                  {"base", "tuned", "rank", "energy", "max-rank", "out", "dtype", "only", "power-iterations",
-                  "oversample", "block-rows", "seed"},
+                  "oversample", "block-rows", "seed", "save-modules"},
                  "extract");
   if (!args.positional().empty())
     lora::fail("unexpected argument '{}' (see 'lora extract --help')", args.positional()[0]);
@@ -43,6 +44,8 @@ int run_extract(const std::vector<std::string>& argv) {
   if (auto d = args.get("dtype")) dt = io::parse_float_dtype(*d, "--dtype");
   std::vector<std::string> only;
   if (auto o = args.get("only")) only = cli::Args::split(*o);
+  std::vector<std::string> save;
+  if (auto o = args.get("save-modules")) save = cli::Args::split(*o);
   cli::guard_output(args, out, {base_path, tuned_path}, io::output_kind::folder);
   const auto base = io::Checkpoint::open(base_path);
   const auto tuned = io::Checkpoint::open(tuned_path);
@@ -51,35 +54,46 @@ int run_extract(const std::vector<std::string>& argv) {
   if (!quiet)
     fmt::print("{:<{}}  {:>4}  {:>9}  {:>11}  {:>11}  {:>10}\n", "module", w, "r", "‖ΔW‖_F", "kept energy", "rel Frob err",
                "rel σ err");
+  std::vector<double> seconds;  // wall time per module (the bench compares it with a dense SVD)
+  auto t0 = std::chrono::steady_clock::now();
   const auto ex = analysis::extract_adapter(base, tuned, opt, only, [&](const analysis::ExtractedModule& m) {
+    const auto t1 = std::chrono::steady_clock::now();
+    seconds.push_back(std::chrono::duration<double>(t1 - t0).count());
+    t0 = t1;
     if (!quiet)
       fmt::print("{:<{}}  {:>4}  {:>9.4g}  {:>11.6f}  {:>11.3e}  {:>10.3e}\n", m.name, w, m.rank, m.delta_norm,
                  m.kept_energy, m.rel_fro_error, m.rel_spectral_error);
-  });
+  }, save);
   io::save_peft_adapter(out, ex.adapter, dt);
   if (args.has("json")) {
     nlohmann::ordered_json j, mods = nlohmann::ordered_json::array();
-    for (const auto& m : ex.modules)
+    for (std::size_t i = 0; i < ex.modules.size(); ++i) {
+      const auto& m = ex.modules[i];
       mods.push_back({{"name", m.name},
                       {"rank", m.rank},
                       {"delta_norm", m.delta_norm},
                       {"kept_energy", m.kept_energy},
                       {"rel_fro_error", m.rel_fro_error},
-                      {"rel_spectral_error", m.rel_spectral_error}});
+                      {"rel_spectral_error", m.rel_spectral_error},
+                      {"seconds", seconds[i]}});
+    }
     j["modules"] = std::move(mods);
     j["unchanged"] = ex.unchanged;
+    j["modules_to_save"] = ex.saved;
     j["out"] = out;
     fmt::print("{}\n", j.dump(1));
     return 0;
   }
-  fmt::print("\nextracted {} modules (r ≤ {}), {} unchanged weights skipped; wrote {}\n", ex.modules.size(),
-             ex.adapter.config.r, ex.unchanged.size(), out);
+  for (const auto& n : ex.saved) fmt::print("{:<{}}  saved whole (modules_to_save)\n", n, w);
+  fmt::print("\nextracted {} modules (r ≤ {}), {} unchanged weights skipped, {} tensors saved whole; wrote {}\n",
+             ex.modules.size(), ex.modules.empty() ? 0 : ex.adapter.config.r, ex.unchanged.size(), ex.saved.size(), out);
   return 0;
 }
 
 const lora::cli::Register reg{{"extract", "a PEFT LoRA adapter from a full fine-tune (truncated SVD of tuned − base)",
                                R"(usage: lora extract --base <checkpoint> --tuned <checkpoint> (--rank k | --energy e)
                     --out <folder> [--max-rank 128] [--only q_proj,v_proj,...] [--dtype F32|BF16|F16]
+                    [--save-modules embed_tokens,lm_head]
                     [--power-iterations 2] [--oversample 10] [--block-rows 256] [--seed n] [--json|--quiet]
 
 For every linear weight (2-D '*.weight', not embeddings or lm_head) that differs between the
@@ -89,6 +103,9 @@ smallest k ≤ --max-rank keeping a fraction e of ‖ΔW‖_F². The adapter has
 module (scaling 1; rank_pattern/alpha_pattern where ranks differ). The report gives per
 module the kept energy, ‖ΔW − B·A‖_F/‖ΔW‖_F (exact) and σ_{k+1}/σ_1 (the spectral error
 of the best rank-k approximation, from the sketch).
+--save-modules m1,m2 copies the tuned tensors of those modules whole (PEFT's modules_to_save:
+embeddings, lm_head, norms, or any module path), in their stored dtype; those modules are
+not extracted. PEFT (and lora merge) swap the copies in, so they equal the tuned tensors.
 )",
                                run_extract}};
 

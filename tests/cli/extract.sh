@@ -41,6 +41,21 @@ for m in d['modules']:
     assert abs(m['rel_fro_error'] ** 2 + m['kept_energy'] - 1) < 1e-6, m
 PY
 fi
+# --save-modules: lm_head and embed_tokens copied whole (PEFT's modules_to_save keys and config)
+"$LORA" extract --base "$FX/base" --tuned "$FX/merged.safetensors" --rank 8 --only q_proj --json \
+  --save-modules lm_head,embed_tokens --out "$TMP/mts" > "$TMP/mts.json" 2>&1 || fail "save-modules: $(cat "$TMP/mts.json")"
+if command -v python3 > /dev/null; then
+  python3 - "$TMP/mts.json" "$TMP/mts" <<'PY' || fail "save-modules output"
+import json, struct, sys
+d = json.load(open(sys.argv[1]))
+assert d['modules_to_save'] == ['lm_head.weight', 'model.embed_tokens.weight'], d['modules_to_save']
+cfg = json.load(open(sys.argv[2] + '/adapter_config.json'))
+assert cfg['modules_to_save'] == ['lm_head', 'embed_tokens'], cfg['modules_to_save']
+b = open(sys.argv[2] + '/adapter_model.safetensors', 'rb').read()
+h = json.loads(b[8:8 + struct.unpack('<Q', b[:8])[0]])
+assert 'base_model.model.lm_head.weight' in h and 'base_model.model.model.embed_tokens.weight' in h, sorted(h)
+PY
+fi
 
 refuse() {
   local want=$1; shift
@@ -53,6 +68,7 @@ refuse() {
 refuse "exactly one of" --base "$FX/base" --tuned "$FX/merged.safetensors" --out "$TMP/bad"
 refuse "exactly one of" --base "$FX/base" --tuned "$FX/merged.safetensors" --rank 2 --energy 0.9 --out "$TMP/bad"
 refuse "--energy must be" --base "$FX/base" --tuned "$FX/merged.safetensors" --energy 1.5 --out "$TMP/bad"
+refuse "no tensor of module 'lm_haed'" --base "$FX/base" --tuned "$FX/merged.safetensors" --rank 2 --save-modules lm_haed --out "$TMP/bad"
 refuse "identical" --base "$FX/base" --tuned "$FX/base" --rank 2 --out "$TMP/bad"
 
 [ $fails -eq 0 ] && echo "extract: all passed"

@@ -41,6 +41,23 @@ for k, (dt, v) in got.items():
 assert n == 14, n
 PY
 fi
+# --dtype nf4: a bnb-4bit checkpoint again (the same tensors, companions included), with the
+# re-quantisation error per module; dequantised it is within NF4's error of PEFT's float merge
+"$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/q4.safetensors" --dtype nf4 \
+  --reference "$FX/base/model.safetensors" > "$TMP/qlog" 2>&1 || fail "merge-4bit nf4: $(cat "$TMP/qlog")"
+grep -q "merged 14 modules, 14 of" "$TMP/qlog" || fail "nf4: $(tail -1 "$TMP/qlog")"
+grep -q "requant error" "$TMP/qlog" || fail "nf4: no requant error column"
+"$LORA" dequantize "$TMP/q4.safetensors" --out "$TMP/q4f.safetensors" --dtype F32 --quiet > "$TMP/dlog" 2>&1 \
+  || fail "dequantize the nf4 merge: $(cat "$TMP/dlog")"
+if command -v python3 > /dev/null; then
+  python3 - "$TMP/qlog" "$TMP/base4.safetensors" "$TMP/q4.safetensors" <<'PY' || fail "nf4 report"
+import json, re, struct, sys
+errs = [float(l.split()[2]) for l in open(sys.argv[1]) if re.match(r'model\.layers\.\d+\.\S+\s+yes\s', l)]
+assert len(errs) == 14 and all(0.01 < e < 0.2 for e in errs), errs
+keys = lambda p: sorted(json.loads(open(p, 'rb').read()[8:8 + struct.unpack('<Q', open(p, 'rb').read(8))[0]]))
+assert keys(sys.argv[2]) == keys(sys.argv[3])
+PY
+fi
 "$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/bad.safetensors" --dtype F64 \
   > /dev/null 2> "$TMP/err" && fail "F64 accepted"
 grep -q "BF16, F16 or F32" "$TMP/err" || fail "stderr: $(cat "$TMP/err")"
