@@ -4,6 +4,7 @@
 
 #include <lora/core.hpp>
 #include <lora/io/atomic.hpp>
+#include <lora/io/dtype.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/io/checkpoint.hpp>
 #include <lora/io/peft.hpp>
@@ -16,3 +17,4 @@
 #include <lora/io/json.hpp>
 #include <lora/io/pattern.hpp>
 #include <lora/io/merge_quantized.hpp>
+#include <lora/io/quantize.hpp>

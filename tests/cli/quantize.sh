@@ -19,6 +19,7 @@ BASE="$DATA/peft/lora_r8_a16_all/base/model.safetensors"
 check "quantize --double-quant exits 0" "$LORA" quantize "$BASE" --out "$T/q.safetensors" --double-quant
 check "dequantize exits 0" "$LORA" dequantize "$T/q.safetensors" --out "$T/d.safetensors"
 check "dequantize --dtype bf16 exits 0" "$LORA" dequantize "$T/q.safetensors" --out "$T/d16.safetensors" --dtype bf16
+check "dequantize --dtype BFloat16 (any case) is --dtype bf16" bash -c '"$1" dequantize "$2/q.safetensors" --out "$2/dB.safetensors" --dtype BFloat16 > /dev/null && cmp -s "$2/dB.safetensors" "$2/d16.safetensors"' _ "$LORA" "$T"
 check "quantize --blocksize 128 exits 0" "$LORA" quantize "$BASE" --out "$T/q128.safetensors" --blocksize 128 --skip lm_head
 
 check "layout, values and round trip" python3 - "$BASE" "$T" <<'PY'
