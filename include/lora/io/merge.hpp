@@ -45,9 +45,6 @@
 
 namespace lora::io {
 
-/// Whether a dtype holds floating-point values.
-inline bool is_float(dtype t) { return t == dtype::F64 || t == dtype::F32 || t == dtype::F16 || t == dtype::BF16; }
-
 namespace detail {
 
 inline float bf16_to_float(std::uint16_t h) {

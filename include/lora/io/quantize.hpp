@@ -241,7 +241,7 @@ inline void convert_checkpoint(const std::filesystem::path& in, const std::files
       if (!e.is_regular_file() || e.path().extension() == ".safetensors") continue;
       const auto name = e.path().filename().string();
       if (name == "config.json" || name == checkpoint_index_name) {
-        auto j = read_json_file<nlohmann::ordered_json>(e.path());
+        auto j = lora::io::read_json_file<nlohmann::ordered_json>(e.path());
         edit(name, j, written);
         write_bytes(tmp / name, j.dump(2) + "\n");
       } else {

@@ -32,21 +32,6 @@
 
 namespace lora::io {
 
-namespace detail {
-/// torch.float8_e4m3fn: bias 7, no infinities, S.1111.111 is NaN.
-inline float f8_e4m3_to_float(std::uint8_t b) {
-  const int e = (b >> 3) & 0xf, m = b & 7;
-  const float sign = (b & 0x80) ? -1.0f : 1.0f;
-  if (e == 0xf && m == 7) return std::numeric_limits<float>::quiet_NaN();
-  if (e == 0) return sign * std::ldexp(static_cast<float>(m), -9);  // m/8 · 2^-6
-  return sign * std::ldexp(1.0f + static_cast<float>(m) / 8.0f, e - 7);
-}
-/// float8_e5m2 is the upper byte of an IEEE half.
-inline float f8_e5m2_to_float(std::uint8_t b) {
-  return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(static_cast<std::uint16_t>(b << 8)));
-}
-}  // namespace detail
-
 /// A tensor inside a mapped file: no copy until to_matrix/to_vector.
 struct TensorView {
   std::string name;
@@ -74,9 +59,8 @@ struct TensorView {
     switch (type) {
       case dtype::F64: return static_cast<S>(load(double{}));
       case dtype::F32: return static_cast<S>(load(float{}));
-      case dtype::F16: return static_cast<S>(static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(load(std::uint16_t{}))));
-      case dtype::BF16:
-        return static_cast<S>(static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(std::uint16_t{}))));
+      case dtype::F16: return static_cast<S>(f16_to_float(load(std::uint16_t{})));
+      case dtype::BF16: return static_cast<S>(bf16_to_float(load(std::uint16_t{})));
       case dtype::I64: return static_cast<S>(load(std::int64_t{}));
       case dtype::I32: return static_cast<S>(load(std::int32_t{}));
       case dtype::I16: return static_cast<S>(load(std::int16_t{}));
@@ -86,8 +70,8 @@ struct TensorView {
       case dtype::U16: return static_cast<S>(load(std::uint16_t{}));
       case dtype::U32: return static_cast<S>(load(std::uint32_t{}));
       case dtype::U64: return static_cast<S>(load(std::uint64_t{}));
-      case dtype::F8_E4M3: return static_cast<S>(detail::f8_e4m3_to_float(load(std::uint8_t{})));
-      case dtype::F8_E5M2: return static_cast<S>(detail::f8_e5m2_to_float(load(std::uint8_t{})));
+      case dtype::F8_E4M3: return static_cast<S>(f8_e4m3_to_float(load(std::uint8_t{})));
+      case dtype::F8_E5M2: return static_cast<S>(f8_e5m2_to_float(load(std::uint8_t{})));
     }
     return S{};
   }
@@ -116,13 +100,11 @@ struct TensorView {
   void convert_into(S* out) const {
     const std::int64_t n = numel();
     if (n == 0) return;  // out may be null then, and memcpy(nullptr, ..., 0) is undefined
-    if (type == dtype::F32 && std::is_same_v<S, float>) {
-      std::memcpy(out, bytes.data(), static_cast<std::size_t>(n) * 4);
-      return;
-    }
-    if (type == dtype::F64 && std::is_same_v<S, double>) {
-      std::memcpy(out, bytes.data(), static_cast<std::size_t>(n) * 8);
-      return;
+    if constexpr (std::is_same_v<S, float> || std::is_same_v<S, double>) {
+      if (is_float(type)) {
+        decode_floats(type, bytes.data(), out, static_cast<std::size_t>(n));
+        return;
+      }
     }
     for (std::int64_t i = 0; i < n; ++i) out[i] = at<S>(i);
   }
@@ -391,10 +373,8 @@ struct TensorData {
       switch (type) {
         case dtype::F64: store(i, static_cast<double>(v)); break;
         case dtype::F32: store(i, static_cast<float>(v)); break;
-        case dtype::F16: store(i, Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(static_cast<float>(v)))); break;
-        case dtype::BF16:
-          store(i, Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(static_cast<float>(v))));
-          break;
+        case dtype::F16: store(i, float_to_f16(static_cast<float>(v))); break;
+        case dtype::BF16: store(i, float_to_bf16(static_cast<float>(v))); break;
         case dtype::I64: store(i, static_cast<std::int64_t>(v)); break;
         case dtype::I32: store(i, static_cast<std::int32_t>(v)); break;
         case dtype::I16: store(i, static_cast<std::int16_t>(v)); break;
