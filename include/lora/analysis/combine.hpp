@@ -547,8 +547,8 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
   out.config.use_dora = false;
   out.config.rank_pattern.clear();
   out.config.alpha_pattern.clear();
-  const bool rslora = adapters[0]->config.use_rslora;
-  const double new_scaling = rslora ? std::sqrt(static_cast<double>(new_rank)) : 1.0;
+  const dynamic_scaling policy = adapters[0]->config.scaling_policy();
+  const double new_scaling = policy.factor(static_cast<double>(new_rank), static_cast<int>(new_rank));  // alpha = r
   std::set<std::string> targets;
   bool lists = true;
   for (auto* a : adapters) {
@@ -595,7 +595,7 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
     io::PeftModule mod{name,
                        LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
                            f.A.cast<float>(), f.B.cast<float>(), static_cast<double>(new_rank), opts,
-                           dynamic_scaling{rslora}),
+                           policy),
                        std::nullopt, first->stored_dtype};
     mod.kind = first->kind;
     out.modules.push_back(std::move(mod));

@@ -41,6 +41,7 @@ struct dynamic_scaling {
     return rslora ? rslora_scaling::factor(alpha, r) : standard_scaling::factor(alpha, r);
   }
   std::string_view rule() const { return rslora ? rslora_scaling::name : standard_scaling::name; }
+  friend bool operator==(const dynamic_scaling&, const dynamic_scaling&) = default;
 };
 
 static_assert(ScalingPolicy<standard_scaling>);

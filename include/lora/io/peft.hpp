@@ -51,6 +51,7 @@
 #include <lora/core/embedding.hpp>
 #include <lora/core/scaling.hpp>
 #include <lora/core/types.hpp>
+#include <lora/dora/dora.hpp>
 #include <lora/error.hpp>
 #include <lora/io/atomic.hpp>
 #include <lora/io/json.hpp>
@@ -120,9 +121,15 @@ struct PeftConfig {
       if (pattern_matches(k, module)) return v;
     return lora_alpha;
   }
+  /// The scaling rule the config selects (use_rslora: alpha/√r, else alpha/r). The one place
+  /// that maps config fields to a rule: loading, saving, combine and compress go through it
+  /// and set_scaling_policy, so a new PEFT rule is added here and in dynamic_scaling.
+  dynamic_scaling scaling_policy() const { return dynamic_scaling{use_rslora}; }
+  /// Sets the config fields that select `p` (the inverse of scaling_policy).
+  void set_scaling_policy(const dynamic_scaling& p) { use_rslora = p.rslora; }
   /// s = alpha_for(m) / rank_for(m), or alpha/√r with use_rslora.
   double scaling_for(std::string_view module) const {
-    return dynamic_scaling{use_rslora}.factor(alpha_for(module), rank_for(module));
+    return scaling_policy().factor(alpha_for(module), rank_for(module));
   }
   /// Whether the config names its targets (target_modules given); without them PEFT picks
   /// the model type's defaults, which a folder alone does not tell, so nothing is filtered.
@@ -221,6 +228,12 @@ struct PeftModule {
 
   bool is_dora() const { return magnitude.has_value(); }
   bool is_embedding() const { return kind == PeftModuleKind::embedding; }
+  /// The module as one DoRA layer (adapter and magnitude together: apply, backward, merge);
+  /// throws lora::error for a plain LoRA module.
+  DoraAdapter<float, cpu, dynamic_scaling> dora() const {
+    if (!magnitude) lora::detail::fail("module '{}': not a DoRA module (it has no lora_magnitude_vector)", name);
+    return {adapter, *magnitude};
+  }
 };
 
 /// A whole tensor that an adapter folder carries and that replaces the base model's tensor
@@ -814,10 +827,10 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
       try {
         if (p.kind == PeftModuleKind::embedding)
           return embedding_adapter<float, dynamic_scaling>(p.A->to_matrix<float>(), p.B->to_matrix<float>(),
-                                                           cfg.alpha_for(p.name), opts, dynamic_scaling{cfg.use_rslora});
+                                                           cfg.alpha_for(p.name), opts, cfg.scaling_policy());
         return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
             p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts,
-            dynamic_scaling{cfg.use_rslora});
+            cfg.scaling_policy());
       } catch (const lora::error& e) {
         lora::detail::fail("{}: {}", file, e.what());
       }
@@ -857,7 +870,7 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
   PeftConfig cfg = adapter.config;
   const bool dora = !adapter.modules.empty() && adapter.modules.front().is_dora();
   cfg.use_dora = dora;
-  if (!adapter.modules.empty()) cfg.use_rslora = adapter.modules.front().adapter.policy().rslora;
+  if (!adapter.modules.empty()) cfg.set_scaling_policy(adapter.modules.front().adapter.policy());
   // fan_in_fan_out is the Linear modules' (an embedding module always has it set).
   for (const auto& m : adapter.modules)
     if (!m.is_embedding()) {
@@ -877,7 +890,7 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
       lora::detail::fail("{}: module '{}' {} a DoRA magnitude but module '{}' {}; PEFT needs all or none",
                          folder.string(), m.name, m.is_dora() ? "has" : "has no", adapter.modules.front().name,
                          dora ? "has" : "has none");
-    if (a.policy().rslora != cfg.use_rslora)
+    if (a.policy() != cfg.scaling_policy())
       lora::detail::fail("{}: module '{}' uses {} scaling but module '{}' uses {}; PEFT has one use_rslora",
                          folder.string(), m.name, a.policy().rule(), adapter.modules.front().name,
                          adapter.modules.front().adapter.policy().rule());
