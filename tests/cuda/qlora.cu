@@ -1,0 +1,64 @@
+// QLoraLinear<S, cuda> (lora/cuda/qlora.cuh) with bf16/half activations and factors against
+// float64 on the dequantised weight: the fused NF4 kernels (≤ 16 tokens) and dequantise +
+// cuBLAS (more tokens, backward), the writing and returning forms, merge against the CPU
+// layer's merge. The float layer runs in device.cu, on the CPU and the GPU from one body.
+
+#include <lora/cuda.hpp>
+
+#include "cuda/support.cuh"
+
+#include <cstring>
+
+using namespace lora;
+using lora::test::d;
+using lora::test::MatD;
+using lora::test::poison;
+using lora::test::rand_s;
+using lora::test::tol;
+
+TEMPLATE_TEST_CASE("cuda qlora: forward and backward with 16-bit activations match float64", "[cuda][qlora]", bfloat16,
+                   lora::half) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 512, out = 200, r = 16;
+  const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
+  LowRankAdapter<float> a(in, out, r, 32.0);
+  a.set_A(rand_s<float>(r, in, g, 0.1).cast<S>().template cast<float>());  // exact in S
+  a.set_B(rand_s<float>(out, r, g, 0.1).cast<S>().template cast<float>());
+  const QLoraLinear<float> host(Nf4Tensor::quantize(W, {64, true}), a);
+  auto layer = QLoraLinear<S, cuda>::from_host(host);
+  const MatD Wq = d(host.base().template dequantize<float>()), A = d(a.A()), B = d(a.B());
+  const double s = a.scaling();
+  for (Index T : {Index(1), Index(5), Index(16), Index(33)}) {
+    INFO("tokens " << T);
+    const Matrix<S> X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
+    const MatD Xd = d(X), dYd = d(dY);
+    auto dX = DeviceMatrix<S>::from_host(X);
+    auto ddY = DeviceMatrix<S>::from_host(dY);
+    DeviceMatrix<S> Y(T, out);
+    poison(Y.view());
+    layer.forward(dX.view(), Y.view());
+    const MatD ref = Xd * Wq.transpose() + s * Xd * A.transpose() * B.transpose();
+    CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
+    CHECK(lora::test::rel_error(layer.base_forward(dX.view()).to_host(), MatD(Xd * Wq.transpose())) < tol<S>());
+    const auto gr = layer.backward(dX.view(), ddY.view());
+    CHECK(lora::test::rel_error(gr.dA.to_host(), MatD(s * (dYd * B).transpose() * Xd)) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dB.to_host(), MatD(s * dYd.transpose() * (Xd * A.transpose()))) < tol<S>());
+    CHECK(lora::test::rel_error(gr.dX.to_host(), MatD(dYd * Wq + s * dYd * B * A)) < tol<S>());
+  }
+  // merge: the CPU layer's new codes, B zeroed on the device, the report the CPU gives.
+  QLoraLinear<float> cpu = host;
+  const Nf4MergeReport want = cpu.merge();
+  const Nf4MergeReport got = layer.merge();
+  CHECK(got.relative_error == want.relative_error);
+  const QLoraLinear<float> back = layer.to_host();
+  CHECK(back.base().packed() == cpu.base().packed());
+  CHECK(back.base().absmax() == cpu.base().absmax());
+  CHECK(back.adapter().B().cwiseAbs().maxCoeff() == 0.f);
+  // Mismatched shapes are refused by name.
+  CHECK_THROWS_WITH((QLoraLinear<S, cuda>(quant::Nf4Tensor<cuda>::from_host(Nf4Tensor::quantize(W, {64, false})),
+                                           LowRankAdapter<S, cuda>(in + 32, out, r, 8.0))),
+                    Catch::Matchers::ContainsSubstring("adapter expects"));
+}
