@@ -1,8 +1,7 @@
 // lora/io/checkpoint.hpp: sharded checkpoints (model.safetensors.index.json) read and
-// written, streaming writes are atomic; lora/io/merge.hpp: merging PEFT adapters gives
-// PEFT's merge_and_unload() state dict.
+// written, streaming writes are atomic (merging: tests/io/merge.cpp).
 #include <lora/io/checkpoint.hpp>
-#include <lora/io/merge.hpp>
+#include <lora/io/merge.hpp>  // detail::convert_floats
 
 #include <filesystem>
 #include <cstring>
@@ -43,169 +42,7 @@ bool same_bytes(const io::TensorView& a, const io::TensorView& b) {
   return a.type == b.type && a.shape == b.shape && std::equal(a.bytes.begin(), a.bytes.end(), b.bytes.begin(), b.bytes.end());
 }
 
-/// Merged output vs PEFT's merged.safetensors: same keys, shapes, dtypes; 1e-6 relative per tensor.
-void check_against_peft(const io::Checkpoint& got, const std::string& name, double tol = 1e-6) {
-  const auto want = io::SafetensorsFile::open(data("peft/" + name + "/merged.safetensors"));
-  const auto base = io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors"));
-  REQUIRE(got.size() == want.size());
-  int changed = 0;
-  for (const auto& t : want.tensors()) {
-    INFO(name << ": " << t.name);
-    REQUIRE(got.contains(t.name));
-    const auto& g = got.tensor(t.name);
-    CHECK(g.type == t.type);
-    CHECK(g.shape == t.shape);
-    CHECK(rel_error(g.to_matrix<double>(), t.to_matrix<double>()) <= tol);
-    if (!same_bytes(base.tensor(t.name), t)) ++changed;
-    else CHECK(same_bytes(g, t));  // untargeted: copied byte for byte
-  }
-  CHECK(changed > 0);
-}
 }  // namespace
-
-TEST_CASE("merging each PEFT fixture gives merge_and_unload()'s tensors", "[merge]") {
-  TempDir tmp("ck");
-  for (const std::string name : {"lora_r8_a16_all", "rslora_r16_a8_attn", "dora_r4_a8_qv", "patterns_all"}) {
-    INFO(name);
-    const auto base = io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors"));
-    const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
-    const fs::path out = tmp.path / (name + ".safetensors");
-    const auto sum = io::merge_peft_checkpoint(base, ad, out);
-    CHECK(sum.merged == ad.modules.size());
-    CHECK(sum.merged + sum.copied == base.size());
-    check_against_peft(io::Checkpoint::open(out), name);
-    // same tensor order as the base file
-    CHECK(io::SafetensorsFile::open(out).names() == io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors")).names());
-  }
-}
-
-TEST_CASE("sharded checkpoints: read through the index, merged shard by shard", "[merge][checkpoint]") {
-  TempDir tmp("ck");
-  const std::string name = "patterns_all";
-  reshard(data("peft/" + name + "/base/model.safetensors"), tmp.path / "base", 100'000);
-  const auto base = io::Checkpoint::open(tmp.path / "base");
-  CHECK(base.sharded());
-  CHECK(base.shard_count() >= 3);
-  CHECK(base.shard_name(0) == fmt::format("model-00001-of-{:05d}.safetensors", base.shard_count()));
-  CHECK(base.index_metadata()["total_size"] == base.total_bytes());
-  const auto single = io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors"));
-  CHECK(base.size() == single.size());
-  for (const auto& t : single.tensors()) CHECK(same_bytes(base.tensor(t.name), t));
-
-  const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
-  io::merge_peft_checkpoint(base, ad, tmp.path / "merged");
-  const auto merged = io::Checkpoint::open(tmp.path / "merged");
-  CHECK(merged.sharded());
-  REQUIRE(merged.shard_count() == base.shard_count());
-  for (std::size_t i = 0; i < base.shard_count(); ++i) CHECK(merged.shard_name(i) == base.shard_name(i));
-  for (const auto& n : base.names()) CHECK(merged.shard_of(n) == base.shard_of(n));
-  check_against_peft(merged, name);
-
-  // and a sharded base into one file, a single-file base into a folder
-  io::merge_peft_checkpoint(base, ad, tmp.path / "one.safetensors");
-  check_against_peft(io::Checkpoint::open(tmp.path / "one.safetensors"), name);
-  io::merge_peft_checkpoint(io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors")), ad,
-                            tmp.path / "folder");
-  CHECK(fs::exists(tmp.path / "folder" / "model.safetensors"));
-  CHECK_FALSE(fs::exists(tmp.path / "folder" / io::checkpoint_index_name));
-  check_against_peft(io::Checkpoint::open(tmp.path / "folder"), name);
-}
-
-TEST_CASE("bf16 and f16 checkpoints merge with one rounding; --scale and --dtype", "[merge]") {
-  TempDir tmp("ck");
-  const std::string name = "lora_r8_a16_all";
-  const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
-  const auto ref = io::SafetensorsFile::open(data("peft/" + name + "/reference.safetensors"));
-  for (auto t : {io::dtype::BF16, io::dtype::F16}) {
-    INFO(io::dtype_name(t));
-    reshard(data("peft/" + name + "/base/model.safetensors"), tmp.path / "b16", 1u << 30, t);
-    const auto base = io::Checkpoint::open(tmp.path / "b16");
-    REQUIRE(base.tensor("model.layers.0.self_attn.q_proj.weight").type == t);
-    io::merge_peft_checkpoint(base, ad, tmp.path / "m16.safetensors");
-    const auto got = io::SafetensorsFile::open(tmp.path / "m16.safetensors");
-    for (const auto& m : ad.modules) {
-      INFO(m.name);
-      const auto& g = got.tensor(m.name + ".weight");
-      CHECK(g.type == t);
-      // float64 reference: W16 + ΔW, rounded once to the 16-bit type
-      const Matrix<double> exact =
-          base.tensor(m.name + ".weight").to_matrix<double>() + m.adapter.delta_weight().cast<double>();
-      const Matrix<float> rounded = exact.cast<float>().unaryExpr([t](float v) {
-        return t == io::dtype::BF16 ? static_cast<float>(bfloat16(v)) : static_cast<float>(half(v));
-      });
-      const Matrix<float> gm = g.to_matrix<float>();
-      const double ulp = t == io::dtype::BF16 ? 1.0 / 128 : 1.0 / 1024;
-      // equal up to one unit in the last place where float rounding sits on a tie
-      CHECK(((gm - rounded).cwiseAbs().array() <= ulp * rounded.cwiseAbs().array() + 1e-7f).all());
-      CHECK((gm.array() == rounded.array()).count() >= static_cast<Eigen::Index>(0.99 * gm.size()));
-    }
-    // untargeted tensors copied byte for byte
-    CHECK(same_bytes(got.tensor("model.embed_tokens.weight"), base.tensor("model.embed_tokens.weight")));
-  }
-
-  const auto base = io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors"));
-  io::MergeOptions half_scale;
-  half_scale.scale = 0.5;
-  io::merge_peft_checkpoint(base, ad, tmp.path / "half.safetensors", half_scale);
-  const auto h = io::SafetensorsFile::open(tmp.path / "half.safetensors");
-  for (const auto& m : ad.modules) {
-    const Matrix<double> want = base.tensor(m.name + ".weight").to_matrix<double>() +
-                                0.5 * ref.tensor(m.name + ".delta_weight").to_matrix<double>();
-    CHECK(rel_error(h.tensor(m.name + ".weight").to_matrix<double>(), want) < 1e-6);
-  }
-
-  io::MergeOptions to_bf16;
-  to_bf16.out_dtype = io::dtype::BF16;
-  int calls = 0;
-  to_bf16.progress = [&](const io::WriteProgress& p) {
-    ++calls;
-    CHECK(p.tensors_done <= p.tensors_total);
-    CHECK(p.bytes_done <= p.bytes_total);
-  };
-  io::merge_peft_checkpoint(base, ad, tmp.path / "as_bf16.safetensors", to_bf16);
-  CHECK(calls == static_cast<int>(base.size()));
-  const auto c = io::SafetensorsFile::open(tmp.path / "as_bf16.safetensors");
-  const auto want = io::SafetensorsFile::open(data("peft/" + name + "/merged.safetensors"));
-  for (const auto& t : want.tensors()) {
-    INFO(t.name);
-    CHECK(c.tensor(t.name).type == io::dtype::BF16);
-    CHECK(rel_error(c.tensor(t.name).to_matrix<double>(), t.to_matrix<double>()) < 4e-3);
-  }
-  CHECK(c.tensor("model.norm.weight").to_matrix<float>() ==
-        want.tensor("model.norm.weight").to_matrix<float>().cast<bfloat16>().cast<float>());
-}
-
-TEST_CASE("merge refuses adapters that do not fit, leaving no output", "[merge]") {
-  TempDir tmp("ck");
-  const std::string name = "lora_r8_a16_all";
-  const auto ad = io::load_peft_adapter(data("peft/" + name + "/adapter"));
-  // a base without one of the targeted weights
-  const auto f = io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors"));
-  std::vector<io::TensorData> ts;
-  for (const auto& t : f.tensors())
-    if (t.name != "model.layers.1.mlp.up_proj.weight") ts.push_back(io::TensorData::copy_of(t));
-  io::write_safetensors(tmp.path / "missing.safetensors", ts);
-  CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "missing.safetensors"), ad,
-                                              tmp.path / "out.safetensors"),
-                    ContainsSubstring("model.layers.1.mlp.up_proj.weight") && ContainsSubstring("missing.safetensors"));
-  // a base whose weight has the wrong shape
-  for (auto& t : ts)
-    if (t.name == "model.layers.0.self_attn.k_proj.weight")
-      t = io::TensorData::from_matrix(t.name, Matrix<float>::Ones(64, 64), io::dtype::F32);
-  ts.push_back(io::TensorData::copy_of(f.tensor("model.layers.1.mlp.up_proj.weight")));
-  io::write_safetensors(tmp.path / "shape.safetensors", ts);
-  CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "shape.safetensors"), ad,
-                                              tmp.path / "out.safetensors"),
-                    ContainsSubstring("k_proj.weight") && ContainsSubstring("[64, 64]") &&
-                        ContainsSubstring("needs [32, 64]"));
-  io::MergeOptions bad;
-  bad.out_dtype = io::dtype::I8;
-  CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors")),
-                                              ad, tmp.path / "out", bad),
-                    ContainsSubstring("I8"));
-  CHECK_FALSE(fs::exists(tmp.path / "out.safetensors"));
-  CHECK_FALSE(fs::exists(tmp.path / "out"));
-}
 
 TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing", "[checkpoint]") {
   TempDir tmp("ck");
@@ -273,53 +110,6 @@ TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing
   for ([[maybe_unused]] auto& e : fs::directory_iterator(tmp.path))
     if (e.path().filename().string().rfind(".partial", 0) == 0) ++leftovers;
   CHECK(leftovers == 0);
-}
-
-TEST_CASE("merge_weight: LoRA and DoRA, fan_in_fan_out, odd shapes, every float dtype", "[merge]") {
-  const auto seed = lora::test::fresh_seed();
-  INFO("seed " << seed);
-  Generator gen(seed);
-  TempDir tmp("ck");
-  for (bool fifo : {false, true})
-    for (bool dora : {false, true})
-      for (auto t : {io::dtype::F32, io::dtype::F64, io::dtype::BF16}) {
-        INFO("fifo " << fifo << " dora " << dora << " " << io::dtype_name(t));
-        const Index out = 21, in = 45, r = 5;  // rows not a multiple of 8, columns not of 32
-        AdapterOptions o;
-        o.fan_in_fan_out = fifo;
-        o.name = "m";
-        auto lora = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
-            lora::test::random_matrix<float>(r, in, gen), lora::test::random_matrix<float>(out, r, gen), 3.0, o,
-            dynamic_scaling{true});
-        io::PeftModule mod{"m", lora, std::nullopt, io::dtype::F32};
-        Vector<double> m(out);
-        for (Index i = 0; i < out; ++i) m(i) = static_cast<float>(0.5 + gen.uniform());  // float-exact
-        if (dora) mod.magnitude = m.cast<float>();
-        const Matrix<double> Wo = lora::test::random_matrix(out, in, gen);  // [out × in]
-        const Matrix<double> Wstored = fifo ? Matrix<double>(Wo.transpose()) : Wo;
-        io::write_safetensors(tmp.path / "w.safetensors", {io::TensorData::from_matrix("w", Wstored, t)});
-        const auto f = io::SafetensorsFile::open(tmp.path / "w.safetensors");
-        const Matrix<double> W = f.tensor("w").to_matrix<double>();  // what the file holds
-        const Matrix<double> Wd = fifo ? Matrix<double>(W.transpose()) : W;
-        const double s = 0.7 * 3.0 / std::sqrt(5.0);
-        Matrix<double> V = Wd + s * lora.B().cast<double>() * lora.A().cast<double>();
-        if (dora) {
-          const Vector<double> n = V.rowwise().norm();
-          V = m.cwiseQuotient(n).asDiagonal() * V;
-        }
-        const Matrix<double> want = fifo ? Matrix<double>(V.transpose()) : V;
-        const auto bytes = io::merge_weight(f.tensor("w"), mod, 0.7, t);
-        io::TensorData got;
-        got.name = "w";
-        got.type = t;
-        got.shape = f.tensor("w").shape;
-        got.bytes.assign(bytes.begin(), bytes.end());
-        io::write_safetensors(tmp.path / "m.safetensors", {got});
-        const auto g = io::SafetensorsFile::open(tmp.path / "m.safetensors").tensor("w").to_matrix<double>();
-        const double tol = t == io::dtype::BF16 ? 4e-3 : t == io::dtype::F32 ? 1e-6 : 1e-6;  // factors are float
-        CHECK(rel_error(g, want) < tol);
-        if (t == io::dtype::F64) CHECK(rel_error(g, want) < 1e-12);  // computed in double from float factors
-      }
 }
 
 TEST_CASE("large files go through the O_DIRECT staging path and read back bit for bit", "[checkpoint]") {
@@ -466,40 +256,4 @@ TEST_CASE("hostile: index handling is n log n (class 4)", "[checkpoint][hostile]
   CHECK(ck.shard_count() == 3);
   CHECK(ck.tensor("w.29999").at<int>(0) == 7);
   CHECK(std::chrono::steady_clock::now() - t1 < std::chrono::seconds(60));
-}
-
-TEST_CASE("hostile: unsigned and FP8 base tensors pass through a merge unchanged (class 8)", "[merge][hostile]") {
-  TempDir tmp("ck");
-  const auto src = io::SafetensorsFile::open(data("peft/lora_r8_a16_all/base/model.safetensors"));
-  std::vector<io::TensorData> ts;
-  for (const auto& t : src.tensors()) ts.push_back(io::TensorData::copy_of(t));
-  std::mt19937 rng(lora::test::fresh_seed() & 0xffffffffu);
-  auto raw = [&](const std::string& name, io::dtype type, std::int64_t n) {
-    io::TensorData t;
-    t.name = name;
-    t.type = type;
-    t.shape = {n};
-    t.bytes.resize(static_cast<std::size_t>(n) * io::dtype_size(type));
-    for (auto& b : t.bytes) b = static_cast<std::byte>(rng() & 0x77);  // & 0x77: no FP8 NaN/Inf patterns
-    ts.push_back(std::move(t));
-  };
-  raw("extra.u16", io::dtype::U16, 5);
-  raw("extra.u32", io::dtype::U32, 6);
-  raw("extra.u64", io::dtype::U64, 7);
-  raw("extra.f8_e4m3", io::dtype::F8_E4M3, 9);
-  raw("extra.f8_e5m2", io::dtype::F8_E5M2, 11);
-  io::write_safetensors(tmp.path / "base.safetensors", ts, {{"format", "pt"}});
-  const auto base = io::Checkpoint::open(tmp.path / "base.safetensors");
-  const auto ad = io::load_peft_adapter(data("peft/lora_r8_a16_all/adapter"));
-  for (auto to : {std::optional<io::dtype>{}, std::optional<io::dtype>{io::dtype::BF16}}) {
-    io::MergeOptions opt;
-    opt.out_dtype = to;
-    const fs::path out = tmp.path / (to ? "bf16.safetensors" : "same.safetensors");
-    io::merge_peft_checkpoint(base, ad, out, opt);
-    const auto got = io::SafetensorsFile::open(out);
-    for (const std::string n : {"extra.u16", "extra.u32", "extra.u64", "extra.f8_e4m3", "extra.f8_e5m2"}) {
-      INFO(n);
-      CHECK(same_bytes(got.tensor(n), base.tensor(n)));
-    }
-  }
 }

@@ -1,8 +1,7 @@
 // Real PEFT adapter folders, whole (issue 19): every tensor kind PEFT 0.21 saves for LoRA
 // (modules_to_save copies, embedding LoRA, lora_B.bias, trainable tokens, bf16 files) merges
 // equal to PEFT's merge_and_unload() and runs forward equal to PEFT's layers; the config
-// selects modules as PEFT does; base key layouts are mapped; merged folders carry the base's
-// files; stacked merges equal sequential ones.
+// selects modules as PEFT does (key layouts, stacked merges, merged folders: tests/io/merge.cpp).
 #include <lora/core/embedding.hpp>
 #include <lora/core/lora_bias.hpp>
 #include <lora/io/merge.hpp>
@@ -320,116 +319,6 @@ TEST_CASE("the config selects modules as PEFT does", "[peft][select]") {
   CHECK(missing == std::vector<std::string>{"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"});
   const auto s = io::merge_peft_checkpoint(base, sel, tmp.path / "m.safetensors");
   CHECK(s.merged == 4);
-}
-
-TEST_CASE("base key layouts are mapped, or the candidates named", "[peft][keys]") {
-  TempDir tmp("peft-keys");
-  const std::string c = "lora_r8_a16_all";
-  const auto ad = io::load_peft_adapter(peft(c, "adapter"));
-  const auto base = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));
-  // the base without the "model." prefix (a bare LlamaModel checkpoint)
-  auto write_renamed = [&](const fs::path& file, auto rename) {
-    std::vector<io::TensorData> ts;
-    for (const auto& t : base.tensors()) ts.push_back(io::TensorData::copy_of(t, rename(t.name)));
-    io::write_safetensors(file, ts, {{"format", "pt"}});
-  };
-  auto strip = [](const std::string& n) { return n.rfind("model.", 0) == 0 ? n.substr(6) : n; };
-  write_renamed(tmp.path / "bare.safetensors", strip);
-  const auto bare = io::Checkpoint::open(tmp.path / "bare.safetensors");
-  const auto map = io::resolve_base_keys(bare, {{&ad, 1.0}});
-  CHECK(map.strip == "model.");
-  CHECK(map.add == "");
-  io::merge_peft_checkpoint(bare, ad, tmp.path / "bare-merged.safetensors");
-  io::merge_peft_checkpoint(io::Checkpoint::open(peft(c, "base/model.safetensors")), ad, tmp.path / "ref.safetensors");
-  const auto got = io::SafetensorsFile::open(tmp.path / "bare-merged.safetensors");
-  const auto want = io::SafetensorsFile::open(tmp.path / "ref.safetensors");
-  for (const auto& k : want.names())
-    CHECK(got.tensor(strip(k)).to_vector<float>() == want.tensor(k).to_vector<float>());
-  // a multimodal-style prefix
-  write_renamed(tmp.path / "lm.safetensors", [](const std::string& n) { return "language_model." + n; });
-  const auto lm = io::resolve_base_keys(io::Checkpoint::open(tmp.path / "lm.safetensors"), {{&ad, 1.0}});
-  CHECK(lm(std::string("model.layers.0.self_attn.q_proj.weight")) == "language_model.model.layers.0.self_attn.q_proj.weight");
-  // both layouts in one file: ambiguous, the candidates are listed; --base-prefix decides
-  {
-    std::vector<io::TensorData> ts;
-    for (const auto& t : base.tensors()) {
-      ts.push_back(io::TensorData::copy_of(t));
-      ts.push_back(io::TensorData::copy_of(t, "language_model." + t.name));
-    }
-    io::write_safetensors(tmp.path / "both.safetensors", ts, {{"format", "pt"}});
-  }
-  const auto both = io::Checkpoint::open(tmp.path / "both.safetensors");
-  CHECK_THROWS_WITH(io::resolve_base_keys(both, {{&ad, 1.0}}),
-                    ContainsSubstring("several key mappings") && ContainsSubstring("'' -> 'language_model.'"));
-  CHECK(io::resolve_base_keys(both, {{&ad, 1.0}}, io::parse_base_key_map("=language_model.")).add == "language_model.");
-  // nothing fits: the closest candidates and a missing key are named
-  write_renamed(tmp.path / "other.safetensors", [](const std::string& n) { return "encoder." + n; });
-  CHECK_THROWS_WITH(io::resolve_base_keys(io::Checkpoint::open(tmp.path / "other.safetensors"), {{&ad, 1.0}}),
-                    ContainsSubstring("no key mapping") && ContainsSubstring("finds 0 of 14"));
-}
-
-TEST_CASE("stacked merges equal sequential merges", "[peft][stack]") {
-  TempDir tmp("peft-stack");
-  const std::string w = "weighted_combos";
-  const auto a1 = io::load_peft_adapter(peft(w, "adapters/a1"));
-  const auto a3 = io::load_peft_adapter(peft(w, "adapters/a3"));
-  const auto base = io::Checkpoint::open(peft(w, "base/model.safetensors"));
-  io::MergeOptions half;
-  half.scale = 0.5;
-  io::merge_peft_checkpoint(base, a1, tmp.path / "step1.safetensors");
-  io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "step1.safetensors"), a3, tmp.path / "step2.safetensors", half);
-  io::merge_peft_checkpoint(base, {{&a1, 1.0}, {&a3, 0.5}}, tmp.path / "stacked.safetensors");
-  const auto seq = io::SafetensorsFile::open(tmp.path / "step2.safetensors");
-  const auto st = io::SafetensorsFile::open(tmp.path / "stacked.safetensors");
-  const auto b0 = io::SafetensorsFile::open(peft(w, "base/model.safetensors"));
-  int changed = 0;
-  for (const auto& k : seq.names()) {
-    INFO(k);
-    const Matrix<double> s = seq.tensor(k).ndim() == 2 ? seq.tensor(k).to_matrix<double>() : Matrix<double>();
-    if (seq.tensor(k).ndim() != 2) continue;
-    CHECK(rel_error(st.tensor(k).to_matrix<double>(), s) <= 1e-6);
-    if (s != b0.tensor(k).to_matrix<double>()) ++changed;
-  }
-  CHECK(changed == 6);
-  // a float64 reference of one module: W + s1·B1·A1 + 0.5·s3·B3·A3
-  const std::string q = "model.layers.0.self_attn.q_proj";
-  const Matrix<double> want = b0.tensor(q + ".weight").to_matrix<double>() +
-                              a1.at(q).adapter.delta_weight().cast<double>() +
-                              0.5 * a3.at(q).adapter.delta_weight().cast<double>();
-  CHECK(rel_error(st.tensor(q + ".weight").to_matrix<double>(), want) < 1e-6);
-}
-
-TEST_CASE("a merged folder carries the base folder's files and shard layout", "[peft][folder]") {
-  TempDir tmp("peft-folder");
-  const std::string c = "modules_to_save_lm_head";
-  // a sharded base folder with config, tokenizer and generation files and another weight format
-  const auto src = io::Checkpoint::open(peft(c, "base"));
-  std::vector<io::TensorSpec> specs;
-  for (const auto& n : src.names()) specs.push_back({n, src.tensor(n).type, src.tensor(n).shape});
-  const auto layout = io::CheckpointLayout::split(specs, 100'000);
-  REQUIRE(layout.shards.size() > 1);
-  const fs::path base_dir = tmp.path / "base";
-  io::write_checkpoint(base_dir, layout, [&](const io::TensorSpec& s) { return io::TensorBytes::borrow(src.tensor(s.name).bytes); });
-  fs::copy_file(peft(c, "base/config.json"), base_dir / "config.json");
-  std::ofstream(base_dir / "tokenizer.json") << "{\"version\": \"1.0\"}";
-  std::ofstream(base_dir / "generation_config.json") << "{\"bos_token_id\": 1}";
-  std::ofstream(base_dir / "pytorch_model.bin") << "stale weights";
-  const auto base = io::Checkpoint::open(base_dir);
-  const auto ad = io::load_peft_adapter(peft(c, "adapter"));
-  io::MergeOptions o;
-  o.out_dtype = io::dtype::BF16;
-  const auto s = io::merge_peft_checkpoint(base, ad, tmp.path / "out", o);
-  CHECK(s.files_copied == std::vector<std::string>{"config.json", "generation_config.json", "tokenizer.json"});
-  CHECK(fs::exists(tmp.path / "out" / "tokenizer.json"));
-  CHECK(!fs::exists(tmp.path / "out" / "pytorch_model.bin"));
-  CHECK(s.files_skipped == std::vector<std::string>{"pytorch_model.bin"});
-  CHECK(read_json(tmp.path / "out" / "config.json")["dtype"] == "bfloat16");
-  CHECK(read_json(tmp.path / "out" / "config.json")["tie_word_embeddings"] == false);
-  for (std::size_t i = 0; i < base.shard_count(); ++i) CHECK(fs::exists(tmp.path / "out" / base.shard_name(i)));
-  const auto idx = read_json(tmp.path / "out" / "model.safetensors.index.json");
-  const auto merged = io::Checkpoint::open(tmp.path / "out");
-  CHECK(idx["metadata"]["total_size"].get<std::uint64_t>() == merged.total_bytes());
-  CHECK(merged.total_bytes() * 2 == base.total_bytes());
 }
 
 TEST_CASE("save → load keeps every kind of tensor", "[peft][save]") {

@@ -579,21 +579,12 @@ inline void stream_tensors(const CheckpointLayout& layout, const std::vector<std
   if (writer_error) std::rethrow_exception(writer_error);
 }
 
-}  // namespace detail
-
-/// Writes a checkpoint described by `layout` to `out` (a file when layout.single_file, else
-/// a folder), calling `produce(spec)` for each tensor in layout order. Atomic: on any error
-/// nothing appears at `out` (an existing output is replaced only on success). `progress`
-/// is called (from the writing thread) after each tensor. For a folder, `extra_files(tmp)`
-/// (optional) writes further files (config.json, tokenizer, …) into the temporary folder
-/// before it is renamed into place, so they appear atomically with the weights.
-///
-///   auto layout = lora::io::CheckpointLayout::split(specs, 5'000'000'000);
-///   lora::io::write_checkpoint("out/", layout, [&](const lora::io::TensorSpec& t) { ... });
-inline void write_checkpoint(const std::filesystem::path& out, const CheckpointLayout& layout,
-                             const std::function<TensorBytes(const TensorSpec&)>& produce,
-                             const std::function<void(const WriteProgress&)>& progress = {},
-                             const std::function<void(const std::filesystem::path&)>& extra_files = {}) {
+/// write_checkpoint's frame: checks the layout, makes the output atomically (a file, or a
+/// folder with the index and extra_files) and lets `write_data(files)` write the shards'
+/// safetensors files (one path per shard, in layout order).
+inline void write_checkpoint_with(const std::filesystem::path& out, const CheckpointLayout& layout,
+                                  const std::function<void(const std::vector<std::filesystem::path>&)>& write_data,
+                                  const std::function<void(const std::filesystem::path&)>& extra_files) {
   namespace fs = std::filesystem;
   if (layout.shards.empty()) lora::detail::fail("{}: checkpoint layout has no shards", out.string());
   if (layout.single_file) {
@@ -601,7 +592,7 @@ inline void write_checkpoint(const std::filesystem::path& out, const CheckpointL
       lora::detail::fail("{}: a single-file checkpoint needs exactly one shard, layout has {}", out.string(),
                          layout.shards.size());
     if (fs::is_directory(out)) lora::detail::fail("{}: is a folder, expected a file path", out.string());
-    write_file_atomically(out, [&](const fs::path& tmp) { detail::stream_tensors(layout, {tmp}, produce, progress); });
+    write_file_atomically(out, [&](const fs::path& tmp) { write_data({tmp}); });
     return;
   }
   std::map<std::string, std::size_t> seen;
@@ -614,7 +605,7 @@ inline void write_checkpoint(const std::filesystem::path& out, const CheckpointL
   write_folder_atomically(out, [&](const fs::path& tmp) {
     std::vector<fs::path> files;
     for (const auto& s : layout.shards) files.push_back(tmp / s.file);
-    detail::stream_tensors(layout, files, produce, progress);
+    write_data(files);
     if (layout.shards.size() > 1 || layout.write_index) {
       nlohmann::ordered_json idx = nlohmann::ordered_json::object();
       nlohmann::ordered_json meta = layout.index_metadata.is_object() ? layout.index_metadata
@@ -641,6 +632,27 @@ inline void write_checkpoint(const std::filesystem::path& out, const CheckpointL
     }
     if (extra_files) extra_files(tmp);
   });
+}
+
+}  // namespace detail
+
+/// Writes a checkpoint described by `layout` to `out` (a file when layout.single_file, else
+/// a folder), calling `produce(spec)` for each tensor in layout order. Atomic: on any error
+/// nothing appears at `out` (an existing output is replaced only on success). `progress`
+/// is called (from the writing thread) after each tensor. For a folder, `extra_files(tmp)`
+/// (optional) writes further files (config.json, tokenizer, …) into the temporary folder
+/// before it is renamed into place, so they appear atomically with the weights.
+///
+///   auto layout = lora::io::CheckpointLayout::split(specs, 5'000'000'000);
+///   lora::io::write_checkpoint("out/", layout, [&](const lora::io::TensorSpec& t) { ... });
+inline void write_checkpoint(const std::filesystem::path& out, const CheckpointLayout& layout,
+                             const std::function<TensorBytes(const TensorSpec&)>& produce,
+                             const std::function<void(const WriteProgress&)>& progress = {},
+                             const std::function<void(const std::filesystem::path&)>& extra_files = {}) {
+  detail::write_checkpoint_with(
+      out, layout,
+      [&](const std::vector<std::filesystem::path>& files) { detail::stream_tensors(layout, files, produce, progress); },
+      extra_files);
 }
 
 /// The layout of an existing checkpoint (same files, tensors, order and metadata), for

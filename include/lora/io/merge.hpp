@@ -20,8 +20,10 @@
 //   lora::io::merge_peft_checkpoint(base, a, "merged/", {});
 //   lora::io::merge_peft_checkpoint(base, {{&a, 1.0}, {&b, 0.5}}, "stacked/");
 
+#include <lora/core/merge.hpp>
 #include <lora/error.hpp>
 #include <lora/io/checkpoint.hpp>
+#include <lora/io/parallel_write.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
 
@@ -30,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <set>
 #include <filesystem>
 #include <functional>
@@ -67,6 +70,8 @@ template <class C>
 void load_as(dtype t, const std::byte* src, C* out, std::size_t n) {
   switch (t) {
     case dtype::BF16: {
+      // omp simd: -O2's cheap vectoriser leaves these loops scalar (a third of a merge's time)
+LORA_IO_OMP(omp simd)
       for (std::size_t i = 0; i < n; ++i) {
         std::uint16_t h;
         std::memcpy(&h, src + 2 * i, 2);
@@ -111,6 +116,7 @@ template <class C>
 void store_as(dtype t, const C* in, std::byte* dst, std::size_t n) {
   switch (t) {
     case dtype::BF16: {
+LORA_IO_OMP(omp simd)
       for (std::size_t i = 0; i < n; ++i) {
         const std::uint16_t h = float_to_bf16(static_cast<float>(in[i]));
         std::memcpy(dst + 2 * i, &h, 2);
@@ -167,113 +173,6 @@ LORA_IO_OMP(omp parallel for schedule(static))
     }
   }
   return out;
-}
-
-/// d(rows i0..i0+RB, :) = coef(i0.., :)·basis, added as v += s·d, for RB rows at once with
-/// the accumulators of a CT-column tile in registers (each basis load feeds RB FMAs).
-template <class C, int RB, int CT>
-void add_low_rank_rows(const C* coef, const C* basis, Index r, Index cols, C s, C* const* v) {
-  Index j0 = 0;
-  for (; j0 + CT <= cols; j0 += CT) {
-    C acc[RB][CT] = {};
-    for (Index k = 0; k < r; ++k) {
-      const C* b = basis + k * cols + j0;
-      for (int ii = 0; ii < RB; ++ii) {
-        const C c = coef[ii * r + k];
-LORA_IO_OMP(omp simd)
-        for (int j = 0; j < CT; ++j) acc[ii][j] += c * b[j];
-      }
-    }
-    for (int ii = 0; ii < RB; ++ii) {
-      C* vi = v[ii] + j0;
-LORA_IO_OMP(omp simd)
-      for (int j = 0; j < CT; ++j) vi[j] += acc[ii][j] * s;
-    }
-  }
-  for (; j0 < cols; ++j0)  // the last cols % CT columns
-    for (int ii = 0; ii < RB; ++ii) {
-      C a = 0;
-      for (Index k = 0; k < r; ++k) a += coef[ii * r + k] * basis[k * cols + j0];
-      v[ii][j0] += a * s;
-    }
-}
-
-/// The merge of one weight, rows at a time (rows of W: output features, or input features
-/// with fan_in_fan_out), never holding the [out × in] delta: for row i,
-///   v = W(i, :) + s·Σ_k coef(i, k)·basis(k, :)   (coef = B, basis = A; or Aᵀ and Bᵀ),
-/// as PEFT's W + (B·A)·s, then DoRA's scale and one rounding to `to`. Rows are split over
-/// OpenMP threads.
-template <class C>
-void merge_weight_rows(const TensorView& W, const PeftModule& mod, double scale, dtype to, std::byte* out) {
-  using M = Matrix<C>;
-  // 8 rows × 32 floats of accumulators: 32 ymm registers (measured best on AVX-512 Zen 4,
-  // 0.4 ns per element for r = 16 against 2 ns for row-at-a-time).
-  constexpr int RB = 8;
-  constexpr int CT = std::is_same_v<C, float> ? 32 : 16;
-  const auto& ad = mod.adapter;
-  const bool fifo = ad.fan_in_fan_out();
-  const Index rows = static_cast<Index>(W.shape[0]), cols = static_cast<Index>(W.shape[1]);
-  const Index r = ad.rank();
-  const C s = static_cast<C>(ad.scaling() * scale);
-  const M coef = fifo ? M(ad.A().transpose().template cast<C>()) : M(ad.B().template cast<C>());   // [rows × r]
-  const M basis = fifo ? M(ad.B().transpose().template cast<C>()) : M(ad.A().template cast<C>());  // [r × cols]
-  const std::size_t in_es = dtype_size(W.type), out_es = dtype_size(to);
-  const std::byte* src = W.bytes.data();
-  const Index groups = (rows + RB - 1) / RB;
-
-  // V rows i0..i0+n of W + s·ΔW into V (RB × cols).
-  auto form = [&](Index i0, Index n, M& V) {
-    load_as(W.type, src + static_cast<std::size_t>(i0 * cols) * in_es, V.data(), static_cast<std::size_t>(n * cols));
-    C* rowp[RB];
-    for (int ii = 0; ii < RB; ++ii) rowp[ii] = V.data() + std::min<Index>(ii, n - 1) * cols;
-    if (n == RB) {
-      add_low_rank_rows<C, RB, CT>(coef.data() + i0 * r, basis.data(), r, cols, s, rowp);
-    } else {
-      for (Index ii = 0; ii < n; ++ii) {
-        C* one[1] = {rowp[ii]};
-        add_low_rank_rows<C, 1, CT>(coef.data() + (i0 + ii) * r, basis.data(), r, cols, s, one);
-      }
-    }
-  };
-
-  Vector<C> col_scale;  // DoRA with fan_in_fan_out: the norms run down W's columns
-  if (mod.magnitude && fifo) {
-    Vector<C> sq = Vector<C>::Zero(cols);
-LORA_IO_OMP(omp parallel)
-    {
-      Vector<C> local = Vector<C>::Zero(cols);
-      M V(RB, cols);
-LORA_IO_OMP(omp for schedule(static))
-      for (Index g = 0; g < groups; ++g) {
-        const Index i0 = g * RB, n = std::min<Index>(RB, rows - i0);
-        form(i0, n, V);
-        local += V.topRows(n).colwise().squaredNorm().transpose();
-      }
-LORA_IO_OMP(omp critical)
-      sq += local;
-    }
-    col_scale = mod.magnitude->template cast<C>().cwiseQuotient(sq.cwiseSqrt());
-  }
-  const Vector<C> mag = mod.magnitude ? Vector<C>(mod.magnitude->template cast<C>()) : Vector<C>();
-
-LORA_IO_OMP(omp parallel)
-  {
-    M V(RB, cols);
-LORA_IO_OMP(omp for schedule(static))
-    for (Index g = 0; g < groups; ++g) {
-      const Index i0 = g * RB, n = std::min<Index>(RB, rows - i0);
-      form(i0, n, V);
-      if (mod.magnitude) {
-        for (Index ii = 0; ii < n; ++ii) {
-          if (fifo)
-            V.row(ii).array() *= col_scale.transpose().array();
-          else
-            V.row(ii) *= mag(i0 + ii) / V.row(ii).norm();
-        }
-      }
-      store_as(to, V.data(), out + static_cast<std::size_t>(i0 * cols) * out_es, static_cast<std::size_t>(n * cols));
-    }
-  }
 }
 
 }  // namespace detail
@@ -452,28 +351,6 @@ inline void check_adapter_fits(const Checkpoint& base, const PeftAdapter& adapte
   }
 }
 
-/// The merged bytes of one base weight W ([out, in], or [in, out] with fan_in_fan_out)
-/// for module `mod`, in dtype `to`; `pool` (optional) supplies the buffer.
-inline ByteBuffer merge_weight(const TensorView& W, const PeftModule& mod, double scale, dtype to,
-                               BufferPool* pool = nullptr) {
-  if (!is_float(W.type) || !is_float(to))
-    lora::detail::fail("{}: tensor '{}': merging needs float dtypes, got {} → {}", W.file, W.name, dtype_name(W.type),
-                       dtype_name(to));
-  const auto& a = mod.adapter;
-  const std::int64_t want0 = a.fan_in_fan_out() ? a.in_features() : a.out_features();
-  const std::int64_t want1 = a.fan_in_fan_out() ? a.out_features() : a.in_features();
-  if (W.ndim() != 2 || W.shape[0] != want0 || W.shape[1] != want1)
-    lora::detail::fail("{}: tensor '{}' has shape {}, adapter module '{}' needs [{}, {}]", W.file, W.name,
-                       fmt::format("[{}]", fmt::join(W.shape, ", ")), mod.name, want0, want1);
-  const std::size_t n = static_cast<std::size_t>(W.numel()) * dtype_size(to);
-  ByteBuffer out = pool ? pool->acquire(n) : ByteBuffer(n);
-  if (W.type == dtype::F64 || to == dtype::F64)
-    detail::merge_weight_rows<double>(W, mod, scale, to, out.data());
-  else
-    detail::merge_weight_rows<float>(W, mod, scale, to, out.data());
-  return out;
-}
-
 /// One change a merge makes to one base tensor, applied in order.
 struct MergeStep {
   enum class Kind {
@@ -489,72 +366,294 @@ struct MergeStep {
   const PeftTrainableTokens* tokens = nullptr;
 };
 
-/// The base tensor after `steps` (each on the result of the one before, in float, or double
-/// for F64 tensors), rounded once to `to`.
-inline ByteBuffer apply_merge_steps(const TensorView& base, const std::vector<MergeStep>& steps, dtype to,
-                                    BufferPool* pool = nullptr) {
-  if (!is_float(base.type) || !is_float(to))
-    lora::detail::fail("{}: tensor '{}': merging needs float dtypes, got {} → {}", base.file, base.name,
-                       dtype_name(base.type), dtype_name(to));
-  if (steps.size() == 1 && steps[0].kind == MergeStep::Kind::low_rank)
-    return merge_weight(base, *steps[0].module, steps[0].scale, to, pool);
-  auto run = [&](auto zero) {
-    using C = decltype(zero);
-    const dtype work = std::is_same_v<C, double> ? dtype::F64 : dtype::F32;
-    const std::size_t n = static_cast<std::size_t>(base.numel());
-    std::vector<C> cur(n);
-    detail::load_as(base.type, base.bytes.data(), cur.data(), n);
-    for (const MergeStep& st : steps) {
-      switch (st.kind) {
-        case MergeStep::Kind::low_rank: {
-          TensorView v{base.name, base.file, work, base.shape,
-                       std::span<const std::byte>(reinterpret_cast<const std::byte*>(cur.data()), n * sizeof(C))};
-          const ByteBuffer next = merge_weight(v, *st.module, st.scale, work);
-          std::memcpy(cur.data(), next.data(), n * sizeof(C));
-          break;
+namespace detail {
+
+/// A base tensor's merge steps, ready to run on any block of rows (rows: the first
+/// dimension; a 1-D tensor has rows of one element). Every step is checked, the factors cast
+/// to C and, for DoRA with fan_in_fan_out, the column norms of the whole adapted weight
+/// formed once (in row order, so the result does not depend on the thread count). Rows are
+/// processed in blocks of merge_row_block starting at multiples of it, in an RB × cols
+/// buffer, as the whole-tensor merge does: any split of the rows over threads or chunks
+/// gives the same bits.
+template <class C>
+class RowMerger {
+ public:
+  static constexpr Index RB = merge_row_block;
+
+  RowMerger(const TensorView& base, const std::vector<MergeStep>& steps, dtype to) : base_(base), to_(to) {
+    rows_ = base.ndim() == 0 ? 1 : static_cast<Index>(base.shape[0]);
+    cols_ = rows_ > 0 ? static_cast<Index>(base.numel()) / rows_ : 0;
+    for (const MergeStep& st : steps) prepare(st);
+  }
+
+  Index rows() const { return rows_; }
+  Index cols() const { return cols_; }
+  std::size_t row_bytes() const { return static_cast<std::size_t>(cols_) * dtype_size(to_); }
+
+  /// Rows i0 .. i0+n (i0 a multiple of RB, n ≤ RB) after every step, in the output dtype, at
+  /// out; V is an RB × cols scratch matrix.
+  void block(Index i0, Index n, Matrix<C>& V, std::byte* out) const {
+    const std::size_t len = static_cast<std::size_t>(n * cols_);
+    load_as(base_.type, base_.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base_.type), V.data(),
+            len);
+    apply(0, steps_.size(), i0, n, V);
+    store_as(to_, V.data(), out, len);
+  }
+
+  /// Bytes [begin, end) of the merged tensor (offsets into its output bytes) at dst.
+  void fill(std::uint64_t begin, std::uint64_t end, std::byte* dst) const {
+    const std::uint64_t rb = row_bytes();
+    if (rb == 0 || end <= begin) return;
+    Matrix<C> V(RB, cols_);
+    ByteBuffer tmp;
+    for (Index i0 = static_cast<Index>(begin / rb) / RB * RB; i0 < rows_ && static_cast<std::uint64_t>(i0) * rb < end;
+         i0 += RB) {
+      const Index n = std::min(RB, rows_ - i0);
+      const std::uint64_t gb = static_cast<std::uint64_t>(i0) * rb, ge = gb + static_cast<std::uint64_t>(n) * rb;
+      if (gb >= begin && ge <= end) {
+        block(i0, n, V, dst + (gb - begin));
+      } else {  // a block cut by the range: merge it whole, keep the part inside
+        tmp.resize(static_cast<std::size_t>(ge - gb));
+        block(i0, n, V, tmp.data());
+        const std::uint64_t lo = std::max(gb, begin), hi = std::min(ge, end);
+        std::memcpy(dst + (lo - begin), tmp.data() + (lo - gb), static_cast<std::size_t>(hi - lo));
+      }
+    }
+  }
+
+ private:
+  struct Step {
+    MergeStep::Kind kind;
+    const MergeStep* src;
+    Matrix<C> coef, basis;  // low_rank: V(i, :) += s·coef(i, :)·basis
+    C s = 0;
+    Vector<C> mag, col_scale;  // DoRA: per-row magnitudes, or (fan_in_fan_out) column factors
+    bool fifo = false;
+    std::vector<std::pair<std::int64_t, std::size_t>> token_rows;  // rows: (row id, index), last one per id, sorted
+  };
+
+  void prepare(const MergeStep& st) {
+    const TensorView& base = base_;
+    Step p{st.kind, &st, {}, {}, 0, {}, {}, false, {}};
+    switch (st.kind) {
+      case MergeStep::Kind::low_rank: {
+        const PeftModule& mod = *st.module;
+        const auto& ad = mod.adapter;
+        const std::int64_t want0 = ad.fan_in_fan_out() ? ad.in_features() : ad.out_features();
+        const std::int64_t want1 = ad.fan_in_fan_out() ? ad.out_features() : ad.in_features();
+        if (base.ndim() != 2 || base.shape[0] != want0 || base.shape[1] != want1)
+          lora::detail::fail("{}: tensor '{}' has shape {}, adapter module '{}' needs [{}, {}]", base.file, base.name,
+                             fmt::format("[{}]", fmt::join(base.shape, ", ")), mod.name, want0, want1);
+        p.fifo = ad.fan_in_fan_out();
+        p.s = static_cast<C>(ad.scaling() * st.scale);
+        p.coef = p.fifo ? Matrix<C>(ad.A().transpose().template cast<C>()) : Matrix<C>(ad.B().template cast<C>());
+        p.basis = p.fifo ? Matrix<C>(ad.B().transpose().template cast<C>()) : Matrix<C>(ad.A().template cast<C>());
+        if (mod.magnitude) {
+          p.mag = mod.magnitude->template cast<C>();
+          if (p.fifo && p.mag.size() != cols_)
+            lora::detail::fail("{}: DoRA magnitude of '{}' has {} elements, tensor '{}' has {} columns", base.file,
+                               mod.name, p.mag.size(), base.name, cols_);
+          if (!p.fifo && p.mag.size() != rows_)
+            lora::detail::fail("{}: DoRA magnitude of '{}' has {} elements, tensor '{}' has {} rows", base.file,
+                               mod.name, p.mag.size(), base.name, rows_);
         }
+        break;
+      }
+      case MergeStep::Kind::bias: {
+        const auto& b = *st.module->lora_bias;
+        if (base.ndim() != 1 || rows_ != b.size())
+          lora::detail::fail("{}: tensor '{}' has shape [{}], but lora_B.bias of '{}' has {} elements", base.file,
+                             base.name, fmt::join(base.shape, ", "), st.module->name, b.size());
+        // PEFT: bias + lora_B.bias * scaling, in the bias' dtype (float32 here).
+        p.s = static_cast<C>(st.module->adapter.scaling() * st.scale);
+        break;
+      }
+      case MergeStep::Kind::replace: {
+        const TensorData& d = st.saved->data;
+        if (d.shape != base.shape)
+          lora::detail::fail("{}: tensor '{}' has shape [{}], the adapter's '{}' has [{}]", base.file, base.name,
+                             fmt::join(base.shape, ", "), d.name, fmt::join(d.shape, ", "));
+        if (!is_float(d.type))
+          lora::detail::fail("{}: the adapter's '{}' has dtype {}; replacing '{}' needs a float tensor", base.file,
+                             d.name, dtype_name(d.type), base.name);
+        break;
+      }
+      case MergeStep::Kind::rows: {
+        const auto& t = *st.tokens;
+        if (base.ndim() != 2 || t.rows.cols() != cols_)
+          lora::detail::fail("{}: tensor '{}' has rows of {}, the trainable tokens of '{}' have {}", base.file,
+                             base.name, cols_, t.module, t.rows.cols());
+        if (static_cast<std::size_t>(t.rows.rows()) != t.indices.size())
+          lora::detail::fail("{}: trainable tokens of '{}': {} indices for {} rows", base.file, t.module,
+                             t.indices.size(), t.rows.rows());
+        std::map<std::int64_t, std::size_t> last;  // a repeated id: the later row wins, as row-by-row assignment
+        for (std::size_t i = 0; i < t.indices.size(); ++i) {
+          const std::int64_t id = t.indices[i];
+          if (id < 0 || id >= rows_)
+            lora::detail::fail("{}: trainable token id {} is outside '{}' ([0, {}))", base.file, id, base.name, rows_);
+          last[id] = i;
+        }
+        p.token_rows.assign(last.begin(), last.end());
+        break;
+      }
+    }
+    steps_.push_back(std::move(p));
+    Step& q = steps_.back();
+    if (q.kind == MergeStep::Kind::low_rank && q.mag.size() > 0 && q.fifo) {
+      // Output features are columns: their norms run over every row of W + s·ΔW (after the steps before).
+      Vector<C> sq = Vector<C>::Zero(cols_);
+      Matrix<C> V(RB, cols_);
+      const std::size_t k = steps_.size() - 1;
+      for (Index i0 = 0; i0 < rows_; i0 += RB) {
+        const Index n = std::min(RB, rows_ - i0);
+        load_as(base.type, base.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base.type), V.data(),
+                static_cast<std::size_t>(n * cols_));
+        apply(0, k, i0, n, V);
+        low_rank_update_rows<C>(q.coef.data() + i0 * q.coef.cols(), q.basis.data(), q.coef.cols(), cols_, q.s,
+                                V.data(), cols_, n);
+        sq += V.topRows(n).colwise().squaredNorm().transpose();
+      }
+      q.col_scale = q.mag.cwiseQuotient(sq.cwiseSqrt());
+    }
+  }
+
+  // Steps [first, last) on rows i0 .. i0+n held in V.
+  void apply(std::size_t first, std::size_t last, Index i0, Index n, Matrix<C>& V) const {
+    for (std::size_t k = first; k < last; ++k) {
+      const Step& p = steps_[k];
+      switch (p.kind) {
+        case MergeStep::Kind::low_rank:
+          low_rank_update_rows<C>(p.coef.data() + i0 * p.coef.cols(), p.basis.data(), p.coef.cols(), cols_, p.s,
+                                  V.data(), cols_, n);
+          if (p.mag.size() > 0) {
+            if (p.fifo)
+              dora_scale_columns<C>(V.topRows(n), p.col_scale);
+            else
+              dora_rescale_rows<C>(V.topRows(n), p.mag.data() + i0);
+          }
+          break;
         case MergeStep::Kind::bias: {
-          const auto& b = *st.module->lora_bias;
-          if (base.ndim() != 1 || static_cast<Index>(n) != b.size())
-            lora::detail::fail("{}: tensor '{}' has shape [{}], but lora_B.bias of '{}' has {} elements", base.file,
-                               base.name, fmt::join(base.shape, ", "), st.module->name, b.size());
-          // PEFT: bias + lora_B.bias * scaling, in the bias' dtype (float32 here).
-          const C s = static_cast<C>(st.module->adapter.scaling() * st.scale);
-          for (std::size_t i = 0; i < n; ++i) cur[i] += static_cast<C>(b[static_cast<Index>(i)]) * s;
+          const auto& b = *p.src->module->lora_bias;
+          for (Index ii = 0; ii < n; ++ii) V(ii, 0) += static_cast<C>(b[i0 + ii]) * p.s;
           break;
         }
         case MergeStep::Kind::replace: {
-          const TensorData& d = st.saved->data;
-          if (d.shape != base.shape)
-            lora::detail::fail("{}: tensor '{}' has shape [{}], the adapter's '{}' has [{}]", base.file, base.name,
-                               fmt::join(base.shape, ", "), d.name, fmt::join(d.shape, ", "));
-          detail::load_as(d.type, d.bytes.data(), cur.data(), n);
+          const TensorData& d = p.src->saved->data;
+          load_as(d.type, d.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(d.type), V.data(),
+                  static_cast<std::size_t>(n * cols_));
           break;
         }
         case MergeStep::Kind::rows: {
-          const auto& t = *st.tokens;
-          const std::int64_t rows = base.shape.at(0), cols = base.shape.at(1);
-          if (t.rows.cols() != cols)
-            lora::detail::fail("{}: tensor '{}' has rows of {}, the trainable tokens of '{}' have {}", base.file,
-                               base.name, cols, t.module, t.rows.cols());
-          for (std::size_t i = 0; i < t.indices.size(); ++i) {
-            const std::int64_t id = t.indices[i];
-            if (id < 0 || id >= rows)
-              lora::detail::fail("{}: trainable token id {} is outside '{}' ([0, {}))", base.file, id, base.name, rows);
-            for (std::int64_t j = 0; j < cols; ++j)
-              cur[static_cast<std::size_t>(id * cols + j)] = static_cast<C>(t.rows(static_cast<Index>(i), j));
-          }
+          const auto& t = *p.src->tokens;
+          auto it = std::lower_bound(p.token_rows.begin(), p.token_rows.end(), std::pair<std::int64_t, std::size_t>{i0, 0});
+          for (; it != p.token_rows.end() && it->first < i0 + n; ++it)
+            V.row(it->first - i0) = t.rows.row(static_cast<Index>(it->second)).template cast<C>();
           break;
         }
       }
     }
-    const std::size_t bytes = n * dtype_size(to);
-    ByteBuffer out = pool ? pool->acquire(bytes) : ByteBuffer(bytes);
-    detail::store_as(to, cur.data(), out.data(), n);
-    return out;
-  };
-  if (base.type == dtype::F64 || to == dtype::F64) return run(double{});
-  return run(float{});
+  }
+
+  const TensorView& base_;
+  dtype to_;
+  Index rows_ = 0, cols_ = 0;
+  std::vector<Step> steps_;
+};
+
+/// A RowMerger in float, or in double when the tensor or the output is F64.
+class TensorMerge {
+ public:
+  TensorMerge(const TensorView& base, const std::vector<MergeStep>& steps, dtype to) {
+    if (!is_float(base.type) || !is_float(to))
+      lora::detail::fail("{}: tensor '{}': merging needs float dtypes, got {} → {}", base.file, base.name,
+                         dtype_name(base.type), dtype_name(to));
+    if (base.type == dtype::F64 || to == dtype::F64)
+      d_ = std::make_unique<RowMerger<double>>(base, steps, to);
+    else
+      f_ = std::make_unique<RowMerger<float>>(base, steps, to);
+  }
+  void fill(std::uint64_t begin, std::uint64_t end, std::byte* dst) const {
+    if (f_) f_->fill(begin, end, dst);
+    else d_->fill(begin, end, dst);
+  }
+  /// The whole tensor at out, its row blocks split over OpenMP threads.
+  void all(std::byte* out) const {
+    if (f_) all(*f_, out);
+    else all(*d_, out);
+  }
+
+ private:
+  template <class C>
+  static void all(const RowMerger<C>& m, std::byte* out) {
+    const Index rows = m.rows(), RB = RowMerger<C>::RB, blocks = (rows + RB - 1) / RB;
+    const std::size_t rb = m.row_bytes();
+    if (rb == 0) return;
+LORA_IO_OMP(omp parallel)
+    {
+      Matrix<C> V(RB, m.cols());
+LORA_IO_OMP(omp for schedule(static))
+      for (Index g = 0; g < blocks; ++g) {
+        const Index i0 = g * RB;
+        m.block(i0, std::min(RB, rows - i0), V, out + static_cast<std::size_t>(i0) * rb);
+      }
+    }
+  }
+  std::unique_ptr<RowMerger<float>> f_;
+  std::unique_ptr<RowMerger<double>> d_;
+};
+
+/// Bytes [begin, end) of float tensor v converted to `to` (offsets into the converted bytes).
+inline void convert_range(const TensorView& v, dtype to, std::uint64_t begin, std::uint64_t end, std::byte* dst) {
+  const std::size_t ie = dtype_size(v.type), oe = dtype_size(to), n = static_cast<std::size_t>(v.numel());
+  constexpr std::size_t block = 1 << 14;
+  std::vector<double> wide;
+  std::vector<float> narrow;
+  ByteBuffer tmp;
+  const bool use_double = v.type == dtype::F64 || to == dtype::F64;
+  for (std::size_t e0 = static_cast<std::size_t>(begin / oe) / block * block; e0 < n && e0 * oe < end; e0 += block) {
+    const std::size_t len = std::min(block, n - e0);
+    const std::uint64_t gb = e0 * oe, ge = gb + len * oe;
+    const bool inside = gb >= begin && ge <= end;
+    std::byte* out = inside ? dst + (gb - begin) : (tmp.resize(len * oe), tmp.data());
+    if (use_double) {
+      wide.resize(len);
+      load_as(v.type, v.bytes.data() + e0 * ie, wide.data(), len);
+      store_as(to, wide.data(), out, len);
+    } else {
+      narrow.resize(len);
+      load_as(v.type, v.bytes.data() + e0 * ie, narrow.data(), len);
+      store_as(to, narrow.data(), out, len);
+    }
+    if (!inside) {
+      const std::uint64_t lo = std::max(gb, begin), hi = std::min(ge, end);
+      std::memcpy(dst + (lo - begin), tmp.data() + (lo - gb), static_cast<std::size_t>(hi - lo));
+    }
+  }
+}
+
+}  // namespace detail
+
+/// The merged bytes of one base weight W ([out, in], or [in, out] with fan_in_fan_out)
+/// for module `mod`, in dtype `to`; `pool` (optional) supplies the buffer.
+inline ByteBuffer merge_weight(const TensorView& W, const PeftModule& mod, double scale, dtype to,
+                               BufferPool* pool = nullptr) {
+  const std::vector<MergeStep> steps{{MergeStep::Kind::low_rank, &mod, scale, nullptr, nullptr}};
+  const detail::TensorMerge m(W, steps, to);
+  const std::size_t n = static_cast<std::size_t>(W.numel()) * dtype_size(to);
+  ByteBuffer out = pool ? pool->acquire(n) : ByteBuffer(n);
+  m.all(out.data());
+  return out;
+}
+
+/// The base tensor after `steps` (each on the result of the one before, in float, or double
+/// for F64 tensors), rounded once to `to`.
+inline ByteBuffer apply_merge_steps(const TensorView& base, const std::vector<MergeStep>& steps, dtype to,
+                                    BufferPool* pool = nullptr) {
+  const detail::TensorMerge m(base, steps, to);
+  const std::size_t n = static_cast<std::size_t>(base.numel()) * dtype_size(to);
+  ByteBuffer out = pool ? pool->acquire(n) : ByteBuffer(n);
+  m.all(out.data());
+  return out;
 }
 
 /// What a stacked merge does to each base tensor: the steps, in adapter order and within an
@@ -586,7 +685,13 @@ inline std::map<std::string, std::vector<MergeStep>> merge_plan(const Checkpoint
 struct MergeOptions {
   double scale = 1.0;                  ///< multiplies every module's s ("halve alpha at inference" = 0.5)
   std::optional<dtype> out_dtype;      ///< convert every float tensor to this (F32, F16, BF16 or F64)
-  std::function<void(const WriteProgress&)> progress;  ///< called after each tensor is written
+  /// Called once each tensor is written, in checkpoint order, one call at a time (from the
+  /// writing threads).
+  std::function<void(const WriteProgress&)> progress;
+  /// Threads that read, merge and write chunks of the output at once; 0: one per hardware thread.
+  unsigned threads = 0;
+  /// Bytes of output each thread fills and writes at a time (a multiple of 4096).
+  std::size_t chunk_bytes = std::size_t{8} << 20;
   /// How adapter paths name base tensors; unset: found by resolve_base_keys.
   std::optional<BaseKeyMap> base_keys;
   /// Tied input/output embeddings (trainable-token rows then go into lm_head too); unset:
@@ -735,21 +840,32 @@ inline MergeSummary merge_peft_checkpoint(const Checkpoint& base, const std::vec
     };
   }
 
-  BufferPool pool;
-  write_checkpoint(
-      out, layout,
-      [&](const TensorSpec& spec) {
-        const TensorView& v = base.tensor(spec.name);
-        summary.bytes += spec.nbytes();
-        if (auto it = plan.find(spec.name); it != plan.end()) {
-          ++summary.merged;
-          return TensorBytes::own(apply_merge_steps(v, it->second, spec.type, &pool), &pool);
-        }
+  // Every merged tensor checked and prepared before anything is written.
+  std::map<std::string, detail::TensorMerge> merges;
+  for (const auto& s : layout.shards)
+    for (const auto& t : s.tensors) {
+      summary.bytes += t.nbytes();
+      if (auto it = plan.find(t.name); it != plan.end()) {
+        merges.try_emplace(t.name, base.tensor(t.name), it->second, t.type);
+        ++summary.merged;
+      } else {
         ++summary.copied;
-        if (spec.type == v.type) return TensorBytes::borrow(v.bytes);
-        return TensorBytes::own(detail::convert_floats(v, spec.type, &pool), &pool);
+      }
+    }
+  ParallelWriteOptions wopt;
+  wopt.threads = options.threads;
+  wopt.chunk_bytes = options.chunk_bytes;
+  write_checkpoint_parallel(
+      out, layout,
+      [&](const TensorSpec& spec, std::uint64_t b, std::uint64_t e, std::byte* dst) {
+        if (auto it = merges.find(spec.name); it != merges.end()) return it->second.fill(b, e, dst);
+        const TensorView& v = base.tensor(spec.name);
+        if (spec.type == v.type)
+          std::memcpy(dst, v.bytes.data() + b, static_cast<std::size_t>(e - b));
+        else
+          detail::convert_range(v, spec.type, b, e, dst);
       },
-      options.progress, extra);
+      options.progress, extra, wopt);
   return summary;
 }
 
