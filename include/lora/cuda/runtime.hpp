@@ -90,21 +90,15 @@ inline void check(cusolverStatus_t e, const char* call) {
 #define LORA_CUDA_CHECK_LAUNCH(what) ::lora::detail::check(cudaGetLastError(), what)
 
 namespace detail {
-/// The CUDA type a host storage scalar is bit-identical to (Eigen::bfloat16 ↔ __nv_bfloat16).
+/// The CUDA type a host storage scalar is bit-identical to (Eigen::bfloat16 ↔ __nv_bfloat16):
+/// scalar_traits<S>::device_type (core/types.hpp); other element types (codes, indices) map to themselves.
 template <class S>
-struct device_scalar {
-  using type = S;
-};
-template <>
-struct device_scalar<bfloat16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct device_scalar<half> {
-  using type = __half;
-};
+struct device_type_of : std::type_identity<S> {};
 template <class S>
-using device_t = typename device_scalar<S>::type;
+  requires is_supported_scalar_v<S>
+struct device_type_of<S> : std::type_identity<typename scalar_traits<S>::device_type> {};
+template <class S>
+using device_t = typename device_type_of<S>::type;
 
 template <class S>
 constexpr cudaDataType_t cuda_data_type() {
@@ -118,10 +112,6 @@ constexpr cudaDataType_t cuda_data_type() {
     return CUDA_R_16F;
 }
 }  // namespace detail
-
-template <class S>
-inline constexpr bool is_device_scalar_v =
-    std::is_same_v<S, float> || std::is_same_v<S, bfloat16> || std::is_same_v<S, half>;
 
 /// Owning device memory for n elements of T (cudaMalloc / cudaFree), move-only.
 template <class T>
