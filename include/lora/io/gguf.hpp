@@ -205,9 +205,6 @@ struct GgufTensorView {
 
 namespace detail {
 
-inline float half_bits_to_float(std::uint16_t h) { return static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(h)); }
-inline std::uint16_t float_to_half_bits(float x) { return Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(x)); }
-
 /// Round half away from zero in float, as gguf-py's np_roundf and C's roundf.
 inline float round_away(float x) { return std::round(x); }
 
@@ -217,7 +214,7 @@ inline void quantize_q8_0_block(const float* x, std::byte* out) {
   for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
   const float d = amax / 127.0f;
   const float id = d != 0.0f ? 1.0f / d : 0.0f;
-  const std::uint16_t dh = float_to_half_bits(d);
+  const std::uint16_t dh = float_to_f16(d);
   std::memcpy(out, &dh, 2);
   for (int i = 0; i < 32; ++i) {
     const auto q = static_cast<std::int8_t>(round_away(x[i] * id));
@@ -245,23 +242,23 @@ std::vector<S> GgufTensorView::to_vector() const {
       for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(load(p + 8 * i, double{}));
       break;
     case ggml_type::F16:
-      for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(detail::half_bits_to_float(load(p + 2 * i, std::uint16_t{})));
+      for (std::int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(f16_to_float(load(p + 2 * i, std::uint16_t{})));
       break;
     case ggml_type::BF16:
       for (std::int64_t i = 0; i < n; ++i)
-        out[i] = static_cast<S>(static_cast<float>(Eigen::numext::bit_cast<Eigen::bfloat16>(load(p + 2 * i, std::uint16_t{}))));
+        out[i] = static_cast<S>(bf16_to_float(load(p + 2 * i, std::uint16_t{})));
       break;
     case ggml_type::Q8_0:
       for (std::int64_t b = 0; b < n / 32; ++b) {
         const std::byte* blk = p + 34 * b;
-        const float d = detail::half_bits_to_float(load(blk, std::uint16_t{}));
+        const float d = f16_to_float(load(blk, std::uint16_t{}));
         for (int i = 0; i < 32; ++i) out[32 * b + i] = static_cast<S>(d * static_cast<float>(load(blk + 2 + i, std::int8_t{})));
       }
       break;
     case ggml_type::Q4_0:  // d (F16), 16 bytes: low nibbles are values 0..15, high nibbles 16..31; x = d·(q − 8)
       for (std::int64_t b = 0; b < n / 32; ++b) {
         const std::byte* blk = p + 18 * b;
-        const float d = detail::half_bits_to_float(load(blk, std::uint16_t{}));
+        const float d = f16_to_float(load(blk, std::uint16_t{}));
         for (int i = 0; i < 16; ++i) {
           const auto q = static_cast<std::uint8_t>(blk[2 + i]);
           out[32 * b + i] = static_cast<S>(d * static_cast<float>((q & 0x0F) - 8));
@@ -545,8 +542,8 @@ struct GgufTensorData {
         t.bytes.resize(static_cast<std::size_t>(n) * 2);
         for (std::int64_t i = 0; i < n; ++i) {
           const std::uint16_t h = type == ggml_type::F16
-                                      ? detail::float_to_half_bits(values[i])
-                                      : Eigen::numext::bit_cast<std::uint16_t>(Eigen::bfloat16(values[i]));
+                                      ? float_to_f16(values[i])
+                                      : float_to_bf16(values[i]);  // ggml's rounding (NaN kept quiet)
           std::memcpy(t.bytes.data() + 2 * i, &h, 2);
         }
         break;
