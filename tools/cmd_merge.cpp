@@ -11,7 +11,7 @@ namespace {
 
 const char* help = R"(usage: lora merge --base <model.safetensors | folder> --adapter <peft folder>[:S] [--adapter ...]
                   --out <file | folder> [--scale S] [--dtype f32|bf16|f16] [--base-prefix OLD=NEW]
-                  [--progress | --quiet]
+                  [--threads N] [--progress | --quiet]
 
 Merges PEFT LoRA adapters (LoRA, rsLoRA, DoRA, rank/alpha patterns, embedding LoRA,
 lora_bias, modules_to_save copies, trainable tokens) into a base checkpoint and writes
@@ -43,6 +43,8 @@ modules are reported and not merged, as PEFT ignores them.
               starting with NEW ("transformer.=" for GPT-2 from the hub; "=model." adds).
               Default: the one mapping (among "", model., transformer., language_model.)
               under which every adapter tensor finds its base tensor
+  --threads N threads that read, merge and write parts of the output at once (default:
+              one per hardware thread); the output is the same for every N
   --progress  always report progress on stderr (default: only above 256 MiB)
   --quiet     never report progress
 
@@ -60,7 +62,7 @@ std::pair<std::filesystem::path, double> parse_adapter(const std::string& s) {
 
 int run_merge(const std::vector<std::string>& argv) {
   namespace fs = std::filesystem;
-  lora::cli::Args args(argv, {"progress", "quiet"}, {"base", "adapter", "out", "scale", "dtype", "base-prefix"},
+  lora::cli::Args args(argv, {"progress", "quiet"}, {"base", "adapter", "out", "scale", "dtype", "base-prefix", "threads"},
                        "merge");
   if (!args.positional().empty())
     lora::fail("unexpected argument '{}' (see 'lora merge --help')", args.positional().front());
@@ -72,6 +74,7 @@ int run_merge(const std::vector<std::string>& argv) {
   const fs::path out = args.required("out");
   lora::io::MergeOptions opts;
   opts.scale = args.number("scale", 1.0);
+  opts.threads = static_cast<unsigned>(args.integer("threads", 0, 1, 4096));
   if (auto d = args.get("dtype")) opts.out_dtype = lora::io::parse_float_dtype(*d, "--dtype");
   if (auto p = args.get("base-prefix")) opts.base_keys = lora::io::parse_base_key_map(*p);
   std::vector<fs::path> inputs{base_path};

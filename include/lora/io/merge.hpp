@@ -50,108 +50,6 @@ namespace lora::io {
 
 namespace detail {
 
-inline float bf16_to_float(std::uint16_t h) {
-  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-/// Round to nearest even, NaN kept quiet (as torch and Eigen do).
-inline std::uint16_t float_to_bf16(float f) {
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const std::uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const std::uint32_t nan = (u >> 16) | 0x40u;
-  return static_cast<std::uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);  // a select, vectorises
-}
-
-/// n elements of type `t` at `src` → C.
-template <class C>
-void load_as(dtype t, const std::byte* src, C* out, std::size_t n) {
-  switch (t) {
-    case dtype::BF16: {
-      // omp simd: -O2's cheap vectoriser leaves these loops scalar (a third of a merge's time)
-LORA_IO_OMP(omp simd)
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = static_cast<C>(bf16_to_float(h));
-      }
-      return;
-    }
-    case dtype::F16: {
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = static_cast<C>(static_cast<float>(Eigen::numext::bit_cast<Eigen::half>(h)));
-      }
-      return;
-    }
-    case dtype::F32: {
-      if constexpr (std::is_same_v<C, float>) {
-        std::memcpy(out, src, 4 * n);
-      } else {
-        for (std::size_t i = 0; i < n; ++i) {
-          float f;
-          std::memcpy(&f, src + 4 * i, 4);
-          out[i] = static_cast<C>(f);
-        }
-      }
-      return;
-    }
-    case dtype::F64: {
-      for (std::size_t i = 0; i < n; ++i) {
-        double d;
-        std::memcpy(&d, src + 8 * i, 8);
-        out[i] = static_cast<C>(d);
-      }
-      return;
-    }
-    default: lora::detail::fail("load_as: dtype {} is not a float type", dtype_name(t));
-  }
-}
-
-/// n values of C → type `t` at `dst` (rounded to nearest even).
-template <class C>
-void store_as(dtype t, const C* in, std::byte* dst, std::size_t n) {
-  switch (t) {
-    case dtype::BF16: {
-LORA_IO_OMP(omp simd)
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::uint16_t h = float_to_bf16(static_cast<float>(in[i]));
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      return;
-    }
-    case dtype::F16: {
-      for (std::size_t i = 0; i < n; ++i) {
-        const std::uint16_t h = Eigen::numext::bit_cast<std::uint16_t>(Eigen::half(static_cast<float>(in[i])));
-        std::memcpy(dst + 2 * i, &h, 2);
-      }
-      return;
-    }
-    case dtype::F32: {
-      if constexpr (std::is_same_v<C, float>) {
-        std::memcpy(dst, in, 4 * n);
-      } else {
-        for (std::size_t i = 0; i < n; ++i) {
-          const float f = static_cast<float>(in[i]);
-          std::memcpy(dst + 4 * i, &f, 4);
-        }
-      }
-      return;
-    }
-    case dtype::F64: {
-      for (std::size_t i = 0; i < n; ++i) {
-        const double d = static_cast<double>(in[i]);
-        std::memcpy(dst + 8 * i, &d, 8);
-      }
-      return;
-    }
-    default: lora::detail::fail("store_as: dtype {} is not a float type", dtype_name(t));
-  }
-}
-
 /// Converts a float tensor's bytes from one float dtype to another.
 inline ByteBuffer convert_floats(const TensorView& v, dtype to, BufferPool* pool = nullptr) {
   const std::size_t n = static_cast<std::size_t>(v.numel());
@@ -164,12 +62,12 @@ LORA_IO_OMP(omp parallel for schedule(static))
     const std::size_t b = static_cast<std::size_t>(c) * chunk, len = std::min(chunk, n - b);
     if (wide) {
       std::vector<double> buf(len);
-      load_as(v.type, v.bytes.data() + b * dtype_size(v.type), buf.data(), len);
-      store_as(to, buf.data(), out.data() + b * dtype_size(to), len);
+      decode_floats(v.type, v.bytes.data() + b * dtype_size(v.type), buf.data(), len);
+      encode_floats(to, buf.data(), out.data() + b * dtype_size(to), len);
     } else {
       std::vector<float> buf(len);
-      load_as(v.type, v.bytes.data() + b * dtype_size(v.type), buf.data(), len);
-      store_as(to, buf.data(), out.data() + b * dtype_size(to), len);
+      decode_floats(v.type, v.bytes.data() + b * dtype_size(v.type), buf.data(), len);
+      encode_floats(to, buf.data(), out.data() + b * dtype_size(to), len);
     }
   }
   return out;
@@ -394,10 +292,10 @@ class RowMerger {
   /// out; V is an RB × cols scratch matrix.
   void block(Index i0, Index n, Matrix<C>& V, std::byte* out) const {
     const std::size_t len = static_cast<std::size_t>(n * cols_);
-    load_as(base_.type, base_.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base_.type), V.data(),
+    decode_floats(base_.type, base_.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base_.type), V.data(),
             len);
     apply(0, steps_.size(), i0, n, V);
-    store_as(to_, V.data(), out, len);
+    encode_floats(to_, V.data(), out, len);
   }
 
   /// Bytes [begin, end) of the merged tensor (offsets into its output bytes) at dst.
@@ -506,7 +404,7 @@ class RowMerger {
       const std::size_t k = steps_.size() - 1;
       for (Index i0 = 0; i0 < rows_; i0 += RB) {
         const Index n = std::min(RB, rows_ - i0);
-        load_as(base.type, base.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base.type), V.data(),
+        decode_floats(base.type, base.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(base.type), V.data(),
                 static_cast<std::size_t>(n * cols_));
         apply(0, k, i0, n, V);
         low_rank_update_rows<C>(q.coef.data() + i0 * q.coef.cols(), q.basis.data(), q.coef.cols(), cols_, q.s,
@@ -539,7 +437,7 @@ class RowMerger {
         }
         case MergeStep::Kind::replace: {
           const TensorData& d = p.src->saved->data;
-          load_as(d.type, d.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(d.type), V.data(),
+          decode_floats(d.type, d.bytes.data() + static_cast<std::size_t>(i0 * cols_) * dtype_size(d.type), V.data(),
                   static_cast<std::size_t>(n * cols_));
           break;
         }
@@ -617,12 +515,12 @@ inline void convert_range(const TensorView& v, dtype to, std::uint64_t begin, st
     std::byte* out = inside ? dst + (gb - begin) : (tmp.resize(len * oe), tmp.data());
     if (use_double) {
       wide.resize(len);
-      load_as(v.type, v.bytes.data() + e0 * ie, wide.data(), len);
-      store_as(to, wide.data(), out, len);
+      decode_floats(v.type, v.bytes.data() + e0 * ie, wide.data(), len);
+      encode_floats(to, wide.data(), out, len);
     } else {
       narrow.resize(len);
-      load_as(v.type, v.bytes.data() + e0 * ie, narrow.data(), len);
-      store_as(to, narrow.data(), out, len);
+      decode_floats(v.type, v.bytes.data() + e0 * ie, narrow.data(), len);
+      encode_floats(to, narrow.data(), out, len);
     }
     if (!inside) {
       const std::uint64_t lo = std::max(gb, begin), hi = std::min(ge, end);
