@@ -107,6 +107,10 @@ nlohmann::ordered_json to_json(const AdapterReport& rep) {
   json out;
   out["modules"] = std::move(mods);
   out["whole_tensors"] = std::move(whole);
+  json spikes = json::array();
+  for (const auto& sp : rep.spikes)
+    spikes.push_back({{"name", sp.name}, {"kind", sp.kind}, {"value", sp.value}, {"median", sp.median}, {"ratio", sp.ratio}});
+  out["spectral_spikes"] = std::move(spikes);
   out["summary"] = std::move(summary);
   return out;
 }
@@ -191,6 +195,12 @@ int run_inspect(const std::vector<std::string>& argv) {
     const std::string svg = spectrum_svg(rep, fmt::format("Singular value spectra of {}", args.positional()[0]));
     io::write_file_atomically(*plot, [&](const std::filesystem::path& tmp) { io::write_bytes(tmp, svg); });
   }
+  for (const auto& sp : rep.spikes)
+    fmt::print(stderr, "lora inspect: warning: {}: {} (median {:.4g}, {:.1f}x): a spectral spike typical of stacked or "
+               "combined adapters\n", sp.name,
+               sp.kind == "top" ? fmt::format("σ₁ = {:.4g} far above the median σ₁ of its module type", sp.value)
+                                : fmt::format("σ₁/σ₂ = {:.4g} far above the adapter's median σ₁/σ₂", sp.value),
+               sp.median, sp.ratio);
   if (args.has("json"))
     fmt::print("{}\n", to_json(rep).dump(1));
   else
@@ -227,6 +237,10 @@ Modules are listed in natural order (layers.2 before layers.10); in/out are as t
 layer sees them (a Conv1D's or an embedding's weight is stored [in x out], the table
 and "kind" say which). Whole tensors the folder carries (modules_to_save copies,
 trainable-token rows) are listed after the modules ("whole_tensors" in --json).
+
+A warning on stderr ("spectral_spikes" in --json) names each module whose σ₁ is at least
+8x the median σ₁ of its module type, or whose σ₁/σ₂ is at least 8x the adapter's median
+σ₁/σ₂ (medians of 3 or more modules): the spikes stacked or combined adapters leave.
 )",
                                run_inspect}};
 

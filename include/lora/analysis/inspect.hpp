@@ -13,9 +13,11 @@
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
 
+#include <algorithm>
 #include <filesystem>
 #include <functional>
 #include <mutex>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -47,6 +49,16 @@ struct WholeTensorReport {
   Index parameters = 0;
 };
 
+/// A module whose spectrum stands out from the adapter's other modules in the way stacked
+/// or combined adapters do (see spectral_spikes).
+struct SpectralSpike {
+  std::string name;
+  std::string kind;      ///< "top": σ₁ far above its type's median; "gap": σ₁/σ₂ far above the adapter's median
+  double value = 0;      ///< σ₁ (top) or σ₁/σ₂ (gap)
+  double median = 0;     ///< the median it is compared with
+  double ratio = 0;      ///< value / median
+};
+
 /// The whole adapter.
 struct AdapterReport {
   std::vector<ModuleReport> modules;                ///< in natural order of their names (layers.2 before layers.10)
@@ -55,6 +67,14 @@ struct AdapterReport {
   std::vector<double> thresholds;
   Index parameters = 0;  ///< Σ (in + out)·r
   double frobenius_norm = 0;  ///< sqrt(Σ over modules ‖ΔW‖_F²)
+  std::vector<SpectralSpike> spikes;  ///< spectral_spikes(modules, …), by module name
+};
+
+/// Thresholds of spectral_spikes (ratios to a median: scale-free).
+struct SpikeOptions {
+  double top_ratio = 8.0;  ///< flag σ₁(m) ≥ top_ratio · median σ₁ of m's module type
+  double gap_ratio = 8.0;  ///< flag σ₁/σ₂(m) ≥ gap_ratio · median σ₁/σ₂ over all modules
+  Index min_modules = 3;   ///< medians of fewer modules are not trusted (nothing flagged)
 };
 
 /// Options of inspect_adapter.
@@ -66,6 +86,7 @@ struct InspectOptions {
   IntruderOptions intruder = {};
   /// Called after each module (done, total), from the analysing threads one at a time.
   std::function<void(std::size_t, std::size_t)> progress;
+  SpikeOptions spikes = {};
 };
 
 /// "layers.2.x" < "layers.10.x": runs of digits compare as numbers, the rest byte by byte.
@@ -95,6 +116,55 @@ inline bool natural_less(std::string_view a, std::string_view b) {
 inline std::string module_type(const std::string& name) {
   const auto dot = name.rfind('.');
   return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+/// Modules whose spectrum looks like that of a stacked or combined adapter, by two
+/// scale-free rules (multiplying ΔW by any constant, or all of them, changes nothing):
+///  - "top":  σ₁(m) / median{σ₁(m') : m' of m's type (q_proj, …)} ≥ top_ratio. Adding a
+///    second adapter, or the same one twice, to some modules (a stack whose members cover
+///    different modules, a combination weight applied twice) lifts those modules' whole
+///    spectrum above the same projection in the other layers.
+///  - "gap":  (σ₁/σ₂)(m) / median{(σ₁/σ₂)(m')} ≥ gap_ratio over all modules of rank ≥ 2. Two
+///    adapters that share a direction in a module add coherently along it (σ₁ grows like the
+///    sum) and incoherently elsewhere, so one singular value detaches from the rest; a
+///    trained LoRA's σ₁/σ₂ is of order 1–3.
+/// A median needs min_modules modules (of the type, or in all); modules with σ₁ = 0 are
+/// skipped. Sorted by name, "top" before "gap".
+inline std::vector<SpectralSpike> spectral_spikes(const std::vector<ModuleReport>& modules,
+                                                  const SpikeOptions& opt = {}) {
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const std::size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+  };
+  std::map<std::string, std::vector<double>> top_by_type;
+  std::vector<double> gaps;
+  auto top = [](const ModuleReport& m) { return m.singular_values.size() ? m.singular_values(0) : 0.0; };
+  auto gap = [](const ModuleReport& m) {
+    const auto& s = m.singular_values;
+    return s.size() >= 2 && s(1) > 0 ? s(0) / s(1) : std::numeric_limits<double>::infinity();
+  };
+  for (const auto& m : modules) {
+    if (!(top(m) > 0)) continue;
+    top_by_type[module_type(m.name)].push_back(top(m));
+    if (m.singular_values.size() >= 2) gaps.push_back(gap(m));
+  }
+  std::map<std::string, double> top_median;
+  for (const auto& [t, v] : top_by_type)
+    if (static_cast<Index>(v.size()) >= opt.min_modules) top_median[t] = median(v);
+  const double gap_median =
+      static_cast<Index>(gaps.size()) >= opt.min_modules ? median(gaps) : std::numeric_limits<double>::quiet_NaN();
+  std::vector<SpectralSpike> out;
+  for (const auto& m : modules) {
+    if (!(top(m) > 0)) continue;
+    if (auto it = top_median.find(module_type(m.name)); it != top_median.end() && top(m) >= opt.top_ratio * it->second)
+      out.push_back({m.name, "top", top(m), it->second, top(m) / it->second});
+    if (m.singular_values.size() >= 2 && std::isfinite(gap_median) && gap(m) >= opt.gap_ratio * gap_median)
+      out.push_back({m.name, "gap", gap(m), gap_median, gap(m) / gap_median});
+  }
+  std::stable_sort(out.begin(), out.end(),
+                   [](const SpectralSpike& a, const SpectralSpike& b) { return natural_less(a.name, b.name); });
+  return out;
 }
 
 namespace detail {
@@ -135,7 +205,7 @@ inline std::vector<MappedModule> mapped_modules(const io::SafetensorsFile& f, co
   return out;
 }
 
-inline void finish_report(AdapterReport& rep, const std::vector<double>& thresholds) {
+inline void finish_report(AdapterReport& rep, const std::vector<double>& thresholds, const SpikeOptions& spikes) {
   rep.thresholds = thresholds;
   std::stable_sort(rep.modules.begin(), rep.modules.end(),
                    [](const ModuleReport& a, const ModuleReport& b) { return natural_less(a.name, b.name); });
@@ -150,6 +220,7 @@ inline void finish_report(AdapterReport& rep, const std::vector<double>& thresho
   }
   rep.frobenius_norm = std::sqrt(fro2);
   for (double t : thresholds) rep.recommendations.push_back(recommend_rank(spectra, t));
+  rep.spikes = spectral_spikes(rep.modules, spikes);
 }
 
 inline void check_thresholds(const std::vector<double>& t) {
@@ -231,7 +302,7 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
       opt.progress(++done, mods.size());
     }
   });
-  detail::finish_report(rep, opt.energy_thresholds);
+  detail::finish_report(rep, opt.energy_thresholds, opt.spikes);
   return rep;
 }
 
@@ -261,7 +332,7 @@ inline AdapterReport inspect_adapter(const io::PeftAdapter& adapter, const Inspe
   for (const auto& t : adapter.trainable_tokens)
     rep.whole.push_back({t.module + ".weight", "trainable_tokens", t.stored_dtype, {t.rows.rows(), t.rows.cols()},
                          static_cast<Index>(t.rows.size())});
-  detail::finish_report(rep, opt.energy_thresholds);
+  detail::finish_report(rep, opt.energy_thresholds, opt.spikes);
   return rep;
 }
 
