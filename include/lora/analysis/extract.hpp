@@ -52,7 +52,7 @@ struct ExtractedModule {
   Eigen::VectorXd singular_values;  ///< the sketch's σ (top rank + 1 or max_rank)
   double kept_energy = 0;        ///< Σ_{i≤k} σ_i² / ‖ΔW‖_F²
   double rel_fro_error = 0;      ///< ‖ΔW − B·A‖_F / ‖ΔW‖_F, exact (one more pass over ΔW)
-  double rel_spectral_error = 0; ///< σ_{k+1} / σ_1 of the sketch (Eckart–Young's ‖ΔW − ΔW_k‖₂ / ‖ΔW‖₂)
+  double rel_spectral_error = 0; ///< σ_{k+1} / σ_1 of the sketch (Eckart–Young's ‖ΔW − ΔW_k‖₂ / ‖ΔW‖₂); a lower bound (a sketch underestimates σ in a flat tail)
 };
 
 namespace detail {
