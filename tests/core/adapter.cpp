@@ -1,4 +1,5 @@
 #include <lora/core/adapter.hpp>
+#include <lora/core/merge.hpp>
 #include <lora/core/init.hpp>
 
 #include "support/catch.hpp"
@@ -288,4 +289,60 @@ TEST_CASE("bad input raises lora::error with a clear message", "[adapter][errors
   lora::error e("x");
   const std::runtime_error& base = e;  // lora::error is a std::runtime_error
   CHECK(std::string(base.what()) == "x");
+}
+
+TEMPLATE_TEST_CASE("the row-block merge routine matches float64 and does not depend on the block",
+                   "[merge][blocks]", float, double) {
+  using C = TestType;
+  Generator gen(lora::test::fresh_seed());
+  for (auto [rows, cols, r] : {std::tuple<Index, Index, Index>{19, 45, 3}, {8, 64, 16}, {5, 7, 1}, {33, 70, 9}}) {
+    const Matrix<C> W = random_matrix<C>(rows, cols, gen), coef = random_matrix<C>(rows, r, gen),
+                    basis = random_matrix<C>(r, cols, gen);
+    const C s = C(0.75);
+    const MatD want = W.template cast<double>() + 0.75 * coef.template cast<double>() * basis.template cast<double>();
+    // the whole weight at once, and every row alone at the block's last position
+    Matrix<C> V = W;
+    low_rank_update<C>(V, coef, basis, s);
+    const double tol = std::is_same_v<C, float> ? 1e-5 : 1e-13;
+    CHECK(rel_error(V, want) < tol);
+    for (Index i = 0; i < rows; ++i) {
+      Matrix<C> one = W.row(i);
+      low_rank_update_rows<C>(coef.data() + i * r, basis.data(), r, cols, s, one.data(), cols, 1);
+      CHECK(bool(one == V.row(i)));  // bits: the same row gives the same result in any block
+    }
+    // unmerge with -s undoes it within rounding
+    low_rank_update<C>(V, coef, basis, -s);
+    CHECK(rel_error(V, W.template cast<double>()) < tol);
+    // DoRA's rescale: rows get norm m_i
+    const Vector<C> m = random_matrix<C>(rows, 1, gen).cwiseAbs();
+    Matrix<C> D = W;
+    dora_rescale_rows<C>(D, m.data());
+    CHECK(rel_error(D.template cast<double>().rowwise().norm(), m.template cast<double>()) < tol);
+    Vector<C> n = W.rowwise().norm();
+    dora_unscale_rows<C>(D, n.data(), m.data());
+    CHECK(rel_error(D, W.template cast<double>()) < tol);
+  }
+}
+
+TEST_CASE("AdapterSpec carries the checks and messages of every adapter class", "[adapter][spec]") {
+  using Catch::Matchers::ContainsSubstring;
+  AdapterOptions o;
+  o.name = "q_proj";
+  const AdapterSpec spec{64, 32, 8, 16.0, o};
+  CHECK(spec.who() == "adapter 'q_proj': ");
+  CHECK(spec.label() == "adapter 'q_proj'");
+  CHECK(AdapterSpec{}.who().empty());
+  CHECK(spec.factor(standard_scaling{}) == 2.0);
+  CHECK(spec.factor(rslora_scaling{}) == 16.0 / std::sqrt(8.0));
+  CHECK_NOTHROW(spec.validate());
+  CHECK_THROWS_WITH(spec.check_weight(64, 32), ContainsSubstring("adapter 'q_proj': base weight W has shape [64 x 32], expected [32 x 64]"));
+  CHECK_THROWS_WITH((AdapterSpec{64, 32, 40, 1.0, o}.validate()), ContainsSubstring("rank r = 40 exceeds"));
+  CHECK_NOTHROW((AdapterSpec{64, 32, 40, 1.0, o}.validate(0, /*bounded=*/false)));
+  CHECK_THROWS_WITH((AdapterSpec{64, 32, -1, 1.0, o}.validate(0, false)), ContainsSubstring("rank r must be at least 0"));
+  // the adapter classes report through it
+  auto ad = LowRankAdapter<float>::from_factors(Matrix<float>::Ones(8, 64), Matrix<float>::Ones(32, 8), 16.0, o);
+  CHECK(ad.spec().rank == 8);
+  CHECK(ad.scaling() == spec.factor(standard_scaling{}));
+  CHECK_THROWS_WITH(ad.apply(Matrix<float>::Zero(64, 32), Matrix<float>::Zero(2, 64)),
+                    ContainsSubstring("adapter 'q_proj': base weight W has shape [64 x 32]"));
 }

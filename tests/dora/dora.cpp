@@ -45,7 +45,7 @@ TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
   for (const auto& mod : ad.modules) {
     INFO(mod.name);
     REQUIRE(mod.magnitude);
-    DoraAdapter<float, cpu, dynamic_scaling> dora(mod.adapter, *mod.magnitude);
+    const DoraAdapter<float, cpu, dynamic_scaling> dora = mod.dora();
     Matrix<float> W = base.tensor(mod.name + ".weight").to_matrix<float>();
     const auto x = ref.tensor(mod.name + ".x").to_matrix<float>();
     const auto y = ref.tensor(mod.name + ".y").to_matrix<float>();
@@ -68,6 +68,8 @@ TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
     ++n;
   }
   CHECK(n == 6);
+  io::PeftModule plain{"model.layers.0.q_proj", LowRankAdapter<float, cpu, dynamic_scaling>(8, 8, 2, 4.0)};
+  CHECK_THROWS_WITH(plain.dora(), Catch::Matchers::ContainsSubstring("not a DoRA module"));
 }
 
 TEST_CASE("DoRA backward matches finite differences with the norm held constant", "[dora]") {
