@@ -150,4 +150,27 @@ grep -q "lm_head.weight.*modules_to_save.*8,192 parameters" "$T/mts.txt" || fail
 grep -q "3,584 LoRA parameters" "$T/mts.txt" || fail "parameter count without thousands separators"
 "$LORA" inspect "$P/embedding_lora/adapter" --json | grep -q '"kind": "embedding"' || fail "embedding LoRA not inspected as one"
 
+# spectral spikes: none on the fixture; one direction of layer 1's q_proj made 30x stronger
+# (what adding a second adapter that shares it does) is warned about on stderr and in --json
+"$LORA" inspect "$P/lora_r8_a16_all/adapter" > /dev/null 2> "$T/spk.err" || fail "inspect for spikes"
+! grep -q "spectral spike" "$T/spk.err" || fail "spike warned on a clean adapter: $(cat "$T/spk.err")"
+if command -v python3 > /dev/null; then
+  python3 - "$P/lora_r8_a16_all/adapter" "$T/spiky" <<'PY' || fail "making the spiky adapter"
+import json, shutil, struct, sys
+src, dst = sys.argv[1], sys.argv[2]
+shutil.copytree(src, dst)
+b = bytearray(open(src + '/adapter_model.safetensors', 'rb').read()); n = struct.unpack('<Q', b[:8])[0]
+h = json.loads(b[8:8 + n]); k = 'base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight'
+s, e = h[k]['data_offsets']; rows, r = h[k]['shape']
+v = list(struct.unpack('<%df' % ((e - s) // 4), b[8 + n + s:8 + n + e]))
+for i in range(rows): v[i * r] *= 30
+b[8 + n + s:8 + n + e] = struct.pack('<%df' % len(v), *v)
+open(dst + '/adapter_model.safetensors', 'wb').write(b)
+PY
+  "$LORA" inspect "$T/spiky" --json > "$T/spk.json" 2> "$T/spk.err" || fail "inspect spiky"
+  grep -q "warning: model.layers.1.self_attn.q_proj: σ₁/σ₂" "$T/spk.err" || fail "no spike warning: $(cat "$T/spk.err")"
+  [ "$(grep -c "spectral spike" "$T/spk.err")" = 1 ] || fail "more than one spike: $(cat "$T/spk.err")"
+  grep -q '"kind": "gap"' "$T/spk.json" || fail "spike not in --json"
+fi
+
 echo "inspect.sh: all checks passed"
