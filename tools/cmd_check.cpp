@@ -44,7 +44,7 @@ int run_check(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"check", "what llama.cpp / vLLM / TGI would mis-scale, ignore or reject in an adapter",
+const lora::cli::Register reg_check{{"check", "what llama.cpp / vLLM / TGI would mis-scale, ignore or reject in an adapter",
                                R"(usage: lora check <peft folder | x.gguf> --engine llama.cpp|vllm|tgi|peft [--json]
 
 Compares what the engine would compute with PEFT's forward, module by module, from the

@@ -73,7 +73,7 @@ int run_combine(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"combine", "weighted combination of PEFT adapters (PEFT's add_weighted_adapter)",
+const lora::cli::Register reg_combine{{"combine", "weighted combination of PEFT adapters (PEFT's add_weighted_adapter)",
                                R"(usage: lora combine --adapter A --adapter B ... --weights w1,w2,... --type TYPE
                     [--density d] [--majority-sign total|frequency] [--rank k]
                     [--space peft|delta] [--svd-clamp q] [--seed n] --out <folder> [--dtype F32|BF16|F16]

@@ -48,7 +48,7 @@ int run_compress(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"compress", "best rank-k approximation of a PEFT adapter (fixed k or by energy)",
+const lora::cli::Register reg_compress{{"compress", "best rank-k approximation of a PEFT adapter (fixed k or by energy)",
                                R"(usage: lora compress <peft folder> (--rank k | --energy τ) --out <folder> [--dtype F32|BF16|F16]
                      [--progress | --quiet]
 

@@ -52,7 +52,7 @@ int run_convert(const std::vector<std::string>& argv) {
   lora::fail("--to must be gguf or peft, got '{}'", to);
 }
 
-const lora::cli::Register reg{{"convert", "PEFT adapter <-> llama.cpp GGUF LoRA adapter (scales folded exactly)",
+const lora::cli::Register reg_convert{{"convert", "PEFT adapter <-> llama.cpp GGUF LoRA adapter (scales folded exactly)",
                                R"(usage: lora convert <peft folder> --to gguf --base <HF model folder | base.gguf> --out x.gguf
                          [--outtype f32|f16|bf16|q8_0] [--name NAME]
        lora convert <x.gguf> --to peft --out <folder> [--base <HF model folder | base.gguf>]

@@ -60,7 +60,7 @@ int run_diff(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"diff", "per-module difference of two PEFT adapters (from the factors)",
+const lora::cli::Register reg_diff{{"diff", "per-module difference of two PEFT adapters (from the factors)",
                                R"(usage: lora diff <folder A> <folder B> [--json] [--svg heatmap.svg]
 
 For every module both adapters have: ‖ΔW_A − ΔW_B‖_F / ‖ΔW_A‖_F, computed exactly from the

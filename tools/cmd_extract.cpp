@@ -90,7 +90,7 @@ int run_extract(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"extract", "a PEFT LoRA adapter from a full fine-tune (truncated SVD of tuned − base)",
+const lora::cli::Register reg_extract{{"extract", "a PEFT LoRA adapter from a full fine-tune (truncated SVD of tuned − base)",
                                R"(usage: lora extract --base <checkpoint> --tuned <checkpoint> (--rank k | --energy e)
                     --out <folder> [--max-rank 128] [--only q_proj,v_proj,...] [--dtype F32|BF16|F16]
                     [--save-modules embed_tokens,lm_head]

@@ -116,7 +116,7 @@ int run_info(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"info", "what a PEFT adapter folder or a .safetensors file holds",
+const lora::cli::Register reg_info{{"info", "what a PEFT adapter folder or a .safetensors file holds",
                                R"(usage: lora info <peft folder | file.safetensors>
 
 For an adapter folder: its config in a few lines (base model, PEFT version, task,

@@ -208,7 +208,7 @@ int run_inspect(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"inspect", "spectrum, effective ranks and a rank recommendation of a PEFT adapter",
+const lora::cli::Register reg_inspect{{"inspect", "spectrum, effective ranks and a rank recommendation of a PEFT adapter",
                                R"(usage: lora inspect <peft folder> [--json] [--plot spectrum.svg] [--energy 0.9,0.99]
                     [--base model.safetensors [--epsilon 0.5] [--top-k 10]] [--threads N]
 

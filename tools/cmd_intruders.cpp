@@ -46,7 +46,7 @@ int run_intruders(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"intruders", "reduce intruder dimensions of an adapter (PEFT's reduce_intruder_dimension)",
+const lora::cli::Register reg_intruders{{"intruders", "reduce intruder dimensions of an adapter (PEFT's reduce_intruder_dimension)",
                                R"(usage: lora intruders <peft folder> --base <checkpoint> --out <folder>
                        [--top-k 10] [--epsilon 0.5] [--lambda 0.75] [--dtype F32|BF16|F16] [--quiet]
 

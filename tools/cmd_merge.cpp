@@ -135,6 +135,6 @@ int run_merge(const std::vector<std::string>& argv) {
   return 0;
 }
 
-lora::cli::Register reg{{"merge", "merge PEFT adapters into a checkpoint (PEFT's merge_and_unload)", help, run_merge}};
+lora::cli::Register reg_merge{{"merge", "merge PEFT adapters into a checkpoint (PEFT's merge_and_unload)", help, run_merge}};
 
 }  // namespace

@@ -60,7 +60,7 @@ int run_merge_4bit(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"merge-4bit", "merge a PEFT adapter into a bitsandbytes 4-bit checkpoint (writes bf16/f16)",
+const lora::cli::Register reg_merge_4bit{{"merge-4bit", "merge a PEFT adapter into a bitsandbytes 4-bit checkpoint (writes bf16/f16)",
                                R"(usage: lora merge-4bit --base <bnb-4bit checkpoint> --adapter <peft folder> --out <file | folder>
                        [--dtype BF16|F16|F32|NF4] [--scale S] [--reference <float checkpoint>] [--quiet]
 

@@ -26,7 +26,7 @@ int run_normalize(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"normalize", "fold every module's scaling into B (alpha = r, no patterns, no rsLoRA)",
+const lora::cli::Register reg_normalize{{"normalize", "fold every module's scaling into B (alpha = r, no patterns, no rsLoRA)",
                                R"(usage: lora normalize <peft folder> --out <folder>
 
 Writes the same adapter with each module's PEFT scaling s (alpha/r, alpha/√r with rsLoRA,

@@ -108,7 +108,7 @@ int run(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"plan", "trainable parameters, adapter size and training memory of an adapter",
+const lora::cli::Register reg_plan{{"plan", "trainable parameters, adapter size and training memory of an adapter",
                                R"(usage: lora plan <config.json | folder | preset> [options]
 
 Counts exactly what a PEFT LoRA adapter would train on a model, from its Hugging Face config.json

@@ -70,7 +70,7 @@ int run_similarity(const std::vector<std::string>& argv) {
   return 0;
 }
 
-const lora::cli::Register reg{{"similarity", "subspace similarity of two PEFT adapters (LoRA paper, §7)",
+const lora::cli::Register reg_similarity{{"similarity", "subspace similarity of two PEFT adapters (LoRA paper, §7)",
                                R"(usage: lora similarity <folder A> <folder B> [--json]
 
 For every module both adapters have: φ(i, j) = ‖U₁^(i)ᵀ·U₂^(j)‖_F² / min(i, j), where
