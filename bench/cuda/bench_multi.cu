@@ -6,6 +6,7 @@
 // CUDA events; all variants of a shape are timed in alternating batches and
 // the median per variant is kept. Decode sizes (T ≤ 16) rotate among 4 copies
 // of W so that it comes from device memory. CSV: name,tokens,adapters,r,ms,extra.
+// LORA_BENCH_MULTI=fwd or =bwd runs only the forward or only the backward rows.
 
 #include <lora/cuda.hpp>
 
@@ -14,6 +15,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <functional>
 #include <numeric>
 #include <string>
@@ -38,6 +40,7 @@ void emit(const char* name, Index T, int N, Index r, double ms, double extra = 0
 int main(int argc, char** argv) {
   // --profile: a few mixed batches only, for ncu (T, N) = (1, 1), (256, 64), (4096, 1).
   const bool profile = argc > 1 && std::string(argv[1]) == "--profile";
+  const std::string only = std::getenv("LORA_BENCH_MULTI") ? std::getenv("LORA_BENCH_MULTI") : "";
   if (argc > 1 && !profile) csv = std::fopen(argv[1], "w");
   if (!csv) return 1;
   auto ctx = CudaContext::thread_default();
@@ -100,6 +103,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (int N : {1, 8, 64, 512}) {
+    if (only == "bwd") break;
     multi::AdapterSet<S, cuda> set(in, out, ctx);
     std::vector<LowRankAdapter<S, cuda>> loop;  // the naive loop's adapters
     for (int i = 0; i < N; ++i) {
@@ -196,15 +200,18 @@ int main(int argc, char** argv) {
     }
   }
   // Backward (W frozen): AdapterSet<S, cuda>::backward over a mixed batch against one adapter's
-  // LowRankAdapter::backward(W, X, dY) over the same T and the input-gradient GEMM dY·W alone.
-  // Both backward calls allocate their outputs and scratch per call (cudaMalloc), as the
-  // library's allocating overloads do; the set's also synchronises before freeing its scratch.
-  for (int N : {1, 8, 64}) {
+  // LowRankAdapter::backward over the same T, and the input-gradient GEMM dY·W alone.
+  // bwd_single / bwd_mixed: the returning forms, which allocate their outputs per call
+  // (cudaMalloc, and cudaFree, which synchronises); bwd_single_fused / bwd_mixed_reuse: the
+  // allocation-free forms (the fused single-adapter backward into caller buffers; the set's
+  // backward into a DeviceBatchedGradients kept across calls).
+  for (int N : {8, 64, 512}) {
+    if (only == "fwd") break;
     multi::AdapterSet<S, cuda> set(in, out, ctx);
     for (int i = 0; i < N; ++i)
       set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
               standard_scaling::factor(alpha, static_cast<int>(r)));
-    for (Index T : {Index(256), Index(4096)}) {
+    for (Index T : {Index(16), Index(256), Index(4096)}) {
       std::vector<int> ids(static_cast<std::size_t>(T));
       for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % N);
       for (std::size_t i = ids.size(); i > 1; --i)
@@ -213,19 +220,30 @@ int main(int argc, char** argv) {
       DeviceMatrix<S> X(T, in), dY(T, out), dX(T, in);
       fill_random(X.view(), g, 1.0);
       fill_random(dY.view(), g, 1.0);
+      auto Xp = single.padded_input(T), dYp = single.padded_grad(T);
+      fill_random(Xp.view(), g, 1.0);
+      fill_random(dYp.view(), g, 1.0);
+      DeviceMatrix<float> dA(r, in), dB(out, r);
+      multi::DeviceBatchedGradients<S> kept;
       const DeviceView<const S> Wv = W[0].view();
       std::vector<std::function<void(int)>> fns = {
           [&](int) {
             detail::gemm<S, S, S>(*ctx, false, false, T, in, out, 1.f, dY.view(), W[0].view(), 0.f, dX.view());
           },
           [&](int) { (void)single.backward(W[0].view(), X.view(), dY.view()); },
-          [&](int) { (void)set.backward(&Wv, X.view(), seg, dY.view()); }};
+          [&](int) { (void)set.backward(&Wv, X.view(), seg, dY.view()); },
+          [&](int) { single.backward(fw[0], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view()); },
+          [&](int) { set.backward(&Wv, X.view(), seg, dY.view(), kept); }};
       const auto ms = time_all(*ctx, fns, 5, 11);
       emit("bwd_base_dx", T, N, r, ms[0]);
       emit("bwd_single", T, N, r, ms[1]);
       emit("bwd_mixed", T, N, r, ms[2]);
-      std::fprintf(stderr, "backward T %5ld N %3d: dX GEMM %.4f single %.4f mixed %.4f ms (%.2fx single)\n",
-                   static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1]);
+      emit("bwd_single_fused", T, N, r, ms[3]);
+      emit("bwd_mixed_reuse", T, N, r, ms[4]);
+      std::fprintf(stderr,
+                   "backward T %5ld N %3d: dX GEMM %.4f | allocating: single %.4f mixed %.4f (%.2fx) | "
+                   "allocation-free: single fused %.4f mixed %.4f (%.2fx) ms\n",
+                   static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1], ms[3], ms[4], ms[4] / ms[3]);
     }
   }
   if (csv != stdout) std::fclose(csv);

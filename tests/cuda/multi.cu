@@ -7,6 +7,7 @@
 
 #include "cuda/support.cuh"
 
+#include <algorithm>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -259,58 +260,118 @@ TEST_CASE("cuda multi: bad shapes, ranks and ids throw lora::error naming them",
   CHECK(y.allFinite());
 }
 
+/// Float64 gradients of a mixed batch, token by token: dX = dY·W (or 0) + Σ gb·A_i, dA_i, dB_i.
+template <class S>
+struct RefGrads {
+  MatD dX;
+  std::vector<MatD> dA, dB;
+};
+template <class S>
+RefGrads<S> reference_backward(const multi::AdapterSet<S>& set, const Matrix<S>* W, const Matrix<S>& X,
+                               const Matrix<S>& dY, const std::vector<int>& ids) {
+  const MatD Xd = X.template cast<double>(), Gd = dY.template cast<double>();
+  RefGrads<S> r;
+  r.dX = W ? MatD(Gd * W->template cast<double>()) : MatD(MatD::Zero(X.rows(), X.cols()));
+  r.dA.resize(static_cast<std::size_t>(set.capacity()));
+  r.dB.resize(static_cast<std::size_t>(set.capacity()));
+  for (int id = 0; id < set.capacity(); ++id) {
+    const auto& a = set.at(id);
+    r.dA[static_cast<std::size_t>(id)] = MatD::Zero(a.rank(), X.cols());
+    r.dB[static_cast<std::size_t>(id)] = MatD::Zero(dY.cols(), a.rank());
+  }
+  for (Index t = 0; t < X.rows(); ++t) {
+    const int id = ids[static_cast<std::size_t>(t)];
+    if (id < 0) continue;
+    const auto& a = set.at(id);
+    const MatD A = a.A.template cast<double>(), B = a.B.template cast<double>();
+    const MatD h = a.scaling * Xd.row(t) * A.transpose();
+    const MatD gb = a.scaling * Gd.row(t) * B;
+    r.dB[static_cast<std::size_t>(id)] += Gd.row(t).transpose() * h;
+    r.dA[static_cast<std::size_t>(id)] += gb.transpose() * Xd.row(t);
+    r.dX.row(t) += gb * A;
+  }
+  return r;
+}
+
+// The segmented backward: shrink kernels for h = s·X·Aᵀ and gb = s·dY·B, the expand for gb·A,
+// one kernel for dA and dB over chunks of ≤ 128 tokens (and the ordered reduction of longer
+// segments). Ranks that are not multiples of 4, 8 or 16, unused adapters, ids −1, shuffled ids,
+// T 1, 7 and 256 (one adapter's 256 tokens = two chunks; 300 = three), aligned shapes (16-byte
+// and tensor-core paths) and odd ones (scalar paths), with and without W. Outputs poisoned, the
+// gradient object reused across calls (its buffers must not move once large enough).
 TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float64 and the CPU", "[cuda][multi]",
                    bfloat16, float) {
   using S = TestType;
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  const Index in = 256, out = 192, T = 45;
-  const int n = 6;
-  auto set = random_set<S>(in, out, n, {8, 16, 128, 32, 64}, g);
-  auto dev = multi::AdapterSet<S, cuda>::from_host(set);
-  const Matrix<S> W = rand_s<S>(out, in, g, 0.05), X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
-  const auto dW = DeviceMatrix<S>::from_host(W);
-  const auto dX = DeviceMatrix<S>::from_host(X);
-  const auto ddY = DeviceMatrix<S>::from_host(dY);
-  const auto ids = make_ids("random", T, n, g);  // adapter n-1 unused, some -1
-  const auto seg = dev.segments(ids);
-  const DeviceView<const S> Wv = dW.view();
-  for (bool with_w : {true, false}) {
-    INFO("with W: " << with_w);
-    const auto grads = dev.backward(with_w ? &Wv : nullptr, dX.view(), seg, ddY.view());
-    // float64, token by token
-    const MatD Xd = X.template cast<double>(), Gd = dY.template cast<double>();
-    MatD dXref = with_w ? MatD(Gd * W.template cast<double>()) : MatD(MatD::Zero(T, in));
-    std::vector<MatD> dAref(n), dBref(n);
-    for (int id = 0; id < n; ++id) {
-      const auto& a = set.at(id);
-      dAref[id] = MatD::Zero(a.rank(), in);
-      dBref[id] = MatD::Zero(out, a.rank());
-    }
-    for (Index t = 0; t < T; ++t) {
-      const int id = ids[static_cast<std::size_t>(t)];
-      if (id < 0) continue;
-      const auto& a = set.at(id);
-      const MatD A = a.A.template cast<double>(), B = a.B.template cast<double>();
-      const MatD h = a.scaling * Xd.row(t) * A.transpose();
-      const MatD gb = a.scaling * Gd.row(t) * B;
-      dBref[id] += Gd.row(t).transpose() * h;
-      dAref[id] += gb.transpose() * Xd.row(t);
-      dXref.row(t) += gb * A;
-    }
-    CHECK(lora::test::rel_error(grads.dX.to_host(), dXref) < tol<S>());
-    const auto cpu = multi::batched_backward(set, X, ids, dY.template cast<compute_t<S>>(), with_w ? &W : nullptr);
-    CHECK(lora::test::rel_error(grads.dX.to_host(), cpu.dX) < tol<S>());
-    for (int id = 0; id < n; ++id) {
-      INFO("adapter " << id);
-      const bool used = std::find(ids.begin(), ids.end(), id) != ids.end();
-      REQUIRE((grads.dA[static_cast<std::size_t>(id)].rows > 0) == used);
-      if (!used) continue;
-      CHECK(lora::test::rel_error(to_host(grads.dA[static_cast<std::size_t>(id)]), dAref[id]) < tol<S>());
-      CHECK(lora::test::rel_error(to_host(grads.dB[static_cast<std::size_t>(id)]), dBref[id]) < tol<S>());
+  const Case cases[] = {{"aligned", 256, 192, 0, 7}, {"odd", 100, 70, 0, 5}, {"wide", 1024, 512, 0, 4}};
+  for (const Case& c : cases) {
+    auto set = random_set<S>(c.in, c.out, c.adapters, {5, 16, 13, 24, 3, 40, 8}, g);
+    auto dev = multi::AdapterSet<S, cuda>::from_host(set);
+    const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.05);
+    const auto dW = DeviceMatrix<S>::from_host(W);
+    const DeviceView<const S> Wv = dW.view();
+    multi::DeviceBatchedGradients<S> grads;  // reused across calls
+    for (const std::string kind : {"random", "all_one", "none"}) {
+      for (Index T : {Index(1), Index(7), Index(256), Index(300)}) {
+        if (T == 300 && kind != "all_one") continue;
+        INFO(c.what << ": in " << c.in << " out " << c.out << " T " << T << " ids " << kind);
+        const auto ids = make_ids(kind, T, c.adapters, g);  // random: adapter n-1 unused, some -1
+        const Matrix<S> X = rand_s<S>(T, c.in, g), dY = rand_s<S>(T, c.out, g);
+        const auto dXin = DeviceMatrix<S>::from_host(X);
+        const auto ddY = DeviceMatrix<S>::from_host(dY);
+        const auto seg = dev.segments(ids);
+        for (bool with_w : {true, false}) {
+          INFO("with W: " << with_w);
+          // Buffers large enough already: the call must reuse them, so they can be poisoned first.
+          if (grads.storage.size() < dev.gradient_elements(seg))
+            grads.storage = DeviceBuffer<float>(dev.gradient_elements(seg));
+          if (grads.dX.rows() != T) grads.dX = DeviceMatrix<S>(T, c.in);
+          const float* storage = grads.storage.data();
+          if (grads.storage.size() > 0)
+            poison(DeviceView<float>{grads.storage.data(), 1, static_cast<Index>(grads.storage.size()),
+                                     static_cast<Index>(grads.storage.size())});
+          poison(grads.dX.view());
+          dev.backward(with_w ? &Wv : nullptr, dXin.view(), seg, ddY.view(), grads);
+          CHECK(grads.storage.data() == storage);
+          const auto ref = reference_backward(set, with_w ? &W : nullptr, X, dY, ids);
+          const Matrix<S> dx = grads.dX.to_host();
+          REQUIRE(dx.allFinite());
+          if (ref.dX.norm() > 0)
+            CHECK(lora::test::rel_error(dx, ref.dX) < tol<S>());
+          else
+            CHECK(dx.template cast<double>().norm() == 0.0);
+          for (int id = 0; id < c.adapters; ++id) {
+            INFO("adapter " << id << " rank " << dev.rank(id));
+            const bool used = std::find(ids.begin(), ids.end(), id) != ids.end();
+            REQUIRE((grads.dA[static_cast<std::size_t>(id)].rows > 0) == used);
+            if (!used) continue;
+            const Matrix<float> dA = to_host(grads.dA[static_cast<std::size_t>(id)]),
+                                dB = to_host(grads.dB[static_cast<std::size_t>(id)]);
+            REQUIRE(dA.allFinite());
+            REQUIRE(dB.allFinite());
+            CHECK(lora::test::rel_error(dA, ref.dA[static_cast<std::size_t>(id)]) < tol<S>());
+            CHECK(lora::test::rel_error(dB, ref.dB[static_cast<std::size_t>(id)]) < tol<S>());
+          }
+        }
+        if (kind == "random" && T == 256) {  // the returning form and the CPU's batched_backward
+          const auto fresh = dev.backward(&Wv, dXin.view(), seg, ddY.view());
+          const auto cpu = multi::batched_backward(set, X, ids, dY.template cast<compute_t<S>>(), &W);
+          CHECK(lora::test::rel_error(fresh.dX.to_host(), cpu.dX) < tol<S>());
+          for (int id = 0; id < c.adapters; ++id)
+            if (fresh.dA[static_cast<std::size_t>(id)].rows > 0)
+              CHECK(lora::test::rel_error(to_host(fresh.dA[static_cast<std::size_t>(id)]),
+                                          cpu.dA[static_cast<std::size_t>(id)]) < tol<S>());
+        }
+      }
     }
   }
-  const auto bad = DeviceMatrix<S>::from_host(rand_s<S>(T, out + 1, g));
-  CHECK_THROWS_WITH(dev.backward(nullptr, dX.view(), seg, bad.view()), Catch::Matchers::ContainsSubstring("dY has shape"));
+  multi::AdapterSet<S, cuda> dev(64, 48);
+  dev.add("a", rand_s<S>(8, 64, g, 0.1), rand_s<S>(48, 8, g, 0.1), 1.0);
+  const auto X = DeviceMatrix<S>::from_host(rand_s<S>(3, 64, g));
+  const auto bad = DeviceMatrix<S>::from_host(rand_s<S>(3, 49, g));
+  const std::vector<int> ids = {0, -1, 0};
+  CHECK_THROWS_WITH(dev.backward(nullptr, X.view(), dev.segments(ids), bad.view()),
+                    Catch::Matchers::ContainsSubstring("dY has shape"));
 }

@@ -132,13 +132,15 @@ __device__ __forceinline__ void load_bt_rows(RawVec<T, VW> (&b)[RG], const T* Bt
 /// block's threads stride over K in VW-wide chunks (16-byte loads when
 /// VW·sizeof(T) = 16); each A element is read once per tile and feeds all its
 /// tokens; the partial sums are reduced across the block. Float accumulation.
-template <class T, int VW, int TT, int RG>
+/// BT: the factor is the adapter's Bᵀ [r × K] instead of A (the backward's s·dY·B, K = out).
+template <class T, int VW, int TT, int RG, bool BT = false>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
     const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
     const DeviceSlotEntry<T>* __restrict__ table, float* __restrict__ U, int ldu, long split_stride,
     int chunks_per_split) {
   const SegmentTile tile = tiles[blockIdx.x];
   const DeviceSlotEntry<T> e = table[tile.adapter];
+  const T* const F = BT ? e.Bt : e.A;
   const int j0 = static_cast<int>(blockIdx.z) * RG;
   if (j0 >= e.rank) return;  // the whole block: no barrier is skipped
   const int chunks = in / VW;
@@ -160,7 +162,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_shrink_kernel(
     for (int c = c0 + static_cast<int>(threadIdx.x); c < c1; c += sgmv_threads) {
       float a[RG][VW];
 #pragma unroll
-      for (int g = 0; g < RG; ++g) ldg_vec<T, VW>(e.A + static_cast<long>(min(j0 + g, e.rank - 1)) * in + c * VW, a[g]);
+      for (int g = 0; g < RG; ++g) ldg_vec<T, VW>(F + static_cast<long>(min(j0 + g, e.rank - 1)) * in + c * VW, a[g]);
 #pragma unroll
       for (int t = 0; t < TT; ++t) {
         if (t < tile.count) {
@@ -206,7 +208,8 @@ constexpr int sgmv_mma_unroll = 4;
 /// the split's chunks, sgmv_mma_unroll of them loaded before any is multiplied; the warps'
 /// 16 × 8 results meet in shared memory. Rows past the rank and tokens past the tile's count
 /// read a valid row (clamped) and are not stored. Needs in % 32 == 0 and 16-byte aligned rows.
-template <class T>
+/// BT: the factor is Bᵀ [r × K] instead of A, as in sgmv_shrink_kernel.
+template <class T, bool BT = false>
 __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
     const T* __restrict__ X, long ldx, int in, const SegmentTile* __restrict__ tiles, const int* __restrict__ order,
     const DeviceSlotEntry<T>* __restrict__ table, float* __restrict__ U, int ldu, long split_stride,
@@ -219,8 +222,9 @@ __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int j0 = static_cast<int>(blockIdx.z) * 16;
   if (j0 >= e.rank) return;  // the whole block: no barrier is skipped
-  const T* alo = e.A + static_cast<long>(min(j0 + g, e.rank - 1)) * in + q * 8;
-  const T* ahi = e.A + static_cast<long>(min(j0 + g + 8, e.rank - 1)) * in + q * 8;
+  const T* const F = BT ? e.Bt : e.A;
+  const T* alo = F + static_cast<long>(min(j0 + g, e.rank - 1)) * in + q * 8;
+  const T* ahi = F + static_cast<long>(min(j0 + g + 8, e.rank - 1)) * in + q * 8;
   const int c0 = static_cast<int>(blockIdx.y) * chunks_per_split;
   const int c1 = min(in / 32, c0 + chunks_per_split);
   float d[4] = {0.f, 0.f, 0.f, 0.f};
@@ -268,7 +272,8 @@ __global__ void __launch_bounds__(sgmv_mma_warps * 32) sgmv_shrink_mma_kernel(
 /// staging before loading Bᵀ, and for one row per rank before that). U's K-splits are
 /// summed while the tile's [count × r] block is staged in shared memory, zero-padded to
 /// a multiple of RG; Bᵀ rows past the rank are not loaded (zeros).
-template <class T, int VW, int TT, int RG>
+/// AT: the factor is the adapter's A [r × out] instead of Bᵀ (the backward's dX += Gb·A, out = in).
+template <class T, int VW, int TT, int RG, bool AT = false>
 __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
@@ -279,8 +284,9 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   const bool live = col < out;
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int r = e.rank, rp = (r + RG - 1) / RG * RG;
+  const T* const F = AT ? e.A : e.Bt;
   RawVec<T, VW> b[RG];
-  load_bt_rows(b, e.Bt, 0, r, out, col, live);
+  load_bt_rows(b, F, 0, r, out, col, live);
   // With D (SgmvSchedule::delta) the sums start at 0 and go to D's row of the position.
   float acc[TT][VW];
 #pragma unroll
@@ -301,7 +307,7 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
   __syncthreads();
   if (!live) return;
   for (int j0 = 0; j0 < r; j0 += RG) {
-    if (j0 > 0) load_bt_rows(b, e.Bt, j0, r, out, col, true);
+    if (j0 > 0) load_bt_rows(b, F, j0, r, out, col, true);
 #pragma unroll
     for (int t = 0; t < TT; ++t) {
       if (t < tile.count) {
@@ -330,8 +336,8 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 /// tiles are few tokens each (ncu, 64 adapters × 4 tokens: 1.9 warps per scheduler, 0.37
 /// eligible, long-scoreboard stalls). Lane j < r loads U[p, j] (the K-splits summed) and
 /// the ranks are broadcast by shuffles: no shared memory, no barrier. The chain of memory
-/// round trips is tile → (table entry, order) → (Bᵀ, U, Y) → store.
-template <class T, int VW>
+/// round trips is tile → (table entry, order) → (Bᵀ, U, Y) → store. AT: A instead of Bᵀ.
+template <class T, int VW, bool AT = false>
 __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
@@ -346,8 +352,9 @@ __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
   const int pos = tile.begin + t;
   const DeviceSlotEntry<T> e = table[tile.adapter];
   const int r = e.rank;
+  const T* const F = AT ? e.A : e.Bt;
   RawVec<T, VW> b[RG];
-  load_bt_rows(b, e.Bt, 0, r, out, col, live);
+  load_bt_rows(b, F, 0, r, out, col, live);
   T* dst = D ? D + static_cast<long>(pos) * ldd + col : Y + static_cast<long>(order[pos]) * ldy + col;
   float acc[VW];
   if (!D && live)
@@ -360,7 +367,7 @@ __global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
     if (j0 + lane < r)
       for (int s = 0; s < splits; ++s) uj += U[s * split_stride + static_cast<long>(pos) * ldu + j0 + lane];
     for (int k0 = j0; k0 < min(j0 + 32, r); k0 += RG) {
-      if (k0 > 0) load_bt_rows(b, e.Bt, k0, r, out, col, live);
+      if (k0 > 0) load_bt_rows(b, F, k0, r, out, col, live);
 #pragma unroll
       for (int g = 0; g < RG; ++g) {
         const float u = __shfl_sync(0xffffffffu, uj, (k0 - j0 + g) & 31);  // 0 past the rank, as b is
@@ -390,24 +397,200 @@ __global__ void __launch_bounds__(sgmv_threads) add_rows_kernel(const T* __restr
   store_vec<T, VW>(d, a);
 }
 
-/// dst[p, :] = src[order[p], :]: rows gathered into the grouped order (one block per row).
+/// The backward's weight gradients: a chunk of ≤ sgmv_grad_chunk consecutive positions of
+/// segment `seg` (adapter `adapter`). slot −1: the segment is this one chunk and the block writes
+/// the adapter's dA, dB; slot ≥ 0: the segment has several chunks and the block writes partial
+/// sums into partial slot `slot`, which sgmv_grad_reduce_kernel adds in order.
+struct GradItem {
+  int adapter, seg, begin, count, slot;
+};
+/// A segment of several chunks: its partial slots [first, first + slots).
+struct GradReduce {
+  int adapter, seg, first, slots;
+};
+constexpr int sgmv_grad_chunk = 128;
+constexpr int sgmv_grad_rank_group = 8;
+constexpr int sgmv_grad_threads = 128;
+
+/// roff[k] = Σ_{k' < k} round4(rank of segment k' 's adapter), k = 0 … nseg: where segment k's
+/// dA (at roff[k]·in) and dB (at the dB block + roff[k]·out) start in the gradient storage.
+/// From the device table, so the offsets are those of the ranks the kernels read. One block.
 template <class T>
-__global__ void gather_rows_kernel(const T* __restrict__ src, long lds, const int* __restrict__ order, int cols,
-                                   T* __restrict__ dst, long ldd) {
-  const long p = blockIdx.x, from = order[p];
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[p * ldd + c] = src[from * lds + c];
+__global__ void __launch_bounds__(256) grad_offsets_kernel(const int* __restrict__ seg_adapter, int nseg,
+                                                         const DeviceSlotEntry<T>* __restrict__ table,
+                                                         long* __restrict__ roff) {
+  __shared__ long warp_sums[8];
+  __shared__ long carry;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int b = 0; b < nseg; b += 256) {
+    const int k = b + static_cast<int>(threadIdx.x);
+    const long v = k < nseg ? (table[seg_adapter[k]].rank + 3) / 4 * 4 : 0;
+    long inc = v;  // inclusive scan in the warp, then over the warps
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const long o = __shfl_up_sync(0xffffffffu, inc, d);
+      if (lane >= d) inc += o;
+    }
+    if (lane == 31) warp_sums[warp] = inc;
+    __syncthreads();
+    long before = carry;
+    for (int w = 0; w < warp; ++w) before += warp_sums[w];
+    if (k < nseg) roff[k] = before + inc - v;
+    __syncthreads();
+    if (threadIdx.x == 255) carry = before + inc;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) roff[nseg] = carry;
 }
-/// A second stream and two events: the shrink runs beside the base GEMM.
+
+/// dA and dB of a mixed batch: for the chunk's positions p (tokens order[p] of one adapter),
+///   dA[j, c] = Σ_p Gb[p, j]·X[order[p], c]     (blockIdx.y < col_blocks_a: c < in)
+///   dB[c, j] = Σ_p dY[order[p], c]·H[p, j]     (the other column blocks: c < out)
+/// for the sgmv_grad_rank_group ranks j of blockIdx.z. Gb and H are the shrink kernels' float
+/// partial sums (their K-splits added here). Each thread owns VW columns (one 16-byte load of
+/// a row per token) × the rank group in float accumulators; the chunk's Gb or H values and row
+/// indices are staged in shared memory. Every output element is written by one thread, once,
+/// and sums run in position order: the result does not depend on the schedule.
+template <class T, int VW>
+__global__ void __launch_bounds__(sgmv_grad_threads) sgmv_grad_kernel(
+    const T* __restrict__ X, long ldx, const T* __restrict__ dY, long ldy, int in, int out,
+    const float* __restrict__ UG, long ssg, int splits_g, const float* __restrict__ UH, long ssh, int splits_h,
+    int ldu, const GradItem* __restrict__ items, const int* __restrict__ order,
+    const DeviceSlotEntry<T>* __restrict__ table, const long* __restrict__ roff, float* __restrict__ dA_base,
+    float* __restrict__ dB_base, float* __restrict__ partials, long slot_stride, int col_blocks_a) {
+  constexpr int RG = sgmv_grad_rank_group, CH = sgmv_grad_chunk, UN = 4;
+  __shared__ float Ls[CH][RG];
+  __shared__ int rows[CH];
+  const GradItem it = items[blockIdx.x];
+  const int r = table[it.adapter].rank;
+  const int j0 = static_cast<int>(blockIdx.z) * RG;
+  if (j0 >= r) return;  // the whole block
+  const bool is_a = static_cast<int>(blockIdx.y) < col_blocks_a;
+  const int cb = is_a ? static_cast<int>(blockIdx.y) : static_cast<int>(blockIdx.y) - col_blocks_a;
+  const int cols = is_a ? in : out;
+  const T* const R = is_a ? X : dY;
+  const long ldr = is_a ? ldx : ldy;
+  const float* const U = is_a ? UG : UH;
+  const long ss = is_a ? ssg : ssh;
+  const int splits = is_a ? splits_g : splits_h;
+  for (int i = static_cast<int>(threadIdx.x); i < it.count * RG; i += sgmv_grad_threads) {
+    const int t = i / RG, g = i % RG;
+    float v = 0.f;
+    if (j0 + g < r)
+      for (int s = 0; s < splits; ++s) v += U[s * ss + static_cast<long>(it.begin + t) * ldu + j0 + g];
+    Ls[t][g] = v;
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < it.count; i += sgmv_grad_threads) rows[i] = order[it.begin + i];
+  __syncthreads();
+  const int col = (cb * sgmv_grad_threads + static_cast<int>(threadIdx.x)) * VW;
+  if (col >= cols) return;
+  float acc[RG][VW];
+#pragma unroll
+  for (int g = 0; g < RG; ++g)
+#pragma unroll
+    for (int i = 0; i < VW; ++i) acc[g][i] = 0.f;
+  int t = 0;
+  for (; t + UN <= it.count; t += UN) {
+    RawVec<T, VW> x[UN];
+#pragma unroll
+    for (int u = 0; u < UN; ++u) x[u].ldg(R + static_cast<long>(rows[t + u]) * ldr + col);
+#pragma unroll
+    for (int u = 0; u < UN; ++u)
+#pragma unroll
+      for (int g = 0; g < RG; ++g) {
+        const float l = Ls[t + u][g];
+#pragma unroll
+        for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[u][i], acc[g][i]);
+      }
+  }
+  for (; t < it.count; ++t) {
+    RawVec<T, VW> x;
+    x.ldg(R + static_cast<long>(rows[t]) * ldr + col);
+#pragma unroll
+    for (int g = 0; g < RG; ++g) {
+      const float l = Ls[t][g];
+#pragma unroll
+      for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[i], acc[g][i]);
+    }
+  }
+  float* dst;
+  if (it.slot < 0)
+    dst = is_a ? dA_base + roff[it.seg] * in : dB_base + roff[it.seg] * out;
+  else
+    dst = partials + it.slot * slot_stride + (is_a ? 0L : static_cast<long>(r) * in);
+  if (is_a) {
+    // Row j of dA: VW consecutive floats (16-byte aligned when VW % 4 == 0: in, the offsets
+    // and the slot stride are multiples of 4).
+#pragma unroll
+    for (int g = 0; g < RG; ++g) {
+      if (j0 + g >= r) break;
+      float* d = dst + static_cast<long>(j0 + g) * in + col;
+      if constexpr (VW % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < VW; i += 4)
+          *reinterpret_cast<float4*>(d + i) = make_float4(acc[g][i], acc[g][i + 1], acc[g][i + 2], acc[g][i + 3]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < VW; ++i) d[i] = acc[g][i];
+      }
+    }
+  } else {
+    // Row c of dB [out × r]: the rank group's RG consecutive floats.
+    const bool vec = r % 4 == 0;  // then j0 + 4·h is 16-byte aligned
+#pragma unroll
+    for (int i = 0; i < VW; ++i) {
+      float* d = dst + static_cast<long>(col + i) * r + j0;
+      if (vec && j0 + RG <= r) {
+#pragma unroll
+        for (int h = 0; h < RG; h += 4)
+          *reinterpret_cast<float4*>(d + h) = make_float4(acc[h][i], acc[h + 1][i], acc[h + 2][i], acc[h + 3][i]);
+      } else {
+#pragma unroll
+        for (int g = 0; g < RG; ++g)
+          if (j0 + g < r) d[g] = acc[g][i];
+      }
+    }
+  }
+}
+
+/// The segments of several chunks: dA and dB = the sum of their partial slots, in slot order.
+/// A slot holds the adapter's [r × in] dA, then its [out × r] dB.
+template <class T>
+__global__ void __launch_bounds__(256) sgmv_grad_reduce_kernel(const GradReduce* __restrict__ red,
+                                                               const DeviceSlotEntry<T>* __restrict__ table,
+                                                               const long* __restrict__ roff, int in, int out,
+                                                               const float* __restrict__ partials, long slot_stride,
+                                                               float* __restrict__ dA_base,
+                                                               float* __restrict__ dB_base) {
+  const GradReduce rd = red[blockIdx.x];
+  const long r = table[rd.adapter].rank, na = r * in, n = na + r * out;
+  const float* src = partials + rd.first * slot_stride;
+  for (long e = static_cast<long>(blockIdx.y) * 256 + threadIdx.x; e < n; e += static_cast<long>(gridDim.y) * 256) {
+    float v = 0.f;
+    for (int s = 0; s < rd.slots; ++s) v += src[s * slot_stride + e];
+    if (e < na)
+      dA_base[roff[rd.seg] * in + e] = v;
+    else
+      dB_base[roff[rd.seg] * out + (e - na)] = v;
+  }
+}
+
+/// A second stream and its events: the shrink runs beside the base GEMM (apply), the
+/// shrinks and weight gradients beside the dX GEMM (backward).
 struct ForkJoin {
   Stream side;
-  cudaEvent_t fork = nullptr, join = nullptr;
+  cudaEvent_t fork = nullptr, join = nullptr, mid = nullptr;  // mid: the backward's gb is ready
   ForkJoin() {
     LORA_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
     LORA_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+    LORA_CUDA_CHECK(cudaEventCreateWithFlags(&mid, cudaEventDisableTiming));
   }
   ~ForkJoin() {
     if (fork) cudaEventDestroy(fork);
     if (join) cudaEventDestroy(join);
+    if (mid) cudaEventDestroy(mid);
   }
   ForkJoin(const ForkJoin&) = delete;
   ForkJoin& operator=(const ForkJoin&) = delete;
@@ -426,6 +609,18 @@ struct DeviceSegments {
   int tiles = 0;
   DeviceBuffer<detail::SegmentTile> tile_buf;
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
+  /// The backward's work lists in one buffer: the adapter of each segment [adapters.size()],
+  /// then grad_items detail::GradItem, then grad_reduces detail::GradReduce (chunks of
+  /// ≤ sgmv_grad_chunk positions; grad_slots partial slots for the segments of several chunks).
+  DeviceBuffer<int> grad_meta;
+  int grad_items = 0, grad_reduces = 0, grad_slots = 0;
+  const int* seg_adapter() const { return grad_meta.data(); }
+  const detail::GradItem* grad_item_list() const {
+    return reinterpret_cast<const detail::GradItem*>(grad_meta.data() + adapters.size());
+  }
+  const detail::GradReduce* grad_reduce_list() const {
+    return reinterpret_cast<const detail::GradReduce*>(grad_item_list() + grad_items);
+  }
 };
 
 /// How apply() orders its three steps.
@@ -599,11 +794,37 @@ class AdapterSet<Scalar, cuda> {
     d.tiles = static_cast<int>(tiles.size());
     d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
     d.order = DeviceBuffer<int>(order.size());
+    // The backward's lists: segment adapters, chunks, and the segments of several chunks.
+    std::vector<detail::GradItem> items;
+    std::vector<detail::GradReduce> reduces;
+    for (std::size_t k = 0; k < s.adapter.size(); ++k) {
+      const Index b0 = s.begin[k], n = s.begin[k + 1] - b0;
+      const int chunks = static_cast<int>((n + detail::sgmv_grad_chunk - 1) / detail::sgmv_grad_chunk);
+      if (chunks > 1) reduces.push_back({s.adapter[k], static_cast<int>(k), d.grad_slots, chunks});
+      for (int c = 0; c < chunks; ++c) {
+        const Index b = b0 + static_cast<Index>(c) * detail::sgmv_grad_chunk;
+        items.push_back({s.adapter[k], static_cast<int>(k), static_cast<int>(b),
+                         static_cast<int>(std::min<Index>(detail::sgmv_grad_chunk, b0 + n - b)),
+                         chunks > 1 ? d.grad_slots++ : -1});
+      }
+    }
+    d.grad_items = static_cast<int>(items.size());
+    d.grad_reduces = static_cast<int>(reduces.size());
+    static_assert(sizeof(detail::GradItem) == 5 * sizeof(int) && sizeof(detail::GradReduce) == 4 * sizeof(int));
+    std::vector<int> meta(s.adapter.begin(), s.adapter.end());
+    const auto append = [&meta](const auto& v) {
+      const int* p = reinterpret_cast<const int*>(v.data());
+      meta.insert(meta.end(), p, p + v.size() * sizeof(v[0]) / sizeof(int));
+    };
+    append(items);
+    append(reduces);
+    d.grad_meta = DeviceBuffer<int>(meta.size());
     if (!tiles.empty()) {
-
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.tile_buf.data(), tiles.data(), tiles.size() * sizeof(tiles[0]),
                                       cudaMemcpyHostToDevice, ctx_->stream()));
       LORA_CUDA_CHECK(cudaMemcpyAsync(d.order.data(), order.data(), order.size() * sizeof(int),
+                                      cudaMemcpyHostToDevice, ctx_->stream()));
+      LORA_CUDA_CHECK(cudaMemcpyAsync(d.grad_meta.data(), meta.data(), meta.size() * sizeof(int),
                                       cudaMemcpyHostToDevice, ctx_->stream()));
       ctx_->synchronize();  // the host vectors die here
     }
@@ -655,77 +876,134 @@ class AdapterSet<Scalar, cuda> {
     return Y;
   }
 
-  /// Backward of apply (W frozen; W = nullptr for the adapter paths alone). Per
-  /// adapter i with tokens S_i (rows gathered once), on cuBLAS:
-  ///   H = s_i·X_S·A_iᵀ, Gb = s_i·dY_S·B_i, dB_i = dY_Sᵀ·H, dA_i = Gbᵀ·X_S,
-  ///   dX = dY·W (one GEMM) + scatter(Gb·A_i).
-  /// H and Gb are rounded to Scalar, as LowRankAdapter<S, cuda>::backward does.
-  /// Stream-ordered like apply: the gathered rows live in a scratch buffer the set keeps
-  /// (grown as needed), and dA, dB of all used adapters share one allocation.
-  DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
+  /// Float elements of the gradient storage of a backward over seg: dA [r × in] and dB
+  /// [out × r] of every adapter the batch uses (ranks rounded up to 4: 16-byte aligned pieces).
+  std::size_t gradient_elements(const DeviceSegments& seg) const {
+    Index R = 0;
+    for (int id : seg.adapters) R += (rank(id) + 3) / 4 * 4;
+    return static_cast<std::size_t>(R) * static_cast<std::size_t>(in_ + out_);
+  }
+
+  /// Backward of apply (W frozen; W = nullptr for the adapter paths alone). For token t of
+  /// adapter i (s_i, A_i, B_i):
+  ///   h_t = s_i·x_t·A_iᵀ,  gb_t = s_i·dy_t·B_i,  dB_i = Σ_t dy_tᵀ·h_t,  dA_i = Σ_t gb_tᵀ·x_t,
+  ///   dX = dY·W (one GEMM) + gb_t·A_i per token.
+  /// h and gb come from the forward's shrink kernel (X with A, dY with Bᵀ), gb·A from its expand
+  /// kernel (A in Bᵀ's place), dA and dB from one segmented kernel over chunks of ≤ 128 tokens
+  /// of one adapter (and an ordered reduction for longer segments): float throughout (h and gb
+  /// are not rounded to Scalar), and a fixed number of launches whatever the number of adapters.
+  /// The shrinks and the weight gradients run on a second stream beside the dX GEMM.
+  /// Into g: g.storage (gradient_elements(seg) floats) and g.dX are reused when large enough,
+  /// so a training loop that keeps g allocates nothing after its first step; the set's scratch
+  /// grows as needed (stream-ordered: no synchronisation once it is large enough).
+  void backward(const cview* W, cview X, const DeviceSegments& seg, cview dY, DeviceBatchedGradients<Scalar>& g) const {
     if (W)
       lora::detail::require(W->rows == out_ && W->cols == in_, "AdapterSet<cuda>: ", "base weight W", W->rows,
                             W->cols, out_, in_);
     lora::detail::require(dY.rows == X.rows && dY.cols == out_, "AdapterSet<cuda>: ", "dY", dY.rows, dY.cols, X.rows,
                           out_);
     check_batch(X, seg, dY);
-    const Index tokens = X.rows, P = seg.covered, rmax = max_rank();
-    DeviceBatchedGradients<Scalar> g;
-    g.dA.resize(static_cast<std::size_t>(capacity()));
-    g.dB.resize(static_cast<std::size_t>(capacity()));
-    g.dX = DeviceMatrix<Scalar>(tokens, in_);
+    const Index tokens = X.rows, P = seg.covered;
+    if (g.dX.rows() != tokens || g.dX.cols() != in_) g.dX = DeviceMatrix<Scalar>(tokens, in_);
+    g.dA.assign(static_cast<std::size_t>(capacity()), {});
+    g.dB.assign(static_cast<std::size_t>(capacity()), {});
+    // dA of every used adapter in segment order, then dB likewise; grad_offsets_kernel computes
+    // the same offsets on the device from the table's ranks (the ones the host reads here).
+    const std::size_t need = gradient_elements(seg);
+    if (g.storage.size() < need) g.storage = DeviceBuffer<float>(need);
+    const Index R = static_cast<Index>(need / static_cast<std::size_t>(in_ + out_));
+    float* const dA_base = g.storage.data();
+    float* const dB_base = dA_base + R * in_;
+    {
+      Index off = 0;
+      for (int id : seg.adapters) {
+        const Index r = rank(id);
+        g.dA[static_cast<std::size_t>(id)] = DeviceView<float>{dA_base + off * in_, r, in_, in_};
+        g.dB[static_cast<std::size_t>(id)] = DeviceView<float>{dB_base + off * out_, out_, r, r};
+        off += (r + 3) / 4 * 4;
+      }
+    }
+    const cudaStream_t main = ctx_->stream();
+    if (P == 0) {
+      if (W)
+        lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, tokens, in_, out_, 1.f, dY, *W, 0.f,
+                                                   g.dX.view());
+      else if (g.dX.size() > 0)
+        LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), main));
+      return;
+    }
+    // Scratch: segment offsets (long), h's and gb's K-split partial sums, partial slots.
+    const Plan ph = plan(X, seg, in_, false), pg = plan(dY, seg, out_, false);
+    const Index rmax = max_rank();
+    const long slot_stride = static_cast<long>((rmax * (in_ + out_) + 3) / 4 * 4);
+    auto round64 = [](std::size_t n) { return (n + 63) / 64 * 64; };
+    const std::size_t n_off = round64(2 * (seg.adapters.size() + 1)), n_h = round64(ph.u_size()),
+                      n_g = round64(pg.u_size()),
+                      n_p = static_cast<std::size_t>(seg.grad_slots) * static_cast<std::size_t>(slot_stride);
+    if (bwd_scratch_.size() < n_off + n_h + n_g + n_p) {
+      ctx_->synchronize();  // earlier backward calls may still use the old scratch (their side
+                            // stream's work was joined into this stream)
+      bwd_scratch_ = DeviceBuffer<float>(n_off + n_h + n_g + n_p);
+    }
+    long* const roff = reinterpret_cast<long*>(bwd_scratch_.data());
+    float* const UH = bwd_scratch_.data() + n_off;
+    float* const UG = UH + n_h;
+    float* const partials = UG + n_g;
+
+    if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
+    const cudaStream_t side = fork_->side.get();
+    LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, main));
+    LORA_CUDA_CHECK(cudaStreamWaitEvent(side, fork_->fork, 0));
+    // Side stream: offsets, h, gb, then (after handing gb to the main stream) dA and dB.
+    detail::grad_offsets_kernel<T><<<1, 256, 0, side>>>(seg.seg_adapter(), static_cast<int>(seg.adapters.size()),
+                                                         table_.data(), roff);
+    LORA_CUDA_CHECK_LAUNCH("grad_offsets_kernel");
+    shrink(X, seg, ph, side, false, UH);
+    shrink(dY, seg, pg, side, true, UG);
+    LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
+    {
+      const bool vec = in_ % V == 0 && out_ % V == 0 && X.ld % V == 0 && dY.ld % V == 0 &&
+                       lora::detail::aligned(X.data, 16) && lora::detail::aligned(dY.data, 16);
+      const int vw = vec ? V : 1;
+      const unsigned cba = lora::detail::ceil_div(in_, detail::sgmv_grad_threads * vw),
+                     cbb = lora::detail::ceil_div(out_, detail::sgmv_grad_threads * vw);
+      const dim3 grid(static_cast<unsigned>(seg.grad_items), cba + cbb,
+                      lora::detail::ceil_div(rmax, detail::sgmv_grad_rank_group));
+      auto go = [&](auto kernel) {
+        kernel<<<grid, detail::sgmv_grad_threads, 0, side>>>(
+            reinterpret_cast<const T*>(X.data), X.ld, reinterpret_cast<const T*>(dY.data), dY.ld,
+            static_cast<int>(in_), static_cast<int>(out_), UG, pg.split_stride, pg.splits, UH, ph.split_stride,
+            ph.splits, ph.ldu, seg.grad_item_list(), seg.order.data(), table_.data(), roff, dA_base, dB_base,
+            partials, slot_stride, static_cast<int>(cba));
+      };
+      if (vec)
+        go(detail::sgmv_grad_kernel<T, V>);
+      else
+        go(detail::sgmv_grad_kernel<T, 1>);
+      LORA_CUDA_CHECK_LAUNCH("sgmv_grad_kernel");
+      if (seg.grad_reduces > 0) {
+        const unsigned blocks = static_cast<unsigned>(
+            std::min<Index>(lora::detail::ceil_div(rmax * (in_ + out_), 1024), 65535));
+        detail::sgmv_grad_reduce_kernel<T><<<dim3(static_cast<unsigned>(seg.grad_reduces), blocks), 256, 0, side>>>(
+            seg.grad_reduce_list(), table_.data(), roff, static_cast<int>(in_), static_cast<int>(out_), partials,
+            slot_stride, dA_base, dB_base);
+        LORA_CUDA_CHECK_LAUNCH("sgmv_grad_reduce_kernel");
+      }
+    }
+    LORA_CUDA_CHECK(cudaEventRecord(fork_->join, side));
+    // Main stream: dX = dY·W, then dX += gb·A per token (the expand kernel with A for Bᵀ).
     if (W)
       lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, tokens, in_, out_, 1.f, dY, *W, 0.f,
                                                  g.dX.view());
     else if (g.dX.size() > 0)
-      LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), ctx_->stream()));
-    if (P == 0) return g;
-    // dA and dB of every used adapter in one allocation (each piece 64-float aligned).
-    auto round64 = [](Index n) { return (n + 63) / 64 * 64; };
-    Index total = 0;
-    for (int id : seg.adapters) total += round64(rank(id) * in_) + round64(out_ * rank(id));
-    g.storage = DeviceBuffer<float>(static_cast<std::size_t>(total));
-    Index off = 0;
-    for (int id : seg.adapters) {
-      const Index r = rank(id);
-      g.dA[static_cast<std::size_t>(id)] = DeviceView<float>{g.storage.data() + off, r, in_, in_};
-      off += round64(r * in_);
-      g.dB[static_cast<std::size_t>(id)] = DeviceView<float>{g.storage.data() + off, out_, r, r};
-      off += round64(out_ * r);
-    }
-    // Gathered X and dY rows, H, Gb and the gathered dX rows: the set's scratch.
-    const Index nX = round64(P * in_), nG = round64(P * out_), nR = round64(P * rmax);
-    const std::size_t need = static_cast<std::size_t>(2 * nX + nG + 2 * nR);
-    if (bwd_scratch_.size() < need) {
-      ctx_->synchronize();  // earlier backward calls may still read the old scratch
-      bwd_scratch_ = DeviceBuffer<Scalar>(need);
-    }
-    Scalar* sp = bwd_scratch_.data();
-    const view Xg{sp, P, in_, in_}, Gg{sp + nX, P, out_, out_}, H{sp + nX + nG, P, rmax, rmax},
-        Gb{sp + nX + nG + nR, P, rmax, rmax}, dXg{sp + nX + nG + 2 * nR, P, in_, in_};
-    detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
-        reinterpret_cast<const T*>(X.data), X.ld, seg.order.data(), static_cast<int>(in_),
-        reinterpret_cast<T*>(Xg.data), in_);
-    LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
-    detail::gather_rows_kernel<T><<<static_cast<unsigned>(P), 256, 0, ctx_->stream()>>>(
-        reinterpret_cast<const T*>(dY.data), dY.ld, seg.order.data(), static_cast<int>(out_),
-        reinterpret_cast<T*>(Gg.data), out_);
-    LORA_CUDA_CHECK_LAUNCH("gather_rows_kernel");
-    for (std::size_t k = 0; k < seg.adapters.size(); ++k) {
-      const int id = seg.adapters[k];
-      const Index b = seg.begin[k], n = seg.begin[k + 1] - b, r = rank(id);
-      const float sc = static_cast<float>(scaling(id));
-      const cview Xk = cview(Xg).row_block(b, n), Gk = cview(Gg).row_block(b, n);
-      const view Hk = H.row_block(b, n).col_block(0, r), Gbk = Gb.row_block(b, n).col_block(0, r);
-      const DeviceView<float> dA = g.dA[static_cast<std::size_t>(id)], dB = g.dB[static_cast<std::size_t>(id)];
-      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, in_, sc, Xk, A(id), 0.f, Hk);
-      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, n, r, out_, sc, Gk, Bt(id), 0.f, Gbk);
-      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, out_, r, n, 1.f, Gk, cview(Hk), 0.f, dB);
-      lora::detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in_, n, 1.f, cview(Gbk), Xk, 0.f, dA);
-      lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, n, in_, r, 1.f, cview(Gbk), A(id), 0.f,
-                                                 dXg.row_block(b, n));
-    }
-    add_rows(dXg, seg, g.dX.view());
+      LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), main));
+    LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->mid, 0));
+    expand(seg, pg, g.dX.view(), main, {}, true, UG);
+    LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->join, 0));
+  }
+  DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
+    DeviceBatchedGradients<Scalar> g;
+    backward(W, X, seg, dY, g);
     return g;
   }
 
@@ -760,8 +1038,9 @@ class AdapterSet<Scalar, cuda> {
   /// Launch shape of one batch: vector widths, K-splits, U's layout.
   struct Plan {
     bool vec_x = false, vec_y = false, mma = false;
-    int splits = 1, chunks_per_split = 0, ldu = 0;
+    int splits = 1, chunks_per_split = 0, ldu = 0, K = 0;
     long split_stride = 0;
+    std::size_t u_size() const { return static_cast<std::size_t>(splits) * static_cast<std::size_t>(split_stride); }
   };
 
   const Slot& slot(int id) const {
@@ -828,16 +1107,20 @@ class AdapterSet<Scalar, cuda> {
         lora::detail::fail("AdapterSet<cuda>: segments use adapter id {}, which is no longer loaded", id);
   }
 
-  Plan plan(cview X, const DeviceSegments& seg) const {
+  /// The shrink's launch shape over X [· × K] (K = in for s·X·Aᵀ, out for the backward's
+  /// s·dY·B); with alloc, U_ grows to hold its partial sums.
+  Plan plan(cview X, const DeviceSegments& seg, Index K = 0, bool alloc = true) const {
+    if (K == 0) K = in_;
     Plan p;
-    p.vec_x = in_ % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
-    p.mma = !std::is_same_v<Scalar, float> && tensor_core_shrink && p.vec_x && in_ % 32 == 0;
+    p.K = static_cast<int>(K);
+    p.vec_x = K % V == 0 && X.ld % V == 0 && lora::detail::aligned(X.data, 16);
+    p.mma = !std::is_same_v<Scalar, float> && tensor_core_shrink && p.vec_x && K % 32 == 0;
     const int ldu = static_cast<int>(max_rank());
     int chunks = 0, max_splits = 1, want = 1;
     if (p.mma) {
       // Tensor-core shrink: 32-wide chunks; about four blocks of four warps per SM (≈ 70
       // registers), each warp with at least two chunks.
-      chunks = static_cast<int>(in_ / 32);
+      chunks = static_cast<int>(K / 32);
       const int groups = (ldu + 15) / 16;
       want = (4 * sms_) / std::max(seg.tiles * groups, 1);
       max_splits = chunks / (2 * detail::sgmv_mma_warps);
@@ -845,7 +1128,7 @@ class AdapterSet<Scalar, cuda> {
       // CUDA-core shrink: K-splits up to one wave of blocks (3 per SM fit at ~166 registers):
       // each block is a short chain of dependent loads and one reduction, so a second wave
       // costs a whole chain. Every split keeps at least half a chunk per thread.
-      chunks = static_cast<int>(p.vec_x ? in_ / V : in_);
+      chunks = static_cast<int>(p.vec_x ? K / V : K);
       const int groups = (ldu + detail::sgmv_rank_group - 1) / detail::sgmv_rank_group;
       want = (3 * sms_) / std::max(seg.tiles * groups, 1);
       max_splits = std::min(2 * chunks / detail::sgmv_threads, 8);
@@ -855,20 +1138,29 @@ class AdapterSet<Scalar, cuda> {
     p.splits = (chunks + p.chunks_per_split - 1) / p.chunks_per_split;
     p.ldu = ldu;
     p.split_stride = static_cast<long>(seg.covered) * p.ldu;
-    const std::size_t need = static_cast<std::size_t>(p.splits) * static_cast<std::size_t>(p.split_stride);
-    if (U_.size() < need) U_ = DeviceBuffer<float>(need);
+    if (alloc && U_.size() < p.u_size()) U_ = DeviceBuffer<float>(p.u_size());
     return p;
   }
 
-  void shrink(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream) const {
+  /// U = s·X·Aᵀ per position (K-split partial sums), or with bt s·X·B (X = dY, K = out).
+  void shrink(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream, bool bt = false,
+              float* U = nullptr) const {
+    if (bt) {
+      shrink_as<true>(X, seg, p, stream, U ? U : U_.data());
+    } else {
+      shrink_as<false>(X, seg, p, stream, U ? U : U_.data());
+    }
+  }
+  template <bool BT>
+  void shrink_as(cview X, const DeviceSegments& seg, const Plan& p, cudaStream_t stream, float* U) const {
     const T* x = reinterpret_cast<const T*>(X.data);
     if constexpr (!std::is_same_v<Scalar, float>) {
       if (p.mma) {
         const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits),
                         lora::detail::ceil_div(p.ldu, 16));
-        detail::sgmv_shrink_mma_kernel<T><<<grid, detail::sgmv_mma_warps * 32, 0, stream>>>(
-            x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
-            p.split_stride, p.chunks_per_split);
+        detail::sgmv_shrink_mma_kernel<T, BT><<<grid, detail::sgmv_mma_warps * 32, 0, stream>>>(
+            x, X.ld, p.K, seg.tile_buf.data(), seg.order.data(), table_.data(), U, p.ldu, p.split_stride,
+            p.chunks_per_split);
         LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_mma_kernel");
         return;
       }
@@ -877,53 +1169,64 @@ class AdapterSet<Scalar, cuda> {
     const dim3 grid(static_cast<unsigned>(seg.tiles), static_cast<unsigned>(p.splits),
                     lora::detail::ceil_div(p.ldu, RG));
     if (p.vec_x)
-      detail::sgmv_shrink_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
-          x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
-          p.split_stride, p.chunks_per_split);
+      detail::sgmv_shrink_kernel<T, V, TT, RG, BT><<<grid, detail::sgmv_threads, 0, stream>>>(
+          x, X.ld, p.K, seg.tile_buf.data(), seg.order.data(), table_.data(), U, p.ldu, p.split_stride,
+          p.chunks_per_split);
     else
-      detail::sgmv_shrink_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, 0, stream>>>(
-          x, X.ld, static_cast<int>(in_), seg.tile_buf.data(), seg.order.data(), table_.data(), U_.data(), p.ldu,
-          p.split_stride, p.chunks_per_split);
+      detail::sgmv_shrink_kernel<T, 1, TT, RG, BT><<<grid, detail::sgmv_threads, 0, stream>>>(
+          x, X.ld, p.K, seg.tile_buf.data(), seg.order.data(), table_.data(), U, p.ldu, p.split_stride,
+          p.chunks_per_split);
     LORA_CUDA_CHECK_LAUNCH("sgmv_shrink_kernel");
   }
 
   /// Whether the expand takes 16-byte vectors of Y (and D).
   bool expand_vec(view Y, view D) const {
-    return out_ % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
+    return Y.cols % V == 0 && Y.ld % V == 0 && lora::detail::aligned(Y.data, 16) &&
            (!D.data || (D.ld % V == 0 && lora::detail::aligned(D.data, 16)));
   }
-  /// Y's rows += the adapters' products, or with D (delta schedule) D's rows = them.
-  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}) const {
+  /// Y's rows += the adapters' products U·Bᵀ, or with D (delta schedule) D's rows = them;
+  /// with at, U·A instead (the backward's dX, Y = dX with in columns).
+  void expand(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D = {}, bool at = false,
+              const float* U = nullptr) const {
+    if (at)
+      expand_as<true>(seg, p, Y, stream, D, U ? U : U_.data());
+    else
+      expand_as<false>(seg, p, Y, stream, D, U ? U : U_.data());
+  }
+  template <bool AT>
+  void expand_as(const DeviceSegments& seg, const Plan& p, view Y, cudaStream_t stream, view D,
+                 const float* U) const {
     constexpr int TT = detail::sgmv_tile_tokens, RG = detail::sgmv_expand_rank_group;
     const bool vec = expand_vec(Y, D);
     const int vw = vec ? V : 1;
+    const Index cols = Y.cols;
     T* y = reinterpret_cast<T*>(Y.data);
     T* d = reinterpret_cast<T*>(D.data);
     if (expand_kernel == SgmvExpand::per_token) {
-      const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, 32 * vw),
+      const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(cols, 32 * vw),
                       static_cast<unsigned>(TT / 4));
       if (vec)
-        detail::sgmv_expand_token_kernel<T, V><<<grid, 4 * 32, 0, stream>>>(
-            U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y,
-            Y.ld, static_cast<int>(out_), d, D.ld);
+        detail::sgmv_expand_token_kernel<T, V, AT><<<grid, 4 * 32, 0, stream>>>(
+            U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+            static_cast<int>(cols), d, D.ld);
       else
-        detail::sgmv_expand_token_kernel<T, 1><<<grid, 4 * 32, 0, stream>>>(
-            U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y,
-            Y.ld, static_cast<int>(out_), d, D.ld);
+        detail::sgmv_expand_token_kernel<T, 1, AT><<<grid, 4 * 32, 0, stream>>>(
+            U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+            static_cast<int>(cols), d, D.ld);
       LORA_CUDA_CHECK_LAUNCH("sgmv_expand_token_kernel");
       return;
     }
-    const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(out_, detail::sgmv_threads * vw));
+    const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(cols, detail::sgmv_threads * vw));
     const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
     const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
     if (vec)
-      detail::sgmv_expand_kernel<T, V, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
-          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-          static_cast<int>(out_), d, D.ld);
+      detail::sgmv_expand_kernel<T, V, TT, RG, AT><<<grid, detail::sgmv_threads, smem, stream>>>(
+          U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+          static_cast<int>(cols), d, D.ld);
     else
-      detail::sgmv_expand_kernel<T, 1, TT, RG><<<grid, detail::sgmv_threads, smem, stream>>>(
-          U_.data(), p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-          static_cast<int>(out_), d, D.ld);
+      detail::sgmv_expand_kernel<T, 1, TT, RG, AT><<<grid, detail::sgmv_threads, smem, stream>>>(
+          U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+          static_cast<int>(cols), d, D.ld);
     LORA_CUDA_CHECK_LAUNCH("sgmv_expand_kernel");
   }
 
@@ -954,7 +1257,7 @@ class AdapterSet<Scalar, cuda> {
   DeviceBuffer<detail::DeviceSlotEntry<T>> table_;
   mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
   mutable std::unique_ptr<detail::ForkJoin> fork_;
-  mutable DeviceBuffer<Scalar> bwd_scratch_;  // backward's gathered rows, H and Gb
+  mutable DeviceBuffer<float> bwd_scratch_;   // backward's segment offsets, h and gb partial sums, slots
   mutable DeviceBuffer<Scalar> delta_;        // the delta schedule's adapter rows [covered × out]
 };
 
