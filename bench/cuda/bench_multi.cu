@@ -38,7 +38,9 @@ void emit(const char* name, Index T, int N, Index r, double ms, double extra = 0
 }  // namespace
 
 int main(int argc, char** argv) {
-  // --profile: a few mixed batches only, for ncu (T, N) = (1, 1), (256, 64), (4096, 1).
+  // --profile: a few mixed batches only, for ncu (T, N) = (1, 1), (256, 64), (4096, 1), (256, 512),
+  // each three forwards and three backwards (into kept gradients).
+  // LORA_BENCH_SHAPES="T:N,T:N" limits the forward rows to those shapes (no naive loop).
   const bool profile = argc > 1 && std::string(argv[1]) == "--profile";
   const std::string only = std::getenv("LORA_BENCH_MULTI") ? std::getenv("LORA_BENCH_MULTI") : "";
   if (argc > 1 && !profile) csv = std::fopen(argv[1], "w");
@@ -63,6 +65,21 @@ int main(int argc, char** argv) {
                  d.localSizeBytes);
   }
   std::fprintf(csv, "name,tokens,adapters,r,ms,extra\n");
+  std::vector<std::pair<Index, int>> shapes;  // LORA_BENCH_SHAPES: forward rows to run (all if empty)
+  if (const char* e = std::getenv("LORA_BENCH_SHAPES")) {
+    std::string v = e;
+    for (std::size_t a = 0; a < v.size();) {
+      std::size_t b = v.find(',', a);
+      if (b == std::string::npos) b = v.size();
+      const std::string item = v.substr(a, b - a);
+      const std::size_t c = item.find(':');
+      if (c != std::string::npos) shapes.push_back({std::stol(item.substr(0, c)), std::stoi(item.substr(c + 1))});
+      a = b + 1;
+    }
+  }
+  auto wanted = [&](Index T, int N) {
+    return shapes.empty() || std::find(shapes.begin(), shapes.end(), std::pair<Index, int>{T, N}) != shapes.end();
+  };
   const Index in = 4096, out = 4096, r = 16;
   const double alpha = 32.0;
   Generator g(4321);
@@ -88,7 +105,7 @@ int main(int argc, char** argv) {
   for (auto& w : W) fw.push_back(single.fuse(w.view()));
 
   if (profile) {
-    for (auto [T, N] : {std::pair<Index, int>{1, 1}, {256, 64}, {4096, 1}}) {
+    for (auto [T, N] : {std::pair<Index, int>{1, 1}, {256, 64}, {4096, 1}, {256, 512}}) {
       multi::AdapterSet<S, cuda> set(in, out, ctx);
       for (int i = 0; i < N; ++i)
         set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)], 2.0);
@@ -98,23 +115,33 @@ int main(int argc, char** argv) {
       DeviceMatrix<S> X(T, in), Y(T, out);
       fill_random(X.view(), g, 1.0);
       for (int i = 0; i < 3; ++i) set.apply(W[0].view(), X.view(), seg, Y.view());
+      DeviceMatrix<S> dY(T, out);
+      fill_random(dY.view(), g, 1.0);
+      multi::DeviceBatchedGradients<S> kept;
+      const DeviceView<const S> Wv = W[0].view();
+      for (int i = 0; i < 3; ++i) set.backward(&Wv, X.view(), seg, dY.view(), kept);
       ctx->synchronize();
     }
     return 0;
   }
   for (int N : {1, 8, 64, 512}) {
     if (only == "bwd") break;
+    bool any = false;
+    for (Index T : {Index(1), Index(16), Index(256), Index(4096)}) any = any || wanted(T, N);
+    if (!any) continue;
     multi::AdapterSet<S, cuda> set(in, out, ctx);
     std::vector<LowRankAdapter<S, cuda>> loop;  // the naive loop's adapters
     for (int i = 0; i < N; ++i) {
       set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
               standard_scaling::factor(alpha, static_cast<int>(r)));
+      if (!shapes.empty()) continue;  // no naive loop
       LowRankAdapter<S> h(in, out, r, alpha);
       h.set_A(As[static_cast<std::size_t>(i)]);
       h.set_B(Bs[static_cast<std::size_t>(i)]);
       loop.push_back(LowRankAdapter<S, cuda>::from_host(h, ctx));
     }
     for (Index T : {Index(1), Index(16), Index(256), Index(4096)}) {
+      if (!wanted(T, N)) continue;
       const int sets = T <= 16 ? 4 : 1;
       // Tokens spread evenly over the N adapters, shuffled (a decode batch's worst case).
       std::vector<int> ids(static_cast<std::size_t>(T));
@@ -187,7 +214,7 @@ int main(int argc, char** argv) {
           };
       auto ms = time_all(*ctx, fns, 10, 15);
       const bool slow = N >= 64 && T >= 256;  // the naive loop launches thousands of kernels
-      ms.push_back(time_all(*ctx, {naive}, slow ? 3 : 10, slow ? 7 : 15)[0]);
+      ms.push_back(shapes.empty() ? time_all(*ctx, {naive}, slow ? 3 : 10, slow ? 7 : 15)[0] : 0.0);
       names.push_back("naive_loop");
       for (std::size_t f = 0; f < names.size(); ++f) emit(names[f].c_str(), T, N, r, ms[f]);
       emit("segments_host_us", T, N, r, 0.0, seg_us);
