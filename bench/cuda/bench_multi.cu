@@ -260,17 +260,26 @@ int main(int argc, char** argv) {
           [&](int) { (void)single.backward(W[0].view(), X.view(), dY.view()); },
           [&](int) { (void)set.backward(&Wv, X.view(), seg, dY.view()); },
           [&](int) { single.backward(fw[0], Xp.view(), dYp.view(), dX.view(), dA.view(), dB.view()); },
-          [&](int) { set.backward(&Wv, X.view(), seg, dY.view(), kept); }};
+          [&](int) { set.backward(&Wv, X.view(), seg, dY.view(), kept); },
+          [&](int) {  // everything on one stream
+            set.backward_overlap = false;
+            set.backward(&Wv, X.view(), seg, dY.view(), kept);
+            set.backward_overlap = true;
+          },
+          [&](int) { set.backward(nullptr, X.view(), seg, dY.view(), kept); }};  // adapter paths only
       const auto ms = time_all(*ctx, fns, 5, 11);
       emit("bwd_base_dx", T, N, r, ms[0]);
       emit("bwd_single", T, N, r, ms[1]);
       emit("bwd_mixed", T, N, r, ms[2]);
       emit("bwd_single_fused", T, N, r, ms[3]);
       emit("bwd_mixed_reuse", T, N, r, ms[4]);
+      emit("bwd_mixed_reuse_serial", T, N, r, ms[5]);
+      emit("bwd_mixed_paths_only", T, N, r, ms[6]);
       std::fprintf(stderr,
                    "backward T %5ld N %3d: dX GEMM %.4f | allocating: single %.4f mixed %.4f (%.2fx) | "
-                   "allocation-free: single fused %.4f mixed %.4f (%.2fx) ms\n",
-                   static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1], ms[3], ms[4], ms[4] / ms[3]);
+                   "allocation-free: single fused %.4f mixed %.4f (%.2fx; one stream %.4f; no W %.4f) ms\n",
+                   static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1], ms[3], ms[4], ms[4] / ms[3], ms[5],
+                   ms[6]);
     }
   }
   if (csv != stdout) std::fclose(csv);

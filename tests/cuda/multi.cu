@@ -298,7 +298,8 @@ RefGrads<S> reference_backward(const multi::AdapterSet<S>& set, const Matrix<S>*
 // segments). Ranks that are not multiples of 4, 8 or 16, unused adapters, ids −1, shuffled ids,
 // T 1, 7 and 256 (one adapter's 256 tokens = two chunks; 300 = three), aligned shapes (16-byte
 // and tensor-core paths) and odd ones (scalar paths), with and without W. Outputs poisoned, the
-// gradient object reused across calls (its buffers must not move once large enough).
+// gradient object reused across calls (its buffers must not move once large enough); on two
+// streams and on one.
 TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float64 and the CPU", "[cuda][multi]",
                    bfloat16, float) {
   using S = TestType;
@@ -322,8 +323,9 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
         const auto dXin = DeviceMatrix<S>::from_host(X);
         const auto ddY = DeviceMatrix<S>::from_host(dY);
         const auto seg = dev.segments(ids);
-        for (bool with_w : {true, false}) {
-          INFO("with W: " << with_w);
+        for (auto [with_w, overlap] : {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
+          INFO("with W: " << with_w << ", second stream: " << overlap);
+          dev.backward_overlap = overlap;
           // Buffers large enough already: the call must reuse them, so they can be poisoned first.
           if (grads.storage.size() < dev.gradient_elements(seg))
             grads.storage = DeviceBuffer<float>(dev.gradient_elements(seg));

@@ -677,6 +677,9 @@ class AdapterSet<Scalar, cuda> {
   /// cores (sgmv_shrink_mma_kernel); false forces the CUDA-core kernel (the float path).
   bool tensor_core_shrink = true;
   SgmvExpand expand_kernel = SgmvExpand::per_token;
+  /// backward: the shrinks and weight gradients on a second stream beside the dX GEMM (true),
+  /// or everything on the set's stream.
+  bool backward_overlap = true;
 
   AdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -951,16 +954,19 @@ class AdapterSet<Scalar, cuda> {
     float* const partials = UG + n_g;
 
     if (!fork_) fork_ = std::make_unique<detail::ForkJoin>();
-    const cudaStream_t side = fork_->side.get();
-    LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, main));
-    LORA_CUDA_CHECK(cudaStreamWaitEvent(side, fork_->fork, 0));
+    const bool two = backward_overlap;
+    const cudaStream_t side = two ? fork_->side.get() : main;
+    if (two) {
+      LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, main));
+      LORA_CUDA_CHECK(cudaStreamWaitEvent(side, fork_->fork, 0));
+    }
     // Side stream: offsets, h, gb, then (after handing gb to the main stream) dA and dB.
     detail::grad_offsets_kernel<T><<<1, 256, 0, side>>>(seg.seg_adapter(), static_cast<int>(seg.adapters.size()),
                                                          table_.data(), roff);
     LORA_CUDA_CHECK_LAUNCH("grad_offsets_kernel");
     shrink(X, seg, ph, side, false, UH);
     shrink(dY, seg, pg, side, true, UG);
-    LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
+    if (two) LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
     {
       const bool vec = in_ % V == 0 && out_ % V == 0 && X.ld % V == 0 && dY.ld % V == 0 &&
                        lora::detail::aligned(X.data, 16) && lora::detail::aligned(dY.data, 16);
@@ -990,16 +996,16 @@ class AdapterSet<Scalar, cuda> {
         LORA_CUDA_CHECK_LAUNCH("sgmv_grad_reduce_kernel");
       }
     }
-    LORA_CUDA_CHECK(cudaEventRecord(fork_->join, side));
+    if (two) LORA_CUDA_CHECK(cudaEventRecord(fork_->join, side));
     // Main stream: dX = dY·W, then dX += gb·A per token (the expand kernel with A for Bᵀ).
     if (W)
       lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, tokens, in_, out_, 1.f, dY, *W, 0.f,
                                                  g.dX.view());
     else if (g.dX.size() > 0)
       LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), main));
-    LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->mid, 0));
+    if (two) LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->mid, 0));
     expand(seg, pg, g.dX.view(), main, {}, true, UG);
-    LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->join, 0));
+    if (two) LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->join, 0));
   }
   DeviceBatchedGradients<Scalar> backward(const cview* W, cview X, const DeviceSegments& seg, cview dY) const {
     DeviceBatchedGradients<Scalar> g;
