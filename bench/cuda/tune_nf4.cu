@@ -1,18 +1,19 @@
-// tune_nf4 [out.csv]: the library's NF4 kernels (lora/cuda/nf4.cuh) side by side on
-// W 14336 × 4096 (blocksize 64, bf16 activations), at 1, 2, 4, 8 and 16 tokens, against
-// cuBLAS's bf16 GEMM on the unquantised weights and the copy bandwidth, each with its relative
-// error against a float32 cuBLAS product of the dequantised W. Every variant is a kernel or
-// launch helper of the library, with the template parameters nf4_gemm chooses among:
-//   stream NT G W L   nf4_stream_kernel (tensor cores; NT n-tiles of 8 tokens; WIDE table; LAST
-//                     last-warp reduction instead of the barrier form nf4_gemm uses)
-//   byte_pair [pdl]   nf4_byte_pair_kernel (one token, CUDA cores), as a programmatic dependent
-//                     launch or not
-//   gemv              nf4_gemv_kernel (CUDA cores, any shape: the fallback)
+// tune_nf4 [out.csv [profile]]: the library's NF4 kernels (lora/cuda/nf4.cuh) side by side on
+// W 14336 × 4096 and 4096 × 4096 (blocksize 64, bf16 activations), at 1, 2, 4, 8 and 16 tokens,
+// against cuBLAS's bf16 GEMM on the unquantised weights and the copy bandwidth, each with its
+// relative error against a float32 cuBLAS product of the dequantised W. Every variant is a
+// kernel or launch helper of the library, with the template parameters nf4_gemm chooses among:
+//   ring [nopdl]      nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
+//                     for blocksize 64 and K ≤ 4096), as a programmatic dependent launch or not
+//   stream NT1/NT2    nf4_stream_kernel (tensor cores, barrier form): nf4_gemm's choice for 2…16
+//                     tokens at other shapes
+//   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
 //   nf4_gemm          the dispatcher itself
-// Weight sets rotate so that every call reads W from device memory (the NF4 codes of one set
-// would fit in L2). Single-token variants are also timed as a CUDA graph of their launches.
-// The earlier experiments (bulk-copy and per-lane-load tensor-core kernels, byte-pair table
-// variants) stay in git history and docs/performance.md.
+// Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
+// timing round starts with an untimed call (bench::time_all). Single-token variants are also
+// timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
+// and written (Y) against the device-to-device copy's read + write rate. With `profile`, only
+// a few untimed launches of nf4_ring_kernel at 1, 8 and 16 tokens on 14336 × 4096 (for ncu).
 #include <lora/core/random.hpp>
 #include <lora/cuda/nf4.cuh>
 #include <lora/cuda/runtime.hpp>
@@ -38,13 +39,27 @@ int main(int argc, char** argv) {
   if (!csv) return 1;
   auto ctx = CudaContext::thread_default();
   Generator g(20261123);
-  const Index out = 14336, in = 4096;
   int l2 = 0;
   LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
-  const double code_bytes = out * in / 2.0 + out * in / 64.0 * 4;
-  const int sets = std::max(4, static_cast<int>(3.0 * l2 / code_bytes) + 1);
-  std::fprintf(csv, "name,tokens,ms,GBps,rel_err\n");
+  std::fprintf(csv, "name,out,in,tokens,ms,GBps,pct_copy,x_cublas,rel_err\n");
 
+  const bool profile = argc > 2 && std::string(argv[2]) == "profile";
+  if (profile) {  // W 14336 × 4096 once, nf4_ring_kernel three times per token count
+    const Index out = 14336, in = 4096;
+    DeviceMatrix<S> W(out, in);
+    fill_random(W.view(), g, 0.02);
+    const auto q = quant::Nf4Tensor<cuda>::quantize<S>(W.view(), {64, false}, ctx);
+    for (const Index tokens : {Index(1), Index(8), Index(16)}) {
+      DeviceMatrix<S> X(tokens, in), Y(tokens, out);
+      fill_random(X.view(), g, 1.0);
+      for (int i = 0; i < 3; ++i)
+        detail::launch_nf4_ring<T>(reinterpret_cast<const T*>(X.data()), X.view().ld, static_cast<int>(tokens),
+                                   static_cast<int>(in), q.packed().data(), q.absmax().data(), static_cast<int>(out),
+                                   reinterpret_cast<T*>(Y.data()), Y.view().ld, ctx->stream());
+      LORA_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    return 0;
+  }
   const std::size_t cb = std::size_t(1) << 30;
   DeviceBuffer<char> ca(cb), cbuf(cb);
   LORA_CUDA_CHECK(cudaMemset(ca.data(), 1, cb));
@@ -52,114 +67,112 @@ int main(int argc, char** argv) {
     LORA_CUDA_CHECK(cudaMemcpyAsync(cbuf.data(), ca.data(), cb, cudaMemcpyDeviceToDevice, ctx->stream()));
   }, 2, 9);
   const double copy_gbps = 2.0 * cb / copy_ms / 1e6;
-  std::fprintf(csv, "copy,0,%.5f,%.1f,0\n", copy_ms, copy_gbps);
-  std::fprintf(stderr, "copy %.0f GB/s; %d weight sets\n", copy_gbps, sets);
+  std::fprintf(csv, "copy,0,0,0,%.5f,%.1f,100,0,0\n", copy_ms, copy_gbps);
+  std::fprintf(stderr, "copy %.0f GB/s\n", copy_gbps);
 
-  std::vector<DeviceMatrix<S>> W;
-  std::vector<quant::Nf4Tensor<cuda>> q;
-  for (int i = 0; i < sets; ++i) {
-    W.emplace_back(out, in);
-    fill_random(W.back().view(), g, 0.02);
-    q.push_back(quant::Nf4Tensor<cuda>::quantize<S>(W.back().view(), {64, false}, ctx));
-  }
-  DeviceMatrix<float> Df(out, in);
-  q[0].dequantize_into(Df.view());
-
-  for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
-    DeviceMatrix<S> X(tokens, in), Y(tokens, out);
-    fill_random(X.view(), g, 1.0);
-    // reference: float32 product of the dequantised set 0
-    DeviceMatrix<float> Xf(tokens, in), Yf(tokens, out);
-    {
-      const Matrix<S> xh = to_host(X.view());
-      upload<float>(Matrix<float>(xh.template cast<float>()), Xf.view());
-    }
-    detail::gemm<float, float, float>(*ctx, false, true, tokens, out, in, 1.f, Xf.view(), Df.view(), 0.f, Yf.view());
-    const Matrix<float> ref = to_host(Yf.view());
-    auto rel_err = [&]() {
-      const Matrix<S> y = to_host(Y.view());
-      double num = 0, den = 0;
-      for (Index t = 0; t < tokens; ++t)
-        for (Index j = 0; j < out; ++j) {
-          const double d = double(float(y(t, j))) - ref(t, j);
-          num += d * d;
-          den += double(ref(t, j)) * ref(t, j);
-        }
-      return std::sqrt(num / den);
-    };
-    const double bytes = code_bytes + tokens * (in + out) * 2.0;
-    const T* xd = reinterpret_cast<const T*>(X.data());
-    T* yd = reinterpret_cast<T*>(Y.data());
-    const long ldx = X.view().ld, ldy = Y.view().ld;
-    const double cub = time_ms(*ctx, [&](int i) {
-      detail::gemm<S, S, S>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
-    });
-    std::fprintf(csv, "cublas_bf16,%ld,%.5f,%.1f,0\n", static_cast<long>(tokens), cub,
-                 (out * in * 2.0 + tokens * (in + out) * 2.0) / cub / 1e6);
-    std::fprintf(stderr, "T %2ld: cuBLAS bf16 %.2f us\n", static_cast<long>(tokens), cub * 1e3);
-    auto variant = [&](const std::string& name, const std::function<void(int)>& launch) {
-      LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xff, static_cast<std::size_t>(tokens * out) * sizeof(S)));
-      LORA_CUDA_CHECK(cudaDeviceSynchronize());
-      launch(0);
-      LORA_CUDA_CHECK(cudaGetLastError());
-      const double err = rel_err();
-      const double ms = time_ms(*ctx, launch);
-      const double gms = tokens == 1 ? time_graph_ms(*ctx, launch) : 0.0;
-      std::fprintf(csv, "%s,%ld,%.5f,%.1f,%.2e\n", name.c_str(), static_cast<long>(tokens), ms, bytes / ms / 1e6, err);
-      std::fprintf(stderr, "T %2ld: %-22s %8.2f us %6.0f GB/s (%3.0f%% of copy) %5.2fx cuBLAS bf16  err %.1e",
-                   static_cast<long>(tokens), name.c_str(), ms * 1e3, bytes / ms / 1e6,
-                   100 * bytes / ms / 1e6 / copy_gbps, cub / ms, err);
-      if (gms > 0) std::fprintf(stderr, "  (graph %.2f us)", gms * 1e3);
-      std::fprintf(stderr, "\n");
-    };
-    variant("nf4_gemm", [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); });
-    variant("gemv", [&](int i) {
-      const auto& w = q[i % sets];
-      auto go = [&](auto kernel) {
-        kernel<<<detail::ceil_div(out, detail::nf4_rows), detail::nf4_threads, 0, ctx->stream()>>>(
-            xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
-            static_cast<int>(out), yd, ldy);
-      };
-      if (tokens == 1)
-        go(detail::nf4_gemv_kernel<T, 1, detail::nf4_rows>);
-      else if (tokens <= 4)
-        go(detail::nf4_gemv_kernel<T, 4, detail::nf4_rows>);
+  for (const auto [out, in] : {std::pair<Index, Index>{14336, 4096}, {4096, 4096}}) {
+    const double code_bytes = out * in / 2.0 + out * in / 64.0 * 4;
+    const int sets = std::max(4, static_cast<int>(3.0 * l2 / code_bytes) + 1);
+    std::fprintf(stderr, "W %ld x %ld: %d weight sets\n", static_cast<long>(out), static_cast<long>(in), sets);
+    // Set 0 is random; the others are copies in other buffers (the rotation is about addresses).
+    std::vector<DeviceMatrix<S>> W;
+    std::vector<quant::Nf4Tensor<cuda>> q;
+    for (int i = 0; i < sets; ++i) {
+      W.emplace_back(out, in);
+      if (i == 0)
+        fill_random(W.back().view(), g, 0.02);
       else
-        go(detail::nf4_gemv_kernel<T, 16, detail::nf4_rows>);
-    });
-    if (tokens == 1) {
+        LORA_CUDA_CHECK(cudaMemcpy(W.back().data(), W[0].data(), static_cast<std::size_t>(out * in) * sizeof(S),
+                                   cudaMemcpyDeviceToDevice));
+      q.push_back(quant::Nf4Tensor<cuda>::quantize<S>(W.back().view(), {64, false}, ctx));
+    }
+    DeviceMatrix<float> Df(out, in);
+    q[0].dequantize_into(Df.view());
+
+    for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
+      DeviceMatrix<S> X(tokens, in), Y(tokens, out);
+      fill_random(X.view(), g, 1.0);
+      // reference: float32 product of the dequantised set 0
+      DeviceMatrix<float> Xf(tokens, in), Yf(tokens, out);
+      {
+        const Matrix<S> xh = to_host(X.view());
+        upload<float>(Matrix<float>(xh.template cast<float>()), Xf.view());
+      }
+      detail::gemm<float, float, float>(*ctx, false, true, tokens, out, in, 1.f, Xf.view(), Df.view(), 0.f, Yf.view());
+      const Matrix<float> ref = to_host(Yf.view());
+      auto rel_err = [&]() {
+        const Matrix<S> y = to_host(Y.view());
+        double num = 0, den = 0;
+        for (Index t = 0; t < tokens; ++t)
+          for (Index j = 0; j < out; ++j) {
+            const double d = double(float(y(t, j))) - ref(t, j);
+            num += d * d;
+            den += double(ref(t, j)) * ref(t, j);
+          }
+        return std::sqrt(num / den);
+      };
+      const double bytes = code_bytes + tokens * (in + out) * 2.0;
+      const T* xd = reinterpret_cast<const T*>(X.data());
+      T* yd = reinterpret_cast<T*>(Y.data());
+      const long ldx = X.view().ld, ldy = Y.view().ld;
+      const double cub = time_ms(*ctx, [&](int i) {
+        detail::gemm<S, S, S>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
+      });
+      const double cub_bytes = out * in * 2.0 + tokens * (in + out) * 2.0;
+      std::fprintf(csv, "cublas_bf16,%ld,%ld,%ld,%.5f,%.1f,%.1f,1,0\n", static_cast<long>(out), static_cast<long>(in),
+                   static_cast<long>(tokens), cub, cub_bytes / cub / 1e6, 100 * cub_bytes / cub / 1e6 / copy_gbps);
+      std::fprintf(stderr, "%5ldx%ld T %2ld: cuBLAS bf16 %.2f us (%.0f%% of copy)\n", static_cast<long>(out),
+                   static_cast<long>(in), static_cast<long>(tokens), cub * 1e3, 100 * cub_bytes / cub / 1e6 / copy_gbps);
+      auto variant = [&](const std::string& name, const std::function<void(int)>& launch) {
+        LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xff, static_cast<std::size_t>(tokens * out) * sizeof(S)));
+        LORA_CUDA_CHECK(cudaDeviceSynchronize());
+        launch(0);
+        LORA_CUDA_CHECK(cudaGetLastError());
+        const double err = rel_err();
+        const double ms = time_ms(*ctx, launch);
+        const double gms = tokens == 1 ? time_graph_ms(*ctx, launch) : 0.0;
+        const double pct = 100 * bytes / ms / 1e6 / copy_gbps;
+        std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.1f,%.1f,%.3f,%.2e\n", name.c_str(), static_cast<long>(out),
+                     static_cast<long>(in), static_cast<long>(tokens), ms, bytes / ms / 1e6, pct, cub / ms, err);
+        std::fprintf(stderr, "%5ldx%ld T %2ld: %-14s %7.2f us %3.0f%% of copy %5.2fx cuBLAS  err %.1e",
+                     static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), name.c_str(), ms * 1e3,
+                     pct, cub / ms, err);
+        if (gms > 0) std::fprintf(stderr, "  (graph %.2f us)", gms * 1e3);
+        std::fprintf(stderr, "\n");
+      };
+      variant("nf4_gemm", [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); });
       for (const bool pdl : {true, false})
-        variant(pdl ? "byte_pair pdl" : "byte_pair", [&, pdl](int i) {
+        variant(pdl ? "ring" : "ring nopdl", [&, pdl](int i) {
+          const auto& w = q[i % sets];
+          detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
+                                     w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), pdl);
+        });
+      if (tokens == 1)
+        variant("byte_pair pdl", [&](int i) {
           const auto& w = q[i % sets];
           detail::launch_nf4_byte_pair<T>(xd, static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
-                                          static_cast<int>(out), yd, ctx->stream(), pdl);
+                                          static_cast<int>(out), yd, ctx->stream(), true);
         });
+      auto stream = [&](const char* name, auto launch) {
+        variant(name, [&, launch](int i) {
+          const auto& w = q[i % sets];
+          launch(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
+                 static_cast<int>(out), yd, ldy, ctx->stream());
+        });
+      };
+      if (tokens >= 2 && tokens <= 8) stream("stream NT1", detail::launch_nf4_stream<T, 1, false, false>);
+      if (tokens > 8) stream("stream NT2", detail::launch_nf4_stream<T, 2, false, false>);
     }
-    auto stream = [&](const char* name, auto launch) {
-      variant(name, [&, launch](int i) {
-        const auto& w = q[i % sets];
-        launch(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(), 64,
-               static_cast<int>(out), yd, ldy, ctx->stream());
-      });
-    };
-    if (tokens <= 8) {
-      stream("stream NT1", detail::launch_nf4_stream<T, 1, false, false>);
-      stream("stream NT1 WIDE", detail::launch_nf4_stream<T, 1, true, false>);
-      stream("stream NT1 LAST", detail::launch_nf4_stream<T, 1, false, true>);
-      stream("stream NT1 WIDE LAST", detail::launch_nf4_stream<T, 1, true, true>);
-    }
-    if (tokens >= 8) {
-      stream("stream NT2", detail::launch_nf4_stream<T, 2, false, false>);
-      stream("stream NT2 WIDE", detail::launch_nf4_stream<T, 2, true, false>);
-      stream("stream NT2 LAST", detail::launch_nf4_stream<T, 2, false, true>);
+    if (out == 14336) {
+      DeviceMatrix<S> D(out, in);
+      const double dq = time_ms(*ctx, [&](int i) { q[i % sets].dequantize_into(D.view()); });
+      const double dq_bytes = code_bytes + out * in * 2.0;
+      std::fprintf(csv, "dequantize,%ld,%ld,0,%.5f,%.1f,%.1f,0,0\n", static_cast<long>(out), static_cast<long>(in), dq,
+                   dq_bytes / dq / 1e6, 100 * dq_bytes / dq / 1e6 / copy_gbps);
+      std::fprintf(stderr, "dequantize %.2f us, %.0f GB/s (%.0f%% of copy)\n", dq * 1e3, dq_bytes / dq / 1e6,
+                   100 * dq_bytes / dq / 1e6 / copy_gbps);
     }
   }
-  DeviceMatrix<S> D(out, in);
-  const double dq = time_ms(*ctx, [&](int i) { q[i % sets].dequantize_into(D.view()); });
-  const double dq_bytes = code_bytes + out * in * 2.0;
-  std::fprintf(csv, "dequantize,0,%.5f,%.1f,0\n", dq, dq_bytes / dq / 1e6);
-  std::fprintf(stderr, "dequantize %.2f us, %.0f GB/s (%.0f%% of copy)\n", dq * 1e3, dq_bytes / dq / 1e6,
-               100 * dq_bytes / dq / 1e6 / copy_gbps);
   if (csv != stdout) std::fclose(csv);
   return 0;
 }

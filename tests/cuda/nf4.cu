@@ -124,6 +124,39 @@ TEMPLATE_TEST_CASE("cuda nf4: fused GEMV/GEMM for 1..16 tokens matches float64 o
   }
 }
 
+TEMPLATE_TEST_CASE("cuda nf4: the copy-ring tensor-core kernel (blocksize 64, K ≤ 4096) for 1..16 tokens matches float64",
+                   "[cuda][nf4]", bfloat16, lora::half) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  // Rows not a multiple of its 16-row tile (37, 1003, 4099), more tiles than the persistent grid
+  // holds (4099 rows: 257 tiles), every warp count it takes (K / 256 = 1, 4, 15, 16), plain and
+  // double-quantised scales, X with a leading dimension wider than K (a column block). The
+  // reference is the float dequantised W: the kernel rounds each code to S (2^-9 relative for
+  // bf16) and sums in float, and Y is rounded to S once, so the relative error is a few 2^-9,
+  // well inside the 1e-2 of tol<S>(). Above 16 tokens nf4_matmul dequantises and calls cuBLAS.
+  for (auto [out, in, dq] : {std::tuple<Index, Index, bool>{37, 4096, false}, {1003, 256, true}, {4099, 1024, false},
+                             {130, 3840, true}, {1003, 4096, true}})
+  for (Index T : {Index(1), Index(2), Index(3), Index(4), Index(5), Index(7), Index(8), Index(9), Index(12),
+                  Index(15), Index(16), Index(17), Index(33)}) {
+    INFO("out " << out << " in " << in << " double_quant " << dq << " tokens " << T);
+    const Matrix<S> W = rand_s<S>(out, in, g, g.uniform(0.01, 2.0));
+    const Nf4Tensor cpu_q = Nf4Tensor::quantize(W, {64, dq});
+    const auto q = quant::Nf4Tensor<cuda>::from_host(cpu_q);
+    const MatD Wq = d(cpu_q.template dequantize<float>());
+    const Matrix<S> X = rand_s<S>(T, in, g);
+    DeviceMatrix<S> Xwide(T, in + 24);  // ld = in + 24: 16-byte aligned rows, not contiguous
+    poison(Xwide.view());
+    upload<S>(X, Xwide.view().col_block(0, in));
+    DeviceMatrix<S> Y(T, out);
+    poison(Y.view());
+    quant::nf4_matmul<S>(q, DeviceView<const S>(Xwide.view().col_block(0, in)), Y.view());
+    const Matrix<S> y = Y.to_host();
+    CHECK(lora::test::rel_error(y, MatD(d(X) * Wq.transpose())) < tol<S>());
+  }
+}
+
 namespace {
 /// x ← c·x, late: it lets programmatic dependents launch at once, then spins for `spin`
 /// cycles before it writes, so a dependent that read x before its grid-dependency wait

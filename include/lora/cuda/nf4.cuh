@@ -678,6 +678,209 @@ void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const f
   }
 }
 
+// ---- 1…16 tokens on tensor cores, codes streamed through a per-warp copy ring ---------------
+
+constexpr int nf4_ring_stages = 3;        // ring slots per warp: two tiles in flight while one computes
+constexpr int nf4_ring_row_bytes = 160;   // a row's 128 code bytes + 32 of padding (conflict-free LDS.64)
+constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 rows of codes, then 16 × 4 absmax
+constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
+
+/// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
+/// each warp's ring, and two slots of partial sums.
+template <int NT>
+constexpr int nf4_ring_smem_bytes(int warps) {
+  return nf4_mma_lut_bytes + warps * nf4_ring_stages * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4;
+}
+
+__device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void nf4_cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void nf4_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/// Tensor-core NF4 GEMM for 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096
+/// (QLoRA decode at the widths of 7-8B models' attention and MLP up/gate projections).
+///
+/// A block has K / 256 warps; warp w owns the 256 weights [256w, 256w + 256) of every row, keeps
+/// its tokens' activations for them in registers for the whole kernel, and walks the block's
+/// tiles of 16 rows (blockIdx.x, blockIdx.x + gridDim.x, …). Each tile's codes (16 rows × 128
+/// bytes, rows padded to 160 bytes so that the fragment loads hit distinct banks) and its 16 × 4
+/// scales come into a per-warp ring of shared memory by cp.async, `nf4_ring_stages` tiles
+/// ahead: loads are in flight independently of the registers and of the other warps, which
+/// only meet once per tile to add their partial sums (one barrier, two slots). The arithmetic
+/// is nf4_stream_kernel's: a byte of two codes becomes a code pair in the activation type
+/// through a lane-private 256-entry table (one PRMT + one LEA + one LDS per byte), four
+/// mma.m16n8k16 per 64-weight group with f32 accumulation, and the group's product scaled by
+/// its absmax in float. A programmatic dependent launch (pdl != 0): it builds the table and
+/// asks L2 for its first tiles before griddepcontrol.wait, and reads X and W only after it.
+template <class T, int NT>
+__global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
+    nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
+                    const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl) {
+  constexpr int S = nf4_ring_stages, RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int KS = static_cast<int>(blockDim.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int gid = lane / 4, q = lane % 4;
+  std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem);
+  unsigned char* ring = smem + nf4_mma_lut_bytes + warp * S * SB;
+  float* red = reinterpret_cast<float*>(smem + nf4_mma_lut_bytes + KS * S * SB);  // [2][KS][NT·4][32]
+  const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
+  const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
+  const long crow = K / 2, arow = K / 64;
+  const std::uint8_t* pc = packed + warp * 128;  // this warp's 128 bytes of a row
+  const float* pa = absmax + warp * 4;           // and its 4 scales
+
+  auto issue = [&](int j) {  // tile j of this block into slot j % S (an empty group past the end)
+    if (j < mine) {
+      const int row0 = (bid + j * nb) * 16;
+      unsigned char* st = ring + (j % S) * SB;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = lane / 8 + 4 * i, col = lane % 8;
+        const long row = min(row0 + r, nOut - 1);
+        nf4_cp_async16(st + r * RB + col * 16, pc + row * crow + col * 16);
+      }
+      if (lane < 16) {
+        const long row = min(row0 + lane, nOut - 1);
+        nf4_cp_async16(st + 16 * RB + lane * 16, pa + row * arow);
+      }
+    }
+    nf4_cp_async_commit();
+  };
+
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  if (pdl && lane < 16)
+    for (int j = 0; j < S - 1 && j < mine; ++j)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
+  for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
+    const int byte = i / 32;
+    lut[i] = mma_traits<T>::pack(nf4_values[byte >> 4], nf4_values[byte & 15]);
+  }
+  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+#pragma unroll
+  for (int j = 0; j < S - 1; ++j) issue(j);
+
+  // This lane's activations: token gid + 8n, weights 256·warp + 64g + 16q … + 15 (zeros past `tokens`).
+  std::uint32_t xr[4][NT][8];
+#pragma unroll
+  for (int g = 0; g < 4; ++g)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int t = gid + 8 * n;
+      uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
+      if (t < tokens) {
+        const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
+        u0 = __ldg(reinterpret_cast<const uint4*>(xp));
+        u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
+      }
+      xr[g][n][0] = u0.x, xr[g][n][1] = u0.y, xr[g][n][2] = u0.z, xr[g][n][3] = u0.w;
+      xr[g][n][4] = u1.x, xr[g][n][5] = u1.y, xr[g][n][6] = u1.z, xr[g][n][7] = u1.w;
+    }
+  __syncthreads();  // the table
+
+  const std::uint32_t lane_base = shared_u32(lut) + static_cast<std::uint32_t>(lane) * 4u;
+  auto lookup = [&](std::uint32_t word, int byte) {
+    const std::uint32_t b = __byte_perm(word, 0u, 0x4440u | static_cast<std::uint32_t>(byte));
+    const std::uint32_t addr = lane_base + (b << 7);
+    std::uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+    return v;
+  };
+
+#pragma unroll 1
+  for (int j = 0; j < mine; ++j) {
+    issue(j + S - 1);
+    nf4_cp_async_wait<S - 1>();  // tile j has landed (this lane's copies) …
+    __syncwarp();                // … and the other lanes' too
+    const unsigned char* st = ring + (j % S) * SB;
+    const float* sa = reinterpret_cast<const float*>(st + 16 * RB);
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + 32 * g + 8 * q);
+      const uint2 wb = *reinterpret_cast<const uint2*>(st + (gid + 8) * RB + 32 * g + 8 * q);
+      float d[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        // bytes k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
+        const std::uint32_t a[4] = {lookup(wa.x, k), lookup(wb.x, k), lookup(wa.y, k), lookup(wb.y, k)};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(d[n], a, xr[g][n][k], xr[g][n][4 + k]);
+      }
+      const float sA = sa[gid * 4 + g], sB = sa[(gid + 8) * 4 + g];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(sA, d[n][0], acc[n][0]);
+        acc[n][1] = fmaf(sA, d[n][1], acc[n][1]);
+        acc[n][2] = fmaf(sB, d[n][2], acc[n][2]);
+        acc[n][3] = fmaf(sB, d[n][3], acc[n][3]);
+      }
+    }
+    __syncwarp();  // the slot is read: the next iteration's copies may overwrite it
+    // The K-warps' partial sums meet (two slots: slot j & 1 is rewritten only after the next
+    // barrier, which every thread passes after it has summed this tile).
+    float* rb = red + (j & 1) * KS * NT * 4 * 32;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) rb[(warp * NT * 4 + n * 4 + i) * 32 + lane] = acc[n][i];
+    __syncthreads();
+    const int row0 = (bid + j * nb) * 16;
+    for (int o = static_cast<int>(threadIdx.x); o < 16 * tokens; o += static_cast<int>(blockDim.x)) {
+      // c0, c1 of a lane: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
+      const int row = o % 16, t = o / 16, n = t / 8, c = t % 8;
+      const int l = 4 * (row % 8) + c / 2, i = (row >= 8 ? 2 : 0) + c % 2;
+      float v = 0.f;
+      for (int w = 0; w < KS; ++w) v += rb[(w * NT * 4 + n * 4 + i) * 32 + l];
+      if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
+    }
+  }
+  nf4_cp_async_wait<0>();  // nothing in flight when the block exits
+}
+
+/// Whether nf4_ring_kernel takes this product: bf16/half, 1…16 tokens, blocksize 64,
+/// K % 256 == 0, K ≤ 4096, X rows and the code and scale buffers 16-byte aligned.
+template <class T>
+bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, const void* absmax) {
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && bs == 64 && K % 256 == 0 &&
+         K <= 256L * nf4_ring_max_warps && ldx % 8 == 0 && aligned(x, 16) && aligned(packed, 16) &&
+         aligned(absmax, 16);
+}
+
+/// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
+/// dependent launch by default.
+template <class T>
+void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
+                     int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true) {
+  const int warps = K / 256;
+  auto go = [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    auto kernel = nf4_ring_kernel<T, NT>;
+    const int smem = nf4_ring_smem_bytes<NT>(warps);
+    static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
+    const int c = persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT>(nf4_ring_max_warps), cap[warps]);
+    const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
+    launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
+                     stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0);
+  };
+  if (tokens <= 8)
+    go(std::integral_constant<int, 1>{});
+  else
+    go(std::integral_constant<int, 2>{});
+}
+
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
 /// blocksize ≥ 64, rows of X 16-byte aligned.
 template <class T>
@@ -710,9 +913,18 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
                                                               static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data),
                                                               Y.ld);
   };
-  // 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the tensor-core kernel. One bf16/half
-  // token: the byte-pair kernel where it applies; otherwise the CUDA-core kernel.
+  // 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096: the copy-ring tensor-core
+  // kernel. Otherwise 2…16 bf16/half tokens, K % 256 == 0, blocksize ≥ 64: the streaming
+  // tensor-core kernel. One bf16/half token: the byte-pair kernel where it applies; otherwise
+  // the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
+    if (nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax)) {
+      launch_nf4_ring<T>(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols),
+                         W.packed, W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld,
+                         ctx.stream());
+      LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel");
+      return;
+    }
     if (X.rows >= 2 && nf4_stream_ok<T>(static_cast<int>(W.cols), W.blocksize, X.ld, X.data)) {
       auto stream = [&](auto launch) {
         launch(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(X.cols),
