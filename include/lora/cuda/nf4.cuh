@@ -126,6 +126,43 @@ __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, c
   }
 }
 
+/// out[i] = code[q_i]·absmax[i / bs], 16 packed bytes → 32 values per thread (one 16-byte load,
+/// one scale: bs % 32 == 0, so the 32 values lie in one block; four 16-byte stores for 16-bit
+/// T). The same products and roundings as nf4_dequantize_kernel. Needs n % 32 == 0, bs % 32 == 0,
+/// 16-byte aligned packed and out.
+template <class T>
+__global__ void nf4_dequantize32_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                                        long chunks, int bs, T* __restrict__ out) {
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
+  __syncthreads();
+  const long c = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= chunks) return;
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
+  const float a = __ldg(absmax + (c * 32) / bs);
+  const std::uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  uint4* o = reinterpret_cast<uint4*>(out + c * 32);
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {  // 8 values per input word
+    float v[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned b = (w[h] >> (8 * i)) & 0xffu;
+      v[2 * i] = lut[b >> 4] * a;
+      v[2 * i + 1] = lut[b & 15u] * a;
+    }
+#pragma unroll
+    for (int qq = 0; qq < 8 / V; ++qq) {
+      uint4 r;
+      T* e = reinterpret_cast<T*>(&r);
+#pragma unroll
+      for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[qq * V + i]);
+      o[h * (8 / V) + qq] = r;
+    }
+  }
+}
+
 /// Element-wise fallback for any n and alignment.
 template <class T>
 __global__ void nf4_dequantize_scalar_kernel(const std::uint8_t* __restrict__ packed,
@@ -1209,7 +1246,11 @@ class Nf4Tensor<cuda> {
     const long n = static_cast<long>(numel_);
     if (n == 0) return;
     const int bs = static_cast<int>(blocksize_);
-    if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
+    if (n % 32 == 0 && bs % 32 == 0 && lora::detail::aligned16<T>(out) && lora::detail::aligned(packed_.data(), 16)) {
+      const long chunks = n / 32;
+      lora::detail::nf4_dequantize32_kernel<D><<<lora::detail::ceil_div(chunks, 256), 256, 0, stream()>>>(
+          packed_.data(), absmax_.data(), chunks, bs, reinterpret_cast<D*>(out));
+    } else if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
       const long groups = n / 8;
       lora::detail::nf4_dequantize_kernel<D><<<lora::detail::ceil_div(groups, 256), 256, 0, stream()>>>(
           packed_.data(), absmax_.data(), groups, bs, reinterpret_cast<D*>(out));
