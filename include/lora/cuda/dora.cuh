@@ -12,6 +12,13 @@
 
 namespace lora {
 
+/// How DoraAdapter<S, cuda> runs a forward of a few tokens. `one_pass`: W is read once for
+/// both the norms and Y (detail::dora_pass: [W; A]·[A; X]ᵀ and ‖w_n‖² in one tensor-core pass,
+/// then one small kernel); it needs 16-bit S, r + T ≤ 32 and 16-byte rows. `two_pass`: the
+/// norm pass ([W; A]·Aᵀ), then LoRA's forward and a column scale. `automatic` takes one_pass
+/// wherever it applies (T ≤ 16) and two_pass elsewhere; a forced one_pass that does not apply throws.
+enum class DoraDecode { automatic, one_pass, two_pass };
+
 namespace detail {
 
 /// Buffers of DoraAdapter<S, cuda>'s fused path. wn2 (‖w_n‖²) is computed once, since W is
@@ -24,6 +31,8 @@ struct DoraWorkspace {
   DeviceMatrix<float> norm, c;    ///< [out × 1] ‖W + s·B·A‖_row and m / norm
   bool scaled_current = false;    ///< `scaled` matches c (decode-size forwards skip it)
   DeviceBuffer<float> pg_partials;  ///< detail::norm_gemm's partial sums of PG
+  DeviceBuffer<float> pass_part, pass_sq;  ///< detail::dora_pass's partial sums (R and ‖w_n‖²)
+  DoraDecode decode = DoraDecode::automatic;
   /// Inference with frozen A, B and m: dora_apply keeps the column scale c of its first call
   /// and skips the norm pass (a read of W) on later calls with the same fused block and
   /// magnitude buffer. Call invalidate_norm() after refresh(fw) or a change of m's values.
@@ -91,6 +100,34 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
 }
 
+/// Whether a forward of X.rows tokens takes detail::dora_pass under ws.decode (throws when
+/// one_pass is forced where it does not apply).
+template <class S>
+bool dora_takes_pass(const DoraWorkspace<S>& ws, DeviceView<const S> W, DeviceView<const S> A,
+                     DeviceView<const S> X, Index r, const std::string& who) {
+  if (ws.decode == DoraDecode::two_pass || X.rows == 0) return false;
+  const bool ok = X.rows <= 16 && dora_pass_ok<device_t<S>>(as_device(W), as_device(A), as_device(X), r);
+  if (!ok && ws.decode == DoraDecode::one_pass)
+    fail("{}DoRA one-pass forward does not apply: needs a 16-bit scalar, r + T <= 32 (r = {}, T = {}), T <= 16 and "
+         "rows of W, A, X on 16 bytes with in_features a multiple of 8 (in = {})",
+         who, r, X.rows, W.cols);
+  return ok;
+}
+
+/// Y from one pass over W (dora_pass), the norms and c into ws.norm and ws.c.
+template <class S>
+void dora_run_pass(const CudaContext& ctx, DeviceView<const S> W, DeviceView<const S> A, DeviceView<const S> B,
+                   DeviceView<const S> X, double scaling, const float* magnitude, DeviceView<S> Y, DoraWorkspace<S>& ws) {
+  using T = device_t<S>;
+  const Index out = W.rows, r = A.rows;
+  if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
+  if (ws.c.rows() != out) ws.c = DeviceMatrix<float>(out, 1);
+  if constexpr (sizeof(T) == 2)  // dora_takes_pass is false for float
+    dora_pass<T>(ctx, as_device(W), as_device(A), as_device(X), r, reinterpret_cast<const T*>(B.data), B.ld,
+                 static_cast<float>(scaling), magnitude, ws.norm.data(), ws.c.data(), as_device(Y), ws.pass_part,
+                 ws.pass_sq);
+}
+
 /// ws.scaled = [[c⊙W, c⊙B], [A, 0]] from the fused block and ws.c.
 template <class S, ScalingPolicy Sc>
 void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw, DoraWorkspace<S>& ws) {
@@ -134,6 +171,19 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
                  magnitude.rows * magnitude.cols, out);
   const bool cached = ws.cache_norm && ws.norm_block == fw.block.data() && ws.norm_magnitude == magnitude.data &&
                       ws.c.rows() == out;
+  if (fw.out != out || fw.in != in || fw.r != r)
+    detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", ad.who(), fw.out, fw.in, fw.r,
+                 out, in, r);
+  detail::require(Xp.cols == in + fw.rp(), ad.who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows, in + fw.rp());
+  detail::require(Y.rows == Xp.rows && Y.cols == out, ad.who(), "output Y", Y.rows, Y.cols, Xp.rows, out);
+  const DeviceView<const S> X = DeviceView<const S>(Xp).col_block(0, in);
+  if (!cached && dora_takes_pass(ws, fw.W(), fw.A(), X, r, ad.who())) {
+    dora_run_pass(ctx, fw.W(), fw.A(), fw.B(), X, ad.scaling(), magnitude.data, Y, ws);
+    ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
+    ws.norm_magnitude = ws.cache_norm ? magnitude.data : nullptr;
+    ws.scaled_current = false;
+    return;
+  }
   if (!cached) {
     dora_weight_norm(ad, fw, ws, magnitude.data);
     ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
@@ -298,6 +348,14 @@ class DoraAdapter<Scalar, cuda, Scaling> {
 
   /// Y = (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) for tokens X [T × in] into Y [T × out]; no dropout.
   void apply(cview W, cview X, view Y) const {
+    check_weight(W);
+    detail::check_cols(who(), "input X", X.cols, in_features());
+    detail::require(Y.rows == X.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, X.rows,
+                    out_features());
+    if (detail::dora_takes_pass(ws_, W, lora_.A(), X, rank(), who())) {  // one read of W for the norms and Y
+      detail::dora_run_pass(context(), W, lora_.A(), lora_.B(), X, scaling(), m_.data(), Y, ws_);
+      return;
+    }
     DeviceMatrix<float> n(out_features(), 1), c(out_features(), 1);
     norms(W, n.data(), c.data());
     lora_.apply(W, X, Y);
@@ -389,6 +447,10 @@ class DoraAdapter<Scalar, cuda, Scaling> {
   }
   /// Forget the cached norms (after new values of m, A or B, or a new W).
   void invalidate_norm() const { ws_.invalidate_norm(); }
+  /// How forwards of ≤ 16 tokens run (DoraDecode; automatic by default): the plain and the
+  /// fused apply both follow it.
+  void decode_path(DoraDecode how) const { ws_.decode = how; }
+  DoraDecode decode_path() const { return ws_.decode; }
   /// The row norms n and the column scale c = m ⊘ n of the last fused apply.
   DeviceView<const float> last_norm() const { return ws_.norm.view(); }
 

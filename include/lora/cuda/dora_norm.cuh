@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 namespace lora::detail {
 
@@ -285,6 +286,250 @@ bool dora_norm_fused(cudaStream_t stream, const float* part, int Q, long stride,
         part, Q, stride, static_cast<int>(out), static_cast<int>(r), wn2, B, ldb, s, m, norm, c, PG);
   LORA_CUDA_CHECK_LAUNCH("dora_norm_fused_kernel");
   return true;
+}
+
+
+// ---- DoRA's forward for a few tokens in one pass over W (docs/cuda.md, "DoRA") ----
+//
+// One tensor-core pass computes, from W read once,
+//   R = [W; A]·[A; X]ᵀ   [(out + r) × N] in float partial sums, N = 16 or 32 ≥ r + T, and
+//   ‖w_n‖² = Σ_k W[n, k]²  (from the same W fragments, partial sums too),
+// i.e. for row n of W: p_n = W_n·Aᵀ (r) and (X·Wᵀ)[:, n] (T); for A's rows: G = A·Aᵀ and X·Aᵀ.
+// A second kernel (dora_pass_epilogue_kernel) adds the partials in a fixed order and writes
+//   norm_n = sqrt(‖w_n‖² + 2s·b_n·p_n + s²·b_n·G·b_nᵀ),  c_n = m_n / norm_n,
+//   Y[t, n] = c_n·((X·Wᵀ)[t, n] + s·(X·Aᵀ)[t, :]·b_n)
+// so W, A, B and m may all change between calls: nothing is cached.
+
+constexpr int dora_pass_threads = 128;  // as norm_gemm_kernel: 4 warps, 16 rows of a 64-row tile each
+
+/// The two 16-bit values of an mma operand register as floats.
+template <class T>
+__device__ __forceinline__ float2 pair_to_float2(std::uint32_t v) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+  } else {
+    __half2 h;
+    *reinterpret_cast<std::uint32_t*>(&h) = v;
+    return __half22float2(h);
+  }
+}
+
+/// norm_gemm_kernel's schedule (row tiles × K tiles per block, cp.async pipeline, swizzled
+/// 64 × 64 tiles) over M = [W; A] (two row pointers: W's out rows, then A's r rows), with the
+/// mma B operand [A; X] (rows n < r from A, r ≤ n < r + T from X, zeros up to N), plus the
+/// squares of W's elements from the same A-operand fragments. Partials: part[q][rows][N],
+/// sq[q][rows] (rows = out + r). Triggers its dependents at once (the epilogue waits).
+template <class T, int NJ>
+__global__ void __launch_bounds__(dora_pass_threads)
+    dora_pass_kernel(const T* __restrict__ W, long ldw, int out, const T* __restrict__ A, long lda, int r,
+                     const T* __restrict__ X, long ldx, int tokens, int K, int RT, int P, int KT, int Q,
+                     float* __restrict__ part, float* __restrict__ sq) {
+  using Sh = norm_gemm_shape<NJ>;
+  constexpr int N = Sh::N, TT = Sh::TT, ST = norm_gemm_stages;
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  extern __shared__ __align__(128) unsigned char dora_pass_smem[];
+  T* tiles = reinterpret_cast<T*>(dora_pass_smem);
+  T* as = tiles + ST * 64 * 64;  // [nkt][N][64]
+  const int rows = out + r;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid >> 5, lane = tid & 31;
+  const long p = blockIdx.x, q = blockIdx.y;
+  const int rt0 = static_cast<int>(p * RT / P), nrt = static_cast<int>((p + 1) * RT / P) - rt0;
+  const int kt0 = static_cast<int>(q * KT / Q), nkt = static_cast<int>((q + 1) * KT / Q) - kt0;
+  const int ntiles = nrt * nkt;
+
+  for (int c = tid; c < nkt * N * 8; c += dora_pass_threads) {
+    const int kt = c / (N * 8), n = (c / 8) % N, ch = c % 8;
+    const int k = (kt0 + kt) * 64 + ch * 8;
+    const bool ok = n < r + tokens && k < K;
+    const T* src = n < r ? A + static_cast<long>(n) * lda + k : X + static_cast<long>(n - r) * ldx + k;
+    cp_async16(smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)), ok ? src : A, ok ? 16 : 0);
+  }
+  cp_async_commit();
+
+  // Tile i = (K tile i / nrt, row tile i % nrt); row gr of M is W's row gr or A's row gr − out.
+  auto load_tile = [&](int i) {
+    T* dst = tiles + (i % ST) * 64 * 64;
+    const int row0 = (rt0 + i % nrt) * 64, col0 = (kt0 + i / nrt) * 64;
+#pragma unroll
+    for (int e = 0; e < 64 * 8 / dora_pass_threads; ++e) {
+      const int c = tid + e * dora_pass_threads, row = c >> 3, ch = c & 7;
+      const int gr = row0 + row, gc = col0 + ch * 8;
+      const bool ok = gr < rows && gc < K;
+      const T* src = gr < out ? W + static_cast<long>(gr) * ldw + gc : A + static_cast<long>(gr - out) * lda + gc;
+      cp_async16(smem_u32(dst + row * 64 + ((ch ^ (row & 7)) << 3)), ok ? src : W, ok ? 16 : 0);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < ST - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    cp_async_commit();
+  }
+
+  const int g = lane >> 2, qd = lane & 3, mi = lane >> 3, r8 = lane & 7;
+  float acc[TT][NJ][4] = {};
+  float ss[TT][2] = {};  // Σ W² of rows g and g + 8 of the warp's strip, this lane's columns
+  for (int kt = 0; kt < nkt; ++kt) {
+    std::uint32_t bfr[4][NJ][2];
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt) {
+      if (tt < nrt) {
+        const int i = kt * nrt + tt;
+        cp_async_wait<ST - 2>();
+        __syncthreads();
+        if (i + ST - 1 < ntiles) load_tile(i + ST - 1);
+        cp_async_commit();
+        if (tt == 0) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+            for (int np = 0; np < NJ / 2; ++np) {
+              std::uint32_t v[4];
+              const int n = 16 * np + ((mi >> 1) << 3) + r8, ch = 2 * ks + (mi & 1);
+              ldsm_x4(v, smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)));
+              set_b_pair<NJ>(bfr[ks], np, v);
+            }
+        }
+        const T* tile = tiles + (i % ST) * 64 * 64;
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          std::uint32_t a[4];  // a[0], a[2]: row g; a[1], a[3]: row g + 8 (mma's A layout)
+          const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
+          ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
+#pragma unroll
+          for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(acc[tt][n], a, bfr[ks][n][0], bfr[ks][n][1]);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float2 u = pair_to_float2<T>(a[h]), v = pair_to_float2<T>(a[h + 2]);
+            ss[tt][h] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(v.x, v.x, fmaf(v.y, v.y, ss[tt][h]))));
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int tt = 0; tt < TT; ++tt) {
+    if (tt >= nrt) break;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float v = ss[tt][h];
+      v += __shfl_xor_sync(0xffffffffu, v, 1);
+      v += __shfl_xor_sync(0xffffffffu, v, 2);
+      const int row = (rt0 + tt) * 64 + 16 * warp + g + 8 * h;
+      if (row < rows) {
+        float* dst = part + (q * rows + row) * N + 2 * qd;
+#pragma unroll
+        for (int n = 0; n < NJ; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(acc[tt][n][2 * h], acc[tt][n][2 * h + 1]);
+        if (qd == 0) sq[q * rows + row] = v;
+      }
+    }
+  }
+}
+
+constexpr int dora_pass_epilogue_threads = 256;  // 8 warps, one output row n at a time each
+
+/// The epilogue of the one-pass forward (N = 16 or 32 columns of partials, r + tokens ≤ N):
+/// every block first adds the partials of A's rows, S[j][k] = Σ_q part[q][out + k][j] (k < r:
+/// G[j][k] for j < r, (X·Aᵀ)[j − r][k] for j ≥ r); then one warp per row n, lane j holding
+/// column j of R[n, :]. Launched as a programmatic dependent of dora_pass_kernel: it waits
+/// (griddepcontrol.wait) before reading any partial.
+template <class T, int N>
+__global__ void __launch_bounds__(dora_pass_epilogue_threads)
+    dora_pass_epilogue_kernel(const float* __restrict__ part, const float* __restrict__ sq, int Q, int out, int r,
+                              int tokens, const T* __restrict__ B, long ldb, float s, const float* __restrict__ m,
+                              float* __restrict__ norm, float* __restrict__ c, T* __restrict__ Y, long ldy) {
+  __shared__ float S[N][N + 1];
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const long rows = static_cast<long>(out) + r;
+  for (int e = static_cast<int>(threadIdx.x); e < N * r; e += dora_pass_epilogue_threads) {
+    const int j = e % N, k = e / N;
+    float v = 0.f;
+    for (int q = 0; q < Q; ++q) v += part[(q * rows + out + k) * N + j];
+    S[j][k] = v;
+  }
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x) & 31, warps = dora_pass_epilogue_threads / 32;
+  const int j = lane < N ? lane : N - 1;  // lanes ≥ N (N = 16) mirror lane N − 1 and write nothing
+  for (int n = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / 32; n < out;
+       n += static_cast<int>(gridDim.x) * warps) {
+    float v = 0.f, w2 = 0.f;
+    for (int q = 0; q < Q; ++q) {
+      v += part[(q * rows + n) * N + j];
+      w2 += sq[q * rows + n];
+    }
+    const float b = lane < r ? to_float(B[static_cast<long>(n) * ldb + lane]) : 0.f;
+    float acc = 0.f;  // (G·b_n)_j for j < r, (X·Aᵀ)[j − r, :]·b_n for j ≥ r
+    for (int k = 0; k < r; ++k) acc = fmaf(S[j][k], __shfl_sync(0xffffffffu, b, k), acc);
+    const float cross = warp_sum<float>(lane < r ? b * v : 0.f);
+    const float quad = warp_sum<float>(lane < r ? b * acc : 0.f);
+    const float nv = sqrtf(fmaxf(w2 + 2.f * s * cross + s * s * quad, 0.f));
+    const float cn = m[n] / nv;
+    if (lane >= r && lane < r + tokens) Y[static_cast<long>(lane - r) * ldy + n] = from_float<T>(cn * fmaf(s, acc, v));
+    if (lane == 0) {
+      norm[n] = nv;
+      c[n] = cn;
+    }
+  }
+}
+
+/// True when dora_pass runs: 16-bit T, 1 ≤ tokens, r ≥ 1, r + tokens ≤ 32; W [out × K], A [r × K]
+/// and X [tokens × K] with K a multiple of 8 and every row on 16 bytes.
+template <class T>
+bool dora_pass_ok(DeviceView<const T> W, DeviceView<const T> A, DeviceView<const T> X, Index r) {
+  if constexpr (sizeof(T) != 2) {
+    return false;
+  } else {
+    const Index K = W.cols;
+    return r >= 1 && X.rows >= 1 && r + X.rows <= 32 && A.rows == r && A.cols == K && X.cols == K && K % 8 == 0 &&
+           W.ld % 8 == 0 && A.ld % 8 == 0 && X.ld % 8 == 0 && aligned(W.data, 16) && aligned(A.data, 16) &&
+           aligned(X.data, 16) && W.rows >= 1 && W.rows + r <= (Index{1} << 30) && K <= (Index{1} << 30);
+  }
+}
+
+template <class T, int NJ>
+norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, DeviceView<const T> A,
+                                DeviceView<const T> X, Index r, const T* B, long ldb, float s, const float* m,
+                                float* norm, float* c, DeviceView<T> Y, DeviceBuffer<float>& part,
+                                DeviceBuffer<float>& sq, int blocks) {
+  using Sh = norm_gemm_shape<NJ>;
+  auto kernel = dora_pass_kernel<T, NJ>;
+  constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
+  static std::atomic<int> cap[16] = {};
+  const int cp = persistent_capacity(kernel, dora_pass_threads, smem_max, smem_max, cap);
+  const Index out = W.rows, rows = out + r, K = W.cols, tokens = X.rows;
+  norm_gemm_grid p = norm_gemm_plan(rows, K, Sh::TT, Sh::KT_MAX, blocks > 0 ? blocks : cp);
+  p.N = Sh::N;
+  const std::size_t need = static_cast<std::size_t>(p.Q) * rows * Sh::N;
+  if (part.size() < need) part = DeviceBuffer<float>(need);
+  if (sq.size() < static_cast<std::size_t>(p.Q) * rows) sq = DeviceBuffer<float>(static_cast<std::size_t>(p.Q) * rows);
+  const int kt_block = (p.KT + p.Q - 1) / p.Q;
+  kernel<<<dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.Q)), dora_pass_threads, Sh::smem_bytes(kt_block),
+           stream>>>(W.data, W.ld, static_cast<int>(out), A.data, A.ld, static_cast<int>(r), X.data, X.ld,
+                     static_cast<int>(tokens), static_cast<int>(K), p.RT, p.P, p.KT, p.Q, part.data(), sq.data());
+  LORA_CUDA_CHECK_LAUNCH("dora_pass_kernel");
+  const int rows_per_block = 4 * dora_pass_epilogue_threads / 32;  // 4 rows per warp: G's sum is per block
+  const unsigned grid = ceil_div(out, rows_per_block);
+  launch_maybe_pdl(dora_pass_epilogue_kernel<T, Sh::N>, dim3(grid), dim3(dora_pass_epilogue_threads), 0, stream, true,
+                   static_cast<const float*>(part.data()), static_cast<const float*>(sq.data()), p.Q,
+                   static_cast<int>(out), static_cast<int>(r), static_cast<int>(tokens), B, ldb, s, m, norm, c, Y.data,
+                   Y.ld);
+  LORA_CUDA_CHECK_LAUNCH("dora_pass_epilogue_kernel");
+  return p;
+}
+
+/// DoRA's forward for a few tokens from one pass over W (check dora_pass_ok first):
+///   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),  c = m ⊘ n,  n_i = ‖W_i + s·B_i·A‖ (norm and c written too),
+/// with ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ, every term in float from
+/// this call's W, A, B, m. Partial sums live in `part` and `sq` (grown as needed). `blocks` > 0
+/// overrides the first kernel's grid target (tests).
+template <class T>
+norm_gemm_grid dora_pass(const CudaContext& ctx, DeviceView<const T> W, DeviceView<const T> A, DeviceView<const T> X,
+                         Index r, const T* B, long ldb, float s, const float* m, float* norm, float* c, DeviceView<T> Y,
+                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0) {
+  if (r + X.rows <= 16)
+    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks);
+  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks);
 }
 
 }  // namespace lora::detail
