@@ -960,13 +960,14 @@ class AdapterSet<Scalar, cuda> {
       LORA_CUDA_CHECK(cudaEventRecord(fork_->fork, main));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(side, fork_->fork, 0));
     }
-    // Side stream: offsets, h, gb, then (after handing gb to the main stream) dA and dB.
+    // Side stream: gb (then handed to the main stream's expand), h, the segment offsets, dA
+    // and dB.
+    shrink(dY, seg, pg, side, true, UG);
+    if (two) LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
+    shrink(X, seg, ph, side, false, UH);
     detail::grad_offsets_kernel<T><<<1, 256, 0, side>>>(seg.seg_adapter(), static_cast<int>(seg.adapters.size()),
                                                          table_.data(), roff);
     LORA_CUDA_CHECK_LAUNCH("grad_offsets_kernel");
-    shrink(X, seg, ph, side, false, UH);
-    shrink(dY, seg, pg, side, true, UG);
-    if (two) LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
     {
       const bool vec = in_ % V == 0 && out_ % V == 0 && X.ld % V == 0 && dY.ld % V == 0 &&
                        lora::detail::aligned(X.data, 16) && lora::detail::aligned(dY.data, 16);
