@@ -9,6 +9,8 @@
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
 //   nf4_gemm          the dispatcher itself
+//   ring+lora r16     nf4_ring_kernel with the LoRA term (r 16, s 2) in its epilogue: QLoRA's
+//                     fused forward (QLoraLinear<S, cuda>::forward at these sizes)
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -88,6 +90,14 @@ int main(int argc, char** argv) {
     }
     DeviceMatrix<float> Df(out, in);
     q[0].dequantize_into(Df.view());
+    const Index rank = 16;
+    const float lora_s = 2.f;
+    DeviceMatrix<S> LA(rank, in), LB(out, rank);
+    fill_random(LA.view(), g, 0.02);
+    fill_random(LB.view(), g, 0.02);
+    DeviceMatrix<float> LAf(rank, in), LBf(out, rank);
+    upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
+    upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
 
     for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
       DeviceMatrix<S> X(tokens, in), Y(tokens, out);
@@ -99,8 +109,16 @@ int main(int argc, char** argv) {
         upload<float>(Matrix<float>(xh.template cast<float>()), Xf.view());
       }
       detail::gemm<float, float, float>(*ctx, false, true, tokens, out, in, 1.f, Xf.view(), Df.view(), 0.f, Yf.view());
-      const Matrix<float> ref = to_host(Yf.view());
+      const Matrix<float> ref_base = to_host(Yf.view());
+      DeviceMatrix<float> XAf(tokens, rank);
+      detail::gemm<float, float, float>(*ctx, false, true, tokens, rank, in, lora_s, Xf.view(), LAf.view(), 0.f,
+                                        XAf.view());
+      detail::gemm<float, float, float>(*ctx, false, true, tokens, out, rank, 1.f, XAf.view(), LBf.view(), 1.f,
+                                        Yf.view());
+      const Matrix<float> ref_lora = to_host(Yf.view());
+      const Matrix<float>* refp = &ref_base;
       auto rel_err = [&]() {
+        const Matrix<float>& ref = *refp;
         const Matrix<S> y = to_host(Y.view());
         double num = 0, den = 0;
         for (Index t = 0; t < tokens; ++t)
@@ -162,6 +180,16 @@ int main(int argc, char** argv) {
       };
       if (tokens >= 2 && tokens <= 8) stream("stream NT1", detail::launch_nf4_stream<T, 1, false, false>);
       if (tokens > 8) stream("stream NT2", detail::launch_nf4_stream<T, 2, false, false>);
+      refp = &ref_lora;
+      const detail::Nf4RingLora<T> lora{reinterpret_cast<const T*>(LA.data()), LA.view().ld,
+                                        reinterpret_cast<const T*>(LB.data()), LB.view().ld, static_cast<int>(rank),
+                                        lora_s};
+      variant("ring+lora r16", [&](int i) {
+        const auto& w = q[i % sets];
+        detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
+                                   w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, lora);
+      });
+      refp = &ref_base;
     }
     if (out == 14336) {
       DeviceMatrix<S> D(out, in);

@@ -723,11 +723,25 @@ constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 r
 constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
-/// each warp's ring, and two slots of partial sums.
-template <int NT>
+/// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
+/// [16 tokens × 16·RT] values of T.
+template <int NT, int RT = 0>
 constexpr int nf4_ring_smem_bytes(int warps) {
-  return nf4_mma_lut_bytes + warps * nf4_ring_stages * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4;
+  return nf4_mma_lut_bytes + warps * nf4_ring_stages * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
+         (RT > 0 ? 16 * 16 * RT * 2 : 0);
 }
+
+/// The LoRA term nf4_ring_kernel may add: Y += (s·X·Aᵀ)·Bᵀ with A [r × K] and B [out × r]
+/// row-major, r = 16·RT (r == 0: none).
+template <class T>
+struct Nf4RingLora {
+  const T* A = nullptr;
+  long lda = 0;
+  const T* B = nullptr;
+  long ldb = 0;
+  int r = 0;
+  float s = 0.f;
+};
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
@@ -753,10 +767,18 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// mma.m16n8k16 per 64-weight group with f32 accumulation, and the group's product scaled by
 /// its absmax in float. A programmatic dependent launch (pdl != 0): it builds the table and
 /// asks L2 for its first tiles before griddepcontrol.wait, and reads X and W only after it.
-template <class T, int NT>
+///
+/// With RT > 0 it also adds a LoRA term (QLoRA inference in one pass over W): before its first
+/// tile each block computes XA = s·X·Aᵀ on the tensor cores from the activations its warps
+/// already hold (each warp its K slice of A's r = 16·RT rows, the partial sums added in a fixed
+/// order through shared memory, then rounded to T as the unfused path rounds its XA), and warp
+/// 0 adds the tile's 16 rows of B times XA (RT mma per n-tile) to its partial sum, so Y is
+/// rounded once. A, B and XA come from L2 while the first tiles of W are still in flight.
+template <class T, int NT, int RT = 0>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
-                    const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl) {
+                    const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
+                    Nf4RingLora<T> lora) {
   constexpr int S = nf4_ring_stages, RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
@@ -819,6 +841,59 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   __syncthreads();  // the table
 
+  // LoRA: xab = this lane's B-operand fragments of XA = s·X·Aᵀ (token gid + 8n, ranks 16p + 2q …).
+  [[maybe_unused]] std::uint32_t xab[RT > 0 ? RT : 1][NT][2];
+  if constexpr (RT > 0) {
+    constexpr int R = 16 * RT;
+    T* xas = reinterpret_cast<T*>(red + 2 * KS * NT * 4 * 32);  // [16 tokens][R]
+#pragma unroll 1
+    for (int p = 0; p < RT; ++p) {
+      float dxa[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
+      const T* a0 = lora.A + static_cast<long>(16 * p + gid) * lora.lda + 256 * warp + 16 * q;
+      const T* a1 = a0 + 8 * lora.lda;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
+        const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
+        const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
+        const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
+        const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
+        const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      __syncthreads();
+      for (int o = static_cast<int>(threadIdx.x); o < 16 * 8 * NT; o += static_cast<int>(blockDim.x)) {
+        const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
+        float v = 0.f;
+        for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+        xas[t * R + 16 * p + j] = from_float<T>(lora.s * v);
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int p = 0; p < RT; ++p)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const T* xp = xas + (gid + 8 * n) * R + 16 * p + 2 * q;
+        xab[p][n][0] = *reinterpret_cast<const std::uint32_t*>(xp);
+        xab[p][n][1] = *reinterpret_cast<const std::uint32_t*>(xp + 8);
+      }
+  }
+
   const std::uint32_t lane_base = shared_u32(lut) + static_cast<std::uint32_t>(lane) * 4u;
   auto lookup = [&](std::uint32_t word, int byte) {
     const std::uint32_t b = __byte_perm(word, 0u, 0x4440u | static_cast<std::uint32_t>(byte));
@@ -840,6 +915,22 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    if constexpr (RT > 0) {  // warp 0: the tile's rows of B times XA
+      if (warp == 0) {
+        const int row0 = (bid + j * nb) * 16;
+        const T* b0 = lora.B + static_cast<long>(min(row0 + gid, nOut - 1)) * lora.ldb + 2 * q;
+        const T* b1 = lora.B + static_cast<long>(min(row0 + gid + 8, nOut - 1)) * lora.ldb + 2 * q;
+#pragma unroll
+        for (int p = 0; p < RT; ++p) {
+          const std::uint32_t a[4] = {__ldg(reinterpret_cast<const unsigned*>(b0 + 16 * p)),
+                                      __ldg(reinterpret_cast<const unsigned*>(b1 + 16 * p)),
+                                      __ldg(reinterpret_cast<const unsigned*>(b0 + 16 * p + 8)),
+                                      __ldg(reinterpret_cast<const unsigned*>(b1 + 16 * p + 8))};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
+        }
+      }
+    }
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + 32 * g + 8 * q);
@@ -896,26 +987,44 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
          aligned(absmax, 16);
 }
 
+/// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A 16-byte
+/// aligned, rows of B 4-byte aligned.
+template <class T>
+bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
+  return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 2 == 0 &&
+         aligned(l.B, 4);
+}
+
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
-/// dependent launch by default.
+/// dependent launch by default; with lora.r > 0 (nf4_ring_lora_ok) it adds (s·X·Aᵀ)·Bᵀ.
 template <class T>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
-                     int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true) {
+                     int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, Nf4RingLora<T> lora = {}) {
   const int warps = K / 256;
-  auto go = [&](auto nt) {
-    constexpr int NT = decltype(nt)::value;
-    auto kernel = nf4_ring_kernel<T, NT>;
-    const int smem = nf4_ring_smem_bytes<NT>(warps);
+  auto go = [&](auto nt, auto rt) {
+    constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
+    auto kernel = nf4_ring_kernel<T, NT, RT>;
+    const int smem = nf4_ring_smem_bytes<NT, RT>(warps);
     static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
-    const int c = persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT>(nf4_ring_max_warps), cap[warps]);
+    const int c =
+        persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT, RT>(nf4_ring_max_warps), cap[warps]);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                     stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0);
+                     stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
   };
-  if (tokens <= 8)
-    go(std::integral_constant<int, 1>{});
-  else
-    go(std::integral_constant<int, 2>{});
+  auto with_nt = [&](auto rt) {
+    if (tokens <= 8)
+      go(std::integral_constant<int, 1>{}, rt);
+    else
+      go(std::integral_constant<int, 2>{}, rt);
+  };
+  switch (lora.r) {
+    case 0: return with_nt(std::integral_constant<int, 0>{});
+    case 16: return with_nt(std::integral_constant<int, 1>{});
+    case 32: return with_nt(std::integral_constant<int, 2>{});
+    case 64: return with_nt(std::integral_constant<int, 4>{});
+    default: fail("launch_nf4_ring: LoRA rank {} is not 16, 32 or 64", lora.r);
+  }
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
