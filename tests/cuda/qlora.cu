@@ -62,3 +62,43 @@ TEMPLATE_TEST_CASE("cuda qlora: forward and backward with 16-bit activations mat
                                            LowRankAdapter<S, cuda>(in + 32, out, r, 8.0))),
                     Catch::Matchers::ContainsSubstring("adapter expects"));
 }
+
+TEMPLATE_TEST_CASE("cuda qlora: the fused decode forward (NF4 product and low-rank term in one kernel) matches float64",
+                   "[cuda][qlora]", bfloat16, lora::half) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  // Ranks 16, 32 and 64 (one, two and four mma tiles of XA) and 8 (the unfused path), rows not a
+  // multiple of the 16-row tile, 1, 4 and 16 K-warps, tokens 1…16 (one and two n-tiles). The
+  // low-rank term is scaled to be comparable with the base product, so a wrong B row, rank
+  // index or token shows. Reference: float64 on the float dequantised W; the kernel rounds codes
+  // and s·X·Aᵀ to S and Y once (a few 2^-9 relative for bf16, inside tol<S>() = 1e-2).
+  for (auto [out, in, r] : {std::tuple<Index, Index, Index>{1003, 4096, 16}, {37, 1024, 32}, {300, 256, 64},
+                            {130, 1024, 8}}) {
+    INFO("out " << out << " in " << in << " r " << r);
+    const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
+    LowRankAdapter<float> a(in, out, r, 2.0 * static_cast<double>(r));
+    a.set_A(rand_s<float>(r, in, g, 0.5).cast<S>().template cast<float>());
+    a.set_B(rand_s<float>(out, r, g, 0.5).cast<S>().template cast<float>());
+    const QLoraLinear<float> host(Nf4Tensor::quantize(W, {64, false}), a);
+    auto layer = QLoraLinear<S, cuda>::from_host(host);
+    const MatD Wq = d(host.base().template dequantize<float>()), A = d(a.A()), B = d(a.B());
+    const double s = a.scaling();
+    for (Index T : {Index(1), Index(2), Index(7), Index(8), Index(9), Index(16)}) {
+      INFO("tokens " << T);
+      const Matrix<S> X = rand_s<S>(T, in, g);
+      const MatD Xd = d(X);
+      auto dX = DeviceMatrix<S>::from_host(X);
+      DeviceMatrix<S> Y(T, out);
+      poison(Y.view());
+      layer.forward(dX.view(), Y.view());
+      const MatD lowrank = s * Xd * A.transpose() * B.transpose();
+      const MatD ref = Xd * Wq.transpose() + lowrank;
+      CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
+      // the low-rank term alone, against Y minus the base product: it is there, whole
+      const MatD base = d(layer.base_forward(dX.view()).to_host());
+      CHECK(lora::test::rel_error(MatD(d(Y.to_host()) - base), lowrank) < 5 * tol<S>());
+    }
+  }
+}

@@ -61,7 +61,8 @@ class StreamMatrix {
 /// that returns a new DeviceMatrix. The base product takes the fused NF4 kernels for up to
 /// 16 tokens (codes rounded to S, as bitsandbytes' 4-bit inference kernel does) and
 /// dequantise + cuBLAS above; backward dequantises W too, into a stream-ordered temporary
-/// (cudaMallocAsync: no synchronisation, and no dense copy of W kept). The CPU
+/// (cudaMallocAsync: no synchronisation, and no dense copy of W kept). At decode sizes
+/// forward() is one kernel (NF4 product and low-rank term; see forward). The CPU
 /// layer's int8 `fast` mode has no device counterpart. One layer is not for concurrent use
 /// from several host threads (its scratch buffers).
 ///
@@ -129,8 +130,29 @@ class QLoraLinear<Scalar, cuda, Scaling> {
     return y;
   }
 
-  /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out].
+  /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
+  /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096 and r ∈ {16, 32, 64}: one kernel that
+  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ rounded to S, Y rounded
+  /// once); otherwise the NF4 product, then s·X·Aᵀ, then a GEMM with β = 1.
   void forward(cview X, view Y) const {
+    if constexpr (!std::is_same_v<Scalar, float>) {
+      using D = detail::device_t<Scalar>;
+      const Index T = X.rows;
+      if (T >= 1 && T <= 16 && X.cols == in_features() && Y.rows == T && Y.cols == out_features()) {
+        const auto p = W_.parts();
+        const cview A = adapter_.A(), B = adapter_.B();
+        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data), A.ld, reinterpret_cast<const D*>(B.data),
+                                       B.ld, static_cast<int>(adapter_.rank()), static_cast<float>(adapter_.scaling())};
+        if (detail::nf4_ring_ok<D>(p.cols, p.blocksize, X.ld, X.data, p.packed, p.absmax) &&
+            detail::nf4_ring_lora_ok<D>(l)) {
+          detail::launch_nf4_ring<D>(reinterpret_cast<const D*>(X.data), X.ld, static_cast<int>(T),
+                                     static_cast<int>(p.cols), p.packed, p.absmax, static_cast<int>(p.rows),
+                                     reinterpret_cast<D*>(Y.data), Y.ld, context().stream(), true, l);
+          LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel (QLoRA)");
+          return;
+        }
+      }
+    }
     base_forward(X, Y);
     const Index T = X.rows, r = adapter_.rank();
     if (T == 0) return;
