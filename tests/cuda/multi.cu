@@ -299,7 +299,7 @@ RefGrads<S> reference_backward(const multi::AdapterSet<S>& set, const Matrix<S>*
 // T 1, 7 and 256 (one adapter's 256 tokens = two chunks; 300 = three), aligned shapes (16-byte
 // and tensor-core paths) and odd ones (scalar paths), with and without W. Outputs poisoned, the
 // gradient object reused across calls (its buffers must not move once large enough); on two
-// streams and on one.
+// streams and on one (with the per-tile expand).
 TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float64 and the CPU", "[cuda][multi]",
                    bfloat16, float) {
   using S = TestType;
@@ -324,8 +324,9 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
         const auto ddY = DeviceMatrix<S>::from_host(dY);
         const auto seg = dev.segments(ids);
         for (auto [with_w, overlap] : {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
-          INFO("with W: " << with_w << ", second stream: " << overlap);
-          dev.backward_overlap = overlap;
+          INFO("with W: " << with_w << ", second stream and per-token expand: " << overlap);
+          dev.backward_overlap = overlap;  // and the per-tile expand with the one-stream schedule
+          dev.expand_kernel = overlap ? multi::SgmvExpand::per_token : multi::SgmvExpand::per_tile;
           // Buffers large enough already: the call must reuse them, so they can be poisoned first.
           if (grads.storage.size() < dev.gradient_elements(seg))
             grads.storage = DeviceBuffer<float>(dev.gradient_elements(seg));
