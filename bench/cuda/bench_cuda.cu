@@ -30,7 +30,8 @@ FILE* csv = stdout;
 /// The planner's choice for one fused shape, in words.
 std::string describe(const std::optional<detail::PlanChoice>& c, bool forward) {
   if (!c) return "not planned";
-  static const char* paths[] = {"accumulate", "concat_k", "stacked", "stacked (N out + rp)", "decode kernels"};
+  static const char* paths[] = {"accumulate",     "concat_k", "stacked", "stacked (N out + rp)",
+                                "decode kernels", "stream"};
   std::string s = forward ? std::string(paths[c->path]) + ", " : std::string();
   s += c->algo < 0 ? std::string("cublasGemmEx") : "cuBLASLt algorithm " + std::to_string(c->algo);
   if (c->lt) s += " (of " + std::to_string(c->lt->candidates()) + " cuBLASLt candidates)";
@@ -269,71 +270,13 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   }
 }
 
-/// DoRA at decode sizes (issue 23), per call as PEFT runs it (norm recomputed every call): the
-/// one-pass forward (DoraDecode::one_pass, fused and plain) and the norm pass + LoRA forward
-/// (two_pass) against the base GEMM, one rotating set; weights rotate among copies beyond 3× L2.
-void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
-                       Generator& g) {
-  int l2 = 0;
-  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
-  const int sets = std::max(4, static_cast<int>(3.0 * l2 / (static_cast<double>(out) * in * sizeof(S))) + 1);
-  LowRankAdapter<S> host(in, out, r, 2.0 * r);
-  host.set_A(bench::random_factor<S>(r, in, g));
-  host.set_B(bench::random_factor<S>(out, r, g));
-  Matrix<float> mh(out, 1);
-  for (Index n = 0; n < out; ++n) mh(n, 0) = static_cast<float>(g.uniform(0.5, 1.5));
-  std::vector<DeviceMatrix<S>> W;
-  std::vector<DoraAdapter<S, cuda>> dora;  // one per weight set: the two-pass path keeps ‖w_n‖² per adapter
-  std::vector<FusedWeight<S>> fw;
-  for (int i = 0; i < sets; ++i) {
-    W.emplace_back(out, in);
-    fill_random(W.back().view(), g, 0.02);
-    dora.emplace_back(LowRankAdapter<S, cuda>::from_host(host, ctx), DeviceMatrix<float>::from_host(mh));
-    fw.push_back(dora.back().fuse(W.back().view()));
-  }
-  auto Xp = dora[0].padded_input(T);
-  fill_random(Xp.view(), g, 1.0);
-  DeviceMatrix<S> Y(T, out), Xc(T, in);
-  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), Xp.view().ld * sizeof(S), in * sizeof(S), T,
-                               cudaMemcpyDeviceToDevice));
-  auto base = [&](int i) {
-    detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f, Y.view());
-  };
-  auto fused = [&](DoraDecode how) {
-    return [&, how](int i) {
-      dora[i % sets].decode_path(how);
-      dora[i % sets].apply(fw[i % sets], Xp.view(), Y.view());
-    };
-  };
-  const bool one = r + T <= 32;
-  std::vector<std::function<void(int)>> fns = {base, fused(DoraDecode::two_pass),
-                                               [&](int i) { dora[i % sets].lora().apply(fw[i % sets], Xp.view(), Y.view()); }};
-  if (one) {
-    fns.push_back(fused(DoraDecode::one_pass));
-    fns.push_back([&](int i) {
-      dora[i % sets].decode_path(DoraDecode::one_pass);
-      dora[i % sets].apply(W[i % sets].view(), Xc.view(), Y.view());
-    });
-  }
-  const auto t = bench::time_all(ctx_ref, fns, 10, 15, 3);
-  emit("base_gemm_dora_decode", in, out, T, r, t[0]);
-  emit("ours_dora_two_pass", in, out, T, r, t[1]);
-  emit("ours_lora_fused_fwd", in, out, T, r, t[2]);
-  if (one) {
-    emit("ours_dora_one_pass", in, out, T, r, t[3]);
-    emit("ours_dora_one_pass_plain", in, out, T, r, t[4]);
-  }
-  std::fprintf(stderr, "DoRA %ldx%ld r %ld T %2ld (%d sets): base %6.2f us | two-pass %6.2f (%.2fx) | one-pass %6.2f (%.2fx), plain %6.2f | LoRA %6.2f\n",
-               static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), static_cast<long>(T), sets,
-               t[0] * 1e3, t[1] * 1e3, t[1] / t[0], one ? t[3] * 1e3 : 0.0, one ? t[3] / t[0] : 0.0,
-               one ? t[4] * 1e3 : 0.0, t[2] * 1e3);
-}
-
-/// The decode regime (issue 23): the fused forward against the base GEMM for 2…128 tokens, and
-/// each strategy forced (concat_k and accumulate after XA, stacked, the decode kernels for ≤ 4
-/// tokens), all timed in one rotating set. Weights rotate among copies that together exceed L2.
-void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
-                  Generator& g) {
+/// The decode regime (issue 23): the fused forward against the base GEMM for each token count
+/// in `tokens` (2…128), and each strategy forced (stacked, concat_k and accumulate after XA, the
+/// one-launch stream kernel for ≤ 32 tokens), all timed in one rotating set per token count, with
+/// the parts of the stacked path (its GEMM; its epilogue, vectorised and scalar), s·X·Aᵀ and the
+/// concat_k GEMM. Weights rotate among copies that together exceed 3× L2; the same X for all.
+void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out,
+                  const std::vector<Index>& tokens, Index r, Generator& g) {
   int l2 = 0;
   LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
   const double wbytes = static_cast<double>(out + 64) * (in + 64) * sizeof(S);
@@ -349,68 +292,106 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
     fill_random(W.back().view(), g, 0.02);
     fw.push_back(ad.fuse(W.back().view()));
   }
-  auto Xp = ad.padded_input(T);
-  fill_random(Xp.view(), g, 1.0);
-  DeviceMatrix<S> Y(T, out), Xc(T, in);
-  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), Xp.cols() * sizeof(S), in * sizeof(S), T,
-                               cudaMemcpyDeviceToDevice));
-  ad.plan(fw[0], T);
-  auto forced = [&](FusedForward how) {
-    return [&, how](int i) {
-      FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
-      f.forward = how;
-      ad.apply(f, Xp.view(), Y.view());
-      f.forward = FusedForward::automatic;
-    };
-  };
-  std::vector<std::function<void(int)>> fns = {
-      [&](int i) {
-        detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f, Y.view());
-      },
-      [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }, forced(FusedForward::stacked),
-      [&](int i) {  // concat_k without the decode kernels: XA, then one cublasGemmEx over K = in + rp
-        FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
-        detail::compute_xa<S>(ctx_ref, DeviceView<const S>(Xp.view()).col_block(0, in), f.A_padded(), false,
-                              Xp.view().col_block(in, f.rp()), 0.5f);
-        detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + f.rp(), 1.f, DeviceView<const S>(Xp.view()),
-                              f.wide(), 0.f, Y.view());
-      },
-      forced(FusedForward::accumulate)};
-  // The parts: the stacked GEMM (N = out + r) and its epilogue, s·X·Aᵀ, the concat_k GEMM.
   const Index rp = fw[0].rp();
-  const DeviceView<S> C{reinterpret_cast<S*>(ctx_ref.planner().stacked.data()), T, out + r, out + rp};
-  const DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
-  fns.push_back([&](int i) {
-    detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, fw[i % sets].tall(), 0.f, C);
-  });
-  fns.push_back([&](int i) {
-    detail::launch_stacked_epilogue(ctx_ref, detail::as_device(DeviceView<const S>(C)), out, r, rp,
-                                    detail::as_device(fw[i % sets].B()), 0.5f, detail::as_device(Y.view()),
-                                    detail::as_device(Xp.view().col_block(in, rp)));
-  });
-  fns.push_back([&](int i) {
-    detail::compute_xa<S>(ctx_ref, X, fw[i % sets].A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
-  });
-  fns.push_back([&](int i) {
-    detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()),
-                          fw[i % sets].wide(), 0.f, Y.view());
-  });
-  const char* names[] = {"dec_base",         "dec_ours",         "dec_stacked",      "dec_concat_gemmex",
-                         "dec_accumulate",   "dec_part_stacked_gemm", "dec_part_epilogue", "dec_part_xa",
-                         "dec_part_concat_gemm"};
-  const bool have_c = ctx_ref.planner().stacked.size() >= static_cast<std::size_t>(T * (out + rp)) * sizeof(S);
-  if (!have_c) fns.resize(5);
-  const auto t = bench::time_all(ctx_ref, fns, 10, 15, 3);
-  for (std::size_t i = 0; i < t.size(); ++i) emit(names[i], in, out, T, r, t[i]);
-  std::fprintf(stderr, "decode T %3ld %ld->%ld r %ld (%d weight sets): base %.4f ours %.4f (%.2fx; %s) stacked %.2fx "
-               "concat %.2fx accumulate %.2fx\n",
-               static_cast<long>(T), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), sets, t[0],
-               t[1], t[1] / t[0],
-               describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true).c_str(),
-               t[2] / t[0], t[3] / t[0], t[4] / t[0]);
-  if (t.size() > 5)
-    std::fprintf(stderr, "  parts (us): stacked GEMM %.2f, epilogue %.2f, s·X·Aᵀ %.2f, concat_k GEMM %.2f\n", t[5] * 1e3,
-                 t[6] * 1e3, t[7] * 1e3, t[8] * 1e3);
+  for (const Index T : tokens) {
+    auto Xp = ad.padded_input(T);
+    fill_random(Xp.view(), g, 1.0);
+    DeviceMatrix<S> Y(T, out), Xc(T, in);
+    LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), Xp.cols() * sizeof(S), in * sizeof(S), T,
+                                 cudaMemcpyDeviceToDevice));
+    ad.plan(fw[0], T);
+    auto forced = [&](FusedForward how) {
+      return [&, how](int i) {
+        FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
+        f.forward = how;
+        ad.apply(f, Xp.view(), Y.view());
+        f.forward = FusedForward::automatic;
+      };
+    };
+    const DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
+    // The stacked product's scratch (planned above) for the parts.
+    const DeviceView<S> C{reinterpret_cast<S*>(ctx_ref.planner().stacked.data()), T, out + r, out + rp};
+    const bool have_c = ctx_ref.planner().stacked.size() >= static_cast<std::size_t>(T * (out + rp)) * sizeof(S);
+    std::vector<std::pair<const char*, std::function<void(int)>>> fns = {
+        {"dec_base",
+         [&](int i) {
+           detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f,
+                                 Y.view());
+         }},
+        {"dec_ours", [&](int i) { ad.apply(fw[i % sets], Xp.view(), Y.view()); }},
+        {"dec_stacked", forced(FusedForward::stacked)},
+        {"dec_concat_gemmex",
+         [&](int i) {  // concat_k without the decode kernels: XA, then one cublasGemmEx over K = in + rp
+           FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
+           detail::compute_xa<S>(ctx_ref, X, f.A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
+           detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()), f.wide(),
+                                 0.f, Y.view());
+         }},
+        {"dec_accumulate", forced(FusedForward::accumulate)},
+        {"dec_part_xa",
+         [&](int i) {
+           detail::compute_xa<S>(ctx_ref, X, fw[i % sets].A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
+         }},
+        {"dec_part_concat_gemm", [&](int i) {
+           detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()),
+                                 fw[i % sets].wide(), 0.f, Y.view());
+         }}};
+    if (T <= detail::stream_max_tokens) fns.push_back({"dec_stream", forced(FusedForward::stream)});
+    if (have_c) {
+      fns.push_back({"dec_part_stacked_gemm", [&](int i) {
+                       detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, fw[i % sets].tall(), 0.f, C);
+                     }});
+      for (const bool vec : {true, false})
+        fns.push_back({vec ? "dec_part_epilogue" : "dec_part_epilogue_scalar", [&, vec](int i) {
+                         detail::launch_stacked_epilogue(ctx_ref, detail::as_device(DeviceView<const S>(C)), out, r, rp,
+                                                         detail::as_device(fw[i % sets].B()), 0.5f,
+                                                         detail::as_device(Y.view()),
+                                                         detail::as_device(Xp.view().col_block(in, rp)), vec);
+                       }});
+    }
+    {  // every forward strategy against X·Wᵀ + s·(X·Aᵀ)·Bᵀ in float64 on the host, first 1024 outputs
+      const Index no = std::min<Index>(out, 1024);
+      const Matrix<S> Xh = to_host(X), Wh = to_host(DeviceView<const S>(W[0].view()).row_block(0, no));
+      const Eigen::MatrixXd xa = host.scaling() * Xh.cast<double>() * host.A().cast<double>().transpose();
+      const Eigen::MatrixXd ref =
+          Xh.cast<double>() * Wh.cast<double>().transpose() + xa * host.B().topRows(no).cast<double>().transpose();
+      std::string errs;
+      for (std::size_t k = 0; k < fns.size(); ++k) {
+        const std::string name = fns[k].first;
+        if (name != "dec_ours" && name != "dec_stacked" && name != "dec_accumulate" && name != "dec_stream") continue;
+        LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xFF, Y.size() * sizeof(S)));
+        ctx_ref.synchronize();
+        fns[k].second(0);
+        const Eigen::MatrixXd y = Y.to_host().leftCols(no).cast<double>();
+        const double e = y.hasNaN() ? 1.0 : (y - ref).norm() / ref.norm();
+        errs += std::string(" ") + fns[k].first + " " + std::to_string(e).substr(0, 8);
+      }
+      std::fprintf(stderr, "  check T %ld: rel err vs float64:%s\n", static_cast<long>(T), errs.c_str());
+    }
+    std::vector<std::function<void(int)>> calls;
+    for (auto& f : fns) calls.push_back(f.second);
+    const auto t = bench::time_all(ctx_ref, calls, 10, 15, 3);
+    auto at = [&](const char* name) {
+      for (std::size_t i = 0; i < fns.size(); ++i)
+        if (std::string(fns[i].first) == name) return t[i];
+      return 0.0;
+    };
+    for (std::size_t i = 0; i < t.size(); ++i) emit(fns[i].first, in, out, T, r, t[i]);
+    const double base = t[0];
+    std::fprintf(stderr,
+                 "decode T %3ld %ld->%ld r %ld (%d sets): base %.1f us, ours %.1f (%.3fx; %s); stacked %.3fx, "
+                 "stream %.3fx, concat %.3fx, accumulate %.3fx\n",
+                 static_cast<long>(T), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), sets,
+                 base * 1e3, t[1] * 1e3, t[1] / base,
+                 describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true)
+                     .c_str(),
+                 at("dec_stacked") / base, at("dec_stream") / base, at("dec_concat_gemmex") / base,
+                 at("dec_accumulate") / base);
+    std::fprintf(stderr,
+                 "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",
+                 at("dec_part_stacked_gemm") * 1e3, at("dec_part_epilogue") * 1e3,
+                 at("dec_part_epilogue_scalar") * 1e3, at("dec_part_xa") * 1e3, at("dec_part_concat_gemm") * 1e3);
+  }
 }
 
 /// Experiment: the fused forward at T 16384 with s·X·Aᵀ computed chunk by chunk on a second
@@ -561,13 +542,6 @@ int main(int argc, char** argv) {
   // LORA_BENCH_ONLY=dora: only the DoRA shapes (for profiling runs).
   const char* only = std::getenv("LORA_BENCH_ONLY");
   const bool only_dora = only && std::string(only) == "dora";
-  if (only && std::string(only) == "dora_decode") {  // DoRA per call at 1…16 tokens (issue 23)
-    for (Index T : {Index(1), Index(2), Index(4), Index(8), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 16, g);
-    for (Index T : {Index(1), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 8, g);
-    bench_dora_decode(*ctx, ctx, 4096, 4096, 1, 64, g);
-    for (Index T : {Index(1), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 14336, T, 16, g);
-    return 0;
-  }
   if (only && std::string(only) == "pipeline") {  // the chunked two-stream forward experiment
     bench_pipeline(*ctx, g);
     return 0;
@@ -579,8 +553,7 @@ int main(int argc, char** argv) {
   }
   if (!only_dora) {
     for (Index out : {Index(4096), Index(14336)})
-      for (Index T : {Index(2), Index(4), Index(8), Index(16), Index(32), Index(64), Index(128)})
-        bench_decode(*ctx, ctx, 4096, out, T, 16, g);
+      bench_decode(*ctx, ctx, 4096, out, {2, 4, 8, 16, 32, 64, 128}, 16, g);
     if (only && std::string(only) == "decode") return 0;
     for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
       for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);

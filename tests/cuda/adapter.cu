@@ -6,7 +6,9 @@
 
 #include "cuda/support.cuh"
 
+#include <cmath>
 #include <cstring>
+#include <memory>
 
 using namespace lora;
 using lora::test::d;
@@ -212,3 +214,105 @@ TEST_CASE("cuda adapter: bad shapes throw lora::error naming the tensor", "[cuda
                     Catch::Matchers::ContainsSubstring("padded dY"));
 }
 
+
+TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, every strategy, matches float64",
+                   "[cuda][adapter][decode]", bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  struct Case {
+    Index in, out;
+  };
+  // out 328 leaves a partial block of outputs; in 100 gives rows that are not 16-byte aligned
+  // (the stacked epilogue's scalar fallback and the cuBLAS paths).
+  const Case cases[] = {{256, 328}, {100, 70}};
+  const Index tokens[] = {1, 2, 3, 5, 8, 16, 17, 33, 64, 100, 128};
+  for (const Case& c : cases)
+    for (const Index r : {Index(5), Index(8), Index(16), Index(20), Index(33), Index(64)}) {
+      if (c.in == 100 && r != 8 && r != 33) continue;
+      const double alpha = 2.0 * r * g.uniform(0.5, 1.5);
+      LowRankAdapter<S> host(c.in, c.out, r, alpha);
+      host.set_A(rand_s<S>(r, c.in, g, 0.1));
+      host.set_B(rand_s<S>(c.out, r, g, 0.1));
+      auto ctx = std::make_shared<CudaContext>();  // a fresh planner per adapter
+      auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
+      const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.05);
+      auto dW = DeviceMatrix<S>::from_host(W);
+      auto fw = ad.fuse(dW.view());
+      const Index rp = fw.rp();
+      const double s = host.scaling();
+      for (const Index T : tokens) {
+        INFO("in " << c.in << " out " << c.out << " r " << r << " tokens " << T);
+        const Matrix<S> X = rand_s<S>(T, c.in, g);
+        const MatD xa = s * d(X) * d(host.A()).transpose();
+        const MatD ref = d(X) * d(W).transpose() + xa * d(host.B()).transpose();
+        auto Xp = upload_padded(X, rp);
+        DeviceMatrix<S> Y(T, c.out);
+        // automatic after plan() (the first use of this shape on the context), each fixed
+        // strategy, then automatic again (the planned choice, looked up).
+        for (const int how : {-1, 1, 2, 3, 4, 0}) {
+          INFO("strategy " << how);
+          fw.forward = how < 0 ? FusedForward::automatic : static_cast<FusedForward>(how);
+          if (how < 0) ad.plan(fw, T);
+          poison(Y.view());
+          lora::test::poison(Xp.view().col_block(c.in, rp));
+          ad.apply(fw, Xp.view(), Y.view());
+          CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
+          // s·X·Aᵀ, then zeros, in Xp's spare columns (the fused backward reads them).
+          const Matrix<S> spare = to_host(DeviceView<const S>(Xp.view()).col_block(c.in, rp));
+          CHECK(lora::test::rel_error(spare.leftCols(r), xa) < tol<S>());
+          CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+        }
+        fw.forward = FusedForward::automatic;
+      }
+    }
+}
+
+TEMPLATE_TEST_CASE("cuda adapter: both stacked epilogue kernels match float64 on strided operands",
+                   "[cuda][adapter][decode]", bfloat16, lora::half) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index out = 300;
+  for (const Index r : {Index(3), Index(16), Index(24), Index(64)})
+    for (const Index T : {Index(1), Index(4), Index(7), Index(32), Index(33), Index(128)})
+      for (const bool vec : {true, false}) {
+        INFO("r " << r << " tokens " << T << " vectorised " << vec);
+        const Index rp = fused_rank_pad(r);
+        const double s = g.uniform(0.5, 2.0);
+        // C [T × (out + rp)], B with rp readable columns (zeros past r, as in the fused block;
+        // ld 8 more than rp, or an odd ld for the scalar kernel), Y and XA strided.
+        const Matrix<S> Ch = rand_s<S>(T, out + r, g), Bh = rand_s<S>(out, r, g, 0.3);
+        Matrix<S> Bfull = Matrix<S>::Zero(out, rp);
+        Bfull.leftCols(r) = Bh;
+        auto C = upload_padded(Ch, rp - r + 8);
+        auto Bd = DeviceMatrix<S>(out, rp + (vec ? 8 : 9));
+        upload<S>(Bfull, Bd.view().col_block(0, rp));
+        DeviceMatrix<S> Y(T, out + 5), XA(T, rp + 3);
+        poison(Y.view());
+        poison(XA.view());
+        using D = detail::device_t<S>;
+        const DeviceView<const S> Bv = DeviceView<const S>(Bd.view()).col_block(0, r);
+        detail::launch_stacked_epilogue<D>(*CudaContext::thread_default(), detail::as_device(DeviceView<const S>(C.view())),
+                                           out, r, rp, detail::as_device(Bv), static_cast<float>(s),
+                                           detail::as_device(Y.view().col_block(0, out)),
+                                           detail::as_device(XA.view().col_block(0, rp)), vec);
+        const MatD Cd = d(Ch), xa = s * Cd.rightCols(r);
+        const MatD ref = Cd.leftCols(out) + xa * d(Bh).transpose();
+        const Matrix<S> Yh = Y.to_host(), XAh = XA.to_host();
+        CHECK(lora::test::rel_error(Yh.leftCols(out), ref) < tol<S>());
+        CHECK(lora::test::rel_error(XAh.leftCols(r), xa) < tol<S>());
+        CHECK(lora::test::max_abs_diff(XAh.middleCols(r, rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+        // Nothing written past the views.
+        auto all_nan = [](const Matrix<S>& m) {
+          for (Index i = 0; i < m.rows(); ++i)
+            for (Index j = 0; j < m.cols(); ++j)
+              if (!std::isnan(static_cast<float>(m(i, j)))) return false;
+          return true;
+        };
+        CHECK(all_nan(Yh.rightCols(5)));
+        CHECK(all_nan(XAh.rightCols(3)));
+      }
+}

@@ -15,6 +15,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -36,11 +37,14 @@ namespace lora {
 /// stacked:    [X·Wᵀ | X·Aᵀ] from one GEMM over the stacked rows [W; A] (N = out + r), then
 ///             one small kernel adds s·(X·Aᵀ)·Bᵀ to the first block and leaves s·X·Aᵀ in Xp:
 ///             one pass over W and X, for few tokens (at most stacked_max_tokens);
+/// stream:     one kernel on tensor cores reads [W; A] once and adds s·(X·Aᵀ)·Bᵀ in the same
+///             launch (detail::stream_forward_kernel), for at most 32 tokens of bf16/half with
+///             r ≤ 64 and 16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
 /// automatic:  the fastest of these (with each cuBLASLt algorithm the heuristic offers for the
 ///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
 ///             by the context's planner (LowRankAdapter::plan, lora/cuda/plan.hpp).
-/// A fixed strategy other than stacked still takes the decode kernels for ≤ 4 tokens.
-enum class FusedForward { automatic, concat_k, accumulate, stacked };
+/// concat_k and accumulate still take the decode kernels for ≤ 4 tokens.
+enum class FusedForward { automatic, concat_k, accumulate, stacked, stream };
 
 /// r rounded up to a multiple of 64: the rank columns of FusedWeight and padded_input.
 constexpr Index fused_rank_pad(Index r) { return (r + 63) / 64 * 64; }
@@ -109,21 +113,19 @@ bool gemv_ok(DeviceView<const S> X, DeviceView<const S> M) {
 }
 
 /// XA = s·X·Aᵀ (A [r × K]; or s·X·A for A [K × r] with a_rows_are_k): the decode
-/// kernel for tokens ≤ 16, cuBLAS otherwise (it reads X near the copy bandwidth).
+/// kernel for tokens ≤ 4, cuBLAS otherwise. The decode kernel runs r blocks, one per row of
+/// A, each reading all of X: its time grows with the tokens and passes cuBLAS's near 5.
 template <class S>
 void compute_xa(const CudaContext& ctx, DeviceView<const S> X, DeviceView<const S> A, bool a_rows_are_k,
                 DeviceView<S> XA, float s) {
   using T = device_t<S>;
   const Index T_ = X.rows, K = X.cols, r = XA.cols;
-  (void)T_;
-  if (!a_rows_are_k && gemv_ok<S>(X, A)) {
+  if (!a_rows_are_k && T_ <= 4 && gemv_ok<S>(X, A)) {
     const DeviceView<const T> none{};
     if (T_ == 1)
       launch_gemv<T, 1, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
-    else if (T_ <= 4)
-      launch_gemv<T, 4, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
     else
-      launch_gemv<T, 16, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
+      launch_gemv<T, 4, 1>(ctx, as_device(X), as_device(A), none, none, false, as_device(XA), s);
     return;
   }
   gemm<S, S, S>(ctx, false, !a_rows_are_k, T_, r, K, s, X, A, 0.f, XA);
@@ -148,8 +150,8 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
 }
 
 /// The fused forward's paths (PlanChoice::path): FusedForward's strategies, the stacked one
-/// with N = out + r or out + rp, and the decode kernels.
-enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode };
+/// with N = out + r or out + rp, the decode kernels, and the one-launch stream kernel.
+enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode, stream };
 
 /// The planner's key of the fused forward for these operands.
 template <class S>
@@ -164,22 +166,47 @@ PlanKey fused_backward_key(const FusedWeight<S>& fw, DeviceView<const S> dYp, In
           dYp.ld, fw.ld(), dX.ld, fw.r};
 }
 
-/// The stacked forward's epilogue (stacked_epilogue_kernel) as a programmatic dependent launch.
+/// The stacked forward's epilogue as a programmatic dependent launch: Y = C[:, :out] +
+/// s·C[:, out:out+r]·Bᵀ and XA = [s·C[:, out:out+r] | 0] ([T × rp]). B's rows must have rp
+/// readable columns (the fused block's B: zeros past r). stacked_epilogue_vec_kernel (B's rows in
+/// 16-byte loads, up to 16 tokens per block) when B's layout allows it and `vectorised`, else
+/// stacked_epilogue_kernel (scalar loads, 4 tokens per block).
 template <class T>
 void launch_stacked_epilogue(const CudaContext& ctx, DeviceView<const T> C, Index out, Index r, Index rp,
-                             DeviceView<const T> B, float s, DeviceView<T> Y, DeviceView<T> XA) {
-  const dim3 grid(ceil_div(out, stacked_threads), ceil_div(C.rows, stacked_tokens));
-  auto go = [&](auto kernel) {
+                             DeviceView<const T> B, float s, DeviceView<T> Y, DeviceView<T> XA,
+                             bool vectorised = true) {
+  constexpr long V = 16 / sizeof(T);
+  const int RB = r <= 16 ? 16 : r <= 32 ? 32 : 64;
+  const bool vec = vectorised && aligned(B.data, 16) && B.ld % V == 0 && rp >= RB;
+  auto go = [&](auto kernel, int tokens_per_block) {
+    const dim3 grid(ceil_div(out, stacked_threads), ceil_div(C.rows, tokens_per_block));
     launch_maybe_pdl(kernel, grid, dim3(stacked_threads), 0, ctx.stream(), true, C.data, C.ld,
                      static_cast<int>(C.rows), static_cast<int>(out), static_cast<int>(r), static_cast<int>(rp),
                      B.data, B.ld, s, Y.data, Y.ld, XA.data, XA.ld);
   };
-  if (r <= 16)
-    go(stacked_epilogue_kernel<T, 16>);
-  else if (r <= 32)
-    go(stacked_epilogue_kernel<T, 32>);
-  else
-    go(stacked_epilogue_kernel<T, 64>);
+  if (vec) {
+    auto by_tokens = [&](auto rb) {
+      constexpr int R = decltype(rb)::value;
+      if (C.rows <= 4)
+        go(stacked_epilogue_vec_kernel<T, R, 4>, 4);
+      else if (C.rows <= 32)
+        go(stacked_epilogue_vec_kernel<T, R, 8>, 8);
+      else
+        go(stacked_epilogue_vec_kernel<T, R, 16>, 16);
+    };
+    if (RB == 16)
+      by_tokens(std::integral_constant<int, 16>{});
+    else if (RB == 32)
+      by_tokens(std::integral_constant<int, 32>{});
+    else
+      by_tokens(std::integral_constant<int, 64>{});
+  } else if (r <= 16) {
+    go(stacked_epilogue_kernel<T, 16>, stacked_tokens);
+  } else if (r <= 32) {
+    go(stacked_epilogue_kernel<T, 32>, stacked_tokens);
+  } else {
+    go(stacked_epilogue_kernel<T, 64>, stacked_tokens);
+  }
 }
 
 }  // namespace detail
@@ -382,6 +409,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       case FusedForward::concat_k: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::concat_k)}, true);
       case FusedForward::accumulate: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::accumulate)}, true);
       case FusedForward::stacked: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stacked)}, false);
+      case FusedForward::stream: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stream)}, false);
       case FusedForward::automatic: break;
     }
     const detail::PlanKey key = detail::fused_forward_key<Scalar>(fw, Xp, Y);
@@ -539,6 +567,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     if ((decode_first || path == FusedPath::decode) &&
         detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), Xp.col_block(in, r), Y, s))
       return;
+    if (path == FusedPath::stream &&
+        (stream_forward(fw, Xp, Y) || stacked_forward(fw, Xp, Y, out + r, nullptr, -1)))
+      return;
     if ((path == FusedPath::stacked || path == FusedPath::stacked_padded) &&
         stacked_forward(fw, Xp, Y, path == FusedPath::stacked ? out + r : out + rp, c.lt.get(), c.algo))
       return;
@@ -590,10 +621,53 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     return true;
   }
 
+  /// The one-launch forward (detail::stream_forward_kernel) for bf16/half, at most
+  /// stream_max_tokens tokens, r ≤ 64, rows of X and of the block 16-byte aligned. Its device
+  /// state (counters and s·X·Aᵀ in float) is the planner's, allocated zeroed on first use (not
+  /// while a graph is captured). Returns false (nothing launched) when it cannot run.
+  bool stream_forward(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
+    if constexpr (sizeof(Scalar) != 2) {
+      return false;
+    } else {
+      using T = detail::device_t<Scalar>;
+      const Index Tk = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
+      if (Tk > detail::stream_max_tokens || r > 64 || in % 8 != 0 || Xp.ld % 8 != 0 || fw.ld() % 8 != 0 ||
+          !detail::aligned(Xp.data, 16) || !detail::aligned(fw.block.data(), 16))
+        return false;
+      auto& st = ctx_->planner().stream_state;
+      if (st.size() < static_cast<std::size_t>(detail::stream_state_floats)) {
+        if (detail::capturing(*ctx_)) return false;
+        st = DeviceBuffer<unsigned>(detail::stream_state_floats);
+        LORA_CUDA_CHECK(cudaMemsetAsync(st.data(), 0, st.size() * sizeof(unsigned), ctx_->stream()));
+      }
+      const unsigned grid = detail::ceil_div(r, 16) + detail::ceil_div(out, 16);
+      const T* X = reinterpret_cast<const T*>(Xp.data);
+      const T* M = reinterpret_cast<const T*>(fw.block.data());
+      const T* B = reinterpret_cast<const T*>(fw.B().data);
+      T* y = reinterpret_cast<T*>(Y.data);
+      T* xa = reinterpret_cast<T*>(Xp.data + in);
+      auto go = [&](auto kernel) {
+        kernel<<<grid, detail::stream_threads, 0, ctx_->stream()>>>(
+            X, Xp.ld, static_cast<int>(Tk), static_cast<int>(in), M, fw.ld(), static_cast<int>(out),
+            static_cast<int>(r), B, fw.ld(), static_cast<float>(scaling()), y, Y.ld, xa, Xp.ld, static_cast<int>(rp),
+            st.data());
+        LORA_CUDA_CHECK_LAUNCH("stream_forward_kernel");
+      };
+      if (Tk <= 8)
+        go(detail::stream_forward_kernel<T, 1>);
+      else if (Tk <= 16)
+        go(detail::stream_forward_kernel<T, 2>);
+      else
+        go(detail::stream_forward_kernel<T, 4>);
+      return true;
+    }
+  }
+
   /// Times the fused forward's candidates for this shape and records the fastest in the
   /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
   /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
-  /// for ≤ 4 tokens the decode kernels. Each candidate is the whole forward. Synchronises.
+  /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel.
+  /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
     using detail::FusedPath;
     auto& planner = ctx_->planner();
@@ -622,6 +696,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       }
     }
     if (T <= 4) cand.push_back({static_cast<int>(FusedPath::decode)});
+    if constexpr (sizeof(Scalar) == 2)
+      if (T <= detail::stream_max_tokens && r <= 64) cand.push_back({static_cast<int>(FusedPath::stream)});
     const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
                                            [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });
     const detail::PlanChoice best = cand[static_cast<std::size_t>(detail::fastest(t, 1))];

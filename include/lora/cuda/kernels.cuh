@@ -254,6 +254,63 @@ __global__ void __launch_bounds__(stacked_threads)
   }
 }
 
+/// The stacked forward's epilogue with B's rows read once per thread as 16-byte vectors:
+/// the same Y = C[:, :out] + s·C[:, out:out+r]·Bᵀ and XA = [s·C[:, out:out+r] | 0] as
+/// stacked_epilogue_kernel, but a block owns stacked_threads outputs × TT tokens, so B is read
+/// ⌈T / TT⌉ times instead of ⌈T / 4⌉, in RB·sizeof(T)/16 vector loads per row instead of RB
+/// scalar ones. Reads B[n, 0..RB) (RB ≤ the readable columns of B's rows, the fused block's rp:
+/// zeros past r there, and masked here anyway); needs B 16-byte aligned and ldb a multiple of
+/// 16 / sizeof(T).
+template <class T, int RB, int TT>
+__global__ void __launch_bounds__(stacked_threads)
+    stacked_epilogue_vec_kernel(const T* __restrict__ C, long ldc, int tokens, int out, int r, int rp,
+                                const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
+                                T* __restrict__ XA, long ldxa) {
+  constexpr int V = vec16<T>::V;
+  static_assert(RB % V == 0);
+  __shared__ float sxa[TT][RB];
+  const int n = static_cast<int>(blockIdx.x) * stacked_threads + static_cast<int>(threadIdx.x);
+  const int t0 = static_cast<int>(blockIdx.y) * TT;
+  const int tn = min(TT, tokens - t0);
+  float b[RB];
+  if (n < out) {
+#pragma unroll
+    for (int q = 0; q < RB / V; ++q) vec16<T>::load(B + static_cast<long>(n) * ldb + q * V, b + q * V);
+#pragma unroll
+    for (int j = 0; j < RB; ++j)
+      if (j >= r) b[j] = 0.f;
+  } else {
+#pragma unroll
+    for (int j = 0; j < RB; ++j) b[j] = 0.f;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cudaGridDependencySynchronize();  // C is the previous kernel's output
+#endif
+  float c[TT];
+#pragma unroll
+  for (int t = 0; t < TT; ++t) c[t] = (n < out && t < tn) ? to_float(C[static_cast<long>(t0 + t) * ldc + n]) : 0.f;
+  for (int i = static_cast<int>(threadIdx.x); i < TT * RB; i += stacked_threads) {
+    const int t = i / RB, j = i % RB;
+    sxa[t][j] = (t < tn && j < r) ? s * to_float(C[static_cast<long>(t0 + t) * ldc + out + j]) : 0.f;
+  }
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int i = static_cast<int>(threadIdx.x); i < tn * rp; i += stacked_threads) {
+      const int t = i / rp, j = i % rp;
+      XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
+    }
+  if (n >= out) return;
+#pragma unroll
+  for (int t = 0; t < TT; ++t) {
+    if (t < tn) {
+      float acc = c[t];
+#pragma unroll
+      for (int j = 0; j < RB; ++j) acc = fmaf(sxa[t][j], b[j], acc);
+      Y[static_cast<long>(t0 + t) * ldy + n] = from_float<T>(acc);
+    }
+  }
+}
+
 /// out[n] = Σ_k M[n, k]² in float; one warp per row.
 template <class T>
 __global__ void row_sqnorm_kernel(const T* __restrict__ M, long ldm, int rows, int cols, float* __restrict__ out) {
@@ -411,5 +468,171 @@ struct mma_traits<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 };
+
+/// The one-launch decode forward (FusedPath::stream) on tensor cores: 256 threads per block,
+/// one block per tile of 16 rows of M = [W; A] (the fused block's tall_padded rows).
+constexpr int stream_threads = 256;
+/// Most tokens stream_forward_kernel takes (four groups of 8 for mma.m16n8k16's N).
+constexpr int stream_max_tokens = 32;
+/// Floats of the stream kernel's device state: 4 counters, then s·X·Aᵀ [stream_max_tokens × 64].
+constexpr int stream_state_floats = 4 + stream_max_tokens * 64;
+
+__device__ __forceinline__ unsigned load_acquire_gpu(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+/// Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ for tokens ≤ 8·NG in one launch that reads each element of W once.
+/// Each block takes a ticket (atomicAdd on state[0]) that names its tile of 16 rows of M =
+/// [W; A]: the first ⌈r / 16⌉ tickets are A's tiles, so a block that waits runs after they have
+/// started. The 8 warps split K in steps of 32; per step a thread loads 16 bytes of two rows of M
+/// (rows g and g + 8 of the tile, g = lane / 4) and of its token's row of X at k + 8·(lane % 4),
+/// and two mma.m16n8k16 (M's rows as the 16-row operand, 8 tokens as N) consume them: the
+/// sum over k runs in a permuted order that A's and B's fragments share. The warps' sums meet
+/// in shared memory. An A tile writes s·X·Aᵀ (float, to state) and [s·X·Aᵀ | 0] (rounded, to XA:
+/// the fused backward reads it), then counts itself done in state[1] (release); a W tile loads
+/// its 16 rows of B, waits for state[1] = ⌈r / 16⌉ (acquire), and writes
+/// Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ. The last block to finish resets the counters for the next launch.
+/// Needs K, ldx, ldm multiples of 8, 16-byte aligned X and M, r ≤ 64 and M's rows out …
+/// out + 16·⌈r / 16⌉ readable (zeros past r: the fused block's A_padded rows, rp ≥ that).
+template <class T, int NG>
+__global__ void __launch_bounds__(stream_threads, 2)
+    stream_forward_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ M, long ldm,
+                          int out, int r, const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
+                          T* __restrict__ XA, long ldxa, int rp, unsigned* __restrict__ state) {
+  static_assert(sizeof(T) == 2);
+  constexpr int U = NG <= 2 ? 4 : 2;  // steps in flight per warp
+  constexpr int W8 = stream_threads / 32;
+  constexpr int TK = 8 * NG;
+  __shared__ int tile_s;
+  __shared__ float red[W8][TK][17];
+  __shared__ float sB[16][64];
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
+  const int nA = (r + 15) / 16;
+  float* xa_f = reinterpret_cast<float*>(state + 4);
+  if (tid == 0) tile_s = static_cast<int>(atomicAdd(state, 1u));
+  __syncthreads();
+  const int tile = tile_s;
+  const bool a_tile = tile < nA;
+  const int row0 = a_tile ? out + 16 * tile : 16 * (tile - nA);
+  const int row_end = a_tile ? out + 16 * nA : out;
+
+  const bool ok0 = row0 + g < row_end, ok1 = row0 + g + 8 < row_end;
+  const T* m0 = M + static_cast<long>(ok0 ? row0 + g : 0) * ldm;
+  const T* m1 = M + static_cast<long>(ok1 ? row0 + g + 8 : 0) * ldm;
+  const T* xr[NG];
+  bool okx[NG];
+#pragma unroll
+  for (int q = 0; q < NG; ++q) {
+    okx[q] = q * 8 + g < tokens;
+    xr[q] = X + static_cast<long>(okx[q] ? q * 8 + g : 0) * ldx;
+  }
+  float acc[NG][4];
+#pragma unroll
+  for (int q = 0; q < NG; ++q)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[q][i] = 0.f;
+
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  // A warp's U steps are adjacent (32·U contiguous elements of each row per iteration). The
+  // loop's condition is the warp's (kb), never the lane's: mma.sync needs all 32 lanes.
+  for (int kb = warp * 32 * U; kb < K; kb += W8 * 32 * U) {
+    uint4 w0[U], w1[U], xv[U][NG];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = kb + u * 32 + c * 8;
+      const bool ok = k < K;
+      w0[u] = ok && ok0 ? __ldg(reinterpret_cast<const uint4*>(m0 + k)) : zero;
+      w1[u] = ok && ok1 ? __ldg(reinterpret_cast<const uint4*>(m1 + k)) : zero;
+#pragma unroll
+      for (int q = 0; q < NG; ++q) xv[u][q] = ok && okx[q] ? __ldg(reinterpret_cast<const uint4*>(xr[q] + k)) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int q = 0; q < NG; ++q) {
+        const std::uint32_t a_lo[4] = {w0[u].x, w1[u].x, w0[u].y, w1[u].y};
+        const std::uint32_t a_hi[4] = {w0[u].z, w1[u].z, w0[u].w, w1[u].w};
+        mma_traits<T>::mma(acc[q], a_lo, xv[u][q].x, xv[u][q].y);
+        mma_traits<T>::mma(acc[q], a_hi, xv[u][q].z, xv[u][q].w);
+      }
+  }
+  // acc[q]: rows g (0, 1) and g + 8 (2, 3) of the tile, tokens 8q + 2c (0, 2) and 8q + 2c + 1 (1, 3).
+#pragma unroll
+  for (int q = 0; q < NG; ++q) {
+    red[warp][q * 8 + 2 * c][g] = acc[q][0];
+    red[warp][q * 8 + 2 * c + 1][g] = acc[q][1];
+    red[warp][q * 8 + 2 * c][g + 8] = acc[q][2];
+    red[warp][q * 8 + 2 * c + 1][g + 8] = acc[q][3];
+  }
+  if (!a_tile)  // this tile's rows of B, before any wait
+    for (int i = tid; i < 16 * 64; i += stream_threads) {
+      const int row = i / 64, j = i % 64, n = row0 + row;
+      sB[row][j] = (j < r && n < out) ? to_float(B[static_cast<long>(n) * ldb + j]) : 0.f;
+    }
+  __syncthreads();
+  constexpr int PER = (TK * 16 + stream_threads - 1) / stream_threads;
+  float v[PER];
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    const int i = tid + p * stream_threads, t = i / 16, row = i % 16;
+    float sum = 0.f;
+    if (i < TK * 16)
+#pragma unroll
+      for (int w = 0; w < W8; ++w) sum += red[w][t][row];
+    v[p] = sum;
+  }
+  if (a_tile) {
+    const int RX = 16 * nA;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      const int i = tid + p * stream_threads, t = i / 16, j = 16 * tile + i % 16;
+      if (i < TK * 16 && t < tokens) {
+        const float x = j < r ? s * v[p] : 0.f;
+        xa_f[t * RX + j] = x;
+        XA[static_cast<long>(t) * ldxa + j] = from_float<T>(x);
+      }
+    }
+    if (tile == 0)  // the zero columns of XA past A's tiles
+      for (int i = tid; i < tokens * (rp - RX); i += stream_threads) {
+        const int t = i / (rp - RX), j = RX + i % (rp - RX);
+        XA[static_cast<long>(t) * ldxa + j] = from_float<T>(0.f);
+      }
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      atomicAdd(state + 1, 1u);
+    }
+  } else {
+    if (tid == 0) {
+      // Bounded (about a second): a broken protocol gives a wrong Y that tests catch, not a hang.
+      for (int spin = 0; spin < (1 << 24) && load_acquire_gpu(state + 1) < static_cast<unsigned>(nA); ++spin)
+        __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
+    const int RX = 16 * nA;
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      const int i = tid + p * stream_threads, t = i / 16, row = i % 16, n = row0 + row;
+      if (i < TK * 16 && t < tokens && n < out) {
+        float y = v[p];
+        for (int j = 0; j < r; ++j) y = fmaf(__ldcg(xa_f + t * RX + j), sB[row][j], y);
+        Y[static_cast<long>(t) * ldy + n] = from_float<T>(y);
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(state + 2, 1u) == gridDim.x - 1) {
+      state[0] = 0;
+      state[1] = 0;
+      state[2] = 0;
+      __threadfence();
+    }
+  }
+}
 
 }  // namespace lora::detail

@@ -74,6 +74,9 @@ class Planner {
   DeviceBuffer<float> dy_partials;
   /// The stacked forward's [T × (out + rp)] product [X·Wᵀ | X·Aᵀ | 0], in bytes.
   DeviceBuffer<std::byte> stacked;
+  /// The stream forward's state (detail::stream_forward_kernel): its counters, zero between
+  /// launches, and s·X·Aᵀ in float.
+  DeviceBuffer<unsigned> stream_state;
 
  private:
   mutable std::mutex m_;
