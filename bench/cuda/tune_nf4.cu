@@ -5,6 +5,7 @@
 // kernel or launch helper of the library, with the template parameters nf4_gemm chooses among:
 //   ring [nopdl]      nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
 //                     for blocksize 64 and K ≤ 4096), as a programmatic dependent launch or not
+//   ring S2 / S4      the same with 2 or 4 ring slots per warp (nf4_gemm: 3)
 //   stream NT1/NT2    nf4_stream_kernel (tensor cores, barrier form): nf4_gemm's choice for 2…16
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
@@ -164,6 +165,13 @@ int main(int argc, char** argv) {
           const auto& w = q[i % sets];
           detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
                                      w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), pdl);
+        });
+      for (const int st : {2, 4})
+        variant(st == 2 ? "ring S2" : "ring S4", [&, st](int i) {
+          const auto& w = q[i % sets];
+          auto f = st == 2 ? detail::launch_nf4_ring<T, 2> : detail::launch_nf4_ring<T, 4>;
+          f(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
+            static_cast<int>(out), yd, ldy, ctx->stream(), true, {});
         });
       if (tokens == 1)
         variant("byte_pair pdl", [&](int i) {

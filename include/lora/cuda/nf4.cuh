@@ -718,16 +718,16 @@ void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const f
 // ---- 1…16 tokens on tensor cores, codes streamed through a per-warp copy ring ---------------
 
 constexpr int nf4_ring_stages = 3;        // ring slots per warp: two tiles in flight while one computes
-constexpr int nf4_ring_row_bytes = 160;   // a row's 128 code bytes + 32 of padding (conflict-free LDS.64)
+constexpr int nf4_ring_row_bytes = 128;   // a row's 128 code bytes, 32-byte units swizzled by row % 4
 constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 rows of codes, then 16 × 4 absmax
 constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
 /// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
 /// [16 tokens × 16·RT] values of T.
-template <int NT, int RT = 0>
+template <int NT, int RT = 0, int S = nf4_ring_stages>
 constexpr int nf4_ring_smem_bytes(int warps) {
-  return nf4_mma_lut_bytes + warps * nf4_ring_stages * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
+  return nf4_mma_lut_bytes + warps * S * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
          (RT > 0 ? 16 * 16 * RT * 2 : 0);
 }
 
@@ -758,9 +758,9 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// A block has K / 256 warps; warp w owns the 256 weights [256w, 256w + 256) of every row, keeps
 /// its tokens' activations for them in registers for the whole kernel, and walks the block's
 /// tiles of 16 rows (blockIdx.x, blockIdx.x + gridDim.x, …). Each tile's codes (16 rows × 128
-/// bytes, rows padded to 160 bytes so that the fragment loads hit distinct banks) and its 16 × 4
-/// scales come into a per-warp ring of shared memory by cp.async, `nf4_ring_stages` tiles
-/// ahead: loads are in flight independently of the registers and of the other warps, which
+/// bytes, the 32-byte group u of row r stored at u ^ (r % 4), so that the four rows a half-warp's
+/// fragment loads read hit distinct banks) and its 16 × 4 scales come into a per-warp ring of
+/// S slots of shared memory by cp.async, S − 1 tiles ahead: loads are in flight independently of the registers and of the other warps, which
 /// only meet once per tile to add their partial sums (one barrier, two slots). The arithmetic
 /// is nf4_stream_kernel's: a byte of two codes becomes a code pair in the activation type
 /// through a lane-private 256-entry table (one PRMT + one LEA + one LDS per byte), four
@@ -774,12 +774,12 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// order through shared memory, then rounded to T as the unfused path rounds its XA), and warp
 /// 0 adds the tile's 16 rows of B times XA (RT mma per n-tile) to its partial sum, so Y is
 /// rounded once. A, B and XA come from L2 while the first tiles of W are still in flight.
-template <class T, int NT, int RT = 0>
+template <class T, int NT, int RT = 0, int S = nf4_ring_stages>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
                     Nf4RingLora<T> lora) {
-  constexpr int S = nf4_ring_stages, RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes;
+  constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -801,7 +801,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       for (int i = 0; i < 4; ++i) {
         const int r = lane / 8 + 4 * i, col = lane % 8;
         const long row = min(row0 + r, nOut - 1);
-        nf4_cp_async16(st + r * RB + col * 16, pc + row * crow + col * 16);
+        nf4_cp_async16(st + r * RB + (((col >> 1) ^ (r & 3)) << 5) + (col & 1) * 16, pc + row * crow + col * 16);
       }
       if (lane < 16) {
         const long row = min(row0 + lane, nOut - 1);
@@ -933,8 +933,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
-      const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + 32 * g + 8 * q);
-      const uint2 wb = *reinterpret_cast<const uint2*>(st + (gid + 8) * RB + 32 * g + 8 * q);
+      const int u = (g ^ (gid & 3)) << 5;  // rows gid and gid + 8 share the swizzle
+      const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + u + 8 * q);
+      const uint2 wb = *reinterpret_cast<const uint2*>(st + (gid + 8) * RB + u + 8 * q);
       float d[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
@@ -997,17 +998,17 @@ bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
 /// dependent launch by default; with lora.r > 0 (nf4_ring_lora_ok) it adds (s·X·Aᵀ)·Bᵀ.
-template <class T>
+template <class T, int S = nf4_ring_stages>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, Nf4RingLora<T> lora = {}) {
   const int warps = K / 256;
   auto go = [&](auto nt, auto rt) {
     constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
-    auto kernel = nf4_ring_kernel<T, NT, RT>;
-    const int smem = nf4_ring_smem_bytes<NT, RT>(warps);
+    auto kernel = nf4_ring_kernel<T, NT, RT, S>;
+    const int smem = nf4_ring_smem_bytes<NT, RT, S>(warps);
     static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
-    const int c =
-        persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT, RT>(nf4_ring_max_warps), cap[warps]);
+    const int c = persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT, RT, S>(nf4_ring_max_warps),
+                                      cap[warps]);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
                      stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
