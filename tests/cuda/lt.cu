@@ -9,16 +9,8 @@
 #include "cuda/support.cuh"
 
 using namespace lora;
+using lora::test::d;
 using lora::test::MatD;
-
-namespace {
-
-template <class E>
-MatD d(const Eigen::MatrixBase<E>& m) {
-  return m.template cast<double>();
-}
-
-}  // namespace
 
 TEMPLATE_TEST_CASE("cuda lt: every cuBLASLt candidate computes op(A)·op(B) like float64", "[cuda][lt]", bfloat16,
                    lora::half) {
