@@ -355,3 +355,64 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
   DeviceMatrix<float> f(8, 64);
   CHECK_FALSE(detail::dora_pass_ok<float>(f.view(), f.view().row_block(0, 4), f.view().row_block(0, 1), 4));
 }
+
+TEMPLATE_TEST_CASE("cuda dora: fan_in_fan_out (W stored [in x out]) as on the CPU, against float64", "[cuda][dora]",
+                   bfloat16, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 136, out = 72, r = 8;
+  LowRankAdapter<S> h(in, out, r, 16.0, AdapterOptions{.fan_in_fan_out = true});
+  h.set_A(rand_s<S>(r, in, g, 0.1));
+  h.set_B(rand_s<S>(out, r, g, 0.1));
+  const Matrix<S> Wt = rand_s<S>(in, out, g, 0.1);  // [in × out], as GPT-2's Conv1D keeps it
+  Vector<double> m(out);
+  for (Index n = 0; n < out; ++n) m[n] = g.uniform(0.5, 2.0);
+  const MatD Wd = d(Wt).transpose(), Ad = d(h.A()), Bd = d(h.B());
+  const double s = h.scaling();
+  const DoraAdapter<S> cpu_dora(h, m.cast<compute_t<S>>());
+  auto dora = DoraAdapter<S, cuda>::from_host(cpu_dora);
+  auto dW = DeviceMatrix<S>::from_host(Wt);
+  CHECK_THROWS_AS(dora.fuse(dW.view()), lora::error);  // the fused block takes [out × in], as LoRA's
+  const DeviceMatrix<S> Wwrong(out, in);
+  CHECK_THROWS_AS(dora.weight_norm(Wwrong.view()), lora::error);
+
+  const Vector<double> norm = (Wd + s * Bd * Ad).rowwise().norm();
+  CHECK(lora::test::rel_error(dora.weight_norm(dW.view()).to_host(), MatD(norm)) < 1e-5);
+  CHECK(lora::test::rel_error(cpu_dora.weight_norm(Wt), MatD(norm)) < 1e-5);  // the CPU agrees
+  for (Index T : {Index(1), Index(5), Index(24)}) {
+    INFO("T " << T);
+    const Matrix<S> X = rand_s<S>(T, in, g), dY = rand_s<S>(T, out, g);
+    Vector<double> nrm;
+    const MatD ref = dora_reference(Wd, Ad, Bd, d(X), m, s, nrm);
+    auto dX = DeviceMatrix<S>::from_host(X);
+    for (DoraDecode how : {DoraDecode::automatic, DoraDecode::two_pass}) {
+      dora.decode_path(how);
+      const Matrix<S> Y = dora.apply(dW.view(), dX.view()).to_host();
+      CHECK(lora::test::rel_error(Y, ref) < tol<S>());
+      CHECK(lora::test::rel_error(Y, d(cpu_dora.apply(Wt, X))) < tol<S>());
+    }
+    dora.decode_path(DoraDecode::automatic);
+    // Gradients against the CPU class (itself tested against float64 in tests/dora).
+    const auto gc = cpu_dora.backward(Wt, X, dY.template cast<compute_t<S>>());
+    const auto gd = dora.backward(dW.view(), dX.view(), DeviceMatrix<S>::from_host(dY).view());
+    CHECK(lora::test::rel_error(gd.dX.to_host(), d(gc.dX)) < tol<S>());
+    CHECK(lora::test::rel_error(gd.dA.to_host(), d(gc.dA)) < tol<S>());
+    CHECK(lora::test::rel_error(gd.dB.to_host(), d(gc.dB)) < tol<S>());
+    CHECK(lora::test::rel_error(gd.dm.to_host(), MatD(d(gc.dm))) < tol<S>());
+  }
+  // merge / unmerge / merged_weight keep W's [in × out] orientation, column n scaled by c_n.
+  const MatD merged = ((Wd + s * Bd * Ad).array().colwise() * (m.array() / norm.array())).matrix().transpose();
+  CHECK(lora::test::rel_error(dora.merged_weight(dW.view()).to_host(), merged) < tol<S>());
+  CHECK(lora::test::rel_error(dora.merged_weight(dW.view()).to_host(), d(cpu_dora.merged_weight(Wt))) < tol<S>());
+  auto Wm = DeviceMatrix<S>::from_host(Wt);
+  const DeviceMatrix<float> n = dora.merge(Wm.view());
+  CHECK(lora::test::rel_error(Wm.to_host(), merged) < tol<S>());
+  CHECK(lora::test::rel_error(n.to_host(), MatD(norm)) < 1e-5);
+  dora.unmerge(Wm.view(), n.view());
+  CHECK(lora::test::rel_error(Wm.to_host(), d(Wt)) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
+  // PEFT's initialisation: m = ‖W + s·B·A‖ per output feature.
+  const auto init = DoraAdapter<S, cuda>::from_weight(LowRankAdapter<S, cuda>::from_host(h), dW.view());
+  CHECK(lora::test::rel_error(lora::to_host(init.magnitude()), MatD(norm)) < 1e-5);
+}

@@ -232,6 +232,23 @@ void dora_backward(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& 
   LORA_CUDA_CHECK_LAUNCH("divide_kernel");
 }
 
+/// dst [cols × rows] = srcᵀ for src [rows × cols]: 32 × 32 tiles through shared memory (block 32 × 8).
+template <class T>
+__global__ void transpose_kernel(const T* __restrict__ src, long lds, int rows, int cols, T* __restrict__ dst,
+                                 long ldd) {
+  __shared__ T tile[32][33];
+  const int r0 = blockIdx.y * 32, c0 = blockIdx.x * 32;
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = src[static_cast<long>(r) * lds + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < 32; i += 8) {
+    const int c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) dst[static_cast<long>(c) * ldd + r] = tile[threadIdx.x][i];
+  }
+}
+
 /// One warp per row of V [rows × cols] (float, ldv): n = ‖V_row‖, c = m / n, and
 /// W_row = c·V_row rounded to T (DoRA's merge, one rounding); norm[row] = n.
 template <class T>
@@ -274,7 +291,9 @@ struct DeviceDoraGradients {
 /// in place of Eigen matrices. As with LowRankAdapter<S, cuda>, a product that CPU returns
 /// has two forms here: one that writes a caller's buffer (no allocation), one that returns
 /// a new DeviceMatrix. S is bfloat16, half or float; arithmetic in float. The base weight
-/// is [out × in] (fan_in_fan_out adapters are refused: pass W transposed).
+/// is [out × in], or [in × out] when the LoRA adapter has fan_in_fan_out (as on the CPU: the
+/// norms are per output feature, columns of that W; the plain forms transpose a copy of W
+/// for the norms and merges; the fused path, like LowRankAdapter<S, cuda>::fuse, takes [out × in] only).
 ///
 ///   auto d = lora::DoraAdapter<lora::bfloat16, lora::cuda>::from_host(host_dora);
 ///   auto Y = d.apply(W, X);                      // (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ)
@@ -297,9 +316,6 @@ class DoraAdapter<Scalar, cuda, Scaling> {
 
   /// Adopts a device LoRA adapter and a magnitude m [out × 1] (or [1 × out]) in float.
   DoraAdapter(lora_type lora, DeviceMatrix<float> magnitude) : lora_(std::move(lora)), m_(std::move(magnitude)) {
-    if (lora_.fan_in_fan_out())
-      detail::fail("{}DoRA on the GPU needs W as [out x in]: fan_in_fan_out adapters are not supported (transpose W)",
-                   who());
     if (m_.rows() * m_.cols() != lora_.out_features())
       detail::fail("{}DoRA magnitude has {} elements, expected out_features = {}", who(), m_.rows() * m_.cols(),
                    lora_.out_features());
@@ -341,8 +357,10 @@ class DoraAdapter<Scalar, cuda, Scaling> {
 
   /// n = ‖W + s·B·A‖_row [out × 1] (from ‖w_n‖², W·Aᵀ and A·Aᵀ: W + s·B·A is not formed).
   DeviceMatrix<float> weight_norm(cview W) const {
+    check_weight(W);
     DeviceMatrix<float> n(out_features(), 1);
-    norms(W, n.data(), nullptr);
+    const DeviceMatrix<Scalar> t = rows_copy(W);
+    norms(rows_view(W, t), n.data(), nullptr);
     return n;
   }
 
@@ -352,12 +370,14 @@ class DoraAdapter<Scalar, cuda, Scaling> {
     detail::check_cols(who(), "input X", X.cols, in_features());
     detail::require(Y.rows == X.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, X.rows,
                     out_features());
-    if (detail::dora_takes_pass(ws_, W, lora_.A(), X, rank(), who())) {  // one read of W for the norms and Y
-      detail::dora_run_pass(context(), W, lora_.A(), lora_.B(), X, scaling(), m_.data(), Y, ws_);
+    const DeviceMatrix<Scalar> t = rows_copy(W);  // fan_in_fan_out: W as [out × in]
+    const cview Wr = rows_view(W, t);
+    if (detail::dora_takes_pass(ws_, Wr, lora_.A(), X, rank(), who())) {  // one read of W for the norms and Y
+      detail::dora_run_pass(context(), Wr, lora_.A(), lora_.B(), X, scaling(), m_.data(), Y, ws_);
       return;
     }
     DeviceMatrix<float> n(out_features(), 1), c(out_features(), 1);
-    norms(W, n.data(), c.data());
+    norms(Wr, n.data(), c.data());
     lora_.apply(W, X, Y);
     scale_columns(Y, c.data());
   }
@@ -373,9 +393,13 @@ class DoraAdapter<Scalar, cuda, Scaling> {
   gradients backward(cview W, cview X, cview dY) const {
     detail::require(dY.rows == X.rows && dY.cols == out_features(), who(), "dY", dY.rows, dY.cols, X.rows,
                     out_features());
+    check_weight(W);
     const Index T = X.rows, out = out_features();
     DeviceMatrix<float> n(out, 1), c(out, 1);
-    norms(W, n.data(), c.data());
+    {
+      const DeviceMatrix<Scalar> t = rows_copy(W);
+      norms(rows_view(W, t), n.data(), c.data());
+    }
     DeviceMatrix<Scalar> G(T, out);
     if (T > 0)
       LORA_CUDA_CHECK(cudaMemcpy2DAsync(G.data(), out * sizeof(Scalar), dY.data, dY.ld * sizeof(Scalar),
@@ -393,13 +417,16 @@ class DoraAdapter<Scalar, cuda, Scaling> {
   DeviceMatrix<float> merge(view W) const {
     check_weight(W);
     const Index out = out_features(), in = in_features();
-    DeviceMatrix<float> V = adapted_weight(W), n(out, 1);
-    if (out > 0) {
-      detail::dora_merge_rows_kernel<T><<<detail::ceil_div(out, 8), 256, 0, stream()>>>(
-          V.data(), in, static_cast<int>(out), static_cast<int>(in), m_.data(), reinterpret_cast<T*>(W.data), W.ld,
-          n.data());
-      LORA_CUDA_CHECK_LAUNCH("dora_merge_rows_kernel");
-    }
+    DeviceMatrix<float> n(out, 1);
+    by_rows(W, [&](view Wr) {
+      DeviceMatrix<float> V = adapted_weight(Wr);
+      if (out > 0) {
+        detail::dora_merge_rows_kernel<T><<<detail::ceil_div(out, 8), 256, 0, stream()>>>(
+            V.data(), in, static_cast<int>(out), static_cast<int>(in), m_.data(), reinterpret_cast<T*>(Wr.data),
+            Wr.ld, n.data());
+        LORA_CUDA_CHECK_LAUNCH("dora_merge_rows_kernel");
+      }
+    });
     return n;
   }
   /// W ← W ⊘ (m ⊘ n) − s·B·A with the n returned by merge.
@@ -412,15 +439,17 @@ class DoraAdapter<Scalar, cuda, Scaling> {
     detail::gemm<Scalar, Scalar, float>(context(), false, false, out, in, rank(), static_cast<float>(scaling()),
                                         lora_.B(), lora_.A(), 0.f, D.view());
     if (out * in == 0) return;
-    detail::dora_unmerge_kernel<T><<<detail::ceil_div(out * in, 256), 256, 0, stream()>>>(
-        reinterpret_cast<T*>(W.data), W.ld, D.data(), in, static_cast<int>(out), static_cast<int>(in), n.data,
-        m_.data());
-    LORA_CUDA_CHECK_LAUNCH("dora_unmerge_kernel");
+    by_rows(W, [&](view Wr) {
+      detail::dora_unmerge_kernel<T><<<detail::ceil_div(out * in, 256), 256, 0, stream()>>>(
+          reinterpret_cast<T*>(Wr.data), Wr.ld, D.data(), in, static_cast<int>(out), static_cast<int>(in), n.data,
+          m_.data());
+      LORA_CUDA_CHECK_LAUNCH("dora_unmerge_kernel");
+    });
   }
   /// The merged weight, W left as it is.
   DeviceMatrix<Scalar> merged_weight(cview W) const {
     check_weight(W);
-    DeviceMatrix<Scalar> M(out_features(), in_features());
+    DeviceMatrix<Scalar> M(W.rows, W.cols);  // W's orientation
     if (M.size())
       LORA_CUDA_CHECK(cudaMemcpy2DAsync(M.data(), M.cols() * sizeof(Scalar), W.data, W.ld * sizeof(Scalar),
                                         W.cols * sizeof(Scalar), W.rows, cudaMemcpyDeviceToDevice, stream()));
@@ -471,11 +500,38 @@ class DoraAdapter<Scalar, cuda, Scaling> {
   using T = detail::device_t<Scalar>;
   cudaStream_t stream() const { return context().stream(); }
   void check_weight(cview W) const {
-    detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
+    if (lora_.fan_in_fan_out())
+      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows, W.cols, in_features(), out_features());
+    else
+      detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
   }
-  /// n (and c = m ⊘ n when c is given) from ‖w_n‖², P = W·Aᵀ and G = A·Aᵀ (float).
+  /// Wᵀ [out × in] when W is stored [in × out] (fan_in_fan_out); an empty matrix otherwise.
+  DeviceMatrix<Scalar> rows_copy(cview W) const {
+    if (!lora_.fan_in_fan_out()) return {};
+    DeviceMatrix<Scalar> t(W.cols, W.rows);
+    transpose(W, t.view());
+    return t;
+  }
+  cview rows_view(cview W, const DeviceMatrix<Scalar>& t) const { return lora_.fan_in_fan_out() ? cview(t.view()) : W; }
+  /// dst = srcᵀ.
+  void transpose(cview src, view dst) const {
+    if (src.rows * src.cols == 0) return;
+    detail::transpose_kernel<T><<<dim3(detail::ceil_div(src.cols, 32), detail::ceil_div(src.rows, 32)), dim3(32, 8), 0,
+                                  stream()>>>(reinterpret_cast<const T*>(src.data), src.ld, static_cast<int>(src.rows),
+                                              static_cast<int>(src.cols), reinterpret_cast<T*>(dst.data), dst.ld);
+    LORA_CUDA_CHECK_LAUNCH("transpose_kernel");
+  }
+  /// f(W as [out × in]) and, with fan_in_fan_out, the result transposed back into W.
+  template <class F>
+  void by_rows(view W, F&& f) const {
+    if (!lora_.fan_in_fan_out()) return f(W);
+    DeviceMatrix<Scalar> t = rows_copy(W);
+    f(t.view());
+    transpose(t.view(), W);
+  }
+  /// n (and c = m ⊘ n when c is given) from ‖w_n‖², P = W·Aᵀ and G = A·Aᵀ (float), W [out × in].
   void norms(cview W, float* n, float* c) const {
-    check_weight(W);
+    detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
     const Index out = out_features(), in = in_features(), r = rank();
     DeviceMatrix<float> wn2(out, 1), PG(out + r, r);
     if (out == 0) return;
@@ -493,7 +549,7 @@ class DoraAdapter<Scalar, cuda, Scaling> {
         static_cast<int>(r), static_cast<float>(scaling()), m_.data(), n, c);
     LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
   }
-  /// V = W + s·B·A in float [out × in].
+  /// V = W + s·B·A in float [out × in], W [out × in].
   DeviceMatrix<float> adapted_weight(cview W) const {
     const Index out = out_features(), in = in_features();
     DeviceMatrix<float> V(out, in);
