@@ -552,8 +552,16 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (!only_dora) {
-    for (Index out : {Index(4096), Index(14336)})
-      bench_decode(*ctx, ctx, 4096, out, {2, 4, 8, 16, 32, 64, 128}, 16, g);
+    // LORA_BENCH_DECODE=out:T,out:T,… limits the decode rows (for profiling runs).
+    const char* dec = std::getenv("LORA_BENCH_DECODE");
+    for (Index out : {Index(4096), Index(14336)}) {
+      std::vector<Index> ts;
+      for (Index T : {2, 4, 8, 16, 32, 64, 128}) {
+        const std::string pair = std::to_string(out) + ":" + std::to_string(T);
+        if (!dec || ("," + std::string(dec) + ",").find("," + pair + ",") != std::string::npos) ts.push_back(T);
+      }
+      if (!ts.empty()) bench_decode(*ctx, ctx, 4096, out, ts, 16, g);
+    }
     if (only && std::string(only) == "decode") return 0;
     for (Index T : {Index(1), Index(16), Index(4096), Index(16384)})
       for (Index r : {Index(16), Index(64)}) bench_lora(*ctx, ctx, 4096, 4096, T, r, g, false);

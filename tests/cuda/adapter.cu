@@ -316,3 +316,44 @@ TEMPLATE_TEST_CASE("cuda adapter: both stacked epilogue kernels match float64 on
         CHECK(all_nan(XAh.rightCols(3)));
       }
 }
+
+TEST_CASE("cuda adapter: validation and messages are AdapterSpec's, the same as on the CPU", "[cuda][adapter]") {
+  auto message = [](auto&& f) -> std::string {
+    try {
+      f();
+    } catch (const lora::error& e) {
+      return e.what();
+    }
+    return "did not throw";
+  };
+  const AdapterOptions named{.name = "q_proj"};
+  // Construction: rank out of range, alpha not finite, dropout out of [0, 1).
+  CHECK(message([&] { LowRankAdapter<float, cuda>(64, 32, 0, 8.0, named); }) ==
+        message([&] { LowRankAdapter<float>(64, 32, 0, 8.0, named); }));
+  CHECK(message([&] { LowRankAdapter<float, cuda>(64, 32, 40, 8.0, named); }) ==
+        message([&] { LowRankAdapter<float>(64, 32, 40, 8.0, named); }));
+  CHECK(message([&] { LowRankAdapter<float, cuda>(64, 32, 4, std::nan(""), named); }) ==
+        message([&] { LowRankAdapter<float>(64, 32, 4, std::nan(""), named); }));
+  const AdapterOptions bad_dropout{.dropout = 1.5, .name = "q_proj"};
+  CHECK(message([&] { LowRankAdapter<float, cuda>(64, 32, 4, 8.0, bad_dropout); }) ==
+        message([&] { LowRankAdapter<float>(64, 32, 4, 8.0, bad_dropout); }));
+  // Operands: W, X, dY and the factors, each with the CPU adapter's message.
+  LowRankAdapter<float, cuda> ad(64, 32, 4, 8.0, named);
+  const LowRankAdapter<float> cpu(64, 32, 4, 8.0, named);
+  CHECK(ad.spec().in_features == 64);
+  CHECK(ad.spec().out_features == 32);
+  CHECK(ad.who() == cpu.spec().who());
+  DeviceMatrix<float> W(32, 64), Wbad(31, 64), X(3, 64), Xbad(3, 63), dYbad(3, 31);
+  const Matrix<float> hW = Matrix<float>::Zero(32, 64), hWbad = Matrix<float>::Zero(31, 64),
+                      hX = Matrix<float>::Zero(3, 64), hXbad = Matrix<float>::Zero(3, 63),
+                      hdYbad = Matrix<float>::Zero(3, 31);
+  const std::string bad_w = message([&] { ad.apply(Wbad.view(), X.view()); });
+  CHECK(bad_w.find("base weight W") != std::string::npos);
+  CHECK(bad_w == message([&] { (void)cpu.apply(hWbad, hX); }));
+  CHECK(message([&] { ad.apply(W.view(), Xbad.view()); }) == message([&] { (void)cpu.apply(hW, hXbad); }));
+  CHECK(message([&] { ad.backward(W.view(), X.view(), dYbad.view()); }) ==
+        message([&] { (void)cpu.backward(hW, hX, hdYbad); }));
+  LowRankAdapter<float> cpu2 = cpu;
+  CHECK(message([&] { ad.set_A(Matrix<float>(4, 63)); }) == message([&] { cpu2.set_A(Matrix<float>(4, 63)); }));
+  CHECK(message([&] { ad.set_B(Matrix<float>(31, 4)); }) == message([&] { cpu2.set_B(Matrix<float>(31, 4)); }));
+}

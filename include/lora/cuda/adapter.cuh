@@ -232,7 +232,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   using cview = DeviceView<const Scalar>;
   using host_adapter = LowRankAdapter<Scalar, cpu, Scaling>;
 
-  /// A = B = 0 on the device. Throws lora::error unless 1 ≤ r ≤ min(in, out) and alpha is finite.
+  /// A = B = 0 on the device. Throws lora::error (AdapterSpec::validate: the CPU adapter's
+  /// checks and messages) unless 1 ≤ r ≤ min(in, out), alpha is finite and dropout in [0, 1).
   LowRankAdapter(Index in_features, Index out_features, Index rank, double alpha, AdapterOptions opts = {},
                  Scaling policy = {}, std::shared_ptr<CudaContext> ctx = {})
       : host_(in_features, out_features, rank, alpha, opts, policy),
@@ -279,12 +280,12 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   view A() { return A_.view(); }
   view B() { return B_.view(); }
   void set_A(const MatrixRef<Scalar>& A) {
-    detail::check_shape(who(), "lora_A", A.rows(), A.cols(), rank(), in_features());
+    spec().check_shape("lora_A", A.rows(), A.cols(), rank(), in_features());
     ctx_->synchronize();
     A_.upload(A);
   }
   void set_B(const MatrixRef<Scalar>& B) {
-    detail::check_shape(who(), "lora_B", B.rows(), B.cols(), out_features(), rank());
+    spec().check_shape("lora_B", B.rows(), B.cols(), out_features(), rank());
     ctx_->synchronize();
     B_.upload(B);
   }
@@ -426,8 +427,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   DeviceGradients<Scalar> backward(cview W, cview X, cview dY) const {
     check_weight(W);
     check_input(X);
-    detail::require(dY.rows == X.rows && dY.cols == out_features(), who(), "dY", dY.rows, dY.cols, X.rows,
-                    out_features());
+    spec().check_output_grad(dY.rows, dY.cols, X.rows);
     const Index T = X.rows, in = in_features(), r = rank(), out = out_features();
     const float s = static_cast<float>(scaling());
     DeviceGradients<Scalar> g{DeviceMatrix<float>(r, in), DeviceMatrix<float>(out, r), DeviceMatrix<Scalar>(T, in)};
@@ -495,16 +495,14 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// W ← W − ΔW.
   void unmerge(view W) const { add_delta(W, -1.f); }
 
-  std::string who() const { return name().empty() ? std::string() : fmt::format("adapter '{}': ", name()); }
+  /// The shape, strength and options, and every check on them (core/spec.hpp), shared with
+  /// LowRankAdapter<S, cpu>: the same validation and messages on both devices.
+  const AdapterSpec& spec() const { return host_.spec(); }
+  std::string who() const { return spec().who(); }
 
  private:
-  void check_input(cview X) const { detail::check_cols(who(), "input X", X.cols, in_features()); }
-  void check_weight(cview W) const {
-    if (fan_in_fan_out())
-      detail::check_shape(who(), "base weight W (fan_in_fan_out)", W.rows, W.cols, in_features(), out_features());
-    else
-      detail::check_shape(who(), "base weight W", W.rows, W.cols, out_features(), in_features());
-  }
+  void check_input(cview X) const { spec().check_input(X.cols); }
+  void check_weight(cview W) const { spec().check_weight(W.rows, W.cols); }
   void check_fused(const FusedWeight<Scalar>& fw, cview Xp, cview Y) const {
     if (fw.out != out_features() || fw.in != in_features() || fw.r != rank())
       detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), fw.out, fw.in, fw.r,
