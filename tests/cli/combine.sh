@@ -2,14 +2,8 @@
 # lora combine: the ties/magnitude_prune types give PEFT's factors (tests/data/peft/combos_ext);
 # refusals exit 1 with one line on stderr and leave no output.
 # Called as: bash combine.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/combos_ext
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 
 # out/adapter_model.safetensors against reference <module>.<combo>.lora_A/B (1e-5 relative per tensor)
 compare() {

@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
 # lora diff: an adapter against itself (0), against a combination of it (PEFT's ties result),
 # modules on one side, the SVG heatmap. Called as: bash diff.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/combos_ext/adapters
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 
 "$LORA" diff "$FX/a1" "$FX/a1" > "$TMP/self" 2>&1 || fail "self: $(cat "$TMP/self")"
 grep -q "6 shared modules, largest relative difference [0-9.]*e-1[5-9]\|6 shared modules, largest relative difference 0.0000e+00" "$TMP/self" \

@@ -2,14 +2,8 @@
 # lora extract: PEFT's merged checkpoint (base + an r = 8 adapter on all 7 projections) gives
 # back the adapter's ΔW (lora diff ~1e-6, float32 rounding of the merge); refusals leave nothing.
 # Called as: bash extract.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 
 "$LORA" extract --base "$FX/base" --tuned "$FX/merged.safetensors" --rank 8 --out "$TMP/ex" > "$TMP/log" 2>&1 \
   || fail "extract: $(cat "$TMP/log")"

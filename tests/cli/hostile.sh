@@ -4,16 +4,8 @@
 # concurrent writers of one output. Each case: the exit status and the one stderr line
 # expected, no input changed, nothing left behind, and no hang (every run under `timeout`).
 # Called as: bash hostile.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
+source "$(dirname "$0")/common.sh" "$@"
 cases=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
 
 # Private copies of the fixtures, so that "the input is unchanged" can be checked by hash.
 cp -r "$DATA/peft/lora_r8_a16_all/base" "$TMP/base"

@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
 # lora info: an adapter folder's config, contents and tensors; a plain file's tensors.
 # Called as: bash info.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 P=$DATA/peft
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 out=$("$LORA" info "$P/modules_to_save_lm_head_embed/adapter") || fail "info on a modules_to_save adapter"
 for want in "PEFT LORA adapter" "PEFT version    0.21.0" "r 8  alpha 16" "targets         q_proj, v_proj" \
     "modules_to_save lm_head, embed_tokens" "4 adapted (0 embedding), 2 whole tensors" \

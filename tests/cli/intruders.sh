@@ -1,14 +1,8 @@
 #!/usr/bin/env bash
 # lora intruders: λ = 1 changes nothing (up to float rounding); the default λ changes exactly the
 # modules it reports intruders for; refusals leave nothing. Called as: bash intruders.sh <lora> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 
 "$LORA" intruders "$FX/adapter" --base "$FX/base" --lambda 1 --out "$TMP/same" > "$TMP/log" 2>&1 || fail "λ 1: $(cat "$TMP/log")"
 "$LORA" diff "$FX/adapter" "$TMP/same" --json > "$TMP/same.json" 2>&1 || fail "diff same"

@@ -5,18 +5,10 @@
 # Called as: bash malformed.sh <lora binary> <tests/data>
 # With MALFORMED_TABLE=<file>, appends a markdown row per case (command, input, status,
 # message) for docs/reliability.md.
-set -u
-LORA=$1
-DATA=$2
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+source "$(dirname "$0")/common.sh" "$@"
 BAD=$TMP/bad
 OUT=$TMP/out
-fails=0
 cases=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-PY=/usr/bin/python3
-[ -x "$PY" ] || PY=python3
 
 BASE=$DATA/peft/lora_r8_a16_all/base/model.safetensors
 ADAPTER=$DATA/peft/lora_r8_a16_all/adapter

@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # lora merge: good runs give PEFT's merged tensors; bad input exits 1 with one line on
 # stderr and leaves no output. Called as: bash merge.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+source "$(dirname "$0")/common.sh" "$@"
 
 # Compares two safetensors files: same keys, dtypes, shapes; values within 1e-6 relative
 # per tensor (python3 stdlib only; skipped without python3).

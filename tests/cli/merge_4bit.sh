@@ -3,14 +3,8 @@
 # 4-bit checkpoint; the --reference report must show the NF4 error only (the merged result
 # against PEFT's float merge is as far as the base's quantisation error), the output has no
 # NF4 companions, refusals leave nothing. Called as: bash merge_4bit.sh <lora binary> <tests/data>
-set -u
-LORA=$1
-DATA=$2
+source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-fails=0
-fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
 
 "$LORA" quantize "$FX/base/model.safetensors" --out "$TMP/base4.safetensors" --quiet > "$TMP/log" 2>&1 \
   || fail "quantize: $(cat "$TMP/log")"

@@ -2,12 +2,7 @@
 # lora quantize / lora dequantize: layout of the bnb-4bit output, round trip,
 # folder mode, and bad input (exit 1, one line on stderr, no output written).
 # Usage: bash quantize.sh <path to lora> <tests/data>
-set -u
-LORA=$1
-DATA=$2
-T=$(mktemp -d)
-trap 'rm -rf "$T"' EXIT
-fails=0
+source "$(dirname "$0")/common.sh" "$@"
 check() {  # check <description> <command...>
   local what=$1
   shift
@@ -16,13 +11,13 @@ check() {  # check <description> <command...>
 BASE="$DATA/peft/lora_r8_a16_all/base/model.safetensors"
 
 # --- file mode, double quantisation -------------------------------------------
-check "quantize --double-quant exits 0" "$LORA" quantize "$BASE" --out "$T/q.safetensors" --double-quant
-check "dequantize exits 0" "$LORA" dequantize "$T/q.safetensors" --out "$T/d.safetensors"
-check "dequantize --dtype bf16 exits 0" "$LORA" dequantize "$T/q.safetensors" --out "$T/d16.safetensors" --dtype bf16
-check "dequantize --dtype BFloat16 (any case) is --dtype bf16" bash -c '"$1" dequantize "$2/q.safetensors" --out "$2/dB.safetensors" --dtype BFloat16 > /dev/null && cmp -s "$2/dB.safetensors" "$2/d16.safetensors"' _ "$LORA" "$T"
-check "quantize --blocksize 128 exits 0" "$LORA" quantize "$BASE" --out "$T/q128.safetensors" --blocksize 128 --skip lm_head
+check "quantize --double-quant exits 0" "$LORA" quantize "$BASE" --out "$TMP/q.safetensors" --double-quant
+check "dequantize exits 0" "$LORA" dequantize "$TMP/q.safetensors" --out "$TMP/d.safetensors"
+check "dequantize --dtype bf16 exits 0" "$LORA" dequantize "$TMP/q.safetensors" --out "$TMP/d16.safetensors" --dtype bf16
+check "dequantize --dtype BFloat16 (any case) is --dtype bf16" bash -c '"$1" dequantize "$2/q.safetensors" --out "$2/dB.safetensors" --dtype BFloat16 > /dev/null && cmp -s "$2/dB.safetensors" "$2/d16.safetensors"' _ "$LORA" "$TMP"
+check "quantize --blocksize 128 exits 0" "$LORA" quantize "$BASE" --out "$TMP/q128.safetensors" --blocksize 128 --skip lm_head
 
-check "layout, values and round trip" python3 - "$BASE" "$T" <<'PY'
+check "layout, values and round trip" python3 - "$BASE" "$TMP" <<'PY'
 import json, struct, sys, math
 base, t = sys.argv[1], sys.argv[2]
 def load(p):
@@ -79,12 +74,12 @@ assert h128['model.embed_tokens.weight']['dtype'] == 'U8'  # --skip lm_head only
 PY
 
 # --- folder mode -------------------------------------------------------------
-mkdir -p "$T/model"
-cp "$BASE" "$T/model/model.safetensors"
-echo '{"model_type": "llama", "hidden_size": 64}' > "$T/model/config.json"
-echo 'tokenizer' > "$T/model/tokenizer.json"
-check "quantize a folder" "$LORA" quantize "$T/model" --out "$T/model-bnb" --double-quant
-check "folder output has config with quantization_config and copies other files" python3 - "$T/model-bnb" <<'PY'
+mkdir -p "$TMP/model"
+cp "$BASE" "$TMP/model/model.safetensors"
+echo '{"model_type": "llama", "hidden_size": 64}' > "$TMP/model/config.json"
+echo 'tokenizer' > "$TMP/model/tokenizer.json"
+check "quantize a folder" "$LORA" quantize "$TMP/model" --out "$TMP/model-bnb" --double-quant
+check "folder output has config with quantization_config and copies other files" python3 - "$TMP/model-bnb" <<'PY'
 import json, sys, os
 d = sys.argv[1]
 c = json.load(open(d + '/config.json'))
@@ -94,37 +89,37 @@ assert q['bnb_4bit_use_double_quant'] is True and c['model_type'] == 'llama'
 assert open(d + '/tokenizer.json').read() == 'tokenizer\n'
 assert os.path.exists(d + '/model.safetensors')
 PY
-check "dequantize a folder" "$LORA" dequantize "$T/model-bnb" --out "$T/model-f32"
+check "dequantize a folder" "$LORA" dequantize "$TMP/model-bnb" --out "$TMP/model-f32"
 check "dequantised folder config has no quantization_config" python3 -c "
-import json, sys; c = json.load(open(sys.argv[1] + '/config.json')); assert 'quantization_config' not in c" "$T/model-f32"
+import json, sys; c = json.load(open(sys.argv[1] + '/config.json')); assert 'quantization_config' not in c" "$TMP/model-f32"
 
 # --- bad input -----------------------------------------------------------------
 bad() {  # bad <description> <expected stderr substring> <output path> <args...>
   local what=$1 want=$2 outp=$3
   shift 3
-  "$LORA" "$@" > "$T/stdout" 2> "$T/stderr"
+  "$LORA" "$@" > "$TMP/stdout" 2> "$TMP/stderr"
   local rc=$?
   local lines
-  lines=$(wc -l < "$T/stderr")
-  if [[ $rc -eq 1 && $lines -eq 1 ]] && grep -qF -- "$want" "$T/stderr" && [[ ! -e $outp ]]; then
+  lines=$(wc -l < "$TMP/stderr")
+  if [[ $rc -eq 1 && $lines -eq 1 ]] && grep -qF -- "$want" "$TMP/stderr" && [[ ! -e $outp ]]; then
     echo "ok   $what"
   else
-    echo "FAIL $what (rc=$rc, stderr: $(cat "$T/stderr"), output exists: $([[ -e $outp ]] && echo yes || echo no))"
+    echo "FAIL $what (rc=$rc, stderr: $(cat "$TMP/stderr"), output exists: $([[ -e $outp ]] && echo yes || echo no))"
     fails=$((fails + 1))
   fi
 }
-bad "missing input" "no such file" "$T/x1" quantize "$T/nope.safetensors" --out "$T/x1"
-bad "bad blocksize" "blocksize must be a power of two from 32 to 4096, got 48" "$T/x2" quantize "$BASE" --out "$T/x2" --blocksize 48
-bad "blocksize too large" "got 8192" "$T/x3" quantize "$BASE" --out "$T/x3" --blocksize 8192
-printf 'garbage' > "$T/bad.safetensors"
-bad "corrupt safetensors" "bad.safetensors" "$T/x4" quantize "$T/bad.safetensors" --out "$T/x4"
-bad "nothing to dequantise" "no bitsandbytes NF4 weights" "$T/x5" dequantize "$BASE" --out "$T/x5"
-bad "bad dtype" "--dtype must be a float type" "$T/x6" dequantize "$T/q.safetensors" --out "$T/x6" --dtype f8
-bad "missing --out" "missing required option --out" "$T/x7" quantize "$BASE"
-bad "everything skipped" "no 2-D floating-point .weight tensors" "$T/x8" quantize "$BASE" --out "$T/x8" --skip lm_head,embed_tokens,self_attn,mlp
-bad "output folder's parent missing" "does not exist" "$T/no/such/dir/q.safetensors" quantize "$BASE" --out "$T/no/such/dir/q.safetensors"
+bad "missing input" "no such file" "$TMP/x1" quantize "$TMP/nope.safetensors" --out "$TMP/x1"
+bad "bad blocksize" "blocksize must be a power of two from 32 to 4096, got 48" "$TMP/x2" quantize "$BASE" --out "$TMP/x2" --blocksize 48
+bad "blocksize too large" "got 8192" "$TMP/x3" quantize "$BASE" --out "$TMP/x3" --blocksize 8192
+printf 'garbage' > "$TMP/bad.safetensors"
+bad "corrupt safetensors" "bad.safetensors" "$TMP/x4" quantize "$TMP/bad.safetensors" --out "$TMP/x4"
+bad "nothing to dequantise" "no bitsandbytes NF4 weights" "$TMP/x5" dequantize "$BASE" --out "$TMP/x5"
+bad "bad dtype" "--dtype must be a float type" "$TMP/x6" dequantize "$TMP/q.safetensors" --out "$TMP/x6" --dtype f8
+bad "missing --out" "missing required option --out" "$TMP/x7" quantize "$BASE"
+bad "everything skipped" "no 2-D floating-point .weight tensors" "$TMP/x8" quantize "$BASE" --out "$TMP/x8" --skip lm_head,embed_tokens,self_attn,mlp
+bad "output folder's parent missing" "does not exist" "$TMP/no/such/dir/q.safetensors" quantize "$BASE" --out "$TMP/no/such/dir/q.safetensors"
 # A checkpoint whose quant_state is damaged: truncated packed weight.
-python3 - "$T/q.safetensors" "$T/broken.safetensors" <<'PY'
+python3 - "$TMP/q.safetensors" "$TMP/broken.safetensors" <<'PY'
 import json, struct, sys
 f = open(sys.argv[1], 'rb').read(); n = struct.unpack('<Q', f[:8])[0]
 h = json.loads(f[8:8 + n]); meta = h.pop('__metadata__', None)
@@ -141,22 +136,22 @@ for k, v in h.items():
 hj = json.dumps(hdr).encode(); hj += b' ' * ((8 - len(hj) % 8) % 8)
 open(sys.argv[2], 'wb').write(struct.pack('<Q', len(hj)) + hj + data)
 PY
-bad "damaged quant_state" "packed weight has 2048 bytes, shape [64,128] needs 4096" "$T/x9" dequantize "$T/broken.safetensors" --out "$T/x9"
+bad "damaged quant_state" "packed weight has 2048 bytes, shape [64,128] needs 4096" "$TMP/x9" dequantize "$TMP/broken.safetensors" --out "$TMP/x9"
 # --- progress on stderr: --progress always, --quiet never ------------------------
 progress_lines() {  # progress_lines <expect 0|1> <command> <args...>
   local want=$1
   shift
-  "$LORA" "$@" > /dev/null 2> "$T/progress.err" || return 1
-  if [[ $want == 1 ]]; then grep -q "lora $1: 100%" "$T/progress.err"; else [[ ! -s "$T/progress.err" ]]; fi
+  "$LORA" "$@" > /dev/null 2> "$TMP/progress.err" || return 1
+  if [[ $want == 1 ]]; then grep -q "lora $1: 100%" "$TMP/progress.err"; else [[ ! -s "$TMP/progress.err" ]]; fi
 }
-check "quantize --progress reports 100%" progress_lines 1 quantize "$BASE" --out "$T/qp.safetensors" --progress
-check "dequantize --progress reports 100%" progress_lines 1 dequantize "$T/q.safetensors" --out "$T/dp.safetensors" --progress
-check "dequantize --quiet prints nothing on stderr" progress_lines 0 dequantize "$T/q.safetensors" --out "$T/dq.safetensors" --quiet
-check "compress --progress reports 100%" progress_lines 1 compress "$DATA/peft/lora_r8_a16_all/adapter" --rank 2 --out "$T/cp" --progress
+check "quantize --progress reports 100%" progress_lines 1 quantize "$BASE" --out "$TMP/qp.safetensors" --progress
+check "dequantize --progress reports 100%" progress_lines 1 dequantize "$TMP/q.safetensors" --out "$TMP/dp.safetensors" --progress
+check "dequantize --quiet prints nothing on stderr" progress_lines 0 dequantize "$TMP/q.safetensors" --out "$TMP/dq.safetensors" --quiet
+check "compress --progress reports 100%" progress_lines 1 compress "$DATA/peft/lora_r8_a16_all/adapter" --rank 2 --out "$TMP/cp" --progress
 check "combine --progress reports 100%" progress_lines 1 combine --adapter "$DATA/peft/lora_r8_a16_all/adapter" \
-  --adapter "$DATA/peft/lora_r8_a16_all/adapter" --weights 0.5,0.5 --type cat --out "$T/cb" --progress
+  --adapter "$DATA/peft/lora_r8_a16_all/adapter" --weights 0.5,0.5 --type cat --out "$TMP/cb" --progress
 
-ls -a "$T" | grep -q '\.tmp-' && { echo "FAIL temporary files left behind"; fails=$((fails + 1)); }
+ls -a "$TMP" | grep -q '\.tmp-' && { echo "FAIL temporary files left behind"; fails=$((fails + 1)); }
 
 echo "$fails failed"
 [[ $fails -eq 0 ]]
