@@ -199,6 +199,20 @@ MatD dora_reference(const MatD& W, const MatD& A, const MatD& B, const MatD& X, 
   return (X * W.transpose() + s * (X * A.transpose()) * B.transpose()) * c.asDiagonal();
 }
 
+/// Lets its dependents start at once, spins, then doubles X: a programmatic dependent launch
+/// after it that reads X before griddepcontrol.wait sees the old values.
+template <class T>
+__global__ void dora_spin_then_double(T* X, long ld, int rows, int cols) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const long long t0 = clock64();
+  while (clock64() - t0 < 200000) {
+  }
+  for (int i = static_cast<int>(threadIdx.x); i < rows * cols; i += static_cast<int>(blockDim.x)) {
+    T& x = X[static_cast<long>(i / cols) * ld + i % cols];
+    x = lora::detail::from_float<T>(2.f * lora::detail::to_float(x));
+  }
+}
+
 double max_rel(const Matrix<float>& got, const Vector<double>& want) {
   double e = 0;
   for (Index i = 0; i < want.size(); ++i)
@@ -340,6 +354,17 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
       CHECK(max_rel(dc.to_host(), Vector<double>(m.cwiseQuotient(norm))) < 1e-5);
       CHECK(lora::test::rel_error(Y.to_host(), ref) < ytol);
     }
+    // The programmatic launch waits for the kernel before it: X/2 uploaded, doubled by a kernel
+    // that lets its dependents start at once and spins first.
+    upload<S>(Matrix<S>((X.template cast<double>() * 0.5).template cast<S>()), pX.view().row_block(0, c.T).col_block(0, c.in));
+    poison(Y.view());
+    dora_spin_then_double<T><<<1, 256, 0, ctx->stream()>>>(reinterpret_cast<T*>(pX.data()), pX.view().ld,
+                                                           static_cast<int>(c.T), static_cast<int>(c.in));
+    detail::dora_pass<T>(*ctx, vW, vA, vX, c.r, reinterpret_cast<const T*>(pB.data()), pB.view().ld,
+                         static_cast<float>(s), dm.data(), dn.data(), dc.data(), detail::as_device(Y.view()), part, sq,
+                         c.blocks, true);
+    Vector<double> norm;
+    CHECK(lora::test::rel_error(Y.to_host(), dora_reference(d(W), d(A), d(B), d(X), m, s, norm)) < ytol);
   }
   // Layouts it does not take: r + T > 32, K not a multiple of 8, rows off 16 bytes, float.
   DeviceMatrix<S> big(64, 72);

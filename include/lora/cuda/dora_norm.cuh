@@ -318,12 +318,15 @@ __device__ __forceinline__ float2 pair_to_float2(std::uint32_t v) {
 /// 64 × 64 tiles) over M = [W; A] (two row pointers: W's out rows, then A's r rows), with the
 /// mma B operand [A; X] (rows n < r from A, r ≤ n < r + T from X, zeros up to N), plus the
 /// squares of W's elements from the same A-operand fragments. Partials: part[q][rows][N],
-/// sq[q][rows] (rows = out + r). Triggers its dependents at once (the epilogue waits).
+/// sq[q][rows] (rows = out + r). Triggers its dependents at once (the epilogue waits). As a
+/// programmatic dependent launch (`pdl`) it prefetches its first W tiles into L2, then waits
+/// (griddepcontrol.wait) before it reads anything through shared memory; launched plainly, the
+/// wait returns at once.
 template <class T, int NJ>
 __global__ void __launch_bounds__(dora_pass_threads)
     dora_pass_kernel(const T* __restrict__ W, long ldw, int out, const T* __restrict__ A, long lda, int r,
                      const T* __restrict__ X, long ldx, int tokens, int K, int RT, int P, int KT, int Q,
-                     float* __restrict__ part, float* __restrict__ sq) {
+                     float* __restrict__ part, float* __restrict__ sq, bool pdl) {
   using Sh = norm_gemm_shape<NJ>;
   constexpr int N = Sh::N, TT = Sh::TT, ST = norm_gemm_stages;
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -336,6 +339,15 @@ __global__ void __launch_bounds__(dora_pass_threads)
   const int rt0 = static_cast<int>(p * RT / P), nrt = static_cast<int>((p + 1) * RT / P) - rt0;
   const int kt0 = static_cast<int>(q * KT / Q), nkt = static_cast<int>((q + 1) * KT / Q) - kt0;
   const int ntiles = nrt * nkt;
+  if (pdl) {
+    // The first ST − 1 tiles of W into L2 (one 128-byte row of a tile per thread) while the
+    // previous kernel finishes: a later write to W would land in L2 as well, so nothing stale is read.
+    for (int i = 0; i < ST - 1 && i < ntiles; ++i) {
+      const int gr = (rt0 + i % nrt) * 64 + tid, gc = (kt0 + i / nrt) * 64;
+      if (tid < 64 && gr < out && gc < K) asm volatile("prefetch.global.L2 [%0];" ::"l"(W + static_cast<long>(gr) * ldw + gc));
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+  }
 
   for (int c = tid; c < nkt * N * 8; c += dora_pass_threads) {
     const int kt = c / (N * 8), n = (c / 8) % N, ch = c % 8;
@@ -491,7 +503,7 @@ template <class T, int NJ>
 norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, DeviceView<const T> A,
                                 DeviceView<const T> X, Index r, const T* B, long ldb, float s, const float* m,
                                 float* norm, float* c, DeviceView<T> Y, DeviceBuffer<float>& part,
-                                DeviceBuffer<float>& sq, int blocks) {
+                                DeviceBuffer<float>& sq, int blocks, bool pdl) {
   using Sh = norm_gemm_shape<NJ>;
   auto kernel = dora_pass_kernel<T, NJ>;
   constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
@@ -504,9 +516,10 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
   if (part.size() < need) part = DeviceBuffer<float>(need);
   if (sq.size() < static_cast<std::size_t>(p.Q) * rows) sq = DeviceBuffer<float>(static_cast<std::size_t>(p.Q) * rows);
   const int kt_block = (p.KT + p.Q - 1) / p.Q;
-  kernel<<<dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.Q)), dora_pass_threads, Sh::smem_bytes(kt_block),
-           stream>>>(W.data, W.ld, static_cast<int>(out), A.data, A.ld, static_cast<int>(r), X.data, X.ld,
-                     static_cast<int>(tokens), static_cast<int>(K), p.RT, p.P, p.KT, p.Q, part.data(), sq.data());
+  launch_maybe_pdl(kernel, dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.Q)), dim3(dora_pass_threads),
+                   Sh::smem_bytes(kt_block), stream, pdl, W.data, W.ld, static_cast<int>(out), A.data, A.ld,
+                   static_cast<int>(r), X.data, X.ld, static_cast<int>(tokens), static_cast<int>(K), p.RT, p.P, p.KT,
+                   p.Q, part.data(), sq.data(), pdl);
   LORA_CUDA_CHECK_LAUNCH("dora_pass_kernel");
   const int rows_per_block = 4 * dora_pass_epilogue_threads / 32;  // 4 rows per warp: G's sum is per block
   const unsigned grid = ceil_div(out, rows_per_block);
@@ -522,14 +535,16 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
 ///   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),  c = m ⊘ n,  n_i = ‖W_i + s·B_i·A‖ (norm and c written too),
 /// with ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ, every term in float from
 /// this call's W, A, B, m. Partial sums live in `part` and `sq` (grown as needed). `blocks` > 0
-/// overrides the first kernel's grid target (tests).
+/// overrides the first kernel's grid target (tests). `pdl`: the pass is a programmatic
+/// dependent launch (scheduled while the previous kernel of the stream runs; it waits for it
+/// before reading X, A or W).
 template <class T>
 norm_gemm_grid dora_pass(const CudaContext& ctx, DeviceView<const T> W, DeviceView<const T> A, DeviceView<const T> X,
                          Index r, const T* B, long ldb, float s, const float* m, float* norm, float* c, DeviceView<T> Y,
-                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0) {
+                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0, bool pdl = true) {
   if (r + X.rows <= 16)
-    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks);
-  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks);
+    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl);
+  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl);
 }
 
 }  // namespace lora::detail
