@@ -31,7 +31,7 @@ FILE* csv = stdout;
 std::string describe(const std::optional<detail::PlanChoice>& c, bool forward) {
   if (!c) return "not planned";
   static const char* paths[] = {"accumulate",     "concat_k", "stacked", "stacked (N out + rp)",
-                                "decode kernels", "stream",   "stream (32-row tiles)"};
+                                "decode kernels", "stream"};
   std::string s = forward ? std::string(paths[c->path]) + ", " : std::string();
   s += c->algo < 0 ? std::string("cublasGemmEx") : "cuBLASLt algorithm " + std::to_string(c->algo);
   if (c->lt) s += " (of " + std::to_string(c->lt->candidates()) + " cuBLASLt candidates)";
@@ -407,21 +407,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
            detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()),
                                  fw[i % sets].wide(), 0.f, Y.view());
          }}};
-    // The stream kernel with 16- and 32-row tiles, each through the planner (its choice is
-    // replaced for the call and restored).
-    const detail::PlanKey key = detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view());
-    const std::optional<detail::PlanChoice> planned = ctx_ref.planner().find(key);
-    auto via_planner = [&](detail::FusedPath p) {
-      return [&, p](int i) {
-        ctx_ref.planner().record(key, {static_cast<int>(p)});
-        ad.apply(fw[i % sets], Xp.view(), Y.view());
-        ctx_ref.planner().record(key, *planned);
-      };
-    };
-    if (T <= detail::stream_max_tokens && planned) {
-      fns.push_back({"dec_stream", via_planner(detail::FusedPath::stream)});
-      fns.push_back({"dec_stream_wide", via_planner(detail::FusedPath::stream_wide)});
-    }
+    if (T <= detail::stream_max_tokens) fns.push_back({"dec_stream", forced(FusedForward::stream)});
     if (have_c) {
       fns.push_back({"dec_part_stacked_gemm", [&](int i) {
                        detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, fw[i % sets].tall(), 0.f, C);
@@ -443,9 +429,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
       std::string errs;
       for (std::size_t k = 0; k < fns.size(); ++k) {
         const std::string name = fns[k].first;
-        if (name != "dec_ours" && name != "dec_stacked" && name != "dec_accumulate" && name != "dec_stream" &&
-            name != "dec_stream_wide")
-          continue;
+        if (name != "dec_ours" && name != "dec_stacked" && name != "dec_accumulate" && name != "dec_stream") continue;
         LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xFF, Y.size() * sizeof(S)));
         ctx_ref.synchronize();
         fns[k].second(0);
@@ -467,13 +451,12 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
     const double base = t[0];
     std::fprintf(stderr,
                  "decode T %3ld %ld->%ld r %ld (%d sets): base %.1f us, ours %.1f (%.3fx; %s); stacked %.3fx, "
-                 "stream %.3fx (32-row %.3fx), concat %.3fx, accumulate %.3fx\n",
+                 "stream %.3fx, concat %.3fx, accumulate %.3fx\n",
                  static_cast<long>(T), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), sets,
                  base * 1e3, t[1] * 1e3, t[1] / base,
                  describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true)
                      .c_str(),
-                 at("dec_stacked") / base, at("dec_stream") / base, at("dec_stream_wide") / base,
-                 at("dec_concat_gemmex") / base,
+                 at("dec_stacked") / base, at("dec_stream") / base, at("dec_concat_gemmex") / base,
                  at("dec_accumulate") / base);
     std::fprintf(stderr,
                  "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",
