@@ -265,6 +265,25 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
           CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
         }
         fw.forward = FusedForward::automatic;
+        // The stream kernel with 16- and 32-row tiles at every T (forced through the planner;
+        // above 32 tokens, or for float or unaligned rows, it falls back to stacked).
+        const detail::PlanKey key = detail::fused_forward_key<S>(fw, Xp.view(), Y.view());
+        const auto planned = ctx->planner().find(key);
+        REQUIRE(planned);
+        for (detail::FusedPath p : {detail::FusedPath::stream, detail::FusedPath::stream_wide}) {
+          INFO("path " << static_cast<int>(p));
+          ctx->planner().record(key, {static_cast<int>(p)});
+          for (int call = 0; call < 2; ++call) {  // twice: the kernel's counters must be reset
+            poison(Y.view());
+            lora::test::poison(Xp.view().col_block(c.in, rp));
+            ad.apply(fw, Xp.view(), Y.view());
+            CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
+            const Matrix<S> spare = to_host(DeviceView<const S>(Xp.view()).col_block(c.in, rp));
+            CHECK(lora::test::rel_error(spare.leftCols(r), xa) < tol<S>());
+            CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+          }
+        }
+        ctx->planner().record(key, *planned);
       }
     }
 }

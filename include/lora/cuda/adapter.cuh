@@ -151,7 +151,8 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
 
 /// The fused forward's paths (PlanChoice::path): FusedForward's strategies, the stacked one
 /// with N = out + r or out + rp, the decode kernels, and the one-launch stream kernel.
-enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode, stream };
+/// stream takes tiles of 16 rows per block, stream_wide of 32 (each X fragment serves two).
+enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode, stream, stream_wide };
 
 /// The planner's key of the fused forward for these operands.
 template <class S>
@@ -410,7 +411,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       case FusedForward::concat_k: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::concat_k)}, true);
       case FusedForward::accumulate: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::accumulate)}, true);
       case FusedForward::stacked: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stacked)}, false);
-      case FusedForward::stream: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stream)}, false);
+      case FusedForward::stream:  // 32-row tiles above 16 tokens, where X's reads grow
+        return fused_forward(
+            fw, Xp, Y, {static_cast<int>(Xp.rows > 16 ? FusedPath::stream_wide : FusedPath::stream)}, false);
       case FusedForward::automatic: break;
     }
     const detail::PlanKey key = detail::fused_forward_key<Scalar>(fw, Xp, Y);
@@ -565,8 +568,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     if ((decode_first || path == FusedPath::decode) &&
         detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), Xp.col_block(in, r), Y, s))
       return;
-    if (path == FusedPath::stream &&
-        (stream_forward(fw, Xp, Y) || stacked_forward(fw, Xp, Y, out + r, nullptr, -1)))
+    if ((path == FusedPath::stream || path == FusedPath::stream_wide) &&
+        (stream_forward(fw, Xp, Y, path == FusedPath::stream_wide ? 2 : 1) ||
+         stacked_forward(fw, Xp, Y, out + r, nullptr, -1)))
       return;
     if ((path == FusedPath::stacked || path == FusedPath::stacked_padded) &&
         stacked_forward(fw, Xp, Y, path == FusedPath::stacked ? out + r : out + rp, c.lt.get(), c.algo))
@@ -619,11 +623,12 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     return true;
   }
 
-  /// The one-launch forward (detail::stream_forward_kernel) for bf16/half, at most
-  /// stream_max_tokens tokens, r ≤ 64, rows of X and of the block 16-byte aligned. Its device
-  /// state (counters and s·X·Aᵀ in float) is the planner's, allocated zeroed on first use (not
-  /// while a graph is captured). Returns false (nothing launched) when it cannot run.
-  bool stream_forward(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
+  /// The one-launch forward (detail::stream_forward_kernel, tiles of 16·mt rows, mt 1 or 2) for
+  /// bf16/half, at most stream_max_tokens tokens, r ≤ 64, rows of X and of the block 16-byte
+  /// aligned. Its device state (counters and s·X·Aᵀ in float) is the planner's, allocated zeroed
+  /// on first use (not while a graph is captured). Returns false (nothing launched) when it
+  /// cannot run.
+  bool stream_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, int mt) const {
     if constexpr (sizeof(Scalar) != 2) {
       return false;
     } else {
@@ -638,7 +643,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
         st = DeviceBuffer<unsigned>(detail::stream_state_floats);
         LORA_CUDA_CHECK(cudaMemsetAsync(st.data(), 0, st.size() * sizeof(unsigned), ctx_->stream()));
       }
-      const unsigned grid = detail::ceil_div(r, 16) + detail::ceil_div(out, 16);
+      const unsigned grid = detail::ceil_div(r, 16 * mt) + detail::ceil_div(out, 16 * mt);
       const T* X = reinterpret_cast<const T*>(Xp.data);
       const T* M = reinterpret_cast<const T*>(fw.block.data());
       const T* B = reinterpret_cast<const T*>(fw.B().data);
@@ -651,12 +656,19 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
             st.data());
         LORA_CUDA_CHECK_LAUNCH("stream_forward_kernel");
       };
-      if (Tk <= 8)
-        go(detail::stream_forward_kernel<T, 1>);
-      else if (Tk <= 16)
-        go(detail::stream_forward_kernel<T, 2>);
+      auto by_tokens = [&](auto m) {
+        constexpr int MT = decltype(m)::value;
+        if (Tk <= 8)
+          go(detail::stream_forward_kernel<T, 1, MT>);
+        else if (Tk <= 16)
+          go(detail::stream_forward_kernel<T, 2, MT>);
+        else
+          go(detail::stream_forward_kernel<T, 4, MT>);
+      };
+      if (mt == 2)
+        by_tokens(std::integral_constant<int, 2>{});
       else
-        go(detail::stream_forward_kernel<T, 4>);
+        by_tokens(std::integral_constant<int, 1>{});
       return true;
     }
   }
@@ -695,7 +707,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     }
     if (T <= 4) cand.push_back({static_cast<int>(FusedPath::decode)});
     if constexpr (sizeof(Scalar) == 2)
-      if (T <= detail::stream_max_tokens && r <= 64) cand.push_back({static_cast<int>(FusedPath::stream)});
+      if (T <= detail::stream_max_tokens && r <= 64)
+        for (FusedPath p : {FusedPath::stream, FusedPath::stream_wide}) cand.push_back({static_cast<int>(p)});
     const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
                                            [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });
     const detail::PlanChoice best = cand[static_cast<std::size_t>(detail::fastest(t, 1))];

@@ -470,7 +470,7 @@ struct mma_traits<__half> {
 };
 
 /// The one-launch decode forward (FusedPath::stream) on tensor cores: 256 threads per block,
-/// one block per tile of 16 rows of M = [W; A] (the fused block's tall_padded rows).
+/// one block per tile of 16·MT rows of M = [W; A] (the fused block's tall_padded rows).
 constexpr int stream_threads = 256;
 /// Most tokens stream_forward_kernel takes (four groups of 8 for mma.m16n8k16's N).
 constexpr int stream_max_tokens = 32;
@@ -484,43 +484,51 @@ __device__ __forceinline__ unsigned load_acquire_gpu(const unsigned* p) {
 }
 
 /// Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ for tokens ≤ 8·NG in one launch that reads each element of W once.
-/// Each block takes a ticket (atomicAdd on state[0]) that names its tile of 16 rows of M =
-/// [W; A]: the first ⌈r / 16⌉ tickets are A's tiles, so a block that waits runs after they have
-/// started. The 8 warps split K in steps of 32; per step a thread loads 16 bytes of two rows of M
-/// (rows g and g + 8 of the tile, g = lane / 4) and of its token's row of X at k + 8·(lane % 4),
-/// and two mma.m16n8k16 (M's rows as the 16-row operand, 8 tokens as N) consume them: the
-/// sum over k runs in a permuted order that A's and B's fragments share. The warps' sums meet
-/// in shared memory. An A tile writes s·X·Aᵀ (float, to state) and [s·X·Aᵀ | 0] (rounded, to XA:
-/// the fused backward reads it), then counts itself done in state[1] (release); a W tile loads
-/// its 16 rows of B, waits for state[1] = ⌈r / 16⌉ (acquire), and writes
-/// Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ. The last block to finish resets the counters for the next launch.
-/// Needs K, ldx, ldm multiples of 8, 16-byte aligned X and M, r ≤ 64 and M's rows out …
-/// out + 16·⌈r / 16⌉ readable (zeros past r: the fused block's A_padded rows, rp ≥ that).
-template <class T, int NG>
+/// Each block takes a ticket (atomicAdd on state[0]) that names its tile of R = 16·MT rows of
+/// M = [W; A]: the first ⌈r / R⌉ tickets are A's tiles, so a block that waits runs after they
+/// have all started. The 8 warps split K in steps of 32; per step a thread loads 16 bytes of
+/// rows g and g + 8 of each 16-row part of the tile (g = lane / 4) and of its token's row of X,
+/// all at k + 8·(lane % 4), and mma.m16n8k16 (M's rows as the 16-row operand, 8 tokens as N)
+/// consumes them: the sum over k runs in a permuted order that both fragments share, and each X
+/// fragment serves the MT parts. The warps' sums meet in shared memory. An A tile writes
+/// s·X·Aᵀ (float, to state) and [s·X·Aᵀ | 0] (rounded, to XA: the fused backward reads it),
+/// then counts itself done in state[1] (release); a W tile loads its rows of B, waits for
+/// state[1] = ⌈r / R⌉ (acquire) and writes Y = X·Wᵀ + (s·X·Aᵀ)·Bᵀ. The last block to finish
+/// resets the counters for the next launch. Needs K, ldx, ldm multiples of 8, 16-byte aligned
+/// X and M, r ≤ 64 and M's rows out … out + R·⌈r / R⌉ readable (zeros past r: the fused block's
+/// A_padded rows; R divides 64, so rp covers them).
+template <class T, int NG, int MT>
 __global__ void __launch_bounds__(stream_threads, 2)
     stream_forward_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ M, long ldm,
                           int out, int r, const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
                           T* __restrict__ XA, long ldxa, int rp, unsigned* __restrict__ state) {
-  static_assert(sizeof(T) == 2);
-  constexpr int U = NG <= 2 ? 4 : 2;  // steps in flight per warp
+  static_assert(sizeof(T) == 2 && (MT == 1 || MT == 2));
+  constexpr int U = NG * MT <= 2 ? 4 : 2;  // steps in flight per warp
   constexpr int W8 = stream_threads / 32;
-  constexpr int TK = 8 * NG;
+  constexpr int TK = 8 * NG, R = 16 * MT;
   __shared__ int tile_s;
-  __shared__ float red[W8][TK][17];
-  __shared__ float sB[16][64];
+  __shared__ float red[W8][TK][R + 1];
+  __shared__ float sB[R][64];
   const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, c = lane % 4;
-  const int nA = (r + 15) / 16;
+  const int nA = (r + R - 1) / R;
   float* xa_f = reinterpret_cast<float*>(state + 4);
   if (tid == 0) tile_s = static_cast<int>(atomicAdd(state, 1u));
   __syncthreads();
   const int tile = tile_s;
   const bool a_tile = tile < nA;
-  const int row0 = a_tile ? out + 16 * tile : 16 * (tile - nA);
-  const int row_end = a_tile ? out + 16 * nA : out;
+  const int row0 = a_tile ? out + R * tile : R * (tile - nA);
+  const int row_end = a_tile ? out + R * nA : out;
 
-  const bool ok0 = row0 + g < row_end, ok1 = row0 + g + 8 < row_end;
-  const T* m0 = M + static_cast<long>(ok0 ? row0 + g : 0) * ldm;
-  const T* m1 = M + static_cast<long>(ok1 ? row0 + g + 8 : 0) * ldm;
+  const T* mrow[MT][2];
+  bool okm[MT][2];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + 16 * m + 8 * h + g;
+      okm[m][h] = row < row_end;
+      mrow[m][h] = M + static_cast<long>(okm[m][h] ? row : 0) * ldm;
+    }
   const T* xr[NG];
   bool okx[NG];
 #pragma unroll
@@ -528,67 +536,78 @@ __global__ void __launch_bounds__(stream_threads, 2)
     okx[q] = q * 8 + g < tokens;
     xr[q] = X + static_cast<long>(okx[q] ? q * 8 + g : 0) * ldx;
   }
-  float acc[NG][4];
+  float acc[MT][NG][4];
 #pragma unroll
-  for (int q = 0; q < NG; ++q)
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) acc[q][i] = 0.f;
+    for (int q = 0; q < NG; ++q)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[m][q][i] = 0.f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
   // A warp's U steps are adjacent (32·U contiguous elements of each row per iteration). The
   // loop's condition is the warp's (kb), never the lane's: mma.sync needs all 32 lanes.
   for (int kb = warp * 32 * U; kb < K; kb += W8 * 32 * U) {
-    uint4 w0[U], w1[U], xv[U][NG];
+    uint4 wv[U][MT][2], xv[U][NG];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = kb + u * 32 + c * 8;
       const bool ok = k < K;
-      w0[u] = ok && ok0 ? __ldg(reinterpret_cast<const uint4*>(m0 + k)) : zero;
-      w1[u] = ok && ok1 ? __ldg(reinterpret_cast<const uint4*>(m1 + k)) : zero;
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          wv[u][m][h] = ok && okm[m][h] ? __ldg(reinterpret_cast<const uint4*>(mrow[m][h] + k)) : zero;
 #pragma unroll
       for (int q = 0; q < NG; ++q) xv[u][q] = ok && okx[q] ? __ldg(reinterpret_cast<const uint4*>(xr[q] + k)) : zero;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int q = 0; q < NG; ++q) {
-        const std::uint32_t a_lo[4] = {w0[u].x, w1[u].x, w0[u].y, w1[u].y};
-        const std::uint32_t a_hi[4] = {w0[u].z, w1[u].z, w0[u].w, w1[u].w};
-        mma_traits<T>::mma(acc[q], a_lo, xv[u][q].x, xv[u][q].y);
-        mma_traits<T>::mma(acc[q], a_hi, xv[u][q].z, xv[u][q].w);
+      for (int m = 0; m < MT; ++m) {
+        const std::uint32_t a_lo[4] = {wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y};
+        const std::uint32_t a_hi[4] = {wv[u][m][0].z, wv[u][m][1].z, wv[u][m][0].w, wv[u][m][1].w};
+#pragma unroll
+        for (int q = 0; q < NG; ++q) {
+          mma_traits<T>::mma(acc[m][q], a_lo, xv[u][q].x, xv[u][q].y);
+          mma_traits<T>::mma(acc[m][q], a_hi, xv[u][q].z, xv[u][q].w);
+        }
       }
   }
-  // acc[q]: rows g (0, 1) and g + 8 (2, 3) of the tile, tokens 8q + 2c (0, 2) and 8q + 2c + 1 (1, 3).
+  // acc[m][q]: rows 16m + g (0, 1) and 16m + g + 8 (2, 3) of the tile, tokens 8q + 2c (0, 2)
+  // and 8q + 2c + 1 (1, 3).
 #pragma unroll
-  for (int q = 0; q < NG; ++q) {
-    red[warp][q * 8 + 2 * c][g] = acc[q][0];
-    red[warp][q * 8 + 2 * c + 1][g] = acc[q][1];
-    red[warp][q * 8 + 2 * c][g + 8] = acc[q][2];
-    red[warp][q * 8 + 2 * c + 1][g + 8] = acc[q][3];
-  }
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int q = 0; q < NG; ++q) {
+      red[warp][q * 8 + 2 * c][16 * m + g] = acc[m][q][0];
+      red[warp][q * 8 + 2 * c + 1][16 * m + g] = acc[m][q][1];
+      red[warp][q * 8 + 2 * c][16 * m + g + 8] = acc[m][q][2];
+      red[warp][q * 8 + 2 * c + 1][16 * m + g + 8] = acc[m][q][3];
+    }
   if (!a_tile)  // this tile's rows of B, before any wait
-    for (int i = tid; i < 16 * 64; i += stream_threads) {
+    for (int i = tid; i < R * 64; i += stream_threads) {
       const int row = i / 64, j = i % 64, n = row0 + row;
       sB[row][j] = (j < r && n < out) ? to_float(B[static_cast<long>(n) * ldb + j]) : 0.f;
     }
   __syncthreads();
-  constexpr int PER = (TK * 16 + stream_threads - 1) / stream_threads;
+  constexpr int PER = (TK * R + stream_threads - 1) / stream_threads;
   float v[PER];
 #pragma unroll
   for (int p = 0; p < PER; ++p) {
-    const int i = tid + p * stream_threads, t = i / 16, row = i % 16;
+    const int i = tid + p * stream_threads, t = i / R, row = i % R;
     float sum = 0.f;
-    if (i < TK * 16)
+    if (i < TK * R)
 #pragma unroll
       for (int w = 0; w < W8; ++w) sum += red[w][t][row];
     v[p] = sum;
   }
+  const int RX = R * nA;
   if (a_tile) {
-    const int RX = 16 * nA;
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int i = tid + p * stream_threads, t = i / 16, j = 16 * tile + i % 16;
-      if (i < TK * 16 && t < tokens) {
+      const int i = tid + p * stream_threads, t = i / R, j = R * tile + i % R;
+      if (i < TK * R && t < tokens) {
         const float x = j < r ? s * v[p] : 0.f;
         xa_f[t * RX + j] = x;
         XA[static_cast<long>(t) * ldxa + j] = from_float<T>(x);
@@ -612,11 +631,10 @@ __global__ void __launch_bounds__(stream_threads, 2)
       __threadfence();
     }
     __syncthreads();
-    const int RX = 16 * nA;
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
-      const int i = tid + p * stream_threads, t = i / 16, row = i % 16, n = row0 + row;
-      if (i < TK * 16 && t < tokens && n < out) {
+      const int i = tid + p * stream_threads, t = i / R, row = i % R, n = row0 + row;
+      if (i < TK * R && t < tokens && n < out) {
         float y = v[p];
         for (int j = 0; j < r; ++j) y = fmaf(__ldcg(xa_f + t * RX + j), sB[row][j], y);
         Y[static_cast<long>(t) * ldy + n] = from_float<T>(y);
