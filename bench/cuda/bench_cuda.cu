@@ -270,6 +270,90 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   }
 }
 
+/// DoRA at decode sizes (issue 23), per call as PEFT runs it (norm recomputed every call): the
+/// one-pass forward (DoraDecode::one_pass, fused and plain) and the norm pass + LoRA forward
+/// (two_pass) against the base GEMM, one rotating set; weights rotate among copies beyond 3× L2.
+void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
+                       Generator& g) {
+  int l2 = 0;
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
+  const int sets = std::max(4, static_cast<int>(3.0 * l2 / (static_cast<double>(out) * in * sizeof(S))) + 1);
+  LowRankAdapter<S> host(in, out, r, 2.0 * r);
+  host.set_A(bench::random_factor<S>(r, in, g));
+  host.set_B(bench::random_factor<S>(out, r, g));
+  Matrix<float> mh(out, 1);
+  for (Index n = 0; n < out; ++n) mh(n, 0) = static_cast<float>(g.uniform(0.5, 1.5));
+  std::vector<DeviceMatrix<S>> W;
+  std::vector<DoraAdapter<S, cuda>> dora;  // one per weight set: the two-pass path keeps ‖w_n‖² per adapter
+  std::vector<FusedWeight<S>> fw;
+  for (int i = 0; i < sets; ++i) {
+    W.emplace_back(out, in);
+    fill_random(W.back().view(), g, 0.02);
+    dora.emplace_back(LowRankAdapter<S, cuda>::from_host(host, ctx), DeviceMatrix<float>::from_host(mh));
+    fw.push_back(dora.back().fuse(W.back().view()));
+  }
+  auto Xp = dora[0].padded_input(T);
+  fill_random(Xp.view(), g, 1.0);
+  DeviceMatrix<S> Y(T, out), Xc(T, in);
+  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), Xp.view().ld * sizeof(S), in * sizeof(S), T,
+                               cudaMemcpyDeviceToDevice));
+  auto base = [&](int i) {
+    detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, Xc.view(), W[i % sets].view(), 0.f, Y.view());
+  };
+  auto fused = [&](DoraDecode how) {
+    return [&, how](int i) {
+      dora[i % sets].decode_path(how);
+      dora[i % sets].apply(fw[i % sets], Xp.view(), Y.view());
+    };
+  };
+  const bool one = r + T <= 32;
+  DeviceMatrix<float> mag = DeviceMatrix<float>::from_host(mh), nrm(out, 1), cs(out, 1);
+  DeviceBuffer<float> part, sq;
+  std::vector<std::function<void(int)>> fns = {base, fused(DoraDecode::two_pass),
+                                               [&](int i) { dora[i % sets].lora().apply(fw[i % sets], Xp.view(), Y.view()); }};
+  if (one) {
+    fns.push_back(fused(DoraDecode::one_pass));
+    fns.push_back([&](int i) {
+      dora[i % sets].decode_path(DoraDecode::one_pass);
+      dora[i % sets].apply(W[i % sets].view(), Xc.view(), Y.view());
+    });
+    fns.push_back([&](int i) {  // the pass launched plainly (no programmatic launch, no L2 prefetch)
+      using T = detail::device_t<S>;
+      const FusedWeight<S>& f = fw[i % sets];
+      detail::dora_pass<T>(ctx_ref, detail::as_device(f.W()), detail::as_device(f.A()),
+                           detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
+                           reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
+                           detail::as_device(Y.view()), part, sq, 0, false);
+    });
+    for (int rpw : {1, 2}) {  // the epilogue with 1 or 2 output rows per warp (4 by default)
+      fns.push_back([&, rpw](int i) {
+        using T = detail::device_t<S>;
+        const FusedWeight<S>& f = fw[i % sets];
+        detail::dora_pass<T>(ctx_ref, detail::as_device(f.W()), detail::as_device(f.A()),
+                             detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
+                             reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
+                             detail::as_device(Y.view()), part, sq, 0, true, rpw);
+      });
+    }
+  }
+  const auto t = bench::time_all(ctx_ref, fns, 10, 15, 3);
+  emit("base_gemm_dora_decode", in, out, T, r, t[0]);
+  emit("ours_dora_two_pass", in, out, T, r, t[1]);
+  emit("ours_lora_fused_fwd", in, out, T, r, t[2]);
+  if (one) {
+    emit("ours_dora_one_pass", in, out, T, r, t[3]);
+    emit("ours_dora_one_pass_plain", in, out, T, r, t[4]);
+    emit("ours_dora_one_pass_no_pdl", in, out, T, r, t[5]);
+    emit("ours_dora_one_pass_epi1", in, out, T, r, t[6]);
+    emit("ours_dora_one_pass_epi2", in, out, T, r, t[7]);
+  }
+  std::fprintf(stderr, "DoRA %ldx%ld r %ld T %2ld (%d sets): base %6.2f us | two-pass %6.2f (%.2fx) | one-pass %6.2f (%.2fx), plain %6.2f, no PDL %6.2f, epilogue 1/2 rows per warp %6.2f %6.2f | LoRA %6.2f\n",
+               static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), static_cast<long>(T), sets,
+               t[0] * 1e3, t[1] * 1e3, t[1] / t[0], one ? t[3] * 1e3 : 0.0, one ? t[3] / t[0] : 0.0,
+               one ? t[4] * 1e3 : 0.0, one ? t[5] * 1e3 : 0.0, one ? t[6] * 1e3 : 0.0,
+               one ? t[7] * 1e3 : 0.0, t[2] * 1e3);
+}
+
 /// The decode regime (issue 23): the fused forward against the base GEMM for each token count
 /// in `tokens` (2…128), and each strategy forced (stacked, concat_k and accumulate after XA, the
 /// one-launch stream kernel for ≤ 32 tokens), all timed in one rotating set per token count, with
@@ -559,6 +643,13 @@ int main(int argc, char** argv) {
   // LORA_BENCH_ONLY=dora: only the DoRA shapes (for profiling runs).
   const char* only = std::getenv("LORA_BENCH_ONLY");
   const bool only_dora = only && std::string(only) == "dora";
+  if (only && std::string(only) == "dora_decode") {  // DoRA per call at 1…16 tokens (issue 23)
+    for (Index T : {Index(1), Index(2), Index(4), Index(8), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 16, g);
+    for (Index T : {Index(1), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 8, g);
+    bench_dora_decode(*ctx, ctx, 4096, 4096, 1, 64, g);
+    for (Index T : {Index(1), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 14336, T, 16, g);
+    return 0;
+  }
   if (only && std::string(only) == "pipeline") {  // the chunked two-stream forward experiment
     bench_pipeline(*ctx, g);
     return 0;
