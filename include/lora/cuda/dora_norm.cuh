@@ -503,7 +503,7 @@ template <class T, int NJ>
 norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, DeviceView<const T> A,
                                 DeviceView<const T> X, Index r, const T* B, long ldb, float s, const float* m,
                                 float* norm, float* c, DeviceView<T> Y, DeviceBuffer<float>& part,
-                                DeviceBuffer<float>& sq, int blocks, bool pdl) {
+                                DeviceBuffer<float>& sq, int blocks, bool pdl, int rows_per_warp) {
   using Sh = norm_gemm_shape<NJ>;
   auto kernel = dora_pass_kernel<T, NJ>;
   constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
@@ -521,7 +521,8 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
                    static_cast<int>(r), X.data, X.ld, static_cast<int>(tokens), static_cast<int>(K), p.RT, p.P, p.KT,
                    p.Q, part.data(), sq.data(), pdl);
   LORA_CUDA_CHECK_LAUNCH("dora_pass_kernel");
-  const int rows_per_block = 4 * dora_pass_epilogue_threads / 32;  // 4 rows per warp: G's sum is per block
+  // Fewer rows per warp: more rows in flight, but each block adds A's partials again.
+  const int rows_per_block = std::max(1, rows_per_warp) * dora_pass_epilogue_threads / 32;
   const unsigned grid = ceil_div(out, rows_per_block);
   launch_maybe_pdl(dora_pass_epilogue_kernel<T, Sh::N>, dim3(grid), dim3(dora_pass_epilogue_threads), 0, stream, true,
                    static_cast<const float*>(part.data()), static_cast<const float*>(sq.data()), p.Q,
@@ -535,16 +536,17 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
 ///   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),  c = m ⊘ n,  n_i = ‖W_i + s·B_i·A‖ (norm and c written too),
 /// with ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ, every term in float from
 /// this call's W, A, B, m. Partial sums live in `part` and `sq` (grown as needed). `blocks` > 0
-/// overrides the first kernel's grid target (tests). `pdl`: the pass is a programmatic
+/// overrides the first kernel's grid target (tests); `rows_per_warp` sets the epilogue's grid. `pdl`: the pass is a programmatic
 /// dependent launch (scheduled while the previous kernel of the stream runs; it waits for it
 /// before reading X, A or W).
 template <class T>
 norm_gemm_grid dora_pass(const CudaContext& ctx, DeviceView<const T> W, DeviceView<const T> A, DeviceView<const T> X,
                          Index r, const T* B, long ldb, float s, const float* m, float* norm, float* c, DeviceView<T> Y,
-                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0, bool pdl = true) {
+                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0, bool pdl = true,
+                         int rows_per_warp = 4) {
   if (r + X.rows <= 16)
-    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl);
-  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl);
+    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl, rows_per_warp);
+  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl, rows_per_warp);
 }
 
 }  // namespace lora::detail
