@@ -9,6 +9,7 @@
 #include <random>
 
 #include "support/catch.hpp"
+#include "support/checkpoints.hpp"
 #include "support/files.hpp"
 #include "support/reference.hpp"
 
@@ -18,31 +19,9 @@ using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 using lora::test::rel_error;
 namespace fs = std::filesystem;
-
-namespace {
-
-std::vector<io::TensorSpec> specs_of(const io::SafetensorsFile& f, std::optional<io::dtype> as = std::nullopt) {
-  std::vector<io::TensorSpec> s;
-  for (const auto& t : f.tensors()) s.push_back({t.name, as && io::is_float(t.type) ? *as : t.type, t.shape});
-  return s;
-}
-
-/// Copies a single-file checkpoint into `out`, as shards of at most `max_bytes`, optionally converted.
-void reshard(const fs::path& src, const fs::path& out, std::uint64_t max_bytes, std::optional<io::dtype> as = {}) {
-  const auto f = io::SafetensorsFile::open(src);
-  auto layout = io::CheckpointLayout::split(specs_of(f, as), max_bytes);
-  io::write_checkpoint(out, layout, [&](const io::TensorSpec& s) {
-    const auto& v = f.tensor(s.name);
-    if (s.type == v.type) return io::TensorBytes::borrow(v.bytes);
-    return io::TensorBytes::own(io::detail::convert_floats(v, s.type));
-  });
-}
-
-bool same_bytes(const io::TensorView& a, const io::TensorView& b) {
-  return a.type == b.type && a.shape == b.shape && std::equal(a.bytes.begin(), a.bytes.end(), b.bytes.begin(), b.bytes.end());
-}
-
-}  // namespace
+using lora::test::reshard;
+using lora::test::same_bytes;
+using lora::test::specs_of;
 
 TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing", "[checkpoint]") {
   TempDir tmp("ck");
@@ -256,4 +235,65 @@ TEST_CASE("hostile: index handling is n log n (class 4)", "[checkpoint][hostile]
   CHECK(ck.shard_count() == 3);
   CHECK(ck.tensor("w.29999").at<int>(0) == 7);
   CHECK(std::chrono::steady_clock::now() - t1 < std::chrono::seconds(60));
+}
+
+TEST_CASE("write_checkpoint_by_shard: shards made when their turn comes, the same bytes as serialize_safetensors, "
+          "an index of what was made, nothing left on failure",
+          "[checkpoint]") {
+  TempDir tmp("ck-by-shard");
+  Generator gen(lora::test::fresh_seed());
+  // tensors whose sizes the layout does not know in advance (a blob of data-dependent length)
+  auto shard = [&](int s) {
+    std::vector<io::TensorData> t;
+    t.push_back(io::TensorData::from_matrix(fmt::format("s{}.w", s), lora::test::random_matrix<float>(5, 3, gen),
+                                            io::dtype::BF16));
+    const std::string blob(3 + static_cast<std::size_t>(gen.uniform() * 40), 'x');
+    t.push_back(io::TensorData::from_values(fmt::format("s{}.blob", s), reinterpret_cast<const std::uint8_t*>(blob.data()),
+                                            {static_cast<std::int64_t>(blob.size())}, io::dtype::U8));
+    return t;
+  };
+  io::CheckpointLayout layout;
+  layout.shards = {{"b.safetensors", {}, {{"format", "pt"}}}, {"a.safetensors", {}, {}}};
+  layout.write_index = true;
+  layout.index_metadata = {{"note", "kept"}};
+  std::vector<std::vector<io::TensorData>> made;
+  std::vector<std::size_t> order;
+  io::write_checkpoint_by_shard(tmp.path / "out", layout, [&](std::size_t s) {
+    order.push_back(s);
+    made.push_back(shard(static_cast<int>(s)));
+    return made.back();
+  });
+  CHECK(order == std::vector<std::size_t>{0, 1});
+  CHECK(lora::test::file_bytes(tmp.path / "out" / "b.safetensors") ==
+        io::serialize_safetensors(made[0], {{"format", "pt"}}));
+  CHECK(lora::test::file_bytes(tmp.path / "out" / "a.safetensors") == io::serialize_safetensors(made[1]));
+  const auto idx = lora::test::read_json(tmp.path / "out" / io::checkpoint_index_name);
+  CHECK(idx["metadata"]["note"] == "kept");
+  CHECK(idx["metadata"]["total_size"] ==
+        made[0][0].bytes.size() + made[0][1].bytes.size() + made[1][0].bytes.size() + made[1][1].bytes.size());
+  CHECK(idx["weight_map"]["s0.blob"] == "b.safetensors");
+  CHECK(idx["weight_map"]["s1.w"] == "a.safetensors");
+  const auto ck = io::Checkpoint::open(tmp.path / "out");
+  CHECK(ck.names().size() == 4);
+
+  // a failure while making the second shard: the first was written, nothing appears
+  CHECK_THROWS_WITH(io::write_checkpoint_by_shard(tmp.path / "fail", layout,
+                                                  [&](std::size_t s) {
+                                                    if (s == 1) lora::fail("shard {} refused", s);
+                                                    return shard(0);
+                                                  }),
+                    ContainsSubstring("shard 1 refused"));
+  CHECK_FALSE(fs::exists(tmp.path / "fail"));
+  // a single file; a layout that already lists tensors is refused
+  io::CheckpointLayout one;
+  one.single_file = true;
+  one.shards = {{"x", {}, {}}};
+  io::write_checkpoint_by_shard(tmp.path / "one.safetensors", one, [&](std::size_t) { return made[1]; });
+  CHECK(lora::test::file_bytes(tmp.path / "one.safetensors") == io::serialize_safetensors(made[1]));
+  one.shards[0].tensors.push_back({"t", io::dtype::F32, {1}});
+  CHECK_THROWS_WITH(io::write_checkpoint_by_shard(tmp.path / "two.safetensors", one, [&](std::size_t) { return made[1]; }),
+                    ContainsSubstring("takes them from make_shard"));
+  CHECK_FALSE(fs::exists(tmp.path / "two.safetensors"));
+  for (const auto& e : fs::directory_iterator(tmp.path))
+    CHECK(e.path().filename().string().find(".tmp") == std::string::npos);
 }

@@ -6,12 +6,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include <csignal>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <limits>
 #include <string>
 #include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "support/catch.hpp"
 #include "support/files.hpp"
@@ -266,4 +270,51 @@ TEST_CASE("quantize_checkpoint / dequantize_checkpoint refuse bad input and leav
   CHECK_FALSE(fs::exists(out));
   for (const auto& e : fs::directory_iterator(dir.path))  // no temporaries left
     CHECK(e.path().filename().string().find(".tmp") == std::string::npos);
+}
+
+TEST_CASE("quantize_checkpoint writes through write_checkpoint_by_shard: a failure in a later shard or a killed run "
+          "leaves nothing at the output",
+          "[io][quantize]") {
+  Generator gen(test::fresh_seed());
+  test::TempDir dir("quantize-late");
+  const fs::path model = dir.path / "model";
+  fs::create_directories(model);
+  io::write_safetensors(model / "model-00001-of-00002.safetensors", model_tensors(gen, shard1), {{"format", "pt"}});
+  auto t2 = model_tensors(gen, shard2);
+  t2.erase(t2.end() - 2, t2.end());
+  std::ofstream(model / "config.json") << R"({"model_type": "llama"})";
+  // Shard 1 is written (into the temporary folder) before shard 2's NaN is found.
+  auto bad = t2;
+  reinterpret_cast<double*>(bad[1].bytes.data())[5] = std::numeric_limits<double>::quiet_NaN();  // down_proj, F64
+  io::write_safetensors(model / "model-00002-of-00002.safetensors", bad, {{"format", "pt"}});
+  const fs::path out = dir.path / "q";
+  std::vector<std::string> seen;
+  CHECK_THROWS_WITH(io::quantize_checkpoint(model, out,
+                                            {.skip = {"lm_head"},
+                                             .progress = [&](const io::WriteProgress& p) { seen.emplace_back(p.last); }}),
+                    Catch::Matchers::ContainsSubstring("model.layers.1.mlp.down_proj.weight"));
+  CHECK(seen.size() >= 6);  // shard 1's tensors were converted first
+  CHECK_FALSE(fs::exists(out));
+  for (const auto& e : fs::directory_iterator(dir.path)) CHECK(e.path().filename().string().find(".tmp") == std::string::npos);
+
+  // Killed (SIGKILL) while converting shard 2: nothing at the output, only a temporary beside it.
+  io::write_safetensors(model / "model-00002-of-00002.safetensors", t2, {{"format", "pt"}});
+  const pid_t pid = ::fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    try {
+      io::quantize_checkpoint(model, out, {.progress = [&](const io::WriteProgress& p) {
+                                if (std::string_view(p.last) == "model.layers.1.self_attn.v_proj.weight") ::raise(SIGKILL);
+                              }});
+    } catch (...) {
+    }
+    ::_exit(0);  // not reached when the kill happens
+  }
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  CHECK(WIFSIGNALED(status));
+  CHECK_FALSE(fs::exists(out));
+  // the same run, not killed, makes the folder
+  CHECK(io::quantize_checkpoint(model, out).quantized == 4);
+  CHECK(fs::exists(out / "model-00002-of-00002.safetensors"));
 }

@@ -655,6 +655,37 @@ inline void write_checkpoint(const std::filesystem::path& out, const CheckpointL
       extra_files);
 }
 
+/// write_checkpoint for outputs whose tensor sizes are known only once computed (an NF4
+/// quant_state blob's length depends on the data): the layout gives the shards' files and
+/// metadata, and `make_shard(s)` returns shard s's tensors, bytes included, just before that
+/// shard is written (one shard's tensors are in memory at a time). The shard index and
+/// total_size then list what was made. The same atomic frame and file writer as
+/// write_checkpoint: on any error, `make_shard`'s included, nothing appears at `out`.
+///
+///   lora::io::write_checkpoint_by_shard("out.safetensors", layout, [&](std::size_t) { return tensors(); });
+inline void write_checkpoint_by_shard(const std::filesystem::path& out, CheckpointLayout layout,
+                                      const std::function<std::vector<TensorData>(std::size_t shard)>& make_shard,
+                                      const std::function<void(const std::filesystem::path&)>& extra_files = {}) {
+  for (std::size_t s = 0; s < layout.shards.size(); ++s)
+    if (!layout.shards[s].tensors.empty())
+      lora::detail::fail("{}: shard '{}' lists tensors; write_checkpoint_by_shard takes them from make_shard",
+                         out.string(), layout.shards[s].file);
+  // write_checkpoint_with reads `layout` again for the index after write_data has filled it in.
+  detail::write_checkpoint_with(
+      out, layout,
+      [&](const std::vector<std::filesystem::path>& files) {
+        for (std::size_t s = 0; s < layout.shards.size(); ++s) {
+          const std::vector<TensorData> tensors = make_shard(s);
+          ShardSpec& shard = layout.shards[s];
+          for (const auto& t : tensors) shard.tensors.push_back(TensorSpec{t.name, t.type, t.shape});
+          detail::StreamingFile f(files[s], shard.tensors, shard.metadata);
+          for (const auto& t : tensors) f.append(t.bytes);
+          f.finish();
+        }
+      },
+      extra_files);
+}
+
 /// The layout of an existing checkpoint (same files, tensors, order and metadata), for
 /// writing a modified copy; `retype(spec)` may change each tensor's dtype.
 inline CheckpointLayout layout_of(const Checkpoint& ck, const std::function<dtype(const TensorView&)>& retype = {}) {

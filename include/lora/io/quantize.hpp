@@ -5,8 +5,9 @@
 //
 // The input is a .safetensors file (the output is then a file) or a model folder (then a
 // folder: each .safetensors file becomes the file of the same name, config.json and the shard
-// index are edited, every other file is copied). The output appears atomically, or not at
-// all (io/atomic.hpp, as for write_checkpoint); one file's tensors are in memory at a time.
+// index are written anew, every other file is copied). Both write through
+// write_checkpoint_by_shard (io/checkpoint.hpp): the output appears atomically or not at all,
+// and one file's tensors are in memory at a time.
 
 #include <lora/error.hpp>
 #include <lora/io/atomic.hpp>
@@ -198,57 +199,53 @@ inline std::vector<TensorData> dequantize_tensors(const SafetensorsFile& f, cons
   return out;
 }
 
-inline std::uint64_t data_bytes(const std::vector<TensorData>& ts) {
-  std::uint64_t n = 0;
-  for (const auto& t : ts) n += t.bytes.size();
-  return n;
-}
-
-/// The frame of quantize/dequantize: each input file becomes the output file of the same
-/// name (`convert(file)` gives its tensors), inside the atomic writers write_checkpoint uses;
-/// `check()` runs after the last file and may refuse. A folder's other files are copied,
-/// config.json and the shard index through `edit(name, json, bytes written)`. A single
-/// output file gets metadata "format": "pt" where the input had none when `add_format`.
-/// (Not write_checkpoint itself: it needs every tensor's size before writing, and a
-/// quant_state blob's length depends on the data.)
+/// The frame of quantize/dequantize, on write_checkpoint_by_shard (so the same atomic writers
+/// and file writer as every checkpoint): each input file becomes the output file of the same
+/// name, its tensors computed by `convert(file)` when its turn comes; `check()` runs after the
+/// last file and may refuse. A file gives a file (metadata "format": "pt" added where the input
+/// had none when `add_format`). A folder gives a folder: its shard index, if it has one, is
+/// written anew for the output's tensors (its metadata kept, total_size the bytes written,
+/// weight_map sorted as transformers writes it), config.json goes through `edit_config`, every
+/// other file is copied.
 inline void convert_checkpoint(const std::filesystem::path& in, const std::filesystem::path& out,
                                const std::vector<std::filesystem::path>& files, bool add_format,
                                const std::function<std::vector<TensorData>(const SafetensorsFile&)>& convert,
                                const std::function<void()>& check,
-                               const std::function<void(const std::string&, nlohmann::ordered_json&, std::uint64_t)>& edit) {
+                               const std::function<void(nlohmann::ordered_json&)>& edit_config) {
   namespace fs = std::filesystem;
-  if (!fs::is_directory(in)) {
-    write_file_atomically(out, [&](const fs::path& tmp) {
-      const auto f = SafetensorsFile::open(in);
-      const auto tensors = convert(f);
-      check();
-      auto meta = f.metadata();
-      if (add_format && !meta.count("format")) meta["format"] = "pt";
-      write_bytes(tmp, serialize_safetensors(tensors, meta));
-    });
-    return;
+  const bool folder = fs::is_directory(in);
+  CheckpointLayout layout;
+  layout.single_file = !folder;
+  for (const auto& p : files) {
+    auto meta = SafetensorsFile::open(p).metadata();
+    if (!folder && add_format && !meta.count("format")) meta["format"] = "pt";
+    layout.shards.push_back(ShardSpec{p.filename().string(), {}, std::move(meta)});
   }
-  write_folder_atomically(out, [&](const fs::path& tmp) {
-    std::uint64_t written = 0;
-    for (const auto& p : files) {
-      const auto f = SafetensorsFile::open(p);
-      const auto tensors = convert(f);
-      written += data_bytes(tensors);
-      write_bytes(tmp / p.filename(), serialize_safetensors(tensors, f.metadata()));
-    }
-    check();
-    for (const auto& e : fs::directory_iterator(in)) {
-      if (!e.is_regular_file() || e.path().extension() == ".safetensors") continue;
-      const auto name = e.path().filename().string();
-      if (name == "config.json" || name == checkpoint_index_name) {
-        auto j = lora::io::read_json_file<nlohmann::ordered_json>(e.path());
-        edit(name, j, written);
-        write_bytes(tmp / name, j.dump(2) + "\n");
-      } else {
-        fs::copy_file(e.path(), tmp / name);
-      }
-    }
-  });
+  if (folder && fs::exists(in / checkpoint_index_name)) {
+    layout.write_index = true;
+    const auto idx = lora::io::read_json_file<nlohmann::ordered_json>(in / checkpoint_index_name);
+    if (idx.contains("metadata") && idx["metadata"].is_object()) layout.index_metadata = idx["metadata"];
+  }
+  write_checkpoint_by_shard(
+      out, std::move(layout),
+      [&](std::size_t s) {
+        auto tensors = convert(SafetensorsFile::open(files[s]));
+        if (s + 1 == files.size()) check();
+        return tensors;
+      },
+      [&](const fs::path& tmp) {
+        for (const auto& e : fs::directory_iterator(in)) {
+          const auto name = e.path().filename().string();
+          if (!e.is_regular_file() || e.path().extension() == ".safetensors" || name == checkpoint_index_name) continue;
+          if (name == "config.json") {
+            auto j = lora::io::read_json_file<nlohmann::ordered_json>(e.path());
+            edit_config(j);
+            write_bytes(tmp / name, j.dump(2) + "\n");
+          } else {
+            fs::copy_file(e.path(), tmp / name);
+          }
+        }
+      });
 }
 
 inline std::vector<std::filesystem::path> checkpoint_inputs(const std::filesystem::path& in) {
@@ -275,31 +272,15 @@ inline QuantizeSummary quantize_checkpoint(const std::filesystem::path& in, cons
   const auto files = detail::checkpoint_inputs(in);
   detail::InputProgress progress(files, opt.progress);
   QuantizeSummary sum;
-  std::map<std::string, std::vector<std::string>> companions;  // weight -> keys added for it
   detail::convert_checkpoint(
-      in, out, files, true,
-      [&](const SafetensorsFile& f) {
-        auto tensors = detail::quantize_tensors(f, opt, sum, progress);
-        for (const auto& t : tensors)
-          if (quant::bnb::is_companion(t.name))
-            companions[t.name.substr(0, t.name.find(".weight.") + 7)].push_back(t.name);
-        return tensors;
-      },
+      in, out, files, true, [&](const SafetensorsFile& f) { return detail::quantize_tensors(f, opt, sum, progress); },
       [&] {
         progress.finish();
         if (sum.quantized == 0) lora::fail("{}: no 2-D floating-point .weight tensors to quantise", in.string());
       },
-      [&](const std::string& name, nlohmann::ordered_json& j, std::uint64_t written) {
-        if (name == "config.json") {
-          j["quantization_config"] = quant::bnb::quantization_config(opt.nf4.double_quant, sum.compute_dtype, opt.skip);
-        } else if (j.contains("weight_map") && j["weight_map"].is_object()) {
-          auto& wm = j["weight_map"];
-          for (const auto& [w, keys] : companions)
-            if (wm.contains(w))
-              for (const auto& k : keys) wm[k] = wm[w];
-          if (!j.contains("metadata") || !j["metadata"].is_object()) j["metadata"] = nlohmann::ordered_json::object();
-          j["metadata"]["total_size"] = written;
-        }
+      [&](nlohmann::ordered_json& config) {
+        config["quantization_config"] =
+            quant::bnb::quantization_config(opt.nf4.double_quant, sum.compute_dtype, opt.skip);
       });
   return sum;
 }
@@ -323,18 +304,7 @@ inline DequantizeSummary dequantize_checkpoint(const std::filesystem::path& in, 
         progress.finish();
         if (sum.dequantized == 0) lora::fail("{}: no bitsandbytes NF4 weights found", in.string());
       },
-      [&](const std::string& name, nlohmann::ordered_json& j, std::uint64_t written) {
-        if (name == "config.json") {
-          j.erase("quantization_config");
-        } else if (j.contains("weight_map") && j["weight_map"].is_object()) {
-          nlohmann::ordered_json wm = nlohmann::ordered_json::object();
-          for (auto& [k, v] : j["weight_map"].items())
-            if (!quant::bnb::is_companion(k)) wm[k] = v;
-          j["weight_map"] = wm;
-          if (!j.contains("metadata") || !j["metadata"].is_object()) j["metadata"] = nlohmann::ordered_json::object();
-          j["metadata"]["total_size"] = written;
-        }
-      });
+      [&](nlohmann::ordered_json& config) { config.erase("quantization_config"); });
   return sum;
 }
 
