@@ -102,7 +102,7 @@ void generate(const fs::path& dir) {
       lora::AdapterOptions o;
       o.name = mod;
       ad.modules.push_back({mod, lora::LowRankAdapter<float, lora::cpu, lora::dynamic_scaling>::from_factors(A, B, 32, o),
-                            std::nullopt, dtype::F32});
+                            dtype::F32});
     }
     std::sort(ad.modules.begin(), ad.modules.end(), [](auto& a, auto& b) { return a.name < b.name; });
     lora::io::save_peft_adapter(adapter, ad);

@@ -48,7 +48,7 @@ TEST_CASE("adapter_diff lists modules on one side; the heatmap has one cell per 
                           LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
                               lora::test::random_matrix<float>(4, 16, gen), lora::test::random_matrix<float>(8, 4, gen, scale),
                               8.0, o, dynamic_scaling{false}),
-                          std::nullopt, io::dtype::F32};
+                          io::dtype::F32};
   };
   io::PeftAdapter a, b;
   for (int l = 0; l < 3; ++l) a.modules.push_back(module(fmt::format("model.layers.{}.self_attn.q_proj", l), 1.0));

@@ -1,6 +1,8 @@
 // lora/dora/dora.hpp against PEFT's DoRA fixtures (layer outputs and merged weights),
-// finite differences (weight norm held constant), and merge/unmerge round trips.
+// finite differences (weight norm held constant), and merge/unmerge round trips;
+// lora/dora/module_adapter.hpp (LoRA or DoRA by the data) against both classes and float64.
 #include <lora/dora/dora.hpp>
+#include <lora/dora/module_adapter.hpp>
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
 
@@ -44,8 +46,8 @@ TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
   int n = 0;
   for (const auto& mod : ad.modules) {
     INFO(mod.name);
-    REQUIRE(mod.magnitude);
-    const DoraAdapter<float, cpu, dynamic_scaling> dora = mod.dora();
+    REQUIRE(mod.is_dora());
+    const DoraAdapter<float, cpu, dynamic_scaling>& dora = mod.dora();
     Matrix<float> W = base.tensor(mod.name + ".weight").to_matrix<float>();
     const auto x = ref.tensor(mod.name + ".x").to_matrix<float>();
     const auto y = ref.tensor(mod.name + ".y").to_matrix<float>();
@@ -56,7 +58,7 @@ TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
     DoraAdapter<double, cpu, dynamic_scaling> dd(
         LowRankAdapter<double, cpu, dynamic_scaling>::from_factors(
             mod.adapter.A().cast<double>(), mod.adapter.B().cast<double>(), mod.adapter.alpha(), {}, mod.adapter.policy()),
-        mod.magnitude->cast<double>());
+        mod.adapter.magnitude().cast<double>());
     CHECK(rel_error(dd.apply(W.cast<double>(), x.cast<double>()), y) < 1e-5);
     Matrix<float> W0 = W;
     const auto norm = dora.merge(W);
@@ -160,4 +162,76 @@ TEST_CASE("DoRA merge/unmerge, initialisation and fan_in_fan_out agree", "[dora]
   CHECK_THROWS_AS(dora.apply(Wt, X), lora::error);
   CHECK_THROWS_AS(DoraD(dora.lora(), Vector<double>::Ones(out + 1)), lora::error);
   CHECK_THROWS_AS(dora.unmerge(Wm, Vector<double>::Ones(3)), lora::error);
+}
+
+TEST_CASE("ModuleAdapter is DoRA with a magnitude and LoRA without: the same members, each class's math", "[dora]") {
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  using ModD = ModuleAdapter<double>;
+  for (bool fifo : {false, true}) {
+    INFO("fan_in_fan_out " << fifo);
+    const Index in = 9, out = 6, r = 3, T = 5;
+    const DoraD d = random_dora(in, out, r, 5.0, gen, fifo);
+    const MatD Wo = lora::test::random_matrix(out, in, gen);
+    const MatD W = fifo ? MatD(Wo.transpose()) : Wo;
+    const MatD X = lora::test::random_matrix(T, in, gen);
+    const MatD dY = lora::test::random_matrix(T, out, gen);
+    const double s = d.lora().scaling();
+    const MatD A = d.lora().A(), B = d.lora().B();
+    const MatD V = Wo + s * B * A;  // float64 reference, [out × in]
+    const Vector<double> n0 = V.rowwise().norm();
+
+    const ModD dora(d.lora(), std::optional<Vector<double>>(d.magnitude()));
+    const ModD plain = d.lora();
+    REQUIRE(dora.is_dora());
+    REQUIRE_FALSE(plain.is_dora());
+    CHECK(dora.trainable_parameters() == (in + out) * r + out);
+    CHECK(plain.trainable_parameters() == (in + out) * r);
+    CHECK(dora.rank() == r);
+    CHECK(dora.scaling() == s);
+    CHECK(rel_error(dora.magnitude(), d.magnitude()) == 0.0);
+
+    // forward: DoRA's (m/n) ⊙ (X·Vᵀ), LoRA's X·Vᵀ
+    CHECK(rel_error(dora.apply(W, X), reference_forward(Wo, A, B, d.magnitude(), s, X, n0)) < 1e-13);
+    CHECK(rel_error(plain.apply(W, X), MatD(X * V.transpose())) < 1e-13);
+    // backward: each class's gradients; LoRA has no dm
+    const auto gd = dora.backward(W, X, dY);
+    const auto gw = d.backward(W, X, dY);
+    CHECK(rel_error(gd.dA, gw.dA) == 0.0);
+    CHECK(rel_error(gd.dm, gw.dm) == 0.0);
+    const auto gl = plain.backward(W, X, dY);
+    const auto gr = d.lora().backward(W, X, dY);
+    CHECK(gl.dm.size() == 0);
+    CHECK(rel_error(gl.dA, gr.dA) == 0.0);
+    CHECK(rel_error(gl.dB, gr.dB) == 0.0);
+    CHECK(rel_error(gl.dX, gr.dX) == 0.0);
+    // merge: DoRA returns n and rescales rows; LoRA returns nothing
+    MatD Wd = W, Wl = W;
+    const Vector<double> n = dora.merge(Wd);
+    CHECK(rel_error(n, n0) < 1e-14);
+    const MatD want_d = d.magnitude().cwiseQuotient(n0).asDiagonal() * V;
+    CHECK(rel_error(fifo ? MatD(Wd.transpose()) : Wd, want_d) < 1e-14);
+    CHECK(rel_error(Wd, dora.merged_weight(W)) < 1e-14);
+    const Vector<double> none = plain.merge(Wl);
+    CHECK(none.size() == 0);
+    CHECK(rel_error(fifo ? MatD(Wl.transpose()) : Wl, V) < 1e-14);
+    CHECK(rel_error(Wl, plain.merged_weight(W)) < 1e-14);
+    dora.unmerge(Wd, n);
+    plain.unmerge(Wl, none);
+    CHECK(rel_error(Wd, W) < 1e-13);
+    CHECK(rel_error(Wl, W) < 1e-13);
+
+    // with_lora keeps the kind; errors name the adapter
+    const auto other = LowRankAdapter<double>::from_factors(lora::test::random_matrix(r, in, gen),
+                                                            lora::test::random_matrix(out, r, gen), 2.0);
+    CHECK(dora.with_lora(other).is_dora());
+    CHECK(rel_error(dora.with_lora(other).magnitude(), d.magnitude()) == 0.0);
+    CHECK_FALSE(plain.with_lora(other).is_dora());
+    CHECK_THROWS_WITH(plain.dora(), Catch::Matchers::ContainsSubstring("adapter 'test': not a DoRA adapter"));
+    CHECK_THROWS_WITH(plain.unmerge(Wl, n0),
+                      Catch::Matchers::ContainsSubstring("adapter 'test': LoRA unmerge takes no weight norms"));
+    CHECK_THROWS_WITH(ModD(d.lora(), std::optional<Vector<double>>(Vector<double>::Ones(out + 1))),
+                      Catch::Matchers::ContainsSubstring("magnitude has 7 elements, expected out_features = 6"));
+  }
 }

@@ -43,7 +43,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     for (const auto& m : ad.modules) {
       const auto& a = m.adapter;
       if (a.A().rows() != a.rank() || a.B().cols() != a.rank() || a.rank() != ad.config.rank_for(m.name)) __builtin_trap();
-      if (m.magnitude && m.magnitude->size() != a.out_features()) __builtin_trap();
+      if (m.is_dora() && a.magnitude().size() != a.out_features()) __builtin_trap();
     }
     try {
       lora::io::save_peft_adapter(copy, ad);

@@ -422,7 +422,9 @@ TEST_CASE("gguf lora: what a GGUF adapter cannot hold is refused with the reason
   test::TempDir tmp("gguf-dora");
   PeftAdapter d = load_peft_adapter(gdata("adapters/rslora_qv_r4"));
   d.config.use_dora = true;
-  for (auto& m : d.modules) m.magnitude = Vector<float>(test::random_matrix<float>(m.adapter.out_features(), 1, gen));
+  for (auto& m : d.modules)
+    m.adapter = DoraAdapter<float, cpu, dynamic_scaling>(m.adapter.lora(),
+                                                         Vector<float>(test::random_matrix<float>(m.adapter.out_features(), 1, gen)));
   save_peft_adapter(tmp.path / "dora", d);
   REQUIRE_THROWS_WITH(peft_to_gguf(tmp.path / "dora", gdata("hf_base")), ContainsSubstring("DoRA"));
   REQUIRE_THROWS_WITH(convert_peft_to_gguf(gdata("adapters/lora_all_r8"), gdata("hf_base"), tmp.path / "no" / "x.gguf"),

@@ -12,50 +12,25 @@
 #include <random>
 
 #include "support/catch.hpp"
+#include "support/checkpoints.hpp"
 #include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
 using lora::test::data;
+using lora::test::peft;
 using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 using lora::test::rel_error;
 namespace fs = std::filesystem;
+using lora::test::file_bytes;
+using lora::test::read_json;
+using lora::test::reshard;
+using lora::test::same_bytes;
+using lora::test::specs_of;
 
 namespace {
 
-std::string peft(const std::string& c, const std::string& rest) { return data("peft/" + c + "/" + rest); }
-
-nlohmann::ordered_json read_json(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::ordered_json::parse(in);
-}
-
-std::vector<io::TensorSpec> specs_of(const io::SafetensorsFile& f, std::optional<io::dtype> as = std::nullopt) {
-  std::vector<io::TensorSpec> s;
-  for (const auto& t : f.tensors()) s.push_back({t.name, as && io::is_float(t.type) ? *as : t.type, t.shape});
-  return s;
-}
-
-/// Copies a single-file checkpoint into `out`, as shards of at most `max_bytes`, optionally converted.
-void reshard(const fs::path& src, const fs::path& out, std::uint64_t max_bytes, std::optional<io::dtype> as = {}) {
-  const auto f = io::SafetensorsFile::open(src);
-  auto layout = io::CheckpointLayout::split(specs_of(f, as), max_bytes);
-  io::write_checkpoint(out, layout, [&](const io::TensorSpec& s) {
-    const auto& v = f.tensor(s.name);
-    if (s.type == v.type) return io::TensorBytes::borrow(v.bytes);
-    return io::TensorBytes::own(io::detail::convert_floats(v, s.type));
-  });
-}
-
-bool same_bytes(const io::TensorView& a, const io::TensorView& b) {
-  return a.type == b.type && a.shape == b.shape && std::equal(a.bytes.begin(), a.bytes.end(), b.bytes.begin(), b.bytes.end());
-}
-
-std::string file_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 /// Merged output vs PEFT's merged.safetensors: same keys, shapes, dtypes; 1e-6 relative per tensor.
 void check_against_peft(const io::Checkpoint& got, const std::string& name, double tol = 1e-6) {
@@ -237,10 +212,10 @@ TEST_CASE("merge_weight: LoRA and DoRA, fan_in_fan_out, odd shapes, every float 
         auto lora = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
             lora::test::random_matrix<float>(r, in, gen), lora::test::random_matrix<float>(out, r, gen), 3.0, o,
             dynamic_scaling{true});
-        io::PeftModule mod{"m", lora, std::nullopt, io::dtype::F32};
         Vector<double> m(out);
         for (Index i = 0; i < out; ++i) m(i) = static_cast<float>(0.5 + gen.uniform());  // float-exact
-        if (dora) mod.magnitude = m.cast<float>();
+        io::PeftModule mod{"m", {lora, dora ? std::optional(Vector<float>(m.cast<float>())) : std::nullopt},
+                           io::dtype::F32};
         const Matrix<double> Wo = lora::test::random_matrix(out, in, gen);  // [out × in]
         const Matrix<double> Wstored = fifo ? Matrix<double>(Wo.transpose()) : Wo;
         io::write_safetensors(tmp.path / "w.safetensors", {io::TensorData::from_matrix("w", Wstored, t)});
@@ -424,13 +399,10 @@ io::PeftModule random_module(const std::string& name, Index out, Index in, Index
   auto ad = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
       lora::test::random_matrix<float>(r, in, gen), lora::test::random_matrix<float>(out, r, gen),
       static_cast<double>(2 * r), o);
-  io::PeftModule m{name, ad, std::nullopt, io::dtype::F32};
-  if (dora) {
-    Vector<float> mag(out);
-    for (Index i = 0; i < out; ++i) mag(i) = static_cast<float>(0.5 + gen.uniform());
-    m.magnitude = mag;
-  }
-  return m;
+  if (!dora) return {name, ad, io::dtype::F32};
+  Vector<float> mag(out);
+  for (Index i = 0; i < out; ++i) mag(i) = static_cast<float>(0.5 + gen.uniform());
+  return {name, DoraAdapter<float, cpu, dynamic_scaling>(ad, mag), io::dtype::F32};
 }
 
 /// A random checkpoint (odd shapes, every float dtype, an integer tensor) and two adapters
@@ -537,7 +509,7 @@ TEST_CASE("parallel merge: the same bytes for any thread count and chunk size, f
   const auto& qb = rc.b.modules[0];
   Matrix<double> V = single.tensor("m.q.weight").to_matrix<double>() + qa.delta_weight().cast<double>() -
                      0.7 * qb.adapter.delta_weight().cast<double>();
-  for (Index i = 0; i < V.rows(); ++i) V.row(i) *= static_cast<double>((*qb.magnitude)(i)) / V.row(i).norm();
+  for (Index i = 0; i < V.rows(); ++i) V.row(i) *= static_cast<double>(qb.adapter.magnitude()(i)) / V.row(i).norm();
   CHECK(rel_error(io::Checkpoint::open(tmp.path / "ref.safetensors").tensor("m.q.weight").to_matrix<double>(), V) < 1e-5);
 }
 

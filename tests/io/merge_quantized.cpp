@@ -41,7 +41,7 @@ TEST_CASE("merge_into_quantized: dequantise, add ΔW, round once", "[io][merge_q
   o.name = "model.layers.0.self_attn.q_proj";
   const Matrix<float> A = lora::test::random_matrix<float>(4, 64, gen, 0.1), B = lora::test::random_matrix<float>(48, 4, gen, 0.1);
   ad.modules.push_back(io::PeftModule{o.name, LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(A, B, 8.0, o, dynamic_scaling{false}),
-                                      std::nullopt, io::dtype::F32});
+                                      io::dtype::F32});
   const auto base = io::Checkpoint::open(dir / "base4.safetensors");
   const auto ref = io::Checkpoint::open(dir / "ref.safetensors");
   for (auto dt : {io::dtype::BF16, io::dtype::F32}) {
@@ -126,7 +126,7 @@ TEST_CASE("merge_into_quantized with requantize: NF4 out, codes of a float64 enc
                         B = lora::test::random_matrix<float>(out, 4, gen, 0.1);
     ad.modules.push_back(io::PeftModule{
         o.name, LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(A, B, 8.0, o, dynamic_scaling{false}),
-        std::nullopt, io::dtype::F32});
+        io::dtype::F32});
     delta[name] = 2.0 * B.cast<double>() * A.cast<double>();
   }
   const auto base = io::Checkpoint::open(dir / "base4.safetensors");

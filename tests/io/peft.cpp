@@ -6,6 +6,7 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/checkpoints.hpp"
 #include "support/files.hpp"
 #include "support/reference.hpp"
 
@@ -15,22 +16,11 @@ using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 using lora::test::rel_error;
 namespace fs = std::filesystem;
+using lora::test::copy_folder;
+using lora::test::read_json;
+using lora::test::write_json;
 
 namespace {
-
-void copy_folder(const fs::path& from, const fs::path& to) {
-  fs::create_directories(to);
-  for (auto& e : fs::directory_iterator(from)) fs::copy_file(e.path(), to / e.path().filename());
-}
-
-nlohmann::ordered_json read_json(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::ordered_json::parse(in);
-}
-void write_json(const fs::path& p, const nlohmann::ordered_json& j) {
-  std::ofstream out(p);
-  out << j.dump(2);
-}
 
 /// Every module of a fixture: apply (or the DoRA formula) reproduces PEFT's y, delta_weight
 /// reproduces get_delta_weight; returns the number of modules checked.
@@ -50,14 +40,23 @@ int check_fixture(const std::string& name) {
     const auto x = ref.tensor(m.name + ".x").to_matrix<double>();
     const auto y = ref.tensor(m.name + ".y").to_matrix<double>();
     Matrix<double> got;
-    if (m.magnitude) {  // float64 reference of DoRA's output: m/‖W+ΔW‖_row ⊙ (X·(W+ΔW)ᵀ)
+    if (m.is_dora()) {  // float64 reference of DoRA's output: m/‖W+ΔW‖_row ⊙ (X·(W+ΔW)ᵀ)
       const Matrix<double> Wd = W + m.adapter.delta_weight().cast<double>();
-      const Vector<double> scale = m.magnitude->cast<double>().cwiseQuotient(Wd.rowwise().norm());
+      const Vector<double> scale = m.adapter.magnitude().cast<double>().cwiseQuotient(Wd.rowwise().norm());
       got = (x * Wd.transpose()) * scale.asDiagonal();
     } else {
       got = x * (W + m.adapter.delta_weight().cast<double>()).transpose();
     }
     CHECK(rel_error(got, y) < 1e-5);
+    // the loaded module is the layer: its apply and merge are DoRA's for a DoRA module
+    const Matrix<float> Wf = W.cast<float>(), xf = x.cast<float>();
+    CHECK(rel_error(m.adapter.apply(Wf, xf), y) < 1e-5);
+    Matrix<float> Wm = Wf;
+    const Vector<float> norms = m.adapter.merge(Wm);
+    CHECK(norms.size() == (m.is_dora() ? m.adapter.out_features() : 0));
+    CHECK(rel_error(xf * Wm.transpose(), y) < 1e-5);
+    m.adapter.unmerge(Wm, norms);
+    CHECK(rel_error(Wm, Wf) < 1e-6);
     ++n;
   }
   // every module of the reference is in the adapter
@@ -93,7 +92,7 @@ TEST_CASE("PEFT config fields", "[peft]") {
 
   const auto dora = io::load_peft_adapter(data("peft/dora_r4_a8_qv/adapter"));
   CHECK(dora.config.use_dora);
-  CHECK(dora.at("model.layers.0.self_attn.v_proj").magnitude->size() == 32);
+  CHECK(dora.at("model.layers.0.self_attn.v_proj").adapter.magnitude().size() == 32);
 
   const auto pat = io::load_peft_adapter(data("peft/patterns_all/adapter"));
   CHECK(pat.at("model.layers.0.mlp.down_proj").adapter.rank() == 2);
@@ -146,7 +145,7 @@ TEST_CASE("PEFT save -> load is identical (f32), and 16-bit adapters load right"
       CHECK(ma.adapter.B() == mb.adapter.B());
       CHECK(ma.adapter.scaling() == mb.adapter.scaling());
       CHECK(ma.is_dora() == mb.is_dora());
-      if (ma.magnitude) CHECK(*ma.magnitude == *mb.magnitude);
+      if (ma.is_dora()) CHECK(ma.adapter.magnitude() == mb.adapter.magnitude());
     }
     // the written config keeps PEFT's fields
     const auto j = read_json(tmp.path / name / "adapter_config.json");
@@ -194,7 +193,7 @@ TEST_CASE("PEFT save writes rank/alpha overrides PEFT can read back", "[peft]") 
                           LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
                               lora::test::random_matrix<float>(r, in, gen), lora::test::random_matrix<float>(out, r, gen),
                               alpha, o),
-                          std::nullopt, io::dtype::F32};
+                          io::dtype::F32};
   };
   a.modules.push_back(mk("model.layers.0.mlp.up_proj", 16, 24, 3, 5.0));
   a.modules.push_back(mk("model.layers.0.self_attn.q_proj", 16, 16, 4, 8.0));
@@ -335,7 +334,8 @@ TEST_CASE("PEFT folders that disagree with themselves are rejected by name", "[p
     auto a = io::load_peft_adapter(src);
     CHECK_THROWS_WITH(io::save_peft_adapter(tmp.path / "i8", a, io::dtype::I8), ContainsSubstring("I8"));
     CHECK_FALSE(fs::exists(tmp.path / "i8"));
-    a.modules[1].magnitude = Vector<float>::Ones(a.modules[1].adapter.out_features());
+    a.modules[1].adapter = DoraAdapter<float, cpu, dynamic_scaling>(
+        a.modules[1].adapter.lora(), Vector<float>::Ones(a.modules[1].adapter.out_features()));
     CHECK_THROWS_WITH(io::save_peft_adapter(tmp.path / "mixed", a), ContainsSubstring("DoRA"));
     CHECK_FALSE(fs::exists(tmp.path / "mixed"));
   }
@@ -359,7 +359,7 @@ TEST_CASE("check_peft_adapter and peft_module_tensors check what load_peft_adapt
       CHECK((v.magnitude != nullptr) == m.is_dora());
       if (v.magnitude)
         CHECK(v.magnitude->to_vector<float>() ==
-              std::vector<float>(m.magnitude->data(), m.magnitude->data() + m.magnitude->size()));
+              std::vector<float>(m.adapter.magnitude().data(), m.adapter.magnitude().data() + m.adapter.magnitude().size()));
     }
   }
   TempDir tmp("peft");

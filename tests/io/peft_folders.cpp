@@ -13,33 +13,23 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/checkpoints.hpp"
 #include "support/files.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
 using lora::test::data;
+using lora::test::peft;
 using lora::test::rel_error;
 using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
+using lora::test::copy_folder;
+using lora::test::read_json;
+using lora::test::write_json;
 
 namespace {
 
-std::string peft(const std::string& c, const std::string& rest) { return data("peft/" + c + "/" + rest); }
-
-void copy_folder(const fs::path& from, const fs::path& to) {
-  fs::create_directories(to);
-  for (auto& e : fs::directory_iterator(from)) fs::copy_file(e.path(), to / e.path().filename());
-  for (auto& e : fs::directory_iterator(to)) fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
-}
-nlohmann::ordered_json read_json(const fs::path& p) {
-  std::ifstream in(p);
-  return nlohmann::ordered_json::parse(in);
-}
-void write_json(const fs::path& p, const nlohmann::ordered_json& j) {
-  std::ofstream out(p);
-  out << j.dump(2);
-}
 
 /// ulp of a bfloat16 value (spacing of bf16 numbers around |v|).
 double bf16_ulp(double v) {
@@ -148,7 +138,7 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
     // forward: E[ids] + s·A[:, ids]ᵀ·Bᵀ
     const auto ids = ref.tensor("model.embed_tokens.ids").to_vector<std::int64_t>();
     const Matrix<float> E = base.tensor("model.embed_tokens.weight").to_matrix<float>();
-    const Matrix<float> y = embedding_forward(m.adapter, MatrixRef<float>(E), ids);
+    const Matrix<float> y = embedding_forward(m.adapter.lora(), MatrixRef<float>(E), ids);
     const auto& yt = ref.tensor("model.embed_tokens.y");
     const Matrix<float> want = Eigen::Map<const Matrix<float>>(yt.to_vector<float>().data(), static_cast<Index>(ids.size()), 64);
     CHECK(rel_error(y, want) < 1e-6);
@@ -159,7 +149,17 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
     CHECK(ad.saved.size() == (std::string(folder) == "adapter" ? 1u : 0u));
     // out-of-range token ids are refused by name
     const std::vector<std::int64_t> bad = {3, 128};
-    CHECK_THROWS_WITH(embedding_forward(m.adapter, MatrixRef<float>(E), bad), ContainsSubstring("token id 128"));
+    CHECK_THROWS_WITH(embedding_forward(m.adapter.lora(), MatrixRef<float>(E), bad),
+                      ContainsSubstring("adapter 'model.embed_tokens': token id 128 at position 1 is outside the "
+                                        "vocabulary [0, 128)"));
+    // the AdapterSpec prefix, what was expected and what was found
+    const Matrix<float> Ebad = E.topRows(127);
+    CHECK_THROWS_WITH(embedding_forward(m.adapter.lora(), MatrixRef<float>(Ebad), ids),
+                      ContainsSubstring("adapter 'model.embed_tokens': embedding weight E [vocab x dim] has shape "
+                                        "[127 x 64], expected [128 x 64]"));
+    const auto linear = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(m.adapter.A(), m.adapter.B(), 8.0);
+    CHECK_THROWS_WITH(embedding_forward(linear, MatrixRef<float>(E), ids),
+                      ContainsSubstring("expected an embedding adapter (fan_in_fan_out, A [r × vocab]), got a linear"));
   }
   // without save_embedding_layers the merge is the same
   TempDir tmp("peft-emb");
@@ -188,10 +188,10 @@ TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-
         const auto v = base.tensor(m.name + ".bias").to_vector<float>();
         b = Eigen::Map<const Vector<float>>(v.data(), static_cast<Index>(v.size()));
       }
-      const Matrix<float> y = apply_with_bias(m.adapter, MatrixRef<float>(W), b ? &*b : nullptr, *m.lora_bias,
+      const Matrix<float> y = apply_with_bias(m.adapter.lora(), MatrixRef<float>(W), b ? &*b : nullptr, *m.lora_bias,
                                               MatrixRef<float>(x));
       CHECK(rel_error(y, ref.tensor(m.name + ".y").to_matrix<float>()) < 1e-5);
-      if (!b) CHECK_THROWS_WITH(merge_bias(m.adapter, nullptr, *m.lora_bias), ContainsSubstring("no bias"));
+      if (!b) CHECK_THROWS_WITH(merge_bias(m.adapter.lora(), nullptr, *m.lora_bias), ContainsSubstring("no bias"));
     }
   }
   TempDir tmp("peft-nobias");

@@ -184,7 +184,9 @@ TEST_CASE("AdapterSet rejects mismatched shapes, ranks and ids with clear messag
   CHECK_THROWS_WITH(set.add("x", random_matrix<float>(4, 16, gen), random_matrix<float>(8, 3, gen), 1.0),
                     ContainsSubstring("lora_A has 4 rows and lora_B has 3 columns"));
   CHECK_THROWS_WITH(set.add("x", random_matrix<float>(9, 16, gen), random_matrix<float>(8, 9, gen), 1.0),
-                    ContainsSubstring("rank r = 9 must be in [1, min(in, out) = 8]"));
+                    ContainsSubstring("adapter 'x': rank r = 9 exceeds min(in_features, out_features) = min(16, 8) = 8"));
+  CHECK_THROWS_WITH(set.add("x", random_matrix<float>(4, 16, gen), random_matrix<float>(8, 4, gen), std::nan("")),
+                    ContainsSubstring("AdapterSet: adapter 'x': scaling must be finite, got nan"));
   LowRankAdapter<float, cpu, rslora_scaling> ad(16, 8, 4, 8.0);
   initialize(ad, init_method::random, gen);
   const int id = set.add("rs", ad);

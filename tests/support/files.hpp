@@ -14,6 +14,10 @@ namespace lora::test {
 
 /// Path of a fixture file under tests/data (LORA_TEST_DATA_DIR).
 inline std::string data(const std::string& rel) { return std::string(LORA_TEST_DATA_DIR) + "/" + rel; }
+/// Path of `rest` inside the PEFT fixture `fixture` (tests/data/peft/<fixture>/<rest>).
+inline std::string peft(const std::string& fixture, const std::string& rest) {
+  return data("peft/" + fixture + "/" + rest);
+}
 
 /// A fresh directory lora-test-<tag>-<random> under the system temp directory, removed with
 /// its contents when the object goes out of scope.

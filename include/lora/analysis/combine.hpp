@@ -596,7 +596,7 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
                        LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
                            f.A.cast<float>(), f.B.cast<float>(), static_cast<double>(new_rank), opts,
                            policy),
-                       std::nullopt, first->stored_dtype};
+                       first->stored_dtype};
     mod.kind = first->kind;
     out.modules.push_back(std::move(mod));
     if (opt.on_module) opt.on_module(module_index, names.size(), name);

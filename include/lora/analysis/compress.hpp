@@ -112,9 +112,9 @@ inline io::PeftAdapter compress_adapter(
     opts.name = m.name;
     out.modules.push_back(io::PeftModule{
         m.name,
-        LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(f.A.cast<float>(), f.B.cast<float>(), alpha, opts,
-                                                                  a.policy()),
-        m.magnitude, m.stored_dtype, m.kind, m.lora_bias});
+        a.with_lora(LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(f.A.cast<float>(), f.B.cast<float>(),
+                                                                              alpha, opts, a.policy())),
+        m.stored_dtype, m.kind, m.lora_bias});
     ++count[k];
     if (on_module) on_module(out.modules.size(), in.modules.size(), m.name);
   }

@@ -309,7 +309,7 @@ inline ExtractedAdapter extract_adapter(const io::Checkpoint& base, const io::Ch
                        LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
                            m.factors.A.cast<float>(), m.factors.B.cast<float>(), static_cast<double>(m.rank), ao,
                            dynamic_scaling{false}),
-                       std::nullopt, io::dtype::F32};
+                       io::dtype::F32};
     out.adapter.modules.push_back(std::move(mod));
     common_rank = common_rank < 0 ? static_cast<int>(m.rank) : std::max(common_rank, static_cast<int>(m.rank));
     if (progress) progress(m);

@@ -15,6 +15,7 @@
 //   Matrix<float> y = lora::embedding_forward(ad, E, ids);   // [ids.size() × dim]
 
 #include <lora/core/adapter.hpp>
+#include <lora/core/spec.hpp>
 #include <lora/error.hpp>
 
 #include <cstdint>
@@ -35,24 +36,24 @@ LowRankAdapter<Scalar, cpu, Scaling> embedding_adapter(Matrix<Scalar> A, Matrix<
 
 /// The adapted embedding of token ids: row i is E(ids[i], :) + s·A(:, ids[i])ᵀ·Bᵀ, as PEFT's
 /// lora.Embedding forward in eval mode. E is [vocab × dim]; `ad` must be an embedding adapter
-/// (fan_in_fan_out, in = vocab, out = dim). Throws lora::error for an id outside [0, vocab).
+/// (fan_in_fan_out, in = vocab, out = dim). Throws lora::error for an id outside [0, vocab);
+/// messages start with the adapter's AdapterSpec::who().
 template <class Scalar, ScalingPolicy Scaling>
 Matrix<compute_t<Scalar>> embedding_forward(const LowRankAdapter<Scalar, cpu, Scaling>& ad,
                                             const MatrixRef<Scalar>& E, std::span<const std::int64_t> ids) {
   using C = compute_t<Scalar>;
-  const std::string who = ad.name().empty() ? std::string("embedding adapter") : "embedding adapter '" + ad.name() + "'";
+  const AdapterSpec& spec = ad.spec();
   if (!ad.fan_in_fan_out())
-    detail::fail("{}: expected an embedding adapter (fan_in_fan_out, A [r × vocab]), got a linear one", who);
-  if (E.rows() != ad.in_features() || E.cols() != ad.out_features())
-    detail::fail("{}: embedding weight has shape [{} x {}], expected [vocab {} x dim {}]", who, E.rows(), E.cols(),
-                 ad.in_features(), ad.out_features());
+    detail::fail("{}expected an embedding adapter (fan_in_fan_out, A [r × vocab]), got a linear one (A [r × in])",
+                 spec.who());
+  spec.check_shape("embedding weight E [vocab x dim]", E.rows(), E.cols(), ad.in_features(), ad.out_features());
   const Index n = static_cast<Index>(ids.size());
   Matrix<C> xa(n, ad.rank());
   Matrix<C> y(n, ad.out_features());
   for (Index i = 0; i < n; ++i) {
     const std::int64_t t = ids[static_cast<std::size_t>(i)];
     if (t < 0 || t >= ad.in_features())
-      detail::fail("{}: token id {} at position {} is outside the vocabulary [0, {})", who, t, i, ad.in_features());
+      detail::fail("{}token id {} at position {} is outside the vocabulary [0, {})", spec.who(), t, i, ad.in_features());
     y.row(i) = E.row(static_cast<Index>(t)).template cast<C>();
     xa.row(i) = ad.A().col(static_cast<Index>(t)).transpose().template cast<C>();
   }

@@ -79,6 +79,10 @@ struct AdapterSpec {
   void check_dropout(double p) const {
     if (!(p >= 0.0 && p < 1.0)) fail("{}dropout must be in [0, 1), got {}", who(), p);
   }
+  /// A multiplier applied to the adapter's output (a set's per-adapter scaling).
+  void check_scaling(double s) const {
+    if (!std::isfinite(s)) fail("{}scaling must be finite, got {}", who(), s);
+  }
   void check_rescale(double factor) const {
     if (!std::isfinite(factor)) fail("{}rescale factor must be finite, got {}", who(), factor);
   }
@@ -86,6 +90,17 @@ struct AdapterSpec {
   void check_factor_ranks(Index a_rows, Index b_cols) const {
     if (a_rows != b_cols)
       fail("{}lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who(), a_rows, b_cols);
+  }
+  /// lora_A [r × in_features] and lora_B [out_features × r], the same r in both (r itself is
+  /// checked by validate()).
+  void check_factor_shapes(Index a_rows, Index a_cols, Index b_rows, Index b_cols) const {
+    if (a_cols != in_features)
+      fail("{}lora_A has shape [{} x {}], expected [r x {}] (in_features = {})", who(), a_rows, a_cols, in_features,
+           in_features);
+    if (b_rows != out_features)
+      fail("{}lora_B has shape [{} x {}], expected [{} x r] (out_features = {})", who(), b_rows, b_cols, out_features,
+           out_features);
+    check_factor_ranks(a_rows, b_cols);
   }
   /// `what` must be [want_rows × want_cols].
   void check_shape(const char* what, Index rows, Index cols, Index want_rows, Index want_cols) const {

@@ -525,12 +525,12 @@ inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const Gg
     const dtype st = m.type == ggml_type::F16 ? dtype::F16 : m.type == ggml_type::BF16 ? dtype::BF16 : dtype::F32;
     if (m.embedding) {
       out.modules.push_back({m.name, embedding_adapter<float, dynamic_scaling>(std::move(m.A), std::move(m.B), a_m, o, dynamic_scaling{false}),
-                             std::nullopt, st, PeftModuleKind::embedding, std::nullopt});
+                             st, PeftModuleKind::embedding, std::nullopt});
     } else {
       out.modules.push_back({m.name,
                              LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(std::move(m.A), std::move(m.B), a_m, o,
                                                                                       dynamic_scaling{false}),
-                             std::nullopt, st, PeftModuleKind::linear, std::nullopt});
+                             st, PeftModuleKind::linear, std::nullopt});
     }
   }
   return out;

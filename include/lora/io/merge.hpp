@@ -346,8 +346,8 @@ class RowMerger {
         p.s = static_cast<C>(ad.scaling() * st.scale);
         p.coef = p.fifo ? Matrix<C>(ad.A().transpose().template cast<C>()) : Matrix<C>(ad.B().template cast<C>());
         p.basis = p.fifo ? Matrix<C>(ad.B().transpose().template cast<C>()) : Matrix<C>(ad.A().template cast<C>());
-        if (mod.magnitude) {
-          p.mag = mod.magnitude->template cast<C>();
+        if (ad.is_dora()) {
+          p.mag = ad.magnitude().template cast<C>();
           if (p.fifo && p.mag.size() != cols_)
             lora::detail::fail("{}: DoRA magnitude of '{}' has {} elements, tensor '{}' has {} columns", base.file,
                                mod.name, p.mag.size(), base.name, cols_);

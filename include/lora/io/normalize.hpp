@@ -62,11 +62,11 @@ inline PeftAdapter normalize_adapter(const PeftAdapter& in, NormalizeReport* rep
     o.name = m.name;
     o.fan_in_fan_out = a.fan_in_fan_out();
     PeftModule nm{m.name,
-                  m.is_embedding()
-                      ? embedding_adapter<float, dynamic_scaling>(std::move(A), std::move(B), double(R), o, dynamic_scaling{false})
-                      : LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(std::move(A), std::move(B), double(R), o,
-                                                                                 dynamic_scaling{false}),
-                  m.magnitude, m.stored_dtype, m.kind, std::nullopt};
+                  a.with_lora(m.is_embedding() ? embedding_adapter<float, dynamic_scaling>(std::move(A), std::move(B),
+                                                                                          double(R), o, dynamic_scaling{false})
+                                               : LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+                                                     std::move(A), std::move(B), double(R), o, dynamic_scaling{false})),
+                  m.stored_dtype, m.kind, std::nullopt};
     if (m.lora_bias) nm.lora_bias = Vector<float>((m.lora_bias->cast<double>() * s).cast<float>());
     out.modules.push_back(std::move(nm));
     if (report) report->modules.push_back({m.name, s, r});

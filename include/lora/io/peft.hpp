@@ -4,8 +4,8 @@
 //
 //   auto ad = lora::io::load_peft_adapter("my-adapter/");
 //   const auto& q = ad.at("model.layers.0.self_attn.q_proj");   // module path, no "base_model.model."
-//   auto y = q.adapter.apply(W, X);                               // X·Wᵀ + s·(X·Aᵀ)·Bᵀ (plain LoRA)
-//   if (q.magnitude) { /* DoRA: see lora/dora/dora.hpp */ }
+//   auto y = q.adapter.apply(W, X);       // X·Wᵀ + s·(X·Aᵀ)·Bᵀ; DoRA's output when q.is_dora()
+//   auto n = q.adapter.merge(W);          // LoRA's or DoRA's merge (n: DoRA's norms, for unmerge)
 //   for (const auto& t : ad.saved) { /* modules_to_save copies: t.key replaces the base tensor */ }
 //   lora::io::save_peft_adapter("copy/", ad, lora::io::dtype::BF16);
 //
@@ -17,8 +17,9 @@
 //                           the JSON: PEFT takes the first key that matches), raw (the whole JSON);
 //                           rank_for / alpha_for / scaling_for / targets(module); from_json, to_json.
 //   PeftConfig load_peft_config(path to adapter_config.json or to the folder)
-//   struct PeftModule       name, adapter (LowRankAdapter<float, cpu, dynamic_scaling>), magnitude
-//                           (DoRA's m [out]), stored_dtype, kind (linear or embedding), lora_bias.
+//   struct PeftModule       name, adapter (ModuleAdapter<float, cpu, dynamic_scaling>: LoRA, or
+//                           DoRA with its magnitude m [out]), stored_dtype, kind (linear or
+//                           embedding), lora_bias.
 //   struct PeftSavedTensor  a full tensor the folder carries (modules_to_save copy, an embedding's
 //                           base_layer, a trained bias): it replaces base tensor `key`.
 //   struct PeftTrainableTokens  trainable_token_indices' new rows for one embedding (they replace rows).
@@ -51,7 +52,7 @@
 #include <lora/core/embedding.hpp>
 #include <lora/core/scaling.hpp>
 #include <lora/core/types.hpp>
-#include <lora/dora/dora.hpp>
+#include <lora/dora/module_adapter.hpp>
 #include <lora/error.hpp>
 #include <lora/io/atomic.hpp>
 #include <lora/io/json.hpp>
@@ -217,22 +218,22 @@ enum class PeftModuleKind {
 /// One adapted module of a PEFT adapter.
 struct PeftModule {
   std::string name;  ///< module path without "base_model.model.", e.g. "model.layers.0.self_attn.q_proj"
-  /// A [r × in], B [out × r], alpha, rsLoRA, fan_in_fan_out. An embedding module has A =
+  /// The module's adapter: LoRA (A [r × in], B [out × r], alpha, rsLoRA, fan_in_fan_out), or
+  /// DoRA when the folder has use_dora (the same plus lora_magnitude_vector m [out]); its apply,
+  /// backward, merge and unmerge are DoRA's then. An embedding module has A =
   /// lora_embedding_A [r × vocab], B = lora_embedding_B [dim × r] and fan_in_fan_out set, so
   /// delta_weight() = s·(B·A)ᵀ is the [vocab × dim] change of the table.
-  LowRankAdapter<float, cpu, dynamic_scaling> adapter;
-  std::optional<Vector<float>> magnitude;               ///< DoRA's m [out]; nullopt for plain LoRA
+  ModuleAdapter<float, cpu, dynamic_scaling> adapter;
   dtype stored_dtype = dtype::F32;                      ///< dtype of lora_A in the file
   PeftModuleKind kind = PeftModuleKind::linear;
   std::optional<Vector<float>> lora_bias;               ///< lora_B.bias [out] (lora_bias = true), see core/lora_bias.hpp
 
-  bool is_dora() const { return magnitude.has_value(); }
+  bool is_dora() const { return adapter.is_dora(); }
   bool is_embedding() const { return kind == PeftModuleKind::embedding; }
-  /// The module as one DoRA layer (adapter and magnitude together: apply, backward, merge);
-  /// throws lora::error for a plain LoRA module.
-  DoraAdapter<float, cpu, dynamic_scaling> dora() const {
-    if (!magnitude) lora::detail::fail("module '{}': not a DoRA module (it has no lora_magnitude_vector)", name);
-    return {adapter, *magnitude};
+  /// The DoRA adapter of a DoRA module; throws lora::error naming the module for a plain one.
+  const DoraAdapter<float, cpu, dynamic_scaling>& dora() const {
+    if (!is_dora()) lora::detail::fail("module '{}': not a DoRA module (it has no lora_magnitude_vector)", name);
+    return adapter.dora();
   }
 };
 
@@ -823,24 +824,22 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
     AdapterOptions opts;
     opts.fan_in_fan_out = cfg.fan_in_fan_out;
     opts.name = p.name;
-    auto make = [&] {
+    auto make = [&]() -> ModuleAdapter<float, cpu, dynamic_scaling> {
       try {
         if (p.kind == PeftModuleKind::embedding)
           return embedding_adapter<float, dynamic_scaling>(p.A->to_matrix<float>(), p.B->to_matrix<float>(),
                                                            cfg.alpha_for(p.name), opts, cfg.scaling_policy());
-        return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
-            p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts,
-            cfg.scaling_policy());
+        auto lora = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+            p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts, cfg.scaling_policy());
+        if (!p.magnitude) return lora;
+        Vector<float> m(p.magnitude->shape[0]);
+        p.magnitude->convert_into(m.data());
+        return DoraAdapter<float, cpu, dynamic_scaling>(std::move(lora), std::move(m));
       } catch (const lora::error& e) {
         lora::detail::fail("{}: {}", file, e.what());
       }
     };
-    PeftModule mod{p.name, make(), std::nullopt, p.A->type, p.kind, std::nullopt};
-    if (p.magnitude) {
-      Vector<float> m(p.magnitude->shape[0]);
-      p.magnitude->convert_into(m.data());
-      mod.magnitude = std::move(m);
-    }
+    PeftModule mod{p.name, make(), p.A->type, p.kind, std::nullopt};
     if (p.bias) {
       Vector<float> b(p.bias->shape[0]);
       p.bias->convert_into(b.data());
@@ -903,9 +902,6 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
     if (m.lora_bias && m.lora_bias->size() != a.out_features())
       lora::detail::fail("{}: module '{}': lora_B.bias has {} elements, expected out = {}", folder.string(), m.name,
                          m.lora_bias->size(), a.out_features());
-    if (m.magnitude && m.magnitude->size() != a.out_features())
-      lora::detail::fail("{}: module '{}': magnitude has {} elements, expected out = {}", folder.string(), m.name,
-                         m.magnitude->size(), a.out_features());
     const double alpha = a.alpha() * a.multiplier();
     if (cfg.rank_for(m.name) != a.rank()) rank_first.emplace_back(m.name, static_cast<int>(a.rank()));
     if (cfg.alpha_for(m.name) != alpha) alpha_first.emplace_back(m.name, alpha);
@@ -954,8 +950,8 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
       const Vector<float>& v = *m.lora_bias;
       tensors.push_back(TensorData::from_values(key + ".lora_B.bias", v.data(), {v.size()}, type));
     }
-    if (m.magnitude) {
-      const Vector<float>& v = *m.magnitude;
+    if (m.is_dora()) {
+      const Vector<float>& v = m.adapter.magnitude();
       tensors.push_back(TensorData::from_values(key + ".lora_magnitude_vector", v.data(), {v.size()}, type));
     }
   }

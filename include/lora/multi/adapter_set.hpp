@@ -5,6 +5,7 @@
 
 #include <lora/core/adapter.hpp>
 #include <lora/core/scaling.hpp>
+#include <lora/core/spec.hpp>
 #include <lora/core/types.hpp>
 #include <lora/error.hpp>
 
@@ -23,35 +24,32 @@ namespace lora::multi {
 namespace detail {
 
 /// The checks an adapter set runs on an adapter before it loads it, for a base layer
-/// [out × in]; `set` names the set in messages ("AdapterSet", "DeviceAdapterSet"). `slots`
+/// [out × in]; `set` names the set in messages ("AdapterSet", "AdapterSet<cuda>"). `slots`
 /// holds the loaded adapters (pointers with a `name`; empty ones null) and `replacing` the
 /// id being replaced (-1 when adding). A backend that caps the rank below min(in, out)
-/// passes its cap as `rank_limit`.
+/// passes its cap as `rank_limit`. Shape, rank and scaling are AdapterSpec's checks and
+/// messages, prefixed with the set: "AdapterSet: adapter 'math': lora_A has shape …".
 template <class Slots>
 void check_set_adapter(std::string_view set, const std::string& name, const Slots& slots, int replacing, Index a_rows,
                        Index a_cols, Index b_rows, Index b_cols, double scaling, Index in, Index out,
                        Index rank_limit) {
-  const std::string who = fmt::format("{}: adapter '{}'", set, name);
   if (name.empty()) lora::detail::fail("{}: adapter names must not be empty", set);
   for (std::size_t i = 0; i < slots.size(); ++i)
     if (slots[i] && slots[i]->name == name && static_cast<int>(i) != replacing)
-      lora::detail::fail("{} is already loaded as id {}", who, i);
-  if (a_cols != in)
-    lora::detail::fail("{}: lora_A has shape [{} x {}], expected [r x {}] for this layer (in_features = {})", who,
-                       a_rows, a_cols, in, in);
-  if (b_rows != out)
-    lora::detail::fail("{}: lora_B has shape [{} x {}], expected [{} x r] for this layer (out_features = {})", who,
-                       b_rows, b_cols, out, out);
-  if (b_cols != a_rows)
-    lora::detail::fail("{}: lora_A has {} rows and lora_B has {} columns; both must equal the rank r", who, a_rows,
-                       b_cols);
-  const Index full = std::min(in, out);
-  if (rank_limit >= full && (a_rows < 1 || a_rows > full))
-    lora::detail::fail("{}: rank r = {} must be in [1, min(in, out) = {}]", who, a_rows, full);
-  if (rank_limit < full && (a_rows < 1 || a_rows > rank_limit))
-    lora::detail::fail("{}: rank r = {} must be in [1, {}] (min(in, out) = {}, device limit {})", who, a_rows,
-                       rank_limit, full, rank_limit);
-  if (!std::isfinite(scaling)) lora::detail::fail("{}: scaling must be finite, got {}", who, scaling);
+      lora::detail::fail("{}: adapter '{}' is already loaded as id {}", set, name, i);
+  AdapterOptions opts;
+  opts.name = name;
+  const AdapterSpec spec{in, out, a_rows, 0.0, std::move(opts)};  // a set keeps s, not alpha
+  try {
+    spec.check_factor_shapes(a_rows, a_cols, b_rows, b_cols);
+    spec.validate();
+    if (a_rows > rank_limit)
+      lora::detail::fail("{}rank r = {} exceeds the device limit {} (min(in, out) = {})", spec.who(), a_rows,
+                         rank_limit, std::min(in, out));
+    spec.check_scaling(scaling);
+  } catch (const lora::error& e) {
+    lora::detail::fail("{}: {}", set, e.what());
+  }
 }
 
 /// A set keeps the base weight as [out × in]: fan_in_fan_out adapters are refused.

@@ -6,7 +6,7 @@
 //
 //   auto s = lora::tp::load_peft_shard("adapters/math", rank, world);   // Megatron layouts by name
 //   const auto& q = s.at("model.layers.0.self_attn.q_proj");            // column: B rows [range)
-//   auto Y = lora::tp::apply(q.module.adapter, *q.layout, Wq_k, X, comm);
+//   auto Y = lora::tp::apply(q.module.adapter.lora(), *q.layout, Wq_k, X, comm);
 
 #include <lora/io/peft.hpp>
 #include <lora/io/safetensors.hpp>
@@ -137,12 +137,17 @@ inline PeftShard load_peft_shard(const std::filesystem::path& folder, int rank, 
       Matrix<float> B = col ? read_block<float>(*p.B, range.offset, range.size, 0, r) : p.B->to_matrix<float>();
       return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(std::move(A), std::move(B), alpha, opts, policy);
     });
-    io::PeftModule mod{p.name, std::move(adapter), std::nullopt, p.A->type, p.kind, std::nullopt};
     auto vec = [&](const io::TensorView* v) {
       const Matrix<float> m = col ? read_block<float>(*v, range.offset, range.size, 0, 1) : v->to_matrix<float>();
       return Vector<float>(Eigen::Map<const Vector<float>>(m.data(), m.size()));
     };
-    if (p.magnitude) mod.magnitude = vec(p.magnitude);
+    std::optional<Vector<float>> magnitude;
+    if (p.magnitude) magnitude = vec(p.magnitude);
+    io::PeftModule mod{p.name,
+                       detail::with_context(where, p.name, [&] {
+                         return ModuleAdapter<float, cpu, dynamic_scaling>(std::move(adapter), std::move(magnitude));
+                       }),
+                       p.A->type, p.kind, std::nullopt};
     if (p.bias) mod.lora_bias = vec(p.bias);
     out.modules.push_back({std::move(mod), layout, range, in, outf});
   }
