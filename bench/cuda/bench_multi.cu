@@ -266,7 +266,13 @@ int main(int argc, char** argv) {
             set.backward(&Wv, X.view(), seg, dY.view(), kept);
             set.backward_overlap = true;
           },
-          [&](int) { set.backward(nullptr, X.view(), seg, dY.view(), kept); }};  // adapter paths only
+          [&](int) { set.backward(nullptr, X.view(), seg, dY.view(), kept); },  // adapter paths only
+          [&](int) {  // gb·A placed the other way (beside the GEMM below 2048 tokens, after it above)
+            const Index keep = set.backward_delta_tokens;
+            set.backward_delta_tokens = T >= keep ? Index(1) << 40 : 0;
+            set.backward(&Wv, X.view(), seg, dY.view(), kept);
+            set.backward_delta_tokens = keep;
+          }};
       const auto ms = time_all(*ctx, fns, 5, 11);
       emit("bwd_base_dx", T, N, r, ms[0]);
       emit("bwd_single", T, N, r, ms[1]);
@@ -275,11 +281,13 @@ int main(int argc, char** argv) {
       emit("bwd_mixed_reuse", T, N, r, ms[4]);
       emit("bwd_mixed_reuse_serial", T, N, r, ms[5]);
       emit("bwd_mixed_paths_only", T, N, r, ms[6]);
+      emit("bwd_mixed_reuse_other_placement", T, N, r, ms[7]);
       std::fprintf(stderr,
                    "backward T %5ld N %3d: dX GEMM %.4f | allocating: single %.4f mixed %.4f (%.2fx) | "
-                   "allocation-free: single fused %.4f mixed %.4f (%.2fx; one stream %.4f; no W %.4f) ms\n",
+                   "allocation-free: single fused %.4f mixed %.4f (%.2fx; one stream %.4f; no W %.4f; gb.A %s "
+                   "%.4f) ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1], ms[3], ms[4], ms[4] / ms[3], ms[5],
-                   ms[6]);
+                   ms[6], T >= set.backward_delta_tokens ? "after GEMM" : "beside GEMM", ms[7]);
     }
   }
   if (csv != stdout) std::fclose(csv);

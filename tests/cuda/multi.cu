@@ -299,7 +299,7 @@ RefGrads<S> reference_backward(const multi::AdapterSet<S>& set, const Matrix<S>*
 // T 1, 7 and 256 (one adapter's 256 tokens = two chunks; 300 = three), aligned shapes (16-byte
 // and tensor-core paths) and odd ones (scalar paths), with and without W. Outputs poisoned, the
 // gradient object reused across calls (its buffers must not move once large enough); on two
-// streams and on one (with the per-tile expand).
+// streams and on one (with the per-tile expand), and with gb·A into a scratch beside the GEMM.
 TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float64 and the CPU", "[cuda][multi]",
                    bfloat16, float) {
   using S = TestType;
@@ -323,10 +323,16 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
         const auto dXin = DeviceMatrix<S>::from_host(X);
         const auto ddY = DeviceMatrix<S>::from_host(dY);
         const auto seg = dev.segments(ids);
-        for (auto [with_w, overlap] : {std::pair{true, true}, std::pair{false, true}, std::pair{true, false}}) {
-          INFO("with W: " << with_w << ", second stream and per-token expand: " << overlap);
+        struct Mode {
+          bool with_w, overlap, delta;
+        };
+        for (auto [with_w, overlap, delta] : {Mode{true, true, false}, Mode{false, true, false},
+                                              Mode{true, false, false}, Mode{true, true, true}}) {
+          INFO("with W: " << with_w << ", second stream and per-token expand: " << overlap
+                          << ", gb·A beside the GEMM: " << delta);
           dev.backward_overlap = overlap;  // and the per-tile expand with the one-stream schedule
           dev.expand_kernel = overlap ? multi::SgmvExpand::per_token : multi::SgmvExpand::per_tile;
+          dev.backward_delta_tokens = delta ? 0 : 1 << 30;
           // Buffers large enough already: the call must reuse them, so they can be poisoned first.
           if (grads.storage.size() < dev.gradient_elements(seg))
             grads.storage = DeviceBuffer<float>(dev.gradient_elements(seg));

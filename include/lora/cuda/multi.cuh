@@ -95,10 +95,12 @@ __device__ __forceinline__ void store_vec(T* p, const float* v) {
 /// converted to float when used: a load in flight costs its raw registers only.
 template <class T, int N>
 struct RawVec {
-  alignas(N * sizeof(T) == 16 ? 16 : alignof(T)) T v[N];
+  alignas(N * sizeof(T) == 16 ? 16 : N * sizeof(T) == 8 ? 8 : alignof(T)) T v[N];
   __device__ __forceinline__ void ldg(const T* p) {
     if constexpr (N * sizeof(T) == 16) {
       *reinterpret_cast<uint4*>(v) = __ldg(reinterpret_cast<const uint4*>(p));
+    } else if constexpr (N * sizeof(T) == 8) {
+      *reinterpret_cast<uint2*>(v) = __ldg(reinterpret_cast<const uint2*>(p));
     } else {
 #pragma unroll
       for (int i = 0; i < N; ++i) v[i] = __ldg(p + i);
@@ -409,7 +411,7 @@ struct GradReduce {
   int adapter, seg, first, slots;
 };
 constexpr int sgmv_grad_chunk = 128;
-constexpr int sgmv_grad_rank_group = 8;
+constexpr int sgmv_grad_rank_group = 16;
 constexpr int sgmv_grad_threads = 128;
 
 /// roff[k] = Σ_{k' < k} round4(rank of segment k' 's adapter), k = 0 … nseg: where segment k's
@@ -449,10 +451,14 @@ __global__ void __launch_bounds__(256) grad_offsets_kernel(const int* __restrict
 ///   dA[j, c] = Σ_p Gb[p, j]·X[order[p], c]     (blockIdx.y < col_blocks_a: c < in)
 ///   dB[c, j] = Σ_p dY[order[p], c]·H[p, j]     (the other column blocks: c < out)
 /// for the sgmv_grad_rank_group ranks j of blockIdx.z. Gb and H are the shrink kernels' float
-/// partial sums (their K-splits added here). Each thread owns VW columns (one 16-byte load of
-/// a row per token) × the rank group in float accumulators; the chunk's Gb or H values and row
-/// indices are staged in shared memory. Every output element is written by one thread, once,
-/// and sums run in position order: the result does not depend on the schedule.
+/// partial sums (their K-splits added here). Each thread owns VW consecutive columns (VW = 4:
+/// one 8- or 16-byte load of a row per token, so that a warp's float4 stores of a dA row are
+/// 512 contiguous bytes) × the rank group in float accumulators; the chunk's Gb or H values and
+/// row indices are staged in shared memory. dB's rows are r floats, so the block's [columns ×
+/// ranks] tile goes through shared memory and leaves as contiguous runs of each row's ranks (a
+/// thread per element: whole sectors, where storing each thread's own rows wrote half sectors
+/// 512 bytes apart and ran at ≈ 1.1 TB/s). Every output element is written once, and sums run
+/// in position order: the result does not depend on the schedule.
 template <class T, int VW>
 __global__ void __launch_bounds__(sgmv_grad_threads) sgmv_grad_kernel(
     const T* __restrict__ X, long ldx, const T* __restrict__ dY, long ldy, int in, int out,
@@ -460,9 +466,11 @@ __global__ void __launch_bounds__(sgmv_grad_threads) sgmv_grad_kernel(
     int ldu, const GradItem* __restrict__ items, const int* __restrict__ order,
     const DeviceSlotEntry<T>* __restrict__ table, const long* __restrict__ roff, float* __restrict__ dA_base,
     float* __restrict__ dB_base, float* __restrict__ partials, long slot_stride, int col_blocks_a) {
-  constexpr int RG = sgmv_grad_rank_group, CH = sgmv_grad_chunk, UN = 4;
+  constexpr int RG = sgmv_grad_rank_group, CH = sgmv_grad_chunk, UN = 4, NT = sgmv_grad_threads;
+  constexpr int BC = NT * VW, TP = BC + 4;  // the block's columns; tile row pitch (16-byte aligned)
   __shared__ float Ls[CH][RG];
   __shared__ int rows[CH];
+  __shared__ __align__(16) float tile[RG][TP];
   const GradItem it = items[blockIdx.x];
   const int r = table[it.adapter].rank;
   const int j0 = static_cast<int>(blockIdx.z) * RG;
@@ -475,44 +483,47 @@ __global__ void __launch_bounds__(sgmv_grad_threads) sgmv_grad_kernel(
   const float* const U = is_a ? UG : UH;
   const long ss = is_a ? ssg : ssh;
   const int splits = is_a ? splits_g : splits_h;
-  for (int i = static_cast<int>(threadIdx.x); i < it.count * RG; i += sgmv_grad_threads) {
+  const int tid = static_cast<int>(threadIdx.x);
+  for (int i = tid; i < it.count * RG; i += NT) {
     const int t = i / RG, g = i % RG;
     float v = 0.f;
     if (j0 + g < r)
       for (int s = 0; s < splits; ++s) v += U[s * ss + static_cast<long>(it.begin + t) * ldu + j0 + g];
     Ls[t][g] = v;
   }
-  for (int i = static_cast<int>(threadIdx.x); i < it.count; i += sgmv_grad_threads) rows[i] = order[it.begin + i];
+  for (int i = tid; i < it.count; i += NT) rows[i] = order[it.begin + i];
   __syncthreads();
-  const int col = (cb * sgmv_grad_threads + static_cast<int>(threadIdx.x)) * VW;
-  if (col >= cols) return;
+  const int c0 = cb * BC, col = c0 + tid * VW;
+  const bool live = col < cols;
   float acc[RG][VW];
 #pragma unroll
   for (int g = 0; g < RG; ++g)
 #pragma unroll
     for (int i = 0; i < VW; ++i) acc[g][i] = 0.f;
-  int t = 0;
-  for (; t + UN <= it.count; t += UN) {
-    RawVec<T, VW> x[UN];
+  if (live) {
+    int t = 0;
+    for (; t + UN <= it.count; t += UN) {
+      RawVec<T, VW> x[UN];
 #pragma unroll
-    for (int u = 0; u < UN; ++u) x[u].ldg(R + static_cast<long>(rows[t + u]) * ldr + col);
+      for (int u = 0; u < UN; ++u) x[u].ldg(R + static_cast<long>(rows[t + u]) * ldr + col);
 #pragma unroll
-    for (int u = 0; u < UN; ++u)
+      for (int u = 0; u < UN; ++u)
+#pragma unroll
+        for (int g = 0; g < RG; ++g) {
+          const float l = Ls[t + u][g];
+#pragma unroll
+          for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[u][i], acc[g][i]);
+        }
+    }
+    for (; t < it.count; ++t) {
+      RawVec<T, VW> x;
+      x.ldg(R + static_cast<long>(rows[t]) * ldr + col);
 #pragma unroll
       for (int g = 0; g < RG; ++g) {
-        const float l = Ls[t + u][g];
+        const float l = Ls[t][g];
 #pragma unroll
-        for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[u][i], acc[g][i]);
+        for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[i], acc[g][i]);
       }
-  }
-  for (; t < it.count; ++t) {
-    RawVec<T, VW> x;
-    x.ldg(R + static_cast<long>(rows[t]) * ldr + col);
-#pragma unroll
-    for (int g = 0; g < RG; ++g) {
-      const float l = Ls[t][g];
-#pragma unroll
-      for (int i = 0; i < VW; ++i) acc[g][i] = fmaf(l, x[i], acc[g][i]);
     }
   }
   float* dst;
@@ -520,38 +531,40 @@ __global__ void __launch_bounds__(sgmv_grad_threads) sgmv_grad_kernel(
     dst = is_a ? dA_base + roff[it.seg] * in : dB_base + roff[it.seg] * out;
   else
     dst = partials + it.slot * slot_stride + (is_a ? 0L : static_cast<long>(r) * in);
+  const int L = min(RG, r - j0);  // live ranks of the group
   if (is_a) {
-    // Row j of dA: VW consecutive floats (16-byte aligned when VW % 4 == 0: in, the offsets
-    // and the slot stride are multiples of 4).
+    // Row j of dA: VW consecutive floats per thread (16-byte aligned when VW == 4: in, the
+    // offsets and the slot stride are multiples of 4).
+    if (!live) return;
 #pragma unroll
     for (int g = 0; g < RG; ++g) {
-      if (j0 + g >= r) break;
+      if (g >= L) break;
       float* d = dst + static_cast<long>(j0 + g) * in + col;
-      if constexpr (VW % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < VW; i += 4)
-          *reinterpret_cast<float4*>(d + i) = make_float4(acc[g][i], acc[g][i + 1], acc[g][i + 2], acc[g][i + 3]);
+      if constexpr (VW == 4) {
+        *reinterpret_cast<float4*>(d) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
       } else {
 #pragma unroll
         for (int i = 0; i < VW; ++i) d[i] = acc[g][i];
       }
     }
-  } else {
-    // Row c of dB [out × r]: the rank group's RG consecutive floats.
-    const bool vec = r % 4 == 0;  // then j0 + 4·h is 16-byte aligned
+    return;
+  }
+  // dB: the [BC × L] tile through shared memory, then row c's ranks j0 … j0 + L − 1 (contiguous
+  // in dB) written by consecutive threads.
 #pragma unroll
-    for (int i = 0; i < VW; ++i) {
-      float* d = dst + static_cast<long>(col + i) * r + j0;
-      if (vec && j0 + RG <= r) {
+  for (int g = 0; g < RG; ++g) {
+    if constexpr (VW == 4) {
+      *reinterpret_cast<float4*>(&tile[g][tid * 4]) = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+    } else {
 #pragma unroll
-        for (int h = 0; h < RG; h += 4)
-          *reinterpret_cast<float4*>(d + h) = make_float4(acc[h][i], acc[h + 1][i], acc[h + 2][i], acc[h + 3][i]);
-      } else {
-#pragma unroll
-        for (int g = 0; g < RG; ++g)
-          if (j0 + g < r) d[g] = acc[g][i];
-      }
+      for (int i = 0; i < VW; ++i) tile[g][tid * VW + i] = acc[g][i];
     }
+  }
+  __syncthreads();
+  const int nc = min(BC, cols - c0);
+  for (int e = tid; e < nc * L; e += NT) {
+    const int cl = e / L, j = e % L;
+    dst[static_cast<long>(c0 + cl) * r + j0 + j] = tile[j][cl];
   }
 }
 
@@ -569,6 +582,7 @@ __global__ void __launch_bounds__(256) sgmv_grad_reduce_kernel(const GradReduce*
   const float* src = partials + rd.first * slot_stride;
   for (long e = static_cast<long>(blockIdx.y) * 256 + threadIdx.x; e < n; e += static_cast<long>(gridDim.y) * 256) {
     float v = 0.f;
+#pragma unroll 8
     for (int s = 0; s < rd.slots; ++s) v += src[s * slot_stride + e];
     if (e < na)
       dA_base[roff[rd.seg] * in + e] = v;
@@ -680,6 +694,9 @@ class AdapterSet<Scalar, cuda> {
   /// backward: the shrinks and weight gradients on a second stream beside the dX GEMM (true),
   /// or everything on the set's stream.
   bool backward_overlap = true;
+  /// backward with W, on two streams, from this many tokens: gb·A goes into a scratch beside the
+  /// dX GEMM (the expand leaves the path after the GEMM) and one pass adds it to dX.
+  Index backward_delta_tokens = 2048;
 
   AdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
@@ -963,7 +980,20 @@ class AdapterSet<Scalar, cuda> {
     // Side stream: gb (then handed to the main stream's expand), h, the segment offsets, dA
     // and dB.
     shrink(dY, seg, pg, side, true, UG);
-    if (two) LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
+    const bool delta = two && W && tokens >= backward_delta_tokens;
+    view D;
+    if (delta) {
+      const std::size_t nd = static_cast<std::size_t>(P) * static_cast<std::size_t>(in_);
+      if (delta_.size() < nd) {
+        ctx_->synchronize();  // earlier calls may still use the old buffer
+        LORA_CUDA_CHECK(cudaStreamSynchronize(side));
+        delta_ = DeviceBuffer<Scalar>(nd);
+      }
+      D = view{delta_.data(), P, in_, in_};
+      expand(seg, pg, view{g.dX.data(), tokens, in_, in_}, side, D, true, UG);  // D's rows = gb·A
+    } else if (two) {
+      LORA_CUDA_CHECK(cudaEventRecord(fork_->mid, side));
+    }
     shrink(X, seg, ph, side, false, UH);
     detail::grad_offsets_kernel<T><<<1, 256, 0, side>>>(seg.seg_adapter(), static_cast<int>(seg.adapters.size()),
                                                          table_.data(), roff);
@@ -971,7 +1001,7 @@ class AdapterSet<Scalar, cuda> {
     {
       const bool vec = in_ % V == 0 && out_ % V == 0 && X.ld % V == 0 && dY.ld % V == 0 &&
                        lora::detail::aligned(X.data, 16) && lora::detail::aligned(dY.data, 16);
-      const int vw = vec ? V : 1;
+      const int vw = vec ? 4 : 1;
       const unsigned cba = lora::detail::ceil_div(in_, detail::sgmv_grad_threads * vw),
                      cbb = lora::detail::ceil_div(out_, detail::sgmv_grad_threads * vw);
       const dim3 grid(static_cast<unsigned>(seg.grad_items), cba + cbb,
@@ -984,13 +1014,13 @@ class AdapterSet<Scalar, cuda> {
             partials, slot_stride, static_cast<int>(cba));
       };
       if (vec)
-        go(detail::sgmv_grad_kernel<T, V>);
+        go(detail::sgmv_grad_kernel<T, 4>);
       else
         go(detail::sgmv_grad_kernel<T, 1>);
       LORA_CUDA_CHECK_LAUNCH("sgmv_grad_kernel");
       if (seg.grad_reduces > 0) {
         const unsigned blocks = static_cast<unsigned>(
-            std::min<Index>(lora::detail::ceil_div(rmax * (in_ + out_), 1024), 65535));
+            std::min<Index>(lora::detail::ceil_div(rmax * (in_ + out_), 256), 65535));
         detail::sgmv_grad_reduce_kernel<T><<<dim3(static_cast<unsigned>(seg.grad_reduces), blocks), 256, 0, side>>>(
             seg.grad_reduce_list(), table_.data(), roff, static_cast<int>(in_), static_cast<int>(out_), partials,
             slot_stride, dA_base, dB_base);
@@ -1004,6 +1034,11 @@ class AdapterSet<Scalar, cuda> {
                                                  g.dX.view());
     else if (g.dX.size() > 0)
       LORA_CUDA_CHECK(cudaMemsetAsync(g.dX.data(), 0, g.dX.size() * sizeof(Scalar), main));
+    if (delta) {
+      LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->join, 0));
+      add_rows(D, seg, g.dX.view());
+      return;
+    }
     if (two) LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->mid, 0));
     expand(seg, pg, g.dX.view(), main, {}, true, UG);
     if (two) LORA_CUDA_CHECK(cudaStreamWaitEvent(main, fork_->join, 0));
@@ -1265,7 +1300,7 @@ class AdapterSet<Scalar, cuda> {
   mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
   mutable std::unique_ptr<detail::ForkJoin> fork_;
   mutable DeviceBuffer<float> bwd_scratch_;   // backward's segment offsets, h and gb partial sums, slots
-  mutable DeviceBuffer<Scalar> delta_;        // the delta schedule's adapter rows [covered × out]
+  mutable DeviceBuffer<Scalar> delta_;  // the delta schedules' adapter rows [covered × out] (backward: × in)
 };
 
 }  // namespace lora::multi
