@@ -259,10 +259,13 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
           lora::test::poison(Xp.view().col_block(c.in, rp));
           ad.apply(fw, Xp.view(), Y.view());
           CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
-          // s·X·Aᵀ, then zeros, in Xp's spare columns (the fused backward reads them).
+          // s·X·Aᵀ in Xp's first r spare columns (the fused backward reads them); the stacked
+          // and stream paths also write zeros after them (the decode kernels, which concat_k,
+          // accumulate and automatic may take at T <= 4, write only the r columns).
           const Matrix<S> spare = to_host(DeviceView<const S>(Xp.view()).col_block(c.in, rp));
           CHECK(lora::test::rel_error(spare.leftCols(r), xa) < tol<S>());
-          CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+          if ((how == 3 || how == 4 || T > 4) && rp > r)
+            CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
         }
         fw.forward = FusedForward::automatic;
         // The stream kernel with 16- and 32-row tiles at every T (forced through the planner;
@@ -280,7 +283,8 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
             CHECK(lora::test::rel_error(Y.to_host(), ref) < tol<S>());
             const Matrix<S> spare = to_host(DeviceView<const S>(Xp.view()).col_block(c.in, rp));
             CHECK(lora::test::rel_error(spare.leftCols(r), xa) < tol<S>());
-            CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+            if (rp > r)
+              CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
           }
         }
         ctx->planner().record(key, *planned);
@@ -323,7 +327,7 @@ TEMPLATE_TEST_CASE("cuda adapter: both stacked epilogue kernels match float64 on
         const Matrix<S> Yh = Y.to_host(), XAh = XA.to_host();
         CHECK(lora::test::rel_error(Yh.leftCols(out), ref) < tol<S>());
         CHECK(lora::test::rel_error(XAh.leftCols(r), xa) < tol<S>());
-        CHECK(lora::test::max_abs_diff(XAh.middleCols(r, rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
+        if (rp > r) CHECK(lora::test::max_abs_diff(XAh.middleCols(r, rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
         // Nothing written past the views.
         auto all_nan = [](const Matrix<S>& m) {
           for (Index i = 0; i < m.rows(); ++i)

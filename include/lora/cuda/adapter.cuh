@@ -364,8 +364,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   }
 
   /// A [T × (in + rp)] buffer for the fused path (rp = fused_rank_pad(r)): X goes in
-  /// columns [0, in); apply() writes s·X·Aᵀ and zeros into the last rp columns
-  /// (backward reads s·X·Aᵀ there).
+  /// columns [0, in); apply() writes s·X·Aᵀ into the first r of the last rp columns
+  /// (backward reads it there) and zeros after them (not the decode kernels at ≤ 4 tokens).
   DeviceMatrix<Scalar> padded_input(Index tokens) const {
     return DeviceMatrix<Scalar>(tokens, in_features() + fused_rank_pad(rank()));
   }

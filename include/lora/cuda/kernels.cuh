@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(decode_threads) gemv_kernel(
         const float b = to_float(Mt[min(row0 + r, nrows - 1) * ldmt + j]);
 #pragma unroll
         for (int t = 0; t < TMAX; ++t)
-          if (t < tokens) acc[t][r] = fmaf(to_float(Xt[t * ldxt + j]), b, acc[t][r]);
+          if (t < tokens) acc[t][r] = fmaf(to_float(__ldcg(Xt + t * ldxt + j)), b, acc[t][r]);
       }
     }
   }
@@ -226,15 +226,15 @@ __global__ void __launch_bounds__(stacked_threads)
 #pragma unroll
   for (int j = 0; j < RB; ++j) b[j] = (n < out && j < r) ? to_float(B[static_cast<long>(n) * ldb + j]) : 0.f;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cudaGridDependencySynchronize();  // C is the previous kernel's output
+  cudaGridDependencySynchronize();  // C is the previous kernel's output: read it through L2 (__ldcg)
 #endif
   float c[stacked_tokens];
 #pragma unroll
   for (int t = 0; t < stacked_tokens; ++t)
-    c[t] = (n < out && t < tn) ? to_float(C[static_cast<long>(t0 + t) * ldc + n]) : 0.f;
+    c[t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
   for (int i = static_cast<int>(threadIdx.x); i < stacked_tokens * RB; i += stacked_threads) {
     const int t = i / RB, j = i % RB;
-    sxa[t][j] = (t < tn && j < r) ? s * to_float(C[static_cast<long>(t0 + t) * ldc + out + j]) : 0.f;
+    sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
   }
   __syncthreads();
   if (blockIdx.x == 0)
@@ -284,14 +284,14 @@ __global__ void __launch_bounds__(stacked_threads)
     for (int j = 0; j < RB; ++j) b[j] = 0.f;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  cudaGridDependencySynchronize();  // C is the previous kernel's output
+  cudaGridDependencySynchronize();  // C is the previous kernel's output: read it through L2 (__ldcg)
 #endif
   float c[TT];
 #pragma unroll
-  for (int t = 0; t < TT; ++t) c[t] = (n < out && t < tn) ? to_float(C[static_cast<long>(t0 + t) * ldc + n]) : 0.f;
+  for (int t = 0; t < TT; ++t) c[t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
   for (int i = static_cast<int>(threadIdx.x); i < TT * RB; i += stacked_threads) {
     const int t = i / RB, j = i % RB;
-    sxa[t][j] = (t < tn && j < r) ? s * to_float(C[static_cast<long>(t0 + t) * ldc + out + j]) : 0.f;
+    sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
   }
   __syncthreads();
   if (blockIdx.x == 0)

@@ -91,13 +91,39 @@ inline bool capturing(const CudaContext& ctx) {
   return st != cudaStreamCaptureStatusNone;
 }
 
+/// Reads `n` 16-byte vectors (a buffer twice the L2's size): afterwards the L2 holds none of
+/// what a candidate reads, and no dirty lines that its reads would have to write back first.
+__global__ inline void l2_evict_kernel(const uint4* __restrict__ p, long n, unsigned* __restrict__ sink) {
+  unsigned acc = 0;
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<long>(gridDim.x) * blockDim.x) {
+    const uint4 v = __ldcg(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;  // keeps the loads; practically never taken
+}
+
 /// Times n candidates (call(k) runs candidate k once) on the context's stream: one warm-up
-/// call each, then four rounds of two calls each, the order rotating from round to round
-/// (the first candidate after a pause runs a few percent slow); returns each candidate's
-/// fastest round, so that clock ramps and the first position cost nothing. Synchronises.
+/// call each, then five rounds in an order that rotates from round to round; before every
+/// timed call a read over twice the L2 evicts it, so each candidate reads its weights from
+/// device memory, as a layer does in a model's forward (at decode sizes a 4096² weight fits in
+/// the H200's L2, where the strategies rank differently; docs/performance.md). Returns each
+/// candidate's fastest round, so that clock ramps and the first position cost nothing.
+/// Allocates the eviction buffer for the duration of the call and synchronises.
 template <class Call>
 std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
-  constexpr int rounds = 4;
+  constexpr int rounds = 5;
+  int dev = 0, l2 = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  const long vectors = std::max(1L, 2L * l2 / 16);
+  DeviceBuffer<uint4> evict(static_cast<std::size_t>(vectors));
+  LORA_CUDA_CHECK(cudaMemsetAsync(evict.data(), 0, evict.size() * sizeof(uint4), ctx.stream()));
+  DeviceBuffer<unsigned> sink(1);
+  auto flush = [&] {
+    l2_evict_kernel<<<264, 512, 0, ctx.stream()>>>(evict.data(), vectors, sink.data());
+    LORA_CUDA_CHECK_LAUNCH("l2_evict_kernel");
+  };
   std::vector<cudaEvent_t> e(2 * static_cast<std::size_t>(n) * rounds);
   for (auto& ev : e) LORA_CUDA_CHECK(cudaEventCreate(&ev));
   for (int k = 0; k < n; ++k) call(k);
@@ -105,8 +131,8 @@ std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
     for (int j = 0; j < n; ++j) {
       const int k = (j + round) % n;
       const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
+      flush();
       LORA_CUDA_CHECK(cudaEventRecord(e[at], ctx.stream()));
-      call(k);
       call(k);
       LORA_CUDA_CHECK(cudaEventRecord(e[at + 1], ctx.stream()));
     }
