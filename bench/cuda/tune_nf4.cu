@@ -3,9 +3,8 @@
 // against cuBLAS's bf16 GEMM on the unquantised weights and the copy bandwidth, each with its
 // relative error against a float32 cuBLAS product of the dequantised W. Every variant is a
 // kernel or launch helper of the library, with the template parameters nf4_gemm chooses among:
-//   ring [nopdl]      nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
-//                     for blocksize 64 and K ≤ 4096), as a programmatic dependent launch or not
-//   ring S2 / S4      the same with 2 or 4 ring slots per warp (nf4_gemm: 3)
+//   ring S3           nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
+//                     for blocksize 64 and K ≤ 4096, with 2 slots) with 3 ring slots per warp
 //   stream NT1/NT2    nf4_stream_kernel (tensor cores, barrier form): nf4_gemm's choice for 2…16
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
@@ -160,19 +159,11 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "\n");
       };
       variant("nf4_gemm", [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); });
-      for (const bool pdl : {true, false})
-        variant(pdl ? "ring" : "ring nopdl", [&, pdl](int i) {
-          const auto& w = q[i % sets];
-          detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
-                                     w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), pdl);
-        });
-      for (const int st : {2, 4})
-        variant(st == 2 ? "ring S2" : "ring S4", [&, st](int i) {
-          const auto& w = q[i % sets];
-          auto f = st == 2 ? detail::launch_nf4_ring<T, 2> : detail::launch_nf4_ring<T, 4>;
-          f(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
-            static_cast<int>(out), yd, ldy, ctx->stream(), true, {});
-        });
+      variant("ring S3", [&](int i) {
+        const auto& w = q[i % sets];
+        detail::launch_nf4_ring<T, 3>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
+                                      w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, {});
+      });
       if (tokens == 1)
         variant("byte_pair pdl", [&](int i) {
           const auto& w = q[i % sets];
@@ -199,14 +190,29 @@ int main(int argc, char** argv) {
       });
       refp = &ref_base;
     }
-    if (out == 14336) {
+    if (out == 14336) {  // dequantisation: the library's (4 groups per thread) and 1 and 8 per thread
       DeviceMatrix<S> D(out, in);
-      const double dq = time_ms(*ctx, [&](int i) { q[i % sets].dequantize_into(D.view()); });
-      const double dq_bytes = code_bytes + out * in * 2.0;
-      std::fprintf(csv, "dequantize,%ld,%ld,0,%.5f,%.1f,%.1f,0,0\n", static_cast<long>(out), static_cast<long>(in), dq,
-                   dq_bytes / dq / 1e6, 100 * dq_bytes / dq / 1e6 / copy_gbps);
-      std::fprintf(stderr, "dequantize %.2f us, %.0f GB/s (%.0f%% of copy)\n", dq * 1e3, dq_bytes / dq / 1e6,
-                   100 * dq_bytes / dq / 1e6 / copy_gbps);
+      const long groups = out * in / 8;
+      auto direct = [&](auto u) {
+        constexpr int U = decltype(u)::value;
+        return [&, groups](int i) {
+          const auto& w = q[i % sets];
+          detail::nf4_dequantize_kernel<T, U><<<detail::ceil_div(groups, 256L * U), 256, 0, ctx->stream()>>>(
+              w.packed().data(), w.absmax().data(), groups, 64, reinterpret_cast<T*>(D.data()));
+        };
+      };
+      const std::vector<std::pair<std::string, std::function<void(int)>>> dqs = {
+          {"dequantize", [&](int i) { q[i % sets].dequantize_into(D.view()); }},
+          {"dequantize U1", direct(std::integral_constant<int, 1>{})},
+          {"dequantize U8", direct(std::integral_constant<int, 8>{})}};
+      for (const auto& [name, fn] : dqs) {
+        const double dq = time_ms(*ctx, fn);
+        const double dq_bytes = code_bytes + out * in * 2.0;
+        std::fprintf(csv, "%s,%ld,%ld,0,%.5f,%.1f,%.1f,0,0\n", name.c_str(), static_cast<long>(out),
+                     static_cast<long>(in), dq, dq_bytes / dq / 1e6, 100 * dq_bytes / dq / 1e6 / copy_gbps);
+        std::fprintf(stderr, "%-14s %.2f us, %.0f GB/s (%.0f%% of copy)\n", name.c_str(), dq * 1e3,
+                     dq_bytes / dq / 1e6, 100 * dq_bytes / dq / 1e6 / copy_gbps);
+      }
     }
   }
   if (csv != stdout) std::fclose(csv);

@@ -95,73 +95,49 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long n, int bs, std
   }
 }
 
-/// out[i] = code[q_i]·absmax[i / bs]: 4 packed bytes → 8 values per thread, so
-/// a warp reads 128 contiguous bytes and writes 8·32 contiguous values.
+/// out[i] = code[q_i]·absmax[i / bs]: 4 packed bytes → 8 values per thread and group, so a
+/// warp reads 128 contiguous bytes and writes 8·32 contiguous values per group; a block of
+/// `blockDim.x` threads takes U·blockDim.x consecutive groups, thread t the groups t,
+/// t + blockDim.x, …, all U loads issued before the first store (more bytes in flight).
 /// Needs n % 8 == 0 and a 16-byte aligned out.
-template <class T>
+template <class T, int U = 1>
 __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                       long groups, int bs, T* __restrict__ out) {
   __shared__ float lut[16];
   if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
   __syncthreads();
-  const long g = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (g >= groups) return;
-  const unsigned raw = __ldg(reinterpret_cast<const unsigned*>(packed) + g);
-  const float a = __ldg(absmax + (g * 8) / bs);
-  float v[8];
+  const long g0 = static_cast<long>(blockIdx.x) * blockDim.x * U + threadIdx.x;
+  unsigned raw[U];
+  float a[U];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const unsigned b = (raw >> (8 * i)) & 0xffu;
-    v[2 * i] = lut[b >> 4] * a;
-    v[2 * i + 1] = lut[b & 15u] * a;
+  for (int u = 0; u < U; ++u) {
+    const long g = g0 + static_cast<long>(u) * blockDim.x;
+    raw[u] = g < groups ? __ldg(reinterpret_cast<const unsigned*>(packed) + g) : 0u;
+    a[u] = g < groups ? __ldg(absmax + (g * 8) / bs) : 0.f;
   }
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
-  for (int q = 0; q < 8 / V; ++q) {
-    uint4 o;
-    T* e = reinterpret_cast<T*>(&o);
-#pragma unroll
-    for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[q * V + i]);
-    reinterpret_cast<uint4*>(out + g * 8)[q] = o;
-  }
-}
-
-/// out[i] = code[q_i]·absmax[i / bs], 16 packed bytes → 32 values per thread (one 16-byte load,
-/// one scale: bs % 32 == 0, so the 32 values lie in one block; four 16-byte stores for 16-bit
-/// T). The same products and roundings as nf4_dequantize_kernel. Needs n % 32 == 0, bs % 32 == 0,
-/// 16-byte aligned packed and out.
-template <class T>
-__global__ void nf4_dequantize32_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                                        long chunks, int bs, T* __restrict__ out) {
-  __shared__ float lut[16];
-  if (threadIdx.x < 16) lut[threadIdx.x] = nf4_values[threadIdx.x];
-  __syncthreads();
-  const long c = static_cast<long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= chunks) return;
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(packed) + c);
-  const float a = __ldg(absmax + (c * 32) / bs);
-  const std::uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
-  constexpr int V = 16 / static_cast<int>(sizeof(T));
-  uint4* o = reinterpret_cast<uint4*>(out + c * 32);
-#pragma unroll
-  for (int h = 0; h < 4; ++h) {  // 8 values per input word
+  for (int u = 0; u < U; ++u) {
+    const long g = g0 + static_cast<long>(u) * blockDim.x;
+    if (g >= groups) break;
     float v[8];
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const unsigned b = (w[h] >> (8 * i)) & 0xffu;
-      v[2 * i] = lut[b >> 4] * a;
-      v[2 * i + 1] = lut[b & 15u] * a;
+      const unsigned b = (raw[u] >> (8 * i)) & 0xffu;
+      v[2 * i] = lut[b >> 4] * a[u];
+      v[2 * i + 1] = lut[b & 15u] * a[u];
     }
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
-    for (int qq = 0; qq < 8 / V; ++qq) {
-      uint4 r;
-      T* e = reinterpret_cast<T*>(&r);
+    for (int q = 0; q < 8 / V; ++q) {
+      uint4 o;
+      T* e = reinterpret_cast<T*>(&o);
 #pragma unroll
-      for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[qq * V + i]);
-      o[h * (8 / V) + qq] = r;
+      for (int i = 0; i < V; ++i) e[i] = from_float<T>(v[q * V + i]);
+      reinterpret_cast<uint4*>(out + g * 8)[q] = o;
     }
   }
 }
+constexpr int nf4_dequantize_unroll = 4;  // groups per thread in Nf4Tensor<cuda>::dequantize_into
 
 /// Element-wise fallback for any n and alignment.
 template <class T>
@@ -717,9 +693,13 @@ void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const f
 
 // ---- 1…16 tokens on tensor cores, codes streamed through a per-warp copy ring ---------------
 
-constexpr int nf4_ring_stages = 3;        // ring slots per warp: two tiles in flight while one computes
+constexpr int nf4_ring_stages = 2;        // ring slots per warp: the next tile in flight while one computes
 constexpr int nf4_ring_row_bytes = 128;   // a row's 128 code bytes, 32-byte units swizzled by row % 4
 constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 rows of codes, then 16 × 4 absmax
+/// A slot with a LoRA term: then the tile's 16 rows of B (16·RT values each; warp 0's slots only
+/// use them).
+template <int RT>
+constexpr int nf4_ring_slot_bytes = nf4_ring_stage_bytes + RT * 16 * 16 * 2;
 constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
@@ -727,7 +707,7 @@ constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 /// [16 tokens × 16·RT] values of T.
 template <int NT, int RT = 0, int S = nf4_ring_stages>
 constexpr int nf4_ring_smem_bytes(int warps) {
-  return nf4_mma_lut_bytes + warps * S * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
+  return nf4_mma_lut_bytes + warps * S * nf4_ring_slot_bytes<RT> + 2 * warps * NT * 4 * 32 * 4 +
          (RT > 0 ? 16 * 16 * RT * 2 : 0);
 }
 
@@ -773,13 +753,14 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// already hold (each warp its K slice of A's r = 16·RT rows, the partial sums added in a fixed
 /// order through shared memory, then rounded to T as the unfused path rounds its XA), and warp
 /// 0 adds the tile's 16 rows of B times XA (RT mma per n-tile) to its partial sum, so Y is
-/// rounded once. A, B and XA come from L2 while the first tiles of W are still in flight.
+/// rounded once. A and XA come from L2 while the first tiles of W are still in flight; B's tile
+/// rows come with the tile, through warp 0's ring slots.
 template <class T, int NT, int RT = 0, int S = nf4_ring_stages>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
                     Nf4RingLora<T> lora) {
-  constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes;
+  constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_slot_bytes<RT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -806,6 +787,14 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       if (lane < 16) {
         const long row = min(row0 + lane, nOut - 1);
         nf4_cp_async16(st + 16 * RB + lane * 16, pa + row * arow);
+      }
+      if constexpr (RT > 0) {  // warp 0 also brings the tile's rows of B: [p][16 rows][16 values]
+        if (warp == 0) {
+          const long row = min(row0 + lane / 2, nOut - 1);
+#pragma unroll
+          for (int p = 0; p < RT; ++p)
+            nf4_cp_async16(st + 16 * RB + 256 + p * 512 + lane * 16, lora.B + row * lora.ldb + 16 * p + 8 * (lane % 2));
+        }
       }
     }
     nf4_cp_async_commit();
@@ -915,17 +904,15 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
-    if constexpr (RT > 0) {  // warp 0: the tile's rows of B times XA
+    if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
       if (warp == 0) {
-        const int row0 = (bid + j * nb) * 16;
-        const T* b0 = lora.B + static_cast<long>(min(row0 + gid, nOut - 1)) * lora.ldb + 2 * q;
-        const T* b1 = lora.B + static_cast<long>(min(row0 + gid + 8, nOut - 1)) * lora.ldb + 2 * q;
+        const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
 #pragma unroll
         for (int p = 0; p < RT; ++p) {
-          const std::uint32_t a[4] = {__ldg(reinterpret_cast<const unsigned*>(b0 + 16 * p)),
-                                      __ldg(reinterpret_cast<const unsigned*>(b1 + 16 * p)),
-                                      __ldg(reinterpret_cast<const unsigned*>(b0 + 16 * p + 8)),
-                                      __ldg(reinterpret_cast<const unsigned*>(b1 + 16 * p + 8))};
+          const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(sb + p * 512),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 16),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256 + 16)};
 #pragma unroll
           for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
         }
@@ -988,12 +975,12 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
          aligned(absmax, 16);
 }
 
-/// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A 16-byte
-/// aligned, rows of B 4-byte aligned.
+/// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A and B 16-byte
+/// aligned.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
-  return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 2 == 0 &&
-         aligned(l.B, 4);
+  return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 8 == 0 &&
+         aligned(l.B, 16);
 }
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
@@ -1356,13 +1343,10 @@ class Nf4Tensor<cuda> {
     const long n = static_cast<long>(numel_);
     if (n == 0) return;
     const int bs = static_cast<int>(blocksize_);
-    if (n % 32 == 0 && bs % 32 == 0 && lora::detail::aligned16<T>(out) && lora::detail::aligned(packed_.data(), 16)) {
-      const long chunks = n / 32;
-      lora::detail::nf4_dequantize32_kernel<D><<<lora::detail::ceil_div(chunks, 256), 256, 0, stream()>>>(
-          packed_.data(), absmax_.data(), chunks, bs, reinterpret_cast<D*>(out));
-    } else if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
+    if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
+      constexpr int U = lora::detail::nf4_dequantize_unroll;
       const long groups = n / 8;
-      lora::detail::nf4_dequantize_kernel<D><<<lora::detail::ceil_div(groups, 256), 256, 0, stream()>>>(
+      lora::detail::nf4_dequantize_kernel<D, U><<<lora::detail::ceil_div(groups, 256L * U), 256, 0, stream()>>>(
           packed_.data(), absmax_.data(), groups, bs, reinterpret_cast<D*>(out));
     } else {
       lora::detail::nf4_dequantize_scalar_kernel<D><<<lora::detail::ceil_div(n, 256), 256, 0, stream()>>>(
