@@ -270,6 +270,11 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
           dora.apply(fw, Xp.view(), Y.view());
           const Matrix<S> y1 = Y.to_host();
           CHECK(lora::test::rel_error(y1, ref) < tol_y);
+          {  // s·X·Aᵀ, then zeros, in Xp's last rp columns (what the fused backward reads)
+            const Matrix<S> xa = lora::to_host(DeviceView<const S>(Xp.view()).col_block(in, fused_rank_pad(r)));
+            CHECK(lora::test::rel_error(xa.leftCols(r), MatD(s * d(X) * d(host.A()).transpose())) < tol<S>());
+            CHECK(d(xa.rightCols(fused_rank_pad(r) - r)).cwiseAbs().maxCoeff() == 0.0);
+          }
           const double norm_err = max_rel(lora::to_host(dora.last_norm()), norm);
           // One-pass: every term of ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ from exact products
           // of 16-bit values added in float; the terms do not cancel at these scales.
@@ -341,13 +346,14 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
     DeviceBuffer<float> part, sq;
     auto ctx = CudaContext::thread_default();
     const double s = 1.5;
-    for (int run = 0; run < 2; ++run) {
+    for (int run = 0; run < 4; ++run) {  // both tile orders, 1 and 3 rows per epilogue warp
+      INFO("run " << run);
       poison(Y.view());
       poison(dn.view());
       poison(dc.view());
       detail::dora_pass<T>(*ctx, vW, vA, vX, c.r, reinterpret_cast<const T*>(pB.data()), pB.view().ld,
                            static_cast<float>(s), dm.data(), dn.data(), dc.data(), detail::as_device(Y.view()), part,
-                           sq, c.blocks);
+                           sq, c.blocks, detail::DoraPassOptions{run % 2 == 0, run >= 2, run == 3 ? 3 : 1});
       Vector<double> norm;
       const MatD ref = dora_reference(d(W), d(A), d(B), d(X), m, s, norm);
       CHECK(max_rel(dn.to_host(), norm) < 1e-5);
@@ -362,7 +368,7 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
                                                            static_cast<int>(c.T), static_cast<int>(c.in));
     detail::dora_pass<T>(*ctx, vW, vA, vX, c.r, reinterpret_cast<const T*>(pB.data()), pB.view().ld,
                          static_cast<float>(s), dm.data(), dn.data(), dc.data(), detail::as_device(Y.view()), part, sq,
-                         c.blocks, true);
+                         c.blocks, detail::DoraPassOptions{true, false, 1});
     Vector<double> norm;
     CHECK(lora::test::rel_error(Y.to_host(), dora_reference(d(W), d(A), d(B), d(X), m, s, norm)) < ytol);
   }

@@ -114,10 +114,12 @@ bool dora_takes_pass(const DoraWorkspace<S>& ws, DeviceView<const S> W, DeviceVi
   return ok;
 }
 
-/// Y from one pass over W (dora_pass), the norms and c into ws.norm and ws.c.
+/// Y from one pass over W (dora_pass), the norms and c into ws.norm and ws.c; with xa (the
+/// fused path's Xp columns [in, in + rp)), s·X·Aᵀ and zeros there for the fused backward.
 template <class S>
 void dora_run_pass(const CudaContext& ctx, DeviceView<const S> W, DeviceView<const S> A, DeviceView<const S> B,
-                   DeviceView<const S> X, double scaling, const float* magnitude, DeviceView<S> Y, DoraWorkspace<S>& ws) {
+                   DeviceView<const S> X, double scaling, const float* magnitude, DeviceView<S> Y, DoraWorkspace<S>& ws,
+                   DeviceView<S> xa = {}) {
   using T = device_t<S>;
   const Index out = W.rows, r = A.rows;
   if (ws.norm.rows() != out) ws.norm = DeviceMatrix<float>(out, 1);
@@ -125,7 +127,7 @@ void dora_run_pass(const CudaContext& ctx, DeviceView<const S> W, DeviceView<con
   if constexpr (sizeof(T) == 2)  // dora_takes_pass is false for float
     dora_pass<T>(ctx, as_device(W), as_device(A), as_device(X), r, reinterpret_cast<const T*>(B.data), B.ld,
                  static_cast<float>(scaling), magnitude, ws.norm.data(), ws.c.data(), as_device(Y), ws.pass_part,
-                 ws.pass_sq);
+                 ws.pass_sq, 0, DoraPassOptions{}, reinterpret_cast<T*>(xa.data), xa.ld, static_cast<int>(xa.cols));
 }
 
 /// ws.scaled = [[c⊙W, c⊙B], [A, 0]] from the fused block and ws.c.
@@ -178,7 +180,7 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
   detail::require(Y.rows == Xp.rows && Y.cols == out, ad.who(), "output Y", Y.rows, Y.cols, Xp.rows, out);
   const DeviceView<const S> X = DeviceView<const S>(Xp).col_block(0, in);
   if (!cached && dora_takes_pass(ws, fw.W(), fw.A(), X, r, ad.who())) {
-    dora_run_pass(ctx, fw.W(), fw.A(), fw.B(), X, ad.scaling(), magnitude.data, Y, ws);
+    dora_run_pass(ctx, fw.W(), fw.A(), fw.B(), X, ad.scaling(), magnitude.data, Y, ws, Xp.col_block(in, fw.rp()));
     ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
     ws.norm_magnitude = ws.cache_norm ? magnitude.data : nullptr;
     ws.scaled_current = false;

@@ -321,8 +321,9 @@ __device__ __forceinline__ float2 pair_to_float2(std::uint32_t v) {
 /// sq[q][rows] (rows = out + r). Triggers its dependents at once (the epilogue waits). As a
 /// programmatic dependent launch (`pdl`) it prefetches its first W tiles into L2, then waits
 /// (griddepcontrol.wait) before it reads anything through shared memory; launched plainly, the
-/// wait returns at once.
-template <class T, int NJ>
+/// wait returns at once. ROW_OUTER: a block walks its K range row tile by row tile (each row
+/// of W read front to back, the B fragments reloaded per tile) instead of K tile by K tile.
+template <class T, int NJ, bool ROW_OUTER>
 __global__ void __launch_bounds__(dora_pass_threads)
     dora_pass_kernel(const T* __restrict__ W, long ldw, int out, const T* __restrict__ A, long lda, int r,
                      const T* __restrict__ X, long ldx, int tokens, int K, int RT, int P, int KT, int Q,
@@ -343,7 +344,8 @@ __global__ void __launch_bounds__(dora_pass_threads)
     // The first ST − 1 tiles of W into L2 (one 128-byte row of a tile per thread) while the
     // previous kernel finishes: a later write to W would land in L2 as well, so nothing stale is read.
     for (int i = 0; i < ST - 1 && i < ntiles; ++i) {
-      const int gr = (rt0 + i % nrt) * 64 + tid, gc = (kt0 + i / nrt) * 64;
+      const int gr = (rt0 + (ROW_OUTER ? i / nkt : i % nrt)) * 64 + tid;
+      const int gc = (kt0 + (ROW_OUTER ? i % nkt : i / nrt)) * 64;
       if (tid < 64 && gr < out && gc < K) asm volatile("prefetch.global.L2 [%0];" ::"l"(W + static_cast<long>(gr) * ldw + gc));
     }
     asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -358,10 +360,11 @@ __global__ void __launch_bounds__(dora_pass_threads)
   }
   cp_async_commit();
 
-  // Tile i = (K tile i / nrt, row tile i % nrt); row gr of M is W's row gr or A's row gr − out.
+  // Tile i = (K tile i / nrt, row tile i % nrt), or with ROW_OUTER (row tile i / nkt, K tile
+  // i % nkt); row gr of M is W's row gr or A's row gr − out.
   auto load_tile = [&](int i) {
     T* dst = tiles + (i % ST) * 64 * 64;
-    const int row0 = (rt0 + i % nrt) * 64, col0 = (kt0 + i / nrt) * 64;
+    const int row0 = (rt0 + (ROW_OUTER ? i / nkt : i % nrt)) * 64, col0 = (kt0 + (ROW_OUTER ? i % nkt : i / nrt)) * 64;
 #pragma unroll
     for (int e = 0; e < 64 * 8 / dora_pass_threads; ++e) {
       const int c = tid + e * dora_pass_threads, row = c >> 3, ch = c & 7;
@@ -380,40 +383,62 @@ __global__ void __launch_bounds__(dora_pass_threads)
   const int g = lane >> 2, qd = lane & 3, mi = lane >> 3, r8 = lane & 7;
   float acc[TT][NJ][4] = {};
   float ss[TT][2] = {};  // Σ W² of rows g and g + 8 of the warp's strip, this lane's columns
-  for (int kt = 0; kt < nkt; ++kt) {
-    std::uint32_t bfr[4][NJ][2];
+  std::uint32_t bfr[4][NJ][2];
+  auto load_b = [&](int kt) {  // [A; X] of K tile kt as mma B operands
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks)
+#pragma unroll
+      for (int np = 0; np < NJ / 2; ++np) {
+        std::uint32_t v[4];
+        const int n = 16 * np + ((mi >> 1) << 3) + r8, ch = 2 * ks + (mi & 1);
+        ldsm_x4(v, smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)));
+        set_b_pair<NJ>(bfr[ks], np, v);
+      }
+  };
+  // Tile i into acc / sums: wait for it, free the previous stage, queue tile i + ST − 1.
+  auto step = [&](int i) {
+    cp_async_wait<ST - 2>();
+    __syncthreads();
+    if (i + ST - 1 < ntiles) load_tile(i + ST - 1);
+    cp_async_commit();
+  };
+  auto multiply = [&](int i, float(&a)[NJ][4], float(&sums)[2]) {
+    const T* tile = tiles + (i % ST) * 64 * 64;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      std::uint32_t fa[4];  // fa[0], fa[2]: row g; fa[1], fa[3]: row g + 8 (mma's A layout)
+      const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
+      ldsm_x4(fa, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
+#pragma unroll
+      for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(a[n], fa, bfr[ks][n][0], bfr[ks][n][1]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float2 u = pair_to_float2<T>(fa[h]), v = pair_to_float2<T>(fa[h + 2]);
+        sums[h] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(v.x, v.x, fmaf(v.y, v.y, sums[h]))));
+      }
+    }
+  };
+  if constexpr (ROW_OUTER) {
 #pragma unroll
     for (int tt = 0; tt < TT; ++tt) {
       if (tt < nrt) {
-        const int i = kt * nrt + tt;
-        cp_async_wait<ST - 2>();
-        __syncthreads();
-        if (i + ST - 1 < ntiles) load_tile(i + ST - 1);
-        cp_async_commit();
-        if (tt == 0) {
-#pragma unroll
-          for (int ks = 0; ks < 4; ++ks)
-#pragma unroll
-            for (int np = 0; np < NJ / 2; ++np) {
-              std::uint32_t v[4];
-              const int n = 16 * np + ((mi >> 1) << 3) + r8, ch = 2 * ks + (mi & 1);
-              ldsm_x4(v, smem_u32(as + (kt * N + n) * 64 + ((ch ^ (n & 7)) << 3)));
-              set_b_pair<NJ>(bfr[ks], np, v);
-            }
+        for (int kt = 0; kt < nkt; ++kt) {
+          const int i = tt * nkt + kt;
+          step(i);
+          load_b(kt);
+          multiply(i, acc[tt], ss[tt]);
         }
-        const T* tile = tiles + (i % ST) * 64 * 64;
+      }
+    }
+  } else {
+    for (int kt = 0; kt < nkt; ++kt) {
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          std::uint32_t a[4];  // a[0], a[2]: row g; a[1], a[3]: row g + 8 (mma's A layout)
-          const int row = 16 * warp + (lane & 15), ch = 2 * ks + (lane >> 4);
-          ldsm_x4(a, smem_u32(tile + row * 64 + ((ch ^ (row & 7)) << 3)));
-#pragma unroll
-          for (int n = 0; n < NJ; ++n) mma_traits<T>::mma(acc[tt][n], a, bfr[ks][n][0], bfr[ks][n][1]);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const float2 u = pair_to_float2<T>(a[h]), v = pair_to_float2<T>(a[h + 2]);
-            ss[tt][h] = fmaf(u.x, u.x, fmaf(u.y, u.y, fmaf(v.x, v.x, fmaf(v.y, v.y, ss[tt][h]))));
-          }
+      for (int tt = 0; tt < TT; ++tt) {
+        if (tt < nrt) {
+          const int i = kt * nrt + tt;
+          step(i);
+          if (tt == 0) load_b(kt);
+          multiply(i, acc[tt], ss[tt]);
         }
       }
     }
@@ -441,42 +466,66 @@ __global__ void __launch_bounds__(dora_pass_threads)
 
 constexpr int dora_pass_epilogue_threads = 256;  // 8 warps, one output row n at a time each
 
+/// Σ_q src[q·stride] for q < Q, added in q order; the loads of 8 partials are issued together.
+__device__ __forceinline__ float sum_partials(const float* __restrict__ src, long stride, int Q) {
+  float v = 0.f;
+  for (int q0 = 0; q0 < Q; q0 += 8) {
+    float t[8];
+#pragma unroll
+    for (int u = 0; u < 8; ++u) t[u] = q0 + u < Q ? src[(q0 + u) * stride] : 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) v += t[u];
+  }
+  return v;
+}
+
 /// The epilogue of the one-pass forward (N = 16 or 32 columns of partials, r + tokens ≤ N):
 /// every block first adds the partials of A's rows, S[j][k] = Σ_q part[q][out + k][j] (k < r:
 /// G[j][k] for j < r, (X·Aᵀ)[j − r][k] for j ≥ r); then one warp per row n, lane j holding
-/// column j of R[n, :]. Launched as a programmatic dependent of dora_pass_kernel: it waits
-/// (griddepcontrol.wait) before reading any partial.
+/// column j of R[n, :]. Block 0 also writes s·X·Aᵀ into xa [tokens × xa_cols] (zeros past r)
+/// when xa is given: the fused backward reads it there, as after LoRA's forward. Launched as a
+/// programmatic dependent of dora_pass_kernel: B's row and m are read before
+/// griddepcontrol.wait (the pass does not write them), the partials after it.
 template <class T, int N>
 __global__ void __launch_bounds__(dora_pass_epilogue_threads)
     dora_pass_epilogue_kernel(const float* __restrict__ part, const float* __restrict__ sq, int Q, int out, int r,
                               int tokens, const T* __restrict__ B, long ldb, float s, const float* __restrict__ m,
-                              float* __restrict__ norm, float* __restrict__ c, T* __restrict__ Y, long ldy) {
+                              float* __restrict__ norm, float* __restrict__ c, T* __restrict__ Y, long ldy,
+                              T* __restrict__ xa, long ldxa, int xa_cols) {
   __shared__ float S[N][N + 1];
+  const int lane = static_cast<int>(threadIdx.x) & 31, warps = dora_pass_epilogue_threads / 32;
+  const int n0 = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / 32;
+  float b = 0.f, mn = 0.f;
+  if (n0 < out) {
+    b = lane < r ? to_float(B[static_cast<long>(n0) * ldb + lane]) : 0.f;
+    mn = m[n0];
+  }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   const long rows = static_cast<long>(out) + r;
   for (int e = static_cast<int>(threadIdx.x); e < N * r; e += dora_pass_epilogue_threads) {
     const int j = e % N, k = e / N;
-    float v = 0.f;
-    for (int q = 0; q < Q; ++q) v += part[(q * rows + out + k) * N + j];
-    S[j][k] = v;
+    S[j][k] = sum_partials(part + (out + k) * N + j, rows * N, Q);
   }
   __syncthreads();
-  const int lane = static_cast<int>(threadIdx.x) & 31, warps = dora_pass_epilogue_threads / 32;
-  const int j = lane < N ? lane : N - 1;  // lanes ≥ N (N = 16) mirror lane N − 1 and write nothing
-  for (int n = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / 32; n < out;
-       n += static_cast<int>(gridDim.x) * warps) {
-    float v = 0.f, w2 = 0.f;
-    for (int q = 0; q < Q; ++q) {
-      v += part[(q * rows + n) * N + j];
-      w2 += sq[q * rows + n];
+  if (xa && blockIdx.x == 0)
+    for (int e = static_cast<int>(threadIdx.x); e < tokens * xa_cols; e += dora_pass_epilogue_threads) {
+      const int t = e / xa_cols, k = e % xa_cols;
+      xa[static_cast<long>(t) * ldxa + k] = from_float<T>(k < r ? s * S[r + t][k] : 0.f);
     }
-    const float b = lane < r ? to_float(B[static_cast<long>(n) * ldb + lane]) : 0.f;
+  const int j = lane < N ? lane : N - 1;  // lanes ≥ N (N = 16) mirror lane N − 1 and write nothing
+  for (int n = n0; n < out; n += static_cast<int>(gridDim.x) * warps) {
+    if (n != n0) {
+      b = lane < r ? to_float(B[static_cast<long>(n) * ldb + lane]) : 0.f;
+      mn = m[n];
+    }
+    const float v = sum_partials(part + static_cast<long>(n) * N + j, rows * N, Q);
+    const float w2 = sum_partials(sq + n, rows, Q);
     float acc = 0.f;  // (G·b_n)_j for j < r, (X·Aᵀ)[j − r, :]·b_n for j ≥ r
     for (int k = 0; k < r; ++k) acc = fmaf(S[j][k], __shfl_sync(0xffffffffu, b, k), acc);
     const float cross = warp_sum<float>(lane < r ? b * v : 0.f);
     const float quad = warp_sum<float>(lane < r ? b * acc : 0.f);
     const float nv = sqrtf(fmaxf(w2 + 2.f * s * cross + s * s * quad, 0.f));
-    const float cn = m[n] / nv;
+    const float cn = mn / nv;
     if (lane >= r && lane < r + tokens) Y[static_cast<long>(lane - r) * ldy + n] = from_float<T>(cn * fmaf(s, acc, v));
     if (lane == 0) {
       norm[n] = nv;
@@ -499,16 +548,25 @@ bool dora_pass_ok(DeviceView<const T> W, DeviceView<const T> A, DeviceView<const
   }
 }
 
+/// How dora_pass runs (bench_cuda times the alternatives): the pass as a programmatic
+/// dependent launch, its tile order, and the epilogue's rows per warp.
+struct DoraPassOptions {
+  bool pdl = true;
+  bool row_outer = false;
+  int rows_per_warp = 1;
+};
+
 template <class T, int NJ>
 norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, DeviceView<const T> A,
                                 DeviceView<const T> X, Index r, const T* B, long ldb, float s, const float* m,
                                 float* norm, float* c, DeviceView<T> Y, DeviceBuffer<float>& part,
-                                DeviceBuffer<float>& sq, int blocks, bool pdl, int rows_per_warp) {
+                                DeviceBuffer<float>& sq, int blocks, DoraPassOptions o, T* xa,
+                                long ldxa, int xa_cols) {
   using Sh = norm_gemm_shape<NJ>;
-  auto kernel = dora_pass_kernel<T, NJ>;
+  auto kernel = o.row_outer ? dora_pass_kernel<T, NJ, true> : dora_pass_kernel<T, NJ, false>;
   constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
-  static std::atomic<int> cap[16] = {};
-  const int cp = persistent_capacity(kernel, dora_pass_threads, smem_max, smem_max, cap);
+  static std::atomic<int> cap[2][16] = {};
+  const int cp = persistent_capacity(kernel, dora_pass_threads, smem_max, smem_max, cap[o.row_outer ? 1 : 0]);
   const Index out = W.rows, rows = out + r, K = W.cols, tokens = X.rows;
   norm_gemm_grid p = norm_gemm_plan(rows, K, Sh::TT, Sh::KT_MAX, blocks > 0 ? blocks : cp);
   p.N = Sh::N;
@@ -517,17 +575,17 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
   if (sq.size() < static_cast<std::size_t>(p.Q) * rows) sq = DeviceBuffer<float>(static_cast<std::size_t>(p.Q) * rows);
   const int kt_block = (p.KT + p.Q - 1) / p.Q;
   launch_maybe_pdl(kernel, dim3(static_cast<unsigned>(p.P), static_cast<unsigned>(p.Q)), dim3(dora_pass_threads),
-                   Sh::smem_bytes(kt_block), stream, pdl, W.data, W.ld, static_cast<int>(out), A.data, A.ld,
+                   Sh::smem_bytes(kt_block), stream, o.pdl, W.data, W.ld, static_cast<int>(out), A.data, A.ld,
                    static_cast<int>(r), X.data, X.ld, static_cast<int>(tokens), static_cast<int>(K), p.RT, p.P, p.KT,
-                   p.Q, part.data(), sq.data(), pdl);
+                   p.Q, part.data(), sq.data(), o.pdl);
   LORA_CUDA_CHECK_LAUNCH("dora_pass_kernel");
   // Fewer rows per warp: more rows in flight, but each block adds A's partials again.
-  const int rows_per_block = std::max(1, rows_per_warp) * dora_pass_epilogue_threads / 32;
+  const int rows_per_block = std::max(1, o.rows_per_warp) * dora_pass_epilogue_threads / 32;
   const unsigned grid = ceil_div(out, rows_per_block);
   launch_maybe_pdl(dora_pass_epilogue_kernel<T, Sh::N>, dim3(grid), dim3(dora_pass_epilogue_threads), 0, stream, true,
                    static_cast<const float*>(part.data()), static_cast<const float*>(sq.data()), p.Q,
                    static_cast<int>(out), static_cast<int>(r), static_cast<int>(tokens), B, ldb, s, m, norm, c, Y.data,
-                   Y.ld);
+                   Y.ld, xa, ldxa, xa_cols);
   LORA_CUDA_CHECK_LAUNCH("dora_pass_epilogue_kernel");
   return p;
 }
@@ -536,17 +594,18 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
 ///   Y = c ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ),  c = m ⊘ n,  n_i = ‖W_i + s·B_i·A‖ (norm and c written too),
 /// with ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ, every term in float from
 /// this call's W, A, B, m. Partial sums live in `part` and `sq` (grown as needed). `blocks` > 0
-/// overrides the first kernel's grid target (tests); `rows_per_warp` sets the epilogue's grid. `pdl`: the pass is a programmatic
-/// dependent launch (scheduled while the previous kernel of the stream runs; it waits for it
-/// before reading X, A or W).
+/// overrides the first kernel's grid target (tests). With xa, s·X·Aᵀ goes to xa [tokens × xa_cols]
+/// (zeros past r): the fused path's Xp columns [in, in + rp) that LoRA's backward reads.
 template <class T>
 norm_gemm_grid dora_pass(const CudaContext& ctx, DeviceView<const T> W, DeviceView<const T> A, DeviceView<const T> X,
                          Index r, const T* B, long ldb, float s, const float* m, float* norm, float* c, DeviceView<T> Y,
-                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0, bool pdl = true,
-                         int rows_per_warp = 4) {
+                         DeviceBuffer<float>& part, DeviceBuffer<float>& sq, int blocks = 0, DoraPassOptions o = {},
+                         T* xa = nullptr, long ldxa = 0, int xa_cols = 0) {
   if (r + X.rows <= 16)
-    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl, rows_per_warp);
-  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, pdl, rows_per_warp);
+    return launch_dora_pass<T, 2>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, o, xa, ldxa,
+                                  xa_cols);
+  return launch_dora_pass<T, 4>(ctx.stream(), W, A, X, r, B, ldb, s, m, norm, c, Y, part, sq, blocks, o, xa, ldxa,
+                                xa_cols);
 }
 
 }  // namespace lora::detail
