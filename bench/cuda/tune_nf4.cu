@@ -5,6 +5,8 @@
 // kernel or launch helper of the library, with the template parameters nf4_gemm chooses among:
 //   ring S3           nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
 //                     for blocksize 64 and K ≤ 4096, with 2 slots) with 3 ring slots per warp
+//   ring WIDE         2 slots, the code table's entries 256 bytes apart (one PRMT per lookup
+//                     address instead of PRMT + LEA); ≤ 8 tokens
 //   stream NT1/NT2    nf4_stream_kernel (tensor cores, barrier form): nf4_gemm's choice for 2…16
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
@@ -164,6 +166,13 @@ int main(int argc, char** argv) {
         detail::launch_nf4_ring<T, 3>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
                                       w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, {});
       });
+      if (tokens <= 8)
+        variant("ring WIDE", [&](int i) {
+          const auto& w = q[i % sets];
+          detail::launch_nf4_ring<T, 2, true>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
+                                              w.packed().data(), w.absmax().data(), static_cast<int>(out), yd, ldy,
+                                              ctx->stream(), true, {});
+        });
       if (tokens == 1)
         variant("byte_pair pdl", [&](int i) {
           const auto& w = q[i % sets];

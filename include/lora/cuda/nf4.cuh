@@ -705,9 +705,9 @@ constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
 /// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
 /// [16 tokens × 16·RT] values of T.
-template <int NT, int RT = 0, int S = nf4_ring_stages>
+template <int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
 constexpr int nf4_ring_smem_bytes(int warps) {
-  return nf4_mma_lut_bytes + warps * S * nf4_ring_slot_bytes<RT> + 2 * warps * NT * 4 * 32 * 4 +
+  return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_slot_bytes<RT> + 2 * warps * NT * 4 * 32 * 4 +
          (RT > 0 ? 16 * 16 * RT * 2 : 0);
 }
 
@@ -755,7 +755,11 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// 0 adds the tile's 16 rows of B times XA (RT mma per n-tile) to its partial sum, so Y is
 /// rounded once. A and XA come from L2 while the first tiles of W are still in flight; B's tile
 /// rows come with the tile, through warp 0's ring slots.
-template <class T, int NT, int RT = 0, int S = nf4_ring_stages>
+///
+/// WIDE (an experiment of tune_nf4; one n-tile only, for its shared memory): the table's
+/// entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT of the
+/// code byte into the lane's address replaces the PRMT + LEA per lookup.
+template <class T, int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
@@ -765,9 +769,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int gid = lane / 4, q = lane % 4;
-  std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem);
-  unsigned char* ring = smem + nf4_mma_lut_bytes + warp * S * SB;
-  float* red = reinterpret_cast<float*>(smem + nf4_mma_lut_bytes + KS * S * SB);  // [2][KS][NT·4][32]
+  constexpr int lut_region = WIDE ? 2 * 65536 : nf4_mma_lut_bytes;
+  const std::uint32_t sbase = shared_u32(smem);
+  const std::uint32_t lut_off = WIDE ? ((sbase + 65535u) & ~65535u) - sbase : 0u;
+  std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem + lut_off);
+  unsigned char* ring = smem + lut_region + warp * S * SB;
+  float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * SB);  // [2][KS][NT·4][32]
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const long crow = K / 2, arow = K / 64;
@@ -806,7 +813,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int byte = i / 32;
-    lut[i] = mma_traits<T>::pack(nf4_values[byte >> 4], nf4_values[byte & 15]);
+    lut[WIDE ? byte * 64 + i % 32 : i] = mma_traits<T>::pack(nf4_values[byte >> 4], nf4_values[byte & 15]);
   }
   if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
 #pragma unroll
@@ -885,8 +892,13 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
 
   const std::uint32_t lane_base = shared_u32(lut) + static_cast<std::uint32_t>(lane) * 4u;
   auto lookup = [&](std::uint32_t word, int byte) {
-    const std::uint32_t b = __byte_perm(word, 0u, 0x4440u | static_cast<std::uint32_t>(byte));
-    const std::uint32_t addr = lane_base + (b << 7);
+    std::uint32_t addr;
+    if constexpr (WIDE) {  // bytes 0, 2, 3 from lane_base (64 KB-aligned table: its byte 1 is 0), byte 1 = the code
+      addr = __byte_perm(word, lane_base, 0x7604u | (static_cast<std::uint32_t>(byte) << 4));
+    } else {
+      const std::uint32_t b = __byte_perm(word, 0u, 0x4440u | static_cast<std::uint32_t>(byte));
+      addr = lane_base + (b << 7);
+    }
     std::uint32_t v;
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
@@ -985,17 +997,18 @@ bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
 /// dependent launch by default; with lora.r > 0 (nf4_ring_lora_ok) it adds (s·X·Aᵀ)·Bᵀ.
-template <class T, int S = nf4_ring_stages>
+template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, Nf4RingLora<T> lora = {}) {
   const int warps = K / 256;
+  if (WIDE && (tokens > 8 || lora.r > 0)) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens without LoRA");
   auto go = [&](auto nt, auto rt) {
     constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
-    auto kernel = nf4_ring_kernel<T, NT, RT, S>;
-    const int smem = nf4_ring_smem_bytes<NT, RT, S>(warps);
+    auto kernel = nf4_ring_kernel<T, NT, RT, S, WIDE>;
+    const int smem = nf4_ring_smem_bytes<NT, RT, S, WIDE>(warps);
     static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
-    const int c = persistent_capacity(kernel, warps * 32, smem, nf4_ring_smem_bytes<NT, RT, S>(nf4_ring_max_warps),
-                                      cap[warps]);
+    const int c = persistent_capacity(kernel, warps * 32, smem,
+                                      nf4_ring_smem_bytes<NT, RT, S, WIDE>(nf4_ring_max_warps), cap[warps]);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
                      stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
