@@ -179,8 +179,8 @@ void launch_stacked_epilogue(const CudaContext& ctx, DeviceView<const T> C, Inde
   constexpr long V = 16 / sizeof(T);
   const int RB = r <= 16 ? 16 : r <= 32 ? 32 : 64;
   const bool vec = vectorised && aligned(B.data, 16) && B.ld % V == 0 && rp >= RB;
-  auto go = [&](auto kernel, int tokens_per_block) {
-    const dim3 grid(ceil_div(out, stacked_threads), ceil_div(C.rows, tokens_per_block));
+  auto go = [&](auto kernel, int tokens_per_block, int outputs_per_thread = 1) {
+    const dim3 grid(ceil_div(out, stacked_threads * outputs_per_thread), ceil_div(C.rows, tokens_per_block));
     launch_maybe_pdl(kernel, grid, dim3(stacked_threads), 0, ctx.stream(), true, C.data, C.ld,
                      static_cast<int>(C.rows), static_cast<int>(out), static_cast<int>(r), static_cast<int>(rp),
                      B.data, B.ld, s, Y.data, Y.ld, XA.data, XA.ld);
@@ -192,6 +192,8 @@ void launch_stacked_epilogue(const CudaContext& ctx, DeviceView<const T> C, Inde
         go(stacked_epilogue_vec_kernel<T, R, 4>, 4);
       else if (C.rows <= 32)
         go(stacked_epilogue_vec_kernel<T, R, 8>, 8);
+      else if constexpr (R == 16)  // two outputs per thread: B's rows and the XA reads serve both
+        go(stacked_epilogue_vec_kernel<T, R, 16, 2>, 16, 2);
       else
         go(stacked_epilogue_vec_kernel<T, R, 16>, 16);
     };

@@ -261,7 +261,7 @@ __global__ void __launch_bounds__(stacked_threads)
 /// scalar ones. Reads B[n, 0..RB) (RB ≤ the readable columns of B's rows, the fused block's rp:
 /// zeros past r there, and masked here anyway); needs B 16-byte aligned and ldb a multiple of
 /// 16 / sizeof(T).
-template <class T, int RB, int TT>
+template <class T, int RB, int TT, int N2 = 1>
 __global__ void __launch_bounds__(stacked_threads)
     stacked_epilogue_vec_kernel(const T* __restrict__ C, long ldc, int tokens, int out, int r, int rp,
                                 const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
@@ -269,26 +269,36 @@ __global__ void __launch_bounds__(stacked_threads)
   constexpr int V = vec16<T>::V;
   static_assert(RB % V == 0);
   __shared__ float sxa[TT][RB];
-  const int n = static_cast<int>(blockIdx.x) * stacked_threads + static_cast<int>(threadIdx.x);
+  // N2 outputs per thread, stacked_threads apart (each warp's loads and stores stay contiguous).
+  const int n0 = static_cast<int>(blockIdx.x) * stacked_threads * N2 + static_cast<int>(threadIdx.x);
   const int t0 = static_cast<int>(blockIdx.y) * TT;
   const int tn = min(TT, tokens - t0);
-  float b[RB];
-  if (n < out) {
+  float b[N2][RB];
 #pragma unroll
-    for (int q = 0; q < RB / V; ++q) vec16<T>::load(B + static_cast<long>(n) * ldb + q * V, b + q * V);
+  for (int o = 0; o < N2; ++o) {
+    const int n = n0 + o * stacked_threads;
+    if (n < out) {
 #pragma unroll
-    for (int j = 0; j < RB; ++j)
-      if (j >= r) b[j] = 0.f;
-  } else {
+      for (int q = 0; q < RB / V; ++q) vec16<T>::load(B + static_cast<long>(n) * ldb + q * V, b[o] + q * V);
 #pragma unroll
-    for (int j = 0; j < RB; ++j) b[j] = 0.f;
+      for (int j = 0; j < RB; ++j)
+        if (j >= r) b[o][j] = 0.f;
+    } else {
+#pragma unroll
+      for (int j = 0; j < RB; ++j) b[o][j] = 0.f;
+    }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   cudaGridDependencySynchronize();  // C is the previous kernel's output: read it through L2 (__ldcg)
 #endif
-  float c[TT];
+  float c[N2][TT];
 #pragma unroll
-  for (int t = 0; t < TT; ++t) c[t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
+  for (int o = 0; o < N2; ++o)
+#pragma unroll
+    for (int t = 0; t < TT; ++t) {
+      const int n = n0 + o * stacked_threads;
+      c[o][t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
+    }
   for (int i = static_cast<int>(threadIdx.x); i < TT * RB; i += stacked_threads) {
     const int t = i / RB, j = i % RB;
     sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
@@ -299,14 +309,23 @@ __global__ void __launch_bounds__(stacked_threads)
       const int t = i / rp, j = i % rp;
       XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
     }
-  if (n >= out) return;
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
     if (t < tn) {
-      float acc = c[t];
+      float acc[N2];
 #pragma unroll
-      for (int j = 0; j < RB; ++j) acc = fmaf(sxa[t][j], b[j], acc);
-      Y[static_cast<long>(t0 + t) * ldy + n] = from_float<T>(acc);
+      for (int o = 0; o < N2; ++o) acc[o] = c[o][t];
+#pragma unroll
+      for (int j = 0; j < RB; ++j) {
+        const float x = sxa[t][j];
+#pragma unroll
+        for (int o = 0; o < N2; ++o) acc[o] = fmaf(x, b[o][j], acc[o]);
+      }
+#pragma unroll
+      for (int o = 0; o < N2; ++o) {
+        const int n = n0 + o * stacked_threads;
+        if (n < out) Y[static_cast<long>(t0 + t) * ldy + n] = from_float<T>(acc[o]);
+      }
     }
   }
 }
