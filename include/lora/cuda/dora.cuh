@@ -94,10 +94,8 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
                                  ws.norm.data(), c, pg_out))
     return;
   if (tc) detail::fail("{}dora_weight_norm: internal error (tensor-core partials with r = {} > 32)", ad.who(), r);
-  detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, ctx.stream()>>>(
-      ws.wn2.data(), ws.PG.data(), ws.PG.data() + out * r, Bd, fw.ld(), static_cast<int>(out), static_cast<int>(r),
-      s, magnitude, ws.norm.data(), c);
-  LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
+  detail::dora_norm_from_pg<T>(ctx.stream(), ws.wn2.data(), ws.PG.data(), Bd, fw.ld(), out, r, s, magnitude,
+                               ws.norm.data(), c);
 }
 
 /// Whether a forward of X.rows tokens takes detail::dora_pass under ws.decode (throws when
@@ -546,10 +544,8 @@ class DoraAdapter<Scalar, cuda, Scaling> {
     detail::gemm<Scalar, Scalar, float>(context(), false, true, r, r, in, 1.f, lora_.A(), lora_.A(), 0.f,
                                         pg.row_block(out, r));
     const cview B = lora_.B();
-    detail::dora_norm_kernel<T><<<detail::ceil_div(out, 128), 128, 0, stream()>>>(
-        wn2.data(), PG.data(), PG.data() + out * r, reinterpret_cast<const T*>(B.data), B.ld, static_cast<int>(out),
-        static_cast<int>(r), static_cast<float>(scaling()), m_.data(), n, c);
-    LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
+    detail::dora_norm_from_pg<T>(stream(), wn2.data(), PG.data(), reinterpret_cast<const T*>(B.data), B.ld, out, r,
+                                 static_cast<float>(scaling()), m_.data(), n, c);
   }
   /// V = W + s·B·A in float [out × in], W [out × in].
   DeviceMatrix<float> adapted_weight(cview W) const {

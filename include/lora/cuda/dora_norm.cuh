@@ -289,6 +289,62 @@ bool dora_norm_fused(cudaStream_t stream, const float* part, int Q, long stride,
 }
 
 
+/// dora_norm_kernel's result for r ≤ 64 with one warp per row: lane k holds b_n[k] and
+/// p_n[k] (and k + 32), G lives in shared memory (row stride r + 1: no bank conflicts), so a
+/// row costs r shuffles instead of r² loads of B and G. P [out × r] and G [r × r] are
+/// contiguous (ld r); dynamic shared memory r·(r + 1) floats.
+template <class T>
+__global__ void __launch_bounds__(256)
+    dora_norm_rows_kernel(const float* __restrict__ wn2, const float* __restrict__ P, const float* __restrict__ G,
+                          const T* __restrict__ B, long ldb, int out, int r, float s, const float* __restrict__ m,
+                          float* __restrict__ norm, float* __restrict__ c) {
+  extern __shared__ float dora_norm_rows_g[];
+  for (int e = static_cast<int>(threadIdx.x); e < r * r; e += static_cast<int>(blockDim.x))
+    dora_norm_rows_g[(e / r) * (r + 1) + e % r] = G[e];
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x) & 31, warps = static_cast<int>(blockDim.x) / 32;
+  const int k0 = lane, k1 = lane + 32;
+  for (int n = static_cast<int>(blockIdx.x) * warps + static_cast<int>(threadIdx.x) / 32; n < out;
+       n += static_cast<int>(gridDim.x) * warps) {
+    const float b0 = k0 < r ? to_float(B[static_cast<long>(n) * ldb + k0]) : 0.f;
+    const float b1 = k1 < r ? to_float(B[static_cast<long>(n) * ldb + k1]) : 0.f;
+    const float p0 = k0 < r ? P[static_cast<long>(n) * r + k0] : 0.f;
+    const float p1 = k1 < r ? P[static_cast<long>(n) * r + k1] : 0.f;
+    float g0 = 0.f, g1 = 0.f;  // (G·b_n) at k0, k1
+    for (int j = 0; j < r; ++j) {
+      const float bj = __shfl_sync(0xffffffffu, j < 32 ? b0 : b1, j & 31);
+      if (k0 < r) g0 = fmaf(dora_norm_rows_g[k0 * (r + 1) + j], bj, g0);
+      if (k1 < r) g1 = fmaf(dora_norm_rows_g[k1 * (r + 1) + j], bj, g1);
+    }
+    const float cross = warp_sum<float>(fmaf(b0, p0, b1 * p1));
+    const float quad = warp_sum<float>(fmaf(b0, g0, b1 * g1));
+    if (lane == 0) {
+      const float v = sqrtf(fmaxf(wn2[n] + 2.f * s * cross + s * s * quad, 0.f));
+      norm[n] = v;
+      if (c) c[n] = m[n] / v;
+    }
+  }
+}
+
+/// The row norms from finished P, G (PG [(out + r) × r]): dora_norm_rows_kernel for r ≤ 64,
+/// dora_norm_kernel (one thread per row) above.
+template <class T>
+void dora_norm_from_pg(cudaStream_t stream, const float* wn2, const float* PG, const T* B, long ldb, Index out,
+                       Index r, float s, const float* m, float* norm, float* c) {
+  if (out < 1) return;
+  if (r <= 64) {
+    const int smem = static_cast<int>(r * (r + 1) * sizeof(float));
+    dora_norm_rows_kernel<T><<<ceil_div(out, 8), 256, smem, stream>>>(wn2, PG, PG + out * r, B, ldb,
+                                                                      static_cast<int>(out), static_cast<int>(r), s,
+                                                                      m, norm, c);
+    LORA_CUDA_CHECK_LAUNCH("dora_norm_rows_kernel");
+    return;
+  }
+  dora_norm_kernel<T><<<ceil_div(out, 128), 128, 0, stream>>>(wn2, PG, PG + out * r, B, ldb, static_cast<int>(out),
+                                                              static_cast<int>(r), s, m, norm, c);
+  LORA_CUDA_CHECK_LAUNCH("dora_norm_kernel");
+}
+
 // ---- DoRA's forward for a few tokens in one pass over W (docs/cuda.md, "DoRA") ----
 //
 // One tensor-core pass computes, from W read once,
