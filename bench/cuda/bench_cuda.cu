@@ -647,6 +647,7 @@ int main(int argc, char** argv) {
     for (Index T : {Index(1), Index(2), Index(4), Index(8), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 16, g);
     for (Index T : {Index(1), Index(16)}) bench_dora_decode(*ctx, ctx, 4096, 4096, T, 8, g);
     bench_dora_decode(*ctx, ctx, 4096, 14336, 1, 16, g);
+    bench_dora_decode(*ctx, ctx, 4096, 4096, 1, 64, g);  // r + T > 32: the two-pass path only
     return 0;
   }
   if (only && std::string(only) == "pipeline") {  // the chunked two-stream forward experiment
