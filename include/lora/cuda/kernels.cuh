@@ -522,7 +522,7 @@ __global__ void __launch_bounds__(stream_threads, 2)
                           int out, int r, const T* __restrict__ B, long ldb, float s, T* __restrict__ Y, long ldy,
                           T* __restrict__ XA, long ldxa, int rp, unsigned* __restrict__ state) {
   static_assert(sizeof(T) == 2 && (MT == 1 || MT == 2));
-  constexpr int U = NG * MT <= 2 ? 4 : 2;  // steps in flight per warp
+  constexpr int U = NG * MT == 1 ? 4 : NG * MT <= 4 ? 2 : 1;  // steps in flight per warp (no spills)
   constexpr int W8 = stream_threads / 32;
   constexpr int TK = 8 * NG, R = 16 * MT;
   __shared__ int tile_s;
@@ -564,24 +564,27 @@ __global__ void __launch_bounds__(stream_threads, 2)
       for (int i = 0; i < 4; ++i) acc[m][q][i] = 0.f;
 
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  // A warp's U steps are adjacent (32·U contiguous elements of each row per iteration). The
-  // loop's condition is the warp's (kb), never the lane's: mma.sync needs all 32 lanes.
-  for (int kb = warp * 32 * U; kb < K; kb += W8 * 32 * U) {
-    uint4 wv[U][MT][2], xv[U][NG];
+  uint4 wv[U][MT][2], xv[U][NG];
+  auto load = [&](int u, int k) {  // step u's slot, for the 8 elements at k (none past K)
+    const bool ok = k < K;
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        wv[u][m][h] = ok && okm[m][h] ? __ldg(reinterpret_cast<const uint4*>(mrow[m][h] + k)) : zero;
+#pragma unroll
+    for (int q = 0; q < NG; ++q) xv[u][q] = ok && okx[q] ? __ldg(reinterpret_cast<const uint4*>(xr[q] + k)) : zero;
+  };
+  // A warp's U steps are adjacent (32·U contiguous elements of each row per iteration). Each
+  // slot is refilled with the next iteration's step as soon as its MMAs have read it, so U
+  // loads stay in flight through the loop. The loop's condition is the warp's (kb), never the
+  // lane's: mma.sync needs all 32 lanes.
+  constexpr int stride = W8 * 32 * U;
+#pragma unroll
+  for (int u = 0; u < U; ++u) load(u, warp * 32 * U + u * 32 + c * 8);
+  for (int kb = warp * 32 * U; kb < K; kb += stride) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int k = kb + u * 32 + c * 8;
-      const bool ok = k < K;
-#pragma unroll
-      for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          wv[u][m][h] = ok && okm[m][h] ? __ldg(reinterpret_cast<const uint4*>(mrow[m][h] + k)) : zero;
-#pragma unroll
-      for (int q = 0; q < NG; ++q) xv[u][q] = ok && okx[q] ? __ldg(reinterpret_cast<const uint4*>(xr[q] + k)) : zero;
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int m = 0; m < MT; ++m) {
         const std::uint32_t a_lo[4] = {wv[u][m][0].x, wv[u][m][1].x, wv[u][m][0].y, wv[u][m][1].y};
@@ -592,6 +595,8 @@ __global__ void __launch_bounds__(stream_threads, 2)
           mma_traits<T>::mma(acc[m][q], a_hi, xv[u][q].z, xv[u][q].w);
         }
       }
+      load(u, kb + stride + u * 32 + c * 8);
+    }
   }
   // acc[m][q]: rows 16m + g (0, 1) and 16m + g + 8 (2, 3) of the tile, tokens 8q + 2c (0, 2)
   // and 8q + 2c + 1 (1, 3).
