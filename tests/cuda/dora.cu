@@ -270,10 +270,10 @@ TEMPLATE_TEST_CASE("cuda dora: the one-pass forward (norms and Y from one read o
           dora.apply(fw, Xp.view(), Y.view());
           const Matrix<S> y1 = Y.to_host();
           CHECK(lora::test::rel_error(y1, ref) < tol_y);
-          {  // s·X·Aᵀ, then zeros, in Xp's last rp columns (what the fused backward reads)
+          if (pass) {  // s·X·Aᵀ, then zeros, in Xp's last rp columns (what the fused backward reads)
             const Matrix<S> xa = lora::to_host(DeviceView<const S>(Xp.view()).col_block(in, fused_rank_pad(r)));
             CHECK(lora::test::rel_error(xa.leftCols(r), MatD(s * d(X) * d(host.A()).transpose())) < tol<S>());
-            CHECK(d(xa.rightCols(fused_rank_pad(r) - r)).cwiseAbs().maxCoeff() == 0.0);
+            if (fused_rank_pad(r) > r) CHECK(d(xa.rightCols(fused_rank_pad(r) - r)).cwiseAbs().maxCoeff() == 0.0);
           }
           const double norm_err = max_rel(lora::to_host(dora.last_norm()), norm);
           // One-pass: every term of ‖W_i‖² + 2s·B_i·(A·W_iᵀ) + s²·B_i·(A·Aᵀ)·B_iᵀ from exact products
