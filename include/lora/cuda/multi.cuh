@@ -695,8 +695,9 @@ class AdapterSet<Scalar, cuda> {
   /// or everything on the set's stream.
   bool backward_overlap = true;
   /// backward with W, on two streams, from this many tokens: gb·A goes into a scratch beside the
-  /// dX GEMM (the expand leaves the path after the GEMM) and one pass adds it to dX.
-  Index backward_delta_tokens = 2048;
+  /// dX GEMM (the expand leaves the path after the GEMM) and one pass adds it to dX. Off by
+  /// default: the add pass cost more than it hid where measured (docs/performance.md).
+  Index backward_delta_tokens = Index(1) << 40;
 
   AdapterSet(Index in_features, Index out_features, std::shared_ptr<CudaContext> ctx = {})
       : in_(in_features), out_(out_features), ctx_(ctx ? std::move(ctx) : CudaContext::thread_default()) {
