@@ -1,8 +1,8 @@
 // Serving several PEFT adapters over one base model in one batch.
 //
 //   multi_adapter <base model.safetensors> <adapter folder> [<adapter folder> ...]
-//   e.g. multi_adapter tests/data/peft/weighted_combos/base/model.safetensors \
-//            tests/data/peft/weighted_combos/adapters/{a1,a2,a3}
+//   e.g. (base model, then the adapters)
+//     multi_adapter tests/data/peft/weighted_combos/base/model.safetensors tests/data/peft/weighted_combos/adapters/{a1,a2,a3}
 //
 // Loads every adapter into one AdapterCollection, builds a batch whose tokens use
 // different adapters (and some none), runs each adapted module once for the

@@ -226,7 +226,7 @@ struct PeftModule {
   ModuleAdapter<float, cpu, dynamic_scaling> adapter;
   dtype stored_dtype = dtype::F32;                      ///< dtype of lora_A in the file
   PeftModuleKind kind = PeftModuleKind::linear;
-  std::optional<Vector<float>> lora_bias;               ///< lora_B.bias [out] (lora_bias = true), see core/lora_bias.hpp
+  std::optional<Vector<float>> lora_bias = std::nullopt;  ///< lora_B.bias [out] (lora_bias = true), see core/lora_bias.hpp
 
   bool is_dora() const { return adapter.is_dora(); }
   bool is_embedding() const { return kind == PeftModuleKind::embedding; }
