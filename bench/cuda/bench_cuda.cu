@@ -44,9 +44,15 @@ void emit(const char* name, Index in, Index out, Index T, Index r, double ms, do
   std::fflush(csv);
 }
 
-void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
-                Generator& g, bool dora) {
-  const int sets = T <= 16 ? 4 : 1;  // decode: 4 weight copies (> L2) so weights come from HBM
+/// One adapter (random A, B; alpha = 2r) and `sets` random weights fused with it: the rotating
+/// weight copies every timed forward walks through.
+struct FusedSets {
+  LowRankAdapter<S> host;
+  LowRankAdapter<S, cuda> ad;
+  std::vector<DeviceMatrix<S>> W;
+  std::vector<FusedWeight<S>> fw;
+};
+FusedSets fused_sets(std::shared_ptr<CudaContext> ctx, Index in, Index out, Index r, int sets, Generator& g) {
   LowRankAdapter<S> host(in, out, r, 2.0 * r);
   host.set_A(bench::random_factor<S>(r, in, g));
   host.set_B(bench::random_factor<S>(out, r, g));
@@ -58,6 +64,17 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     fill_random(W.back().view(), g, 0.02);
     fw.push_back(ad.fuse(W.back().view()));
   }
+  return {std::move(host), std::move(ad), std::move(W), std::move(fw)};
+}
+
+void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out, Index T, Index r,
+                Generator& g, bool dora) {
+  const int sets = T <= 16 ? 4 : 1;  // decode: 4 weight copies (> L2) so weights come from HBM
+  FusedSets ws = fused_sets(ctx, in, out, r, sets, g);
+  auto& host = ws.host;
+  auto& ad = ws.ad;
+  auto& W = ws.W;
+  auto& fw = ws.fw;
   auto Xp = ad.padded_input(T);
   fill_random(Xp.view(), g, 1.0);
   auto dYp = ad.padded_grad(T);
@@ -366,17 +383,11 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
   LORA_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, 0));
   const double wbytes = static_cast<double>(out + 64) * (in + 64) * sizeof(S);
   const int sets = std::max(4, static_cast<int>(3.0 * l2 / wbytes) + 1);
-  LowRankAdapter<S> host(in, out, r, 2.0 * r);
-  host.set_A(bench::random_factor<S>(r, in, g));
-  host.set_B(bench::random_factor<S>(out, r, g));
-  auto ad = LowRankAdapter<S, cuda>::from_host(host, ctx);
-  std::vector<DeviceMatrix<S>> W;
-  std::vector<FusedWeight<S>> fw;
-  for (int i = 0; i < sets; ++i) {
-    W.emplace_back(out, in);
-    fill_random(W.back().view(), g, 0.02);
-    fw.push_back(ad.fuse(W.back().view()));
-  }
+  FusedSets ws = fused_sets(ctx, in, out, r, sets, g);
+  auto& host = ws.host;
+  auto& ad = ws.ad;
+  auto& W = ws.W;
+  auto& fw = ws.fw;
   const Index rp = fw[0].rp();
   for (const Index T : tokens) {
     auto Xp = ad.padded_input(T);
