@@ -315,4 +315,21 @@ class LowRankAdapter<Scalar, cpu, Scaling> {
   matrix A_, B_;
 };
 
+namespace detail {
+/// The adapter with its factors rounded to T (alpha, multiplier, options and policy kept).
+template <class T, class S, ScalingPolicy Sc>
+LowRankAdapter<T, cpu, Sc> with_scalar(const LowRankAdapter<S, cpu, Sc>& a) {
+  if constexpr (std::is_same_v<T, S>) {
+    return a;
+  } else {
+    LowRankAdapter<T, cpu, Sc> b(a.in_features(), a.out_features(), a.rank(), a.alpha(),
+                                 AdapterOptions{a.fan_in_fan_out(), a.dropout(), a.name()}, a.policy());
+    b.rescale(a.multiplier());
+    b.set_A(a.A().template cast<T>());
+    b.set_B(a.B().template cast<T>());
+    return b;
+  }
+}
+}  // namespace detail
+
 }  // namespace lora
