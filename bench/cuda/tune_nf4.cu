@@ -5,10 +5,8 @@
 // kernel or launch helper of the library, with the template parameters nf4_gemm chooses among:
 //   ring S3           nf4_ring_kernel (tensor cores, per-warp cp.async ring; nf4_gemm's choice
 //                     for blocksize 64 and K ≤ 4096, with 2 slots) with 3 ring slots per warp
-//   ring M2           2 slots of two tiles each, the two tiles' decode chains interleaved and one
-//                     barrier per two tiles; ≤ 8 tokens
-//   ring WIDE         2 slots, the code table's entries 256 bytes apart (one PRMT per lookup
-//                     address instead of PRMT + LEA); ≤ 8 tokens
+//   ring narrow       2 slots, the narrow code table (PRMT + LEA per lookup address) for ≤ 8
+//                     tokens, where nf4_gemm takes the WIDE one (entries 256 bytes apart)
 //   stream NT1/NT2    nf4_stream_kernel (tensor cores, barrier form): nf4_gemm's choice for 2…16
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
@@ -169,18 +167,11 @@ int main(int argc, char** argv) {
                                       w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, {});
       });
       if (tokens <= 8)
-        variant("ring WIDE", [&](int i) {
+        variant("ring narrow", [&](int i) {
           const auto& w = q[i % sets];
-          detail::launch_nf4_ring<T, 2, true>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
+          detail::launch_nf4_ring<T, 2, false>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
                                               w.packed().data(), w.absmax().data(), static_cast<int>(out), yd, ldy,
                                               ctx->stream(), true, {});
-        });
-      if (tokens <= 8)
-        variant("ring M2", [&](int i) {
-          const auto& w = q[i % sets];
-          detail::launch_nf4_ring<T, 2, false, 2>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
-                                                  w.packed().data(), w.absmax().data(), static_cast<int>(out), yd, ldy,
-                                                  ctx->stream(), true, {});
         });
       if (tokens == 1)
         variant("byte_pair pdl", [&](int i) {
@@ -208,7 +199,7 @@ int main(int argc, char** argv) {
       });
       refp = &ref_base;
     }
-    if (out == 14336) {  // dequantisation: the library's (4 groups per thread) and 1 and 8 per thread
+    if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others
       DeviceMatrix<S> D(out, in);
       const long groups = out * in / 8;
       auto direct = [&](auto u, auto cs) {
@@ -223,10 +214,10 @@ int main(int argc, char** argv) {
       const std::vector<std::pair<std::string, std::function<void(int)>>> dqs = {
           {"dequantize", [&](int i) { q[i % sets].dequantize_into(D.view()); }},
           {"dequantize U1", direct(std::integral_constant<int, 1>{}, std::false_type{})},
-          {"dequantize U2", direct(std::integral_constant<int, 2>{}, std::false_type{})},
-          {"dequantize U8", direct(std::integral_constant<int, 8>{}, std::false_type{})},
+          {"dequantize U2 st", direct(std::integral_constant<int, 2>{}, std::false_type{})},
+          {"dequantize U4 st", direct(std::integral_constant<int, 4>{}, std::false_type{})},
           {"dequantize U4 cs", direct(std::integral_constant<int, 4>{}, std::true_type{})},
-          {"dequantize U2 cs", direct(std::integral_constant<int, 2>{}, std::true_type{})}};
+          {"dequantize U8", direct(std::integral_constant<int, 8>{}, std::false_type{})}};
       for (const auto& [name, fn] : dqs) {
         const double dq = time_ms(*ctx, fn);
         const double dq_bytes = code_bytes + out * in * 2.0;

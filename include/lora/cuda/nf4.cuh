@@ -99,7 +99,8 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, long n, int bs, std
 /// warp reads 128 contiguous bytes and writes 8·32 contiguous values per group; a block of
 /// `blockDim.x` threads takes U·blockDim.x consecutive groups, thread t the groups t,
 /// t + blockDim.x, …, all U loads issued before the first store (more bytes in flight).
-/// Needs n % 8 == 0 and a 16-byte aligned out. CS: the stores as streaming (evict-first) stores.
+/// Needs n % 8 == 0 and a 16-byte aligned out. CS: the stores as streaming (evict-first) stores:
+/// the output is not read again by this kernel, and L2 keeps the codes' lines instead.
 template <class T, int U = 1, bool CS = false>
 __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                       long groups, int bs, T* __restrict__ out) {
@@ -140,7 +141,8 @@ __global__ void nf4_dequantize_kernel(const std::uint8_t* __restrict__ packed, c
     }
   }
 }
-constexpr int nf4_dequantize_unroll = 4;  // groups per thread in Nf4Tensor<cuda>::dequantize_into
+constexpr int nf4_dequantize_unroll = 2;       // groups per thread in Nf4Tensor<cuda>::dequantize_into
+constexpr bool nf4_dequantize_streaming = true;  // and its stores (tune_nf4 times the alternatives)
 
 /// Element-wise fallback for any n and alignment.
 template <class T>
@@ -708,10 +710,10 @@ constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
 /// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
 /// [16 tokens × 16·RT] values of T.
-template <int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false, int M = 1>
+template <int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
 constexpr int nf4_ring_smem_bytes(int warps) {
-  return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * M * nf4_ring_slot_bytes<RT> +
-         2 * warps * M * NT * 4 * 32 * 4 + (RT > 0 ? 16 * 16 * RT * 2 : 0);
+  return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_slot_bytes<RT> + 2 * warps * NT * 4 * 32 * 4 +
+         (RT > 0 ? 16 * 16 * RT * 2 : 0);
 }
 
 /// The LoRA term nf4_ring_kernel may add: Y += (s·X·Aᵀ)·Bᵀ with A [r × K] and B [out × r]
@@ -759,21 +761,14 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// rounded once. A and XA come from L2 while the first tiles of W are still in flight; B's tile
 /// rows come with the tile, through warp 0's ring slots.
 ///
-/// M tiles per step (M = 2: one n-tile, no LoRA term, for the shared memory): a warp decodes
-/// the M tiles of a step as independent chains, interleaved, and the K-warps meet once per step,
-/// so the latency of one tile's chain and of the barrier is paid once per M tiles. The ring then
-/// holds S steps of M tiles; the block's tiles are still blockIdx.x, blockIdx.x + gridDim.x, …
-/// (an odd last step computes a stale slot and writes nothing for it).
-///
-/// WIDE (an experiment of tune_nf4; one n-tile only, for its shared memory): the table's
-/// entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT of the
-/// code byte into the lane's address replaces the PRMT + LEA per lookup.
-template <class T, int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false, int M = 1>
+/// WIDE (nf4_gemm's choice for up to 8 tokens; one n-tile only, for its shared memory): the
+/// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
+/// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
+template <class T, int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
                     Nf4RingLora<T> lora) {
-  static_assert(M == 1 || (M == 2 && RT == 0), "nf4_ring_kernel: two tiles per step only without a LoRA term");
   constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_slot_bytes<RT>;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
@@ -783,18 +778,18 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   const std::uint32_t sbase = shared_u32(smem);
   const std::uint32_t lut_off = WIDE ? ((sbase + 65535u) & ~65535u) - sbase : 0u;
   std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem + lut_off);
-  unsigned char* ring = smem + lut_region + warp * S * M * SB;
-  float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * M * SB);  // [2][KS][M][NT·4][32]
+  unsigned char* ring = smem + lut_region + warp * S * SB;
+  float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * SB);  // [2][KS][NT·4][32]
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const long crow = K / 2, arow = K / 64;
   const std::uint8_t* pc = packed + warp * 128;  // this warp's 128 bytes of a row
   const float* pa = absmax + warp * 4;           // and its 4 scales
 
-  auto issue_tile = [&](int j) {  // tile j of this block into slot j % (S·M) (nothing past the end)
+  auto issue = [&](int j) {  // tile j of this block into slot j % S (an empty group past the end)
     if (j < mine) {
       const int row0 = (bid + j * nb) * 16;
-      unsigned char* st = ring + (j % (S * M)) * SB;
+      unsigned char* st = ring + (j % S) * SB;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int r = lane / 8 + 4 * i, col = lane % 8;
@@ -814,16 +809,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         }
       }
     }
-  };
-  auto issue = [&](int u) {  // step u's M tiles, one commit group (empty past the end)
-#pragma unroll
-    for (int m = 0; m < M; ++m) issue_tile(u * M + m);
     nf4_cp_async_commit();
   };
 
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   if (pdl && lane < 16)
-    for (int j = 0; j < (S - 1) * M && j < mine; ++j)
+    for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int byte = i / 32;
@@ -918,22 +909,19 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     return v;
   };
 
-  const int steps = (mine + M - 1) / M;
 #pragma unroll 1
-  for (int u = 0; u < steps; ++u) {
-    issue(u + S - 1);
-    nf4_cp_async_wait<S - 1>();  // step u has landed (this lane's copies) …
+  for (int j = 0; j < mine; ++j) {
+    issue(j + S - 1);
+    nf4_cp_async_wait<S - 1>();  // tile j has landed (this lane's copies) …
     __syncwarp();                // … and the other lanes' too
-    const unsigned char* st0 = ring + ((u * M) % (S * M)) * SB;  // tile m of the step at st0 + m·SB
-    float acc[M][NT][4];
+    const unsigned char* st = ring + (j % S) * SB;
+    const float* sa = reinterpret_cast<const float*>(st + 16 * RB);
+    float acc[NT][4];
 #pragma unroll
-    for (int m = 0; m < M; ++m)
+    for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[m][n][i] = 0.f;
-    if constexpr (RT > 0) {
-      const unsigned char* st = st0;  // warp 0: the tile's rows of B (from its ring slot) times XA
+      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
       if (warp == 0) {
         const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
 #pragma unroll
@@ -943,61 +931,52 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
                                       *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 16),
                                       *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256 + 16)};
 #pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[0][n], a, xab[p][n][0], xab[p][n][1]);
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
         }
       }
     }
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
-      const int sw = (g ^ (gid & 3)) << 5;  // rows gid and gid + 8 share the swizzle
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const unsigned char* st = st0 + m * SB;
-        const float* sa = reinterpret_cast<const float*>(st + 16 * RB);
-        const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + sw + 8 * q);
-        const uint2 wb = *reinterpret_cast<const uint2*>(st + (gid + 8) * RB + sw + 8 * q);
-        float d[NT][4];
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          // bytes k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
-          const std::uint32_t a[4] = {lookup(wa.x, k), lookup(wb.x, k), lookup(wa.y, k), lookup(wb.y, k)};
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(d[n], a, xr[g][n][k], xr[g][n][4 + k]);
-        }
-        const float sA = sa[gid * 4 + g], sB = sa[(gid + 8) * 4 + g];
-#pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          acc[m][n][0] = fmaf(sA, d[n][0], acc[m][n][0]);
-          acc[m][n][1] = fmaf(sA, d[n][1], acc[m][n][1]);
-          acc[m][n][2] = fmaf(sB, d[n][2], acc[m][n][2]);
-          acc[m][n][3] = fmaf(sB, d[n][3], acc[m][n][3]);
-        }
-      }
-    }
-    __syncwarp();  // the slots are read: the next iteration's copies may overwrite them
-    // The K-warps' partial sums meet (two slots: slot u & 1 is rewritten only after the next
-    // barrier, which every thread passes after it has summed this step).
-    float* rb = red + (u & 1) * KS * M * NT * 4 * 32;
-#pragma unroll
-    for (int m = 0; m < M; ++m)
+      const int u = (g ^ (gid & 3)) << 5;  // rows gid and gid + 8 share the swizzle
+      const uint2 wa = *reinterpret_cast<const uint2*>(st + gid * RB + u + 8 * q);
+      const uint2 wb = *reinterpret_cast<const uint2*>(st + (gid + 8) * RB + u + 8 * q);
+      float d[NT][4];
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) rb[((warp * M + m) * NT * 4 + n * 4 + i) * 32 + lane] = acc[m][n][i];
+        for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        // bytes k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
+        const std::uint32_t a[4] = {lookup(wa.x, k), lookup(wb.x, k), lookup(wa.y, k), lookup(wb.y, k)};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(d[n], a, xr[g][n][k], xr[g][n][4 + k]);
+      }
+      const float sA = sa[gid * 4 + g], sB = sa[(gid + 8) * 4 + g];
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        acc[n][0] = fmaf(sA, d[n][0], acc[n][0]);
+        acc[n][1] = fmaf(sA, d[n][1], acc[n][1]);
+        acc[n][2] = fmaf(sB, d[n][2], acc[n][2]);
+        acc[n][3] = fmaf(sB, d[n][3], acc[n][3]);
+      }
+    }
+    __syncwarp();  // the slot is read: the next iteration's copies may overwrite it
+    // The K-warps' partial sums meet (two slots: slot j & 1 is rewritten only after the next
+    // barrier, which every thread passes after it has summed this tile).
+    float* rb = red + (j & 1) * KS * NT * 4 * 32;
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) rb[(warp * NT * 4 + n * 4 + i) * 32 + lane] = acc[n][i];
     __syncthreads();
-    for (int o = static_cast<int>(threadIdx.x); o < M * 16 * tokens; o += static_cast<int>(blockDim.x)) {
+    const int row0 = (bid + j * nb) * 16;
+    for (int o = static_cast<int>(threadIdx.x); o < 16 * tokens; o += static_cast<int>(blockDim.x)) {
       // c0, c1 of a lane: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
-      const int m = o / (16 * tokens), row = o % 16, t = (o % (16 * tokens)) / 16, n = t / 8, c = t % 8;
-      const int j = u * M + m;
-      if (j >= mine) continue;
+      const int row = o % 16, t = o / 16, n = t / 8, c = t % 8;
       const int l = 4 * (row % 8) + c / 2, i = (row >= 8 ? 2 : 0) + c % 2;
       float v = 0.f;
-      for (int w = 0; w < KS; ++w) v += rb[((w * M + m) * NT * 4 + n * 4 + i) * 32 + l];
-      const int row0 = (bid + j * nb) * 16;
+      for (int w = 0; w < KS; ++w) v += rb[(w * NT * 4 + n * 4 + i) * 32 + l];
       if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
     }
   }
@@ -1023,20 +1002,18 @@ bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
 /// dependent launch by default; with lora.r > 0 (nf4_ring_lora_ok) it adds (s·X·Aᵀ)·Bᵀ.
-template <class T, int S = nf4_ring_stages, bool WIDE = false, int M = 1>
+template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, Nf4RingLora<T> lora = {}) {
   const int warps = K / 256;
   if (WIDE && (tokens > 8 || lora.r > 0)) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens without LoRA");
-  if (M > 1 && (tokens > 8 || lora.r > 0)) fail("launch_nf4_ring: two tiles per step are for up to 8 tokens without LoRA");
   auto go = [&](auto nt, auto rt) {
     constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
-    constexpr int MM = (NT == 1 && RT == 0) ? M : 1;  // (the other instantiations are never launched with M > 1)
-    auto kernel = nf4_ring_kernel<T, NT, RT, S, WIDE, MM>;
-    const int smem = nf4_ring_smem_bytes<NT, RT, S, WIDE, MM>(warps);
+    auto kernel = nf4_ring_kernel<T, NT, RT, S, WIDE>;
+    const int smem = nf4_ring_smem_bytes<NT, RT, S, WIDE>(warps);
     static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
     const int c = persistent_capacity(kernel, warps * 32, smem,
-                                      nf4_ring_smem_bytes<NT, RT, S, WIDE, MM>(nf4_ring_max_warps), cap[warps]);
+                                      nf4_ring_smem_bytes<NT, RT, S, WIDE>(nf4_ring_max_warps), cap[warps]);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
                      stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
@@ -1094,9 +1071,10 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   // the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
     if (nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax)) {
-      launch_nf4_ring<T>(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols),
-                         W.packed, W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld,
-                         ctx.stream());
+      // Up to 8 tokens with the WIDE table (one n-tile: it fits beside the ring), else the narrow one.
+      auto ring = X.rows <= 8 ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
+      ring(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols), W.packed,
+           W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld, ctx.stream(), true, {});
       LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel");
       return;
     }
@@ -1387,7 +1365,7 @@ class Nf4Tensor<cuda> {
     if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
       constexpr int U = lora::detail::nf4_dequantize_unroll;
       const long groups = n / 8;
-      lora::detail::nf4_dequantize_kernel<D, U><<<lora::detail::ceil_div(groups, 256L * U), 256, 0, stream()>>>(
+      lora::detail::nf4_dequantize_kernel<D, U, lora::detail::nf4_dequantize_streaming><<<lora::detail::ceil_div(groups, 256L * U), 256, 0, stream()>>>(
           packed_.data(), absmax_.data(), groups, bs, reinterpret_cast<D*>(out));
     } else {
       lora::detail::nf4_dequantize_scalar_kernel<D><<<lora::detail::ceil_div(n, 256), 256, 0, stream()>>>(
