@@ -75,6 +75,7 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
   auto& ad = ws.ad;
   auto& W = ws.W;
   auto& fw = ws.fw;
+  const detail::FusedLayout<S> L0 = detail::fused_layout(fw[0]);  // the first set's views, for the parts
   auto Xp = ad.padded_input(T);
   fill_random(Xp.view(), g, 1.0);
   auto dYp = ad.padded_grad(T);
@@ -109,20 +110,20 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
              detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[0].view(), 0.f, Y.view());
            }));
       emit("part_xa_cublas", in, out, T, r, time_ms(ctx_ref, [&](int) {
-             detail::gemm<S, S, S>(ctx_ref, false, true, T, fw[0].rp(), in, 0.5f, X, fw[0].A_padded(), 0.f,
-                                   Xp.view().col_block(in, fw[0].rp()));
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, L0.rp(), in, 0.5f, X, L0.A_padded(), 0.f,
+                                   Xp.view().col_block(in, L0.rp()));
            }));
       emit("part_wide_gemm", in, out, T, r, time_ms(ctx_ref, [&](int) {
-             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + fw[0].rp(), 1.f,
-                                   DeviceView<const S>(Xp.view()), fw[0].wide(), 0.f, Y.view());
+             detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + L0.rp(), 1.f,
+                                   DeviceView<const S>(Xp.view()), L0.wide(), 0.f, Y.view());
            }));
       for (auto [name, how] : {std::pair{"part_fwd_concat_k", FusedForward::concat_k},
                                std::pair{"part_fwd_accumulate", FusedForward::accumulate}}) {
         FusedWeight<S>& f0 = fw[0];
-        const FusedForward keep = f0.forward;
-        f0.forward = how;
+        const FusedForward keep = f0.strategy();
+        f0.set_strategy(how);
         emit(name, in, out, T, r, time_ms(ctx_ref, [&](int) { ad.apply(f0, Xp.view(), Y.view()); }));
-        f0.forward = keep;
+        f0.set_strategy(keep);
       }
     }
     emit("ours_plain_fwd", in, out, T, r,
@@ -141,7 +142,7 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
     emit("ours_fwd_bwd", in, out, T, r, tfb);
     std::fprintf(stderr, "T %ld in %ld out %ld r %ld: dX GEMM %s\n", static_cast<long>(T), static_cast<long>(in),
                  static_cast<long>(out), static_cast<long>(r),
-                 describe(ctx_ref.planner().find(detail::fused_backward_key<S>(fw[0], dYp.view(), fw[0].rp(), dX.view())),
+                 describe(ctx_ref.planner().find(detail::fused_backward_key<S>(fw[0], dYp.view(), L0.rp(), dX.view())),
                           false)
                      .c_str());
     if (T >= 4096) {  // the backward alone: dY padded to out + rp (padded_grad) or out + r
@@ -159,7 +160,7 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       emit("part_bwd_pad_r", in, out, T, r, t[2]);
       // s·dY·B and dYᵀ·XA: two cuBLAS GEMMs (each reads dY) against the one pass over dY
       // (detail::dy_pass) at its default grid and at 1 and 4 blocks per SM.
-      const FusedWeight<S>& f0 = fw[0];
+      const detail::FusedLayout<S>& f0 = L0;
       DeviceView<const S> XA = DeviceView<const S>(Xp.view()).col_block(in, f0.rp());
       DeviceView<S> Gp = dYp.view().col_block(out, f0.rp());
       if (detail::dy_pass_ok<S>(dY, f0.B_padded(), XA, r, f0.rp())) {
@@ -239,7 +240,7 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
       LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
       auto pg_blocks = [&](int blocks) {  // the tensor-core pass's partial sums at another grid size
         return [&, blocks](int) {
-          detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r, w0.PG.view(),
+          detail::norm_gemm(ctx_ref, detail::as_device(L0.tall()), detail::as_device(L0.A()), r, w0.PG.view(),
                             w0.pg_partials, blocks, 1);
         };
       };
@@ -251,19 +252,19 @@ void bench_lora(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in
            // PG = [W; A]·Aᵀ alone: cuBLAS (the fallback) and the tensor-core pass (detail::norm_gemm),
            // then its partial sums and its reduction apart.
            [&](int) {
-             detail::gemm<S, S, float>(ctx_ref, false, true, out + r, r, in, 1.f, fw[0].tall(), fw[0].A(), 0.f,
+             detail::gemm<S, S, float>(ctx_ref, false, true, out + r, r, in, 1.f, L0.tall(), L0.A(), 0.f,
                                        w0.PG.view());
            },
            [&](int) {
-             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+             detail::norm_gemm(ctx_ref, detail::as_device(L0.tall()), detail::as_device(L0.A()), r,
                                w0.PG.view(), w0.pg_partials);
            },
            [&](int) {
-             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+             detail::norm_gemm(ctx_ref, detail::as_device(L0.tall()), detail::as_device(L0.A()), r,
                                w0.PG.view(), w0.pg_partials, 0, 1);
            },
            [&](int) {
-             detail::norm_gemm(ctx_ref, detail::as_device(fw[0].tall()), detail::as_device(fw[0].A()), r,
+             detail::norm_gemm(ctx_ref, detail::as_device(L0.tall()), detail::as_device(L0.A()), r,
                                w0.PG.view(), w0.pg_partials, 0, 2);
            },
            pg_blocks(sms), pg_blocks(4 * sms)},
@@ -336,7 +337,7 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
     });
     fns.push_back([&](int i) {  // the pass launched plainly (no programmatic launch, no L2 prefetch)
       using T = detail::device_t<S>;
-      const FusedWeight<S>& f = fw[i % sets];
+      const detail::FusedLayout<S> f = detail::fused_layout(fw[i % sets]);
       detail::dora_pass<T>(ctx_ref, detail::as_device(f.W()), detail::as_device(f.A()),
                            detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
                            reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
@@ -345,7 +346,7 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
     for (int rpw : {2, -1}) {  // the epilogue with 2 output rows per warp (1 by default); -1: row-outer tiles
       fns.push_back([&, rpw](int i) {
         using T = detail::device_t<S>;
-        const FusedWeight<S>& f = fw[i % sets];
+        const detail::FusedLayout<S> f = detail::fused_layout(fw[i % sets]);
         detail::dora_pass<T>(ctx_ref, detail::as_device(f.W()), detail::as_device(f.A()),
                              detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
                              reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
@@ -388,7 +389,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
   auto& ad = ws.ad;
   auto& W = ws.W;
   auto& fw = ws.fw;
-  const Index rp = fw[0].rp();
+  const Index rp = fused_rank_pad(r);
   for (const Index T : tokens) {
     auto Xp = ad.padded_input(T);
     fill_random(Xp.view(), g, 1.0);
@@ -399,9 +400,9 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
     auto forced = [&](FusedForward how) {
       return [&, how](int i) {
         FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
-        f.forward = how;
+        f.set_strategy(how);
         ad.apply(f, Xp.view(), Y.view());
-        f.forward = FusedForward::automatic;
+        f.set_strategy(FusedForward::automatic);
       };
     };
     const DeviceView<const S> X = DeviceView<const S>(Xp.view()).col_block(0, in);
@@ -418,7 +419,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
         {"dec_stacked", forced(FusedForward::stacked)},
         {"dec_concat_gemmex",
          [&](int i) {  // concat_k without the decode kernels: XA, then one cublasGemmEx over K = in + rp
-           FusedWeight<S>& f = fw[static_cast<std::size_t>(i % sets)];
+           const detail::FusedLayout<S> f = detail::fused_layout(fw[static_cast<std::size_t>(i % sets)]);
            detail::compute_xa<S>(ctx_ref, X, f.A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
            detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()), f.wide(),
                                  0.f, Y.view());
@@ -426,11 +427,11 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
         {"dec_accumulate", forced(FusedForward::accumulate)},
         {"dec_part_xa",
          [&](int i) {
-           detail::compute_xa<S>(ctx_ref, X, fw[i % sets].A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
+           detail::compute_xa<S>(ctx_ref, X, detail::fused_layout(fw[i % sets]).A_padded(), false, Xp.view().col_block(in, rp), 0.5f);
          }},
         {"dec_part_concat_gemm", [&](int i) {
            detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in + rp, 1.f, DeviceView<const S>(Xp.view()),
-                                 fw[i % sets].wide(), 0.f, Y.view());
+                                 detail::fused_layout(fw[i % sets]).wide(), 0.f, Y.view());
          }}};
     // The stream kernel with 16- and 32-row tiles, each through the planner (its choice is
     // replaced for the call and restored).
@@ -449,12 +450,12 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
     }
     if (have_c) {
       fns.push_back({"dec_part_stacked_gemm", [&](int i) {
-                       detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, fw[i % sets].tall(), 0.f, C);
+                       detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, detail::fused_layout(fw[i % sets]).tall(), 0.f, C);
                      }});
       for (const bool vec : {true, false})
         fns.push_back({vec ? "dec_part_epilogue" : "dec_part_epilogue_scalar", [&, vec](int i) {
                          detail::launch_stacked_epilogue(ctx_ref, detail::as_device(DeviceView<const S>(C)), out, r, rp,
-                                                         detail::as_device(fw[i % sets].B()), 0.5f,
+                                                         detail::as_device(detail::fused_layout(fw[i % sets]).B()), 0.5f,
                                                          detail::as_device(Y.view()),
                                                          detail::as_device(Xp.view().col_block(in, rp)), vec);
                        }});
@@ -519,24 +520,25 @@ void bench_pipeline(CudaContext& ctx, Generator& g) {
   DeviceMatrix<S> W(out, in);
   fill_random(W.view(), g, 0.02);
   auto fw = ad.fuse(W.view());
+  const detail::FusedLayout<S> L = detail::fused_layout(fw);
   auto Xp = ad.padded_input(T);
   fill_random(Xp.view(), g, 1.0);
   DeviceMatrix<S> Y(T, out), Y2(T, out), Xc(T, in);
-  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), (in + fw.rp()) * sizeof(S), in * sizeof(S), T,
+  LORA_CUDA_CHECK(cudaMemcpy2D(Xc.data(), in * sizeof(S), Xp.data(), (in + L.rp()) * sizeof(S), in * sizeof(S), T,
                                cudaMemcpyDeviceToDevice));
   CudaContext side;
   const float s = static_cast<float>(ad.scaling());
-  const Index rp = fw.rp();
+  const Index rp = L.rp();
   cudaEvent_t ev[17];
   for (auto& e : ev) LORA_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   auto xa = [&](CudaContext& c, Index t0, Index tc) {
     auto Xv = Xp.view();
     detail::gemm<S, S, S>(c, false, true, tc, rp, in, s, DeviceView<const S>(Xv.row_block(t0, tc).col_block(0, in)),
-                          fw.A_padded(), 0.f, Xv.row_block(t0, tc).col_block(in, rp));
+                          L.A_padded(), 0.f, Xv.row_block(t0, tc).col_block(in, rp));
   };
   auto big = [&](Index t0, Index tc, DeviceMatrix<S>& Yo) {
     detail::gemm<S, S, S>(ctx, false, true, tc, out, in + rp, 1.f, DeviceView<const S>(Xp.view().row_block(t0, tc)),
-                          fw.wide(), 0.f, Yo.view().row_block(t0, tc));
+                          L.wide(), 0.f, Yo.view().row_block(t0, tc));
   };
   auto pipe = [&](int C, DeviceMatrix<S>& Yo) {
     const Index tc = T / C;

@@ -68,12 +68,16 @@ TEMPLATE_TEST_CASE("cuda adapter: apply, forward, backward and merge match float
 
     // Fused path: [[W, B], [A, 0]] and padded activations.
     auto fw = ad.fuse(dW.view());
+    CHECK(fw.out_features() == sh.out);
+    CHECK(fw.in_features() == sh.in);
+    CHECK(fw.rank() == sh.r);
+    CHECK(fw.strategy() == FusedForward::automatic);
     auto Xp = upload_padded(X, fused_rank_pad(sh.r));
     poison(Y.view());
     ad.apply(fw, Xp.view(), Y.view());
     CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
     for (FusedForward how : {FusedForward::concat_k, FusedForward::accumulate, FusedForward::stacked}) {
-      fw.forward = how;
+      fw.set_strategy(how);
       poison(Y.view());
       ad.apply(fw, Xp.view(), Y.view());
       CHECK(lora::test::rel_error(Y.to_host(), ref_y) < tol<S>());
@@ -240,7 +244,7 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
       const Matrix<S> W = rand_s<S>(c.out, c.in, g, 0.05);
       auto dW = DeviceMatrix<S>::from_host(W);
       auto fw = ad.fuse(dW.view());
-      const Index rp = fw.rp();
+      const Index rp = fused_rank_pad(r);
       const double s = host.scaling();
       for (const Index T : tokens) {
         INFO("in " << c.in << " out " << c.out << " r " << r << " tokens " << T);
@@ -253,7 +257,7 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
         // strategy, then automatic again (the planned choice, looked up).
         for (const int how : {-1, 1, 2, 3, 4, 0}) {
           INFO("strategy " << how);
-          fw.forward = how < 0 ? FusedForward::automatic : static_cast<FusedForward>(how);
+          fw.set_strategy(how < 0 ? FusedForward::automatic : static_cast<FusedForward>(how));
           if (how < 0) ad.plan(fw, T);
           poison(Y.view());
           lora::test::poison(Xp.view().col_block(c.in, rp));
@@ -267,7 +271,7 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
           if ((how == 3 || how == 4 || T > 4) && rp > r)
             CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
         }
-        fw.forward = FusedForward::automatic;
+        fw.set_strategy(FusedForward::automatic);
         // The stream kernel with 16- and 32-row tiles at every T (forced through the planner;
         // above 32 tokens, or for float or unaligned rows, it falls back to stacked).
         const detail::PlanKey key = detail::fused_forward_key<S>(fw, Xp.view(), Y.view());

@@ -75,7 +75,8 @@ TEST_CASE("cuda lt: the planner's fused forward and backward choices record a pa
   const Matrix<S> W = lora::test::rand_s<S>(out, in, g, 0.05), X = lora::test::rand_s<S>(T, in, g);
   auto dW = DeviceMatrix<S>::from_host(W);
   auto fw = ad.fuse(dW.view());
-  const Index rp = fw.rp();
+  const detail::FusedLayout<S> L = detail::fused_layout(fw);
+  const Index rp = L.rp();
   auto Xp = ad.padded_input(T);
   upload<S>(X, Xp.view().col_block(0, in));
   DeviceMatrix<S> Y(T, out);
@@ -99,12 +100,12 @@ TEST_CASE("cuda lt: the planner's fused forward and backward choices record a pa
                                     {int(FusedPath::stacked)},
                                     {int(FusedPath::stacked_padded)},
                                     {int(FusedPath::decode)}};
-  auto lt_concat = std::make_shared<detail::LtGemm>(*ctx, false, true, T, out, in + rp, cXp, fw.wide(), Y.view());
+  auto lt_concat = std::make_shared<detail::LtGemm>(*ctx, false, true, T, out, in + rp, cXp, L.wide(), Y.view());
   for (int i = 0; i < lt_concat->candidates(); ++i) forced.push_back({int(FusedPath::concat_k), lt_concat, i});
   REQUIRE(planner.stacked.size() >= static_cast<std::size_t>(T * (out + rp)) * sizeof(S));
   const DeviceView<S> C{reinterpret_cast<S*>(planner.stacked.data()), T, out + r, out + rp};
   auto lt_stacked = std::make_shared<detail::LtGemm>(*ctx, false, true, T, out + r, in, cXp.col_block(0, in),
-                                                     fw.tall(), C);
+                                                     L.tall(), C);
   for (int i = 0; i < lt_stacked->candidates(); ++i) forced.push_back({int(FusedPath::stacked), lt_stacked, i});
   for (const PlanChoice& c : forced) {
     INFO("path " << c.path << " algorithm " << c.algo);

@@ -21,16 +21,8 @@
 
 namespace lora {
 
-/// The frozen base weight W [out × in] and an adapter's factors in one device
-/// block [[W, B, 0], [A, 0, 0], [0, 0, 0]] of shape [(out + rp) × (in + rp)], where
-/// rp = fused_rank_pad(r) rounds r up to a multiple of 64 with zero rows and columns,
-/// so that one GEMM serves both paths:
-///   forward   Y  = [X | s·X·Aᵀ | 0] · [W | B | 0]ᵀ   (K = in + rp)
-///   backward  dX = [dY | s·dY·B | 0] · [W ; A ; 0]  (K = out + rp)
-/// The padding keeps the GEMMs' K and leading dimensions multiples of 64 (cuBLAS picks
-/// slower kernels for some K; docs/performance.md).
-/// Build it with LowRankAdapter<S, cuda>::fuse(W); refresh(fw) after A or B change.
-/// How the fused forward forms Y (each writes Y in full):
+/// How the fused forward (LowRankAdapter<S, cuda>::apply(FusedWeight, Xp, Y)) forms Y (each
+/// writes Y in full):
 /// concat_k:   Y = [X | XA | 0]·[W | B | 0]ᵀ, one GEMM with K = in + rp, after XA = s·X·Aᵀ;
 /// accumulate: XA, then Y = XA·Bᵀ (a K = r GEMM), then Y = X·Wᵀ + Y (the base GEMM with
 ///             beta = 1), so the big GEMM keeps its K = in shape;
@@ -44,6 +36,7 @@ namespace lora {
 ///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
 ///             by the context's planner (LowRankAdapter::plan, lora/cuda/plan.hpp).
 /// concat_k and accumulate still take the decode kernels for ≤ 4 tokens.
+/// automatic is the default; FusedWeight::set_strategy fixes another.
 enum class FusedForward { automatic, concat_k, accumulate, stacked, stream };
 
 /// r rounded up to a multiple of 64: the rank columns of FusedWeight and padded_input.
@@ -53,27 +46,107 @@ constexpr Index fused_rank_pad(Index r) { return (r + 63) / 64 * 64; }
 constexpr Index stacked_max_tokens = 256;
 
 template <class S>
-struct FusedWeight {
-  DeviceMatrix<S> block;
+class FusedWeight;
+
+namespace detail {
+/// FusedWeight's layout: the frozen base weight W [out × in] and an adapter's factors in one
+/// device block [[W, B, 0], [A, 0, 0], [0, 0, 0]] of shape [(out + rp) × (in + rp)], where
+/// rp = fused_rank_pad(r) rounds r up to a multiple of 64 with zero rows and columns,
+/// so that one GEMM serves both paths:
+///   forward   Y  = [X | s·X·Aᵀ | 0] · [W | B | 0]ᵀ   (K = in + rp)
+///   backward  dX = [dY | s·dY·B | 0] · [W ; A ; 0]  (K = out + rp)
+/// The padding keeps the GEMMs' K and leading dimensions multiples of 64 (cuBLAS picks
+/// slower kernels for some K; docs/performance.md). These views are for the adapter's code
+/// and for tests and benchmarks that run its parts; they are not part of the API.
+template <class S>
+struct FusedLayout {
+  const S* data = nullptr;  ///< the block's first element (row-major, leading dimension ld())
   Index out = 0, in = 0, r = 0;
-  FusedForward forward = FusedForward::automatic;
 
   Index rp() const { return fused_rank_pad(r); }
   Index ld() const { return in + rp(); }
-  DeviceView<const S> W() const { return {block.data(), out, in, ld()}; }
-  DeviceView<const S> A() const { return {block.data() + out * ld(), r, in, ld()}; }
+  /// The whole block, [(out + rp) × (in + rp)].
+  DeviceView<const S> block() const { return {data, out + rp(), in + rp(), ld()}; }
+  DeviceView<const S> W() const { return {data, out, in, ld()}; }
+  DeviceView<const S> A() const { return {data + out * ld(), r, in, ld()}; }
   /// A with rp − r zero rows below it, [rp × in].
-  DeviceView<const S> A_padded() const { return {block.data() + out * ld(), rp(), in, ld()}; }
-  DeviceView<const S> B() const { return {block.data() + in, out, r, ld()}; }
+  DeviceView<const S> A_padded() const { return {data + out * ld(), rp(), in, ld()}; }
+  DeviceView<const S> B() const { return {data + in, out, r, ld()}; }
   /// [W | B | 0], [out × (in + rp)]: the forward operand.
-  DeviceView<const S> wide() const { return {block.data(), out, in + rp(), ld()}; }
+  DeviceView<const S> wide() const { return {data, out, in + rp(), ld()}; }
   /// [B | 0], [out × rp].
-  DeviceView<const S> B_padded() const { return {block.data() + in, out, rp(), ld()}; }
+  DeviceView<const S> B_padded() const { return {data + in, out, rp(), ld()}; }
   /// [W ; A], [(out + r) × in]: the input-gradient operand, and the stacked forward's.
-  DeviceView<const S> tall() const { return {block.data(), out + r, in, ld()}; }
+  DeviceView<const S> tall() const { return {data, out + r, in, ld()}; }
   /// [W ; A ; 0], [(out + rp) × in]: the input-gradient operand for a padded dY.
-  DeviceView<const S> tall_padded() const { return {block.data(), out + rp(), in, ld()}; }
-  DeviceView<S> mutable_block() { return block.view(); }
+  DeviceView<const S> tall_padded() const { return {data, out + rp(), in, ld()}; }
+};
+
+/// The library's access to FusedWeight's storage.
+struct FusedAccess {
+  /// An uninitialised block for [out × in] weights and rank r.
+  template <class S>
+  static FusedWeight<S> make(Index out, Index in, Index r) {
+    FusedWeight<S> fw;
+    fw.block_ = DeviceMatrix<S>(out + fused_rank_pad(r), in + fused_rank_pad(r));
+    fw.out_ = out;
+    fw.in_ = in;
+    fw.r_ = r;
+    return fw;
+  }
+  template <class S>
+  static FusedLayout<S> layout(const FusedWeight<S>& fw) {
+    return {fw.block_.data(), fw.out_, fw.in_, fw.r_};
+  }
+  template <class S>
+  static DeviceView<S> block(FusedWeight<S>& fw) {
+    return fw.block_.view();
+  }
+};
+
+/// The views of fw's block (W, A, B, wide, tall, … and their leading dimension).
+template <class S>
+FusedLayout<S> fused_layout(const FusedWeight<S>& fw) {
+  return FusedAccess::layout(fw);
+}
+/// fw's whole block, writable, [(out + rp) × (in + rp)].
+template <class S>
+DeviceView<S> fused_block(FusedWeight<S>& fw) {
+  return FusedAccess::block(fw);
+}
+/// An uninitialised fused block for [out × in] weights and rank r (DoRA's scaled copy).
+template <class S>
+FusedWeight<S> make_fused(Index out, Index in, Index r) {
+  return FusedAccess::make<S>(out, in, r);
+}
+}  // namespace detail
+
+/// The frozen base weight and an adapter's factors in one device block, as
+/// LowRankAdapter<S, cuda>::fuse(W) builds it; pass it to that adapter's refresh, plan, apply
+/// and backward. Its layout is the adapter's (docs/cuda.md); a handle holds the block and
+/// the forward strategy, and moves but does not copy.
+///
+///   auto fw = ad.fuse(W);
+///   fw.set_strategy(lora::FusedForward::stacked);   // optional: bypass the planner
+template <class S>
+class FusedWeight {
+ public:
+  /// An empty handle (shape 0); assign one from fuse().
+  FusedWeight() = default;
+
+  Index out_features() const { return out_; }
+  Index in_features() const { return in_; }
+  Index rank() const { return r_; }
+  /// The fused forward's strategy: automatic (the planner's choice per shape; the default) or
+  /// one fixed strategy, which bypasses the planner (for tests and benchmarks).
+  FusedForward strategy() const { return forward_; }
+  void set_strategy(FusedForward how) { forward_ = how; }
+
+ private:
+  friend struct detail::FusedAccess;
+  DeviceMatrix<S> block_;
+  Index out_ = 0, in_ = 0, r_ = 0;
+  FusedForward forward_ = FusedForward::automatic;
 };
 
 /// Gradients on the device: dA [r × in] and dB [out × r] in float, dX [T × in] in S.
@@ -157,14 +230,16 @@ enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, deco
 /// The planner's key of the fused forward for these operands.
 template <class S>
 PlanKey fused_forward_key(const FusedWeight<S>& fw, DeviceView<const S> Xp, DeviceView<const S> Y) {
-  return {plan_fused_forward, static_cast<int>(cuda_data_type<S>()), Xp.rows, fw.out, fw.in + fw.rp(),
-          Xp.ld, fw.ld(), Y.ld, fw.r};
+  const FusedLayout<S> L = fused_layout(fw);
+  return {plan_fused_forward, static_cast<int>(cuda_data_type<S>()), Xp.rows, L.out, L.in + L.rp(),
+          Xp.ld, L.ld(), Y.ld, L.r};
 }
 /// The planner's key of the fused backward's dX GEMM (dYp with out + gp columns).
 template <class S>
 PlanKey fused_backward_key(const FusedWeight<S>& fw, DeviceView<const S> dYp, Index gp, DeviceView<const S> dX) {
-  return {plan_fused_backward_dx, static_cast<int>(cuda_data_type<S>()), dYp.rows, fw.in, fw.out + gp,
-          dYp.ld, fw.ld(), dX.ld, fw.r};
+  const FusedLayout<S> L = fused_layout(fw);
+  return {plan_fused_backward_dx, static_cast<int>(cuda_data_type<S>()), dYp.rows, L.in, L.out + gp,
+          dYp.ld, L.ld(), dX.ld, L.r};
 }
 
 /// The stacked forward's epilogue as a programmatic dependent launch: Y = C[:, :out] +
@@ -344,21 +419,20 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       detail::fail("{}fuse: fan_in_fan_out weights [in x out] are not supported; pass W transposed to [out x in]",
                    who());
     check_weight(W);
-    const Index rp = fused_rank_pad(rank());
-    FusedWeight<Scalar> fw{DeviceMatrix<Scalar>(out_features() + rp, in_features() + rp), out_features(),
-                           in_features(), rank()};
-    auto blk = fw.block.view();
-    LORA_CUDA_CHECK(cudaMemsetAsync(fw.block.data(), 0, fw.block.size() * sizeof(Scalar), ctx_->stream()));
+    FusedWeight<Scalar> fw = detail::make_fused<Scalar>(out_features(), in_features(), rank());
+    const view blk = detail::fused_block(fw);
+    LORA_CUDA_CHECK(cudaMemsetAsync(blk.data, 0, static_cast<std::size_t>(blk.rows * blk.cols) * sizeof(Scalar),
+                                    ctx_->stream()));
     copy(W, blk.row_block(0, out_features()).col_block(0, in_features()));
     refresh(fw);
     return fw;
   }
   /// Copies the current A and B into a fused block (after an optimiser step).
   void refresh(FusedWeight<Scalar>& fw) const {
-    if (fw.out != out_features() || fw.in != in_features() || fw.r != rank())
-      detail::fail("{}refresh: fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), fw.out, fw.in,
-                   fw.r, out_features(), in_features(), rank());
-    auto blk = fw.block.view();
+    if (fw.out_features() != out_features() || fw.in_features() != in_features() || fw.rank() != rank())
+      detail::fail("{}refresh: fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(),
+                   fw.out_features(), fw.in_features(), fw.rank(), out_features(), in_features(), rank());
+    const view blk = detail::fused_block(fw);
     copy(A(), blk.row_block(out_features(), rank()).col_block(0, in_features()));
     copy(B(), blk.row_block(0, out_features()).col_block(in_features(), rank()));
   }
@@ -402,12 +476,12 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   }
 
   /// Fused forward: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ with Xp = [X | scratch] (padded_input); leaves
-  /// s·X·Aᵀ in Xp's columns [in, in + r) for backward. fw.forward picks the strategy
+  /// s·X·Aᵀ in Xp's columns [in, in + r) for backward. fw.strategy() picks the strategy
   /// (FusedForward); automatic looks up the planner's choice for this shape (plan()).
   void apply(const FusedWeight<Scalar>& fw, view Xp, view Y) const {
     check_fused(fw, Xp, Y);
     using detail::FusedPath;
-    switch (fw.forward) {
+    switch (fw.strategy()) {
       case FusedForward::concat_k: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::concat_k)}, true);
       case FusedForward::accumulate: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::accumulate)}, true);
       case FusedForward::stacked: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::stacked)}, false);
@@ -462,30 +536,31 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// from two cuBLAS GEMMs.
   void backward(const FusedWeight<Scalar>& fw, cview Xp, view dYp, view dX, DeviceView<float> dA,
                 DeviceView<float> dB) const {
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
-    detail::require(Xp.cols == in + fw.rp(), who(), "padded input Xp", Xp.rows, Xp.cols, T, in + fw.rp());
-    const Index gp = dYp.cols == out + r ? r : fw.rp();  // G's columns: r, or rp with zeros
-    detail::require(dYp.rows == T && dYp.cols == out + gp, who(), "padded dY", dYp.rows, dYp.cols, T, out + fw.rp());
+    detail::require(Xp.cols == in + L.rp(), who(), "padded input Xp", Xp.rows, Xp.cols, T, in + L.rp());
+    const Index gp = dYp.cols == out + r ? r : L.rp();  // G's columns: r, or rp with zeros
+    detail::require(dYp.rows == T && dYp.cols == out + gp, who(), "padded dY", dYp.rows, dYp.cols, T, out + L.rp());
     detail::require(dX.rows == T && dX.cols == in, who(), "dX", dX.rows, dX.cols, T, in);
     detail::require(dA.rows == r && dA.cols == in, who(), "dA", dA.rows, dA.cols, r, in);
     detail::require(dB.rows == out && dB.cols == r, who(), "dB", dB.rows, dB.cols, out, r);
     const float s = static_cast<float>(scaling());
     cview dY = cview(dYp).col_block(0, out);
     view G = dYp.col_block(out, r);
-    const cview XA = cview(Xp).col_block(in, fw.rp());
+    const cview XA = cview(Xp).col_block(in, L.rp());
     bool fused = false;  // G and dB from one pass over dY
     if constexpr (sizeof(Scalar) == 2) {
       auto& partials = ctx_->planner().dy_partials;
       // While a graph is captured, the pass runs only if planning left it enough scratch.
-      if (detail::dy_pass_ok<Scalar>(dY, fw.B_padded(), XA, r, fw.rp()) &&
+      if (detail::dy_pass_ok<Scalar>(dY, L.B_padded(), XA, r, L.rp()) &&
           (!detail::capturing(*ctx_) || partials.size() >= detail::dy_pass_scratch_floats<detail::device_t<Scalar>>(T, out, r))) {
-        detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(fw.B_padded()), detail::as_device(XA), r, s,
+        detail::dy_pass(*ctx_, detail::as_device(dY), detail::as_device(L.B_padded()), detail::as_device(XA), r, s,
                         detail::as_device(dYp.col_block(out, gp)), dB, partials);
         fused = true;
       }
     }
     if (!fused)
-      detail::compute_xa<Scalar>(*ctx_, dY, gp == r ? fw.B() : fw.B_padded(), true, dYp.col_block(out, gp), s);
+      detail::compute_xa<Scalar>(*ctx_, dY, gp == r ? L.B() : L.B_padded(), true, dYp.col_block(out, gp), s);
     input_gradient(fw, dYp, gp, dX);
     detail::gemm<Scalar, Scalar, float>(*ctx_, true, false, r, in, T, 1.f, cview(G), cview(Xp).col_block(0, in), 0.f,
                                         dA);
@@ -507,26 +582,28 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   void check_input(cview X) const { spec().check_input(X.cols); }
   void check_weight(cview W) const { spec().check_weight(W.rows, W.cols); }
   void check_fused(const FusedWeight<Scalar>& fw, cview Xp, cview Y) const {
-    if (fw.out != out_features() || fw.in != in_features() || fw.r != rank())
-      detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), fw.out, fw.in, fw.r,
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
+    if (L.out != out_features() || L.in != in_features() || L.r != rank())
+      detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", who(), L.out, L.in, L.r,
                    out_features(), in_features(), rank());
-    detail::require(Xp.cols == in_features() + fw.rp(), who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows,
-                    in_features() + fw.rp());
+    detail::require(Xp.cols == in_features() + L.rp(), who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows,
+                    in_features() + L.rp());
     detail::require(Y.rows == Xp.rows && Y.cols == out_features(), who(), "output Y", Y.rows, Y.cols, Xp.rows,
                     out_features());
   }
   /// dX = [dY | G | 0]·[W ; A ; 0] (K = out + gp): cublasGemmEx, or for 16-bit scalars with
-  /// fw.forward automatic the planner's choice among it and cuBLASLt's candidates.
+  /// fw.strategy() automatic the planner's choice among it and cuBLASLt's candidates.
   void input_gradient(const FusedWeight<Scalar>& fw, view dYp, Index gp, view dX) const {
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
     const Index T = dYp.rows, in = in_features(), out = out_features(), r = rank();
-    const cview Wt = gp == r ? fw.tall() : fw.tall_padded();
+    const cview Wt = gp == r ? L.tall() : L.tall_padded();
     auto gemmex = [&] {
       detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, false, T, in, out + gp, 1.f, cview(dYp), Wt, 0.f, dX);
     };
     if constexpr (std::is_same_v<Scalar, float>) {
       gemmex();
     } else {
-      if (fw.forward != FusedForward::automatic) return gemmex();
+      if (fw.strategy() != FusedForward::automatic) return gemmex();
       const detail::PlanKey key = detail::fused_backward_key<Scalar>(fw, dYp, gp, dX);
       auto& planner = ctx_->planner();
       std::optional<detail::PlanChoice> c = planner.find(key);
@@ -560,13 +637,14 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// falls back to concat_k.
   void fused_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanChoice& c,
                      bool decode_first) const {
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
     using detail::FusedPath;
-    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = L.rp();
     const float s = static_cast<float>(scaling());
     cview X = cview(Xp).col_block(0, in);
     const auto path = static_cast<FusedPath>(c.path);
     if ((decode_first || path == FusedPath::decode) &&
-        detail::decode_apply<Scalar>(*ctx_, X, fw.W(), fw.A(), fw.B(), Xp.col_block(in, r), Y, s))
+        detail::decode_apply<Scalar>(*ctx_, X, L.W(), L.A(), L.B(), Xp.col_block(in, r), Y, s))
       return;
     if ((path == FusedPath::stream || path == FusedPath::stream_wide) &&
         (stream_forward(fw, Xp, Y, path == FusedPath::stream_wide ? 2 : 1) ||
@@ -575,23 +653,24 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     if ((path == FusedPath::stacked || path == FusedPath::stacked_padded) &&
         stacked_forward(fw, Xp, Y, path == FusedPath::stacked ? out + r : out + rp, c.lt.get(), c.algo))
       return;
-    detail::compute_xa<Scalar>(*ctx_, X, fw.A_padded(), false, Xp.col_block(in, rp), s);
+    detail::compute_xa<Scalar>(*ctx_, X, L.A_padded(), false, Xp.col_block(in, rp), s);
     if (path == FusedPath::accumulate) {
-      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(Xp).col_block(in, r), fw.B(), 0.f,
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, r, 1.f, cview(Xp).col_block(in, r), L.B(), 0.f,
                                            Y);
-      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, fw.W(), 1.f, Y);
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in, 1.f, X, L.W(), 1.f, Y);
     } else if (path == FusedPath::concat_k && c.lt && c.algo >= 0 &&
-               c.lt->fits(false, true, T, out, in + rp, cview(Xp), fw.wide(), Y)) {
-      c.lt->run(*ctx_, c.algo, cview(Xp), fw.wide(), Y);
+               c.lt->fits(false, true, T, out, in + rp, cview(Xp), L.wide(), Y)) {
+      c.lt->run(*ctx_, c.algo, cview(Xp), L.wide(), Y);
     } else {
-      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), fw.wide(), 0.f, Y);
+      detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, out, in + rp, 1.f, cview(Xp), L.wide(), 0.f, Y);
     }
   }
 
   /// The context's scratch for the stacked product, [T × (out + rp)]; grows it unless a graph
   /// is being captured (then returns nothing).
   std::optional<view> stacked_scratch(const FusedWeight<Scalar>& fw, Index T) const {
-    const Index ldc = out_features() + fw.rp();
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
+    const Index ldc = out_features() + L.rp();
     const std::size_t bytes = static_cast<std::size_t>(T * ldc) * sizeof(Scalar);
     auto& buf = ctx_->planner().stacked;
     if (buf.size() < bytes) {
@@ -606,20 +685,21 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// Returns false (nothing launched) when it cannot run (r > 64, no scratch).
   bool stacked_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, Index n, const detail::LtGemm* lt,
                        int algo) const {
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
     const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features();
     if (r > 64) return false;
     const std::optional<view> scratch = stacked_scratch(fw, T);
     if (!scratch) return false;
     const view C = scratch->col_block(0, n);
     const cview X = cview(Xp).col_block(0, in);
-    const cview M = n == out + r ? fw.tall() : fw.tall_padded();
+    const cview M = n == out + r ? L.tall() : L.tall_padded();
     if (lt && algo >= 0 && lt->fits(false, true, T, n, in, X, M, C))
       lt->run(*ctx_, algo, X, M, C);
     else
       detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, T, n, in, 1.f, X, M, 0.f, C);
-    detail::launch_stacked_epilogue(*ctx_, detail::as_device(cview(C)), out, r, fw.rp(), detail::as_device(fw.B()),
+    detail::launch_stacked_epilogue(*ctx_, detail::as_device(cview(C)), out, r, L.rp(), detail::as_device(L.B()),
                                     static_cast<float>(scaling()), detail::as_device(Y),
-                                    detail::as_device(Xp.col_block(in, fw.rp())));
+                                    detail::as_device(Xp.col_block(in, L.rp())));
     return true;
   }
 
@@ -633,9 +713,10 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       return false;
     } else {
       using T = detail::device_t<Scalar>;
-      const Index Tk = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
-      if (Tk > detail::stream_max_tokens || r > 64 || in % 8 != 0 || Xp.ld % 8 != 0 || fw.ld() % 8 != 0 ||
-          !detail::aligned(Xp.data, 16) || !detail::aligned(fw.block.data(), 16))
+      const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
+      const Index Tk = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = L.rp();
+      if (Tk > detail::stream_max_tokens || r > 64 || in % 8 != 0 || Xp.ld % 8 != 0 || L.ld() % 8 != 0 ||
+          !detail::aligned(Xp.data, 16) || !detail::aligned(L.data, 16))
         return false;
       auto& st = ctx_->planner().stream_state;
       if (st.size() < static_cast<std::size_t>(detail::stream_state_floats)) {
@@ -645,14 +726,14 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       }
       const unsigned grid = detail::ceil_div(r, 16 * mt) + detail::ceil_div(out, 16 * mt);
       const T* X = reinterpret_cast<const T*>(Xp.data);
-      const T* M = reinterpret_cast<const T*>(fw.block.data());
-      const T* B = reinterpret_cast<const T*>(fw.B().data);
+      const T* M = reinterpret_cast<const T*>(L.data);
+      const T* B = reinterpret_cast<const T*>(L.B().data);
       T* y = reinterpret_cast<T*>(Y.data);
       T* xa = reinterpret_cast<T*>(Xp.data + in);
       auto go = [&](auto kernel) {
         kernel<<<grid, detail::stream_threads, 0, ctx_->stream()>>>(
-            X, Xp.ld, static_cast<int>(Tk), static_cast<int>(in), M, fw.ld(), static_cast<int>(out),
-            static_cast<int>(r), B, fw.ld(), static_cast<float>(scaling()), y, Y.ld, xa, Xp.ld, static_cast<int>(rp),
+            X, Xp.ld, static_cast<int>(Tk), static_cast<int>(in), M, L.ld(), static_cast<int>(out),
+            static_cast<int>(r), B, L.ld(), static_cast<float>(scaling()), y, Y.ld, xa, Xp.ld, static_cast<int>(rp),
             st.data());
         LORA_CUDA_CHECK_LAUNCH("stream_forward_kernel");
       };
@@ -679,16 +760,17 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel.
   /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
+    const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
     using detail::FusedPath;
     auto& planner = ctx_->planner();
     std::lock_guard<std::mutex> lock(planner.planning());
     if (auto c = planner.find(key)) return *c;
-    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = fw.rp();
+    const Index T = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = L.rp();
     std::vector<detail::PlanChoice> cand;
     cand.push_back({static_cast<int>(FusedPath::accumulate)});
     cand.push_back({static_cast<int>(FusedPath::concat_k)});
     if constexpr (!std::is_same_v<Scalar, float>) {  // float GEMMs stay IEEE (cublasGemmEx, no tensor cores)
-      auto lt = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), fw.wide(), Y);
+      auto lt = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, out, in + rp, cview(Xp), L.wide(), Y);
       for (int i = 0; i < lt->candidates(); ++i) cand.push_back({static_cast<int>(FusedPath::concat_k), lt, i});
     }
     if (T <= stacked_max_tokens && r <= 64) {
@@ -700,7 +782,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
         if constexpr (!std::is_same_v<Scalar, float>) {
           const cview X = cview(Xp).col_block(0, in);
           auto lt = std::make_shared<detail::LtGemm>(*ctx_, false, true, T, n, in, X,
-                                                     n == out + r ? fw.tall() : fw.tall_padded(), C.col_block(0, n));
+                                                     n == out + r ? L.tall() : L.tall_padded(), C.col_block(0, n));
           for (int i = 0; i < lt->candidates(); ++i) cand.push_back({path, lt, i});
         }
       }

@@ -56,10 +56,11 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   using T = detail::device_t<S>;
   auto& ctx = ad.context();
   const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
+  const FusedLayout<S> L = fused_layout(fw);
   if (ws.wn2.rows() != out) {
     ws.wn2 = DeviceMatrix<float>(out, 1);
     detail::row_sqnorm_kernel<T><<<detail::ceil_div(out, 8), 256, 0, ctx.stream()>>>(
-        reinterpret_cast<const T*>(fw.W().data), fw.ld(), static_cast<int>(out), static_cast<int>(in), ws.wn2.data());
+        reinterpret_cast<const T*>(L.W().data), L.ld(), static_cast<int>(out), static_cast<int>(in), ws.wn2.data());
     LORA_CUDA_CHECK_LAUNCH("row_sqnorm_kernel");
   }
   if (ws.PG.rows() != out + r || ws.PG.cols() != r) ws.PG = DeviceMatrix<float>(out + r, r);
@@ -76,7 +77,7 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
   float* pg_out = nullptr;  // where the fused kernel writes PG (when it reads partials)
   bool tc = false;
   if constexpr (sizeof(T) == 2) {
-    const auto M = detail::as_device(fw.tall()), A = detail::as_device(fw.A());
+    const auto M = detail::as_device(L.tall()), A = detail::as_device(L.A());
     if (detail::norm_gemm_ok<T>(M, A, r) && in > 0) {
       const detail::norm_gemm_grid g = detail::norm_gemm<T>(ctx, M, A, r, ws.PG.view(), ws.pg_partials, 0, 1);
       part = ws.pg_partials.data();
@@ -86,15 +87,15 @@ void dora_weight_norm(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S
       tc = true;
     }
   }
-  if (!tc) detail::gemm<S, S, float>(ctx, false, true, out + r, r, in, 1.f, fw.tall(), fw.A(), 0.f, ws.PG.view());
+  if (!tc) detail::gemm<S, S, float>(ctx, false, true, out + r, r, in, 1.f, L.tall(), L.A(), 0.f, ws.PG.view());
   const float s = static_cast<float>(ad.scaling());
-  const T* Bd = reinterpret_cast<const T*>(fw.B().data);
+  const T* Bd = reinterpret_cast<const T*>(L.B().data);
   float* c = magnitude ? ws.c.data() : nullptr;
-  if (detail::dora_norm_fused<T>(ctx.stream(), part, Q, stride, out, r, ws.wn2.data(), Bd, fw.ld(), s, magnitude,
+  if (detail::dora_norm_fused<T>(ctx.stream(), part, Q, stride, out, r, ws.wn2.data(), Bd, L.ld(), s, magnitude,
                                  ws.norm.data(), c, pg_out))
     return;
   if (tc) detail::fail("{}dora_weight_norm: internal error (tensor-core partials with r = {} > 32)", ad.who(), r);
-  detail::dora_norm_from_pg<T>(ctx.stream(), ws.wn2.data(), ws.PG.data(), Bd, fw.ld(), out, r, s, magnitude,
+  detail::dora_norm_from_pg<T>(ctx.stream(), ws.wn2.data(), ws.PG.data(), Bd, L.ld(), out, r, s, magnitude,
                                ws.norm.data(), c);
 }
 
@@ -134,14 +135,15 @@ void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<
   using T = detail::device_t<S>;
   auto& ctx = ad.context();
   const Index out = ad.out_features(), in = ad.in_features(), r = ad.rank();
-  if (ws.scaled.out != out || ws.scaled.in != in || ws.scaled.r != r)
-    ws.scaled = FusedWeight<S>{DeviceMatrix<S>(out + fw.rp(), fw.ld()), out, in, r};
-  const T* src = reinterpret_cast<const T*>(fw.block.data());
-  T* dst = reinterpret_cast<T*>(ws.scaled.block.data());
-  const long ld = static_cast<long>(fw.ld());
+  const FusedLayout<S> L = fused_layout(fw);
+  if (ws.scaled.out_features() != out || ws.scaled.in_features() != in || ws.scaled.rank() != r)
+    ws.scaled = make_fused<S>(out, in, r);
+  const T* src = reinterpret_cast<const T*>(L.data);
+  T* dst = reinterpret_cast<T*>(fused_block(ws.scaled).data);
+  const long ld = static_cast<long>(L.ld());
   if constexpr (sizeof(T) == 2) {
     if (ld % 8 == 0 && aligned(src, 16) && aligned(dst, 16)) {  // one vectorised pass over the whole block
-      const long vectors = (out + fw.rp()) * ld / 8;
+      const long vectors = (out + L.rp()) * ld / 8;
       scale_rows_vec_kernel<T><<<static_cast<unsigned>(std::min<long>(ceil_div(vectors, 256), 132L * 16)), 256, 0,
                                  ctx.stream()>>>(src, dst, vectors, ld, static_cast<int>(out), ws.c.data());
       LORA_CUDA_CHECK_LAUNCH("scale_rows_vec_kernel");
@@ -153,7 +155,7 @@ void dora_build_scaled(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<
       src, ld, dst, ld, static_cast<int>(out), static_cast<int>(ld), ws.c.data());
   LORA_CUDA_CHECK_LAUNCH("scale_rows_kernel");
   // [A, 0] and the zero padding rows below it
-  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(fw.rp() * ld) * sizeof(S),
+  LORA_CUDA_CHECK(cudaMemcpyAsync(dst + out * ld, src + out * ld, static_cast<size_t>(L.rp() * ld) * sizeof(S),
                                   cudaMemcpyDeviceToDevice, ctx.stream()));
   ws.scaled_current = true;
 }
@@ -169,24 +171,25 @@ void dora_apply(const LowRankAdapter<S, cuda, Sc>& ad, const FusedWeight<S>& fw,
   if (magnitude.rows * magnitude.cols != out)
     detail::fail("{}lora_magnitude_vector has {} elements, expected out_features = {}", ad.who(),
                  magnitude.rows * magnitude.cols, out);
-  const bool cached = ws.cache_norm && ws.norm_block == fw.block.data() && ws.norm_magnitude == magnitude.data &&
+  const detail::FusedLayout<S> L = detail::fused_layout(fw);
+  const bool cached = ws.cache_norm && ws.norm_block == L.data && ws.norm_magnitude == magnitude.data &&
                       ws.c.rows() == out;
-  if (fw.out != out || fw.in != in || fw.r != r)
-    detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", ad.who(), fw.out, fw.in, fw.r,
+  if (L.out != out || L.in != in || L.r != r)
+    detail::fail("{}fused block is for [{} x {}] r = {}, adapter is [{} x {}] r = {}", ad.who(), L.out, L.in, L.r,
                  out, in, r);
-  detail::require(Xp.cols == in + fw.rp(), ad.who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows, in + fw.rp());
+  detail::require(Xp.cols == in + L.rp(), ad.who(), "padded input Xp", Xp.rows, Xp.cols, Xp.rows, in + L.rp());
   detail::require(Y.rows == Xp.rows && Y.cols == out, ad.who(), "output Y", Y.rows, Y.cols, Xp.rows, out);
   const DeviceView<const S> X = DeviceView<const S>(Xp).col_block(0, in);
-  if (!cached && dora_takes_pass(ws, fw.W(), fw.A(), X, r, ad.who())) {
-    dora_run_pass(ctx, fw.W(), fw.A(), fw.B(), X, ad.scaling(), magnitude.data, Y, ws, Xp.col_block(in, fw.rp()));
-    ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
+  if (!cached && dora_takes_pass(ws, L.W(), L.A(), X, r, ad.who())) {
+    dora_run_pass(ctx, L.W(), L.A(), L.B(), X, ad.scaling(), magnitude.data, Y, ws, Xp.col_block(in, L.rp()));
+    ws.norm_block = ws.cache_norm ? L.data : nullptr;
     ws.norm_magnitude = ws.cache_norm ? magnitude.data : nullptr;
     ws.scaled_current = false;
     return;
   }
   if (!cached) {
     dora_weight_norm(ad, fw, ws, magnitude.data);
-    ws.norm_block = ws.cache_norm ? fw.block.data() : nullptr;
+    ws.norm_block = ws.cache_norm ? L.data : nullptr;
     ws.norm_magnitude = ws.cache_norm ? magnitude.data : nullptr;
   }
   if (Xp.rows <= 16) {
