@@ -16,6 +16,7 @@
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/adapter.cuh>
 #include <lora/cuda/dora.cuh>
+#include <lora/cuda/module_adapter.cuh>
 #include <lora/cuda/nf4.cuh>
 #include <lora/cuda/qlora.cuh>
 #include <lora/cuda/spectrum.cuh>

@@ -1,7 +1,7 @@
 // One test body per concept, run on lora::cpu and on lora::cuda: the same calls (from_host,
 // apply, forward, backward, merge, unmerge, dequantize, …) on LowRankAdapter, DoraAdapter,
-// quant::Nf4Tensor, QLoraLinear and multi::AdapterSet, checked against one float64 reference.
-// Only the moves differ (test::on<D> puts a host matrix where the device takes it,
+// ModuleAdapter, quant::Nf4Tensor, QLoraLinear and multi::AdapterSet, checked against one
+// float64 reference. Only the moves differ (test::on<D> puts a host matrix where the device takes it,
 // test::host brings a result back). Device outputs are fresh allocations, written in full
 // by the call under test.
 
@@ -10,6 +10,8 @@
 #include "cuda/support.cuh"
 
 #include <cstring>
+#include <optional>
+#include <tuple>
 #include <vector>
 
 using namespace lora;
@@ -99,6 +101,89 @@ TEMPLATE_TEST_CASE("device: LowRankAdapter and DoraAdapter, one body on the CPU 
     CHECK(lora::test::rel_error(host(init.apply(dW, dX)), Z) < tolerance);
     const DoraAdapter<S> back = dora.to_host();
     CHECK(lora::test::rel_error(column(d(back.magnitude())), column(MatD(m))) == 0.0);
+  }
+}
+
+TEMPLATE_TEST_CASE("device: ModuleAdapter, LoRA or DoRA by the data, one body on the CPU and the GPU",
+                   "[cuda][device][module_adapter]", lora::cpu, lora::cuda) {
+  using D = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 96, out = 80, r = 8, T = 7;
+  const LowRankAdapter<S> h = random_adapter(in, out, r, 16.0, g), h2 = random_adapter(in, out, r, 16.0, g);
+  const Matrix<S> Wh = rand_s<S>(out, in, g, 0.2), Xh = rand_s<S>(T, in, g), dYh = rand_s<S>(T, out, g);
+  Vector<float> mh(out);
+  for (Index i = 0; i < out; ++i) mh[i] = static_cast<float>(g.uniform(0.5, 2.0));
+  const double s = h.scaling();
+  const MatD W = d(Wh), X = d(Xh), dY = d(dYh);
+  const Vector<double> m = mh.cast<double>();
+  const auto dW = on<D>(Wh);
+  const auto dX = on<D>(Xh);
+  const auto ddY = on<D>(dYh);
+
+  for (const bool is_dora : {false, true}) {
+    INFO((is_dora ? "DoRA" : "LoRA") << " module");
+    const ModuleAdapter<S> hm(h, is_dora ? std::optional<Vector<float>>(mh) : std::nullopt);
+    const auto mod = ModuleAdapter<S, D>::from_host(hm);
+    CHECK(mod.is_dora() == is_dora);
+    CHECK(mod.in_features() == in);
+    CHECK(mod.out_features() == out);
+    CHECK(mod.rank() == r);
+    CHECK(mod.scaling() == s);
+    CHECK(mod.trainable_parameters() == (in + out) * r + (is_dora ? out : 0));
+    if (!is_dora) CHECK_THROWS_AS(mod.dora(), lora::error);
+
+    // Y = c ⊙ (X·Vᵀ), V = W + s·B·A, c = m ⊘ ‖V‖_row for DoRA and 1 for LoRA; n detached in backward.
+    auto layer = [&](const LowRankAdapter<S>& l) {
+      const MatD A = d(l.A()), B = d(l.B());
+      const MatD V = W + l.scaling() * B * A;
+      const Vector<double> n = V.rowwise().norm();
+      const Vector<double> c = is_dora ? Vector<double>(m.cwiseQuotient(n)) : Vector<double>::Ones(out);
+      return std::tuple{A, B, V, n, c};
+    };
+    const auto [A, B, V, n, c] = layer(h);
+    const MatD Z = X * V.transpose();
+    CHECK(lora::test::rel_error(host(mod.apply(dW, dX)), MatD(Z * c.asDiagonal())) < tolerance);
+    {
+      const auto gr = mod.backward(dW, dX, ddY);
+      const MatD G = dY * c.asDiagonal();
+      CHECK(lora::test::rel_error(host(gr.dA), MatD(s * (G * B).transpose() * X)) < tolerance);
+      CHECK(lora::test::rel_error(host(gr.dB), MatD(s * G.transpose() * (X * A.transpose()))) < tolerance);
+      CHECK(lora::test::rel_error(host(gr.dX), MatD(G * V)) < tolerance);
+      if (is_dora) {
+        const Vector<double> dm = (dY.cwiseProduct(Z)).colwise().sum().transpose().cwiseQuotient(n);
+        CHECK(lora::test::rel_error(column(host(gr.dm)), MatD(dm)) < tolerance);
+      } else {
+        CHECK(host(gr.dm).size() == 0);
+      }
+    }
+    {
+      const MatD merged = c.asDiagonal() * V;
+      CHECK(lora::test::rel_error(host(mod.merged_weight(dW)), merged) < tolerance);
+      auto Wm = on<D>(Wh);
+      const auto norms = mod.merge(Wm);
+      CHECK(lora::test::rel_error(host(Wm), merged) < tolerance);
+      if (is_dora)
+        CHECK(lora::test::rel_error(column(host(norms)), MatD(n)) < tolerance);
+      else
+        CHECK(host(norms).size() == 0);
+      mod.unmerge(Wm, norms);
+      CHECK(lora::test::rel_error(host(Wm), W) < tolerance);
+    }
+    {
+      // Another low-rank part, the same kind (DoRA keeps m).
+      const auto other = mod.with_lora(LowRankAdapter<S, D>::from_host(h2));
+      CHECK(other.is_dora() == is_dora);
+      const auto [A2, B2, V2, n2, c2] = layer(h2);
+      CHECK(lora::test::rel_error(host(other.apply(dW, dX)), MatD(X * V2.transpose() * c2.asDiagonal())) <
+            tolerance);
+    }
+    const ModuleAdapter<S> back = mod.to_host();
+    CHECK(back.is_dora() == is_dora);
+    CHECK(lora::test::rel_error(d(back.A()), A) == 0.0);
+    CHECK(lora::test::rel_error(d(back.B()), B) == 0.0);
+    if (is_dora) CHECK(lora::test::rel_error(column(d(back.magnitude())), column(MatD(m))) == 0.0);
   }
 }
 
