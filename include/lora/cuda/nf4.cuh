@@ -1125,35 +1125,6 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
 }
 
-/// bitsandbytes' dQuantize<0> on a 256-entry ascending code (quant::dynamic_encode, the same
-/// steps in float without contraction): a 7-step binary search from entry 127, then the
-/// nearer of the final pivot and its neighbour by the float midpoint.
-__device__ __forceinline__ std::uint8_t dynamic_encode_device(const float* code, float x) {
-  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f;
-  float val = code[pivot];
-  for (int i = 64; i > 0; i >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += i;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= i;
-    }
-    val = code[pivot];
-  }
-  if (upper_pivot == 255) upper = code[upper_pivot];
-  if (lower_pivot == 0) lower = code[lower_pivot];
-  if (x > val) {
-    const float midpoint = __fmul_rn(__fadd_rn(upper, val), 0.5f);
-    return static_cast<std::uint8_t>(x > midpoint ? upper_pivot : pivot);
-  }
-  const float midpoint = __fmul_rn(__fadd_rn(lower, val), 0.5f);
-  return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
-}
-
 constexpr int dq_threads = 256;  // == quant::nested_blocksize: one thread per scale of a nested block
 
 /// partial[b] = Σ absmax[i] in double over block b's fixed strided share (a fixed grid and
@@ -1211,7 +1182,7 @@ __global__ inline void dq_quantize_kernel(const float* __restrict__ a, long n, c
   }
   const float m = red[0];
   if (threadIdx.x == 0) nested[blockIdx.x] = m;
-  if (i < n) q[i] = dynamic_encode_device(map, __fmul_rn(d, __fdiv_rn(1.0f, m)));
+  if (i < n) q[i] = quant::dynamic_encode(map, __fmul_rn(d, __fdiv_rn(1.0f, m)));
 }
 
 /// absmax[i] = float(float(code[q_i]·nested[i / 256]) + offset): two roundings, as

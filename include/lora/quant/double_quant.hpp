@@ -4,6 +4,7 @@
 // (`offset`) are quantised blockwise (blocks of 256) with the signed dynamic
 // 8-bit map, and restored on dequantisation as code[q]·nested_absmax + offset.
 
+#include <lora/core/host_device.hpp>
 #include <lora/error.hpp>
 #include <lora/quant/nf4.hpp>
 
@@ -72,8 +73,18 @@ inline constexpr std::int64_t nested_blocksize = 256;
 
 /// bitsandbytes' dQuantize<0> for a 256-entry ascending code: a 7-step binary
 /// search from entry 127, then the nearer of the final pivot and its bracketing
-/// neighbour by the float32 midpoint ((a + b)·0.5). NaN gives 0.
-inline std::uint8_t dynamic_encode(const std::array<float, 256>& code, float x) {
+/// neighbour by the float32 midpoint ((a + b)·0.5, two roundings). NaN gives 0.
+/// Host and device (Nf4Tensor<cuda>'s double quantisation runs it on a map in
+/// shared memory).
+LORA_HOST_DEVICE inline std::uint8_t dynamic_encode(const float* code, float x) {
+  // The midpoint as two float32 roundings, never contracted: on the device by intrinsics.
+  auto midpoint = [](float a, float b) {
+#if defined(__CUDA_ARCH__)
+    return __fmul_rn(__fadd_rn(a, b), 0.5f);
+#else
+    return (a + b) * 0.5f;
+#endif
+  };
   int pivot = 127, upper_pivot = 255, lower_pivot = 0;
   float lower = -1.0f, upper = 1.0f;
   float val = code[pivot];
@@ -91,13 +102,11 @@ inline std::uint8_t dynamic_encode(const std::array<float, 256>& code, float x) 
   }
   if (upper_pivot == 255) upper = code[upper_pivot];
   if (lower_pivot == 0) lower = code[lower_pivot];
-  if (x > val) {
-    const float midpoint = (upper + val) * 0.5f;
-    return static_cast<std::uint8_t>(x > midpoint ? upper_pivot : pivot);
-  }
-  const float midpoint = (lower + val) * 0.5f;
-  return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
+  if (x > val) return static_cast<std::uint8_t>(x > midpoint(upper, val) ? upper_pivot : pivot);
+  return static_cast<std::uint8_t>(x < midpoint(lower, val) ? lower_pivot : pivot);
 }
+
+inline std::uint8_t dynamic_encode(const std::array<float, 256>& code, float x) { return dynamic_encode(code.data(), x); }
 
 /// The compressed block scales of an NF4 tensor.
 struct DoubleQuantState {
