@@ -206,6 +206,25 @@ __global__ void fill_hash_kernel(T* __restrict__ x, long rows, long cols, long l
 constexpr int stacked_threads = 128;
 constexpr int stacked_tokens = 4;
 
+/// The stacked epilogues' s·XA staging, for a block's TT tokens from t0 (tn of them real):
+/// sxa[t][j] = s·C[t0 + t, out + j] for j < r (zeros elsewhere), then the blocks with
+/// blockIdx.x 0 write XA[t0 + t, :rp] = [sxa[t, :r] | 0]. Every thread of the block calls it.
+template <class T, int TT, int RB>
+__device__ __forceinline__ void stacked_stage_xa(float (&sxa)[TT][RB], const T* __restrict__ C, long ldc, int t0,
+                                                 int tn, int out, int r, int rp, float s, T* __restrict__ XA,
+                                                 long ldxa) {
+  for (int i = static_cast<int>(threadIdx.x); i < TT * RB; i += stacked_threads) {
+    const int t = i / RB, j = i % RB;
+    sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
+  }
+  __syncthreads();
+  if (blockIdx.x == 0)
+    for (int i = static_cast<int>(threadIdx.x); i < tn * rp; i += stacked_threads) {
+      const int t = i / rp, j = i % rp;
+      XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
+    }
+}
+
 /// The stacked forward's epilogue. C = [X·Wᵀ | X·Aᵀ | …] ([T × ≥ out + r], ld ldc) comes from one
 /// GEMM over the stacked rows [W; A]; this writes Y = C[:, :out] + s·C[:, out:out+r]·Bᵀ and
 /// XA = [s·C[:, out:out+r] | 0] ([T × rp], the fused backward reads it). A block owns
@@ -232,16 +251,7 @@ __global__ void __launch_bounds__(stacked_threads)
 #pragma unroll
   for (int t = 0; t < stacked_tokens; ++t)
     c[t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
-  for (int i = static_cast<int>(threadIdx.x); i < stacked_tokens * RB; i += stacked_threads) {
-    const int t = i / RB, j = i % RB;
-    sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
-  }
-  __syncthreads();
-  if (blockIdx.x == 0)
-    for (int i = static_cast<int>(threadIdx.x); i < tn * rp; i += stacked_threads) {
-      const int t = i / rp, j = i % rp;
-      XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
-    }
+  stacked_stage_xa(sxa, C, ldc, t0, tn, out, r, rp, s, XA, ldxa);
   if (n >= out) return;
 #pragma unroll
   for (int t = 0; t < stacked_tokens; ++t) {
@@ -299,16 +309,7 @@ __global__ void __launch_bounds__(stacked_threads)
       const int n = n0 + o * stacked_threads;
       c[o][t] = (n < out && t < tn) ? to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + n)) : 0.f;
     }
-  for (int i = static_cast<int>(threadIdx.x); i < TT * RB; i += stacked_threads) {
-    const int t = i / RB, j = i % RB;
-    sxa[t][j] = (t < tn && j < r) ? s * to_float(__ldcg(C + static_cast<long>(t0 + t) * ldc + out + j)) : 0.f;
-  }
-  __syncthreads();
-  if (blockIdx.x == 0)
-    for (int i = static_cast<int>(threadIdx.x); i < tn * rp; i += stacked_threads) {
-      const int t = i / rp, j = i % rp;
-      XA[static_cast<long>(t0 + t) * ldxa + j] = from_float<T>(j < r ? sxa[t][j] : 0.f);
-    }
+  stacked_stage_xa(sxa, C, ldc, t0, tn, out, r, rp, s, XA, ldxa);
 #pragma unroll
   for (int t = 0; t < TT; ++t) {
     if (t < tn) {
