@@ -10,9 +10,10 @@
 //     byte, first element in the high nibble: our layout too, so ours reads the same bytes).
 // W is N(0, 0.02²) bf16, X N(0, 1), both drawn on the device. Every output is poisoned (NaN), then
 // checked against a float64 product on the host over every 7th output row (dequantised NF4 for
-// the NF4 kernels, the bf16 W for cuBLAS); all T·out outputs must be written. Timing as
-// bench/cuda/common.cuh: alternating batches of 10 calls, 15 rounds, rotated order, one untimed
-// call per round, medians; weights rotate among copies that together exceed 3× L2.
+// the NF4 kernels, the bf16 W for cuBLAS); all T·out outputs must be written. Timing by
+// bench/cuda/common.cuh's time_all on lora's context stream: alternating batches of 10 calls,
+// 15 rounds, rotated order, one untimed call per round, medians; weights rotate among copies
+// that together exceed 3× L2.
 // CSV (ours.csv's columns): name,in,out,tokens,r,ms,extra with extra = GB/s over
 // out·in/2 + out·in/64·4 + T·(in + out)·2 bytes; check_* rows carry the relative error in extra.
 // LORA_PEERS_OURS (set by CMakeLists.txt from the headers it finds): 1 = lora::DeviceNF4 with
@@ -26,6 +27,8 @@
 #if LORA_PEERS_OURS
 #include <lora/cuda.hpp>
 #endif
+
+#include "../cuda/common.cuh"  // lora::bench::time_all, the timing of bench/cuda
 
 #include <algorithm>
 #include <cmath>
@@ -91,44 +94,6 @@ __global__ void fill_normal(bf16* p, std::size_t n, std::uint64_t seed, float sc
     const float u2 = static_cast<float>((h >> 16) & 0xFFFFFF) * (1.0f / 16777216.0f);
     p[i] = __float2bfloat16(scale * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2));
   }
-}
-
-/// Median ms per call of each function: batches of `batch` calls, rounds in rotated order, one
-/// untimed call of the round's first function before its events (bench/cuda/common.cuh).
-std::vector<double> time_all(const std::vector<std::function<void(int)>>& fns, int batch = 10, int batches = 15,
-                             int warmup = 3) {
-  const std::size_t n = fns.size();
-  std::vector<cudaEvent_t> ev(n + 1);
-  for (auto& e : ev) CK(cudaEventCreate(&e));
-  int k = 0;
-  for (int i = 0; i < warmup; ++i, ++k)
-    for (auto& f : fns) f(k);
-  std::vector<std::vector<float>> t(n);
-  for (int b = 0; b < batches; ++b) {
-    const std::size_t first = static_cast<std::size_t>(b) % n;
-    fns[first](k);
-    CK(cudaEventRecord(ev[0], stream));
-    for (std::size_t j = 0; j < n; ++j) {
-      const std::size_t f = (first + j) % n;
-      for (int i = 0; i < batch; ++i) fns[f](k + i);
-      CK(cudaEventRecord(ev[j + 1], stream));
-    }
-    k += batch;
-    CK(cudaEventSynchronize(ev[n]));
-    for (std::size_t j = 0; j < n; ++j) {
-      float ms = 0;
-      CK(cudaEventElapsedTime(&ms, ev[j], ev[j + 1]));
-      t[(first + j) % n].push_back(ms / static_cast<float>(batch));
-    }
-  }
-  CK(cudaGetLastError());
-  for (auto& e : ev) CK(cudaEventDestroy(e));
-  std::vector<double> med;
-  for (auto& v : t) {
-    std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-    med.push_back(v[v.size() / 2]);
-  }
-  return med;
 }
 
 std::vector<float> to_host_float(const bf16* d, std::size_t n) {
@@ -288,8 +253,8 @@ void bench_shape(cublasHandle_t h, long out, long in, const float* code_dev, int
       std::fprintf(stderr, "bnb_gemv %ld->%ld T %2ld %-15s rel. error %.2e%s\n", in, out, T, names[f].c_str(), e,
                    bad ? "  FAILED" : "");
     }
-    // All of them on one stream (lora's context stream where ours is built in), one rotating set.
-    const auto t = time_all(fns);
+    // All of them on one stream (lora's context stream), one rotating set.
+    const auto t = lora::bench::time_all(*lora::CudaContext::thread_default(), fns, 10, 15, 3);
     const double bytes = n / 2.0 + n / 64.0 * 4 + T * (in + out) * 2.0;
     for (std::size_t f = 0; f < fns.size(); ++f)
       emit(names[f].c_str(), in, out, T, t[f], (quantised[f] ? bytes : n * 2.0 + T * (in + out) * 2.0) / t[f] / 1e6);
@@ -315,11 +280,7 @@ int main(int argc, char** argv) {
   std::fprintf(stderr, "bnb_gemv: %s, %d SMs, L2 %d MB; ours: %s\n", prop.name, prop.multiProcessorCount,
                prop.l2CacheSize >> 20, LORA_PEERS_OURS ? "yes" : "no (API not recognised)");
   std::fprintf(csv, "name,in,out,tokens,r,ms,extra\n");
-#if LORA_PEERS_OURS
-  stream = lora::CudaContext::thread_default()->stream();
-#else
-  CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-#endif
+  stream = lora::CudaContext::thread_default()->stream();  // the stream time_all records its events on
   cublasHandle_t h;
   CB(cublasCreate(&h));
   CB(cublasSetStream(h, stream));
