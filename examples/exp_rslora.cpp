@@ -37,8 +37,32 @@ int main(int argc, char** argv) {
     for (int i = r; i < d; ++i) rest += sigma[i] * sigma[i];
     return rest / tot;
   };
-
+  auto rule = [](int m) { return std::string(m ? "rslora" : "standard"); };
   std::vector<double> xr(ranks.begin(), ranks.end());
+  // A plot over r (log2) of a quantity on a log10 axis.
+  auto over_rank = [](std::string title, std::string ylabel) {
+    Plot p;
+    p.title = std::move(title);
+    p.xlabel = "rank r";
+    p.ylabel = std::move(ylabel);
+    p.xscale = Plot::log2;
+    p.yscale = Plot::log10;
+    return p;
+  };
+  // Both rules' per-seed values at each r: mean with min–max bars.
+  auto add_rules = [&](Plot& p, const std::vector<std::vector<double>> (&per_rule)[2]) {
+    p.add(mean_series("standard  s = alpha/r", xr, per_rule[0]));
+    p.add(mean_series("rsLoRA  s = alpha/√r", xr, per_rule[1]));
+  };
+  auto best_fit = [&] {
+    Series o;
+    o.name = "best rank-r fit (no noise)";
+    o.dashed = true;
+    o.markers = false;
+    for (int r : ranks) o.x.push_back(r), o.y.push_back(optimum(r));
+    return o;
+  };
+
   std::vector<std::vector<double>> err[2], ga[2], gb[2], speed[2], g0[2];
   for (int m = 0; m < 2; ++m) {
     err[m].resize(ranks.size());
@@ -60,10 +84,10 @@ int main(int argc, char** argv) {
         gb[m][i].push_back(log.grad_b);
         speed[m][i].push_back(log.first_update);
         g0[m][i].push_back(log.grad_b_init);
-        csv.row(std::string(m ? "rslora" : "standard"), r, alpha, ad.scaling(), lr, seed, steps, log.train.back(),
+        csv.row(rule(m), r, alpha, ad.scaling(), lr, seed, steps, log.train.back(),
                 log.test.back(), log.grad_b_init, log.grad_a, log.grad_b, log.first_update);
         for (std::size_t j = 0; j < log.step.size(); ++j)
-          ccsv.row(std::string(m ? "rslora" : "standard"), r, seed, log.step[j], log.test[j]);
+          ccsv.row(rule(m), r, seed, log.step[j], log.test[j]);
         if (seed == 0 && (r == 4 || r == 32 || r == 256)) {
           Series s;
           s.name = fmt::format("{} r = {}", m ? "rsLoRA" : "standard", r);
@@ -91,31 +115,15 @@ int main(int argc, char** argv) {
   }
 
   {
-    Plot p;
-    p.title = fmt::format("Error after {} steps at one lr (Adam {:g}, alpha = {:g})", steps, lr, alpha);
-    p.xlabel = "rank r";
-    p.ylabel = "test error (1 = base)";
-    p.xscale = Plot::log2;
-    p.yscale = Plot::log10;
-    p.add(mean_series("standard  s = alpha/r", xr, err[0]));
-    p.add(mean_series("rsLoRA  s = alpha/√r", xr, err[1]));
-    Series o;
-    o.name = "best rank-r fit (no noise)";
-    o.dashed = true;
-    o.markers = false;
-    for (int r : ranks) o.x.push_back(r), o.y.push_back(optimum(r));
-    p.add(o);
+    Plot p = over_rank(fmt::format("Error after {} steps at one lr (Adam {:g}, alpha = {:g})", steps, lr, alpha),
+                       "test error (1 = base)");
+    add_rules(p, err);
+    p.add(best_fit());
     p.save(opt.out + "/exp3_rslora_loss.svg");
   }
   {
-    Plot p;
-    p.title = "‖∂L/∂B‖ at initialisation (B = 0, A = PEFT's default)";
-    p.xlabel = "rank r";
-    p.ylabel = "‖∂L/∂B‖_F at step 0";
-    p.xscale = Plot::log2;
-    p.yscale = Plot::log10;
-    p.add(mean_series("standard  s = alpha/r", xr, g0[0]));
-    p.add(mean_series("rsLoRA  s = alpha/√r", xr, g0[1]));
+    Plot p = over_rank("‖∂L/∂B‖ at initialisation (B = 0, A = PEFT's default)", "‖∂L/∂B‖_F at step 0");
+    add_rules(p, g0);
     Series ref;
     ref.name = "∝ 1/√r";
     ref.dashed = true;
@@ -126,14 +134,8 @@ int main(int argc, char** argv) {
     p.save(opt.out + "/exp3_rslora_grad.svg");
   }
   {
-    Plot p;
-    p.title = "How fast ΔW moves in the first 10 steps (Adam, one lr)";
-    p.xlabel = "rank r";
-    p.ylabel = "‖ΔW after 10 steps‖_F / 10";
-    p.xscale = Plot::log2;
-    p.yscale = Plot::log10;
-    p.add(mean_series("standard  s = alpha/r", xr, speed[0]));
-    p.add(mean_series("rsLoRA  s = alpha/√r", xr, speed[1]));
+    Plot p = over_rank("How fast ΔW moves in the first 10 steps (Adam, one lr)", "‖ΔW after 10 steps‖_F / 10");
+    add_rules(p, speed);
     p.save(opt.out + "/exp3_rslora_speed.svg");
   }
   {
@@ -159,7 +161,7 @@ int main(int argc, char** argv) {
       for (double l : lrs) {
         Adapter ad = make_adapter(d, d, ranks[i], alpha, m == 1, 300 + ranks[i]);
         const TrainLog log = train_linear(task, ad, make_opt(optimizer::adam, l), steps);
-        tcsv.row(std::string(m ? "rslora" : "standard"), ranks[i], l, log.test.back());
+        tcsv.row(rule(m), ranks[i], l, log.test.back());
         if (log.test.back() < best[m][i]) best[m][i] = log.test.back(), best_lr[m][i] = l;
       }
     }
@@ -168,26 +170,17 @@ int main(int argc, char** argv) {
     fmt::print("r={:>4}: standard {:.4f} (lr {:g})   rsLoRA {:.4f} (lr {:g})\n", ranks[i], best[0][i], best_lr[0][i],
                best[1][i], best_lr[1][i]);
   {
-    Plot p;
-    p.title = fmt::format("Error after {} steps, lr tuned per point (seed 0)", steps);
-    p.xlabel = "rank r";
-    p.ylabel = "test error (1 = base)";
-    p.xscale = Plot::log2;
-    p.yscale = Plot::log10;
-    Series a, b, o;
+    Plot p = over_rank(fmt::format("Error after {} steps, lr tuned per point (seed 0)", steps), "test error (1 = base)");
+    Series a, b;
     a.name = "standard, best lr";
     b.name = "rsLoRA, best lr";
-    o.name = "best rank-r fit (no noise)";
-    o.dashed = true;
-    o.markers = false;
     for (std::size_t i = 0; i < ranks.size(); ++i) {
       if (std::isfinite(best[0][i])) a.x.push_back(ranks[i]), a.y.push_back(best[0][i]);
       if (std::isfinite(best[1][i])) b.x.push_back(ranks[i]), b.y.push_back(best[1][i]);
-      o.x.push_back(ranks[i]), o.y.push_back(optimum(ranks[i]));
     }
     p.add(a);
     p.add(b);
-    p.add(o);
+    p.add(best_fit());
     p.save(opt.out + "/exp3_rslora_tuned.svg");
   }
   fmt::print("exp_rslora: {}\n", clock.report());
