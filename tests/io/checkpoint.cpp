@@ -26,20 +26,9 @@ using lora::test::specs_of;
 TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing", "[checkpoint]") {
   TempDir tmp("ck");
   reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
-  const fs::path idx = tmp.path / "ok" / io::checkpoint_index_name;
-  nlohmann::ordered_json j;
-  {
-    std::ifstream in(idx);
-    j = nlohmann::ordered_json::parse(in);
-  }
+  const auto j = lora::test::read_json(tmp.path / "ok" / io::checkpoint_index_name);
   auto variant = [&](const std::string& name, auto edit) {
-    const fs::path d = tmp.path / name;
-    fs::create_directories(d);
-    for (auto& e : fs::directory_iterator(tmp.path / "ok")) fs::copy_file(e.path(), d / e.path().filename());
-    auto k = j;
-    edit(k, d);
-    std::ofstream(d / io::checkpoint_index_name) << k.dump();
-    return d;
+    return lora::test::edited_copy(tmp.path / "ok", tmp.path / name, j, edit);
   };
   const std::string shard0 = j["weight_map"]["lm_head.weight"];
   CHECK_THROWS_WITH(io::Checkpoint::open(variant("noshard", [&](auto&, const fs::path& d) { fs::remove(d / shard0); })),
@@ -143,21 +132,9 @@ TEST_CASE("hostile: an index must list every tensor of its shards; shard names a
           "[checkpoint][hostile]") {
   TempDir tmp("ck");
   reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
-  const fs::path idx = tmp.path / "ok" / io::checkpoint_index_name;
-  nlohmann::ordered_json j;
-  {
-    std::ifstream in(idx);
-    j = nlohmann::ordered_json::parse(in);
-  }
+  const auto j = lora::test::read_json(tmp.path / "ok" / io::checkpoint_index_name);
   auto variant = [&](const std::string& name, auto edit) {
-    const fs::path d = tmp.path / name;
-    fs::create_directories(d);
-    for (auto& e : fs::directory_iterator(tmp.path / "ok")) fs::copy_file(e.path(), d / e.path().filename());
-    auto k = j;
-    edit(k, d);
-    fs::remove(d / io::checkpoint_index_name);
-    std::ofstream(d / io::checkpoint_index_name) << k.dump();
-    return d;
+    return lora::test::edited_copy(tmp.path / "ok", tmp.path / name, j, edit);
   };
   CHECK(io::Checkpoint::open(tmp.path / "ok").size() == j["weight_map"].size());
   // a tensor the weight_map forgets was silently dropped from every output

@@ -63,4 +63,16 @@ inline void copy_folder(const std::filesystem::path& from, const std::filesystem
   for (auto& e : fs::directory_iterator(to)) fs::permissions(e.path(), fs::perms::owner_write, fs::perm_options::add);
 }
 
+/// A copy of the checkpoint folder `ok` at `to` with its index replaced by `index` after
+/// edit(index, to) (edit may change the copied files too): the malformed-index tests' variants.
+template <class Edit>
+std::filesystem::path edited_copy(const std::filesystem::path& ok, const std::filesystem::path& to,
+                                  nlohmann::ordered_json index, Edit edit) {
+  copy_folder(ok, to);
+  edit(index, to);
+  std::filesystem::remove(to / io::checkpoint_index_name);
+  std::ofstream(to / io::checkpoint_index_name) << index.dump();
+  return to;
+}
+
 }  // namespace lora::test
