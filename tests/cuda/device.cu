@@ -131,6 +131,7 @@ TEMPLATE_TEST_CASE("device: ModuleAdapter, LoRA or DoRA by the data, one body on
     CHECK(mod.out_features() == out);
     CHECK(mod.rank() == r);
     CHECK(mod.scaling() == s);
+    CHECK(mod.multiplier() == h.multiplier());
     CHECK(mod.trainable_parameters() == (in + out) * r + (is_dora ? out : 0));
     if (!is_dora) CHECK_THROWS_AS(mod.dora(), lora::error);
 

@@ -1,6 +1,7 @@
 // ModuleAdapter<S, cuda> (lora/cuda/module_adapter.cuh): a float host module moved to bf16 and
-// float, the forms that write a caller's (NaN-poisoned) buffers, the fused path of a LoRA and
-// a DoRA module against float64, and what a LoRA module refuses. The returning forms run in
+// float (and io::PeftModule's type, dynamic_scaling with rsLoRA, there and back), the forms that
+// write a caller's (NaN-poisoned) buffers, the fused path of a LoRA and a DoRA module against
+// float64, and what a LoRA module refuses. The returning forms run in
 // device.cu, on the CPU and the GPU from one body.
 
 #include <lora/cuda.hpp>
@@ -45,6 +46,7 @@ TEMPLATE_TEST_CASE("cuda module adapter: a float host module on the device, call
     CHECK(mod.is_dora() == is_dora);
     CHECK(mod.name() == "q_proj");
     CHECK(mod.scaling() == s);
+    CHECK(mod.multiplier() == hl.multiplier());
     const Vector<double> c = is_dora ? Vector<double>(m.cwiseQuotient(n)) : Vector<double>::Ones(out);
 
     // Back to the host as float: the factors as rounded to S, the magnitude as it was, the multiplier kept.
@@ -113,4 +115,37 @@ TEMPLATE_TEST_CASE("cuda module adapter: a float host module on the device, call
     mod.unmerge(Wm.view(), norms.view());
     CHECK(lora::test::rel_error(Wm.to_host(), W) < (std::is_same_v<S, float> ? 1e-5 : 2e-2));
   }
+}
+
+TEST_CASE("cuda module adapter: a PEFT module's type (float, dynamic_scaling, rsLoRA) on the device in bf16 and back",
+          "[cuda][module_adapter]") {
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index in = 64, out = 48, r = 4, T = 3;
+  using HostModule = ModuleAdapter<float, cpu, dynamic_scaling>;  // io::PeftModule::adapter
+  LowRankAdapter<float, cpu, dynamic_scaling> hl(in, out, r, 8.0, {}, dynamic_scaling{true});
+  hl.set_A(rand_s<float>(r, in, g, 0.2));
+  hl.set_B(rand_s<float>(out, r, g, 0.2));
+  Vector<float> mh(out);
+  for (Index i = 0; i < out; ++i) mh[i] = static_cast<float>(g.uniform(0.5, 2.0));
+  const HostModule host(hl, mh);
+  const auto mod = ModuleAdapter<bfloat16, cuda, dynamic_scaling>::from_host(host);
+  CHECK(mod.is_dora());
+  CHECK(mod.policy() == dynamic_scaling{true});
+  CHECK(mod.scaling() == 8.0 / 2.0);  // rsLoRA: alpha / sqrt(r)
+  // The layer against float64 from the bf16-rounded factors and inputs.
+  const Matrix<bfloat16> Wh = rand_s<bfloat16>(out, in, g, 0.2), Xh = rand_s<bfloat16>(T, in, g);
+  const MatD A = d(Matrix<bfloat16>(hl.A().cast<bfloat16>())), B = d(Matrix<bfloat16>(hl.B().cast<bfloat16>()));
+  const MatD V = d(Wh) + mod.scaling() * B * A;
+  const Vector<double> c = mh.cast<double>().cwiseQuotient(V.rowwise().norm());
+  const auto dW = DeviceMatrix<bfloat16>::from_host(Wh);
+  const auto dX = DeviceMatrix<bfloat16>::from_host(Xh);
+  CHECK(lora::test::rel_error(mod.apply(dW.view(), dX.view()).to_host(), MatD(d(Xh) * V.transpose() * c.asDiagonal())) <
+        tol<bfloat16>());
+  const HostModule back = mod.to_host<float>();  // what a PeftModule holds again
+  CHECK(back.policy() == dynamic_scaling{true});
+  CHECK(back.scaling() == host.scaling());
+  CHECK(lora::test::rel_error(d(back.B()), B) == 0.0);
+  CHECK(lora::test::rel_error(d(back.magnitude()), d(mh)) == 0.0);
 }

@@ -346,6 +346,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   const std::string& name() const { return host_.name(); }
   /// s = multiplier · Scaling::factor(alpha, r).
   double scaling() const { return host_.scaling(); }
+  /// The post-hoc strength multiplier set by rescale() (1 unless it was called).
+  double multiplier() const { return host_.multiplier(); }
+  const Scaling& policy() const { return host_.policy(); }
   void set_alpha(double a) { host_.set_alpha(a); }
   void rescale(double f) { host_.rescale(f); }
   Index trainable_parameters() const { return host_.trainable_parameters(); }

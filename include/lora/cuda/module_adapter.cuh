@@ -29,10 +29,6 @@ namespace lora {
 ///   auto Y = q.apply(W, X);   // (m ⊘ ‖W + s·B·A‖_row) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) when q.is_dora()
 ///   auto n = q.merge(W);      // DoRA's row norms (empty for LoRA), what unmerge needs
 ///   q.unmerge(W, n);
-///
-/// Not here, unlike the CPU class: multiplier() and policy(). LowRankAdapter<S, cuda> keeps
-/// them in its host-side copy of the adapter without accessors; scaling() is their result, and
-/// to_host().lora() has both.
 template <class Scalar, ScalingPolicy Scaling>
 class ModuleAdapter<Scalar, cuda, Scaling> {
   static_assert(is_device_scalar_v<Scalar>, "ModuleAdapter<S, cuda>: S must be float, bfloat16 or half");
@@ -114,6 +110,8 @@ class ModuleAdapter<Scalar, cuda, Scaling> {
   Index rank() const { return lora().rank(); }
   double alpha() const { return lora().alpha(); }
   double scaling() const { return lora().scaling(); }
+  double multiplier() const { return lora().multiplier(); }
+  const Scaling& policy() const { return lora().policy(); }
   const std::string& name() const { return lora().name(); }
   bool fan_in_fan_out() const { return lora().fan_in_fan_out(); }
   double dropout() const { return spec().opts.dropout; }
