@@ -341,9 +341,9 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
       detail::dora_pass<T>(ctx_ref, detail::as_device(f.W()), detail::as_device(f.A()),
                            detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
                            reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
-                           detail::as_device(Y.view()), part, sq, 0, detail::DoraPassOptions{false, false, 1});
+                           detail::as_device(Y.view()), part, sq, 0, detail::DoraPassOptions{false, true, 1});
     });
-    for (int rpw : {2, -1}) {  // the epilogue with 2 output rows per warp (1 by default); -1: row-outer tiles
+    for (int rpw : {2, -1}) {  // the epilogue with 2 output rows per warp (1 by default); -1: K-outer tiles
       fns.push_back([&, rpw](int i) {
         using T = detail::device_t<S>;
         const detail::FusedLayout<S> f = detail::fused_layout(fw[i % sets]);
@@ -351,7 +351,7 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
                              detail::as_device(DeviceView<const S>(Xp.view()).col_block(0, in)), r,
                              reinterpret_cast<const T*>(f.B().data), f.B().ld, 1.f, mag.data(), nrm.data(), cs.data(),
                              detail::as_device(Y.view()), part, sq, 0,
-                             detail::DoraPassOptions{true, rpw < 0, rpw < 0 ? 1 : rpw});
+                             detail::DoraPassOptions{true, rpw > 0, rpw < 0 ? 1 : rpw});
       });
     }
   }
@@ -364,9 +364,9 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
     emit("ours_dora_one_pass_plain", in, out, T, r, t[4]);
     emit("ours_dora_one_pass_no_pdl", in, out, T, r, t[5]);
     emit("ours_dora_one_pass_epi2", in, out, T, r, t[6]);
-    emit("ours_dora_one_pass_row_outer", in, out, T, r, t[7]);
+    emit("ours_dora_one_pass_k_outer", in, out, T, r, t[7]);
   }
-  std::fprintf(stderr, "DoRA %ldx%ld r %ld T %2ld (%d sets): base %6.2f us | two-pass %6.2f (%.2fx) | one-pass %6.2f (%.2fx), plain %6.2f, no PDL %6.2f, epilogue 2 rows/warp %6.2f, row-outer %6.2f | LoRA %6.2f\n",
+  std::fprintf(stderr, "DoRA %ldx%ld r %ld T %2ld (%d sets): base %6.2f us | two-pass %6.2f (%.2fx) | one-pass %6.2f (%.2fx), plain %6.2f, no PDL %6.2f, epilogue 2 rows/warp %6.2f, K-outer %6.2f | LoRA %6.2f\n",
                static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), static_cast<long>(T), sets,
                t[0] * 1e3, t[1] * 1e3, t[1] / t[0], one ? t[3] * 1e3 : 0.0, one ? t[3] / t[0] : 0.0,
                one ? t[4] * 1e3 : 0.0, one ? t[5] * 1e3 : 0.0, one ? t[6] * 1e3 : 0.0,

@@ -522,17 +522,29 @@ __global__ void __launch_bounds__(dora_pass_threads)
 
 constexpr int dora_pass_epilogue_threads = 256;  // 8 warps, one output row n at a time each
 
-/// Σ_q src[q·stride] for q < Q, added in q order; the loads of 8 partials are issued together.
-__device__ __forceinline__ float sum_partials(const float* __restrict__ src, long stride, int Q) {
-  float v = 0.f;
-  for (int q0 = 0; q0 < Q; q0 += 8) {
-    float t[8];
+/// The loads of src[q·stride] for q0 ≤ q < q0 + 8 (zeros at q ≥ Q), issued together.
+__device__ __forceinline__ void load_partials8(const float* __restrict__ src, long stride, int q0, int Q, float (&t)[8]) {
 #pragma unroll
-    for (int u = 0; u < 8; ++u) t[u] = q0 + u < Q ? src[(q0 + u) * stride] : 0.f;
+  for (int u = 0; u < 8; ++u) t[u] = q0 + u < Q ? src[(q0 + u) * stride] : 0.f;
+}
+/// v + Σ_q src[q·stride] for 8 ≤ q < Q, added in q order (what follows a first chunk of 8).
+__device__ __forceinline__ float add_partials_from8(float v, const float* __restrict__ src, long stride, int Q) {
+  for (int q0 = 8; q0 < Q; q0 += 8) {
+    float t[8];
+    load_partials8(src, stride, q0, Q, t);
 #pragma unroll
     for (int u = 0; u < 8; ++u) v += t[u];
   }
   return v;
+}
+/// Σ_q src[q·stride] for q < Q, added in q order; the loads of 8 partials are issued together.
+__device__ __forceinline__ float sum_partials(const float* __restrict__ src, long stride, int Q) {
+  float t[8];
+  load_partials8(src, stride, 0, Q, t);
+  float v = 0.f;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) v += t[u];
+  return add_partials_from8(v, src, stride, Q);
 }
 
 /// The epilogue of the one-pass forward (N = 16 or 32 columns of partials, r + tokens ≤ N):
@@ -558,9 +570,29 @@ __global__ void __launch_bounds__(dora_pass_epilogue_threads)
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   const long rows = static_cast<long>(out) + r;
-  for (int e = static_cast<int>(threadIdx.x); e < N * r; e += dora_pass_epilogue_threads) {
-    const int j = e % N, k = e / N;
-    S[j][k] = sum_partials(part + (out + k) * N + j, rows * N, Q);
+  const int j = lane < N ? lane : N - 1;  // lanes ≥ N (N = 16) mirror lane N − 1 and write nothing
+  // The first 8 partials of this thread's entries of S and of its warp's first row, all loads in
+  // flight together (one round trip to L2 instead of one for S, then one for the row).
+  constexpr int SE = (N * 32 + dora_pass_epilogue_threads - 1) / dora_pass_epilogue_threads;  // r < 32
+  float ts[SE][8], tv[8], tw[8];
+#pragma unroll
+  for (int i = 0; i < SE; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * dora_pass_epilogue_threads;
+    if (e < N * r) load_partials8(part + (out + e / N) * N + e % N, rows * N, 0, Q, ts[i]);
+  }
+  if (n0 < out) {
+    load_partials8(part + static_cast<long>(n0) * N + j, rows * N, 0, Q, tv);
+    load_partials8(sq + n0, rows, 0, Q, tw);
+  }
+#pragma unroll
+  for (int i = 0; i < SE; ++i) {
+    const int e = static_cast<int>(threadIdx.x) + i * dora_pass_epilogue_threads;
+    if (e < N * r) {
+      float v = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v += ts[i][u];
+      S[e % N][e / N] = add_partials_from8(v, part + (out + e / N) * N + e % N, rows * N, Q);
+    }
   }
   __syncthreads();
   if (xa && blockIdx.x == 0)
@@ -568,14 +600,24 @@ __global__ void __launch_bounds__(dora_pass_epilogue_threads)
       const int t = e / xa_cols, k = e % xa_cols;
       xa[static_cast<long>(t) * ldxa + k] = from_float<T>(k < r ? s * S[r + t][k] : 0.f);
     }
-  const int j = lane < N ? lane : N - 1;  // lanes ≥ N (N = 16) mirror lane N − 1 and write nothing
   for (int n = n0; n < out; n += static_cast<int>(gridDim.x) * warps) {
+    float v, w2;
     if (n != n0) {
       b = lane < r ? to_float(B[static_cast<long>(n) * ldb + lane]) : 0.f;
       mn = m[n];
+      v = sum_partials(part + static_cast<long>(n) * N + j, rows * N, Q);
+      w2 = sum_partials(sq + n, rows, Q);
+    } else {  // the first row's first 8 partials are already loaded
+      v = 0.f;
+      w2 = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        v += tv[u];
+        w2 += tw[u];
+      }
+      v = add_partials_from8(v, part + static_cast<long>(n) * N + j, rows * N, Q);
+      w2 = add_partials_from8(w2, sq + n, rows, Q);
     }
-    const float v = sum_partials(part + static_cast<long>(n) * N + j, rows * N, Q);
-    const float w2 = sum_partials(sq + n, rows, Q);
     float acc = 0.f;  // (G·b_n)_j for j < r, (X·Aᵀ)[j − r, :]·b_n for j ≥ r
     for (int k = 0; k < r; ++k) acc = fmaf(S[j][k], __shfl_sync(0xffffffffu, b, k), acc);
     const float cross = warp_sum<float>(lane < r ? b * v : 0.f);
@@ -608,7 +650,7 @@ bool dora_pass_ok(DeviceView<const T> W, DeviceView<const T> A, DeviceView<const
 /// dependent launch, its tile order, and the epilogue's rows per warp.
 struct DoraPassOptions {
   bool pdl = true;
-  bool row_outer = false;
+  bool row_outer = true;
   int rows_per_warp = 1;
 };
 
