@@ -102,3 +102,27 @@ TEMPLATE_TEST_CASE("cuda qlora: the fused decode forward (NF4 product and low-ra
     }
   }
 }
+
+TEST_CASE("cuda qlora: nf4_matmul from a second translation unit (its own copy of the ring kernels) matches float64",
+          "[cuda][qlora][nf4]") {
+  // tests/cuda/nf4.cu launches the same kernel templates; whichever file runs second launches
+  // its own copies, which need their own raised shared-memory limit (persistent_capacity).
+  using S = bfloat16;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const Index out = 300, in = 4096;
+  const Matrix<S> W = rand_s<S>(out, in, g, 0.5);
+  const Nf4Tensor cpu_q = Nf4Tensor::quantize(W, {64, false});
+  const auto q = quant::Nf4Tensor<cuda>::from_host(cpu_q);
+  const MatD Wq = d(cpu_q.template dequantize<float>());
+  for (Index T : {Index(1), Index(6), Index(12)}) {  // the WIDE table (T ≤ 8), the narrow one at two n-tiles
+    INFO("tokens " << T);
+    const Matrix<S> X = rand_s<S>(T, in, g);
+    const auto dX = DeviceMatrix<S>::from_host(X);
+    DeviceMatrix<S> Y(T, out);
+    poison(Y.view());
+    quant::nf4_matmul<S>(q, dX.view(), Y.view());
+    CHECK(lora::test::rel_error(Y.to_host(), MatD(d(X) * Wq.transpose())) < tol<S>());
+  }
+}

@@ -173,8 +173,7 @@ norm_gemm_grid launch_norm_gemm(cudaStream_t stream, DeviceView<const T> M, Devi
   using Sh = norm_gemm_shape<NJ>;
   auto kernel = norm_gemm_kernel<T, NJ>;
   constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
-  static std::atomic<int> cap[16] = {};
-  const int c = persistent_capacity(kernel, norm_gemm_threads, smem_max, smem_max, cap);
+  const int c = persistent_capacity(kernel, norm_gemm_threads, smem_max, smem_max);
   const Index rows = M.rows, K = M.cols;
   norm_gemm_grid p = norm_gemm_plan(rows, K, Sh::TT, Sh::KT_MAX, blocks > 0 ? blocks : c);
   p.N = Sh::N;
@@ -663,8 +662,7 @@ norm_gemm_grid launch_dora_pass(cudaStream_t stream, DeviceView<const T> W, Devi
   using Sh = norm_gemm_shape<NJ>;
   auto kernel = o.row_outer ? dora_pass_kernel<T, NJ, true> : dora_pass_kernel<T, NJ, false>;
   constexpr int smem_max = Sh::smem_bytes(Sh::KT_MAX);
-  static std::atomic<int> cap[2][16] = {};
-  const int cp = persistent_capacity(kernel, dora_pass_threads, smem_max, smem_max, cap[o.row_outer ? 1 : 0]);
+  const int cp = persistent_capacity(kernel, dora_pass_threads, smem_max, smem_max);
   const Index out = W.rows, rows = out + r, K = W.cols, tokens = X.rows;
   norm_gemm_grid p = norm_gemm_plan(rows, K, Sh::TT, Sh::KT_MAX, blocks > 0 ? blocks : cp);
   p.N = Sh::N;

@@ -284,8 +284,7 @@ template <class T, int NJ, int ST = dy_pass_stages>
 dy_pass_grid dy_pass_launch_grid(Index rows, Index out, int blocks) {
   using Sh = dy_pass_shape<NJ, ST>;
   constexpr int smem_max = Sh::smem_bytes(Sh::OB_MAX);
-  static std::atomic<int> cap[16] = {};
-  const int c = persistent_capacity(dy_pass_kernel<T, NJ, ST>, dy_pass_threads, smem_max, smem_max, cap);
+  const int c = persistent_capacity(dy_pass_kernel<T, NJ, ST>, dy_pass_threads, smem_max, smem_max);
   return dy_pass_plan(rows, out, Sh::TB, Sh::OB_MAX, blocks > 0 ? blocks : c);
 }
 /// Floats of partial sums the launch for `rows` tokens and `out` outputs needs.

@@ -13,6 +13,9 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <utility>
 
 namespace lora::detail {
@@ -39,22 +42,31 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::siz
 
 /// Blocks of `threads` threads with `smem` bytes of dynamic shared memory that the current
 /// device holds at once (resident blocks per SM × SMs, at least one per SM): the grid of a
-/// persistent kernel. Computed once per device into `cache` (up to 16 devices); the first
+/// persistent kernel. Computed once per (kernel, device, threads, smem, smem_limit); the first
 /// time, a `smem_limit` > 0 raises the kernel's dynamic shared-memory limit to it.
+///
+/// The cache is keyed by the kernel's host stub, not by its template: every translation unit
+/// that launches a kernel template has its own copy of the kernel (its own module), and the
+/// shared-memory limit is an attribute of that copy. A cache shared by all translation units
+/// (a static in an inline function is) would let a second TU launch its copy without the
+/// raised limit: cudaErrorInvalidValue (tests/cuda/qlora.cu launches nf4.cu's kernels again).
 template <class Kernel>
-int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit, std::atomic<int> (&cache)[16]) {
+int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit) {
   int dev = 0;
   LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  int c = cache[dev & 15].load(std::memory_order_relaxed);
-  if (c == 0) {
-    if (smem_limit > 0)
-      LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-    int per_sm = 0, sms = 0;
-    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    c = std::max(1, per_sm) * sms;
-    cache[dev & 15].store(c, std::memory_order_relaxed);
-  }
+  using Key = std::tuple<const void*, int, int, int, int>;
+  static std::mutex mu;
+  static std::map<Key, int> cache;
+  const Key key{reinterpret_cast<const void*>(kernel), dev, threads, smem, smem_limit};
+  std::lock_guard<std::mutex> lock(mu);
+  if (const auto it = cache.find(key); it != cache.end()) return it->second;
+  if (smem_limit > 0)
+    LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
+  int per_sm = 0, sms = 0;
+  LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int c = std::max(1, per_sm) * sms;
+  cache.emplace(key, c);
   return c;
 }
 

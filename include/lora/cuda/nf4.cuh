@@ -460,8 +460,7 @@ void launch_nf4_stream(const T* X, long ldx, int tokens, int K, const std::uint8
                        int nOut, T* Y, long ldy, cudaStream_t stream) {
   auto kernel = nf4_stream_kernel<T, NT, WIDE, LAST>;
   constexpr int smem = nf4_stream_smem_bytes<NT, WIDE, LAST>();
-  static std::atomic<int> cap[16] = {};
-  const int c = persistent_capacity(kernel, nf4_stream_warps * 32, smem, smem, cap);
+  const int c = persistent_capacity(kernel, nf4_stream_warps * 32, smem, smem);
   const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
   kernel<<<blocks, nf4_stream_warps * 32, smem, stream>>>(X, ldx, tokens, K, packed, absmax, bs, nOut, Y, ldy);
 }
@@ -666,9 +665,8 @@ void launch_nf4_byte_pair_kw(const T* X, int K, const std::uint8_t* packed, cons
   const int smem = nf4_byte_pair_smem_bytes(KW, RW);
   const int smem_max = nf4_byte_pair_smem_bytes(1, nf4_pair_max_warps);  // the largest any shape asks for
   // Capacity per block shape: RW·KW warps of up to 128 registers, so one block of 16 warps per
-  // SM, or more of smaller ones; cached per (device, KW).
-  static std::atomic<int> cap[nf4_pair_max_warps + 1][16] = {};
-  const int c = persistent_capacity(kernel, RW * KW * 32, smem, smem_max, cap[KW]);
+  // SM, or more of smaller ones (persistent_capacity caches it per block shape).
+  const int c = persistent_capacity(kernel, RW * KW * 32, smem, smem_max);
   const int rows = nOut / nf4_pair_rows * nf4_pair_rows;
   if (rows == 0) return;
   const unsigned blocks = std::min<unsigned>(ceil_div(rows / nf4_pair_rows, RW), static_cast<unsigned>(c));
@@ -1011,9 +1009,8 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
     constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
     auto kernel = nf4_ring_kernel<T, NT, RT, S, WIDE>;
     const int smem = nf4_ring_smem_bytes<NT, RT, S, WIDE>(warps);
-    static std::atomic<int> cap[nf4_ring_max_warps + 1][16] = {};
     const int c = persistent_capacity(kernel, warps * 32, smem,
-                                      nf4_ring_smem_bytes<NT, RT, S, WIDE>(nf4_ring_max_warps), cap[warps]);
+                                      nf4_ring_smem_bytes<NT, RT, S, WIDE>(nf4_ring_max_warps));
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
                      stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
