@@ -111,6 +111,12 @@ constexpr cudaDataType_t cuda_data_type() {
   else
     return CUDA_R_16F;
 }
+
+/// After a cudaMemcpy[2D] from pageable host memory: that call returns once the host data is
+/// staged, not once it is on the device, and the (legacy or per-thread) default stream it ran on
+/// does not order the non-blocking streams our kernels run on. Waiting for that stream makes the
+/// upload visible to a kernel launched next on any stream.
+inline void wait_for_upload() { LORA_CUDA_CHECK(cudaStreamSynchronize(nullptr)); }
 }  // namespace detail
 
 /// Owning device memory for n elements of T (cudaMalloc / cudaFree), move-only.
@@ -174,7 +180,7 @@ class DeviceMatrix {
   DeviceMatrix(Index rows, Index cols)
       : rows_(rows), cols_(cols), buf_(static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols)) {}
 
-  /// Copies a host matrix to the device (synchronous).
+  /// Copies a host matrix to the device (complete on return: any stream may read it).
   static DeviceMatrix from_host(const MatrixRef<S>& m) {
     DeviceMatrix d(m.rows(), m.cols());
     d.upload(m);
@@ -187,6 +193,7 @@ class DeviceMatrix {
     if (size() == 0) return;
     LORA_CUDA_CHECK(cudaMemcpy2D(buf_.data(), cols_ * sizeof(S), m.data(), m.outerStride() * sizeof(S),
                                  cols_ * sizeof(S), rows_, cudaMemcpyHostToDevice));
+    detail::wait_for_upload();
   }
   /// Copies to a host matrix (synchronises the device first).
   Matrix<S> to_host() const {
@@ -231,6 +238,7 @@ void upload(const MatrixRef<S>& m, DeviceView<S> v) {
   if (v.rows == 0 || v.cols == 0) return;
   LORA_CUDA_CHECK(cudaMemcpy2D(v.data, v.ld * sizeof(S), m.data(), m.outerStride() * sizeof(S), v.cols * sizeof(S),
                                v.rows, cudaMemcpyHostToDevice));
+  detail::wait_for_upload();
 }
 
 /// RAII CUDA stream (non-blocking).
