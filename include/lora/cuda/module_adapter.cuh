@@ -30,12 +30,21 @@ namespace lora {
 ///   auto n = q.merge(W);      // DoRA's row norms (empty for LoRA), what unmerge needs
 ///   q.unmerge(W, n);
 template <class Scalar, ScalingPolicy Scaling>
-class ModuleAdapter<Scalar, cuda, Scaling> {
+class ModuleAdapter<Scalar, cuda, Scaling>
+    : public detail::LoraOrDora<LowRankAdapter<Scalar, cuda, Scaling>, DoraAdapter<Scalar, cuda, Scaling>> {
   static_assert(is_device_scalar_v<Scalar>, "ModuleAdapter<S, cuda>: S must be float, bfloat16 or half");
+  using base = detail::LoraOrDora<LowRankAdapter<Scalar, cuda, Scaling>, DoraAdapter<Scalar, cuda, Scaling>>;
+  using base::v_;
 
  public:
-  using lora_type = LowRankAdapter<Scalar, cuda, Scaling>;
-  using dora_type = DoraAdapter<Scalar, cuda, Scaling>;
+  using typename base::lora_type;
+  using typename base::dora_type;
+  using base::dora;
+  using base::is_dora;
+  using base::lora;
+  using base::out_features;
+  using base::spec;
+  using base::who;
   using host_type = ModuleAdapter<Scalar, cpu, Scaling>;
   using scalar_type = Scalar;
   using device_type = cuda;
@@ -45,11 +54,11 @@ class ModuleAdapter<Scalar, cuda, Scaling> {
   using gradients = DeviceDoraGradients<Scalar>;
 
   /// A plain LoRA module (implicit: every LoRA adapter is a module adapter).
-  ModuleAdapter(lora_type lora) : v_(std::move(lora)) {}
+  ModuleAdapter(lora_type lora) : base(std::move(lora)) {}
   /// A DoRA module.
-  ModuleAdapter(dora_type dora) : v_(std::move(dora)) {}
+  ModuleAdapter(dora_type dora) : base(std::move(dora)) {}
   /// DoRA when `magnitude` (float, out_features elements) is given, else LoRA.
-  ModuleAdapter(lora_type lora, std::optional<DeviceMatrix<float>> magnitude) : v_(std::move(lora)) {
+  ModuleAdapter(lora_type lora, std::optional<DeviceMatrix<float>> magnitude) : base(std::move(lora)) {
     if (magnitude) v_ = dora_type(std::get<lora_type>(std::move(v_)), std::move(*magnitude));
   }
 
@@ -75,19 +84,6 @@ class ModuleAdapter<Scalar, cuda, Scaling> {
     return ModuleAdapter<T, cpu, Scaling>(std::move(l), std::optional<Vector<compute_t<T>>>(std::move(v)));
   }
 
-  bool is_dora() const { return std::holds_alternative<dora_type>(v_); }
-  /// The low-rank part (the whole adapter for LoRA).
-  const lora_type& lora() const { return is_dora() ? std::get<dora_type>(v_).lora() : std::get<lora_type>(v_); }
-  lora_type& lora() { return is_dora() ? std::get<dora_type>(v_).lora() : std::get<lora_type>(v_); }
-  /// The DoRA adapter; throws lora::error for a LoRA module.
-  const dora_type& dora() const {
-    require_dora();
-    return std::get<dora_type>(v_);
-  }
-  dora_type& dora() {
-    require_dora();
-    return std::get<dora_type>(v_);
-  }
   /// DoRA's m [out × 1] in float on the device; throws lora::error for a LoRA module.
   DeviceView<const float> magnitude() const { return dora().magnitude(); }
   /// The same kind of adapter with another low-rank part: DoRA keeps (a device copy of) its
@@ -105,29 +101,7 @@ class ModuleAdapter<Scalar, cuda, Scaling> {
     return ModuleAdapter(dora_type(std::move(lora), std::move(copy)));
   }
 
-  Index in_features() const { return lora().in_features(); }
-  Index out_features() const { return lora().out_features(); }
-  Index rank() const { return lora().rank(); }
-  double alpha() const { return lora().alpha(); }
-  double scaling() const { return lora().scaling(); }
-  double multiplier() const { return lora().multiplier(); }
-  const Scaling& policy() const { return lora().policy(); }
-  const std::string& name() const { return lora().name(); }
-  bool fan_in_fan_out() const { return lora().fan_in_fan_out(); }
-  double dropout() const { return spec().opts.dropout; }
-  const AdapterSpec& spec() const { return lora().spec(); }
-  std::string who() const { return spec().who(); }
   CudaContext& context() const { return lora().context(); }
-  cview A() const { return lora().A(); }
-  cview B() const { return lora().B(); }
-  /// s·B·A, the low-rank part, rounded to S (`[in × out]` with fan_in_fan_out).
-  DeviceMatrix<Scalar> delta_weight() const { return lora().delta_weight(); }
-  void set_alpha(double a) { lora().set_alpha(a); }
-  void rescale(double factor) { lora().rescale(factor); }
-  /// (in + out)·r, plus out for DoRA's magnitude.
-  Index trainable_parameters() const {
-    return is_dora() ? std::get<dora_type>(v_).trainable_parameters() : lora().trainable_parameters();
-  }
 
   /// The adapted layer, unmerged, no bias: Y = X·Wᵀ + s·(X·Aᵀ)·Bᵀ, times m ⊘ ‖W + s·B·A‖_row for
   /// DoRA, for X [T × in] into Y [T × out].
@@ -202,12 +176,6 @@ class ModuleAdapter<Scalar, cuda, Scaling> {
     std::get<lora_type>(v_).backward(fw, Xp, dYp, dX, dA, dB);
   }
 
- private:
-  void require_dora() const {
-    if (!is_dora()) detail::fail("{}not a DoRA adapter (it has no magnitude vector)", who());
-  }
-
-  std::variant<lora_type, dora_type> v_;
 };
 
 }  // namespace lora

@@ -13,6 +13,7 @@
 
 #include <lora/core/adapter.hpp>
 #include <lora/dora/dora.hpp>
+#include <lora/dora/module_variant.hpp>
 #include <lora/error.hpp>
 
 #include <optional>
@@ -27,10 +28,19 @@ class ModuleAdapter;
 /// LoRA or DoRA on the CPU, chosen by the data (a magnitude vector or none), with one set of
 /// members: what a loaded PEFT module is (io::PeftModule::adapter).
 template <class Scalar, ScalingPolicy Scaling>
-class ModuleAdapter<Scalar, cpu, Scaling> {
+class ModuleAdapter<Scalar, cpu, Scaling>
+    : public detail::LoraOrDora<LowRankAdapter<Scalar, cpu, Scaling>, DoraAdapter<Scalar, cpu, Scaling>> {
+  using base = detail::LoraOrDora<LowRankAdapter<Scalar, cpu, Scaling>, DoraAdapter<Scalar, cpu, Scaling>>;
+  using base::v_;
+
  public:
-  using lora_type = LowRankAdapter<Scalar, cpu, Scaling>;
-  using dora_type = DoraAdapter<Scalar, cpu, Scaling>;
+  using typename base::lora_type;
+  using typename base::dora_type;
+  using base::dora;
+  using base::delta_weight;
+  using base::is_dora;
+  using base::lora;
+  using base::spec;
   using scalar_type = Scalar;
   using device_type = cpu;
   using scaling_policy = Scaling;
@@ -41,30 +51,17 @@ class ModuleAdapter<Scalar, cpu, Scaling> {
   using input = MatrixRef<Scalar>;
 
   /// A plain LoRA module (implicit: every LoRA adapter is a module adapter).
-  ModuleAdapter(lora_type lora) : v_(std::move(lora)) {}
+  ModuleAdapter(lora_type lora) : base(std::move(lora)) {}
   /// A DoRA module.
-  ModuleAdapter(dora_type dora) : v_(std::move(dora)) {}
+  ModuleAdapter(dora_type dora) : base(std::move(dora)) {}
   /// DoRA when `magnitude` is given (its length must be out_features), else LoRA.
-  ModuleAdapter(lora_type lora, std::optional<cvector> magnitude) : v_(std::move(lora)) {
+  ModuleAdapter(lora_type lora, std::optional<cvector> magnitude) : base(std::move(lora)) {
     if (magnitude) v_ = dora_type(std::get<lora_type>(std::move(v_)), std::move(*magnitude));
   }
 
   static ModuleAdapter from_host(const ModuleAdapter& host) { return host; }
   ModuleAdapter to_host() const { return *this; }
 
-  bool is_dora() const { return std::holds_alternative<dora_type>(v_); }
-  /// The low-rank part (the whole adapter for LoRA).
-  const lora_type& lora() const { return is_dora() ? std::get<dora_type>(v_).lora() : std::get<lora_type>(v_); }
-  lora_type& lora() { return is_dora() ? std::get<dora_type>(v_).lora() : std::get<lora_type>(v_); }
-  /// The DoRA adapter; throws lora::error for a LoRA module.
-  const dora_type& dora() const {
-    require_dora();
-    return std::get<dora_type>(v_);
-  }
-  dora_type& dora() {
-    require_dora();
-    return std::get<dora_type>(v_);
-  }
   /// DoRA's m [out]; throws lora::error for a LoRA module.
   const cvector& magnitude() const { return dora().magnitude(); }
   /// The same kind of adapter with another low-rank part: DoRA keeps its magnitude (compress,
@@ -72,28 +69,6 @@ class ModuleAdapter<Scalar, cpu, Scaling> {
   ModuleAdapter with_lora(lora_type lora) const {
     if (!is_dora()) return lora;
     return dora_type(std::move(lora), magnitude());
-  }
-
-  Index in_features() const { return lora().in_features(); }
-  Index out_features() const { return lora().out_features(); }
-  Index rank() const { return lora().rank(); }
-  double alpha() const { return lora().alpha(); }
-  double scaling() const { return lora().scaling(); }
-  double multiplier() const { return lora().multiplier(); }
-  const Scaling& policy() const { return lora().policy(); }
-  const std::string& name() const { return lora().name(); }
-  bool fan_in_fan_out() const { return lora().fan_in_fan_out(); }
-  double dropout() const { return lora().dropout(); }
-  const AdapterSpec& spec() const { return lora().spec(); }
-  const matrix& A() const { return lora().A(); }
-  const matrix& B() const { return lora().B(); }
-  /// s·B·A, the low-rank part (`[in × out]` with fan_in_fan_out).
-  cmatrix delta_weight() const { return lora().delta_weight(); }
-  void set_alpha(double a) { lora().set_alpha(a); }
-  void rescale(double factor) { lora().rescale(factor); }
-  /// (in + out)·r, plus out for DoRA's magnitude.
-  Index trainable_parameters() const {
-    return is_dora() ? std::get<dora_type>(v_).trainable_parameters() : lora().trainable_parameters();
   }
 
   /// The adapted layer, unmerged, no bias: X·Wᵀ + s·(X·Aᵀ)·Bᵀ, times m ⊘ ‖W + s·B·A‖_row for DoRA.
@@ -129,12 +104,6 @@ class ModuleAdapter<Scalar, cpu, Scaling> {
     return V;
   }
 
- private:
-  void require_dora() const {
-    if (!is_dora()) detail::fail("{}not a DoRA adapter (it has no magnitude vector)", spec().who());
-  }
-
-  std::variant<lora_type, dora_type> v_;
 };
 
 }  // namespace lora
