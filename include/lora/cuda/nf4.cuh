@@ -1068,8 +1068,12 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   // the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
     if (nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax)) {
-      // Up to 8 tokens with the WIDE table (one n-tile: it fits beside the ring), else the narrow one.
-      auto ring = X.rows <= 8 ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
+      // Up to 8 tokens with the WIDE table (one n-tile: it fits beside the ring) where a block has
+      // 9 or more K-warps: the narrow table's blocks are then one per SM by registers too, so the
+      // WIDE table's 128 KB of shared memory costs no occupancy (below, two blocks of the narrow
+      // kernel fit per SM, one of the WIDE). Otherwise the narrow table.
+      const bool wide = X.rows <= 8 && W.cols >= 9 * 256;
+      auto ring = wide ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
       ring(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols), W.packed,
            W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld, ctx.stream(), true, {});
       LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel");
