@@ -704,6 +704,9 @@ constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 r
 template <int RT>
 constexpr int nf4_ring_slot_bytes = nf4_ring_stage_bytes + RT * 16 * 16 * 2;
 constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
+/// From this many K-warps (128 registers each) the narrow kernel is one block per SM by registers,
+/// so the WIDE table's 128 KB of shared memory costs no occupancy.
+constexpr int nf4_ring_wide_min_warps = 9;
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
 /// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
@@ -759,7 +762,8 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// rounded once. A and XA come from L2 while the first tiles of W are still in flight; B's tile
 /// rows come with the tile, through warp 0's ring slots.
 ///
-/// WIDE (nf4_gemm's choice for up to 8 tokens; one n-tile only, for its shared memory): the
+/// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
+/// n-tile only, for its shared memory): the
 /// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
 /// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
 template <class T, int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
@@ -1068,11 +1072,10 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   // the CUDA-core kernel.
   if constexpr (!std::is_same_v<T, float>) {
     if (nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax)) {
-      // Up to 8 tokens with the WIDE table (one n-tile: it fits beside the ring) where a block has
-      // 9 or more K-warps: the narrow table's blocks are then one per SM by registers too, so the
-      // WIDE table's 128 KB of shared memory costs no occupancy (below, two blocks of the narrow
-      // kernel fit per SM, one of the WIDE). Otherwise the narrow table.
-      const bool wide = X.rows <= 8 && W.cols >= 9 * 256;
+      // Up to 8 tokens with the WIDE table (one n-tile: it fits beside the ring) where it costs no
+      // occupancy (nf4_ring_wide_min_warps; below, two blocks of the narrow kernel fit per SM and
+      // one of the WIDE). Otherwise the narrow table.
+      const bool wide = X.rows <= 8 && W.cols >= 256L * nf4_ring_wide_min_warps;
       auto ring = wide ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
       ring(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols), W.packed,
            W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld, ctx.stream(), true, {});
@@ -1336,8 +1339,9 @@ class Nf4Tensor<cuda> {
     const int bs = static_cast<int>(blocksize_);
     if (n % 8 == 0 && lora::detail::aligned16<T>(out)) {
       constexpr int U = lora::detail::nf4_dequantize_unroll;
+      constexpr bool CS = lora::detail::nf4_dequantize_streaming;
       const long groups = n / 8;
-      lora::detail::nf4_dequantize_kernel<D, U, lora::detail::nf4_dequantize_streaming><<<lora::detail::ceil_div(groups, 256L * U), 256, 0, stream()>>>(
+      lora::detail::nf4_dequantize_kernel<D, U, CS><<<lora::detail::ceil_div(groups, 256L * U), 256, 0, stream()>>>(
           packed_.data(), absmax_.data(), groups, bs, reinterpret_cast<D*>(out));
     } else {
       lora::detail::nf4_dequantize_scalar_kernel<D><<<lora::detail::ceil_div(n, 256), 256, 0, stream()>>>(
