@@ -6,7 +6,7 @@
 // CUDA events; all variants of a shape are timed in alternating batches and
 // the median per variant is kept. Decode sizes (T ≤ 16) rotate among 4 copies
 // of W so that it comes from device memory. CSV: name,tokens,adapters,r,ms,extra.
-// LORA_BENCH_MULTI=fwd or =bwd runs only the forward or only the backward rows.
+// LORA_BENCH_MULTI=fwd, =bwd or =nf4 runs only the forward, the backward or the NF4-base rows.
 
 #include <lora/cuda.hpp>
 
@@ -125,7 +125,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   for (int N : {1, 8, 64, 512}) {
-    if (only == "bwd") break;
+    if (only == "bwd" || only == "nf4") break;
     bool any = false;
     for (Index T : {Index(1), Index(16), Index(256), Index(4096)}) any = any || wanted(T, N);
     if (!any) continue;
@@ -233,7 +233,7 @@ int main(int argc, char** argv) {
   // allocation-free forms (the fused single-adapter backward into caller buffers; the set's
   // backward into a DeviceBatchedGradients kept across calls).
   for (int N : {8, 64, 512}) {
-    if (only == "fwd") break;
+    if (only == "fwd" || only == "nf4") break;
     multi::AdapterSet<S, cuda> set(in, out, ctx);
     for (int i = 0; i < N; ++i)
       set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
@@ -288,6 +288,53 @@ int main(int argc, char** argv) {
                    "%.4f) ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[2], ms[2] / ms[1], ms[3], ms[4], ms[4] / ms[3], ms[5],
                    ms[6], T >= set.backward_delta_tokens ? "after GEMM" : "beside GEMM", ms[7]);
+    }
+  }
+  // Mixed batches over an NF4 base (issue 23: ≤ 1.15× the NF4 product alone): quant::nf4_matmul
+  // against AdapterSet<S, cuda>::apply(Nf4Tensor<cuda>, …) (serial and overlap schedules) over the
+  // same X. Decode sizes rotate among 16 NF4 copies of W (150 MB, beyond the 60 MB L2).
+  if (only.empty() || only == "nf4") {
+    const int qsets = 16;
+    std::vector<quant::Nf4Tensor<cuda>> Wq;
+    {
+      DeviceMatrix<S> Wtmp(out, in);
+      for (int i = 0; i < qsets; ++i) {
+        fill_random(Wtmp.view(), g, 0.02);
+        Wq.push_back(quant::Nf4Tensor<cuda>::quantize<S>(Wtmp.view(), {64, false}, ctx));
+      }
+    }
+    for (int N : {1, 8, 64}) {
+      multi::AdapterSet<S, cuda> set(in, out, ctx);
+      for (int i = 0; i < N; ++i)
+        set.add("a" + std::to_string(i), As[static_cast<std::size_t>(i)], Bs[static_cast<std::size_t>(i)],
+                standard_scaling::factor(alpha, static_cast<int>(r)));
+      for (Index T : {Index(1), Index(4), Index(16), Index(256), Index(4096)}) {
+        if (T == 1 && N > 1) continue;
+        const int sets = T <= 16 ? qsets : 1;
+        std::vector<int> ids(static_cast<std::size_t>(T));
+        for (Index t = 0; t < T; ++t) ids[static_cast<std::size_t>(t)] = static_cast<int>(t % N);
+        for (std::size_t i = ids.size(); i > 1; --i)
+          std::swap(ids[i - 1], ids[static_cast<std::size_t>(g.uniform() * static_cast<double>(i))]);
+        auto seg = set.segments(ids);
+        DeviceMatrix<S> X(T, in), Y(T, out);
+        fill_random(X.view(), g, 1.0);
+        const std::vector<std::function<void(int)>> fns = {
+            [&](int i) { quant::nf4_matmul<S>(Wq[static_cast<std::size_t>(i % sets)], X.view(), Y.view()); },
+            [&](int i) {
+              set.schedule = multi::SgmvSchedule::serial;
+              set.apply(Wq[static_cast<std::size_t>(i % sets)], X.view(), seg, Y.view());
+            },
+            [&](int i) {
+              set.schedule = multi::SgmvSchedule::overlap;
+              set.apply(Wq[static_cast<std::size_t>(i % sets)], X.view(), seg, Y.view());
+            }};
+        const auto ms = time_all(*ctx, fns, 10, 15);
+        emit("nf4_base", T, N, r, ms[0]);
+        emit("nf4_mixed_serial", T, N, r, ms[1]);
+        emit("nf4_mixed_overlap", T, N, r, ms[2]);
+        std::fprintf(stderr, "nf4 T %5ld N %3d: NF4 product %.4f mixed serial %.4f overlap %.4f ms (%.2fx)\n",
+                     static_cast<long>(T), N, ms[0], ms[1], ms[2], std::min(ms[1], ms[2]) / ms[0]);
+      }
     }
   }
   if (csv != stdout) std::fclose(csv);

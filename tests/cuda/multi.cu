@@ -8,6 +8,8 @@
 #include "cuda/support.cuh"
 
 #include <algorithm>
+#include <cstring>
+#include <tuple>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -161,6 +163,78 @@ TEST_CASE("cuda multi: strided X and Y views", "[cuda][multi]") {
             Yp.view().col_block(0, 128));
   const Matrix<bfloat16> y = to_host(Yp.view().col_block(0, 128));
   CHECK(lora::test::rel_error(y, reference(set, &W, X, ids)) < 1e-2);
+}
+
+// QLoRA serving: a mixed batch over an NF4 base (apply(Nf4Tensor<cuda>, …)) against float64 on
+// the dequantised weight. Shapes for the copy-ring kernel (in % 256 == 0, ≤ 16 bf16/half tokens),
+// the other fused kernels (in = 96) and dequantise + cuBLAS (T > 16); every schedule; apply_over
+// with a caller's base product (here the dense GEMM) against apply(W, …).
+TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on the dequantised weight",
+                   "[cuda][multi][nf4]", bfloat16, lora::half, float) {
+  using S = TestType;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  const std::vector<Index> ranks = {16, 8, 32, 5};
+  for (auto [in, out, n] : {std::tuple<Index, Index, int>{1024, 130, 6}, {96, 70, 3}, {512, 200, 9}}) {
+    auto set = random_set<S>(in, out, n, ranks, g);
+    auto dev = multi::AdapterSet<S, cuda>::from_host(set);
+    const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
+    const auto q = Nf4Tensor::quantize(W, {64, true});
+    const auto Wq = quant::Nf4Tensor<cuda>::from_host(q);
+    const Matrix<S> Wd = q.template dequantize<float>().template cast<S>();  // for the reference's shape only
+    const MatD Wdd = q.template dequantize<float>().template cast<double>();
+    const auto dWd = DeviceMatrix<S>::from_host(Wd);
+    for (Index T : {Index(1), Index(5), Index(16), Index(37)}) {
+      for (const std::string kind : {"random", "all_one"}) {
+        INFO("in " << in << " out " << out << " T " << T << " ids " << kind);
+        const auto ids = make_ids(kind, T, n, g);
+        const Matrix<S> X = rand_s<S>(T, in, g);
+        const auto dX = DeviceMatrix<S>::from_host(X);
+        const MatD ref = X.template cast<double>() * Wdd.transpose() + reference<S>(set, nullptr, X, ids);
+        const auto seg = dev.segments(ids);
+        for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap, multi::SgmvSchedule::delta}) {
+          INFO("schedule " << static_cast<int>(sched));
+          dev.schedule = sched;
+          DeviceMatrix<S> Y(T, out);
+          poison(Y.view());
+          dev.apply(Wq, dX.view(), seg, Y.view());
+          const Matrix<S> y = Y.to_host();
+          REQUIRE(y.allFinite());
+          CHECK(lora::test::rel_error(y, ref) < tol<S>());
+        }
+        // A caller's base product: the dense GEMM on the rounded dequantised weight, which must
+        // give what apply(W, …) gives, to the last bit (the same kernels in the same order).
+        DeviceMatrix<S> Y1(T, out), Y2(T, out);
+        poison(Y1.view());
+        poison(Y2.view());
+        dev.apply(dWd.view(), dX.view(), seg, Y1.view());
+        dev.apply_over(
+            [&](DeviceView<S> y) {
+              lora::detail::gemm<S, S, S>(*CudaContext::thread_default(), false, true, T, out, in, 1.f, dX.view(),
+                                          dWd.view(), 0.f, y);
+            },
+            dX.view(), seg, Y2.view());
+        const Matrix<S> y1 = Y1.to_host(), y2 = Y2.to_host();
+        REQUIRE(y1.allFinite());
+        CHECK(std::memcmp(y1.data(), y2.data(), sizeof(S) * static_cast<std::size_t>(y1.size())) == 0);
+      }
+    }
+  }
+  // The NF4 base's shape and context are checked by name.
+  auto set = random_set<S>(256, 64, 2, ranks, g);
+  auto dev = multi::AdapterSet<S, cuda>::from_host(set);
+  const auto X = DeviceMatrix<S>::from_host(rand_s<S>(3, 256, g));
+  const std::vector<int> ids = {0, 1, -1};
+  DeviceMatrix<S> Y(3, 64);
+  const auto Wt = quant::Nf4Tensor<cuda>::from_host(Nf4Tensor::quantize(rand_s<float>(256, 64, g), {64, false}));
+  using Catch::Matchers::ContainsSubstring;
+  CHECK_THROWS_WITH(dev.apply(Wt, X.view(), dev.segments(ids), Y.view()),
+                    ContainsSubstring("NF4 base weight has shape [256 x 64], expected [64 x 256]"));
+  const auto other = quant::Nf4Tensor<cuda>::from_host(Nf4Tensor::quantize(rand_s<float>(64, 256, g), {64, false}),
+                                                       std::make_shared<CudaContext>());
+  CHECK_THROWS_WITH(dev.apply(other, X.view(), dev.segments(ids), Y.view()),
+                    ContainsSubstring("different CUDA contexts"));
 }
 
 TEMPLATE_TEST_CASE("cuda multi: hot-swap (replace, remove, add) while others stay loaded", "[cuda][multi]", bfloat16,

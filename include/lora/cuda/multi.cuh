@@ -13,9 +13,11 @@
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/runtime.hpp>
 #include <lora/multi/adapter_set.hpp>
+#include <lora/quant/nf4_tensor.hpp>
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <memory>
 #include <optional>
 #include <span>
@@ -858,6 +860,30 @@ class AdapterSet<Scalar, cuda> {
   void apply(cview W, cview X, const DeviceSegments& seg, view Y) const {
     lora::detail::require(W.rows == out_ && W.cols == in_, "AdapterSet<cuda>: ", "base weight W", W.rows, W.cols,
                           out_, in_);
+    apply_over([&](view y) { lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, y); },
+               X, seg, Y);
+  }
+  /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms, the
+  /// base product by quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise +
+  /// cuBLAS above) in the base GEMM's place. Wq [out × in] must be on the set's CUDA context.
+  template <class Q>
+    requires std::same_as<Q, quant::Nf4Tensor<cuda>>
+  void apply(const Q& Wq, cview X, const DeviceSegments& seg, view Y) const {
+    if (Wq.shape().size() != 2)
+      lora::detail::fail("AdapterSet<cuda>: NF4 base weight must be 2-D [out x in], got {} dimensions",
+                         Wq.shape().size());
+    lora::detail::require(Wq.rows() == out_ && Wq.cols() == in_, "AdapterSet<cuda>: ", "NF4 base weight", Wq.rows(),
+                          Wq.cols(), out_, in_);
+    if (&Wq.context() != ctx_.get())
+      lora::detail::fail("AdapterSet<cuda>: the NF4 base weight and the adapter set are on different CUDA contexts");
+    apply_over([&](view y) { quant::nf4_matmul<Scalar>(Wq, X, y); }, X, seg, Y);
+  }
+  /// The same over any base product: base(Y) writes Y = X·Wᵀ for all T tokens on the set's
+  /// stream (a caller's own weight format); the shrink may run beside it on a second stream
+  /// (SgmvSchedule), the expand after it.
+  template <class BaseProduct>
+    requires std::invocable<BaseProduct&, view>
+  void apply_over(BaseProduct&& base, cview X, const DeviceSegments& seg, view Y) const {
     check_batch(X, seg, Y);
     const bool delta = schedule == SgmvSchedule::delta && seg.tiles > 0;
     const bool overlap = (schedule == SgmvSchedule::overlap || delta) && seg.tiles > 0;
@@ -880,7 +906,7 @@ class AdapterSet<Scalar, cuda> {
       D = view{delta_.data(), seg.covered, out_, out_};
       expand(seg, p, Y, side, D);
     }
-    lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, Y);
+    base(Y);
     if (overlap) {
       LORA_CUDA_CHECK(cudaEventRecord(fork_->join, fork_->side.get()));
       LORA_CUDA_CHECK(cudaStreamWaitEvent(ctx_->stream(), fork_->join, 0));

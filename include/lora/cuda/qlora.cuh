@@ -8,37 +8,8 @@
 #include <lora/quant/qlora.hpp>
 
 #include <memory>
-#include <utility>
 
 namespace lora {
-
-namespace detail {
-/// A stream-ordered temporary (cudaMallocAsync / cudaFreeAsync on one stream): the
-/// dequantised NF4 weight lives only as long as the product that reads it.
-template <class T>
-class StreamMatrix {
- public:
-  StreamMatrix(Index rows, Index cols, cudaStream_t stream) : rows_(rows), cols_(cols), stream_(stream) {
-    if (rows * cols > 0)
-      LORA_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<std::size_t>(rows * cols) * sizeof(T),
-                                      stream));
-  }
-  ~StreamMatrix() {
-    if (p_) cudaFreeAsync(p_, stream_);
-  }
-  StreamMatrix(StreamMatrix&& o) noexcept
-      : p_(std::exchange(o.p_, nullptr)), rows_(o.rows_), cols_(o.cols_), stream_(o.stream_) {}
-  StreamMatrix(const StreamMatrix&) = delete;
-  StreamMatrix& operator=(const StreamMatrix&) = delete;
-  T* data() { return p_; }
-  DeviceView<T> view() { return {p_, rows_, cols_, cols_}; }
-
- private:
-  T* p_ = nullptr;
-  Index rows_, cols_;
-  cudaStream_t stream_;
-};
-}  // namespace detail
 
 /// A QLoRA linear layer on an NVIDIA GPU: Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ with activations and
 /// adapter factors in S (bfloat16, half or float; arithmetic in float). As with
@@ -78,6 +49,7 @@ class QLoraLinear<Scalar, cuda, Scaling> {
                    W_.rows(), W_.cols(), adapter_.out_features(), adapter_.in_features());
     if (&W_.context() != &adapter_.context())
       detail::fail("QLoraLinear<cuda>: the NF4 base and the adapter are on different CUDA contexts");
+    LORA_CUDA_CHECK(cudaMemsetAsync(ring_sync_.data(), 0, 2 * sizeof(unsigned), context().stream()));
   }
   /// Copies a host layer to the device: the NF4 codes as they are, the float factors rounded to S.
   static QLoraLinear from_host(const host_type& h, std::shared_ptr<CudaContext> ctx = {}) {
@@ -117,8 +89,9 @@ class QLoraLinear<Scalar, cuda, Scaling> {
 
   /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
   /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096 and r ∈ {16, 32, 64}: one kernel that
-  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ rounded to S, Y rounded
-  /// once); otherwise the NF4 product, then s·X·Aᵀ, then a GEMM with β = 1.
+  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ computed once per launch
+  /// into the layer's scratch, rounded to S; Y rounded once); otherwise the NF4 product, then
+  /// s·X·Aᵀ, then a GEMM with β = 1.
   void forward(cview X, view Y) const {
     if constexpr (!std::is_same_v<Scalar, float>) {
       using D = detail::device_t<Scalar>;
@@ -126,8 +99,14 @@ class QLoraLinear<Scalar, cuda, Scaling> {
       if (T >= 1 && T <= 16 && X.cols == in_features() && Y.rows == T && Y.cols == out_features()) {
         const auto p = W_.parts();
         const cview A = adapter_.A(), B = adapter_.B();
-        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data), A.ld, reinterpret_cast<const D*>(B.data),
-                                       B.ld, static_cast<int>(adapter_.rank()), static_cast<float>(adapter_.scaling())};
+        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data),
+                                       A.ld,
+                                       reinterpret_cast<const D*>(B.data),
+                                       B.ld,
+                                       static_cast<int>(adapter_.rank()),
+                                       static_cast<float>(adapter_.scaling()),
+                                       ring_part_.data(),
+                                       ring_sync_.data()};
         if (detail::nf4_ring_ok<D>(p.cols, p.blocksize, X.ld, X.data, p.packed, p.absmax) &&
             detail::nf4_ring_lora_ok<D>(l)) {
           detail::launch_nf4_ring<D>(reinterpret_cast<const D*>(X.data), X.ld, static_cast<int>(T),
@@ -186,6 +165,9 @@ class QLoraLinear<Scalar, cuda, Scaling> {
   base_type W_;
   adapter_type adapter_;
   mutable DeviceBuffer<Scalar> xa_;
+  // The fused decode kernel's s·X·Aᵀ, computed once per launch (Nf4RingLora::part, sync).
+  mutable DeviceBuffer<float> ring_part_{detail::nf4_ring_lora_part_floats};
+  mutable DeviceBuffer<unsigned> ring_sync_{2};
 };
 
 }  // namespace lora

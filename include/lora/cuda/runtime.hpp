@@ -342,6 +342,32 @@ void gemm(const CudaContext& ctx, bool transA, bool transB, Index M, Index N, In
                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
+/// A stream-ordered temporary (cudaMallocAsync / cudaFreeAsync on one stream): the
+/// dequantised NF4 weight lives only as long as the product that reads it.
+template <class T>
+class StreamMatrix {
+ public:
+  StreamMatrix(Index rows, Index cols, cudaStream_t stream) : rows_(rows), cols_(cols), stream_(stream) {
+    if (rows * cols > 0)
+      LORA_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&p_), static_cast<std::size_t>(rows * cols) * sizeof(T),
+                                      stream));
+  }
+  ~StreamMatrix() {
+    if (p_) cudaFreeAsync(p_, stream_);
+  }
+  StreamMatrix(StreamMatrix&& o) noexcept
+      : p_(std::exchange(o.p_, nullptr)), rows_(o.rows_), cols_(o.cols_), stream_(o.stream_) {}
+  StreamMatrix(const StreamMatrix&) = delete;
+  StreamMatrix& operator=(const StreamMatrix&) = delete;
+  T* data() { return p_; }
+  DeviceView<T> view() { return {p_, rows_, cols_, cols_}; }
+
+ private:
+  T* p_ = nullptr;
+  Index rows_, cols_;
+  cudaStream_t stream_;
+};
+
 /// Fails with "<who><what> has shape [rows x cols], expected [want_rows x want_cols]" unless ok.
 inline void require(bool ok, const std::string& who, const char* what, Index rows, Index cols, Index want_rows,
                     Index want_cols) {
