@@ -13,7 +13,7 @@
 //   nf4_gemm          the dispatcher itself
 //   ring+lora r16     nf4_ring_kernel with the LoRA term (r 16, s 2) in its epilogue, s·X·Aᵀ
 //                     computed by every block
-//   ring+lora once    the same with s·X·Aᵀ computed once per launch (Nf4RingLora::part, sync)
+//   ring+lora once    the same with s·X·Aᵀ computed once per launch (Nf4RingLora::xa, sync)
 //   and the two against nf4_matmul alone in alternating batches (QLoRA's fused forward, issue 23)
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
@@ -104,7 +104,7 @@ int main(int argc, char** argv) {
     upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
     upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
 
-    DeviceBuffer<float> part(detail::nf4_ring_lora_part_floats);
+    DeviceBuffer<S> xa_scratch(detail::nf4_ring_lora_xa_elems);
     DeviceBuffer<unsigned> sync(2);
     LORA_CUDA_CHECK(cudaMemset(sync.data(), 0, 2 * sizeof(unsigned)));
     for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
@@ -199,7 +199,7 @@ int main(int argc, char** argv) {
                                         reinterpret_cast<const T*>(LB.data()), LB.view().ld, static_cast<int>(rank),
                                         lora_s};
       detail::Nf4RingLora<T> lora_once = lora;
-      lora_once.part = part.data();
+      lora_once.xa = reinterpret_cast<T*>(xa_scratch.data());
       lora_once.sync = sync.data();
       auto qlora = [&](const detail::Nf4RingLora<T>& l) {
         return [&, l](int i) {

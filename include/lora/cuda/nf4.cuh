@@ -720,12 +720,12 @@ constexpr int nf4_ring_smem_bytes(int warps) {
 /// The LoRA term nf4_ring_kernel may add: Y += (s·X·Aᵀ)·Bᵀ with A [r × K] and B [out × r]
 /// row-major, r = 16·RT (r == 0: none).
 ///
-/// With `part` and `sync` (a caller's device scratch: nf4_ring_lora_part_floats floats and two
-/// zeroed counters, one per concurrently running launch), s·X·Aᵀ is computed once per launch,
-/// not once per block: warp w of block w mod gridDim.x computes its K slice's partial sums into
-/// part[w] and counts itself in sync[0]; warp 0 of every block waits for all K / 256 slices
-/// after its first tile's products and adds them in the slice order (the per-block path's order,
-/// so XA is bit-identical). The last block to finish resets the counters.
+/// With `xa` and `sync` (a caller's device scratch: nf4_ring_lora_xa_elems values of T and two
+/// zeroed counters, one pair per concurrently running launch), s·X·Aᵀ is computed once per
+/// launch, not once per block: the last block (which has the fewest tiles) computes it as the
+/// per-block path does, stores it in xa and counts itself in sync[0]; warp 0 of every other
+/// block waits for it after its first tile's products and loads its fragments. The values are
+/// the per-block path's, bit for bit. The last block to finish resets the counters.
 template <class T>
 struct Nf4RingLora {
   const T* A = nullptr;
@@ -734,11 +734,11 @@ struct Nf4RingLora {
   long ldb = 0;
   int r = 0;
   float s = 0.f;
-  float* part = nullptr;
+  T* xa = nullptr;
   unsigned* sync = nullptr;
 };
-/// Floats of Nf4RingLora::part for any K ≤ 4096, rank ≤ 64 and tokens ≤ 16.
-constexpr int nf4_ring_lora_part_floats = nf4_ring_max_warps * 4 * 2 * 4 * 32;
+/// Values of Nf4RingLora::xa: s·X·Aᵀ as [16 tokens × 64 ranks] at most.
+constexpr int nf4_ring_lora_xa_elems = 16 * 64;
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
@@ -896,22 +896,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       }
   };
   if constexpr (RT > 0) {
-    if (lora.part) {  // once per launch: this block's slices into part, counted in sync[0]
-      if (warp % nb == bid) {
-#pragma unroll 1
-        for (int p = 0; p < RT; ++p) {
-          float dxa[NT][4];
-          xa_slice(p, dxa);
-#pragma unroll
-          for (int n = 0; n < NT; ++n)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) lora.part[(((warp * RT + p) * NT + n) * 4 + i) * 32 + lane] = dxa[n][i];
-        }
-        __threadfence();
-        __syncwarp();
-        if (lane == 0) atomicAdd(lora.sync, 1u);
-      }
-    } else {  // per block: every warp its slice, added through shared memory
+    // Per block, or (with lora.xa) by the last block only, which publishes it: every warp its K
+    // slice, the slices added in order through shared memory.
+    if (!lora.xa || bid == nb - 1) {
 #pragma unroll 1
       for (int p = 0; p < RT; ++p) {
         float dxa[NT][4];
@@ -931,6 +918,15 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         __syncthreads();
       }
       load_xab();
+      if (lora.xa) {  // publish [8·NT tokens × R] (as 32-bit words), then count it
+        const std::uint32_t* from = reinterpret_cast<const std::uint32_t*>(xas);
+        std::uint32_t* to = reinterpret_cast<std::uint32_t*>(lora.xa);
+        for (int o = static_cast<int>(threadIdx.x); o < 8 * NT * R / 2; o += static_cast<int>(blockDim.x))
+          to[o] = from[o];
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(lora.sync, 1u);
+      }
     }
   }
 
@@ -988,26 +984,21 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
     if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
       if (warp == 0) {
-        if (lora.part && j == 0) {  // XA of this launch: wait for every slice, add them in order
+        if (lora.xa && j == 0 && bid != nb - 1) {  // XA of this launch, from the last block
           if (lane == 0) {
             // Bounded (about a second): a broken protocol gives a wrong Y that tests catch, not a hang.
-            for (int spin = 0; spin < (1 << 24) && load_acquire_gpu(lora.sync) < static_cast<unsigned>(KS); ++spin)
-              __nanosleep(32);
+            for (int spin = 0; spin < (1 << 24) && load_acquire_gpu(lora.sync) == 0u; ++spin) __nanosleep(32);
           }
           __syncwarp();
-#pragma unroll 1
+          const std::uint32_t* xg = reinterpret_cast<const std::uint32_t*>(lora.xa);
+#pragma unroll
           for (int p = 0; p < RT; ++p)
 #pragma unroll
-            for (int n = 0; n < NT; ++n)
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                float v = 0.f;
-                for (int w = 0; w < KS; ++w) v += __ldcg(lora.part + (((w * RT + p) * NT + n) * 4 + i) * 32 + lane);
-                // rank 16p + gid (+ 8 for i ≥ 2), token 2q + (i & 1) + 8n
-                xas[(2 * q + (i & 1) + 8 * n) * R + 16 * p + gid + (i >= 2 ? 8 : 0)] = from_float<T>(lora.s * v);
-              }
-          __syncwarp();
-          load_xab();
+            for (int n = 0; n < NT; ++n) {
+              const int w0 = ((gid + 8 * n) * R + 16 * p + 2 * q) / 2;
+              xab[p][n][0] = __ldcg(xg + w0);
+              xab[p][n][1] = __ldcg(xg + w0 + 4);
+            }
         }
         const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
 #pragma unroll
@@ -1042,7 +1033,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   }
   nf4_cp_async_wait<0>();  // nothing in flight when the block exits
   if constexpr (RT > 0) {
-    if (lora.part) {  // the last block out resets the counters for the next launch
+    if (lora.xa) {  // the last block out resets the counters for the next launch
       __syncthreads();
       if (threadIdx.x == 0) {
         __threadfence();
@@ -1066,11 +1057,11 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 }
 
 /// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A and B 16-byte
-/// aligned, part and sync both given or both not.
+/// aligned, xa and sync both given or both not.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
   return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 8 == 0 &&
-         aligned(l.B, 16) && (l.part == nullptr) == (l.sync == nullptr);
+         aligned(l.B, 16) && (l.xa == nullptr) == (l.sync == nullptr) && aligned(l.xa, 16);
 }
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic

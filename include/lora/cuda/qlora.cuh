@@ -105,7 +105,7 @@ class QLoraLinear<Scalar, cuda, Scaling> {
                                        B.ld,
                                        static_cast<int>(adapter_.rank()),
                                        static_cast<float>(adapter_.scaling()),
-                                       ring_part_.data(),
+                                       reinterpret_cast<D*>(ring_xa_.data()),
                                        ring_sync_.data()};
         if (detail::nf4_ring_ok<D>(p.cols, p.blocksize, X.ld, X.data, p.packed, p.absmax) &&
             detail::nf4_ring_lora_ok<D>(l)) {
@@ -165,8 +165,8 @@ class QLoraLinear<Scalar, cuda, Scaling> {
   base_type W_;
   adapter_type adapter_;
   mutable DeviceBuffer<Scalar> xa_;
-  // The fused decode kernel's s·X·Aᵀ, computed once per launch (Nf4RingLora::part, sync).
-  mutable DeviceBuffer<float> ring_part_{detail::nf4_ring_lora_part_floats};
+  // The fused decode kernel's s·X·Aᵀ, computed once per launch (Nf4RingLora::xa, sync).
+  mutable DeviceBuffer<Scalar> ring_xa_{detail::nf4_ring_lora_xa_elems};
   mutable DeviceBuffer<unsigned> ring_sync_{2};
 };
 
