@@ -11,10 +11,9 @@
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
 //   nf4_gemm          the dispatcher itself
-//   ring+lora r16     nf4_ring_kernel with the LoRA term (r 16, s 2) in its epilogue, s·X·Aᵀ
-//                     computed by every block
-//   ring+lora once    the same with s·X·Aᵀ computed once per launch (Nf4RingLora::xa, sync)
-//   and the two against nf4_matmul alone in alternating batches (QLoRA's fused forward, issue 23)
+//   ring+lora r16     nf4_ring_kernel with the LoRA term (r 16, s 2) in its epilogue: QLoRA's
+//                     fused forward (QLoraLinear<S, cuda>::forward at these sizes); also timed
+//                     against nf4_matmul alone in alternating batches
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -104,9 +103,6 @@ int main(int argc, char** argv) {
     upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
     upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
 
-    DeviceBuffer<S> xa_scratch(detail::nf4_ring_lora_xa_elems);
-    DeviceBuffer<unsigned> sync(2);
-    LORA_CUDA_CHECK(cudaMemset(sync.data(), 0, 2 * sizeof(unsigned)));
     for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
       DeviceMatrix<S> X(tokens, in), Y(tokens, out);
       fill_random(X.view(), g, 1.0);
@@ -198,30 +194,21 @@ int main(int argc, char** argv) {
       const detail::Nf4RingLora<T> lora{reinterpret_cast<const T*>(LA.data()), LA.view().ld,
                                         reinterpret_cast<const T*>(LB.data()), LB.view().ld, static_cast<int>(rank),
                                         lora_s};
-      detail::Nf4RingLora<T> lora_once = lora;
-      lora_once.xa = reinterpret_cast<T*>(xa_scratch.data());
-      lora_once.sync = sync.data();
-      auto qlora = [&](const detail::Nf4RingLora<T>& l) {
-        return [&, l](int i) {
-          const auto& w = q[i % sets];
-          detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
-                                     w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
-        };
+      auto qlora = [&](int i) {
+        const auto& w = q[i % sets];
+        detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
+                                   w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, lora);
       };
-      variant("ring+lora r16", qlora(lora));
-      variant("ring+lora once", qlora(lora_once));
+      variant("ring+lora r16", qlora);
       refp = &ref_base;
       {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
-        const auto m = time_all(*ctx, {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
-                                       qlora(lora), qlora(lora_once)},
-                                10, 15);
-        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,%.5f,0,0\n", static_cast<long>(out), static_cast<long>(in),
-                     static_cast<long>(tokens), m[0], m[1], m[2]);
-        std::fprintf(stderr,
-                     "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, XA per block %.2f us (%.3f), "
-                     "XA once per launch %.2f us (%.3f)\n",
+        const auto m = time_all(
+            *ctx, {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }, qlora}, 10, 15);
+        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,0,0,0\n", static_cast<long>(out), static_cast<long>(in),
+                     static_cast<long>(tokens), m[0], m[1]);
+        std::fprintf(stderr, "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, QLoRA %.2f us (%.3f)\n",
                      static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], m[2] * 1e3, m[2] / m[0]);
+                     m[1] / m[0]);
       }
     }
     if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others

@@ -719,13 +719,6 @@ constexpr int nf4_ring_smem_bytes(int warps) {
 
 /// The LoRA term nf4_ring_kernel may add: Y += (s·X·Aᵀ)·Bᵀ with A [r × K] and B [out × r]
 /// row-major, r = 16·RT (r == 0: none).
-///
-/// With `xa` and `sync` (a caller's device scratch: nf4_ring_lora_xa_elems values of T and two
-/// zeroed counters, one pair per concurrently running launch), s·X·Aᵀ is computed once per
-/// launch, not once per block: the last block (which has the fewest tiles) computes it as the
-/// per-block path does, stores it in xa and counts itself in sync[0]; warp 0 of every other
-/// block waits for it after its first tile's products and loads its fragments. The values are
-/// the per-block path's, bit for bit. The last block to finish resets the counters.
 template <class T>
 struct Nf4RingLora {
   const T* A = nullptr;
@@ -734,11 +727,7 @@ struct Nf4RingLora {
   long ldb = 0;
   int r = 0;
   float s = 0.f;
-  T* xa = nullptr;
-  unsigned* sync = nullptr;
 };
-/// Values of Nf4RingLora::xa: s·X·Aᵀ as [16 tokens × 64 ranks] at most.
-constexpr int nf4_ring_lora_xa_elems = 16 * 64;
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
@@ -857,35 +846,47 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
 
   // LoRA: xab = this lane's B-operand fragments of XA = s·X·Aᵀ (token gid + 8n, ranks 16p + 2q …).
   [[maybe_unused]] std::uint32_t xab[RT > 0 ? RT : 1][NT][2];
-  [[maybe_unused]] constexpr int R = 16 * RT > 0 ? 16 * RT : 16;
-  [[maybe_unused]] T* xas = reinterpret_cast<T*>(red + 2 * KS * NT * 4 * 32);  // [16 tokens][R]
-  // This warp's K slice of X·A_pᵀ (ranks 16p … 16p + 15) as mma fragments: rank gid (+ 8 for
-  // i ≥ 2), token 2q + (i & 1) + 8n.
-  [[maybe_unused]] auto xa_slice = [&](int p, float (&dxa)[NT][4]) {
+  if constexpr (RT > 0) {
+    constexpr int R = 16 * RT;
+    T* xas = reinterpret_cast<T*>(red + 2 * KS * NT * 4 * 32);  // [16 tokens][R]
+#pragma unroll 1
+    for (int p = 0; p < RT; ++p) {
+      float dxa[NT][4];
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
-    const T* a0 = lora.A + static_cast<long>(16 * p + gid) * lora.lda + 256 * warp + 16 * q;
-    const T* a1 = a0 + 8 * lora.lda;
+        for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
+      const T* a0 = lora.A + static_cast<long>(16 * p + gid) * lora.lda + 256 * warp + 16 * q;
+      const T* a1 = a0 + 8 * lora.lda;
 #pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
-      const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
-      const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
-      const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
-      const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
-      const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
+      for (int g = 0; g < 4; ++g) {
+        const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
+        const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
+        const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
+        const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
+        const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
+        const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
+        for (int k = 0; k < 4; ++k) {
+          const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
 #pragma unroll
-        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+        }
       }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      __syncthreads();
+      for (int o = static_cast<int>(threadIdx.x); o < 16 * 8 * NT; o += static_cast<int>(blockDim.x)) {
+        const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
+        float v = 0.f;
+        for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+        xas[t * R + 16 * p + j] = from_float<T>(lora.s * v);
+      }
+      __syncthreads();
     }
-  };
-  // xas [16 tokens][R] → this lane's xab fragments (after the writes to xas are visible to it).
-  [[maybe_unused]] auto load_xab = [&]() {
 #pragma unroll
     for (int p = 0; p < RT; ++p)
 #pragma unroll
@@ -894,40 +895,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         xab[p][n][0] = *reinterpret_cast<const std::uint32_t*>(xp);
         xab[p][n][1] = *reinterpret_cast<const std::uint32_t*>(xp + 8);
       }
-  };
-  if constexpr (RT > 0) {
-    // Per block, or (with lora.xa) by the last block only, which publishes it: every warp its K
-    // slice, the slices added in order through shared memory.
-    if (!lora.xa || bid == nb - 1) {
-#pragma unroll 1
-      for (int p = 0; p < RT; ++p) {
-        float dxa[NT][4];
-        xa_slice(p, dxa);
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
-        __syncthreads();
-        for (int o = static_cast<int>(threadIdx.x); o < 16 * 8 * NT; o += static_cast<int>(blockDim.x)) {
-          const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
-          const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
-          float v = 0.f;
-          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
-          xas[t * R + 16 * p + j] = from_float<T>(lora.s * v);
-        }
-        __syncthreads();
-      }
-      load_xab();
-      if (lora.xa) {  // publish [8·NT tokens × R] (as 32-bit words), then count it
-        const std::uint32_t* from = reinterpret_cast<const std::uint32_t*>(xas);
-        std::uint32_t* to = reinterpret_cast<std::uint32_t*>(lora.xa);
-        for (int o = static_cast<int>(threadIdx.x); o < 8 * NT * R / 2; o += static_cast<int>(blockDim.x))
-          to[o] = from[o];
-        __threadfence();
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(lora.sync, 1u);
-      }
-    }
   }
 
   const std::uint32_t lane_base = shared_u32(lut) + static_cast<std::uint32_t>(lane) * 4u;
@@ -956,6 +923,20 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+    if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
+      if (warp == 0) {
+        const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
+#pragma unroll
+        for (int p = 0; p < RT; ++p) {
+          const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(sb + p * 512),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 16),
+                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256 + 16)};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
+        }
+      }
+    }
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       const int u = (g ^ (gid & 3)) << 5;  // rows gid and gid + 8 share the swizzle
@@ -982,36 +963,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         acc[n][3] = fmaf(sB, d[n][3], acc[n][3]);
       }
     }
-    if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
-      if (warp == 0) {
-        if (lora.xa && j == 0 && bid != nb - 1) {  // XA of this launch, from the last block
-          if (lane == 0) {
-            // Bounded (about a second): a broken protocol gives a wrong Y that tests catch, not a hang.
-            for (int spin = 0; spin < (1 << 24) && load_acquire_gpu(lora.sync) == 0u; ++spin) __nanosleep(32);
-          }
-          __syncwarp();
-          const std::uint32_t* xg = reinterpret_cast<const std::uint32_t*>(lora.xa);
-#pragma unroll
-          for (int p = 0; p < RT; ++p)
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-              const int w0 = ((gid + 8 * n) * R + 16 * p + 2 * q) / 2;
-              xab[p][n][0] = __ldcg(xg + w0);
-              xab[p][n][1] = __ldcg(xg + w0 + 4);
-            }
-        }
-        const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
-#pragma unroll
-        for (int p = 0; p < RT; ++p) {
-          const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(sb + p * 512),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 16),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256 + 16)};
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
-        }
-      }
-    }
     __syncwarp();  // the slot is read: the next iteration's copies may overwrite it
     // The K-warps' partial sums meet (two slots: slot j & 1 is rewritten only after the next
     // barrier, which every thread passes after it has summed this tile).
@@ -1032,19 +983,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   }
   nf4_cp_async_wait<0>();  // nothing in flight when the block exits
-  if constexpr (RT > 0) {
-    if (lora.xa) {  // the last block out resets the counters for the next launch
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(lora.sync + 1, 1u) == gridDim.x - 1) {
-          lora.sync[0] = 0;
-          lora.sync[1] = 0;
-          __threadfence();
-        }
-      }
-    }
-  }
 }
 
 /// Whether nf4_ring_kernel takes this product: bf16/half, 1…16 tokens, blocksize 64,
@@ -1057,11 +995,11 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 }
 
 /// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A and B 16-byte
-/// aligned, xa and sync both given or both not.
+/// aligned.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
   return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 8 == 0 &&
-         aligned(l.B, 16) && (l.xa == nullptr) == (l.sync == nullptr) && aligned(l.xa, 16);
+         aligned(l.B, 16);
 }
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic

@@ -49,7 +49,6 @@ class QLoraLinear<Scalar, cuda, Scaling> {
                    W_.rows(), W_.cols(), adapter_.out_features(), adapter_.in_features());
     if (&W_.context() != &adapter_.context())
       detail::fail("QLoraLinear<cuda>: the NF4 base and the adapter are on different CUDA contexts");
-    LORA_CUDA_CHECK(cudaMemsetAsync(ring_sync_.data(), 0, 2 * sizeof(unsigned), context().stream()));
   }
   /// Copies a host layer to the device: the NF4 codes as they are, the float factors rounded to S.
   static QLoraLinear from_host(const host_type& h, std::shared_ptr<CudaContext> ctx = {}) {
@@ -89,9 +88,8 @@ class QLoraLinear<Scalar, cuda, Scaling> {
 
   /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
   /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096 and r ∈ {16, 32, 64}: one kernel that
-  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ computed once per launch
-  /// into the layer's scratch, rounded to S; Y rounded once); otherwise the NF4 product, then
-  /// s·X·Aᵀ, then a GEMM with β = 1.
+  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ rounded to S, Y rounded
+  /// once); otherwise the NF4 product, then s·X·Aᵀ, then a GEMM with β = 1.
   void forward(cview X, view Y) const {
     if constexpr (!std::is_same_v<Scalar, float>) {
       using D = detail::device_t<Scalar>;
@@ -99,14 +97,8 @@ class QLoraLinear<Scalar, cuda, Scaling> {
       if (T >= 1 && T <= 16 && X.cols == in_features() && Y.rows == T && Y.cols == out_features()) {
         const auto p = W_.parts();
         const cview A = adapter_.A(), B = adapter_.B();
-        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data),
-                                       A.ld,
-                                       reinterpret_cast<const D*>(B.data),
-                                       B.ld,
-                                       static_cast<int>(adapter_.rank()),
-                                       static_cast<float>(adapter_.scaling()),
-                                       reinterpret_cast<D*>(ring_xa_.data()),
-                                       ring_sync_.data()};
+        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data), A.ld, reinterpret_cast<const D*>(B.data),
+                                       B.ld, static_cast<int>(adapter_.rank()), static_cast<float>(adapter_.scaling())};
         if (detail::nf4_ring_ok<D>(p.cols, p.blocksize, X.ld, X.data, p.packed, p.absmax) &&
             detail::nf4_ring_lora_ok<D>(l)) {
           detail::launch_nf4_ring<D>(reinterpret_cast<const D*>(X.data), X.ld, static_cast<int>(T),
@@ -165,9 +157,6 @@ class QLoraLinear<Scalar, cuda, Scaling> {
   base_type W_;
   adapter_type adapter_;
   mutable DeviceBuffer<Scalar> xa_;
-  // The fused decode kernel's s·X·Aᵀ, computed once per launch (Nf4RingLora::xa, sync).
-  mutable DeviceBuffer<Scalar> ring_xa_{detail::nf4_ring_lora_xa_elems};
-  mutable DeviceBuffer<unsigned> ring_sync_{2};
 };
 
 }  // namespace lora

@@ -342,8 +342,9 @@ void gemm(const CudaContext& ctx, bool transA, bool transB, Index M, Index N, In
                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
-/// A stream-ordered temporary (cudaMallocAsync / cudaFreeAsync on one stream): the
-/// dequantised NF4 weight lives only as long as the product that reads it.
+/// A stream-ordered temporary matrix (cudaMallocAsync / cudaFreeAsync on one stream: no
+/// synchronisation), for operands that live only as long as the products that read them (the
+/// dequantised NF4 weight of a product or a backward).
 template <class T>
 class StreamMatrix {
  public:
