@@ -45,6 +45,9 @@ timeout $(( $(left) > 120 ? 110 : $(left) / 2 )) bash bench/peers/run bench "$P"
 echo "peers done at $((SECONDS - T0)) s"
 [ -x b/bench/cuda/bench_multi_cuda ] && timeout $(( $(left) > 140 ? 70 : $(left) / 2 )) b/bench/cuda/bench_multi_cuda "$OUT/multi.csv" 2>"$L/bench_multi.err"
 echo "multi done at $((SECONDS - T0)) s"; grep -E "^T +(256|4096) N +(1|64|512):" "$L/bench_multi.err"
+# Mixed batches over an NF4 base (AdapterSet::apply(Nf4Tensor<cuda>, …)) against the NF4 product alone.
+[ -x b/bench/cuda/bench_multi_cuda ] && LORA_BENCH_MULTI=nf4 timeout 40 b/bench/cuda/bench_multi_cuda "$OUT/multi_nf4.csv" 2>"$L/bench_multi_nf4.err"
+grep -E "^nf4" "$L/bench_multi_nf4.err"
 [ -x b/bench/cuda/bench_cuda ] && timeout $(( $(left) - 8 )) b/bench/cuda/bench_cuda "$OUT/ours.csv" 2>"$L/bench_cuda.err"
 echo "ours done at $((SECONDS - T0)) s (rc $?)"; grep -E "^decode" "$L/bench_cuda.err" | head -20
 python3 scripts/gpu-table.py --peers "$OUT" "$(head -1 "$OUT/env.txt"), commit $(cat COMMIT)" >"$OUT/table_peers.md" 2>&1
