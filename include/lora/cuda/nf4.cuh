@@ -727,8 +727,6 @@ struct Nf4RingLora {
   long ldb = 0;
   int r = 0;
   float s = 0.f;
-  /// Ask L2 for A's rows at the kernel's start (before the dependency wait: A is a weight).
-  bool prefetch_a = true;
 };
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
@@ -817,14 +815,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
 
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if constexpr (RT > 0) {
-    // A's rows for this warp's K slice (512 bytes = 4 lines each), wanted right after the wait,
-    // when every SM's first tiles are queued at DRAM: from L2 then.
-    if (lora.prefetch_a)
-      for (int i = lane; i < 16 * RT * 4; i += 32)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(lora.A + static_cast<long>(i / 4) * lora.lda + 256 * warp +
-                                                       64 * (i % 4)));
-  }
   if (pdl && lane < 16)
     for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
