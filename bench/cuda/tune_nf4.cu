@@ -18,7 +18,8 @@
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
 // and written (Y) against the device-to-device copy's read + write rate. With `profile`, only
-// a few untimed launches of nf4_ring_kernel at 1, 8 and 16 tokens on 14336 × 4096 (for ncu).
+// a few untimed launches of nf4_ring_kernel at 1, 8 and 16 tokens on 14336 × 4096, and at one
+// token with the LoRA term (r 16) (for ncu).
 #include <lora/core/random.hpp>
 #include <lora/cuda/nf4.cuh>
 #include <lora/cuda/runtime.hpp>
@@ -55,14 +56,24 @@ int main(int argc, char** argv) {
     DeviceMatrix<S> W(out, in);
     fill_random(W.view(), g, 0.02);
     const auto q = quant::Nf4Tensor<cuda>::quantize<S>(W.view(), {64, false}, ctx);
+    DeviceMatrix<S> LA(16, in), LB(out, 16);
+    fill_random(LA.view(), g, 0.02);
+    fill_random(LB.view(), g, 0.02);
+    const detail::Nf4RingLora<T> lora{reinterpret_cast<const T*>(LA.data()), LA.view().ld,
+                                      reinterpret_cast<const T*>(LB.data()), LB.view().ld, 16, 2.f};
     for (const Index tokens : {Index(1), Index(8), Index(16)}) {
       DeviceMatrix<S> X(tokens, in), Y(tokens, out);
       fill_random(X.view(), g, 1.0);
-      for (int i = 0; i < 3; ++i)
-        detail::launch_nf4_ring<T>(reinterpret_cast<const T*>(X.data()), X.view().ld, static_cast<int>(tokens),
-                                   static_cast<int>(in), q.packed().data(), q.absmax().data(), static_cast<int>(out),
-                                   reinterpret_cast<T*>(Y.data()), Y.view().ld, ctx->stream());
-      LORA_CUDA_CHECK(cudaDeviceSynchronize());
+      // the narrow kernel, then (one token only) the same with the LoRA term (QLoRA's fused forward)
+      for (const bool with_lora : {false, true}) {
+        if (with_lora && tokens != 1) continue;
+        for (int i = 0; i < 3; ++i)
+          detail::launch_nf4_ring<T>(reinterpret_cast<const T*>(X.data()), X.view().ld, static_cast<int>(tokens),
+                                     static_cast<int>(in), q.packed().data(), q.absmax().data(), static_cast<int>(out),
+                                     reinterpret_cast<T*>(Y.data()), Y.view().ld, ctx->stream(), true,
+                                     with_lora ? lora : detail::Nf4RingLora<T>{});
+        LORA_CUDA_CHECK(cudaDeviceSynchronize());
+      }
     }
     return 0;
   }
