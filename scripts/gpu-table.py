@@ -46,6 +46,7 @@ def multi_table(ours_path, peft_path, machine):
             print(f"\nPEFT with {a} adapters skipped: adding them took over {v:.0f} s")
     print("\nsingle = LowRankAdapter<bf16, cuda> fused apply over the same T; naive loop = tokens sorted by adapter, "
           "one apply(W, X_i) per adapter; PEFT single = one active adapter.")
+    nf4_mixed_table({k: v[0] for k, v in ours.items()})
     bwd = sorted({(k[1], k[2]) for k in ours if k[0] == "bwd_mixed"}, key=lambda x: (x[1], x[0]))
     if bwd:
         print("\n| backward T | adapters | dX GEMM ms | single backward ms | mixed backward ms | mixed/single |")
@@ -55,10 +56,26 @@ def multi_table(ours_path, peft_path, machine):
             print(f"| {t} | {a} | {b:.4f} | {one:.4f} | {m:.4f} | {m/one:.2f} |")
 
 
+def nf4_mixed_table(rows):
+    """Mixed batches over an NF4 base (issue 23): bench_multi_cuda's nf4_* rows, {(name, T, N): ms}."""
+    shapes = sorted({(k[1], k[2]) for k in rows if k[0] == "nf4_base"}, key=lambda x: (x[1], x[0]))
+    if not shapes:
+        return
+    print("\nMixed batches over an NF4 base (AdapterSet::apply(Nf4Tensor<cuda>, …)), in = out = 4096, r 16, "
+          "blocksize 64; NF4 product = quant::nf4_matmul alone:\n")
+    print("| T | adapters | NF4 product µs | mixed serial µs | mixed overlap µs | mixed / NF4 |")
+    print("|---|---|---|---|---|---|")
+    nan = float("nan")
+    for t, a in shapes:
+        b, ms, mo = (rows.get((n, t, a), nan) for n in ("nf4_base", "nf4_mixed_serial", "nf4_mixed_overlap"))
+        m = min((v for v in (ms, mo) if v == v), default=nan)
+        print(f"| {t} | {a} | {b * 1e3:.1f} | {ms * 1e3:.1f} | {mo * 1e3:.1f} | {m / b:.2f} |")
+
+
 def peers_table(outdir, machine):
     """The real peers (issue 23): peers_vllm.csv (bench/peers/vllm_lora.py) and peers_bnb.csv
     (bench/peers/bnb_gemv) beside ours from the same run (ours*.csv: bench_cuda, first file wins;
-    multi.csv: bench_multi_cuda)."""
+    multi.csv and multi_nf4.csv: bench_multi_cuda)."""
     import glob
     import os
     nan = float("nan")
@@ -71,11 +88,14 @@ def peers_table(outdir, machine):
         for k, v in load(path).items():
             ours.setdefault(k, v)
     bnb = load(os.path.join(outdir, "peers_bnb.csv"))
-    try:
-        with open(os.path.join(outdir, "multi.csv")) as f:
-            multi = {(r["name"], int(r["tokens"]), int(r["adapters"])): float(r["ms"]) for r in csv.DictReader(f)}
-    except OSError:
-        multi = {}
+    multi = {}
+    for name in ("multi_nf4.csv", "multi.csv"):  # LORA_BENCH_MULTI=nf4 alone first, then all rows
+        try:
+            with open(os.path.join(outdir, name)) as f:
+                for r in csv.DictReader(f):
+                    multi.setdefault((r["name"], int(r["tokens"]), int(r["adapters"])), float(r["ms"]))
+        except OSError:
+            pass
     try:
         with open(os.path.join(outdir, "peers_vllm.csv")) as f:
             vl = {(r["name"], int(r["out"]), int(r["tokens"]), int(r["adapters"])): (float(r["ms"]), float(r["extra"]))
@@ -141,6 +161,7 @@ def peers_table(outdir, machine):
                 pc = f"{qbw / cp * 100:.0f}%" if qbw == qbw and cp == cp else "–"
                 print(f"| {o}×{i} | {t} | {us(cb)} | {us(nv)} | {rat(cb, nv)} | {us(g4)} | {rat(cb, g4)} | {us(q)} "
                       f"| {rat(cb, q)} | {pc} | {rat(best, q)} |")
+    nf4_mixed_table(multi)
 
 
 if len(sys.argv) > 1 and sys.argv[1] == "--peers":
