@@ -1,5 +1,6 @@
 #include <lora/core/init.hpp>
 #include <lora/multi/adapter_set.hpp>
+#include <lora/quant/qlora.hpp>
 
 #include <algorithm>
 #include <numeric>
@@ -69,6 +70,28 @@ TEST_CASE("batched_apply equals the per-token float64 reference for every id lay
   check({0, 1, 2, 3, 4, 5, 6}, "one token per adapter");
   check({6, 0}, "most adapters unused (empty segments)");
   check({4}, "a single token");
+}
+
+TEST_CASE("apply over an NF4 base equals the float64 reference on the dequantised weight", "[multi][nf4]") {
+  // QLoRA serving on the CPU, as AdapterSet<S, cuda>::apply(Nf4Tensor<cuda>, …): the fused NF4
+  // product for ≤ 16 tokens, row panels above, then the per-token adapter paths.
+  Fixture f(5);
+  const Nf4Tensor q = Nf4Tensor::quantize(Matrix<float>(f.W.cast<float>()), {64, true});
+  const MatD Wd = q.dequantize<float>().cast<double>();
+  for (Index T : {Index(1), Index(5), Index(16), Index(37)}) {
+    INFO("tokens " << T);
+    std::vector<int> ids(static_cast<std::size_t>(T));
+    for (auto& i : ids) i = static_cast<int>(f.gen.next() % 6) - 1;  // {-1, 0..4}
+    const MatD X = random_matrix(T, f.in, f.gen);
+    const Matrix<float> Xf = X.cast<float>();
+    const auto Y = f.set.apply(q, Xf, ids);
+    CHECK(rel_error(Y, reference_apply(f.set, Wd, Xf.cast<double>(), ids)) < 1e-5);
+  }
+  const Nf4Tensor wrong = Nf4Tensor::quantize(Matrix<float>(random_matrix<float>(f.in, f.out, f.gen)), {64, false});
+  const std::vector<int> ids = {0, -1};
+  CHECK_THROWS_WITH(f.set.apply(wrong, Matrix<float>(random_matrix<float>(2, f.in, f.gen)), ids),
+                    Catch::Matchers::ContainsSubstring("NF4 base weight has 2 dimensions and shape [48 x 40], expected "
+                                                       "[out x in] = [40 x 48]"));
 }
 
 TEST_CASE("segments group tokens stably and detect contiguity", "[multi]") {

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <concepts>
 #include <memory>
 #include <optional>
 #include <span>
@@ -18,6 +19,11 @@
 #include <string_view>
 #include <type_traits>
 #include <vector>
+
+namespace lora::quant {
+template <class Device>
+class Nf4Tensor;  // lora/quant/nf4_tensor.hpp: apply's NF4 base
+}  // namespace lora::quant
 
 namespace lora::multi {
 
@@ -184,6 +190,20 @@ class AdapterSet<Scalar, cpu> {
   Segments segments(std::span<const int> ids) const;
   /// The mixed-adapter layer X·Wᵀ + per-token adapter paths: batched_apply(*this, W, X, ids).
   Matrix<compute_scalar> apply(const MatrixRef<Scalar>& W, const MatrixRef<Scalar>& X, std::span<const int> ids) const;
+  /// The same over an NF4 base (QLoRA serving, as AdapterSet<S, cuda>::apply(Nf4Tensor<cuda>, …)):
+  /// X·dequant(Wq)ᵀ by quant::nf4_matmul (activations in float; include lora/quant/qlora.hpp or
+  /// lora/lora.hpp, which this header leaves out for compile time) plus the per-token adapter paths.
+  template <class Q>
+    requires std::same_as<Q, quant::Nf4Tensor<cpu>>
+  Matrix<compute_scalar> apply(const Q& Wq, const MatrixRef<Scalar>& X, std::span<const int> ids) const {
+    if (Wq.shape().size() != 2 || Wq.rows() != out_ || Wq.cols() != in_)
+      lora::detail::fail("AdapterSet: NF4 base weight has {} dimensions and shape [{} x {}], expected [out x in] = [{} x {}]",
+                         Wq.shape().size(), Wq.rows(), Wq.cols(), out_, in_);
+    if (X.cols() != in_) lora::detail::fail("batched forward: input X has {} columns, expected {}", X.cols(), in_);
+    Matrix<compute_scalar> Y = nf4_matmul(Wq, Matrix<float>(X.template cast<float>())).template cast<compute_scalar>();
+    Y += batched_forward(*this, X, ids);
+    return Y;
+  }
   /// The adapter paths alone: batched_forward(*this, X, ids).
   Matrix<compute_scalar> forward(const MatrixRef<Scalar>& X, std::span<const int> ids) const;
 
