@@ -184,8 +184,9 @@ TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on
     const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
     const auto q = Nf4Tensor::quantize(W, {64, true});
     const auto Wq = quant::Nf4Tensor<cuda>::from_host(q);
-    const Matrix<S> Wd = q.template dequantize<float>().template cast<S>();  // for the reference's shape only
-    const MatD Wdd = q.template dequantize<float>().template cast<double>();
+    const Matrix<float> Wf = q.template dequantize<float>();
+    const Matrix<S> Wd = Wf.template cast<S>();  // the dense base of the apply_over check below
+    const MatD Wdd = Wf.template cast<double>();
     const auto dWd = DeviceMatrix<S>::from_host(Wd);
     for (Index T : {Index(1), Index(5), Index(16), Index(37)}) {
       for (const std::string kind : {"random", "all_one"}) {

@@ -860,8 +860,11 @@ class AdapterSet<Scalar, cuda> {
   void apply(cview W, cview X, const DeviceSegments& seg, view Y) const {
     lora::detail::require(W.rows == out_ && W.cols == in_, "AdapterSet<cuda>: ", "base weight W", W.rows, W.cols,
                           out_, in_);
-    apply_over([&](view y) { lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, y); },
-               X, seg, Y);
+    apply_over(
+        [&](view y) {
+          lora::detail::gemm<Scalar, Scalar, Scalar>(*ctx_, false, true, X.rows, out_, in_, 1.f, X, W, 0.f, y);
+        },
+        X, seg, Y);
   }
   /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms, the
   /// base product by quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise +

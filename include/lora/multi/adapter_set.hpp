@@ -195,15 +195,7 @@ class AdapterSet<Scalar, cpu> {
   /// lora/lora.hpp, which this header leaves out for compile time) plus the per-token adapter paths.
   template <class Q>
     requires std::same_as<Q, quant::Nf4Tensor<cpu>>
-  Matrix<compute_scalar> apply(const Q& Wq, const MatrixRef<Scalar>& X, std::span<const int> ids) const {
-    if (Wq.shape().size() != 2 || Wq.rows() != out_ || Wq.cols() != in_)
-      lora::detail::fail("AdapterSet: NF4 base weight has {} dimensions and shape [{} x {}], expected [out x in] = [{} x {}]",
-                         Wq.shape().size(), Wq.rows(), Wq.cols(), out_, in_);
-    if (X.cols() != in_) lora::detail::fail("batched forward: input X has {} columns, expected {}", X.cols(), in_);
-    Matrix<compute_scalar> Y = nf4_matmul(Wq, Matrix<float>(X.template cast<float>())).template cast<compute_scalar>();
-    Y += batched_forward(*this, X, ids);
-    return Y;
-  }
+  Matrix<compute_scalar> apply(const Q& Wq, const MatrixRef<Scalar>& X, std::span<const int> ids) const;
   /// The adapter paths alone: batched_forward(*this, X, ids).
   Matrix<compute_scalar> forward(const MatrixRef<Scalar>& X, std::span<const int> ids) const;
 
@@ -420,6 +412,22 @@ template <class Scalar>
 Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::apply(const MatrixRef<Scalar>& W, const MatrixRef<Scalar>& X,
                                                          std::span<const int> ids) const {
   return batched_apply(*this, W, X, ids);
+}
+template <class Scalar>
+template <class Q>
+  requires std::same_as<Q, quant::Nf4Tensor<cpu>>
+Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::apply(const Q& Wq, const MatrixRef<Scalar>& X,
+                                                         std::span<const int> ids) const {
+  using C = compute_t<Scalar>;
+  if (Wq.shape().size() != 2 || Wq.rows() != out_ || Wq.cols() != in_)
+    lora::detail::fail("AdapterSet: NF4 base weight has {} dimensions and shape [{} x {}], expected [out x in] = [{} x {}]",
+                       Wq.shape().size(), Wq.rows(), Wq.cols(), out_, in_);
+  if (X.cols() != in_) lora::detail::fail("batched forward: input X has {} columns, expected {}", X.cols(), in_);
+  const Segments seg = detail::make_segments(*this, ids, X.rows());
+  const Matrix<C> Xc = X.template cast<C>();
+  Matrix<C> Y = nf4_matmul(Wq, Matrix<float>(X.template cast<float>())).template cast<C>();  // ADL: lora::quant
+  detail::add_adapter_paths(*this, seg, Xc, Y);
+  return Y;
 }
 template <class Scalar>
 Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::forward(const MatrixRef<Scalar>& X, std::span<const int> ids) const {
