@@ -11,9 +11,11 @@
 //                     tokens at other shapes
 //   byte_pair pdl     nf4_byte_pair_kernel (one token, CUDA cores)
 //   nf4_gemm          the dispatcher itself
-//   ring+lora r16     nf4_ring_kernel with the LoRA term (r 16, s 2) in its epilogue: QLoRA's
-//                     fused forward (QLoraLinear<S, cuda>::forward at these sizes); also timed
-//                     against nf4_matmul alone in alternating batches
+//   ring+lora r16     detail::nf4_gemm_lora with the LoRA term (r 16, s 2): nf4_lora_shrink_kernel,
+//                     then nf4_ring_kernel adding B·XA in its epilogue: QLoRA's fused forward
+//                     (QLoraLinear<S, cuda>::forward at these sizes); also timed against
+//                     nf4_matmul alone in alternating batches
+//   ring+lora narrow  the same with the narrow table (≤ 8 tokens, where it takes the WIDE one)
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -30,6 +32,7 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -59,8 +62,12 @@ int main(int argc, char** argv) {
     DeviceMatrix<S> LA(16, in), LB(out, 16);
     fill_random(LA.view(), g, 0.02);
     fill_random(LB.view(), g, 0.02);
-    const detail::Nf4RingLora<T> lora{reinterpret_cast<const T*>(LA.data()), LA.view().ld,
-                                      reinterpret_cast<const T*>(LB.data()), LB.view().ld, 16, 2.f};
+    DeviceBuffer<S> xa(256);
+    detail::Nf4RingLora<T> lora;
+    lora.jobs = 1;
+    lora.xa = reinterpret_cast<T*>(xa.data());
+    lora.job[0] = {reinterpret_cast<const T*>(LA.data()), LA.view().ld, reinterpret_cast<const T*>(LB.data()),
+                   LB.view().ld, 16, 2.f, 1u};
     for (const Index tokens : {Index(1), Index(8), Index(16)}) {
       DeviceMatrix<S> X(tokens, in), Y(tokens, out);
       fill_random(X.view(), g, 1.0);
@@ -110,6 +117,7 @@ int main(int argc, char** argv) {
     DeviceMatrix<S> LA(rank, in), LB(out, rank);
     fill_random(LA.view(), g, 0.02);
     fill_random(LB.view(), g, 0.02);
+    DeviceBuffer<S> xa(static_cast<std::size_t>(rank / 16) * 256);  // the LoRA pieces' s·X·Aᵀ
     DeviceMatrix<float> LAf(rank, in), LBf(out, rank);
     upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
     upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
@@ -202,15 +210,25 @@ int main(int argc, char** argv) {
       if (tokens >= 2 && tokens <= 8) stream("stream NT1", detail::launch_nf4_stream<T, 1, false, false>);
       if (tokens > 8) stream("stream NT2", detail::launch_nf4_stream<T, 2, false, false>);
       refp = &ref_lora;
-      const detail::Nf4RingLora<T> lora{reinterpret_cast<const T*>(LA.data()), LA.view().ld,
-                                        reinterpret_cast<const T*>(LB.data()), LB.view().ld, static_cast<int>(rank),
-                                        lora_s};
-      auto qlora = [&](int i) {
-        const auto& w = q[i % sets];
-        detail::launch_nf4_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(),
-                                   w.absmax().data(), static_cast<int>(out), yd, ldy, ctx->stream(), true, lora);
+      detail::Nf4RingLora<T> lora;
+      lora.jobs = static_cast<int>(rank / 16);
+      lora.xa = reinterpret_cast<T*>(xa.data());
+      for (int p = 0; p < lora.jobs; ++p)
+        lora.job[p] = {reinterpret_cast<const T*>(LA.data()) + 16L * p * LA.view().ld, LA.view().ld,
+                       reinterpret_cast<const T*>(LB.data()) + 16L * p, LB.view().ld, 16, lora_s,
+                       (1u << tokens) - 1u};
+      auto qlora = [&](int i) {  // the library's choice (QLoraLinear<S, cuda>::forward)
+        if (!detail::nf4_gemm_lora<S>(q[i % sets].parts(), X.view(), Y.view(), lora, *ctx))
+          throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       variant("ring+lora r16", qlora);
+      if (tokens <= 8)  // the narrow table where the library takes the WIDE one
+        variant("ring+lora narrow", [&](int i) {
+          const auto& w = q[i % sets];
+          detail::launch_nf4_ring<T, 2, false>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
+                                              w.packed().data(), w.absmax().data(), static_cast<int>(out), yd, ldy,
+                                              ctx->stream(), true, lora);
+        });
       refp = &ref_base;
       {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
         const auto m = time_all(

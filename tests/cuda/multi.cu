@@ -166,9 +166,12 @@ TEST_CASE("cuda multi: strided X and Y views", "[cuda][multi]") {
 }
 
 // QLoRA serving: a mixed batch over an NF4 base (apply(Nf4Tensor<cuda>, …)) against float64 on
-// the dequantised weight. Shapes for the copy-ring kernel (in % 256 == 0, ≤ 16 bf16/half tokens),
-// the other fused kernels (in = 96) and dequantise + cuBLAS (T > 16); every schedule; apply_over
-// with a caller's base product (here the dense GEMM) against apply(W, …).
+// the dequantised weight. Shapes for the one-pass kernel (in = 4096, out % 8 == 0 but not % 16:
+// up to 11 pieces of 16 ranks, ranks 8 and 5 partial pieces, the WIDE table at T ≤ 8), the
+// copy-ring kernel with the adapters' paths after it (out % 8 != 0), the other fused kernels
+// (in = 96) and dequantise + cuBLAS (T > 16); every schedule; the adapters' terms alone (Y minus
+// the NF4 product); apply_over with a caller's base product (here the dense GEMM) against
+// apply(W, …).
 // bf16 and float only: half takes bf16's kernels (tests/cuda/nf4.cu covers them), and each type
 // instantiates the whole NF4 kernel family in this file again (half: 28 s of nvcc on 2 cores).
 TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on the dequantised weight",
@@ -178,7 +181,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on
   INFO("seed " << seed);
   Generator g(seed);
   const std::vector<Index> ranks = {16, 8, 32, 5};
-  for (auto [in, out, n] : {std::tuple<Index, Index, int>{1024, 130, 6}, {96, 70, 3}, {512, 200, 9}}) {
+  for (auto [in, out, n] : {std::tuple<Index, Index, int>{4096, 200, 10}, {1024, 130, 6}, {96, 70, 3}}) {
     auto set = random_set<S>(in, out, n, ranks, g);
     auto dev = multi::AdapterSet<S, cuda>::from_host(set);
     const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
@@ -194,7 +197,8 @@ TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on
         const auto ids = make_ids(kind, T, n, g);
         const Matrix<S> X = rand_s<S>(T, in, g);
         const auto dX = DeviceMatrix<S>::from_host(X);
-        const MatD ref = X.template cast<double>() * Wdd.transpose() + reference<S>(set, nullptr, X, ids);
+        const MatD paths = reference<S>(set, nullptr, X, ids);
+        const MatD ref = X.template cast<double>() * Wdd.transpose() + paths;
         const auto seg = dev.segments(ids);
         for (auto sched : {multi::SgmvSchedule::serial, multi::SgmvSchedule::overlap, multi::SgmvSchedule::delta}) {
           INFO("schedule " << static_cast<int>(sched));
@@ -205,6 +209,12 @@ TEMPLATE_TEST_CASE("cuda multi: mixed adapters over an NF4 base match float64 on
           const Matrix<S> y = Y.to_host();
           REQUIRE(y.allFinite());
           CHECK(lora::test::rel_error(y, ref) < tol<S>());
+          if (sched == multi::SgmvSchedule::serial && paths.cwiseAbs().maxCoeff() > 0) {
+            DeviceMatrix<S> Yb(T, out);
+            quant::nf4_matmul<S>(Wq, dX.view(), Yb.view());
+            const MatD terms = y.template cast<double>() - Yb.to_host().template cast<double>();
+            CHECK(lora::test::rel_error(terms, paths) < 5 * tol<S>());
+          }
         }
         // A caller's base product: the dense GEMM on the rounded dequantised weight, which must
         // give what apply(W, …) gives, to the last bit (the same kernels in the same order).

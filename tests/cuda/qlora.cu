@@ -69,13 +69,14 @@ TEMPLATE_TEST_CASE("cuda qlora: the fused decode forward (NF4 product and low-ra
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  // Ranks 16, 32 and 64 (one, two and four mma tiles of XA) and 8 (the unfused path), rows not a
-  // multiple of the 16-row tile, 1, 4 and 16 K-warps, tokens 1…16 (one and two n-tiles). The
-  // low-rank term is scaled to be comparable with the base product, so a wrong B row, rank
-  // index or token shows. Reference: float64 on the float dequantised W; the kernel rounds codes
-  // and s·X·Aᵀ to S and Y once (a few 2^-9 relative for bf16, inside tol<S>() = 1e-2).
+  // Ranks 16, 32 and 128 (one, two and eight pieces of 16 ranks; at in = 4096 and T ≤ 8 with the
+  // WIDE table), 64 at in = 256 (four pieces, one K-warp: the unfused path) and 8 (unfused), rows
+  // not a multiple of the 16-row tile, 1, 4, 8 and 16 K-warps, tokens 1…16 (one and two
+  // n-tiles). The low-rank term is scaled to be comparable with the base product, so a wrong B
+  // row, rank index or token shows. Reference: float64 on the float dequantised W; the kernel
+  // rounds codes and s·X·Aᵀ to S and Y once (a few 2^-9 relative for bf16, inside tol<S>() = 1e-2).
   for (auto [out, in, r] : {std::tuple<Index, Index, Index>{1003, 4096, 16}, {37, 1024, 32}, {300, 256, 64},
-                            {130, 1024, 8}}) {
+                            {130, 1024, 8}, {200, 2048, 128}}) {
     INFO("out " << out << " in " << in << " r " << r);
     const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
     LowRankAdapter<float> a(in, out, r, 2.0 * static_cast<double>(r));

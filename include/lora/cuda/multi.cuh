@@ -11,6 +11,7 @@
 //   set.replace(a, "math", A2, B2, 1.0);               // hot-swap; the others stay loaded
 
 #include <lora/cuda/kernels.cuh>
+#include <lora/cuda/nf4.cuh>
 #include <lora/cuda/runtime.hpp>
 #include <lora/multi/adapter_set.hpp>
 #include <lora/quant/nf4_tensor.hpp>
@@ -625,6 +626,7 @@ struct DeviceSegments {
   int tiles = 0;
   DeviceBuffer<detail::SegmentTile> tile_buf;
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
+  std::vector<int> host_order;   ///< the same on the host
   /// The backward's work lists in one buffer: the adapter of each segment [adapters.size()],
   /// then grad_items detail::GradItem, then grad_reduces detail::GradReduce (chunks of
   /// ≤ sgmv_grad_chunk positions; grad_slots partial slots for the segments of several chunks).
@@ -814,6 +816,7 @@ class AdapterSet<Scalar, cuda> {
         tiles.push_back({s.adapter[k], static_cast<int>(b),
                          static_cast<int>(std::min<Index>(detail::sgmv_tile_tokens, s.begin[k + 1] - b))});
     std::vector<int> order(s.order.begin(), s.order.end());
+    d.host_order = order;
     d.tiles = static_cast<int>(tiles.size());
     d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
     d.order = DeviceBuffer<int>(order.size());
@@ -866,9 +869,14 @@ class AdapterSet<Scalar, cuda> {
         },
         X, seg, Y);
   }
-  /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms, the
-  /// base product by quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise +
-  /// cuBLAS above) in the base GEMM's place. Wq [out × in] must be on the set's CUDA context.
+  /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms. For
+  /// 1…16 bf16/half tokens where the NF4 copy-ring kernel applies (blocksize 64, in % 256 == 0,
+  /// in ≤ 4096, out % 8 == 0) and the batch's adapters come to at most min(16, in / 256) pieces of
+  /// 16 ranks: one pass over Wq (detail::nf4_gemm_lora: each piece's s·X·Aᵀ for its tokens by a
+  /// small kernel, rounded to S, then the NF4 kernel adds the pieces' products with Bᵀ in its
+  /// epilogue, Y rounded once; `schedule` does not apply). Otherwise the base product by
+  /// quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise + cuBLAS above) in the
+  /// base GEMM's place, then the adapters' paths. Wq [out × in] must be on the set's CUDA context.
   template <class Q>
     requires std::same_as<Q, quant::Nf4Tensor<cuda>>
   void apply(const Q& Wq, cview X, const DeviceSegments& seg, view Y) const {
@@ -879,6 +887,7 @@ class AdapterSet<Scalar, cuda> {
                           Wq.cols(), out_, in_);
     if (&Wq.context() != ctx_.get())
       lora::detail::fail("AdapterSet<cuda>: the NF4 base weight and the adapter set are on different CUDA contexts");
+    if (nf4_fused(Wq, X, seg, Y)) return;
     apply_over([&](view y) { quant::nf4_matmul<Scalar>(Wq, X, y); }, X, seg, Y);
   }
   /// The same over any base product: base(Y) writes Y = X·Wᵀ for all T tokens on the set's
@@ -1167,6 +1176,37 @@ class AdapterSet<Scalar, cuda> {
       lora::detail::fail("AdapterSet<cuda>: {} adapter ids given for {} tokens; expected one id per token", ids.size(),
                          X.rows);
   }
+  /// apply over an NF4 base in one pass (see there); false (nothing launched) where it does not apply.
+  bool nf4_fused(const quant::Nf4Tensor<cuda>& Wq, cview X, const DeviceSegments& seg, view Y) const {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      return false;
+    } else {
+      using D = lora::detail::device_t<Scalar>;
+      if (X.rows < 1 || X.rows > 16 || seg.tiles == 0) return false;
+      check_batch(X, seg, Y);
+      lora::detail::Nf4RingLora<D> l;
+      l.bt = true;
+      for (std::size_t k = 0; k < seg.adapters.size(); ++k) {
+        const int id = seg.adapters[k];
+        std::uint32_t mask = 0;
+        for (Index p = seg.begin[k]; p < seg.begin[k + 1]; ++p)
+          mask |= 1u << seg.host_order[static_cast<std::size_t>(p)];
+        const Index r = rank(id);
+        const cview a = A(id), bt = Bt(id);
+        for (Index p0 = 0; p0 < r; p0 += 16) {
+          if (l.jobs == lora::detail::nf4_lora_max_jobs) return false;
+          l.job[l.jobs++] = {reinterpret_cast<const D*>(a.data) + p0 * a.ld, a.ld,
+                             reinterpret_cast<const D*>(bt.data) + p0 * bt.ld, bt.ld,
+                             static_cast<int>(std::min<Index>(16, r - p0)), static_cast<float>(scaling(id)), mask};
+        }
+      }
+      const std::size_t n = static_cast<std::size_t>(l.jobs) * 256;
+      if (xa_.size() < n) xa_ = DeviceBuffer<Scalar>(static_cast<std::size_t>(lora::detail::nf4_lora_max_jobs) * 256);
+      l.xa = reinterpret_cast<D*>(xa_.data());
+      return lora::detail::nf4_gemm_lora<Scalar>(Wq.parts(), X, Y, l, *ctx_);
+    }
+  }
+
   void check_batch(cview X, const DeviceSegments& seg, cview Y) const {
     if (X.cols != in_)
       lora::detail::fail("AdapterSet<cuda>: input X has {} columns, expected {}", X.cols, in_);
@@ -1328,6 +1368,7 @@ class AdapterSet<Scalar, cuda> {
   std::vector<detail::DeviceSlotEntry<T>> entries_;  // host mirror of table_
   DeviceBuffer<detail::DeviceSlotEntry<T>> table_;
   mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
+  mutable DeviceBuffer<Scalar> xa_;  // the one-pass NF4 apply's s·X·Aᵀ pieces [16 × 16 tokens × 16 ranks]
   mutable std::unique_ptr<detail::ForkJoin> fork_;
   mutable DeviceBuffer<float> bwd_scratch_;   // backward's segment offsets, h and gb partial sums, slots
   mutable DeviceBuffer<Scalar> delta_;  // the delta schedules' adapter rows [covered × out] (backward: × in)

@@ -699,34 +699,47 @@ void launch_nf4_byte_pair(const T* X, int K, const std::uint8_t* packed, const f
 constexpr int nf4_ring_stages = 2;        // ring slots per warp: the next tile in flight while one computes
 constexpr int nf4_ring_row_bytes = 128;   // a row's 128 code bytes, 32-byte units swizzled by row % 4
 constexpr int nf4_ring_stage_bytes = 16 * nf4_ring_row_bytes + 16 * 16;  // 16 rows of codes, then 16 × 4 absmax
-/// A slot with a LoRA term: then the tile's 16 rows of B (16·RT values each; warp 0's slots only
-/// use them).
-template <int RT>
-constexpr int nf4_ring_slot_bytes = nf4_ring_stage_bytes + RT * 16 * 16 * 2;
 constexpr int nf4_ring_max_warps = 16;    // K-warps per block: K ≤ 16 · 256
 /// From this many K-warps (128 registers each) the narrow kernel is one block per SM by registers,
 /// so the WIDE table's 128 KB of shared memory costs no occupancy.
 constexpr int nf4_ring_wide_min_warps = 9;
+/// LoRA pieces (16 ranks of one adapter each) nf4_ring_kernel adds at most: one per K-warp.
+constexpr int nf4_lora_max_jobs = nf4_ring_max_warps;
+/// A piece's slot in its warp's ring: the tile's 16 rows × 16 ranks of B (16-bit values).
+constexpr int nf4_lora_slot_bytes = 16 * 16 * 2;
 
-/// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps: the lane-private code table,
-/// each warp's ring, two slots of partial sums, and with a LoRA term (RT > 0) s·X·Aᵀ as
-/// [16 tokens × 16·RT] values of T.
-template <int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
-constexpr int nf4_ring_smem_bytes(int warps) {
-  return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_slot_bytes<RT> + 2 * warps * NT * 4 * 32 * 4 +
-         (RT > 0 ? 16 * 16 * RT * 2 : 0);
+/// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: the
+/// lane-private code table, each warp's ring, two slots of partial sums, and each piece's ring of
+/// B tiles.
+template <int NT, bool LORA = false, int S = nf4_ring_stages, bool WIDE = false>
+constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
+  return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
+         (LORA ? jobs * S * nf4_lora_slot_bytes : 0);
 }
 
-/// The LoRA term nf4_ring_kernel may add: Y += (s·X·Aᵀ)·Bᵀ with A [r × K] and B [out × r]
-/// row-major, r = 16·RT (r == 0: none).
+/// One piece of a LoRA term: 16 ranks [16p, 16p + 16) of one adapter (scaling s, A [r × K]
+/// row-major), for the tokens of a mask.
+template <class T>
+struct Nf4LoraJob {
+  const T* a = nullptr;  ///< A's row 16p
+  long lda = 0;
+  const T* b = nullptr;  ///< B [out × r] at column 16p, or (Nf4RingLora::bt) Bᵀ [r × out] at row 16p
+  long ldb = 0;
+  int ranks = 16;        ///< the adapter's ranks in this piece (1…16; 16 unless bt)
+  float s = 0.f;
+  std::uint32_t tokens = 0;  ///< bit t: token t takes this piece
+};
+
+/// The LoRA term nf4_ring_kernel adds: for each piece, Y[t] += round(s·X[t]·Aᵀ)·Bᵀ over its 16
+/// ranks and tokens (jobs == 0: none). One adapter of rank r is r / 16 pieces for every token; a
+/// mixed batch has one adapter's pieces per token mask. xa [jobs × 16 tokens × 16 ranks] is
+/// nf4_lora_shrink_kernel's output, which launch_nf4_ring launches first.
 template <class T>
 struct Nf4RingLora {
-  const T* A = nullptr;
-  long lda = 0;
-  const T* B = nullptr;
-  long ldb = 0;
-  int r = 0;
-  float s = 0.f;
+  int jobs = 0;
+  bool bt = false;  ///< the pieces' b are rows of Bᵀ (multi::AdapterSet's layout), not columns of B
+  T* xa = nullptr;
+  Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
@@ -736,6 +749,87 @@ __device__ __forceinline__ void nf4_cp_async_commit() { asm volatile("cp.async.c
 template <int N>
 __device__ __forceinline__ void nf4_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/// This lane's activations for nf4_ring_kernel's layout: token gid + 8n, weights 256·warp + 64g +
+/// 16q … + 15, for the tokens `take` accepts (zeros for the others and past `tokens`).
+template <class T, int NT, class Take>
+__device__ __forceinline__ void nf4_ring_load_x(const T* __restrict__ X, long ldx, int tokens, int warp, int gid,
+                                                int q, Take take, std::uint32_t (&xr)[4][NT][8]) {
+#pragma unroll
+  for (int g = 0; g < 4; ++g)
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int t = gid + 8 * n;
+      uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
+      if (t < tokens && take(t)) {
+        const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
+        u0 = __ldg(reinterpret_cast<const uint4*>(xp));
+        u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
+      }
+      xr[g][n][0] = u0.x, xr[g][n][1] = u0.y, xr[g][n][2] = u0.z, xr[g][n][3] = u0.w;
+      xr[g][n][4] = u1.x, xr[g][n][5] = u1.y, xr[g][n][6] = u1.z, xr[g][n][7] = u1.w;
+    }
+}
+
+/// XA = s·X·Aᵀ for nf4_ring_kernel's LoRA term: block j computes piece j's [16 tokens × 16
+/// ranks] on the tensor cores with K / 256 warps, warp w the weights [256w, 256w + 256) in the ring
+/// kernel's fragment layout (tokens outside the piece's mask and ranks past the adapter's give 0),
+/// the warps' partial sums added in warp order through shared memory, scaled by s and rounded
+/// to T into xa[j]. A programmatic dependent launch: it waits for X, then lets the ring kernel
+/// start (which therefore reads X without waiting, and waits for xa only before its first LoRA
+/// product).
+template <class T, int NT>
+__global__ void __launch_bounds__(nf4_ring_max_warps * 32)
+    nf4_lora_shrink_kernel(const T* __restrict__ X, long ldx, int tokens, const __grid_constant__ Nf4RingLora<T> lora) {
+  __shared__ float red[nf4_ring_max_warps][NT * 4][32];
+  const int KS = static_cast<int>(blockDim.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int gid = lane / 4, q = lane % 4;
+  const Nf4LoraJob<T>& jb = lora.job[blockIdx.x];
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  std::uint32_t xr[4][NT][8];
+  const std::uint32_t mask = jb.tokens;
+  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [mask](int t) { return (mask >> t) & 1u; }, xr);
+  float dxa[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
+  const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
+  const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
+    const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
+    const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
+    const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
+    const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
+    const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
+#pragma unroll
+      for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = dxa[n][i];
+  __syncthreads();
+  T* out = lora.xa + static_cast<long>(blockIdx.x) * 256;
+  for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+    // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+    const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
+    float v = 0.f;
+    if (n < NT && j < jb.ranks) {
+      const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
+      for (int w = 0; w < KS; ++w) v += red[w][n * 4 + i][l];
+    }
+    out[t * 16 + j] = from_float<T>(jb.s * v);
+  }
 }
 
 /// Tensor-core NF4 GEMM for 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096
@@ -751,27 +845,27 @@ __device__ __forceinline__ void nf4_cp_async_wait() {
 /// is nf4_stream_kernel's: a byte of two codes becomes a code pair in the activation type
 /// through a lane-private 256-entry table (one PRMT + one LEA + one LDS per byte), four
 /// mma.m16n8k16 per 64-weight group with f32 accumulation, and the group's product scaled by
-/// its absmax in float. A programmatic dependent launch (pdl != 0): it builds the table and
-/// asks L2 for its first tiles before griddepcontrol.wait, and reads X and W only after it.
+/// its absmax in float. With `wait` (a programmatic dependent launch after X's producer) it
+/// builds the table and asks L2 for its first tiles before griddepcontrol.wait, and reads X and
+/// W only after it.
 ///
-/// With RT > 0 it also adds a LoRA term (QLoRA inference in one pass over W): before its first
-/// tile each block computes XA = s·X·Aᵀ on the tensor cores from the activations its warps
-/// already hold (each warp its K slice of A's r = 16·RT rows, the partial sums added in a fixed
-/// order through shared memory, then rounded to T as the unfused path rounds its XA), and warp
-/// 0 adds the tile's 16 rows of B times XA (RT mma per n-tile) to its partial sum, so Y is
-/// rounded once. A and XA come from L2 while the first tiles of W are still in flight; B's tile
-/// rows come with the tile, through warp 0's ring slots.
+/// With LORA it also adds the pieces of a LoRA term (QLoRA inference, or a mixed batch of
+/// adapters, in one pass over W): warp w < lora.jobs brings piece w's 16 rows × 16 ranks of B
+/// with each tile into its ring and adds B·XA to its partial sum on the tensor cores (one
+/// mma per n-tile; from Bᵀ by ldmatrix.trans), so Y is rounded once. XA (s·X·Aᵀ, rounded to T)
+/// is nf4_lora_shrink_kernel's, the kernel before this one: X is ready when this kernel starts
+/// (see there), and only warps with a piece wait for XA, after their first tile's products.
 ///
 /// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
 /// n-tile only, for its shared memory): the
 /// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
 /// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
-template <class T, int NT, int RT = 0, int S = nf4_ring_stages, bool WIDE = false>
+template <class T, int NT, bool LORA = false, int S = nf4_ring_stages, bool WIDE = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
-                    const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int pdl,
-                    Nf4RingLora<T> lora) {
-  constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_slot_bytes<RT>;
+                    const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int wait,
+                    const __grid_constant__ Nf4RingLora<T> lora) {
+  constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes, LB = nf4_lora_slot_bytes;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -782,11 +876,14 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem + lut_off);
   unsigned char* ring = smem + lut_region + warp * S * SB;
   float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * SB);  // [2][KS][NT·4][32]
+  // with LORA, warp w < jobs: piece w's ring of B tiles
+  unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + warp * S * LB;
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const long crow = K / 2, arow = K / 64;
   const std::uint8_t* pc = packed + warp * 128;  // this warp's 128 bytes of a row
   const float* pa = absmax + warp * 4;           // and its 4 scales
+  [[maybe_unused]] const bool piece = LORA && warp < lora.jobs;
 
   auto issue = [&](int j) {  // tile j of this block into slot j % S (an empty group past the end)
     if (j < mine) {
@@ -802,12 +899,17 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         const long row = min(row0 + lane, nOut - 1);
         nf4_cp_async16(st + 16 * RB + lane * 16, pa + row * arow);
       }
-      if constexpr (RT > 0) {  // warp 0 also brings the tile's rows of B: [p][16 rows][16 values]
-        if (warp == 0) {
-          const long row = min(row0 + lane / 2, nOut - 1);
-#pragma unroll
-          for (int p = 0; p < RT; ++p)
-            nf4_cp_async16(st + 16 * RB + 256 + p * 512 + lane * 16, lora.B + row * lora.ldb + 16 * p + 8 * (lane % 2));
+      if constexpr (LORA) {
+        if (piece) {
+          const Nf4LoraJob<T>& jb = lora.job[warp];
+          unsigned char* ls = lring + (j % S) * LB;
+          if (lora.bt) {  // Bᵀ: rank lane / 2, rows row0 + 8·(lane % 2) … + 7 → [rank][16 rows]
+            const long k = min(lane / 2, jb.ranks - 1), col = min(row0 + 8 * (lane % 2), nOut - 8);
+            nf4_cp_async16(ls + lane * 16, jb.b + k * jb.ldb + col);
+          } else {  // B: row row0 + lane / 2, ranks 8·(lane % 2) … + 7 → [row][16 ranks]
+            const long row = min(row0 + lane / 2, nOut - 1);
+            nf4_cp_async16(ls + lane * 16, jb.b + row * jb.ldb + 8 * (lane % 2));
+          }
         }
       }
     }
@@ -815,87 +917,20 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
 
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  if (pdl && lane < 16)
+  if (wait && lane < 16)
     for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int byte = i / 32;
     lut[WIDE ? byte * 64 + i % 32 : i] = mma_traits<T>::pack(nf4_values[byte >> 4], nf4_values[byte & 15]);
   }
-  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) issue(j);
 
-  // This lane's activations: token gid + 8n, weights 256·warp + 64g + 16q … + 15 (zeros past `tokens`).
   std::uint32_t xr[4][NT][8];
-#pragma unroll
-  for (int g = 0; g < 4; ++g)
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      const int t = gid + 8 * n;
-      uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
-      if (t < tokens) {
-        const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
-        u0 = __ldg(reinterpret_cast<const uint4*>(xp));
-        u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
-      }
-      xr[g][n][0] = u0.x, xr[g][n][1] = u0.y, xr[g][n][2] = u0.z, xr[g][n][3] = u0.w;
-      xr[g][n][4] = u1.x, xr[g][n][5] = u1.y, xr[g][n][6] = u1.z, xr[g][n][7] = u1.w;
-    }
+  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
   __syncthreads();  // the table
-
-  // LoRA: xab = this lane's B-operand fragments of XA = s·X·Aᵀ (token gid + 8n, ranks 16p + 2q …).
-  [[maybe_unused]] std::uint32_t xab[RT > 0 ? RT : 1][NT][2];
-  if constexpr (RT > 0) {
-    constexpr int R = 16 * RT;
-    T* xas = reinterpret_cast<T*>(red + 2 * KS * NT * 4 * 32);  // [16 tokens][R]
-#pragma unroll 1
-    for (int p = 0; p < RT; ++p) {
-      float dxa[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
-      const T* a0 = lora.A + static_cast<long>(16 * p + gid) * lora.lda + 256 * warp + 16 * q;
-      const T* a1 = a0 + 8 * lora.lda;
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
-        const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
-        const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
-        const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
-        const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
-        const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
-      __syncthreads();
-      for (int o = static_cast<int>(threadIdx.x); o < 16 * 8 * NT; o += static_cast<int>(blockDim.x)) {
-        const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
-        const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
-        float v = 0.f;
-        for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
-        xas[t * R + 16 * p + j] = from_float<T>(lora.s * v);
-      }
-      __syncthreads();
-    }
-#pragma unroll
-    for (int p = 0; p < RT; ++p)
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const T* xp = xas + (gid + 8 * n) * R + 16 * p + 2 * q;
-        xab[p][n][0] = *reinterpret_cast<const std::uint32_t*>(xp);
-        xab[p][n][1] = *reinterpret_cast<const std::uint32_t*>(xp + 8);
-      }
-  }
 
   const std::uint32_t lane_base = shared_u32(lut) + static_cast<std::uint32_t>(lane) * 4u;
   auto lookup = [&](std::uint32_t word, int byte) {
@@ -910,6 +945,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
     return v;
   };
+  // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
+  [[maybe_unused]] std::uint32_t xab[NT][2] = {};
 
 #pragma unroll 1
   for (int j = 0; j < mine; ++j) {
@@ -923,20 +960,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int n = 0; n < NT; ++n)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
-    if constexpr (RT > 0) {  // warp 0: the tile's rows of B (from its ring slot) times XA
-      if (warp == 0) {
-        const unsigned char* sb = st + 16 * RB + 256 + 32 * gid + 4 * q;
-#pragma unroll
-        for (int p = 0; p < RT; ++p) {
-          const std::uint32_t a[4] = {*reinterpret_cast<const std::uint32_t*>(sb + p * 512),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 16),
-                                      *reinterpret_cast<const std::uint32_t*>(sb + p * 512 + 256 + 16)};
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[p][n][0], xab[p][n][1]);
-        }
-      }
-    }
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       const int u = (g ^ (gid & 3)) << 5;  // rows gid and gid + 8 share the swizzle
@@ -961,6 +984,36 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         acc[n][1] = fmaf(sA, d[n][1], acc[n][1]);
         acc[n][2] = fmaf(sB, d[n][2], acc[n][2]);
         acc[n][3] = fmaf(sB, d[n][3], acc[n][3]);
+      }
+    }
+    if constexpr (LORA) {  // the piece's 16 rows of B times its XA
+      if (piece) {
+        if (j == 0) {
+          asm volatile("griddepcontrol.wait;" ::: "memory");  // XA: the shrink kernel's output
+          const T* xp = lora.xa + warp * 256 + 2 * q;
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            xab[n][0] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16));
+            xab[n][1] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16 + 8));
+          }
+        }
+        const unsigned char* ls = lring + (j % S) * LB;
+        std::uint32_t a[4];
+        if (lora.bt) {  // [rank][16 rows]: the four 8 × 8 quarters transposed into the A fragment
+          const int m = lane / 8;
+          const std::uint32_t addr = shared_u32(ls) + static_cast<std::uint32_t>(((m >> 1) * 8 + lane % 8) * 32 + (m & 1) * 16);
+          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                       : "r"(addr));
+        } else {  // [row][16 ranks]
+          const unsigned char* sb = ls + 32 * gid + 4 * q;
+          a[0] = *reinterpret_cast<const std::uint32_t*>(sb);
+          a[1] = *reinterpret_cast<const std::uint32_t*>(sb + 256);
+          a[2] = *reinterpret_cast<const std::uint32_t*>(sb + 16);
+          a[3] = *reinterpret_cast<const std::uint32_t*>(sb + 256 + 16);
+        }
+#pragma unroll
+        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[n][0], xab[n][1]);
       }
     }
     __syncwarp();  // the slot is read: the next iteration's copies may overwrite it
@@ -994,44 +1047,75 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
          aligned(absmax, 16);
 }
 
-/// Whether nf4_ring_kernel can add this LoRA term: r ∈ {16, 32, 64}, rows of A and B 16-byte
-/// aligned.
+/// Whether nf4_ring_kernel can add this LoRA term to a product of K columns and nOut rows:
+/// 1…min(16, K / 256) pieces, xa and the rows of A and B 16-byte aligned, 1…16 ranks a piece
+/// (16 with B's layout), nOut % 8 == 0 with Bᵀ's.
 template <class T>
-bool nf4_ring_lora_ok(const Nf4RingLora<T>& l) {
-  return (l.r == 16 || l.r == 32 || l.r == 64) && l.lda % 8 == 0 && aligned(l.A, 16) && l.ldb % 8 == 0 &&
-         aligned(l.B, 16);
+bool nf4_ring_lora_ok(const Nf4RingLora<T>& l, long K, long nOut) {
+  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || !aligned(l.xa, 16)) return false;
+  if (l.bt && nOut % 8) return false;
+  for (int i = 0; i < l.jobs; ++i) {
+    const Nf4LoraJob<T>& j = l.job[i];
+    if (j.ranks < 1 || j.ranks > 16 || (!l.bt && j.ranks != 16) || j.lda % 8 || j.ldb % 8 || !aligned(j.a, 16) ||
+        !aligned(j.b, 16))
+      return false;
+  }
+  return true;
 }
 
-/// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), as a programmatic
-/// dependent launch by default; with lora.r > 0 (nf4_ring_lora_ok) it adds (s·X·Aᵀ)·Bᵀ.
+/// The device's opt-in shared memory per block.
+inline int smem_optin() {
+  int dev = 0, v = 0;
+  LORA_CUDA_CHECK(cudaGetDevice(&dev));
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  return v;
+}
+
+/// Whether the WIDE table fits with this LoRA term (up to 8 tokens).
+template <int S = nf4_ring_stages>
+bool nf4_ring_wide_fits(long K, int jobs) {
+  const int warps = static_cast<int>(K / 256);
+  return jobs == 0 ? true : nf4_ring_smem_bytes<1, true, S, true>(warps, jobs) <= smem_optin();
+}
+
+/// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two). Without a LoRA term
+/// a programmatic dependent launch (`pdl`, the default) that waits before it reads X. With one
+/// (lora.jobs > 0, nf4_ring_lora_ok): nf4_lora_shrink_kernel first (a programmatic dependent
+/// launch too if `pdl`), then the ring kernel as its programmatic dependent.
 template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
-                     int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, Nf4RingLora<T> lora = {}) {
+                     int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
-  if (WIDE && (tokens > 8 || lora.r > 0)) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens without LoRA");
-  auto go = [&](auto nt, auto rt) {
-    constexpr int NT = decltype(nt)::value, RT = decltype(rt)::value;
-    auto kernel = nf4_ring_kernel<T, NT, RT, S, WIDE>;
-    const int smem = nf4_ring_smem_bytes<NT, RT, S, WIDE>(warps);
-    const int c = persistent_capacity(kernel, warps * 32, smem,
-                                      nf4_ring_smem_bytes<NT, RT, S, WIDE>(nf4_ring_max_warps));
+  if (WIDE && tokens > 8) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens");
+  auto go = [&](auto nt, auto lo) {
+    constexpr int NT = decltype(nt)::value;
+    constexpr bool LORA = decltype(lo)::value;
+    if constexpr (LORA) {
+      launch_maybe_pdl(nf4_lora_shrink_kernel<T, NT>, dim3(static_cast<unsigned>(lora.jobs)),
+                       dim3(static_cast<unsigned>(warps * 32)), 0, stream, pdl, X, ldx, tokens, lora);
+      LORA_CUDA_CHECK_LAUNCH("nf4_lora_shrink_kernel");
+    }
+    auto kernel = nf4_ring_kernel<T, NT, LORA, S, WIDE>;
+    const int smem = nf4_ring_smem_bytes<NT, LORA, S, WIDE>(warps, lora.jobs);
+    const int limit = std::min(nf4_ring_smem_bytes<NT, LORA, S, WIDE>(nf4_ring_max_warps, LORA ? nf4_lora_max_jobs : 0),
+                               smem_optin());
+    if (smem > limit) fail("launch_nf4_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
+                           lora.jobs, limit);
+    const int c = persistent_capacity(kernel, warps * 32, smem, limit);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                     stream, pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl ? 1 : 0, lora);
+                     stream, pdl || LORA, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl && !LORA ? 1 : 0, lora);
   };
-  auto with_nt = [&](auto rt) {
+  auto with_nt = [&](auto lo) {
     if (tokens <= 8)
-      go(std::integral_constant<int, 1>{}, rt);
-    else
-      go(std::integral_constant<int, 2>{}, rt);
+      go(std::integral_constant<int, 1>{}, lo);
+    else if constexpr (!WIDE)
+      go(std::integral_constant<int, 2>{}, lo);
   };
-  switch (lora.r) {
-    case 0: return with_nt(std::integral_constant<int, 0>{});
-    case 16: return with_nt(std::integral_constant<int, 1>{});
-    case 32: return with_nt(std::integral_constant<int, 2>{});
-    case 64: return with_nt(std::integral_constant<int, 4>{});
-    default: fail("launch_nf4_ring: LoRA rank {} is not 16, 32 or 64", lora.r);
-  }
+  if (lora.jobs > 0)
+    with_nt(std::true_type{});
+  else
+    with_nt(std::false_type{});
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
@@ -1127,6 +1211,31 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   else
     go(nf4_gemv_kernel<T, 16, nf4_rows>);
   LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
+}
+
+/// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its xa buffer included) in one
+/// pass over W: nf4_lora_shrink_kernel, then nf4_ring_kernel (the WIDE table for up to 8 tokens
+/// where nf4_gemm takes it and it fits beside the pieces' rings). For 1…16 bf16/half tokens
+/// where nf4_ring_ok and nf4_ring_lora_ok hold; otherwise it launches nothing and returns false.
+template <class S>
+bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const Nf4RingLora<device_t<S>>& lora,
+                   const CudaContext& ctx) {
+  using T = device_t<S>;
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (X.rows < 1 || X.rows > 16 || X.cols != W.cols || Y.rows != X.rows || Y.cols != W.rows) return false;
+    if (!nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax) ||
+        !nf4_ring_lora_ok<T>(lora, W.cols, W.rows))
+      return false;
+    const bool wide =
+        X.rows <= 8 && W.cols >= 256L * nf4_ring_wide_min_warps && nf4_ring_wide_fits(W.cols, lora.jobs);
+    auto ring = wide ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
+    ring(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols), W.packed,
+         W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld, ctx.stream(), true, lora);
+    LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel (LoRA)");
+    return true;
+  }
 }
 
 constexpr int dq_threads = 256;  // == quant::nested_blocksize: one thread per scale of a nested block

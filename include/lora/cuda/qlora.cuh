@@ -87,26 +87,26 @@ class QLoraLinear<Scalar, cuda, Scaling> {
   }
 
   /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
-  /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096 and r ∈ {16, 32, 64}: one kernel that
-  /// streams W once and adds the low-rank term in its epilogue (s·X·Aᵀ rounded to S, Y rounded
-  /// once); otherwise the NF4 product, then s·X·Aᵀ, then a GEMM with β = 1.
+  /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096, r % 16 == 0 and r ≤ in / 16 (r ≤ 256): one
+  /// pass over W (detail::nf4_gemm_lora: s·X·Aᵀ by a small kernel, rounded to S, then the NF4
+  /// kernel adds its product with B in its epilogue, Y rounded once); otherwise the NF4 product,
+  /// then s·X·Aᵀ, then a GEMM with β = 1.
   void forward(cview X, view Y) const {
     if constexpr (!std::is_same_v<Scalar, float>) {
       using D = detail::device_t<Scalar>;
-      const Index T = X.rows;
-      if (T >= 1 && T <= 16 && X.cols == in_features() && Y.rows == T && Y.cols == out_features()) {
-        const auto p = W_.parts();
+      const Index T = X.rows, r = adapter_.rank();
+      if (T >= 1 && T <= 16 && r % 16 == 0 && r / 16 <= detail::nf4_lora_max_jobs) {
+        const std::size_t n = static_cast<std::size_t>(r / 16) * 256;
+        if (xa_.size() < n) xa_ = DeviceBuffer<Scalar>(n);
         const cview A = adapter_.A(), B = adapter_.B();
-        const detail::Nf4RingLora<D> l{reinterpret_cast<const D*>(A.data), A.ld, reinterpret_cast<const D*>(B.data),
-                                       B.ld, static_cast<int>(adapter_.rank()), static_cast<float>(adapter_.scaling())};
-        if (detail::nf4_ring_ok<D>(p.cols, p.blocksize, X.ld, X.data, p.packed, p.absmax) &&
-            detail::nf4_ring_lora_ok<D>(l)) {
-          detail::launch_nf4_ring<D>(reinterpret_cast<const D*>(X.data), X.ld, static_cast<int>(T),
-                                     static_cast<int>(p.cols), p.packed, p.absmax, static_cast<int>(p.rows),
-                                     reinterpret_cast<D*>(Y.data), Y.ld, context().stream(), true, l);
-          LORA_CUDA_CHECK_LAUNCH("nf4_ring_kernel (QLoRA)");
-          return;
-        }
+        detail::Nf4RingLora<D> l;
+        l.jobs = static_cast<int>(r / 16);
+        l.xa = reinterpret_cast<D*>(xa_.data());
+        for (int p = 0; p < l.jobs; ++p)
+          l.job[p] = {reinterpret_cast<const D*>(A.data) + 16L * p * A.ld, A.ld,
+                      reinterpret_cast<const D*>(B.data) + 16L * p, B.ld, 16,
+                      static_cast<float>(adapter_.scaling()), (1u << T) - 1u};
+        if (detail::nf4_gemm_lora<Scalar>(W_.parts(), X, Y, l, context())) return;
       }
     }
     base_forward(X, Y);
