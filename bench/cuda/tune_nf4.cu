@@ -62,10 +62,10 @@ int main(int argc, char** argv) {
     DeviceMatrix<S> LA(16, in), LB(out, 16);
     fill_random(LA.view(), g, 0.02);
     fill_random(LB.view(), g, 0.02);
-    DeviceBuffer<float> part(detail::nf4_lora_part_floats(1, in));
+    DeviceBuffer<S> xa(256);
     detail::Nf4RingLora<T> lora;
     lora.jobs = 1;
-    lora.part = part.data();
+    lora.xa = reinterpret_cast<T*>(xa.data());
     lora.job[0] = {reinterpret_cast<const T*>(LA.data()), LA.view().ld, reinterpret_cast<const T*>(LB.data()),
                    LB.view().ld, 16, 2.f, 1u};
     for (const Index tokens : {Index(1), Index(8), Index(16)}) {
@@ -117,7 +117,7 @@ int main(int argc, char** argv) {
     DeviceMatrix<S> LA(rank, in), LB(out, rank);
     fill_random(LA.view(), g, 0.02);
     fill_random(LB.view(), g, 0.02);
-    DeviceBuffer<float> part(detail::nf4_lora_part_floats(static_cast<int>(rank / 16), in));  // X·Aᵀ's partials
+    DeviceBuffer<S> xa(static_cast<std::size_t>(rank / 16) * 256);  // the LoRA pieces' s·X·Aᵀ
     DeviceMatrix<float> LAf(rank, in), LBf(out, rank);
     upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
     upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
@@ -212,7 +212,7 @@ int main(int argc, char** argv) {
       refp = &ref_lora;
       detail::Nf4RingLora<T> lora;
       lora.jobs = static_cast<int>(rank / 16);
-      lora.part = part.data();
+      lora.xa = reinterpret_cast<T*>(xa.data());
       for (int p = 0; p < lora.jobs; ++p)
         lora.job[p] = {reinterpret_cast<const T*>(LA.data()) + 16L * p * LA.view().ld, LA.view().ld,
                        reinterpret_cast<const T*>(LB.data()) + 16L * p, LB.view().ld, 16, lora_s,
@@ -222,10 +222,6 @@ int main(int argc, char** argv) {
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       variant("ring+lora r16", qlora);
-      lora.early = !lora.early;  // the other hand-off (Nf4RingLora::early)
-      variant(lora.early ? "ring+lora early" : "ring+lora late", qlora);
-      auto other = lora;
-      lora.early = !lora.early;
       if (tokens <= 8)  // the narrow table where the library takes the WIDE one
         variant("ring+lora narrow", [&](int i) {
           const auto& w = q[i % sets];
@@ -235,19 +231,13 @@ int main(int argc, char** argv) {
         });
       refp = &ref_base;
       {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
-        auto qlora_other = [&](int i) {
-          if (!detail::nf4_gemm_lora<S>(q[i % sets].parts(), X.view(), Y.view(), other, *ctx))
-            throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
-        };
         const auto m = time_all(
-            *ctx, {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }, qlora, qlora_other}, 10, 15);
-        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,%.5f,0,0\n", static_cast<long>(out),
-                     static_cast<long>(in), static_cast<long>(tokens), m[0], m[1], m[2]);
-        std::fprintf(stderr,
-                     "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, QLoRA %.2f us (%.3f), "
-                     "%s hand-off %.2f us (%.3f)\n",
+            *ctx, {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }, qlora}, 10, 15);
+        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,0,0,0\n", static_cast<long>(out), static_cast<long>(in),
+                     static_cast<long>(tokens), m[0], m[1]);
+        std::fprintf(stderr, "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, QLoRA %.2f us (%.3f)\n",
                      static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], other.early ? "early" : "late", m[2] * 1e3, m[2] / m[0]);
+                     m[1] / m[0]);
       }
     }
     if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others

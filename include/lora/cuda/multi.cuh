@@ -872,9 +872,9 @@ class AdapterSet<Scalar, cuda> {
   /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms. For
   /// 1…16 bf16/half tokens where the NF4 copy-ring kernel applies (blocksize 64, in % 256 == 0,
   /// in ≤ 4096, out % 8 == 0) and the batch's adapters come to at most min(16, in / 256) pieces of
-  /// 16 ranks: one pass over Wq (detail::nf4_gemm_lora: each piece's X·Aᵀ for its tokens by a
-  /// small kernel, then the NF4 kernel rounds s·X·Aᵀ to S and adds the pieces' products with Bᵀ
-  /// in its epilogue, Y rounded once; `schedule` does not apply). Otherwise the base product by
+  /// 16 ranks: one pass over Wq (detail::nf4_gemm_lora: each piece's s·X·Aᵀ for its tokens by a
+  /// small kernel, rounded to S, then the NF4 kernel adds the pieces' products with Bᵀ in its
+  /// epilogue, Y rounded once; `schedule` does not apply). Otherwise the base product by
   /// quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise + cuBLAS above) in the
   /// base GEMM's place, then the adapters' paths. Wq [out × in] must be on the set's CUDA context.
   template <class Q>
@@ -1200,9 +1200,9 @@ class AdapterSet<Scalar, cuda> {
                              static_cast<int>(std::min<Index>(16, r - p0)), static_cast<float>(scaling(id)), mask};
         }
       }
-      const std::size_t n = lora::detail::nf4_lora_part_floats(lora::detail::nf4_lora_max_jobs, in_);
-      if (part_.size() < n) part_ = DeviceBuffer<float>(n);
-      l.part = part_.data();
+      const std::size_t n = static_cast<std::size_t>(l.jobs) * 256;
+      if (xa_.size() < n) xa_ = DeviceBuffer<Scalar>(static_cast<std::size_t>(lora::detail::nf4_lora_max_jobs) * 256);
+      l.xa = reinterpret_cast<D*>(xa_.data());
       return lora::detail::nf4_gemm_lora<Scalar>(Wq.parts(), X, Y, l, *ctx_);
     }
   }
@@ -1368,7 +1368,7 @@ class AdapterSet<Scalar, cuda> {
   std::vector<detail::DeviceSlotEntry<T>> entries_;  // host mirror of table_
   DeviceBuffer<detail::DeviceSlotEntry<T>> table_;
   mutable DeviceBuffer<float> U_;  // [splits × covered × max_rank] partial sums of s·X·Aᵀ
-  mutable DeviceBuffer<float> part_;  // the one-pass NF4 apply's partial sums of X·Aᵀ
+  mutable DeviceBuffer<Scalar> xa_;  // the one-pass NF4 apply's s·X·Aᵀ pieces [16 × 16 tokens × 16 ranks]
   mutable std::unique_ptr<detail::ForkJoin> fork_;
   mutable DeviceBuffer<float> bwd_scratch_;   // backward's segment offsets, h and gb partial sums, slots
   mutable DeviceBuffer<Scalar> delta_;  // the delta schedules' adapter rows [covered × out] (backward: × in)

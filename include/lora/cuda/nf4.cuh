@@ -732,25 +732,15 @@ struct Nf4LoraJob {
 
 /// The LoRA term nf4_ring_kernel adds: for each piece, Y[t] += round(s·X[t]·Aᵀ)·Bᵀ over its 16
 /// ranks and tokens (jobs == 0: none). One adapter of rank r is r / 16 pieces for every token; a
-/// mixed batch has one adapter's pieces per token mask. part [jobs × K/256 × 16 tokens × 16
-/// ranks] (float; nf4_lora_part_floats) holds X·Aᵀ's partial sums over each K-warp's 256 columns:
+/// mixed batch has one adapter's pieces per token mask. xa [jobs × 16 tokens × 16 ranks] is
 /// nf4_lora_shrink_kernel's output, which launch_nf4_ring launches first.
 template <class T>
 struct Nf4RingLora {
   int jobs = 0;
   bool bt = false;  ///< the pieces' b are rows of Bᵀ (multi::AdapterSet's layout), not columns of B
-  /// true: the ring kernel starts beside the shrink (its table built, its first tiles asked of
-  /// L2) and waits for it before it reads X; false: it starts when the shrink has X, reads X
-  /// at once, and its piece warps wait for the partial sums after their first tile.
-  bool early = false;
-  float* part = nullptr;
+  T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
-
-/// Floats of Nf4RingLora::part for `jobs` pieces over K columns.
-inline std::size_t nf4_lora_part_floats(int jobs, long K) {
-  return static_cast<std::size_t>(jobs) * static_cast<std::size_t>(K / 256) * 256;
-}
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
@@ -782,62 +772,63 @@ __device__ __forceinline__ void nf4_ring_load_x(const T* __restrict__ X, long ld
     }
 }
 
-/// X·Aᵀ's partial sums for nf4_ring_kernel's LoRA term: the one-warp block (w, j) multiplies
-/// the 256 columns [256w, 256w + 256) of piece j's 16 rows of A with the tokens of its mask
-/// (the others 0) on the tensor cores, in the ring kernel's fragment layout, and stores the
-/// [16 tokens × 16 ranks] floats to part[j][w] (0 past the adapter's ranks; tokens 0…8·NT − 1). A programmatic
-/// dependent launch: it lets the ring kernel start (before waiting for X with `early`, after
-/// it otherwise), then waits for X.
+/// XA = s·X·Aᵀ for nf4_ring_kernel's LoRA term: block j computes piece j's [16 tokens × 16
+/// ranks] on the tensor cores with K / 256 warps, warp w the weights [256w, 256w + 256) in the ring
+/// kernel's fragment layout (tokens outside the piece's mask and ranks past the adapter's give 0),
+/// the warps' partial sums added in warp order through shared memory, scaled by s and rounded
+/// to T into xa[j]. A programmatic dependent launch: it waits for X, then lets the ring kernel
+/// start (which therefore reads X without waiting, and waits for xa only before its first LoRA
+/// product).
 template <class T, int NT>
-__global__ void __launch_bounds__(32)
+__global__ void __launch_bounds__(nf4_ring_max_warps * 32)
     nf4_lora_shrink_kernel(const T* __restrict__ X, long ldx, int tokens, const __grid_constant__ Nf4RingLora<T> lora) {
-  const int lane = static_cast<int>(threadIdx.x), w = static_cast<int>(blockIdx.x);
+  __shared__ float red[nf4_ring_max_warps][NT * 4][32];
+  const int KS = static_cast<int>(blockDim.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
   const int gid = lane / 4, q = lane % 4;
-  const Nf4LoraJob<T>& jb = lora.job[blockIdx.y];
-  if (lora.early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  // A first: it does not depend on the previous kernel
-  const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * w + 16 * q;
-  const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * w + 16 * q;
-  uint4 ar[4][4];
-#pragma unroll
-  for (int g = 0; g < 4; ++g) {
-    ar[g][0] = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
-    ar[g][1] = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
-    ar[g][2] = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
-    ar[g][3] = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
-  }
+  const Nf4LoraJob<T>& jb = lora.job[blockIdx.x];
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  if (!lora.early) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   std::uint32_t xr[4][NT][8];
   const std::uint32_t mask = jb.tokens;
-  nf4_ring_load_x<T, NT>(X, ldx, tokens, w, gid, q, [mask](int t) { return (mask >> t) & 1u; }, xr);
-  float d[NT][4];
+  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [mask](int t) { return (mask >> t) & 1u; }, xr);
+  float dxa[NT][4];
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) d[n][i] = 0.f;
+    for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
+  const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
+  const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
-    const uint4 u0 = ar[g][0], u1 = ar[g][1], v0 = ar[g][2], v1 = ar[g][3];
+    const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
+    const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
+    const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
+    const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
     const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
     const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
 #pragma unroll
-      for (int n = 0; n < NT; ++n) mma_traits<T>::mma(d[n], a, xr[g][n][k], xr[g][n][4 + k]);
+      for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
     }
   }
-  // d0, d1: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile) → [token][rank]
-  float* out = lora.part + (static_cast<long>(blockIdx.y) * gridDim.x + w) * 256;
-  const bool lo = gid < jb.ranks, hi = gid + 8 < jb.ranks;
 #pragma unroll
-  for (int n = 0; n < NT; ++n) {  // tokens 8·NT … 15 are not read
-    const int t = 2 * q + 8 * n;
-    out[t * 16 + gid] = lo ? d[n][0] : 0.f;
-    out[(t + 1) * 16 + gid] = lo ? d[n][1] : 0.f;
-    out[t * 16 + gid + 8] = hi ? d[n][2] : 0.f;
-    out[(t + 1) * 16 + gid + 8] = hi ? d[n][3] : 0.f;
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][n * 4 + i][lane] = dxa[n][i];
+  __syncthreads();
+  T* out = lora.xa + static_cast<long>(blockIdx.x) * 256;
+  for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+    // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+    const int j = o % 16, t = o / 16, n = t / 8, c = t % 8;
+    float v = 0.f;
+    if (n < NT && j < jb.ranks) {
+      const int l = 4 * (j % 8) + c / 2, i = (j >= 8 ? 2 : 0) + c % 2;
+      for (int w = 0; w < KS; ++w) v += red[w][n * 4 + i][l];
+    }
+    out[t * 16 + j] = from_float<T>(jb.s * v);
   }
 }
 
@@ -861,11 +852,9 @@ __global__ void __launch_bounds__(32)
 /// With LORA it also adds the pieces of a LoRA term (QLoRA inference, or a mixed batch of
 /// adapters, in one pass over W): warp w < lora.jobs brings piece w's 16 rows × 16 ranks of B
 /// with each tile into its ring and adds B·XA to its partial sum on the tensor cores (one
-/// mma per n-tile; from Bᵀ by ldmatrix.trans), so Y is rounded once. XA = s·X·Aᵀ, rounded to
-/// T, is the sum of nf4_lora_shrink_kernel's K-warp partials in warp order (the kernel before
-/// this one). With `wait` (lora.early) the kernel waits for the shrink before it reads X;
-/// otherwise X is ready when it starts (the shrink let it start only after its own wait), and
-/// only warps with a piece wait, after their first tile's products.
+/// mma per n-tile; from Bᵀ by ldmatrix.trans), so Y is rounded once. XA (s·X·Aᵀ, rounded to T)
+/// is nf4_lora_shrink_kernel's, the kernel before this one: X is ready when this kernel starts
+/// (see there), and only warps with a piece wait for XA, after their first tile's products.
 ///
 /// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
 /// n-tile only, for its shared memory): the
@@ -1000,19 +989,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     if constexpr (LORA) {  // the piece's 16 rows of B times its XA
       if (piece) {
         if (j == 0) {
-          if (!wait) asm volatile("griddepcontrol.wait;" ::: "memory");  // the shrink kernel's partials
-          const float* pp = lora.part + static_cast<long>(warp) * KS * 256 + 2 * q;
-          const float s = lora.job[warp].s;
+          asm volatile("griddepcontrol.wait;" ::: "memory");  // XA: the shrink kernel's output
+          const T* xp = lora.xa + warp * 256 + 2 * q;
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            float2 lo = make_float2(0.f, 0.f), hi = lo;
-            for (int w = 0; w < KS; ++w) {
-              const float2 l = __ldcg(reinterpret_cast<const float2*>(pp + w * 256 + (gid + 8 * n) * 16));
-              const float2 h = __ldcg(reinterpret_cast<const float2*>(pp + w * 256 + (gid + 8 * n) * 16 + 8));
-              lo.x += l.x, lo.y += l.y, hi.x += h.x, hi.y += h.y;
-            }
-            xab[n][0] = mma_traits<T>::pack(s * lo.x, s * lo.y);
-            xab[n][1] = mma_traits<T>::pack(s * hi.x, s * hi.y);
+            xab[n][0] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16));
+            xab[n][1] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16 + 8));
           }
         }
         const unsigned char* ls = lring + (j % S) * LB;
@@ -1066,11 +1048,11 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 }
 
 /// Whether nf4_ring_kernel can add this LoRA term to a product of K columns and nOut rows:
-/// 1…min(16, K / 256) pieces, part and the rows of A and B 16-byte aligned, 1…16 ranks a piece
+/// 1…min(16, K / 256) pieces, xa and the rows of A and B 16-byte aligned, 1…16 ranks a piece
 /// (16 with B's layout), nOut % 8 == 0 with Bᵀ's.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l, long K, long nOut) {
-  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || !aligned(l.part, 16)) return false;
+  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || !aligned(l.xa, 16)) return false;
   if (l.bt && nOut % 8) return false;
   for (int i = 0; i < l.jobs; ++i) {
     const Nf4LoraJob<T>& j = l.job[i];
@@ -1098,9 +1080,8 @@ bool nf4_ring_wide_fits(long K, int jobs) {
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two). Without a LoRA term
 /// a programmatic dependent launch (`pdl`, the default) that waits before it reads X. With one
-/// (lora.jobs > 0, nf4_ring_lora_ok): nf4_lora_shrink_kernel first (K / 256 × jobs one-warp
-/// blocks; a programmatic dependent launch too if `pdl`), then the ring kernel as its
-/// programmatic dependent.
+/// (lora.jobs > 0, nf4_ring_lora_ok): nf4_lora_shrink_kernel first (a programmatic dependent
+/// launch too if `pdl`), then the ring kernel as its programmatic dependent.
 template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
@@ -1110,8 +1091,8 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
     constexpr int NT = decltype(nt)::value;
     constexpr bool LORA = decltype(lo)::value;
     if constexpr (LORA) {
-      launch_maybe_pdl(nf4_lora_shrink_kernel<T, NT>, dim3(static_cast<unsigned>(warps), static_cast<unsigned>(lora.jobs)),
-                       dim3(32), 0, stream, pdl, X, ldx, tokens, lora);
+      launch_maybe_pdl(nf4_lora_shrink_kernel<T, NT>, dim3(static_cast<unsigned>(lora.jobs)),
+                       dim3(static_cast<unsigned>(warps * 32)), 0, stream, pdl, X, ldx, tokens, lora);
       LORA_CUDA_CHECK_LAUNCH("nf4_lora_shrink_kernel");
     }
     auto kernel = nf4_ring_kernel<T, NT, LORA, S, WIDE>;
@@ -1123,8 +1104,7 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
     const int c = persistent_capacity(kernel, warps * 32, smem, limit);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                     stream, pdl || LORA, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy,
-                     LORA ? (lora.early ? 1 : 0) : (pdl ? 1 : 0), lora);
+                     stream, pdl || LORA, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl && !LORA ? 1 : 0, lora);
   };
   auto with_nt = [&](auto lo) {
     if (tokens <= 8)
@@ -1233,7 +1213,7 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
   LORA_CUDA_CHECK_LAUNCH("nf4_gemv_kernel");
 }
 
-/// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its part buffer included) in one
+/// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its xa buffer included) in one
 /// pass over W: nf4_lora_shrink_kernel, then nf4_ring_kernel (the WIDE table for up to 8 tokens
 /// where nf4_gemm takes it and it fits beside the pieces' rings). For 1…16 bf16/half tokens
 /// where nf4_ring_ok and nf4_ring_lora_ok hold; otherwise it launches nothing and returns false.

@@ -88,21 +88,20 @@ class QLoraLinear<Scalar, cuda, Scaling> {
 
   /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
   /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096, r % 16 == 0 and r ≤ in / 16 (r ≤ 256): one
-  /// pass over W (detail::nf4_gemm_lora: X·Aᵀ's partial sums by a small kernel, then the NF4
-  /// kernel adds them, rounds s·X·Aᵀ to S and adds its product with B in its epilogue, Y rounded
-  /// once); otherwise the NF4 product,
+  /// pass over W (detail::nf4_gemm_lora: s·X·Aᵀ by a small kernel, rounded to S, then the NF4
+  /// kernel adds its product with B in its epilogue, Y rounded once); otherwise the NF4 product,
   /// then s·X·Aᵀ, then a GEMM with β = 1.
   void forward(cview X, view Y) const {
     if constexpr (!std::is_same_v<Scalar, float>) {
       using D = detail::device_t<Scalar>;
       const Index T = X.rows, r = adapter_.rank();
       if (T >= 1 && T <= 16 && r % 16 == 0 && r / 16 <= detail::nf4_lora_max_jobs) {
-        const std::size_t n = detail::nf4_lora_part_floats(static_cast<int>(r / 16), in_features());
-        if (part_.size() < n) part_ = DeviceBuffer<float>(n);
+        const std::size_t n = static_cast<std::size_t>(r / 16) * 256;
+        if (xa_.size() < n) xa_ = DeviceBuffer<Scalar>(n);
         const cview A = adapter_.A(), B = adapter_.B();
         detail::Nf4RingLora<D> l;
         l.jobs = static_cast<int>(r / 16);
-        l.part = part_.data();
+        l.xa = reinterpret_cast<D*>(xa_.data());
         for (int p = 0; p < l.jobs; ++p)
           l.job[p] = {reinterpret_cast<const D*>(A.data) + 16L * p * A.ld, A.ld,
                       reinterpret_cast<const D*>(B.data) + 16L * p, B.ld, 16,
@@ -158,7 +157,6 @@ class QLoraLinear<Scalar, cuda, Scaling> {
   base_type W_;
   adapter_type adapter_;
   mutable DeviceBuffer<Scalar> xa_;
-  mutable DeviceBuffer<float> part_;  // the one-pass forward's partial sums of X·Aᵀ
 };
 
 }  // namespace lora
