@@ -710,12 +710,17 @@ constexpr int nf4_lora_slot_bytes = 16 * 16 * 2;
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: the
 /// lane-private code table, each warp's ring, two slots of partial sums, and each piece's ring of
-/// B tiles.
+/// B tiles and its XA [16 tokens × 16 ranks].
 template <int NT, bool LORA = false, int S = nf4_ring_stages, bool WIDE = false>
 constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
   return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
-         (LORA ? jobs * S * nf4_lora_slot_bytes : 0);
+         (LORA ? jobs * (S * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
 }
+/// How nf4_ring_kernel gets a LoRA term's XA: none; from nf4_lora_shrink_kernel, launched
+/// before it; computed by every block itself (A read by every block: for one or two pieces).
+enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2 };
+/// Up to this many pieces nf4_gemm_lora has every block compute XA itself.
+constexpr int nf4_lora_self_max = 1;
 
 /// One piece of a LoRA term: 16 ranks [16p, 16p + 16) of one adapter (scaling s, A [r × K]
 /// row-major), for the tokens of a mask.
@@ -738,6 +743,9 @@ template <class T>
 struct Nf4RingLora {
   int jobs = 0;
   bool bt = false;  ///< the pieces' b are rows of Bᵀ (multi::AdapterSet's layout), not columns of B
+  /// every block computes XA itself (no shrink kernel; xa unused), as nf4_gemm_lora does for up
+  /// to nf4_lora_self_max pieces
+  bool self = false;
   T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
@@ -854,18 +862,23 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
 /// with each tile into its ring and adds B·XA to its partial sum on the tensor cores (one
 /// mma per n-tile; from Bᵀ by ldmatrix.trans), so Y is rounded once. XA (s·X·Aᵀ, rounded to T)
 /// is nf4_lora_shrink_kernel's, the kernel before this one: X is ready when this kernel starts
-/// (see there), and only warps with a piece wait for XA, after their first tile's products.
+/// (see there), and only warps with a piece wait for XA, after their first tile's products. With
+/// LM == nf4_lora_self there is no shrink kernel: before its first tile each block computes every
+/// piece's XA on the tensor cores from the activations its warps hold (each warp its K slice of
+/// the piece's A rows; the partial sums added in warp order through shared memory, then scaled
+/// and rounded to T as the shrink kernel does), while its first tiles of W are in flight.
 ///
 /// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
 /// n-tile only, for its shared memory): the
 /// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
 /// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
-template <class T, int NT, bool LORA = false, int S = nf4_ring_stages, bool WIDE = false>
+template <class T, int NT, int LM = nf4_lora_none, int S = nf4_ring_stages, bool WIDE = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int wait,
                     const __grid_constant__ Nf4RingLora<T> lora) {
   constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes, LB = nf4_lora_slot_bytes;
+  constexpr bool LORA = LM != nf4_lora_none;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -878,6 +891,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * SB);  // [2][KS][NT·4][32]
   // with LORA, warp w < jobs: piece w's ring of B tiles
   unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + warp * S * LB;
+  // and (self) every piece's XA [jobs][16 tokens][16 ranks], after the rings
+  [[maybe_unused]] T* xas = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) +
+                                                 lora.jobs * S * LB);
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const long crow = K / 2, arow = K / 64;
@@ -947,6 +963,58 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
+  if constexpr (LM == nf4_lora_self) {
+#pragma unroll 1
+    for (int p = 0; p < lora.jobs; ++p) {
+      const Nf4LoraJob<T>& jb = lora.job[p];
+      float dxa[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
+      const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
+      const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
+        const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
+        const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
+        const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
+        const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
+        const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      __syncthreads();
+      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+        // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        float v = 0.f;
+        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+        }
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+      }
+      __syncthreads();
+    }
+    if (piece) {
+      const T* xp = xas + warp * 256 + 2 * q;
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
+        xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
+      }
+    }
+  }
 
 #pragma unroll 1
   for (int j = 0; j < mine; ++j) {
@@ -988,7 +1056,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
     if constexpr (LORA) {  // the piece's 16 rows of B times its XA
       if (piece) {
-        if (j == 0) {
+        if (LM == nf4_lora_shrunk && j == 0) {
           asm volatile("griddepcontrol.wait;" ::: "memory");  // XA: the shrink kernel's output
           const T* xp = lora.xa + warp * 256 + 2 * q;
 #pragma unroll
@@ -1052,7 +1120,7 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 /// (16 with B's layout), nOut % 8 == 0 with Bᵀ's.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l, long K, long nOut) {
-  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || !aligned(l.xa, 16)) return false;
+  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || (!l.self && !aligned(l.xa, 16))) return false;
   if (l.bt && nOut % 8) return false;
   for (int i = 0; i < l.jobs; ++i) {
     const Nf4LoraJob<T>& j = l.job[i];
@@ -1080,22 +1148,23 @@ bool nf4_ring_wide_fits(long K, int jobs) {
 
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two). Without a LoRA term
 /// a programmatic dependent launch (`pdl`, the default) that waits before it reads X. With one
-/// (lora.jobs > 0, nf4_ring_lora_ok): nf4_lora_shrink_kernel first (a programmatic dependent
-/// launch too if `pdl`), then the ring kernel as its programmatic dependent.
+/// (lora.jobs > 0, nf4_ring_lora_ok): with lora.self the ring kernel alone, launched as without;
+/// otherwise nf4_lora_shrink_kernel first (a programmatic dependent launch too if `pdl`), then the
+/// ring kernel as its programmatic dependent.
 template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
   if (WIDE && tokens > 8) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens");
-  auto go = [&](auto nt, auto lo) {
-    constexpr int NT = decltype(nt)::value;
-    constexpr bool LORA = decltype(lo)::value;
-    if constexpr (LORA) {
+  auto go = [&](auto nt, auto lm) {
+    constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
+    constexpr bool LORA = LM != nf4_lora_none;
+    if constexpr (LM == nf4_lora_shrunk) {
       launch_maybe_pdl(nf4_lora_shrink_kernel<T, NT>, dim3(static_cast<unsigned>(lora.jobs)),
                        dim3(static_cast<unsigned>(warps * 32)), 0, stream, pdl, X, ldx, tokens, lora);
       LORA_CUDA_CHECK_LAUNCH("nf4_lora_shrink_kernel");
     }
-    auto kernel = nf4_ring_kernel<T, NT, LORA, S, WIDE>;
+    auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE>;
     const int smem = nf4_ring_smem_bytes<NT, LORA, S, WIDE>(warps, lora.jobs);
     const int limit = std::min(nf4_ring_smem_bytes<NT, LORA, S, WIDE>(nf4_ring_max_warps, LORA ? nf4_lora_max_jobs : 0),
                                smem_optin());
@@ -1104,18 +1173,21 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
     const int c = persistent_capacity(kernel, warps * 32, smem, limit);
     const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
     launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                     stream, pdl || LORA, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, pdl && !LORA ? 1 : 0, lora);
+                     stream, pdl || LM == nf4_lora_shrunk, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy,
+                     pdl && LM != nf4_lora_shrunk ? 1 : 0, lora);
   };
-  auto with_nt = [&](auto lo) {
+  auto with_nt = [&](auto lm) {
     if (tokens <= 8)
-      go(std::integral_constant<int, 1>{}, lo);
+      go(std::integral_constant<int, 1>{}, lm);
     else if constexpr (!WIDE)
-      go(std::integral_constant<int, 2>{}, lo);
+      go(std::integral_constant<int, 2>{}, lm);
   };
-  if (lora.jobs > 0)
-    with_nt(std::true_type{});
+  if (lora.jobs == 0)
+    with_nt(std::integral_constant<int, nf4_lora_none>{});
+  else if (lora.self)
+    with_nt(std::integral_constant<int, nf4_lora_self>{});
   else
-    with_nt(std::false_type{});
+    with_nt(std::integral_constant<int, nf4_lora_shrunk>{});
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
@@ -1214,12 +1286,14 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
 }
 
 /// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its xa buffer included) in one
-/// pass over W: nf4_lora_shrink_kernel, then nf4_ring_kernel (the WIDE table for up to 8 tokens
+/// pass over W: up to nf4_lora_self_max pieces nf4_ring_kernel alone (every block computes XA),
+/// more nf4_lora_shrink_kernel and then nf4_ring_kernel (the WIDE table for up to 8 tokens
 /// where nf4_gemm takes it and it fits beside the pieces' rings). For 1…16 bf16/half tokens
 /// where nf4_ring_ok and nf4_ring_lora_ok hold; otherwise it launches nothing and returns false.
 template <class S>
-bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const Nf4RingLora<device_t<S>>& lora,
+bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, Nf4RingLora<device_t<S>> lora,
                    const CudaContext& ctx) {
+  lora.self = lora.jobs <= nf4_lora_self_max;
   using T = device_t<S>;
   if constexpr (std::is_same_v<T, float>) {
     return false;
