@@ -18,9 +18,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <map>
-#include <mutex>
-#include <tuple>
 #include <type_traits>
 
 namespace lora {
@@ -722,10 +719,8 @@ constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
 /// How nf4_ring_kernel gets a LoRA term's XA: none; from nf4_lora_shrink_kernel, launched
 /// before it; computed by every block itself (A read by every block: for one or two pieces).
 enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2 };
-/// Up to this many pieces nf4_gemm_lora has every block compute XA itself, in clusters of
-/// this many blocks (Nf4RingLora::cluster).
+/// Up to this many pieces nf4_gemm_lora has every block compute XA itself.
 constexpr int nf4_lora_self_max = 1;
-constexpr int nf4_lora_self_cluster = 2;
 
 /// One piece of a LoRA term: 16 ranks [16p, 16p + 16) of one adapter (scaling s, A [r × K]
 /// row-major), for the tokens of a mask.
@@ -751,33 +746,9 @@ struct Nf4RingLora {
   /// every block computes XA itself (no shrink kernel; xa unused), as nf4_gemm_lora does for up
   /// to nf4_lora_self_max pieces
   bool self = false;
-  /// with self and K ≥ 512: thread-block clusters of this many blocks (1, 2 or 4) share the work:
-  /// each block multiplies 1 / cluster of every warp's K slice of A, and the cluster's blocks add
-  /// their partial sums in rank order through distributed shared memory (A read 1 / cluster as
-  /// often)
-  int cluster = 1;
   T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
-
-/// This block's rank in its thread-block cluster.
-__device__ __forceinline__ unsigned cluster_rank() {
-  unsigned r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-/// Every thread of every block of the cluster arrives and waits (release / acquire).
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-/// *p in the shared memory of the cluster's block `rank` (distributed shared memory).
-__device__ __forceinline__ float cluster_load(const float* p, unsigned rank) {
-  std::uint32_t m;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(m) : "r"(shared_u32(p)), "r"(rank));
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(m) : "memory");
-  return v;
-}
 
 __device__ __forceinline__ void nf4_cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(shared_u32(dst)), "l"(src) : "memory");
@@ -901,7 +872,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
 /// n-tile only, for its shared memory): the
 /// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
 /// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
-template <class T, int NT, int LM = nf4_lora_none, int S = nf4_ring_stages, bool WIDE = false, int CL = 1>
+template <class T, int NT, int LM = nf4_lora_none, int S = nf4_ring_stages, bool WIDE = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int wait,
@@ -993,12 +964,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LM == nf4_lora_self) {
-    // CL > 1: this block multiplies the groups g of the warps' K slices with g / (4 / CL) == its
-    // rank; the partial XA goes to the second slot of `red` (free until the second tile) and the
-    // cluster's blocks add all CL of them in rank order.
-    constexpr int GN = 4 / CL;
-    const int crank = CL > 1 ? static_cast<int>(cluster_rank()) : 0;
-    [[maybe_unused]] float* xpart = red + KS * NT * 4 * 32;
 #pragma unroll 1
     for (int p = 0; p < lora.jobs; ++p) {
       const Nf4LoraJob<T>& jb = lora.job[p];
@@ -1011,7 +976,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
 #pragma unroll
       for (int g = 0; g < 4; ++g) {
-        if (CL > 1 && g / GN != crank) continue;
         const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
         const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
         const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
@@ -1038,23 +1002,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
           const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
           for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
         }
-        if constexpr (CL > 1)
-          xpart[o] = v;
-        else
-          xas[p * 256 + o] = from_float<T>(jb.s * v);
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
       }
-      if constexpr (CL > 1) {
-        cluster_sync();  // every block's partial XA is in its shared memory
-        for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
-          float v = 0.f;
-#pragma unroll
-          for (int c = 0; c < CL; ++c) v += cluster_load(xpart + o, static_cast<unsigned>(c));
-          xas[p * 256 + o] = from_float<T>(jb.s * v);
-        }
-        cluster_sync();  // … and read by all: xpart may be rewritten, and a block may exit
-      } else {
-        __syncthreads();
-      }
+      __syncthreads();
     }
     if (piece) {
       const T* xp = xas + warp * 256 + 2 * q;
@@ -1196,23 +1146,6 @@ bool nf4_ring_wide_fits(long K, int jobs) {
   return jobs == 0 ? true : nf4_ring_smem_bytes<1, true, S, true>(warps, jobs) <= smem_optin();
 }
 
-/// Clusters of cfg's shape the device holds at once (cached per kernel, device and shape).
-template <class Kernel>
-int cluster_capacity(Kernel kernel, const cudaLaunchConfig_t& cfg) {
-  int dev = 0;
-  LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  using Key = std::tuple<const void*, int, unsigned, std::size_t>;
-  static std::mutex mu;
-  static std::map<Key, int> cache;
-  const Key key{reinterpret_cast<const void*>(kernel), dev, cfg.blockDim.x, cfg.dynamicSmemBytes};
-  std::lock_guard<std::mutex> lock(mu);
-  if (const auto it = cache.find(key); it != cache.end()) return it->second;
-  int n = 0;
-  LORA_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
-  cache.emplace(key, n);
-  return n;
-}
-
 /// nf4_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two). Without a LoRA term
 /// a programmatic dependent launch (`pdl`, the default) that waits before it reads X. With one
 /// (lora.jobs > 0, nf4_ring_lora_ok): with lora.self the ring kernel alone, launched as without;
@@ -1223,65 +1156,38 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
   if (WIDE && tokens > 8) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens");
-  auto go = [&](auto nt, auto lm, auto cl) {
-    constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value, CL = decltype(cl)::value;
+  auto go = [&](auto nt, auto lm) {
+    constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
     constexpr bool LORA = LM != nf4_lora_none;
     if constexpr (LM == nf4_lora_shrunk) {
       launch_maybe_pdl(nf4_lora_shrink_kernel<T, NT>, dim3(static_cast<unsigned>(lora.jobs)),
                        dim3(static_cast<unsigned>(warps * 32)), 0, stream, pdl, X, ldx, tokens, lora);
       LORA_CUDA_CHECK_LAUNCH("nf4_lora_shrink_kernel");
     }
-    auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE, CL>;
+    auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE>;
     const int smem = nf4_ring_smem_bytes<NT, LORA, S, WIDE>(warps, lora.jobs);
     const int limit = std::min(nf4_ring_smem_bytes<NT, LORA, S, WIDE>(nf4_ring_max_warps, LORA ? nf4_lora_max_jobs : 0),
                                smem_optin());
     if (smem > limit) fail("launch_nf4_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
                            lora.jobs, limit);
     const int c = persistent_capacity(kernel, warps * 32, smem, limit);
-    unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
-    const bool as_pdl = pdl || LM == nf4_lora_shrunk;
-    const int wait = pdl && LM != nf4_lora_shrunk ? 1 : 0;
-    if constexpr (CL == 1) {
-      launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                       stream, as_pdl, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, wait, lora);
-    } else {  // a grid of whole clusters, as many as the device holds at once
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(CL);
-      cfg.blockDim = dim3(static_cast<unsigned>(warps * 32));
-      cfg.dynamicSmemBytes = static_cast<std::size_t>(smem);
-      cfg.stream = stream;
-      cudaLaunchAttribute attr[2];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = CL;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[1].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = as_pdl ? 2 : 1;
-      const int nc = std::max(1, cluster_capacity(kernel, cfg));
-      blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), CL) * CL, static_cast<unsigned>(nc * CL));
-      cfg.gridDim = dim3(blocks);
-      LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy, wait, lora));
-    }
+    const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
+    launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
+                     stream, pdl || LM == nf4_lora_shrunk, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy,
+                     pdl && LM != nf4_lora_shrunk ? 1 : 0, lora);
   };
-  auto with_nt = [&](auto lm, auto cl) {
+  auto with_nt = [&](auto lm) {
     if (tokens <= 8)
-      go(std::integral_constant<int, 1>{}, lm, cl);
+      go(std::integral_constant<int, 1>{}, lm);
     else if constexpr (!WIDE)
-      go(std::integral_constant<int, 2>{}, lm, cl);
+      go(std::integral_constant<int, 2>{}, lm);
   };
-  using one = std::integral_constant<int, 1>;
   if (lora.jobs == 0)
-    with_nt(std::integral_constant<int, nf4_lora_none>{}, one{});
-  else if (!lora.self)
-    with_nt(std::integral_constant<int, nf4_lora_shrunk>{}, one{});
-  else if (lora.cluster == 2 && warps >= 2)
-    with_nt(std::integral_constant<int, nf4_lora_self>{}, std::integral_constant<int, 2>{});
-  else if (lora.cluster == 4 && warps >= 2)
-    with_nt(std::integral_constant<int, nf4_lora_self>{}, std::integral_constant<int, 4>{});
+    with_nt(std::integral_constant<int, nf4_lora_none>{});
+  else if (lora.self)
+    with_nt(std::integral_constant<int, nf4_lora_self>{});
   else
-    with_nt(std::integral_constant<int, nf4_lora_self>{}, one{});
+    with_nt(std::integral_constant<int, nf4_lora_shrunk>{});
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
@@ -1380,8 +1286,7 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
 }
 
 /// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its xa buffer included) in one
-/// pass over W: up to nf4_lora_self_max pieces nf4_ring_kernel alone (every block computes XA,
-/// in clusters of nf4_lora_self_cluster),
+/// pass over W: up to nf4_lora_self_max pieces nf4_ring_kernel alone (every block computes XA),
 /// more nf4_lora_shrink_kernel and then nf4_ring_kernel (the WIDE table for up to 8 tokens
 /// where nf4_gemm takes it and it fits beside the pieces' rings). For 1…16 bf16/half tokens
 /// where nf4_ring_ok and nf4_ring_lora_ok hold; otherwise it launches nothing and returns false.
@@ -1389,7 +1294,6 @@ template <class S>
 bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, Nf4RingLora<device_t<S>> lora,
                    const CudaContext& ctx) {
   lora.self = lora.jobs <= nf4_lora_self_max;
-  lora.cluster = nf4_lora_self_cluster;
   using T = device_t<S>;
   if constexpr (std::is_same_v<T, float>) {
     return false;
