@@ -127,3 +127,65 @@ TEST_CASE("cuda qlora: nf4_matmul from a second translation unit (its own copy o
     CHECK(lora::test::rel_error(Y.to_host(), MatD(d(X) * Wq.transpose())) < tol<S>());
   }
 }
+
+TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches float64", "[cuda][qlora][nf4]") {
+  // detail::launch_nf4_ring with a LoRA term, each way nf4_gemm_lora may take: XA computed by
+  // every block and XA from the shrink kernel; the WIDE and the narrow table; B's layout and Bᵀ's
+  // (a piece of 5 ranks: rows past the rank clamped, their XA 0); a token mask (tokens outside it
+  // get the base product only); rows not a multiple of the tile.
+  using S = bfloat16;
+  using T = lora::detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (auto [out, in] : {std::pair<Index, Index>{1000, 4096}, {40, 1024}}) {
+    const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
+    const Nf4Tensor cpu_q = Nf4Tensor::quantize(W, {64, false});
+    const auto q = quant::Nf4Tensor<cuda>::from_host(cpu_q);
+    const MatD Wq = d(cpu_q.template dequantize<float>());
+    for (const bool bt : {false, true}) {
+      const Index r = bt ? 5 : 16;
+      const Matrix<S> A = rand_s<S>(r, in, g, 0.5), B = rand_s<S>(out, r, g, 0.5);
+      const Matrix<S> Bt = B.transpose();
+      const auto dA = DeviceMatrix<S>::from_host(A), dB = DeviceMatrix<S>::from_host(bt ? Bt : B);
+      const double s = 1.5;
+      DeviceBuffer<S> xa(256);
+      for (Index tokens : {Index(1), Index(7), Index(13)}) {
+        const Matrix<S> X = rand_s<S>(tokens, in, g);
+        const auto dX = DeviceMatrix<S>::from_host(X);
+        // token 0 and every third token take the adapter
+        std::uint32_t mask = 0;
+        MatD sel = MatD::Zero(tokens, tokens);
+        for (Index t = 0; t < tokens; ++t)
+          if (t % 3 == 0) mask |= 1u << t, sel(t, t) = 1;
+        const MatD ref = d(X) * Wq.transpose() + s * sel * d(X) * d(A).transpose() * d(B).transpose();
+        lora::detail::Nf4RingLora<T> l;
+        l.jobs = 1;
+        l.bt = bt;
+        l.xa = reinterpret_cast<T*>(xa.data());
+        l.job[0] = {reinterpret_cast<const T*>(dA.data()), dA.view().ld, reinterpret_cast<const T*>(dB.data()),
+                    dB.view().ld, static_cast<int>(r), static_cast<float>(s), mask};
+        REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
+        for (const bool self : {false, true}) {
+          for (const bool wide : {false, true}) {
+            if (wide && (tokens > 8 || in < 256 * lora::detail::nf4_ring_wide_min_warps)) continue;
+            INFO("out " << out << " in " << in << " bt " << bt << " tokens " << tokens << " self " << self
+                        << " wide " << wide);
+            l.self = self;
+            DeviceMatrix<S> Y(tokens, out);
+            poison(Y.view());
+            const auto p = q.parts();
+            auto ring = wide ? lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, true>
+                             : lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, false>;
+            ring(reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens), static_cast<int>(in),
+                 p.packed, p.absmax, static_cast<int>(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,
+                 CudaContext::thread_default()->stream(), true, l);
+            const Matrix<S> y = Y.to_host();
+            REQUIRE(y.allFinite());
+            CHECK(lora::test::rel_error(y, ref) < tol<S>());
+          }
+        }
+      }
+    }
+  }
+}
