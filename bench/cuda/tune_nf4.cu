@@ -16,9 +16,8 @@
 //                     (QLoraLinear<S, cuda>::forward at these sizes); also timed against
 //                     nf4_matmul alone in alternating batches
 //   lora shrunk/self  the same with XA from the shrink kernel / computed by every block, the table
-//                     nf4_gemm takes (WIDE up to 8 tokens); pf0 / pf6: 0 / 6 tiles asked of L2
-//                     ahead (Nf4RingLora::prefetch, 3 otherwise); all also timed against
-//                     nf4_matmul in alternating batches
+//                     nf4_gemm takes (WIDE up to 8 tokens); `self narrow` with the narrow table;
+//                     self and shrunk also timed against nf4_matmul in alternating batches
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -225,13 +224,11 @@ int main(int argc, char** argv) {
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       variant("ring+lora r16", qlora);
-      // one hand-off of XA, one table and an L2 prefetch depth, whatever nf4_gemm_lora picks
-      auto forced = [&](bool self, bool wide, int prefetch = 3) {
-        return [&, self, wide, prefetch](int i) {
+      auto forced = [&](bool self, bool wide) {  // one hand-off of XA and one table, whatever nf4_gemm_lora picks
+        return [&, self, wide](int i) {
           const auto& w = q[i % sets];
           auto l = lora;
           l.self = self;
-          l.prefetch = prefetch;
           auto ring = wide ? detail::launch_nf4_ring<T, 2, true> : detail::launch_nf4_ring<T, 2, false>;
           ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
@@ -240,23 +237,20 @@ int main(int argc, char** argv) {
       const bool wide = tokens <= 8;
       variant("lora shrunk", forced(false, wide));
       variant("lora self", forced(true, wide));
-      variant("lora self pf0", forced(true, wide, 0));
-      variant("lora self pf6", forced(true, wide, 6));
+      if (wide) variant("lora self narrow", forced(true, false));
       refp = &ref_base;
       {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
         const auto m = time_all(*ctx,
                                 {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
-                                 forced(true, wide), forced(true, wide, 0), forced(true, wide, 6),
-                                 forced(false, wide), forced(false, wide, 0)},
+                                 forced(true, wide), forced(false, wide)},
                                 10, 15);
-        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,%.5f,%.5f,%.5f,%.5f\n", static_cast<long>(out),
-                     static_cast<long>(in), static_cast<long>(tokens), m[0], m[1], m[2], m[3], m[4], m[5]);
+        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,%.5f,0,0\n", static_cast<long>(out),
+                     static_cast<long>(in), static_cast<long>(tokens), m[0], m[1], m[2]);
         std::fprintf(stderr,
-                     "%5ldx%ld T %2ld: QLoRA r16 / NF4 (alternating): NF4 %.2f us, self %.2f (%.3f), self pf0 %.2f "
-                     "(%.3f), self pf6 %.2f (%.3f), shrunk %.2f (%.3f), shrunk pf0 %.2f (%.3f)\n",
+                     "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, self %.2f us (%.3f), "
+                     "shrunk %.2f us (%.3f)\n",
                      static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], m[2] * 1e3, m[2] / m[0], m[3] * 1e3, m[3] / m[0], m[4] * 1e3, m[4] / m[0],
-                     m[5] * 1e3, m[5] / m[0]);
+                     m[1] / m[0], m[2] * 1e3, m[2] / m[0]);
       }
     }
     if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others

@@ -746,9 +746,6 @@ struct Nf4RingLora {
   /// every block computes XA itself (no shrink kernel; xa unused), as nf4_gemm_lora does for up
   /// to nf4_lora_self_max pieces
   bool self = false;
-  /// tiles past the ring's first that each block asks L2 for before XA is there (its
-  /// computation or its wait holds the ring)
-  int prefetch = 3;
   T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
@@ -946,14 +943,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
 #pragma unroll
   for (int j = 0; j < S - 1; ++j) issue(j);
-  if constexpr (LORA) {  // the next tiles' codes and scales into L2 while XA holds the ring
-    if (lane < 16)
-      for (int j = S - 1; j < S - 1 + lora.prefetch && j < mine; ++j) {
-        const long row = min((bid + j * nb) * 16 + lane, nOut - 1);
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + row * crow));
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(pa + row * arow));
-      }
-  }
 
   std::uint32_t xr[4][NT][8];
   nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
