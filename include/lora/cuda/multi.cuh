@@ -872,9 +872,10 @@ class AdapterSet<Scalar, cuda> {
   /// The same over an NF4 base (QLoRA serving): Y = X·dequant(Wq)ᵀ + the adapters' terms. For
   /// 1…16 bf16/half tokens where the NF4 copy-ring kernel applies (blocksize 64, in % 256 == 0,
   /// in ≤ 4096, out % 8 == 0) and the batch's adapters come to at most min(16, in / 256) pieces of
-  /// 16 ranks: one pass over Wq (detail::nf4_gemm_lora: each piece's s·X·Aᵀ for its tokens by a
-  /// small kernel, rounded to S, then the NF4 kernel adds the pieces' products with Bᵀ in its
-  /// epilogue, Y rounded once; `schedule` does not apply). Otherwise the base product by
+  /// 16 ranks: one pass over Wq (detail::nf4_gemm_lora: each piece's s·X·Aᵀ for its tokens,
+  /// rounded to S, by every block of the NF4 kernel for a single piece and by a small kernel
+  /// before it for more, then the NF4 kernel adds the pieces' products with Bᵀ in its epilogue,
+  /// Y rounded once; `schedule` does not apply). Otherwise the base product by
   /// quant::nf4_matmul (the fused NF4 kernels for 1…16 tokens, dequantise + cuBLAS above) in the
   /// base GEMM's place, then the adapters' paths. Wq [out × in] must be on the set's CUDA context.
   template <class Q>

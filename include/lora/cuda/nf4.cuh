@@ -717,7 +717,7 @@ constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
          (LORA ? jobs * (S * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
 }
 /// How nf4_ring_kernel gets a LoRA term's XA: none; from nf4_lora_shrink_kernel, launched
-/// before it; computed by every block itself (A read by every block: for one or two pieces).
+/// before it; computed by every block itself (A read by every block: for a single piece).
 enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2 };
 /// Up to this many pieces nf4_gemm_lora has every block compute XA itself.
 constexpr int nf4_lora_self_max = 1;
@@ -738,7 +738,7 @@ struct Nf4LoraJob {
 /// The LoRA term nf4_ring_kernel adds: for each piece, Y[t] += round(s·X[t]·Aᵀ)·Bᵀ over its 16
 /// ranks and tokens (jobs == 0: none). One adapter of rank r is r / 16 pieces for every token; a
 /// mixed batch has one adapter's pieces per token mask. xa [jobs × 16 tokens × 16 ranks] is
-/// nf4_lora_shrink_kernel's output, which launch_nf4_ring launches first.
+/// nf4_lora_shrink_kernel's output, which launch_nf4_ring launches first (unless self).
 template <class T>
 struct Nf4RingLora {
   int jobs = 0;

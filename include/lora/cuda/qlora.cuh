@@ -18,7 +18,7 @@ namespace lora {
 /// 16 tokens (codes rounded to S, as bitsandbytes' 4-bit inference kernel does) and
 /// dequantise + cuBLAS above; backward dequantises W too, into a stream-ordered temporary
 /// (cudaMallocAsync: no synchronisation, and no dense copy of W kept). At decode sizes
-/// forward() is one kernel (NF4 product and low-rank term; see forward). The CPU
+/// forward() is one pass over W (NF4 product and low-rank term; see forward). The CPU
 /// layer's int8 `fast` mode has no device counterpart. One layer is not for concurrent use
 /// from several host threads (its scratch buffers).
 ///
@@ -88,9 +88,10 @@ class QLoraLinear<Scalar, cuda, Scaling> {
 
   /// Y = X·dequant(W)ᵀ + s·(X·Aᵀ)·Bᵀ (evaluation mode) into Y [T × out]. For 1…16 bf16/half
   /// tokens, blocksize 64, in % 256 == 0, in ≤ 4096, r % 16 == 0 and r ≤ in / 16 (r ≤ 256): one
-  /// pass over W (detail::nf4_gemm_lora: s·X·Aᵀ by a small kernel, rounded to S, then the NF4
-  /// kernel adds its product with B in its epilogue, Y rounded once); otherwise the NF4 product,
-  /// then s·X·Aᵀ, then a GEMM with β = 1.
+  /// pass over W (detail::nf4_gemm_lora: s·X·Aᵀ rounded to S, by every block of the NF4 kernel
+  /// for r = 16 and by a small kernel before it for more ranks, then the NF4 kernel adds its
+  /// product with B in its epilogue, Y rounded once); otherwise the NF4 product, then s·X·Aᵀ,
+  /// then a GEMM with β = 1.
   void forward(cview X, view Y) const {
     if constexpr (!std::is_same_v<Scalar, float>) {
       using D = detail::device_t<Scalar>;
