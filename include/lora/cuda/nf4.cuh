@@ -780,27 +780,13 @@ __device__ __forceinline__ void nf4_ring_load_x(const T* __restrict__ X, long ld
     }
 }
 
-/// XA = s·X·Aᵀ for nf4_ring_kernel's LoRA term: block j computes piece j's [16 tokens × 16
-/// ranks] on the tensor cores with K / 256 warps, warp w the weights [256w, 256w + 256) in the ring
-/// kernel's fragment layout (tokens outside the piece's mask and ranks past the adapter's give 0),
-/// the warps' partial sums added in warp order through shared memory, scaled by s and rounded
-/// to T into xa[j]. A programmatic dependent launch: it waits for X, then lets the ring kernel
-/// start (which therefore reads X without waiting, and waits for xa only before its first LoRA
-/// product).
+/// A warp's partial sums of X·Aᵀ for a LoRA piece over its 256 columns [256·warp, 256·warp + 256)
+/// of K, on the tensor cores: dxa[n] is the m16n8k16 accumulator of ranks gid, gid + 8 × tokens
+/// 2q, 2q + 1 (+ 8n); xr holds the warp's activations (nf4_ring_load_x), A's fragments permuted
+/// along K as they are. Rows past the piece's ranks read its last row (the caller drops them).
 template <class T, int NT>
-__global__ void __launch_bounds__(nf4_ring_max_warps * 32)
-    nf4_lora_shrink_kernel(const T* __restrict__ X, long ldx, int tokens, const __grid_constant__ Nf4RingLora<T> lora) {
-  __shared__ float red[nf4_ring_max_warps][NT * 4][32];
-  const int KS = static_cast<int>(blockDim.x) / 32;
-  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
-  const int gid = lane / 4, q = lane % 4;
-  const Nf4LoraJob<T>& jb = lora.job[blockIdx.x];
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  std::uint32_t xr[4][NT][8];
-  const std::uint32_t mask = jb.tokens;
-  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [mask](int t) { return (mask >> t) & 1u; }, xr);
-  float dxa[NT][4];
+__device__ __forceinline__ void nf4_lora_xa_partial(const Nf4LoraJob<T>& jb, int warp, int gid, int q,
+                                                    const std::uint32_t (&xr)[4][NT][8], float (&dxa)[NT][4]) {
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -822,6 +808,30 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
       for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
     }
   }
+}
+
+/// XA = s·X·Aᵀ for nf4_ring_kernel's LoRA term: block j computes piece j's [16 tokens × 16
+/// ranks] on the tensor cores with K / 256 warps, warp w the weights [256w, 256w + 256) in the ring
+/// kernel's fragment layout (tokens outside the piece's mask and ranks past the adapter's give 0),
+/// the warps' partial sums added in warp order through shared memory, scaled by s and rounded
+/// to T into xa[j]. A programmatic dependent launch: it waits for X, then lets the ring kernel
+/// start (which therefore reads X without waiting, and waits for xa only before its first LoRA
+/// product).
+template <class T, int NT>
+__global__ void __launch_bounds__(nf4_ring_max_warps * 32)
+    nf4_lora_shrink_kernel(const T* __restrict__ X, long ldx, int tokens, const __grid_constant__ Nf4RingLora<T> lora) {
+  __shared__ float red[nf4_ring_max_warps][NT * 4][32];
+  const int KS = static_cast<int>(blockDim.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int gid = lane / 4, q = lane % 4;
+  const Nf4LoraJob<T>& jb = lora.job[blockIdx.x];
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  std::uint32_t xr[4][NT][8];
+  const std::uint32_t mask = jb.tokens;
+  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [mask](int t) { return (mask >> t) & 1u; }, xr);
+  float dxa[NT][4];
+  nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -968,27 +978,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int p = 0; p < lora.jobs; ++p) {
       const Nf4LoraJob<T>& jb = lora.job[p];
       float dxa[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
-      const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
-      const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
-        const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
-        const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
-        const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
-        const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
-        const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
-#pragma unroll
-          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
-        }
-      }
+      nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1166,8 +1156,11 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
     }
     auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE>;
     const int smem = nf4_ring_smem_bytes<NT, LORA, S, WIDE>(warps, lora.jobs);
-    const int limit = std::min(nf4_ring_smem_bytes<NT, LORA, S, WIDE>(nf4_ring_max_warps, LORA ? nf4_lora_max_jobs : 0),
-                               smem_optin());
+    // without LoRA the largest layout fits every device the kernels are built for; with it, as much
+    // as the device lends
+    const int limit = LORA ? std::min(nf4_ring_smem_bytes<NT, LORA, S, WIDE>(nf4_ring_max_warps, nf4_lora_max_jobs),
+                                      smem_optin())
+                           : nf4_ring_smem_bytes<NT, false, S, WIDE>(nf4_ring_max_warps);
     if (smem > limit) fail("launch_nf4_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
                            lora.jobs, limit);
     const int c = persistent_capacity(kernel, warps * 32, smem, limit);
