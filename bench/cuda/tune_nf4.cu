@@ -17,7 +17,9 @@
 //                     nf4_matmul alone in alternating batches
 //   lora shrunk/self  the same with XA from the shrink kernel / computed by every block, the table
 //                     nf4_gemm takes (WIDE up to 8 tokens); `self narrow` with the narrow table;
-//                     self and shrunk also timed against nf4_matmul in alternating batches
+//                     self, shrunk and self with 3 ring slots and the narrow table also timed
+//                     against nf4_matmul in alternating batches (rows qlora_*: variant µs, NF4 µs,
+//                     ratio)
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -224,12 +226,15 @@ int main(int argc, char** argv) {
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       variant("ring+lora r16", qlora);
-      auto forced = [&](bool self, bool wide) {  // one hand-off of XA and one table, whatever nf4_gemm_lora picks
-        return [&, self, wide](int i) {
+      // one hand-off of XA, one table and ring depth, whatever nf4_gemm_lora picks
+      auto forced = [&](bool self, bool wide, bool s3 = false) {
+        return [&, self, wide, s3](int i) {
           const auto& w = q[i % sets];
           auto l = lora;
           l.self = self;
-          auto ring = wide ? detail::launch_nf4_ring<T, 2, true> : detail::launch_nf4_ring<T, 2, false>;
+          auto ring = s3     ? detail::launch_nf4_ring<T, 3, false>
+                      : wide ? detail::launch_nf4_ring<T, 2, true>
+                             : detail::launch_nf4_ring<T, 2, false>;
           ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
         };
@@ -242,15 +247,17 @@ int main(int argc, char** argv) {
       {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
         const auto m = time_all(*ctx,
                                 {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
-                                 forced(true, wide), forced(false, wide)},
+                                 forced(true, wide), forced(false, wide), forced(true, false, true)},
                                 10, 15);
-        std::fprintf(csv, "qlora_pair,%ld,%ld,%ld,%.5f,%.5f,%.5f,0,0\n", static_cast<long>(out),
-                     static_cast<long>(in), static_cast<long>(tokens), m[0], m[1], m[2]);
+        const char* names[] = {"qlora_self", "qlora_shrunk", "qlora_self_s3"};
+        for (int v = 0; v < 3; ++v)  // each row: µs of the variant, of the NF4 product alone, their ratio
+          std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,0,0\n", names[v], static_cast<long>(out),
+                       static_cast<long>(in), static_cast<long>(tokens), m[v + 1], m[0], m[v + 1] / m[0]);
         std::fprintf(stderr,
                      "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, self %.2f us (%.3f), "
-                     "shrunk %.2f us (%.3f)\n",
+                     "shrunk %.2f us (%.3f), self S3 narrow %.2f us (%.3f)\n",
                      static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], m[2] * 1e3, m[2] / m[0]);
+                     m[1] / m[0], m[2] * 1e3, m[2] / m[0], m[3] * 1e3, m[3] / m[0]);
       }
     }
     if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others

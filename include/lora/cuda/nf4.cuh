@@ -780,32 +780,55 @@ __device__ __forceinline__ void nf4_ring_load_x(const T* __restrict__ X, long ld
     }
 }
 
+/// This lane's fragments of a LoRA piece's A for group g (64 weights) of a warp's 256 columns
+/// [256·warp, 256·warp + 256) of K: ranks gid and gid + 8, weights 64g + 16q … + 15 (rows past
+/// the piece's ranks read its last row; the caller drops them).
+template <class T>
+__device__ __forceinline__ void nf4_lora_a_load(const Nf4LoraJob<T>& jb, int warp, int gid, int q, int g,
+                                                uint4 (&a)[4]) {
+  const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 64 * g + 16 * q;
+  const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 64 * g + 16 * q;
+  a[0] = __ldg(reinterpret_cast<const uint4*>(a0));
+  a[1] = __ldg(reinterpret_cast<const uint4*>(a0 + 8));
+  a[2] = __ldg(reinterpret_cast<const uint4*>(a1));
+  a[3] = __ldg(reinterpret_cast<const uint4*>(a1 + 8));
+}
+
+/// dxa += group g's products of A (nf4_lora_a_load's fragments, permuted along K as the
+/// activations are) with the warp's activations xr[g] (nf4_ring_load_x), on the tensor cores.
+template <class T, int NT>
+__device__ __forceinline__ void nf4_lora_a_mma(const uint4 (&a)[4], const std::uint32_t (&xg)[NT][8],
+                                               float (&dxa)[NT][4]) {
+  const std::uint32_t ua[4] = {a[0].x, a[0].y, a[0].z, a[0].w}, ub[4] = {a[1].x, a[1].y, a[1].z, a[1].w};
+  const std::uint32_t va[4] = {a[2].x, a[2].y, a[2].z, a[2].w}, vb[4] = {a[3].x, a[3].y, a[3].z, a[3].w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const std::uint32_t f[4] = {ua[k], va[k], ub[k], vb[k]};
+#pragma unroll
+    for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], f, xg[n][k], xg[n][4 + k]);
+  }
+}
+
 /// A warp's partial sums of X·Aᵀ for a LoRA piece over its 256 columns [256·warp, 256·warp + 256)
 /// of K, on the tensor cores: dxa[n] is the m16n8k16 accumulator of ranks gid, gid + 8 × tokens
-/// 2q, 2q + 1 (+ 8n); xr holds the warp's activations (nf4_ring_load_x), A's fragments permuted
-/// along K as they are. Rows past the piece's ranks read its last row (the caller drops them).
-template <class T, int NT>
+/// 2q, 2q + 1 (+ 8n); xr holds the warp's activations (nf4_ring_load_x). The first PG groups'
+/// fragments of A may come already loaded (`pre`); the others are loaded here.
+template <class T, int NT, int PG = 0>
 __device__ __forceinline__ void nf4_lora_xa_partial(const Nf4LoraJob<T>& jb, int warp, int gid, int q,
-                                                    const std::uint32_t (&xr)[4][NT][8], float (&dxa)[NT][4]) {
+                                                    const std::uint32_t (&xr)[4][NT][8], float (&dxa)[NT][4],
+                                                    const uint4 (*pre)[4] = nullptr) {
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
     for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
-  const T* a0 = jb.a + static_cast<long>(min(gid, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
-  const T* a1 = jb.a + static_cast<long>(min(gid + 8, jb.ranks - 1)) * jb.lda + 256 * warp + 16 * q;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
-    const uint4 u0 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g));
-    const uint4 u1 = __ldg(reinterpret_cast<const uint4*>(a0 + 64 * g + 8));
-    const uint4 v0 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g));
-    const uint4 v1 = __ldg(reinterpret_cast<const uint4*>(a1 + 64 * g + 8));
-    const std::uint32_t ua[4] = {u0.x, u0.y, u0.z, u0.w}, ub[4] = {u1.x, u1.y, u1.z, u1.w};
-    const std::uint32_t va[4] = {v0.x, v0.y, v0.z, v0.w}, vb[4] = {v1.x, v1.y, v1.z, v1.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const std::uint32_t a[4] = {ua[k], va[k], ub[k], vb[k]};
-#pragma unroll
-      for (int n = 0; n < NT; ++n) mma_traits<T>::mma(dxa[n], a, xr[g][n][k], xr[g][n][4 + k]);
+    if (g < PG) {
+      nf4_lora_a_mma<T, NT>(pre[g], xr[g], dxa);
+    } else {
+      uint4 a[4];
+      nf4_lora_a_load<T>(jb, warp, gid, q, g, a);
+      nf4_lora_a_mma<T, NT>(a, xr[g], dxa);
     }
   }
 }
@@ -868,15 +891,16 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
 /// W only after it.
 ///
 /// With LORA it also adds the pieces of a LoRA term (QLoRA inference, or a mixed batch of
-/// adapters, in one pass over W): warp w < lora.jobs brings piece w's 16 rows × 16 ranks of B
-/// with each tile into its ring and adds B·XA to its partial sum on the tensor cores (one
+/// adapters, in one pass over W): warp KS − 1 − p brings piece p's 16 rows × 16 ranks of B (the
+/// last warps, as the first ones sum each tile's outputs) with each tile into its ring and adds B·XA to its partial sum on the tensor cores (one
 /// mma per n-tile; from Bᵀ by ldmatrix.trans), so Y is rounded once. XA (s·X·Aᵀ, rounded to T)
 /// is nf4_lora_shrink_kernel's, the kernel before this one: X is ready when this kernel starts
 /// (see there), and only warps with a piece wait for XA, after their first tile's products. With
 /// LM == nf4_lora_self there is no shrink kernel: before its first tile each block computes every
 /// piece's XA on the tensor cores from the activations its warps hold (each warp its K slice of
 /// the piece's A rows; the partial sums added in warp order through shared memory, then scaled
-/// and rounded to T as the shrink kernel does), while its first tiles of W are in flight.
+/// and rounded to T as the shrink kernel does), while its first tiles of W are in flight; the
+/// first piece's A is asked for at the kernel's start, before the table and the dependency wait.
 ///
 /// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
 /// n-tile only, for its shared memory): the
@@ -899,8 +923,11 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   std::uint32_t* lut = reinterpret_cast<std::uint32_t*>(smem + lut_off);
   unsigned char* ring = smem + lut_region + warp * S * SB;
   float* red = reinterpret_cast<float*>(smem + lut_region + KS * S * SB);  // [2][KS][NT·4][32]
-  // with LORA, warp w < jobs: piece w's ring of B tiles
-  unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + warp * S * LB;
+  // With LORA, piece p is warp KS − 1 − p's (the last warps: the first ones sum the tile's outputs)
+  const int pi = KS - 1 - warp;
+  [[maybe_unused]] const bool piece = LORA && pi < lora.jobs;
+  // and its ring of B tiles
+  unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + pi * S * LB;
   // and (self) every piece's XA [jobs][16 tokens][16 ranks], after the rings
   [[maybe_unused]] T* xas = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) +
                                                  lora.jobs * S * LB);
@@ -909,7 +936,6 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   const long crow = K / 2, arow = K / 64;
   const std::uint8_t* pc = packed + warp * 128;  // this warp's 128 bytes of a row
   const float* pa = absmax + warp * 4;           // and its 4 scales
-  [[maybe_unused]] const bool piece = LORA && warp < lora.jobs;
 
   auto issue = [&](int j) {  // tile j of this block into slot j % S (an empty group past the end)
     if (j < mine) {
@@ -927,7 +953,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       }
       if constexpr (LORA) {
         if (piece) {
-          const Nf4LoraJob<T>& jb = lora.job[warp];
+          const Nf4LoraJob<T>& jb = lora.job[pi];
           unsigned char* ls = lring + (j % S) * LB;
           if (lora.bt) {  // Bᵀ: rank lane / 2, rows row0 + 8·(lane % 2) … + 7 → [rank][16 rows]
             const long k = min(lane / 2, jb.ranks - 1), col = min(row0 + 8 * (lane % 2), nOut - 8);
@@ -943,6 +969,13 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
 
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // self: the first piece's A (a weight: no wait) asked for first, so that its L2 latency passes
+  // under the table, the dependency wait and X's loads (all four groups at one n-tile, one at two: registers)
+  constexpr int PG = LM == nf4_lora_self ? (NT == 1 ? 4 : 1) : 0;
+  [[maybe_unused]] uint4 apre[PG > 0 ? PG : 1][4];
+  if constexpr (PG > 0)
+#pragma unroll
+    for (int g = 0; g < PG; ++g) nf4_lora_a_load<T>(lora.job[0], warp, gid, q, g, apre[g]);
   if (wait && lane < 16)
     for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
@@ -974,11 +1007,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LM == nf4_lora_self) {
-#pragma unroll 1
-    for (int p = 0; p < lora.jobs; ++p) {
+    // piece p's XA into xas[p]: the warps' partial sums (dxa) added in warp order, scaled, rounded
+    auto reduce_xa = [&](int p, const float (&dxa)[NT][4]) {
       const Nf4LoraJob<T>& jb = lora.job[p];
-      float dxa[NT][4];
-      nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -995,9 +1026,20 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
       }
       __syncthreads();
+    };
+    {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
+      reduce_xa(0, dxa);
+    }
+#pragma unroll 1
+    for (int p = 1; p < lora.jobs; ++p) {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
+      reduce_xa(p, dxa);
     }
     if (piece) {
-      const T* xp = xas + warp * 256 + 2 * q;
+      const T* xp = xas + pi * 256 + 2 * q;
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
         xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
@@ -1048,7 +1090,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       if (piece) {
         if (LM == nf4_lora_shrunk && j == 0) {
           asm volatile("griddepcontrol.wait;" ::: "memory");  // XA: the shrink kernel's output
-          const T* xp = lora.xa + warp * 256 + 2 * q;
+          const T* xp = lora.xa + pi * 256 + 2 * q;
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             xab[n][0] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16));
