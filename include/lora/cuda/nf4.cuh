@@ -710,17 +710,16 @@ constexpr int nf4_lora_slot_bytes = 16 * 16 * 2;
 
 /// Dynamic shared memory of nf4_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: the
 /// lane-private code table, each warp's ring, two slots of partial sums, and each piece's ring of
-/// B tiles.
+/// B tiles and its XA [16 tokens × 16 ranks].
 template <int NT, bool LORA = false, int S = nf4_ring_stages, bool WIDE = false>
 constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
   return (WIDE ? 4 * 65536 / 2 : nf4_mma_lut_bytes) + warps * S * nf4_ring_stage_bytes + 2 * warps * NT * 4 * 32 * 4 +
-         (LORA ? jobs * S * nf4_lora_slot_bytes : 0);
+         (LORA ? jobs * (S * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
 }
 /// How nf4_ring_kernel gets a LoRA term's XA: none; from nf4_lora_shrink_kernel, launched
-/// before it; computed by every block itself (A read by every block: for a single piece only).
+/// before it; computed by every block itself (A read by every block: for a single piece).
 enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2 };
-/// Up to this many pieces nf4_gemm_lora has every block compute XA itself (nf4_ring_kernel's
-/// self mode takes one).
+/// Up to this many pieces nf4_gemm_lora has every block compute XA itself.
 constexpr int nf4_lora_self_max = 1;
 
 /// One piece of a LoRA term: 16 ranks [16p, 16p + 16) of one adapter (scaling s, A [r × K]
@@ -744,8 +743,8 @@ template <class T>
 struct Nf4RingLora {
   int jobs = 0;
   bool bt = false;  ///< the pieces' b are rows of Bᵀ (multi::AdapterSet's layout), not columns of B
-  /// every block computes XA itself (no shrink kernel; xa unused): one piece only, as nf4_gemm_lora
-  /// does for up to nf4_lora_self_max pieces
+  /// every block computes XA itself (no shrink kernel; xa unused), as nf4_gemm_lora does for up
+  /// to nf4_lora_self_max pieces
   bool self = false;
   T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
@@ -813,38 +812,25 @@ __device__ __forceinline__ void nf4_lora_a_mma(const uint4 (&a)[4], const std::u
 /// A warp's partial sums of X·Aᵀ for a LoRA piece over its 256 columns [256·warp, 256·warp + 256)
 /// of K, on the tensor cores: dxa[n] is the m16n8k16 accumulator of ranks gid, gid + 8 × tokens
 /// 2q, 2q + 1 (+ 8n); xr holds the warp's activations (nf4_ring_load_x). The first PG groups'
-/// fragments of A may come already loaded (`pre`); the others are loaded here. The four groups
-/// accumulate in independent chains (2 at one n-tile, 1 at two), added in chain order at the end.
+/// fragments of A may come already loaded (`pre`); the others are loaded here.
 template <class T, int NT, int PG = 0>
 __device__ __forceinline__ void nf4_lora_xa_partial(const Nf4LoraJob<T>& jb, int warp, int gid, int q,
                                                     const std::uint32_t (&xr)[4][NT][8], float (&dxa)[NT][4],
                                                     const uint4 (*pre)[4] = nullptr) {
-  constexpr int CH = 1;
-  float part[CH][NT][4];
-#pragma unroll
-  for (int c = 0; c < CH; ++c)
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) part[c][n][i] = 0.f;
-#pragma unroll
-  for (int g = 0; g < 4; ++g) {
-    if (g < PG) {
-      nf4_lora_a_mma<T, NT>(pre[g], xr[g], part[g % CH]);
-    } else {
-      uint4 a[4];
-      nf4_lora_a_load<T>(jb, warp, gid, q, g, a);
-      nf4_lora_a_mma<T, NT>(a, xr[g], part[g % CH]);
-    }
-  }
 #pragma unroll
   for (int n = 0; n < NT; ++n)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      dxa[n][i] = part[0][n][i];
+    for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
 #pragma unroll
-      for (int c = 1; c < CH; ++c) dxa[n][i] += part[c][n][i];
+  for (int g = 0; g < 4; ++g) {
+    if (g < PG) {
+      nf4_lora_a_mma<T, NT>(pre[g], xr[g], dxa);
+    } else {
+      uint4 a[4];
+      nf4_lora_a_load<T>(jb, warp, gid, q, g, a);
+      nf4_lora_a_mma<T, NT>(a, xr[g], dxa);
     }
+  }
 }
 
 /// XA = s·X·Aᵀ for nf4_ring_kernel's LoRA term: block j computes piece j's [16 tokens × 16
@@ -942,6 +928,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   [[maybe_unused]] const bool piece = LORA && pi < lora.jobs;
   // and its ring of B tiles
   unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + pi * S * LB;
+  // and (self) every piece's XA [jobs][16 tokens][16 ranks], after the rings
+  [[maybe_unused]] T* xas = reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) +
+                                                 lora.jobs * S * LB);
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const long crow = K / 2, arow = K / 64;
@@ -1018,41 +1007,44 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LM == nf4_lora_self) {
-    // The piece's XA: every warp's partial sums over its K slice go to the second slot of partial
-    // sums (the tiles' first write to it comes after tile 0's barrier). The other warps only
-    // arrive at barrier 1 and go on to tile 0; the piece warp waits there and adds, for its
-    // fragments, the 16 warps' sums in warp order (as the shrink kernel does), scaled and rounded.
-    float dxa[NT][4];
-    nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
-    float* rx = red + KS * NT * 4 * 32;
+    // piece p's XA into xas[p]: the warps' partial sums (dxa) added in warp order, scaled, rounded
+    auto reduce_xa = [&](int p, const float (&dxa)[NT][4]) {
+      const Nf4LoraJob<T>& jb = lora.job[p];
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+      for (int n = 0; n < NT; ++n)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) rx[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      __syncthreads();
+      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+        // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        float v = 0.f;
+        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+        }
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+      }
+      __syncthreads();
+    };
+    {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
+      reduce_xa(0, dxa);
+    }
+#pragma unroll 1
+    for (int p = 1; p < lora.jobs; ++p) {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
+      reduce_xa(p, dxa);
+    }
     if (piece) {
-      asm volatile("bar.sync 1, %0;" ::"r"(KS * 32) : "memory");
-      const Nf4LoraJob<T>& jb = lora.job[0];
+      const T* xp = xas + pi * 256 + 2 * q;
 #pragma unroll
       for (int n = 0; n < NT; ++n) {
-        // token t, ranks 2q + 8h + e (xab[n][h], e = 0, 1): of the m16n8k16 accumulator, lane
-        // 4·(rank % 8) + gid / 2, element 2h + gid % 2
-        const int t = gid + 8 * n;
-        const float* src = rx + (n * 4 + gid % 2) * 32 + 4 * (2 * q) + gid / 2;
-        float sum[2][2] = {};
-#pragma unroll 1
-        for (int w = 0; w < KS; ++w)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) sum[h][e] += src[w * NT * 4 * 32 + 2 * h * 32 + 4 * e];
-        const bool on = t < tokens && ((jb.tokens >> t) & 1u);
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          xab[n][h] = mma_traits<T>::pack(on && 2 * q + 8 * h < jb.ranks ? jb.s * sum[h][0] : 0.f,
-                                          on && 2 * q + 8 * h + 1 < jb.ranks ? jb.s * sum[h][1] : 0.f);
+        xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
+        xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
       }
-    } else {
-      asm volatile("bar.arrive 1, %0;" ::"r"(KS * 32) : "memory");
     }
   }
 
@@ -1160,9 +1152,7 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 /// (16 with B's layout), nOut % 8 == 0 with Bᵀ's.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l, long K, long nOut) {
-  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || (l.self && l.jobs != 1) ||
-      (!l.self && !aligned(l.xa, 16)))
-    return false;
+  if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || (!l.self && !aligned(l.xa, 16))) return false;
   if (l.bt && nOut % 8) return false;
   for (int i = 0; i < l.jobs; ++i) {
     const Nf4LoraJob<T>& j = l.job[i];
