@@ -15,11 +15,11 @@
 //                     computes XA and adds B·XA in its epilogue): QLoRA's fused forward
 //                     (QLoraLinear<S, cuda>::forward at these sizes); also timed against
 //                     nf4_matmul alone in alternating batches
-//   lora shrunk/self  the same with XA from the shrink kernel / computed by every block, the table
-//                     nf4_gemm takes (WIDE up to 8 tokens); `self narrow` with the narrow table;
-//                     self, shrunk and self with 3 ring slots and the narrow table also timed
-//                     against nf4_matmul in alternating batches (rows qlora_*: variant µs, NF4 µs,
-//                     ratio)
+//   lora shrunk/self  the same with XA from the shrink kernel (the table nf4_gemm takes: WIDE up
+//                     to 8 tokens) / computed by every block (the narrow table, nf4_gemm_lora's
+//                     choice); `self wide` with the WIDE table. The library's choice, shrunk, self
+//                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
+//                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -241,23 +241,26 @@ int main(int argc, char** argv) {
       };
       const bool wide = tokens <= 8;
       variant("lora shrunk", forced(false, wide));
-      variant("lora self", forced(true, wide));
-      if (wide) variant("lora self narrow", forced(true, false));
+      variant("lora self", forced(true, false));
+      if (wide) variant("lora self wide", forced(true, true));
       refp = &ref_base;
-      {  // QLoRA's fused forward against the NF4 product alone, in alternating batches
-        const auto m = time_all(*ctx,
-                                {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
-                                 forced(true, wide), forced(false, wide), forced(true, false, true)},
-                                10, 15);
-        const char* names[] = {"qlora_self", "qlora_shrunk", "qlora_self_s3"};
-        for (int v = 0; v < 3; ++v)  // each row: µs of the variant, of the NF4 product alone, their ratio
-          std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,0,0\n", names[v], static_cast<long>(out),
+      {  // QLoRA's fused forward (the library's choice) and the other forms against the NF4 product
+         // alone, in alternating batches
+        std::vector<std::pair<const char*, std::function<void(int)>>> forms = {
+            {"qlora", qlora}, {"qlora_shrunk", forced(false, wide)}, {"qlora_self_s3", forced(true, false, true)}};
+        if (wide) forms.emplace_back("qlora_self_wide", forced(true, true));
+        std::vector<std::function<void(int)>> fns = {
+            [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }};
+        for (const auto& f : forms) fns.push_back(f.second);
+        const auto m = time_all(*ctx, fns, 10, 15);
+        std::fprintf(stderr, "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us", static_cast<long>(out),
+                     static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3);
+        for (std::size_t v = 0; v < forms.size(); ++v) {  // each row: µs of the form, of the NF4 product alone, ratio
+          std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,0,0\n", forms[v].first, static_cast<long>(out),
                        static_cast<long>(in), static_cast<long>(tokens), m[v + 1], m[0], m[v + 1] / m[0]);
-        std::fprintf(stderr,
-                     "%5ldx%ld T %2ld: QLoRA r16 / NF4 alone (alternating): NF4 %.2f us, self %.2f us (%.3f), "
-                     "shrunk %.2f us (%.3f), self S3 narrow %.2f us (%.3f)\n",
-                     static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], m[2] * 1e3, m[2] / m[0], m[3] * 1e3, m[3] / m[0]);
+          std::fprintf(stderr, ", %s %.2f us (%.3f)", forms[v].first, m[v + 1] * 1e3, m[v + 1] / m[0]);
+        }
+        std::fprintf(stderr, "\n");
       }
     }
     if (out == 14336) {  // dequantisation: the library's (2 groups per thread, streaming stores) and others

@@ -1323,7 +1323,8 @@ void nf4_gemm(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, const C
 /// Y = X·dequant(W)ᵀ plus a LoRA term's pieces (Nf4RingLora, its xa buffer included) in one
 /// pass over W: up to nf4_lora_self_max pieces nf4_ring_kernel alone (every block computes XA),
 /// more nf4_lora_shrink_kernel and then nf4_ring_kernel (the WIDE table for up to 8 tokens
-/// where nf4_gemm takes it and it fits beside the pieces' rings). For 1…16 bf16/half tokens
+/// where nf4_gemm takes it and it fits beside the pieces' rings; every block computing XA, the
+/// narrow table, which was the faster there: docs/performance.md). For 1…16 bf16/half tokens
 /// where nf4_ring_ok and nf4_ring_lora_ok hold; otherwise it launches nothing and returns false.
 template <class S>
 bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, Nf4RingLora<device_t<S>> lora,
@@ -1337,8 +1338,8 @@ bool nf4_gemm_lora(const Nf4Parts& W, DeviceView<const S> X, DeviceView<S> Y, Nf
     if (!nf4_ring_ok<T>(W.cols, W.blocksize, X.ld, X.data, W.packed, W.absmax) ||
         !nf4_ring_lora_ok<T>(lora, W.cols, W.rows))
       return false;
-    const bool wide =
-        X.rows <= 8 && W.cols >= 256L * nf4_ring_wide_min_warps && nf4_ring_wide_fits(W.cols, lora.jobs);
+    const bool wide = X.rows <= 8 && !lora.self && W.cols >= 256L * nf4_ring_wide_min_warps &&
+                      nf4_ring_wide_fits(W.cols, lora.jobs);
     auto ring = wide ? launch_nf4_ring<T, nf4_ring_stages, true> : launch_nf4_ring<T, nf4_ring_stages, false>;
     ring(reinterpret_cast<const T*>(X.data), X.ld, static_cast<int>(X.rows), static_cast<int>(W.cols), W.packed,
          W.absmax, static_cast<int>(W.rows), reinterpret_cast<T*>(Y.data), Y.ld, ctx.stream(), true, lora);
