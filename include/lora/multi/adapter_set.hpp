@@ -425,7 +425,11 @@ Matrix<compute_t<Scalar>> AdapterSet<Scalar, cpu>::apply(const Q& Wq, const Matr
   if (X.cols() != in_) lora::detail::fail("batched forward: input X has {} columns, expected {}", X.cols(), in_);
   const Segments seg = detail::make_segments(*this, ids, X.rows());
   const Matrix<C> Xc = X.template cast<C>();
-  Matrix<C> Y = nf4_matmul(Wq, Matrix<float>(X.template cast<float>())).template cast<C>();  // ADL: lora::quant
+  Matrix<C> Y;
+  if constexpr (std::is_same_v<C, float>)  // X in float once, for both products
+    Y = nf4_matmul(Wq, Xc);  // ADL: lora::quant
+  else
+    Y = nf4_matmul(Wq, Matrix<float>(X.template cast<float>())).template cast<C>();
   detail::add_adapter_paths(*this, seg, Xc, Y);
   return Y;
 }
