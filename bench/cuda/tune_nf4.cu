@@ -20,6 +20,8 @@
 //                     choice); `self wide` with the WIDE table. The library's choice, shrunk, self
 //                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
 //                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
+//   r64 self/shrunk   a LoRA term of rank 64 (four pieces): XA computed by every block (each reads
+//                     all four pieces' A) / from the shrink kernel; also in alternating batches
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -125,6 +127,14 @@ int main(int argc, char** argv) {
     DeviceMatrix<float> LAf(rank, in), LBf(out, rank);
     upload<float>(Matrix<float>(to_host(LA.view()).template cast<float>()), LAf.view());
     upload<float>(Matrix<float>(to_host(LB.view()).template cast<float>()), LBf.view());
+    // r 64: four pieces, XA per block or from the shrink kernel (nf4_gemm_lora's choice beyond one piece)
+    const Index rank4 = 64;
+    DeviceMatrix<S> LA4(rank4, in), LB4(out, rank4);
+    fill_random(LA4.view(), g, 0.02);
+    fill_random(LB4.view(), g, 0.02);
+    DeviceBuffer<S> xa4(static_cast<std::size_t>(rank4 / 16) * 256);
+    const Matrix<float> LA4h = to_host(LA4.view()).template cast<float>(),
+                        LB4h = to_host(LB4.view()).template cast<float>();
 
     for (const Index tokens : {Index(1), Index(2), Index(4), Index(8), Index(16)}) {
       DeviceMatrix<S> X(tokens, in), Y(tokens, out);
@@ -143,6 +153,8 @@ int main(int argc, char** argv) {
       detail::gemm<float, float, float>(*ctx, false, true, tokens, out, rank, 1.f, XAf.view(), LBf.view(), 1.f,
                                         Yf.view());
       const Matrix<float> ref_lora = to_host(Yf.view());
+      const Matrix<float> ref_lora4 =
+          ref_base + lora_s * (to_host(X.view()).template cast<float>() * LA4h.transpose()) * LB4h.transpose();
       const Matrix<float>* refp = &ref_base;
       auto rel_err = [&]() {
         const Matrix<float>& ref = *refp;
@@ -243,7 +255,43 @@ int main(int argc, char** argv) {
       variant("lora shrunk", forced(false, wide));
       variant("lora self", forced(true, false));
       if (wide) variant("lora self wide", forced(true, true));
+      // four pieces (r 64): XA per block (every block reads all four pieces' A) against the shrink kernel
+      detail::Nf4RingLora<T> lora4;
+      lora4.jobs = static_cast<int>(rank4 / 16);
+      lora4.xa = reinterpret_cast<T*>(xa4.data());
+      for (int p = 0; p < lora4.jobs; ++p)
+        lora4.job[p] = {reinterpret_cast<const T*>(LA4.data()) + 16L * p * LA4.view().ld, LA4.view().ld,
+                        reinterpret_cast<const T*>(LB4.data()) + 16L * p, LB4.view().ld, 16, lora_s,
+                        (1u << tokens) - 1u};
+      auto forced4 = [&](bool self) {
+        return [&, self](int i) {
+          const auto& w = q[i % sets];
+          auto l = lora4;
+          l.self = self;
+          auto ring = !self && wide ? detail::launch_nf4_ring<T, 2, true> : detail::launch_nf4_ring<T, 2, false>;
+          ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
+               static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
+        };
+      };
+      refp = &ref_lora4;
+      variant("r64 self", forced4(true));
+      variant("r64 shrunk", forced4(false));
       refp = &ref_base;
+      {  // four pieces against the NF4 product alone, in alternating batches
+        const auto m = time_all(*ctx,
+                                {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
+                                 forced4(true), forced4(false)},
+                                10, 15);
+        const char* names4[] = {"qlora64_self", "qlora64_shrunk"};
+        for (int v = 0; v < 2; ++v)
+          std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,0,0\n", names4[v], static_cast<long>(out),
+                       static_cast<long>(in), static_cast<long>(tokens), m[v + 1], m[0], m[v + 1] / m[0]);
+        std::fprintf(stderr,
+                     "%5ldx%ld T %2ld: QLoRA r64 / NF4 alone (alternating): NF4 %.2f us, self %.2f us (%.3f), "
+                     "shrunk %.2f us (%.3f)\n",
+                     static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
+                     m[1] / m[0], m[2] * 1e3, m[2] / m[0]);
+      }
       {  // QLoRA's fused forward (the library's choice) and the other forms against the NF4 product
          // alone, in alternating batches
         std::vector<std::pair<const char*, std::function<void(int)>>> forms = {

@@ -131,7 +131,8 @@ TEST_CASE("cuda qlora: nf4_matmul from a second translation unit (its own copy o
 TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches float64", "[cuda][qlora][nf4]") {
   // detail::launch_nf4_ring with a LoRA term, each way nf4_gemm_lora may take: XA computed by
   // every block and XA from the shrink kernel; the WIDE and the narrow table; B's layout and Bᵀ's
-  // (a piece of 5 ranks: rows past the rank clamped, their XA 0); a token mask (tokens outside it
+  // (a piece of 5 ranks: rows past the rank clamped, their XA 0); one piece and two (r 32: every
+  // block computes both pieces' XA, or the shrink kernel does); a token mask (tokens outside it
   // get the base product only); rows not a multiple of the tile.
   using S = bfloat16;
   using T = lora::detail::device_t<S>;
@@ -143,13 +144,13 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
     const Nf4Tensor cpu_q = Nf4Tensor::quantize(W, {64, false});
     const auto q = quant::Nf4Tensor<cuda>::from_host(cpu_q);
     const MatD Wq = d(cpu_q.template dequantize<float>());
-    for (const bool bt : {false, true}) {
-      const Index r = bt ? 5 : 16;
+    for (const auto [bt, r] : {std::pair<bool, Index>{false, 16}, {true, 5}, {false, 32}}) {
       const Matrix<S> A = rand_s<S>(r, in, g, 0.5), B = rand_s<S>(out, r, g, 0.5);
       const Matrix<S> Bt = B.transpose();
       const auto dA = DeviceMatrix<S>::from_host(A), dB = DeviceMatrix<S>::from_host(bt ? Bt : B);
       const double s = 1.5;
-      DeviceBuffer<S> xa(256);
+      const int pieces = static_cast<int>((r + 15) / 16);
+      DeviceBuffer<S> xa(static_cast<std::size_t>(pieces) * 256);
       for (Index tokens : {Index(1), Index(7), Index(13)}) {
         const Matrix<S> X = rand_s<S>(tokens, in, g);
         const auto dX = DeviceMatrix<S>::from_host(X);
@@ -160,16 +161,18 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
           if (t % 3 == 0) mask |= 1u << t, sel(t, t) = 1;
         const MatD ref = d(X) * Wq.transpose() + s * sel * d(X) * d(A).transpose() * d(B).transpose();
         lora::detail::Nf4RingLora<T> l;
-        l.jobs = 1;
+        l.jobs = pieces;
         l.bt = bt;
         l.xa = reinterpret_cast<T*>(xa.data());
-        l.job[0] = {reinterpret_cast<const T*>(dA.data()), dA.view().ld, reinterpret_cast<const T*>(dB.data()),
-                    dB.view().ld, static_cast<int>(r), static_cast<float>(s), mask};
+        for (int p = 0; p < pieces; ++p)  // ranks [16p, 16p + 16): A's rows, B's columns (Bᵀ's rows)
+          l.job[p] = {reinterpret_cast<const T*>(dA.data()) + 16L * p * dA.view().ld, dA.view().ld,
+                      reinterpret_cast<const T*>(dB.data()) + 16L * p * (bt ? dB.view().ld : 1), dB.view().ld,
+                      static_cast<int>(std::min<Index>(16, r - 16L * p)), static_cast<float>(s), mask};
         REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
         for (const bool self : {false, true}) {
           for (const bool wide : {false, true}) {
             if (wide && (tokens > 8 || in < 256 * lora::detail::nf4_ring_wide_min_warps)) continue;
-            INFO("out " << out << " in " << in << " bt " << bt << " tokens " << tokens << " self " << self
+            INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " self " << self
                         << " wide " << wide);
             l.self = self;
             DeviceMatrix<S> Y(tokens, out);
