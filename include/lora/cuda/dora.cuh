@@ -9,6 +9,7 @@
 #include <lora/cuda/adapter.cuh>
 #include <lora/cuda/dora_norm.cuh>
 #include <lora/cuda/kernels.cuh>
+#include <lora/dora/dora.hpp>
 
 namespace lora {
 
