@@ -410,6 +410,21 @@ TEST_CASE("gguf lora: GGUF -> PEFT -> GGUF is identical; load_gguf_adapter equal
   keep.keep_gguf_row_order = true;
   CHECK(load_gguf_adapter(gdata("gguf/lora_all_r8.f32.gguf"), keep).modules.size() == 14);
   REQUIRE_THROWS_WITH(load_gguf_adapter(gdata("gguf/base.f16.gguf")), ContainsSubstring("not a LoRA adapter"));
+  // bytes held in memory read as the file does, errors naming the name given for them
+  {
+    const std::string bytes = slurp(gdata("gguf/embed_q_r4.f16.gguf"));
+    const PeftAdapter m = load_gguf_adapter(GgufFile::from_bytes(bytes, "in-memory.gguf"), keep);
+    const PeftAdapter f = load_gguf_adapter(gdata("gguf/embed_q_r4.f16.gguf"), keep);
+    REQUIRE(m.modules.size() == f.modules.size());
+    for (std::size_t i = 0; i < m.modules.size(); ++i) {
+      CHECK(m.modules[i].name == f.modules[i].name);
+      CHECK(m.modules[i].adapter.A() == f.modules[i].adapter.A());
+      CHECK(m.modules[i].adapter.B() == f.modules[i].adapter.B());
+      CHECK(m.modules[i].adapter.scaling() == f.modules[i].adapter.scaling());
+    }
+    REQUIRE_THROWS_WITH(load_gguf_adapter(GgufFile::from_bytes(slurp(gdata("gguf/base.f16.gguf")), "base-in-memory")),
+                        ContainsSubstring("base-in-memory") && ContainsSubstring("not a LoRA adapter"));
+  }
 }
 
 TEST_CASE("gguf lora: what a GGUF adapter cannot hold is refused with the reason", "[gguf][fixture]") {

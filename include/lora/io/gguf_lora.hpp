@@ -431,8 +431,8 @@ struct GgufImportOptions {
 /// tensor, so PEFT's alpha/r is llama.cpp's scale; with alpha 0 llama.cpp uses 1, and alpha
 /// = r is set), ranks other than the most common one go into rank_pattern, token_embd
 /// becomes an embedding module. Tensors of any type GgufTensorView dequantises are read.
-inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const GgufImportOptions& opts = {}) {
-  const GgufFile f = GgufFile::open(file);
+/// This overload reads a file already opened or held in memory (GgufFile::from_bytes).
+inline PeftAdapter load_gguf_adapter(const GgufFile& f, const GgufImportOptions& opts = {}) {
   const std::string where = f.path();
   const auto* gt = f.find_value("general.type");
   if (!gt || gt->type != gguf_type::STRING || gt->as_string() != "adapter")
@@ -534,6 +534,10 @@ inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const Gg
     }
   }
   return out;
+}
+/// The same from a file.
+inline PeftAdapter load_gguf_adapter(const std::filesystem::path& file, const GgufImportOptions& opts = {}) {
+  return load_gguf_adapter(GgufFile::open(file), opts);
 }
 
 /// Whether `path` is a regular file that starts with the GGUF magic.
