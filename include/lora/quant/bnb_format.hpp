@@ -46,7 +46,7 @@ inline std::vector<io::TensorData> to_tensors(const std::string& weight_name, co
   w.type = io::dtype::U8;
   w.shape = {static_cast<std::int64_t>(W.packed().size()), 1};
   w.bytes.resize(W.packed().size());
-  std::memcpy(w.bytes.data(), W.packed().data(), W.packed().size());
+  if (!w.bytes.empty()) std::memcpy(w.bytes.data(), W.packed().data(), W.packed().size());
   out.push_back(std::move(w));
 
   nlohmann::ordered_json blob;
@@ -153,7 +153,7 @@ inline lora::Nf4Tensor read(const io::SafetensorsFile& f, const std::string& wei
     lora::detail::fail("{}: packed weight has {} bytes, shape {} needs {}", where, wt.bytes.size(), js["shape"].dump(),
                        packed_bytes(n));
   std::vector<std::uint8_t> packed(static_cast<std::size_t>(packed_bytes(n)));
-  std::memcpy(packed.data(), wt.bytes.data(), packed.size());
+  if (!packed.empty()) std::memcpy(packed.data(), wt.bytes.data(), packed.size());  // shape [0, …]: no codes
 
   if (f.contains(weight_name + ".quant_map")) {
     const auto qm = f.tensor(weight_name + ".quant_map").to_vector<float>();
