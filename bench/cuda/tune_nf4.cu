@@ -238,11 +238,11 @@ int main(int argc, char** argv) {
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       variant("ring+lora r16", qlora);
-      // one hand-off of XA, one table and ring depth, whatever nf4_gemm_lora picks
-      auto forced = [&](bool self, bool wide, bool s3 = false) {
-        return [&, self, wide, s3](int i) {
+      // one LoRA term, hand-off of XA, table and ring depth, whatever nf4_gemm_lora picks
+      auto forced_term = [&](const detail::Nf4RingLora<T>& term, bool self, bool wide, bool s3 = false) {
+        return [&, term, self, wide, s3](int i) {
           const auto& w = q[i % sets];
-          auto l = lora;
+          auto l = term;
           l.self = self;
           auto ring = s3     ? detail::launch_nf4_ring<T, 3, false>
                       : wide ? detail::launch_nf4_ring<T, 2, true>
@@ -251,6 +251,7 @@ int main(int argc, char** argv) {
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
         };
       };
+      auto forced = [&](bool self, bool wide, bool s3 = false) { return forced_term(lora, self, wide, s3); };
       const bool wide = tokens <= 8;
       variant("lora shrunk", forced(false, wide));
       variant("lora self", forced(true, false));
@@ -263,16 +264,8 @@ int main(int argc, char** argv) {
         lora4.job[p] = {reinterpret_cast<const T*>(LA4.data()) + 16L * p * LA4.view().ld, LA4.view().ld,
                         reinterpret_cast<const T*>(LB4.data()) + 16L * p, LB4.view().ld, 16, lora_s,
                         (1u << tokens) - 1u};
-      auto forced4 = [&](bool self) {
-        return [&, self](int i) {
-          const auto& w = q[i % sets];
-          auto l = lora4;
-          l.self = self;
-          auto ring = !self && wide ? detail::launch_nf4_ring<T, 2, true> : detail::launch_nf4_ring<T, 2, false>;
-          ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
-               static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
-        };
-      };
+      // the tables nf4_gemm_lora would take: narrow with XA per block, WIDE up to 8 tokens with the shrink kernel
+      auto forced4 = [&](bool self) { return forced_term(lora4, self, !self && wide); };
       refp = &ref_lora4;
       variant("r64 self", forced4(true));
       variant("r64 shrunk", forced4(false));
