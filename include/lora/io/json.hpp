@@ -105,7 +105,10 @@ J parse_json(std::string_view text, const std::string& where, const JsonParseOpt
   J out;
   detail::BoundedSax<J> sax(out, where, options);
   try {
-    J::sax_parse(text.begin(), text.end(), &sax);
+    // nlohmann's parser itself: J::sax_parse would also compile its binary formats' reader
+    // (CBOR, MessagePack, …), which JSON text never takes, into every file that parses JSON
+    auto input = nlohmann::detail::input_adapter(text.begin(), text.end());
+    nlohmann::detail::parser<J, decltype(input)>(std::move(input), nullptr, true, false).sax_parse(&sax, true);
   } catch (const nlohmann::json::exception& e) {
     lora::detail::fail("{}: not valid JSON: {}", where, e.what());
   }
