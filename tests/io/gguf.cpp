@@ -253,6 +253,8 @@ TEST_CASE("gguf: malformed files are refused with the file, key or tensor named"
   rejects(one("t", {1, 1, 1, 1, 1}, 0, 0, 16), "5 dimensions");
   rejects(one("t", {-1}, 0, 0, 16), "negative");
   rejects(one("t", {1ll << 40, 1ll << 40}, 0, 0, 16), "overflows");
+  rejects(one("t", {1ll << 40, 0, 1ll << 40}, 0, 0, 0), "overflows");  // a zero extent lets no huge one through
+  REQUIRE_NOTHROW(GgufFile::from_bytes(one("t", {1ll << 47, 0}, 0, 0, 0)));  // no elements: a valid tensor
   rejects(one(std::string(64, 'n'), {4}, 0, 0, 16), "at most 63");
   rejects(Raw().header(2, 0).tensor("t", {4}, 0, 0).tensor("t", {4}, 0, 32).pad().zeros(64).b, "'t': appears twice");
   rejects(Raw().header(2, 0).tensor("a", {16}, 0, 0).tensor("b", {4}, 0, 32).pad().zeros(64).b, "overlap");
@@ -425,6 +427,16 @@ TEST_CASE("gguf lora: GGUF -> PEFT -> GGUF is identical; load_gguf_adapter equal
     REQUIRE_THROWS_WITH(load_gguf_adapter(GgufFile::from_bytes(slurp(gdata("gguf/base.f16.gguf")), "base-in-memory")),
                         ContainsSubstring("base-in-memory") && ContainsSubstring("not a LoRA adapter"));
   }
+}
+
+TEST_CASE("gguf lora: a factor of no elements is refused before any matrix is formed", "[gguf]") {
+  // Found by fuzz_gguf (2026-12-05, a 10 s timeout): token_embd.weight.lora_a with ne = [2^47 + 4, 0]
+  // became a 0 × 2^47 matrix whose transposition walked 2^47 empty rows. Now refused at once.
+  GgufImportOptions keep;
+  keep.keep_gguf_row_order = true;
+  REQUIRE_THROWS_WITH(load_gguf_adapter(gdata("gguf/regression-empty-factor.gguf"), keep),
+                      ContainsSubstring("token_embd.weight.lora_a") && ContainsSubstring("no elements") &&
+                          ContainsSubstring("140737488355332"));
 }
 
 TEST_CASE("gguf lora: what a GGUF adapter cannot hold is refused with the reason", "[gguf][fixture]") {

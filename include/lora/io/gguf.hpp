@@ -456,12 +456,15 @@ class GgufFile {
       index_[t.name] = i;
       const auto nd = c.get<std::uint32_t>("n_dims");
       if (nd > 4) lora::detail::fail("{}: {} dimensions, ggml allows at most 4", where, nd);
-      std::uint64_t numel = 1;
+      // bound: the product of the extents with zeros counted as 1, so that a zero extent does not
+      // let a huge one through (a tensor of no elements still has every extent representable)
+      std::uint64_t numel = 1, bound = 1;
       for (std::uint32_t d = 0; d < nd; ++d) {
         const auto e = c.get<std::int64_t>("extent");
         if (e < 0) lora::detail::fail("{}: extent ne[{}] = {} is negative", where, d, e);
-        if (e > 0 && numel > static_cast<std::uint64_t>(INT64_MAX / 64) / static_cast<std::uint64_t>(e))
+        if (e > 1 && bound > static_cast<std::uint64_t>(INT64_MAX / 64) / static_cast<std::uint64_t>(e))
           lora::detail::fail("{}: shape is too large (element count overflows)", where);
+        bound *= static_cast<std::uint64_t>(std::max<std::int64_t>(e, 1));
         numel *= static_cast<std::uint64_t>(e);
         t.ne.push_back(e);
       }

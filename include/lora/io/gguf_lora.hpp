@@ -483,9 +483,16 @@ inline PeftAdapter load_gguf_adapter(const GgufFile& f, const GgufImportOptions&
     const auto hf = detail::hf_name_of(g, arch);
     if (!hf) lora::detail::fail("{}: tensor '{}.weight' has no HF module name in the {} tensor map", where, g, arch);
     const bool emb = g == "token_embd";
-    Matrix<float> a = p.a->to_matrix<float>(), b = p.b->to_matrix<float>();
     if (p.a->ne.size() != 2 || p.b->ne.size() != 2)
       lora::detail::fail("{}: tensors '{}' and '{}' must be 2-D", where, p.a->name, p.b->name);
+    // before any matrix is formed: an empty factor of a huge extent (ne = [2^47, 0]) would be
+    // a 0 × 2^47 matrix that every loop over its other extent takes hours to walk
+    for (const GgufTensorView* t : {p.a, p.b})
+      if (t->ne[0] < 1 || t->ne[1] < 1)
+        lora::detail::fail("{}: tensor '{}' has no elements (ne = [{}, {}]); a LoRA factor has a rank and a width of "
+                           "at least 1",
+                           where, t->name, t->ne[0], t->ne[1]);
+    Matrix<float> a = p.a->to_matrix<float>(), b = p.b->to_matrix<float>();
     if (emb) a = Matrix<float>(a.transpose());
     if (a.rows() != b.cols())
       lora::detail::fail("{}: '{}' has rank {} but '{}' has rank {} (lora_b ne[0])", where, p.a->name, a.rows(),
