@@ -5,8 +5,12 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include "support/catch.hpp"
+#include "support/files.hpp"
 
 using namespace lora;
 
@@ -105,4 +109,38 @@ TEST_CASE("AdaLoRA replay: masking decisions are not knife-edge", "[adalora][pef
 
 TEST_CASE("AdaLoRA replay: missing or malformed trace folders are reported", "[adalora]") {
   CHECK_THROWS_WITH(replay_adalora_trace("/nonexistent/trace"), Catch::Matchers::ContainsSubstring("trace.json"));
+  // trace.json with one thing wrong each: a lora::error naming the file and the key (before, a
+  // nlohmann::json exception without either, or a silently truncated 6.5)
+  const std::string good =
+      R"({"init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 3, "deltaT": 2, "beta1": 0.85, "beta2": 0.85, )"
+      R"("total_step": 12})";
+  auto with = [&](const std::string& from, const std::string& to) {
+    std::string c = good;
+    const auto at = c.find(from);
+    REQUIRE(at != std::string::npos);
+    return R"({"config": )" + c.replace(at, from.size(), to) + "}";
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {with(R"("init_r": 6)", R"("init_r": "6")"), "'init_r'"},
+      {with(R"("init_r": 6)", R"("init_r": 6.5)"), "'init_r'"},
+      {with(R"("tinit": 2)", R"("tinit": 1e12)"), "'tinit'"},
+      {with(R"("deltaT": 2)", R"("deltaT": 0)"), "'deltaT'"},
+      {with(R"("beta1": 0.85)", R"("beta1": "high")"), "'beta1'"},
+      {with(R"(, "total_step": 12)", ""), "'total_step'"},
+      {with(R"("beta2": 0.85)", R"("beta2": 0.85, "beta2": 0.5)"), "appears twice"},
+      {R"({"config": 3})", "\"config\""},
+      {std::string(100, '[') + std::string(100, ']'), "nested deeper"},
+      {"{", "not valid JSON"}};
+  for (const auto& [json, what] : cases) {
+    INFO(json);
+    lora::test::TempDir dir("replay");
+    std::ofstream(dir.path / "trace.json") << json;
+    CHECK_THROWS_WITH(replay_adalora_trace(dir.path),
+                      Catch::Matchers::ContainsSubstring("trace.json") && Catch::Matchers::ContainsSubstring(what));
+  }
+  {  // a well-formed config without its tensors: the missing file is named
+    lora::test::TempDir dir("replay");
+    std::ofstream(dir.path / "trace.json") << R"({"config": )" + good + "}";
+    CHECK_THROWS_WITH(replay_adalora_trace(dir.path), Catch::Matchers::ContainsSubstring("trace.safetensors"));
+  }
 }

@@ -6,12 +6,12 @@
 #include <lora/adalora/rank_allocator.hpp>
 #include <lora/adalora/regularizer.hpp>
 #include <lora/adalora/svd_adapter.hpp>
+#include <lora/io/json.hpp>
 #include <lora/io/safetensors.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
-#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -44,31 +44,29 @@ struct TraceReplay {
 inline TraceReplay replay_adalora_trace(const std::filesystem::path& folder) {
   TraceReplay out;
   const auto json_path = folder / "trace.json";
-  std::ifstream in(json_path);
-  if (!in) detail::fail("{}: cannot open the trace config", json_path.string());
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const std::exception& e) {
-    detail::fail("{}: not valid JSON: {}", json_path.string(), e.what());
-  }
-  if (!j.contains("config")) detail::fail("{}: no \"config\" object", json_path.string());
-  const auto& c = j["config"];
-  auto need = [&](const char* key) -> const nlohmann::json& {
-    if (!c.contains(key)) detail::fail("{}: config has no \"{}\"", json_path.string(), key);
-    return c[key];
+  const std::string where = json_path.string();
+  // bounded nesting, unique keys, and typed getters that name the file and the key
+  const nlohmann::json j = io::read_json_file(json_path);
+  if (!j.is_object() || !j.contains("config") || !j.at("config").is_object())
+    detail::fail("{}: no \"config\" object", where);
+  const auto& c = j.at("config");
+  auto number = [&](const char* key) {
+    if (!c.contains(key)) detail::fail("{}: config has no \"{}\"", where, key);
+    return io::json_number_value(c.at(key), fmt::format("config '{}'", key), where);
   };
+  // counts bounded so that the schedule's arithmetic (total_step − tfinal, …) cannot overflow
+  constexpr std::int64_t steps_max = std::int64_t{1} << 30, rank_max = std::int64_t{1} << 20;
   AdaLoraConfig& cfg = out.config;
-  cfg.init_r = need("init_r").get<int>();
-  cfg.target_r = need("target_r").get<int>();
-  cfg.tinit = need("tinit").get<int>();
-  cfg.tfinal = need("tfinal").get<int>();
-  cfg.deltaT = need("deltaT").get<int>();
-  cfg.beta1 = need("beta1").get<double>();
-  cfg.beta2 = need("beta2").get<double>();
-  cfg.total_step = need("total_step").get<int>();
-  cfg.orth_reg_weight = c.value("orth_reg_weight", 0.5);
-  cfg.lora_alpha = c.value("lora_alpha", 8.0);
+  cfg.init_r = static_cast<int>(io::json_int(c, "init_r", where, 0, rank_max));
+  cfg.target_r = static_cast<int>(io::json_int(c, "target_r", where, 0, rank_max));
+  cfg.tinit = static_cast<int>(io::json_int(c, "tinit", where, 0, steps_max));
+  cfg.tfinal = static_cast<int>(io::json_int(c, "tfinal", where, 0, steps_max));
+  cfg.deltaT = static_cast<int>(io::json_int(c, "deltaT", where, 1, steps_max));
+  cfg.beta1 = number("beta1");
+  cfg.beta2 = number("beta2");
+  cfg.total_step = static_cast<int>(io::json_int(c, "total_step", where, 1, steps_max));
+  cfg.orth_reg_weight = io::json_number_opt(c, "orth_reg_weight", where).value_or(0.5);
+  cfg.lora_alpha = io::json_number_opt(c, "lora_alpha", where).value_or(8.0);
   cfg.validate();
 
   auto file = io::SafetensorsFile::open(folder / "trace.safetensors");
