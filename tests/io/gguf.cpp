@@ -336,6 +336,13 @@ TEST_CASE("gguf lora: peft_to_gguf writes the converter's file; f32 exact, f16 b
 
 TEST_CASE("gguf lora: llama.cpp's alpha/r on our file gives PEFT's ΔW; on the converter's it does not", "[gguf][fixture]") {
   const GgufBaseModel base = load_gguf_base_model(gdata("hf_base"));
+  {  // a head count past int: refused, not narrowed (4294967300 once read as 4)
+    lora::test::TempDir dir("gguf-base");
+    std::ofstream(dir.path / "config.json")
+        << R"({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4294967300})";
+    REQUIRE_THROWS_WITH(load_gguf_base_model(dir.path),
+                        ContainsSubstring("config.json") && ContainsSubstring("'num_attention_heads'"));
+  }
   CHECK(base.architecture == "llama");
   CHECK(base.n_head == 4);
   CHECK(base.n_head_kv == 2);

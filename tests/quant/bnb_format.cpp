@@ -94,6 +94,12 @@ TEST_CASE("bnb format: malformed checkpoints are rejected", "[quant][bnb]") {
   CHECK_THROWS_WITH(quant::bnb::read(write_with("", R"({"quant_type": "nf4", "blocksize": 32, "shape": [16, 64]})"), name),
                     Catch::Matchers::ContainsSubstring("16 absmax values given, expected 32"));
   CHECK_THROWS_WITH(quant::bnb::read(write_with("", "{not json"), name), Catch::Matchers::ContainsSubstring("not valid JSON"));
+  // the blob is JSON we did not write: bounded nesting, unique keys (io::parse_json)
+  CHECK_THROWS_WITH(quant::bnb::read(write_with("", std::string(100, '[') + std::string(100, ']')), name),
+                    Catch::Matchers::ContainsSubstring("nested deeper"));
+  CHECK_THROWS_WITH(
+      quant::bnb::read(write_with("", R"({"quant_type": "nf4", "blocksize": 64, "blocksize": 32, "shape": [16, 64]})"), name),
+      Catch::Matchers::ContainsSubstring("'blocksize' appears twice"));
   CHECK_THROWS_WITH(quant::bnb::read(write_with(name + ".absmax", ""), name), Catch::Matchers::ContainsSubstring("absmax"));
   std::filesystem::remove(path);
 }

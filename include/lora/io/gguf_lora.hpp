@@ -209,9 +209,10 @@ inline GgufBaseModel base_from_hf_config(const std::filesystem::path& folder) {
                        b.hf_architecture, known);
   }
   const nlohmann::ordered_json& cfg = j.contains("text_config") && j["text_config"].is_object() ? j["text_config"] : j;
-  auto get_int = [&](const char* k) -> std::optional<int> {
-    if (cfg.contains(k) && cfg[k].is_number_integer()) return cfg[k].get<int>();
-    if (j.contains(k) && j[k].is_number_integer()) return j[k].get<int>();
+  auto get_int = [&](const char* k) -> std::optional<int> {  // a head count: bounded, never narrowed
+    for (const nlohmann::ordered_json* o : {&cfg, &j})
+      if (o->contains(k) && (*o)[k].is_number_integer())
+        return static_cast<int>(json_int_value((*o)[k], fmt::format("'{}'", k), file.string(), 0, 1 << 20));
     return std::nullopt;
   };
   auto nh = get_int("num_attention_heads");

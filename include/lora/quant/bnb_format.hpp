@@ -12,6 +12,7 @@
 //       "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": <float>}
 
 #include <lora/error.hpp>
+#include <lora/io/json.hpp>
 #include <lora/io/safetensors.hpp>
 #include <lora/quant/nf4_tensor.hpp>
 
@@ -102,13 +103,9 @@ inline lora::Nf4Tensor read(const io::SafetensorsFile& f, const std::string& wei
   }
   const auto& bt = f.tensor(blob_name);
   if (bt.type != io::dtype::U8) lora::detail::fail("{}: quant_state blob has dtype {}, expected U8", where, io::dtype_name(bt.type));
-  nlohmann::json js;
-  try {
-    js = nlohmann::json::parse(reinterpret_cast<const char*>(bt.bytes.data()),
-                               reinterpret_cast<const char*>(bt.bytes.data()) + bt.bytes.size());
-  } catch (const nlohmann::json::exception& e) {
-    lora::detail::fail("{}: quant_state blob is not valid JSON: {}", where, e.what());
-  }
+  // bounded nesting and unique keys, as every JSON we did not write (io/json.hpp)
+  const nlohmann::json js = io::parse_json(
+      std::string_view(reinterpret_cast<const char*>(bt.bytes.data()), bt.bytes.size()), where + ": quant_state blob");
   auto need = [&](const char* key) -> const nlohmann::json& {
     if (!js.is_object() || !js.contains(key)) lora::detail::fail("{}: quant_state has no '{}'", where, key);
     return js[key];
