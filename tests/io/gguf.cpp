@@ -336,6 +336,24 @@ TEST_CASE("gguf lora: peft_to_gguf writes the converter's file; f32 exact, f16 b
 
 TEST_CASE("gguf lora: llama.cpp's alpha/r on our file gives PEFT's ΔW; on the converter's it does not", "[gguf][fixture]") {
   const GgufBaseModel base = load_gguf_base_model(gdata("hf_base"));
+  {  // the same from a GGUF base: <arch>.attention.head_count past int, or 0
+    lora::test::TempDir dir("gguf-base");
+    for (const std::uint64_t n : {std::uint64_t{4294967300}, std::uint64_t{0}}) {
+      const std::string bytes = Raw()
+                                    .header(0, 2)
+                                    .str("general.architecture")
+                                    .put<std::uint32_t>(8)
+                                    .str("llama")
+                                    .str("llama.attention.head_count")
+                                    .put<std::uint32_t>(10)
+                                    .put<std::uint64_t>(n)
+                                    .b;
+      std::ofstream(dir.path / "base.gguf", std::ios::binary) << bytes;
+      REQUIRE_THROWS_WITH(load_gguf_base_model(dir.path / "base.gguf"),
+                          ContainsSubstring("base.gguf") && ContainsSubstring("llama.attention.head_count") &&
+                              ContainsSubstring(std::to_string(n)));
+    }
+  }
   {  // a head count past int: refused, not narrowed (4294967300 once read as 4)
     lora::test::TempDir dir("gguf-base");
     std::ofstream(dir.path / "config.json")

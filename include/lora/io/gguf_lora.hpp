@@ -227,10 +227,16 @@ inline GgufBaseModel base_from_gguf(const std::filesystem::path& file) {
   const GgufFile f = GgufFile::open(file);
   GgufBaseModel b;
   b.architecture = f.value("general.architecture").as_string("general.architecture");
+  auto heads = [&](const std::string& key) {  // bounded, never narrowed (2^32 + 4 is not 4 heads)
+    const std::int64_t n = f.value(key).as_int(key);
+    if (n < 1 || n > (1 << 20))
+      lora::detail::fail("{}: {} is {}, expected a head count in [1, 2^20]", file.string(), key, n);
+    return static_cast<int>(n);
+  };
   const std::string hk = b.architecture + ".attention.head_count";
-  b.n_head = static_cast<int>(f.value(hk).as_int(hk));
+  b.n_head = heads(hk);
   const std::string kk = hk + "_kv";
-  b.n_head_kv = f.find_value(kk) ? static_cast<int>(f.value(kk).as_int(kk)) : b.n_head;
+  b.n_head_kv = f.find_value(kk) ? heads(kk) : b.n_head;
   return b;
 }
 
