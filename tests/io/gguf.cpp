@@ -454,6 +454,27 @@ TEST_CASE("gguf lora: GGUF -> PEFT -> GGUF is identical; load_gguf_adapter equal
   }
 }
 
+TEST_CASE("gguf lora: a base-model count past the file's keys is refused, not walked", "[gguf][fixture]") {
+  // gguf_to_peft lists general.base_model.<i>.name in the model card for i < general.base_model.count:
+  // a count of 2^62 was a loop of 2^62 lookups (found reading the converter after the fuzz finding)
+  const GgufFile g = GgufFile::open(gdata("gguf/embed_q_r4.f16.gguf"));
+  GgufMetadata kv = g.metadata();
+  bool set = false;
+  for (auto& [k, v] : kv)
+    if (k == "general.base_model.count") v = GgufValue::u64(std::uint64_t{1} << 62), set = true;
+  REQUIRE(set);
+  std::vector<GgufTensorData> ts;
+  for (const auto& t : g.tensors()) ts.push_back({t.name, t.type, t.ne, {t.bytes.begin(), t.bytes.end()}});
+  lora::test::TempDir dir("gguf-count");
+  write_gguf(dir.path / "in.gguf", kv, ts);
+  GgufImportOptions keep;
+  keep.keep_gguf_row_order = true;
+  REQUIRE_THROWS_WITH(gguf_to_peft(dir.path / "in.gguf", dir.path / "out", keep),
+                      ContainsSubstring("in.gguf") && ContainsSubstring("general.base_model.count") &&
+                          ContainsSubstring("4611686018427387904"));
+  CHECK_FALSE(std::filesystem::exists(dir.path / "out"));
+}
+
 TEST_CASE("gguf lora: a factor of no elements is refused before any matrix is formed", "[gguf]") {
   // Found by fuzz_gguf (2026-12-05, a 10 s timeout): token_embd.weight.lora_a with ne = [2^47 + 4, 0]
   // became a 0 × 2^47 matrix whose transposition walked 2^47 empty rows. Now refused at once.

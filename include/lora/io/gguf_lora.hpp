@@ -648,8 +648,13 @@ inline void gguf_to_peft(const std::filesystem::path& file, const std::filesyste
     if (m.stored_dtype != type) type = dtype::F32;
   std::string readme = "---\n";
   if (auto* n = f.find_value("general.base_model.count")) {
+    // each base model is at least a name key: a count past the keys the file holds is not one
+    const std::int64_t count = n->as_int("general.base_model.count");
+    if (count < 0 || count > static_cast<std::int64_t>(f.metadata().size()))
+      lora::detail::fail("{}: general.base_model.count is {}, but the file holds {} metadata keys", file.string(),
+                         count, f.metadata().size());
     readme += "base_model:\n";
-    for (std::int64_t i = 0; i < n->as_int("general.base_model.count"); ++i) {
+    for (std::int64_t i = 0; i < count; ++i) {
       const auto* org = f.find_value(fmt::format("general.base_model.{}.organization", i));
       const auto* nm = f.find_value(fmt::format("general.base_model.{}.name", i));
       if (!nm) continue;
