@@ -454,6 +454,30 @@ TEST_CASE("gguf lora: GGUF -> PEFT -> GGUF is identical; load_gguf_adapter equal
   }
 }
 
+TEST_CASE("gguf lora: the model card gguf_to_peft writes", "[gguf][fixture]") {
+  const GgufFile g = GgufFile::open(gdata("gguf/embed_q_r4.f16.gguf"));
+  CHECK(gguf_model_card(g, "a.gguf") ==
+        "---\nbase_model:\n- Hf_Base\nlibrary_name: peft\ntags:\n- base_model:adapter:hf_base\n- lora\n"
+        "- transformers\n---\n\nConverted from a.gguf by `lora convert --to peft`.\n");
+  // three base models, keys out of order, one without a name, one past the count
+  GgufMetadata kv;
+  for (const auto& [k, v] : g.metadata())
+    if (k.rfind("general.base_model.", 0) != 0 && k != "general.tags") kv.emplace_back(k, v);
+  kv.emplace_back("general.base_model.1.name", GgufValue::string("B"));
+  kv.emplace_back("general.base_model.0.organization", GgufValue::string("org"));
+  kv.emplace_back("general.base_model.0.name", GgufValue::string("A"));
+  kv.emplace_back("general.base_model.2.organization", GgufValue::string("no-name"));
+  kv.emplace_back("general.base_model.3.name", GgufValue::string("past the count"));
+  kv.emplace_back("general.base_model.count", GgufValue::u32(3));
+  const GgufFile m = GgufFile::from_bytes(serialize_gguf(kv, {}), "m.gguf");
+  CHECK(gguf_model_card(m, "m.gguf") ==
+        "---\nbase_model:\n- org/A\n- B\nlibrary_name: peft\n---\n\nConverted from m.gguf by `lora convert --to peft`.\n");
+  // a name that is not a string: the key named
+  kv.emplace_back("general.base_model.1.organization", GgufValue::u32(7));
+  REQUIRE_THROWS_WITH(gguf_model_card(GgufFile::from_bytes(serialize_gguf(kv, {}), "m.gguf"), "m.gguf"),
+                      ContainsSubstring("general.base_model.1.organization"));
+}
+
 TEST_CASE("gguf lora: a base-model count past the file's keys is refused, not walked", "[gguf][fixture]") {
   // gguf_to_peft lists general.base_model.<i>.name in the model card for i < general.base_model.count:
   // a count of 2^62 was a loop of 2^62 lookups (found reading the converter after the fuzz finding)

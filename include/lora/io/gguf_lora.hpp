@@ -635,30 +635,37 @@ inline PeftAdapter load_adapter(const std::filesystem::path& path, const GgufImp
 /// Writes a GGUF LoRA adapter as a PEFT folder (atomic): load_gguf_adapter, then
 /// save_peft_adapter in the GGUF's float type (F16/BF16 if every tensor is, else F32), and a
 /// README.md whose front matter carries general.base_model.*.name and general.tags back.
-inline void gguf_to_peft(const std::filesystem::path& file, const std::filesystem::path& out_folder,
-                         const GgufImportOptions& opts = {}) {
-  namespace fs = std::filesystem;
-  std::error_code ec;
-  if (fs::exists(out_folder) && fs::equivalent(out_folder, file, ec))
-    lora::detail::fail("{}: is the input; choose another output folder", out_folder.string());
-  const PeftAdapter ad = load_gguf_adapter(file, opts);
-  const GgufFile f = GgufFile::open(file);
-  dtype type = ad.modules.front().stored_dtype;
-  for (const auto& m : ad.modules)
-    if (m.stored_dtype != type) type = dtype::F32;
+/// The model card (README.md) gguf_to_peft writes for a GGUF adapter: its base models
+/// (general.base_model.<i>.organization/name), library_name, its tags, and the file it came
+/// from (`source`). Throws lora::error for a base-model count past the keys the file holds.
+inline std::string gguf_model_card(const GgufFile& f, const std::string& source) {
   std::string readme = "---\n";
   if (auto* n = f.find_value("general.base_model.count")) {
     // each base model is at least a name key: a count past the keys the file holds is not one
     const std::int64_t count = n->as_int("general.base_model.count");
     if (count < 0 || count > static_cast<std::int64_t>(f.metadata().size()))
-      lora::detail::fail("{}: general.base_model.count is {}, but the file holds {} metadata keys", file.string(),
-                         count, f.metadata().size());
+      lora::detail::fail("{}: general.base_model.count is {}, but the file holds {} metadata keys", f.path(), count,
+                         f.metadata().size());
+    // one pass over the keys (a file of n keys asking for n base models is not n² lookups)
+    std::map<std::int64_t, std::pair<const GgufValue*, const GgufValue*>> models;  // i -> (organization, name)
+    const std::string pre = "general.base_model.";
+    for (const auto& [k, v] : f.metadata()) {
+      if (k.rfind(pre, 0) != 0) continue;
+      const auto dot = k.find('.', pre.size());
+      if (dot == std::string::npos || dot == pre.size() || dot - pre.size() > 18) continue;
+      const std::string digits = k.substr(pre.size(), dot - pre.size()), field = k.substr(dot + 1);
+      if (digits.find_first_not_of("0123456789") != std::string::npos) continue;
+      const std::int64_t i = std::stoll(digits);
+      if (i >= count) continue;
+      if (field == "organization") models[i].first = &v;
+      if (field == "name") models[i].second = &v;
+    }
     readme += "base_model:\n";
-    for (std::int64_t i = 0; i < count; ++i) {
-      const auto* org = f.find_value(fmt::format("general.base_model.{}.organization", i));
-      const auto* nm = f.find_value(fmt::format("general.base_model.{}.name", i));
-      if (!nm) continue;
-      readme += "- " + (org ? org->as_string() + "/" : std::string()) + nm->as_string() + "\n";
+    for (const auto& [i, m] : models) {
+      if (!m.second) continue;
+      const auto what = [&](const char* field) { return fmt::format("{}{}.{}", pre, i, field); };
+      readme += "- " + (m.first ? m.first->as_string(what("organization")) + "/" : std::string()) +
+                m.second->as_string(what("name")) + "\n";
     }
   }
   readme += "library_name: peft\n";
@@ -667,7 +674,22 @@ inline void gguf_to_peft(const std::filesystem::path& file, const std::filesyste
     for (const auto& x : t->as_array().items)
       if (x.type == gguf_type::STRING) readme += "- " + x.as_string() + "\n";
   }
-  readme += fmt::format("---\n\nConverted from {} by `lora convert --to peft`.\n", file.filename().string());
+  readme += fmt::format("---\n\nConverted from {} by `lora convert --to peft`.\n", source);
+  return readme;
+}
+
+inline void gguf_to_peft(const std::filesystem::path& file, const std::filesystem::path& out_folder,
+                         const GgufImportOptions& opts = {}) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::exists(out_folder) && fs::equivalent(out_folder, file, ec))
+    lora::detail::fail("{}: is the input; choose another output folder", out_folder.string());
+  const GgufFile f = GgufFile::open(file);
+  const PeftAdapter ad = load_gguf_adapter(f, opts);
+  dtype type = ad.modules.front().stored_dtype;
+  for (const auto& m : ad.modules)
+    if (m.stored_dtype != type) type = dtype::F32;
+  const std::string readme = gguf_model_card(f, file.filename().string());
   write_folder_atomically(out_folder, [&](const fs::path& tmp) {
     save_peft_adapter(tmp, ad, type);
     write_bytes(tmp / "README.md", readme);
