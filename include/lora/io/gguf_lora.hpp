@@ -661,11 +661,12 @@ inline std::string gguf_model_card(const GgufFile& f, const std::string& source)
       if (field == "name") models[i].second = &v;
     }
     readme += "base_model:\n";
-    for (const auto& [i, m] : models) {
-      if (!m.second) continue;
-      const auto what = [&](const char* field) { return fmt::format("{}{}.{}", pre, i, field); };
-      readme += "- " + (m.first ? m.first->as_string(what("organization")) + "/" : std::string()) +
-                m.second->as_string(what("name")) + "\n";
+    for (const auto& entry : models) {  // (no structured binding: clang < 16 cannot capture one)
+      const auto& [org, name] = entry.second;
+      if (!name) continue;
+      const auto what = [&](const char* field) { return fmt::format("{}{}.{}", pre, entry.first, field); };
+      readme += "- " + (org ? org->as_string(what("organization")) + "/" : std::string()) +
+                name->as_string(what("name")) + "\n";
     }
   }
   readme += "library_name: peft\n";
