@@ -20,8 +20,11 @@
 //                     choice); `self wide` with the WIDE table. The library's choice, shrunk, self
 //                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
 //                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
-//   r64 self/shrunk   a LoRA term of rank 64 (four pieces): XA computed by every block (each reads
-//                     all four pieces' A) / from the shrink kernel; also in alternating batches
+//   lora clusterC     XA computed by the C blocks of a thread-block cluster together (each reads
+//                     1 / C of A; bit for bit `self`), C = 2, 4, 8; also in alternating batches
+//   r64 self/shrunk/cluster4  a LoRA term of rank 64 (four pieces): XA computed by every block
+//                     (each reads all four pieces' A) / from the shrink kernel / by clusters of 4;
+//                     also in alternating batches
 // Weight sets rotate so that every call reads W from device memory (together > 3× L2); each
 // timing round starts with an untimed call (bench::time_all). Single-token variants are also
 // timed as a CUDA graph of their launches. % of copy counts the bytes read (codes, absmax, X)
@@ -239,11 +242,13 @@ int main(int argc, char** argv) {
       };
       variant("ring+lora r16", qlora);
       // one LoRA term, hand-off of XA, table and ring depth, whatever nf4_gemm_lora picks
-      auto forced_term = [&](const detail::Nf4RingLora<T>& term, bool self, bool wide, bool s3 = false) {
-        return [&, term, self, wide, s3](int i) {
+      auto forced_term = [&](const detail::Nf4RingLora<T>& term, bool self, bool wide, bool s3 = false,
+                             int cluster = 1) {
+        return [&, term, self, wide, s3, cluster](int i) {
           const auto& w = q[i % sets];
           auto l = term;
           l.self = self;
+          l.cluster = cluster;
           auto ring = s3     ? detail::launch_nf4_ring<T, 3, false>
                       : wide ? detail::launch_nf4_ring<T, 2, true>
                              : detail::launch_nf4_ring<T, 2, false>;
@@ -251,11 +256,16 @@ int main(int argc, char** argv) {
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
         };
       };
-      auto forced = [&](bool self, bool wide, bool s3 = false) { return forced_term(lora, self, wide, s3); };
+      auto forced = [&](bool self, bool wide, bool s3 = false, int cluster = 1) {
+        return forced_term(lora, self, wide, s3, cluster);
+      };
       const bool wide = tokens <= 8;
       variant("lora shrunk", forced(false, wide));
       variant("lora self", forced(true, false));
       if (wide) variant("lora self wide", forced(true, true));
+      variant("lora cluster2", forced(true, false, false, 2));
+      variant("lora cluster4", forced(true, false, false, 4));
+      variant("lora cluster8", forced(true, false, false, 8));
       // four pieces (r 64): XA per block (every block reads all four pieces' A) against the shrink kernel
       detail::Nf4RingLora<T> lora4;
       lora4.jobs = static_cast<int>(rank4 / 16);
@@ -269,26 +279,32 @@ int main(int argc, char** argv) {
       refp = &ref_lora4;
       variant("r64 self", forced4(true));
       variant("r64 shrunk", forced4(false));
+      variant("r64 cluster4", forced_term(lora4, true, false, false, 4));
       refp = &ref_base;
       {  // four pieces against the NF4 product alone, in alternating batches
         const auto m = time_all(*ctx,
                                 {[&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); },
-                                 forced4(true), forced4(false)},
+                                 forced4(true), forced4(false), forced_term(lora4, true, false, false, 4)},
                                 10, 15);
-        const char* names4[] = {"qlora64_self", "qlora64_shrunk"};
-        for (int v = 0; v < 2; ++v)
+        const char* names4[] = {"qlora64_self", "qlora64_shrunk", "qlora64_cluster4"};
+        for (int v = 0; v < 3; ++v)
           std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,0,0\n", names4[v], static_cast<long>(out),
                        static_cast<long>(in), static_cast<long>(tokens), m[v + 1], m[0], m[v + 1] / m[0]);
         std::fprintf(stderr,
                      "%5ldx%ld T %2ld: QLoRA r64 / NF4 alone (alternating): NF4 %.2f us, self %.2f us (%.3f), "
-                     "shrunk %.2f us (%.3f)\n",
+                     "shrunk %.2f us (%.3f), cluster4 %.2f us (%.3f)\n",
                      static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3, m[1] * 1e3,
-                     m[1] / m[0], m[2] * 1e3, m[2] / m[0]);
+                     m[1] / m[0], m[2] * 1e3, m[2] / m[0], m[3] * 1e3, m[3] / m[0]);
       }
       {  // QLoRA's fused forward (the library's choice) and the other forms against the NF4 product
          // alone, in alternating batches
         std::vector<std::pair<const char*, std::function<void(int)>>> forms = {
-            {"qlora", qlora}, {"qlora_shrunk", forced(false, wide)}, {"qlora_self_s3", forced(true, false, true)}};
+            {"qlora", qlora},
+            {"qlora_shrunk", forced(false, wide)},
+            {"qlora_self_s3", forced(true, false, true)},
+            {"qlora_cluster2", forced(true, false, false, 2)},
+            {"qlora_cluster4", forced(true, false, false, 4)},
+            {"qlora_cluster8", forced(true, false, false, 8)}};
         if (wide) forms.emplace_back("qlora_self_wide", forced(true, true));
         std::vector<std::function<void(int)>> fns = {
             [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }};

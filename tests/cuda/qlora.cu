@@ -130,7 +130,8 @@ TEST_CASE("cuda qlora: nf4_matmul from a second translation unit (its own copy o
 
 TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches float64", "[cuda][qlora][nf4]") {
   // detail::launch_nf4_ring with a LoRA term, each way nf4_gemm_lora may take: XA computed by
-  // every block and XA from the shrink kernel; the WIDE and the narrow table; B's layout and Bᵀ's
+  // every block, by the blocks of a cluster of 2 or 4 together (bit for bit every block's), and XA
+  // from the shrink kernel; the WIDE and the narrow table; B's layout and Bᵀ's
   // (a piece of 5 ranks: rows past the rank clamped, their XA 0); one piece and two (r 32: every
   // block computes both pieces' XA, or the shrink kernel does); a token mask (tokens outside it
   // get the base product only); rows not a multiple of the tile.
@@ -169,12 +170,16 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
                       reinterpret_cast<const T*>(dB.data()) + 16L * p * (bt ? dB.view().ld : 1), dB.view().ld,
                       static_cast<int>(std::min<Index>(16, r - 16L * p)), static_cast<float>(s), mask};
         REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
-        for (const bool self : {false, true}) {
-          for (const bool wide : {false, true}) {
-            if (wide && (tokens > 8 || in < 256 * lora::detail::nf4_ring_wide_min_warps)) continue;
-            INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " self " << self
-                        << " wide " << wide);
-            l.self = self;
+        for (const bool wide : {false, true}) {
+          if (wide && (tokens > 8 || in < 256 * lora::detail::nf4_ring_wide_min_warps)) continue;
+          Matrix<S> y_self;
+          // cluster 0: XA from the shrink kernel; 1: every block; 2, 4: clusters of that many blocks
+          for (const int cluster : {0, 1, 2, 4}) {
+            INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " cluster "
+                        << cluster << " wide " << wide);
+            l.self = cluster > 0;
+            l.cluster = std::max(cluster, 1);
+            REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
             DeviceMatrix<S> Y(tokens, out);
             poison(Y.view());
             const auto p = q.parts();
@@ -186,6 +191,8 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
             const Matrix<S> y = Y.to_host();
             REQUIRE(y.allFinite());
             CHECK(lora::test::rel_error(y, ref) < tol<S>());
+            if (cluster == 1) y_self = y;
+            if (cluster > 1) CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);
           }
         }
       }

@@ -23,27 +23,43 @@ namespace lora::detail {
 /// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent launch
 /// (cudaLaunchAttributeProgrammaticStreamSerialization) when `pdl`: the kernel may start
 /// before the previous kernel of the stream has finished, and must cudaGridDependencySynchronize
-/// (griddepcontrol.wait) before it reads what that kernel writes.
+/// (griddepcontrol.wait) before it reads what that kernel writes. With `cluster` > 1, in thread-block
+/// clusters of that many blocks (grid.x a multiple of it; sm_90).
 template <class... Params, class... Args>
-void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
-                      bool pdl, Args&&... args) {
+void launch_cluster_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem,
+                              cudaStream_t stream, bool pdl, int cluster, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (pdl) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n++].val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+  }
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
+  cfg.numAttrs = n;
   LORA_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+}
+
+template <class... Params, class... Args>
+void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
+                      bool pdl, Args&&... args) {
+  launch_cluster_maybe_pdl(kernel, grid, block, smem, stream, pdl, 1, std::forward<Args>(args)...);
 }
 
 /// Blocks of `threads` threads with `smem` bytes of dynamic shared memory that the current
 /// device holds at once (resident blocks per SM × SMs, at least one per SM): the grid of a
-/// persistent kernel. Computed once per (kernel, device, threads, smem, smem_limit); the first
-/// time, a `smem_limit` > 0 raises the kernel's dynamic shared-memory limit to it.
+/// persistent kernel. With `cluster` > 1, in clusters of that many blocks: the clusters the
+/// device holds at once (cudaOccupancyMaxActiveClusters, at least one) × `cluster`. Computed
+/// once per (kernel, device, threads, smem, smem_limit, cluster); the first time, a `smem_limit`
+/// > 0 raises the kernel's dynamic shared-memory limit to it.
 ///
 /// The cache is keyed by the kernel's host stub, not by its template: every translation unit
 /// that launches a kernel template has its own copy of the kernel (its own module), and the
@@ -51,21 +67,37 @@ void launch_maybe_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, std::siz
 /// (a static in an inline function is) would let a second TU launch its copy without the
 /// raised limit: cudaErrorInvalidValue (tests/cuda/qlora.cu launches nf4.cu's kernels again).
 template <class Kernel>
-int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit) {
+int persistent_capacity(Kernel kernel, int threads, int smem, int smem_limit, int cluster = 1) {
   int dev = 0;
   LORA_CUDA_CHECK(cudaGetDevice(&dev));
-  using Key = std::tuple<const void*, int, int, int, int>;
+  using Key = std::tuple<const void*, int, int, int, int, int>;
   static std::mutex mu;
   static std::map<Key, int> cache;
-  const Key key{reinterpret_cast<const void*>(kernel), dev, threads, smem, smem_limit};
+  const Key key{reinterpret_cast<const void*>(kernel), dev, threads, smem, smem_limit, cluster};
   std::lock_guard<std::mutex> lock(mu);
   if (const auto it = cache.find(key); it != cache.end()) return it->second;
   if (smem_limit > 0)
     LORA_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_limit));
-  int per_sm = 0, sms = 0;
-  LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int c = std::max(1, per_sm) * sms;
+  int c = 0;
+  if (cluster > 1) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(cluster));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = static_cast<std::size_t>(smem);
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim = {static_cast<unsigned>(cluster), 1, 1};
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    int clusters = 0;
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg));
+    c = std::max(1, clusters) * cluster;
+  } else {
+    int per_sm = 0, sms = 0;
+    LORA_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+    LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    c = std::max(1, per_sm) * sms;
+  }
   cache.emplace(key, c);
   return c;
 }

@@ -717,8 +717,12 @@ constexpr int nf4_ring_smem_bytes(int warps, int jobs = 0) {
          (LORA ? jobs * (S * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
 }
 /// How nf4_ring_kernel gets a LoRA term's XA: none; from nf4_lora_shrink_kernel, launched
-/// before it; computed by every block itself (A read by every block: for a single piece).
-enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2 };
+/// before it; computed by every block itself (A read by every block: for a single piece);
+/// computed by the blocks of a thread-block cluster together (each reads 1 / cluster of A and
+/// they add each other's partial sums through distributed shared memory).
+enum Nf4LoraMode : int { nf4_lora_none = 0, nf4_lora_shrunk = 1, nf4_lora_self = 2, nf4_lora_cluster = 3 };
+/// The most blocks a cluster of nf4_ring_kernel may have (the portable limit).
+constexpr int nf4_lora_max_cluster = 8;
 /// Up to this many pieces nf4_gemm_lora has every block compute XA itself.
 constexpr int nf4_lora_self_max = 1;
 
@@ -746,6 +750,9 @@ struct Nf4RingLora {
   /// every block computes XA itself (no shrink kernel; xa unused), as nf4_gemm_lora does for up
   /// to nf4_lora_self_max pieces
   bool self = false;
+  /// with self and cluster > 1 (≤ nf4_lora_max_cluster): the blocks of a thread-block cluster of
+  /// this many compute XA together, K-warp w's share in the block of rank w % cluster
+  int cluster = 1;
   T* xa = nullptr;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
@@ -757,6 +764,30 @@ __device__ __forceinline__ void nf4_cp_async_commit() { asm volatile("cp.async.c
 template <int N>
 __device__ __forceinline__ void nf4_cp_async_wait() {
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+/// This block's rank in its thread-block cluster, and the cluster's size (sm_90).
+__device__ __forceinline__ int cluster_rank() {
+  std::uint32_t r;
+  asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return static_cast<int>(r);
+}
+__device__ __forceinline__ int cluster_size() {
+  std::uint32_t r;
+  asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+  return static_cast<int>(r);
+}
+/// Every thread of the cluster arrives (its shared-memory writes before it released), then
+/// waits for all (acquiring theirs): the two halves of a cluster-wide barrier, in this order.
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
+/// *p in the shared memory of the cluster's block `rank` (p: an address in this block's).
+__device__ __forceinline__ float cluster_load(const float* p, int rank) {
+  std::uint32_t a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(shared_u32(p)), "r"(rank));
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+  return v;
 }
 
 /// This lane's activations for nf4_ring_kernel's layout: token gid + 8n, weights 256·warp + 64g +
@@ -901,6 +932,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
 /// the piece's A rows; the partial sums added in warp order through shared memory, then scaled
 /// and rounded to T as the shrink kernel does), while its first tiles of W are in flight; the
 /// first piece's A is asked for at the kernel's start, before the table and the dependency wait.
+/// LM == nf4_lora_cluster (launched in thread-block clusters) is the same with A read once per
+/// cluster: K-warp w computes its partial sums only in the block of rank w % cluster, into the
+/// second partial-sum slot, and every block adds the K-warps' partial sums in warp order from
+/// the blocks that hold them (distributed shared memory, between two cluster barriers): XA and
+/// Y are bit for bit nf4_lora_self's. The block overwrites that slot (tile 1) or exits only
+/// after the cluster's other blocks have read it (a third barrier, waited for there).
 ///
 /// WIDE (nf4_gemm's choice for up to 8 tokens and nf4_ring_wide_min_warps or more K-warps; one
 /// n-tile only, for its shared memory): the
@@ -913,6 +950,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
                     const __grid_constant__ Nf4RingLora<T> lora) {
   constexpr int RB = nf4_ring_row_bytes, SB = nf4_ring_stage_bytes, LB = nf4_lora_slot_bytes;
   constexpr bool LORA = LM != nf4_lora_none;
+  constexpr bool XS = LM == nf4_lora_self || LM == nf4_lora_cluster;  // XA computed in this kernel
+  constexpr bool CL = LM == nf4_lora_cluster;
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -969,13 +1008,19 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
 
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  // cluster: this block's rank and the cluster's size; this warp computes XA's partial sums here
+  [[maybe_unused]] const int crank = CL ? cluster_rank() : 0, csize = CL ? cluster_size() : 1;
+  [[maybe_unused]] const bool xaw = !CL || warp % csize == crank;
   // self: the first piece's A (a weight: no wait) asked for first, so that its L2 latency passes
   // under the table, the dependency wait and X's loads (all four groups at one n-tile, one at two: registers)
-  constexpr int PG = LM == nf4_lora_self ? (NT == 1 ? 4 : 1) : 0;
+  constexpr int PG = XS ? (NT == 1 ? 4 : 1) : 0;
   [[maybe_unused]] uint4 apre[PG > 0 ? PG : 1][4];
-  if constexpr (PG > 0)
+  if constexpr (PG > 0) {
+    if (xaw) {
 #pragma unroll
-    for (int g = 0; g < PG; ++g) nf4_lora_a_load<T>(lora.job[0], warp, gid, q, g, apre[g]);
+      for (int g = 0; g < PG; ++g) nf4_lora_a_load<T>(lora.job[0], warp, gid, q, g, apre[g]);
+    }
+  }
   if (wait && lane < 16)
     for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
@@ -1038,6 +1083,45 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
       reduce_xa(p, dxa);
     }
+  } else if constexpr (CL) {
+    // piece p's XA into xas[p]: the K-warps' partial sums, each in the block of rank w % csize
+    // (slot 1 of red), added in warp order (nf4_lora_self's order) by every block of the cluster
+    float* xred = red + KS * NT * 4 * 32;
+    auto reduce_xa = [&](int p, auto partial) {
+      const Nf4LoraJob<T>& jb = lora.job[p];
+      if (p > 0) cluster_wait();  // the cluster has read piece p − 1's partial sums
+      if (xaw) {
+        float dxa[NT][4];
+        partial(jb, dxa);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xred[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      }
+      cluster_arrive();
+      cluster_wait();  // every block's partial sums are in place
+      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        float v = 0.f;
+        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+          for (int w = 0; w < KS; ++w) v += cluster_load(xred + (w * NT * 4 + n * 4 + i) * 32 + l, w % csize);
+        }
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+      }
+      cluster_arrive();  // this block has read the others' partial sums (waited for before slot 1 is reused)
+    };
+    reduce_xa(0, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
+      nf4_lora_xa_partial<T, NT, PG>(jb, warp, gid, q, xr, dxa, apre);
+    });
+#pragma unroll 1
+    for (int p = 1; p < lora.jobs; ++p)
+      reduce_xa(p, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
+        nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
+      });
+    __syncthreads();  // xas
+  }
+  if constexpr (XS) {
     if (piece) {
       const T* xp = xas + pi * 256 + 2 * q;
 #pragma unroll
@@ -1120,6 +1204,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     // The K-warps' partial sums meet (two slots: slot j & 1 is rewritten only after the next
     // barrier, which every thread passes after it has summed this tile).
     float* rb = red + (j & 1) * KS * NT * 4 * 32;
+    if constexpr (CL)
+      if (j == 1) cluster_wait();  // the cluster has read this block's XA partial sums in slot 1
 #pragma unroll
     for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -1135,6 +1221,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
     }
   }
+  if constexpr (CL)
+    if (mine < 2) cluster_wait();  // the cluster has read this block's shared memory
   nf4_cp_async_wait<0>();  // nothing in flight when the block exits
 }
 
@@ -1148,11 +1236,12 @@ bool nf4_ring_ok(long K, int bs, long ldx, const void* x, const void* packed, co
 }
 
 /// Whether nf4_ring_kernel can add this LoRA term to a product of K columns and nOut rows:
-/// 1…min(16, K / 256) pieces, xa and the rows of A and B 16-byte aligned, 1…16 ranks a piece
+/// 1…min(16, K / 256) pieces, clusters of 1…nf4_lora_max_cluster blocks, xa and the rows of A and B 16-byte aligned, 1…16 ranks a piece
 /// (16 with B's layout), nOut % 8 == 0 with Bᵀ's.
 template <class T>
 bool nf4_ring_lora_ok(const Nf4RingLora<T>& l, long K, long nOut) {
   if (l.jobs < 1 || l.jobs > nf4_lora_max_jobs || l.jobs > K / 256 || (!l.self && !aligned(l.xa, 16))) return false;
+  if (l.cluster < 1 || l.cluster > nf4_lora_max_cluster) return false;
   if (l.bt && nOut % 8) return false;
   for (int i = 0; i < l.jobs; ++i) {
     const Nf4LoraJob<T>& j = l.job[i];
@@ -1182,7 +1271,8 @@ bool nf4_ring_wide_fits(long K, int jobs) {
 /// a programmatic dependent launch (`pdl`, the default) that waits before it reads X. With one
 /// (lora.jobs > 0, nf4_ring_lora_ok): with lora.self the ring kernel alone, launched as without;
 /// otherwise nf4_lora_shrink_kernel first (a programmatic dependent launch too if `pdl`), then the
-/// ring kernel as its programmatic dependent.
+/// ring kernel as its programmatic dependent. With lora.self and lora.cluster > 1 the ring kernel
+/// in clusters of that many blocks (nf4_lora_cluster), on as many whole clusters as the device holds.
 template <class T, int S = nf4_ring_stages, bool WIDE = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
@@ -1205,11 +1295,12 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
                            : nf4_ring_smem_bytes<NT, false, S, WIDE>(nf4_ring_max_warps);
     if (smem > limit) fail("launch_nf4_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
                            lora.jobs, limit);
-    const int c = persistent_capacity(kernel, warps * 32, smem, limit);
-    const unsigned blocks = std::min<unsigned>(ceil_div(nOut, 16), static_cast<unsigned>(c));
-    launch_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem),
-                     stream, pdl || LM == nf4_lora_shrunk, X, ldx, tokens, K, packed, absmax, nOut, Y, ldy,
-                     pdl && LM != nf4_lora_shrunk ? 1 : 0, lora);
+    const int cl = LM == nf4_lora_cluster ? lora.cluster : 1;
+    const int c = persistent_capacity(kernel, warps * 32, smem, limit, cl);
+    const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(c));
+    launch_cluster_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)),
+                             static_cast<std::size_t>(smem), stream, pdl || LM == nf4_lora_shrunk, cl, X, ldx, tokens,
+                             K, packed, absmax, nOut, Y, ldy, pdl && LM != nf4_lora_shrunk ? 1 : 0, lora);
   };
   auto with_nt = [&](auto lm) {
     if (tokens <= 8)
@@ -1219,6 +1310,8 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
   };
   if (lora.jobs == 0)
     with_nt(std::integral_constant<int, nf4_lora_none>{});
+  else if (lora.self && lora.cluster > 1)
+    with_nt(std::integral_constant<int, nf4_lora_cluster>{});
   else if (lora.self)
     with_nt(std::integral_constant<int, nf4_lora_self>{});
   else
