@@ -20,6 +20,10 @@
 //                     choice); `self wide` with the WIDE table. The library's choice, shrunk, self
 //                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
 //                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
+//   dense*            lora/cuda/ring.cuh's one-pass kernel on the bf16 W (alone, with the r 16 term
+//                     per block, per cluster of 2 and of 4) against cuBLAS's bf16 GEMM on the same
+//                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
+//                     against float32)
 //   lora clusterC     XA computed by the C blocks of a thread-block cluster together (each reads
 //                     1 / C of A; bit for bit `self`), C = 2, 4, 8; also in alternating batches
 //   r64 self/shrunk/cluster4  a LoRA term of rank 64 (four pieces): XA computed by every block
@@ -33,6 +37,7 @@
 // token with the LoRA term (r 16) (for ncu).
 #include <lora/core/random.hpp>
 #include <lora/cuda/nf4.cuh>
+#include <lora/cuda/ring.cuh>
 #include <lora/cuda/runtime.hpp>
 
 #include "common.cuh"
@@ -240,6 +245,52 @@ int main(int argc, char** argv) {
         if (!detail::nf4_gemm_lora<S>(q[i % sets].parts(), X.view(), Y.view(), lora, *ctx))
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
+      {  // the dense one-pass kernel (lora/cuda/ring.cuh) on the bf16 W against cuBLAS's GEMM on it
+        DeviceMatrix<float> Yd(tokens, out);
+        detail::gemm<S, S, float>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[0].view(), 0.f, Yd.view());
+        const Matrix<float> ref_dense = to_host(Yd.view());
+        const Matrix<float> ref_dense_lora = ref_dense + (ref_lora - ref_base);
+        auto dense = [&](int cluster, bool with_lora) {
+          return [&, cluster, with_lora](int i) {
+            detail::Nf4RingLora<T> l = with_lora ? lora : detail::Nf4RingLora<T>{};
+            l.self = true;
+            l.cluster = cluster;
+            detail::launch_dense_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
+                                         reinterpret_cast<const T*>(W[i % sets].data()), W[i % sets].view().ld,
+                                         static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
+          };
+        };
+        const std::vector<std::pair<const char*, std::function<void(int)>>> forms = {
+            {"dense", dense(1, false)},
+            {"dense_lora_self", dense(1, true)},
+            {"dense_lora_cluster2", dense(2, true)},
+            {"dense_lora_cluster4", dense(4, true)}};
+        std::vector<std::function<void(int)>> fns = {[&](int i) {
+          detail::gemm<S, S, S>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
+        }};
+        std::vector<double> errs;
+        for (const auto& f : forms) {  // each checked against float32 before it is timed
+          LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xff, static_cast<std::size_t>(tokens * out) * sizeof(S)));
+          f.second(0);
+          LORA_CUDA_CHECK(cudaDeviceSynchronize());
+          refp = f.first == std::string("dense") ? &ref_dense : &ref_dense_lora;
+          errs.push_back(rel_err());
+          fns.push_back(f.second);
+        }
+        refp = &ref_base;
+        const auto m = time_all(*ctx, fns, 10, 15);
+        const double dense_bytes = out * in * 2.0 + tokens * (in + out) * 2.0;
+        std::fprintf(stderr, "%5ldx%ld T %2ld: dense / cuBLAS bf16 (alternating): cuBLAS %.2f us",
+                     static_cast<long>(out), static_cast<long>(in), static_cast<long>(tokens), m[0] * 1e3);
+        for (std::size_t v = 0; v < forms.size(); ++v) {  // µs of the form, of cuBLAS, ratio, % of copy, error
+          std::fprintf(csv, "%s,%ld,%ld,%ld,%.5f,%.5f,%.4f,%.1f,%.2e\n", forms[v].first, static_cast<long>(out),
+                       static_cast<long>(in), static_cast<long>(tokens), m[v + 1], m[0], m[v + 1] / m[0],
+                       100 * dense_bytes / m[v + 1] / 1e6 / copy_gbps, errs[v]);
+          std::fprintf(stderr, ", %s %.2f us (%.3f, %.0f%% of copy, err %.1e)", forms[v].first, m[v + 1] * 1e3,
+                       m[v + 1] / m[0], 100 * dense_bytes / m[v + 1] / 1e6 / copy_gbps, errs[v]);
+        }
+        std::fprintf(stderr, "\n");
+      }
       variant("ring+lora r16", qlora);
       // one LoRA term, hand-off of XA, table and ring depth, whatever nf4_gemm_lora picks
       auto forced_term = [&](const detail::Nf4RingLora<T>& term, bool self, bool wide, bool s3 = false,

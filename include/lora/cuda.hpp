@@ -18,6 +18,7 @@
 #include <lora/cuda/dora.cuh>
 #include <lora/cuda/module_adapter.cuh>
 #include <lora/cuda/nf4.cuh>
+#include <lora/cuda/ring.cuh>
 #include <lora/cuda/qlora.cuh>
 #include <lora/cuda/spectrum.cuh>
 #include <lora/cuda/multi.cuh>

@@ -199,3 +199,70 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
     }
   }
 }
+
+TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA term, matches float64",
+                   "[cuda][ring]", bfloat16, lora::half) {
+  // detail::launch_dense_ring (lora/cuda/ring.cuh): a bf16/half W streamed once, without a LoRA
+  // term, with XA computed by every block, and by the blocks of clusters of 2 and 4 (bit for bit
+  // every block's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
+  // mask; rows not a multiple of the tile; one and two n-tiles of tokens.
+  using S = TestType;
+  using T = lora::detail::device_t<S>;
+  const std::uint64_t seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator g(seed);
+  for (auto [out, in] : {std::pair<Index, Index>{1000, 4096}, {40, 1024}, {2056, 2048}}) {
+    const Matrix<S> W = rand_s<S>(out, in, g, 0.5);
+    const auto dW = DeviceMatrix<S>::from_host(W);
+    const MatD Wd = d(W);
+    for (const auto [bt, r] : {std::pair<bool, Index>{false, 0}, {false, 16}, {true, 5}, {false, 32}}) {
+      const Index rr = std::max<Index>(r, 1);
+      const Matrix<S> A = rand_s<S>(rr, in, g, 0.5), B = rand_s<S>(out, rr, g, 0.5);
+      const Matrix<S> Bt = B.transpose();
+      const auto dA = DeviceMatrix<S>::from_host(A), dB = DeviceMatrix<S>::from_host(bt ? Bt : B);
+      const double s = 1.5;
+      const int pieces = static_cast<int>((r + 15) / 16);
+      for (Index tokens : {Index(1), Index(7), Index(13), Index(16)}) {
+        const Matrix<S> X = rand_s<S>(tokens, in, g);
+        const auto dX = DeviceMatrix<S>::from_host(X);
+        std::uint32_t mask = 0;  // token 0 and every third token take the adapter
+        MatD sel = MatD::Zero(tokens, tokens);
+        for (Index t = 0; t < tokens; ++t)
+          if (t % 3 == 0) mask |= 1u << t, sel(t, t) = 1;
+        MatD ref = d(X) * Wd.transpose();
+        if (r > 0) ref += s * sel * d(X) * d(A).transpose() * d(B).transpose();
+        lora::detail::Nf4RingLora<T> l;
+        l.jobs = pieces;
+        l.bt = bt;
+        l.self = true;
+        for (int p = 0; p < pieces; ++p)
+          l.job[p] = {reinterpret_cast<const T*>(dA.data()) + 16L * p * dA.view().ld, dA.view().ld,
+                      reinterpret_cast<const T*>(dB.data()) + 16L * p * (bt ? dB.view().ld : 1), dB.view().ld,
+                      static_cast<int>(std::min<Index>(16, r - 16L * p)), static_cast<float>(s), mask};
+        REQUIRE(lora::detail::dense_ring_ok<T>(in, static_cast<int>(tokens), dX.view().ld, dX.data(), dW.view().ld,
+                                               dW.data()));
+        Matrix<S> y_self;
+        for (const int cluster : {1, 2, 4}) {
+          if (r == 0 && cluster > 1) continue;
+          INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " cluster "
+                      << cluster);
+          l.cluster = cluster;
+          if (r > 0) REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
+          DeviceMatrix<S> Y(tokens, out);
+          poison(Y.view());
+          lora::detail::launch_dense_ring<T>(reinterpret_cast<const T*>(dX.data()), dX.view().ld,
+                                             static_cast<int>(tokens), static_cast<int>(in),
+                                             reinterpret_cast<const T*>(dW.data()), dW.view().ld, static_cast<int>(out),
+                                             reinterpret_cast<T*>(Y.data()), Y.view().ld,
+                                             CudaContext::thread_default()->stream(), true, l);
+          LORA_CUDA_CHECK(cudaGetLastError());
+          const Matrix<S> y = Y.to_host();
+          REQUIRE(y.allFinite());
+          CHECK(lora::test::rel_error(y, ref) < tol<S>());
+          if (cluster == 1) y_self = y;
+          if (cluster > 1) CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);
+        }
+      }
+    }
+  }
+}

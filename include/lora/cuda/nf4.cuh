@@ -904,6 +904,168 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
   }
 }
 
+/// The LoRA pieces' helpers of dense_ring_kernel (lora/cuda/ring.cuh). nf4_ring_kernel keeps the
+/// same three steps written out: through these functions ptxas spills 40 bytes in its
+/// per-block kernel at one n-tile (sm_90, nvcc 13), which spills none as written.
+///
+/// A ring kernel's copy of piece pi's B for the tile of rows [row0, row0 + 16) into a slot
+/// `ls` (one 16-byte cp.async per lane; rows and ranks past the ends repeat the last ones): from
+/// Bᵀ [rank][16 rows] (`bt`, multi::AdapterSet's layout) or from B [row][16 ranks].
+template <class T>
+__device__ __forceinline__ void ring_lora_b_issue(const Nf4RingLora<T>& lora, int pi, unsigned char* ls, int row0,
+                                                  int nOut, int lane) {
+  const Nf4LoraJob<T>& jb = lora.job[pi];
+  if (lora.bt) {  // Bᵀ: rank lane / 2, rows row0 + 8·(lane % 2) … + 7 → [rank][16 rows]
+    const long k = min(lane / 2, jb.ranks - 1), col = min(row0 + 8 * (lane % 2), nOut - 8);
+    nf4_cp_async16(ls + lane * 16, jb.b + k * jb.ldb + col);
+  } else {  // B: row row0 + lane / 2, ranks 8·(lane % 2) … + 7 → [row][16 ranks]
+    const long row = min(row0 + lane / 2, nOut - 1);
+    nf4_cp_async16(ls + lane * 16, jb.b + row * jb.ldb + 8 * (lane % 2));
+  }
+}
+
+/// acc[n] += the piece's B tile (ring_lora_b_issue's slot `ls`) times its XA (xab, the B-operand
+/// fragments of tokens gid + 8n) on the tensor cores: one mma per n-tile.
+template <class T, int NT>
+__device__ __forceinline__ void ring_lora_b_mma(const unsigned char* ls, bool bt, int lane,
+                                                const std::uint32_t (&xab)[NT][2], float (&acc)[NT][4]) {
+  const int gid = lane / 4, q = lane % 4;
+  std::uint32_t a[4];
+  if (bt) {  // [rank][16 rows]: the four 8 × 8 quarters transposed into the A fragment
+    const int m = lane / 8;
+    const std::uint32_t addr = shared_u32(ls) + static_cast<std::uint32_t>(((m >> 1) * 8 + lane % 8) * 32 + (m & 1) * 16);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(addr));
+  } else {  // [row][16 ranks]
+    const unsigned char* sb = ls + 32 * gid + 4 * q;
+    a[0] = *reinterpret_cast<const std::uint32_t*>(sb);
+    a[1] = *reinterpret_cast<const std::uint32_t*>(sb + 256);
+    a[2] = *reinterpret_cast<const std::uint32_t*>(sb + 16);
+    a[3] = *reinterpret_cast<const std::uint32_t*>(sb + 256 + 16);
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[n][0], xab[n][1]);
+}
+
+/// The end of a ring kernel's tile: every K-warp leaves its partial sums (acc) in slot `rb` of
+/// red ([KS][NT·4][32]), one block barrier, and the block adds them in warp order and writes
+/// Y[t, row0 + row] (rows < nOut, tokens < `tokens`) rounded to T. The caller alternates two slots,
+/// so that a slot is rewritten only after the next barrier, which every thread passes after it
+/// has summed this tile.
+template <class T, int NT>
+__device__ __forceinline__ void ring_tile_sum(float* rb, int KS, int warp, int lane, const float (&acc)[NT][4],
+                                              int row0, int tokens, int nOut, T* __restrict__ Y, long ldy) {
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) rb[(warp * NT * 4 + n * 4 + i) * 32 + lane] = acc[n][i];
+  __syncthreads();
+  for (int o = static_cast<int>(threadIdx.x); o < 16 * tokens; o += static_cast<int>(blockDim.x)) {
+    // c0, c1 of a lane: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
+    const int row = o % 16, t = o / 16, n = t / 8, c = t % 8;
+    const int l = 4 * (row % 8) + c / 2, i = (row >= 8 ? 2 : 0) + c % 2;
+    float v = 0.f;
+    for (int w = 0; w < KS; ++w) v += rb[(w * NT * 4 + n * 4 + i) * 32 + l];
+    if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
+  }
+}
+
+/// XA (s·X·Aᵀ rounded to T) of every piece of a ring kernel's LoRA term into xas [jobs][16 tokens
+/// × 16 ranks] of shared memory, from the activations the K-warps hold (xr; warp w the K slice
+/// [256w, 256w + 256)), and then the B-operand fragments of this warp's piece's XA (xab; `piece`:
+/// the warp has piece pi). LM == nf4_lora_self: every block alone, its warps' partial sums added
+/// in warp order through red (slot 0; block barriers). LM == nf4_lora_cluster: K-warp w's partial
+/// sums only in the cluster block of rank w % csize (`xaw`: this warp computes here), in red's slot
+/// 1, added in warp order by every block through distributed shared memory between cluster
+/// barriers; the last barrier is left pending (the caller waits before it rewrites slot 1 or
+/// exits). The first piece's first PG groups of A come loaded (apre).
+template <class T, int NT, int LM, int PG>
+__device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS, int warp, int lane, bool xaw,
+                                             int csize, const std::uint32_t (&xr)[4][NT][8], const uint4 (*apre)[4],
+                                             float* red, T* xas, bool piece, int pi, std::uint32_t (&xab)[NT][2]) {
+  const int gid = lane / 4, q = lane % 4;
+  constexpr bool CL = LM == nf4_lora_cluster;
+  if constexpr (LM == nf4_lora_self) {
+    // piece p's XA into xas[p]: the warps' partial sums (dxa) added in warp order, scaled, rounded
+    auto reduce_xa = [&](int p, const float (&dxa)[NT][4]) {
+      const Nf4LoraJob<T>& jb = lora.job[p];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      __syncthreads();
+      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+        // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        float v = 0.f;
+        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+        }
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+      }
+      __syncthreads();
+    };
+    {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
+      reduce_xa(0, dxa);
+    }
+#pragma unroll 1
+    for (int p = 1; p < lora.jobs; ++p) {
+      float dxa[NT][4];
+      nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
+      reduce_xa(p, dxa);
+    }
+  } else if constexpr (CL) {
+    // piece p's XA into xas[p]: the K-warps' partial sums, each in the block of rank w % csize
+    // (slot 1 of red), added in warp order (nf4_lora_self's order) by every block of the cluster
+    float* xred = red + KS * NT * 4 * 32;
+    auto reduce_xa = [&](int p, auto partial) {
+      const Nf4LoraJob<T>& jb = lora.job[p];
+      if (p > 0) cluster_wait();  // the cluster has read piece p − 1's partial sums
+      if (xaw) {
+        float dxa[NT][4];
+        partial(jb, dxa);
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) xred[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+      }
+      cluster_arrive();
+      cluster_wait();  // every block's partial sums are in place
+      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+        float v = 0.f;
+        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+          for (int w = 0; w < KS; ++w) v += cluster_load(xred + (w * NT * 4 + n * 4 + i) * 32 + l, w % csize);
+        }
+        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+      }
+      cluster_arrive();  // this block has read the others' partial sums (waited for before slot 1 is reused)
+    };
+    reduce_xa(0, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
+      nf4_lora_xa_partial<T, NT, PG>(jb, warp, gid, q, xr, dxa, apre);
+    });
+#pragma unroll 1
+    for (int p = 1; p < lora.jobs; ++p)
+      reduce_xa(p, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
+        nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
+      });
+    __syncthreads();  // xas
+  }
+  if (piece) {
+    const T* xp = xas + pi * 256 + 2 * q;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
+      xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
+    }
+  }
+}
+
 /// Tensor-core NF4 GEMM for 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096
 /// (QLoRA decode at the widths of 7-8B models' attention and MLP up/gate projections).
 ///
@@ -1051,86 +1213,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
-  if constexpr (LM == nf4_lora_self) {
-    // piece p's XA into xas[p]: the warps' partial sums (dxa) added in warp order, scaled, rounded
-    auto reduce_xa = [&](int p, const float (&dxa)[NT][4]) {
-      const Nf4LoraJob<T>& jb = lora.job[p];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
-      __syncthreads();
-      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
-        // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
-        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
-        float v = 0.f;
-        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
-          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
-          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
-        }
-        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
-      }
-      __syncthreads();
-    };
-    {
-      float dxa[NT][4];
-      nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
-      reduce_xa(0, dxa);
-    }
-#pragma unroll 1
-    for (int p = 1; p < lora.jobs; ++p) {
-      float dxa[NT][4];
-      nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
-      reduce_xa(p, dxa);
-    }
-  } else if constexpr (CL) {
-    // piece p's XA into xas[p]: the K-warps' partial sums, each in the block of rank w % csize
-    // (slot 1 of red), added in warp order (nf4_lora_self's order) by every block of the cluster
-    float* xred = red + KS * NT * 4 * 32;
-    auto reduce_xa = [&](int p, auto partial) {
-      const Nf4LoraJob<T>& jb = lora.job[p];
-      if (p > 0) cluster_wait();  // the cluster has read piece p − 1's partial sums
-      if (xaw) {
-        float dxa[NT][4];
-        partial(jb, dxa);
-#pragma unroll
-        for (int n = 0; n < NT; ++n)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) xred[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
-      }
-      cluster_arrive();
-      cluster_wait();  // every block's partial sums are in place
-      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
-        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
-        float v = 0.f;
-        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
-          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
-          for (int w = 0; w < KS; ++w) v += cluster_load(xred + (w * NT * 4 + n * 4 + i) * 32 + l, w % csize);
-        }
-        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
-      }
-      cluster_arrive();  // this block has read the others' partial sums (waited for before slot 1 is reused)
-    };
-    reduce_xa(0, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
-      nf4_lora_xa_partial<T, NT, PG>(jb, warp, gid, q, xr, dxa, apre);
-    });
-#pragma unroll 1
-    for (int p = 1; p < lora.jobs; ++p)
-      reduce_xa(p, [&](const Nf4LoraJob<T>& jb, float (&dxa)[NT][4]) {
-        nf4_lora_xa_partial<T, NT>(jb, warp, gid, q, xr, dxa);
-      });
-    __syncthreads();  // xas
-  }
-  if constexpr (XS) {
-    if (piece) {
-      const T* xp = xas + pi * 256 + 2 * q;
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
-        xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
-      }
-    }
-  }
+  if constexpr (XS)
+    ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
 
 #pragma unroll 1
   for (int j = 0; j < mine; ++j) {

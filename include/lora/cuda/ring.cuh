@@ -1,0 +1,206 @@
+#pragma once
+// One pass over a bf16/half weight for 1…16 tokens, with a LoRA term in the same kernel: the
+// decode regime's base product and adapter without a second launch (docs/cuda.md). The kernel is
+// nf4_ring_kernel's (lora/cuda/nf4.cuh) with the weight's own 16-bit values in place of the
+// code table: the same K-warps holding their activations in registers, the same per-warp
+// cp.async ring, the same LoRA pieces and XA computed in the kernel (per block or per cluster).
+
+#include <lora/cuda/nf4.cuh>
+
+namespace lora::detail {
+
+/// A ring slot of dense_ring_kernel: 16 rows × 64 weights (one group of a K-warp's 256), the
+/// 16-byte chunk c of row r stored at chunk c ^ (r % 8) so that the lanes' 16-byte loads of
+/// rows gid and gid + 8 hit distinct banks.
+constexpr int dense_ring_slot_bytes = 16 * 64 * 2;
+/// Slots per warp: S − 1 groups of 2 KB in flight per warp (96 KB per block of 16 K-warps).
+constexpr int dense_ring_stages = 4;
+
+/// Dynamic shared memory of dense_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: each
+/// warp's ring, two slots of partial sums, and each piece's two slots of B tiles and its XA.
+template <int NT, bool LORA = false, int S = dense_ring_stages>
+constexpr int dense_ring_smem_bytes(int warps, int jobs = 0) {
+  return warps * S * dense_ring_slot_bytes + 2 * warps * NT * 4 * 32 * 4 +
+         (LORA ? jobs * (2 * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
+}
+
+/// Y[t, n] = Σ_k X[t, k]·W[n, k] (+ the LoRA term) for 1…16 bf16/half tokens, W [nOut × K]
+/// bf16/half row-major (ldw), K % 256 == 0, K ≤ 4096.
+///
+/// A block has K / 256 warps; warp w owns the weights [256w, 256w + 256) of every row and keeps
+/// its tokens' activations for them in registers (nf4_ring_load_x), and the block walks the
+/// tiles of 16 rows blockIdx.x, blockIdx.x + gridDim.x, … (a persistent grid). A warp's share of
+/// a tile is four steps of 16 rows × 64 weights (2 KB), each brought into the warp's ring of S
+/// slots by cp.async S − 1 steps ahead, across tiles too; per step each lane reads the 16
+/// weights 16q … 16q + 15 of rows gid and gid + 8 (two 16-byte loads per row) and feeds four
+/// mma.m16n8k16 with f32 accumulation, the K order inside a group permuted as the activations'
+/// are (nf4_ring_kernel's fragment layout, so that its LoRA pieces and XA apply unchanged).
+/// The K-warps' partial sums meet once per tile (ring_tile_sum) and Y is rounded once.
+/// With LM == nf4_lora_self or nf4_lora_cluster it adds the pieces of a LoRA term as
+/// nf4_ring_kernel does (warp KS − 1 − p brings piece p's B tile with the tile's first step and
+/// adds B·XA to its partial sum; XA from ring_lora_xa). With `wait` (a programmatic dependent
+/// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
+template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages>
+__global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
+    dense_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw,
+                      int nOut, T* __restrict__ Y, long ldy, int wait, const __grid_constant__ Nf4RingLora<T> lora) {
+  static_assert(LM != nf4_lora_shrunk, "dense_ring_kernel computes XA itself");
+  static_assert(S >= 2 && S <= 5, "a piece's two B slots hold tiles j and j + 1 only while S ≤ 5");
+  constexpr int SB = dense_ring_slot_bytes, LB = nf4_lora_slot_bytes;
+  constexpr bool LORA = LM != nf4_lora_none;
+  constexpr bool CL = LM == nf4_lora_cluster;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int KS = static_cast<int>(blockDim.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
+  const int gid = lane / 4, q = lane % 4;
+  unsigned char* ring = smem + warp * S * SB;
+  float* red = reinterpret_cast<float*>(smem + KS * S * SB);  // [2][KS][NT·4][32]
+  // With LORA, piece p is warp KS − 1 − p's, with its two slots of B tiles and (after all of
+  // them) every piece's XA
+  const int pi = KS - 1 - warp;
+  [[maybe_unused]] const bool piece = LORA && pi < lora.jobs;
+  unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + pi * 2 * LB;
+  [[maybe_unused]] T* xas =
+      reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + lora.jobs * 2 * LB);
+  const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
+  const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
+  const int steps = 4 * mine;
+  const T* pw = W + 256 * warp;  // this warp's 256 columns of a row
+
+  auto issue = [&](int i) {  // step i (tile i / 4, group i % 4) into slot i % S (an empty group past the end)
+    if (i < steps) {
+      const int j = i >> 2, g = i & 3, row0 = (bid + j * nb) * 16;
+      unsigned char* st = ring + (i % S) * SB;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {  // 128 chunks of 16 bytes: row c / 8, chunk c % 8
+        const int c = lane + 32 * u, r = c >> 3, ch = c & 7;
+        const long row = min(row0 + r, nOut - 1);
+        nf4_cp_async16(st + r * 128 + ((ch ^ (r & 7)) << 4), pw + row * ldw + 64 * g + 8 * ch);
+      }
+      if constexpr (LORA)
+        if (piece && g == 0) ring_lora_b_issue<T>(lora, pi, lring + (j & 1) * LB, row0, nOut, lane);
+    }
+    nf4_cp_async_commit();
+  };
+
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  [[maybe_unused]] const int crank = CL ? cluster_rank() : 0, csize = CL ? cluster_size() : 1;
+  [[maybe_unused]] const bool xaw = !CL || warp % csize == crank;
+  // the first group of the first piece's A (a weight: no wait) asked for first, as nf4_ring_kernel
+  // does (one group: with all four, ptxas spills 24–80 bytes here)
+  constexpr int PG = LORA ? 1 : 0;
+  [[maybe_unused]] uint4 apre[PG > 0 ? PG : 1][4];
+  if constexpr (PG > 0) {
+    if (xaw) {
+#pragma unroll
+      for (int g = 0; g < PG; ++g) nf4_lora_a_load<T>(lora.job[0], warp, gid, q, g, apre[g]);
+    }
+  }
+  if (wait && lane < 16)
+    for (int i = 0; i < S - 1 && i < steps; ++i)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(
+          pw + static_cast<long>(min((bid + (i >> 2) * nb) * 16 + lane, nOut - 1)) * ldw + 64 * (i & 3)));
+  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < S - 1; ++i) issue(i);
+
+  std::uint32_t xr[4][NT][8];
+  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
+  [[maybe_unused]] std::uint32_t xab[NT][2] = {};
+  if constexpr (LORA)
+    ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
+
+#pragma unroll 1
+  for (int j = 0; j < mine; ++j) {
+    float acc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const int i = 4 * j + g;
+      issue(i + S - 1);
+      nf4_cp_async_wait<S - 1>();  // step i has landed (this lane's copies) …
+      __syncwarp();                // … and the other lanes' too
+      const unsigned char* st = ring + (i % S) * SB;
+      // rows gid and gid + 8 (the same swizzle), weights 16q … 16q + 15: chunks 2q and 2q + 1
+      const int c0 = ((2 * q) ^ (gid & 7)) << 4, c1 = ((2 * q + 1) ^ (gid & 7)) << 4;
+      const uint4 a0 = *reinterpret_cast<const uint4*>(st + gid * 128 + c0);
+      const uint4 a1 = *reinterpret_cast<const uint4*>(st + gid * 128 + c1);
+      const uint4 b0 = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c0);
+      const uint4 b1 = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c1);
+      __syncwarp();  // the slot is read: the copies issued next may overwrite it
+      const std::uint32_t ra[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+      const std::uint32_t rb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        // words k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
+        const std::uint32_t a[4] = {ra[k], rb[k], ra[4 + k], rb[4 + k]};
+#pragma unroll
+        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xr[g][n][k], xr[g][n][4 + k]);
+      }
+    }
+    if constexpr (LORA)  // the piece's 16 rows of B times its XA
+      if (piece) ring_lora_b_mma<T, NT>(lring + (j & 1) * LB, lora.bt, lane, xab, acc);
+    // The K-warps' partial sums meet (two slots: slot j & 1 is rewritten only after the next
+    // barrier, which every thread passes after it has summed this tile).
+    if constexpr (CL)
+      if (j == 1) cluster_wait();  // the cluster has read this block's XA partial sums in slot 1
+    ring_tile_sum<T, NT>(red + (j & 1) * KS * NT * 4 * 32, KS, warp, lane, acc, (bid + j * nb) * 16, tokens, nOut,
+                         Y, ldy);
+  }
+  if constexpr (CL)
+    if (mine < 2) cluster_wait();  // the cluster has read this block's shared memory
+  nf4_cp_async_wait<0>();  // nothing in flight when the block exits
+}
+
+/// Whether dense_ring_kernel takes this product: bf16/half, 1…16 tokens, K % 256 == 0,
+/// K ≤ 4096, rows of X and W 16-byte aligned.
+template <class T>
+bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const void* w) {
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && tokens >= 1 && tokens <= 16 &&
+         K % 256 == 0 && K <= 256L * nf4_ring_max_warps && ldx % 8 == 0 && ldw % 8 == 0 && aligned(x, 16) &&
+         aligned(w, 16);
+}
+
+/// dense_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), a programmatic
+/// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
+/// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
+/// (on as many whole clusters as the device holds).
+template <class T, int S = dense_ring_stages>
+void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
+                       cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
+  const int warps = K / 256;
+  auto go = [&](auto nt, auto lm) {
+    constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
+    constexpr bool LORA = LM != nf4_lora_none;
+    auto kernel = dense_ring_kernel<T, NT, LM, S>;
+    const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs);
+    const int limit = LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
+                                      smem_optin())
+                           : dense_ring_smem_bytes<NT, false, S>(nf4_ring_max_warps);
+    if (smem > limit) fail("launch_dense_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
+                           lora.jobs, limit);
+    const int cl = LM == nf4_lora_cluster ? lora.cluster : 1;
+    const int c = persistent_capacity(kernel, warps * 32, smem, limit, cl);
+    const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(c));
+    launch_cluster_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)),
+                             static_cast<std::size_t>(smem), stream, pdl, cl, X, ldx, tokens, K, W, ldw, nOut, Y, ldy,
+                             pdl ? 1 : 0, lora);
+  };
+  auto with_nt = [&](auto lm) {
+    if (tokens <= 8)
+      go(std::integral_constant<int, 1>{}, lm);
+    else
+      go(std::integral_constant<int, 2>{}, lm);
+  };
+  if (lora.jobs == 0)
+    with_nt(std::integral_constant<int, nf4_lora_none>{});
+  else if (lora.cluster > 1)
+    with_nt(std::integral_constant<int, nf4_lora_cluster>{});
+  else
+    with_nt(std::integral_constant<int, nf4_lora_self>{});
+}
+
+}  // namespace lora::detail
