@@ -30,8 +30,8 @@ FILE* csv = stdout;
 /// The planner's choice for one fused shape, in words.
 std::string describe(const std::optional<detail::PlanChoice>& c, bool forward) {
   if (!c) return "not planned";
-  static const char* paths[] = {"accumulate",     "concat_k", "stacked", "stacked (N out + rp)",
-                                "decode kernels", "stream",   "stream (32-row tiles)"};
+  static const char* paths[] = {"accumulate", "concat_k", "stacked", "stacked (N out + rp)", "decode kernels",
+                                "stream",     "stream (32-row tiles)", "ring", "ring (XA per cluster)"};
   std::string s = forward ? std::string(paths[c->path]) + ", " : std::string();
   s += c->algo < 0 ? std::string("cublasGemmEx") : "cuBLASLt algorithm " + std::to_string(c->algo);
   if (c->lt) s += " (of " + std::to_string(c->lt->candidates()) + " cuBLASLt candidates)";
@@ -448,6 +448,10 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
       fns.push_back({"dec_stream", via_planner(detail::FusedPath::stream)});
       fns.push_back({"dec_stream_wide", via_planner(detail::FusedPath::stream_wide)});
     }
+    if (T <= 16 && planned) {  // the ring kernel, XA per block and per cluster (stacked where it does not apply)
+      fns.push_back({"dec_ring", via_planner(detail::FusedPath::ring)});
+      fns.push_back({"dec_ring_cluster", via_planner(detail::FusedPath::ring_cluster)});
+    }
     if (have_c) {
       fns.push_back({"dec_part_stacked_gemm", [&](int i) {
                        detail::gemm<S, S, S>(ctx_ref, false, true, T, out + r, in, 1.f, X, detail::fused_layout(fw[i % sets]).tall(), 0.f, C);
@@ -470,7 +474,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
       for (std::size_t k = 0; k < fns.size(); ++k) {
         const std::string name = fns[k].first;
         if (name != "dec_ours" && name != "dec_stacked" && name != "dec_accumulate" && name != "dec_stream" &&
-            name != "dec_stream_wide")
+            name != "dec_stream_wide" && name != "dec_ring" && name != "dec_ring_cluster")
           continue;
         LORA_CUDA_CHECK(cudaMemsetAsync(Y.data(), 0xFF, Y.size() * sizeof(S), ctx_ref.stream()));
         fns[k].second(0);
@@ -492,13 +496,13 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
     const double base = t[0];
     std::fprintf(stderr,
                  "decode T %3ld %ld->%ld r %ld (%d sets): base %.1f us, ours %.1f (%.3fx; %s); stacked %.3fx, "
-                 "stream %.3fx (32-row %.3fx), concat %.3fx, accumulate %.3fx\n",
+                 "stream %.3fx (32-row %.3fx), ring %.3fx (cluster %.3fx), concat %.3fx, accumulate %.3fx\n",
                  static_cast<long>(T), static_cast<long>(in), static_cast<long>(out), static_cast<long>(r), sets,
                  base * 1e3, t[1] * 1e3, t[1] / base,
                  describe(ctx_ref.planner().find(detail::fused_forward_key<S>(fw[0], Xp.view(), Y.view())), true)
                      .c_str(),
                  at("dec_stacked") / base, at("dec_stream") / base, at("dec_stream_wide") / base,
-                 at("dec_concat_gemmex") / base,
+                 at("dec_ring") / base, at("dec_ring_cluster") / base, at("dec_concat_gemmex") / base,
                  at("dec_accumulate") / base);
     std::fprintf(stderr,
                  "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",

@@ -229,8 +229,9 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
     Index in, out;
   };
   // out 328 leaves a partial block of outputs; in 100 gives rows that are not 16-byte aligned
-  // (the stacked epilogue's scalar fallback and the cuBLAS paths).
-  const Case cases[] = {{256, 328}, {100, 70}};
+  // (the stacked epilogue's scalar fallback and the cuBLAS paths); in 1024 lets the ring kernel
+  // take up to four pieces (r 64), in 256 one.
+  const Case cases[] = {{256, 328}, {100, 70}, {1024, 264}};
   const Index tokens[] = {1, 2, 3, 5, 8, 16, 17, 33, 64, 100, 128};
   for (const Case& c : cases)
     for (const Index r : {Index(5), Index(8), Index(16), Index(20), Index(33), Index(64)}) {
@@ -255,7 +256,7 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
         DeviceMatrix<S> Y(T, c.out);
         // automatic after plan() (the first use of this shape on the context), each fixed
         // strategy, then automatic again (the planned choice, looked up).
-        for (const int how : {-1, 1, 2, 3, 4, 0}) {
+        for (const int how : {-1, 1, 2, 3, 4, 5, 0}) {
           INFO("strategy " << how);
           fw.set_strategy(how < 0 ? FusedForward::automatic : static_cast<FusedForward>(how));
           if (how < 0) ad.plan(fw, T);
@@ -268,16 +269,18 @@ TEMPLATE_TEST_CASE("cuda adapter: the fused forward at decode token counts, ever
           // accumulate and automatic may take at T <= 4, write only the r columns).
           const Matrix<S> spare = to_host(DeviceView<const S>(Xp.view()).col_block(c.in, rp));
           CHECK(lora::test::rel_error(spare.leftCols(r), xa) < tol<S>());
-          if ((how == 3 || how == 4 || T > 4) && rp > r)
+          if ((how >= 3 || T > 4) && rp > r)
             CHECK(lora::test::max_abs_diff(spare.rightCols(rp - r), Matrix<S>::Zero(T, rp - r)) == 0.0);
         }
         fw.set_strategy(FusedForward::automatic);
-        // The stream kernel with 16- and 32-row tiles at every T (forced through the planner;
-        // above 32 tokens, or for float or unaligned rows, it falls back to stacked).
+        // The stream kernel with 16- and 32-row tiles, and the ring kernel with XA per block and
+        // per cluster, at every T (forced through the planner; where they do not apply, above 32
+        // or 16 tokens, for float, unaligned rows or in % 256 != 0, they fall back to stacked).
         const detail::PlanKey key = detail::fused_forward_key<S>(fw, Xp.view(), Y.view());
         const auto planned = ctx->planner().find(key);
         REQUIRE(planned);
-        for (detail::FusedPath p : {detail::FusedPath::stream, detail::FusedPath::stream_wide}) {
+        for (detail::FusedPath p : {detail::FusedPath::stream, detail::FusedPath::stream_wide, detail::FusedPath::ring,
+                                    detail::FusedPath::ring_cluster}) {
           INFO("path " << static_cast<int>(p));
           ctx->planner().record(key, {static_cast<int>(p)});
           for (int call = 0; call < 2; ++call) {  // twice: the kernel's counters must be reset

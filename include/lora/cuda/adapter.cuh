@@ -8,6 +8,7 @@
 #include <lora/cuda/kernels.cuh>
 #include <lora/cuda/lt.hpp>
 #include <lora/cuda/plan.hpp>
+#include <lora/cuda/ring.cuh>
 #include <lora/cuda/runtime.hpp>
 
 #include <algorithm>
@@ -32,12 +33,16 @@ namespace lora {
 /// stream:     one kernel on tensor cores reads [W; A] once and adds s·(X·Aᵀ)·Bᵀ in the same
 ///             launch (detail::stream_forward_kernel), for at most 32 tokens of bf16/half with
 ///             r ≤ 64 and 16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
+/// ring:       one kernel streams W once through per-warp copy rings, with XA computed in the
+///             same launch (detail::dense_ring_kernel, per block or per cluster of blocks), for
+///             1…16 tokens of bf16/half, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256 and
+///             16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
 /// automatic:  the fastest of these (with each cuBLASLt algorithm the heuristic offers for the
 ///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
 ///             by the context's planner (LowRankAdapter::plan, lora/cuda/plan.hpp).
 /// concat_k and accumulate still take the decode kernels for ≤ 4 tokens.
 /// automatic is the default; FusedWeight::set_strategy fixes another.
-enum class FusedForward { automatic, concat_k, accumulate, stacked, stream };
+enum class FusedForward { automatic, concat_k, accumulate, stacked, stream, ring };
 
 /// r rounded up to a multiple of 64: the rank columns of FusedWeight and padded_input.
 constexpr Index fused_rank_pad(Index r) { return (r + 63) / 64 * 64; }
@@ -225,7 +230,10 @@ bool decode_apply(const CudaContext& ctx, DeviceView<const S> X, DeviceView<cons
 /// The fused forward's paths (PlanChoice::path): FusedForward's strategies, the stacked one
 /// with N = out + r or out + rp, the decode kernels, and the one-launch stream kernel.
 /// stream takes tiles of 16 rows per block, stream_wide of 32 (each X fragment serves two).
-enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode, stream, stream_wide };
+enum class FusedPath : int { accumulate, concat_k, stacked, stacked_padded, decode, stream, stream_wide, ring,
+                             ring_cluster };
+/// Blocks per thread-block cluster of FusedPath::ring_cluster.
+constexpr int fused_ring_cluster = 4;
 
 /// The planner's key of the fused forward for these operands.
 template <class S>
@@ -491,6 +499,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       case FusedForward::stream:  // 32-row tiles above 16 tokens, where X's reads grow
         return fused_forward(
             fw, Xp, Y, {static_cast<int>(Xp.rows > 16 ? FusedPath::stream_wide : FusedPath::stream)}, false);
+      case FusedForward::ring: return fused_forward(fw, Xp, Y, {static_cast<int>(FusedPath::ring)}, false);
       case FusedForward::automatic: break;
     }
     const detail::PlanKey key = detail::fused_forward_key<Scalar>(fw, Xp, Y);
@@ -653,6 +662,10 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
         (stream_forward(fw, Xp, Y, path == FusedPath::stream_wide ? 2 : 1) ||
          stacked_forward(fw, Xp, Y, out + r, nullptr, -1)))
       return;
+    if ((path == FusedPath::ring || path == FusedPath::ring_cluster) &&
+        (ring_forward(fw, Xp, Y, path == FusedPath::ring_cluster ? detail::fused_ring_cluster : 1) ||
+         stacked_forward(fw, Xp, Y, out + r, nullptr, -1)))
+      return;
     if ((path == FusedPath::stacked || path == FusedPath::stacked_padded) &&
         stacked_forward(fw, Xp, Y, path == FusedPath::stacked ? out + r : out + rp, c.lt.get(), c.algo))
       return;
@@ -757,10 +770,48 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     }
   }
 
+  /// The one-launch forward through detail::dense_ring_kernel (XA per block, or per cluster of
+  /// `cluster` blocks) for bf16/half, 1…16 tokens, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256,
+  /// rows of X and of the block 16-byte aligned. Its LoRA pieces are the block's rank columns in
+  /// 16s (the padding's zero rows of A and columns of B fill the last); block 0 writes s·X·Aᵀ and
+  /// zeros into Xp's rp spare columns. Returns false (nothing launched) when it cannot run.
+  bool ring_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, int cluster) const {
+    if constexpr (sizeof(Scalar) != 2) {
+      return false;
+    } else {
+      using T = detail::device_t<Scalar>;
+      const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
+      const Index Tk = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = L.rp();
+      const int pieces = static_cast<int>((r + 15) / 16);
+      if (!detail::dense_ring_ok<T>(in, static_cast<int>(Tk), Xp.ld, Xp.data, L.ld(), L.data) ||
+          pieces > detail::nf4_lora_max_jobs || pieces > in / 256)
+        return false;
+      detail::Nf4RingLora<T> l;
+      l.jobs = pieces;
+      l.self = true;
+      l.cluster = cluster;
+      l.xa = reinterpret_cast<T*>(Xp.data + in);
+      l.xald = Xp.ld;
+      l.xacols = static_cast<int>(rp);
+      const T* A = reinterpret_cast<const T*>(L.A().data);
+      const T* B = reinterpret_cast<const T*>(L.B().data);
+      for (int p = 0; p < pieces; ++p)
+        l.job[p] = {A + 16L * p * L.ld(), L.ld(), B + 16L * p, L.ld(), 16, static_cast<float>(scaling()),
+                    static_cast<std::uint32_t>((1ull << Tk) - 1)};
+      if (!detail::nf4_ring_lora_ok<T>(l, in, out)) return false;
+      detail::launch_dense_ring<T>(reinterpret_cast<const T*>(Xp.data), Xp.ld, static_cast<int>(Tk),
+                                   static_cast<int>(in), reinterpret_cast<const T*>(L.data), L.ld(),
+                                   static_cast<int>(out), reinterpret_cast<T*>(Y.data), Y.ld, ctx_->stream(), true, l);
+      LORA_CUDA_CHECK_LAUNCH("dense_ring_kernel");
+      return true;
+    }
+  }
+
   /// Times the fused forward's candidates for this shape and records the fastest in the
   /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
   /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
-  /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel.
+  /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel;
+  /// for ≤ 16 (bf16/half, ring_forward's shapes) the ring kernel, per block and per cluster.
   /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
     const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
@@ -794,6 +845,9 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
     if constexpr (sizeof(Scalar) == 2)
       if (T <= detail::stream_max_tokens && r <= 64)
         for (FusedPath p : {FusedPath::stream, FusedPath::stream_wide}) cand.push_back({static_cast<int>(p)});
+    if constexpr (sizeof(Scalar) == 2)
+      if (T <= 16 && in % 256 == 0 && in <= 4096 && (r + 15) / 16 <= in / 256)
+        for (FusedPath p : {FusedPath::ring, FusedPath::ring_cluster}) cand.push_back({static_cast<int>(p)});
     const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
                                            [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });
     const detail::PlanChoice best = cand[static_cast<std::size_t>(detail::fastest(t, 1))];

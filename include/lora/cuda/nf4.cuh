@@ -754,6 +754,10 @@ struct Nf4RingLora {
   /// this many compute XA together, K-warp w's share in the block of rank w % cluster
   int cluster = 1;
   T* xa = nullptr;
+  /// dense_ring_kernel only: with xald > 0, block 0 also writes XA to xa as rows [token][xald]
+  /// of xacols columns (the pieces' 16·jobs ranks, then zeros)
+  long xald = 0;
+  int xacols = 0;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
 

@@ -38,7 +38,8 @@ constexpr int dense_ring_smem_bytes(int warps, int jobs = 0) {
 /// The K-warps' partial sums meet once per tile (ring_tile_sum) and Y is rounded once.
 /// With LM == nf4_lora_self or nf4_lora_cluster it adds the pieces of a LoRA term as
 /// nf4_ring_kernel does (warp KS − 1 − p brings piece p's B tile with the tile's first step and
-/// adds B·XA to its partial sum; XA from ring_lora_xa). With `wait` (a programmatic dependent
+/// adds B·XA to its partial sum; XA from ring_lora_xa), and with lora.xald > 0 block 0 writes
+/// XA out (Nf4RingLora::xald). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
 template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
@@ -107,8 +108,14 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   std::uint32_t xr[4][NT][8];
   nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
-  if constexpr (LORA)
+  if constexpr (LORA) {
     ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
+    if (lora.xald > 0 && bid == 0)  // XA for the caller (the fused backward reads it)
+      for (int o = static_cast<int>(threadIdx.x); o < tokens * lora.xacols; o += static_cast<int>(blockDim.x)) {
+        const int t = o / lora.xacols, c = o % lora.xacols;
+        lora.xa[t * lora.xald + c] = c < 16 * lora.jobs ? xas[(c / 16) * 256 + t * 16 + c % 16] : from_float<T>(0.f);
+      }
+  }
 
 #pragma unroll 1
   for (int j = 0; j < mine; ++j) {
