@@ -908,9 +908,10 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32)
   }
 }
 
-/// The LoRA pieces' helpers of dense_ring_kernel (lora/cuda/ring.cuh). nf4_ring_kernel keeps the
-/// same three steps written out: through these functions ptxas spills 40 bytes in its
-/// per-block kernel at one n-tile (sm_90, nvcc 13), which spills none as written.
+/// The ring kernels' LoRA and tile helpers (nf4_ring_kernel, dense_ring_kernel in
+/// lora/cuda/ring.cuh). nf4_ring_kernel keeps the B-tile copy written out in its `issue`: through
+/// ring_lora_b_issue ptxas spills 40 bytes in its per-block kernel at one n-tile (sm_90, nvcc 13),
+/// which spills none as written.
 ///
 /// A ring kernel's copy of piece pi's B for the tile of rows [row0, row0 + 16) into a slot
 /// `ls` (one 16-byte cp.async per lane; rows and ranks past the ends repeat the last ones): from
@@ -1269,23 +1270,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
             xab[n][1] = __ldcg(reinterpret_cast<const unsigned*>(xp + (gid + 8 * n) * 16 + 8));
           }
         }
-        const unsigned char* ls = lring + (j % S) * LB;
-        std::uint32_t a[4];
-        if (lora.bt) {  // [rank][16 rows]: the four 8 × 8 quarters transposed into the A fragment
-          const int m = lane / 8;
-          const std::uint32_t addr = shared_u32(ls) + static_cast<std::uint32_t>(((m >> 1) * 8 + lane % 8) * 32 + (m & 1) * 16);
-          asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                       : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                       : "r"(addr));
-        } else {  // [row][16 ranks]
-          const unsigned char* sb = ls + 32 * gid + 4 * q;
-          a[0] = *reinterpret_cast<const std::uint32_t*>(sb);
-          a[1] = *reinterpret_cast<const std::uint32_t*>(sb + 256);
-          a[2] = *reinterpret_cast<const std::uint32_t*>(sb + 16);
-          a[3] = *reinterpret_cast<const std::uint32_t*>(sb + 256 + 16);
-        }
-#pragma unroll
-        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xab[n][0], xab[n][1]);
+        ring_lora_b_mma<T, NT>(lring + (j % S) * LB, lora.bt, lane, xab, acc);
       }
     }
     __syncwarp();  // the slot is read: the next iteration's copies may overwrite it
@@ -1294,20 +1279,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     float* rb = red + (j & 1) * KS * NT * 4 * 32;
     if constexpr (CL)
       if (j == 1) cluster_wait();  // the cluster has read this block's XA partial sums in slot 1
-#pragma unroll
-    for (int n = 0; n < NT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) rb[(warp * NT * 4 + n * 4 + i) * 32 + lane] = acc[n][i];
-    __syncthreads();
-    const int row0 = (bid + j * nb) * 16;
-    for (int o = static_cast<int>(threadIdx.x); o < 16 * tokens; o += static_cast<int>(blockDim.x)) {
-      // c0, c1 of a lane: row gid, tokens 2q, 2q + 1; c2, c3: row gid + 8 (+ 8 tokens per n-tile)
-      const int row = o % 16, t = o / 16, n = t / 8, c = t % 8;
-      const int l = 4 * (row % 8) + c / 2, i = (row >= 8 ? 2 : 0) + c % 2;
-      float v = 0.f;
-      for (int w = 0; w < KS; ++w) v += rb[(w * NT * 4 + n * 4 + i) * 32 + l];
-      if (row0 + row < nOut) Y[static_cast<long>(t) * ldy + row0 + row] = from_float<T>(v);
-    }
+    ring_tile_sum<T, NT>(rb, KS, warp, lane, acc, (bid + j * nb) * 16, tokens, nOut, Y, ldy);
   }
   if constexpr (CL)
     if (mine < 2) cluster_wait();  // the cluster has read this block's shared memory
