@@ -246,6 +246,7 @@ int main(int argc, char** argv) {
           throw std::runtime_error("tune_nf4: nf4_gemm_lora refused the product");
       };
       {  // the dense one-pass kernel (lora/cuda/ring.cuh) on the bf16 W against cuBLAS's GEMM on it
+        const Matrix<float>* const saved_ref = refp;
         DeviceMatrix<float> Yd(tokens, out);
         detail::gemm<S, S, float>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[0].view(), 0.f, Yd.view());
         const Matrix<float> ref_dense = to_host(Yd.view());
@@ -277,7 +278,7 @@ int main(int argc, char** argv) {
           errs.push_back(rel_err());
           fns.push_back(f.second);
         }
-        refp = &ref_base;
+        refp = saved_ref;  // the variants after this block check against the reference they had
         const auto m = time_all(*ctx, fns, 10, 15);
         const double dense_bytes = out * in * 2.0 + tokens * (in + out) * 2.0;
         std::fprintf(stderr, "%5ldx%ld T %2ld: dense / cuBLAS bf16 (alternating): cuBLAS %.2f us",
