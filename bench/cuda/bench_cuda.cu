@@ -504,6 +504,24 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
                  at("dec_stacked") / base, at("dec_stream") / base, at("dec_stream_wide") / base,
                  at("dec_ring") / base, at("dec_ring_cluster") / base, at("dec_concat_gemmex") / base,
                  at("dec_accumulate") / base);
+    if (T <= 16 && planned) {
+      // The planner's own measure of its choice, the ring path and the plain stacked path
+      // (detail::time_candidates: one call after an L2 eviction, best of five rounds) on the
+      // first weight, beside the rotating measure above: where the two rank them differently,
+      // the planner's pick and the alternating batches disagree.
+      const std::vector<detail::PlanChoice> pc = {
+          *planned, {static_cast<int>(detail::FusedPath::ring)}, {static_cast<int>(detail::FusedPath::stacked)}};
+      const auto tp = detail::time_candidates(ctx_ref, static_cast<int>(pc.size()), [&](int k) {
+        ctx_ref.planner().record(key, pc[static_cast<std::size_t>(k)]);
+        ad.apply(fw[0], Xp.view(), Y.view());
+        ctx_ref.planner().record(key, *planned);
+      });
+      std::fprintf(stderr,
+                   "  planner's measure (us, after an L2 eviction): planned %.2f, ring %.2f, stacked (GemmEx) %.2f; "
+                   "rotating: ours %.2f, ring %.2f, stacked %.2f\n",
+                   tp[0] * 1e3, tp[1] * 1e3, tp[2] * 1e3, t[1] * 1e3, at("dec_ring") * 1e3,
+                   at("dec_stacked") * 1e3);
+    }
     std::fprintf(stderr,
                  "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",
                  at("dec_part_stacked_gemm") * 1e3, at("dec_part_epilogue") * 1e3,
