@@ -373,11 +373,24 @@ void bench_dora_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, I
                one ? t[7] * 1e3 : 0.0, t[2] * 1e3);
 }
 
+/// A model's kernel before a projection: writes the projection's input X (`rows` × `cols`
+/// 16-bit values, dst ← src), as a norm would; a plain launch, so a programmatic dependent
+/// launch after it starts only as its blocks exit.
+__global__ void produce_x_kernel(const unsigned short* __restrict__ src, long lds, unsigned short* __restrict__ dst,
+                                 long ldd, int rows, int cols) {
+  for (long i = blockIdx.x * static_cast<long>(blockDim.x) + threadIdx.x; i < static_cast<long>(rows) * cols;
+       i += static_cast<long>(gridDim.x) * blockDim.x)
+    dst[(i / cols) * ldd + i % cols] = src[(i / cols) * lds + i % cols];
+}
+
 /// The decode regime (issue 23): the fused forward against the base GEMM for each token count
 /// in `tokens` (2…128), and each strategy forced (stacked, concat_k and accumulate after XA, the
 /// one-launch stream kernel for ≤ 32 tokens), all timed in one rotating set per token count, with
 /// the parts of the stacked path (its GEMM; its epilogue, vectorised and scalar), s·X·Aᵀ and the
 /// concat_k GEMM. Weights rotate among copies that together exceed 3× L2; the same X for all.
+/// For ≤ 16 tokens also the planner's own measure of its choice, ring and stacked (one call
+/// after an L2 eviction), and base, ours, ring and stacked each after a kernel that writes X, as
+/// in a model (back to back, a ring call's start overlaps the previous ring call's end).
 void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index in, Index out,
                   const std::vector<Index>& tokens, Index r, Generator& g) {
   int l2 = 0;
@@ -521,6 +534,45 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
                    "rotating: ours %.2f, ring %.2f, stacked %.2f\n",
                    tp[0] * 1e3, tp[1] * 1e3, tp[2] * 1e3, t[1] * 1e3, at("dec_ring") * 1e3,
                    at("dec_stacked") * 1e3);
+    }
+    if (T <= 16 && planned) {
+      // As in a model: each call after a kernel that writes X (produce_x_kernel, from a copy of X),
+      // weights rotating as above; the producer's time alone is subtracted.
+      auto produce = [&] {
+        produce_x_kernel<<<64, 256, 0, ctx_ref.stream()>>>(reinterpret_cast<const unsigned short*>(Xc.data()), in,
+                                                          reinterpret_cast<unsigned short*>(Xp.data()), Xp.cols(),
+                                                          static_cast<int>(T), static_cast<int>(in));
+        LORA_CUDA_CHECK_LAUNCH("produce_x_kernel");
+      };
+      const std::vector<std::function<void(int)>> after = {
+          [&](int) { produce(); },
+          [&](int i) {
+            produce();
+            detail::gemm<S, S, S>(ctx_ref, false, true, T, out, in, 1.f, X, W[i % sets].view(), 0.f, Y.view());
+          },
+          [&](int i) {
+            produce();
+            ad.apply(fw[i % sets], Xp.view(), Y.view());
+          },
+          [&](int i) {
+            produce();
+            via_planner(detail::FusedPath::ring)(i);
+          },
+          [&](int i) {
+            produce();
+            forced(FusedForward::stacked)(i);
+          }};
+      const auto ta = bench::time_all(ctx_ref, after, 10, 15, 3);
+      const double pb = ta[1] - ta[0];
+      std::fprintf(stderr,
+                   "  after a producer kernel (us, its %.2f subtracted): base %.2f, ours %.2f (%.3fx), ring %.2f "
+                   "(%.3fx), stacked %.2f (%.3fx)\n",
+                   ta[0] * 1e3, pb * 1e3, (ta[2] - ta[0]) * 1e3, (ta[2] - ta[0]) / pb, (ta[3] - ta[0]) * 1e3,
+                   (ta[3] - ta[0]) / pb, (ta[4] - ta[0]) * 1e3, (ta[4] - ta[0]) / pb);
+      emit("dec_after_base", in, out, T, r, pb);
+      emit("dec_after_ours", in, out, T, r, ta[2] - ta[0]);
+      emit("dec_after_ring", in, out, T, r, ta[3] - ta[0]);
+      emit("dec_after_stacked", in, out, T, r, ta[4] - ta[0]);
     }
     std::fprintf(stderr,
                  "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",

@@ -21,7 +21,8 @@
 //                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
 //                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
 //   dense*            lora/cuda/ring.cuh's one-pass kernel on the bf16 W (alone, with the r 16 term
-//                     per block, per cluster of 2 and of 4) against cuBLAS's bf16 GEMM on the same
+//                     per block: A through the rings, and (regA) into registers; per cluster of 2
+//                     and of 4) against cuBLAS's bf16 GEMM on the same
 //                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
 //                     against float32)
 //   lora clusterC     XA computed by the C blocks of a thread-block cluster together (each reads
@@ -251,19 +252,25 @@ int main(int argc, char** argv) {
         detail::gemm<S, S, float>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[0].view(), 0.f, Yd.view());
         const Matrix<float> ref_dense = to_host(Yd.view());
         const Matrix<float> ref_dense_lora = ref_dense + (ref_lora - ref_base);
-        auto dense = [&](int cluster, bool with_lora) {
-          return [&, cluster, with_lora](int i) {
+        auto dense = [&](int cluster, bool with_lora, bool a_ring = true) {
+          return [&, cluster, with_lora, a_ring](int i) {
             detail::Nf4RingLora<T> l = with_lora ? lora : detail::Nf4RingLora<T>{};
             l.self = true;
             l.cluster = cluster;
-            detail::launch_dense_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in),
-                                         reinterpret_cast<const T*>(W[i % sets].data()), W[i % sets].view().ld,
-                                         static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
+            const T* w = reinterpret_cast<const T*>(W[i % sets].data());
+            if (a_ring)
+              detail::launch_dense_ring<T>(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w,
+                                           W[i % sets].view().ld, static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
+            else
+              detail::launch_dense_ring<T, detail::dense_ring_stages, false>(
+                  xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w, W[i % sets].view().ld,
+                  static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
           };
         };
         const std::vector<std::pair<const char*, std::function<void(int)>>> forms = {
             {"dense", dense(1, false)},
             {"dense_lora_self", dense(1, true)},
+            {"dense_lora_self_regA", dense(1, true, false)},
             {"dense_lora_cluster2", dense(2, true)},
             {"dense_lora_cluster4", dense(4, true)}};
         std::vector<std::function<void(int)>> fns = {[&](int i) {

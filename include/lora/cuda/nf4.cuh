@@ -984,11 +984,14 @@ __device__ __forceinline__ void ring_tile_sum(float* rb, int KS, int warp, int l
 /// sums only in the cluster block of rank w % csize (`xaw`: this warp computes here), in red's slot
 /// 1, added in warp order by every block through distributed shared memory between cluster
 /// barriers; the last barrier is left pending (the caller waits before it rewrites slot 1 or
-/// exits). The first piece's first PG groups of A come loaded (apre).
-template <class T, int NT, int LM, int PG>
+/// exits). The first piece's first PG groups of A come loaded (apre); with PRE (self only) its
+/// partial sums come computed (pre0).
+template <class T, int NT, int LM, int PG, bool PRE = false>
 __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS, int warp, int lane, bool xaw,
                                              int csize, const std::uint32_t (&xr)[4][NT][8], const uint4 (*apre)[4],
-                                             float* red, T* xas, bool piece, int pi, std::uint32_t (&xab)[NT][2]) {
+                                             float* red, T* xas, bool piece, int pi, std::uint32_t (&xab)[NT][2],
+                                             const float (*pre0)[4] = nullptr) {
+  static_assert(!PRE || LM == nf4_lora_self, "computed partial sums are the per-block form's");
   const int gid = lane / 4, q = lane % 4;
   constexpr bool CL = LM == nf4_lora_cluster;
   if constexpr (LM == nf4_lora_self) {
@@ -1012,7 +1015,14 @@ __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS,
       }
       __syncthreads();
     };
-    {
+    if constexpr (PRE) {
+      float dxa[NT][4];
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dxa[n][i] = pre0[n][i];
+      reduce_xa(0, dxa);
+    } else {
       float dxa[NT][4];
       nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
       reduce_xa(0, dxa);

@@ -39,14 +39,20 @@ constexpr int dense_ring_smem_bytes(int warps, int jobs = 0) {
 /// With LM == nf4_lora_self or nf4_lora_cluster it adds the pieces of a LoRA term as
 /// nf4_ring_kernel does (warp KS − 1 − p brings piece p's B tile with the tile's first step and
 /// adds B·XA to its partial sum; XA from ring_lora_xa), and with lora.xald > 0 block 0 writes
-/// XA out (Nf4RingLora::xald). With `wait` (a programmatic dependent
+/// XA out (Nf4RingLora::xald). With AR (and LM == nf4_lora_self) the first piece's A comes
+/// through the warps' rings: its four groups (16 ranks × 64 weights of the warp's 256, a W step's
+/// shape and layout) into slots 0…3 by cp.async at the kernel's start, before the dependency wait;
+/// W's first steps follow once the warp has taken A's products with its activations (without AR
+/// the lanes load that A into registers, and W's first steps go first). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
-template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages>
+template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     dense_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw,
                       int nOut, T* __restrict__ Y, long ldy, int wait, const __grid_constant__ Nf4RingLora<T> lora) {
   static_assert(LM != nf4_lora_shrunk, "dense_ring_kernel computes XA itself");
   static_assert(S >= 2 && S <= 5, "a piece's two B slots hold tiles j and j + 1 only while S ≤ 5");
+  constexpr bool ARING = AR && LM == nf4_lora_self;
+  static_assert(!ARING || S >= 4, "the first piece's A takes four slots of each warp's ring");
   constexpr int SB = dense_ring_slot_bytes, LB = nf4_lora_slot_bytes;
   constexpr bool LORA = LM != nf4_lora_none;
   constexpr bool CL = LM == nf4_lora_cluster;
@@ -89,7 +95,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   [[maybe_unused]] const bool xaw = !CL || warp % csize == crank;
   // the first group of the first piece's A (a weight: no wait) asked for first, as nf4_ring_kernel
   // does (one group: with all four, ptxas spills 24–80 bytes here)
-  constexpr int PG = LORA ? 1 : 0;
+  constexpr int PG = LORA && !ARING ? 1 : 0;
   [[maybe_unused]] uint4 apre[PG > 0 ? PG : 1][4];
   if constexpr (PG > 0) {
     if (xaw) {
@@ -101,15 +107,60 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int i = 0; i < S - 1 && i < steps; ++i)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(
           pw + static_cast<long>(min((bid + (i >> 2) * nb) * 16 + lane, nOut - 1)) * ldw + 64 * (i & 3)));
-  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (ARING) {  // the first piece's A, group g into slot g (rows past its ranks repeat its last)
+    const Nf4LoraJob<T>& jb = lora.job[0];
 #pragma unroll
-  for (int i = 0; i < S - 1; ++i) issue(i);
+    for (int g = 0; g < 4; ++g) {
+      unsigned char* st = ring + g * SB;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int c = lane + 32 * u, r = c >> 3, ch = c & 7;
+        nf4_cp_async16(st + r * 128 + ((ch ^ (r & 7)) << 4),
+                       jb.a + static_cast<long>(min(r, jb.ranks - 1)) * jb.lda + 256 * warp + 64 * g + 8 * ch);
+      }
+      nf4_cp_async_commit();
+    }
+  }
+  if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
+  if constexpr (!ARING) {
+#pragma unroll
+    for (int i = 0; i < S - 1; ++i) issue(i);
+  }
 
   std::uint32_t xr[4][NT][8];
   nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LORA) {
-    ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
+    [[maybe_unused]] float dxa0[NT][4];
+    if constexpr (ARING) {  // the first piece's partial sums from slots 0…3, then W's steps 0…S − 2
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dxa0[n][i] = 0.f;
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        if (g == 0)  // group g has landed (3 − g groups were committed after it) …
+          nf4_cp_async_wait<3>();
+        else if (g == 1)
+          nf4_cp_async_wait<2>();
+        else if (g == 2)
+          nf4_cp_async_wait<1>();
+        else
+          nf4_cp_async_wait<0>();
+        __syncwarp();  // … for every lane
+        const unsigned char* st = ring + g * SB;
+        const int c0 = ((2 * q) ^ (gid & 7)) << 4, c1 = ((2 * q + 1) ^ (gid & 7)) << 4;
+        const uint4 a[4] = {*reinterpret_cast<const uint4*>(st + gid * 128 + c0),
+                            *reinterpret_cast<const uint4*>(st + gid * 128 + c1),
+                            *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c0),
+                            *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c1)};
+        nf4_lora_a_mma<T, NT>(a, xr[g], dxa0);
+      }
+      __syncwarp();  // the slots are read: W's first steps may overwrite them
+#pragma unroll
+      for (int i = 0; i < S - 1; ++i) issue(i);
+    }
+    ring_lora_xa<T, NT, LM, PG, ARING>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab, dxa0);
     if (lora.xald > 0 && bid == 0)  // XA for the caller (the fused backward reads it)
       for (int o = static_cast<int>(threadIdx.x); o < tokens * lora.xacols; o += static_cast<int>(blockDim.x)) {
         const int t = o / lora.xacols, c = o % lora.xacols;
@@ -175,14 +226,14 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
 /// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
 /// (on as many whole clusters as the device holds).
-template <class T, int S = dense_ring_stages>
+template <class T, int S = dense_ring_stages, bool AR = true>
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
   auto go = [&](auto nt, auto lm) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
     constexpr bool LORA = LM != nf4_lora_none;
-    auto kernel = dense_ring_kernel<T, NT, LM, S>;
+    auto kernel = dense_ring_kernel<T, NT, LM, S, AR>;
     const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs);
     const int limit = LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
                                       smem_optin())
