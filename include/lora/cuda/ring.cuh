@@ -24,6 +24,16 @@ constexpr int dense_ring_smem_bytes(int warps, int jobs = 0) {
          (LORA ? jobs * (2 * nf4_lora_slot_bytes + 16 * 16 * 2) : 0);
 }
 
+/// A lane's fragments of a dense_ring_kernel slot `st`: rows gid and gid + 8 (the same swizzle),
+/// weights 16q … 16q + 15 (chunks 2q and 2q + 1): f = {row gid's 2q, 2q + 1; row gid + 8's 2q, 2q + 1}.
+__device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid, int q, uint4 (&f)[4]) {
+  const int c0 = ((2 * q) ^ (gid & 7)) << 4, c1 = ((2 * q + 1) ^ (gid & 7)) << 4;
+  f[0] = *reinterpret_cast<const uint4*>(st + gid * 128 + c0);
+  f[1] = *reinterpret_cast<const uint4*>(st + gid * 128 + c1);
+  f[2] = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c0);
+  f[3] = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c1);
+}
+
 /// Y[t, n] = Σ_k X[t, k]·W[n, k] (+ the LoRA term) for 1…16 bf16/half tokens, W [nOut × K]
 /// bf16/half row-major (ldw), K % 256 == 0, K ≤ 4096.
 ///
@@ -148,12 +158,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
         else
           nf4_cp_async_wait<0>();
         __syncwarp();  // … for every lane
-        const unsigned char* st = ring + g * SB;
-        const int c0 = ((2 * q) ^ (gid & 7)) << 4, c1 = ((2 * q + 1) ^ (gid & 7)) << 4;
-        const uint4 a[4] = {*reinterpret_cast<const uint4*>(st + gid * 128 + c0),
-                            *reinterpret_cast<const uint4*>(st + gid * 128 + c1),
-                            *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c0),
-                            *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c1)};
+        uint4 a[4];  // nf4_lora_a_load's fragments, from the slot
+        dense_slot_load(ring + g * SB, gid, q, a);
         nf4_lora_a_mma<T, NT>(a, xr[g], dxa0);
       }
       __syncwarp();  // the slots are read: W's first steps may overwrite them
@@ -182,15 +188,11 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       nf4_cp_async_wait<S - 1>();  // step i has landed (this lane's copies) …
       __syncwarp();                // … and the other lanes' too
       const unsigned char* st = ring + (i % S) * SB;
-      // rows gid and gid + 8 (the same swizzle), weights 16q … 16q + 15: chunks 2q and 2q + 1
-      const int c0 = ((2 * q) ^ (gid & 7)) << 4, c1 = ((2 * q + 1) ^ (gid & 7)) << 4;
-      const uint4 a0 = *reinterpret_cast<const uint4*>(st + gid * 128 + c0);
-      const uint4 a1 = *reinterpret_cast<const uint4*>(st + gid * 128 + c1);
-      const uint4 b0 = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c0);
-      const uint4 b1 = *reinterpret_cast<const uint4*>(st + (gid + 8) * 128 + c1);
+      uint4 f[4];
+      dense_slot_load(st, gid, q, f);
       __syncwarp();  // the slot is read: the copies issued next may overwrite it
-      const std::uint32_t ra[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const std::uint32_t rb[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+      const std::uint32_t ra[8] = {f[0].x, f[0].y, f[0].z, f[0].w, f[1].x, f[1].y, f[1].z, f[1].w};
+      const std::uint32_t rb[8] = {f[2].x, f[2].y, f[2].z, f[2].w, f[3].x, f[3].y, f[3].z, f[3].w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         // words k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
