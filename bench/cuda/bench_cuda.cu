@@ -573,6 +573,22 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
       emit("dec_after_ours", in, out, T, r, ta[2] - ta[0]);
       emit("dec_after_ring", in, out, T, r, ta[3] - ta[0]);
       emit("dec_after_stacked", in, out, T, r, ta[4] - ta[0]);
+      // The planner's measure with the producer before each candidate (L2 evicted, then the
+      // producer and the candidate with no event between), the producer alone subtracted: does
+      // it rank the candidates as the rows above do?
+      const std::vector<detail::PlanChoice> pc = {
+          *planned, {static_cast<int>(detail::FusedPath::ring)}, {static_cast<int>(detail::FusedPath::stacked)}};
+      const auto tq = detail::time_candidates(ctx_ref, static_cast<int>(pc.size()) + 1, [&](int k) {
+        produce();
+        if (k == static_cast<int>(pc.size())) return;
+        ctx_ref.planner().record(key, pc[static_cast<std::size_t>(k)]);
+        ad.apply(fw[0], Xp.view(), Y.view());
+        ctx_ref.planner().record(key, *planned);
+      });
+      std::fprintf(stderr,
+                   "  planner's measure after the producer (us, its %.2f subtracted): planned %.2f, ring %.2f, "
+                   "stacked (GemmEx) %.2f\n",
+                   tq[3] * 1e3, (tq[0] - tq[3]) * 1e3, (tq[1] - tq[3]) * 1e3, (tq[2] - tq[3]) * 1e3);
     }
     std::fprintf(stderr,
                  "  parts (us): stacked GEMM %.2f, epilogue %.2f (scalar %.2f), s·X·Aᵀ %.2f, concat_k GEMM %.2f\n",
