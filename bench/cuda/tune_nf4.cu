@@ -21,7 +21,8 @@
 //                     with 3 ring slots and self wide also timed against nf4_matmul in alternating
 //                     batches (rows qlora*: the form's µs, the NF4 product's µs, their ratio)
 //   dense*            lora/cuda/ring.cuh's one-pass kernel on the bf16 W (alone, with the r 16 term
-//                     per block: A through the rings, and (regA) into registers; per cluster of 2
+//                     per block: the launcher's form (A through the rings at ≤ 8 tokens) and
+//                     (regA) A into registers; per cluster of 2
 //                     and of 4) against cuBLAS's bf16 GEMM on the same
 //                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
 //                     against float32)

@@ -203,8 +203,8 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
 TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA term, matches float64",
                    "[cuda][ring]", bfloat16, lora::half) {
   // detail::launch_dense_ring (lora/cuda/ring.cuh): a bf16/half W streamed once, without a LoRA
-  // term, with XA computed by every block (the first piece's A through the warps' rings, and into
-  // registers), and by the blocks of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
+  // term, with XA computed by every block (at one n-tile the first piece's A through the warps'
+  // rings, and into registers), and by the blocks of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
   // mask; rows not a multiple of the tile; one and two n-tiles of tokens.
   using S = TestType;
   using T = lora::detail::device_t<S>;
@@ -242,7 +242,8 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
         REQUIRE(lora::detail::dense_ring_ok<T>(in, static_cast<int>(tokens), dX.view().ld, dX.data(), dW.view().ld,
                                                dW.data()));
         Matrix<S> y_self;
-        // cluster 1 twice: the first piece's A through the rings (AR, the default) and into registers
+        // cluster 1 twice: the launcher's form (at ≤ 8 tokens the first piece's A through the rings) and
+        // the register form (AR off)
         for (const auto [cluster, a_ring] : {std::pair{1, true}, {1, false}, {2, true}, {4, true}}) {
           if (r == 0 && cluster > 1) continue;
           INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " cluster "

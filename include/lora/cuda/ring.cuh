@@ -227,7 +227,9 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// dense_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), a programmatic
 /// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
 /// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
-/// (on as many whole clusters as the device holds).
+/// (on as many whole clusters as the device holds). Per block, the first piece's A comes through
+/// the rings at one n-tile (with AR; the register form is faster at two: docs/performance.md,
+/// round 8), into registers otherwise.
 template <class T, int S = dense_ring_stages, bool AR = true>
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
@@ -235,7 +237,7 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
   auto go = [&](auto nt, auto lm) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
     constexpr bool LORA = LM != nf4_lora_none;
-    auto kernel = dense_ring_kernel<T, NT, LM, S, AR>;
+    auto kernel = dense_ring_kernel<T, NT, LM, S, AR && NT == 1>;
     const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs);
     const int limit = LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
                                       smem_optin())
