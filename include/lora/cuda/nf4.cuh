@@ -758,6 +758,10 @@ struct Nf4RingLora {
   /// of xacols columns (the pieces' 16·jobs ranks, then zeros)
   long xald = 0;
   int xacols = 0;
+  /// in a programmatic dependent launch, this many tiles of W beyond those its ring takes first are
+  /// asked of L2 before the dependency wait (so that device memory stays busy while the block
+  /// computes XA); nf4_ring_kernel counts its tiles, dense_ring_kernel four steps per tile
+  int l2_ahead = 0;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
 
@@ -976,62 +980,70 @@ __device__ __forceinline__ void ring_tile_sum(float* rb, int KS, int warp, int l
   }
 }
 
+/// Piece p's XA from the K-warps' partial sums (dxa, nf4_lora_xa_partial's) in one block: they
+/// meet in warp order through red (slot 0; two block barriers), scaled by the piece's s and
+/// rounded to T into xas[p] [16 tokens × 16 ranks] (tokens outside its mask and ranks past the
+/// adapter's give 0).
+template <class T, int NT>
+__device__ __forceinline__ void ring_lora_xa_reduce(const Nf4RingLora<T>& lora, int p, int KS, int warp, int lane,
+                                                    const float (&dxa)[NT][4], float* red, T* xas) {
+  const Nf4LoraJob<T>& jb = lora.job[p];
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+  __syncthreads();
+  for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
+    // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
+    const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
+    float v = 0.f;
+    if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
+      const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
+      for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
+    }
+    xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
+  }
+  __syncthreads();
+}
+
+/// The B-operand fragments (xab) of piece pi's XA in xas: tokens gid + 8n, ranks 2q, 2q + 1 and + 8.
+template <class T, int NT>
+__device__ __forceinline__ void ring_lora_xab(const T* xas, int pi, int lane, std::uint32_t (&xab)[NT][2]) {
+  const int gid = lane / 4, q = lane % 4;
+  const T* xp = xas + pi * 256 + 2 * q;
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
+    xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
+  }
+}
+
 /// XA (s·X·Aᵀ rounded to T) of every piece of a ring kernel's LoRA term into xas [jobs][16 tokens
 /// × 16 ranks] of shared memory, from the activations the K-warps hold (xr; warp w the K slice
 /// [256w, 256w + 256)), and then the B-operand fragments of this warp's piece's XA (xab; `piece`:
-/// the warp has piece pi). LM == nf4_lora_self: every block alone, its warps' partial sums added
-/// in warp order through red (slot 0; block barriers). LM == nf4_lora_cluster: K-warp w's partial
+/// the warp has piece pi). LM == nf4_lora_self: every block alone (ring_lora_xa_reduce).
+/// LM == nf4_lora_cluster: K-warp w's partial
 /// sums only in the cluster block of rank w % csize (`xaw`: this warp computes here), in red's slot
 /// 1, added in warp order by every block through distributed shared memory between cluster
 /// barriers; the last barrier is left pending (the caller waits before it rewrites slot 1 or
-/// exits). The first piece's first PG groups of A come loaded (apre); with PRE (self only) its
-/// partial sums come computed (pre0).
-template <class T, int NT, int LM, int PG, bool PRE = false>
+/// exits). The first piece's first PG groups of A come loaded (apre).
+template <class T, int NT, int LM, int PG>
 __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS, int warp, int lane, bool xaw,
                                              int csize, const std::uint32_t (&xr)[4][NT][8], const uint4 (*apre)[4],
-                                             float* red, T* xas, bool piece, int pi, std::uint32_t (&xab)[NT][2],
-                                             const float (*pre0)[4] = nullptr) {
-  static_assert(!PRE || LM == nf4_lora_self, "computed partial sums are the per-block form's");
+                                             float* red, T* xas, bool piece, int pi, std::uint32_t (&xab)[NT][2]) {
   const int gid = lane / 4, q = lane % 4;
   constexpr bool CL = LM == nf4_lora_cluster;
   if constexpr (LM == nf4_lora_self) {
-    // piece p's XA into xas[p]: the warps' partial sums (dxa) added in warp order, scaled, rounded
-    auto reduce_xa = [&](int p, const float (&dxa)[NT][4]) {
-      const Nf4LoraJob<T>& jb = lora.job[p];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) red[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
-      __syncthreads();
-      for (int o = static_cast<int>(threadIdx.x); o < 256; o += static_cast<int>(blockDim.x)) {
-        // d0, d1 of a lane: rank gid, tokens 2q, 2q + 1; d2, d3: rank gid + 8 (+ 8 tokens per n-tile)
-        const int jr = o % 16, t = o / 16, n = t / 8, c = t % 8;
-        float v = 0.f;
-        if (n < NT && jr < jb.ranks && ((jb.tokens >> t) & 1u)) {
-          const int l = 4 * (jr % 8) + c / 2, i = (jr >= 8 ? 2 : 0) + c % 2;
-          for (int w = 0; w < KS; ++w) v += red[(w * NT * 4 + n * 4 + i) * 32 + l];
-        }
-        xas[p * 256 + t * 16 + jr] = from_float<T>(jb.s * v);
-      }
-      __syncthreads();
-    };
-    if constexpr (PRE) {
-      float dxa[NT][4];
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) dxa[n][i] = pre0[n][i];
-      reduce_xa(0, dxa);
-    } else {
+    {
       float dxa[NT][4];
       nf4_lora_xa_partial<T, NT, PG>(lora.job[0], warp, gid, q, xr, dxa, apre);
-      reduce_xa(0, dxa);
+      ring_lora_xa_reduce<T, NT>(lora, 0, KS, warp, lane, dxa, red, xas);
     }
 #pragma unroll 1
     for (int p = 1; p < lora.jobs; ++p) {
       float dxa[NT][4];
       nf4_lora_xa_partial<T, NT>(lora.job[p], warp, gid, q, xr, dxa);
-      reduce_xa(p, dxa);
+      ring_lora_xa_reduce<T, NT>(lora, p, KS, warp, lane, dxa, red, xas);
     }
   } else if constexpr (CL) {
     // piece p's XA into xas[p]: the K-warps' partial sums, each in the block of rank w % csize
@@ -1071,14 +1083,7 @@ __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS,
       });
     __syncthreads();  // xas
   }
-  if (piece) {
-    const T* xp = xas + pi * 256 + 2 * q;
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      xab[n][0] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16);
-      xab[n][1] = *reinterpret_cast<const std::uint32_t*>(xp + (gid + 8 * n) * 16 + 8);
-    }
-  }
+  if (piece) ring_lora_xab<T, NT>(xas, pi, lane, xab);
 }
 
 /// Tensor-core NF4 GEMM for 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096
@@ -1199,7 +1204,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   }
   if (wait && lane < 16)
-    for (int j = 0; j < S - 1 && j < mine; ++j)
+    for (int j = 0; j < S - 1 + lora.l2_ahead && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int byte = i / 32;

@@ -49,11 +49,12 @@ __device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid
 /// With LM == nf4_lora_self or nf4_lora_cluster it adds the pieces of a LoRA term as
 /// nf4_ring_kernel does (warp KS − 1 − p brings piece p's B tile with the tile's first step and
 /// adds B·XA to its partial sum; XA from ring_lora_xa), and with lora.xald > 0 block 0 writes
-/// XA out (Nf4RingLora::xald). With AR (and LM == nf4_lora_self) the first piece's A comes
-/// through the warps' rings: its four groups (16 ranks × 64 weights of the warp's 256, a W step's
-/// shape and layout) into slots 0…3 by cp.async at the kernel's start, before the dependency wait;
-/// W's first steps follow once the warp has taken A's products with its activations (without AR
-/// the lanes load that A into registers, and W's first steps go first). With `wait` (a programmatic dependent
+/// XA out (Nf4RingLora::xald). With AR (and LM == nf4_lora_self) the pieces' A comes through
+/// the warps' rings: a piece's four groups (16 ranks × 64 weights of the warp's 256, a W step's
+/// shape and layout) into slots 0…3 by cp.async (the first piece's at the kernel's start, before
+/// the dependency wait; each next one as the warp has taken the previous one's products), and W's
+/// first steps once the last piece's products are taken (without AR the lanes load A into
+/// registers, and W's first steps go first). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
 template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
@@ -62,7 +63,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   static_assert(LM != nf4_lora_shrunk, "dense_ring_kernel computes XA itself");
   static_assert(S >= 2 && S <= 5, "a piece's two B slots hold tiles j and j + 1 only while S ≤ 5");
   constexpr bool ARING = AR && LM == nf4_lora_self;
-  static_assert(!ARING || S >= 4, "the first piece's A takes four slots of each warp's ring");
+  static_assert(!ARING || S >= 4, "a piece's A takes four slots of each warp's ring");
   constexpr int SB = dense_ring_slot_bytes, LB = nf4_lora_slot_bytes;
   constexpr bool LORA = LM != nf4_lora_none;
   constexpr bool CL = LM == nf4_lora_cluster;
@@ -114,11 +115,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   }
   if (wait && lane < 16)
-    for (int i = 0; i < S - 1 && i < steps; ++i)
+    for (int i = 0; i < S - 1 + 4 * lora.l2_ahead && i < steps; ++i)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(
           pw + static_cast<long>(min((bid + (i >> 2) * nb) * 16 + lane, nOut - 1)) * ldw + 64 * (i & 3)));
-  if constexpr (ARING) {  // the first piece's A, group g into slot g (rows past its ranks repeat its last)
-    const Nf4LoraJob<T>& jb = lora.job[0];
+  // AR: piece p's A, group g into slot g (rows past its ranks repeat its last), four commit groups
+  [[maybe_unused]] auto issue_a = [&](int p) {
+    const Nf4LoraJob<T>& jb = lora.job[p];
 #pragma unroll
     for (int g = 0; g < 4; ++g) {
       unsigned char* st = ring + g * SB;
@@ -130,7 +132,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       }
       nf4_cp_async_commit();
     }
-  }
+  };
+  if constexpr (ARING) issue_a(0);  // a weight: no wait
   if (wait) asm volatile("griddepcontrol.wait;" ::: "memory");
   if constexpr (!ARING) {
 #pragma unroll
@@ -141,32 +144,42 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LORA) {
-    [[maybe_unused]] float dxa0[NT][4];
-    if constexpr (ARING) {  // the first piece's partial sums from slots 0…3, then W's steps 0…S − 2
+    if constexpr (ARING) {  // each piece's partial sums from slots 0…3, then W's steps 0…S − 2
+#pragma unroll 1
+      for (int p = 0; p < lora.jobs; ++p) {
+        float dxa[NT][4];
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
+        for (int n = 0; n < NT; ++n)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) dxa0[n][i] = 0.f;
+          for (int i = 0; i < 4; ++i) dxa[n][i] = 0.f;
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        if (g == 0)  // group g has landed (3 − g groups were committed after it) …
-          nf4_cp_async_wait<3>();
-        else if (g == 1)
-          nf4_cp_async_wait<2>();
-        else if (g == 2)
-          nf4_cp_async_wait<1>();
-        else
-          nf4_cp_async_wait<0>();
-        __syncwarp();  // … for every lane
-        uint4 a[4];  // nf4_lora_a_load's fragments, from the slot
-        dense_slot_load(ring + g * SB, gid, q, a);
-        nf4_lora_a_mma<T, NT>(a, xr[g], dxa0);
+        for (int g = 0; g < 4; ++g) {
+          if (g == 0)  // group g has landed (3 − g groups were committed after it) …
+            nf4_cp_async_wait<3>();
+          else if (g == 1)
+            nf4_cp_async_wait<2>();
+          else if (g == 2)
+            nf4_cp_async_wait<1>();
+          else
+            nf4_cp_async_wait<0>();
+          __syncwarp();  // … for every lane
+          uint4 a[4];  // nf4_lora_a_load's fragments, from the slot
+          dense_slot_load(ring + g * SB, gid, q, a);
+          nf4_lora_a_mma<T, NT>(a, xr[g], dxa);
+        }
+        __syncwarp();  // the slots are read: the next piece's A, or W's first steps, may overwrite them
+        if (p + 1 < lora.jobs) {
+          issue_a(p + 1);
+        } else {
+#pragma unroll
+          for (int i = 0; i < S - 1; ++i) issue(i);
+        }
+        ring_lora_xa_reduce<T, NT>(lora, p, KS, warp, lane, dxa, red, xas);
       }
-      __syncwarp();  // the slots are read: W's first steps may overwrite them
-#pragma unroll
-      for (int i = 0; i < S - 1; ++i) issue(i);
+      if (piece) ring_lora_xab<T, NT>(xas, pi, lane, xab);
+    } else {
+      ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
     }
-    ring_lora_xa<T, NT, LM, PG, ARING>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab, dxa0);
     if (lora.xald > 0 && bid == 0)  // XA for the caller (the fused backward reads it)
       for (int o = static_cast<int>(threadIdx.x); o < tokens * lora.xacols; o += static_cast<int>(blockDim.x)) {
         const int t = o / lora.xacols, c = o % lora.xacols;
@@ -215,6 +228,12 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   nf4_cp_async_wait<0>();  // nothing in flight when the block exits
 }
 
+/// How launch_dense_ring's per-block XA gets the pieces' A: the lanes load it into registers; it
+/// comes through the warps' rings at one n-tile (≤ 8 tokens) and into registers at two (the
+/// default: at two n-tiles the ring form measured slower, docs/performance.md round 8); through
+/// the rings at both.
+enum DenseRingA : int { dense_a_registers = 0, dense_a_ring_one_tile = 1, dense_a_ring = 2 };
+
 /// Whether dense_ring_kernel takes this product: bf16/half, 1…16 tokens, K % 256 == 0,
 /// K ≤ 4096, rows of X and W 16-byte aligned.
 template <class T>
@@ -227,17 +246,16 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// dense_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), a programmatic
 /// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
 /// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
-/// (on as many whole clusters as the device holds). Per block, the first piece's A comes through
-/// the rings at one n-tile (with AR; the register form is faster at two: docs/performance.md,
-/// round 8), into registers otherwise.
-template <class T, int S = dense_ring_stages, bool AR = true>
+/// (on as many whole clusters as the device holds). Per block, A comes through the rings or into
+/// registers as `AM` says (dense_ring_a).
+template <class T, int S = dense_ring_stages, int AM = dense_a_ring_one_tile>
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
   auto go = [&](auto nt, auto lm) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
     constexpr bool LORA = LM != nf4_lora_none;
-    auto kernel = dense_ring_kernel<T, NT, LM, S, AR && NT == 1>;
+    auto kernel = dense_ring_kernel<T, NT, LM, S, AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1)>;
     const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs);
     const int limit = LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
                                       smem_optin())
