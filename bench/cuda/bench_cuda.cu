@@ -519,7 +519,8 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
                  at("dec_accumulate") / base);
     if (T <= 16 && planned) {
       // The planner's own measure of its choice, the ring path and the plain stacked path
-      // (detail::time_candidates: one call after an L2 eviction, best of five rounds) on the
+      // (detail::time_candidates: one call after an L2 eviction and lead_kernel, best of five
+      // rounds) on the
       // first weight, beside the rotating measure above: where the two rank them differently,
       // the planner's pick and the alternating batches disagree.
       const std::vector<detail::PlanChoice> pc = {
@@ -530,7 +531,7 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
         ctx_ref.planner().record(key, *planned);
       });
       std::fprintf(stderr,
-                   "  planner's measure (us, after an L2 eviction): planned %.2f, ring %.2f, stacked (GemmEx) %.2f; "
+                   "  planner's measure (us, after an L2 eviction and lead_kernel): planned %.2f, ring %.2f, stacked (GemmEx) %.2f; "
                    "rotating: ours %.2f, ring %.2f, stacked %.2f\n",
                    tp[0] * 1e3, tp[1] * 1e3, tp[2] * 1e3, t[1] * 1e3, at("dec_ring") * 1e3,
                    at("dec_stacked") * 1e3);

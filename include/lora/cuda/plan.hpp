@@ -103,13 +103,23 @@ __global__ inline void l2_evict_kernel(const uint4* __restrict__ p, long n, unsi
   if (acc == 0x9e3779b9u) *sink = acc;  // keeps the loads; practically never taken
 }
 
+/// A one-warp kernel that stands for the kernel before a layer (its input's producer): a
+/// candidate launched as a programmatic dependent starts under its end, as it would in a model.
+__global__ inline void lead_kernel(unsigned* __restrict__ sink) {
+  if (threadIdx.x == 0 && sink[0] == 0x9e3779b9u) sink[0] = 0;  // practically never taken
+}
+
 /// Times n candidates (call(k) runs candidate k once) on the context's stream: one warm-up
 /// call each, then five rounds in an order that rotates from round to round; before every
 /// timed call a read over twice the L2 evicts it, so each candidate reads its weights from
 /// device memory, as a layer does in a model's forward (at decode sizes a 4096² weight fits in
-/// the H200's L2, where the strategies rank differently; docs/performance.md). Returns each
-/// candidate's fastest round, so that clock ramps and the first position cost nothing.
-/// Allocates the eviction buffer for the duration of the call and synchronises.
+/// the H200's L2, where the strategies rank differently; docs/performance.md), and the timed
+/// span is lead_kernel and the call, with no event between them: a kernel, not an event, comes
+/// before a layer (with a kernel before it instead of an event, the ring path, a programmatic
+/// dependent launch, gained 0.3–2.5 µs on the stacked path: docs/performance.md, round 8).
+/// Returns each candidate's fastest round,
+/// so that clock ramps and the first position cost nothing (lead_kernel's time is in every
+/// candidate's). Allocates the eviction buffer for the duration of the call and synchronises.
 template <class Call>
 std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
   constexpr int rounds = 5;
@@ -120,6 +130,7 @@ std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
   DeviceBuffer<uint4> evict(static_cast<std::size_t>(vectors));
   LORA_CUDA_CHECK(cudaMemsetAsync(evict.data(), 0, evict.size() * sizeof(uint4), ctx.stream()));
   DeviceBuffer<unsigned> sink(1);
+  LORA_CUDA_CHECK(cudaMemsetAsync(sink.data(), 0, sizeof(unsigned), ctx.stream()));
   auto flush = [&] {
     l2_evict_kernel<<<264, 512, 0, ctx.stream()>>>(evict.data(), vectors, sink.data());
     LORA_CUDA_CHECK_LAUNCH("l2_evict_kernel");
@@ -133,6 +144,8 @@ std::vector<float> time_candidates(const CudaContext& ctx, int n, Call&& call) {
       const std::size_t at = 2 * (static_cast<std::size_t>(round) * n + k);
       flush();
       LORA_CUDA_CHECK(cudaEventRecord(e[at], ctx.stream()));
+      lead_kernel<<<1, 32, 0, ctx.stream()>>>(sink.data());
+      LORA_CUDA_CHECK_LAUNCH("lead_kernel");
       call(k);
       LORA_CUDA_CHECK(cudaEventRecord(e[at + 1], ctx.stream()));
     }
