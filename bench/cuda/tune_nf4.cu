@@ -18,14 +18,12 @@
 //   lora shrunk/self  the same with XA from the shrink kernel (the table nf4_gemm takes: WIDE up
 //                     to 8 tokens) / computed by every block (the narrow table, nf4_gemm_lora's
 //                     choice); `self wide` with the WIDE table. The library's choice, shrunk, self
-//                     with 3 ring slots, per cluster of 2, self with 2 / 4 more tiles of W asked of
-//                     L2 before the dependency wait (l2x2, l2x4; Nf4RingLora::l2_ahead) and self
-//                     wide also timed against nf4_matmul in alternating batches (rows qlora*: the
-//                     form's µs, the NF4 product's µs, their ratio)
+//                     with 3 ring slots, per cluster of 2 and self wide also timed against
+//                     nf4_matmul in alternating batches (rows qlora*: the form's µs, the NF4
+//                     product's µs, their ratio)
 //   dense*            lora/cuda/ring.cuh's one-pass kernel on the bf16 W (alone, with the r 16 term
 //                     per block: the launcher's form (A through the rings at ≤ 8 tokens), (regA)
-//                     A into registers, (ringA) A through the rings at 16 too, (l2x1) the
-//                     launcher's form with one more tile asked of L2 first; per cluster of 2
+//                     A into registers, (ringA) A through the rings at 16 too; per cluster of 2
 //                     and of 4) against cuBLAS's bf16 GEMM on the same
 //                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
 //                     against float32)
@@ -256,12 +254,11 @@ int main(int argc, char** argv) {
         detail::gemm<S, S, float>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[0].view(), 0.f, Yd.view());
         const Matrix<float> ref_dense = to_host(Yd.view());
         const Matrix<float> ref_dense_lora = ref_dense + (ref_lora - ref_base);
-        auto dense = [&](int cluster, bool with_lora, int am = detail::dense_a_ring_one_tile, int l2 = 0) {
-          return [&, cluster, with_lora, am, l2](int i) {
+        auto dense = [&](int cluster, bool with_lora, int am = detail::dense_a_ring_one_tile) {
+          return [&, cluster, with_lora, am](int i) {
             detail::Nf4RingLora<T> l = with_lora ? lora : detail::Nf4RingLora<T>{};
             l.self = true;
             l.cluster = cluster;
-            l.l2_ahead = l2;
             const T* w = reinterpret_cast<const T*>(W[i % sets].data());
             auto go = [&](auto mode) {
               detail::launch_dense_ring<T, detail::dense_ring_stages, decltype(mode)::value>(
@@ -281,7 +278,6 @@ int main(int argc, char** argv) {
             {"dense_lora_self", dense(1, true)},
             {"dense_lora_self_regA", dense(1, true, detail::dense_a_registers)},
             {"dense_lora_self_ringA", dense(1, true, detail::dense_a_ring)},
-            {"dense_lora_self_l2x1", dense(1, true, detail::dense_a_ring_one_tile, 1)},
             {"dense_lora_cluster2", dense(2, true)},
             {"dense_lora_cluster4", dense(4, true)}};
         std::vector<std::function<void(int)>> fns = {[&](int i) {
@@ -325,11 +321,6 @@ int main(int argc, char** argv) {
           ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
         };
-      };
-      // the term with `tiles` more tiles of W asked of L2 before the dependency wait
-      auto ahead = [](detail::Nf4RingLora<T> term, int tiles) {
-        term.l2_ahead = tiles;
-        return term;
       };
       auto forced = [&](bool self, bool wide, bool s3 = false, int cluster = 1) {
         return forced_term(lora, self, wide, s3, cluster);
@@ -377,9 +368,7 @@ int main(int argc, char** argv) {
             {"qlora", qlora},
             {"qlora_shrunk", forced(false, wide)},
             {"qlora_self_s3", forced(true, false, true)},
-            {"qlora_cluster2", forced(true, false, false, 2)},
-            {"qlora_l2x2", forced_term(ahead(lora, 2), true, false)},
-            {"qlora_l2x4", forced_term(ahead(lora, 4), true, false)}};
+            {"qlora_cluster2", forced(true, false, false, 2)}};
         if (wide) forms.emplace_back("qlora_self_wide", forced(true, true));
         std::vector<std::function<void(int)>> fns = {
             [&](int i) { quant::nf4_matmul<S>(q[i % sets], X.view(), Y.view()); }};

@@ -758,10 +758,6 @@ struct Nf4RingLora {
   /// of xacols columns (the pieces' 16·jobs ranks, then zeros)
   long xald = 0;
   int xacols = 0;
-  /// in a programmatic dependent launch, this many tiles of W beyond those its ring takes first are
-  /// asked of L2 before the dependency wait (so that device memory stays busy while the block
-  /// computes XA); nf4_ring_kernel counts its tiles, dense_ring_kernel four steps per tile
-  int l2_ahead = 0;
   Nf4LoraJob<T> job[nf4_lora_max_jobs];
 };
 
@@ -1204,7 +1200,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   }
   if (wait && lane < 16)
-    for (int j = 0; j < S - 1 + lora.l2_ahead && j < mine; ++j)
+    for (int j = 0; j < S - 1 && j < mine; ++j)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(pc + static_cast<long>(min((bid + j * nb) * 16 + lane, nOut - 1)) * crow));
   for (int i = static_cast<int>(threadIdx.x); i < 256 * 32; i += static_cast<int>(blockDim.x)) {
     const int byte = i / 32;

@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     }
   }
   if (wait && lane < 16)
-    for (int i = 0; i < S - 1 + 4 * lora.l2_ahead && i < steps; ++i)
+    for (int i = 0; i < S - 1 && i < steps; ++i)
       asm volatile("prefetch.global.L2 [%0];" ::"l"(
           pw + static_cast<long>(min((bid + (i >> 2) * nb) * 16 + lane, nOut - 1)) * ldw + 64 * (i & 3)));
   // AR: piece p's A, group g into slot g (rows past its ranks repeat its last), four commit groups
