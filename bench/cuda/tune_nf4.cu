@@ -23,7 +23,8 @@
 //                     product's µs, their ratio)
 //   dense*            lora/cuda/ring.cuh's one-pass kernel on the bf16 W (alone, with the r 16 term
 //                     per block: the launcher's form (A through the rings at ≤ 8 tokens), (regA)
-//                     A into registers, (ringA) A through the rings at 16 too; per cluster of 2
+//                     A into registers, (ringA) A through the rings at 16 too, (x2) tokens 8…15
+//                     in shared memory (alone and with the term); per cluster of 2
 //                     and of 4) against cuBLAS's bf16 GEMM on the same
 //                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
 //                     against float32)
@@ -254,8 +255,8 @@ int main(int argc, char** argv) {
         detail::gemm<S, S, float>(*ctx, false, true, tokens, out, in, 1.f, X.view(), W[0].view(), 0.f, Yd.view());
         const Matrix<float> ref_dense = to_host(Yd.view());
         const Matrix<float> ref_dense_lora = ref_dense + (ref_lora - ref_base);
-        auto dense = [&](int cluster, bool with_lora, int am = detail::dense_a_ring_one_tile) {
-          return [&, cluster, with_lora, am](int i) {
+        auto dense = [&](int cluster, bool with_lora, int am = detail::dense_a_ring_one_tile, bool x2 = false) {
+          return [&, cluster, with_lora, am, x2](int i) {
             detail::Nf4RingLora<T> l = with_lora ? lora : detail::Nf4RingLora<T>{};
             l.self = true;
             l.cluster = cluster;
@@ -265,7 +266,11 @@ int main(int argc, char** argv) {
                   xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w, W[i % sets].view().ld,
                   static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
             };
-            if (am == detail::dense_a_ring)
+            if (x2)
+              detail::launch_dense_ring<T, detail::dense_ring_stages, detail::dense_a_ring, true>(
+                  xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w, W[i % sets].view().ld,
+                  static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
+            else if (am == detail::dense_a_ring)
               go(std::integral_constant<int, detail::dense_a_ring>{});
             else if (am == detail::dense_a_registers)
               go(std::integral_constant<int, detail::dense_a_registers>{});
@@ -278,6 +283,8 @@ int main(int argc, char** argv) {
             {"dense_lora_self", dense(1, true)},
             {"dense_lora_self_regA", dense(1, true, detail::dense_a_registers)},
             {"dense_lora_self_ringA", dense(1, true, detail::dense_a_ring)},
+            {"dense_x2", dense(1, false, detail::dense_a_ring, true)},
+            {"dense_lora_self_x2", dense(1, true, detail::dense_a_ring, true)},
             {"dense_lora_cluster2", dense(2, true)},
             {"dense_lora_cluster4", dense(4, true)}};
         std::vector<std::function<void(int)>> fns = {[&](int i) {
@@ -288,7 +295,8 @@ int main(int argc, char** argv) {
           LORA_CUDA_CHECK(cudaMemset(Y.data(), 0xff, static_cast<std::size_t>(tokens * out) * sizeof(S)));
           f.second(0);
           LORA_CUDA_CHECK(cudaDeviceSynchronize());
-          refp = f.first == std::string("dense") ? &ref_dense : &ref_dense_lora;
+          const std::string name = f.first;
+          refp = name == "dense" || name == "dense_x2" ? &ref_dense : &ref_dense_lora;
           errs.push_back(rel_err());
           fns.push_back(f.second);
         }

@@ -204,7 +204,7 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
                    "[cuda][ring]", bfloat16, lora::half) {
   // detail::launch_dense_ring (lora/cuda/ring.cuh): a bf16/half W streamed once, without a LoRA
   // term, with XA computed by every block (the pieces' A through the warps' rings, at one n-tile
-  // only, and into registers), and by the blocks of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
+  // only, and into registers; the second n-tile's activations in shared memory), and by the blocks of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
   // mask; rows not a multiple of the tile; one and two n-tiles of tokens.
   using S = TestType;
   using T = lora::detail::device_t<S>;
@@ -242,34 +242,39 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
         REQUIRE(lora::detail::dense_ring_ok<T>(in, static_cast<int>(tokens), dX.view().ld, dX.data(), dW.view().ld,
                                                dW.data()));
         Matrix<S> y_self;
-        // cluster 1 three times: the pieces' A through the rings at every n-tile, at one n-tile (the
-        // launcher's default), and into registers
-        for (const auto [cluster, am] : {std::pair{1, 2}, {1, 1}, {1, 0}, {2, 1}, {4, 1}}) {
+        // cluster 1 four times: the pieces' A through the rings at every n-tile, at one n-tile (the
+        // launcher's default), into registers, and through the rings with the second n-tile's
+        // activations in shared memory (X2)
+        for (const auto [cluster, am, x2] : {std::tuple{1, 2, false}, {1, 1, false}, {1, 0, false}, {1, 2, true},
+                                              {2, 1, false}, {4, 1, false}}) {
           if (r == 0 && cluster > 1) continue;
           INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " cluster "
-                      << cluster << " A mode " << am);
+                      << cluster << " A mode " << am << " X2 " << x2);
           l.cluster = cluster;
           if (r > 0) REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
           DeviceMatrix<S> Y(tokens, out);
           poison(Y.view());
           const int K = static_cast<int>(in), N = static_cast<int>(out);  // (no structured bindings in the lambda)
-          const auto launch = [&](auto mode) {
-            lora::detail::launch_dense_ring<T, lora::detail::dense_ring_stages, decltype(mode)::value>(
+          const auto launch = [&](auto mode, auto second) {
+            lora::detail::launch_dense_ring<T, lora::detail::dense_ring_stages, decltype(mode)::value,
+                                            decltype(second)::value>(
                 reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens), K,
                 reinterpret_cast<const T*>(dW.data()), dW.view().ld, N,
                 reinterpret_cast<T*>(Y.data()), Y.view().ld, CudaContext::thread_default()->stream(), true, l);
           };
-          if (am == 2)
-            launch(std::integral_constant<int, lora::detail::dense_a_ring>{});
+          if (x2)
+            launch(std::integral_constant<int, lora::detail::dense_a_ring>{}, std::true_type{});
+          else if (am == 2)
+            launch(std::integral_constant<int, lora::detail::dense_a_ring>{}, std::false_type{});
           else if (am == 1)
-            launch(std::integral_constant<int, lora::detail::dense_a_ring_one_tile>{});
+            launch(std::integral_constant<int, lora::detail::dense_a_ring_one_tile>{}, std::false_type{});
           else
-            launch(std::integral_constant<int, lora::detail::dense_a_registers>{});
+            launch(std::integral_constant<int, lora::detail::dense_a_registers>{}, std::false_type{});
           LORA_CUDA_CHECK(cudaGetLastError());
           const Matrix<S> y = Y.to_host();
           REQUIRE(y.allFinite());
           CHECK(lora::test::rel_error(y, ref) < tol<S>());
-          if (cluster == 1 && am == 2) y_self = y;
+          if (cluster == 1 && am == 2 && !x2) y_self = y;
           else CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);  // bit for bit
         }
       }

@@ -16,6 +16,9 @@ constexpr int dense_ring_slot_bytes = 16 * 64 * 2;
 /// Slots per warp: S − 1 groups of 2 KB in flight per warp (96 KB per block of 16 K-warps).
 constexpr int dense_ring_stages = 4;
 
+/// Shared memory per K-warp for the second n-tile's activations with X2 (8 tokens × 256 columns).
+constexpr int dense_ring_x2_bytes = 8 * 256 * 2;
+
 /// Dynamic shared memory of dense_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: each
 /// warp's ring, two slots of partial sums, and each piece's two slots of B tiles and its XA.
 template <int NT, bool LORA = false, int S = dense_ring_stages>
@@ -54,9 +57,12 @@ __device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid
 /// shape and layout) into slots 0…3 by cp.async (the first piece's at the kernel's start, before
 /// the dependency wait; each next one as the warp has taken the previous one's products), and W's
 /// first steps once the last piece's products are taken (without AR the lanes load A into
-/// registers, and W's first steps go first). With `wait` (a programmatic dependent
+/// registers, and W's first steps go first). With X2 and two n-tiles, the second n-tile's
+/// activations (tokens 8…15) sit in shared memory (dense_ring_x2_bytes per warp) and each step
+/// reads the lane's eight words of them, in place of 32 registers (the MMAs and their order as
+/// without X2, so the bits too). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
-template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true>
+template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true, bool X2 = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     dense_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw,
                       int nOut, T* __restrict__ Y, long ldy, int wait, const __grid_constant__ Nf4RingLora<T> lora) {
@@ -64,6 +70,10 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   static_assert(S >= 2 && S <= 5, "a piece's two B slots hold tiles j and j + 1 only while S ≤ 5");
   constexpr bool ARING = AR && LM == nf4_lora_self;
   static_assert(!ARING || S >= 4, "a piece's A takes four slots of each warp's ring");
+  // X2: the second n-tile's activations in shared memory (dense_ring_x2_bytes per warp), not registers
+  constexpr bool XS2 = X2 && NT == 2;
+  static_assert(!XS2 || LM == nf4_lora_none || ARING, "with X2 the pieces' A comes through the rings");
+  constexpr int NR = XS2 ? 1 : NT;  // n-tiles of activations in registers
   constexpr int SB = dense_ring_slot_bytes, LB = nf4_lora_slot_bytes;
   constexpr bool LORA = LM != nf4_lora_none;
   constexpr bool CL = LM == nf4_lora_cluster;
@@ -80,6 +90,11 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   unsigned char* lring = reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + pi * 2 * LB;
   [[maybe_unused]] T* xas =
       reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) + lora.jobs * 2 * LB);
+  // X2: this warp's tokens 8…15 for its 256 columns, [group][half][lane] 16-byte words, after XA
+  [[maybe_unused]] uint4* x2s =
+      reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) +
+                               (LORA ? lora.jobs * (2 * LB + 16 * 16 * 2) : 0)) +
+      warp * (dense_ring_x2_bytes / 16);
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const int steps = 4 * mine;
@@ -140,8 +155,27 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     for (int i = 0; i < S - 1; ++i) issue(i);
   }
 
-  std::uint32_t xr[4][NT][8];
-  nf4_ring_load_x<T, NT>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
+  std::uint32_t xr[4][NR][8];
+  nf4_ring_load_x<T, NR>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
+  if constexpr (XS2) {  // token gid + 8's weights 256·warp + 64g + 16q … + 15: each lane reads back only its own
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+      const int t = gid + 8;
+      uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
+      if (t < tokens) {
+        const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
+        u0 = __ldg(reinterpret_cast<const uint4*>(xp));
+        u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
+      }
+      x2s[(2 * g) * 32 + lane] = u0;
+      x2s[(2 * g + 1) * 32 + lane] = u1;
+    }
+  }
+  // X2: the lane's eight words of token gid + 8 for group g (nf4_ring_load_x's xr[g][1])
+  [[maybe_unused]] auto x2_words = [&](int g, std::uint32_t (&w)[8]) {
+    const uint4 v0 = x2s[(2 * g) * 32 + lane], v1 = x2s[(2 * g + 1) * 32 + lane];
+    w[0] = v0.x, w[1] = v0.y, w[2] = v0.z, w[3] = v0.w, w[4] = v1.x, w[5] = v1.y, w[6] = v1.z, w[7] = v1.w;
+  };
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LORA) {
     if constexpr (ARING) {  // each piece's partial sums from slots 0…3, then W's steps 0…S − 2
@@ -165,7 +199,21 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
           __syncwarp();  // … for every lane
           uint4 a[4];  // nf4_lora_a_load's fragments, from the slot
           dense_slot_load(ring + g * SB, gid, q, a);
-          nf4_lora_a_mma<T, NT>(a, xr[g], dxa);
+          if constexpr (XS2)  // n-tile 0 here, n-tile 1 below (each accumulator's MMAs in the same order)
+            nf4_lora_a_mma<T, 1>(a, reinterpret_cast<const std::uint32_t(&)[1][8]>(xr[g][0]),
+                                 reinterpret_cast<float(&)[1][4]>(dxa[0]));
+          else
+            nf4_lora_a_mma<T, NT>(a, xr[g], dxa);
+        }
+        if constexpr (XS2) {  // n-tile 1 from shared memory alone: a loop, not unrolled (few registers)
+#pragma unroll 1
+          for (int g = 0; g < 4; ++g) {
+            uint4 a[4];
+            dense_slot_load(ring + g * SB, gid, q, a);
+            std::uint32_t w[1][8];
+            x2_words(g, w[0]);
+            nf4_lora_a_mma<T, 1>(a, w, reinterpret_cast<float(&)[1][4]>(dxa[1]));
+          }
         }
         __syncwarp();  // the slots are read: the next piece's A, or W's first steps, may overwrite them
         if (p + 1 < lora.jobs) {
@@ -206,12 +254,19 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
       __syncwarp();  // the slot is read: the copies issued next may overwrite it
       const std::uint32_t ra[8] = {f[0].x, f[0].y, f[0].z, f[0].w, f[1].x, f[1].y, f[1].z, f[1].w};
       const std::uint32_t rb[8] = {f[2].x, f[2].y, f[2].z, f[2].w, f[3].x, f[3].y, f[3].z, f[3].w};
+      [[maybe_unused]] std::uint32_t w2[8];
+      if constexpr (XS2) x2_words(g, w2);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         // words k and k + 4 of each row's 8: weights 2k, 2k+1 and 8+2k, 9+2k of the lane's 16
         const std::uint32_t a[4] = {ra[k], rb[k], ra[4 + k], rb[4 + k]};
+        if constexpr (XS2) {
+          mma_traits<T>::mma(acc[0], a, xr[g][0][k], xr[g][0][4 + k]);
+          mma_traits<T>::mma(acc[1], a, w2[k], w2[4 + k]);
+        } else {
 #pragma unroll
-        for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xr[g][n][k], xr[g][n][4 + k]);
+          for (int n = 0; n < NT; ++n) mma_traits<T>::mma(acc[n], a, xr[g][n][k], xr[g][n][4 + k]);
+        }
       }
     }
     if constexpr (LORA)  // the piece's 16 rows of B times its XA
@@ -247,19 +302,23 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
 /// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
 /// (on as many whole clusters as the device holds). Per block, A comes through the rings or into
-/// registers as `AM` says (dense_ring_a).
-template <class T, int S = dense_ring_stages, int AM = dense_a_ring_one_tile>
+/// registers as `AM` says (DenseRingA). With X2, at two n-tiles the second one's activations
+/// sit in shared memory (without a term, or per block with AM == dense_a_ring, where the shared
+/// memory holds them; otherwise as without X2).
+template <class T, int S = dense_ring_stages, int AM = dense_a_ring_one_tile, bool X2 = false>
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
-  auto go = [&](auto nt, auto lm) {
+  auto go = [&](auto nt, auto lm, auto x2) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
-    constexpr bool LORA = LM != nf4_lora_none;
-    auto kernel = dense_ring_kernel<T, NT, LM, S, AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1)>;
-    const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs);
-    const int limit = LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
-                                      smem_optin())
-                           : dense_ring_smem_bytes<NT, false, S>(nf4_ring_max_warps);
+    constexpr bool LORA = LM != nf4_lora_none, XK = decltype(x2)::value;
+    constexpr bool ARK = AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1);
+    auto kernel = dense_ring_kernel<T, NT, LM, S, ARK, XK>;
+    const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs) + (XK ? warps * dense_ring_x2_bytes : 0);
+    const int limit = XK     ? smem_optin()
+                      : LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
+                                        smem_optin())
+                             : dense_ring_smem_bytes<NT, false, S>(nf4_ring_max_warps);
     if (smem > limit) fail("launch_dense_ring: {} bytes of shared memory for {} LoRA pieces, the device has {}", smem,
                            lora.jobs, limit);
     const int cl = LM == nf4_lora_cluster ? lora.cluster : 1;
@@ -270,10 +329,18 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
                              pdl ? 1 : 0, lora);
   };
   auto with_nt = [&](auto lm) {
-    if (tokens <= 8)
-      go(std::integral_constant<int, 1>{}, lm);
-    else
-      go(std::integral_constant<int, 2>{}, lm);
+    constexpr int LM = decltype(lm)::value;
+    if (tokens <= 8) {
+      go(std::integral_constant<int, 1>{}, lm, std::false_type{});
+    } else if constexpr (X2 && (LM == nf4_lora_none || (LM == nf4_lora_self && AM == dense_a_ring))) {
+      if (dense_ring_smem_bytes<2, LM != nf4_lora_none, S>(warps, lora.jobs) + warps * dense_ring_x2_bytes <=
+          smem_optin())
+        go(std::integral_constant<int, 2>{}, lm, std::true_type{});
+      else
+        go(std::integral_constant<int, 2>{}, lm, std::false_type{});
+    } else {
+      go(std::integral_constant<int, 2>{}, lm, std::false_type{});
+    }
   };
   if (lora.jobs == 0)
     with_nt(std::integral_constant<int, nf4_lora_none>{});
