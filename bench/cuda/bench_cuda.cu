@@ -461,9 +461,10 @@ void bench_decode(CudaContext& ctx_ref, std::shared_ptr<CudaContext> ctx, Index 
       fns.push_back({"dec_stream", via_planner(detail::FusedPath::stream)});
       fns.push_back({"dec_stream_wide", via_planner(detail::FusedPath::stream_wide)});
     }
-    if (T <= 16 && planned) {  // the ring kernel, XA per block and per cluster (stacked where it does not apply)
+    if (T <= detail::dense_ring_max_tokens && planned) {  // the ring kernel (above 16 tokens in groups of
+      // 16), XA per block and per cluster (stacked where it does not apply)
       fns.push_back({"dec_ring", via_planner(detail::FusedPath::ring)});
-      fns.push_back({"dec_ring_cluster", via_planner(detail::FusedPath::ring_cluster)});
+      if (T <= 16) fns.push_back({"dec_ring_cluster", via_planner(detail::FusedPath::ring_cluster)});
     }
     if (have_c) {
       fns.push_back({"dec_part_stacked_gemm", [&](int i) {

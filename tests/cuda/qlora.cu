@@ -205,7 +205,8 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
   // detail::launch_dense_ring (lora/cuda/ring.cuh): a bf16/half W streamed once, without a LoRA
   // term, with XA computed by every block (the pieces' A through the warps' rings, at one n-tile
   // only, and into registers; the second n-tile's activations in shared memory), and by the blocks of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5 ranks), one piece and two (r 32); a token
-  // mask; rows not a multiple of the tile; one and two n-tiles of tokens.
+  // mask; rows not a multiple of the tile; one and two n-tiles of tokens, and 41 tokens (three groups of
+  // 16 on the grid's y, every piece for every token; a partial mask is refused).
   using S = TestType;
   using T = lora::detail::device_t<S>;
   const std::uint64_t seed = lora::test::fresh_seed();
@@ -222,13 +223,14 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
       const auto dA = DeviceMatrix<S>::from_host(A), dB = DeviceMatrix<S>::from_host(bt ? Bt : B);
       const double s = 1.5;
       const int pieces = static_cast<int>((r + 15) / 16);
-      for (Index tokens : {Index(1), Index(7), Index(13), Index(16)}) {
+      for (Index tokens : {Index(1), Index(7), Index(13), Index(16), Index(41)}) {
         const Matrix<S> X = rand_s<S>(tokens, in, g);
         const auto dX = DeviceMatrix<S>::from_host(X);
-        std::uint32_t mask = 0;  // token 0 and every third token take the adapter
+        // token 0 and every third token take the adapter; above 16 tokens (groups of 16) every token
+        std::uint32_t mask = 0;
         MatD sel = MatD::Zero(tokens, tokens);
         for (Index t = 0; t < tokens; ++t)
-          if (t % 3 == 0) mask |= 1u << t, sel(t, t) = 1;
+          if (tokens > 16 || t % 3 == 0) mask |= t < 32 ? 1u << t : 0u, sel(t, t) = 1;
         MatD ref = d(X) * Wd.transpose();
         if (r > 0) ref += s * sel * d(X) * d(A).transpose() * d(B).transpose();
         lora::detail::Nf4RingLora<T> l;
@@ -276,6 +278,17 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
           CHECK(lora::test::rel_error(y, ref) < tol<S>());
           if (cluster == 1 && am == 2 && !x2) y_self = y;
           else CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);  // bit for bit
+        }
+        if (tokens > 16 && r > 0) {  // token groups take a piece for all tokens or none
+          l.cluster = 1;
+          l.job[0].tokens = 0x7fffu;
+          DeviceMatrix<S> Y(tokens, out);
+          CHECK_THROWS_WITH(lora::detail::launch_dense_ring<T>(
+                                reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens),
+                                static_cast<int>(in), reinterpret_cast<const T*>(dW.data()), dW.view().ld,
+                                static_cast<int>(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,
+                                CudaContext::thread_default()->stream(), true, l),
+                            Catch::Matchers::ContainsSubstring("piece 0 has token mask 0x7fff"));
         }
       }
     }

@@ -35,7 +35,8 @@ namespace lora {
 ///             r ≤ 64 and 16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
 /// ring:       one kernel streams W once through per-warp copy rings, with XA computed in the
 ///             same launch (detail::dense_ring_kernel, per block or per cluster of blocks), for
-///             1…16 tokens of bf16/half, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256 and
+///             1…64 tokens of bf16/half (above 16 in groups of 16, each group's blocks
+///             reading W: from L2 after the first), in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256 and
 ///             16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
 /// automatic:  the fastest of these (with each cuBLASLt algorithm the heuristic offers for the
 ///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
@@ -771,7 +772,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   }
 
   /// The one-launch forward through detail::dense_ring_kernel (XA per block, or per cluster of
-  /// `cluster` blocks) for bf16/half, 1…16 tokens, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256,
+  /// `cluster` blocks: at most 16 tokens) for bf16/half, 1…dense_ring_max_tokens tokens, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256,
   /// rows of X and of the block 16-byte aligned. Its LoRA pieces are the block's rank columns in
   /// 16s (the padding's zero rows of A and columns of B fill the last); block 0 writes s·X·Aᵀ and
   /// zeros into Xp's rp spare columns. Returns false (nothing launched) when it cannot run.
@@ -784,7 +785,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       const Index Tk = Xp.rows, in = in_features(), r = rank(), out = out_features(), rp = L.rp();
       const int pieces = static_cast<int>((r + 15) / 16);
       if (!detail::dense_ring_ok<T>(in, static_cast<int>(Tk), Xp.ld, Xp.data, L.ld(), L.data) ||
-          pieces > detail::nf4_lora_max_jobs || pieces > in / 256)
+          pieces > detail::nf4_lora_max_jobs || pieces > in / 256 || (cluster > 1 && Tk > 16))
         return false;
       detail::Nf4RingLora<T> l;
       l.jobs = pieces;
@@ -797,7 +798,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       const T* B = reinterpret_cast<const T*>(L.B().data);
       for (int p = 0; p < pieces; ++p)
         l.job[p] = {A + 16L * p * L.ld(), L.ld(), B + 16L * p, L.ld(), 16, static_cast<float>(scaling()),
-                    static_cast<std::uint32_t>((1ull << Tk) - 1)};
+                    Tk >= 32 ? ~0u : static_cast<std::uint32_t>((1ull << Tk) - 1)};
       if (!detail::nf4_ring_lora_ok<T>(l, in, out)) return false;
       detail::launch_dense_ring<T>(reinterpret_cast<const T*>(Xp.data), Xp.ld, static_cast<int>(Tk),
                                    static_cast<int>(in), reinterpret_cast<const T*>(L.data), L.ld(),
@@ -811,7 +812,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
   /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
   /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel;
-  /// for ≤ 16 (bf16/half, ring_forward's shapes) the ring kernel (XA per block).
+  /// for ≤ dense_ring_max_tokens (bf16/half, ring_forward's shapes) the ring kernel (XA per block).
   /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
     const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
@@ -846,7 +847,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       if (T <= detail::stream_max_tokens && r <= 64)
         for (FusedPath p : {FusedPath::stream, FusedPath::stream_wide}) cand.push_back({static_cast<int>(p)});
     if constexpr (sizeof(Scalar) == 2)
-      if (T <= 16 && in % 256 == 0 && in <= 4096 && (r + 15) / 16 <= in / 256)
+      if (T <= detail::dense_ring_max_tokens && in % 256 == 0 && in <= 4096 && (r + 15) / 16 <= in / 256)
         cand.push_back({static_cast<int>(FusedPath::ring)});  // (ring_cluster: slower in every row measured)
     const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
                                            [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });

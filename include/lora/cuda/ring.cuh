@@ -38,7 +38,11 @@ __device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid
 }
 
 /// Y[t, n] = Σ_k X[t, k]·W[n, k] (+ the LoRA term) for 1…16 bf16/half tokens, W [nOut × K]
-/// bf16/half row-major (ldw), K % 256 == 0, K ≤ 4096.
+/// bf16/half row-major (ldw), K % 256 == 0, K ≤ 4096. With TG, for the tokens of group
+/// blockIdx.y (16·y … 16·y + 15 of X, Y and the XA written out; `tokens` counts all groups): the
+/// groups' blocks walk the same tiles, so W comes from device memory once and from L2 for the
+/// others if they keep pace (they start together on a persistent grid); a piece's token mask is
+/// then per group. (TG is a template flag so that the ≤ 16-token kernels keep their registers.)
 ///
 /// A block has K / 256 warps; warp w owns the weights [256w, 256w + 256) of every row and keeps
 /// its tokens' activations for them in registers (nf4_ring_load_x), and the block walks the
@@ -62,7 +66,8 @@ __device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid
 /// reads the lane's eight words of them, in place of 32 registers (the MMAs and their order as
 /// without X2, so the bits too). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
-template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true, bool X2 = false>
+template <class T, int NT, int LM = nf4_lora_none, int S = dense_ring_stages, bool AR = true, bool X2 = false,
+          bool TG = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     dense_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const T* __restrict__ W, long ldw,
                       int nOut, T* __restrict__ Y, long ldy, int wait, const __grid_constant__ Nf4RingLora<T> lora) {
@@ -99,6 +104,11 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const int steps = 4 * mine;
   const T* pw = W + 256 * warp;  // this warp's 256 columns of a row
+  if constexpr (TG) {  // token group blockIdx.y: tokens [16·y, 16·y + 16) of X and Y
+    X += 16L * blockIdx.y * ldx;
+    Y += 16L * blockIdx.y * ldy;
+    tokens = min(tokens - 16 * static_cast<int>(blockIdx.y), 16);
+  }
 
   auto issue = [&](int i) {  // step i (tile i / 4, group i % 4) into slot i % S (an empty group past the end)
     if (i < steps) {
@@ -231,7 +241,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     if (lora.xald > 0 && bid == 0)  // XA for the caller (the fused backward reads it)
       for (int o = static_cast<int>(threadIdx.x); o < tokens * lora.xacols; o += static_cast<int>(blockDim.x)) {
         const int t = o / lora.xacols, c = o % lora.xacols;
-        lora.xa[t * lora.xald + c] = c < 16 * lora.jobs ? xas[(c / 16) * 256 + t * 16 + c % 16] : from_float<T>(0.f);
+        lora.xa[((TG ? 16L * blockIdx.y : 0L) + t) * lora.xald + c] = c < 16 * lora.jobs ? xas[(c / 16) * 256 + t * 16 + c % 16] : from_float<T>(0.f);
       }
   }
 
@@ -289,17 +299,24 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
 /// the rings at both.
 enum DenseRingA : int { dense_a_registers = 0, dense_a_ring_one_tile = 1, dense_a_ring = 2 };
 
-/// Whether dense_ring_kernel takes this product: bf16/half, 1…16 tokens, K % 256 == 0,
-/// K ≤ 4096, rows of X and W 16-byte aligned.
+/// The most tokens launch_dense_ring takes: groups of 16 on the grid's y (each group's blocks read W).
+constexpr int dense_ring_max_tokens = 64;
+
+/// Whether dense_ring_kernel takes this product: bf16/half, 1…dense_ring_max_tokens tokens,
+/// K % 256 == 0, K ≤ 4096, rows of X and W 16-byte aligned.
 template <class T>
 bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const void* w) {
-  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && tokens >= 1 && tokens <= 16 &&
+  return (std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>) && tokens >= 1 &&
+         tokens <= dense_ring_max_tokens &&
          K % 256 == 0 && K <= 256L * nf4_ring_max_warps && ldx % 8 == 0 && ldw % 8 == 0 && aligned(x, 16) &&
          aligned(w, 16);
 }
 
-/// dense_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two), a programmatic
-/// dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
+/// dense_ring_kernel on a persistent grid (tokens ≤ 8: one n-tile; ≤ 16: two; up to
+/// dense_ring_max_tokens: groups of 16 tokens at two n-tiles (TG), the grid's blocks shared among
+/// the groups, XA per block, every piece's mask holding all 16 tokens of a group; there with X2
+/// and A through the rings where the shared memory holds them, whatever X2 and AM say: ptxas
+/// spills 40–72 B in the register forms with TG), a programmatic dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
 /// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
 /// (on as many whole clusters as the device holds). Per block, A comes through the rings or into
 /// registers as `AM` says (DenseRingA). With X2, at two n-tiles the second one's activations
@@ -309,11 +326,11 @@ template <class T, int S = dense_ring_stages, int AM = dense_a_ring_one_tile, bo
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
-  auto go = [&](auto nt, auto lm, auto x2) {
+  auto go = [&](auto nt, auto lm, auto x2, auto tg) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
-    constexpr bool LORA = LM != nf4_lora_none, XK = decltype(x2)::value;
-    constexpr bool ARK = AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1);
-    auto kernel = dense_ring_kernel<T, NT, LM, S, ARK, XK>;
+    constexpr bool LORA = LM != nf4_lora_none, XK = decltype(x2)::value, TGK = decltype(tg)::value;
+    constexpr bool ARK = AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1) || (TGK && XK);
+    auto kernel = dense_ring_kernel<T, NT, LM, S, ARK, XK, TGK>;
     const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs) + (XK ? warps * dense_ring_x2_bytes : 0);
     const int limit = XK     ? smem_optin()
                       : LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
@@ -323,25 +340,42 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
                            lora.jobs, limit);
     const int cl = LM == nf4_lora_cluster ? lora.cluster : 1;
     const int c = persistent_capacity(kernel, warps * 32, smem, limit, cl);
-    const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(c));
-    launch_cluster_maybe_pdl(kernel, dim3(blocks), dim3(static_cast<unsigned>(warps * 32)),
+    const int groups = ceil_div(tokens, 16);
+    const int per_group = std::max(cl, c / groups / cl * cl);  // whole clusters
+    const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(per_group));
+    launch_cluster_maybe_pdl(kernel, dim3(blocks, static_cast<unsigned>(groups)), dim3(static_cast<unsigned>(warps * 32)),
                              static_cast<std::size_t>(smem), stream, pdl, cl, X, ldx, tokens, K, W, ldw, nOut, Y, ldy,
                              pdl ? 1 : 0, lora);
+  };
+  auto two_tiles = [&](auto lm, auto tg) {  // token groups (tg) take X2 and A through the rings where they fit
+    constexpr int LM = decltype(lm)::value;
+    constexpr bool TGK = decltype(tg)::value;
+    if constexpr ((X2 || TGK) && (LM == nf4_lora_none || (LM == nf4_lora_self && (AM == dense_a_ring || TGK)))) {
+      if (dense_ring_smem_bytes<2, LM != nf4_lora_none, S>(warps, lora.jobs) + warps * dense_ring_x2_bytes <=
+          smem_optin())
+        return go(std::integral_constant<int, 2>{}, lm, std::true_type{}, tg);
+    }
+    go(std::integral_constant<int, 2>{}, lm, std::false_type{}, tg);
   };
   auto with_nt = [&](auto lm) {
     constexpr int LM = decltype(lm)::value;
     if (tokens <= 8) {
-      go(std::integral_constant<int, 1>{}, lm, std::false_type{});
-    } else if constexpr (X2 && (LM == nf4_lora_none || (LM == nf4_lora_self && AM == dense_a_ring))) {
-      if (dense_ring_smem_bytes<2, LM != nf4_lora_none, S>(warps, lora.jobs) + warps * dense_ring_x2_bytes <=
-          smem_optin())
-        go(std::integral_constant<int, 2>{}, lm, std::true_type{});
-      else
-        go(std::integral_constant<int, 2>{}, lm, std::false_type{});
+      go(std::integral_constant<int, 1>{}, lm, std::false_type{}, std::false_type{});
+    } else if (tokens <= 16) {
+      two_tiles(lm, std::false_type{});
+    } else if constexpr (LM != nf4_lora_cluster) {
+      two_tiles(lm, std::true_type{});
     } else {
-      go(std::integral_constant<int, 2>{}, lm, std::false_type{});
+      fail("launch_dense_ring: {} tokens with XA per cluster; clusters take at most 16", tokens);
     }
   };
+  if (tokens < 1 || tokens > dense_ring_max_tokens)
+    fail("launch_dense_ring: {} tokens, expected 1…{}", tokens, dense_ring_max_tokens);
+  if (tokens > 16)
+    for (int p = 0; p < lora.jobs; ++p)
+      if ((lora.job[p].tokens & 0xffffu) != 0xffffu)
+        fail("launch_dense_ring: piece {} has token mask {:#x}; with {} tokens (groups of 16) every piece takes all",
+             p, lora.job[p].tokens, tokens);
   if (lora.jobs == 0)
     with_nt(std::integral_constant<int, nf4_lora_none>{});
   else if (lora.cluster > 1)
