@@ -812,7 +812,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
   /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
   /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel;
-  /// for ≤ dense_ring_max_tokens (bf16/half, ring_forward's shapes) the ring kernel (XA per block).
+  /// for ≤ dense_ring_plan_max_tokens (bf16/half, ring_forward's shapes) the ring kernel (XA per block).
   /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
     const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
@@ -847,7 +847,7 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
       if (T <= detail::stream_max_tokens && r <= 64)
         for (FusedPath p : {FusedPath::stream, FusedPath::stream_wide}) cand.push_back({static_cast<int>(p)});
     if constexpr (sizeof(Scalar) == 2)
-      if (T <= detail::dense_ring_max_tokens && in % 256 == 0 && in <= 4096 && (r + 15) / 16 <= in / 256)
+      if (T <= detail::dense_ring_plan_max_tokens && in % 256 == 0 && in <= 4096 && (r + 15) / 16 <= in / 256)
         cand.push_back({static_cast<int>(FusedPath::ring)});  // (ring_cluster: slower in every row measured)
     const auto t = detail::time_candidates(*ctx_, static_cast<int>(cand.size()),
                                            [&](int k) { fused_forward(fw, Xp, Y, cand[static_cast<std::size_t>(k)], false); });

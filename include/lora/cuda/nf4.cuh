@@ -815,6 +815,35 @@ __device__ __forceinline__ void nf4_ring_load_x(const T* __restrict__ X, long ld
     }
 }
 
+/// Shared memory per K-warp of a ring kernel's second n-tile of activations in shared memory
+/// (X2: tokens 8…15 × the warp's 256 columns), in place of 32 registers.
+constexpr int ring_x2_bytes = 8 * 256 * 2;
+
+/// X2: this lane's words of token gid + 8 (nf4_ring_load_x's xr[g][1] for every group g) into its
+/// warp's x2s ([group][half][lane] 16-byte words; each lane reads back only its own).
+template <class T>
+__device__ __forceinline__ void ring_x2_store(const T* __restrict__ X, long ldx, int tokens, int warp, int lane,
+                                              uint4* x2s) {
+  const int t = lane / 4 + 8, q = lane % 4;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
+    if (t < tokens) {
+      const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
+      u0 = __ldg(reinterpret_cast<const uint4*>(xp));
+      u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
+    }
+    x2s[(2 * g) * 32 + lane] = u0;
+    x2s[(2 * g + 1) * 32 + lane] = u1;
+  }
+}
+
+/// X2: this lane's eight words of token gid + 8 for group g (ring_x2_store's).
+__device__ __forceinline__ void ring_x2_words(const uint4* x2s, int g, int lane, std::uint32_t (&w)[8]) {
+  const uint4 v0 = x2s[(2 * g) * 32 + lane], v1 = x2s[(2 * g + 1) * 32 + lane];
+  w[0] = v0.x, w[1] = v0.y, w[2] = v0.z, w[3] = v0.w, w[4] = v1.x, w[5] = v1.y, w[6] = v1.z, w[7] = v1.w;
+}
+
 /// This lane's fragments of a LoRA piece's A for group g (64 weights) of a warp's 256 columns
 /// [256·warp, 256·warp + 256) of K: ranks gid and gid + 8, weights 64g + 16q … + 15 (rows past
 /// the piece's ranks read its last row; the caller drops them).

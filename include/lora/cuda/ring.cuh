@@ -16,8 +16,6 @@ constexpr int dense_ring_slot_bytes = 16 * 64 * 2;
 /// Slots per warp: S − 1 groups of 2 KB in flight per warp (96 KB per block of 16 K-warps).
 constexpr int dense_ring_stages = 4;
 
-/// Shared memory per K-warp for the second n-tile's activations with X2 (8 tokens × 256 columns).
-constexpr int dense_ring_x2_bytes = 8 * 256 * 2;
 
 /// Dynamic shared memory of dense_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: each
 /// warp's ring, two slots of partial sums, and each piece's two slots of B tiles and its XA.
@@ -62,7 +60,7 @@ __device__ __forceinline__ void dense_slot_load(const unsigned char* st, int gid
 /// the dependency wait; each next one as the warp has taken the previous one's products), and W's
 /// first steps once the last piece's products are taken (without AR the lanes load A into
 /// registers, and W's first steps go first). With X2 and two n-tiles, the second n-tile's
-/// activations (tokens 8…15) sit in shared memory (dense_ring_x2_bytes per warp) and each step
+/// activations (tokens 8…15) sit in shared memory (ring_x2_bytes per warp) and each step
 /// reads the lane's eight words of them, in place of 32 registers (the MMAs and their order as
 /// without X2, so the bits too). With `wait` (a programmatic dependent
 /// launch) it asks L2 for its first steps before griddepcontrol.wait and reads X and W after it.
@@ -75,7 +73,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   static_assert(S >= 2 && S <= 5, "a piece's two B slots hold tiles j and j + 1 only while S ≤ 5");
   constexpr bool ARING = AR && LM == nf4_lora_self;
   static_assert(!ARING || S >= 4, "a piece's A takes four slots of each warp's ring");
-  // X2: the second n-tile's activations in shared memory (dense_ring_x2_bytes per warp), not registers
+  // X2: the second n-tile's activations in shared memory (ring_x2_bytes per warp), not registers
   constexpr bool XS2 = X2 && NT == 2;
   static_assert(!XS2 || LM == nf4_lora_none || ARING, "with X2 the pieces' A comes through the rings");
   constexpr int NR = XS2 ? 1 : NT;  // n-tiles of activations in registers
@@ -99,7 +97,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   [[maybe_unused]] uint4* x2s =
       reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(red + 2 * KS * NT * 4 * 32) +
                                (LORA ? lora.jobs * (2 * LB + 16 * 16 * 2) : 0)) +
-      warp * (dense_ring_x2_bytes / 16);
+      warp * (ring_x2_bytes / 16);
   const int tiles = (nOut + 15) / 16, bid = static_cast<int>(blockIdx.x), nb = static_cast<int>(gridDim.x);
   const int mine = tiles > bid ? (tiles - 1 - bid) / nb + 1 : 0;
   const int steps = 4 * mine;
@@ -167,25 +165,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
 
   std::uint32_t xr[4][NR][8];
   nf4_ring_load_x<T, NR>(X, ldx, tokens, warp, gid, q, [](int) { return true; }, xr);
-  if constexpr (XS2) {  // token gid + 8's weights 256·warp + 64g + 16q … + 15: each lane reads back only its own
-#pragma unroll
-    for (int g = 0; g < 4; ++g) {
-      const int t = gid + 8;
-      uint4 u0 = make_uint4(0, 0, 0, 0), u1 = u0;
-      if (t < tokens) {
-        const T* xp = X + static_cast<long>(t) * ldx + 256 * warp + 64 * g + 16 * q;
-        u0 = __ldg(reinterpret_cast<const uint4*>(xp));
-        u1 = __ldg(reinterpret_cast<const uint4*>(xp + 8));
-      }
-      x2s[(2 * g) * 32 + lane] = u0;
-      x2s[(2 * g + 1) * 32 + lane] = u1;
-    }
-  }
-  // X2: the lane's eight words of token gid + 8 for group g (nf4_ring_load_x's xr[g][1])
-  [[maybe_unused]] auto x2_words = [&](int g, std::uint32_t (&w)[8]) {
-    const uint4 v0 = x2s[(2 * g) * 32 + lane], v1 = x2s[(2 * g + 1) * 32 + lane];
-    w[0] = v0.x, w[1] = v0.y, w[2] = v0.z, w[3] = v0.w, w[4] = v1.x, w[5] = v1.y, w[6] = v1.z, w[7] = v1.w;
-  };
+  if constexpr (XS2) ring_x2_store(X, ldx, tokens, warp, lane, x2s);
+  [[maybe_unused]] auto x2_words = [&](int g, std::uint32_t (&w)[8]) { ring_x2_words(x2s, g, lane, w); };
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
   if constexpr (LORA) {
     if constexpr (ARING) {  // each piece's partial sums from slots 0…3, then W's steps 0…S − 2
@@ -301,6 +282,10 @@ enum DenseRingA : int { dense_a_registers = 0, dense_a_ring_one_tile = 1, dense_
 
 /// The most tokens launch_dense_ring takes: groups of 16 on the grid's y (each group's blocks read W).
 constexpr int dense_ring_max_tokens = 64;
+/// The most tokens for which the planner times the ring path: above 16 (token groups) it runs
+/// when a caller fixes FusedForward::ring, and is not a candidate until measured on the GPU
+/// (docs/performance.md, "Prepared for the next lease").
+constexpr int dense_ring_plan_max_tokens = 16;
 
 /// Whether dense_ring_kernel takes this product: bf16/half, 1…dense_ring_max_tokens tokens,
 /// K % 256 == 0, K ≤ 4096, rows of X and W 16-byte aligned.
@@ -331,7 +316,7 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
     constexpr bool LORA = LM != nf4_lora_none, XK = decltype(x2)::value, TGK = decltype(tg)::value;
     constexpr bool ARK = AM == dense_a_ring || (AM == dense_a_ring_one_tile && NT == 1) || (TGK && XK);
     auto kernel = dense_ring_kernel<T, NT, LM, S, ARK, XK, TGK>;
-    const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs) + (XK ? warps * dense_ring_x2_bytes : 0);
+    const int smem = dense_ring_smem_bytes<NT, LORA, S>(warps, lora.jobs) + (XK ? warps * ring_x2_bytes : 0);
     const int limit = XK     ? smem_optin()
                       : LORA ? std::min(dense_ring_smem_bytes<NT, LORA, S>(nf4_ring_max_warps, nf4_lora_max_jobs),
                                         smem_optin())
@@ -351,7 +336,7 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
     constexpr int LM = decltype(lm)::value;
     constexpr bool TGK = decltype(tg)::value;
     if constexpr ((X2 || TGK) && (LM == nf4_lora_none || (LM == nf4_lora_self && (AM == dense_a_ring || TGK)))) {
-      if (dense_ring_smem_bytes<2, LM != nf4_lora_none, S>(warps, lora.jobs) + warps * dense_ring_x2_bytes <=
+      if (dense_ring_smem_bytes<2, LM != nf4_lora_none, S>(warps, lora.jobs) + warps * ring_x2_bytes <=
           smem_optin())
         return go(std::integral_constant<int, 2>{}, lm, std::true_type{}, tg);
     }
