@@ -772,8 +772,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   }
 
   /// The one-launch forward through detail::dense_ring_kernel (XA per block, or per cluster of
-  /// `cluster` blocks: at most 16 tokens) for bf16/half, 1…dense_ring_max_tokens tokens, in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256,
-  /// rows of X and of the block 16-byte aligned. Its LoRA pieces are the block's rank columns in
+  /// `cluster` blocks: at most 16 tokens) for bf16/half, 1…dense_ring_max_tokens tokens,
+  /// in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256, rows of X and of the block 16-byte aligned. Its LoRA pieces are the block's rank columns in
   /// 16s (the padding's zero rows of A and columns of B fill the last); block 0 writes s·X·Aᵀ and
   /// zeros into Xp's rp spare columns. Returns false (nothing launched) when it cannot run.
   bool ring_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, int cluster) const {

@@ -16,7 +16,6 @@ constexpr int dense_ring_slot_bytes = 16 * 64 * 2;
 /// Slots per warp: S − 1 groups of 2 KB in flight per warp (96 KB per block of 16 K-warps).
 constexpr int dense_ring_stages = 4;
 
-
 /// Dynamic shared memory of dense_ring_kernel with `warps` K-warps and `jobs` LoRA pieces: each
 /// warp's ring, two slots of partial sums, and each piece's two slots of B tiles and its XA.
 template <int NT, bool LORA = false, int S = dense_ring_stages>
@@ -222,7 +221,8 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     if (lora.xald > 0 && bid == 0)  // XA for the caller (the fused backward reads it)
       for (int o = static_cast<int>(threadIdx.x); o < tokens * lora.xacols; o += static_cast<int>(blockDim.x)) {
         const int t = o / lora.xacols, c = o % lora.xacols;
-        lora.xa[((TG ? 16L * blockIdx.y : 0L) + t) * lora.xald + c] = c < 16 * lora.jobs ? xas[(c / 16) * 256 + t * 16 + c % 16] : from_float<T>(0.f);
+        lora.xa[((TG ? 16L * blockIdx.y : 0L) + t) * lora.xald + c] =
+            c < 16 * lora.jobs ? xas[(c / 16) * 256 + t * 16 + c % 16] : from_float<T>(0.f);
       }
   }
 
@@ -301,9 +301,10 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// dense_ring_max_tokens: groups of 16 tokens at two n-tiles (TG), the grid's blocks shared among
 /// the groups, XA per block, every piece's mask holding all 16 tokens of a group; there with X2
 /// and A through the rings where the shared memory holds them, whatever X2 and AM say: ptxas
-/// spills 40–72 B in the register forms with TG), a programmatic dependent launch when `pdl`. With a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa
-/// unused) XA is computed per block, or with lora.cluster > 1 per cluster of that many blocks
-/// (on as many whole clusters as the device holds). Per block, A comes through the rings or into
+/// spills 40–72 B in the register forms with TG), a programmatic dependent launch when `pdl`. With
+/// a LoRA term (lora.jobs > 0, nf4_ring_lora_ok; lora.xa unused) XA is computed per block, or
+/// with lora.cluster > 1 per cluster of that many blocks (on as many whole clusters as the
+/// device holds). Per block, A comes through the rings or into
 /// registers as `AM` says (DenseRingA). With X2, at two n-tiles the second one's activations
 /// sit in shared memory (without a term, or per block with AM == dense_a_ring, where the shared
 /// memory holds them; otherwise as without X2).
@@ -327,10 +328,11 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
     const int c = persistent_capacity(kernel, warps * 32, smem, limit, cl);
     const int groups = ceil_div(tokens, 16);
     const int per_group = std::max(cl, c / groups / cl * cl);  // whole clusters
-    const unsigned blocks = std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(per_group));
-    launch_cluster_maybe_pdl(kernel, dim3(blocks, static_cast<unsigned>(groups)), dim3(static_cast<unsigned>(warps * 32)),
-                             static_cast<std::size_t>(smem), stream, pdl, cl, X, ldx, tokens, K, W, ldw, nOut, Y, ldy,
-                             pdl ? 1 : 0, lora);
+    const unsigned blocks =
+        std::min<unsigned>(ceil_div(ceil_div(nOut, 16), cl) * cl, static_cast<unsigned>(per_group));
+    launch_cluster_maybe_pdl(kernel, dim3(blocks, static_cast<unsigned>(groups)),
+                             dim3(static_cast<unsigned>(warps * 32)), static_cast<std::size_t>(smem), stream, pdl,
+                             cl, X, ldx, tokens, K, W, ldw, nOut, Y, ldy, pdl ? 1 : 0, lora);
   };
   auto two_tiles = [&](auto lm, auto tg) {  // token groups (tg) take X2 and A through the rings where they fit
     constexpr int LM = decltype(lm)::value;
