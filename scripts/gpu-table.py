@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Prints the ours / PEFT / base-GEMM table from bench_cuda's and peft_lora.py's CSVs;
 with --multi MULTI.csv PEFT_MULTI.csv [machine], the many-adapters table (bench_multi_cuda, peft_multi.py);
-with --peers OUTDIR [machine], the real peers (bench/peers: vLLM's Triton LoRA ops, bitsandbytes' NF4) beside ours."""
+with --peers OUTDIR [machine], the real peers (bench/peers: vLLM's Triton LoRA ops, bitsandbytes' NF4) beside ours;
+with --goals OUTDIR [machine], issue 23's goals from that run's ours.csv, multi.csv and tune_nf4.csv."""
 import csv
 import sys
 
@@ -163,6 +164,98 @@ def peers_table(outdir, machine):
                       f"| {rat(cb, q)} | {pc} | {rat(best, q)} |")
     nf4_mixed_table(multi)
 
+
+def goals_table(outdir, machine):
+    """Issue 23's goals from one run's CSVs in outdir: ours.csv (bench_cuda), multi.csv (bench_multi_cuda)
+    and, when present, tune_nf4.csv (tune_nf4: NF4 at 1…16 tokens and QLoRA against the NF4 product in
+    alternating batches). A goal reads "met" only when every one of its measured values meets it."""
+    import os
+    nan = float("nan")
+    ours = load(os.path.join(outdir, "ours.csv"))
+
+    def rows(name, key):
+        try:
+            with open(os.path.join(outdir, name)) as f:
+                return {key(r): r for r in csv.DictReader(f)}
+        except OSError:
+            return {}
+    multi = {k: float(r["ms"]) for k, r in rows("multi.csv", lambda r: (r["name"], int(r["tokens"]),
+                                                                        int(r["adapters"]))).items()}
+    tune = rows("tune_nf4.csv", lambda r: (r["name"], int(r["out"]), int(r["in"]), int(r["tokens"])))
+
+    def get(name, i, o, t, r, k=0):
+        v = ours.get((name, i, o, t, r))
+        return v[k] if v else nan
+
+    def tcol(name, o, i, t, col):
+        r = tune.get((name, o, i, t))
+        return float(r[col]) if r else nan
+    cp = get("copy_GBps", 0, 0, 0, 0, 1)
+    fmt = lambda v: f"{v:.2f}" if v == v else "–"  # noqa: E731
+    out = []  # (measure, goal, values text, met)
+
+    def verdict(vals, ok):
+        vals = [v for v in vals if v == v]
+        return "–" if not vals else ("met" if all(ok(v) for v in vals) else "**not met**")
+
+    for o in (14336, 4096):
+        ts = sorted({k[3] for k in ours if k[0] == "dec_ours" and k[1] == 4096 and k[2] == o and k[4] == 16})
+        vals = [get("dec_ours", 4096, o, t, 16) / get("dec_base", 4096, o, t, 16) for t in ts]
+        out.append((f"single adapter (r 16) / base GEMM, 4096→{o}, T " + " / ".join(map(str, ts)), "≤ 1.15",
+                    " / ".join(map(fmt, vals)), verdict(vals, lambda v: v <= 1.15)))
+    if tune:
+        x1, p1 = tcol("nf4_gemm", 14336, 4096, 1, "x_cublas"), tcol("nf4_gemm", 14336, 4096, 1, "pct_copy")
+    else:  # bench_cuda's pair (time_pair: cuBLAS's GEMM and nf4_matmul alternating)
+        q = get("ours_nf4_gemm", 4096, 14336, 1, 0)
+        x1 = get("base_gemm", 4096, 14336, 1, 0) / q
+        p1 = get("ours_nf4_gemm", 4096, 14336, 1, 0, 1) / cp * 100
+    ok1 = [v for v in (x1,) if v == v]
+    out.append(("NF4 T 1 (14336 × 4096) against cuBLAS bf16; % of copy", "≥ 3.2×, ≥ 80 %", f"{fmt(x1)}×, " + (f"{p1:.0f} %" if p1 == p1 else "–"),
+                "–" if not ok1 else ("met" if x1 >= 3.2 and p1 >= 80 else "**not met**")))
+    ts = [t for t in (2, 4, 8, 16) if (("nf4_gemm", 14336, 4096, t) in tune)] if tune else [16]
+    vals = [tcol("nf4_gemm", 14336, 4096, t, "x_cublas") if tune else
+            get("base_gemm", 4096, 14336, t, 0) / get("ours_nf4_gemm", 4096, 14336, t, 0) for t in ts]
+    out.append(("NF4 against cuBLAS bf16, T " + " / ".join(map(str, ts)), "≥ 2.5×", " / ".join(map(fmt, vals)),
+                verdict(vals, lambda v: v >= 2.5)))
+    dq = get("ours_nf4_dequant", 4096, 14336, 0, 0, 1) / cp * 100
+    if dq != dq:  # tune_nf4's row of the library's dequantiser
+        dq = tcol("dequantize", 14336, 4096, 0, "pct_copy")
+    out.append(("NF4 dequantise, % of copy", "≥ 85 %", f"{dq:.0f} %" if dq == dq else "–",
+                verdict([dq], lambda v: v >= 85)))
+    for o in (14336, 4096):
+        ts = sorted(k[3] for k in tune if k[0] == "qlora" and k[1] == o and k[2] == 4096)
+        vals = [tcol("qlora", o, 4096, t, "pct_copy") for t in ts]  # the qlora rows' third column: their ratio
+        out.append((f"QLoRA fused (r 16) / NF4 product alone, {o} × 4096, T " + " / ".join(map(str, ts)), "≤ 1.1",
+                    " / ".join(map(fmt, vals)) if vals else "– (tune_nf4 not run)", verdict(vals, lambda v: v <= 1.1)))
+    best = lambda *v: min((x for x in v if x == x), default=nan)  # noqa: E731
+    sh = sorted({(k[1], k[2]) for k in multi if k[0] == "nf4_base"}, key=lambda x: (x[1], x[0]))
+    vals = [best(multi.get(("nf4_mixed_serial", t, a), nan), multi.get(("nf4_mixed_overlap", t, a), nan)) /
+            multi[("nf4_base", t, a)] for t, a in sh]
+    out.append(("mixed batch over NF4 / NF4 product, (T, adapters) " + " / ".join(f"({t}, {a})" for t, a in sh),
+                "≤ 1.15", " / ".join(map(fmt, vals)), verdict(vals, lambda v: v <= 1.15)))
+    sh = [(256, 64), (4096, 64), (256, 512)]
+    vals = [best(*(multi.get((n, t, a), nan) for n in ("mixed_serial", "mixed_overlap", "mixed_delta"))) /
+            multi.get(("single_fused", t, a), nan) for t, a in sh]
+    out.append(("mixed / single, (T, adapters) " + " / ".join(f"({t}, {a})" for t, a in sh), "≤ 1.1",
+                " / ".join(map(fmt, vals)), verdict(vals, lambda v: v <= 1.1)))
+    b1 = multi.get(("bwd_mixed", 256, 64), nan) / multi.get(("bwd_single", 256, 64), nan)
+    b2 = multi.get(("bwd_mixed_reuse", 256, 64), nan) / multi.get(("bwd_single_fused", 256, 64), nan)
+    out.append(("mixed backward / single, 64 adapters, T 256 (allocating; kept gradients)", "≤ 1.5",
+                f"{fmt(b1)}; {fmt(b2)}", verdict([b1, b2], lambda v: v <= 1.5)))
+    d = get("ours_dora_fwd", 4096, 4096, 1, 16) / get("base_gemm", 4096, 4096, 1, 16)
+    out.append(("DoRA per call / base GEMM, T 1 (4096², r 16)", "≤ 1.3", fmt(d), verdict([d], lambda v: v <= 1.3)))
+    print(f"\n## Issue 23's goals, one run; machine: {machine}\n")
+    print("| measure | goal | this run | |")
+    print("|---|---|---|---|")
+    for m, g, v, ok in out:
+        print(f"| {m} | {g} | {v} | {ok} |")
+    if not tune:
+        print("\n(tune_nf4.csv absent: NF4 at T 2…8 and QLoRA need LORA_TUNE=1)")
+
+
+if len(sys.argv) > 1 and sys.argv[1] == "--goals":
+    goals_table(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "?")
+    sys.exit(0)
 
 if len(sys.argv) > 1 and sys.argv[1] == "--peers":
     peers_table(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "?")
