@@ -276,7 +276,7 @@ void launch_stacked_epilogue(const CudaContext& ctx, DeviceView<const T> C, Inde
         go(stacked_epilogue_vec_kernel<T, R, 4>, 4);
       else if (C.rows <= 32)
         go(stacked_epilogue_vec_kernel<T, R, 8>, 8);
-      else  // (two outputs per thread, N2 = 2, ran 0.4–1.1 µs slower on the H200: performance.md)
+      else  // (one output per thread: two were slower on the H200, docs/performance.md)
         go(stacked_epilogue_vec_kernel<T, R, 16>, 16);
     };
     if (RB == 16)

@@ -115,9 +115,8 @@ __global__ inline void lead_kernel(unsigned* __restrict__ sink) {
 /// device memory, as a layer does in a model's forward (at decode sizes a 4096² weight fits in
 /// the H200's L2, where the strategies rank differently; docs/performance.md), and the timed
 /// span is lead_kernel and the call, with no event between them: a kernel, not an event, comes
-/// before a layer (with a kernel before it instead of an event, the ring path, a programmatic
-/// dependent launch, gained 0.3–2.5 µs on the stacked path: docs/performance.md, round 8).
-/// Returns each candidate's fastest round,
+/// before a layer, and a programmatic dependent launch (the ring path) overlaps a kernel before
+/// it, not an event (docs/performance.md, round 8). Returns each candidate's fastest round,
 /// so that clock ramps and the first position cost nothing (lead_kernel's time is in every
 /// candidate's). Allocates the eviction buffer for the duration of the call and synchronises.
 template <class Call>
