@@ -28,6 +28,9 @@
 //                     and of 4) against cuBLAS's bf16 GEMM on the same
 //                     W, in alternating batches (rows: µs, cuBLAS µs, ratio, % of copy, error
 //                     against float32)
+//   lora self handoff XA per block handed to the piece's warp alone through a named barrier (the
+//                     other warps go on to their first tile; launch_nf4_ring's HO); also in
+//                     alternating batches (qlora_handoff)
 //   lora clusterC     XA computed by the C blocks of a thread-block cluster together (each reads
 //                     1 / C of A; bit for bit `self`), C = 2, 4, 8; also in alternating batches
 //   r64 self/shrunk/cluster4  a LoRA term of rank 64 (four pieces): XA computed by every block
@@ -317,15 +320,16 @@ int main(int argc, char** argv) {
       variant("ring+lora r16", qlora);
       // one LoRA term, hand-off of XA, table and ring depth, whatever nf4_gemm_lora picks
       auto forced_term = [&](const detail::Nf4RingLora<T>& term, bool self, bool wide, bool s3 = false,
-                             int cluster = 1) {
-        return [&, term, self, wide, s3, cluster](int i) {
+                             int cluster = 1, bool handoff = false) {
+        return [&, term, self, wide, s3, cluster, handoff](int i) {
           const auto& w = q[i % sets];
           auto l = term;
           l.self = self;
           l.cluster = cluster;
-          auto ring = s3     ? detail::launch_nf4_ring<T, 3, false>
-                      : wide ? detail::launch_nf4_ring<T, 2, true>
-                             : detail::launch_nf4_ring<T, 2, false>;
+          auto ring = handoff ? detail::launch_nf4_ring<T, 2, false, true>
+                      : s3    ? detail::launch_nf4_ring<T, 3, false>
+                      : wide  ? detail::launch_nf4_ring<T, 2, true>
+                              : detail::launch_nf4_ring<T, 2, false>;
           ring(xd, ldx, static_cast<int>(tokens), static_cast<int>(in), w.packed().data(), w.absmax().data(),
                static_cast<int>(out), yd, ldy, ctx->stream(), true, l);
         };
@@ -336,6 +340,7 @@ int main(int argc, char** argv) {
       const bool wide = tokens <= 8;
       variant("lora shrunk", forced(false, wide));
       variant("lora self", forced(true, false));
+      variant("lora self handoff", forced_term(lora, true, false, false, 1, true));
       if (wide) variant("lora self wide", forced(true, true));
       variant("lora cluster2", forced(true, false, false, 2));
       variant("lora cluster4", forced(true, false, false, 4));
@@ -375,6 +380,7 @@ int main(int argc, char** argv) {
         std::vector<std::pair<const char*, std::function<void(int)>>> forms = {
             {"qlora", qlora},
             {"qlora_shrunk", forced(false, wide)},
+            {"qlora_handoff", forced_term(lora, true, false, false, 1, true)},
             {"qlora_self_s3", forced(true, false, true)},
             {"qlora_cluster2", forced(true, false, false, 2)}};
         if (wide) forms.emplace_back("qlora_self_wide", forced(true, true));

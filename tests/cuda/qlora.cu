@@ -130,11 +130,12 @@ TEST_CASE("cuda qlora: nf4_matmul from a second translation unit (its own copy o
 
 TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches float64", "[cuda][qlora][nf4]") {
   // detail::launch_nf4_ring with a LoRA term, each way nf4_gemm_lora may take: XA computed by
-  // every block, by the blocks of a cluster of 2 or 4 together (bit for bit every block's), and XA
-  // from the shrink kernel; the WIDE and the narrow table; B's layout and Bᵀ's
-  // (a piece of 5 ranks: rows past the rank clamped, their XA 0); one piece and two (r 32: every
-  // block computes both pieces' XA, or the shrink kernel does); a token mask (tokens outside it
-  // get the base product only); rows not a multiple of the tile.
+  // every block, by every block and handed to the piece's warp alone (HO), by the blocks of a
+  // cluster of 2 or 4 together (both bit for bit every block's), and XA from the shrink kernel;
+  // the WIDE and the narrow table; B's layout and Bᵀ's (a piece of 5 ranks: rows past the rank
+  // clamped, their XA 0); one piece and two (r 32: every block computes both pieces' XA, or the
+  // shrink kernel does); a token mask (tokens outside it get the base product only); rows not a
+  // multiple of the tile.
   using S = bfloat16;
   using T = lora::detail::device_t<S>;
   const std::uint64_t seed = lora::test::fresh_seed();
@@ -173,18 +174,21 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
         for (const bool wide : {false, true}) {
           if (wide && (tokens > 8 || in < 256 * lora::detail::nf4_ring_wide_min_warps)) continue;
           Matrix<S> y_self;
-          // cluster 0: XA from the shrink kernel; 1: every block; 2, 4: clusters of that many blocks
-          for (const int cluster : {0, 1, 2, 4}) {
+          // cluster 0: XA from the shrink kernel; 1: every block; -1: every block, handed to the
+          // piece's warp alone (HO; one piece, else as 1); 2, 4: clusters of that many blocks
+          for (const int cluster : {0, 1, -1, 2, 4}) {
+            if (cluster == -1 && wide) continue;  // HO: the narrow table's launcher in this test
             INFO("out " << out << " in " << in << " bt " << bt << " r " << r << " tokens " << tokens << " cluster "
                         << cluster << " wide " << wide);
-            l.self = cluster > 0;
+            l.self = cluster != 0;
             l.cluster = std::max(cluster, 1);
             REQUIRE(lora::detail::nf4_ring_lora_ok<T>(l, in, out));
             DeviceMatrix<S> Y(tokens, out);
             poison(Y.view());
             const auto p = q.parts();
-            auto ring = wide ? lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, true>
-                             : lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, false>;
+            auto ring = cluster == -1 ? lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, false, true>
+                        : wide            ? lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, true>
+                                          : lora::detail::launch_nf4_ring<T, lora::detail::nf4_ring_stages, false>;
             ring(reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens), static_cast<int>(in),
                  p.packed, p.absmax, static_cast<int>(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,
                  CudaContext::thread_default()->stream(), true, l);
@@ -192,7 +196,7 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
             REQUIRE(y.allFinite());
             CHECK(lora::test::rel_error(y, ref) < tol<S>());
             if (cluster == 1) y_self = y;
-            if (cluster > 1) CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);
+            if (cluster > 1 || cluster == -1) CHECK(std::memcmp(y.data(), y_self.data(), sizeof(S) * y.size()) == 0);
           }
         }
       }

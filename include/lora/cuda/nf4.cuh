@@ -1111,6 +1111,55 @@ __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS,
   if (piece) ring_lora_xab<T, NT>(xas, pi, lane, xab);
 }
 
+/// A one-piece LoRA term's XA per block, handed to the piece's warp alone (nf4_ring_kernel's HO):
+/// every warp leaves its partial sums (nf4_lora_xa_partial's) in red's second slot, and every
+/// warp but the piece's arrives at named barrier 1 and goes on to its first tile; the piece's warp
+/// waits there and adds, for its own B-operand fragments (xab: tokens gid + 8n, ranks 2q, 2q + 1
+/// and + 8), the KS warps' sums in warp order, scaled by s and rounded to T: ring_lora_xa_reduce's
+/// order and rounding, so the same bits, without the two block barriers and the block-wide sum.
+/// The second slot is next written after the first tile's block barrier, which the piece's warp
+/// reaches only after this.
+template <class T, int NT, int PG>
+__device__ __forceinline__ void ring_lora_xa_handoff(const Nf4RingLora<T>& lora, int KS, int warp, int lane,
+                                                     const std::uint32_t (&xr)[4][NT][8], const uint4 (*apre)[4],
+                                                     float* red, bool piece, std::uint32_t (&xab)[NT][2]) {
+  const int gid = lane / 4, q = lane % 4;
+  const Nf4LoraJob<T>& jb = lora.job[0];
+  float* rx = red + KS * NT * 4 * 32;
+  {
+    float dxa[NT][4];
+    nf4_lora_xa_partial<T, NT, PG>(jb, warp, gid, q, xr, dxa, apre);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) rx[(warp * NT * 4 + n * 4 + i) * 32 + lane] = dxa[n][i];
+  }
+  if (!piece) {
+    asm volatile("bar.arrive 1, %0;" ::"r"(KS * 32) : "memory");
+    return;
+  }
+  asm volatile("bar.sync 1, %0;" ::"r"(KS * 32) : "memory");
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    // XA[t][2q + 8h + e] of the accumulators (ring_lora_xa_reduce's indices): lane 4·(2q + e) +
+    // gid / 2, element 2h + gid % 2, of n-tile n
+    const int t = gid + 8 * n;
+    const float* src = rx + (n * 4 + gid % 2) * 32 + 4 * (2 * q) + gid / 2;
+    float sum[2][2] = {};
+#pragma unroll 1
+    for (int w = 0; w < KS; ++w)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) sum[h][e] += src[w * NT * 4 * 32 + 2 * h * 32 + 4 * e];
+    const bool on = (jb.tokens >> t) & 1u;
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      xab[n][h] = mma_traits<T>::pack(on && 2 * q + 8 * h < jb.ranks ? jb.s * sum[h][0] : 0.f,
+                                      on && 2 * q + 8 * h + 1 < jb.ranks ? jb.s * sum[h][1] : 0.f);
+  }
+}
+
 /// Tensor-core NF4 GEMM for 1…16 bf16/half tokens, blocksize 64, K % 256 == 0, K ≤ 4096
 /// (QLoRA decode at the widths of 7-8B models' attention and MLP up/gate projections).
 ///
@@ -1150,7 +1199,11 @@ __device__ __forceinline__ void ring_lora_xa(const Nf4RingLora<T>& lora, int KS,
 /// n-tile only, for its shared memory): the
 /// table's entries 256 bytes apart at a 64 KB-aligned address (128 KB reserved), so that one PRMT
 /// of the code byte into the lane's address replaces the PRMT + LEA per lookup.
-template <class T, int NT, int LM = nf4_lora_none, int S = nf4_ring_stages, bool WIDE = false>
+///
+/// HO (LM == nf4_lora_self, one piece): XA handed to the piece's warp alone through a named
+/// barrier (ring_lora_xa_handoff), the other warps going on to their first tile at once; the same
+/// bits as without.
+template <class T, int NT, int LM = nf4_lora_none, int S = nf4_ring_stages, bool WIDE = false, bool HO = false>
 __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
     nf4_ring_kernel(const T* __restrict__ X, long ldx, int tokens, int K, const std::uint8_t* __restrict__ packed,
                     const float* __restrict__ absmax, int nOut, T* __restrict__ Y, long ldy, int wait,
@@ -1159,6 +1212,7 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   constexpr bool LORA = LM != nf4_lora_none;
   constexpr bool XS = LM == nf4_lora_self || LM == nf4_lora_cluster;  // XA computed in this kernel
   constexpr bool CL = LM == nf4_lora_cluster;
+  static_assert(!HO || LM == nf4_lora_self, "HO: XA per block, handed to the piece's warp");
   extern __shared__ __align__(128) unsigned char smem[];
   const int KS = static_cast<int>(blockDim.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32, warp = static_cast<int>(threadIdx.x) / 32;
@@ -1258,7 +1312,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
   };
   // LORA: this lane's B-operand fragments of the piece's XA (token gid + 8n, ranks 2q, 2q + 1 and + 8)
   [[maybe_unused]] std::uint32_t xab[NT][2] = {};
-  if constexpr (XS)
+  if constexpr (HO)
+    ring_lora_xa_handoff<T, NT, PG>(lora, KS, warp, lane, xr, apre, red, piece, xab);
+  else if constexpr (XS)
     ring_lora_xa<T, NT, LM, PG>(lora, KS, warp, lane, xaw, csize, xr, apre, red, xas, piece, pi, xab);
 
 #pragma unroll 1
@@ -1373,12 +1429,13 @@ bool nf4_ring_wide_fits(long K, int jobs) {
 /// otherwise nf4_lora_shrink_kernel first (a programmatic dependent launch too if `pdl`), then the
 /// ring kernel as its programmatic dependent. With lora.self and lora.cluster > 1 the ring kernel
 /// in clusters of that many blocks (nf4_lora_cluster), on as many whole clusters as the device holds.
-template <class T, int S = nf4_ring_stages, bool WIDE = false>
+/// With HO, lora.self and one piece, XA goes to the piece's warp alone (nf4_ring_kernel's HO).
+template <class T, int S = nf4_ring_stages, bool WIDE = false, bool HO = false>
 void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t* packed, const float* absmax,
                      int nOut, T* Y, long ldy, cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
   if (WIDE && tokens > 8) fail("launch_nf4_ring: the WIDE table is for up to 8 tokens");
-  auto go = [&](auto nt, auto lm) {
+  auto go = [&](auto nt, auto lm, auto ho) {
     constexpr int NT = decltype(nt)::value, LM = decltype(lm)::value;
     constexpr bool LORA = LM != nf4_lora_none;
     if constexpr (LM == nf4_lora_shrunk) {
@@ -1386,7 +1443,7 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
                        dim3(static_cast<unsigned>(warps * 32)), 0, stream, pdl, X, ldx, tokens, lora);
       LORA_CUDA_CHECK_LAUNCH("nf4_lora_shrink_kernel");
     }
-    auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE>;
+    auto kernel = nf4_ring_kernel<T, NT, LM, S, WIDE, decltype(ho)::value>;
     const int smem = nf4_ring_smem_bytes<NT, LORA, S, WIDE>(warps, lora.jobs);
     // without LoRA the largest layout fits every device the kernels are built for; with it, as much
     // as the device lends
@@ -1402,20 +1459,23 @@ void launch_nf4_ring(const T* X, long ldx, int tokens, int K, const std::uint8_t
                              static_cast<std::size_t>(smem), stream, pdl || LM == nf4_lora_shrunk, cl, X, ldx, tokens,
                              K, packed, absmax, nOut, Y, ldy, pdl && LM != nf4_lora_shrunk ? 1 : 0, lora);
   };
-  auto with_nt = [&](auto lm) {
+  auto with_nt = [&](auto lm, auto ho) {
     if (tokens <= 8)
-      go(std::integral_constant<int, 1>{}, lm);
+      go(std::integral_constant<int, 1>{}, lm, ho);
     else if constexpr (!WIDE)
-      go(std::integral_constant<int, 2>{}, lm);
+      go(std::integral_constant<int, 2>{}, lm, ho);
   };
+  auto with_nt_plain = [&](auto lm) { with_nt(lm, std::false_type{}); };
   if (lora.jobs == 0)
-    with_nt(std::integral_constant<int, nf4_lora_none>{});
+    with_nt_plain(std::integral_constant<int, nf4_lora_none>{});
   else if (lora.self && lora.cluster > 1)
-    with_nt(std::integral_constant<int, nf4_lora_cluster>{});
+    with_nt_plain(std::integral_constant<int, nf4_lora_cluster>{});
+  else if (lora.self && HO && lora.jobs == 1)
+    with_nt(std::integral_constant<int, nf4_lora_self>{}, std::bool_constant<HO>{});
   else if (lora.self)
-    with_nt(std::integral_constant<int, nf4_lora_self>{});
+    with_nt_plain(std::integral_constant<int, nf4_lora_self>{});
   else
-    with_nt(std::integral_constant<int, nf4_lora_shrunk>{});
+    with_nt_plain(std::integral_constant<int, nf4_lora_shrunk>{});
 }
 
 /// Whether the tensor-core path takes this product: bf16/half activations, K % 256 == 0,
