@@ -36,8 +36,9 @@ namespace lora {
 /// ring:       one kernel streams W once through per-warp copy rings, with XA computed in the
 ///             same launch (detail::dense_ring_kernel, per block or per cluster of blocks), for
 ///             1…64 tokens of bf16/half (above 16 in groups of 16, each group's blocks
-///             reading W: from L2 after the first), in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256 and
-///             16-byte aligned rows; elsewhere it falls back to stacked, then concat_k;
+///             reading W: from L2 after the first), in % 256 == 0, in ≤ 4096,
+///             ⌈r / 16⌉ ≤ in / 256 and 16-byte aligned rows; elsewhere it falls back to
+///             stacked, then concat_k;
 /// automatic:  the fastest of these (with each cuBLASLt algorithm the heuristic offers for the
 ///             big GEMM, and the CUDA-core decode kernels for ≤ 4 tokens), chosen once per shape
 ///             by the context's planner (LowRankAdapter::plan, lora/cuda/plan.hpp).
@@ -773,9 +774,10 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
 
   /// The one-launch forward through detail::dense_ring_kernel (XA per block, or per cluster of
   /// `cluster` blocks: at most 16 tokens) for bf16/half, 1…dense_ring_max_tokens tokens,
-  /// in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256, rows of X and of the block 16-byte aligned. Its LoRA pieces are the block's rank columns in
-  /// 16s (the padding's zero rows of A and columns of B fill the last); block 0 writes s·X·Aᵀ and
-  /// zeros into Xp's rp spare columns. Returns false (nothing launched) when it cannot run.
+  /// in % 256 == 0, in ≤ 4096, ⌈r / 16⌉ ≤ in / 256, rows of X and of the block 16-byte aligned.
+  /// Its LoRA pieces are the block's rank columns in 16s (the padding's zero rows of A and
+  /// columns of B fill the last); block 0 of each group of 16 tokens writes s·X·Aᵀ and zeros into
+  /// Xp's rp spare columns. Returns false (nothing launched) when it cannot run.
   bool ring_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, int cluster) const {
     if constexpr (sizeof(Scalar) != 2) {
       return false;
@@ -812,7 +814,8 @@ class LowRankAdapter<Scalar, cuda, Scaling> {
   /// planner: accumulate; concat_k through cublasGemmEx and each cuBLASLt algorithm; for at
   /// most stacked_max_tokens tokens the stacked forward (N = out + r and out + rp) likewise;
   /// for ≤ 4 tokens the decode kernels; for ≤ stream_max_tokens (bf16/half) the stream kernel;
-  /// for ≤ dense_ring_plan_max_tokens (bf16/half, ring_forward's shapes) the ring kernel (XA per block).
+  /// for ≤ dense_ring_plan_max_tokens (bf16/half, ring_forward's shapes) the ring kernel (XA per
+  /// block).
   /// Each candidate is the whole forward. Synchronises.
   detail::PlanChoice plan_forward(const FusedWeight<Scalar>& fw, view Xp, view Y, const detail::PlanKey& key) const {
     const detail::FusedLayout<Scalar> L = detail::fused_layout(fw);
