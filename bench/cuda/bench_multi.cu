@@ -164,7 +164,8 @@ int main(int argc, char** argv) {
 
       std::vector<std::string> names = {"base_gemm",   "single_fused",         "single_plain",
                                         "mixed_serial", "mixed_overlap",       "mixed_delta",
-                                        "sgmv_only",   "mixed_overlap_simt",   "mixed_overlap_tile"};
+                                        "sgmv_only",   "mixed_overlap_simt",   "mixed_overlap_tile",
+                                        "mixed_overlap_chunk"};
       std::vector<std::function<void(int)>> fns = {
           [&](int i) {
             detail::gemm<S, S, S>(*ctx, false, true, T, out, in, 1.f, X.view(), W[i % sets].view(), 0.f, Y.view());
@@ -199,6 +200,13 @@ int main(int argc, char** argv) {
             set.expand_kernel = multi::SgmvExpand::per_tile;
             set.apply(W[i % sets].view(), X.view(), seg, Y.view());
             set.expand_kernel = multi::SgmvExpand::per_token;
+          },
+          // overlap with the per-chunk expand (16 positions of one segment per block: Bᵀ from L2 once per chunk)
+          [&](int i) {
+            set.schedule = multi::SgmvSchedule::overlap;
+            set.expand_kernel = multi::SgmvExpand::per_chunk;
+            set.apply(W[i % sets].view(), X.view(), seg, Y.view());
+            set.expand_kernel = multi::SgmvExpand::per_token;
           }};
       // The naive loop is timed on its own: thousands of small launches in the
       // alternation disturbed the other variants' clocks (T 256, 64 adapters).
@@ -220,10 +228,10 @@ int main(int argc, char** argv) {
       emit("segments_host_us", T, N, r, 0.0, seg_us);
       std::fprintf(stderr,
                    "T %5ld N %3d: base %.4f single %.4f mixed %.4f / %.4f / %.4f (%.2fx single; overlap with the "
-                   "CUDA-core shrink %.4f; per-tile expand %.4f; shrink + expand alone %.4f) "
+                   "CUDA-core shrink %.4f; per-tile expand %.4f; per-chunk expand %.4f; shrink + expand alone %.4f) "
                    "naive %.4f ms\n",
                    static_cast<long>(T), N, ms[0], ms[1], ms[3], ms[4], ms[5], std::min({ms[3], ms[4], ms[5]}) / ms[1],
-                   ms[7], ms[8], ms[6], ms[9]);
+                   ms[7], ms[8], ms[9], ms[6], ms[10]);
     }
   }
   // Backward (W frozen): AdapterSet<S, cuda>::backward over a mixed batch against one adapter's

@@ -116,8 +116,10 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
           using Sc = multi::SgmvSchedule;
           using Ex = multi::SgmvExpand;
           for (auto [sched, ex] : {std::pair{Sc::serial, Ex::per_token}, std::pair{Sc::serial, Ex::per_tile},
-                                   std::pair{Sc::overlap, Ex::per_token}, std::pair{Sc::overlap, Ex::per_tile},
-                                   std::pair{Sc::delta, Ex::per_token}, std::pair{Sc::delta, Ex::per_tile}}) {
+                                   std::pair{Sc::serial, Ex::per_chunk}, std::pair{Sc::overlap, Ex::per_token},
+                                   std::pair{Sc::overlap, Ex::per_tile}, std::pair{Sc::overlap, Ex::per_chunk},
+                                   std::pair{Sc::delta, Ex::per_token}, std::pair{Sc::delta, Ex::per_tile},
+                                   std::pair{Sc::delta, Ex::per_chunk}}) {
             INFO("schedule " << static_cast<int>(sched) << " expand " << static_cast<int>(ex));
             dev.schedule = sched;
             dev.expand_kernel = ex;
@@ -128,7 +130,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
             REQUIRE(y.allFinite());
             CHECK(lora::test::rel_error(y, ref) < tol<S>());
           }
-          for (auto ex : {multi::SgmvExpand::per_token, multi::SgmvExpand::per_tile}) {
+          for (auto ex : {multi::SgmvExpand::per_token, multi::SgmvExpand::per_tile, multi::SgmvExpand::per_chunk}) {
             INFO("adapter paths alone, expand " << static_cast<int>(ex));
             dev.expand_kernel = ex;
             const Matrix<S> paths = dev.forward(dX.view(), ids).to_host();
@@ -416,9 +418,12 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
         for (auto [with_w, overlap, delta] : {Mode{true, true, false}, Mode{false, true, false},
                                               Mode{true, false, false}, Mode{true, true, true}}) {
           INFO("with W: " << with_w << ", second stream and per-token expand: " << overlap
-                          << ", gb·A beside the GEMM: " << delta);
-          dev.backward_overlap = overlap;  // and the per-tile expand with the one-stream schedule
-          dev.expand_kernel = overlap ? multi::SgmvExpand::per_token : multi::SgmvExpand::per_tile;
+                          << ", gb·A beside the GEMM (per-chunk expand): " << delta);
+          // and the per-tile expand with the one-stream schedule, the per-chunk one with gb·A beside the GEMM
+          dev.backward_overlap = overlap;
+          dev.expand_kernel = !overlap ? multi::SgmvExpand::per_tile
+                              : delta  ? multi::SgmvExpand::per_chunk
+                                       : multi::SgmvExpand::per_token;
           dev.backward_delta_tokens = delta ? 0 : 1 << 30;
           // Buffers large enough already: the call must reuse them, so they can be poisoned first.
           if (grads.storage.size() < dev.gradient_elements(seg))

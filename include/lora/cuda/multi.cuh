@@ -51,6 +51,9 @@ struct SegmentTile {
 
 constexpr int sgmv_threads = 128;
 constexpr int sgmv_tile_tokens = 8;
+/// Positions of one segment per block of the per-chunk expand (one warp each: they read the
+/// same rows of Bᵀ, which L1 serves, so L2 sends Bᵀ once per chunk, not per tile of 8).
+constexpr int sgmv_chunk_tokens = 16;
 constexpr int sgmv_rank_group = 8;          // ranks per block of the CUDA-core shrink
 constexpr int sgmv_expand_rank_group = 16;  // Bᵀ rows the expand has in flight per thread
 constexpr int sgmv_max_rank = 1024;  // expand keeps a [tile × r] block of U in shared memory
@@ -342,14 +345,16 @@ __global__ void __launch_bounds__(sgmv_threads) sgmv_expand_kernel(
 /// eligible, long-scoreboard stalls). Lane j < r loads U[p, j] (the K-splits summed) and
 /// the ranks are broadcast by shuffles: no shared memory, no barrier. The chain of memory
 /// round trips is tile → (table entry, order) → (Bᵀ, U, Y) → store. AT: A instead of Bᵀ.
-template <class T, int VW, bool AT = false>
-__global__ void __launch_bounds__(4 * 32) sgmv_expand_token_kernel(
+/// WB warps per block (4; sgmv_chunk_tokens for the per-chunk expand, whose tiles are chunks
+/// of up to that many positions of one segment).
+template <class T, int VW, bool AT = false, int WB = 4>
+__global__ void __launch_bounds__(WB * 32) sgmv_expand_token_kernel(
     const float* __restrict__ U, int ldu, long split_stride, int splits, const SegmentTile* __restrict__ tiles,
     const int* __restrict__ order, const DeviceSlotEntry<T>* __restrict__ table, T* __restrict__ Y, long ldy, int out,
     T* __restrict__ D, long ldd) {
   constexpr int RG = 16;
   const SegmentTile tile = tiles[blockIdx.x];
-  const int t = static_cast<int>(blockIdx.z) * 4 + static_cast<int>(threadIdx.x) / 32;
+  const int t = static_cast<int>(blockIdx.z) * WB + static_cast<int>(threadIdx.x) / 32;
   if (t >= tile.count) return;  // the whole warp
   const int lane = static_cast<int>(threadIdx.x) % 32;
   const int col = (static_cast<int>(blockIdx.y) * 32 + lane) * VW;
@@ -616,15 +621,17 @@ struct ForkJoin {
 }  // namespace detail
 
 /// Tokens grouped by adapter (make_segments on the host) and cut into tiles of
-/// ≤ 8 tokens, uploaded once; build it once per batch and reuse it for every
-/// layer whose set numbers adapters the same way.
+/// ≤ 8 tokens (and, for the per-chunk expand, chunks of ≤ sgmv_chunk_tokens), uploaded once;
+/// build it once per batch and reuse it for every layer whose set numbers adapters the same way.
 struct DeviceSegments {
   Index tokens = 0;              ///< the T the ids were given for
   Index covered = 0;             ///< tokens with an adapter (ids ≠ −1)
   std::vector<int> adapters;     ///< adapter id of each segment (checked again at apply)
   std::vector<Index> begin;      ///< segment k covers positions [begin[k], begin[k + 1]) of order
   int tiles = 0;
-  DeviceBuffer<detail::SegmentTile> tile_buf;
+  int chunks = 0;  ///< the same positions in chunks of ≤ sgmv_chunk_tokens (SgmvExpand::per_chunk)
+  DeviceBuffer<detail::SegmentTile> tile_buf;  ///< the tiles, then the chunks
+  const detail::SegmentTile* chunk_list() const { return tile_buf.data() + tiles; }
   DeviceBuffer<int> order;       ///< token indices grouped by adapter, [covered]
   std::vector<int> host_order;   ///< the same on the host
   /// The backward's work lists in one buffer: the adapter of each segment [adapters.size()],
@@ -657,7 +664,10 @@ enum class SgmvSchedule { serial, overlap, delta };
 ///            docs/performance.md compares them);
 /// per_tile:  one thread per 8 columns of a whole tile (sgmv_expand_kernel): each Bᵀ row is
 ///            read once per tile.
-enum class SgmvExpand { per_token, per_tile };
+/// per_chunk: one warp per token as per_token, the block's 16 warps the positions of a chunk
+///            of up to sgmv_chunk_tokens of one segment: L2 sends Bᵀ once per chunk, not per
+///            block of 4 tokens (docs/performance.md, the expand at T 4096 counted).
+enum class SgmvExpand { per_token, per_tile, per_chunk };
 
 /// Gradients of a mixed batch on the device (W frozen): dA[id] [r × in] and
 /// dB[id] [out × r] in float for every adapter the batch used (empty views for the
@@ -810,14 +820,19 @@ class AdapterSet<Scalar, cuda> {
     d.covered = static_cast<Index>(s.order.size());
     d.adapters = s.adapter;
     d.begin = s.begin;
+    // tiles of ≤ n positions of one segment: tiles (8) and chunks, one after the other in one buffer
     std::vector<detail::SegmentTile> tiles;
-    for (std::size_t k = 0; k < s.adapter.size(); ++k)
-      for (Index b = s.begin[k]; b < s.begin[k + 1]; b += detail::sgmv_tile_tokens)
-        tiles.push_back({s.adapter[k], static_cast<int>(b),
-                         static_cast<int>(std::min<Index>(detail::sgmv_tile_tokens, s.begin[k + 1] - b))});
+    const auto cut = [&](Index n) {
+      for (std::size_t k = 0; k < s.adapter.size(); ++k)
+        for (Index b = s.begin[k]; b < s.begin[k + 1]; b += n)
+          tiles.push_back({s.adapter[k], static_cast<int>(b), static_cast<int>(std::min<Index>(n, s.begin[k + 1] - b))});
+    };
+    cut(detail::sgmv_tile_tokens);
+    d.tiles = static_cast<int>(tiles.size());
+    cut(detail::sgmv_chunk_tokens);
+    d.chunks = static_cast<int>(tiles.size()) - d.tiles;
     std::vector<int> order(s.order.begin(), s.order.end());
     d.host_order = order;
-    d.tiles = static_cast<int>(tiles.size());
     d.tile_buf = DeviceBuffer<detail::SegmentTile>(tiles.size());
     d.order = DeviceBuffer<int>(order.size());
     // The backward's lists: segment adapters, chunks, and the segments of several chunks.
@@ -1315,6 +1330,20 @@ class AdapterSet<Scalar, cuda> {
     const Index cols = Y.cols;
     T* y = reinterpret_cast<T*>(Y.data);
     T* d = reinterpret_cast<T*>(D.data);
+    if (expand_kernel == SgmvExpand::per_chunk) {
+      constexpr int WB = detail::sgmv_chunk_tokens;
+      const dim3 grid(static_cast<unsigned>(seg.chunks), lora::detail::ceil_div(cols, 32 * vw));
+      if (vec)
+        detail::sgmv_expand_token_kernel<T, V, AT, WB><<<grid, WB * 32, 0, stream>>>(
+            U, p.ldu, p.split_stride, p.splits, seg.chunk_list(), seg.order.data(), table_.data(), y, Y.ld,
+            static_cast<int>(cols), d, D.ld);
+      else
+        detail::sgmv_expand_token_kernel<T, 1, AT, WB><<<grid, WB * 32, 0, stream>>>(
+            U, p.ldu, p.split_stride, p.splits, seg.chunk_list(), seg.order.data(), table_.data(), y, Y.ld,
+            static_cast<int>(cols), d, D.ld);
+      LORA_CUDA_CHECK_LAUNCH("sgmv_expand_token_kernel (per chunk)");
+      return;
+    }
     if (expand_kernel == SgmvExpand::per_token) {
       const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(cols, 32 * vw),
                       static_cast<unsigned>(TT / 4));
