@@ -825,7 +825,8 @@ class AdapterSet<Scalar, cuda> {
     const auto cut = [&](Index n) {
       for (std::size_t k = 0; k < s.adapter.size(); ++k)
         for (Index b = s.begin[k]; b < s.begin[k + 1]; b += n)
-          tiles.push_back({s.adapter[k], static_cast<int>(b), static_cast<int>(std::min<Index>(n, s.begin[k + 1] - b))});
+          tiles.push_back(
+              {s.adapter[k], static_cast<int>(b), static_cast<int>(std::min<Index>(n, s.begin[k + 1] - b))});
     };
     cut(detail::sgmv_tile_tokens);
     d.tiles = static_cast<int>(tiles.size());
@@ -1330,34 +1331,24 @@ class AdapterSet<Scalar, cuda> {
     const Index cols = Y.cols;
     T* y = reinterpret_cast<T*>(Y.data);
     T* d = reinterpret_cast<T*>(D.data);
-    if (expand_kernel == SgmvExpand::per_chunk) {
-      constexpr int WB = detail::sgmv_chunk_tokens;
-      const dim3 grid(static_cast<unsigned>(seg.chunks), lora::detail::ceil_div(cols, 32 * vw));
+    // one warp per token: WB warps per block over `list` (tiles, z blocks of 4 warps each; or chunks)
+    const auto per_token = [&](auto wb, const detail::SegmentTile* list, int n, unsigned z) {
+      constexpr int WB = decltype(wb)::value;
+      const dim3 grid(static_cast<unsigned>(n), lora::detail::ceil_div(cols, 32 * vw), z);
       if (vec)
         detail::sgmv_expand_token_kernel<T, V, AT, WB><<<grid, WB * 32, 0, stream>>>(
-            U, p.ldu, p.split_stride, p.splits, seg.chunk_list(), seg.order.data(), table_.data(), y, Y.ld,
+            U, p.ldu, p.split_stride, p.splits, list, seg.order.data(), table_.data(), y, Y.ld,
             static_cast<int>(cols), d, D.ld);
       else
         detail::sgmv_expand_token_kernel<T, 1, AT, WB><<<grid, WB * 32, 0, stream>>>(
-            U, p.ldu, p.split_stride, p.splits, seg.chunk_list(), seg.order.data(), table_.data(), y, Y.ld,
-            static_cast<int>(cols), d, D.ld);
-      LORA_CUDA_CHECK_LAUNCH("sgmv_expand_token_kernel (per chunk)");
-      return;
-    }
-    if (expand_kernel == SgmvExpand::per_token) {
-      const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(cols, 32 * vw),
-                      static_cast<unsigned>(TT / 4));
-      if (vec)
-        detail::sgmv_expand_token_kernel<T, V, AT><<<grid, 4 * 32, 0, stream>>>(
-            U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
-            static_cast<int>(cols), d, D.ld);
-      else
-        detail::sgmv_expand_token_kernel<T, 1, AT><<<grid, 4 * 32, 0, stream>>>(
-            U, p.ldu, p.split_stride, p.splits, seg.tile_buf.data(), seg.order.data(), table_.data(), y, Y.ld,
+            U, p.ldu, p.split_stride, p.splits, list, seg.order.data(), table_.data(), y, Y.ld,
             static_cast<int>(cols), d, D.ld);
       LORA_CUDA_CHECK_LAUNCH("sgmv_expand_token_kernel");
-      return;
-    }
+    };
+    if (expand_kernel == SgmvExpand::per_chunk)
+      return per_token(std::integral_constant<int, detail::sgmv_chunk_tokens>{}, seg.chunk_list(), seg.chunks, 1u);
+    if (expand_kernel == SgmvExpand::per_token)
+      return per_token(std::integral_constant<int, 4>{}, seg.tile_buf.data(), seg.tiles, static_cast<unsigned>(TT / 4));
     const dim3 grid(static_cast<unsigned>(seg.tiles), lora::detail::ceil_div(cols, detail::sgmv_threads * vw));
     const std::size_t rp = (static_cast<std::size_t>(p.ldu) + RG - 1) / RG * RG;
     const std::size_t smem = static_cast<std::size_t>(TT) * rp * sizeof(float);
