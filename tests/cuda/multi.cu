@@ -115,6 +115,7 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
           dev.tensor_core_shrink = tc;
           using Sc = multi::SgmvSchedule;
           using Ex = multi::SgmvExpand;
+          Matrix<S> y_token;  // this schedule's output with the per-token expand
           for (auto [sched, ex] : {std::pair{Sc::serial, Ex::per_token}, std::pair{Sc::serial, Ex::per_tile},
                                    std::pair{Sc::serial, Ex::per_chunk}, std::pair{Sc::overlap, Ex::per_token},
                                    std::pair{Sc::overlap, Ex::per_tile}, std::pair{Sc::overlap, Ex::per_chunk},
@@ -129,6 +130,9 @@ TEMPLATE_TEST_CASE("cuda multi: mixed-adapter apply and forward match float64 an
             const Matrix<S> y = Y.to_host();
             REQUIRE(y.allFinite());
             CHECK(lora::test::rel_error(y, ref) < tol<S>());
+            // the per-chunk expand is the per-token one's arithmetic per position: the same bits
+            if (ex == Ex::per_token) y_token = y;
+            if (ex == Ex::per_chunk) CHECK(std::memcmp(y.data(), y_token.data(), sizeof(S) * y.size()) == 0);
           }
           for (auto ex : {multi::SgmvExpand::per_token, multi::SgmvExpand::per_tile, multi::SgmvExpand::per_chunk}) {
             INFO("adapter paths alone, expand " << static_cast<int>(ex));
@@ -413,16 +417,18 @@ TEMPLATE_TEST_CASE("cuda multi: backward (dA, dB per adapter, dX) matches float6
         const auto ddY = DeviceMatrix<S>::from_host(dY);
         const auto seg = dev.segments(ids);
         struct Mode {
-          bool with_w, overlap, delta;
+          bool with_w, overlap, delta, chunk;
         };
-        for (auto [with_w, overlap, delta] : {Mode{true, true, false}, Mode{false, true, false},
-                                              Mode{true, false, false}, Mode{true, true, true}}) {
-          INFO("with W: " << with_w << ", second stream and per-token expand: " << overlap
-                          << ", gb·A beside the GEMM (per-chunk expand): " << delta);
-          // and the per-tile expand with the one-stream schedule, the per-chunk one with gb·A beside the GEMM
+        for (auto [with_w, overlap, delta, chunk] :
+             {Mode{true, true, false, false}, Mode{false, true, false, false}, Mode{true, false, false, false},
+              Mode{true, true, true, true}, Mode{true, true, false, true}}) {
+          INFO("with W: " << with_w << ", second stream: " << overlap << ", gb·A beside the GEMM: " << delta
+                          << ", per-chunk expand (else per-token): " << chunk);
+          // the per-tile expand with the one-stream schedule; the per-chunk one into D (gb·A beside
+          // the GEMM) and straight into dX
           dev.backward_overlap = overlap;
           dev.expand_kernel = !overlap ? multi::SgmvExpand::per_tile
-                              : delta  ? multi::SgmvExpand::per_chunk
+                              : chunk  ? multi::SgmvExpand::per_chunk
                                        : multi::SgmvExpand::per_token;
           dev.backward_delta_tokens = delta ? 0 : 1 << 30;
           // Buffers large enough already: the call must reuse them, so they can be poisoned first.

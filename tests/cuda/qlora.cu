@@ -135,13 +135,18 @@ TEST_CASE("cuda qlora: every hand-off of XA to the one-pass NF4 kernel matches f
   // the WIDE and the narrow table; B's layout and Bᵀ's (a piece of 5 ranks: rows past the rank
   // clamped, their XA 0); one piece and two (r 32: every block computes both pieces' XA, or the
   // shrink kernel does); a token mask (tokens outside it get the base product only); rows not a
-  // multiple of the tile.
+  // multiple of the tile; blocks of one tile and of several.
   using S = bfloat16;
   using T = lora::detail::device_t<S>;
   const std::uint64_t seed = lora::test::fresh_seed();
   INFO("seed " << seed);
   Generator g(seed);
-  for (auto [out, in] : {std::pair<Index, Index>{1000, 4096}, {40, 1024}}) {
+  // rows for two tiles per block and more (the persistent grid holds one block per SM at K 4096),
+  // so that every block passes its later tiles' barriers after the hand-off and rewrites both slots
+  int sms = 0;
+  LORA_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const Index rows_2 = 16L * 2 * sms + 8;
+  for (auto [out, in] : {std::pair<Index, Index>{1000, 4096}, {40, 1024}, {rows_2, 4096}}) {
     const Matrix<float> W = rand_s<float>(out, in, g, 0.5);
     const Nf4Tensor cpu_q = Nf4Tensor::quantize(W, {64, false});
     const auto q = quant::Nf4Tensor<cuda>::from_host(cpu_q);
@@ -210,9 +215,10 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
   // term, with XA computed by every block (the pieces' A through the warps' rings, at one n-tile
   // only, and into registers; the second n-tile's activations in shared memory), and by the blocks
   // of clusters of 2 and 4 (each bit for bit the first form's); B's layout and Bᵀ's (a piece of 5
-  // ranks), one piece and two (r 32); a token mask; rows not a multiple of the tile; one and two
-  // n-tiles of tokens, and 41 tokens (three groups of 16 on the grid's y, every piece for every
-  // token; a partial mask is refused).
+  // ranks), one, two and four pieces (r 32, 64: at K 4096 four pieces leave no room for X2, so 41
+  // tokens take the token-group kernel without it); a token mask; rows not a multiple of the tile;
+  // one and two n-tiles of tokens, and 41 tokens (three groups of 16 on the grid's y, every piece
+  // for every token; a partial mask is refused).
   using S = TestType;
   using T = lora::detail::device_t<S>;
   const std::uint64_t seed = lora::test::fresh_seed();
@@ -222,7 +228,7 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
     const Matrix<S> W = rand_s<S>(out, in, g, 0.5);
     const auto dW = DeviceMatrix<S>::from_host(W);
     const MatD Wd = d(W);
-    for (const auto [bt, r] : {std::pair<bool, Index>{false, 0}, {false, 16}, {true, 5}, {false, 32}}) {
+    for (const auto [bt, r] : {std::pair<bool, Index>{false, 0}, {false, 16}, {true, 5}, {false, 32}, {false, 64}}) {
       const Index rr = std::max<Index>(r, 1);
       const Matrix<S> A = rand_s<S>(rr, in, g, 0.5), B = rand_s<S>(out, rr, g, 0.5);
       const Matrix<S> Bt = B.transpose();
@@ -287,14 +293,17 @@ TEMPLATE_TEST_CASE("cuda ring: the one-pass dense kernel, alone and with a LoRA 
         }
         if (tokens > 16 && r > 0) {  // token groups take a piece for all tokens or none
           l.cluster = 1;
-          l.job[0].tokens = 0x7fffu;
           DeviceMatrix<S> Y(tokens, out);
-          CHECK_THROWS_WITH(lora::detail::launch_dense_ring<T>(
-                                reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens),
-                                static_cast<int>(in), reinterpret_cast<const T*>(dW.data()), dW.view().ld,
-                                static_cast<int>(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,
-                                CudaContext::thread_default()->stream(), true, l),
-                            Catch::Matchers::ContainsSubstring("piece 0 has token mask 0x7fff"));
+          // a token missing from the first group, and tokens 16… missing (every group reads bits 0…15)
+          for (const std::uint32_t partial : {0x7fffu, 0xffffu}) {
+            l.job[0].tokens = partial;
+            CHECK_THROWS_WITH(lora::detail::launch_dense_ring<T>(
+                                  reinterpret_cast<const T*>(dX.data()), dX.view().ld, static_cast<int>(tokens),
+                                  static_cast<int>(in), reinterpret_cast<const T*>(dW.data()), dW.view().ld,
+                                  static_cast<int>(out), reinterpret_cast<T*>(Y.data()), Y.view().ld,
+                                  CudaContext::thread_default()->stream(), true, l),
+                              Catch::Matchers::ContainsSubstring(fmt::format("piece 0 has token mask {:#x}", partial)));
+          }
         }
       }
     }

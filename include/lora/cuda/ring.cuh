@@ -358,11 +358,13 @@ void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long
   };
   if (tokens < 1 || tokens > dense_ring_max_tokens)
     fail("launch_dense_ring: {} tokens, expected 1…{}", tokens, dense_ring_max_tokens);
-  if (tokens > 16)
+  if (tokens > 16) {  // every group reads bits 0…15: a piece must take every token (each bit below min(T, 32))
+    const unsigned all = tokens >= 32 ? ~0u : (1u << tokens) - 1u;
     for (int p = 0; p < lora.jobs; ++p)
-      if ((lora.job[p].tokens & 0xffffu) != 0xffffu)
+      if ((lora.job[p].tokens & all) != all)
         fail("launch_dense_ring: piece {} has token mask {:#x}; with {} tokens (groups of 16) every piece takes all",
              p, lora.job[p].tokens, tokens);
+  }
   if (lora.jobs == 0)
     with_nt(std::integral_constant<int, nf4_lora_none>{});
   else if (lora.cluster > 1)
