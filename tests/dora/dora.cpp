@@ -1,5 +1,6 @@
 // lora/dora/dora.hpp against PEFT's DoRA fixtures (layer outputs and merged weights),
-// finite differences (weight norm held constant), and merge/unmerge round trips;
+// finite differences (weight norm held constant; also in training mode, with dropout), and
+// merge/unmerge round trips;
 // lora/dora/module_adapter.hpp (LoRA or DoRA by the data) against both classes and float64.
 #include <lora/dora/dora.hpp>
 #include <lora/dora/module_adapter.hpp>
@@ -35,6 +36,23 @@ MatD reference_forward(const MatD& W, const MatD& A, const MatD& B, const Vector
                        const Vector<double>& n0) {
   const MatD V = W + s * B * A;
   return (X * V.transpose()) * m.cwiseQuotient(n0).asDiagonal();
+}
+/// Central differences (step 1e-6) of loss() with respect to every element of param, which
+/// loss() reads.
+template <class P, class F>
+P fd(P& param, F loss) {
+  const double h = 1e-6;
+  P grad(param.rows(), param.cols());
+  for (Index i = 0; i < param.size(); ++i) {
+    const double keep = param.data()[i];
+    param.data()[i] = keep + h;
+    const double lp = loss();
+    param.data()[i] = keep - h;
+    const double lm = loss();
+    param.data()[i] = keep;
+    grad.data()[i] = (lp - lm) / (2 * h);
+  }
+  return grad;
 }
 }  // namespace
 
@@ -99,21 +117,6 @@ TEST_CASE("DoRA backward matches finite differences with the norm held constant"
       return (dY.array() * reference_forward(Wo, a, b, mm, s, x, n0).array()).sum();
     };
     const auto g = dora.backward(W, X, dY);
-    const double h = 1e-6;
-    auto fd = [&](auto& param, auto set_loss) {
-      using P = std::decay_t<decltype(param)>;
-      P grad(param.rows(), param.cols());
-      for (Index i = 0; i < param.size(); ++i) {
-        const double keep = param.data()[i];
-        param.data()[i] = keep + h;
-        const double lp = set_loss();
-        param.data()[i] = keep - h;
-        const double lm = set_loss();
-        param.data()[i] = keep;
-        grad.data()[i] = (lp - lm) / (2 * h);
-      }
-      return grad;
-    };
     MatD a = A, b = B, x = X;
     Vector<double> mm = m;
     const MatD fdA = fd(a, [&] { return loss(a, B, m, X); });
@@ -126,6 +129,108 @@ TEST_CASE("DoRA backward matches finite differences with the norm held constant"
     CHECK(rel_error(g.dX, fdX) < 1e-7);
     CHECK(g.dA.norm() > 0);
     CHECK(g.dm.norm() > 0);
+  }
+}
+
+TEST_CASE("DoRA training mode: PEFT's forward with lora_dropout, its backward against finite differences",
+          "[dora]") {
+  // PEFT (LoraLayer.forward, DoraLinearLayer.forward): with dropout the base layer sees X and the
+  // DoRA term X̃ = drop(X): Y = X·Wᵀ + (c − 1) ⊙ (X̃·Wᵀ) + c ⊙ s·(X̃·Aᵀ)·Bᵀ, c = m ⊘ n (n detached).
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  for (bool fifo : {false, true}) {
+    for (double p : {0.0, 0.4}) {
+      INFO("fan_in_fan_out " << fifo << " dropout " << p);
+      const Index in = 8, out = 6, r = 3, T = 5;
+      auto dora = random_dora(in, out, r, 6.0, gen, fifo);
+      dora.lora().set_dropout(p);
+      const MatD Wo = lora::test::random_matrix(out, in, gen);  // [out × in]
+      const MatD W = fifo ? MatD(Wo.transpose()) : Wo;
+      const MatD X = lora::test::random_matrix(T, in, gen);
+      const MatD dY = lora::test::random_matrix(T, out, gen);
+      const double s = dora.lora().scaling();
+      const MatD A = dora.lora().A(), B = dora.lora().B();
+      const Vector<double> m = dora.magnitude();
+      const Vector<double> n0 = (Wo + s * B * A).rowwise().norm();
+
+      const std::uint64_t draw = gen.next();
+      Generator g1(draw);
+      DoraForwardCache<double> cache;
+      const MatD Y = dora.apply_train(W, X, g1, cache);
+      // the dropout multipliers: LoRA's forward_train's, from the same generator state
+      ForwardCache<double> lc;
+      Generator g2(draw);
+      (void)dora.lora().forward_train(X, g2, lc);
+      CHECK(cache.lora.keep.size() == lc.keep.size());
+      CHECK(rel_error(cache.lora.x, lc.x) == 0.0);
+      MatD K = MatD::Ones(T, in);
+      if (p > 0) {
+        K = cache.lora.keep;
+        Index dropped = 0;
+        for (Index i = 0; i < K.size(); ++i) {
+          CHECK((K.data()[i] == 0.0 || std::abs(K.data()[i] - 1.0 / (1.0 - p)) < 1e-15));
+          dropped += K.data()[i] == 0.0;
+        }
+        CHECK(dropped > 0);
+        CHECK(dropped < K.size());
+      } else {
+        CHECK(cache.lora.keep.size() == 0);
+      }
+      CHECK(rel_error(cache.norm, n0) < 1e-14);
+
+      auto forward = [&](const MatD& a, const MatD& b, const Vector<double>& mm, const MatD& x) {
+        const MatD xd = x.cwiseProduct(K);
+        const Vector<double> c = mm.cwiseQuotient(n0);
+        const MatD lo = s * (xd * a.transpose()) * b.transpose();
+        return MatD(x * Wo.transpose() + (xd * Wo.transpose()) * (c.array() - 1.0).matrix().asDiagonal() +
+                    lo * c.asDiagonal());
+      };
+      CHECK(rel_error(Y, forward(A, B, m, X)) < 1e-13);
+      if (p == 0) CHECK(rel_error(Y, dora.apply(W, X)) < 1e-14);
+
+      auto loss = [&](const MatD& a, const MatD& b, const Vector<double>& mm, const MatD& x) {
+        return (dY.array() * forward(a, b, mm, x).array()).sum();
+      };
+      const auto g = dora.backward(W, cache, dY);
+      MatD a = A, b = B, x = X;
+      Vector<double> mm = m;
+      CHECK(rel_error(g.dA, fd(a, [&] { return loss(a, B, m, X); })) < 1e-7);
+      CHECK(rel_error(g.dB, fd(b, [&] { return loss(A, b, m, X); })) < 1e-7);
+      CHECK(rel_error(g.dm, fd(mm, [&] { return loss(A, B, mm, X); })) < 1e-7);
+      CHECK(rel_error(g.dX, fd(x, [&] { return loss(A, B, m, x); })) < 1e-7);
+      CHECK(g.dA.norm() > 0);
+      CHECK(g.dm.norm() > 0);
+      if (p == 0) {  // evaluation mode's gradients
+        const auto ge = dora.backward(W, X, dY);
+        CHECK(rel_error(g.dA, ge.dA) < 1e-13);
+        CHECK(rel_error(g.dB, ge.dB) < 1e-13);
+        CHECK(rel_error(g.dm, ge.dm) < 1e-13);
+        CHECK(rel_error(g.dX, ge.dX) < 1e-13);
+      }
+
+      // ModuleAdapter: DoRA's and LoRA's training modes, each class's
+      const ModuleAdapter<double> mod_dora(dora), mod_lora(dora.lora());
+      DoraForwardCache<double> cm, cl;
+      Generator g3(draw), g4(draw), g5(draw);
+      CHECK(rel_error(mod_dora.apply_train(W, X, g3, cm), Y) == 0.0);
+      const auto gm = mod_dora.backward(W, cm, dY);
+      CHECK(rel_error(gm.dm, g.dm) == 0.0);
+      CHECK(rel_error(gm.dX, g.dX) == 0.0);
+      ForwardCache<double> lc2;
+      CHECK(rel_error(mod_lora.apply_train(W, X, g4, cl), dora.lora().apply_train(W, X, g5, lc2)) == 0.0);
+      CHECK(cl.xv.size() == 0);
+      const auto gl = mod_lora.backward(W, cl, dY);
+      CHECK(gl.dm.size() == 0);
+      CHECK(rel_error(gl.dX, dora.lora().backward(W, lc2, dY).dX) == 0.0);
+
+      // a cache that apply_train did not fill for this adapter is refused, naming the adapter
+      DoraForwardCache<double> bad = cache;
+      bad.norm.resize(0);
+      CHECK_THROWS_WITH(dora.backward(W, bad, dY),
+                        Catch::Matchers::ContainsSubstring("adapter 'test': DoRA backward: the cache holds 0 norms"));
+      CHECK_THROWS_AS(dora.backward(W, cache, MatD(dY.topRows(T - 1))), lora::error);
+    }
   }
 }
 

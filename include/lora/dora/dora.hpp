@@ -10,6 +10,9 @@
 //   lora::DoraAdapter<float> dora(lora::LowRankAdapter<float>::from_factors(A, B, alpha), m);
 //   auto Y = dora.apply(W, X);
 //   auto g = dora.backward(W, X, dY);   // g.dA, g.dB, g.dm, g.dX
+//   lora::DoraForwardCache<float> cache;  // training mode: PEFT's DoRA with lora_dropout
+//   auto Yt = dora.apply_train(W, X, gen, cache);
+//   auto gt = dora.backward(W, cache, dY);
 //   auto n = dora.merge(W);             // W ← (m/n) ⊙ (W + ΔW); keep n to unmerge
 //   dora.unmerge(W, n);                 // W ← W ⊘ (m/n) − ΔW
 
@@ -31,6 +34,14 @@ struct DoraGradients {
   Matrix<C> dB;  ///< [out × r]
   Vector<C> dm;  ///< [out]
   Matrix<C> dX;  ///< [T × in], including the path through the frozen W
+};
+
+/// What DoraAdapter::apply_train remembers for backward.
+template <class C>
+struct DoraForwardCache {
+  ForwardCache<C> lora;  ///< the LoRA path's: drop(X), drop(X)·Aᵀ, the dropout multipliers
+  Matrix<C> xv;          ///< drop(X)·Vᵀ [T × out], V = W + s·B·A (dm's factor)
+  Vector<C> norm;        ///< n = ‖V‖_row [out], held constant in backward
 };
 
 template <class Scalar, class Device = cpu, ScalingPolicy Scaling = standard_scaling>
@@ -121,6 +132,59 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     return g;
   }
 
+  /// Training mode, PEFT's DoRA forward with lora_dropout (the adapter's dropout() = p): X̃ =
+  /// drop(X) (multipliers 0 or 1/(1 − p), drawn from `gen` as LowRankAdapter::forward_train
+  /// draws them), c = m ⊘ n, and
+  ///   Y = X·Wᵀ + (c − 1) ⊙ (X̃·Wᵀ) + c ⊙ s·(X̃·Aᵀ)·Bᵀ
+  /// (the base layer on X itself, the DoRA term on X̃); with p = 0, apply(W, X). Fills `cache`.
+  cmatrix apply_train(const input& W, const input& X, Generator& gen, DoraForwardCache<compute_scalar>& cache) const {
+    cache.norm = weight_norm(W);
+    const cvector c = m_.cwiseQuotient(cache.norm);
+    const cmatrix lo = lora_.forward_train(X, gen, cache.lora);  // s·(X̃·Aᵀ)·Bᵀ
+    const Index T = X.rows(), out = lora_.out_features();
+    cmatrix xw = cmatrix::Zero(T, out);
+    add_times_weight(W, cache.lora.x, xw);  // X̃·Wᵀ
+    cache.xv = xw + lo;
+    if (cache.lora.keep.size() == 0) return cache.xv * c.asDiagonal();
+    cmatrix Y = cmatrix::Zero(T, out);
+    add_times_weight(W, X.template cast<compute_scalar>(), Y);
+    Y.noalias() += xw * (c.array() - compute_scalar(1)).matrix().asDiagonal();
+    Y.noalias() += lo * c.asDiagonal();
+    return Y;
+  }
+
+  /// Gradients of apply_train (dropout and n from `cache`; m, A, B as they were there; W frozen).
+  /// With G = dY·diag(c) and K the dropout multipliers: dA = s·(G·B)ᵀ·X̃, dB = s·Gᵀ·(X̃·Aᵀ),
+  /// dm = colsum(dY ⊙ (X̃·Vᵀ)) ⊘ n, dX = dY·W + K ⊙ ((G − dY)·W + s·(G·B)·A) (= G·V without
+  /// dropout).
+  DoraGradients<compute_scalar> backward(const input& W, const DoraForwardCache<compute_scalar>& cache,
+                                         const Eigen::Ref<const cmatrix>& dY) const {
+    check_weight(W);
+    lora_.spec().check_output_grad(dY.rows(), dY.cols(), cache.lora.x.rows());
+    if (cache.norm.size() != lora_.out_features() || cache.xv.rows() != dY.rows() || cache.xv.cols() != dY.cols())
+      detail::fail("{}DoRA backward: the cache holds {} norms and drop(X)·Vᵀ [{} × {}], expected {} and [{} × {}] "
+                   "(pass the cache apply_train filled)",
+                   who(), cache.norm.size(), cache.xv.rows(), cache.xv.cols(), lora_.out_features(), dY.rows(),
+                   dY.cols());
+    const cvector c = m_.cwiseQuotient(cache.norm);
+    const cmatrix G = dY * c.asDiagonal();
+    Gradients<compute_scalar> lg = lora_.backward(cache.lora, G);  // dX: K ⊙ s·(G·B)·A
+    DoraGradients<compute_scalar> g;
+    g.dA = std::move(lg.dA);
+    g.dB = std::move(lg.dB);
+    g.dm = (dY.array() * cache.xv.array()).colwise().sum().transpose().matrix().cwiseQuotient(cache.norm);
+    g.dX = std::move(lg.dX);
+    if (cache.lora.keep.size() == 0) {
+      add_through_weight(W, G, g.dX);
+    } else {
+      cmatrix gw = cmatrix::Zero(dY.rows(), lora_.in_features());
+      add_through_weight(W, G - dY, gw);  // (G − dY)·W
+      g.dX.array() += cache.lora.keep.array() * gw.array();
+      add_through_weight(W, dY, g.dX);
+    }
+    return g;
+  }
+
   /// W' = (m ⊘ n) ⊙ (W + ΔW) row by row (column by column with fan_in_fan_out), PEFT's
   /// DoRA merge; returns n, which unmerge needs (it cannot be recovered from W').
   cvector merge(Eigen::Ref<matrix> W) const {
@@ -158,13 +222,23 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     return W.template cast<compute_scalar>();
   }
   cmatrix base_plus_lora(const input& W, const input& X) const {
-    const auto Xc = X.template cast<compute_scalar>();
     cmatrix Y = lora_.forward(X);
+    add_times_weight(W, X.template cast<compute_scalar>(), Y);
+    return Y;
+  }
+  /// Y += Xc·Wᵀ [T × out] in W's orientation (Xc·W with fan_in_fan_out).
+  void add_times_weight(const input& W, const Eigen::Ref<const cmatrix>& Xc, cmatrix& Y) const {
     if (lora_.fan_in_fan_out())
       Y.noalias() += Xc * W.template cast<compute_scalar>();
     else
       Y.noalias() += Xc * W.template cast<compute_scalar>().transpose();
-    return Y;
+  }
+  /// dX += M·W [T × in] for M [T × out] in W's orientation (M·Wᵀ with fan_in_fan_out).
+  void add_through_weight(const input& W, const Eigen::Ref<const cmatrix>& M, cmatrix& dX) const {
+    if (lora_.fan_in_fan_out())
+      dX.noalias() += M * W.template cast<compute_scalar>().transpose();
+    else
+      dX.noalias() += M * W.template cast<compute_scalar>();
   }
   void store(Eigen::Ref<matrix> W, const cmatrix& V) const {
     if (lora_.fan_in_fan_out())

@@ -81,6 +81,21 @@ class ModuleAdapter<Scalar, cpu, Scaling>
     auto g = std::get<lora_type>(v_).backward(W, X, dY);
     return {std::move(g.dA), std::move(g.dB), cvector(), std::move(g.dX)};
   }
+  /// Training mode (dropout() on the adapter's input, PEFT's): LoRA's apply_train, or DoRA's
+  /// X·Wᵀ + (c − 1) ⊙ (X̃·Wᵀ) + c ⊙ s·(X̃·Aᵀ)·Bᵀ; fills `cache` (xv and norm only for DoRA).
+  cmatrix apply_train(const input& W, const input& X, Generator& gen, DoraForwardCache<compute_scalar>& cache) const {
+    if (is_dora()) return std::get<dora_type>(v_).apply_train(W, X, gen, cache);
+    cache.xv.resize(0, 0);
+    cache.norm.resize(0);
+    return std::get<lora_type>(v_).apply_train(W, X, gen, cache.lora);
+  }
+  /// Gradients of apply_train (W frozen); dm is empty for LoRA.
+  DoraGradients<compute_scalar> backward(const input& W, const DoraForwardCache<compute_scalar>& cache,
+                                         const Eigen::Ref<const cmatrix>& dY) const {
+    if (is_dora()) return std::get<dora_type>(v_).backward(W, cache, dY);
+    auto g = std::get<lora_type>(v_).backward(W, cache.lora, dY);
+    return {std::move(g.dA), std::move(g.dB), cvector(), std::move(g.dX)};
+  }
   /// W ← W + ΔW (LoRA) or (m ⊘ n) ⊙ (W + ΔW) (DoRA), in place; returns DoRA's n = ‖W + ΔW‖_row,
   /// which unmerge needs, or an empty vector for LoRA.
   cvector merge(Eigen::Ref<matrix> W) const {
