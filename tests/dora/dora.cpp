@@ -9,6 +9,7 @@
 
 #include "support/catch.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -87,7 +88,8 @@ TEST_CASE("DoRA reproduces PEFT's layer outputs and merged weights", "[dora]") {
     CHECK(rel_error(W, W0) < 1e-6);
     ++n;
   }
-  CHECK(n == 6);
+  // q, v and down of every layer of the base
+  CHECK(n == lora::test::peft_case_modules("dora_r4_a8_qv"));
   io::PeftModule plain{"model.layers.0.q_proj", LowRankAdapter<float, cpu, dynamic_scaling>(8, 8, 2, 4.0)};
   CHECK_THROWS_WITH(plain.dora(), Catch::Matchers::ContainsSubstring("not a DoRA module"));
 }
@@ -109,8 +111,11 @@ TEST_CASE("DoRA backward matches finite differences with the norm held constant"
     const Vector<double> m = dora.magnitude();
     const Vector<double> n0 = (Wo + s * B * A).rowwise().norm();
 
-    // forward against the plain formula
+    // forward against the plain formula: up to few_tokens tokens (X·Wᵀ from the norm pass's rows
+    // of W) and more (one product)
     CHECK(rel_error(dora.apply(W, X), reference_forward(Wo, A, B, m, s, X, n0)) < 1e-13);
+    const MatD X2 = lora::test::random_matrix(LowRankAdapter<double>::few_tokens + 5, in, gen);
+    CHECK(rel_error(dora.apply(W, X2), reference_forward(Wo, A, B, m, s, X2, n0)) < 1e-13);
     CHECK(rel_error(dora.weight_norm(W), n0) < 1e-14);
 
     auto loss = [&](const MatD& a, const MatD& b, const Vector<double>& mm, const MatD& x) {
@@ -230,6 +235,35 @@ TEST_CASE("DoRA training mode: PEFT's forward with lora_dropout, its backward ag
       CHECK_THROWS_WITH(dora.backward(W, bad, dY),
                         Catch::Matchers::ContainsSubstring("adapter 'test': DoRA backward: the cache holds 0 norms"));
       CHECK_THROWS_AS(dora.backward(W, cache, MatD(dY.topRows(T - 1))), lora::error);
+    }
+  }
+}
+
+TEST_CASE("DoRA in float on a layer large enough for several threads matches float64", "[dora]") {
+  // weight_norm and apply run blocks of rows of W + s·B·A over OpenMP threads from 2^16 weights on
+  const auto seed = lora::test::fresh_seed();
+  INFO("seed " << seed);
+  Generator gen(seed);
+  for (bool fifo : {false, true}) {
+    INFO("fan_in_fan_out " << fifo);
+    const Index in = 260, out = 301, r = 8;
+    const DoraD d = random_dora(in, out, r, 16.0, gen, fifo);
+    AdapterOptions o;
+    o.fan_in_fan_out = fifo;
+    const DoraAdapter<float> f(LowRankAdapter<float>::from_factors(d.lora().A().cast<float>(),
+                                                                   d.lora().B().cast<float>(), 16.0, o),
+                               d.magnitude().cast<float>());
+    const MatD Wo = lora::test::random_matrix(out, in, gen, 0.1);
+    const Matrix<float> Wf = (fifo ? MatD(Wo.transpose()) : Wo).cast<float>();
+    const MatD Wd = fifo ? MatD(Wf.cast<double>().transpose()) : MatD(Wf.cast<double>());
+    const MatD A = f.lora().A().cast<double>(), B = f.lora().B().cast<double>();
+    const double s = f.lora().scaling();
+    const Vector<double> n0 = (Wd + s * B * A).rowwise().norm();
+    CHECK(rel_error(f.weight_norm(Wf), n0) < 1e-6);
+    for (Index T : {Index(3), Index(40)}) {
+      const Matrix<float> X = lora::test::random_matrix<float>(T, in, gen);
+      CHECK(rel_error(f.apply(Wf, X), reference_forward(Wd, A, B, f.magnitude().cast<double>(), s,
+                                                        X.cast<double>(), n0)) < 1e-5);
     }
   }
 }

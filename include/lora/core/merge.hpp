@@ -152,6 +152,31 @@ LORA_MERGE_OMP(omp for schedule(static))
   }
 }
 
+/// DoRA's weight norms without the whole adapted weight in memory: n_i = ‖V(i, :)‖ with
+/// V = rows + s·coef·basis, a block of merge_row_block rows at a time (blocks over OpenMP
+/// threads). load(i0, k, V) writes rows i0 … i0 + k − 1 of the weight, in compute precision,
+/// into V's top k rows. Each row of V is low_rank_update_rows' (what a merge forms), so n_i is
+/// the norm of the row a merge rescales. coef is [rows × r], basis [r × cols].
+template <class C, class Load>
+Vector<C> low_rank_row_norms(Index rows, Index cols, const Matrix<C>& coef, const Matrix<C>& basis, C s, Load load) {
+  Vector<C> n(rows);
+  const Index r = coef.cols(), blocks = (rows + merge_row_block - 1) / merge_row_block;
+  const bool par = rows * cols >= (Index{1} << 16);
+  (void)par;
+LORA_MERGE_OMP(omp parallel if (par))
+  {
+    Matrix<C> V(merge_row_block, cols);
+LORA_MERGE_OMP(omp for schedule(static))
+    for (Index b = 0; b < blocks; ++b) {
+      const Index i0 = b * merge_row_block, k = std::min(merge_row_block, rows - i0);
+      load(i0, k, V);
+      low_rank_update_rows<C>(coef.data() + i0 * r, basis.data(), r, cols, s, V.data(), cols, k);
+      for (Index i = 0; i < k; ++i) n(i0 + i) = V.row(i).norm();
+    }
+  }
+  return n;
+}
+
 /// DoRA's merge rescale of a row block whose rows are output features:
 ///   V(i, :) ← (m_i / ‖V(i, :)‖)·V(i, :),  m = the block's magnitudes.
 template <class C>

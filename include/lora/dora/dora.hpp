@@ -97,39 +97,48 @@ class DoraAdapter<Scalar, cpu, Scaling> {
     low_rank_update<compute_scalar>(V, Bc(), Ac(), static_cast<compute_scalar>(lora_.scaling()));
     return V;
   }
-  /// n = ‖W + s·B·A‖_row [out].
-  cvector weight_norm(const input& W) const { return adapted_weight(W).rowwise().norm(); }
+  /// n = ‖W + s·B·A‖_row [out], a few rows of W + s·B·A at a time (low_rank_row_norms: the
+  /// rows a merge forms, never the whole matrix).
+  cvector weight_norm(const input& W) const {
+    check_weight(W);
+    return weight_norm_and(W, [](Index, Index, const cmatrix&) {});
+  }
 
   /// Y = (m ⊘ n) ⊙ (X·Wᵀ + s·(X·Aᵀ)·Bᵀ) for tokens X [T × in]; no bias, no dropout.
+  /// Up to few_tokens tokens, X·Wᵀ is formed from the rows of W the norm pass holds (one read of
+  /// W per call).
   cmatrix apply(const input& W, const input& X) const {
-    const cmatrix V = adapted_weight(W);
+    check_weight(W);
     check_input(X);
-    const cvector c = m_.cwiseQuotient(V.rowwise().norm());
-    cmatrix Y = base_plus_lora(W, X);
-    Y *= c.asDiagonal();
+    cmatrix Y;
+    cvector n;
+    if (X.rows() <= lora_type::few_tokens) {
+      const cmatrix Xc = X.template cast<compute_scalar>();
+      Y.resize(X.rows(), lora_.out_features());
+      n = weight_norm_and(W, [&](Index i0, Index k, const cmatrix& V) {  // V: rows i0 … of W (oriented)
+        Y.middleCols(i0, k).noalias() = Xc * V.topRows(k).transpose();
+      });
+      Y += lora_.forward(X);
+    } else {
+      n = weight_norm(W);
+      Y = base_plus_lora(W, X);
+    }
+    Y *= m_.cwiseQuotient(n).asDiagonal();
     return Y;
   }
 
   /// Gradients of apply(W, X) with n held constant: with c = m ⊘ n and G = dY·diag(c),
-  /// dX = G·V, dA = s·(G·B)ᵀ·X, dB = s·Gᵀ·(X·Aᵀ), dm = colsum(dY ⊙ (X·Vᵀ)) ⊘ n.
+  /// dX = G·V, dA = s·(G·B)ᵀ·X, dB = s·Gᵀ·(X·Aᵀ), dm = colsum(dY ⊙ (X·Vᵀ)) ⊘ n
+  /// (backward(W, cache, dY) of a cache without dropout: V is never formed).
   DoraGradients<compute_scalar> backward(const input& W, const input& X, const Eigen::Ref<const cmatrix>& dY) const {
-    const cmatrix V = adapted_weight(W);
     check_input(X);
-    lora_.spec().check_output_grad(dY.rows(), dY.cols(), X.rows());
-    const cvector n = V.rowwise().norm();
-    const cvector c = m_.cwiseQuotient(n);
-    const compute_scalar s = static_cast<compute_scalar>(lora_.scaling());
-    const auto Xc = X.template cast<compute_scalar>();
-    const cmatrix G = dY * c.asDiagonal();
-    const cmatrix XA = Xc * Ac().transpose();            // [T × r]
-    const cmatrix XV = Xc * V.transpose();               // [T × out]
-    DoraGradients<compute_scalar> g;
-    const cmatrix GB = G * Bc();                          // [T × r]
-    g.dA.noalias() = s * (GB.transpose() * Xc);
-    g.dB.noalias() = s * (G.transpose() * XA);
-    g.dX.noalias() = G * V;
-    g.dm = (dY.array() * XV.array()).colwise().sum().transpose().matrix().cwiseQuotient(n);
-    return g;
+    DoraForwardCache<compute_scalar> cache;
+    cache.norm = weight_norm(W);
+    cache.lora.x = X.template cast<compute_scalar>();
+    cache.lora.xa.noalias() = cache.lora.x * Ac().transpose();
+    cache.xv.noalias() = (static_cast<compute_scalar>(lora_.scaling()) * cache.lora.xa) * Bc().transpose();
+    add_times_weight(W, cache.lora.x, cache.xv);  // X·Vᵀ = X·Wᵀ + s·(X·Aᵀ)·Bᵀ
+    return backward(W, cache, dY);
   }
 
   /// Training mode, PEFT's DoRA forward with lora_dropout (the adapter's dropout() = p): X̃ =
@@ -220,6 +229,22 @@ class DoraAdapter<Scalar, cpu, Scaling> {
   cmatrix oriented(const input& W) const {
     if (lora_.fan_in_fan_out()) return W.template cast<compute_scalar>().transpose();
     return W.template cast<compute_scalar>();
+  }
+  /// weight_norm, with `also(i0, k, V)` called on each block of rows i0 … i0 + k − 1 of W (in
+  /// [out × in] orientation, compute precision; V's top k rows) before the low-rank update.
+  /// Blocks run on several threads: `also` writes only what belongs to its rows.
+  template <class Also>
+  cvector weight_norm_and(const input& W, Also also) const {
+    const bool fifo = lora_.fan_in_fan_out();
+    return low_rank_row_norms<compute_scalar>(
+        lora_.out_features(), lora_.in_features(), Bc(), Ac(), static_cast<compute_scalar>(lora_.scaling()),
+        [&](Index i0, Index k, cmatrix& V) {
+          if (fifo)
+            V.topRows(k) = W.middleCols(i0, k).transpose().template cast<compute_scalar>();
+          else
+            V.topRows(k) = W.middleRows(i0, k).template cast<compute_scalar>();
+          also(i0, k, std::as_const(V));
+        });
   }
   cmatrix base_plus_lora(const input& W, const input& X) const {
     cmatrix Y = lora_.forward(X);
