@@ -8,6 +8,7 @@
 
 #include "support/catch.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -69,8 +70,13 @@ int check_fixture(const std::string& kind) {
 }
 }  // namespace
 
-TEST_CASE("PiSSA matches PEFT's init_pissa fixture", "[init][peft]") { CHECK(check_fixture("pissa") == 4); }
-TEST_CASE("OLoRA matches PEFT's init_olora fixture", "[init][peft]") { CHECK(check_fixture("olora") == 4); }
+// Each fixture initialises q_proj and down_proj of every layer of its base.
+TEST_CASE("PiSSA matches PEFT's init_pissa fixture", "[init][peft]") {
+  CHECK(check_fixture("pissa") == 2 * lora::test::layers_of(data("peft/init_pissa/base/model.safetensors")));
+}
+TEST_CASE("OLoRA matches PEFT's init_olora fixture", "[init][peft]") {
+  CHECK(check_fixture("olora") == 2 * lora::test::layers_of(data("peft/init_olora/base/model.safetensors")));
+}
 
 TEST_CASE("PiSSA: s·B·A is the best rank-r approximation, split evenly", "[init]") {
   const auto seed = lora::test::fresh_seed();

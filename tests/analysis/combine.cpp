@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "support/catch.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -124,6 +125,8 @@ TEST_CASE("combine_adapters on PEFT folders equals the fixtures", "[analysis][co
   auto ref = io::SafetensorsFile::open(root + "/reference.safetensors");
   std::map<std::string, io::PeftAdapter> ads;
   for (const std::string name : {"a1", "a2", "a3"}) ads[name] = io::load_peft_adapter(root + "/adapters/" + name);
+  // q, v and down of every layer of the base
+  const int modules = lora::test::per_layer_modules(root + "/adapters/a1", root + "/base/model.safetensors");
   int checked = 0;
   for (auto& [combo, spec] : combos.items()) {
     std::vector<const io::PeftAdapter*> in;
@@ -136,7 +139,7 @@ TEST_CASE("combine_adapters on PEFT folders equals the fixtures", "[analysis][co
     const auto out = combine_adapters(in, w, type, spec.contains("svd_rank") ? spec["svd_rank"].get<Index>() : 0);
     CHECK(out.config.lora_alpha == out.config.r);
     CHECK_FALSE(out.config.use_rslora);
-    REQUIRE(out.modules.size() == 6);
+    REQUIRE(out.modules.size() == static_cast<std::size_t>(modules));
     for (const auto& m : out.modules) {
       INFO(combo << " " << m.name);
       CHECK(m.adapter.scaling() == 1.0);
@@ -145,7 +148,7 @@ TEST_CASE("combine_adapters on PEFT folders equals the fixtures", "[analysis][co
       ++checked;
     }
   }
-  CHECK(checked == 18);
+  CHECK(checked == 3 * modules);  // the case's three combinations
   CHECK_THROWS_WITH(combine_adapters({&ads["a1"]}, {1.0, 2.0}, combination_type::cat),
                     Catch::Matchers::ContainsSubstring("one weight per adapter"));
 }
@@ -157,12 +160,14 @@ struct CombosExt {
   nlohmann::json combos;
   io::SafetensorsFile ref, masks;
   std::map<std::string, io::PeftAdapter> ads;
+  int layers = 0;  // of the adapters' files (the case has no base)
   CombosExt()
       : ref(io::SafetensorsFile::open(root + "/reference.safetensors")),
         masks(io::SafetensorsFile::open(root + "/dare_masks.safetensors")) {
     std::ifstream in(root + "/combinations.json");
     combos = nlohmann::json::parse(in)["combinations"];
     for (const std::string n : {"a1", "a2", "a3", "a4"}) ads[n] = io::load_peft_adapter(root + "/adapters/" + n);
+    layers = lora::test::layers_of(root + "/adapters/a1/adapter_model.safetensors");
   }
   // The call's options, with PEFT's recorded masks for the DARE types.
   CombineOptions options(const std::string& combo, const nlohmann::json& call) {
@@ -223,7 +228,8 @@ TEST_CASE("ties, dare and magnitude_prune equal PEFT 0.21 on combos_ext", "[anal
     CHECK(out.config.r == spec["new_r"].get<int>());
     CHECK(out.config.lora_alpha == spec["new_lora_alpha"].get<double>());
     CHECK(out.config.use_rslora == spec["new_use_rslora"].get<bool>());
-    CHECK(out.modules.size() == (svd_dare ? 3u : 6u));
+    // q, v and down of layer 0 (svd_dare) or of every layer
+    CHECK(out.modules.size() == (svd_dare ? 3u : 3u * fx.layers));
     for (const auto& m : out.modules) {
       INFO(m.name);
       const std::string key = m.name + "." + combo;
@@ -246,7 +252,7 @@ TEST_CASE("ties, dare and magnitude_prune equal PEFT 0.21 on combos_ext", "[anal
       ++checked;
     }
   }
-  CHECK(checked == 15 * 6 + 2 * 3);
+  CHECK(checked == 15 * 3 * fx.layers + 2 * 3);
   CHECK(refused == 2);
 }
 

@@ -17,7 +17,9 @@ done
 
 # --- rsLoRA: each module's fold printed ---
 "$LORA" convert "$G/adapters/rslora_qv_r4" --to gguf --base "$G/hf_base" --out "$TMP/rs.gguf" > "$TMP/log" || fail "convert rslora"
-[ "$(grep -c 'folded into lora_b' "$TMP/log")" -eq 4 ] || fail "rslora: expected 4 folded modules: $(cat "$TMP/log")"
+n=$(fx count "$G/adapters/rslora_qv_r4/adapter_model.safetensors" 'lora_A\.weight$')  # every module is rsLoRA
+[ "$(grep -c 'folded into lora_b' "$TMP/log")" -eq "$n" ] ||
+  fail "rslora: expected $n folded modules: $(cat "$TMP/log")"
 grep -q "×2" "$TMP/log" || fail "rslora: factor 2 not printed"
 "$LORA" convert "$G/adapters/patterns_all_r8" --to gguf --base "$G/gguf/base.f16.gguf" --out "$TMP/p.gguf" --outtype q8_0 > "$TMP/log" ||
   fail "convert patterns q8_0 with a GGUF base"
@@ -74,8 +76,14 @@ grep -q "\"mean_phi_delta\": 1.0" "$TMP/sim.json" || grep -q "\"mean_phi_delta\"
 grep -q "base" "$TMP/err" || fail "compress GGUF message: $(cat "$TMP/err")"
 
 "$LORA" info "$G/gguf/patterns_all_r8.f32.gguf" > "$TMP/out" || fail "info of a GGUF adapter"
-grep -q "adapter.lora.alpha (FLOAT32) = 8" "$TMP/out" && grep -q "12 pair(s) of rank 8: llama.cpp scales them by 1" "$TMP/out" &&
-  grep -q "blk.0.ffn_down.weight.lora_a  F32  \[2, 128\]" "$TMP/out" || fail "info GGUF: $(cat "$TMP/out")"
+# rank 8 everywhere but down_proj (rank_pattern 2); down_proj's lora_a as PEFT's lora_A
+F=$G/adapters/patterns_all_r8/adapter_model.safetensors
+r8=$(($(fx count "$F" 'lora_A\.weight$') - $(fx count "$F" 'down_proj\.lora_A\.weight$')))
+down=$(fx shape "$F" base_model.model.model.layers.0.mlp.down_proj.lora_A.weight)
+grep -q "adapter.lora.alpha (FLOAT32) = 8" "$TMP/out" &&
+  grep -q "$r8 pair(s) of rank 8: llama.cpp scales them by 1" "$TMP/out" &&
+  grep -q "blk.0.ffn_down.weight.lora_a  F32  \[$down\]" "$TMP/out" ||
+  fail "info GGUF ($r8, [$down]): $(cat "$TMP/out")"
 
 [ $fails -eq 0 ] && echo "gguf.sh: all passed"
 exit $fails

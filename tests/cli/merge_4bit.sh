@@ -5,15 +5,17 @@
 # NF4 companions, refusals leave nothing. Called as: bash merge_4bit.sh <lora binary> <tests/data>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
+N=$(fx count "$FX/adapter/adapter_model.safetensors" 'lora_A\.weight$')  # all 7 projections of each layer
 
 "$LORA" quantize "$FX/base/model.safetensors" --out "$TMP/base4.safetensors" --quiet > "$TMP/log" 2>&1 \
   || fail "quantize: $(cat "$TMP/log")"
 "$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/m.safetensors" --dtype F32 \
   --reference "$FX/base/model.safetensors" > "$TMP/log" 2>&1 || fail "merge-4bit: $(cat "$TMP/log")"
-grep -q "merged 14 modules" "$TMP/log" || fail "not 14 modules: $(tail -1 "$TMP/log")"
+grep -q "merged $N modules" "$TMP/log" || fail "not $N modules: $(tail -1 "$TMP/log")"
 if command -v python3 > /dev/null; then
   # every merged weight against PEFT's merged.safetensors: off by about the NF4 error of the base
-  python3 - "$TMP/m.safetensors" "$FX/merged.safetensors" "$FX/base/model.safetensors" <<'PY' || fail "merged values"
+  python3 - "$TMP/m.safetensors" "$FX/merged.safetensors" "$FX/base/model.safetensors" "$N" \
+    <<'PY' || fail "merged values"
 import json, struct, sys, math
 def load(p):
     b = open(p, 'rb').read(); n = struct.unpack('<Q', b[:8])[0]
@@ -32,22 +34,22 @@ for k, (dt, v) in got.items():
     q = math.sqrt(sum((x - y) ** 2 for x, y in zip(v, w)))
     assert 1e-4 < diff < 0.2, (k, diff)   # NF4 error of the base, nothing more
     n += 1
-assert n == 14, n
+assert n == int(sys.argv[4]), (n, sys.argv[4])
 PY
 fi
 # --dtype nf4: a bnb-4bit checkpoint again (the same tensors, companions included), with the
 # re-quantisation error per module; dequantised it is within NF4's error of PEFT's float merge
 "$LORA" merge-4bit --base "$TMP/base4.safetensors" --adapter "$FX/adapter" --out "$TMP/q4.safetensors" --dtype nf4 \
   --reference "$FX/base/model.safetensors" > "$TMP/qlog" 2>&1 || fail "merge-4bit nf4: $(cat "$TMP/qlog")"
-grep -q "merged 14 modules, 14 of" "$TMP/qlog" || fail "nf4: $(tail -1 "$TMP/qlog")"
+grep -q "merged $N modules, $N of" "$TMP/qlog" || fail "nf4: $(tail -1 "$TMP/qlog")"
 grep -q "requant error" "$TMP/qlog" || fail "nf4: no requant error column"
 "$LORA" dequantize "$TMP/q4.safetensors" --out "$TMP/q4f.safetensors" --dtype F32 --quiet > "$TMP/dlog" 2>&1 \
   || fail "dequantize the nf4 merge: $(cat "$TMP/dlog")"
 if command -v python3 > /dev/null; then
-  python3 - "$TMP/qlog" "$TMP/base4.safetensors" "$TMP/q4.safetensors" <<'PY' || fail "nf4 report"
+  python3 - "$TMP/qlog" "$TMP/base4.safetensors" "$TMP/q4.safetensors" "$N" <<'PY' || fail "nf4 report"
 import json, re, struct, sys
 errs = [float(l.split()[2]) for l in open(sys.argv[1]) if re.match(r'model\.layers\.\d+\.\S+\s+yes\s', l)]
-assert len(errs) == 14 and all(0.01 < e < 0.2 for e in errs), errs
+assert len(errs) == int(sys.argv[4]) and all(0.01 < e < 0.2 for e in errs), errs
 keys = lambda p: sorted(json.loads(open(p, 'rb').read()[8:8 + struct.unpack('<Q', open(p, 'rb').read(8))[0]]))
 assert keys(sys.argv[2]) == keys(sys.argv[3])
 PY

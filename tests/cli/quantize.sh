@@ -36,12 +36,14 @@ hd, gd = load(t + '/d.safetensors')
 h16, g16 = load(t + '/d16.safetensors')
 h128, g128 = load(t + '/q128.safetensors')
 w = 'model.layers.0.self_attn.q_proj.weight'
-assert hq[w]['dtype'] == 'U8' and hq[w]['shape'] == [64 * 64 // 2, 1], hq[w]
-for suf, dt, shape in [('.absmax', 'U8', [64]), ('.quant_map', 'F32', [16]), ('.nested_absmax', 'F32', [1]),
-                       ('.nested_quant_map', 'F32', [256])]:
-    assert hq[w + suf]['dtype'] == dt and hq[w + suf]['shape'] == shape, (suf, hq[w + suf])
+# sizes from the base's q_proj: two codes a byte, one absmax a block of 64, one nested absmax a 256 of those
+shape = hb[w]['shape']; numel = shape[0] * shape[1]; blocks = -(-numel // 64)
+assert hq[w]['dtype'] == 'U8' and hq[w]['shape'] == [numel // 2, 1], hq[w]
+for suf, dt, s in [('.absmax', 'U8', [blocks]), ('.quant_map', 'F32', [16]),
+                   ('.nested_absmax', 'F32', [-(-blocks // 256)]), ('.nested_quant_map', 'F32', [256])]:
+    assert hq[w + suf]['dtype'] == dt and hq[w + suf]['shape'] == s, (suf, hq[w + suf], s)
 blob = json.loads(bytes(gq(w + '.quant_state.bitsandbytes__nf4')).decode())
-assert blob['quant_type'] == 'nf4' and blob['blocksize'] == 64 and blob['shape'] == [64, 64], blob
+assert blob['quant_type'] == 'nf4' and blob['blocksize'] == 64 and blob['shape'] == shape, blob
 assert blob['dtype'] == 'float32' and blob['nested_blocksize'] == 256 and blob['nested_dtype'] == 'float32', blob
 assert abs(gq(w + '.quant_map')[0] + 1.0) < 1e-7 and gq(w + '.quant_map')[7] == 0.0
 # not quantised: lm_head and embed_tokens (default --skip), norms (1-D)
@@ -67,7 +69,7 @@ assert h16[w]['dtype'] == 'BF16'
 for x, y in zip(gd(w), g16(w)):
     assert abs(x - y) <= abs(x) * 2 ** -8, (x, y)
 # blocksize 128 without double quantisation: float absmax, no nested tensors
-assert h128[w + '.absmax']['dtype'] == 'F32' and h128[w + '.absmax']['shape'] == [32]
+assert h128[w + '.absmax']['dtype'] == 'F32' and h128[w + '.absmax']['shape'] == [-(-numel // 128)]
 assert w + '.nested_absmax' not in h128
 assert json.loads(bytes(g128(w + '.quant_state.bitsandbytes__nf4')).decode())['blocksize'] == 128
 assert h128['model.embed_tokens.weight']['dtype'] == 'U8'  # --skip lm_head only
@@ -126,7 +128,7 @@ h = json.loads(f[8:8 + n]); meta = h.pop('__metadata__', None)
 w = 'model.layers.0.self_attn.q_proj.weight'
 blob_key = w + '.quant_state.bitsandbytes__nf4'
 s, e = h[blob_key]['data_offsets']
-blob = json.loads(f[8 + n + s:8 + n + e]); blob['shape'] = [64, 128]   # claims twice the elements
+blob = json.loads(f[8 + n + s:8 + n + e]); blob['shape'][1] *= 2   # claims twice the elements
 raw = {k: f[8 + n + v['data_offsets'][0]:8 + n + v['data_offsets'][1]] for k, v in h.items()}
 raw[blob_key] = json.dumps(blob).encode()
 hdr, data, off = {}, b'', 0
@@ -136,7 +138,11 @@ for k, v in h.items():
 hj = json.dumps(hdr).encode(); hj += b' ' * ((8 - len(hj) % 8) % 8)
 open(sys.argv[2], 'wb').write(struct.pack('<Q', len(hj)) + hj + data)
 PY
-bad "damaged quant_state" "packed weight has 2048 bytes, shape [64,128] needs 4096" "$TMP/x9" dequantize "$TMP/broken.safetensors" --out "$TMP/x9"
+# the base's q_proj [rows, cols]: rows·cols/2 bytes of codes, where [rows, 2·cols] needs rows·cols
+rows=$(fx shape "$BASE" model.layers.0.self_attn.q_proj.weight) cols=${rows#*, } rows=${rows%%,*}
+bad "damaged quant_state" \
+  "packed weight has $((rows * cols / 2)) bytes, shape [$rows,$((2 * cols))] needs $((rows * cols))" \
+  "$TMP/x9" dequantize "$TMP/broken.safetensors" --out "$TMP/x9"
 # --- progress on stderr: --progress always, --quiet never ------------------------
 progress_lines() {  # progress_lines <expect 0|1> <command> <args...>
   local want=$1

@@ -11,6 +11,7 @@
 #include "support/catch.hpp"
 #include "support/checkpoints.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -25,7 +26,9 @@ using lora::test::specs_of;
 
 TEST_CASE("bad indexes are rejected naming the file; failed writes leave nothing", "[checkpoint]") {
   TempDir tmp("ck");
-  reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
+  // three shards or more whatever the fixture's size: lm_head (first) and model.norm (last) apart
+  const std::string src = data("peft/lora_r8_a16_all/base/model.safetensors");
+  reshard(src, tmp.path / "ok", lora::test::shard_bytes_for(io::SafetensorsFile::open(src), 3));
   const auto j = lora::test::read_json(tmp.path / "ok" / io::checkpoint_index_name);
   auto variant = [&](const std::string& name, auto edit) {
     return lora::test::edited_copy(tmp.path / "ok", tmp.path / name, j, edit);
@@ -131,7 +134,9 @@ TEST_CASE("large files go through the O_DIRECT staging path and read back bit fo
 TEST_CASE("hostile: an index must list every tensor of its shards; shard names are plain (class 5)",
           "[checkpoint][hostile]") {
   TempDir tmp("ck");
-  reshard(data("peft/lora_r8_a16_all/base/model.safetensors"), tmp.path / "ok", 150'000);
+  // three shards or more whatever the fixture's size: lm_head (first) and model.norm (last) apart
+  const std::string src = data("peft/lora_r8_a16_all/base/model.safetensors");
+  reshard(src, tmp.path / "ok", lora::test::shard_bytes_for(io::SafetensorsFile::open(src), 3));
   const auto j = lora::test::read_json(tmp.path / "ok" / io::checkpoint_index_name);
   auto variant = [&](const std::string& name, auto edit) {
     return lora::test::edited_copy(tmp.path / "ok", tmp.path / name, j, edit);

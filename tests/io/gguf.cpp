@@ -12,6 +12,7 @@
 
 #include "support/catch.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 
 using namespace lora;
 using namespace lora::io;
@@ -20,6 +21,9 @@ using Catch::Matchers::ContainsSubstring;
 namespace {
 
 std::string gdata(const std::string& rel) { return test::data("gguf/" + rel); }
+
+/// A field of the tiny HF base's config.json (num_hidden_layers, num_attention_heads, ...).
+int hf_base_int(const std::string& key) { return test::json_int(gdata("hf_base/config.json"), key); }
 
 std::string slurp(const std::filesystem::path& p) {
   std::ifstream in(p, std::ios::binary);
@@ -285,8 +289,10 @@ TEST_CASE("gguf: malformed files are refused with the file, key or tensor named"
   }
   // what the reader needs of a value: its declared type
   const GgufFile base = GgufFile::open(gdata("gguf/base.f16.gguf"));
-  CHECK(base.value("tokenizer.ggml.tokens").as_array().items.size() == 128);
-  CHECK(base.value("llama.attention.head_count").as_int() == 4);
+  // the converter pads the tokenizer's pieces to the config's vocabulary
+  CHECK(base.value("tokenizer.ggml.tokens").as_array().items.size() ==
+        static_cast<std::size_t>(hf_base_int("vocab_size")));
+  CHECK(base.value("llama.attention.head_count").as_int() == hf_base_int("num_attention_heads"));
   REQUIRE_THROWS_WITH(base.value("general.architecture").as_double("general.architecture"),
                       ContainsSubstring("general.architecture") && ContainsSubstring("STRING"));
 }
@@ -330,7 +336,11 @@ TEST_CASE("gguf lora: peft_to_gguf writes the converter's file; f32 exact, f16 b
         if (!folded) CHECK(std::equal(a.bytes.begin(), a.bytes.end(), b.bytes.begin(), b.bytes.end()));
       }
       if (!scaled) CHECK(ours_bytes == slurp(ref_path));
-      CHECK(e.folded.size() == (std::string(name) == "rslora_qv_r4" ? 4u : std::string(name) == "patterns_all_r8" ? 2u : 0u));
+      // rsLoRA: q and v of each layer; alpha_pattern: v_proj of each layer
+      const std::size_t layers = hf_base_int("num_hidden_layers");
+      CHECK(e.folded.size() == (std::string(name) == "rslora_qv_r4"      ? 2 * layers
+                                : std::string(name) == "patterns_all_r8" ? layers
+                                                                         : 0));
     }
 }
 
@@ -362,8 +372,8 @@ TEST_CASE("gguf lora: llama.cpp's alpha/r on our file gives PEFT's ΔW; on the c
                         ContainsSubstring("config.json") && ContainsSubstring("'num_attention_heads'"));
   }
   CHECK(base.architecture == "llama");
-  CHECK(base.n_head == 4);
-  CHECK(base.n_head_kv == 2);
+  CHECK(base.n_head == hf_base_int("num_attention_heads"));
+  CHECK(base.n_head_kv == hf_base_int("num_key_value_heads"));
   for (const char* name : {"rslora_qv_r4", "patterns_all_r8", "embed_q_r4"}) {
     INFO(name);
     const SafetensorsFile ref = SafetensorsFile::open(gdata(std::string("reference/") + name + ".safetensors"));
@@ -391,7 +401,11 @@ TEST_CASE("gguf lora: llama.cpp's alpha/r on our file gives PEFT's ΔW; on the c
       CHECK(test::rel_error(delta(ours), want) < 1e-6);
       if (test::rel_error(delta(conv), want) > 1e-3) ++conv_off;
     }
-    CHECK(conv_off == (std::string(name) == "rslora_qv_r4" ? 4 : std::string(name) == "patterns_all_r8" ? 2 : 0));
+    // where alpha/r is not PEFT's scaling: q and v of each layer (rsLoRA), v_proj of each layer (alpha_pattern)
+    const int layers = hf_base_int("num_hidden_layers");
+    CHECK(conv_off == (std::string(name) == "rslora_qv_r4"      ? 2 * layers
+                       : std::string(name) == "patterns_all_r8" ? layers
+                                                                : 0));
   }
 }
 
@@ -435,7 +449,8 @@ TEST_CASE("gguf lora: GGUF -> PEFT -> GGUF is identical; load_gguf_adapter equal
                                                                                   ContainsSubstring("base model"));
   GgufImportOptions keep;
   keep.keep_gguf_row_order = true;
-  CHECK(load_gguf_adapter(gdata("gguf/lora_all_r8.f32.gguf"), keep).modules.size() == 14);
+  CHECK(load_gguf_adapter(gdata("gguf/lora_all_r8.f32.gguf"), keep).modules.size() ==
+        7u * hf_base_int("num_hidden_layers"));  // the 7 projections of each layer
   REQUIRE_THROWS_WITH(load_gguf_adapter(gdata("gguf/base.f16.gguf")), ContainsSubstring("not a LoRA adapter"));
   // bytes held in memory read as the file does, errors naming the name given for them
   {
@@ -584,7 +599,8 @@ TEST_CASE("check: each engine's mis-scalings and refusals", "[gguf][engines][fix
   REQUIRE(rs_llama.size() == 1);
   CHECK(rs_llama[0].kind == "mis-scaled");
   CHECK(rs_llama[0].feature == "rsLoRA");
-  CHECK(rs_llama[0].modules.size() == 4);
+  const std::size_t layers = hf_base_int("num_hidden_layers");
+  CHECK(rs_llama[0].modules.size() == 2 * layers);  // q and v of each layer
   CHECK(rs_llama[0].factor == Approx(0.5));  // the ratio gguf_check.json measured
   CHECK_THAT(rs_llama[0].source, ContainsSubstring("llama-adapter.h"));
   CHECK(check_engine(gdata("adapters/rslora_qv_r4"), engine::vllm).empty());
@@ -592,12 +608,12 @@ TEST_CASE("check: each engine's mis-scalings and refusals", "[gguf][engines][fix
   const auto pat_llama = check_engine(gdata("adapters/patterns_all_r8"), engine::llama_cpp);
   REQUIRE(find(pat_llama, "alpha_pattern"));
   CHECK(find(pat_llama, "alpha_pattern")->factor == Approx(0.25));
-  CHECK(find(pat_llama, "alpha_pattern")->modules.size() == 2);
+  CHECK(find(pat_llama, "alpha_pattern")->modules.size() == layers);  // v_proj of each layer
   const auto pat_vllm = check_engine(gdata("adapters/patterns_all_r8"), engine::vllm);
   REQUIRE(find(pat_vllm, "alpha_pattern"));
   REQUIRE(find(pat_vllm, "rank_pattern"));
   CHECK(find(pat_vllm, "rank_pattern")->factor == Approx(0.25));  // alpha/8 where PEFT has alpha/2 (down_proj)
-  CHECK(find(pat_vllm, "rank_pattern")->modules.size() == 2);
+  CHECK(find(pat_vllm, "rank_pattern")->modules.size() == layers);  // down_proj of each layer
   CHECK(check_engine(gdata("adapters/lora_all_r8"), engine::llama_cpp).empty());
   const auto bias = check_engine(gdata("adapters/x_lora_bias_qv_r4"), engine::llama_cpp);
   REQUIRE(find(bias, "lora_bias"));

@@ -14,6 +14,7 @@
 #include "support/catch.hpp"
 #include "support/checkpoints.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -71,13 +72,14 @@ TEST_CASE("merging each PEFT fixture gives merge_and_unload()'s tensors", "[merg
 TEST_CASE("sharded checkpoints: read through the index, merged shard by shard", "[merge][checkpoint]") {
   TempDir tmp("ck");
   const std::string name = "patterns_all";
-  reshard(data("peft/" + name + "/base/model.safetensors"), tmp.path / "base", 100'000);
+  const auto single = io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors"));
+  // shards of a quarter of the base's bytes: three or more whatever the fixture's size
+  reshard(data("peft/" + name + "/base/model.safetensors"), tmp.path / "base", lora::test::shard_bytes_for(single, 4));
   const auto base = io::Checkpoint::open(tmp.path / "base");
   CHECK(base.sharded());
   CHECK(base.shard_count() >= 3);
   CHECK(base.shard_name(0) == fmt::format("model-00001-of-{:05d}.safetensors", base.shard_count()));
   CHECK(base.index_metadata()["total_size"] == base.total_bytes());
-  const auto single = io::SafetensorsFile::open(data("peft/" + name + "/base/model.safetensors"));
   CHECK(base.size() == single.size());
   for (const auto& t : single.tensors()) CHECK(same_bytes(base.tensor(t.name), t));
 
@@ -177,16 +179,17 @@ TEST_CASE("merge refuses adapters that do not fit, leaving no output", "[merge]"
   CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "missing.safetensors"), ad,
                                               tmp.path / "out.safetensors"),
                     ContainsSubstring("model.layers.1.mlp.up_proj.weight") && ContainsSubstring("missing.safetensors"));
-  // a base whose weight has the wrong shape
+  // a base whose weight has the wrong shape: one row more than the adapter's k_proj needs
+  const auto& k = f.tensor("model.layers.0.self_attn.k_proj.weight");
+  const std::int64_t out = k.shape.at(0), in = k.shape.at(1);
   for (auto& t : ts)
-    if (t.name == "model.layers.0.self_attn.k_proj.weight")
-      t = io::TensorData::from_matrix(t.name, Matrix<float>::Ones(64, 64), io::dtype::F32);
+    if (t.name == k.name) t = io::TensorData::from_matrix(t.name, Matrix<float>::Ones(out + 1, in), io::dtype::F32);
   ts.push_back(io::TensorData::copy_of(f.tensor("model.layers.1.mlp.up_proj.weight")));
   io::write_safetensors(tmp.path / "shape.safetensors", ts);
   CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "shape.safetensors"), ad,
                                               tmp.path / "out.safetensors"),
-                    ContainsSubstring("k_proj.weight") && ContainsSubstring("[64, 64]") &&
-                        ContainsSubstring("needs [32, 64]"));
+                    ContainsSubstring("k_proj.weight") && ContainsSubstring(fmt::format("[{}, {}]", out + 1, in)) &&
+                        ContainsSubstring(fmt::format("needs [{}, {}]", out, in)));
   io::MergeOptions bad;
   bad.out_dtype = io::dtype::I8;
   CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(data("peft/" + name + "/base/model.safetensors")),
@@ -322,7 +325,8 @@ TEST_CASE("base key layouts are mapped, or the candidates named", "[peft][keys]"
   // nothing fits: the closest candidates and a missing key are named
   write_renamed(tmp.path / "other.safetensors", [](const std::string& n) { return "encoder." + n; });
   CHECK_THROWS_WITH(io::resolve_base_keys(io::Checkpoint::open(tmp.path / "other.safetensors"), {{&ad, 1.0}}),
-                    ContainsSubstring("no key mapping") && ContainsSubstring("finds 0 of 14"));
+                    ContainsSubstring("no key mapping") &&
+                        ContainsSubstring(fmt::format("finds 0 of {}", lora::test::peft_case_modules(c))));
 }
 
 TEST_CASE("stacked merges equal sequential merges", "[peft][stack]") {
@@ -347,7 +351,7 @@ TEST_CASE("stacked merges equal sequential merges", "[peft][stack]") {
     CHECK(rel_error(st.tensor(k).to_matrix<double>(), s) <= 1e-6);
     if (s != b0.tensor(k).to_matrix<double>()) ++changed;
   }
-  CHECK(changed == 6);
+  CHECK(changed == lora::test::peft_case_modules(w, "adapters/a1"));  // a1 and a3: q, v and down of each layer
   // a float64 reference of one module: W + s1·B1·A1 + 0.5·s3·B3·A3
   const std::string q = "model.layers.0.self_attn.q_proj";
   const Matrix<double> want = b0.tensor(q + ".weight").to_matrix<double>() +
@@ -363,7 +367,8 @@ TEST_CASE("a merged folder carries the base folder's files and shard layout", "[
   const auto src = io::Checkpoint::open(peft(c, "base"));
   std::vector<io::TensorSpec> specs;
   for (const auto& n : src.names()) specs.push_back({n, src.tensor(n).type, src.tensor(n).shape});
-  const auto layout = io::CheckpointLayout::split(specs, 100'000);
+  const auto src_file = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));  // several shards at any size
+  const auto layout = io::CheckpointLayout::split(specs, lora::test::shard_bytes_for(src_file, 3));
   REQUIRE(layout.shards.size() > 1);
   const fs::path base_dir = tmp.path / "base";
   io::write_checkpoint(base_dir, layout, [&](const io::TensorSpec& s) { return io::TensorBytes::borrow(src.tensor(s.name).bytes); });

@@ -8,6 +8,7 @@
 #include "support/catch.hpp"
 #include "support/checkpoints.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -68,10 +69,11 @@ int check_fixture(const std::string& name) {
 }  // namespace
 
 TEST_CASE("PEFT fixtures load with PEFT's r, alpha and outputs", "[peft]") {
-  CHECK(check_fixture("lora_r8_a16_all") == 14);
-  CHECK(check_fixture("rslora_r16_a8_attn") == 8);
-  CHECK(check_fixture("dora_r4_a8_qv") == 6);
-  CHECK(check_fixture("patterns_all") == 14);
+  // each fixture adapts its target projections in every layer of its base
+  for (const std::string name : {"lora_r8_a16_all", "rslora_r16_a8_attn", "dora_r4_a8_qv", "patterns_all"}) {
+    INFO(name);
+    CHECK(check_fixture(name) == lora::test::peft_case_modules(name));
+  }
 }
 
 TEST_CASE("PEFT config fields", "[peft]") {
@@ -83,7 +85,10 @@ TEST_CASE("PEFT config fields", "[peft]") {
   CHECK(lora.at("model.layers.1.mlp.down_proj").adapter.scaling() == Approx(2.0));
   CHECK(lora.at("model.layers.0.self_attn.k_proj").stored_dtype == io::dtype::F32);
   CHECK_FALSE(lora.contains("model.layers.0.input_layernorm"));
-  CHECK_THROWS_WITH(lora.at("model.layers.9.self_attn.q_proj"), ContainsSubstring("model.layers.9.self_attn.q_proj"));
+  // a layer one past the base's last
+  const auto past = fmt::format("model.layers.{}.self_attn.q_proj",
+                                lora::test::layers_of(data("peft/lora_r8_a16_all/base/model.safetensors")));
+  CHECK_THROWS_WITH(lora.at(past), ContainsSubstring(past));
 
   const auto rs = io::load_peft_adapter(data("peft/rslora_r16_a8_attn/adapter"));
   CHECK(rs.config.use_rslora);
@@ -92,7 +97,10 @@ TEST_CASE("PEFT config fields", "[peft]") {
 
   const auto dora = io::load_peft_adapter(data("peft/dora_r4_a8_qv/adapter"));
   CHECK(dora.config.use_dora);
-  CHECK(dora.at("model.layers.0.self_attn.v_proj").adapter.magnitude().size() == 32);
+  // one magnitude per output row of the base's v_proj
+  const auto dora_base = io::SafetensorsFile::open(data("peft/dora_r4_a8_qv/base/model.safetensors"));
+  CHECK(dora.at("model.layers.0.self_attn.v_proj").adapter.magnitude().size() ==
+        dora_base.tensor("model.layers.0.self_attn.v_proj.weight").shape.at(0));
 
   const auto pat = io::load_peft_adapter(data("peft/patterns_all/adapter"));
   CHECK(pat.at("model.layers.0.mlp.down_proj").adapter.rank() == 2);

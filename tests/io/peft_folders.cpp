@@ -15,6 +15,7 @@
 #include "support/catch.hpp"
 #include "support/checkpoints.hpp"
 #include "support/files.hpp"
+#include "support/fixtures.hpp"
 #include "support/reference.hpp"
 
 using namespace lora;
@@ -25,11 +26,14 @@ using lora::test::TempDir;
 using Catch::Matchers::ContainsSubstring;
 namespace fs = std::filesystem;
 using lora::test::copy_folder;
+using lora::test::json_int;
 using lora::test::read_json;
 using lora::test::write_json;
 
 namespace {
 
+/// num_hidden_layers of a batch-2 case's base/config.json.
+int folder_layers(const std::string& c) { return json_int(peft(c, "base/config.json"), "num_hidden_layers"); }
 
 /// ulp of a bfloat16 value (spacing of bf16 numbers around |v|).
 double bf16_ulp(double v) {
@@ -90,22 +94,24 @@ fs::path merge_case(const TempDir& tmp, const std::string& c, const io::MergeOpt
 
 TEST_CASE("every batch-2 PEFT folder merges equal to merge_and_unload", "[peft][merge]") {
   TempDir tmp("peft-folders");
-  // {case, tensors merge_and_unload changed (meta.json)}
-  const std::vector<std::pair<std::string, int>> cases = {
-      {"modules_to_save_lm_head", 5}, {"modules_to_save_lm_head_embed", 6}, {"embedding_lora", 3},
-      {"lora_bias", 28},              {"trainable_tokens", 5},              {"trainable_tokens_tied", 6},
-      {"lora_r16_bf16_saved", 8}};
-  for (const auto& [c, n] : cases) {
+  // {case, tensors merge_and_unload changed (meta.json) in each layer, and outside the layers}: per
+  // layer the targets (lora_bias: weight and bias of each); outside, the modules_to_save copies,
+  // the embedding (embedding LoRA, trainable tokens) and lm_head when tied to it
+  const std::vector<std::tuple<std::string, int, int>> cases = {
+      {"modules_to_save_lm_head", 2, 1}, {"modules_to_save_lm_head_embed", 2, 2}, {"embedding_lora", 1, 1},
+      {"lora_bias", 14, 0},              {"trainable_tokens", 2, 1},              {"trainable_tokens_tied", 2, 2},
+      {"lora_r16_bf16_saved", 4, 0}};
+  for (const auto& [c, per_layer, outside] : cases) {
     INFO(c);
     const fs::path out = merge_case(tmp, c);
-    CHECK(check_merged(c, out / "model.safetensors") == n);
+    CHECK(check_merged(c, out / "model.safetensors") == per_layer * folder_layers(c) + outside);
     CHECK(fs::exists(out / "config.json"));
   }
 }
 
 TEST_CASE("modules_to_save copies are whole modules that replace the base's", "[peft]") {
   const auto ad = io::load_peft_adapter(peft("modules_to_save_lm_head_embed", "adapter"));
-  CHECK(ad.modules.size() == 4);
+  CHECK(ad.modules.size() == 2u * folder_layers("modules_to_save_lm_head_embed"));  // q and v of each layer
   REQUIRE(ad.saved.size() == 2);
   CHECK(ad.saved[0].key == "lm_head.weight");
   CHECK(ad.saved[0].module == "lm_head");
@@ -123,6 +129,8 @@ TEST_CASE("modules_to_save copies are whole modules that replace the base's", "[
 }
 
 TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embedding]") {
+  const int vocab = json_int(peft("embedding_lora", "base/config.json"), "vocab_size");
+  const int dim = json_int(peft("embedding_lora", "base/config.json"), "hidden_size");
   for (const char* folder : {"adapter", "adapter_no_embedding_layers"}) {
     INFO(folder);
     const auto ad = io::load_peft_adapter(peft("embedding_lora", folder));
@@ -130,8 +138,8 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
     const auto base = io::SafetensorsFile::open(peft("embedding_lora", "base/model.safetensors"));
     const auto& m = ad.at("model.embed_tokens");
     CHECK(m.is_embedding());
-    CHECK(m.adapter.in_features() == 128);  // vocab: the layer reads token ids
-    CHECK(m.adapter.out_features() == 64);  // dim
+    CHECK(m.adapter.in_features() == vocab);  // the layer reads token ids
+    CHECK(m.adapter.out_features() == dim);
     CHECK(m.adapter.scaling() == Approx(ref.tensor("model.embed_tokens.scaling").at<double>(0)));
     const Matrix<float> delta = m.adapter.delta_weight();
     CHECK(rel_error(delta, ref.tensor("model.embed_tokens.delta_weight").to_matrix<float>()) < 1e-6);
@@ -140,7 +148,8 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
     const Matrix<float> E = base.tensor("model.embed_tokens.weight").to_matrix<float>();
     const Matrix<float> y = embedding_forward(m.adapter.lora(), MatrixRef<float>(E), ids);
     const auto& yt = ref.tensor("model.embed_tokens.y");
-    const Matrix<float> want = Eigen::Map<const Matrix<float>>(yt.to_vector<float>().data(), static_cast<Index>(ids.size()), 64);
+    const Matrix<float> want =
+        Eigen::Map<const Matrix<float>>(yt.to_vector<float>().data(), static_cast<Index>(ids.size()), dim);
     CHECK(rel_error(y, want) < 1e-6);
     // the spectrum of ΔE is PEFT's (float64)
     Eigen::JacobiSVD<Matrix<double>> svd(delta.cast<double>());
@@ -148,15 +157,16 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
     for (Index i = 0; i < 4; ++i) CHECK(svd.singularValues()(i) == Approx(sv[static_cast<std::size_t>(i)]).epsilon(1e-5));
     CHECK(ad.saved.size() == (std::string(folder) == "adapter" ? 1u : 0u));
     // out-of-range token ids are refused by name
-    const std::vector<std::int64_t> bad = {3, 128};
+    const std::vector<std::int64_t> bad = {3, vocab};
     CHECK_THROWS_WITH(embedding_forward(m.adapter.lora(), MatrixRef<float>(E), bad),
-                      ContainsSubstring("adapter 'model.embed_tokens': token id 128 at position 1 is outside the "
-                                        "vocabulary [0, 128)"));
+                      ContainsSubstring(fmt::format("adapter 'model.embed_tokens': token id {0} at position 1 is "
+                                                    "outside the vocabulary [0, {0})", vocab)));
     // the AdapterSpec prefix, what was expected and what was found
-    const Matrix<float> Ebad = E.topRows(127);
+    const Matrix<float> Ebad = E.topRows(vocab - 1);
     CHECK_THROWS_WITH(embedding_forward(m.adapter.lora(), MatrixRef<float>(Ebad), ids),
-                      ContainsSubstring("adapter 'model.embed_tokens': embedding weight E [vocab x dim] has shape "
-                                        "[127 x 64], expected [128 x 64]"));
+                      ContainsSubstring(fmt::format("adapter 'model.embed_tokens': embedding weight E [vocab x dim] "
+                                                    "has shape [{} x {}], expected [{} x {}]",
+                                                    vocab - 1, dim, vocab, dim)));
     const auto linear = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(m.adapter.A(), m.adapter.B(), 8.0);
     CHECK_THROWS_WITH(embedding_forward(linear, MatrixRef<float>(E), ids),
                       ContainsSubstring("expected an embedding adapter (fan_in_fan_out, A [r × vocab]), got a linear"));
@@ -165,7 +175,8 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
   TempDir tmp("peft-emb");
   const auto ad = io::load_peft_adapter(peft("embedding_lora", "adapter_no_embedding_layers"));
   io::merge_peft_checkpoint(io::Checkpoint::open(peft("embedding_lora", "base")), ad, tmp.path / "m");
-  CHECK(check_merged("embedding_lora", tmp.path / "m" / "model.safetensors") == 3);
+  CHECK(check_merged("embedding_lora", tmp.path / "m" / "model.safetensors") ==
+        folder_layers("embedding_lora") + 1);  // q_proj of each layer and the embedding
 }
 
 TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-less base refused", "[peft][bias]") {
@@ -174,7 +185,7 @@ TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-
     const auto ad = io::load_peft_adapter(peft(c, "adapter"));
     const auto ref = io::SafetensorsFile::open(peft(c, "reference.safetensors"));
     const auto base = io::SafetensorsFile::open(peft(c, "base/model.safetensors"));
-    CHECK(ad.modules.size() == 14);
+    CHECK(ad.modules.size() == 7u * folder_layers(c));  // all 7 projections of each layer
     for (const auto& m : ad.modules) {
       INFO(m.name);
       REQUIRE(m.lora_bias);
@@ -206,7 +217,10 @@ TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-
   j["lora_bias"] = false;
   write_json(edited / "adapter_config.json", j);
   const auto plain = io::load_peft_adapter(edited);
-  CHECK(plain.skipped.size() == 14);
+  const auto edited_file = io::SafetensorsFile::open(edited / "adapter_model.safetensors");
+  CHECK(plain.skipped.size() ==  // every lora_B.bias of the file
+        static_cast<std::size_t>(lora::test::count_ending(edited_file, ".lora_B.bias")));
+  CHECK(!plain.skipped.empty());
   CHECK_THAT(plain.skipped.front().reason, ContainsSubstring("lora_bias = false"));
   for (const auto& m : plain.modules) CHECK(!m.lora_bias);
 }
@@ -228,7 +242,8 @@ TEST_CASE("trainable tokens replace the embedding's rows (and lm_head's when tie
   fs::copy_file(peft("trainable_tokens_tied", "base/model.safetensors"), tmp.path / "base" / "model.safetensors");
   const auto ad = io::load_peft_adapter(peft("trainable_tokens_tied", "adapter"));
   io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "base"), ad, tmp.path / "m");
-  CHECK(check_merged("trainable_tokens_tied", tmp.path / "m" / "model.safetensors") == 6);
+  CHECK(check_merged("trainable_tokens_tied", tmp.path / "m" / "model.safetensors") ==
+        2 * folder_layers("trainable_tokens_tied") + 2);  // q and v of each layer, the embedding and lm_head
   // and forced untied: lm_head stays
   io::MergeOptions o;
   o.tie_word_embeddings = false;
@@ -241,7 +256,7 @@ TEST_CASE("trainable tokens replace the embedding's rows (and lm_head's when tie
 TEST_CASE("bf16 adapter files load and merge within one bf16 rounding", "[peft][bf16]") {
   const auto ad = io::load_peft_adapter(peft("lora_r16_bf16_saved", "adapter"));
   const auto ref = io::SafetensorsFile::open(peft("lora_r16_bf16_saved", "reference.safetensors"));
-  CHECK(ad.modules.size() == 8);
+  CHECK(ad.modules.size() == 4u * folder_layers("lora_r16_bf16_saved"));  // q, k, v and o of each layer
   for (const auto& m : ad.modules) {
     CHECK(m.stored_dtype == io::dtype::BF16);
     CHECK(rel_error(m.adapter.delta_weight(), ref.tensor(m.name + ".delta_weight_f32").to_matrix<float>()) < 1e-6);
@@ -263,28 +278,34 @@ TEST_CASE("the config selects modules as PEFT does", "[peft][select]") {
     for (const auto& m : a.modules) n.push_back(m.name);
     return n;
   };
-  // a list: suffix match; the other 10 modules' 20 tensors are skipped and reported
+  // the adapter has the 7 projections of every layer: 14 tensors a layer
+  const std::size_t layers = lora::test::layers_of(peft("lora_r8_a16_all", "base/model.safetensors"));
+  REQUIRE(layers >= 2);  // the selections by layer below keep some layers and drop others
+  const std::size_t last = layers - 1;
+  // a list: suffix match; the other 5 modules' 10 tensors of each layer are skipped and reported
   auto qv = edit([](auto& j) { j["target_modules"] = {"q_proj", "v_proj"}; });
-  CHECK(qv.modules.size() == 4);
-  CHECK(qv.skipped.size() == 20);
+  CHECK(qv.modules.size() == 2 * layers);
+  CHECK(qv.skipped.size() == 10 * layers);
   CHECK_THAT(qv.skipped.front().reason, ContainsSubstring("not adapted under this config"));
   // a string: full-match regex
-  auto re = edit([](auto& j) { j["target_modules"] = ".*layers\\.1\\.self_attn\\.(q|k)_proj"; });
-  CHECK(names(re) == std::vector<std::string>{"model.layers.1.self_attn.k_proj", "model.layers.1.self_attn.q_proj"});
-  // a string matches the whole path: "q_proj" alone matches no module
-  CHECK_THROWS_WITH(edit([](auto& j) { j["target_modules"] = "q_proj"; }), ContainsSubstring("20") || ContainsSubstring("28"));
+  auto re = edit([&](auto& j) { j["target_modules"] = fmt::format(".*layers\\.{}\\.self_attn\\.(q|k)_proj", last); });
+  CHECK(names(re) == std::vector<std::string>{fmt::format("model.layers.{}.self_attn.k_proj", last),
+                                              fmt::format("model.layers.{}.self_attn.q_proj", last)});
+  // a string matches the whole path: "q_proj" alone matches no module, every tensor is skipped
+  CHECK_THROWS_WITH(edit([](auto& j) { j["target_modules"] = "q_proj"; }),
+                    ContainsSubstring(fmt::format("({} skipped", 14 * layers)));
   // exclude_modules
   auto ex = edit([](auto& j) { j["exclude_modules"] = {"mlp.down_proj", "k_proj"}; });
-  CHECK(ex.modules.size() == 10);
+  CHECK(ex.modules.size() == 5 * layers);
   auto exr = edit([](auto& j) { j["exclude_modules"] = ".*\\.0\\..*"; });
-  CHECK(exr.modules.size() == 7);
+  CHECK(exr.modules.size() == 7 * (layers - 1));
   // layers_to_transform + layers_pattern
-  auto l1 = edit([](auto& j) {
-    j["layers_to_transform"] = {1};
+  auto l1 = edit([&](auto& j) {
+    j["layers_to_transform"] = {last};
     j["layers_pattern"] = "layers";
   });
   CHECK(l1.modules.size() == 7);
-  for (const auto& m : l1.modules) CHECK_THAT(m.name, ContainsSubstring("layers.1."));
+  for (const auto& m : l1.modules) CHECK_THAT(m.name, ContainsSubstring(fmt::format("layers.{}.", last)));
   auto l0 = edit([](auto& j) { j["layers_to_transform"] = 0; });  // an int, any layers_pattern
   CHECK(l0.modules.size() == 7);
   auto nomatch = [&] {
@@ -296,8 +317,8 @@ TEST_CASE("the config selects modules as PEFT does", "[peft][select]") {
   CHECK_THROWS_WITH(nomatch(), ContainsSubstring("holds no LoRA tensors the config selects"));
   // modules_to_save never carry an adapter
   auto mts = edit([](auto& j) { j["modules_to_save"] = {"q_proj"}; });
-  CHECK(mts.modules.size() == 12);
-  // merging under the q/v config changes exactly those 4 weights, and reports the rest
+  CHECK(mts.modules.size() == 6 * layers);
+  // merging under the q/v config changes exactly q and v of each layer, and reports the rest
   write_json(folder / "adapter_config.json", [&] {
     auto j = read_json(peft("lora_r8_a16_all", "adapter/adapter_config.json"));
     j["target_modules"] = {"q_proj", "v_proj", "o_proj"};
@@ -316,9 +337,14 @@ TEST_CASE("the config selects modules as PEFT does", "[peft][select]") {
   const auto sel = io::load_peft_adapter(folder);
   const auto base = io::Checkpoint::open(peft("lora_r8_a16_all", "base/model.safetensors"));
   const auto missing = io::targeted_without_tensors(base, sel);
-  CHECK(missing == std::vector<std::string>{"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"});
+  std::vector<std::string> every_o;  // in the base file's order
+  const auto base_file = io::SafetensorsFile::open(peft("lora_r8_a16_all", "base/model.safetensors"));
+  for (const auto& k : base_file.names())
+    if (k.ends_with(".self_attn.o_proj.weight")) every_o.push_back(k.substr(0, k.size() - 7));
+  CHECK(every_o.size() == layers);
+  CHECK(missing == every_o);
   const auto s = io::merge_peft_checkpoint(base, sel, tmp.path / "m.safetensors");
-  CHECK(s.merged == 4);
+  CHECK(s.merged == 2 * layers);
 }
 
 TEST_CASE("save → load keeps every kind of tensor", "[peft][save]") {
