@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lora combine: the ties/magnitude_prune types give PEFT's factors (tests/data/peft/combos_ext);
 # refusals exit 1 with one line on stderr and leave no output.
-# Called as: bash combine.sh <lora binary> <tests/data>
+# Called as: bash combine.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/combos_ext
 NT=$(fx count "$FX/adapters/a1/adapter_model.safetensors" 'lora_[AB]\.weight$')  # A and B of a1's modules

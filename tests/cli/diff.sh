@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lora diff: an adapter against itself (0), against a combination of it (PEFT's ties result),
-# modules on one side, the SVG heatmap. Called as: bash diff.sh <lora binary> <tests/data>
+# modules on one side, the SVG heatmap. Called as: bash diff.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/combos_ext/adapters
 n=$(fx count "$FX/a1/adapter_model.safetensors" 'lora_A\.weight$')  # a1's modules (a2's are the same)

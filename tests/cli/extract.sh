@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lora extract: PEFT's merged checkpoint (base + an r = 8 adapter on all 7 projections) gives
 # back the adapter's ΔW (lora diff ~1e-6, float32 rounding of the merge); refusals leave nothing.
-# Called as: bash extract.sh <lora binary> <tests/data>
+# Called as: bash extract.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
 N=$(fx count "$FX/adapter/adapter_model.safetensors" 'lora_A\.weight$')  # the adapter's modules

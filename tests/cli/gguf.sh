@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lora convert (--to gguf / --to peft), check and normalize on the GGUF fixtures (tests/data/gguf):
 # byte-identical to llama.cpp's converter for plain LoRA, folds printed for rsLoRA, refusals with
-# the reason and no output left behind. Called as: bash gguf.sh <lora binary> <tests/data>
+# the reason and no output left behind. Called as: bash gguf.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 G=$2/gguf
 

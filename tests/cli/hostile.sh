@@ -3,7 +3,7 @@
 # given as inputs, hostile configs (deep JSON, catastrophic patterns, huge integers), and
 # concurrent writers of one output. Each case: the exit status and the one stderr line
 # expected, no input changed, nothing left behind, and no hang (every run under `timeout`).
-# Called as: bash hostile.sh <lora binary> <tests/data>
+# Called as: bash hostile.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 cases=0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lora info: an adapter folder's config, contents and tensors; a plain file's tensors.
-# Called as: bash info.sh <lora binary> <tests/data>
+# Called as: bash info.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 P=$DATA/peft
 out=$("$LORA" info "$P/modules_to_save_lm_head_embed/adapter") || fail "info on a modules_to_save adapter"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lora inspect / compress / combine / similarity on the PEFT fixtures.
-# usage: bash inspect.sh <path to lora> <tests/data>
+# usage: bash inspect.sh <path to lora> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 fail() { echo "FAIL: $*"; exit 1; }
 P=$DATA/peft

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lora intruders: λ = 1 changes nothing (up to float rounding); the default λ changes exactly the
-# modules it reports intruders for; refusals leave nothing. Called as: bash intruders.sh <lora> <tests/data>
+# modules it reports intruders for; refusals leave nothing. Called as: bash intruders.sh <lora> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
 

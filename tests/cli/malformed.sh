@@ -2,7 +2,7 @@
 # Every lora command given malformed or inconsistent input: exit status 1, exactly one
 # line on stderr ("lora <cmd>: error: ..."), no crash (no signal, no sanitizer report),
 # and nothing left in the output folder (no output file, no temporary file).
-# Called as: bash malformed.sh <lora binary> <tests/data>
+# Called as: bash malformed.sh <lora binary> <tests/data> <fixture_facts>
 # With MALFORMED_TABLE=<file>, appends a markdown row per case (command, input, status,
 # message) for docs/reliability.md.
 source "$(dirname "$0")/common.sh" "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # lora merge: good runs give PEFT's merged tensors; bad input exits 1 with one line on
-# stderr and leaves no output. Called as: bash merge.sh <lora binary> <tests/data>
+# stderr and leaves no output. Called as: bash merge.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 
 # Compares two safetensors files: same keys, dtypes, shapes; values within 1e-6 relative

@@ -2,7 +2,7 @@
 # lora merge-4bit: quantise PEFT's base with `lora quantize`, merge the r = 8 adapter into the
 # 4-bit checkpoint; the --reference report must show the NF4 error only (the merged result
 # against PEFT's float merge is as far as the base's quantisation error), the output has no
-# NF4 companions, refusals leave nothing. Called as: bash merge_4bit.sh <lora binary> <tests/data>
+# NF4 companions, refusals leave nothing. Called as: bash merge_4bit.sh <lora binary> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 FX=$DATA/peft/lora_r8_a16_all
 N=$(fx count "$FX/adapter/adapter_model.safetensors" 'lora_A\.weight$')  # all 7 projections of each layer

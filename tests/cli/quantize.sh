@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # lora quantize / lora dequantize: layout of the bnb-4bit output, round trip,
 # folder mode, and bad input (exit 1, one line on stderr, no output written).
-# Usage: bash quantize.sh <path to lora> <tests/data>
+# Usage: bash quantize.sh <path to lora> <tests/data> <fixture_facts>
 source "$(dirname "$0")/common.sh" "$@"
 check() {  # check <description> <command...>
   local what=$1
