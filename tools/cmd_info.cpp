@@ -82,7 +82,9 @@ int run_info(const std::vector<std::string>& argv) {
     fmt::print("patterns        rank_pattern {} entries, alpha_pattern {} entries\n", cfg.rank_pattern.size(),
                cfg.alpha_pattern.size());
   fmt::print("targets         {}\n", cfg.target_modules_regex ? "regex " + *cfg.target_modules_regex
-                                                               : fmt::format("{}", fmt::join(cfg.target_modules, ", ")));
+                                   : !cfg.target_modules.empty() ? fmt::format("{}", fmt::join(cfg.target_modules, ", "))
+                                   : cfg.target_modules_given    ? std::string("none (target_modules = [])")
+                                                                 : std::string("the model type's defaults (target_modules = null)"));
   if (cfg.exclude_modules_regex || !cfg.exclude_modules.empty())
     fmt::print("exclude         {}\n", cfg.exclude_modules_regex ? "regex " + *cfg.exclude_modules_regex
                                                                    : fmt::format("{}", fmt::join(cfg.exclude_modules, ", ")));
@@ -92,6 +94,7 @@ int run_info(const std::vector<std::string>& argv) {
   if (!cfg.modules_to_save.empty()) fmt::print("modules_to_save {}\n", fmt::join(cfg.modules_to_save, ", "));
   for (const auto& [m, ids] : cfg.trainable_token_indices)
     fmt::print("trainable tokens {}: {} ids\n", m.empty() ? "input embedding" : m, ids.size());
+  if (!cfg.target_parameters.empty()) fmt::print("parameters      {}\n", fmt::join(cfg.target_parameters, ", "));
   if (cfg.bias != "none") fmt::print("bias            {}\n", cfg.bias);
 
   std::int64_t lora_params = 0, whole_params = 0, token_params = 0, embedding = 0, dora = 0, biases = 0;
@@ -101,14 +104,29 @@ int run_info(const std::vector<std::string>& argv) {
     if (m.bias) biases += m.bias->numel();
     if (m.kind == io::PeftModuleKind::embedding) ++embedding;
   }
+  for (const auto& p : scan.params) lora_params += p.A->numel() + p.B->numel();
   for (const auto& s : scan.saved) whole_params += s.view->numel();
   for (const auto& t : scan.tokens) token_params += t.rows->numel();
-  fmt::print("\nmodules         {} adapted ({} embedding), {} whole tensors, {} trainable-token tables\n",
-             scan.modules.size(), embedding, scan.saved.size(), scan.tokens.size());
+  fmt::print("\nmodules         {} adapted ({} embedding), {} whole tensors, {} trainable-token tables{}\n",
+             scan.modules.size(), embedding, scan.saved.size(), scan.tokens.size(),
+             scan.params.empty() ? "" : fmt::format(", {} parameter LoRAs", scan.params.size()));
   fmt::print("parameters      {} LoRA (A, B){}{}, {} whole tensors, {} token rows; {} in all\n", cli::thousands(lora_params),
              dora ? fmt::format(", {} DoRA magnitudes", cli::thousands(dora)) : "",
              biases ? fmt::format(", {} lora_B biases", cli::thousands(biases)) : "", cli::thousands(whole_params),
              cli::thousands(token_params), cli::thousands(lora_params + dora + biases + whole_params + token_params));
+  if (!scan.params.empty()) {
+    // One line per module: its wrappers (outermost first) and what they can adapt.
+    fmt::print("parameter LoRA  {} wrapper(s) on {} module(s) (target_parameters; lora_A [r*experts, in], lora_B [out, "
+               "r*experts])\n", scan.params.size(), std::count_if(scan.params.begin(), scan.params.end(),
+                                                                  [](const io::PeftParamTensors& p) { return p.depth == 0; }));
+    for (const auto& p : scan.params)
+      if (p.depth == 0) {
+        std::vector<std::string> w;
+        for (const auto& q : scan.params)
+          if (q.module == p.module) w.push_back(fmt::format("[{}, {}]x[{}, {}]", q.A->shape[0], q.A->shape[1], q.B->shape[0], q.B->shape[1]));
+        fmt::print("  {}: {} of {{{}}}\n", p.module, fmt::join(w, " "), fmt::join(p.candidates, ", "));
+      }
+  }
   for (const auto& s : scan.saved)
     fmt::print("whole tensor    {} ({}) replaces the base's\n", s.key, io::role_name(s.role));
   for (const auto& s : scan.skipped) fmt::print("not loaded      {}: {}\n", s.key, s.reason);

@@ -11,15 +11,18 @@ namespace {
 
 const char* help = R"(usage: lora merge --base <model.safetensors | folder> --adapter <peft folder>[:S] [--adapter ...]
                   --out <file | folder> [--scale S] [--dtype f32|bf16|f16] [--base-prefix OLD=NEW]
-                  [--threads N] [--progress | --quiet]
+                  [--experts-layout auto|out-in|in-out] [--threads N] [--progress | --quiet]
 
 Merges PEFT LoRA adapters (LoRA, rsLoRA, DoRA, rank/alpha patterns, embedding LoRA,
-lora_bias, modules_to_save copies, trainable tokens) into a base checkpoint and writes
+lora_bias, modules_to_save copies, trainable tokens, LoRA on MoE expert parameters
+through target_parameters) into a base checkpoint and writes
 what PEFT's merge_and_unload() followed by saving the state dict gives: the same keys,
 order, shapes and dtypes;
   LoRA:  W' = W + S*s*B*A                                 (s = alpha/r, or alpha/sqrt(r))
   DoRA:  W' = m / ||W + S*s*B*A||_row * (W + S*s*B*A)
   embedding LoRA: E' = E + S*s*(B*A)^T;  lora_bias: b' = b + S*s*b_B
+  target_parameters: W[e] = W[e] + S*s*B_e*A_e for every expert e of a fused
+  [experts, out, in] parameter (its transpose for [experts, in, out])
   modules_to_save copies replace the base tensor; trainable-token rows replace the
   embedding's rows (and lm_head's with tied embeddings)
 computed in float32 and rounded once to the tensor's dtype. Tensors no adapter changes
@@ -43,6 +46,11 @@ modules are reported and not merged, as PEFT ignores them.
               starting with NEW ("transformer.=" for GPT-2 from the hub; "=model." adds).
               Default: the one mapping (among "", model., transformer., language_model.)
               under which every adapter tensor finds its base tensor
+  --experts-layout L  how the base stores fused expert weights (target_parameters):
+              out-in ([E, out, in], transformers' default), in-out ([E, in, out],
+              gpt-oss). Default auto: what the shapes allow; for square experts the
+              base folder's config.json model_type decides (gpt_oss: in-out; qwen2_moe,
+              qwen3_moe, mixtral, olmoe: out-in), else this option is needed
   --threads N threads that read, merge and write parts of the output at once (default:
               one per hardware thread); the output is the same for every N
   --progress  always report progress on stderr (default: only above 256 MiB)
@@ -62,7 +70,7 @@ std::pair<std::filesystem::path, double> parse_adapter(const std::string& s) {
 
 int run_merge(const std::vector<std::string>& argv) {
   namespace fs = std::filesystem;
-  lora::cli::Args args(argv, {"progress", "quiet"}, {"base", "adapter", "out", "scale", "dtype", "base-prefix", "threads"},
+  lora::cli::Args args(argv, {"progress", "quiet"}, {"base", "adapter", "out", "scale", "dtype", "base-prefix", "threads", "experts-layout"},
                        "merge");
   if (!args.positional().empty())
     lora::fail("unexpected argument '{}' (see 'lora merge --help')", args.positional().front());
@@ -77,6 +85,7 @@ int run_merge(const std::vector<std::string>& argv) {
   opts.threads = static_cast<unsigned>(args.integer("threads", 0, 1, 4096));
   if (auto d = args.get("dtype")) opts.out_dtype = lora::io::parse_float_dtype(*d, "--dtype");
   if (auto p = args.get("base-prefix")) opts.base_keys = lora::io::parse_base_key_map(*p);
+  if (auto l = args.get("experts-layout")) opts.experts_layout = lora::io::parse_experts_layout(*l, "--experts-layout");
   std::vector<fs::path> inputs{base_path};
   for (const auto& [p, s] : adapter_specs) inputs.push_back(p);
   std::error_code ec;

@@ -495,6 +495,8 @@ inline io::PeftAdapter combine_adapters(const std::vector<const io::PeftAdapter*
                                         const std::vector<double>& weights, CombineOptions opt) {
   using ct = combination_type;
   if (adapters.empty()) lora::detail::fail("combine: no adapters given");
+  for (const auto* a : adapters)
+    if (a) io::require_modules_only(*a, "combine");
   if (weights.size() != adapters.size())
     lora::detail::fail("combine: {} adapters but {} weights; give one weight per adapter", adapters.size(),
                        weights.size());

@@ -93,6 +93,7 @@ template <class = void>
 inline io::PeftAdapter compress_adapter(
     const io::PeftAdapter& in, const CompressionTarget& target,
     const std::function<void(std::size_t, std::size_t, const std::string&)>& on_module = {}) {
+  io::require_modules_only(in, "compress");
   io::PeftAdapter out;
   out.config = in.config;
   out.config.rank_pattern.clear();

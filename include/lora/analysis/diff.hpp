@@ -71,6 +71,8 @@ ModuleDiff module_diff(const Eigen::MatrixBase<BA>& Ba, const Eigen::MatrixBase<
 /// module_diff for every module two PEFT adapters share; the others listed per side.
 template <class = void>
 inline AdapterDiff adapter_diff(const io::PeftAdapter& a, const io::PeftAdapter& b) {
+  io::require_modules_only(a, "diff");
+  io::require_modules_only(b, "diff");
   AdapterDiff out;
   for (const auto& m : a.modules) {
     const io::PeftModule* n = b.find(m.name);

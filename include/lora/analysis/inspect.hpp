@@ -205,6 +205,33 @@ inline std::vector<MappedModule> mapped_modules(const io::SafetensorsFile& f, co
   return out;
 }
 
+/// One ModuleReport per expert of a parameter LoRA (kind "expert", named as
+/// PeftParamAdapter::expert_name): the spectrum of s·B_e·A_e.
+template <class MA, class MB>
+void expert_reports(std::vector<ModuleReport>& out, const io::PeftParamAdapter& w, const MA& A, const MB& B,
+                    const std::vector<double>& thresholds) {
+  if (w.rank <= 0)
+    lora::detail::fail("parameter LoRA '{}': rank_pattern gives its candidate parameters ({}) different ranks, so its "
+                       "experts cannot be told apart without the base model", w.path, fmt::join(w.candidates, ", "));
+  const Index r = w.rank, E = w.experts();
+  for (Index e = 0; e < E; ++e) {
+    ModuleReport m;
+    m.name = w.expert_name(e);
+    m.rank = r;
+    m.alpha = w.alpha;
+    m.scaling = w.scaling();
+    m.kind = "expert";
+    m.out_features = B.rows();
+    m.in_features = A.cols();
+    Matrix<double> Be(B.rows(), r);
+    for (Index k = 0; k < r; ++k) Be.col(k) = B.col(k * E + e).template cast<double>();
+    const Matrix<double> Ae = A.middleRows(e * r, r).template cast<double>();
+    m.singular_values = lowrank_singular_values(Be, Ae, m.scaling);
+    m.metrics = spectrum_metrics(m.singular_values, m.out_features, m.in_features, thresholds);
+    out.push_back(std::move(m));
+  }
+}
+
 inline void finish_report(AdapterReport& rep, const std::vector<double>& thresholds, const SpikeOptions& spikes) {
   rep.thresholds = thresholds;
   std::stable_sort(rep.modules.begin(), rep.modules.end(),
@@ -302,6 +329,11 @@ inline AdapterReport inspect_adapter(const std::filesystem::path& folder, const 
       opt.progress(++done, mods.size());
     }
   });
+  // Parameter LoRAs (target_parameters): every expert as a module.
+  if (!scan.params.empty()) {
+    const io::PeftAdapter loaded = io::load_peft_adapter(folder);
+    for (const auto& w : loaded.params) detail::expert_reports(rep.modules, w, w.A, w.B, opt.energy_thresholds);
+  }
   detail::finish_report(rep, opt.energy_thresholds, opt.spikes);
   return rep;
 }
@@ -326,6 +358,7 @@ inline AdapterReport inspect_adapter(const io::PeftAdapter& adapter, const Inspe
     m.singular_values = lowrank_singular_values(a.B(), a.A(), a.scaling());
     m.metrics = spectrum_metrics(m.singular_values, m.out_features, m.in_features, opt.energy_thresholds);
   });
+  for (const auto& w : adapter.params) detail::expert_reports(rep.modules, w, w.A, w.B, opt.energy_thresholds);
   for (const auto& s : adapter.saved)
     rep.whole.push_back({s.key, io::role_name(s.role), s.data.type, s.data.shape,
                          static_cast<Index>(s.data.bytes.size() / io::dtype_size(s.data.type))});

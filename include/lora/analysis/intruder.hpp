@@ -227,6 +227,7 @@ inline io::PeftAdapter reduce_intruder_dimension_adapter(const io::PeftAdapter& 
                                                          const IntruderMitigationOptions& opt = {},
                                                          std::vector<NamedMitigation>* report = nullptr,
                                                          const std::function<void(const NamedMitigation&)>& progress = {}) {
+  io::require_modules_only(adapter, "intruder-dimension reduction");
   io::PeftAdapter out = adapter;
   for (auto& m : out.modules) {
     if (m.is_dora() || m.is_embedding())

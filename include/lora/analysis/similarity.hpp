@@ -85,6 +85,8 @@ struct NamedSimilarity {
 /// module_similarity for every module the two adapters have in common (sorted by name).
 template <class = void>
 inline std::vector<NamedSimilarity> adapter_similarity(const io::PeftAdapter& a, const io::PeftAdapter& b) {
+  io::require_modules_only(a, "similarity");
+  io::require_modules_only(b, "similarity");
   std::vector<NamedSimilarity> out;
   for (const auto& m : a.modules) {
     const io::PeftModule* n = b.find(m.name);

@@ -134,6 +134,7 @@ inline std::vector<EngineFinding> check_engine(const std::filesystem::path& path
     return out;
   }
   const PeftAdapter ad = load_peft_adapter(path);
+  require_modules_only(ad, fmt::format("{}: the engine check", path.string()));
   detail::scale_findings(ad, e, out);
   std::vector<std::string> dora, bias, emb;
   for (const auto& m : ad.modules) {

@@ -298,6 +298,7 @@ inline GgufExport peft_to_gguf(const std::filesystem::path& adapter_dir, const s
   const std::string where = adapter_dir.string();
   const GgufBaseModel base = load_gguf_base_model(base_dir);
   const PeftAdapter ad = load_peft_adapter(adapter_dir);
+  require_modules_only(ad, fmt::format("{}: conversion to GGUF", adapter_dir.string()));
   const PeftConfig& cfg = ad.config;
   const ggml_type ot = opts.outtype;
   if (ot != ggml_type::F32 && ot != ggml_type::F16 && ot != ggml_type::BF16 && ot != ggml_type::Q8_0)

@@ -112,6 +112,16 @@ inline std::vector<std::string> keys_needed(const std::vector<ScaledAdapter>& ad
   std::set<std::string> keys;
   for (const auto& sa : adapters) {
     for (const auto& m : sa.adapter->modules) keys.insert(m.name + ".weight");
+    for (const auto& w : sa.adapter->params) {  // the parameter, or every candidate when one wrapper per candidate
+      if (!w.parameter.empty()) {
+        keys.insert(w.module + "." + w.parameter);
+        continue;
+      }
+      const auto n = std::count_if(sa.adapter->params.begin(), sa.adapter->params.end(),
+                                   [&](const PeftParamAdapter& q) { return q.module == w.module; });
+      if (static_cast<std::size_t>(n) == w.candidates.size())
+        for (const auto& c : w.candidates) keys.insert(w.module + "." + c);
+    }
     for (const auto& t : sa.adapter->saved) keys.insert(t.key);
     for (const auto& t : sa.adapter->trainable_tokens) keys.insert(t.module + ".weight");
   }
@@ -190,11 +200,174 @@ inline BaseKeyMap resolve_base_keys(const Checkpoint& base, const std::vector<Sc
                      base.path().string(), need.front(), fmt::join(lines, "; "));
 }
 
+/// How a checkpoint stores a 3-D expert parameter: transformers' default [experts, out, in]
+/// (what PEFT assumes unless the experts module sets is_transposed), or [experts, in, out]
+/// (is_transposed: gpt-oss).
+enum class ExpertsLayout {
+  automatic,  ///< from the shapes; where they cannot tell (square experts), from config.json's model_type
+  out_in,     ///< [E, out, in]
+  in_out,     ///< [E, in, out]
+};
+
+/// "auto", "out-in" or "in-out" (`what` names the option in the message).
+inline ExpertsLayout parse_experts_layout(std::string_view s, std::string_view what) {
+  if (s == "auto") return ExpertsLayout::automatic;
+  if (s == "out-in") return ExpertsLayout::out_in;
+  if (s == "in-out") return ExpertsLayout::in_out;
+  lora::detail::fail("{}: expected auto, out-in or in-out, got '{}'", what, s);
+}
+
+/// A parameter LoRA (PeftParamAdapter) matched to the base tensor it changes.
+struct ParamTarget {
+  const PeftParamAdapter* wrapper = nullptr;
+  std::string parameter;    ///< the parameter it adapts, e.g. "gate_up_proj"
+  std::string key;          ///< the base tensor (after the key mapping)
+  int rank = 0;
+  double alpha = 0;
+  bool transposed = false;  ///< the base stores [E, in, out] (ExpertsLayout::in_out)
+  Index experts = 1;
+  double scaling() const { return dynamic_scaling{wrapper->rslora}.factor(alpha, rank); }
+};
+
+namespace detail {
+/// The model_type of a folder checkpoint's config.json ("" without one).
+inline std::string checkpoint_model_type(const Checkpoint& base) {
+  const auto cfg = base.path() / "config.json";
+  if (!std::filesystem::is_directory(base.path()) || !std::filesystem::exists(cfg)) return "";
+  const auto j = read_json_file(cfg);
+  if (j.is_object() && j.contains("model_type") && j["model_type"].is_string()) return j["model_type"].get<std::string>();
+  return "";
+}
+}  // namespace detail
+
+/// Matches each parameter LoRA of `adapter` to its base tensor `map(<module>.<parameter>)`:
+/// a 3-D tensor [E, d1, d2] takes a wrapper whose lora_A has r·E rows (r the parameter's
+/// rank) and whose in/out features are (d2, d1) for out_in, (d1, d2) for in_out; a 2-D
+/// tensor [out, in] is one expert. Where target_parameters selects several parameters of a
+/// module, the wrappers are assigned by these shapes (one layout per module, as PEFT reads
+/// it off the experts module). `layout` automatic takes the layout the shapes allow; where
+/// both fit (square experts) gpt_oss checkpoints (config.json model_type) are in_out and
+/// the models PEFT documents for target_parameters (llama4 aside) out_in; otherwise an
+/// error asks for the layout. Throws lora::error naming the module when no assignment or
+/// more than one fits, or a base tensor is missing or not float.
+inline std::vector<ParamTarget> resolve_parameter_targets(const Checkpoint& base, const PeftAdapter& adapter,
+                                                          const BaseKeyMap& map = {},
+                                                          ExpertsLayout layout = ExpertsLayout::automatic) {
+  std::vector<ParamTarget> out;
+  const PeftConfig& cfg = adapter.config;
+  const auto& ps = adapter.params;
+  std::string model_type;
+  bool model_type_read = false;
+  for (std::size_t i = 0; i < ps.size();) {
+    std::size_t j = i;
+    while (j < ps.size() && ps[j].module == ps[i].module) ++j;
+    const std::string& module = ps[i].module;
+    // The candidates the base has, with their shapes.
+    std::vector<std::string> names;
+    for (const auto& c : ps[i].parameter.empty() ? ps[i].candidates : std::vector<std::string>{ps[i].parameter}) {
+      const std::string key = map(module + "." + c);
+      if (!base.contains(key)) continue;
+      const TensorView& W = base.tensor(key);
+      if (!is_float(W.type))
+        lora::detail::fail("{}: tensor '{}' has dtype {}; merging needs a float weight (F32, F16, BF16, F64)", W.file,
+                           key, dtype_name(W.type));
+      names.push_back(c);
+    }
+    if (names.size() < j - i)
+      lora::detail::fail("{}: module '{}' has {} parameter LoRA(s) (target_parameters: {}), but the checkpoint has only "
+                         "{} of its tensors ({}){}", base.path().string(), module, j - i,
+                         fmt::join(ps[i].candidates, ", "), names.size(),
+                         fmt::join([&] { std::vector<std::string> k; for (const auto& c : ps[i].candidates) k.push_back(map(module + "." + c)); return k; }(), ", "),
+                         " — a checkpoint that stores each expert separately (experts.N.…) is converted by transformers "
+                         "when it loads; merge into the fused layout transformers saves");
+    // Does wrapper w fit parameter c with layout t? (rank, experts) when it does.
+    auto fits = [&](const PeftParamAdapter& w, const std::string& c, bool t) -> std::optional<std::pair<int, Index>> {
+      const auto& shape = base.tensor(map(module + "." + c)).shape;
+      const int r = cfg.rank_for(module + "." + c);
+      if (shape.size() == 2) {
+        if (t) return std::nullopt;  // PEFT swaps nothing on a 2-D parameter
+        if (w.A.rows() == r && w.in_features() == shape[1] && w.out_features() == shape[0]) return std::pair{r, Index{1}};
+        return std::nullopt;
+      }
+      if (shape.size() != 3) return std::nullopt;
+      const std::int64_t in = t ? shape[1] : shape[2], outf = t ? shape[2] : shape[1];
+      if (w.A.rows() == static_cast<Index>(r) * shape[0] && w.in_features() == in && w.out_features() == outf)
+        return std::pair{r, static_cast<Index>(shape[0])};
+      return std::nullopt;
+    };
+    struct Fit {
+      std::vector<std::size_t> assign;  // wrapper k → names[assign[k]]
+      bool t;
+    };
+    std::vector<Fit> all;
+    std::vector<std::size_t> perm(names.size());
+    for (std::size_t k = 0; k < perm.size(); ++k) perm[k] = k;
+    std::set<std::vector<std::size_t>> seen;
+    for (bool t : {false, true}) {
+      std::sort(perm.begin(), perm.end());
+      do {
+        std::vector<std::size_t> assign(perm.begin(), perm.begin() + static_cast<std::ptrdiff_t>(j - i));
+        bool ok = true;
+        for (std::size_t k = 0; k < assign.size() && ok; ++k) ok = fits(ps[i + k], names[assign[k]], t).has_value();
+        if (ok && std::none_of(all.begin(), all.end(), [&](const Fit& f) { return f.assign == assign && f.t == t; }))
+          all.push_back({assign, t});
+      } while (std::next_permutation(perm.begin(), perm.end()));
+    }
+    auto describe = [&](const Fit& f) {
+      std::vector<std::string> parts;
+      for (std::size_t k = 0; k < f.assign.size(); ++k) parts.push_back(ps[i + k].path + " → " + names[f.assign[k]]);
+      return fmt::format("{} ({})", fmt::join(parts, ", "), f.t ? "[E, in, out]" : "[E, out, in]");
+    };
+    if (layout != ExpertsLayout::automatic)
+      std::erase_if(all, [&](const Fit& f) { return f.t != (layout == ExpertsLayout::in_out); });
+    if (all.size() > 1 && layout == ExpertsLayout::automatic) {
+      // The same assignment in both layouts (square experts): the model type decides.
+      const bool same = std::all_of(all.begin(), all.end(), [&](const Fit& f) { return f.assign == all[0].assign; });
+      if (same) {
+        if (!model_type_read) model_type = detail::checkpoint_model_type(base), model_type_read = true;
+        static const std::set<std::string> in_out{"gpt_oss"};
+        static const std::set<std::string> out_in{"qwen2_moe", "qwen3_moe", "mixtral", "olmoe"};
+        if (in_out.count(model_type)) std::erase_if(all, [](const Fit& f) { return !f.t; });
+        else if (out_in.count(model_type)) std::erase_if(all, [](const Fit& f) { return f.t; });
+      }
+    }
+    auto shapes = [&] {
+      std::vector<std::string> v;
+      for (const auto& c : names) v.push_back(fmt::format("{} [{}]", map(module + "." + c), fmt::join(base.tensor(map(module + "." + c)).shape, ", ")));
+      for (std::size_t k = i; k < j; ++k)
+        v.push_back(fmt::format("{}: lora_A [{}, {}], lora_B [{}, {}]", ps[k].path, ps[k].A.rows(), ps[k].A.cols(),
+                                ps[k].B.rows(), ps[k].B.cols()));
+      return fmt::format("{}", fmt::join(v, "; "));
+    };
+    if (all.empty())
+      lora::detail::fail("{}: the parameter LoRA(s) of module '{}' fit none of its tensors{}: {}", base.path().string(),
+                         module, layout == ExpertsLayout::automatic ? "" : " in the layout given", shapes());
+    if (all.size() > 1) {
+      std::vector<std::string> d;
+      for (const auto& f : all) d.push_back(describe(f));
+      lora::detail::fail("{}: the parameter LoRA(s) of module '{}' fit its tensors in {} ways ({}){}: {}",
+                         base.path().string(), module, all.size(), fmt::join(d, " or "),
+                         std::all_of(all.begin(), all.end(), [&](const Fit& f) { return f.assign == all[0].assign; })
+                             ? "; the layout of the experts decides (pass it: [E, out, in] is transformers' default, "
+                               "[E, in, out] gpt-oss's)"
+                             : "",
+                         shapes());
+    }
+    for (std::size_t k = 0; k < j - i; ++k) {
+      const std::string& c = names[all[0].assign[k]];
+      const auto rk = *fits(ps[i + k], c, all[0].t);
+      out.push_back({&ps[i + k], c, map(module + "." + c), rk.first, cfg.alpha_for(module + "." + c), all[0].t, rk.second});
+    }
+    i = j;
+  }
+  return out;
+}
+
 /// Throws lora::error unless every module of `adapter` has a float base weight
 /// `map(<module>).weight` of shape [out, in] ([in, out] with fan_in_fan_out, and for an
 /// embedding [vocab, dim]) in `base`.
 inline void check_adapter_fits(const Checkpoint& base, const PeftAdapter& adapter, const BaseKeyMap& map = {}) {
-  if (adapter.modules.empty() && adapter.saved.empty() && adapter.trainable_tokens.empty())
+  if (adapter.modules.empty() && adapter.params.empty() && adapter.saved.empty() && adapter.trainable_tokens.empty())
     lora::detail::fail("PEFT adapter has no modules");
   for (const auto& m : adapter.modules) {
     const std::string key = map(m.name + ".weight");
@@ -256,12 +429,14 @@ struct MergeStep {
     bias,      ///< b += scale·s·b_B (lora_bias)
     replace,   ///< the tensor becomes a saved whole tensor (modules_to_save, base_layer, trained bias)
     rows,      ///< rows indices[i] become the trainable-token rows
+    experts,   ///< W[e] += scale·s·B_e·A_e for every expert e (a parameter LoRA; transposed: its transpose)
   };
   Kind kind = Kind::low_rank;
   const PeftModule* module = nullptr;
   double scale = 1.0;
   const PeftSavedTensor* saved = nullptr;
   const PeftTrainableTokens* tokens = nullptr;
+  const ParamTarget* param = nullptr;
 };
 
 namespace detail {
@@ -279,8 +454,9 @@ class RowMerger {
   static constexpr Index RB = merge_row_block;
 
   RowMerger(const TensorView& base, const std::vector<MergeStep>& steps, dtype to) : base_(base), to_(to) {
-    rows_ = base.ndim() == 0 ? 1 : static_cast<Index>(base.shape[0]);
-    cols_ = rows_ > 0 ? static_cast<Index>(base.numel()) / rows_ : 0;
+    // Rows are the last dimension's runs: [E, d1, d2] is E·d1 rows of d2.
+    cols_ = base.ndim() >= 2 ? static_cast<Index>(base.shape.back()) : 1;
+    rows_ = base.ndim() == 0 ? 1 : (cols_ > 0 ? static_cast<Index>(base.numel()) / cols_ : static_cast<Index>(base.shape[0]));
     for (const MergeStep& st : steps) prepare(st);
   }
 
@@ -328,12 +504,41 @@ class RowMerger {
     Vector<C> mag, col_scale;  // DoRA: per-row magnitudes, or (fan_in_fan_out) column factors
     bool fifo = false;
     std::vector<std::pair<std::int64_t, std::size_t>> token_rows;  // rows: (row id, index), last one per id, sorted
+    Index per_expert = 0;  // experts: rows of one expert (its coef rows; basis rows e·r … e·r + r − 1)
   };
 
   void prepare(const MergeStep& st) {
     const TensorView& base = base_;
-    Step p{st.kind, &st, {}, {}, 0, {}, {}, false, {}};
+    Step p{st.kind, &st, {}, {}, 0, {}, {}, false, {}, 0};
     switch (st.kind) {
+      case MergeStep::Kind::experts: {
+        // [E, out, in]: row e·out + o gets s·B_e(o, :)·A_e, so coef = B_e's rows stacked and
+        // basis = A as stored; [E, in, out]: row e·in + i gets s·A_e(:, i)ᵀ·B_eᵀ.
+        const ParamTarget& pt = *st.param;
+        const PeftParamAdapter& w = *pt.wrapper;
+        const Index E = pt.experts, r = pt.rank, in = w.in_features(), outf = w.out_features();
+        const std::vector<std::int64_t> want = base.ndim() == 2 ? std::vector<std::int64_t>{outf, in}
+                                               : pt.transposed   ? std::vector<std::int64_t>{E, in, outf}
+                                                                 : std::vector<std::int64_t>{E, outf, in};
+        if (base.shape != want || w.A.rows() != E * r)
+          lora::detail::fail("{}: tensor '{}' has shape [{}], parameter LoRA '{}' needs [{}]", base.file, base.name,
+                             fmt::join(base.shape, ", "), w.path, fmt::join(want, ", "));
+        p.s = static_cast<C>(pt.scaling() * st.scale);
+        p.per_expert = pt.transposed ? in : outf;
+        p.coef.resize(E * p.per_expert, r);
+        p.basis.resize(E * r, pt.transposed ? outf : in);
+        for (Index e = 0; e < E; ++e)
+          for (Index k = 0; k < r; ++k) {
+            if (pt.transposed) {
+              p.coef.block(e * in, k, in, 1) = w.A.row(e * r + k).transpose().template cast<C>();
+              p.basis.row(e * r + k) = w.B.col(k * E + e).transpose().template cast<C>();
+            } else {
+              p.coef.block(e * outf, k, outf, 1) = w.B.col(k * E + e).template cast<C>();
+              p.basis.row(e * r + k) = w.A.row(e * r + k).template cast<C>();
+            }
+          }
+        break;
+      }
       case MergeStep::Kind::low_rank: {
         const PeftModule& mod = *st.module;
         const auto& ad = mod.adapter;
@@ -430,6 +635,16 @@ class RowMerger {
               dora_rescale_rows<C>(V.topRows(n), p.mag.data() + i0);
           }
           break;
+        case MergeStep::Kind::experts: {
+          const Index r = p.coef.cols();
+          for (Index row = i0; row < i0 + n;) {  // runs of rows of one expert
+            const Index e = row / p.per_expert, end = std::min(i0 + n, (e + 1) * p.per_expert);
+            low_rank_update_rows<C>(p.coef.data() + row * r, p.basis.data() + e * r * cols_, r, cols_, p.s,
+                                    V.data() + (row - i0) * cols_, cols_, end - row);
+            row = end;
+          }
+          break;
+        }
         case MergeStep::Kind::bias: {
           const auto& b = *p.src->module->lora_bias;
           for (Index ii = 0; ii < n; ++ii) V(ii, 0) += static_cast<C>(b[i0 + ii]) * p.s;
@@ -560,16 +775,25 @@ inline ByteBuffer apply_merge_steps(const TensorView& base, const std::vector<Me
 /// output embeddings) the token rows of an embedding also replace lm_head's rows.
 inline std::map<std::string, std::vector<MergeStep>> merge_plan(const Checkpoint& base,
                                                                 const std::vector<ScaledAdapter>& adapters,
-                                                                const BaseKeyMap& map, double scale, bool tied) {
+                                                                const BaseKeyMap& map, double scale, bool tied,
+                                                                const std::vector<std::vector<ParamTarget>>& params = {}) {
   std::map<std::string, std::vector<MergeStep>> plan;
-  for (const auto& sa : adapters) {
+  for (std::size_t a = 0; a < adapters.size(); ++a) {
+    const auto& sa = adapters[a];
     const PeftAdapter& ad = *sa.adapter;
     check_adapter_fits(base, ad, map);
+    if (!ad.params.empty() && (a >= params.size() || params[a].size() != ad.params.size()))
+      lora::detail::fail("merge: the adapter's parameter LoRAs ({}) were not matched to the base "
+                         "(resolve_parameter_targets)", ad.params.size());
     for (const auto& t : ad.saved) plan[map(t.key)].push_back({MergeStep::Kind::replace, nullptr, 1.0, &t, nullptr});
     for (const auto& m : ad.modules) {
       plan[map(m.name + ".weight")].push_back({MergeStep::Kind::low_rank, &m, sa.scale * scale, nullptr, nullptr});
       if (m.lora_bias) plan[map(m.name + ".bias")].push_back({MergeStep::Kind::bias, &m, sa.scale * scale, nullptr, nullptr});
     }
+    // PEFT's merge_and_unload merges the outermost wrapper first (depth 0, 1, …).
+    if (a < params.size())
+      for (const auto& pt : params[a])
+        plan[pt.key].push_back({MergeStep::Kind::experts, nullptr, sa.scale * scale, nullptr, nullptr, &pt});
     for (const auto& t : ad.trainable_tokens) {
       plan[map(t.module + ".weight")].push_back({MergeStep::Kind::rows, nullptr, 1.0, nullptr, &t});
       const std::string head = map("lm_head.weight");
@@ -592,6 +816,8 @@ struct MergeOptions {
   std::size_t chunk_bytes = std::size_t{8} << 20;
   /// How adapter paths name base tensors; unset: found by resolve_base_keys.
   std::optional<BaseKeyMap> base_keys;
+  /// How 3-D expert parameters are stored, for parameter LoRAs (target_parameters).
+  ExpertsLayout experts_layout = ExpertsLayout::automatic;
   /// Tied input/output embeddings (trainable-token rows then go into lm_head too); unset:
   /// the base folder's config.json "tie_word_embeddings", else whether lm_head.weight and
   /// the embedding hold the same bytes.
@@ -680,7 +906,10 @@ inline MergeSummary merge_peft_checkpoint(const Checkpoint& base, const std::vec
   MergeSummary summary;
   summary.key_map = resolve_base_keys(base, adapters, options.base_keys);
   const bool tied = options.tie_word_embeddings.value_or(detail::tied_embeddings(base, adapters, summary.key_map));
-  const auto plan = merge_plan(base, adapters, summary.key_map, options.scale, tied);
+  std::vector<std::vector<ParamTarget>> params;
+  for (const auto& sa : adapters)
+    params.push_back(resolve_parameter_targets(base, *sa.adapter, summary.key_map, options.experts_layout));
+  const auto plan = merge_plan(base, adapters, summary.key_map, options.scale, tied, params);
 
   auto retype = [&](const TensorView& v) { return options.out_dtype && is_float(v.type) ? *options.out_dtype : v.type; };
   CheckpointLayout layout = layout_of(base, retype);

@@ -123,6 +123,7 @@ inline QuantizedMergeSummary merge_into_quantized(const Checkpoint& base, const 
                                                   const Checkpoint* reference = nullptr) {
   if (opt.out != dtype::BF16 && opt.out != dtype::F16 && opt.out != dtype::F32)
     lora::detail::fail("merge into a 4-bit base: output dtype must be BF16, F16 or F32, got {}", dtype_name(opt.out));
+  require_modules_only(adapter, "merge into a 4-bit base");
   const auto entries = detail::quantized_entries(base);
   std::map<std::string, const detail::QuantizedEntry*> by_name;
   for (const auto& e : entries) by_name[e.name] = &e;

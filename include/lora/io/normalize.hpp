@@ -36,6 +36,7 @@ struct NormalizeReport {
 
 /// The adapter with every module's scaling in B, common rank R = max r, alpha = R (s = 1).
 inline PeftAdapter normalize_adapter(const PeftAdapter& in, NormalizeReport* report = nullptr) {
+  require_modules_only(in, "normalize");
   if (in.modules.empty()) lora::detail::fail("normalize: the adapter has no modules");
   Index R = 0;
   for (const auto& m : in.modules) R = std::max(R, m.adapter.rank());

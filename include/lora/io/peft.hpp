@@ -71,6 +71,7 @@
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -88,6 +89,13 @@ struct PeftConfig {
   std::vector<std::string> target_modules;
   /// target_modules given as a regex string (matched against the whole module path).
   std::optional<std::string> target_modules_regex;
+  /// Whether target_modules was given (a list, possibly empty, or a string); null or absent:
+  /// PEFT uses the model type's default targets.
+  bool target_modules_given = false;
+  /// target_parameters: parameters adapted directly (PEFT's ParamWrapper), such as a MoE
+  /// layer's fused expert weights ("mlp.experts.gate_up_proj"); an entry t selects parameter
+  /// p of module m if "m.p" is t or ends with "." + t.
+  std::vector<std::string> target_parameters;
   /// exclude_modules as a list (suffix match, like target_modules) or a regex string.
   std::vector<std::string> exclude_modules;
   std::optional<std::string> exclude_modules_regex;
@@ -134,7 +142,23 @@ struct PeftConfig {
   }
   /// Whether the config names its targets (target_modules given); without them PEFT picks
   /// the model type's defaults, which a folder alone does not tell, so nothing is filtered.
-  bool has_targets() const { return target_modules_regex.has_value() || !target_modules.empty(); }
+  bool has_targets() const {
+    return target_modules_regex.has_value() || !target_modules.empty() ||
+           (target_modules_given && !target_parameters.empty());
+  }
+  /// The parameters of `module` that target_parameters selects (their short names, e.g.
+  /// "gate_up_proj"), in the config's order.
+  std::vector<std::string> parameters_targeted(std::string_view module) const {
+    std::vector<std::string> out;
+    for (const auto& t : target_parameters) {
+      const auto dot = t.rfind('.');
+      const std::string p = dot == std::string::npos ? t : t.substr(dot + 1);
+      const std::string key = std::string(module) + "." + p;
+      if (!name_or_suffix(key, t) || std::find(out.begin(), out.end(), p) != out.end()) continue;
+      out.push_back(p);
+    }
+    return out;
+  }
 
   /// Whether PEFT would put an adapter on `module`, as its check_target_module_exists
   /// decides: not if exclude_modules matches (regex string: whole path; list entry e: the
@@ -237,6 +261,62 @@ struct PeftModule {
   }
 };
 
+/// A LoRA on a parameter (LoraConfig.target_parameters, PEFT's ParamWrapper), typically a
+/// MoE layer's fused expert weights W [E, out, in] (or [E, in, out] where the model stores
+/// them transposed; a 2-D parameter is one expert). The factors hold every expert:
+///   A = lora_A.weight [E·r × in]:  rows e·r … e·r + r − 1 are expert e's A_e [r × in]
+///   B = lora_B.weight [out × r·E]: column k·E + e is column k of expert e's B_e [out × r]
+/// and expert e's change is ΔW_e = s·B_e·A_e [out × in] (PEFT's get_delta_weight).
+/// The file does not say which parameter a wrapper adapts when target_parameters selects
+/// several on one module (PEFT nests one wrapper per parameter in the module's registration
+/// order); `parameter` is empty then until resolve_parameter_targets() matches the shapes
+/// against a base checkpoint.
+struct PeftParamAdapter {
+  std::string module;  ///< e.g. "model.layers.0.mlp.experts"
+  std::string path;    ///< PEFT's path of the wrapper in the file: module + ".base_layer" × depth
+  int depth = 0;       ///< nesting depth (0: outermost)
+  std::vector<std::string> candidates;  ///< parameters of `module` that target_parameters selects
+  std::string parameter;                ///< the adapted parameter, "" while unresolved
+  Matrix<float> A, B;                   ///< as stored (see above), converted to float
+  dtype stored_dtype = dtype::F32;
+  int rank = 0;      ///< r; 0 while it depends on the unresolved parameter (rank_pattern)
+  double alpha = 0;  ///< alpha of the parameter (alpha_pattern), valid with rank
+  bool rslora = false;
+
+  /// "model.layers.0.mlp.experts.gate_up_proj", or the module and its candidates while unresolved.
+  std::string name() const {
+    return parameter.empty() ? fmt::format("{}.{{{}}}", module, fmt::join(candidates, "|")) : module + "." + parameter;
+  }
+  bool resolved() const { return !parameter.empty() && rank > 0; }
+  /// Expert e's name as a module of its own, in the layout of checkpoints that store experts
+  /// separately: "model.layers.0.mlp.experts.3.gate_up_proj" ("….3.wrapper<depth>" while the
+  /// parameter is unresolved).
+  std::string expert_name(Index e) const {
+    return fmt::format("{}.{}.{}", module, e, parameter.empty() ? fmt::format("wrapper{}", depth) : parameter);
+  }
+  Index in_features() const { return A.cols(); }
+  Index out_features() const { return B.rows(); }
+  /// The number of experts E (A's rows / r); 0 while the rank is unknown.
+  Index experts() const { return rank > 0 ? A.rows() / rank : 0; }
+  /// s = alpha/r (alpha/√r with use_rslora).
+  double scaling() const { return dynamic_scaling{rslora}.factor(alpha, rank); }
+  /// Expert e as an adapter of its own: A_e [r × in], B_e [out × r], the wrapper's alpha and rule.
+  LowRankAdapter<float, cpu, dynamic_scaling> expert(Index e) const {
+    const Index E = experts();
+    if (E == 0)
+      lora::detail::fail("'{}': the rank is not known until the parameter is resolved (rank_pattern gives its "
+                         "candidates different ranks)", name());
+    if (e < 0 || e >= E) lora::detail::fail("'{}': expert {} out of range (it has {})", name(), e, E);
+    Matrix<float> Ae = A.middleRows(e * rank, rank);
+    Matrix<float> Be(B.rows(), rank);
+    for (Index k = 0; k < rank; ++k) Be.col(k) = B.col(k * E + e);
+    AdapterOptions opts;
+    opts.name = expert_name(e);
+    return LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(std::move(Ae), std::move(Be), alpha, opts,
+                                                                      dynamic_scaling{rslora});
+  }
+};
+
 /// A whole tensor that an adapter folder carries and that replaces the base model's tensor
 /// of the same path when PEFT loads the adapter (and so in merge_and_unload's result).
 struct PeftSavedTensor {
@@ -282,6 +362,7 @@ struct PeftSkippedTensor {
 struct PeftAdapter {
   PeftConfig config;
   std::vector<PeftModule> modules;
+  std::vector<PeftParamAdapter> params;                 ///< target_parameters' LoRAs, by module and depth
   std::vector<PeftSavedTensor> saved;                   ///< sorted by key
   std::vector<PeftTrainableTokens> trainable_tokens;    ///< sorted by module
   std::vector<PeftSkippedTensor> skipped;               ///< in file order
@@ -300,6 +381,16 @@ struct PeftAdapter {
                        modules.empty() ? "" : ", e.g. ", modules.empty() ? "" : modules.front().name);
   }
 };
+
+/// Throws lora::error naming `what` (the operation) and the first parameter LoRA when
+/// `adapter` has parameter LoRAs (target_parameters): for the operations that work on
+/// modules only and would otherwise drop them.
+inline void require_modules_only(const PeftAdapter& adapter, std::string_view what) {
+  if (adapter.params.empty()) return;
+  lora::detail::fail("{}: the adapter has {} LoRA(s) on parameters (target_parameters: {}, e.g. '{}'), which {} does "
+                     "not support (inspect, info and merge do)", what, adapter.params.size(),
+                     fmt::join(adapter.config.target_parameters, ", "), adapter.params.front().path, what);
+}
 
 namespace detail {
 
@@ -393,6 +484,7 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
   c.use_dora = detail::json_bool(j, "use_dora", false, where);
   c.fan_in_fan_out = detail::json_bool(j, "fan_in_fan_out", false, where);
   if (j.contains("target_modules") && !j["target_modules"].is_null()) {
+    c.target_modules_given = true;
     const auto& t = j["target_modules"];
     if (t.is_string()) {
       c.target_modules_regex = t.get<std::string>();
@@ -448,6 +540,15 @@ inline PeftConfig PeftConfig::from_json(const nlohmann::ordered_json& j, const s
     return out;
   };
   string_list("layers_pattern", c.layers_pattern);
+  if (j.contains("target_parameters") && !j["target_parameters"].is_null()) {
+    // PEFT: "`target_parameters` must be a list of strings or None."
+    if (!j["target_parameters"].is_array())
+      lora::detail::fail("{}: 'target_parameters' must be a list of strings, got {}", where, j["target_parameters"].dump());
+    string_list("target_parameters", c.target_parameters);
+    for (const auto& t : c.target_parameters)
+      if (t.empty() || t.front() == '.' || t.back() == '.')
+        lora::detail::fail("{}: target_parameters entry '{}' is not a parameter name", where, t);
+  }
   string_list("modules_to_save", c.modules_to_save);
   if (j.contains("layers_to_transform") && !j["layers_to_transform"].is_null())
     c.layers_to_transform = index_list(j["layers_to_transform"], "'layers_to_transform'");
@@ -496,6 +597,8 @@ inline nlohmann::ordered_json PeftConfig::to_json() const {
     j["target_modules"] = *target_modules_regex;
   else
     j["target_modules"] = target_modules;
+  if (!target_parameters.empty()) j["target_parameters"] = target_parameters;
+  else if (j.contains("target_parameters")) j["target_parameters"] = nullptr;
   nlohmann::ordered_json rp = nlohmann::ordered_json::object(), ap = nlohmann::ordered_json::object();
   for (const auto& [k, v] : rank_pattern) rp[k] = v;
   for (const auto& [k, v] : alpha_pattern) ap[k] = detail::alpha_json(v);
@@ -542,6 +645,16 @@ struct PeftModuleTensors {
   PeftModuleKind kind = PeftModuleKind::linear;
 };
 
+/// The tensors of one LoRA on a parameter (target_parameters; PEFT's ParamWrapper).
+struct PeftParamTensors {
+  std::string module;  ///< the module holding the parameter, e.g. "model.layers.0.mlp.experts"
+  std::string path;    ///< PEFT's path of the wrapper: module + ".base_layer" × depth
+  int depth = 0;       ///< 0: the outermost wrapper; k: wrapped by k others (one per parameter)
+  std::vector<std::string> candidates;  ///< the parameters of `module` target_parameters selects
+  const TensorView* A = nullptr;        ///< lora_A.weight [r·experts × in]
+  const TensorView* B = nullptr;        ///< lora_B.weight [out × r·experts]
+};
+
 /// Every tensor of an adapter_model.safetensors, classified as PEFT's loader sees it.
 struct PeftFileTensors {
   struct Saved {
@@ -555,6 +668,7 @@ struct PeftFileTensors {
     const TensorView* rows;
   };
   std::vector<PeftModuleTensors> modules;  ///< adapted modules, sorted by name
+  std::vector<PeftParamTensors> params;    ///< adapted parameters (target_parameters), by module and depth
   std::vector<Saved> saved;                ///< whole tensors that replace base tensors, sorted by key
   std::vector<Tokens> tokens;              ///< trainable-token rows, sorted by module
   std::vector<PeftSkippedTensor> skipped;  ///< tensors PEFT would not load, with the reason
@@ -565,6 +679,46 @@ inline void check_float_tensor(const std::string& file, const TensorView& t) {
   if (t.type != dtype::F32 && t.type != dtype::F16 && t.type != dtype::BF16 && t.type != dtype::F64)
     lora::detail::fail("{}: tensor '{}' has dtype {}, expected a float type (F32, F16, BF16 or F64)", file, t.name,
                        dtype_name(t.type));
+}
+
+// The checks of one parameter wrapper's tensors (ParamWrapper: lora_A [r·E × in], lora_B
+// [out × r·E], no DoRA, no lora_bias, E ≥ 1 experts for the rank of some selected parameter).
+inline PeftParamTensors check_param_tensors(const std::string& file, const PeftConfig& cfg, const PeftModuleTensors& p,
+                                            const std::string& module, int depth, std::vector<std::string> candidates) {
+  const std::string& path = p.name;
+  if (p.kind == PeftModuleKind::embedding)
+    lora::detail::fail("{}: '{}' has lora_embedding_A/B, but target_parameters selects a parameter of module '{}' ({}): "
+                       "PEFT's parameter LoRA stores lora_A/lora_B.weight", file, path, module, fmt::join(candidates, ", "));
+  if (p.magnitude)
+    lora::detail::fail("{}: tensor '{}': DoRA on a parameter (target_parameters) — PEFT refuses it ('does not work "
+                       "with use_dora=True')", file, p.magnitude->name);
+  if (p.bias)
+    lora::detail::fail("{}: tensor '{}': lora_bias on a parameter (target_parameters) — PEFT refuses it ('does not "
+                       "work with lora_bias=True')", file, p.bias->name);
+  if (!p.A) lora::detail::fail("{}: '{}' has lora_B.weight but no lora_A.weight", file, path);
+  if (!p.B) lora::detail::fail("{}: tensor '{}' has no matching lora_B.weight", file, p.A->name);
+  for (const TensorView* v : {p.A, p.B}) {
+    check_float_tensor(file, *v);
+    require_finite(*v, "a PEFT adapter");
+    if (v->ndim() != 2)
+      lora::detail::fail("{}: tensor '{}' has {} dimensions, expected 2", file, v->name, v->ndim());
+  }
+  const std::int64_t rows = p.A->shape[0];
+  if (rows == 0 || p.A->shape[1] == 0 || p.B->shape[0] == 0)
+    lora::detail::fail("{}: '{}' has lora_A [{}] and lora_B [{}]: a factor with a zero-size dimension", file, path,
+                       fmt::join(p.A->shape, ", "), fmt::join(p.B->shape, ", "));
+  if (p.B->shape[1] != rows)
+    lora::detail::fail("{}: tensor '{}' has shape [{}, {}], expected [out, {}] (the rows of lora_A, r × experts)", file,
+                       p.B->name, p.B->shape[0], p.B->shape[1], rows);
+  std::vector<std::string> ranks;
+  for (const auto& c : candidates) {
+    const int r = cfg.rank_for(module + "." + c);
+    if (rows % r == 0) return {module, path, depth, std::move(candidates), p.A, p.B};
+    ranks.push_back(fmt::format("r = {} for '{}'", r, c));
+  }
+  lora::detail::fail("{}: tensor '{}' has {} rows, which is no multiple of the rank of any parameter target_parameters "
+                     "selects on module '{}' ({}); PEFT stores r × experts rows",
+                     file, p.A->name, rows, module, fmt::join(ranks, ", "));
 }
 }  // namespace detail
 
@@ -650,6 +804,21 @@ inline PeftFileTensors scan_peft_tensors(const SafetensorsFile& f, const PeftCon
   const bool filter = cfg.has_targets();
   for (auto& [name, p] : parts) {
     p.name = name;
+    if (!cfg.target_parameters.empty()) {
+      // A LoRA on a parameter: PEFT wraps the module once per targeted parameter, each wrapper
+      // around the one before, so the tensors sit at <module>(.base_layer)*.lora_A/B.weight.
+      std::string module = name;
+      int depth = 0;
+      while (detail::ends_with(module, ".base_layer")) {
+        module.resize(module.size() - std::string(".base_layer").size());
+        ++depth;
+      }
+      auto candidates = cfg.parameters_targeted(module);
+      if (!candidates.empty()) {
+        out.params.push_back(detail::check_param_tensors(file, cfg, p, module, depth, std::move(candidates)));
+        continue;
+      }
+    }
     if (filter && !cfg.targets(name)) {
       const std::string why = fmt::format(
           "module '{}' is not adapted under this config (target_modules{}{}{}): PEFT creates no LoRA layer there and "
@@ -767,7 +936,26 @@ inline PeftFileTensors scan_peft_tensors(const SafetensorsFile& f, const PeftCon
                          "trainable_token_indices)", file, v->name, fmt::join(v->shape, ", "), ids->size());
     out.tokens.push_back({module, *ids, v});
   }
-  if (out.modules.empty() && out.saved.empty() && out.tokens.empty())
+  // Parameter wrappers: depths 0 .. n−1 on each module, at most one per selected parameter.
+  std::sort(out.params.begin(), out.params.end(),
+            [](const PeftParamTensors& a, const PeftParamTensors& b) { return std::tie(a.module, a.depth) < std::tie(b.module, b.depth); });
+  for (std::size_t i = 0; i < out.params.size();) {
+    std::size_t j = i;
+    while (j < out.params.size() && out.params[j].module == out.params[i].module) ++j;
+    const auto& first = out.params[i];
+    for (std::size_t k = i; k < j; ++k)
+      if (out.params[k].depth != static_cast<int>(k - i))
+        lora::detail::fail("{}: module '{}' has LoRA tensors at '{}' but none at '{}{}' (PEFT nests one wrapper per "
+                           "targeted parameter: <module>.lora_A, <module>.base_layer.lora_A, …)",
+                           file, first.module, out.params[k].path, first.module,
+                           [&] { std::string s; for (std::size_t d = 0; d < k - i; ++d) s += ".base_layer"; return s; }());
+    if (j - i > first.candidates.size())
+      lora::detail::fail("{}: module '{}' has {} LoRA wrappers (down to '{}'), but target_parameters selects {} "
+                         "parameter(s) of it ({})", file, first.module, j - i, out.params[j - 1].path,
+                         first.candidates.size(), fmt::join(first.candidates, ", "));
+    i = j;
+  }
+  if (out.modules.empty() && out.params.empty() && out.saved.empty() && out.tokens.empty())
     lora::detail::fail("{}: holds no LoRA tensors{}", file,
                        out.skipped.empty() ? "" : fmt::format(" the config selects ({} skipped, e.g. '{}': {})",
                                                               out.skipped.size(), out.skipped.front().key,
@@ -847,6 +1035,26 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
     }
     out.modules.push_back(std::move(mod));
   }
+  for (const PeftParamTensors& p : scan.params) {
+    PeftParamAdapter w;
+    w.module = p.module;
+    w.path = p.path;
+    w.depth = p.depth;
+    w.candidates = p.candidates;
+    w.A = p.A->to_matrix<float>();
+    w.B = p.B->to_matrix<float>();
+    w.stored_dtype = p.A->type;
+    w.rslora = cfg.use_rslora;
+    const std::size_t wrappers = static_cast<std::size_t>(std::count_if(
+        scan.params.begin(), scan.params.end(), [&](const PeftParamTensors& q) { return q.module == p.module; }));
+    if (wrappers == 1 && p.candidates.size() == 1) w.parameter = p.candidates.front();
+    // The rank and alpha: the parameter's, or those all candidates share.
+    std::set<std::pair<int, double>> ra;
+    for (const auto& c : w.parameter.empty() ? p.candidates : std::vector<std::string>{w.parameter})
+      ra.insert({cfg.rank_for(p.module + "." + c), cfg.alpha_for(p.module + "." + c)});
+    if (ra.size() == 1 && w.A.rows() % ra.begin()->first == 0) std::tie(w.rank, w.alpha) = *ra.begin();
+    out.params.push_back(std::move(w));
+  }
   for (const auto& s : scan.saved) out.saved.push_back({s.key, s.module, s.role, TensorData::copy_of(*s.view)});
   for (const auto& t : scan.tokens)
     out.trainable_tokens.push_back({t.module, t.indices, t.rows->to_matrix<float>(), t.rows->type});
@@ -864,9 +1072,15 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
   if (type != dtype::F32 && type != dtype::F16 && type != dtype::BF16 && type != dtype::F64)
     lora::detail::fail("{}: cannot save a PEFT adapter in dtype {}; use F32, F16, BF16 or F64", folder.string(),
                        dtype_name(type));
-  if (adapter.modules.empty() && adapter.saved.empty() && adapter.trainable_tokens.empty())
+  if (adapter.modules.empty() && adapter.params.empty() && adapter.saved.empty() && adapter.trainable_tokens.empty())
     lora::detail::fail("{}: cannot save a PEFT adapter without modules", folder.string());
   PeftConfig cfg = adapter.config;
+  for (const auto& w : adapter.params)  // written as loaded: the config must still select them, with their rank
+    if (cfg.parameters_targeted(w.module).empty() ||
+        (!w.parameter.empty() && (cfg.rank_for(w.module + "." + w.parameter) != w.rank ||
+                                  cfg.alpha_for(w.module + "." + w.parameter) != w.alpha)))
+      lora::detail::fail("{}: parameter LoRA '{}' (r {}, alpha {}) is not what the config's target_parameters, "
+                         "rank_pattern and alpha_pattern give", folder.string(), w.name(), w.rank, w.alpha);
   const bool dora = !adapter.modules.empty() && adapter.modules.front().is_dora();
   cfg.use_dora = dora;
   if (!adapter.modules.empty()) cfg.set_scaling_policy(adapter.modules.front().adapter.policy());
@@ -954,6 +1168,10 @@ inline void save_peft_adapter(const std::filesystem::path& folder, const PeftAda
       const Vector<float>& v = m.adapter.magnitude();
       tensors.push_back(TensorData::from_values(key + ".lora_magnitude_vector", v.data(), {v.size()}, type));
     }
+  }
+  for (const auto& w : adapter.params) {
+    tensors.push_back(TensorData::from_matrix(detail::peft_prefix() + w.path + ".lora_A.weight", w.A, type));
+    tensors.push_back(TensorData::from_matrix(detail::peft_prefix() + w.path + ".lora_B.weight", w.B, type));
   }
   // Whole tensors keep their stored dtype (they are base weights, as PEFT saves them).
   for (const auto& t : adapter.saved) {

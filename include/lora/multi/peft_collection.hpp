@@ -34,6 +34,7 @@ class AdapterCollection {
   int add(const std::string& name, const io::PeftAdapter& ad, const std::string& where = "adapter") {
     if (name.empty()) lora::detail::fail("{}: adapter name must not be empty", where);
     if (id_of(name) >= 0) lora::detail::fail("{}: an adapter named '{}' is already loaded", where, name);
+    io::require_modules_only(ad, fmt::format("{}: mixed batches ('{}')", where, name));
     if (ad.config.use_dora)
       lora::detail::fail("{}: '{}' is a DoRA adapter; mixed batches support plain LoRA and rsLoRA adapters", where, name);
     if (ad.config.fan_in_fan_out)

@@ -112,6 +112,9 @@ inline PeftShard load_peft_shard(const std::filesystem::path& folder, int rank, 
   const io::SafetensorsFile& f = opened.second;
   const io::PeftConfig& cfg = out.config;
   const io::PeftFileTensors scan = io::scan_peft_tensors(f, cfg);
+  if (!scan.params.empty())
+    fail("{}: tp::load_peft_shard: {} LoRA(s) on parameters (target_parameters, e.g. '{}'), which tensor-parallel "
+         "loading does not support", f.path(), scan.params.size(), scan.params.front().path);
   for (const io::PeftModuleTensors& p : scan.modules) {
     const Index r = static_cast<Index>(p.A->shape[0]);
     const Index in = static_cast<Index>(p.A->shape[1]), outf = static_cast<Index>(p.B->shape[0]);
