@@ -45,13 +45,22 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (a.A().rows() != a.rank() || a.B().cols() != a.rank() || a.rank() != ad.config.rank_for(m.name)) __builtin_trap();
       if (m.is_dora() && a.magnitude().size() != a.out_features()) __builtin_trap();
     }
+    for (const auto& w : ad.params) {  // parameter LoRAs: B's columns are A's rows, r·E of them
+      if (w.B.cols() != w.A.rows() || w.A.rows() == 0) __builtin_trap();
+      if (w.rank > 0 && (w.A.rows() % w.rank != 0 || w.experts() * w.rank != w.A.rows())) __builtin_trap();
+      if (w.rank > 0) (void)w.expert(w.experts() - 1);
+    }
     try {
       lora::io::save_peft_adapter(copy, ad);
     } catch (const lora::error&) {
       return 0;  // e.g. a module whose rank the patterns cannot express
     }
     const auto back = lora::io::load_peft_adapter(copy);
-    if (back.modules.size() != ad.modules.size()) __builtin_trap();
+    if (back.modules.size() != ad.modules.size() || back.params.size() != ad.params.size()) __builtin_trap();
+    for (std::size_t i = 0; i < ad.params.size(); ++i)
+      if (ad.params[i].path != back.params[i].path || ad.params[i].A.size() != back.params[i].A.size() ||
+          std::memcmp(ad.params[i].A.data(), back.params[i].A.data(), sizeof(float) * static_cast<std::size_t>(ad.params[i].A.size())) != 0)
+        __builtin_trap();
     for (std::size_t i = 0; i < ad.modules.size(); ++i) {
       const auto &x = ad.modules[i].adapter, &y = back.modules[i].adapter;
       if (ad.modules[i].name != back.modules[i].name) __builtin_trap();
