@@ -22,7 +22,9 @@ order, shapes and dtypes;
   DoRA:  W' = m / ||W + S*s*B*A||_row * (W + S*s*B*A)
   embedding LoRA: E' = E + S*s*(B*A)^T;  lora_bias: b' = b + S*s*b_B
   target_parameters: W[e] = W[e] + S*s*B_e*A_e for every expert e of a fused
-  [experts, out, in] parameter (its transpose for [experts, in, out])
+  [experts, out, in] parameter (its transpose for [experts, in, out]), or of each
+  expert's own tensors where the base stores them one by one (experts.e.gate_proj /
+  up_proj / down_proj.weight; Mixtral's block_sparse_moe.experts.e.w1 / w3 / w2)
   modules_to_save copies replace the base tensor; trainable-token rows replace the
   embedding's rows (and lm_head's with tied embeddings)
 computed in float32 and rounded once to the tensor's dtype. Tensors no adapter changes

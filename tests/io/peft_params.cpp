@@ -322,3 +322,50 @@ TEST_CASE("parameter LoRA: square experts need the layout; bad tensors and unsup
   CHECK_THROWS_WITH(analysis::compress_adapter(ad, analysis::CompressionTarget{2, 0.0}),
                     ContainsSubstring("compress") && ContainsSubstring("target_parameters"));
 }
+
+TEST_CASE("parameter LoRA: checkpoints that store experts one by one (qwen-MoE, Mixtral names) take each piece",
+          "[peft][params]") {
+  Generator gen(lora::test::fresh_seed());
+  const Index E = 3, H = 10, I = 4 + static_cast<Index>(gen.next() % 3);
+  const MoeCase c = make_case(gen, E, H, I, false, 4, 4, 8, 8);
+  for (const bool mixtral : {false, true}) {
+    CAPTURE(mixtral);
+    TempDir tmp("moe-split");
+    write_case(c, tmp.path, moe_config());
+    // The base again, as transformers saves it: expert e's gate_up_proj rows [0, I) are
+    // gate_proj (w1), rows [I, 2I) up_proj (w3); down_proj (w2) whole.
+    const std::string m = mixtral ? "model.layers.0.block_sparse_moe.experts" : "model.layers.0.mlp.experts";
+    const std::string gate = mixtral ? "w1" : "gate_proj", up = mixtral ? "w3" : "up_proj", down = mixtral ? "w2" : "down_proj";
+    const auto& GU = c.base.at("model.layers.0.mlp.experts.gate_up_proj");
+    const auto& D = c.base.at("model.layers.0.mlp.experts.down_proj");
+    std::vector<io::TensorData> ts;
+    for (Index e = 0; e < E; ++e) {
+      ts.push_back(io::TensorData::from_matrix(fmt::format("{}.{}.{}.weight", m, e, gate), Matrix<double>(GU.middleRows(e * 2 * I, I)), io::dtype::F32));
+      ts.push_back(io::TensorData::from_matrix(fmt::format("{}.{}.{}.weight", m, e, up), Matrix<double>(GU.middleRows(e * 2 * I + I, I)), io::dtype::F32));
+      ts.push_back(io::TensorData::from_matrix(fmt::format("{}.{}.{}.weight", m, e, down), Matrix<double>(D.middleRows(e * H, H)), io::dtype::F32));
+    }
+    ts.push_back(io::TensorData::from_matrix("model.norm.weight", lora::test::random_matrix(1, H, gen), io::dtype::F32));
+    io::write_bytes(tmp.path / "split.safetensors", io::serialize_safetensors(ts, {}));
+    const auto ad = io::load_peft_adapter(tmp.path / "adapter");
+    const auto base = io::Checkpoint::open(tmp.path / "split.safetensors");
+    const auto targets = io::resolve_parameter_targets(base, ad);
+    CHECK(targets.size() == static_cast<std::size_t>(3 * E));  // down: E pieces, gate_up: 2E
+    io::merge_peft_checkpoint(base, ad, tmp.path / "m.safetensors");
+    const auto merged = io::SafetensorsFile::open(tmp.path / "m.safetensors");
+    const Matrix<double> wantGU = expected(c, c.wrappers[1], 2.0), wantD = expected(c, c.wrappers[0], 2.0);
+    for (Index e = 0; e < E; ++e) {
+      CHECK(lora::test::rel_error(merged.tensor(fmt::format("{}.{}.{}.weight", m, e, gate)).to_matrix<double>(),
+                                  wantGU.middleRows(e * 2 * I, I)) < 1e-6);
+      CHECK(lora::test::rel_error(merged.tensor(fmt::format("{}.{}.{}.weight", m, e, up)).to_matrix<double>(),
+                                  wantGU.middleRows(e * 2 * I + I, I)) < 1e-6);
+      CHECK(lora::test::rel_error(merged.tensor(fmt::format("{}.{}.{}.weight", m, e, down)).to_matrix<double>(),
+                                  wantD.middleRows(e * H, H)) < 1e-6);
+    }
+    CHECK(merged.tensor("model.norm.weight").bytes.size() == static_cast<std::size_t>(H) * 4);
+    // A missing expert piece is named.
+    ts.erase(ts.begin() + 4);  // expert 1's up piece
+    io::write_bytes(tmp.path / "gap.safetensors", io::serialize_safetensors(ts, {}));
+    CHECK_THROWS_WITH(io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "gap.safetensors"), ad, tmp.path / "g.safetensors"),
+                      ContainsSubstring(fmt::format("{}.1.{}.weight", m, up)));
+  }
+}

@@ -106,24 +106,56 @@ struct ScaledAdapter {
 };
 
 namespace detail {
-/// The adapter-side keys a merge must find in the base: each module's weight, each whole
-/// tensor's key and each trainable-token embedding's weight.
-inline std::vector<std::string> keys_needed(const std::vector<ScaledAdapter>& adapters) {
-  std::set<std::string> keys;
+/// How checkpoints that store experts one by one name a fused parameter's pieces
+/// (transformers' conversion mapping, reverted when it saves): expert e's gate_up_proj is
+/// experts.e.gate_proj.weight over experts.e.up_proj.weight (rows), down_proj is
+/// experts.e.down_proj.weight (qwen2_moe, qwen3_moe, olmoe, deepseek_v2/v3); Mixtral's are
+/// block_sparse_moe.experts.e.w1/w3 and w2.
+struct SplitExperts {
+  std::string module;              ///< the experts module in the checkpoint
+  std::vector<std::string> parts;  ///< per expert, stacked along out
+  std::string key(Index e, std::size_t part) const { return fmt::format("{}.{}.{}.weight", module, e, parts[part]); }
+};
+inline std::vector<SplitExperts> split_expert_layouts(const std::string& module, const std::string& parameter) {
+  std::vector<SplitExperts> out;
+  std::string mixtral;
+  if (ends_with(module, "mlp.experts"))
+    mixtral = module.substr(0, module.size() - std::string("mlp.experts").size()) + "block_sparse_moe.experts";
+  if (parameter == "gate_up_proj") {
+    out.push_back({module, {"gate_proj", "up_proj"}});
+    if (!mixtral.empty()) out.push_back({mixtral, {"w1", "w3"}});
+  } else if (parameter == "down_proj") {
+    out.push_back({module, {"down_proj"}});
+    if (!mixtral.empty()) out.push_back({mixtral, {"w2"}});
+  }
+  return out;
+}
+
+/// The adapter-side keys a merge must find in the base, each with its alternatives (the
+/// first names it): each module's weight, each whole tensor's key, each trainable-token
+/// embedding's weight, and each parameter LoRA's parameter (fused, or its first expert's
+/// first piece in a checkpoint that stores experts one by one).
+inline std::vector<std::vector<std::string>> keys_needed(const std::vector<ScaledAdapter>& adapters) {
+  std::set<std::vector<std::string>> keys;
   for (const auto& sa : adapters) {
-    for (const auto& m : sa.adapter->modules) keys.insert(m.name + ".weight");
+    for (const auto& m : sa.adapter->modules) keys.insert({m.name + ".weight"});
+    auto param = [&](const std::string& module, const std::string& c) {
+      std::vector<std::string> alt{module + "." + c};
+      for (const auto& l : split_expert_layouts(module, c)) alt.push_back(l.key(0, 0));
+      keys.insert(alt);
+    };
     for (const auto& w : sa.adapter->params) {  // the parameter, or every candidate when one wrapper per candidate
       if (!w.parameter.empty()) {
-        keys.insert(w.module + "." + w.parameter);
+        param(w.module, w.parameter);
         continue;
       }
       const auto n = std::count_if(sa.adapter->params.begin(), sa.adapter->params.end(),
                                    [&](const PeftParamAdapter& q) { return q.module == w.module; });
       if (static_cast<std::size_t>(n) == w.candidates.size())
-        for (const auto& c : w.candidates) keys.insert(w.module + "." + c);
+        for (const auto& c : w.candidates) param(w.module, c);
     }
-    for (const auto& t : sa.adapter->saved) keys.insert(t.key);
-    for (const auto& t : sa.adapter->trainable_tokens) keys.insert(t.module + ".weight");
+    for (const auto& t : sa.adapter->saved) keys.insert({t.key});
+    for (const auto& t : sa.adapter->trainable_tokens) keys.insert({t.module + ".weight"});
   }
   return {keys.begin(), keys.end()};
 }
@@ -138,16 +170,16 @@ inline std::vector<std::string> keys_needed(const std::vector<ScaledAdapter>& ad
 /// differently (listing them; pass one with --base-prefix).
 inline BaseKeyMap resolve_base_keys(const Checkpoint& base, const std::vector<ScaledAdapter>& adapters,
                                     const std::optional<BaseKeyMap>& forced = std::nullopt) {
-  const std::vector<std::string> need = detail::keys_needed(adapters);
+  const std::vector<std::vector<std::string>> need = detail::keys_needed(adapters);
   if (need.empty()) lora::detail::fail("the adapters to merge carry nothing to merge");
   auto missing_under = [&](const BaseKeyMap& m, std::size_t& found) {
     std::optional<std::string> miss;
     found = 0;
     for (const auto& k : need) {
-      if (base.contains(m(k)))
+      if (std::any_of(k.begin(), k.end(), [&](const std::string& a) { return base.contains(m(a)); }))
         ++found;
       else if (!miss)
-        miss = m(k);
+        miss = m(k.front());
     }
     return miss;
   };
@@ -169,7 +201,7 @@ inline BaseKeyMap resolve_base_keys(const Checkpoint& base, const std::vector<Sc
   std::vector<BaseKeyMap> fits;
   std::set<std::vector<std::string>> distinct;
   for (const char* strip : prefixes) {
-    if (!std::all_of(need.begin(), need.end(), [&](const std::string& k) { return k.rfind(strip, 0) == 0; })) continue;
+    if (!std::all_of(need.begin(), need.end(), [&](const std::vector<std::string>& k) { return k.front().rfind(strip, 0) == 0; })) continue;
     for (const char* add : prefixes) {
       BaseKeyMap m{strip, add};
       if (m.identity() && std::string(strip) != "") continue;  // one identity is enough
@@ -178,7 +210,7 @@ inline BaseKeyMap resolve_base_keys(const Checkpoint& base, const std::vector<Sc
       all.push_back({m, found, miss});
       if (!miss) {
         std::vector<std::string> mapped;
-        for (const auto& k : need) mapped.push_back(m(k));
+        for (const auto& k : need) mapped.push_back(m(k.front()));
         if (distinct.insert(mapped).second) fits.push_back(m);
       }
     }
@@ -197,7 +229,7 @@ inline BaseKeyMap resolve_base_keys(const Checkpoint& base, const std::vector<Sc
                                 all[i].miss.value_or("?")));
   lora::detail::fail("{}: no key mapping puts every adapter tensor on a base tensor (e.g. the adapter's '{}'); closest: "
                      "{}; if the base uses other names, pass --base-prefix OLD=NEW",
-                     base.path().string(), need.front(), fmt::join(lines, "; "));
+                     base.path().string(), need.front().front(), fmt::join(lines, "; "));
 }
 
 /// How a checkpoint stores a 3-D expert parameter: transformers' default [experts, out, in]
@@ -225,7 +257,12 @@ struct ParamTarget {
   int rank = 0;
   double alpha = 0;
   bool transposed = false;  ///< the base stores [E, in, out] (ExpertsLayout::in_out)
-  Index experts = 1;
+  Index experts = 1;        ///< E, the wrapper's experts
+  /// The part of ΔW the tensor takes: experts first_expert … + tensor_experts − 1, output
+  /// rows out_begin … + out_rows − 1 of each. A fused parameter takes all; a checkpoint that
+  /// stores experts one by one has a tensor per expert and piece (gate_proj: the first half
+  /// of gate_up_proj's rows, up_proj the second).
+  Index first_expert = 0, tensor_experts = 1, out_begin = 0, out_rows = 0;
   double scaling() const { return dynamic_scaling{wrapper->rslora}.factor(alpha, rank); }
 };
 
@@ -243,7 +280,10 @@ inline std::string checkpoint_model_type(const Checkpoint& base) {
 /// Matches each parameter LoRA of `adapter` to its base tensor `map(<module>.<parameter>)`:
 /// a 3-D tensor [E, d1, d2] takes a wrapper whose lora_A has r·E rows (r the parameter's
 /// rank) and whose in/out features are (d2, d1) for out_in, (d1, d2) for in_out; a 2-D
-/// tensor [out, in] is one expert. Where target_parameters selects several parameters of a
+/// tensor [out, in] is one expert. A checkpoint without the fused tensor that stores the
+/// experts one by one under transformers' hub names (detail::split_expert_layouts:
+/// experts.e.gate_proj/up_proj/down_proj.weight, Mixtral's block_sparse_moe.experts.e.w1/w3/w2)
+/// gets a target per expert and piece (gate_proj the first half of gate_up_proj's rows). Where target_parameters selects several parameters of a
 /// module, the wrappers are assigned by these shapes (one layout per module, as PEFT reads
 /// it off the experts module). `layout` automatic takes the layout the shapes allow; where
 /// both fit (square experts) gpt_oss checkpoints (config.json model_type) are in_out and
@@ -262,27 +302,61 @@ inline std::vector<ParamTarget> resolve_parameter_targets(const Checkpoint& base
     std::size_t j = i;
     while (j < ps.size() && ps[j].module == ps[i].module) ++j;
     const std::string& module = ps[i].module;
-    // The candidates the base has, with their shapes.
+    // The candidates the base has, with their shapes: fused, or one 2-D piece per expert and
+    // part (then seen as [E, parts·rows, in]).
     std::vector<std::string> names;
-    for (const auto& c : ps[i].parameter.empty() ? ps[i].candidates : std::vector<std::string>{ps[i].parameter}) {
-      const std::string key = map(module + "." + c);
-      if (!base.contains(key)) continue;
+    std::map<std::string, std::vector<std::int64_t>> shape_of;
+    std::map<std::string, detail::SplitExperts> split_of;
+    auto float_tensor = [&](const std::string& key) -> const TensorView& {
       const TensorView& W = base.tensor(key);
       if (!is_float(W.type))
         lora::detail::fail("{}: tensor '{}' has dtype {}; merging needs a float weight (F32, F16, BF16, F64)", W.file,
                            key, dtype_name(W.type));
-      names.push_back(c);
+      return W;
+    };
+    for (const auto& c : ps[i].parameter.empty() ? ps[i].candidates : std::vector<std::string>{ps[i].parameter}) {
+      const std::string key = map(module + "." + c);
+      if (base.contains(key)) {
+        shape_of[c] = float_tensor(key).shape;
+        names.push_back(c);
+        continue;
+      }
+      for (const auto& l : detail::split_expert_layouts(module, c)) {
+        if (!base.contains(map(l.key(0, 0)))) continue;
+        const auto piece = float_tensor(map(l.key(0, 0))).shape;
+        if (piece.size() != 2)
+          lora::detail::fail("{}: tensor '{}' has shape [{}], expected an expert's 2-D weight", base.path().string(),
+                             map(l.key(0, 0)), fmt::join(piece, ", "));
+        Index E = 0;
+        for (;; ++E) {
+          std::size_t have = 0;
+          for (std::size_t j = 0; j < l.parts.size(); ++j) have += base.contains(map(l.key(E, j)));
+          if (have == 0) break;
+          for (std::size_t j = 0; j < l.parts.size(); ++j) {
+            if (!base.contains(map(l.key(E, j))))
+              lora::detail::fail("{}: expert {} of '{}' has no tensor '{}'", base.path().string(), E, module, map(l.key(E, j)));
+            if (float_tensor(map(l.key(E, j))).shape != piece)
+              lora::detail::fail("{}: tensor '{}' has shape [{}], but '{}' has [{}]", base.path().string(), map(l.key(E, j)),
+                                 fmt::join(base.tensor(map(l.key(E, j))).shape, ", "), map(l.key(0, 0)), fmt::join(piece, ", "));
+          }
+        }
+        shape_of[c] = {E, piece[0] * static_cast<std::int64_t>(l.parts.size()), piece[1]};
+        split_of[c] = l;
+        names.push_back(c);
+        break;
+      }
     }
     if (names.size() < j - i)
       lora::detail::fail("{}: module '{}' has {} parameter LoRA(s) (target_parameters: {}), but the checkpoint has only "
-                         "{} of its tensors ({}){}", base.path().string(), module, j - i,
+                         "{} of its tensors ({}), neither{}", base.path().string(), module, j - i,
                          fmt::join(ps[i].candidates, ", "), names.size(),
                          fmt::join([&] { std::vector<std::string> k; for (const auto& c : ps[i].candidates) k.push_back(map(module + "." + c)); return k; }(), ", "),
-                         " — a checkpoint that stores each expert separately (experts.N.…) is converted by transformers "
-                         "when it loads; merge into the fused layout transformers saves");
+                         " fused, nor one tensor per expert as qwen2/qwen3-MoE (experts.0.gate_proj.weight, …) or "
+                         "Mixtral (block_sparse_moe.experts.0.w1.weight, …) store them");
     // Does wrapper w fit parameter c with layout t? (rank, experts) when it does.
     auto fits = [&](const PeftParamAdapter& w, const std::string& c, bool t) -> std::optional<std::pair<int, Index>> {
-      const auto& shape = base.tensor(map(module + "." + c)).shape;
+      const auto& shape = shape_of.at(c);
+      if (t && split_of.count(c)) return std::nullopt;  // pieces are nn.Linear weights [out, in]
       const int r = cfg.rank_for(module + "." + c);
       if (shape.size() == 2) {
         if (t) return std::nullopt;  // PEFT swaps nothing on a 2-D parameter
@@ -333,7 +407,10 @@ inline std::vector<ParamTarget> resolve_parameter_targets(const Checkpoint& base
     }
     auto shapes = [&] {
       std::vector<std::string> v;
-      for (const auto& c : names) v.push_back(fmt::format("{} [{}]", map(module + "." + c), fmt::join(base.tensor(map(module + "." + c)).shape, ", ")));
+      for (const auto& c : names)
+        v.push_back(split_of.count(c) ? fmt::format("{} [{} experts × {}]", map(split_of.at(c).key(0, 0)), shape_of.at(c)[0],
+                                                    fmt::join(base.tensor(map(split_of.at(c).key(0, 0))).shape, " × "))
+                                      : fmt::format("{} [{}]", map(module + "." + c), fmt::join(shape_of.at(c), ", ")));
       for (std::size_t k = i; k < j; ++k)
         v.push_back(fmt::format("{}: lora_A [{}, {}], lora_B [{}, {}]", ps[k].path, ps[k].A.rows(), ps[k].A.cols(),
                                 ps[k].B.rows(), ps[k].B.cols()));
@@ -355,8 +432,18 @@ inline std::vector<ParamTarget> resolve_parameter_targets(const Checkpoint& base
     }
     for (std::size_t k = 0; k < j - i; ++k) {
       const std::string& c = names[all[0].assign[k]];
-      const auto rk = *fits(ps[i + k], c, all[0].t);
-      out.push_back({&ps[i + k], c, map(module + "." + c), rk.first, cfg.alpha_for(module + "." + c), all[0].t, rk.second});
+      const auto [r, E] = *fits(ps[i + k], c, all[0].t);
+      const double alpha = cfg.alpha_for(module + "." + c);
+      const Index outf = ps[i + k].out_features();
+      if (auto it = split_of.find(c); it != split_of.end()) {
+        const Index rows = outf / static_cast<Index>(it->second.parts.size());
+        for (Index e = 0; e < E; ++e)
+          for (std::size_t part = 0; part < it->second.parts.size(); ++part)
+            out.push_back({&ps[i + k], c, map(it->second.key(e, part)), r, alpha, false, E, e, 1,
+                           static_cast<Index>(part) * rows, rows});
+      } else {
+        out.push_back({&ps[i + k], c, map(module + "." + c), r, alpha, all[0].t, E, 0, E, 0, outf});
+      }
     }
     i = j;
   }
@@ -517,24 +604,27 @@ class RowMerger {
         const ParamTarget& pt = *st.param;
         const PeftParamAdapter& w = *pt.wrapper;
         const Index E = pt.experts, r = pt.rank, in = w.in_features(), outf = w.out_features();
-        const std::vector<std::int64_t> want = base.ndim() == 2 ? std::vector<std::int64_t>{outf, in}
-                                               : pt.transposed   ? std::vector<std::int64_t>{E, in, outf}
-                                                                 : std::vector<std::int64_t>{E, outf, in};
-        if (base.shape != want || w.A.rows() != E * r)
+        const Index e0 = pt.first_expert, nE = pt.tensor_experts, o0 = pt.out_begin, nO = pt.out_rows;
+        const std::vector<std::int64_t> want = pt.transposed      ? std::vector<std::int64_t>{E, in, outf}
+                                               : base.ndim() == 3 ? std::vector<std::int64_t>{nE, nO, in}
+                                                                  : std::vector<std::int64_t>{nO, in};
+        if (base.shape != want || w.A.rows() != E * r || e0 < 0 || e0 + nE > E || o0 < 0 || o0 + nO > outf ||
+            (pt.transposed && (nE != E || nO != outf)) || (base.ndim() == 2 && nE != 1))
           lora::detail::fail("{}: tensor '{}' has shape [{}], parameter LoRA '{}' needs [{}]", base.file, base.name,
                              fmt::join(base.shape, ", "), w.path, fmt::join(want, ", "));
         p.s = static_cast<C>(pt.scaling() * st.scale);
-        p.per_expert = pt.transposed ? in : outf;
-        p.coef.resize(E * p.per_expert, r);
-        p.basis.resize(E * r, pt.transposed ? outf : in);
-        for (Index e = 0; e < E; ++e)
+        p.per_expert = pt.transposed ? in : nO;
+        p.coef.resize(nE * p.per_expert, r);
+        p.basis.resize(nE * r, pt.transposed ? outf : in);
+        for (Index le = 0; le < nE; ++le)
           for (Index k = 0; k < r; ++k) {
+            const Index e = e0 + le;
             if (pt.transposed) {
-              p.coef.block(e * in, k, in, 1) = w.A.row(e * r + k).transpose().template cast<C>();
-              p.basis.row(e * r + k) = w.B.col(k * E + e).transpose().template cast<C>();
+              p.coef.block(le * in, k, in, 1) = w.A.row(e * r + k).transpose().template cast<C>();
+              p.basis.row(le * r + k) = w.B.col(k * E + e).transpose().template cast<C>();
             } else {
-              p.coef.block(e * outf, k, outf, 1) = w.B.col(k * E + e).template cast<C>();
-              p.basis.row(e * r + k) = w.A.row(e * r + k).template cast<C>();
+              p.coef.block(le * nO, k, nO, 1) = w.B.col(k * E + e).segment(o0, nO).template cast<C>();
+              p.basis.row(le * r + k) = w.A.row(e * r + k).template cast<C>();
             }
           }
         break;
@@ -782,7 +872,10 @@ inline std::map<std::string, std::vector<MergeStep>> merge_plan(const Checkpoint
     const auto& sa = adapters[a];
     const PeftAdapter& ad = *sa.adapter;
     check_adapter_fits(base, ad, map);
-    if (!ad.params.empty() && (a >= params.size() || params[a].size() != ad.params.size()))
+    if (!ad.params.empty() &&
+        (a >= params.size() || std::any_of(ad.params.begin(), ad.params.end(), [&](const PeftParamAdapter& w) {
+           return std::none_of(params[a].begin(), params[a].end(), [&](const ParamTarget& t) { return t.wrapper == &w; });
+         })))
       lora::detail::fail("merge: the adapter's parameter LoRAs ({}) were not matched to the base "
                          "(resolve_parameter_targets)", ad.params.size());
     for (const auto& t : ad.saved) plan[map(t.key)].push_back({MergeStep::Kind::replace, nullptr, 1.0, &t, nullptr});
