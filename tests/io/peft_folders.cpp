@@ -4,6 +4,7 @@
 // selects modules as PEFT does (key layouts, stacked merges, merged folders: tests/io/merge.cpp).
 #include <lora/core/embedding.hpp>
 #include <lora/core/lora_bias.hpp>
+#include <lora/dora/module_adapter.hpp>
 #include <lora/io/merge.hpp>
 #include <lora/io/peft.hpp>
 
@@ -177,6 +178,60 @@ TEST_CASE("embedding LoRA: delta, forward by token ids, spectrum", "[peft][embed
   io::merge_peft_checkpoint(io::Checkpoint::open(peft("embedding_lora", "base")), ad, tmp.path / "m");
   CHECK(check_merged("embedding_lora", tmp.path / "m" / "model.safetensors") ==
         folder_layers("embedding_lora") + 1);  // q_proj of each layer and the embedding
+}
+
+TEST_CASE("DoRA on an embedding: forward and merge scale each dimension by m over its norm over the vocabulary",
+          "[peft][embedding][dora]") {
+  // PEFT's DoraEmbeddingVariant: n = ‖Eᵀ + s·B·A‖ along the vocabulary ([dim]), merge
+  // E' = (m ⊘ n)[col] ⊙ (E + ΔE), forward (m ⊘ n) ⊙ (E(t, :) + s·A(:, t)ᵀ·Bᵀ); built here with
+  // fresh random factors and checked in float64.
+  Generator gen(lora::test::fresh_seed());
+  const Index vocab = 40 + static_cast<Index>(gen.next() % 20), dim = 12 + static_cast<Index>(gen.next() % 8), r = 4;
+  const Matrix<double> E = lora::test::random_matrix(vocab, dim, gen), A = lora::test::random_matrix(r, vocab, gen, 0.3),
+                       B = lora::test::random_matrix(dim, r, gen, 0.3);
+  Vector<double> m(dim);
+  for (Index j = 0; j < dim; ++j) m(j) = 0.5 + gen.uniform();
+  const double s = 8.0 / r;
+  const Matrix<double> V = E + s * (B * A).transpose();  // [vocab × dim]
+  const Vector<double> n = V.colwise().norm().transpose();
+  const Matrix<double> merged = V * m.cwiseQuotient(n).asDiagonal();
+  TempDir tmp("dora-emb");
+  fs::create_directories(tmp.path / "adapter");
+  write_json(tmp.path / "adapter" / "adapter_config.json",
+             nlohmann::ordered_json{{"peft_type", "LORA"}, {"r", r}, {"lora_alpha", 8}, {"use_dora", true},
+                                    {"target_modules", {"embed_tokens"}}});
+  const std::string key = "base_model.model.model.embed_tokens";
+  io::write_bytes(tmp.path / "adapter" / "adapter_model.safetensors",
+                  io::serialize_safetensors({io::TensorData::from_matrix(key + ".lora_embedding_A", A, io::dtype::F32),
+                                             io::TensorData::from_matrix(key + ".lora_embedding_B", B, io::dtype::F32),
+                                             io::TensorData::from_values(key + ".lora_magnitude_vector", m.data(), {dim},
+                                                                         io::dtype::F32)},
+                                            {}));
+  io::write_bytes(tmp.path / "base.safetensors",
+                  io::serialize_safetensors({io::TensorData::from_matrix("model.embed_tokens.weight", E, io::dtype::F32)}, {}));
+  const auto ad = io::load_peft_adapter(tmp.path / "adapter");
+  const auto& mod = ad.at("model.embed_tokens");
+  REQUIRE(mod.is_embedding());
+  REQUIRE(mod.is_dora());
+  const std::vector<std::int64_t> ids = {0, vocab - 1, 7, 7, static_cast<std::int64_t>(gen.next() % vocab)};
+  const Matrix<float> Ef = E.cast<float>();
+  const Matrix<float> y = embedding_forward(mod.adapter, MatrixRef<float>(Ef), ids);
+  Matrix<double> want(static_cast<Index>(ids.size()), dim);
+  for (std::size_t i = 0; i < ids.size(); ++i) want.row(static_cast<Index>(i)) = merged.row(static_cast<Index>(ids[i]));
+  CHECK(rel_error(y, want) < 1e-5);
+  io::merge_peft_checkpoint(io::Checkpoint::open(tmp.path / "base.safetensors"), ad, tmp.path / "m.safetensors");
+  CHECK(rel_error(io::SafetensorsFile::open(tmp.path / "m.safetensors").tensor("model.embed_tokens.weight").to_matrix<double>(),
+                  merged) < 1e-5);
+  // merge/unmerge on the table itself, and the saved folder loads back the same
+  Matrix<float> W = Ef;
+  const auto norms = mod.adapter.merge(W);
+  CHECK(rel_error(W, merged) < 1e-5);
+  mod.adapter.unmerge(W, norms);
+  CHECK(rel_error(W, E) < 1e-5);
+  io::save_peft_adapter(tmp.path / "copy", ad);
+  const auto back = io::load_peft_adapter(tmp.path / "copy");
+  CHECK(back.at("model.embed_tokens").is_dora());
+  CHECK(back.at("model.embed_tokens").adapter.magnitude() == mod.adapter.magnitude());
 }
 
 TEST_CASE("lora_bias: forward adds s·b_B, merge adds it to the base bias, bias-less base refused", "[peft][bias]") {

@@ -12,11 +12,14 @@
 //   q.unmerge(W, n);
 
 #include <lora/core/adapter.hpp>
+#include <lora/core/embedding.hpp>
 #include <lora/dora/dora.hpp>
 #include <lora/dora/module_variant.hpp>
 #include <lora/error.hpp>
 
+#include <cstdint>
 #include <optional>
+#include <span>
 #include <utility>
 #include <variant>
 
@@ -120,5 +123,25 @@ class ModuleAdapter<Scalar, cpu, Scaling>
   }
 
 };
+
+/// DoRA on an embedding (PEFT's DoraEmbeddingVariant): the lookup of core/embedding.hpp with
+/// each embedding dimension scaled by m ⊘ n, n = the column norms of E + ΔE over the
+/// vocabulary ([dim], DoraAdapter::weight_norm of the [vocab × dim] table stored [in × out]):
+///   y(t) = (m ⊘ n) ⊙ (E(t, :) + s·A(:, t)ᵀ·Bᵀ)
+template <class Scalar, ScalingPolicy Scaling>
+Matrix<compute_t<Scalar>> embedding_forward(const DoraAdapter<Scalar, cpu, Scaling>& d, const MatrixRef<Scalar>& E,
+                                            std::span<const std::int64_t> ids) {
+  Matrix<compute_t<Scalar>> y = embedding_forward(d.lora(), E, ids);
+  y *= d.magnitude().cwiseQuotient(d.weight_norm(E)).asDiagonal();
+  return y;
+}
+
+/// The embedding lookup of a module adapter: LoRA's or DoRA's.
+template <class Scalar, ScalingPolicy Scaling>
+Matrix<compute_t<Scalar>> embedding_forward(const ModuleAdapter<Scalar, cpu, Scaling>& m, const MatrixRef<Scalar>& E,
+                                            std::span<const std::int64_t> ids) {
+  if (m.is_dora()) return embedding_forward(m.dora(), E, ids);
+  return embedding_forward(m.lora(), E, ids);
+}
 
 }  // namespace lora

@@ -862,9 +862,6 @@ inline PeftFileTensors scan_peft_tensors(const SafetensorsFile& f, const PeftCon
     if (!cfg.use_dora && p.magnitude)
       lora::detail::fail("{}: tensor '{}' is a DoRA magnitude, but the config has use_dora = false", file,
                          p.magnitude->name);
-    if (emb && p.magnitude)
-      lora::detail::fail("{}: tensor '{}': DoRA on an embedding layer is not supported (its magnitude and norm run "
-                         "over the table's columns; not implemented here)", file, p.magnitude->name);
     if (const TensorView* m = p.magnitude) {
       detail::check_float_tensor(file, *m);
       if (m->ndim() != 1 && !(m->ndim() == 2 && m->shape[1] == 1))
@@ -1014,11 +1011,14 @@ inline PeftAdapter load_peft_adapter(const std::filesystem::path& folder) {
     opts.name = p.name;
     auto make = [&]() -> ModuleAdapter<float, cpu, dynamic_scaling> {
       try {
-        if (p.kind == PeftModuleKind::embedding)
-          return embedding_adapter<float, dynamic_scaling>(p.A->to_matrix<float>(), p.B->to_matrix<float>(),
-                                                           cfg.alpha_for(p.name), opts, cfg.scaling_policy());
-        auto lora = LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
-            p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts, cfg.scaling_policy());
+        // An embedding is [vocab × dim] stored [in × out] (fan_in_fan_out); DoRA's magnitude
+        // and norm then run over its dim columns (PEFT's DoraEmbeddingVariant).
+        auto lora = p.kind == PeftModuleKind::embedding
+                        ? embedding_adapter<float, dynamic_scaling>(p.A->to_matrix<float>(), p.B->to_matrix<float>(),
+                                                                    cfg.alpha_for(p.name), opts, cfg.scaling_policy())
+                        : LowRankAdapter<float, cpu, dynamic_scaling>::from_factors(
+                              p.A->to_matrix<float>(), p.B->to_matrix<float>(), cfg.alpha_for(p.name), opts,
+                              cfg.scaling_policy());
         if (!p.magnitude) return lora;
         Vector<float> m(p.magnitude->shape[0]);
         p.magnitude->convert_into(m.data());

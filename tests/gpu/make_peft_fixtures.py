@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""PEFT oracle for LoRA on MoE expert parameters (LoraConfig.target_parameters, PEFT's ParamWrapper).
+"""PEFT oracles for LoRA on MoE expert parameters (LoraConfig.target_parameters, PEFT's ParamWrapper) and for
+DoRA on an embedding (PEFT's DoraEmbeddingVariant).
 
 Run where torch, transformers and PEFT are installed (the GPU machine; CPU math, float32 unless a case
-says otherwise):  python3 tests/gpu/make_moe_fixture.py OUT_DIR
+says otherwise):  python3 tests/gpu/make_peft_fixtures.py OUT_DIR
 Writes, per case, OUT_DIR/<case>/:
   base/            the tiny base model (save_pretrained: model.safetensors + config.json)
   adapter/         PeftModel.save_pretrained
@@ -11,7 +12,8 @@ Writes, per case, OUT_DIR/<case>/:
                    .base_layer nesting), parameter_name, num_experts, in/out features, whether PEFT swapped
                    them, the experts module's is_transposed, r, scaling, lora_A/lora_B shapes, and the
                    tensor keys the adapter file holds for it
-  reference.safetensors  per wrapper <path>.delta_weight = PEFT's get_delta_weight (the layout of the parameter)
+  reference.safetensors  per wrapper <path>.delta_weight = PEFT's get_delta_weight (the layout of the parameter);
+                   per adapted embedding <module>.ids and <module>.y, the adapted layer's output for those ids
 and OUT_DIR/versions.json. A case that fails is reported in OUT_DIR/errors.txt and skipped.
 """
 import json
@@ -53,6 +55,14 @@ def tiny_models():
                   dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
                        rank_pattern={"down_proj": 2}, alpha_pattern={"gate_up_proj": 16}), torch.float32))
+    def llama():
+        cfg = transformers.LlamaConfig(
+            vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+        return transformers.LlamaForCausalLM(cfg)
+
+    cases.append(("dora_embedding", llama,
+                  dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"]), torch.float32))
     cases.append(("moe_qwen3_bf16", qwen3_moe,
                   dict(r=4, lora_alpha=8, target_modules=[],
                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), torch.bfloat16))
@@ -103,6 +113,14 @@ def main():
                                      lora_A=list(A.shape), lora_B=list(B.shape), state_dict_keys=keys))
                 with torch.no_grad():
                     ref[path + ".delta_weight"] = mod.get_delta_weight("default").detach().contiguous().clone()
+            for name, mod in pm.named_modules():
+                if hasattr(mod, "lora_embedding_A") and "default" in getattr(mod, "lora_embedding_A", {}):
+                    path = name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+                    vocab = mod.get_base_layer().weight.shape[0]
+                    ids = torch.tensor([0, vocab - 1, 5, 5, 17], dtype=torch.int64)
+                    with torch.no_grad():
+                        ref[path + ".ids"] = ids
+                        ref[path + ".y"] = mod(ids.view(1, -1))[0].detach().contiguous().clone()
             save_file(ref, os.path.join(d, "reference.safetensors"))
             with open(os.path.join(d, "wrappers.json"), "w") as f:
                 json.dump(wrappers, f, indent=1)
