@@ -156,6 +156,8 @@ bad "missing base" "does not exist" --base "$TMP/nope.safetensors" --adapter "$A
 bad "truncated base" "truncated.safetensors" --base "$TMP/truncated.safetensors" --adapter "$A" --out "$TMP/out.safetensors"
 bad "adapter/base mismatch" "no key mapping" --base "$DATA/nf4/nf4_reference.safetensors" --adapter "$A" --out "$TMP/outdir"
 bad "bad dtype" "--dtype" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --dtype f8
+bad "bad experts layout" "expected auto, out-in or in-out" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" \
+  --experts-layout sideways
 bad "bad scale" "--scale" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --scale abc
 bad "unknown option" "--frobnicate" --base "$B" --adapter "$A" --out "$TMP/out.safetensors" --frobnicate 1
 bad "out folder missing" "does not exist" --base "$B" --adapter "$A" --out "$TMP/no/such/out.safetensors"
