@@ -7,7 +7,7 @@ says otherwise):  python3 tests/gpu/make_peft_fixtures.py OUT_DIR
 Writes, per case, OUT_DIR/<case>/:
   base/            the tiny base model (save_pretrained: model.safetensors + config.json)
   adapter/         PeftModel.save_pretrained
-  merged.safetensors  merge_and_unload()'s state dict (every tensor)
+  merged/          merge_and_unload() saved with save_pretrained (the same file layout as base/)
   wrappers.json    every ParamWrapper PEFT built: its module path as named_modules gives it (with the
                    .base_layer nesting), parameter_name, num_experts, in/out features, whether PEFT swapped
                    them, the experts module's is_transposed, r, scaling, lora_A/lora_B shapes, and the
@@ -125,8 +125,9 @@ def main():
             with open(os.path.join(d, "wrappers.json"), "w") as f:
                 json.dump(wrappers, f, indent=1)
             merged = pm.merge_and_unload()
-            save_file({k: v.detach().contiguous().clone() for k, v in merged.state_dict().items()},
-                      os.path.join(d, "merged.safetensors"))
+            # In the base's file layout (save_pretrained reverts transformers' expert fusing), so that
+            # merged/ and base/ have the same keys.
+            merged.save_pretrained(os.path.join(d, "merged"))
             print(case, "ok:", len(wrappers), "wrappers", file=sys.stderr)
         except Exception:
             errors.append(f"== {case}\n{traceback.format_exc()}")
