@@ -283,9 +283,9 @@ inline std::string checkpoint_model_type(const Checkpoint& base) {
 /// tensor [out, in] is one expert. A checkpoint without the fused tensor that stores the
 /// experts one by one under transformers' hub names (detail::split_expert_layouts:
 /// experts.e.gate_proj/up_proj/down_proj.weight, Mixtral's block_sparse_moe.experts.e.w1/w3/w2)
-/// gets a target per expert and piece (gate_proj the first half of gate_up_proj's rows). Where target_parameters selects several parameters of a
-/// module, the wrappers are assigned by these shapes (one layout per module, as PEFT reads
-/// it off the experts module). `layout` automatic takes the layout the shapes allow; where
+/// gets a target per expert and piece (gate_proj the first half of gate_up_proj's rows).
+/// Where target_parameters selects several parameters of a module, the wrappers are assigned
+/// by these shapes (one layout per module, as PEFT reads it off the experts module). `layout` automatic takes the layout the shapes allow; where
 /// both fit (square experts) gpt_oss checkpoints (config.json model_type) are in_out and
 /// the models PEFT documents for target_parameters (llama4 aside) out_in; otherwise an
 /// error asks for the layout. Throws lora::error naming the module when no assignment or
@@ -376,7 +376,6 @@ inline std::vector<ParamTarget> resolve_parameter_targets(const Checkpoint& base
     std::vector<Fit> all;
     std::vector<std::size_t> perm(names.size());
     for (std::size_t k = 0; k < perm.size(); ++k) perm[k] = k;
-    std::set<std::vector<std::size_t>> seen;
     for (bool t : {false, true}) {
       std::sort(perm.begin(), perm.end());
       do {
