@@ -275,9 +275,9 @@ __global__ void __launch_bounds__(nf4_ring_max_warps * 32, 1)
 }
 
 /// How launch_dense_ring's per-block XA gets the pieces' A: the lanes load it into registers; it
-/// comes through the warps' rings at one n-tile (≤ 8 tokens) and into registers at two (the
-/// default: at two n-tiles the ring form measured slower, docs/performance.md round 8); through
-/// the rings at both.
+/// comes through the warps' rings at one n-tile (≤ 8 tokens) and into registers at two; through
+/// the rings at both (the default: as fast at one n-tile, faster at two, docs/performance.md
+/// round 9).
 enum DenseRingA : int { dense_a_registers = 0, dense_a_ring_one_tile = 1, dense_a_ring = 2 };
 
 /// The most tokens launch_dense_ring takes: groups of 16 on the grid's y (each group's blocks read W).
@@ -308,7 +308,7 @@ bool dense_ring_ok(long K, int tokens, long ldx, const void* x, long ldw, const 
 /// registers as `AM` says (DenseRingA). With X2, at two n-tiles the second one's activations
 /// sit in shared memory (without a term, or per block with AM == dense_a_ring, where the shared
 /// memory holds them; otherwise as without X2).
-template <class T, int S = dense_ring_stages, int AM = dense_a_ring_one_tile, bool X2 = false>
+template <class T, int S = dense_ring_stages, int AM = dense_a_ring, bool X2 = false>
 void launch_dense_ring(const T* X, long ldx, int tokens, int K, const T* W, long ldw, int nOut, T* Y, long ldy,
                        cudaStream_t stream, bool pdl = true, const Nf4RingLora<T>& lora = {}) {
   const int warps = K / 256;
